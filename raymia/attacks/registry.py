@@ -1,0 +1,35 @@
+"""The attack registry and the one way to run a registered attack.
+
+An attack is a pure function `fn(signals, target, params) -> np.ndarray` returning float64 [P]: one
+membership score per audited point, higher = more likely a member of model `target`. Every other model in
+the bank is a shadow (`signals.shadows_of(target)`). Attacks only read outputs; none trains a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from raymia.registry import Params, Registry
+from raymia.signals import Signals
+
+AttackFn = Callable[[Signals, int, Params], np.ndarray]
+
+ATTACKS: Registry[AttackFn] = Registry("attack")
+
+
+def run_attack(
+    name: str, params: dict[str, Any] | None, signals: Signals, target: int, where: str = "attack"
+) -> np.ndarray:
+    """Look up attack `name`, validate `params` against its parameter model, and score every point.
+
+    Unknown names and invalid parameters raise SpecError naming `where.name` / `where.params.<field>`.
+    """
+    entry = ATTACKS.get(name, where=f"{where}.name")
+    parsed = entry.parse(params, where=f"{where}.params")
+    scores = np.asarray(entry.obj(signals, target, parsed), dtype=np.float64)
+    if scores.shape != (signals.num_points,):
+        raise RuntimeError(f"attack {name!r} returned shape {scores.shape}, expected ({signals.num_points},)")
+    return scores

@@ -1,0 +1,209 @@
+"""run_audit(spec): the one function that wires the pipeline.
+
+spec -> membership plan -> bank (Ray Train, packs stored as signals) -> attacks -> metrics -> report
+(table, result.json, ROC plot) -> MLflow run. Stored signals with the spec's fingerprint are reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raymia import __version__
+from raymia.spec import AuditSpec
+from raymia.store import SignalStore
+
+log = logging.getLogger("raymia")
+
+
+@dataclass
+class AuditResult:
+    spec: AuditSpec
+    fingerprint: str
+    attacks: dict[str, dict[str, float | None]]  # attack -> metric -> mean over targets (None: n/a)
+    attacks_std: dict[str, dict[str, float | None]]
+    utility: dict[str, float]
+    reused_signals: bool
+    out_dir: Path
+    roc: dict[str, tuple[np.ndarray, np.ndarray]] = field(repr=False, default_factory=dict)
+    seconds: float = 0.0
+
+    def flat_metrics(self) -> dict[str, float | None]:
+        """{"test_accuracy": .., "lira_online/auc": .., ...}: the names objectives and MLflow use."""
+        out: dict[str, float | None] = dict(self.utility)
+        for a, ms in self.attacks.items():
+            for k, v in ms.items():
+                out[f"{a}/{k}"] = v
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "raymia_version": __version__,
+            "name": self.spec.name,
+            "fingerprint": self.fingerprint,
+            "spec": self.spec.model_dump(mode="json"),
+            "targets": list(self.spec.plan.targets),
+            "utility": self.utility,
+            "attacks": self.attacks,
+            "attacks_std_over_targets": self.attacks_std,
+            "reused_signals": self.reused_signals,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def load_signals(store: SignalStore, num_packs: int, keep: np.ndarray, labels: np.ndarray):
+    from raymia.signals import Signals
+
+    packs = [store.read_pack(p) for p in range(num_packs)]
+    logits = np.concatenate([p["logits"] for p in packs])
+    test_logits = np.concatenate([p["test_logits"] for p in packs])
+    models = np.concatenate([p["models"] for p in packs])
+    if not np.array_equal(models, np.arange(keep.shape[0])):
+        raise ValueError(f"signals {store.fingerprint}: packs hold models {models.tolist()}, expected 0..{keep.shape[0] - 1}")
+    return Signals(logits=logits, labels=labels, keep=keep), test_logits
+
+
+def audit_dir(spec: AuditSpec, output_dir: str | Path | None = None) -> Path:
+    return Path(output_dir or spec.output_dir) / "audits" / f"{spec.name}-{spec.fingerprint()}"
+
+
+def run_audit(
+    spec: AuditSpec,
+    *,
+    output_dir: str | Path | None = None,
+    track: bool | None = None,
+    console: bool = True,
+    run_dir: str | Path | None = None,
+) -> AuditResult:
+    """Run one audit end to end. `output_dir` overrides spec.output_dir (the store root); `run_dir` is
+    where the report goes (default: <output_dir>/audits/<name>-<fingerprint>)."""
+    from raymia.attacks import run_attack
+    from raymia.metrics import accuracy, attack_metrics, roc
+    from raymia.report.plots import plot_roc
+    from raymia.train.bank import BankContext
+
+    t0 = time.perf_counter()
+    root = Path(output_dir or spec.output_dir)
+    fp = spec.fingerprint()
+    out = Path(run_dir) if run_dir else audit_dir(spec, root)
+    out.mkdir(parents=True, exist_ok=True)
+
+    ctx = BankContext.from_spec(spec)  # validates data/plan/defense against each other before any training
+    store = SignalStore(root, fp)
+    missing = store.missing_packs(ctx.num_packs)
+    reused = not missing
+    if reused:
+        log.info("reusing stored signals %s (%d packs, %d models): no training needed", fp, ctx.num_packs,
+                 spec.plan.num_models)
+    else:
+        store.write_spec(spec.bank_dict())
+        if len(missing) < ctx.num_packs:
+            log.info("reusing %d of %d stored packs of signals %s", ctx.num_packs - len(missing), ctx.num_packs, fp)
+        from raymia.engine.bank_job import run_bank_job
+
+        run_bank_job(spec, store, missing)
+        still = store.missing_packs(ctx.num_packs)
+        if still:
+            raise RuntimeError(f"bank job finished but packs {still} of signals {fp} are missing")
+
+    labels = ctx.audited_y
+    signals, test_logits = load_signals(store, ctx.num_packs, ctx.plan.keep, labels)
+    y_test = ctx.data.y_test.numpy()
+
+    # Utility of the attacked models (mean over targets), measured on what a querier sees.
+    tr_acc, te_acc = [], []
+    for t in spec.plan.targets:
+        members = signals.keep[t]
+        tr_acc.append(accuracy(signals.logits[t, 0, members], labels[members]))
+        te_acc.append(accuracy(test_logits[t], y_test))
+    utility = {
+        "train_accuracy": float(np.mean(tr_acc)),
+        "test_accuracy": float(np.mean(te_acc)),
+        "generalization_gap": float(np.mean(tr_acc) - np.mean(te_acc)),
+        "bank_test_accuracy": float(np.mean([accuracy(test_logits[m], y_test) for m in range(len(test_logits))])),
+    }
+
+    levels = tuple(spec.metrics.fpr_levels)
+    per_attack: dict[str, dict[str, float | None]] = {}
+    per_attack_std: dict[str, dict[str, float | None]] = {}
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for i, a in enumerate(spec.attacks):
+        runs = []
+        for j, t in enumerate(spec.plan.targets):
+            scores = run_attack(a.name, a.params, signals, t, where=f"attacks.{i}")
+            is_member = signals.keep[t]
+            runs.append(attack_metrics(scores, is_member, fpr_levels=levels))
+            if j == 0:
+                fpr, tpr, _ = roc(scores, is_member)
+                curves[a.name] = (fpr, tpr)
+        per_attack[a.name], per_attack_std[a.name] = _mean_std(runs)
+
+    result = AuditResult(
+        spec=spec, fingerprint=fp, attacks=per_attack, attacks_std=per_attack_std, utility=utility,
+        reused_signals=reused, out_dir=out, roc=curves, seconds=time.perf_counter() - t0,
+    )
+    result_path = out / "result.json"
+    result_path.write_text(json.dumps(result.to_json(), indent=1))
+    roc_path = plot_roc(
+        curves, out / "roc.png", title=f"{spec.name}: {spec.defense.name}, {spec.plan.num_models} models",
+        aucs={a: m["auc"] for a, m in per_attack.items() if m.get("auc") is not None},
+    )
+    if console:
+        print_audit_table(result)
+    if track if track is not None else spec.tracking.enabled:
+        from raymia.tracking import log_run
+
+        rid = log_run(
+            spec.tracking.uri, spec.tracking.experiment, run_name=f"{spec.name}-{fp}",
+            params=spec.model_dump(mode="json"), metrics=result.flat_metrics(),
+            artifacts=[result_path, roc_path], tags={"raymia.kind": "audit", "raymia.fingerprint": fp},
+        )
+        log.info("MLflow run %s in %s", rid, spec.tracking.uri)
+    return result
+
+
+def _mean_std(runs: list[dict[str, float | None]]) -> tuple[dict[str, float | None], dict[str, float | None]]:
+    mean: dict[str, float | None] = {}
+    std: dict[str, float | None] = {}
+    for k in runs[0]:
+        vals = [r[k] for r in runs]
+        if any(v is None for v in vals):
+            mean[k] = std[k] = None
+        else:
+            mean[k] = float(np.mean(vals))
+            std[k] = float(np.std(vals))
+    return mean, std
+
+
+def fmt(v: float | None, pct: bool = False) -> str:
+    if v is None:
+        return "n/a"
+    return f"{100 * v:.2f}%" if pct else f"{v:.4f}"
+
+
+def print_audit_table(result: AuditResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from raymia.metrics import metric_label
+
+    spec = result.spec
+    keys = list(next(iter(result.attacks.values())).keys())
+    table = Table(title=f"{spec.name} [{result.fingerprint}]  defense={spec.defense.name}  "
+                        f"models={spec.plan.num_models}  targets={len(spec.plan.targets)}")
+    table.add_column("attack")
+    for k in keys:
+        table.add_column(metric_label(k), justify="right")
+    for a, ms in result.attacks.items():
+        table.add_row(a, *[fmt(ms[k], pct=k.startswith("tpr")) for k in keys])
+    c = Console(stderr=False)
+    c.print(table)
+    u = result.utility
+    c.print(f"utility: train acc {fmt(u['train_accuracy'], True)}  test acc {fmt(u['test_accuracy'], True)}  "
+            f"gap {fmt(u['generalization_gap'], True)}   -> {result.out_dir}")

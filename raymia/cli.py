@@ -1,0 +1,114 @@
+"""The `raymia` command: audit | sweep | list."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from raymia import __version__
+from raymia.errors import RaymiaError
+
+KINDS = ("datasets", "models", "defenses", "attacks")
+
+
+def _registries():
+    from raymia.attacks import ATTACKS
+    from raymia.data import DATASETS
+    from raymia.defenses import DEFENSES
+    from raymia.models import MODELS
+
+    return {"datasets": DATASETS, "models": MODELS, "defenses": DEFENSES, "attacks": ATTACKS}
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from raymia.registry import param_table
+    from raymia.space import describe
+
+    regs = _registries()
+    console = Console()
+    for kind in [args.kind] if args.kind else KINDS:
+        for entry in regs[kind].entries():
+            table = Table(title=f"{kind[:-1]} [bold]{entry.name}[/bold]: {entry.doc}", title_justify="left")
+            for col in ("parameter", "type", "default", "description"):
+                table.add_column(col)
+            space = entry.obj.search_space() if kind == "defenses" else {}
+            if space:
+                table.add_column("search space")
+            rows = param_table(entry.params)
+            if not rows:
+                table.add_row("(none)", "", "", "", *([""] if space else []))
+            for name, typ, default, desc in rows:
+                extra = [describe(space[name]) if name in space else ""] if space else []
+                table.add_row(name, typ, default, desc, *extra)
+            console.print(table)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from raymia.audit import run_audit
+    from raymia.spec import AuditSpec, load_spec
+
+    spec = load_spec(args.spec, args.set, kind=AuditSpec)
+    run_audit(spec, output_dir=args.output_dir)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from raymia.spec import SweepSpec, load_spec
+    from raymia.sweep import run_sweep
+
+    spec = load_spec(args.spec, args.set, kind=SweepSpec)
+    run_sweep(spec, output_dir=args.output_dir)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="raymia",
+        description="Distributed evaluation of membership-inference attacks and defenses (Ray, PyTorch, MLflow).",
+    )
+    ap.add_argument("--version", action="version", version=f"raymia {__version__}")
+    ap.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def with_spec(p: argparse.ArgumentParser) -> None:
+        p.add_argument("spec", help="YAML spec file (see sweeps/)")
+        p.add_argument("--set", action="append", default=[], metavar="dotted.key=value",
+                       help="override a spec field, e.g. --set train.epochs=50 (repeatable)")
+        p.add_argument("--output-dir", default=None, help="where signals and reports go (default: spec.output_dir)")
+
+    p = sub.add_parser("audit", help="train the bank, run the attacks, report and log one MLflow run")
+    with_spec(p)
+    p.set_defaults(func=cmd_audit)
+    p = sub.add_parser("sweep", help="search a defense's hyperparameters for the privacy-utility Pareto front")
+    with_spec(p)
+    p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("list", help="print the registries with every entry's parameters and defaults")
+    p.add_argument("kind", nargs="?", choices=KINDS)
+    p.set_defaults(func=cmd_list)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="[raymia] %(message)s")
+    for noisy in ("mlflow", "alembic", "ray", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except RaymiaError as e:
+        print(f"raymia: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("raymia: interrupted; finished work is stored and a re-run resumes it", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""The data set registry and the in-memory `Dataset` every loader returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from raymia.defenses.base import DataInfo
+from raymia.registry import Registry
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Normalised float32 inputs and int64 labels for a training split and a test split.
+
+    The training split is where the membership plan draws its audited population from; the test split is
+    never trained on by any bank model and measures utility.
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    info: DataInfo
+
+    def __post_init__(self) -> None:
+        for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
+            if x.shape[0] != y.shape[0]:
+                raise ValueError(f"{self.name}: {split} inputs and labels differ in length")
+            if tuple(x.shape[1:]) != tuple(self.info.input_shape):
+                raise ValueError(f"{self.name}: {split} inputs have shape {tuple(x.shape[1:])}, "
+                                 f"expected {self.info.input_shape}")
+
+
+DATASETS: Registry[Any] = Registry("data set")
+
+
+def load_dataset(name: str, params: dict[str, Any] | None = None) -> Dataset:
+    entry = DATASETS.get(name, where="data.name")
+    parsed = entry.parse(params, where="data.params")
+    return entry.obj(parsed)

@@ -1,0 +1,102 @@
+"""The defense protocol.
+
+A defense is not a pipeline stage: it is a set of hooks that the model bank applies identically to the
+target and to every shadow model (the adaptive attacker), plus an output post-processor applied to every
+query. A defense overrides only the hooks it needs:
+
+- transform_train_data(x, y, generator) -> (x, y_target): y_target is int64 [n] (hard labels) or
+  float32 [n, C] (soft labels, e.g. HAMP).
+- prepare_model(model) -> model
+- loss(logits, y_target) -> scalar: the training objective (default: cross-entropy, hard or soft).
+- postprocess_logits(model, logits, generator) -> logits: what a querier sees (default: unchanged).
+- search_space() -> {param: Domain}: the Tune/Optuna space, with defaults taken from the paper.
+- privacy_guarantee() -> dict | None: e.g. {"epsilon": ..., "delta": ...} for DP training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from raymia.registry import Params, Registry
+from raymia.space import Domain
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a defense may know about the data: shape, classes, and how to draw random inputs."""
+
+    num_classes: int
+    input_shape: tuple[int, ...]
+    kind: str  # "image" or "tabular"
+    mean: tuple[float, ...] | None = None  # per-channel normalisation of image inputs in [0, 1]
+    std: tuple[float, ...] | None = None
+
+    def random_inputs(self, n: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Random inputs in the model's input space: images are uniform pixels in [0, 1] followed by the
+        data set's normalisation; tabular inputs are Bernoulli(0.5) vectors (HAMP's choice)."""
+        shape = (n, *self.input_shape)
+        if self.kind == "image":
+            x = torch.rand(shape, generator=generator)
+            if self.mean is not None and self.std is not None:
+                c = self.input_shape[0]
+                mean = torch.tensor(self.mean, dtype=x.dtype).view(1, c, *([1] * (len(shape) - 2)))
+                std = torch.tensor(self.std, dtype=x.dtype).view(1, c, *([1] * (len(shape) - 2)))
+                x = (x - mean) / std
+        elif self.kind == "tabular":
+            x = torch.bernoulli(torch.full(shape, 0.5), generator=generator)
+        else:
+            raise ValueError(f"unknown data kind {self.kind!r}")
+        return x.to(device)
+
+
+class Defense:
+    """Base class: every hook is the identity / plain cross-entropy."""
+
+    name: ClassVar[str] = "none"
+
+    def __init__(self, params: Params, info: DataInfo):
+        self.params = params
+        self.info = info
+
+    # --- training-time hooks -------------------------------------------------------------------------
+    def transform_train_data(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, y
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def loss(self, logits: torch.Tensor, y_target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y_target)
+
+    # --- query-time hook ------------------------------------------------------------------------------
+    def postprocess_logits(
+        self, model: torch.nn.Module, logits: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        return logits
+
+    @property
+    def modifies_outputs(self) -> bool:
+        return type(self).postprocess_logits is not Defense.postprocess_logits
+
+    # --- declarations ---------------------------------------------------------------------------------
+    @classmethod
+    def search_space(cls) -> dict[str, Domain]:
+        return {}
+
+    def privacy_guarantee(self) -> dict[str, Any] | None:
+        return None
+
+
+DEFENSES: Registry[type[Defense]] = Registry("defense")
+
+
+def build_defense(name: str, params: dict[str, Any] | None, info: DataInfo, where: str = "defense") -> Defense:
+    entry = DEFENSES.get(name, where=f"{where}.name")
+    parsed = entry.parse(params, where=f"{where}.params")
+    return entry.obj(parsed, info)

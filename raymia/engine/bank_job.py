@@ -1,0 +1,88 @@
+"""The bank job: packs of models trained on a Ray Train worker group, each pack's signals stored as soon
+as it is done. Finished packs are never retrained: a re-run, or Train's restart of the group after a
+worker failure, finds them in the store and skips them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from raymia.spec import AuditSpec
+from raymia.store import SignalStore
+
+log = logging.getLogger("raymia")
+
+
+def _train_packs(spec: AuditSpec, store: SignalStore, packs: list[int], rank: int, world: int) -> None:
+    import torch
+
+    from raymia.train.bank import BankContext, resolve_device, train_pack
+
+    torch.set_num_threads(max(1, int(spec.bank.cpus_per_worker)))
+    ctx = BankContext.from_spec(spec)
+    device = resolve_device(spec.bank.device)
+    mine = packs[rank::world]
+    for i, p in enumerate(mine, 1):
+        if store.check_pack(p) is None:  # finished before a restart
+            continue
+        t0 = time.perf_counter()
+        arrays = train_pack(ctx, p, device)
+        store.write_pack(p, arrays, meta={"device": str(device), "seconds": time.perf_counter() - t0})
+        print(f"[raymia] worker {rank}: pack {p} done ({i}/{len(mine)}, {time.perf_counter() - t0:.1f}s)",
+              flush=True)
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    spec = AuditSpec.model_validate(config["spec"])
+    store = SignalStore(config["store_root"], config["fingerprint"])
+    _train_packs(spec, store, config["packs"], ctx.get_world_rank(), ctx.get_world_size())
+
+
+def build_bank_locally(spec: AuditSpec, store: SignalStore, packs: list[int]) -> None:
+    """Train the given packs in this process (no Ray): for GPU machines and benchmarks."""
+    _train_packs(spec, store, packs, 0, 1)
+
+
+def run_bank_job(spec: AuditSpec, store: SignalStore, packs: list[int]) -> None:
+    """Train the missing packs on a Ray Train worker group (one group start per audit)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raymia.engine.cluster import ensure_ray
+    ensure_ray()
+    use_gpu = spec.bank.device == "cuda" or (spec.bank.device == "auto" and _cluster_has_gpu())
+    workers = min(spec.bank.num_workers, len(packs))
+    resources = {"CPU": spec.bank.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    device = "cuda" if use_gpu else "cpu"
+    spec_for_workers = spec.model_copy(update={"bank": spec.bank.model_copy(update={"device": device})})
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={
+            "spec": spec_for_workers.model_dump(mode="json"),
+            "store_root": str(Path(store.root).resolve()),
+            "fingerprint": store.fingerprint,
+            "packs": packs,
+        },
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"bank-{store.fingerprint}-{int(time.time())}",
+            storage_path=str((Path(store.root) / "ray").resolve()),
+            failure_config=FailureConfig(max_failures=2),
+        ),
+    )
+    log.info("training %d pack(s) on %d Ray Train worker(s)%s", len(packs), workers, " (GPU)" if use_gpu else "")
+    trainer.fit()
+
+
+def _cluster_has_gpu() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= 1

@@ -1,0 +1,1 @@
+"""Reports: figures and tables summarising attack and defense runs."""

@@ -1,0 +1,197 @@
+"""Figures for reports: log-log ROC curves and privacy/utility Pareto fronts, written as PNG files.
+
+The non-interactive "Agg" backend is selected before pyplot is imported so figures render on headless
+workers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+_DPI = 150
+_MIN_FPR = 1e-5
+
+
+def _value(point: Mapping[str, Any], key: str) -> float | None:
+    """The point's numeric value for key, or None when missing, None, non-numeric or NaN."""
+    v = point.get(key)
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def pareto_front(points: list[dict], objectives: list[tuple[str, str]]) -> list[int]:
+    """Indices (ascending) of the non-dominated points under objectives [(key, "max"|"min"), ...].
+
+    A point is dominated when another is at least as good on every objective and strictly better on one.
+    Exact duplicates therefore do not dominate each other: every copy of a non-dominated point is kept.
+    Points with a missing, None or NaN objective are left out entirely (they neither belong to the front
+    nor dominate anything).
+    """
+    if not objectives:
+        raise ValueError("pareto_front needs at least one objective")
+    signs = []
+    for key, sense in objectives:
+        if sense not in ("max", "min"):
+            raise ValueError(f"objective {key!r}: sense must be 'max' or 'min', got {sense!r}")
+        signs.append(1.0 if sense == "max" else -1.0)
+
+    valid: list[int] = []
+    rows: list[list[float]] = []
+    for i, p in enumerate(points):
+        vals = [_value(p, key) for key, _ in objectives]
+        if any(v is None for v in vals):
+            continue
+        valid.append(i)
+        rows.append([s * v for s, v in zip(signs, vals)])  # type: ignore[operator]
+    if not valid:
+        return []
+    a = np.asarray(rows, dtype=float)  # larger is better on every column
+    geq = (a[None, :, :] >= a[:, None, :]).all(axis=2)  # geq[i, j]: j at least as good as i everywhere
+    gt = (a[None, :, :] > a[:, None, :]).any(axis=2)  # gt[i, j]: j strictly better than i somewhere
+    dominated = (geq & gt).any(axis=1)
+    return [valid[k] for k in range(len(valid)) if not dominated[k]]
+
+
+def _axis_floor(curves: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Lower log-axis limit: the smallest positive rate over all curves (about 1/n), clipped to >= 1e-5
+    and rounded down to a power of ten; 1e-5 when no curve has a positive rate."""
+    smallest = math.inf
+    for fpr, tpr in curves:
+        for arr in (np.asarray(fpr, dtype=float), np.asarray(tpr, dtype=float)):
+            pos = arr[np.isfinite(arr) & (arr > 0)]
+            if pos.size:
+                smallest = min(smallest, float(pos.min()))
+    if not math.isfinite(smallest):
+        return _MIN_FPR
+    lo = max(_MIN_FPR, min(smallest, 0.1))
+    return 10.0 ** math.floor(math.log10(lo) + 1e-12)
+
+
+def plot_roc(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    path: str | Path,
+    title: str | None = None,
+    aucs: dict[str, float] | None = None,
+) -> Path:
+    """Log-log ROC curves (fpr, tpr) per attack with the chance diagonal; the low-FPR region is where
+    membership inference matters. Zero rates are drawn at the axis floor. Returns the PNG path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lo = _axis_floor(curves.values())
+    fig, ax = plt.subplots(figsize=(5.5, 5.0))
+    try:
+        for name, (fpr, tpr) in curves.items():
+            x = np.clip(np.asarray(fpr, dtype=float), lo, 1.0)
+            y = np.clip(np.asarray(tpr, dtype=float), lo, 1.0)
+            label = name
+            if aucs is not None and name in aucs and aucs[name] is not None:
+                label = f"{name} (AUC={aucs[name]:.3f})"
+            ax.plot(x, y, label=label, linewidth=1.5)
+        ax.plot([lo, 1.0], [lo, 1.0], linestyle="--", color="grey", linewidth=1.0, label="chance")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(lo, 1.0)
+        ax.set_ylim(lo, 1.0)
+        ax.set_xlabel("False positive rate")
+        ax.set_ylabel("True positive rate")
+        if title:
+            ax.set_title(title)
+        ax.grid(True, which="major", alpha=0.4)
+        ax.grid(True, which="minor", alpha=0.15)
+        ax.legend(loc="lower right", fontsize="small")
+        fig.tight_layout()
+        fig.savefig(path, dpi=_DPI)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_pareto(
+    points: list[dict],
+    x_key: str,
+    y_key: str,
+    path: str | Path,
+    front_ids: set,
+    group_key: str = "defense",
+    x_label: str | None = None,
+    y_label: str | None = None,
+    title: str | None = None,
+    reference: dict | None = None,
+) -> Path:
+    """Scatter of every trial (one colour per group, e.g. defense) with the non-dominated trials ringed
+    and joined by a step line, plus the undefended reference point as a star.
+
+    front_ids holds indices into points (as returned by pareto_front). Points missing x_key or y_key
+    are skipped. Returns the PNG path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    groups: dict[str, list[tuple[float, float]]] = {}
+    front: list[tuple[float, float]] = []
+    for i, p in enumerate(points):
+        x, y = _value(p, x_key), _value(p, y_key)
+        if x is None or y is None:
+            continue
+        groups.setdefault(str(p.get(group_key, "?")), []).append((x, y))
+        if i in front_ids:
+            front.append((x, y))
+
+    cmap = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
+    fig, ax = plt.subplots(figsize=(6.0, 4.5))
+    try:
+        for k, (group, xy) in enumerate(groups.items()):
+            arr = np.asarray(xy, dtype=float)
+            ax.scatter(arr[:, 0], arr[:, 1], s=22, alpha=0.7, color=cmap(k % cmap.N), label=group)
+        if front:
+            arr = np.asarray(sorted(front), dtype=float)
+            ax.step(arr[:, 0], arr[:, 1], where="post", color="black", linewidth=1.2, alpha=0.8)
+            ax.scatter(
+                arr[:, 0],
+                arr[:, 1],
+                s=70,
+                facecolors="none",
+                edgecolors="black",
+                linewidths=1.4,
+                label="Pareto front",
+                zorder=3,
+            )
+        if reference is not None:
+            rx, ry = _value(reference, x_key), _value(reference, y_key)
+            if rx is not None and ry is not None:
+                ax.scatter(
+                    [rx],
+                    [ry],
+                    marker="*",
+                    s=220,
+                    color="red",
+                    edgecolors="black",
+                    linewidths=0.8,
+                    label=str(reference.get("label", "undefended")),
+                    zorder=4,
+                )
+        ax.set_xlabel(x_label or x_key)
+        ax.set_ylabel(y_label or y_key)
+        if title:
+            ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small", loc="best")
+        fig.tight_layout()
+        fig.savefig(path, dpi=_DPI)
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,55 @@
+"""Signals: what the attacker sees of every bank model, the input of every score-based attack."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Signals:
+    """Eval-mode outputs of a bank of M models on P audited points under Q query augmentations.
+
+    logits: float32 [M, Q, P, C]  what a querier sees (any output post-processing of the defense applied);
+                                   softmax(logits) is the returned score vector.
+    labels: int64   [P]           true labels of the audited points.
+    keep:   bool    [M, P]        keep[m, i]: point i was in model m's training set.
+    """
+
+    logits: np.ndarray
+    labels: np.ndarray
+    keep: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.logits.ndim != 4:
+            raise ValueError(f"logits must be [M, Q, P, C], got shape {self.logits.shape}")
+        m, _, p, c = self.logits.shape
+        if self.keep.shape != (m, p):
+            raise ValueError(f"keep must be [M={m}, P={p}], got {self.keep.shape}")
+        if self.labels.shape != (p,):
+            raise ValueError(f"labels must be [P={p}], got {self.labels.shape}")
+        if p and (self.labels.min() < 0 or self.labels.max() >= c):
+            raise ValueError(f"labels must lie in [0, {c})")
+
+    @property
+    def num_models(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def num_queries(self) -> int:
+        return self.logits.shape[1]
+
+    @property
+    def num_points(self) -> int:
+        return self.logits.shape[2]
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits.shape[3]
+
+    def shadows_of(self, target: int) -> np.ndarray:
+        """Indices of the models that act as shadows when model `target` is attacked (leave-one-out)."""
+        if not 0 <= target < self.num_models:
+            raise ValueError(f"target {target} out of range [0, {self.num_models})")
+        return np.array([m for m in range(self.num_models) if m != target], dtype=np.int64)

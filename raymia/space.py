@@ -1,0 +1,54 @@
+"""Search-space declarations, free of any tuning library.
+
+Defenses declare their hyperparameter space with these small dataclasses; the sweep engine turns them
+into Optuna suggestions. Keeping them here lets the compute core stay importable without Optuna.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Float:
+    low: float
+    high: float
+    log: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.low < self.high:
+            raise ValueError(f"Float space needs low < high, got [{self.low}, {self.high}]")
+        if self.log and self.low <= 0:
+            raise ValueError("a log-uniform Float space needs low > 0")
+
+    def contains(self, v: Any) -> bool:
+        return isinstance(v, int | float) and self.low <= v <= self.high
+
+
+@dataclass(frozen=True)
+class Int:
+    low: int
+    high: int
+    log: bool = False
+
+    def contains(self, v: Any) -> bool:
+        return isinstance(v, int) and self.low <= v <= self.high
+
+
+@dataclass(frozen=True)
+class Categorical:
+    choices: tuple
+
+    def contains(self, v: Any) -> bool:
+        return v in self.choices
+
+
+Domain = Float | Int | Categorical
+
+
+def describe(d: Domain) -> str:
+    if isinstance(d, Categorical):
+        return "{" + ", ".join(repr(c) for c in d.choices) + "}"
+    kind = "log " if d.log else ""
+    return f"{kind}[{d.low}, {d.high}]"

@@ -1,0 +1,323 @@
+"""The YAML specs (pydantic): what to audit, how to train the bank, which attacks to run, what to sweep.
+
+`load_spec(path, overrides)` reads a YAML file, applies `--set dotted.key=value` overrides and validates it;
+every problem becomes one `SpecError` line naming the field or file and what is accepted.
+`AuditSpec.fingerprint()` is a stable content hash of everything that changes the bank's outputs (data,
+plan, model, recipe, defense, queries, seed): stored signals are keyed by it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raymia.errors import SpecError
+
+# Bump when the meaning of stored signals changes, so old entries are never reused by mistake.
+SIGNAL_FORMAT_VERSION = 1
+
+QUERY_RE = re.compile(r"^(identity|hflip|shift:(-?\d+):(-?\d+))$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Named(_Model):
+    """A registry entry chosen by name, with its own parameters (see `raymia list`)."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataSpec(Named):
+    name: str = "digits"
+
+
+class ModelSpec(Named):
+    name: str = "mlp"
+
+
+class DefenseSpec(Named):
+    name: str = "none"
+
+
+class AttackSpec(Named):
+    pass
+
+
+class PlanSpec(_Model):
+    """Who trains on what: M models, each audited point IN for exactly half of them."""
+
+    num_models: int = Field(16, ge=2, description="M: target(s) + shadows in the bank; even")
+    population: int | None = Field(
+        None, ge=2, description="audited points drawn from the training split (None: all of it)"
+    )
+    targets: list[int] = Field(default_factory=lambda: [0], min_length=1, description="bank models attacked")
+
+    @model_validator(mode="after")
+    def _check(self) -> PlanSpec:
+        if self.num_models % 2:
+            raise ValueError(f"num_models must be even (each point IN for exactly half), got {self.num_models}")
+        bad = [t for t in self.targets if not 0 <= t < self.num_models]
+        if bad:
+            raise ValueError(f"targets {bad} out of range [0, {self.num_models})")
+        return self
+
+
+class TrainSpec(_Model):
+    """The training recipe, applied identically to the target and every shadow."""
+
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(100, ge=1, le=100000)
+    batch_size: int = Field(64, ge=1)
+
+
+class BankSpec(_Model):
+    """How the bank is spread over Ray Train workers."""
+
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on a cluster)")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    pack_size: int = Field(8, ge=1, description="models trained together per pack (unit of storage)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class MetricsSpec(_Model):
+    fpr_levels: list[float] = Field(default_factory=lambda: [0.01, 0.001], min_length=1)
+
+    @field_validator("fpr_levels")
+    @classmethod
+    def _levels(cls, v: list[float]) -> list[float]:
+        for f in v:
+            if not 0 < f < 1:
+                raise ValueError(f"each FPR level must lie in (0, 1), got {f}")
+        return v
+
+
+class TrackingSpec(_Model):
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "raymia"
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if "://" not in v:
+            raise ValueError(
+                "must be a tracking URI such as sqlite:///mlflow.db, postgresql://..., or http://host:port "
+                "(MLflow 3 rejects plain ./mlruns directories)"
+            )
+        return v
+
+
+def _default_attacks() -> list[AttackSpec]:
+    return [AttackSpec(name="loss"), AttackSpec(name="lira_online"), AttackSpec(name="lira_offline")]
+
+
+class AuditSpec(_Model):
+    name: str = Field("audit", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    seed: int = Field(0, ge=0)
+    data: DataSpec = Field(default_factory=DataSpec)
+    plan: PlanSpec = Field(default_factory=PlanSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    defense: DefenseSpec = Field(default_factory=DefenseSpec)
+    queries: list[str] = Field(default_factory=lambda: ["identity", "hflip"], min_length=1)
+    attacks: list[AttackSpec] = Field(default_factory=_default_attacks, min_length=1)
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    bank: BankSpec = Field(default_factory=BankSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    output_dir: str = "raymia-runs"
+
+    @field_validator("queries")
+    @classmethod
+    def _queries(cls, v: list[str]) -> list[str]:
+        for q in v:
+            if not QUERY_RE.match(q):
+                raise ValueError(f"unknown query augmentation {q!r}; accepted: identity, hflip, shift:DX:DY")
+        if v[0] != "identity":
+            raise ValueError("the first query must be 'identity' (the plain query attacks and utility use)")
+        return v
+
+    def bank_dict(self) -> dict[str, Any]:
+        """The fields that determine the bank's outputs (and nothing else)."""
+        d = self.model_dump(mode="json")
+        return {
+            "format": SIGNAL_FORMAT_VERSION,
+            **{k: d[k] for k in ("seed", "data", "plan", "model", "train", "defense", "queries")},
+        }
+
+    def fingerprint(self) -> str:
+        """Stable content hash of everything that changes the bank's outputs (signals cache key)."""
+        blob = json.dumps(self.bank_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Objective(_Model):
+    metric: str = Field(description="e.g. test_accuracy, lira_online/tpr_fpr_0.01, loss/auc")
+    mode: Literal["max", "min"]
+
+
+class SweepBlock(_Model):
+    defense: str = "hamp"
+    space: dict[str, Any] = Field(
+        default_factory=dict,
+        description="overrides of the defense's declared space: {param: {low, high, log} | {choices} | value}",
+    )
+    include_undefended: bool = True
+    objectives: list[Objective] = Field(
+        default_factory=lambda: [
+            Objective(metric="test_accuracy", mode="max"),
+            Objective(metric="lira_online/tpr_fpr_0.01", mode="min"),
+        ],
+        min_length=1,
+        max_length=3,
+    )
+    num_trials: int = Field(8, ge=1)
+    max_concurrent: int = Field(1, ge=1)
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+
+
+class SweepSpec(AuditSpec):
+    sweep: SweepBlock = Field(default_factory=SweepBlock)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur: Any = d
+    for i, k in enumerate(keys[:-1]):
+        if isinstance(cur, list):
+            try:
+                cur = cur[int(k)]
+            except (ValueError, IndexError):
+                raise SpecError(f"no list element {k!r}", where=".".join(keys[: i + 1])) from None
+            continue
+        nxt = cur.get(k)
+        if nxt is None:
+            nxt = cur[k] = {}
+        if not isinstance(nxt, dict | list):
+            raise SpecError("is not a mapping; cannot set a sub-key", where=".".join(keys[: i + 1]))
+        cur = nxt
+    last = keys[-1]
+    if isinstance(cur, list):
+        try:
+            cur[int(last)] = value
+        except (ValueError, IndexError):
+            raise SpecError(f"no list element {last!r}", where=dotted) from None
+    else:
+        cur[last] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise SpecError(f"expected dotted.key=value, got {text!r}", where="--set")
+    key, raw = text.split("=", 1)
+    if not key or not re.match(r"^[A-Za-z0-9_.]+$", key):
+        raise SpecError(f"bad key {key!r}; expected dotted.key=value", where="--set")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _format_error(e: ValidationError) -> tuple[str, str]:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"]) or "spec"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+        parent_loc = err["loc"][:-1]
+        model: Any = SweepSpec
+        try:
+            for part in parent_loc:
+                if isinstance(part, int):
+                    continue
+                ann = model.model_fields[part].annotation
+                model = getattr(ann, "__args__", (ann,))[0] if hasattr(ann, "__args__") else ann
+            if isinstance(model, type) and issubclass(model, BaseModel):
+                msg += "; accepted: " + ", ".join(model.model_fields)
+        except (KeyError, AttributeError, TypeError):
+            pass
+    elif err["type"] == "literal_error":
+        msg = msg.replace("Input should be", "accepted:")
+    return loc, msg
+
+
+def validate_spec(raw: dict[str, Any], kind: type[AuditSpec] = AuditSpec, where: str = "spec") -> AuditSpec:
+    try:
+        spec = kind.model_validate(raw)
+    except ValidationError as e:
+        loc, msg = _format_error(e)
+        raise SpecError(msg, where=f"{where}: {loc}" if where != "spec" else loc) from None
+    check_names(spec)
+    return spec
+
+
+def check_names(spec: AuditSpec) -> None:
+    """Resolve every registry name and its params now, so bad input fails before any work starts."""
+    from raymia.attacks import ATTACKS
+    from raymia.data import DATASETS
+    from raymia.defenses import DEFENSES
+    from raymia.models import MODELS
+
+    DATASETS.get(spec.data.name, where="data.name").parse(spec.data.params, where="data.params")
+    MODELS.get(spec.model.name, where="model.name").parse(spec.model.params, where="model.params")
+    DEFENSES.get(spec.defense.name, where="defense.name").parse(spec.defense.params, where="defense.params")
+    seen = set()
+    for i, a in enumerate(spec.attacks):
+        ATTACKS.get(a.name, where=f"attacks.{i}.name").parse(a.params, where=f"attacks.{i}.params")
+        if a.name in seen:
+            raise SpecError(f"attack {a.name!r} listed twice", where=f"attacks.{i}.name")
+        seen.add(a.name)
+    if isinstance(spec, SweepSpec):
+        DEFENSES.get(spec.sweep.defense, where="sweep.defense")
+
+
+def load_raw(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise SpecError("file not found; pass the path of a YAML spec (see sweeps/)", where=str(p))
+    if p.is_dir():
+        raise SpecError("is a directory; pass the path of a YAML spec file", where=str(p))
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "malformed YAML"
+        raise SpecError(f"malformed YAML{at}: {problem}", where=str(p)) from None
+    except UnicodeDecodeError:
+        raise SpecError("is not a UTF-8 text file", where=str(p)) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"top level must be a mapping of fields, got {type(raw).__name__}", where=str(p))
+    return raw
+
+
+def load_spec(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    kind: type[AuditSpec] = AuditSpec,
+) -> AuditSpec:
+    raw = load_raw(path) if path is not None else {}
+    if kind is AuditSpec:
+        raw.pop("sweep", None)  # an audit of a sweep file audits its base setting
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+    return validate_spec(raw, kind, where=str(path) if path is not None else "spec")

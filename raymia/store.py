@@ -1,0 +1,109 @@
+"""Content-addressed storage of bank signals: one entry per (spec fingerprint, pack), written once.
+
+Layout under the store root:  signals/<fingerprint>/pack-00003.npz  + pack-00003.json (manifest).
+The .npz is written to a temporary name and renamed; the manifest, written last, records its size,
+SHA-256 and array shapes and is the commit marker. An entry whose manifest is missing, or whose file
+does not match it, is reported as invalid and rebuilt, never reused. Arrays load with allow_pickle=False.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("raymia")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class SignalStore:
+    def __init__(self, root: str | Path, fingerprint: str):
+        self.root = Path(root)
+        self.fingerprint = fingerprint
+        self.dir = self.root / "signals" / fingerprint
+
+    def _paths(self, pack: int) -> tuple[Path, Path]:
+        return self.dir / f"pack-{pack:05d}.npz", self.dir / f"pack-{pack:05d}.json"
+
+    def write_pack(self, pack: int, arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = None) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        data, manifest = self._paths(pack)
+        tmp = data.with_name(f".{data.name}.{os.getpid()}.tmp")
+        with tmp.open("wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, data)
+        info = {
+            "fingerprint": self.fingerprint,
+            "pack": pack,
+            "size": data.stat().st_size,
+            "sha256": _sha256(data),
+            "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()},
+            **(meta or {}),
+        }
+        tmp_m = manifest.with_name(f".{manifest.name}.{os.getpid()}.tmp")
+        tmp_m.write_text(json.dumps(info, indent=1))
+        os.replace(tmp_m, manifest)
+
+    def check_pack(self, pack: int) -> str | None:
+        """None when the entry is complete and intact, else the reason it is not."""
+        data, manifest = self._paths(pack)
+        if not manifest.exists():
+            return "absent" if not data.exists() else "no manifest (interrupted write)"
+        try:
+            info = json.loads(manifest.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return "corrupt manifest"
+        if not data.exists():
+            return "data file missing"
+        if info.get("fingerprint") != self.fingerprint or info.get("pack") != pack:
+            return "manifest belongs to another entry"
+        if data.stat().st_size != info.get("size"):
+            return f"size {data.stat().st_size} != recorded {info.get('size')} (truncated?)"
+        if _sha256(data) != info.get("sha256"):
+            return "checksum mismatch (corrupt)"
+        return None
+
+    def read_pack(self, pack: int) -> dict[str, np.ndarray]:
+        problem = self.check_pack(pack)
+        if problem is not None:
+            raise ValueError(f"signals {self.fingerprint} pack {pack}: {problem}")
+        data, manifest = self._paths(pack)
+        info = json.loads(manifest.read_text())
+        with np.load(data, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        for k, spec in info["arrays"].items():
+            if k not in arrays or list(arrays[k].shape) != spec["shape"] or str(arrays[k].dtype) != spec["dtype"]:
+                raise ValueError(f"signals {self.fingerprint} pack {pack}: array {k!r} does not match its manifest")
+        return arrays
+
+    def missing_packs(self, num_packs: int) -> list[int]:
+        """Packs that must be (re)built; invalid entries are logged and removed."""
+        missing = []
+        for p in range(num_packs):
+            problem = self.check_pack(p)
+            if problem is None:
+                continue
+            if problem != "absent":
+                log.warning("signals %s pack %d: %s; rebuilding it", self.fingerprint, p, problem)
+                for path in self._paths(p):
+                    path.unlink(missing_ok=True)
+            missing.append(p)
+        return missing
+
+    def write_spec(self, bank_dict: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "bank.json").write_text(json.dumps(bank_dict, indent=1, sort_keys=True))

@@ -1,0 +1,377 @@
+"""run_sweep(spec): Ray Tune + OptunaSearch over a defense's hyperparameters, one audit per trial.
+
+Each trial is a light driver (a tiny CPU request, so the bank's Ray Train workers get the CPUs) that runs
+one audit and reports every metric once. Objectives (2-3 metrics with directions) are searched with a
+multi-objective Optuna sampler. The undefended setting is the first trial when `include_undefended` is on.
+One MLflow parent run per sweep; a Tune callback on the driver logs one child run per finished trial.
+The result is the Pareto front (table, result.json, Pareto plot).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raymia.errors import SpecError
+from raymia.space import Categorical, Domain, Float, Int, describe
+from raymia.spec import SweepSpec
+
+log = logging.getLogger("raymia")
+
+# Trials declare this CPU share: bank workers must be able to take the cluster's CPUs (0 is refused).
+TRIAL_CPU = 0.01
+
+
+@dataclass
+class SweepResult:
+    spec: SweepSpec
+    trials: list[dict[str, Any]]
+    front: list[int]  # indices into trials
+    out_dir: Path
+    parent_run_id: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.spec.name,
+            "objectives": [o.model_dump() for o in self.spec.sweep.objectives],
+            "trials": self.trials,
+            "front": [self.trials[i]["trial"] for i in self.front],
+            "mlflow_parent_run_id": self.parent_run_id,
+        }
+
+
+def resolve_space(spec: SweepSpec) -> dict[str, Domain | Any]:
+    """The defense's declared space with the spec's overrides: a mapping {low, high[, log]}, {choices}, or
+    a constant value per parameter."""
+    from raymia.defenses import DEFENSES
+
+    entry = DEFENSES.get(spec.sweep.defense, where="sweep.defense")
+    space: dict[str, Domain | Any] = dict(entry.obj.search_space())
+    for name, raw in spec.sweep.space.items():
+        where = f"sweep.space.{name}"
+        if name not in entry.params.model_fields:
+            raise SpecError(f"{spec.sweep.defense!r} has no parameter {name!r}; accepted: "
+                            f"{', '.join(entry.params.model_fields)}", where=where)
+        if isinstance(raw, dict):
+            try:
+                if "choices" in raw:
+                    if set(raw) != {"choices"} or not isinstance(raw["choices"], list) or not raw["choices"]:
+                        raise ValueError("expected {choices: [a, b, ...]}")
+                    space[name] = Categorical(tuple(raw["choices"]))
+                else:
+                    if not {"low", "high"} <= set(raw) <= {"low", "high", "log"}:
+                        raise ValueError("expected {low, high[, log]} or {choices: [...]} or a constant")
+                    kind = Int if all(isinstance(raw[k], int) for k in ("low", "high")) else Float
+                    space[name] = kind(raw["low"], raw["high"], bool(raw.get("log", False)))
+            except (ValueError, TypeError) as e:
+                raise SpecError(str(e), where=where) from None
+        else:
+            space[name] = raw
+    # Validate each bound / choice / constant against the defense's own parameter model.
+    for name, dom in space.items():
+        samples = list(dom.choices) if isinstance(dom, Categorical) else (
+            [dom.low, dom.high] if isinstance(dom, Float | Int) else [dom])
+        for v in samples:
+            entry.parse({name: v}, where=f"sweep.space.{name}")
+    return space
+
+
+class DefineByRun:
+    """Optuna define-by-run space (a picklable object: Tune checkpoints the searcher). The first trial
+    asked for is the undefended setting when `include_undefended` is on; every later one samples the
+    defense's space."""
+
+    def __init__(self, space: dict[str, Any], defense: str, include_undefended: bool):
+        self.space, self.defense, self.include_undefended = space, defense, include_undefended
+        self.asked = 0
+
+    def __call__(self, trial) -> dict[str, Any]:
+        first = self.asked == 0
+        self.asked += 1
+        if self.include_undefended and first:
+            return {"defense": "none"}
+        const: dict[str, Any] = {"defense": self.defense}
+        for name, dom in self.space.items():
+            if isinstance(dom, Float):
+                trial.suggest_float(name, dom.low, dom.high, log=dom.log)
+            elif isinstance(dom, Int):
+                trial.suggest_int(name, dom.low, dom.high, log=dom.log)
+            elif isinstance(dom, Categorical):
+                trial.suggest_categorical(name, list(dom.choices))
+            else:
+                const[name] = dom
+        return const
+
+
+def _make_sampler(name: str, seed: int):
+    import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def trial_spec(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    cfg = dict(config)
+    name = cfg.pop("defense")
+    spec = json.loads(json.dumps(base))
+    spec.pop("sweep", None)
+    spec["defense"] = {"name": name, "params": cfg}
+    spec["tracking"] = {**spec["tracking"], "enabled": False}
+    return spec
+
+
+def _run_trial(config: dict[str, Any], base: dict[str, Any], root: str, sweep_dir: str) -> None:
+    """One Tune trial: one audit of the base spec with this trial's defense setting."""
+    import logging as _logging
+
+    from ray import tune
+
+    from raymia.audit import run_audit
+    from raymia.spec import AuditSpec
+
+    _logging.basicConfig(level=_logging.INFO, format="[raymia] %(message)s")
+    spec = AuditSpec.model_validate(trial_spec(base, config))
+    trial_id = tune.get_context().get_trial_id()
+    res = run_audit(spec, output_dir=root, track=False, console=False,
+                    run_dir=Path(sweep_dir) / "trials" / trial_id)
+    metrics = res.flat_metrics()
+    objectives = base["sweep"]["objectives"]
+    for o in objectives:
+        v = metrics.get(o["metric"])
+        if v is None or not math.isfinite(v):
+            raise ValueError(f"objective {o['metric']} is {'n/a' if v is None else v} for this trial "
+                             "(for TPR at a low FPR, audit more non-members)")
+    report = {k: (float("nan") if v is None else v) for k, v in metrics.items()}
+    report.update({"audit_dir": str(res.out_dir), "fingerprint": res.fingerprint,
+                   "reused_signals": res.reused_signals})
+    tune.report(report)
+
+
+def _progress_callback(spec: SweepSpec):
+    from ray import tune
+
+    objs = [o.metric for o in spec.sweep.objectives]
+
+    class Progress(tune.Callback):
+        """One console line per finished trial (Tune's own tables are switched off)."""
+
+        def __init__(self) -> None:
+            self.done = 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            r = trial.last_result or {}
+            cfg = {k: v for k, v in trial.config.items() if k != "defense"}
+            vals = "  ".join(f"{o}={r.get(o, float('nan')):.4f}" for o in objs)
+            log.info("trial %d/%d done: %s %s  %s%s", self.done, spec.sweep.num_trials, trial.config.get("defense"),
+                     _fmt_params({"defense": trial.config.get("defense"), "params": cfg}), vals,
+                     "  (stored signals reused)" if r.get("reused_signals") else "")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.done += 1
+            log.warning("trial %d/%d failed: %s", self.done, spec.sweep.num_trials,
+                        str(getattr(trial, "error_msg", "") or "see the Ray logs").strip().splitlines()[-1:])
+
+    return Progress()
+
+
+def _mlflow_callback(spec: SweepSpec, parent_id: str):
+    from ray import tune
+
+    from raymia.tracking import log_run
+
+    class MlflowChildRuns(tune.Callback):
+        """Logs one MLflow child run per finished (or failed) trial, from the driver."""
+
+        def _log(self, trial, status: str, error: str | None = None) -> None:
+            result = trial.last_result or {}
+            params = trial_spec(spec.model_dump(mode="json"), dict(trial.config))
+            metrics = {k: v for k, v in result.items() if "/" in k or k.endswith("accuracy") or k.endswith("gap")}
+            audit_dir = result.get("audit_dir")
+            arts = [Path(audit_dir) / "result.json", Path(audit_dir) / "roc.png"] if audit_dir else []
+            tags = {"raymia.kind": "trial", "raymia.trial_id": trial.trial_id, "raymia.status": status,
+                    "raymia.defense": str(trial.config.get("defense"))}
+            if error:
+                tags["raymia.error"] = error[:5000]
+            log_run(spec.tracking.uri, spec.tracking.experiment, run_name=f"{spec.name}-{trial.trial_id}",
+                    params=params, metrics=metrics, artifacts=arts, tags=tags, parent_run_id=parent_id)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._log(trial, "ok")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._log(trial, "failed", error=str(getattr(trial, "error_msg", None) or "trial failed"))
+
+    return MlflowChildRuns()
+
+
+def run_sweep(spec: SweepSpec, *, output_dir: str | Path | None = None, console: bool = True) -> SweepResult:
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raymia.engine.cluster import ensure_ray
+    from raymia.report.plots import pareto_front, plot_pareto
+    from raymia.train.bank import BankContext
+
+    t0 = time.perf_counter()
+    root = Path(output_dir or spec.output_dir).resolve()
+    sweep_dir = root / "sweeps" / spec.name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    space = resolve_space(spec)
+    BankContext.from_spec(spec)  # data/plan/model checks before anything starts
+    objectives = spec.sweep.objectives
+    metric_names = [o.metric for o in objectives]
+    _check_objective_names(spec, metric_names)
+
+    parent_id = None
+    if spec.tracking.enabled:
+        from raymia.tracking import start_parent
+
+        parent_id = start_parent(
+            spec.tracking.uri, spec.tracking.experiment, run_name=f"sweep-{spec.name}",
+            params=spec.model_dump(mode="json"), tags={"raymia.kind": "sweep"},
+        )
+        log.info("MLflow parent run %s in %s", parent_id, spec.tracking.uri)
+
+    ensure_ray()
+    searcher = OptunaSearch(
+        space=DefineByRun(space, spec.sweep.defense, spec.sweep.include_undefended),
+        metric=metric_names,
+        mode=[o.mode for o in objectives],
+        sampler=_make_sampler(spec.sweep.sampler, spec.seed),
+    )
+    log.info("sweep %s: %d trials of %s over %s", spec.name, spec.sweep.num_trials, spec.sweep.defense,
+             ", ".join(f"{k} {describe(v) if isinstance(v, Float | Int | Categorical) else repr(v)}"
+                       for k, v in space.items()))
+    trainable = tune.with_parameters(
+        _run_trial, base=spec.model_dump(mode="json"), root=str(root), sweep_dir=str(sweep_dir)
+    )
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": TRIAL_CPU}),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, num_samples=spec.sweep.num_trials, max_concurrent_trials=spec.sweep.max_concurrent
+        ),
+        run_config=tune.RunConfig(
+            name=f"sweep-{spec.name}",
+            storage_path=str(root / "ray"),
+            callbacks=[_progress_callback(spec)] + ([_mlflow_callback(spec, parent_id)] if parent_id else []),
+            verbose=0,
+        ),
+    )
+    status, summary = "FAILED", {}
+    try:
+        grid = tuner.fit()
+        trials = _collect(grid, metric_names)
+        ok = [t for t in trials if t["status"] == "ok"]
+        front_ok = pareto_front(ok, [(o.metric, o.mode) for o in objectives])
+        front_ids = {ok[i]["trial"] for i in front_ok}
+        front = [i for i, t in enumerate(trials) if t["trial"] in front_ids]
+        result = SweepResult(spec=spec, trials=trials, front=front, out_dir=sweep_dir, parent_run_id=parent_id)
+        (sweep_dir / "result.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
+        ref = next((t for t in ok if t["defense"] == "none"), None)
+        x, y = objectives[0].metric, objectives[1].metric if len(objectives) > 1 else objectives[0].metric
+        plot_pareto(
+            ok, x_key=y, y_key=x, path=sweep_dir / "pareto.png",
+            front_ids={i for i, t in enumerate(ok) if t["trial"] in front_ids},
+            x_label=f"{y} ({_arrow(objectives, y)})", y_label=f"{x} ({_arrow(objectives, x)})",
+            title=f"sweep {spec.name}: {spec.sweep.defense} ({len(ok)} trials)",
+            reference={y: ref[y], x: ref[x], "label": "undefended"} if ref else None,
+        )
+        (sweep_dir / "front.md").write_text(front_markdown(result))
+        if console:
+            print_front(result)
+        status = "FINISHED"
+        summary = {"num_trials": len(trials), "num_failed": len(trials) - len(ok), "front_size": len(front)}
+        log.info("sweep %s done in %.0fs -> %s", spec.name, time.perf_counter() - t0, sweep_dir)
+        return result
+    finally:
+        if parent_id:
+            from raymia.tracking import finish_parent
+
+            arts = [sweep_dir / n for n in ("result.json", "pareto.png", "front.md")] if status == "FINISHED" else []
+            finish_parent(spec.tracking.uri, parent_id, summary, arts, status=status)
+
+
+def _arrow(objectives, metric: str) -> str:
+    mode = next(o.mode for o in objectives if o.metric == metric)
+    return "higher is better" if mode == "max" else "lower is better"
+
+
+def _check_objective_names(spec: SweepSpec, names: list[str]) -> None:
+    attacks = {a.name for a in spec.attacks}
+    utility = {"train_accuracy", "test_accuracy", "generalization_gap", "bank_test_accuracy"}
+    keys = {"auc", "balanced_accuracy", *(f"tpr_fpr_{f:g}" for f in spec.metrics.fpr_levels)}
+    for i, n in enumerate(names):
+        if n in utility:
+            continue
+        a, _, k = n.partition("/")
+        if a in attacks and k in keys:
+            continue
+        accepted = sorted(utility) + [f"ATTACK/{k}" for k in sorted(keys)]
+        raise SpecError(f"unknown metric {n!r}; accepted: {', '.join(accepted)} with ATTACK one of the spec's "
+                        f"attacks ({', '.join(sorted(attacks))})", where=f"sweep.objectives.{i}.metric")
+
+
+def _collect(grid, metric_names: list[str]) -> list[dict[str, Any]]:
+    trials = []
+    for i, r in enumerate(grid):
+        cfg = dict(r.config or {})
+        row: dict[str, Any] = {"trial": i, "trial_id": (r.metrics or {}).get("trial_id"),
+                               "defense": cfg.pop("defense", None), "params": cfg}
+        if r.error is not None:
+            row.update(status="failed", error=str(r.error).strip().splitlines()[-1][:500])
+        else:
+            row["status"] = "ok"
+            for k, v in (r.metrics or {}).items():
+                if "/" in k or k.endswith("accuracy") or k.endswith("gap"):
+                    row[k] = None if isinstance(v, float) and math.isnan(v) else v
+            row["audit_dir"] = (r.metrics or {}).get("audit_dir")
+        trials.append(row)
+    return trials
+
+
+def _fmt_params(t: dict[str, Any]) -> str:
+    if t["defense"] == "none":
+        return "-"
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
+
+
+def front_markdown(result: SweepResult) -> str:
+    objs = [o.metric for o in result.spec.sweep.objectives]
+    lines = ["| trial | defense | params | " + " | ".join(objs) + " | front |",
+             "|---|---|---|" + "---|" * len(objs) + "---|"]
+    for i, t in enumerate(result.trials):
+        vals = [("n/a" if t.get(o) is None else f"{t[o]:.4f}") for o in objs] if t["status"] == "ok" else \
+            ["failed"] * len(objs)
+        lines.append(f"| {t['trial']} | {t['defense']} | {_fmt_params(t)} | " + " | ".join(vals) +
+                     f" | {'*' if i in result.front else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def print_front(result: SweepResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    objs = [o for o in result.spec.sweep.objectives]
+    table = Table(title=f"sweep {result.spec.name}: Pareto front ({len(result.front)} of {len(result.trials)} trials)")
+    for col in ("trial", "defense", "params"):
+        table.add_column(col)
+    for o in objs:
+        table.add_column(f"{o.metric} ({o.mode})", justify="right")
+    for i in result.front:
+        t = result.trials[i]
+        table.add_row(str(t["trial"]), t["defense"], _fmt_params(t), *[f"{t[o.metric]:.4f}" for o in objs])
+    c = Console()
+    c.print(table)
+    failed = [t for t in result.trials if t["status"] != "ok"]
+    if failed:
+        c.print(f"{len(failed)} trial(s) failed: " + "; ".join(f"#{t['trial']}: {t['error']}" for t in failed))
+    c.print(f"-> {result.out_dir}")

@@ -1,0 +1,120 @@
+"""MLflow: one run per audit, a parent run per sweep with one child run per trial."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("raymia")
+
+PARENT_TAG = "raymia.parent"
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}, "c": [x, y]} -> {"a.b": 1, "c.0": x, "c.1": y}; empty containers kept as "[]"/"{}"."""
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        if not d and prefix:
+            out[prefix] = "{}"
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(d, list | tuple):
+        if not d and prefix:
+            out[prefix] = "[]"
+        for i, v in enumerate(d):
+            out.update(flatten(v, f"{prefix}.{i}"))
+    else:
+        out[prefix] = d
+    return out
+
+
+def finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Only finite numbers are logged: 'n/a' levels (None) and NaN are left out."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool) or v is None:
+            continue
+        if isinstance(v, int | float) and math.isfinite(v):
+            out[k] = float(v)
+    return out
+
+
+def _setup(uri: str, experiment: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp is not None else mlflow.create_experiment(experiment)
+    return mlflow, exp_id
+
+
+def log_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    params: dict[str, Any],
+    metrics: dict[str, Any],
+    artifacts: Iterable[Path] = (),
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> str:
+    """Log one finished run (params, finite metrics, artifact files); returns its run id."""
+    mlflow, exp_id = _setup(uri, experiment)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+        all_tags[PARENT_TAG] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    rid = run.info.run_id
+    try:
+        from mlflow.entities import Metric, Param
+
+        flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+        ts = int(time.time() * 1000)
+        client.log_batch(
+            rid,
+            metrics=[Metric(k, v, ts, 0) for k, v in finite_metrics(metrics).items()],
+            params=[Param(k, v) for k, v in flat.items()],
+        )
+        for a in artifacts:
+            if Path(a).exists():
+                client.log_artifact(rid, str(a))
+        client.set_terminated(rid, "FINISHED")
+    except Exception:
+        client.set_terminated(rid, "FAILED")
+        raise
+    return rid
+
+
+def start_parent(uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+    mlflow, exp_id = _setup(uri, experiment)
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flat.items()])
+    return run.info.run_id
+
+
+def finish_parent(uri: str, run_id: str, metrics: dict[str, Any], artifacts: Iterable[Path], status: str = "FINISHED") -> None:
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    ts = int(time.time() * 1000)
+    m = finite_metrics(metrics)
+    if m:
+        client.log_batch(run_id, metrics=[Metric(k, v, ts, 0) for k, v in m.items()])
+    for a in artifacts:
+        if Path(a).exists():
+            client.log_artifact(run_id, str(a))
+    client.set_terminated(run_id, status)

@@ -1,0 +1,65 @@
+"""Eval-mode inference under query augmentations, with the defense's output post-processing applied."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from raymia.defenses.base import Defense
+from raymia.spec import QUERY_RE
+
+
+def augment(x: torch.Tensor, query: str) -> torch.Tensor:
+    """Apply one query augmentation to a batch of images [N, C, H, W] (or any [N, ...] for identity)."""
+    m = QUERY_RE.match(query)
+    if m is None:
+        raise ValueError(f"unknown query augmentation {query!r}")
+    if query == "identity":
+        return x
+    if x.ndim != 4:
+        raise ValueError(f"query {query!r} needs image inputs [N, C, H, W], got shape {tuple(x.shape)}")
+    if query == "hflip":
+        return torch.flip(x, dims=[3])
+    dx, dy = int(m.group(2)), int(m.group(3))
+    h, w = x.shape[2], x.shape[3]
+    if abs(dx) >= w or abs(dy) >= h:
+        raise ValueError(f"shift {query!r} is as large as the image ({h}x{w})")
+    # Shift content by (dx, dy) pixels, filling the uncovered border by replicating the edge.
+    padded = F.pad(x, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)), mode="replicate")
+    return _crop_shift(padded, dx, dy, h, w)
+
+
+def _crop_shift(padded: torch.Tensor, dx: int, dy: int, h: int, w: int) -> torch.Tensor:
+    # After padding left by max(dx,0) and top by max(dy,0), the shifted image starts at row/col 0 when the
+    # shift is positive, and at |shift| when it is negative.
+    r0 = 0 if dy >= 0 else -dy
+    c0 = 0 if dx >= 0 else -dx
+    return padded[:, :, r0 : r0 + h, c0 : c0 + w]
+
+
+@torch.no_grad()
+def query_logits(
+    model: torch.nn.Module,
+    defense: Defense,
+    x: torch.Tensor,
+    queries: list[str],
+    generator: torch.Generator,
+    batch_size: int = 1024,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Logits a querier sees: float32 [Q, N, C], model in eval mode, post-processing applied."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = []
+        for q in queries:
+            parts = []
+            for i in range(0, x.shape[0], batch_size):
+                xb = augment(x[i : i + batch_size].to(device), q)
+                logits = model(xb).float()
+                logits = defense.postprocess_logits(model, logits, generator)
+                parts.append(logits.cpu())
+            out.append(torch.cat(parts))
+        return torch.stack(out)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,233 @@
+"""Known-answer and statistical tests of the membership inference attacks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+from raymia.attacks import ATTACKS, run_attack
+from raymia.attacks.mia import cross_entropy, log_softmax, logit_scaled_confidence
+from raymia.errors import SpecError
+from raymia.metrics import attack_metrics
+from raymia.signals import Signals
+
+DDOF = 0  # LiRA's per-point std convention (np.std default, as in the reference code)
+
+
+def signals_from_phi(phi: np.ndarray, keep: np.ndarray, seed: int = 0) -> tuple[Signals, np.ndarray]:
+    """Two-class Signals whose logit-scaled confidence is exactly float32(phi) [M, Q, P].
+
+    z_y = phi and z_other = 0, so phi = z_y - logsumexp_{j != y} z_j = z_y. Returns the signals and the
+    float64 phi the attack sees (float32-rounded), for closed forms.
+    """
+    m, q, p = phi.shape
+    labels = np.random.default_rng(seed).integers(0, 2, size=p).astype(np.int64)
+    phi32 = phi.astype(np.float32)
+    logits = np.zeros((m, q, p, 2), dtype=np.float32)
+    idx = np.broadcast_to(labels, (m, q, p))[..., None]
+    np.put_along_axis(logits, idx, phi32[..., None], axis=-1)
+    return Signals(logits=logits, labels=labels, keep=keep), phi32.astype(np.float64)
+
+
+def test_signals_from_phi_roundtrip() -> None:
+    rng = np.random.default_rng(1)
+    phi = rng.normal(size=(3, 2, 7))
+    sig, phi64 = signals_from_phi(phi, rng.random((3, 7)) < 0.5)
+    np.testing.assert_array_equal(logit_scaled_confidence(sig.logits, sig.labels), phi64)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def test_logit_scaled_confidence_and_ce_by_hand() -> None:
+    z = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]], dtype=np.float32)
+    y = np.array([0, 2])
+    # phi = z_y - log(sum_{j != y} e^{z_j}); point 0: 1 - log(e^2 + e^3); point 1: 0 - log 2
+    np.testing.assert_allclose(
+        logit_scaled_confidence(z, y), [1 - math.log(math.e**2 + math.e**3), -math.log(2)], rtol=1e-12
+    )
+    # CE = log(e + e^2 + e^3) - 1 = 2.40760596...; point 1: log 3
+    np.testing.assert_allclose(cross_entropy(z, y), [2.4076059644443806, math.log(3)], rtol=1e-12)
+    np.testing.assert_allclose(np.exp(log_softmax(z)).sum(-1), 1.0, rtol=1e-12)
+
+
+def test_logit_scaled_confidence_is_stable() -> None:
+    # p_y = 1 - 1e-40 is 1.0 in float64, yet phi = 92.1 must survive; and huge logits must not overflow
+    z = np.array([[92.103, 0.0], [1e4, -1e4], [-1e4, 1e4]], dtype=np.float32)
+    phi = logit_scaled_confidence(z, np.array([0, 0, 0]))
+    np.testing.assert_allclose(phi, [np.float32(92.103), 2e4, -2e4], rtol=1e-7)
+    assert phi.dtype == np.float64
+
+
+# ---------------------------------------------------------------------------------------------- loss
+def test_loss_attack_by_hand() -> None:
+    logits = np.zeros((2, 2, 2, 3), dtype=np.float32)
+    logits[1, 0, 0] = [1.0, 2.0, 3.0]
+    logits[1, 0, 1] = [0.0, 0.0, 0.0]
+    logits[1, 1, 0] = [5.0, 5.0, 5.0]
+    labels = np.array([0, 2])
+    sig = Signals(logits=logits, labels=labels, keep=np.zeros((2, 2), bool))
+    # -CE = z_y - logsumexp(z): -(log(e + e^2 + e^3) - 1) = -2.40760596..., -(log 3)
+    np.testing.assert_allclose(
+        run_attack("loss", None, sig, 1), [-2.4076059644443806, -math.log(3)], rtol=1e-12
+    )
+    np.testing.assert_allclose(run_attack("loss", {"query": 1}, sig, 1)[0], -math.log(3), rtol=1e-12)
+    with pytest.raises(ValueError, match="query"):
+        run_attack("loss", {"query": 2}, sig, 1)
+
+
+# ---------------------------------------------------------------------------------------------- LiRA closed forms
+def _random_case(seed: int, m: int = 9, q: int = 3, p: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    keep = np.zeros((m, p), dtype=bool)
+    for i in range(p):  # every point IN for 4 of the 8 shadows (models 1..8); target 0 random
+        keep[1 + rng.permutation(m - 1)[:4], i] = True
+    keep[0] = rng.random(p) < 0.5
+    phi = rng.normal(size=(m, q, p)) * rng.uniform(0.5, 2, size=(1, 1, p)) + 2.0 * keep[:, None, :]
+    return phi, keep
+
+
+def _closed_form(phi: np.ndarray, keep: np.ndarray, target: int, online: bool, fixed: bool) -> np.ndarray:
+    """Point-by-point loop with np.mean / np.std(ddof=DDOF) and scipy.stats.norm (independent of lira.py)."""
+    m, q, p = phi.shape
+    sh = np.array([j for j in range(m) if j != target])
+    ins = [[phi[sh[keep[sh, i]], k, i] for i in range(p)] for k in range(q)]
+    outs = [[phi[sh[~keep[sh, i]], k, i] for i in range(p)] for k in range(q)]
+
+    def pooled(groups: list[np.ndarray]) -> float:
+        dev = np.concatenate([g - g.mean() for g in groups])
+        return float(np.sqrt(np.mean(dev**2)))
+
+    scores = np.zeros(p)
+    for k in range(q):
+        s_in_fixed, s_out_fixed = pooled(ins[k]), pooled(outs[k])
+        for i in range(p):
+            x = phi[target, k, i]
+            a, b = ins[k][i], outs[k][i]
+            s_in = s_in_fixed if fixed else np.std(a, ddof=DDOF)
+            s_out = s_out_fixed if fixed else np.std(b, ddof=DDOF)
+            if online:
+                scores[i] += norm.logpdf(x, a.mean(), s_in) - norm.logpdf(x, b.mean(), s_out)
+            else:
+                scores[i] += norm.logcdf(x, b.mean(), s_out)
+    return scores / q
+
+
+@pytest.mark.parametrize("name", ["lira_online", "lira_offline"])
+@pytest.mark.parametrize("fixed", [False, True])
+def test_lira_matches_closed_form(name: str, fixed: bool) -> None:
+    phi, keep = _random_case(seed=3)
+    sig, phi64 = signals_from_phi(phi, keep)
+    for target in (0, 5):
+        got = run_attack(name, {"fixed_variance": fixed}, sig, target)
+        want = _closed_form(phi64, keep, target, online=name == "lira_online", fixed=fixed)
+        assert got.dtype == np.float64 and got.shape == (phi.shape[2],)
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_lira_single_query_online_by_hand() -> None:
+    # one point, shadows IN: 1, 3 (mean 2, std 1); OUT: -1, 0, 1 (mean 0, std sqrt(2/3)); target phi = 1.5
+    phi = np.array([1.5, 1.0, 3.0, -1.0, 0.0, 1.0]).reshape(6, 1, 1)
+    keep = np.array([[True], [True], [True], [False], [False], [False]])
+    sig, _ = signals_from_phi(phi, keep)
+    s_out = math.sqrt(2 / 3)
+    want = norm.logpdf(1.5, 2.0, 1.0) - norm.logpdf(1.5, 0.0, s_out)
+    np.testing.assert_allclose(run_attack("lira_online", None, sig, 0), [want], rtol=1e-12)
+    np.testing.assert_allclose(
+        run_attack("lira_offline", None, sig, 0), [norm.logcdf(1.5 / s_out)], rtol=1e-12
+    )
+
+
+def test_lira_fallbacks() -> None:
+    phi, keep = _random_case(seed=4, q=2)
+    keep[1:, 0] = False  # point 0: no IN shadow -> online score = offline score
+    keep[1:, 1] = True  # point 1: no OUT shadow -> OUT mean over all points, pooled OUT std
+    sig, phi64 = signals_from_phi(phi, keep)
+    online = run_attack("lira_online", None, sig, 0)
+    offline = run_attack("lira_offline", None, sig, 0)
+    assert online[0] == pytest.approx(offline[0], rel=1e-12)
+    assert np.all(np.isfinite(online)) and np.all(np.isfinite(offline))
+    want_off = want_on = 0.0
+    for k in range(2):
+        ins = phi64[1:, k, 1]  # all 8 shadows are IN for point 1
+        outs = [phi64[1:, k, i][~keep[1:, i]] for i in range(phi.shape[2]) if i != 1]
+        mu_all = np.concatenate(outs).mean()  # OUT mean over every (shadow, point) observation
+        s_pool = np.sqrt(np.mean(np.concatenate([o - o.mean() for o in outs]) ** 2))  # pooled, ddof 0
+        x = phi64[0, k, 1]
+        want_off += norm.logcdf(x, mu_all, s_pool) / 2
+        want_on += (norm.logpdf(x, ins.mean(), ins.std(ddof=DDOF)) - norm.logpdf(x, mu_all, s_pool)) / 2
+    assert offline[1] == pytest.approx(want_off, rel=1e-9)
+    assert online[1] == pytest.approx(want_on, rel=1e-9)
+
+
+def test_lira_min_std_floor_and_errors() -> None:
+    phi = np.zeros((3, 1, 2))  # all shadows agree exactly: std 0 is floored at min_std
+    phi[0, 0, 0] = 1e-6
+    keep = np.array([[True, False], [True, True], [False, False]])
+    sig, _ = signals_from_phi(phi, keep)
+    s = run_attack("lira_online", {"min_std": 1e-3}, sig, 0)
+    assert np.all(np.isfinite(s))
+    with pytest.raises(ValueError, match="OUT"):
+        run_attack("lira_offline", None, Signals(sig.logits, sig.labels, np.ones((3, 2), bool)), 0)
+    with pytest.raises(ValueError, match="shadow"):
+        run_attack("lira_online", None, Signals(sig.logits[:1], sig.labels, keep[:1]), 0)
+    with pytest.raises(ValueError, match="target"):
+        run_attack("lira_online", None, sig, 3)
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def _gaussian_bank(seed: int, offset_std: float, m: int = 65, p: int = 2000) -> tuple[Signals, np.ndarray]:
+    """Target 0 plus 64 shadows; each point IN for 32 models; phi = offset_i + 1[member] + N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    keep = np.zeros((m, p), dtype=bool)
+    for i in range(p):
+        keep[rng.permutation(m)[:32], i] = True
+    offsets = rng.normal(size=p) * offset_std
+    phi = offsets[None, None, :] + keep[:, None, :] + rng.normal(size=(m, 1, p))
+    sig, _ = signals_from_phi(phi, keep, seed=seed)
+    return sig, keep[0]
+
+
+def test_lira_online_reaches_analytic_auc() -> None:
+    analytic = norm.cdf(1 / math.sqrt(2))  # AUC of N(1, 1) vs N(0, 1) = Phi(1 / sqrt 2) = 0.760
+    for offset_std in (0.0, 3.0):  # LiRA is invariant to per-point shifts
+        sig, member = _gaussian_bank(seed=0, offset_std=offset_std)
+        for fixed in (False, True):
+            auc = attack_metrics(run_attack("lira_online", {"fixed_variance": fixed}, sig, 0), member)["auc"]
+            assert abs(auc - analytic) < 0.03, (offset_std, fixed, auc)
+
+
+def test_lira_beats_loss_with_per_point_offsets() -> None:
+    sig, member = _gaussian_bank(seed=0, offset_std=3.0)
+    lira = attack_metrics(run_attack("lira_online", None, sig, 0), member)
+    offline = attack_metrics(run_attack("lira_offline", None, sig, 0), member)
+    loss = attack_metrics(run_attack("loss", None, sig, 0), member)
+    # loss sees offset + membership: AUC ~ Phi(1 / sqrt(2 * (1 + 9))) = 0.62; LiRA removes the offsets
+    assert loss["auc"] < 0.66 < lira["auc"]
+    assert lira["tpr_fpr_0.01"] > 1.5 * loss["tpr_fpr_0.01"]
+    assert offline["auc"] > 0.7
+
+
+# ---------------------------------------------------------------------------------------------- registry / params
+def test_registry_entries_are_documented() -> None:
+    assert {"loss", "lira_online", "lira_offline"} <= set(ATTACKS.names())
+    for entry in ATTACKS.entries():
+        assert entry.doc
+        for field in entry.params.model_fields.values():
+            assert field.description
+
+
+def test_bad_params_raise_spec_error() -> None:
+    sig, _ = signals_from_phi(np.zeros((2, 1, 3)), np.array([[True, False, True], [False, True, False]]))
+    with pytest.raises(SpecError, match="bogus") as e:
+        run_attack("loss", {"bogus": 1}, sig, 0, where="attacks[0]")
+    assert "attacks[0].params" in str(e.value)
+    with pytest.raises(SpecError, match="query"):
+        run_attack("loss", {"query": -1}, sig, 0)
+    with pytest.raises(SpecError, match="min_std"):
+        run_attack("lira_online", {"min_std": 0}, sig, 0)
+    with pytest.raises(SpecError, match="fixed_variance"):
+        run_attack("lira_offline", {"fixed_variance": "maybe"}, sig, 0)
+    with pytest.raises(SpecError, match="attacks\\[1\\].name"):
+        run_attack("nope", None, sig, 0, where="attacks[1]")

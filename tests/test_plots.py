@@ -1,0 +1,89 @@
+"""Report figures: Pareto-front selection and that the plots write real, non-blank PNG files."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+
+from raymia.report.plots import pareto_front, plot_pareto, plot_roc
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _assert_png_not_blank(path: Path) -> None:
+    assert path.is_file() and path.stat().st_size > 0
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    img = mpimg.imread(path)
+    colours = np.unique(img.reshape(-1, img.shape[-1]), axis=0)
+    assert len(colours) > 1
+
+
+# --- pareto_front ----------------------------------------------------------------------------------------
+POINTS = [
+    {"acc": 0.90, "tpr": 0.10},  # 0: front (best accuracy)
+    {"acc": 0.80, "tpr": 0.05},  # 1: front
+    {"acc": 0.80, "tpr": 0.06},  # 2: dominated by 1 (same acc, worse tpr)
+    {"acc": 0.70, "tpr": 0.01},  # 3: front (lowest tpr)
+    {"acc": 0.60, "tpr": 0.02},  # 4: dominated by 3
+    {"acc": 0.80, "tpr": 0.05},  # 5: exact duplicate of 1: duplicates don't dominate each other, kept
+    {"acc": 0.95, "tpr": None},  # 6: missing objective: excluded although it would dominate 0
+    {"acc": float("nan"), "tpr": 0.0},  # 7: NaN objective: excluded
+    {"tpr": 0.0},  # 8: absent key: excluded
+    {"acc": 0.90, "tpr": 0.10},  # 9: duplicate of 0: kept
+]
+
+
+def test_pareto_front_max_min() -> None:
+    assert pareto_front(POINTS, [("acc", "max"), ("tpr", "min")]) == [0, 1, 3, 5, 9]
+
+
+def test_pareto_front_orientation_matters() -> None:
+    # Maximising both: the highest-accuracy/highest-tpr points win.
+    assert pareto_front(POINTS, [("acc", "max"), ("tpr", "max")]) == [0, 9]
+    # Minimising both: 3 (lowest tpr) and 4 (lowest acc) trade off; the rest are dominated by 3.
+    assert pareto_front(POINTS, [("acc", "min"), ("tpr", "min")]) == [3, 4]
+
+
+def test_pareto_front_single_objective_ties_all_kept() -> None:
+    pts = [{"a": 1.0}, {"a": 3.0}, {"a": 3.0}, {"a": 2.0}]
+    assert pareto_front(pts, [("a", "max")]) == [1, 2]
+
+
+def test_pareto_front_edge_cases() -> None:
+    assert pareto_front([], [("a", "max")]) == []
+    assert pareto_front([{"a": None}, {"a": math.nan}], [("a", "max")]) == []
+    with pytest.raises(ValueError):
+        pareto_front([{"a": 1}], [("a", "up")])
+    with pytest.raises(ValueError):
+        pareto_front([{"a": 1}], [])
+
+
+# --- figures ---------------------------------------------------------------------------------------------
+def test_plot_roc_writes_png(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    fpr = np.concatenate([[0.0], np.sort(rng.uniform(1e-4, 1, 200)), [1.0]])
+    curves = {"lira": (fpr, np.sqrt(fpr)), "loss": (fpr, fpr**0.8)}
+    out = plot_roc(curves, tmp_path / "sub" / "roc.png", title="ROC", aucs={"lira": 0.66, "loss": 0.55})
+    assert out == tmp_path / "sub" / "roc.png"
+    _assert_png_not_blank(out)
+
+
+def test_plot_pareto_writes_png(tmp_path: Path) -> None:
+    pts = [dict(p, defense="hamp" if i % 2 else "dpsgd") for i, p in enumerate(POINTS)]
+    front = set(pareto_front(pts, [("acc", "max"), ("tpr", "min")]))
+    out = plot_pareto(
+        pts,
+        "acc",
+        "tpr",
+        tmp_path / "pareto.png",
+        front_ids=front,
+        x_label="test accuracy",
+        y_label="TPR@0.1%FPR",
+        title="privacy vs utility",
+        reference={"acc": 0.93, "tpr": 0.3},
+    )
+    _assert_png_not_blank(out)
