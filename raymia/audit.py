@@ -57,10 +57,10 @@ class AuditResult:
         }
 
 
-def load_signals(store: SignalStore, num_packs: int, keep: np.ndarray, labels: np.ndarray):
+def load_signals(store: SignalStore, keep: np.ndarray, labels: np.ndarray):
     from raymia.signals import Signals
 
-    packs = [store.read_pack(p) for p in range(num_packs)]
+    packs = [store.read_pack(p) for p in range(store.num_packs)]
     logits = np.concatenate([p["logits"] for p in packs])
     test_logits = np.concatenate([p["test_logits"] for p in packs])
     models = np.concatenate([p["models"] for p in packs])
@@ -95,8 +95,8 @@ def run_audit(
     out.mkdir(parents=True, exist_ok=True)
 
     ctx = BankContext.from_spec(spec)  # validates data/plan/defense against each other before any training
-    store = SignalStore(root, fp)
-    missing = store.missing_packs(ctx.num_packs)
+    store = SignalStore(root, fp, spec.bank.pack_size, spec.plan.num_models)
+    missing = store.missing_packs()
     reused = not missing
     if reused:
         log.info("reusing stored signals %s (%d packs, %d models): no training needed", fp, ctx.num_packs,
@@ -108,12 +108,12 @@ def run_audit(
         from raymia.engine.bank_job import run_bank_job
 
         run_bank_job(spec, store, missing)
-        still = store.missing_packs(ctx.num_packs)
+        still = store.missing_packs()
         if still:
             raise RuntimeError(f"bank job finished but packs {still} of signals {fp} are missing")
 
     labels = ctx.audited_y
-    signals, test_logits = load_signals(store, ctx.num_packs, ctx.plan.keep, labels)
+    signals, test_logits = load_signals(store, ctx.plan.keep, labels)
     y_test = ctx.data.y_test.numpy()
 
     # Utility of the attacked models (mean over targets), measured on what a querier sees.
@@ -206,4 +206,5 @@ def print_audit_table(result: AuditResult) -> None:
     c.print(table)
     u = result.utility
     c.print(f"utility: train acc {fmt(u['train_accuracy'], True)}  test acc {fmt(u['test_accuracy'], True)}  "
-            f"gap {fmt(u['generalization_gap'], True)}   -> {result.out_dir}")
+            f"gap {fmt(u['generalization_gap'], True)}")
+    c.print(f"report: {result.out_dir}", soft_wrap=True)

@@ -30,12 +30,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     from raymia.space import describe
 
     regs = _registries()
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     for kind in [args.kind] if args.kind else KINDS:
         for entry in regs[kind].entries():
-            table = Table(title=f"{kind[:-1]} [bold]{entry.name}[/bold]: {entry.doc}", title_justify="left")
-            for col in ("parameter", "type", "default", "description"):
-                table.add_column(col)
+            console.print(f"{kind[:-1]} [bold]{entry.name}[/bold]: {entry.doc}", soft_wrap=True)
+            table = Table()
+            for col in ("parameter", "type", "default"):
+                table.add_column(col, no_wrap=True)
+            table.add_column("description")
             space = entry.obj.search_space() if kind == "defenses" else {}
             if space:
                 table.add_column("search space")
@@ -46,6 +48,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                 extra = [describe(space[name]) if name in space else ""] if space else []
                 table.add_row(name, typ, default, desc, *extra)
             console.print(table)
+            console.print()
     return 0
 
 

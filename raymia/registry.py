@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -90,7 +90,24 @@ def param_table(params: type[Params]) -> list[tuple[str, str, str, str]]:
     """(name, type, default, description) for each parameter of an entry, for `raymia list`."""
     rows = []
     for fname, f in params.model_fields.items():
-        ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+        ann = _type_name(f.annotation)
         default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
         rows.append((fname, ann, default, f.description or ""))
     return rows
+
+
+def _type_name(ann: Any) -> str:
+    origin = get_origin(ann)
+    if origin is Annotated:
+        return _type_name(get_args(ann)[0])
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(ann))
+    if origin is not None and get_args(ann):
+        inner = ", ".join(_type_name(a) for a in get_args(ann))
+        name = getattr(origin, "__name__", None) or str(origin).replace("typing.", "")
+        if name in ("Union", "UnionType"):
+            return " | ".join(_type_name(a) for a in get_args(ann))
+        return f"{name}[{inner}]"
+    if ann is type(None):
+        return "None"
+    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")

@@ -207,6 +207,9 @@ def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
             continue
         nxt = cur.get(k)
         if nxt is None:
+            if keys[i + 1].isdigit():
+                raise SpecError("is not set in the spec, so it has no list element to override; set the whole "
+                                "list instead", where=".".join(keys[: i + 1]))
             nxt = cur[k] = {}
         if not isinstance(nxt, dict | list):
             raise SpecError("is not a mapping; cannot set a sub-key", where=".".join(keys[: i + 1]))
@@ -263,7 +266,12 @@ def validate_spec(raw: dict[str, Any], kind: type[AuditSpec] = AuditSpec, where:
     except ValidationError as e:
         loc, msg = _format_error(e)
         raise SpecError(msg, where=f"{where}: {loc}" if where != "spec" else loc) from None
-    check_names(spec)
+    try:
+        check_names(spec)
+    except SpecError as e:
+        if where == "spec":
+            raise
+        raise SpecError(str(e), where=where) from None
     return spec
 
 

@@ -1,6 +1,8 @@
 """Content-addressed storage of bank signals: one entry per (spec fingerprint, pack), written once.
 
-Layout under the store root:  signals/<fingerprint>/pack-00003.npz  + pack-00003.json (manifest).
+Layout under the store root:  signals/<fingerprint>/k8-pack-00003.npz + k8-pack-00003.json (manifest),
+for pack 3 of packs of K=8 models (the pack size changes the layout, not the numbers: model m is seeded by m
+alone, so the fingerprint leaves it out and the file names carry it).
 The .npz is written to a temporary name and renamed; the manifest, written last, records its size,
 SHA-256 and array shapes and is the commit marker. An entry whose manifest is missing, or whose file
 does not match it, is reported as invalid and rebuilt, never reused. Arrays load with allow_pickle=False.
@@ -29,13 +31,23 @@ def _sha256(path: Path) -> str:
 
 
 class SignalStore:
-    def __init__(self, root: str | Path, fingerprint: str):
+    def __init__(self, root: str | Path, fingerprint: str, pack_size: int, num_models: int):
         self.root = Path(root)
         self.fingerprint = fingerprint
+        self.pack_size = pack_size
+        self.num_models = num_models
         self.dir = self.root / "signals" / fingerprint
 
+    @property
+    def num_packs(self) -> int:
+        return -(-self.num_models // self.pack_size)
+
+    def pack_models(self, pack: int) -> list[int]:
+        return list(range(pack * self.pack_size, min((pack + 1) * self.pack_size, self.num_models)))
+
     def _paths(self, pack: int) -> tuple[Path, Path]:
-        return self.dir / f"pack-{pack:05d}.npz", self.dir / f"pack-{pack:05d}.json"
+        stem = f"k{self.pack_size}-pack-{pack:05d}"
+        return self.dir / f"{stem}.npz", self.dir / f"{stem}.json"
 
     def write_pack(self, pack: int, arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = None) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -49,6 +61,7 @@ class SignalStore:
         info = {
             "fingerprint": self.fingerprint,
             "pack": pack,
+            "models": self.pack_models(pack),
             "size": data.stat().st_size,
             "sha256": _sha256(data),
             "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()},
@@ -71,6 +84,8 @@ class SignalStore:
             return "data file missing"
         if info.get("fingerprint") != self.fingerprint or info.get("pack") != pack:
             return "manifest belongs to another entry"
+        if info.get("models") != self.pack_models(pack):
+            return f"holds models {info.get('models')}, expected {self.pack_models(pack)}"
         if data.stat().st_size != info.get("size"):
             return f"size {data.stat().st_size} != recorded {info.get('size')} (truncated?)"
         if _sha256(data) != info.get("sha256"):
@@ -88,12 +103,14 @@ class SignalStore:
         for k, spec in info["arrays"].items():
             if k not in arrays or list(arrays[k].shape) != spec["shape"] or str(arrays[k].dtype) != spec["dtype"]:
                 raise ValueError(f"signals {self.fingerprint} pack {pack}: array {k!r} does not match its manifest")
+        if "models" in arrays and arrays["models"].tolist() != self.pack_models(pack):
+            raise ValueError(f"signals {self.fingerprint} pack {pack}: holds models {arrays['models'].tolist()}")
         return arrays
 
-    def missing_packs(self, num_packs: int) -> list[int]:
+    def missing_packs(self) -> list[int]:
         """Packs that must be (re)built; invalid entries are logged and removed."""
         missing = []
-        for p in range(num_packs):
+        for p in range(self.num_packs):
             problem = self.check_pack(p)
             if problem is None:
                 continue

@@ -1,9 +1,9 @@
 """Defenses: hooks that the bank applies identically to every model it trains (see base.py)."""
 
-from raymia.defenses.base import DEFENSES, Defense, build_defense
+from raymia.defenses import hamp as _hamp  # noqa: F401,E402
 
 # Import modules for their registrations.
 from raymia.defenses import none as _none  # noqa: F401,E402
-from raymia.defenses import hamp as _hamp  # noqa: F401,E402
+from raymia.defenses.base import DEFENSES, Defense, build_defense
 
 __all__ = ["DEFENSES", "Defense", "build_defense"]

@@ -57,6 +57,7 @@ class BankContext:
         return math.ceil(self.plan.num_models / self.spec.bank.pack_size)
 
     def pack_models(self, pack: int) -> list[int]:
+        """Pack p holds the consecutive models [p*K, (p+1)*K) (the same rule as raymia.store)."""
         k = self.spec.bank.pack_size
         return list(range(pack * k, min((pack + 1) * k, self.plan.num_models)))
 

@@ -33,7 +33,6 @@ from raymia.attacks.registry import ATTACKS
 from raymia.registry import Params
 from raymia.signals import Signals
 
-
 # The LiRA paper fits per-example variances only with many shadows; below this count it uses a global one.
 AUTO_FIXED_VARIANCE_BELOW = 64
 

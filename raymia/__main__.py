@@ -1,0 +1,5 @@
+import sys
+
+from raymia.cli import main
+
+sys.exit(main())

@@ -1,0 +1,136 @@
+"""End to end with real components: a local Ray instance, Ray Train workers, real training on digits,
+a real SQLite MLflow store, and the CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from raymia.audit import run_audit
+from raymia.spec import AuditSpec, SweepSpec
+from tests.conftest import tiny_spec_dict
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="module")
+def first_audit(ray_local, workdir):
+    spec = AuditSpec.model_validate(tiny_spec_dict(workdir))
+    return spec, run_audit(spec)
+
+
+def _mlflow_client(workdir):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+
+
+def test_audit_leaks_on_an_overfit_mlp(first_audit):
+    spec, res = first_audit
+    assert not res.reused_signals
+    assert res.utility["train_accuracy"] > 0.99  # overfit
+    assert 0.85 < res.utility["test_accuracy"] < 0.99
+    assert res.utility["generalization_gap"] > 0.02
+    online = res.attacks["lira_online"]
+    assert online["auc"] > 0.6, online  # clearly above chance
+    assert res.attacks["loss"]["auc"] > 0.52
+    # ~150 non-members: TPR@1%FPR is resolvable, TPR@0.1%FPR is not
+    assert online["tpr_fpr_0.01"] is not None and online["tpr_fpr_0.001"] is None
+    saved = json.loads((res.out_dir / "result.json").read_text())
+    assert saved["fingerprint"] == spec.fingerprint()
+    assert saved["attacks"]["lira_online"]["auc"] == pytest.approx(online["auc"])
+    assert saved["utility"]["test_accuracy"] == pytest.approx(res.utility["test_accuracy"])
+    png = (res.out_dir / "roc.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_audit_is_logged_to_mlflow(first_audit, workdir):
+    spec, res = first_audit
+    client = _mlflow_client(workdir)
+    exp = client.get_experiment_by_name("raymia-tests")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`raymia.fingerprint` = '{res.fingerprint}'")
+    assert runs, "no MLflow run for the audit"
+    run = runs[-1]
+    assert run.data.params["plan.num_models"] == "8"
+    assert run.data.params["model.params.hidden.0"] == "256"
+    assert run.data.params["defense.name"] == "none"
+    assert run.data.metrics["lira_online/auc"] == pytest.approx(res.attacks["lira_online"]["auc"])
+    assert run.data.metrics["test_accuracy"] == pytest.approx(res.utility["test_accuracy"])
+    assert "lira_online/tpr_fpr_0.001" not in run.data.metrics  # n/a is not logged as a number
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"result.json", "roc.png"} <= names
+
+
+def test_rerun_reuses_signals_and_a_lost_pack_is_rebuilt_alone(first_audit, workdir, caplog):
+    spec, res = first_audit
+    caplog.set_level(logging.INFO, logger="raymia")
+    t0 = time.perf_counter()
+    again = run_audit(spec, track=False, console=False)
+    assert again.reused_signals
+    assert time.perf_counter() - t0 < 10  # no training, no worker group
+    assert "reusing stored signals" in caplog.text
+    assert again.attacks == res.attacks and again.utility == res.utility
+
+    # Lose one of the two packs (as a killed run would): only that pack is retrained, numbers unchanged.
+    pack1 = workdir / "runs" / "signals" / res.fingerprint / "k4-pack-00001.npz"
+    pack1.write_bytes(pack1.read_bytes()[:-10])
+    caplog.clear()
+    rebuilt = run_audit(spec, track=False, console=False)
+    assert "reusing 1 of 2 stored packs" in caplog.text
+    assert rebuilt.attacks["lira_online"]["auc"] == pytest.approx(res.attacks["lira_online"]["auc"], abs=1e-6)
+
+
+def test_cli_audit_reuses_signals_and_prints_the_table(first_audit, workdir):
+    spec, res = first_audit
+    path = workdir / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_spec_dict(workdir)))
+    out = subprocess.run([sys.executable, "-m", "raymia", "audit", str(path)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "reusing stored signals" in out.stderr
+    assert "lira_online" in out.stdout and f"{res.attacks['lira_online']['auc']:.4f}" in out.stdout
+
+
+def test_sweep_writes_parent_and_child_runs(first_audit, workdir):
+    from raymia.sweep import run_sweep
+
+    d = tiny_spec_dict(workdir, name="tinysweep")
+    d["sweep"] = {"defense": "hamp", "num_trials": 2, "max_concurrent": 2,
+                  "space": {"output_modification": {"choices": [True]}}}
+    spec = SweepSpec.model_validate(d)
+    result = run_sweep(spec, console=False)
+    assert [t["defense"] for t in result.trials] == ["none", "hamp"]
+    assert all(t["status"] == "ok" for t in result.trials)
+    none, hamp = result.trials
+    # The undefended trial has the first audit's fingerprint: its signals are reused, numbers equal.
+    assert none["lira_online/auc"] == pytest.approx(first_audit[1].attacks["lira_online"]["auc"])
+    assert 0.3 <= hamp["params"]["gamma"] <= 0.99 and hamp["params"]["output_modification"] is True
+    # HAMP's output modification hides membership: LiRA is far weaker than on the undefended model.
+    assert hamp["lira_online/auc"] < none["lira_online/auc"] - 0.05
+    assert result.front and all(0 <= i < 2 for i in result.front)
+    saved = json.loads((result.out_dir / "result.json").read_text())
+    assert len(saved["trials"]) == 2 and saved["front"]
+    assert (result.out_dir / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+    client = _mlflow_client(workdir)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["raymia.kind"] == "sweep" and parent.info.status == "FINISHED"
+    assert parent.data.metrics["num_trials"] == 2
+    exp = parent.info.experiment_id
+    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 2
+    by_def = {c.data.params["defense.name"]: c for c in children}
+    assert set(by_def) == {"none", "hamp"}
+    assert by_def["hamp"].data.metrics["lira_online/auc"] == pytest.approx(hamp["lira_online/auc"])
+    assert "defense.params.gamma" in by_def["hamp"].data.params

@@ -1,0 +1,107 @@
+"""Spec loading, overrides, fingerprints, and the one-line errors for bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from raymia.errors import SpecError
+from raymia.spec import AuditSpec, SweepSpec, load_spec
+
+
+def write(tmp_path, text: str, name: str = "spec.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_overrides(tmp_path):
+    p = write(tmp_path, "name: a\nplan: {num_models: 4}\nattacks: [{name: loss}, {name: lira_online}]\n")
+    spec = load_spec(p, ["train.epochs=7", "model.params.hidden=[32, 16]", "attacks.1.name=lira_offline"])
+    assert spec.plan.num_models == 4
+    assert spec.train.epochs == 7
+    assert spec.model.params == {"hidden": [32, 16]}
+    assert spec.data.name == "digits" and spec.defense.name == "none"
+    assert [a.name for a in spec.attacks] == ["loss", "lira_offline"]
+    assert [a.name for a in load_spec(None).attacks] == ["loss", "lira_online", "lira_offline"]
+    with pytest.raises(SpecError, match="queries: is not set in the spec"):
+        load_spec(p, ["queries.0=hflip"])
+
+
+def test_fingerprint_tracks_what_changes_the_bank():
+    base = AuditSpec()
+    assert base.fingerprint() == AuditSpec().fingerprint()
+    # Things that change the trained models or their signals change the fingerprint...
+    for change in (
+        {"seed": 1},
+        {"train": {"epochs": 99}},
+        {"defense": {"name": "hamp", "params": {"gamma": 0.9}}},
+        {"queries": ["identity"]},
+        {"plan": {"num_models": 4}},
+        {"model": {"params": {"hidden": [8]}}},
+        {"data": {"params": {"test_fraction": 0.3}}},
+    ):
+        assert AuditSpec.model_validate(change).fingerprint() != base.fingerprint(), change
+    # ... while attacks, tracking, the store location and the pack layout do not.
+    for same in (
+        {"attacks": [{"name": "loss"}]},
+        {"tracking": {"uri": "sqlite:///x.db"}},
+        {"output_dir": "elsewhere"},
+        {"bank": {"pack_size": 2, "num_workers": 3}},
+        {"name": "other"},
+    ):
+        assert AuditSpec.model_validate(same).fingerprint() == base.fingerprint(), same
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "needle"),
+    [
+        ("plan: {num_models: 3}\n", [], "plan: num_models must be even"),
+        ("plan: {num_models: 0}\n", [], "plan.num_models: Input should be greater than or equal to 2"),
+        ("bogus: 1\n", [], "bogus: unknown field; accepted: name, seed"),
+        ("train: {epochs: 5, optimiser: sgd}\n", [], "train.optimiser: unknown field; accepted: optimizer"),
+        ("train: {optimizer: rmsprop}\n", [], "train.optimizer: accepted: 'sgd', 'adam' or 'adamw'"),
+        ("data: {name: imagenet}\n", [], "data.name: unknown data set 'imagenet'; accepted: digits"),
+        ("model: {name: resnet9000}\n", [], "model.name: unknown model 'resnet9000'; accepted: mlp"),
+        ("defense: {name: magic}\n", [], "defense.name: unknown defense 'magic'; accepted: hamp, none"),
+        ("attacks: [{name: oracle}]\n", [], "attacks.0.name: unknown attack 'oracle'"),
+        ("defense: {name: hamp, params: {gamma: 1.5}}\n", [], "defense.params: gamma"),
+        ("model: {params: {depth: 3}}\n", [], "model.params: depth: unknown parameter"),
+        ("queries: [identity, rotate]\n", [], "unknown query augmentation 'rotate'"),
+        ("metrics: {fpr_levels: [2]}\n", [], "each FPR level must lie in (0, 1)"),
+        ("tracking: {uri: ./mlruns}\n", [], "tracking.uri: must be a tracking URI"),
+        ("", ["train.lr=-1"], "train.lr: Input should be greater than 0"),
+        ("", ["noequals"], "--set: expected dotted.key=value"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_field(tmp_path, text, overrides, needle):
+    p = write(tmp_path, text)
+    with pytest.raises(SpecError) as e:
+        load_spec(p, overrides)
+    msg = str(e.value)
+    assert needle in msg, msg
+    assert "\n" not in msg
+    assert msg.startswith(str(p)) or msg.startswith("--set")
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(SpecError, match=r"missing\.yaml: file not found"):
+        load_spec(tmp_path / "missing.yaml")
+    bad = write(tmp_path, "plan: {num_models: 4\n", "bad.yaml")
+    with pytest.raises(SpecError, match=r"bad\.yaml: malformed YAML at line \d+"):
+        load_spec(bad)
+    lst = write(tmp_path, "- 1\n- 2\n", "list.yaml")
+    with pytest.raises(SpecError, match="top level must be a mapping"):
+        load_spec(lst)
+    with pytest.raises(SpecError, match="is a directory"):
+        load_spec(tmp_path)
+
+
+def test_sweep_spec_and_audit_of_a_sweep_file(tmp_path):
+    p = write(tmp_path, "sweep: {defense: hamp, num_trials: 3}\n")
+    sw = load_spec(p, kind=SweepSpec)
+    assert isinstance(sw, SweepSpec) and sw.sweep.num_trials == 3
+    assert [o.metric for o in sw.sweep.objectives] == ["test_accuracy", "lira_online/tpr_fpr_0.01"]
+    audit = load_spec(p)  # the audit of a sweep file audits its base setting
+    assert not isinstance(audit, SweepSpec)
+    with pytest.raises(SpecError, match="sweep.defense: unknown defense"):
+        load_spec(write(tmp_path, "sweep: {defense: nope}\n", "s2.yaml"), kind=SweepSpec)
