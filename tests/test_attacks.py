@@ -144,8 +144,9 @@ def test_lira_fallbacks() -> None:
     keep[1:, 0] = False  # point 0: no IN shadow -> online score = offline score
     keep[1:, 1] = True  # point 1: no OUT shadow -> OUT mean over all points, pooled OUT std
     sig, phi64 = signals_from_phi(phi, keep)
-    online = run_attack("lira_online", None, sig, 0)
-    offline = run_attack("lira_offline", None, sig, 0)
+    per_point = {"fixed_variance": False}
+    online = run_attack("lira_online", per_point, sig, 0)
+    offline = run_attack("lira_offline", per_point, sig, 0)
     assert online[0] == pytest.approx(offline[0], rel=1e-12)
     assert np.all(np.isfinite(online)) and np.all(np.isfinite(offline))
     want_off = want_on = 0.0
@@ -231,3 +232,18 @@ def test_bad_params_raise_spec_error() -> None:
         run_attack("lira_offline", {"fixed_variance": "maybe"}, sig, 0)
     with pytest.raises(SpecError, match="attacks\\[1\\].name"):
         run_attack("nope", None, sig, 0, where="attacks[1]")
+
+
+def test_lira_variance_auto_mode() -> None:
+    """fixed_variance=None pools the variance below 64 shadows (the LiRA paper's advice), per point above."""
+    for m, pooled in ((9, True), (65, False)):
+        rng = np.random.default_rng(m)
+        phi = rng.normal(size=(m, 1, 40))
+        keep = np.argsort(rng.random((m - 1, 40)), axis=0) < (m - 1) // 2
+        keep = np.vstack([rng.random((1, 40)) < 0.5, keep])
+        sig, _ = signals_from_phi(phi, keep)
+        auto = run_attack("lira_online", None, sig, 0)
+        explicit = run_attack("lira_online", {"fixed_variance": pooled}, sig, 0)
+        other = run_attack("lira_online", {"fixed_variance": not pooled}, sig, 0)
+        np.testing.assert_array_equal(auto, explicit)
+        assert not np.allclose(auto, other)

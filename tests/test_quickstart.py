@@ -1,0 +1,35 @@
+"""The README's main job: sweeps/quickstart.yaml runs in minutes on 2 CPUs and shows a real trade-off."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from raymia.spec import SweepSpec, load_spec
+
+pytestmark = pytest.mark.slow
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml"
+
+
+def test_quickstart_sweep(ray_local, tmp_path):
+    from raymia.sweep import run_sweep
+
+    spec = load_spec(QUICKSTART, [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], kind=SweepSpec)
+    t0 = time.perf_counter()
+    result = run_sweep(spec, output_dir=tmp_path / "runs", console=False)
+    seconds = time.perf_counter() - t0
+    assert seconds < 300, f"quickstart took {seconds:.0f}s"
+    ok = [t for t in result.trials if t["status"] == "ok"]
+    assert len(ok) == spec.sweep.num_trials
+    assert ok[0]["defense"] == "none"
+    assert len(result.front) >= 2, json.dumps(result.trials, indent=1, default=str)
+    # The undefended model leaks: LiRA finds members well above chance at 1% FPR.
+    assert ok[0]["lira_online/tpr_fpr_0.01"] > 0.03 and ok[0]["lira_online/auc"] > 0.6
+    # Some HAMP setting cuts that leakage to at most half while keeping accuracy within 2 points.
+    best = min(t["lira_online/tpr_fpr_0.01"] for t in ok[1:]
+               if t["test_accuracy"] >= ok[0]["test_accuracy"] - 0.02)
+    assert best <= ok[0]["lira_online/tpr_fpr_0.01"] / 2
