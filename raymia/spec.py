@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from raymia.errors import SpecError
 
 # Bump when the meaning of stored signals changes, so old entries are never reused by mistake.
-SIGNAL_FORMAT_VERSION = 1
+SIGNAL_FORMAT_VERSION = 2
 
 QUERY_RE = re.compile(r"^(identity|hflip|shift:(-?\d+):(-?\d+))$")
 
@@ -71,15 +71,42 @@ class PlanSpec(_Model):
         return self
 
 
+class AugmentSpec(_Model):
+    """Training-time augmentation, drawn per sample from each model's own seed, applied on the device."""
+
+    hflip: bool = Field(False, description="random horizontal flips (p = 0.5)")
+    crop: int = Field(0, ge=0, le=16, description="random crops after zero-padding by this many pixels")
+
+
 class TrainSpec(_Model):
-    """The training recipe, applied identically to the target and every shadow."""
+    """The training recipe, applied identically to the target and every shadow.
+
+    An epoch is ceil((P/2) / batch_size) steps of full batches (P/2 is every model's expected member
+    count); each model draws its batches from its own stream of reshuffled permutations of its members,
+    so every model of the bank takes the same number of steps and packs of models vectorise.
+    """
 
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"
     lr: float = Field(1e-3, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
     weight_decay: float = Field(0.0, ge=0)
     epochs: int = Field(100, ge=1, le=100000)
     batch_size: int = Field(64, ge=1)
+    schedule: Literal["constant", "step", "cosine", "onecycle"] = "constant"
+    milestones: list[float] = Field(
+        default_factory=lambda: [0.5, 0.75], description="step schedule: fractions of training where lr decays"
+    )
+    lr_decay: float = Field(0.1, gt=0, le=1, description="step schedule: factor at each milestone")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+
+    @field_validator("milestones")
+    @classmethod
+    def _milestones(cls, v: list[float]) -> list[float]:
+        if any(not 0 < f < 1 for f in v) or sorted(v) != v:
+            raise ValueError("milestones must be increasing fractions of training in (0, 1)")
+        return v
 
 
 class BankSpec(_Model):
@@ -88,7 +115,10 @@ class BankSpec(_Model):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on a cluster)")
     cpus_per_worker: float = Field(1.0, gt=0)
     pack_size: int = Field(8, ge=1, description="models trained together per pack (unit of storage)")
+    vectorize: bool = Field(True, description="train a pack's models at once with torch.func.vmap")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast on CUDA")
+    channels_last: bool = False
 
 
 class MetricsSpec(_Model):
@@ -154,6 +184,8 @@ class AuditSpec(_Model):
         return {
             "format": SIGNAL_FORMAT_VERSION,
             **{k: d[k] for k in ("seed", "data", "plan", "model", "train", "defense", "queries")},
+            # bf16 changes the numbers; pack size, vmap and memory format only change float rounding.
+            "precision": d["bank"]["precision"],
         }
 
     def fingerprint(self) -> str:

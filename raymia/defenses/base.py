@@ -58,9 +58,11 @@ class Defense:
 
     name: ClassVar[str] = "none"
 
-    def __init__(self, params: Params, info: DataInfo):
+    def __init__(self, params: Params, info: DataInfo, label_smoothing: float = 0.0):
         self.params = params
         self.info = info
+        # The recipe's label smoothing, used by the default cross-entropy loss.
+        self.label_smoothing = label_smoothing
 
     # --- training-time hooks -------------------------------------------------------------------------
     def transform_train_data(
@@ -72,7 +74,9 @@ class Defense:
         return model
 
     def loss(self, logits: torch.Tensor, y_target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, y_target)
+        """The training objective on one model's batch. Must be vmap-friendly (the bank trains packs
+        of models with torch.func.vmap): no data-dependent Python control flow, no .item()."""
+        return F.cross_entropy(logits, y_target, label_smoothing=self.label_smoothing)
 
     # --- query-time hook ------------------------------------------------------------------------------
     def postprocess_logits(
@@ -96,7 +100,9 @@ class Defense:
 DEFENSES: Registry[type[Defense]] = Registry("defense")
 
 
-def build_defense(name: str, params: dict[str, Any] | None, info: DataInfo, where: str = "defense") -> Defense:
+def build_defense(
+    name: str, params: dict[str, Any] | None, info: DataInfo, where: str = "defense", label_smoothing: float = 0.0
+) -> Defense:
     entry = DEFENSES.get(name, where=f"{where}.name")
     parsed = entry.parse(params, where=f"{where}.params")
-    return entry.obj(parsed, info)
+    return entry.obj(parsed, info, label_smoothing=label_smoothing)

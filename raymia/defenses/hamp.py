@@ -112,8 +112,9 @@ class Hamp(Defense):
     name = "hamp"
     params: HampParams
 
-    def __init__(self, params: HampParams, info: DataInfo):
-        super().__init__(params, info)
+    def __init__(self, params: HampParams, info: DataInfo, label_smoothing: float = 0.0):
+        # HAMP's soft labels replace the recipe's label smoothing.
+        super().__init__(params, info, label_smoothing)
 
     # --- training ----------------------------------------------------------------------------------
     def transform_train_data(
@@ -127,9 +128,9 @@ class Hamp(Defense):
             y_target = soft_labels(y_target, logits.shape[1], self.params.gamma)
         y_target = y_target.to(device=logits.device, dtype=logits.dtype)
         log_probs = F.log_softmax(logits, dim=1)
-        # kl_div's 'mean' (sum / (batch * K)) is deprecated and due to change meaning, so both
-        # reductions are spelt out from the sum.
-        kl = F.kl_div(log_probs, y_target, reduction="sum")
+        # KL summed over the batch, spelt out (torch.kl_div has no vmap batching rule, and its 'mean'
+        # reduction, sum / (batch * K), is deprecated); xlogy makes 0 * log 0 = 0.
+        kl = (torch.xlogy(y_target, y_target) - y_target * log_probs).sum()
         kl = kl / (logits.numel() if self.params.kl_reduction == "mean" else logits.shape[0])
         entropy = -(log_probs.exp() * log_probs).sum(dim=1).mean()
         return kl - self.params.alpha * entropy

@@ -1,19 +1,29 @@
 """The model bank: M models (target(s) + shadows) trained with the same recipe and defense.
 
-The bank is cut into packs of K consecutive models; a pack is the unit of work and of storage. This
-module is the compute core: it needs torch only (no Ray), so it runs directly on a GPU machine; the Ray
-Train job in raymia.engine spreads packs over a worker group and calls `train_pack` on each.
+The bank is cut into packs of K consecutive models; a pack is the unit of work and of storage. A pack is
+trained at once: the K models' parameters and buffers are stacked and one `torch.func.vmap` over
+`functional_call` runs all K forward/backward passes as batched kernels, with one optimizer over the
+stacked tensors (SGD, Adam and AdamW are elementwise, so this is K independent optimizers). `train_model`
+is the plain one-model loop with exactly the same batches, augmentation draws and schedule: the
+reference that pack training must match (tests/test_bank.py), and the baseline of the benchmark.
+
+This module is the compute core: it needs torch only (no Ray), so it runs directly on a GPU machine; the
+Ray Train job in raymia.engine spreads packs over a worker group and calls `train_pack` on each.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.func import functional_call, stack_module_state, vmap
 
 from raymia.data import Dataset, load_dataset
 from raymia.data.plan import MembershipPlan, make_plan
@@ -22,8 +32,10 @@ from raymia.errors import SpecError
 from raymia.models import build_model
 from raymia.seeding import derive_seed
 from raymia.spec import AuditSpec
+from raymia.train.augment import apply_augment, draw_augment
+from raymia.train.infer import augment as query_augment
 from raymia.train.infer import query_logits
-from raymia.train.recipe import make_optimizer
+from raymia.train.recipe import make_optimizer, make_scheduler
 
 log = logging.getLogger("raymia")
 
@@ -46,10 +58,15 @@ class BankContext:
                 f"{spec.plan.population} exceeds the {n_train} training points of {data.name!r}",
                 where="plan.population",
             )
-        if data.info.kind != "image" and any(q != "identity" for q in spec.queries):
-            raise SpecError(f"{data.name!r} is not an image data set; accepted: [identity]", where="queries")
+        if data.info.kind != "image":
+            if any(q != "identity" for q in spec.queries):
+                raise SpecError(f"{data.name!r} is not an image data set; accepted: [identity]", where="queries")
+            if spec.train.augment.hflip or spec.train.augment.crop:
+                raise SpecError(f"{data.name!r} is not an image data set; flips and crops need images",
+                                where="train.augment")
         plan = make_plan(n_train, spec.plan.num_models, spec.plan.population, spec.plan.targets, spec.seed)
-        defense = build_defense(spec.defense.name, spec.defense.params, data.info)
+        defense = build_defense(spec.defense.name, spec.defense.params, data.info,
+                                label_smoothing=spec.train.label_smoothing)
         return cls(spec=spec, data=data, plan=plan, defense=defense)
 
     @property
@@ -69,6 +86,12 @@ class BankContext:
     def audited_y(self) -> np.ndarray:
         return self.data.y_train.numpy()[self.plan.population]
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Every model takes ceil((P/2) / batch) steps per epoch: P/2 is the expected member count."""
+        half = max(1, self.plan.keep.shape[1] // 2)
+        return math.ceil(half / self.spec.train.batch_size)
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -78,33 +101,220 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train_model(ctx: BankContext, m: int, device: torch.device) -> torch.nn.Module:
-    """Train bank model m on its members with the spec's recipe and defense; returns it in eval mode."""
-    spec = ctx.spec
-    members = torch.from_numpy(ctx.plan.members_of(m))
-    x, y = ctx.data.x_train[members], ctx.data.y_train[members]
-    data_gen = torch.Generator().manual_seed(derive_seed(spec.seed, "defense-data", m))
-    x, y_target = ctx.defense.transform_train_data(x, y, data_gen)
-    x, y_target = x.to(device), y_target.to(device)
+# ---------------------------------------------------------------------------------------------------------
+# per-model data, batches and initial weights: shared by the pack trainer and the reference loop
 
-    torch.manual_seed(derive_seed(spec.seed, "init", m))
-    model = build_model(spec.model.name, spec.model.params, ctx.data.info)
-    model = ctx.defense.prepare_model(model).to(device)
-    opt = make_optimizer(model.parameters(), spec.train)
-    order = torch.Generator().manual_seed(derive_seed(spec.seed, "order", m))
-    n, bs = x.shape[0], spec.train.batch_size
+
+@dataclass
+class ModelData:
+    """Model m's training set after the defense's transform. `x` is None when the defense kept the inputs:
+    batches are then gathered from the shared training split through `index`."""
+
+    index: torch.Tensor  # int64 [n]: indices into the training split
+    y: torch.Tensor  # int64 [n] or float32 [n, C] (soft labels)
+    x: torch.Tensor | None
+
+
+def model_data(ctx: BankContext, m: int) -> ModelData:
+    index = torch.from_numpy(ctx.plan.members_of(m))
+    x, y = ctx.data.x_train[index], ctx.data.y_train[index]
+    gen = torch.Generator().manual_seed(derive_seed(ctx.spec.seed, "defense-data", m))
+    x_t, y_t = ctx.defense.transform_train_data(x, y, gen)
+    if x_t.shape[0] != y_t.shape[0]:
+        raise ValueError(f"defense {ctx.defense.name!r} returned {x_t.shape[0]} inputs and {y_t.shape[0]} targets")
+    if x_t is x:
+        return ModelData(index=index, y=y_t, x=None)
+    return ModelData(index=torch.arange(x_t.shape[0]), y=y_t, x=x_t)
+
+
+def batch_stream(n: int, batch: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Full batches of indices in [0, n) from a stream of fresh permutations (reshuffled on exhaustion)."""
+    buf = torch.empty(0, dtype=torch.int64)
+    while True:
+        while buf.numel() < batch:
+            buf = torch.cat([buf, torch.randperm(n, generator=generator)])
+        yield buf[:batch]
+        buf = buf[batch:]
+
+
+def init_model(ctx: BankContext, m: int) -> torch.nn.Module:
+    torch.manual_seed(derive_seed(ctx.spec.seed, "init", m))
+    model = build_model(ctx.spec.model.name, ctx.spec.model.params, ctx.data.info)
+    return ctx.defense.prepare_model(model)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _memory_format(ctx: BankContext, device: torch.device):
+    use = ctx.spec.bank.channels_last and device.type == "cuda" and len(ctx.data.info.input_shape) == 3
+    return torch.channels_last if use else torch.contiguous_format
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the reference: one model, a plain PyTorch loop
+
+
+def train_model(ctx: BankContext, m: int, device: torch.device) -> torch.nn.Module:
+    """Train bank model m alone with the spec's recipe and defense; returns it in eval mode."""
+    spec = ctx.spec
+    md = model_data(ctx, m)
+    xs = (md.x if md.x is not None else ctx.data.x_train).to(device)
+    index, y = md.index.to(device), md.y.to(device)
+    model = init_model(ctx, m).to(device)
+    opt = make_optimizer(list(model.parameters()), spec.train)
+    total = spec.train.epochs * ctx.steps_per_epoch
+    sched = make_scheduler(opt, spec.train, total)
+    stream = batch_stream(index.numel(), spec.train.batch_size,
+                          torch.Generator().manual_seed(derive_seed(spec.seed, "order", m)))
+    aug_gen = torch.Generator().manual_seed(derive_seed(spec.seed, "augment", m))
     model.train()
-    for _ in range(spec.train.epochs):
-        perm = torch.randperm(n, generator=order).to(device)
-        for i in range(0, n, bs):
-            idx = perm[i : i + bs]
-            loss = ctx.defense.loss(model(x[idx]), y_target[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    loss = torch.zeros(())
+    for _ in range(total):
+        b = next(stream).to(device)
+        xb = xs[index[b]]
+        draw = draw_augment(spec.train.augment, xb.shape, aug_gen)
+        xb = apply_augment(xb, draw, spec.train.augment)
+        with _autocast(device, spec.bank.precision):
+            loss = ctx.defense.loss(model(xb).float(), y[b])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
     if not torch.isfinite(loss):
         raise FloatingPointError(f"model {m}: training diverged (loss {loss.item()}); lower train.lr")
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the pack: K models at once
+
+
+class PackedModels:
+    """K models of one architecture as stacked parameters and buffers, run with vmap(functional_call)."""
+
+    def __init__(self, models: list[torch.nn.Module]):
+        self.k = len(models)
+        params, buffers = stack_module_state(models)
+        self.params = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+        self.buffers = {n: b.detach().clone() for n, b in buffers.items()}
+        self.base = copy.deepcopy(models[0]).to("meta")
+
+        def one(p, b, x):
+            return functional_call(self.base, (p, b), (x,))
+
+        self._one = one
+
+    def train(self, mode: bool = True) -> PackedModels:
+        self.base.train(mode)
+        return self
+
+    def eval(self) -> PackedModels:
+        return self.train(False)
+
+    def __call__(self, x: torch.Tensor, shared_input: bool = False) -> torch.Tensor:
+        """x: [K, B, ...] (one batch per model) or [B, ...] with shared_input. Returns [K, B, C]."""
+        return vmap(self._one, in_dims=(0, 0, None if shared_input else 0), randomness="different")(
+            self.params, self.buffers, x)
+
+    def member(self, k: int) -> torch.nn.Module:
+        """Model k of the pack as an ordinary module (its tensors are views of the stack)."""
+        return _PackMember(self, k)
+
+
+class _PackMember(torch.nn.Module):
+    def __init__(self, pack: PackedModels, k: int):
+        super().__init__()
+        self._pack, self._k = pack, k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = {n: t[self._k] for n, t in self._pack.params.items()}
+        b = {n: t[self._k] for n, t in self._pack.buffers.items()}
+        return functional_call(self._pack.base, (p, b), (x,))
+
+
+def train_models_packed(ctx: BankContext, models: list[int], device: torch.device) -> PackedModels:
+    """Train the given bank models at once (one vmap over the pack); returns them in eval mode."""
+    spec = ctx.spec
+    datas = [model_data(ctx, m) for m in models]
+    shared = all(d.x is None for d in datas)
+    n_max = max(d.index.numel() for d in datas)
+    index = torch.stack([torch.nn.functional.pad(d.index, (0, n_max - d.index.numel())) for d in datas]).to(device)
+    y_pad = [torch.nn.functional.pad(d.y, (0, 0) * (d.y.ndim - 1) + (0, n_max - d.y.shape[0])) for d in datas]
+    ys = torch.stack(y_pad).to(device)  # [K, n_max(, C)]
+    if shared:
+        x_src = ctx.data.x_train.to(device)
+    else:
+        x_src = torch.stack([torch.nn.functional.pad(
+            (d.x if d.x is not None else ctx.data.x_train[d.index]),
+            (0, 0) * (ctx.data.x_train.ndim - 1) + (0, n_max - d.index.numel())) for d in datas]).to(device)
+
+    fmt = _memory_format(ctx, device)
+    pack = PackedModels([init_model(ctx, m).to(device, memory_format=fmt) for m in models])
+    opt = make_optimizer(list(pack.params.values()), spec.train)
+    total = spec.train.epochs * ctx.steps_per_epoch
+    sched = make_scheduler(opt, spec.train, total)
+    streams = [batch_stream(d.index.numel(), spec.train.batch_size,
+                            torch.Generator().manual_seed(derive_seed(spec.seed, "order", m)))
+               for d, m in zip(datas, models)]
+    aug_gens = [torch.Generator().manual_seed(derive_seed(spec.seed, "augment", m)) for m in models]
+    rows = torch.arange(len(models), device=device)[:, None]
+    loss_fn = ctx.defense.loss
+
+    def model_loss(p, b, x, y):
+        return loss_fn(functional_call(pack.base, (p, b), (x,)).float(), y)
+
+    batched_loss = vmap(model_loss, in_dims=(0, 0, 0, 0), randomness="different")
+    pack.train()
+    losses = torch.zeros(len(models))
+    for _ in range(total):
+        local = torch.stack([next(s) for s in streams]).to(device)  # [K, B] positions in each member list
+        gidx = index[rows, local]
+        xb = x_src[gidx] if shared else x_src[rows, local]
+        if spec.train.augment.hflip or spec.train.augment.crop:
+            draws = [draw_augment(spec.train.augment, xb.shape[1:], g) for g in aug_gens]
+            xb = torch.stack([apply_augment(xb[i], d, spec.train.augment) for i, d in enumerate(draws)])
+        if fmt is torch.channels_last:
+            xb = xb.flatten(0, 1).contiguous(memory_format=fmt).unflatten(0, (len(models), -1))
+        with _autocast(device, spec.bank.precision):
+            losses = batched_loss(pack.params, pack.buffers, xb, ys[rows, local])
+        opt.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        opt.step()
+        sched.step()
+    bad = [m for m, v in zip(models, losses.detach().cpu().tolist()) if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"models {bad}: training diverged; lower train.lr")
+    return pack.eval()
+
+
+@torch.no_grad()
+def pack_query_logits(
+    pack: PackedModels,
+    defense: Defense,
+    x: torch.Tensor,
+    queries: list[str],
+    generators: list[torch.Generator],
+    device: torch.device,
+    batch_size: int = 1024,
+) -> torch.Tensor:
+    """Eval-mode logits of every model of the pack: float32 [K, Q, N, C], post-processing applied per model."""
+    pack.eval()
+    out = []
+    for q in queries:
+        parts = []
+        for i in range(0, x.shape[0], batch_size):
+            xb = query_augment(x[i : i + batch_size].to(device), q)
+            logits = pack(xb, shared_input=True).float()  # [K, B, C]
+            if defense.modifies_outputs:
+                logits = torch.stack([defense.postprocess_logits(pack.member(k), logits[k], generators[k])
+                                      for k in range(pack.k)])
+            parts.append(logits.cpu())
+        out.append(torch.cat(parts, dim=1))
+    return torch.stack(out, dim=1)
 
 
 def train_pack(ctx: BankContext, pack: int, device: torch.device) -> dict[str, np.ndarray]:
@@ -115,18 +325,24 @@ def train_pack(ctx: BankContext, pack: int, device: torch.device) -> dict[str, n
     models      int64   [K]           bank indices of the pack's models
     """
     spec = ctx.spec
-    xs, xt = ctx.audited_x, ctx.data.x_test
-    logits, test_logits = [], []
     models = ctx.pack_models(pack)
+    xs, xt = ctx.audited_x, ctx.data.x_test
     t0 = time.perf_counter()
-    for m in models:
-        model = train_model(ctx, m, device)
-        gen = torch.Generator().manual_seed(derive_seed(spec.seed, "query", m))
-        logits.append(query_logits(model, ctx.defense, xs, spec.queries, gen, device=device))
-        test_logits.append(query_logits(model, ctx.defense, xt, ["identity"], gen, device=device)[0])
+    gens = [torch.Generator().manual_seed(derive_seed(spec.seed, "query", m)) for m in models]
+    if spec.bank.vectorize and len(models) > 1:
+        packed = train_models_packed(ctx, models, device)
+        logits = pack_query_logits(packed, ctx.defense, xs, spec.queries, gens, device)
+        test_logits = pack_query_logits(packed, ctx.defense, xt, ["identity"], gens, device)[:, 0]
+    else:
+        lg, tl = [], []
+        for m, g in zip(models, gens):
+            model = train_model(ctx, m, device)
+            lg.append(query_logits(model, ctx.defense, xs, spec.queries, g, device=device))
+            tl.append(query_logits(model, ctx.defense, xt, ["identity"], g, device=device)[0])
+        logits, test_logits = torch.stack(lg), torch.stack(tl)
     log.debug("pack %d: trained %d models in %.1fs", pack, len(models), time.perf_counter() - t0)
     return {
-        "logits": torch.stack(logits).numpy().astype(np.float32),
-        "test_logits": torch.stack(test_logits).numpy().astype(np.float32),
+        "logits": logits.numpy().astype(np.float32),
+        "test_logits": test_logits.numpy().astype(np.float32),
         "models": np.asarray(models, dtype=np.int64),
     }

@@ -1,4 +1,4 @@
-"""Optimisers from the spec's training recipe."""
+"""Optimisers and learning-rate schedules from the spec's training recipe (stepped once per batch)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,26 @@ from raymia.spec import TrainSpec
 
 
 def make_optimizer(params, recipe: TrainSpec) -> torch.optim.Optimizer:
+    # foreach=False: the per-tensor loop is the same arithmetic for stacked (packed) and single models.
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov and
+                               recipe.momentum > 0, weight_decay=recipe.weight_decay)
     if recipe.optimizer == "adam":
         return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     if recipe.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
+
+
+def make_scheduler(opt: torch.optim.Optimizer, recipe: TrainSpec, total_steps: int):
+    total_steps = max(1, total_steps)
+    if recipe.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    if recipe.schedule == "step":
+        milestones = [max(1, round(f * total_steps)) for f in recipe.milestones]
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=recipe.lr_decay)
+    if recipe.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    if recipe.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=total_steps + 1)
+    raise ValueError(f"unknown schedule {recipe.schedule!r}")

@@ -1,0 +1,150 @@
+"""Bank throughput: models per hour of raymia's pack trainer against a plain one-by-one PyTorch loop.
+
+Both sides train the same bank models with the same recipe, data, batches and seeds, in one run:
+  plain: raymia.train.bank.train_model, one model after another (an ordinary PyTorch training loop)
+  pack:  raymia.train.bank.train_models_packed, K models at once (torch.func.vmap over stacked weights)
+The ratio is pack models/hour over plain models/hour. Only the core is used (no Ray, no MLflow), so the
+script runs on a GPU machine that has torch alone. On CUDA it also reports achieved TFLOP/s (FLOPs of one
+training step counted by torch.utils.flop_counter) and the fraction of the GPU's dense bf16 peak.
+
+    python benchmarks/bank_throughput.py --setting digits-mlp
+    python benchmarks/bank_throughput.py --setting mnist-lenet5 --shared ../shared
+    python benchmarks/bank_throughput.py --setting cifar10-cnn --shared ../shared
+    python benchmarks/bank_throughput.py --setting cifar10-resnet18 --shared ../shared --device cuda --models 16
+
+Settings that need real data read it from --shared (the folder holding data/ and tools/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raymia.spec import AuditSpec  # noqa: E402
+from raymia.train.bank import BankContext, train_model, train_models_packed  # noqa: E402
+
+# Dense bf16 peak (TFLOP/s) of the GPUs the project measures on.
+PEAK_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def _cifar_npz(shared: Path, limit: int | None) -> str:
+    out = Path(tempfile.gettempdir()) / f"raymia-cifar10-{limit or 'all'}.npz"
+    if not out.exists():
+        cmd = [sys.executable, str(shared / "tools" / "cifar10_jpeg.py"), str(shared / "data" / "cifar10-jpeg.npz"),
+               str(out)] + (["--limit", str(limit)] if limit else [])
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return str(out)
+
+
+def setting(name: str, shared: Path, epochs: int | None) -> dict:
+    """The spec of each benchmark setting (the figures quoted in the issue use these recipes)."""
+    if name == "digits-mlp":  # 64-256-256-10 MLP, 100 epochs, batch 64, ~900 members per model
+        return {"plan": {"population": 1346}, "model": {"name": "mlp", "params": {"hidden": [256, 256]}},
+                "train": {"epochs": epochs or 100, "batch_size": 64}}
+    if name == "mnist-lenet5":  # LeNet-5 on 28x28 MNIST, batch 64, 1000 members per model
+        return {"data": {"name": "npz", "params": {"path": str(shared / "data" / "mnist.npz")}},
+                "plan": {"population": 2000}, "model": {"name": "lenet5"},
+                "train": {"epochs": epochs or 10, "batch_size": 64}, "queries": ["identity"]}
+    if name == "cifar10-cnn":  # a small CNN on a CIFAR-10 subset, batch 128
+        return {"data": {"name": "npz", "params": {"path": _cifar_npz(shared, 5000)}},
+                "plan": {"population": 4000}, "model": {"name": "cnn", "params": {"channels": [32, 64]}},
+                "train": {"epochs": epochs or 5, "batch_size": 128}, "queries": ["identity"]}
+    if name in ("cifar10-resnet18", "cifar10-wrn28-2"):  # full CIFAR-10, 25k members per model
+        model = "resnet18" if name.endswith("resnet18") else "wrn28_2"
+        return {"data": {"name": "npz", "params": {"path": _cifar_npz(shared, None)}},
+                "model": {"name": model}, "queries": ["identity"],
+                "train": {"epochs": epochs or 1, "batch_size": 512, "optimizer": "sgd", "lr": 0.1,
+                          "augment": {"hflip": True, "crop": 4}},
+                "bank": {"precision": "bf16", "channels_last": True}}
+    raise SystemExit(f"unknown setting {name!r}")
+
+
+def step_flops(ctx: BankContext, device: torch.device) -> float:
+    """FLOPs of one training step (forward + backward) of one model at the recipe's batch size."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from raymia.train.bank import init_model
+
+    model = init_model(ctx, 0).to(device).train()
+    x = ctx.data.x_train[: ctx.spec.train.batch_size].to(device)
+    y = ctx.data.y_train[: ctx.spec.train.batch_size].to(device)
+    with FlopCounterMode(display=False) as fc:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    return float(fc.get_total_flops())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--setting", required=True)
+    ap.add_argument("--models", type=int, default=16, help="K: models in the pack")
+    ap.add_argument("--plain-models", type=int, default=4, help="models trained one by one (time per model)")
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
+    ap.add_argument("--json", default=None, help="append the result as a JSON line to this file")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    raw = setting(a.setting, Path(a.shared), a.epochs)
+    raw.setdefault("plan", {})["num_models"] = max(2, a.models + a.models % 2)
+    raw.setdefault("bank", {})["device"] = device.type
+    spec = AuditSpec.model_validate(raw)
+    ctx = BankContext.from_spec(spec)
+    steps = spec.train.epochs * ctx.steps_per_epoch
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # Warm-up (allocator, kernels, vmap tracing), excluded from both timings.
+    warm = spec.model_copy(update={"train": spec.train.model_copy(update={"epochs": 1})})
+    train_models_packed(BankContext.from_spec(warm), [0, 1], device)
+    train_model(BankContext.from_spec(warm), 0, device)
+    sync()
+    t0 = time.perf_counter()
+    for m in range(a.plain_models):
+        train_model(ctx, m, device)
+    sync()
+    plain = (time.perf_counter() - t0) / a.plain_models
+    t0 = time.perf_counter()
+    train_models_packed(ctx, list(range(a.models)), device)
+    sync()
+    pack = (time.perf_counter() - t0) / a.models
+    row = {
+        "setting": a.setting, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "K": a.models, "epochs": spec.train.epochs, "steps_per_model": steps,
+        "plain_s_per_model": round(plain, 3), "pack_s_per_model": round(pack, 3),
+        "plain_models_per_hour": round(3600 / plain, 1), "pack_models_per_hour": round(3600 / pack, 1),
+        "ratio": round(plain / pack, 2),
+    }
+    if device.type == "cuda":
+        flops = step_flops(ctx, device) * steps
+        row["pack_tflops"] = round(flops / pack / 1e12, 1)
+        row["plain_tflops"] = round(flops / plain / 1e12, 1)
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        if peak:
+            row["pack_fraction_of_bf16_peak"] = round(row["pack_tflops"] / peak, 3)
+    print(json.dumps(row))
+    if a.json:
+        with open(a.json, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
