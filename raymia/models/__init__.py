@@ -1,37 +1,13 @@
-"""Architectures: a registry of builders `build(params, info) -> nn.Module` producing logits."""
+"""Architectures: a registry of builders `build(params, info) -> nn.Module` producing logits.
+
+Entries: mlp (raymia.models.dense); lenet5, cnn (convnets); vgg11, vgg16 (vgg); resnet18, wrn, wrn16_4,
+wrn28_2 (resnet); mobilenetv2 (mobilenet). See raymia.models.base for what every builder guarantees.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from raymia.models import convnets, mobilenet, resnet, vgg  # noqa: F401  (registers the entries)
+from raymia.models.base import MODELS, build_model
+from raymia.models.dense import MLPParams, mlp
 
-import torch
-from pydantic import Field
-from torch import nn
-
-from raymia.defenses.base import DataInfo
-from raymia.registry import Params, Registry
-
-MODELS: Registry[Any] = Registry("model")
-
-
-def build_model(name: str, params: dict[str, Any] | None, info: DataInfo) -> nn.Module:
-    entry = MODELS.get(name, where="model.name")
-    return entry.obj(entry.parse(params, where="model.params"), info)
-
-
-class MLPParams(Params):
-    hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [256, 256], description="widths of the hidden layers")
-    activation: Literal["relu", "tanh"] = Field("relu", description="tanh gives HAMP's tabular MLP")
-
-
-_ACT = {"relu": nn.ReLU, "tanh": nn.Tanh}
-
-
-@MODELS.register("mlp", MLPParams, doc="Multi-layer perceptron over the flattened input")
-def mlp(p: MLPParams, info: DataInfo) -> nn.Module:
-    dims = [int(torch.tensor(info.input_shape).prod()), *p.hidden]
-    layers: list[nn.Module] = [nn.Flatten()]
-    for a, b in zip(dims[:-1], dims[1:]):
-        layers += [nn.Linear(a, b), _ACT[p.activation]()]
-    layers.append(nn.Linear(dims[-1], info.num_classes))
-    return nn.Sequential(*layers)
+__all__ = ["MODELS", "MLPParams", "build_model", "mlp"]

@@ -1,0 +1,61 @@
+"""The model registry and the helpers its builders share.
+
+A builder is `fn(params, info) -> nn.Module` returning logits [N, info.num_classes]. Models must be
+usable by the model bank, which stacks K copies with torch.func.stack_module_state and runs them with
+torch.func.vmap(functional_call) on a 'meta' base copy, so builders:
+
+- do all initialisation inside the constructor (deterministic under torch.manual_seed) and no real
+  computation on tensors (they must also build under `with torch.device("meta")`);
+- use no in-place activations (`inplace_off` clears them on torchvision modules) and no Dropout unless a
+  parameter asks for it (vmap then needs randomness="different" or "same");
+- raise SpecError(where="model.name") with a one-line message when the data does not fit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from raymia.defenses.base import DataInfo
+from raymia.errors import SpecError
+from raymia.registry import Registry
+
+MODELS: Registry[Any] = Registry("model")
+
+
+def build_model(name: str, params: dict[str, Any] | None, info: DataInfo) -> nn.Module:
+    entry = MODELS.get(name, where="model.name")
+    return entry.obj(entry.parse(params, where="model.params"), info)
+
+
+def image_shape(info: DataInfo, model: str, min_size: int = 1) -> tuple[int, int, int]:
+    """(C, H, W) of an image data set, or a SpecError naming the model and the shape it expects."""
+    shape = tuple(int(s) for s in info.input_shape)
+    if len(shape) != 3 or min(shape) < 1 or min(shape[1:]) < min_size:
+        need = "(C, H, W)" + (f" with H, W >= {min_size}" if min_size > 1 else "")
+        raise SpecError(
+            f"model {model!r} expects image inputs of shape {need}; the data's input shape is {shape}",
+            where="model.name",
+        )
+    return shape  # type: ignore[return-value]
+
+
+def inplace_off(model: nn.Module) -> nn.Module:
+    """Set `inplace=False` on every module that has the flag (torchvision builds ReLU(inplace=True))."""
+    for m in model.modules():
+        if isinstance(getattr(m, "inplace", None), bool):
+            m.inplace = False
+    return model
+
+
+def init_conv_bn(model: nn.Module) -> None:
+    """torchvision's ResNet/VGG initialisation: Kaiming-normal (fan_out) convs, BN weight 1 / bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,100 @@
+"""The pack trainer: model k trained in a vmapped pack equals the same model trained alone (same seed,
+same batches, same augmentation draws, same schedule), BatchNorm running statistics included."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from raymia.spec import AuditSpec
+from raymia.train.bank import (
+    BankContext,
+    batch_stream,
+    pack_query_logits,
+    train_model,
+    train_models_packed,
+    train_pack,
+)
+from raymia.train.infer import query_logits
+
+CPU = torch.device("cpu")
+
+
+def ctx_for(**over) -> BankContext:
+    raw = {"plan": {"num_models": 4, "population": 200},
+           "train": {"epochs": 3, "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+                     "weight_decay": 5e-4, "schedule": "cosine"},
+           "model": {"name": "mlp", "params": {"hidden": [32]}}}
+    for k, v in over.items():
+        raw[k] = {**raw.get(k, {}), **v} if k in ("plan", "train", "bank") else v
+    return BankContext.from_spec(AuditSpec.model_validate(raw))
+
+
+CASES = {
+    "mlp-sgd-cosine": {},
+    "mlp-adam-hamp": {"train": {"optimizer": "adam", "lr": 0.01, "schedule": "step"},
+                      "defense": {"name": "hamp", "params": {"gamma": 0.9, "alpha": 0.01}}},
+    "cnn-bn-augment": {"model": {"name": "cnn", "params": {"channels": [8, 16], "hidden": 16, "batch_norm": True}},
+                       "train": {"augment": {"hflip": True, "crop": 2}, "label_smoothing": 0.1,
+                                 "schedule": "onecycle"}},
+    "lenet5-adamw": {"data": {"name": "synthetic", "params": {"kind": "image", "image_size": 28, "n_train": 300,
+                                                              "n_test": 50}},
+                     "model": {"name": "lenet5"}, "train": {"optimizer": "adamw", "lr": 0.003},
+                     "queries": ["identity"]},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_pack_matches_models_trained_alone(case):
+    ctx = ctx_for(**CASES[case])
+    models = [0, 1, 2]
+    pack = train_models_packed(ctx, models, CPU)
+    x = ctx.audited_x
+    queries = ctx.spec.queries
+    gens = [torch.Generator().manual_seed(7) for _ in models]
+    packed = pack_query_logits(pack, ctx.defense, x, queries, gens, CPU)
+    for k, m in enumerate(models):
+        alone = train_model(ctx, m, CPU)
+        ref = query_logits(alone, ctx.defense, x, queries, torch.Generator().manual_seed(7))
+        torch.testing.assert_close(packed[k], ref, atol=2e-5, rtol=1e-4)
+        for name, buf in alone.named_buffers():
+            if buf.is_floating_point():  # BatchNorm running mean / var
+                torch.testing.assert_close(pack.buffers[name][k], buf, atol=2e-5, rtol=1e-4)
+    # the models differ from each other (own members, own seeds)
+    assert (packed[0] - packed[1]).abs().max() > 1e-2
+
+
+def test_bn_running_stats_are_updated_per_model():
+    ctx = ctx_for(model={"name": "cnn", "params": {"channels": [8], "hidden": 8, "batch_norm": True}})
+    pack = train_models_packed(ctx, [0, 1], CPU)
+    means = [n for n in pack.buffers if n.endswith("running_mean")]
+    assert means
+    rm = pack.buffers[means[0]]
+    assert rm.abs().sum() > 0 and not torch.allclose(rm[0], rm[1])
+
+
+def test_batch_stream_reshuffles_and_is_seeded():
+    s = batch_stream(10, 4, torch.Generator().manual_seed(0))
+    batches = [next(s) for _ in range(5)]  # 20 indices = two full permutations of 10
+    flat = torch.cat(batches)
+    assert sorted(flat[:10].tolist()) == list(range(10)) and sorted(flat[10:].tolist()) == list(range(10))
+    again = batch_stream(10, 4, torch.Generator().manual_seed(0))
+    assert all(torch.equal(b, next(again)) for b in batches)
+
+
+def test_every_model_takes_the_same_number_of_steps():
+    ctx = ctx_for()
+    assert ctx.steps_per_epoch == 4  # ceil(100 members / 32)
+    sizes = ctx.plan.keep.sum(axis=1)
+    assert len(set(sizes.tolist())) > 1  # members differ per model, steps do not
+
+
+def test_train_pack_vectorised_equals_loop_and_is_deterministic():
+    ctx = ctx_for(bank={"pack_size": 4})
+    vec = train_pack(ctx, 0, CPU)
+    loop_ctx = ctx_for(bank={"pack_size": 4, "vectorize": False})
+    loop = train_pack(loop_ctx, 0, CPU)
+    assert vec["logits"].shape == (4, 2, 200, 10) and vec["test_logits"].shape[0] == 4
+    np.testing.assert_allclose(vec["logits"], loop["logits"], atol=2e-5, rtol=1e-4)
+    np.testing.assert_array_equal(vec["logits"], train_pack(ctx, 0, CPU)["logits"])
