@@ -1,9 +1,13 @@
 """Bank throughput: models per hour of raymia's pack trainer against a plain one-by-one PyTorch loop.
 
-Both sides train the same bank models with the same recipe, data, batches and seeds, in one run:
-  plain: raymia.train.bank.train_model, one model after another (an ordinary PyTorch training loop)
-  pack:  raymia.train.bank.train_models_packed, K models at once (torch.func.vmap over stacked weights)
-The ratio is pack models/hour over plain models/hour. Only the core is used (no Ray, no MLflow), so the
+All sides train the same bank models with the same recipe (model, optimizer, schedule, batch size,
+number of steps) on the same members, in one run:
+  plain:     the plainest one-by-one PyTorch loop (`minimal_loop` below), the baseline of the ratio
+  reference: raymia.train.bank.train_model, raymia's one-model loop (the exact batches and augmentation
+             draws of the pack; the parity reference of the tests)
+  pack:      raymia.train.bank.train_models_packed, K models at once (torch.func.vmap over stacked weights)
+  bank:      what an audit does with bank.vectorize=auto: time a few steps of both, train the faster way
+pack_ratio and bank_ratio are models/hour over the plain loop's models/hour. Only the core is used (no Ray, no MLflow), so the
 script runs on a GPU machine that has torch alone. On CUDA it also reports achieved TFLOP/s (FLOPs of one
 training step counted by torch.utils.flop_counter) and the fraction of the GPU's dense bf16 peak.
 
@@ -32,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raymia.spec import AuditSpec  # noqa: E402
-from raymia.train.bank import BankContext, train_model, train_models_packed  # noqa: E402
+from raymia.train.bank import BankContext, choose_vectorize, train_model, train_models_packed  # noqa: E402
 
 # Dense bf16 peak (TFLOP/s) of the GPUs the project measures on.
 PEAK_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -68,6 +72,32 @@ def setting(name: str, shared: Path, epochs: int | None) -> dict:
                           "augment": {"hflip": True, "crop": 4}},
                 "bank": {"precision": "bf16", "channels_last": True}}
     raise SystemExit(f"unknown setting {name!r}")
+
+
+def minimal_loop(ctx: BankContext, m: int, device: torch.device) -> torch.nn.Module:
+    """The plainest PyTorch loop with the same recipe (model, optimizer, steps, batch size, schedule) as
+    raymia's: an epoch is one pass over a fresh permutation of the model's members. No augmentation, no
+    defense hooks: the floor a one-by-one trainer can reach."""
+    from raymia.train.bank import init_model
+    from raymia.train.recipe import make_optimizer, make_scheduler
+
+    spec = ctx.spec
+    idx = torch.from_numpy(ctx.plan.members_of(m))
+    x, y = ctx.data.x_train[idx].to(device), ctx.data.y_train[idx].to(device)
+    model = init_model(ctx, m).to(device).train()
+    opt = make_optimizer(model.parameters(), spec.train)
+    sched = make_scheduler(opt, spec.train, spec.train.epochs * ctx.steps_per_epoch)
+    bs = spec.train.batch_size
+    for _ in range(spec.train.epochs):
+        perm = torch.randperm(len(y), device=device)
+        for i in range(0, len(y), bs):
+            b = perm[i:i + bs]
+            loss = torch.nn.functional.cross_entropy(model(x[b]), y[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
 
 
 def step_flops(ctx: BankContext, device: torch.device) -> float:
@@ -113,23 +143,44 @@ def main() -> None:
     warm = spec.model_copy(update={"train": spec.train.model_copy(update={"epochs": 1})})
     train_models_packed(BankContext.from_spec(warm), [0, 1], device)
     train_model(BankContext.from_spec(warm), 0, device)
+    minimal_loop(BankContext.from_spec(warm), 0, device)
     sync()
+    t0 = time.perf_counter()
+    for m in range(a.plain_models):
+        minimal_loop(ctx, m, device)
+    sync()
+    plain = (time.perf_counter() - t0) / a.plain_models
     t0 = time.perf_counter()
     for m in range(a.plain_models):
         train_model(ctx, m, device)
     sync()
-    plain = (time.perf_counter() - t0) / a.plain_models
+    reference = (time.perf_counter() - t0) / a.plain_models
     t0 = time.perf_counter()
     train_models_packed(ctx, list(range(a.models)), device)
     sync()
     pack = (time.perf_counter() - t0) / a.models
+    # The bank as raymia runs it: bank.vectorize=auto times both paths, then trains the pack the faster way
+    # (the probe's cost is included).
+    t0 = time.perf_counter()
+    models = list(range(a.models))
+    if choose_vectorize(ctx, models, device):
+        train_models_packed(ctx, models, device)
+        chosen = "pack"
+    else:
+        for m in models:
+            train_model(ctx, m, device)
+        chosen = "one by one"
+    sync()
+    bank = (time.perf_counter() - t0) / a.models
     row = {
         "setting": a.setting, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "K": a.models, "epochs": spec.train.epochs, "steps_per_model": steps,
-        "plain_s_per_model": round(plain, 3), "pack_s_per_model": round(pack, 3),
+        "plain_s_per_model": round(plain, 3), "reference_loop_s_per_model": round(reference, 3),
+        "pack_s_per_model": round(pack, 3),
         "plain_models_per_hour": round(3600 / plain, 1), "pack_models_per_hour": round(3600 / pack, 1),
-        "ratio": round(plain / pack, 2),
+        "pack_ratio": round(plain / pack, 2), "bank_auto_choice": chosen, "bank_s_per_model": round(bank, 3),
+        "bank_ratio": round(plain / bank, 2),
     }
     if device.type == "cuda":
         flops = step_flops(ctx, device) * steps

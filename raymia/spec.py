@@ -115,7 +115,11 @@ class BankSpec(_Model):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on a cluster)")
     cpus_per_worker: float = Field(1.0, gt=0)
     pack_size: int = Field(8, ge=1, description="models trained together per pack (unit of storage)")
-    vectorize: bool = Field(True, description="train a pack's models at once with torch.func.vmap")
+    vectorize: bool | Literal["auto"] = Field(
+        "auto",
+        description="train a pack's models at once with torch.func.vmap; auto: time a few steps of both "
+        "and keep the faster (vmap does not pay for every model on every device)",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast on CUDA")
     channels_last: bool = False

@@ -91,10 +91,30 @@ def test_every_model_takes_the_same_number_of_steps():
 
 
 def test_train_pack_vectorised_equals_loop_and_is_deterministic():
-    ctx = ctx_for(bank={"pack_size": 4})
+    ctx = ctx_for(bank={"pack_size": 4, "vectorize": True})
     vec = train_pack(ctx, 0, CPU)
     loop_ctx = ctx_for(bank={"pack_size": 4, "vectorize": False})
     loop = train_pack(loop_ctx, 0, CPU)
     assert vec["logits"].shape == (4, 2, 200, 10) and vec["test_logits"].shape[0] == 4
     np.testing.assert_allclose(vec["logits"], loop["logits"], atol=2e-5, rtol=1e-4)
     np.testing.assert_array_equal(vec["logits"], train_pack(ctx, 0, CPU)["logits"])
+
+
+def test_auto_vectorize_times_both_and_picks_one(caplog):
+    import logging
+
+    from raymia.train.bank import choose_vectorize
+
+    caplog.set_level(logging.INFO, logger="raymia")
+    ctx = ctx_for(bank={"pack_size": 4})
+    assert ctx.spec.bank.vectorize == "auto"
+    # 3 epochs x 4 steps is too short to time: the default for a CPU is one model at a time
+    assert choose_vectorize(ctx, [0, 1, 2, 3], CPU) is False
+    assert "too short to time" in caplog.text
+    # a worker with many models to train can afford the probe
+    choice = choose_vectorize(ctx, [0, 1, 2, 3], CPU, worker_models=400, probe_steps=4)
+    assert isinstance(choice, bool)
+    assert "per model-step: pack of 4" in caplog.text
+    assert choose_vectorize(ctx, [0], CPU) is False
+    assert choose_vectorize(ctx_for(bank={"vectorize": False}), [0, 1], CPU) is False
+    assert choose_vectorize(ctx_for(bank={"vectorize": True}), [0, 1], CPU) is True

@@ -18,18 +18,19 @@ log = logging.getLogger("raymia")
 def _train_packs(spec: AuditSpec, store: SignalStore, packs: list[int], rank: int, world: int) -> None:
     import torch
 
-    from raymia.train.bank import BankContext, resolve_device, train_pack
+    from raymia.train.bank import BankContext, choose_vectorize, resolve_device, train_pack
 
     torch.set_num_threads(max(1, int(spec.bank.cpus_per_worker)))
     ctx = BankContext.from_spec(spec)
     device = resolve_device(spec.bank.device)
-    mine = packs[rank::world]
+    mine = [p for p in packs[rank::world] if store.check_pack(p) is not None]  # skip packs done before a restart
+    n_models = sum(len(ctx.pack_models(p)) for p in mine)
+    vectorize = choose_vectorize(ctx, ctx.pack_models(mine[0]), device, worker_models=n_models) if mine else False
     for i, p in enumerate(mine, 1):
-        if store.check_pack(p) is None:  # finished before a restart
-            continue
         t0 = time.perf_counter()
-        arrays = train_pack(ctx, p, device)
-        store.write_pack(p, arrays, meta={"device": str(device), "seconds": time.perf_counter() - t0})
+        arrays = train_pack(ctx, p, device, vectorize=vectorize)
+        store.write_pack(p, arrays, meta={"device": str(device), "seconds": time.perf_counter() - t0,
+                                          "vectorized": vectorize})
         print(f"[raymia] worker {rank}: pack {p} done ({i}/{len(mine)}, {time.perf_counter() - t0:.1f}s)",
               flush=True)
 

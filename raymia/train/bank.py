@@ -158,8 +158,9 @@ def _memory_format(ctx: BankContext, device: torch.device):
 # the reference: one model, a plain PyTorch loop
 
 
-def train_model(ctx: BankContext, m: int, device: torch.device) -> torch.nn.Module:
-    """Train bank model m alone with the spec's recipe and defense; returns it in eval mode."""
+def train_model(ctx: BankContext, m: int, device: torch.device, max_steps: int | None = None) -> torch.nn.Module:
+    """Train bank model m alone with the spec's recipe and defense; returns it in eval mode.
+    `max_steps` cuts training short (used only to time the loop)."""
     spec = ctx.spec
     md = model_data(ctx, m)
     xs = (md.x if md.x is not None else ctx.data.x_train).to(device)
@@ -173,7 +174,7 @@ def train_model(ctx: BankContext, m: int, device: torch.device) -> torch.nn.Modu
     aug_gen = torch.Generator().manual_seed(derive_seed(spec.seed, "augment", m))
     model.train()
     loss = torch.zeros(())
-    for _ in range(total):
+    for _ in range(total if max_steps is None else min(total, max_steps)):
         b = next(stream).to(device)
         xb = xs[index[b]]
         draw = draw_augment(spec.train.augment, xb.shape, aug_gen)
@@ -236,8 +237,11 @@ class _PackMember(torch.nn.Module):
         return functional_call(self._pack.base, (p, b), (x,))
 
 
-def train_models_packed(ctx: BankContext, models: list[int], device: torch.device) -> PackedModels:
-    """Train the given bank models at once (one vmap over the pack); returns them in eval mode."""
+def train_models_packed(
+    ctx: BankContext, models: list[int], device: torch.device, max_steps: int | None = None
+) -> PackedModels:
+    """Train the given bank models at once (one vmap over the pack); returns them in eval mode.
+    `max_steps` cuts training short (used only to time the pack)."""
     spec = ctx.spec
     datas = [model_data(ctx, m) for m in models]
     shared = all(d.x is None for d in datas)
@@ -270,7 +274,7 @@ def train_models_packed(ctx: BankContext, models: list[int], device: torch.devic
     batched_loss = vmap(model_loss, in_dims=(0, 0, 0, 0), randomness="different")
     pack.train()
     losses = torch.zeros(len(models))
-    for _ in range(total):
+    for _ in range(total if max_steps is None else min(total, max_steps)):
         local = torch.stack([next(s) for s in streams]).to(device)  # [K, B] positions in each member list
         gidx = index[rows, local]
         xb = x_src[gidx] if shared else x_src[rows, local]
@@ -317,7 +321,54 @@ def pack_query_logits(
     return torch.stack(out, dim=1)
 
 
-def train_pack(ctx: BankContext, pack: int, device: torch.device) -> dict[str, np.ndarray]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+PROBE_SHARE = 0.03  # at most this share of a worker's training goes into timing the two paths
+
+
+def choose_vectorize(
+    ctx: BankContext, models: list[int], device: torch.device, worker_models: int | None = None,
+    probe_steps: int = 16,
+) -> bool:
+    """Whether to train these models as one vmapped pack. With `bank.vectorize: auto`, times a few steps
+    of the pack and of the one-model loop (after a 2-step warm-up of each) and keeps the faster per model:
+    vmap wins where kernels are small and launch-bound (GPUs, small MLPs), not for convolutions on a CPU.
+    The probe is kept under PROBE_SHARE of the `worker_models` models' training; when that is too short
+    to time, the default is packs on CUDA and one model at a time on a CPU."""
+    choice = ctx.spec.bank.vectorize
+    if len(models) < 2:
+        return False
+    if choice != "auto":
+        return bool(choice)
+    total = ctx.spec.train.epochs * ctx.steps_per_epoch
+    budget = int(PROBE_SHARE * total * (worker_models or len(models)) / len(models)) - 2
+    n = min(probe_steps, total, budget)
+    if n < 3:
+        vectorize = device.type == "cuda"
+        log.info("bank: %s (training too short to time both paths)",
+                 "vectorised packs" if vectorize else "one model at a time")
+        return vectorize
+
+    def per_step(fn) -> float:
+        fn(2)
+        _sync(device)
+        t0 = time.perf_counter()
+        fn(n)
+        _sync(device)
+        return (time.perf_counter() - t0) / n
+
+    pack = per_step(lambda s: train_models_packed(ctx, models, device, max_steps=s)) / len(models)
+    loop = per_step(lambda s: train_model(ctx, models[0], device, max_steps=s))
+    vectorize = pack < loop
+    log.info("bank: %s (per model-step: pack of %d %.2f ms, one by one %.2f ms)",
+             "vectorised packs" if vectorize else "one model at a time", len(models), 1e3 * pack, 1e3 * loop)
+    return vectorize
+
+
+def train_pack(ctx: BankContext, pack: int, device: torch.device, vectorize: bool | None = None) -> dict[str, np.ndarray]:
     """Train the models of one pack and query them. Returns the arrays stored for the pack:
 
     logits      float32 [K, Q, P, C]  audited population under every query augmentation
@@ -329,7 +380,9 @@ def train_pack(ctx: BankContext, pack: int, device: torch.device) -> dict[str, n
     xs, xt = ctx.audited_x, ctx.data.x_test
     t0 = time.perf_counter()
     gens = [torch.Generator().manual_seed(derive_seed(spec.seed, "query", m)) for m in models]
-    if spec.bank.vectorize and len(models) > 1:
+    if vectorize is None:
+        vectorize = choose_vectorize(ctx, models, device)
+    if vectorize and len(models) > 1:
         packed = train_models_packed(ctx, models, device)
         logits = pack_query_logits(packed, ctx.defense, xs, spec.queries, gens, device)
         test_logits = pack_query_logits(packed, ctx.defense, xt, ["identity"], gens, device)[:, 0]
