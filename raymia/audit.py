@@ -57,7 +57,8 @@ class AuditResult:
         }
 
 
-def load_signals(store: SignalStore, keep: np.ndarray, labels: np.ndarray):
+def load_signals(store: SignalStore, keep: np.ndarray, labels: np.ndarray, test_labels: np.ndarray):
+    """Signals of the whole bank; the test split (no model trained on it) rides along as population z."""
     from raymia.signals import Signals
 
     packs = [store.read_pack(p) for p in range(store.num_packs)]
@@ -66,7 +67,7 @@ def load_signals(store: SignalStore, keep: np.ndarray, labels: np.ndarray):
     models = np.concatenate([p["models"] for p in packs])
     if not np.array_equal(models, np.arange(keep.shape[0])):
         raise ValueError(f"signals {store.fingerprint}: packs hold models {models.tolist()}, expected 0..{keep.shape[0] - 1}")
-    return Signals(logits=logits, labels=labels, keep=keep), test_logits
+    return Signals(logits=logits, labels=labels, keep=keep, pop_logits=test_logits, pop_labels=test_labels)
 
 
 def audit_dir(spec: AuditSpec, output_dir: str | Path | None = None) -> Path:
@@ -113,8 +114,9 @@ def run_audit(
             raise RuntimeError(f"bank job finished but packs {still} of signals {fp} are missing")
 
     labels = ctx.audited_y
-    signals, test_logits = load_signals(store, ctx.plan.keep, labels)
     y_test = ctx.data.y_test.numpy()
+    signals = load_signals(store, ctx.plan.keep, labels, y_test)
+    test_logits = signals.pop_logits[:, 0]  # identity query
 
     # Utility of the attacked models (mean over targets), measured on what a querier sees.
     tr_acc, te_acc = [], []

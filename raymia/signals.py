@@ -11,15 +11,20 @@ import numpy as np
 class Signals:
     """Eval-mode outputs of a bank of M models on P audited points under Q query augmentations.
 
-    logits: float32 [M, Q, P, C]  what a querier sees (any output post-processing of the defense applied);
-                                   softmax(logits) is the returned score vector.
-    labels: int64   [P]           true labels of the audited points.
-    keep:   bool    [M, P]        keep[m, i]: point i was in model m's training set.
+    logits:     float32 [M, Q, P, C]  what a querier sees (any output post-processing of the defense
+                                       applied); softmax(logits) is the returned score vector.
+    labels:     int64   [P]           true labels of the audited points.
+    keep:       bool    [M, P]        keep[m, i]: point i was in model m's training set.
+    pop_logits: float32 [M, Q, Z, C]  optional: population points that NO bank model trained on (the test
+                                       split), under the same queries: RMIA's reference points z.
+    pop_labels: int64   [Z]
     """
 
     logits: np.ndarray
     labels: np.ndarray
     keep: np.ndarray
+    pop_logits: np.ndarray | None = None
+    pop_labels: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.logits.ndim != 4:
@@ -31,6 +36,14 @@ class Signals:
             raise ValueError(f"labels must be [P={p}], got {self.labels.shape}")
         if p and (self.labels.min() < 0 or self.labels.max() >= c):
             raise ValueError(f"labels must lie in [0, {c})")
+        if (self.pop_logits is None) != (self.pop_labels is None):
+            raise ValueError("pop_logits and pop_labels go together")
+        if self.pop_logits is not None:
+            mq = self.logits.shape[:2]
+            if self.pop_logits.ndim != 4 or self.pop_logits.shape[:2] != mq or self.pop_logits.shape[3] != c:
+                raise ValueError(f"pop_logits must be [M, Q, Z, C={c}] with M, Q = {mq}, got {self.pop_logits.shape}")
+            if self.pop_labels.shape != (self.pop_logits.shape[2],):
+                raise ValueError("pop_labels must be [Z]")
 
     @property
     def num_models(self) -> int:

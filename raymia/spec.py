@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from raymia.errors import SpecError
 
 # Bump when the meaning of stored signals changes, so old entries are never reused by mistake.
-SIGNAL_FORMAT_VERSION = 2
+SIGNAL_FORMAT_VERSION = 3
 
-QUERY_RE = re.compile(r"^(identity|hflip|shift:(-?\d+):(-?\d+))$")
+QUERY_RE = re.compile(r"^(identity|hflip|shift:(-?\d+):(-?\d+)|noise:(\d*\.?\d+))$")
 
 
 class _Model(BaseModel):
@@ -177,7 +177,8 @@ class AuditSpec(_Model):
     def _queries(cls, v: list[str]) -> list[str]:
         for q in v:
             if not QUERY_RE.match(q):
-                raise ValueError(f"unknown query augmentation {q!r}; accepted: identity, hflip, shift:DX:DY")
+                raise ValueError(f"unknown query augmentation {q!r}; accepted: identity, hflip, shift:DX:DY, "
+                                 "noise:SIGMA")
         if v[0] != "identity":
             raise ValueError("the first query must be 'identity' (the plain query attacks and utility use)")
         return v

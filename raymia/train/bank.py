@@ -310,8 +310,9 @@ def pack_query_logits(
     out = []
     for q in queries:
         parts = []
+        xq = query_augment(x, q)
         for i in range(0, x.shape[0], batch_size):
-            xb = query_augment(x[i : i + batch_size].to(device), q)
+            xb = xq[i : i + batch_size].to(device)
             logits = pack(xb, shared_input=True).float()  # [K, B, C]
             if defense.modifies_outputs:
                 logits = torch.stack([defense.postprocess_logits(pack.member(k), logits[k], generators[k])
@@ -372,7 +373,7 @@ def train_pack(ctx: BankContext, pack: int, device: torch.device, vectorize: boo
     """Train the models of one pack and query them. Returns the arrays stored for the pack:
 
     logits      float32 [K, Q, P, C]  audited population under every query augmentation
-    test_logits float32 [K, T, C]     the test split, identity query (utility)
+    test_logits float32 [K, Q, T, C]  the test split under every query (utility; RMIA's population z)
     models      int64   [K]           bank indices of the pack's models
     """
     spec = ctx.spec
@@ -385,13 +386,13 @@ def train_pack(ctx: BankContext, pack: int, device: torch.device, vectorize: boo
     if vectorize and len(models) > 1:
         packed = train_models_packed(ctx, models, device)
         logits = pack_query_logits(packed, ctx.defense, xs, spec.queries, gens, device)
-        test_logits = pack_query_logits(packed, ctx.defense, xt, ["identity"], gens, device)[:, 0]
+        test_logits = pack_query_logits(packed, ctx.defense, xt, spec.queries, gens, device)
     else:
         lg, tl = [], []
         for m, g in zip(models, gens):
             model = train_model(ctx, m, device)
             lg.append(query_logits(model, ctx.defense, xs, spec.queries, g, device=device))
-            tl.append(query_logits(model, ctx.defense, xt, ["identity"], g, device=device)[0])
+            tl.append(query_logits(model, ctx.defense, xt, spec.queries, g, device=device))
         logits, test_logits = torch.stack(lg), torch.stack(tl)
     log.debug("pack %d: trained %d models in %.1fs", pack, len(models), time.perf_counter() - t0)
     return {

@@ -6,16 +6,23 @@ import torch
 import torch.nn.functional as F
 
 from raymia.defenses.base import Defense
+from raymia.seeding import derive_seed
 from raymia.spec import QUERY_RE
 
 
 def augment(x: torch.Tensor, query: str) -> torch.Tensor:
-    """Apply one query augmentation to a batch of images [N, C, H, W] (or any [N, ...] for identity)."""
+    """Apply one query augmentation to a whole set of inputs [N, ...] (images [N, C, H, W] for flips and
+    shifts). `noise:SIGMA` adds Gaussian noise of that standard deviation (in normalised units) drawn from a
+    generator seeded by the query alone, so every model sees the same noisy queries; apply it to the whole
+    set at once (not per chunk) so the noise of point i does not depend on batching."""
     m = QUERY_RE.match(query)
     if m is None:
         raise ValueError(f"unknown query augmentation {query!r}")
     if query == "identity":
         return x
+    if query.startswith("noise:"):
+        gen = torch.Generator().manual_seed(derive_seed(0, "query-noise", query))
+        return x + float(m.group(4)) * torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
     if x.ndim != 4:
         raise ValueError(f"query {query!r} needs image inputs [N, C, H, W], got shape {tuple(x.shape)}")
     if query == "hflip":
@@ -54,8 +61,9 @@ def query_logits(
         out = []
         for q in queries:
             parts = []
+            xq = augment(x, q)
             for i in range(0, x.shape[0], batch_size):
-                xb = augment(x[i : i + batch_size].to(device), q)
+                xb = xq[i : i + batch_size].to(device)
                 logits = model(xb).float()
                 logits = defense.postprocess_logits(model, logits, generator)
                 parts.append(logits.cpu())
