@@ -28,6 +28,7 @@ class AuditResult:
     fingerprint: str
     attacks: dict[str, dict[str, float | None]]  # attack -> metric -> mean over targets (None: n/a)
     attacks_std: dict[str, dict[str, float | None]]
+    per_target: dict[str, list[dict[str, float | None]]]  # attack -> one metrics dict per target
     utility: dict[str, float]
     reused_signals: bool
     out_dir: Path
@@ -48,10 +49,11 @@ class AuditResult:
             "name": self.spec.name,
             "fingerprint": self.fingerprint,
             "spec": self.spec.model_dump(mode="json"),
-            "targets": list(self.spec.plan.targets),
+            "targets": self.spec.plan.target_list,
             "utility": self.utility,
             "attacks": self.attacks,
             "attacks_std_over_targets": self.attacks_std,
+            "attacks_per_target": self.per_target,
             "reused_signals": self.reused_signals,
             "seconds": round(self.seconds, 2),
         }
@@ -85,7 +87,7 @@ def run_audit(
     """Run one audit end to end. `output_dir` overrides spec.output_dir (the store root); `run_dir` is
     where the report goes (default: <output_dir>/audits/<name>-<fingerprint>)."""
     from raymia.attacks import run_attack
-    from raymia.metrics import accuracy, attack_metrics, roc
+    from raymia.metrics import accuracy, ece, full_metrics, roc
     from raymia.report.plots import plot_roc
     from raymia.train.bank import BankContext
 
@@ -118,36 +120,39 @@ def run_audit(
     signals = load_signals(store, ctx.plan.keep, labels, y_test)
     test_logits = signals.pop_logits[:, 0]  # identity query
 
+    targets = spec.plan.target_list
     # Utility of the attacked models (mean over targets), measured on what a querier sees.
-    tr_acc, te_acc = [], []
-    for t in spec.plan.targets:
-        members = signals.keep[t]
-        tr_acc.append(accuracy(signals.logits[t, 0, members], labels[members]))
-        te_acc.append(accuracy(test_logits[t], y_test))
+    tr_acc = [accuracy(signals.logits[t, 0, signals.keep[t]], labels[signals.keep[t]]) for t in targets]
+    te_acc = [accuracy(test_logits[t], y_test) for t in targets]
     utility = {
         "train_accuracy": float(np.mean(tr_acc)),
         "test_accuracy": float(np.mean(te_acc)),
         "generalization_gap": float(np.mean(tr_acc) - np.mean(te_acc)),
+        "test_ece": float(np.mean([ece(test_logits[t], y_test) for t in targets])),
         "bank_test_accuracy": float(np.mean([accuracy(test_logits[m], y_test) for m in range(len(test_logits))])),
     }
 
-    levels = tuple(spec.metrics.fpr_levels)
+    m = spec.metrics
     per_attack: dict[str, dict[str, float | None]] = {}
     per_attack_std: dict[str, dict[str, float | None]] = {}
+    per_target: dict[str, list[dict[str, float | None]]] = {}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for i, a in enumerate(spec.attacks):
         runs = []
-        for j, t in enumerate(spec.plan.targets):
+        for j, t in enumerate(targets):
             scores = run_attack(a.name, a.params, signals, t, where=f"attacks.{i}")
             is_member = signals.keep[t]
-            runs.append(attack_metrics(scores, is_member, fpr_levels=levels))
+            runs.append(full_metrics(scores, is_member, fpr_levels=tuple(m.fpr_levels),
+                                     fnr_levels=tuple(m.fnr_levels), n_boot=m.bootstrap, seed=spec.seed))
             if j == 0:
                 fpr, tpr, _ = roc(scores, is_member)
                 curves[a.name] = (fpr, tpr)
         per_attack[a.name], per_attack_std[a.name] = _mean_std(runs)
+        per_target[a.name] = runs
 
     result = AuditResult(
-        spec=spec, fingerprint=fp, attacks=per_attack, attacks_std=per_attack_std, utility=utility,
+        spec=spec, fingerprint=fp, attacks=per_attack, attacks_std=per_attack_std, per_target=per_target,
+        utility=utility,
         reused_signals=reused, out_dir=out, roc=curves, seconds=time.perf_counter() - t0,
     )
     result_path = out / "result.json"
@@ -196,14 +201,27 @@ def print_audit_table(result: AuditResult) -> None:
     from raymia.metrics import metric_label
 
     spec = result.spec
-    keys = list(next(iter(result.attacks.values())).keys())
+    keys = [k for k in next(iter(result.attacks.values())) if "_ci_" not in k]
+    n_targets = len(spec.plan.target_list)
     table = Table(title=f"{spec.name} [{result.fingerprint}]  defense={spec.defense.name}  "
-                        f"models={spec.plan.num_models}  targets={len(spec.plan.targets)}")
+                        f"models={spec.plan.num_models}  targets={n_targets}"
+                        + ("  (mean ± std over targets)" if n_targets > 1 else ""))
     table.add_column("attack")
     for k in keys:
         table.add_column(metric_label(k), justify="right")
     for a, ms in result.attacks.items():
-        table.add_row(a, *[fmt(ms[k], pct=k.startswith("tpr")) for k in keys])
+        cells = []
+        for k in keys:
+            pct = k.startswith(("tpr", "tnr"))
+            cell = fmt(ms[k], pct=pct)
+            sd = result.attacks_std[a].get(k)
+            if n_targets > 1 and sd is not None:
+                cell += f" ± {fmt(sd, pct=pct)}"
+            lo, hi = ms.get(f"{k}_ci_low"), ms.get(f"{k}_ci_high")
+            if lo is not None and hi is not None:
+                cell += f" [{fmt(lo, pct=pct)}, {fmt(hi, pct=pct)}]"
+            cells.append(cell)
+        table.add_row(a, *cells)
     c = Console(stderr=False)
     c.print(table)
     u = result.utility

@@ -59,16 +59,26 @@ class PlanSpec(_Model):
     population: int | None = Field(
         None, ge=2, description="audited points drawn from the training split (None: all of it)"
     )
-    targets: list[int] = Field(default_factory=lambda: [0], min_length=1, description="bank models attacked")
+    targets: list[int] | Literal["all"] = Field(
+        default_factory=lambda: [0], min_length=1,
+        description="bank models attacked in turn, the others being their shadows (leave-one-out); 'all'",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> PlanSpec:
         if self.num_models % 2:
             raise ValueError(f"num_models must be even (each point IN for exactly half), got {self.num_models}")
-        bad = [t for t in self.targets if not 0 <= t < self.num_models]
-        if bad:
-            raise ValueError(f"targets {bad} out of range [0, {self.num_models})")
+        if self.targets != "all":
+            bad = [t for t in self.targets if not 0 <= t < self.num_models]
+            if bad:
+                raise ValueError(f"targets {bad} out of range [0, {self.num_models})")
+            if len(set(self.targets)) != len(self.targets):
+                raise ValueError("targets must not repeat")
         return self
+
+    @property
+    def target_list(self) -> list[int]:
+        return list(range(self.num_models)) if self.targets == "all" else list(self.targets)
 
 
 class AugmentSpec(_Model):
@@ -127,13 +137,15 @@ class BankSpec(_Model):
 
 class MetricsSpec(_Model):
     fpr_levels: list[float] = Field(default_factory=lambda: [0.01, 0.001], min_length=1)
+    fnr_levels: list[float] = Field(default_factory=lambda: [0.001], description="TNR at these FNR levels")
+    bootstrap: int = Field(0, ge=0, description="resamples for AUC / TPR@FPR confidence intervals (0: off)")
 
-    @field_validator("fpr_levels")
+    @field_validator("fpr_levels", "fnr_levels")
     @classmethod
     def _levels(cls, v: list[float]) -> list[float]:
         for f in v:
             if not 0 < f < 1:
-                raise ValueError(f"each FPR level must lie in (0, 1), got {f}")
+                raise ValueError(f"each level must lie in (0, 1), got {f}")
         return v
 
 
@@ -186,6 +198,7 @@ class AuditSpec(_Model):
     def bank_dict(self) -> dict[str, Any]:
         """The fields that determine the bank's outputs (and nothing else)."""
         d = self.model_dump(mode="json")
+        d["plan"].pop("targets")  # which models are attacked does not change the bank
         return {
             "format": SIGNAL_FORMAT_VERSION,
             **{k: d[k] for k in ("seed", "data", "plan", "model", "train", "defense", "queries")},

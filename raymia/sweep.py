@@ -194,7 +194,7 @@ def _mlflow_callback(spec: SweepSpec, parent_id: str):
         def _log(self, trial, status: str, error: str | None = None) -> None:
             result = trial.last_result or {}
             params = trial_spec(spec.model_dump(mode="json"), dict(trial.config))
-            metrics = {k: v for k, v in result.items() if "/" in k or k.endswith("accuracy") or k.endswith("gap")}
+            metrics = {k: v for k, v in result.items() if _is_metric(k)}
             audit_dir = result.get("audit_dir")
             arts = [Path(audit_dir) / "result.json", Path(audit_dir) / "roc.png"] if audit_dir else []
             tags = {"raymia.kind": "trial", "raymia.trial_id": trial.trial_id, "raymia.status": status,
@@ -307,8 +307,9 @@ def _arrow(objectives, metric: str) -> str:
 
 def _check_objective_names(spec: SweepSpec, names: list[str]) -> None:
     attacks = {a.name for a in spec.attacks}
-    utility = {"train_accuracy", "test_accuracy", "generalization_gap", "bank_test_accuracy"}
-    keys = {"auc", "balanced_accuracy", *(f"tpr_fpr_{f:g}" for f in spec.metrics.fpr_levels)}
+    utility = {"train_accuracy", "test_accuracy", "generalization_gap", "test_ece", "bank_test_accuracy"}
+    keys = {"auc", "balanced_accuracy", "epsilon_lb", *(f"tpr_fpr_{f:g}" for f in spec.metrics.fpr_levels),
+            *(f"tnr_fnr_{f:g}" for f in spec.metrics.fnr_levels)}
     for i, n in enumerate(names):
         if n in utility:
             continue
@@ -331,11 +332,16 @@ def _collect(grid, metric_names: list[str]) -> list[dict[str, Any]]:
         else:
             row["status"] = "ok"
             for k, v in (r.metrics or {}).items():
-                if "/" in k or k.endswith("accuracy") or k.endswith("gap"):
+                if _is_metric(k):
                     row[k] = None if isinstance(v, float) and math.isnan(v) else v
             row["audit_dir"] = (r.metrics or {}).get("audit_dir")
         trials.append(row)
     return trials
+
+
+def _is_metric(key: str) -> bool:
+    return "/" in key or key in ("train_accuracy", "test_accuracy", "generalization_gap", "test_ece",
+                                 "bank_test_accuracy")
 
 
 def _fmt_params(t: dict[str, Any]) -> str:

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import math
+import time
+
 import numpy as np
 import pytest
+from scipy.stats import beta
 from sklearn.metrics import roc_auc_score
 
 from raymia.metrics import (
+    _weighted_stats,
     accuracy,
     attack_metrics,
     balanced_accuracy,
+    bootstrap_ci,
+    ece,
+    epsilon_lower_bound,
+    full_metrics,
     metric_label,
     roc,
+    tnr_at_fnr,
     tpr_at_fpr,
 )
 
@@ -119,3 +129,209 @@ def test_accuracy() -> None:
     assert accuracy(logits, labels) == pytest.approx(0.5)
     with pytest.raises(ValueError):
         accuracy(logits, labels[:3])
+
+
+# ---------------------------------------------------------------------------------------------- TNR at FNR
+def test_tnr_at_fnr_small_example_by_hand() -> None:
+    scores, is_member = _small()
+    # ROC points (fpr, tpr) as above; (fnr, tnr) = (1 - tpr, 1 - fpr):
+    #   (1,1) (.75,1) (.75,.75) (.5,.75) (.25,.75) (.25,.5) (.25,.25) (0,.25) (0,0)
+    # TNR@FNR<=.25 = .75 (threshold .6); <=.5 = .75; <=.2 needs >= 5 members (n/a with 4), with 5 declared
+    # only FNR = 0 qualifies: TNR .25; <= 1: the (0, 0) corner, TNR 1
+    fpr, tpr, _ = roc(scores, is_member)
+    assert tnr_at_fnr(fpr, tpr, 0.25, n_members=4) == pytest.approx(0.75)
+    assert tnr_at_fnr(fpr, tpr, 0.5, n_members=4) == pytest.approx(0.75)
+    assert tnr_at_fnr(fpr, tpr, 0.2, n_members=4) is None
+    assert tnr_at_fnr(fpr, tpr, 0.2, n_members=5) == pytest.approx(0.25)
+    assert tnr_at_fnr(fpr, tpr, 1.0, n_members=4) == pytest.approx(1.0)
+    m = full_metrics(scores, is_member, fpr_levels=(0.25,), fnr_levels=(0.25, 0.5, 0.2))
+    assert (m["tnr_fnr_0.25"], m["tnr_fnr_0.5"], m["tnr_fnr_0.2"]) == (0.75, 0.75, None)
+    with pytest.raises(ValueError):
+        tnr_at_fnr(fpr, tpr, 0.0, n_members=10)
+
+
+def test_tnr_at_fnr_is_tpr_at_fpr_with_classes_swapped() -> None:
+    rng = np.random.default_rng(2)
+    is_member = rng.random(5000) < 0.5
+    scores = rng.normal(size=5000) + 0.5 * is_member  # continuous: no ties
+    m = full_metrics(scores, is_member, fpr_levels=(0.01,), fnr_levels=(0.01, 0.001))
+    swapped = attack_metrics(-scores, ~is_member, fpr_levels=(0.01, 0.001))
+    assert m["tnr_fnr_0.01"] == pytest.approx(swapped["tpr_fpr_0.01"], abs=1e-12)  # 1 - fpr rounds
+    assert m["tnr_fnr_0.001"] == pytest.approx(swapped["tpr_fpr_0.001"], abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- full_metrics
+def test_full_metrics_keys_and_labels() -> None:
+    scores, is_member = _small()
+    base = attack_metrics(scores, is_member)
+    m = full_metrics(scores, is_member)
+    assert set(m) == set(base) | {"tnr_fnr_0.001", "epsilon_lb"}
+    assert {k: m[k] for k in base} == base  # attack_metrics' values unchanged
+    m = full_metrics(scores, is_member, fpr_levels=(0.25,), n_boot=50)
+    assert set(m) == {"auc", "balanced_accuracy", "tpr_fpr_0.25", "tnr_fnr_0.001", "epsilon_lb", "auc_ci_low",
+                      "auc_ci_high", "tpr_fpr_0.25_ci_low", "tpr_fpr_0.25_ci_high"}
+    assert m["auc_ci_low"] <= m["auc"] <= m["auc_ci_high"]
+    assert metric_label("tnr_fnr_0.001") == "TNR@0.1%FNR"
+    assert metric_label("tnr_fnr_0.01") == "TNR@1%FNR"
+    assert metric_label("epsilon_lb") == "eps LB"
+    assert metric_label("ece") == "ECE"
+    assert metric_label("auc_ci_low") == "AUC CI low"
+    assert metric_label("auc_ci_high") == "AUC CI high"
+    assert metric_label("tpr_fpr_0.01_ci_high") == "TPR@1%FPR CI high"
+    assert metric_label("something_ci_low") == "something_ci_low"
+    assert metric_label("tnr_fnr_x") == "tnr_fnr_x"
+
+
+# ---------------------------------------------------------------------------------------------- bootstrap
+def test_vectorised_resample_stats_match_attack_metrics() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        n_in, n_out = int(rng.integers(5, 200)), int(rng.integers(10, 1200))
+        s_in = np.sort(np.round(rng.normal(0.5, 1, n_in), 1))  # rounded: many ties
+        s_out = np.sort(np.round(rng.normal(0.0, 1, n_out), 1))
+        i_in, i_out = rng.integers(0, n_in, (4, n_in)), rng.integers(0, n_out, (4, n_out))
+        w_in = np.stack([np.bincount(r, minlength=n_in) for r in i_in])
+        w_out = np.stack([np.bincount(r, minlength=n_out) for r in i_out])
+        levels = [f for f in (0.5, 0.1, 0.01, 0.001) if n_out * f >= 1]
+        stats = _weighted_stats(s_in, s_out, w_in, w_out, levels)
+        for b in range(4):
+            is_member = np.r_[np.ones(n_in, bool), np.zeros(n_out, bool)]
+            want = attack_metrics(np.r_[s_in[i_in[b]], s_out[i_out[b]]], is_member, levels)
+            for key, got in stats.items():
+                assert got[b] == pytest.approx(want[key], abs=1e-12), key
+
+
+def _shifted(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    is_member = np.r_[np.ones(n // 2, bool), np.zeros(n // 2, bool)]
+    return rng.normal(size=n) + is_member, is_member
+
+
+def test_bootstrap_ci_contains_estimate_and_shrinks_as_one_over_sqrt_n() -> None:
+    widths = {}
+    for n in (400, 6400):
+        scores, is_member = _shifted(n, seed=1)
+        point = attack_metrics(scores, is_member, (0.1,))
+        ci = bootstrap_ci(scores, is_member, (0.1, 1e-4), n_boot=1000, seed=0)
+        for key in ("auc", "tpr_fpr_0.1"):
+            lo, hi = ci[key]
+            assert lo <= point[key] <= hi, (n, key, lo, point[key], hi)
+        assert ci["tpr_fpr_0.0001"] == (None, None)  # fewer than 10,000 non-members
+        widths[n] = {k: ci[k][1] - ci[k][0] for k in ("auc", "tpr_fpr_0.1")}
+    for key in ("auc", "tpr_fpr_0.1"):
+        assert 2.5 <= widths[400][key] / widths[6400][key] <= 6.0  # sqrt(6400 / 400) = 4
+    scores, is_member = _shifted(400, seed=1)
+    same = bootstrap_ci(scores, is_member, n_boot=200, seed=5)
+    assert bootstrap_ci(scores, is_member, n_boot=200, seed=5) == same  # deterministic per seed
+
+
+def test_bootstrap_ci_of_perfect_separation() -> None:
+    is_member = np.r_[np.ones(300, bool), np.zeros(300, bool)]
+    scores = np.r_[np.linspace(1, 2, 300), np.linspace(-1, 0, 300)]
+    ci = bootstrap_ci(scores, is_member, (0.01,), n_boot=300)
+    assert ci["auc"] == (1.0, 1.0)
+    assert ci["tpr_fpr_0.01"] == (1.0, 1.0)
+
+
+def test_bootstrap_ci_is_fast() -> None:
+    scores, is_member = _shifted(10_000, seed=2)
+    t0 = time.perf_counter()
+    bootstrap_ci(scores, is_member, (0.01, 0.001), n_boot=1000)
+    assert time.perf_counter() - t0 < 6.0  # about 0.2 s on one CPU core
+
+
+# ---------------------------------------------------------------------------------------------- epsilon LB
+def _binomial_case() -> tuple[np.ndarray, np.ndarray]:
+    # 1000 members all scored 1; 1000 non-members, k = 10 of them scored 1, the rest 0
+    is_member = np.r_[np.ones(1000, bool), np.zeros(1000, bool)]
+    scores = np.r_[np.ones(1000), np.ones(10), np.zeros(990)]
+    return scores, is_member
+
+
+def test_epsilon_lower_bound_binomial_by_hand() -> None:
+    scores, is_member = _binomial_case()
+    # Threshold 1: TP = 1000 / 1000, FP = 10 / 1000, TN = 990, FN = 0. (Threshold 0 flags everyone: TPR = FPR
+    # = 1 and TN = 0, no positive term.) One-sided Clopper-Pearson at 95%:
+    #   TPR_low  = beta.ppf(.05, 1000, 1) = .05 ** (1 / 1000)   (all successes)
+    #   FPR_high = beta.ppf(.95, 11, 990)
+    #   TNR_low  = beta.ppf(.05, 990, 11)
+    #   FNR_high = beta.ppf(.95, 1, 1000) = 1 - .05 ** (1 / 1000)   (no success)
+    tpr_low, fpr_high = 0.05 ** (1 / 1000), beta.ppf(0.95, 11, 990)
+    tnr_low, fnr_high = beta.ppf(0.05, 990, 11), 1 - 0.05 ** (1 / 1000)
+    e_tpr = math.log(tpr_low / fpr_high)  # 4.04
+    e_tnr = math.log(tnr_low / fnr_high)  # 5.79: the symmetric form wins here
+    r = epsilon_lower_bound(scores, is_member)
+    assert r["epsilon_lb"] == pytest.approx(max(e_tpr, e_tnr), abs=1e-9)
+    assert r["threshold"] == 1.0 and r["side"] == "tnr/fnr"
+    assert r["tpr_low"] == pytest.approx(tpr_low, abs=1e-12)
+    assert r["fpr_high"] == pytest.approx(fpr_high, abs=1e-12)
+    assert r["tnr_low"] == pytest.approx(tnr_low, abs=1e-12)
+    assert r["fnr_high"] == pytest.approx(fnr_high, abs=1e-12)
+    # with delta: both numerators lose delta
+    d = 1e-3
+    r = epsilon_lower_bound(scores, is_member, delta=d)
+    want = max(math.log((tpr_low - d) / fpr_high), math.log((tnr_low - d) / fnr_high))
+    assert r["epsilon_lb"] == pytest.approx(want, abs=1e-9)
+    # Bonferroni over the 2 thresholds: every bound at 1 - .05 / 2 = .975
+    r = epsilon_lower_bound(scores, is_member, bonferroni=True)
+    want = max(math.log(0.025 ** (1 / 1000) / beta.ppf(0.975, 11, 990)),
+               math.log(beta.ppf(0.025, 990, 11) / (1 - 0.025 ** (1 / 1000))))
+    assert r["epsilon_lb"] == pytest.approx(want, abs=1e-9)
+    assert r["confidence"] == pytest.approx(0.975)
+
+
+def test_epsilon_lower_bound_tpr_side_by_hand() -> None:
+    # 1000 members of which 10 score 0, all 1000 non-members score 0: mirror image of the binomial case, so
+    # TPR_low = beta.ppf(.05, 990, 11) and FPR_high = 1 - .05 ** (1 / 1000) win on the TPR/FPR side
+    is_member = np.r_[np.ones(1000, bool), np.zeros(1000, bool)]
+    scores = np.r_[np.ones(990), np.zeros(10), np.zeros(1000)]
+    r = epsilon_lower_bound(scores, is_member)
+    want = math.log(beta.ppf(0.05, 990, 11) / (1 - 0.05 ** (1 / 1000)))
+    assert r["epsilon_lb"] == pytest.approx(want, abs=1e-9)
+    assert r["side"] == "tpr/fpr" and r["threshold"] == 1.0
+
+
+def test_epsilon_lower_bound_of_independent_score_is_near_zero() -> None:
+    rng = np.random.default_rng(4)
+    is_member = np.r_[np.ones(20_000, bool), np.zeros(20_000, bool)]
+    r = epsilon_lower_bound(rng.normal(size=40_000), is_member)
+    assert 0.0 <= r["epsilon_lb"] < 0.3
+    r = epsilon_lower_bound(np.zeros(40_000), is_member)  # one threshold, flags everyone: nothing positive
+    assert r["epsilon_lb"] == 0.0 and r["threshold"] is None
+    with pytest.raises(ValueError, match="confidence"):
+        epsilon_lower_bound(np.zeros(4), np.array([1, 0, 1, 0]), confidence=1.0)
+
+
+# ---------------------------------------------------------------------------------------------- ECE
+def test_ece_perfectly_calibrated() -> None:
+    rng = np.random.default_rng(5)
+    n = 100_000
+    conf = rng.uniform(0.5, 1.0, n)
+    pred = rng.integers(0, 2, n)
+    probs = np.where(pred[:, None] == 0, np.c_[conf, 1 - conf], np.c_[1 - conf, conf])
+    labels = np.where(rng.random(n) < conf, pred, 1 - pred)  # correct with probability = confidence
+    assert ece(probs, labels) < 0.02
+
+
+def test_ece_two_bins_by_hand() -> None:
+    probs = np.array([
+        [0.40, 0.30, 0.30],  # conf .4, correct        bin 1: (0, .5]
+        [0.40, 0.35, 0.25],  # conf .4, wrong           bin 1
+        [0.80, 0.10, 0.10],  # conf .8, correct        bin 2: (.5, 1]
+        [0.05, 0.90, 0.05],  # conf .9, correct        bin 2
+        [0.15, 0.15, 0.70],  # conf .7, wrong           bin 2
+    ])
+    labels = np.array([0, 1, 0, 1, 0])
+    # bin 1: acc .5, conf .4 -> 2/5 * .1 = .04; bin 2: acc 2/3, conf .8 -> 3/5 * 2/15 = .08; ECE = .12
+    assert ece(probs, labels, n_bins=2) == pytest.approx(0.12, abs=1e-12)
+    assert ece(np.log(probs), labels, n_bins=2, from_logits=True) == pytest.approx(0.12, abs=1e-12)
+    assert ece(np.log(probs), labels, n_bins=2) == pytest.approx(0.12, abs=1e-12)  # detected as logits
+
+
+def test_ece_confident_but_half_right() -> None:
+    labels = np.arange(1000) % 2
+    probs = np.tile([1.0, 0.0], (1000, 1))  # always class 0 with confidence 1, right half of the time
+    assert ece(probs, labels) == pytest.approx(0.5, abs=1e-12)
+    assert ece(np.tile(np.array([60.0, 0.0], dtype=np.float32), (1000, 1)), labels) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        ece(probs, labels[:10])

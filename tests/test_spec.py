@@ -67,7 +67,7 @@ def test_fingerprint_tracks_what_changes_the_bank():
         ("defense: {name: hamp, params: {gamma: 1.5}}\n", [], "defense.params: gamma"),
         ("model: {params: {depth: 3}}\n", [], "model.params: depth: unknown parameter"),
         ("queries: [identity, rotate]\n", [], "unknown query augmentation 'rotate'"),
-        ("metrics: {fpr_levels: [2]}\n", [], "each FPR level must lie in (0, 1)"),
+        ("metrics: {fpr_levels: [2]}\n", [], "metrics.fpr_levels: each level must lie in (0, 1)"),
         ("tracking: {uri: ./mlruns}\n", [], "tracking.uri: must be a tracking URI"),
         ("", ["train.lr=-1"], "train.lr: Input should be greater than 0"),
         ("", ["noequals"], "--set: expected dotted.key=value"),

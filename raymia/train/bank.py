@@ -64,7 +64,7 @@ class BankContext:
             if spec.train.augment.hflip or spec.train.augment.crop:
                 raise SpecError(f"{data.name!r} is not an image data set; flips and crops need images",
                                 where="train.augment")
-        plan = make_plan(n_train, spec.plan.num_models, spec.plan.population, spec.plan.targets, spec.seed)
+        plan = make_plan(n_train, spec.plan.num_models, spec.plan.population, spec.plan.target_list, spec.seed)
         defense = build_defense(spec.defense.name, spec.defense.params, data.info,
                                 label_smoothing=spec.train.label_smoothing)
         return cls(spec=spec, data=data, plan=plan, defense=defense)
