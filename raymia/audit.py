@@ -222,7 +222,9 @@ def print_audit_table(result: AuditResult) -> None:
                 cell += f" [{fmt(lo, pct=pct)}, {fmt(hi, pct=pct)}]"
             cells.append(cell)
         table.add_row(a, *cells)
-    c = Console(stderr=False)
+    import sys
+
+    c = Console(width=None if sys.stdout.isatty() else 200)
     c.print(table)
     u = result.utility
     c.print(f"utility: train acc {fmt(u['train_accuracy'], True)}  test acc {fmt(u['test_accuracy'], True)}  "

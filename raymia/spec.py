@@ -136,7 +136,8 @@ class BankSpec(_Model):
 
 
 class MetricsSpec(_Model):
-    fpr_levels: list[float] = Field(default_factory=lambda: [0.01, 0.001], min_length=1)
+    fpr_levels: list[float] = Field(default_factory=lambda: [0.1, 0.01, 0.001, 0.0001, 0.00001], min_length=1,
+                                    description="TPR at these FPR levels ('n/a' below the resolvable level)")
     fnr_levels: list[float] = Field(default_factory=lambda: [0.001], description="TNR at these FNR levels")
     bootstrap: int = Field(0, ge=0, description="resamples for AUC / TPR@FPR confidence intervals (0: off)")
 
@@ -166,7 +167,7 @@ class TrackingSpec(_Model):
 
 
 def _default_attacks() -> list[AttackSpec]:
-    return [AttackSpec(name="loss"), AttackSpec(name="lira_online"), AttackSpec(name="lira_offline")]
+    return [AttackSpec(name=n) for n in ("loss", "modified_entropy", "lira_online", "lira_offline", "rmia_online")]
 
 
 class AuditSpec(_Model):

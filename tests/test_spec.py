@@ -22,7 +22,8 @@ def test_defaults_and_overrides(tmp_path):
     assert spec.model.params == {"hidden": [32, 16]}
     assert spec.data.name == "digits" and spec.defense.name == "none"
     assert [a.name for a in spec.attacks] == ["loss", "lira_offline"]
-    assert [a.name for a in load_spec(None).attacks] == ["loss", "lira_online", "lira_offline"]
+    assert [a.name for a in load_spec(None).attacks] == ["loss", "modified_entropy", "lira_online", "lira_offline",
+                                                         "rmia_online"]
     with pytest.raises(SpecError, match="queries: is not set in the spec"):
         load_spec(p, ["queries.0=hflip"])
 
