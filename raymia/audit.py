@@ -29,6 +29,7 @@ class AuditResult:
     attacks: dict[str, dict[str, float | None]]  # attack -> metric -> mean over targets (None: n/a)
     attacks_std: dict[str, dict[str, float | None]]
     per_target: dict[str, list[dict[str, float | None]]]  # attack -> one metrics dict per target
+    defense_report: dict[str, float]  # the defense's per-model facts (mean over the bank), its guarantee
     utility: dict[str, float]
     reused_signals: bool
     out_dir: Path
@@ -38,6 +39,7 @@ class AuditResult:
     def flat_metrics(self) -> dict[str, float | None]:
         """{"test_accuracy": .., "lira_online/auc": .., ...}: the names objectives and MLflow use."""
         out: dict[str, float | None] = dict(self.utility)
+        out.update({f"defense/{k}": v for k, v in self.defense_report.items()})
         for a, ms in self.attacks.items():
             for k, v in ms.items():
                 out[f"{a}/{k}"] = v
@@ -51,6 +53,8 @@ class AuditResult:
             "spec": self.spec.model_dump(mode="json"),
             "targets": self.spec.plan.target_list,
             "utility": self.utility,
+            "defense": {"name": self.spec.defense.name, "params": self.spec.defense.params,
+                        "report": self.defense_report},
             "attacks": self.attacks,
             "attacks_std_over_targets": self.attacks_std,
             "attacks_per_target": self.per_target,
@@ -150,8 +154,11 @@ def run_audit(
         per_attack[a.name], per_attack_std[a.name] = _mean_std(runs)
         per_target[a.name] = runs
 
+    defense_report = _defense_report(store, ctx.defense)
+
     result = AuditResult(
         spec=spec, fingerprint=fp, attacks=per_attack, attacks_std=per_attack_std, per_target=per_target,
+        defense_report=defense_report,
         utility=utility,
         reused_signals=reused, out_dir=out, roc=curves, seconds=time.perf_counter() - t0,
     )
@@ -173,6 +180,17 @@ def run_audit(
         )
         log.info("MLflow run %s in %s", rid, spec.tracking.uri)
     return result
+
+
+def _defense_report(store: SignalStore, defense) -> dict[str, float]:
+    """Mean over the bank of what the defense measured per model, plus its stated guarantee."""
+    reports = [r for p in range(store.num_packs) for r in store.read_meta(p).get("defense_reports", [])]
+    keys = sorted({k for r in reports for k in r})
+    out = {k: float(np.mean([r[k] for r in reports if k in r])) for k in keys}
+    for k, v in (defense.privacy_guarantee() or {}).items():
+        if isinstance(v, int | float):
+            out[k] = float(v)
+    return out
 
 
 def _mean_std(runs: list[dict[str, float | None]]) -> tuple[dict[str, float | None], dict[str, float | None]]:
@@ -229,4 +247,6 @@ def print_audit_table(result: AuditResult) -> None:
     u = result.utility
     c.print(f"utility: train acc {fmt(u['train_accuracy'], True)}  test acc {fmt(u['test_accuracy'], True)}  "
             f"gap {fmt(u['generalization_gap'], True)}")
+    if result.defense_report:
+        c.print("defense: " + "  ".join(f"{k} {v:.4g}" for k, v in result.defense_report.items()))
     c.print(f"report: {result.out_dir}", soft_wrap=True)

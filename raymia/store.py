@@ -107,6 +107,10 @@ class SignalStore:
             raise ValueError(f"signals {self.fingerprint} pack {pack}: holds models {arrays['models'].tolist()}")
         return arrays
 
+    def read_meta(self, pack: int) -> dict[str, Any]:
+        """The manifest of a pack (what was recorded beside its arrays: device, seconds, defense reports)."""
+        return json.loads(self._paths(pack)[1].read_text())
+
     def missing_packs(self) -> list[int]:
         """Packs that must be (re)built; invalid entries are logged and removed."""
         missing = []

@@ -4,6 +4,7 @@ from raymia.defenses import hamp as _hamp  # noqa: F401,E402
 
 # Import modules for their registrations.
 from raymia.defenses import none as _none  # noqa: F401,E402
+from raymia.defenses import simple as _simple  # noqa: F401,E402
 from raymia.defenses.base import DEFENSES, Defense, build_defense
 
 __all__ = ["DEFENSES", "Defense", "build_defense"]

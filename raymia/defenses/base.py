@@ -9,13 +9,21 @@ query. A defense overrides only the hooks it needs:
 - prepare_model(model) -> model
 - loss(logits, y_target) -> scalar: the training objective (default: cross-entropy, hard or soft).
 - postprocess_logits(model, logits, generator) -> logits: what a querier sees (default: unchanged).
+- modify_recipe(recipe) -> recipe: e.g. early stopping (fewer epochs) or weight decay.
+- fit(job) -> model | None: the whole training of one model, for defenses that change the training
+  procedure itself (DP-SGD, adversarial regularisation, pruning with retraining, transfer learning);
+  None (the default) means the bank's standard loop with the hooks above. A defense that overrides `fit`,
+  or whose `loss` is not vmap-friendly, sets `vectorizable = False` and the bank trains one model at a time.
 - search_space() -> {param: Domain}: the Tune/Optuna space, with defaults taken from the paper.
 - privacy_guarantee() -> dict | None: e.g. {"epsilon": ..., "delta": ...} for DP training.
+- check(model_name, info) -> None: raise SpecError before any training when the defense cannot apply.
+Per-model facts a defense measures while training (sparsity reached, frozen fraction, accounted epsilon)
+go in `FitJob.report`; the bank stores them with the pack and the audit reports their mean.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -53,10 +61,28 @@ class DataInfo:
         return x.to(device)
 
 
+@dataclass
+class FitJob:
+    """Everything `Defense.fit` needs to train bank model m with the spec's recipe."""
+
+    m: int
+    model: torch.nn.Module  # freshly initialised (seeded by ("init", m)), on `device`
+    x: torch.Tensor  # model m's training inputs (after transform_train_data), on `device`
+    y: torch.Tensor  # its targets: int64 [n] or float32 [n, C]
+    recipe: Any  # raymia.spec.TrainSpec, after modify_recipe
+    device: torch.device
+    seed: int  # derived from the spec's seed and m: use it for every random choice of the defense
+    steps_per_epoch: int
+    reference_x: torch.Tensor | None = None  # points model m did NOT train on (for min-max games), on `device`
+    reference_y: torch.Tensor | None = None
+    report: dict[str, float] = field(default_factory=dict)  # per-model facts to report
+
+
 class Defense:
     """Base class: every hook is the identity / plain cross-entropy."""
 
     name: ClassVar[str] = "none"
+    vectorizable: ClassVar[bool] = True
 
     def __init__(self, params: Params, info: DataInfo, label_smoothing: float = 0.0):
         self.params = params
@@ -77,6 +103,15 @@ class Defense:
         """The training objective on one model's batch. Must be vmap-friendly (the bank trains packs
         of models with torch.func.vmap): no data-dependent Python control flow, no .item()."""
         return F.cross_entropy(logits, y_target, label_smoothing=self.label_smoothing)
+
+    def modify_recipe(self, recipe: Any) -> Any:
+        return recipe
+
+    def fit(self, job: FitJob) -> torch.nn.Module | None:
+        return None
+
+    def check(self, model_name: str, info: DataInfo) -> None:
+        """Raise raymia.errors.SpecError when this defense cannot apply to the model or data."""
 
     # --- query-time hook ------------------------------------------------------------------------------
     def postprocess_logits(

@@ -30,7 +30,7 @@ def _train_packs(spec: AuditSpec, store: SignalStore, packs: list[int], rank: in
         t0 = time.perf_counter()
         arrays = train_pack(ctx, p, device, vectorize=vectorize)
         store.write_pack(p, arrays, meta={"device": str(device), "seconds": time.perf_counter() - t0,
-                                          "vectorized": vectorize})
+                                          "vectorized": vectorize, "defense_reports": ctx.last_reports or []})
         print(f"[raymia] worker {rank}: pack {p} done ({i}/{len(mine)}, {time.perf_counter() - t0:.1f}s)",
               flush=True)
 

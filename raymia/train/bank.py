@@ -28,10 +28,11 @@ from torch.func import functional_call, stack_module_state, vmap
 from raymia.data import Dataset, load_dataset
 from raymia.data.plan import MembershipPlan, make_plan
 from raymia.defenses import Defense, build_defense
+from raymia.defenses.base import FitJob
 from raymia.errors import SpecError
 from raymia.models import build_model
 from raymia.seeding import derive_seed
-from raymia.spec import AuditSpec
+from raymia.spec import AuditSpec, TrainSpec
 from raymia.train.augment import apply_augment, draw_augment
 from raymia.train.infer import augment as query_augment
 from raymia.train.infer import query_logits
@@ -48,6 +49,8 @@ class BankContext:
     data: Dataset
     plan: MembershipPlan
     defense: Defense
+    recipe: TrainSpec  # spec.train after the defense's modify_recipe: what every model trains with
+    last_reports: list[dict[str, float]] | None = None  # the defense's per-model facts of the last pack
 
     @classmethod
     def from_spec(cls, spec: AuditSpec) -> BankContext:
@@ -67,7 +70,8 @@ class BankContext:
         plan = make_plan(n_train, spec.plan.num_models, spec.plan.population, spec.plan.target_list, spec.seed)
         defense = build_defense(spec.defense.name, spec.defense.params, data.info,
                                 label_smoothing=spec.train.label_smoothing)
-        return cls(spec=spec, data=data, plan=plan, defense=defense)
+        defense.check(spec.model.name, data.info)
+        return cls(spec=spec, data=data, plan=plan, defense=defense, recipe=defense.modify_recipe(spec.train))
 
     @property
     def num_packs(self) -> int:
@@ -90,7 +94,7 @@ class BankContext:
     def steps_per_epoch(self) -> int:
         """Every model takes ceil((P/2) / batch) steps per epoch: P/2 is the expected member count."""
         half = max(1, self.plan.keep.shape[1] // 2)
-        return math.ceil(half / self.spec.train.batch_size)
+        return math.ceil(half / self.recipe.batch_size)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -158,18 +162,23 @@ def _memory_format(ctx: BankContext, device: torch.device):
 # the reference: one model, a plain PyTorch loop
 
 
-def train_model(ctx: BankContext, m: int, device: torch.device, max_steps: int | None = None) -> torch.nn.Module:
-    """Train bank model m alone with the spec's recipe and defense; returns it in eval mode.
-    `max_steps` cuts training short (used only to time the loop)."""
-    spec = ctx.spec
+def train_model(
+    ctx: BankContext, m: int, device: torch.device, max_steps: int | None = None,
+    report: dict[str, float] | None = None,
+) -> torch.nn.Module:
+    """Train bank model m alone with the recipe and defense; returns it in eval mode. `max_steps` cuts
+    training short (used only to time the loop); `report` receives the defense's per-model facts."""
+    spec, recipe = ctx.spec, ctx.recipe
     md = model_data(ctx, m)
     xs = (md.x if md.x is not None else ctx.data.x_train).to(device)
     index, y = md.index.to(device), md.y.to(device)
     model = init_model(ctx, m).to(device)
-    opt = make_optimizer(list(model.parameters()), spec.train)
-    total = spec.train.epochs * ctx.steps_per_epoch
-    sched = make_scheduler(opt, spec.train, total)
-    stream = batch_stream(index.numel(), spec.train.batch_size,
+    if type(ctx.defense).fit is not Defense.fit:
+        return _fit_with_defense(ctx, m, model, xs[index], y, device, report)
+    opt = make_optimizer(list(model.parameters()), recipe)
+    total = recipe.epochs * ctx.steps_per_epoch
+    sched = make_scheduler(opt, recipe, total)
+    stream = batch_stream(index.numel(), recipe.batch_size,
                           torch.Generator().manual_seed(derive_seed(spec.seed, "order", m)))
     aug_gen = torch.Generator().manual_seed(derive_seed(spec.seed, "augment", m))
     model.train()
@@ -177,8 +186,8 @@ def train_model(ctx: BankContext, m: int, device: torch.device, max_steps: int |
     for _ in range(total if max_steps is None else min(total, max_steps)):
         b = next(stream).to(device)
         xb = xs[index[b]]
-        draw = draw_augment(spec.train.augment, xb.shape, aug_gen)
-        xb = apply_augment(xb, draw, spec.train.augment)
+        draw = draw_augment(recipe.augment, xb.shape, aug_gen)
+        xb = apply_augment(xb, draw, recipe.augment)
         with _autocast(device, spec.bank.precision):
             loss = ctx.defense.loss(model(xb).float(), y[b])
         opt.zero_grad(set_to_none=True)
@@ -188,6 +197,22 @@ def train_model(ctx: BankContext, m: int, device: torch.device, max_steps: int |
     if not torch.isfinite(loss):
         raise FloatingPointError(f"model {m}: training diverged (loss {loss.item()}); lower train.lr")
     return model.eval()
+
+
+def _fit_with_defense(ctx: BankContext, m: int, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      device: torch.device, report: dict[str, float] | None) -> torch.nn.Module:
+    """Hand model m's whole training to the defense (DP-SGD, min-max games, pruning, transfer learning)."""
+    nonmembers = ctx.plan.population[~ctx.plan.keep[m]]
+    ref = torch.from_numpy(nonmembers)
+    job = FitJob(m=m, model=model, x=x, y=y, recipe=ctx.recipe, device=device,
+                 seed=derive_seed(ctx.spec.seed, "defense-fit", m), steps_per_epoch=ctx.steps_per_epoch,
+                 reference_x=ctx.data.x_train[ref].to(device), reference_y=ctx.data.y_train[ref].to(device))
+    trained = ctx.defense.fit(job)
+    if trained is None:
+        raise RuntimeError(f"defense {ctx.defense.name!r}: fit() returned no model")
+    if report is not None:
+        report.update(job.report)
+    return trained.eval()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -242,7 +267,7 @@ def train_models_packed(
 ) -> PackedModels:
     """Train the given bank models at once (one vmap over the pack); returns them in eval mode.
     `max_steps` cuts training short (used only to time the pack)."""
-    spec = ctx.spec
+    spec, recipe = ctx.spec, ctx.recipe
     datas = [model_data(ctx, m) for m in models]
     shared = all(d.x is None for d in datas)
     n_max = max(d.index.numel() for d in datas)
@@ -258,10 +283,10 @@ def train_models_packed(
 
     fmt = _memory_format(ctx, device)
     pack = PackedModels([init_model(ctx, m).to(device, memory_format=fmt) for m in models])
-    opt = make_optimizer(list(pack.params.values()), spec.train)
-    total = spec.train.epochs * ctx.steps_per_epoch
-    sched = make_scheduler(opt, spec.train, total)
-    streams = [batch_stream(d.index.numel(), spec.train.batch_size,
+    opt = make_optimizer(list(pack.params.values()), recipe)
+    total = recipe.epochs * ctx.steps_per_epoch
+    sched = make_scheduler(opt, recipe, total)
+    streams = [batch_stream(d.index.numel(), recipe.batch_size,
                             torch.Generator().manual_seed(derive_seed(spec.seed, "order", m)))
                for d, m in zip(datas, models)]
     aug_gens = [torch.Generator().manual_seed(derive_seed(spec.seed, "augment", m)) for m in models]
@@ -278,9 +303,9 @@ def train_models_packed(
         local = torch.stack([next(s) for s in streams]).to(device)  # [K, B] positions in each member list
         gidx = index[rows, local]
         xb = x_src[gidx] if shared else x_src[rows, local]
-        if spec.train.augment.hflip or spec.train.augment.crop:
-            draws = [draw_augment(spec.train.augment, xb.shape[1:], g) for g in aug_gens]
-            xb = torch.stack([apply_augment(xb[i], d, spec.train.augment) for i, d in enumerate(draws)])
+        if recipe.augment.hflip or recipe.augment.crop:
+            draws = [draw_augment(recipe.augment, xb.shape[1:], g) for g in aug_gens]
+            xb = torch.stack([apply_augment(xb[i], d, recipe.augment) for i, d in enumerate(draws)])
         if fmt is torch.channels_last:
             xb = xb.flatten(0, 1).contiguous(memory_format=fmt).unflatten(0, (len(models), -1))
         with _autocast(device, spec.bank.precision):
@@ -340,11 +365,11 @@ def choose_vectorize(
     The probe is kept under PROBE_SHARE of the `worker_models` models' training; when that is too short
     to time, the default is packs on CUDA and one model at a time on a CPU."""
     choice = ctx.spec.bank.vectorize
-    if len(models) < 2:
+    if len(models) < 2 or not ctx.defense.vectorizable:
         return False
     if choice != "auto":
         return bool(choice)
-    total = ctx.spec.train.epochs * ctx.steps_per_epoch
+    total = ctx.recipe.epochs * ctx.steps_per_epoch
     budget = int(PROBE_SHARE * total * (worker_models or len(models)) / len(models)) - 2
     n = min(probe_steps, total, budget)
     if n < 3:
@@ -387,14 +412,18 @@ def train_pack(ctx: BankContext, pack: int, device: torch.device, vectorize: boo
         packed = train_models_packed(ctx, models, device)
         logits = pack_query_logits(packed, ctx.defense, xs, spec.queries, gens, device)
         test_logits = pack_query_logits(packed, ctx.defense, xt, spec.queries, gens, device)
+        reports: list[dict[str, float]] = [{} for _ in models]
     else:
         lg, tl = [], []
+        reports = []
         for m, g in zip(models, gens):
-            model = train_model(ctx, m, device)
+            reports.append({})
+            model = train_model(ctx, m, device, report=reports[-1])
             lg.append(query_logits(model, ctx.defense, xs, spec.queries, g, device=device))
             tl.append(query_logits(model, ctx.defense, xt, spec.queries, g, device=device))
         logits, test_logits = torch.stack(lg), torch.stack(tl)
     log.debug("pack %d: trained %d models in %.1fs", pack, len(models), time.perf_counter() - t0)
+    ctx.last_reports = reports
     return {
         "logits": logits.numpy().astype(np.float32),
         "test_logits": test_logits.numpy().astype(np.float32),

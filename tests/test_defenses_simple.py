@@ -1,0 +1,80 @@
+"""Baselines that change one thing: each does what it claims, and a small bank trains with each."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raymia.defenses import DEFENSES, build_defense
+from raymia.defenses.base import DataInfo
+from raymia.defenses.simple import LOG_FLOOR
+from raymia.errors import SpecError
+from raymia.spec import AuditSpec, TrainSpec
+from raymia.train.bank import BankContext, train_pack
+
+INFO = DataInfo(num_classes=5, input_shape=(4,), kind="tabular")
+
+
+def test_label_smoothing_loss_is_smoothed_cross_entropy():
+    d = build_defense("label_smoothing", {"smoothing": 0.2}, INFO, label_smoothing=0.05)
+    logits, y = torch.randn(7, 5), torch.randint(0, 5, (7,))
+    torch.testing.assert_close(d.loss(logits, y), F.cross_entropy(logits, y, label_smoothing=0.2))
+
+
+def test_recipe_defenses():
+    r = TrainSpec(epochs=40, weight_decay=0.0)
+    assert build_defense("weight_decay", {"weight_decay": 0.01}, INFO).modify_recipe(r).weight_decay == 0.01
+    assert build_defense("early_stopping", {"fraction": 0.25}, INFO).modify_recipe(r).epochs == 10
+    assert build_defense("early_stopping", {"fraction": 0.001}, INFO).modify_recipe(r).epochs == 1
+    ctx = BankContext.from_spec(AuditSpec.model_validate(
+        {"plan": {"num_models": 2, "population": 100}, "train": {"epochs": 40},
+         "defense": {"name": "early_stopping", "params": {"fraction": 0.5}}}))
+    assert ctx.recipe.epochs == 20 and ctx.spec.train.epochs == 40
+
+
+def test_confidence_postprocessing_keeps_labels():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(500, 5) * 3
+    label = logits.argmax(1)
+    hot = build_defense("confidence", {"temperature": 4.0}, INFO)
+    out = hot.postprocess_logits(None, logits, g)
+    assert torch.equal(out.argmax(1), label)
+    assert (F.softmax(out, 1).max(1).values <= F.softmax(logits, 1).max(1).values + 1e-6).all()  # flatter
+    top1 = build_defense("confidence", {"top_k": 1}, INFO).postprocess_logits(None, logits, g)
+    assert torch.equal(top1.argmax(1), label)
+    assert ((top1 > LOG_FLOOR).sum(1) == 1).all()  # only the top class is released
+    torch.testing.assert_close(top1.exp().sum(1), torch.ones(500), atol=1e-6, rtol=0)
+    r = build_defense("confidence", {"decimals": 1}, INFO).postprocess_logits(None, logits, g)
+    assert torch.equal(r.argmax(1), label)
+    p = r.exp()
+    released = p[p > 1e-20]
+    np.testing.assert_allclose(released.numpy() * 10, np.round(released.numpy() * 10), atol=1e-4)
+    assert not build_defense("confidence", {}, INFO).modifies_outputs
+
+
+@pytest.mark.parametrize(("name", "params", "needle"), [
+    ("label_smoothing", {"smoothing": 1.0}, "smoothing"),
+    ("weight_decay", {"weight_decay": -1}, "weight_decay"),
+    ("early_stopping", {"fraction": 0}, "fraction"),
+    ("confidence", {"temperature": 0}, "temperature"),
+    ("confidence", {"top_k": 0}, "top_k"),
+])
+def test_bad_params(name, params, needle):
+    with pytest.raises(SpecError, match=needle):
+        DEFENSES.get(name).parse(params, where="defense.params")
+
+
+@pytest.mark.parametrize("defense", [
+    {"name": "label_smoothing", "params": {"smoothing": 0.1}},
+    {"name": "weight_decay", "params": {"weight_decay": 1e-3}},
+    {"name": "early_stopping", "params": {"fraction": 0.5}},
+    {"name": "confidence", "params": {"temperature": 2.0, "top_k": 3, "decimals": 2}},
+])
+def test_small_bank_per_defense(defense):
+    spec = AuditSpec.model_validate({"plan": {"num_models": 4, "population": 200}, "train": {"epochs": 3},
+                                     "model": {"params": {"hidden": [32]}}, "defense": defense,
+                                     "bank": {"pack_size": 4}})
+    arrays = train_pack(BankContext.from_spec(spec), 0, torch.device("cpu"))
+    assert arrays["logits"].shape == (4, 2, 200, 10) and np.isfinite(arrays["logits"]).all()
