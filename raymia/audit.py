@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,7 @@ def run_audit(
 
     t0 = time.perf_counter()
     root = Path(output_dir or spec.output_dir)
+    spec = spec.model_copy(update={"output_dir": str(root.resolve())})  # workers and defenses cache under it
     fp = spec.fingerprint()
     out = Path(run_dir) if run_dir else audit_dir(spec, root)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,6 +123,10 @@ def run_audit(
     labels = ctx.audited_y
     y_test = ctx.data.y_test.numpy()
     signals = load_signals(store, ctx.plan.keep, labels, y_test)
+    if spec.attacker == "non_adaptive":  # the attacker's shadows are the undefended models only
+        pool = np.ones(spec.plan.num_models, dtype=bool)
+        pool[spec.plan.target_list] = False
+        signals = replace(signals, shadow_pool=pool)
     test_logits = signals.pop_logits[:, 0]  # identity query
 
     targets = spec.plan.target_list

@@ -18,6 +18,9 @@ class Signals:
     pop_logits: float32 [M, Q, Z, C]  optional: population points that NO bank model trained on (the test
                                        split), under the same queries: RMIA's reference points z.
     pop_labels: int64   [Z]
+    shadow_pool: bool   [M]           optional: the models an attacker may use as shadows (None: all). A
+                                       non-adaptive audit trains only the targets with the defense and keeps
+                                       them out of the pool.
     """
 
     logits: np.ndarray
@@ -25,6 +28,7 @@ class Signals:
     keep: np.ndarray
     pop_logits: np.ndarray | None = None
     pop_labels: np.ndarray | None = None
+    shadow_pool: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.logits.ndim != 4:
@@ -44,6 +48,8 @@ class Signals:
                 raise ValueError(f"pop_logits must be [M, Q, Z, C={c}] with M, Q = {mq}, got {self.pop_logits.shape}")
             if self.pop_labels.shape != (self.pop_logits.shape[2],):
                 raise ValueError("pop_labels must be [Z]")
+        if self.shadow_pool is not None and self.shadow_pool.shape != (m,):
+            raise ValueError(f"shadow_pool must be [M={m}]")
 
     @property
     def num_models(self) -> int:
@@ -61,8 +67,17 @@ class Signals:
     def num_classes(self) -> int:
         return self.logits.shape[3]
 
-    def shadows_of(self, target: int) -> np.ndarray:
-        """Indices of the models that act as shadows when model `target` is attacked (leave-one-out)."""
+    def shadow_mask(self, target: int) -> np.ndarray:
+        """bool [M]: the models that act as shadows when model `target` is attacked (leave-one-out: every
+        other model of the shadow pool)."""
         if not 0 <= target < self.num_models:
             raise ValueError(f"target {target} out of range [0, {self.num_models})")
-        return np.array([m for m in range(self.num_models) if m != target], dtype=np.int64)
+        mask = np.ones(self.num_models, dtype=bool) if self.shadow_pool is None else self.shadow_pool.copy()
+        mask[target] = False
+        if not mask.any():
+            raise ValueError(f"model {target} has no shadow model")
+        return mask
+
+    def shadows_of(self, target: int) -> np.ndarray:
+        """Indices of the models that act as shadows when model `target` is attacked."""
+        return np.flatnonzero(self.shadow_mask(target)).astype(np.int64)

@@ -178,6 +178,11 @@ class AuditSpec(_Model):
     model: ModelSpec = Field(default_factory=ModelSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     defense: DefenseSpec = Field(default_factory=DefenseSpec)
+    attacker: Literal["adaptive", "non_adaptive"] = Field(
+        "adaptive",
+        description="adaptive: the shadows are trained with the defense too; non_adaptive: only the targets "
+        "are, and the attacker's shadows are the other, undefended models",
+    )
     queries: list[str] = Field(default_factory=lambda: ["identity", "hflip"], min_length=1)
     attacks: list[AttackSpec] = Field(default_factory=_default_attacks, min_length=1)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
@@ -199,10 +204,13 @@ class AuditSpec(_Model):
     def bank_dict(self) -> dict[str, Any]:
         """The fields that determine the bank's outputs (and nothing else)."""
         d = self.model_dump(mode="json")
-        d["plan"].pop("targets")  # which models are attacked does not change the bank
+        targets = d["plan"].pop("targets")  # which models are attacked does not change an adaptive bank
+        if self.attacker == "non_adaptive":
+            d["plan"]["defended_models"] = self.plan.target_list  # ... but it does decide who is defended
+            d["plan"]["targets_raw"] = targets
         return {
             "format": SIGNAL_FORMAT_VERSION,
-            **{k: d[k] for k in ("seed", "data", "plan", "model", "train", "defense", "queries")},
+            **{k: d[k] for k in ("seed", "data", "plan", "model", "train", "defense", "queries", "attacker")},
             # bf16 changes the numbers; pack size, vmap and memory format only change float rounding.
             "precision": d["bank"]["precision"],
         }

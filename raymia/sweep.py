@@ -226,7 +226,11 @@ def run_sweep(spec: SweepSpec, *, output_dir: str | Path | None = None, console:
     sweep_dir = root / "sweeps" / spec.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     space = resolve_space(spec)
-    BankContext.from_spec(spec)  # data/plan/model checks before anything starts
+    ctx = BankContext.from_spec(spec)  # data/plan/model checks before anything starts
+    from raymia.defenses import build_defense
+
+    # The searched defense must apply to this model and data: say so before any trial starts.
+    build_defense(spec.sweep.defense, {}, ctx.data.info, where="sweep.defense").check(spec.model.name, ctx.data.info)
     objectives = spec.sweep.objectives
     metric_names = [o.metric for o in objectives]
     _check_objective_names(spec, metric_names)

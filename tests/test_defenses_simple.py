@@ -78,3 +78,23 @@ def test_small_bank_per_defense(defense):
                                      "bank": {"pack_size": 4}})
     arrays = train_pack(BankContext.from_spec(spec), 0, torch.device("cpu"))
     assert arrays["logits"].shape == (4, 2, 200, 10) and np.isfinite(arrays["logits"]).all()
+
+
+def test_non_adaptive_bank_defends_only_the_targets():
+    """attacker: non_adaptive trains the targets with the defense and every other model without it."""
+    base = {"plan": {"num_models": 4, "population": 200, "targets": [0]}, "train": {"epochs": 3},
+            "model": {"params": {"hidden": [32]}}, "bank": {"pack_size": 4},
+            "defense": {"name": "confidence", "params": {"top_k": 1}}}
+    na = AuditSpec.model_validate({**base, "attacker": "non_adaptive"})
+    ad = AuditSpec.model_validate(base)
+    assert na.fingerprint() != ad.fingerprint()
+    out = train_pack(BankContext.from_spec(na), 0, torch.device("cpu"))["logits"]
+    released = (out > LOG_FLOOR).sum(-1)  # classes released per query
+    assert (released[0] == 1).all()  # the target releases only its top class
+    assert (released[1:] == 10).all()  # the shadows are undefended
+    # changing the targets changes which models are defended, so the fingerprint moves too
+    other = AuditSpec.model_validate({**base, "attacker": "non_adaptive",
+                                      "plan": {**base["plan"], "targets": [1]}})
+    assert other.fingerprint() != na.fingerprint()
+    assert AuditSpec.model_validate({**base, "plan": {**base["plan"], "targets": [1]}}).fingerprint() \
+        == ad.fingerprint()

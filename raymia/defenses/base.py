@@ -17,6 +17,8 @@ query. A defense overrides only the hooks it needs:
 - search_space() -> {param: Domain}: the Tune/Optuna space, with defaults taken from the paper.
 - privacy_guarantee() -> dict | None: e.g. {"epsilon": ..., "delta": ...} for DP training.
 - check(model_name, info) -> None: raise SpecError before any training when the defense cannot apply.
+- setup(data, population, cache_dir, seed): fit what every bank model shares (a VAE, a pretrained
+  backbone), once per worker, cached on disk.
 Per-model facts a defense measures while training (sparsity reached, frozen fraction, accounted epsilon)
 go in `FitJob.report`; the bank stores them with the pack and the audit reports their mean.
 """
@@ -106,6 +108,14 @@ class Defense:
 
     def modify_recipe(self, recipe: Any) -> Any:
         return recipe
+
+    def setup(self, data: Any, population: Any, cache_dir: Any, seed: int) -> None:
+        """Called once per bank context (on every worker) before any model trains: for defenses that fit
+        something shared by every bank model (a VAE, a pretrained backbone). `data` is the raymia Dataset,
+        `population` the int64 indices of the audited points in its training split (the rest of the split
+        is public: no bank model trains on it), `cache_dir` a pathlib.Path under the store root where such
+        artefacts are cached (save tensors only; load with torch.load(weights_only=True)), `seed` the spec's
+        seed. Must be deterministic given its inputs."""
 
     def fit(self, job: FitJob) -> torch.nn.Module | None:
         return None

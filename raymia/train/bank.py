@@ -51,6 +51,10 @@ class BankContext:
     defense: Defense
     recipe: TrainSpec  # spec.train after the defense's modify_recipe: what every model trains with
     last_reports: list[dict[str, float]] | None = None  # the defense's per-model facts of the last pack
+    undefended: BankContext | None = None  # non-adaptive attacker: the context of the shadows (no defense)
+
+    def defended(self, m: int) -> bool:
+        return self.undefended is None or m in self.plan.targets
 
     @classmethod
     def from_spec(cls, spec: AuditSpec) -> BankContext:
@@ -71,7 +75,14 @@ class BankContext:
         defense = build_defense(spec.defense.name, spec.defense.params, data.info,
                                 label_smoothing=spec.train.label_smoothing)
         defense.check(spec.model.name, data.info)
-        return cls(spec=spec, data=data, plan=plan, defense=defense, recipe=defense.modify_recipe(spec.train))
+        from pathlib import Path
+
+        defense.setup(data, plan.population, Path(spec.output_dir) / "cache", spec.seed)
+        ctx = cls(spec=spec, data=data, plan=plan, defense=defense, recipe=defense.modify_recipe(spec.train))
+        if spec.attacker == "non_adaptive":
+            plain = build_defense("none", {}, data.info, label_smoothing=spec.train.label_smoothing)
+            ctx.undefended = cls(spec=spec, data=data, plan=plan, defense=plain, recipe=spec.train)
+        return ctx
 
     @property
     def num_packs(self) -> int:
@@ -394,6 +405,26 @@ def choose_vectorize(
     return vectorize
 
 
+def _train_group(ctx: BankContext, models: list[int], device: torch.device, vectorize: bool):
+    """Train models that share one defense; returns per-model logits [Q, P, C], test logits [Q, T, C],
+    and the defense's reports."""
+    spec = ctx.spec
+    xs, xt = ctx.audited_x, ctx.data.x_test
+    gens = [torch.Generator().manual_seed(derive_seed(spec.seed, "query", m)) for m in models]
+    if vectorize and len(models) > 1:
+        packed = train_models_packed(ctx, models, device)
+        logits = pack_query_logits(packed, ctx.defense, xs, spec.queries, gens, device)
+        test_logits = pack_query_logits(packed, ctx.defense, xt, spec.queries, gens, device)
+        return list(logits), list(test_logits), [{} for _ in models]
+    lg, tl, reports = [], [], []
+    for m, g in zip(models, gens):
+        reports.append({})
+        model = train_model(ctx, m, device, report=reports[-1])
+        lg.append(query_logits(model, ctx.defense, xs, spec.queries, g, device=device))
+        tl.append(query_logits(model, ctx.defense, xt, spec.queries, g, device=device))
+    return lg, tl, reports
+
+
 def train_pack(ctx: BankContext, pack: int, device: torch.device, vectorize: bool | None = None) -> dict[str, np.ndarray]:
     """Train the models of one pack and query them. Returns the arrays stored for the pack:
 
@@ -401,29 +432,25 @@ def train_pack(ctx: BankContext, pack: int, device: torch.device, vectorize: boo
     test_logits float32 [K, Q, T, C]  the test split under every query (utility; RMIA's population z)
     models      int64   [K]           bank indices of the pack's models
     """
-    spec = ctx.spec
     models = ctx.pack_models(pack)
-    xs, xt = ctx.audited_x, ctx.data.x_test
     t0 = time.perf_counter()
-    gens = [torch.Generator().manual_seed(derive_seed(spec.seed, "query", m)) for m in models]
     if vectorize is None:
         vectorize = choose_vectorize(ctx, models, device)
-    if vectorize and len(models) > 1:
-        packed = train_models_packed(ctx, models, device)
-        logits = pack_query_logits(packed, ctx.defense, xs, spec.queries, gens, device)
-        test_logits = pack_query_logits(packed, ctx.defense, xt, spec.queries, gens, device)
-        reports: list[dict[str, float]] = [{} for _ in models]
-    else:
-        lg, tl = [], []
-        reports = []
-        for m, g in zip(models, gens):
-            reports.append({})
-            model = train_model(ctx, m, device, report=reports[-1])
-            lg.append(query_logits(model, ctx.defense, xs, spec.queries, g, device=device))
-            tl.append(query_logits(model, ctx.defense, xt, spec.queries, g, device=device))
-        logits, test_logits = torch.stack(lg), torch.stack(tl)
-    log.debug("pack %d: trained %d models in %.1fs", pack, len(models), time.perf_counter() - t0)
+    # A non-adaptive bank defends only the targets: train each group with its own defense and recipe.
+    groups = [(ctx, [m for m in models if ctx.defended(m)])]
+    if ctx.undefended is not None:
+        groups.append((ctx.undefended, [m for m in models if not ctx.defended(m)]))
+    parts: dict[int, tuple[torch.Tensor, torch.Tensor, dict[str, float]]] = {}
+    for gctx, gmodels in groups:
+        if gmodels:
+            vec = vectorize and gctx.defense.vectorizable
+            for m, lg, tl, rep in zip(gmodels, *_train_group(gctx, gmodels, device, vec)):
+                parts[m] = (lg, tl, rep)
+    logits = torch.stack([parts[m][0] for m in models])
+    test_logits = torch.stack([parts[m][1] for m in models])
+    reports = [parts[m][2] for m in models]
     ctx.last_reports = reports
+    log.debug("pack %d: trained %d models in %.1fs", pack, len(models), time.perf_counter() - t0)
     return {
         "logits": logits.numpy().astype(np.float32),
         "test_logits": test_logits.numpy().astype(np.float32),

@@ -101,8 +101,10 @@ def lira_from_phi(
     online: bool,
     fixed_variance: bool = False,
     min_std: float = 1e-6,
+    shadow: np.ndarray | None = None,
 ) -> np.ndarray:
-    """LiRA scores float64 [P] from precomputed phi [M, Q, P] (float64) and keep [M, P]; see module doc."""
+    """LiRA scores float64 [P] from precomputed phi [M, Q, P] (float64) and keep [M, P]; see module doc.
+    `shadow` (bool [M]) selects the shadow models; default: every model but the target."""
     phi = np.asarray(phi, dtype=np.float64)
     keep = np.asarray(keep, dtype=np.bool_)
     m = phi.shape[0]
@@ -112,7 +114,7 @@ def lira_from_phi(
         raise ValueError(f"target {target} out of range [0, {m})")
     if m < 2:
         raise ValueError("LiRA needs at least one shadow model besides the target")
-    shadow = (np.arange(m) != target)[:, None]
+    shadow = (np.arange(m) != target if shadow is None else np.asarray(shadow, dtype=bool))[:, None]
     out = _fit_side(phi, (shadow & ~keep).astype(np.float64), fixed_variance, min_std)
     if out.total == 0:
         raise ValueError("LiRA needs OUT shadows: every shadow model trained on every audited point")
@@ -126,12 +128,12 @@ def lira_from_phi(
 
 
 def _lira(signals: Signals, target: int, params: LiraParams, online: bool) -> np.ndarray:
-    signals.shadows_of(target)  # range check of `target`
+    shadow = signals.shadow_mask(target)
     phi = logit_scaled_confidence(signals.logits, signals.labels)  # float64 [M, Q, P]
     fixed = params.fixed_variance
     if fixed is None:
-        fixed = signals.num_models - 1 < AUTO_FIXED_VARIANCE_BELOW
-    return lira_from_phi(phi, signals.keep, target, online, fixed, params.min_std)
+        fixed = int(shadow.sum()) < AUTO_FIXED_VARIANCE_BELOW
+    return lira_from_phi(phi, signals.keep, target, online, fixed, params.min_std, shadow)
 
 
 @ATTACKS.register(

@@ -94,6 +94,7 @@ def rmia_log_ratios(
     target: int,
     online: bool,
     a: float = 0.3,
+    shadow: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(log Ratio_x [P], log Ratio_z [Z]) from log Pr(.|model) of audited points [M, P] and of z [M, Z].
 
@@ -112,7 +113,7 @@ def rmia_log_ratios(
         raise ValueError(f"target {target} out of range [0, {m})")
     if logp_pop.shape[1] == 0:
         raise ValueError("RMIA needs at least one population point z")
-    shadows = np.arange(m) != target
+    shadows = np.arange(m) != target if shadow is None else np.asarray(shadow, dtype=bool)
     if not shadows.any():
         raise ValueError("RMIA needs at least one reference model besides the target")
     ref, ref_pop = logp[shadows], logp_pop[shadows]
@@ -149,7 +150,7 @@ def pairwise_fraction(log_ratio_x: np.ndarray, log_ratio_z: np.ndarray, gamma: f
 
 
 def _rmia(signals: Signals, target: int, params: RmiaOnlineParams, online: bool) -> np.ndarray:
-    signals.shadows_of(target)  # range check of `target`
+    shadow = signals.shadow_mask(target)
     if signals.pop_logits is None or signals.pop_labels is None:
         raise ValueError(
             "RMIA needs population points z that no model trained on (signals.pop_logits is None)"
@@ -164,7 +165,7 @@ def _rmia(signals: Signals, target: int, params: RmiaOnlineParams, online: bool)
     logp = log_prob_true_label(signals.logits, signals.labels, params.temperature)
     logp_pop = log_prob_true_label(pop_logits, pop_labels, params.temperature)
     a = params.a if isinstance(params, RmiaOfflineParams) else 0.0
-    lx, lz = rmia_log_ratios(logp, signals.keep, logp_pop, target, online, a)
+    lx, lz = rmia_log_ratios(logp, signals.keep, logp_pop, target, online, a, shadow)
     return pairwise_fraction(lx, lz, params.gamma)
 
 

@@ -143,11 +143,14 @@ def best_threshold(scores: np.ndarray, is_in: np.ndarray) -> float | None:
 
 
 def calibrated_scores(
-    stat: np.ndarray, keep: np.ndarray, labels: np.ndarray, target: int, calibration: str
+    stat: np.ndarray, keep: np.ndarray, labels: np.ndarray, target: int, calibration: str,
+    shadow: np.ndarray | None = None,
 ) -> np.ndarray:
-    """stat[target] - tau[label], taus fitted on the shadows' stat [M, P] and keep [M, P] (see module doc)."""
+    """stat[target] - tau[label], taus fitted on the shadows' stat [M, P] and keep [M, P] (see module doc).
+    `shadow` (bool [M]) selects the shadow models; default: every model but the target."""
     m = stat.shape[0]
-    shadow = np.arange(m) != target
+    if shadow is None:
+        shadow = np.arange(m) != target
     sh_stat = stat[shadow]
     sh_in = np.asarray(keep)[shadow]
     tau_global = best_threshold(sh_stat, sh_in)
@@ -177,12 +180,12 @@ StatFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 def threshold_attack(signals: Signals, target: int, params: ThresholdParams, stat_fn: StatFn) -> np.ndarray:
     """Statistic of every model on one query (one model at a time, float64), calibrated on the shadows."""
-    signals.shadows_of(target)  # range check of `target`
+    shadow = signals.shadow_mask(target)
     check_query(signals, params.query)
     stat = np.empty((signals.num_models, signals.num_points), dtype=np.float64)
     for m in range(signals.num_models):
         stat[m] = stat_fn(signals.logits[m, params.query], signals.labels)
-    return calibrated_scores(stat, signals.keep, signals.labels, target, params.calibration)
+    return calibrated_scores(stat, signals.keep, signals.labels, target, params.calibration, shadow)
 
 
 # ---------------------------------------------------------------------------------------------- registrations
