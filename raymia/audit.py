@@ -43,6 +43,12 @@ class AuditResult:
         for a, ms in self.attacks.items():
             for k, v in ms.items():
                 out[f"{a}/{k}"] = v
+        # worst/<metric>: the strongest attack's value (every attack metric grows with leakage)
+        for k in next(iter(self.attacks.values()), {}):
+            if "_ci_" in k:
+                continue
+            vals = [ms[k] for ms in self.attacks.values() if ms.get(k) is not None]
+            out[f"worst/{k}"] = max(vals) if vals else None
         return out
 
     def to_json(self) -> dict[str, Any]:

@@ -226,6 +226,12 @@ class Objective(_Model):
     mode: Literal["max", "min"]
 
 
+class Constraint(_Model):
+    metric: str
+    op: Literal[">=", "<="]
+    value: float
+
+
 class SweepBlock(_Model):
     defense: str = "hamp"
     space: dict[str, Any] = Field(
@@ -241,9 +247,14 @@ class SweepBlock(_Model):
         min_length=1,
         max_length=3,
     )
+    constraints: list[Constraint] = Field(
+        default_factory=list,
+        description="e.g. {metric: test_accuracy, op: '>=', value: 0.9}: trials that break one are kept off the front",
+    )
     num_trials: int = Field(8, ge=1)
     max_concurrent: int = Field(1, ge=1)
-    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    trial_cpu: float = Field(0.01, gt=0, description="CPUs a trial's driver reserves (its bank workers ask for their own)")
+    sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
 
 
 class SweepSpec(AuditSpec):

@@ -9,6 +9,7 @@ The result is the Pareto front (table, result.json, Pareto plot).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -22,9 +23,6 @@ from raymia.space import Categorical, Domain, Float, Int, describe
 from raymia.spec import SweepSpec
 
 log = logging.getLogger("raymia")
-
-# Trials declare this CPU share: bank workers must be able to take the cluster's CPUs (0 is refused).
-TRIAL_CPU = 0.01
 
 
 @dataclass
@@ -115,6 +113,8 @@ def _make_sampler(name: str, seed: int):
         return optuna.samplers.TPESampler(seed=seed)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
     return optuna.samplers.RandomSampler(seed=seed)
 
 
@@ -192,6 +192,15 @@ def _mlflow_callback(spec: SweepSpec, parent_id: str):
         """Logs one MLflow child run per finished (or failed) trial, from the driver."""
 
         def _log(self, trial, status: str, error: str | None = None) -> None:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(spec.tracking.uri)
+            exp = client.get_experiment_by_name(spec.tracking.experiment)
+            if exp is not None and client.search_runs(
+                [exp.experiment_id],
+                filter_string=f"tags.`raymia.trial_id` = '{trial.trial_id}' and tags.`raymia.parent` = '{parent_id}'",
+            ):
+                return  # logged before an interruption: one child run per trial
             result = trial.last_result or {}
             params = trial_spec(spec.model_dump(mode="json"), dict(trial.config))
             metrics = {k: v for k, v in result.items() if _is_metric(k)}
@@ -213,7 +222,28 @@ def _mlflow_callback(spec: SweepSpec, parent_id: str):
     return MlflowChildRuns()
 
 
-def run_sweep(spec: SweepSpec, *, output_dir: str | Path | None = None, console: bool = True) -> SweepResult:
+def _resume_key(spec: SweepSpec) -> dict[str, Any]:
+    """What must match for a re-run to continue a sweep (the tracking and output locations may move)."""
+    d = spec.model_dump(mode="json")
+    for k in ("tracking", "output_dir"):
+        d.pop(k, None)
+    return d
+
+
+def _load_result(spec: SweepSpec, sweep_dir: Path, parent_id: str | None) -> SweepResult:
+    saved = json.loads((sweep_dir / "result.json").read_text())
+    trials = saved["trials"]
+    front_ids = set(saved["front"])
+    return SweepResult(spec=spec, trials=trials, front=[i for i, t in enumerate(trials) if t["trial"] in front_ids],
+                       out_dir=sweep_dir, parent_run_id=parent_id)
+
+
+def run_sweep(
+    spec: SweepSpec, *, output_dir: str | Path | None = None, console: bool = True, resume: bool = False,
+    fresh: bool = False,
+) -> SweepResult:
+    """Run (or continue) a sweep. A re-run of the same spec continues an interrupted sweep without
+    re-running finished trials (`resume=True` insists that there is one); `fresh=True` discards it."""
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
@@ -224,6 +254,11 @@ def run_sweep(spec: SweepSpec, *, output_dir: str | Path | None = None, console:
     t0 = time.perf_counter()
     root = Path(output_dir or spec.output_dir).resolve()
     sweep_dir = root / "sweeps" / spec.name
+    if fresh:
+        import shutil
+
+        shutil.rmtree(sweep_dir, ignore_errors=True)
+        shutil.rmtree(root / "ray" / f"sweep-{spec.name}", ignore_errors=True)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     space = resolve_space(spec)
     ctx = BankContext.from_spec(spec)  # data/plan/model checks before anything starts
@@ -234,9 +269,30 @@ def run_sweep(spec: SweepSpec, *, output_dir: str | Path | None = None, console:
     objectives = spec.sweep.objectives
     metric_names = [o.metric for o in objectives]
     _check_objective_names(spec, metric_names)
+    _check_objective_names(spec, [c.metric for c in spec.sweep.constraints], field="constraints")
 
-    parent_id = None
-    if spec.tracking.enabled:
+    # Resume: the sweep's state (spec hash, MLflow parent run) lives beside its results; Tune's experiment
+    # checkpoint and the Optuna study (SQLite) hold the trials. Re-running the same command continues.
+    state_path = sweep_dir / "state.json"
+    spec_hash = hashlib.sha256(json.dumps(_resume_key(spec), sort_keys=True).encode()).hexdigest()[:16]
+    state = json.loads(state_path.read_text()) if state_path.exists() else None
+    exp_dir = root / "ray" / f"sweep-{spec.name}"
+    if state is not None and state.get("spec_hash") != spec_hash:
+        raise SpecError(f"a sweep named {spec.name!r} with a different spec exists in {sweep_dir}; give this one "
+                        "another name, or use --fresh to discard the old one", where="name")
+    if resume and state is None:
+        raise SpecError(f"nothing to resume in {sweep_dir}", where="--resume")
+    if state is not None and state.get("finished") and (sweep_dir / "result.json").exists():
+        log.info("sweep %s already finished; its result is in %s (use --fresh to run it again)", spec.name, sweep_dir)
+        result = _load_result(spec, sweep_dir, state.get("parent_run_id"))
+        if console:
+            print_front(result)
+        return result
+    from ray import tune as _tune
+
+    resuming = state is not None and _tune.Tuner.can_restore(str(exp_dir))
+    parent_id = state.get("parent_run_id") if state else None
+    if spec.tracking.enabled and parent_id is None:
         from raymia.tracking import start_parent
 
         parent_id = start_parent(
@@ -244,38 +300,52 @@ def run_sweep(spec: SweepSpec, *, output_dir: str | Path | None = None, console:
             params=spec.model_dump(mode="json"), tags={"raymia.kind": "sweep"},
         )
         log.info("MLflow parent run %s in %s", parent_id, spec.tracking.uri)
+    state_path.write_text(json.dumps({"spec_hash": spec_hash, "parent_run_id": parent_id, "finished": False}))
 
     ensure_ray()
-    searcher = OptunaSearch(
-        space=DefineByRun(space, spec.sweep.defense, spec.sweep.include_undefended),
-        metric=metric_names,
-        mode=[o.mode for o in objectives],
-        sampler=_make_sampler(spec.sweep.sampler, spec.seed),
-    )
     log.info("sweep %s: %d trials of %s over %s", spec.name, spec.sweep.num_trials, spec.sweep.defense,
              ", ".join(f"{k} {describe(v) if isinstance(v, Float | Int | Categorical) else repr(v)}"
                        for k, v in space.items()))
-    trainable = tune.with_parameters(
+    trainable = tune.with_resources(tune.with_parameters(
         _run_trial, base=spec.model_dump(mode="json"), root=str(root), sweep_dir=str(sweep_dir)
-    )
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": TRIAL_CPU}),
-        tune_config=tune.TuneConfig(
-            search_alg=searcher, num_samples=spec.sweep.num_trials, max_concurrent_trials=spec.sweep.max_concurrent
-        ),
-        run_config=tune.RunConfig(
-            name=f"sweep-{spec.name}",
-            storage_path=str(root / "ray"),
-            callbacks=[_progress_callback(spec)] + ([_mlflow_callback(spec, parent_id)] if parent_id else []),
-            verbose=0,
-        ),
-    )
+    ), {"cpu": spec.sweep.trial_cpu})
+    if resuming:
+        log.info("resuming sweep %s: finished trials are kept, unfinished ones run again", spec.name)
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        import optuna
+
+        searcher = OptunaSearch(
+            space=DefineByRun(space, spec.sweep.defense, spec.sweep.include_undefended),
+            metric=metric_names,
+            mode=[o.mode for o in objectives],
+            sampler=_make_sampler(spec.sweep.sampler, spec.seed),
+            storage=optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / 'optuna.db'}"),
+            study_name=f"raymia-{spec.name}",
+        )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher, num_samples=spec.sweep.num_trials,
+                max_concurrent_trials=spec.sweep.max_concurrent,
+            ),
+            run_config=tune.RunConfig(
+                name=f"sweep-{spec.name}",
+                storage_path=str(root / "ray"),
+                callbacks=[_progress_callback(spec)] + ([_mlflow_callback(spec, parent_id)] if parent_id else []),
+                verbose=0,
+            ),
+        )
     status, summary = "FAILED", {}
     try:
         grid = tuner.fit()
         trials = _collect(grid, metric_names)
         ok = [t for t in trials if t["status"] == "ok"]
-        front_ok = pareto_front(ok, [(o.metric, o.mode) for o in objectives])
+        for t in ok:
+            t["feasible"] = all(_satisfies(t.get(c.metric), c.op, c.value) for c in spec.sweep.constraints)
+        feasible = [t for t in ok if t["feasible"]]
+        front_ok = [ok.index(t) for t in (feasible[i] for i in pareto_front(
+            feasible, [(o.metric, o.mode) for o in objectives]))]
         front_ids = {ok[i]["trial"] for i in front_ok}
         front = [i for i, t in enumerate(trials) if t["trial"] in front_ids]
         result = SweepResult(spec=spec, trials=trials, front=front, out_dir=sweep_dir, parent_run_id=parent_id)
@@ -293,6 +363,7 @@ def run_sweep(spec: SweepSpec, *, output_dir: str | Path | None = None, console:
         if console:
             print_front(result)
         status = "FINISHED"
+        state_path.write_text(json.dumps({"spec_hash": spec_hash, "parent_run_id": parent_id, "finished": True}))
         summary = {"num_trials": len(trials), "num_failed": len(trials) - len(ok), "front_size": len(front)}
         log.info("sweep %s done in %.0fs -> %s", spec.name, time.perf_counter() - t0, sweep_dir)
         return result
@@ -304,12 +375,18 @@ def run_sweep(spec: SweepSpec, *, output_dir: str | Path | None = None, console:
             finish_parent(spec.tracking.uri, parent_id, summary, arts, status=status)
 
 
+def _satisfies(value: float | None, op: str, bound: float) -> bool:
+    if value is None or not math.isfinite(value):
+        return False
+    return value >= bound if op == ">=" else value <= bound
+
+
 def _arrow(objectives, metric: str) -> str:
     mode = next(o.mode for o in objectives if o.metric == metric)
     return "higher is better" if mode == "max" else "lower is better"
 
 
-def _check_objective_names(spec: SweepSpec, names: list[str]) -> None:
+def _check_objective_names(spec: SweepSpec, names: list[str], field: str = "objectives") -> None:
     attacks = {a.name for a in spec.attacks}
     utility = {"train_accuracy", "test_accuracy", "generalization_gap", "test_ece", "bank_test_accuracy"}
     keys = {"auc", "balanced_accuracy", "epsilon_lb", *(f"tpr_fpr_{f:g}" for f in spec.metrics.fpr_levels),
@@ -318,11 +395,14 @@ def _check_objective_names(spec: SweepSpec, names: list[str]) -> None:
         if n in utility:
             continue
         a, _, k = n.partition("/")
-        if a in attacks and k in keys:
+        if (a in attacks or a == "worst") and k in keys:
             continue
-        accepted = sorted(utility) + [f"ATTACK/{k}" for k in sorted(keys)]
+        if a == "defense" and k:
+            continue
+        accepted = sorted(utility) + [f"ATTACK/{k}" for k in sorted(keys)] + ["defense/KEY"]
         raise SpecError(f"unknown metric {n!r}; accepted: {', '.join(accepted)} with ATTACK one of the spec's "
-                        f"attacks ({', '.join(sorted(attacks))})", where=f"sweep.objectives.{i}.metric")
+                        f"attacks ({', '.join(sorted(attacks))}) or 'worst' (the strongest of them)",
+                        where=f"sweep.{field}.{i}.metric")
 
 
 def _collect(grid, metric_names: list[str]) -> list[dict[str, Any]]:

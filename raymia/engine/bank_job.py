@@ -26,6 +26,9 @@ def _train_packs(spec: AuditSpec, store: SignalStore, packs: list[int], rank: in
     mine = [p for p in packs[rank::world] if store.check_pack(p) is not None]  # skip packs done before a restart
     n_models = sum(len(ctx.pack_models(p)) for p in mine)
     vectorize = choose_vectorize(ctx, ctx.pack_models(mine[0]), device, worker_models=n_models) if mine else False
+    if mine:
+        print(f"[raymia] worker {rank}: {len(mine)} pack(s), "
+              f"{'vectorised packs' if vectorize else 'one model at a time'} on {device}", flush=True)
     for i, p in enumerate(mine, 1):
         t0 = time.perf_counter()
         arrays = train_pack(ctx, p, device, vectorize=vectorize)

@@ -24,6 +24,9 @@ def ensure_ray() -> None:
         address=os.environ.get("RAY_ADDRESS"),
         include_dashboard=False,
         logging_level=logging.WARNING,
+        # Workers' Python loggers at ERROR: without the dashboard, Train's placement-group cleaner warns
+        # every few seconds that the state API is unavailable. raymia's own progress lines are prints.
+        logging_config=ray.LoggingConfig(log_level="ERROR"),
         log_to_driver=True,
     )
     res = ray.cluster_resources()

@@ -1,0 +1,371 @@
+"""Training-time defenses (adversarial regularisation, RelaxLoss, pruning) and MemGuard's output noise:
+what each one promises, its parameter validation, and one small bank per defense through the bank's hooks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import raymia.defenses.pruning as pruning_mod
+from raymia.data import load_dataset
+from raymia.defenses import DEFENSES, build_defense
+from raymia.defenses.advreg import AdvReg, minmax_train
+from raymia.defenses.base import DataInfo, FitJob
+from raymia.defenses.memguard import MemGuard
+from raymia.defenses.pruning import Pruning, prunable_layers
+from raymia.defenses.relaxloss import RelaxLoss, relaxloss
+from raymia.errors import SpecError
+from raymia.models import build_model
+from raymia.space import Categorical
+from raymia.spec import AuditSpec, TrainSpec
+from raymia.train.bank import BankContext, train_model, train_pack
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These models are tiny: one intra-op thread is fastest and immune to a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _job(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: TrainSpec, ref_x: torch.Tensor | None = None,
+         ref_y: torch.Tensor | None = None, seed: int = 1) -> FitJob:
+    return FitJob(m=0, model=model, x=x, y=y, recipe=recipe, device=CPU, seed=seed,
+                  steps_per_epoch=math.ceil(x.shape[0] / recipe.batch_size), reference_x=ref_x, reference_y=ref_y)
+
+
+def _model(name: str, params: dict, info: DataInfo, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(name, params, info)
+
+
+# --- pruning ---------------------------------------------------------------------------------------------
+def _fit_pruning(monkeypatch, model: nn.Module, job: FitJob, info: DataInfo, **params):
+    """Fit with the pruning defense, capturing the masks it applies before retraining."""
+    seen: list[dict[str, torch.Tensor]] = []
+    real = pruning_mod.apply_masks
+
+    def spy(m: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+        seen.append({k: v.clone() for k, v in masks.items()})
+        real(m, masks)
+
+    monkeypatch.setattr(pruning_mod, "apply_masks", spy)
+    d = build_defense("pruning", params, info)
+    assert isinstance(d, Pruning) and not d.vectorizable
+    trained = d.fit(job)
+    assert len(seen) == 1
+    return trained, seen[0]
+
+
+def _assert_pruned_stay_zero(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        assert torch.all(params[name][mask == 0] == 0.0), name
+        assert torch.any(params[name][mask == 1] != 0.0), name  # the kept weights were trained
+
+
+def _train_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model.eval()(x).argmax(dim=1) == y).float().mean())
+
+
+@pytest.mark.parametrize("method,recipe", [
+    ("magnitude", TrainSpec(epochs=24, batch_size=64, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4)),
+    ("admm", TrainSpec(epochs=18, batch_size=64, optimizer="adam", lr=0.003, schedule="cosine")),
+])
+def test_unstructured_pruning_reaches_sparsity_and_keeps_zeros(monkeypatch, digits, method, recipe):
+    x, y = digits.x_train[:400], digits.y_train[:400]
+    model = _model("mlp", {"hidden": [128, 64]}, digits.info)
+    job = _job(model, x, y, recipe)
+    trained, masks = _fit_pruning(monkeypatch, model, job, digits.info, sparsity=0.7, method=method)
+    layers = prunable_layers(trained)
+    assert [n for n, _ in layers] == ["1", "3"]  # the classifier layer is not pruned
+    assert abs(job.report["sparsity"] - 0.7) <= 0.01
+    assert set(masks) == {"1.weight", "3.weight"}
+    zeros = sum(int((m == 0).sum()) for m in masks.values())
+    assert abs(zeros / sum(m.numel() for m in masks.values()) - 0.7) <= 0.01
+    _assert_pruned_stay_zero(trained, masks)
+    assert _train_accuracy(trained, x, y) > 0.8
+
+
+def test_filter_pruning_zeroes_whole_filters(monkeypatch, digits):
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    model = _model("cnn", {"channels": [20, 40], "hidden": 40}, digits.info)
+    job = _job(model, x, y, TrainSpec(epochs=12, batch_size=64, lr=0.01))
+    trained, masks = _fit_pruning(monkeypatch, model, job, digits.info, sparsity=0.7, structure="filter")
+    assert abs(job.report["sparsity"] - 0.7) <= 0.01
+    _assert_pruned_stay_zero(trained, masks)
+    layers = prunable_layers(trained)
+    assert len(layers) == 3  # conv1, conv2, hidden fc
+    for _, layer in layers:
+        w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+        dead = (w == 0).all(dim=1)
+        assert int(dead.sum()) == round(0.7 * w.shape[0])
+        assert torch.all(layer.bias[dead] == 0.0)
+        assert int((w == 0).sum()) == int(dead.sum()) * w.shape[1]  # no zeros outside whole filters
+    assert _train_accuracy(trained, x, y) > 0.8
+
+
+def test_pruning_with_minmax_game(monkeypatch):
+    info = DataInfo(num_classes=4, input_shape=(16,), kind="tabular")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(160, 16, generator=g), torch.randint(0, 4, (160,), generator=g)
+    model = _model("mlp", {"hidden": [64]}, info)
+    job = _job(model, x[:80], y[:80], TrainSpec(epochs=6, batch_size=20, lr=0.003), x[80:], y[80:])
+    trained, masks = _fit_pruning(monkeypatch, model, job, info, sparsity=0.5, minmax_lambda=1.0,
+                                  method="admm", admm_epochs=2)
+    _assert_pruned_stay_zero(trained, masks)
+    assert abs(job.report["sparsity"] - 0.5) <= 0.01
+    assert 0.0 <= job.report["inference_accuracy"] <= 1.0
+    assert all(torch.isfinite(p).all() for p in trained.parameters())
+
+
+# --- adversarial regularisation --------------------------------------------------------------------------
+def test_advreg_shrinks_member_confidence_gap():
+    """Random labels: plain training memorises its members (confidence near 1, non-members near chance);
+    the game with lambda = 3 brings the members' confidence back towards the non-members'."""
+    info = DataInfo(num_classes=10, input_shape=(32,), kind="tabular")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(400, 32, generator=g), torch.randint(0, 10, (400,), generator=g)
+    xm, ym, xr, yr = x[:200], y[:200], x[200:], y[200:]
+
+    def gap(lam: float) -> tuple[float, FitJob, nn.Module]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 10))
+        job = _job(model, xm, ym, TrainSpec(epochs=40, batch_size=50, lr=0.003), xr, yr)
+        d = build_defense("advreg", {"lam": lam}, info)
+        assert isinstance(d, AdvReg) and not d.vectorizable
+        trained = d.fit(job)
+        assert all(torch.isfinite(p).all() for p in trained.parameters())
+        with torch.no_grad():
+            cm = trained(xm).softmax(dim=1).gather(1, ym[:, None]).mean()
+            cr = trained(xr).softmax(dim=1).gather(1, yr[:, None]).mean()
+        return float(cm - cr), job, trained
+
+    plain, job0, _ = gap(0.0)
+    game, job3, _ = gap(3.0)
+    assert plain > 0.7
+    assert game < plain - 0.3
+    assert "inference_accuracy" not in job0.report
+    assert 0.5 <= job3.report["inference_accuracy"] <= 1.0
+
+
+def test_minmax_train_is_seeded_and_respects_masks():
+    info = DataInfo(num_classes=3, input_shape=(8,), kind="tabular")
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(60, 8, generator=g), torch.randint(0, 3, (60,), generator=g)
+    recipe = TrainSpec(epochs=1, batch_size=10, optimizer="sgd", lr=0.1, momentum=0.9)
+    outs = []
+    for _ in range(2):
+        model = _model("mlp", {"hidden": [16]}, info)
+        mask = {"1.weight": (torch.rand(16, 8, generator=torch.Generator().manual_seed(2)) > 0.5).float()}
+        minmax_train(model, x[:30], y[:30], x[30:], y[30:], recipe, 12, 2.0, num_classes=3, seed=5,
+                     inference_steps=2, param_mask=mask)
+        assert torch.all(model[1].weight[mask["1.weight"] == 0] == 0.0)
+        outs.append(model(x).detach())
+    torch.testing.assert_close(outs[0], outs[1])
+    with pytest.raises(ValueError, match="reference"):
+        minmax_train(_model("mlp", {"hidden": [16]}, info), x, y, None, None, recipe, 2, 1.0, num_classes=3)
+
+
+# --- RelaxLoss -------------------------------------------------------------------------------------------
+def _member_ce(ctx: BankContext, model: nn.Module) -> float:
+    idx = torch.from_numpy(ctx.plan.members_of(0))
+    with torch.no_grad():
+        return float(F.cross_entropy(model(ctx.data.x_train[idx]), ctx.data.y_train[idx]))
+
+
+def test_relaxloss_holds_training_loss_near_alpha():
+    def ctx_for(defense: dict) -> BankContext:
+        return BankContext.from_spec(AuditSpec.model_validate({
+            "plan": {"num_models": 2, "population": 600}, "model": {"name": "mlp", "params": {"hidden": [256]}},
+            "train": {"epochs": 30, "batch_size": 64, "lr": 0.003}, "defense": defense}))
+
+    alpha = 0.5
+    relaxed = ctx_for({"name": "relaxloss", "params": {"alpha": alpha}})
+    assert isinstance(relaxed.defense, RelaxLoss) and relaxed.defense.vectorizable
+    ce_relax = _member_ce(relaxed, train_model(relaxed, 0, CPU))
+    plain = ctx_for({"name": "none"})
+    ce_plain = _member_ce(plain, train_model(plain, 0, CPU))
+    assert 0.5 * alpha <= ce_relax <= 2 * alpha
+    assert ce_plain < 0.1
+
+
+def test_relaxloss_gradients():
+    """Above alpha it is plain CE (minus a constant); below alpha the CE is pushed back up and the
+    flattening term leaves the true-class logit's gradient untouched."""
+    y = torch.tensor([0, 1, 2, 1])
+    far = torch.zeros(4, 3, requires_grad=True)  # CE = ln 3 > alpha
+    relaxloss(far, y, 0.5).backward()
+    ce_far = torch.zeros(4, 3, requires_grad=True)
+    F.cross_entropy(ce_far, y).backward()
+    torch.testing.assert_close(far.grad, ce_far.grad)
+
+    near = (8.0 * F.one_hot(y, 3).float() + torch.tensor([0.0, 0.5, 1.0])).requires_grad_(True)
+    assert float(F.cross_entropy(near.detach(), y)) < 0.5
+    relaxloss(near, y, 0.5).backward()
+    ce_near = near.detach().clone().requires_grad_(True)
+    F.cross_entropy(ce_near, y).backward()
+    true = F.one_hot(y, 3).bool()
+    # ascent: the true-class logits move down (gradient of the loss has the opposite sign of CE's)
+    assert torch.all(near.grad[true] > 0) and torch.all(ce_near.grad[true] < 0)
+    torch.testing.assert_close(near.grad[true], -ce_near.grad[true])
+
+
+def test_relaxloss_under_vmap():
+    logits = torch.randn(3, 8, 5)
+    y = torch.randint(0, 5, (3, 8))
+    batched = torch.func.vmap(lambda a, b: relaxloss(a, b, 1.0))(logits, y)
+    torch.testing.assert_close(batched, torch.stack([relaxloss(logits[i], y[i], 1.0) for i in range(3)]))
+
+
+# --- MemGuard --------------------------------------------------------------------------------------------
+def _logits(n: int = 400, c: int = 10) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(n, c, generator=g) * torch.linspace(0.1, 12.0, n)[:, None]
+    z[0] = 1.0  # an all-tied row
+    z[1, :2] = 5.0  # a tie at the top
+    z[2] = torch.tensor([3.0, 3.0 + 1e-6, *[0.0] * (c - 2)])  # a near tie
+    return z
+
+
+@pytest.mark.parametrize("mode", ["flatten", "random"])
+@pytest.mark.parametrize("epsilon", [0.1, 0.5, 1.0])
+def test_memguard_keeps_label_and_budget(mode, epsilon):
+    info = DataInfo(num_classes=10, input_shape=(4,), kind="tabular")
+    d = build_defense("memguard", {"epsilon": epsilon, "mode": mode}, info)
+    assert isinstance(d, MemGuard) and d.modifies_outputs and d.vectorizable
+    z = _logits()
+    out = d.postprocess_logits(nn.Identity(), z, torch.Generator().manual_seed(3))
+    assert out.shape == z.shape and out.dtype == z.dtype and torch.isfinite(out).all()
+    assert torch.equal(out.argmax(dim=1), z.argmax(dim=1))
+    l1 = (out.softmax(dim=1) - z.softmax(dim=1)).abs().sum(dim=1)
+    assert float(l1.max()) <= epsilon + 1e-5
+    assert float(l1.mean()) > 0.1 * epsilon  # it does perturb
+    again = d.postprocess_logits(nn.Identity(), z, torch.Generator().manual_seed(3))
+    assert torch.equal(out, again)
+    other = d.postprocess_logits(nn.Identity(), z, torch.Generator().manual_seed(4))
+    assert torch.equal(other, out) == (mode == "flatten")
+
+
+def test_memguard_flatten_lowers_top_confidence_by_budget():
+    info = DataInfo(num_classes=10, input_shape=(4,), kind="tabular")
+    d = build_defense("memguard", {"epsilon": 0.4}, info)
+    z = torch.zeros(2, 10)
+    z[0, 3] = 20.0  # confident: the full budget is spent
+    z[1, 3] = 0.1  # barely first: the move stops before the top class loses its place
+    p = z.softmax(dim=1)
+    q = d.postprocess_logits(nn.Identity(), z, torch.Generator()).softmax(dim=1)
+    assert abs(float(p[0, 3] - q[0, 3]) - 0.2) < 1e-4
+    assert 0 < float(p[1, 3] - q[1, 3]) < 0.2
+    assert int(q[1].argmax()) == 3
+    off = build_defense("memguard", {"epsilon": 0.0}, info)
+    assert not off.modifies_outputs
+    assert off.postprocess_logits(nn.Identity(), z, torch.Generator()) is z
+
+
+# --- declarations and validation -------------------------------------------------------------------------
+@pytest.mark.parametrize("name,raw,field", [
+    ("advreg", {"lam": -1.0}, "lam"),
+    ("advreg", {"inference_steps": 0}, "inference_steps"),
+    ("advreg", {"inference_lr": 0.0}, "inference_lr"),
+    ("advreg", {"warmup_epochs": -1}, "warmup_epochs"),
+    ("advreg", {"lambda": 1.0}, "lambda"),
+    ("relaxloss", {"alpha": 0.0}, "alpha"),
+    ("relaxloss", {"alpha": "high"}, "alpha"),
+    ("memguard", {"epsilon": -0.1}, "epsilon"),
+    ("memguard", {"mode": "optimal"}, "mode"),
+    ("pruning", {"sparsity": 1.0}, "sparsity"),
+    ("pruning", {"structure": "channel"}, "structure"),
+    ("pruning", {"method": "lottery"}, "method"),
+    ("pruning", {"rho": 0.0}, "rho"),
+    ("pruning", {"admm_epochs": -1}, "admm_epochs"),
+    ("pruning", {"retrain_fraction": 0.0}, "retrain_fraction"),
+    ("pruning", {"minmax_lambda": -0.5}, "minmax_lambda"),
+])
+def test_bad_params_raise_spec_error(name, raw, field):
+    with pytest.raises(SpecError) as ei:
+        DEFENSES.get(name).parse(raw, where="defense.params")
+    assert ei.value.where == "defense.params"
+    assert field in str(ei.value)
+
+
+@pytest.mark.parametrize("name", ["advreg", "relaxloss", "memguard", "pruning"])
+def test_declarations(name):
+    entry = DEFENSES.get(name)
+    assert entry.obj.name == name
+    assert all(f.description for f in entry.params.model_fields.values())
+    defaults = entry.parse({}, where="defense.params")
+    space = entry.obj.search_space()
+    assert space
+    for param, domain in space.items():
+        assert param in entry.params.model_fields
+        assert domain.contains(getattr(defaults, param)), param
+        bounds = domain.choices if isinstance(domain, Categorical) else (domain.low, domain.high)
+        for v in bounds:  # every corner of the space is a valid setting (as the sweep checks)
+            entry.parse({param: v}, where="defense.params")
+
+
+def test_declared_ranges():
+    assert set(AdvReg.search_space()["lam"].choices) == {0.5, 1.0, 3.0, 6.0, 10.0}
+    space = Pruning.search_space()
+    assert (space["sparsity"].low, space["sparsity"].high) == (0.5, 0.95)
+    assert (space["rho"].low, space["rho"].high, space["rho"].log) == (1e-4, 1e-2, True)
+    assert set(space["structure"].choices) == {"unstructured", "filter"}
+    relax = RelaxLoss.search_space()["alpha"]
+    assert (relax.low, relax.high, relax.log) == (0.01, 3.0, True)
+
+
+# --- one small bank per defense --------------------------------------------------------------------------
+BANK_CASES = {
+    "advreg": ({"lam": 1.0, "warmup_epochs": 1}, None),
+    "relaxloss": ({"alpha": 0.3}, True),  # vmapped pack
+    "memguard": ({"epsilon": 0.5, "mode": "random"}, True),
+    "pruning": ({"sparsity": 0.6, "method": "admm", "admm_epochs": 1, "minmax_lambda": 1.0}, None),
+}
+
+
+@pytest.mark.parametrize("name", list(BANK_CASES))
+def test_bank_with_defense(name):
+    params, vectorize = BANK_CASES[name]
+    spec = AuditSpec.model_validate({
+        "plan": {"num_models": 4, "population": 200},
+        "model": {"name": "mlp", "params": {"hidden": [32]}},
+        "train": {"epochs": 3, "batch_size": 32, "lr": 0.01},
+        "defense": {"name": name, "params": params},
+        "queries": ["identity", "hflip"],
+        "bank": {"pack_size": 4},
+    })
+    ctx = BankContext.from_spec(spec)
+    out = train_pack(ctx, 0, CPU, vectorize=vectorize)
+    n_test = ctx.data.x_test.shape[0]
+    assert out["logits"].shape == (4, 2, 200, 10)
+    assert out["test_logits"].shape == (4, 2, n_test, 10)
+    assert np.isfinite(out["logits"]).all() and np.isfinite(out["test_logits"]).all()
+    assert list(out["models"]) == [0, 1, 2, 3]
+    reports = ctx.last_reports
+    assert reports is not None and len(reports) == 4
+    if name == "pruning":
+        assert all(abs(r["sparsity"] - 0.6) <= 0.01 for r in reports)
+    if name == "advreg":
+        assert all(0.0 <= r["inference_accuracy"] <= 1.0 for r in reports)
+    if name == "memguard":
+        # the released outputs keep each model's predicted labels
+        raw = BankContext.from_spec(spec.model_copy(update={"defense": spec.defense.model_copy(
+            update={"name": "none", "params": {}})}))
+        plain = train_pack(raw, 0, CPU, vectorize=True)
+        assert np.array_equal(out["logits"].argmax(-1), plain["logits"].argmax(-1))
