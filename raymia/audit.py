@@ -66,6 +66,7 @@ class AuditResult:
             "attacks_per_target": self.per_target,
             "reused_signals": self.reused_signals,
             "seconds": round(self.seconds, 2),
+            "metrics": self.flat_metrics(),
         }
 
 

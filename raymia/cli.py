@@ -1,4 +1,4 @@
-"""The `raymia` command: audit | sweep | list."""
+"""The `raymia` command: audit | sweep | pareto | list."""
 
 from __future__ import annotations
 
@@ -66,7 +66,46 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from raymia.sweep import run_sweep
 
     spec = load_spec(args.spec, args.set, kind=SweepSpec)
-    run_sweep(spec, output_dir=args.output_dir)
+    run_sweep(spec, output_dir=args.output_dir, resume=args.resume, fresh=args.fresh)
+    return 0
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from raymia.pareto import fmt_params, trials_from_mlflow, write_front
+
+    trials, info = trials_from_mlflow(args.uri, args.experiment, sweep=args.sweep, parent_run_id=args.run_id)
+    if not trials:
+        raise RaymiaError(f"sweep {info['sweep']!r} (run {info['parent_run_id']}) has no trial runs yet")
+    objectives = info["objectives"]
+    out_dir = Path(args.output_dir) if args.output_dir else Path("raymia-runs") / "pareto" / info["sweep"]
+    ok = [t for t in trials if t["status"] == "ok"]
+    title = f"sweep {info['sweep']}: {info.get('defense') or 'defense'} ({len(ok)} trials)"
+    res = write_front(trials, objectives, out_dir, title, constraints=info.get("constraints"))
+    by_num = {t["trial"]: t for t in trials}
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    table = Table(title=f"sweep {info['sweep']}: Pareto front ({len(res['front'])} of {len(trials)} trials)")
+    for col in ("trial", "defense", "params"):
+        table.add_column(col)
+    for metric, mode in objectives:
+        table.add_column(f"{metric} ({mode})", justify="right")
+    for n in res["front"]:
+        t = by_num[n]
+        table.add_row(str(n), str(t["defense"]), fmt_params(t),
+                      *["n/a" if t.get(m) is None else f"{t[m]:.4f}" for m, _ in objectives])
+    console.print(table)
+    hv = res["hypervolume"]
+    console.print("hypervolume vs the undefended trial: "
+                  + ("n/a (no undefended trial)" if hv is None else f"{hv:.6g}"))
+    failed = [t for t in trials if t["status"] != "ok"]
+    if failed:
+        console.print(f"{len(failed)} trial(s) failed: " + "; ".join(f"#{t['trial']}: {t.get('error')}" for t in failed),
+                      soft_wrap=True)
+    console.print(f"MLflow parent run {info['parent_run_id']} -> {out_dir}", soft_wrap=True)
     return 0
 
 
@@ -90,7 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("sweep", help="search a defense's hyperparameters for the privacy-utility Pareto front")
     with_spec(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep of this spec (re-running the same command does too)")
+    g.add_argument("--fresh", action="store_true", help="discard a previous sweep of the same name and start over")
     p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("pareto", help="read a sweep back from MLflow: Pareto front, hypervolume, table and plot")
+    p.add_argument("--experiment", required=True, help="MLflow experiment holding the sweep")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--sweep", default=None, help="sweep name (default: the experiment's newest sweep)")
+    which.add_argument("--run-id", default=None, help="the sweep's MLflow parent run id")
+    p.add_argument("--uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default: %(default)s)")
+    p.add_argument("--output-dir", default=None,
+                   help="where front.csv, front.md and pareto.png go (default: raymia-runs/pareto/<sweep>)")
+    p.set_defaults(func=cmd_pareto)
     p = sub.add_parser("list", help="print the registries with every entry's parameters and defaults")
     p.add_argument("kind", nargs="?", choices=KINDS)
     p.set_defaults(func=cmd_list)
@@ -99,7 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="[raymia] %(message)s")
+    # raymia's own logger gets its own handler: Ray's logging configuration (applied when it starts)
+    # must not silence raymia's progress lines.
+    rlog = logging.getLogger("raymia")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[raymia] %(message)s"))
+    rlog.handlers[:] = [handler]
+    rlog.propagate = False
+    rlog.setLevel(logging.WARNING if args.quiet else logging.INFO)
     for noisy in ("mlflow", "alembic", "ray", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -128,6 +128,21 @@ def trial_spec(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+def _finished_trial(run_dir: Path, spec) -> dict[str, Any] | None:
+    """The stored result of this trial's audit when it already finished with exactly this spec."""
+    path = run_dir / "result.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    def key(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d.items() if k not in ("output_dir", "tracking")}
+
+    if "metrics" not in saved or key(saved.get("spec") or {}) != key(spec.model_dump(mode="json")):
+        return None
+    return saved
+
+
 def _run_trial(config: dict[str, Any], base: dict[str, Any], root: str, sweep_dir: str) -> None:
     """One Tune trial: one audit of the base spec with this trial's defense setting."""
     import logging as _logging
@@ -140,9 +155,13 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], root: str, sweep_di
     _logging.basicConfig(level=_logging.INFO, format="[raymia] %(message)s")
     spec = AuditSpec.model_validate(trial_spec(base, config))
     trial_id = tune.get_context().get_trial_id()
-    res = run_audit(spec, output_dir=root, track=False, console=False,
-                    run_dir=Path(sweep_dir) / "trials" / trial_id)
-    metrics = res.flat_metrics()
+    run_dir = Path(sweep_dir) / "trials" / trial_id
+    saved = _finished_trial(run_dir, spec)
+    if saved is not None:  # finished before the driver was interrupted: report it again, run nothing
+        metrics, audit_dir, fingerprint, reused = saved["metrics"], run_dir, saved["fingerprint"], True
+    else:
+        res = run_audit(spec, output_dir=root, track=False, console=False, run_dir=run_dir)
+        metrics, audit_dir, fingerprint, reused = res.flat_metrics(), res.out_dir, res.fingerprint, res.reused_signals
     objectives = base["sweep"]["objectives"]
     for o in objectives:
         v = metrics.get(o["metric"])
@@ -150,8 +169,7 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], root: str, sweep_di
             raise ValueError(f"objective {o['metric']} is {'n/a' if v is None else v} for this trial "
                              "(for TPR at a low FPR, audit more non-members)")
     report = {k: (float("nan") if v is None else v) for k, v in metrics.items()}
-    report.update({"audit_dir": str(res.out_dir), "fingerprint": res.fingerprint,
-                   "reused_signals": res.reused_signals})
+    report.update({"audit_dir": str(audit_dir), "fingerprint": fingerprint, "reused_signals": reused})
     tune.report(report)
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from raymia.defenses import build_defense
+from raymia.defenses.base import DataInfo
 from raymia.spec import SweepSpec, load_spec
 from raymia.sweep import _check_objective_names, resolve_space
 
@@ -25,3 +27,7 @@ def test_sweep_file_is_valid(path):
     _check_objective_names(spec, [o.metric for o in spec.sweep.objectives])
     if path.stem != "quickstart":
         assert path.stem.split("-", 1)[1] == spec.sweep.defense
+    # the searched defense accepts the spec's model (e.g. DP-SGD refuses BatchNorm models)
+    shape = {"digits": (1, 8, 8), "cifar10": (3, 32, 32)}[spec.data.name]
+    info = DataInfo(num_classes=10, input_shape=shape, kind="image")
+    build_defense(spec.sweep.defense, {}, info).check(spec.model.name, info)

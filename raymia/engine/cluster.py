@@ -20,6 +20,8 @@ def ensure_ray() -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Tune's and Train's own console reporters are replaced by raymia's log lines.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    # Save Tune's experiment state after every event so a killed sweep loses no finished trial.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     ray.init(
         address=os.environ.get("RAY_ADDRESS"),
         include_dashboard=False,

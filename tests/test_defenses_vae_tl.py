@@ -1,0 +1,324 @@
+"""VAE latent metric privacy and TL-DMI: noise scales, the shared VAE / pretrained-weights caches, freezing,
+the public split, and one small bank per defense."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import raymia.defenses.tldmi as tldmi
+import raymia.defenses.vae as vae
+from raymia.data import load_dataset
+from raymia.defenses import build_defense
+from raymia.defenses.tldmi import TlDmi, layer_groups
+from raymia.defenses.vae import VaeMetricPrivacy, metric_noise
+from raymia.errors import DataError, SpecError
+from raymia.spec import AuditSpec
+from raymia.train.bank import BankContext, init_model, train_model, train_pack
+
+CPU = torch.device("cpu")
+SMALL_VAE = {"latent_dim": 8, "hidden": 64, "vae_epochs": 8, "vae_batch": 64, "vae_lr": 3e-3,
+             "vae_device": "cpu"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is as fast and does not stall on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def tabular():
+    return load_dataset("synthetic", {"n_train": 240, "n_test": 40, "num_features": 12, "num_classes": 4})
+
+
+def _vae(data, cache: Path, seed: int = 0, **params) -> VaeMetricPrivacy:
+    d = build_defense("vae_metric_privacy", {**SMALL_VAE, **params}, data.info)
+    assert isinstance(d, VaeMetricPrivacy)
+    d.setup(data, np.arange(100), cache, seed)
+    return d
+
+
+# --- the mechanisms --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("dim", "eps"), [(8, 0.5), (32, 10.0), (128, 100.0)])
+def test_euclidean_noise_radius_and_direction(dim: int, eps: float) -> None:
+    noise = metric_noise(20000, dim, eps, "euclidean", torch.Generator().manual_seed(1)).double()
+    r = noise.norm(dim=1)
+    assert abs(r.mean().item() / (dim / eps) - 1) < 0.05  # Gamma(dim, 1/eps) has mean dim / eps
+    assert abs(r.var().item() / (dim / eps**2) - 1) < 0.1  # ... and variance dim / eps^2
+    u = noise / r[:, None]
+    assert u.mean(0).norm().item() < 0.03  # uniform directions: the mean unit vector is ~ 1/sqrt(n)
+    assert abs((u**2).mean(0).sum().item() - 1) < 1e-9 and (u**2).mean(0).max().item() < 1.3 / dim
+
+
+@pytest.mark.parametrize("eps", [0.3, 10.0])
+def test_laplace_noise_scale(eps: float) -> None:
+    noise = metric_noise(20000, 16, eps, "laplace", torch.Generator().manual_seed(2)).double()
+    per_coord = noise.abs().mean(0) * eps  # E|Laplace(0, b)| = b = 1 / eps
+    assert (per_coord - 1).abs().max().item() < 0.05
+    assert noise.mean().abs().item() < 0.02 / eps
+
+
+def test_noise_follows_the_generator() -> None:
+    a = metric_noise(5, 4, 1.0, "euclidean", torch.Generator().manual_seed(3))
+    b = metric_noise(5, 4, 1.0, "euclidean", torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.dtype == torch.float32 and a.shape == (5, 4)
+
+
+# --- the VAE ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("which", "params"), [
+    ("digits", {}),
+    ("digits", {"class_conditional": True, "encode": "sample", "mechanism": "laplace"}),
+    ("tabular", {"vae_epochs": 20}),
+    ("tabular", {"vae_epochs": 20, "class_conditional": True}),
+])
+def test_synthetic_records_keep_shape_and_labels(request, tmp_path, which: str, params: dict) -> None:
+    data = request.getfixturevalue(which)
+    d = _vae(data, tmp_path, **params)
+    x, y = data.x_train[:50], data.y_train[:50]
+    y_before = y.clone()
+    x2, y2 = d.transform_train_data(x, y, torch.Generator().manual_seed(0))
+    assert x2.shape == x.shape and x2.dtype == x.dtype and x2 is not x and torch.isfinite(x2).all()
+    assert torch.equal(y2, y_before)
+    assert not torch.equal(x2, x)
+    # The fitted VAE reconstructs better than the per-feature mean does.
+    rec = d.reconstruct(data.x_train, data.y_train, noise=False)
+    base = (data.x_train - data.x_train.mean(0)).pow(2).mean()
+    assert (rec - data.x_train).pow(2).mean() < base
+
+
+@pytest.mark.parametrize("mechanism", ["euclidean", "laplace"])
+def test_larger_eps_stays_closer_to_the_reconstruction(digits, tmp_path, mechanism: str) -> None:
+    x, y = digits.x_train[:200], digits.y_train[:200]
+    dist = []
+    for eps in (0.1, 1.0, 10.0, 100.0):
+        d = _vae(digits, tmp_path, eps=eps, mechanism=mechanism)
+        clean = d.reconstruct(x, y, noise=False)
+        noisy, _ = d.transform_train_data(x, y, torch.Generator().manual_seed(5))
+        dist.append((noisy - clean).flatten(1).norm(dim=1).mean().item())
+    assert all(a > b for a, b in zip(dist, dist[1:])), dist
+
+
+def test_vae_is_fitted_once_and_cached(digits, tmp_path, monkeypatch) -> None:
+    calls = []
+    real = vae.train_vae
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(vae, "train_vae", counting)
+    first = _vae(digits, tmp_path, eps=1.0)
+    assert len(calls) == 1 and not first.loaded_from_cache and first.cache_path.is_file()
+    assert list(tmp_path.glob("*.tmp")) == []
+
+    def refuse(*a, **k):
+        raise AssertionError("the VAE was fitted again")
+
+    monkeypatch.setattr(vae, "train_vae", refuse)
+    second = _vae(digits, tmp_path, eps=50.0, mechanism="laplace")  # eps / mechanism reuse the VAE
+    assert second.loaded_from_cache and second.cache_path == first.cache_path
+    for (k, a), (_, b) in zip(first.vae.state_dict().items(), second.vae.state_dict().items()):
+        assert torch.equal(a, b), k
+    # A different seed or VAE setting is another cache entry.
+    monkeypatch.setattr(vae, "train_vae", counting)
+    other = _vae(digits, tmp_path, seed=1)
+    assert other.cache_path != first.cache_path and len(calls) == 2
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "tamper"])
+def test_damaged_cache_is_refitted(digits, tmp_path, monkeypatch, damage: str) -> None:
+    first = _vae(digits, tmp_path)
+    path = first.cache_path
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:200])
+    elif damage == "garbage":
+        path.write_bytes(b"not a torch file")
+    else:  # a readable file whose weights no longer match its checksum
+        payload = torch.load(path, weights_only=True)
+        name = next(iter(payload["state_dict"]))
+        payload["state_dict"][name] = payload["state_dict"][name] + 1.0
+        torch.save(payload, path)
+    calls = []
+    real = vae.train_vae
+    monkeypatch.setattr(vae, "train_vae", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = _vae(digits, tmp_path)
+    assert calls == [1] and not again.loaded_from_cache
+    for k, v in first.vae.state_dict().items():  # refitting is deterministic
+        assert torch.equal(v, again.vae.state_dict()[k]), k
+    assert vae.load_state(path, path.stem.removeprefix("vae-")) is not None  # rewritten whole
+
+
+def test_interrupted_cache_write_leaves_no_file(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "vae-x.pt"
+    real_save = torch.save
+
+    def crash(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        Path(f).write_bytes(Path(f).read_bytes()[:10])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        vae.save_state(path, "x", {"w": torch.ones(3)})
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+# --- TL-DMI ----------------------------------------------------------------------------------------------
+def _refuse(*args, **kwargs):
+    raise AssertionError("pretrained again instead of loading")
+
+
+def _tl_spec(tmp_path: Path, population: int | None = 600, model: dict | None = None,
+             train: dict | None = None, **params) -> AuditSpec:
+    return AuditSpec.model_validate({
+        "plan": {"num_models": 4, "population": population},
+        "model": model or {"name": "mlp", "params": {"hidden": [64, 32]}},
+        "train": {"epochs": 2, "batch_size": 32, **(train or {})},
+        "defense": {"name": "tl_dmi", "params": {"pretrain_epochs": 3, "pretrain_device": "cpu", **params}},
+        "bank": {"pack_size": 4},
+        "queries": ["identity"],
+        "output_dir": str(tmp_path / "runs"),
+    })
+
+
+def test_public_split_is_disjoint_from_the_population(tmp_path) -> None:
+    ctx = BankContext.from_spec(_tl_spec(tmp_path))
+    d = ctx.defense
+    assert isinstance(d, TlDmi)
+    pub, pop = d.public_index, ctx.plan.population
+    assert np.intersect1d(pub, pop).size == 0
+    assert pub.size + pop.size == ctx.data.x_train.shape[0] == 1347
+    half = BankContext.from_spec(_tl_spec(tmp_path, public_fraction=0.5)).defense.public_index
+    assert half.size == round(0.5 * pub.size) and np.isin(half, pub).all()
+
+
+@pytest.mark.parametrize("population", [1347, None])
+def test_no_public_data_is_an_error(tmp_path, population) -> None:
+    with pytest.raises(SpecError, match="needs public data") as e:
+        BankContext.from_spec(_tl_spec(tmp_path, population=population))
+    assert e.value.where == "plan.population"
+
+
+def test_weights_file_errors_name_the_path(tmp_path) -> None:
+    missing = tmp_path / "nowhere" / "backbone.pt"
+    with pytest.raises(DataError, match="nowhere/backbone.pt"):
+        BankContext.from_spec(_tl_spec(tmp_path, weights=str(missing)))
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"0.weight": torch.zeros(3, 3)}, wrong)
+    ctx = BankContext.from_spec(_tl_spec(tmp_path, weights=str(wrong)))
+    with pytest.raises(DataError, match="wrong.pt") as e:
+        init_model(ctx, 0)
+    assert "missing keys" in str(e.value)
+
+
+def test_weights_file_is_used_instead_of_pretraining(tmp_path, monkeypatch) -> None:
+    # With a weights file no public data is needed (the whole split may be audited).
+    model = init_model(BankContext.from_spec(_tl_spec(tmp_path)), 3)
+    path = tmp_path / "w.pt"
+    torch.save({k: v + 0.5 for k, v in model.state_dict().items()}, path)
+    monkeypatch.setattr(tldmi, "pretrain", _refuse)
+    ctx = BankContext.from_spec(_tl_spec(tmp_path, population=1347, weights=str(path)))
+    loaded = init_model(ctx, 0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v + 0.5), k
+
+
+def _check_frozen(ctx: BankContext, requested: float | None = None) -> dict[str, float]:
+    d = ctx.defense
+    assert isinstance(d, TlDmi)
+    report: dict[str, float] = {}
+    model = train_model(ctx, 1, CPU, report=report)
+    pre = d.pretrained
+    frozen = set(d.frozen_params)
+    assert frozen
+    for name, t in model.named_parameters():
+        if name in frozen:
+            assert not t.requires_grad and torch.equal(t.detach(), pre[name]), name
+        else:
+            assert t.requires_grad and not torch.equal(t.detach(), pre[name]), name
+    # Norm statistics of frozen layers are kept too.
+    for name, buf in model.named_buffers():
+        if name.rsplit(".", 1)[0] in set(d.frozen_modules) and buf.is_floating_point():
+            assert torch.equal(buf, pre[name]), name
+    counts = [sum(dict(model.named_parameters())[n].numel() for n in g[1]) for g in layer_groups(model)]
+    total = sum(counts)
+    expected = sum(t.numel() for n, t in model.named_parameters() if n in frozen) / total
+    assert report["frozen_fraction"] == pytest.approx(expected)
+    if requested is not None:
+        assert abs(report["frozen_fraction"] - requested) <= max(counts) / total
+    return report
+
+
+def test_frozen_parameters_stay_bit_identical_mlp(tmp_path) -> None:
+    # SGD with momentum and weight decay: frozen tensors must not move at all.
+    sgd = {"optimizer": "sgd", "lr": 0.05, "weight_decay": 1e-2}
+    ctx = BankContext.from_spec(_tl_spec(tmp_path, train=sgd, freeze_fraction=0.6))
+    report = _check_frozen(ctx, requested=0.6)
+    assert report["frozen_layers"] == 1.0  # 64x64 + 64 of 6570 parameters: 0.63
+    assert report["frozen_fraction"] == pytest.approx(4160 / 6570)
+
+
+def test_frozen_depth_cnn_with_batch_norm(tmp_path) -> None:
+    cnn = {"name": "cnn", "params": {"channels": [8, 16], "hidden": 16, "batch_norm": True}}
+    ctx = BankContext.from_spec(_tl_spec(tmp_path, model=cnn, freeze="depth", freeze_depth=2,
+                                         train={"optimizer": "adamw", "weight_decay": 0.1}))
+    report = _check_frozen(ctx)
+    assert report["frozen_layers"] == 2.0
+    assert set(ctx.defense.frozen_params) == {f"features.{i}.{j}" for i in (0, 1)
+                                              for j in ("0.weight", "1.weight", "1.bias")}
+    with pytest.raises(SpecError, match="freeze_depth 4"):
+        init_model(BankContext.from_spec(_tl_spec(tmp_path, model=cnn, freeze="depth", freeze_depth=4)), 0)
+
+
+def test_fresh_trainable_layers_and_pretraining_cache(tmp_path, monkeypatch) -> None:
+    ctx = BankContext.from_spec(_tl_spec(tmp_path, init_trainable="fresh"))
+    d = ctx.defense
+    m0, m1 = init_model(ctx, 0), init_model(ctx, 1)
+    assert not d.loaded_from_cache and d.cache_path.is_file()
+    frozen = set(d.frozen_params)
+    for name, t in m0.named_parameters():
+        same = torch.equal(t, m1.state_dict()[name])
+        assert same == (name in frozen), name  # frozen: pretrained; the rest: each model's own init
+    monkeypatch.setattr(tldmi, "pretrain", _refuse)
+    ctx2 = BankContext.from_spec(_tl_spec(tmp_path, freeze_fraction=0.1))  # freezing does not change the key
+    init_model(ctx2, 0)
+    assert ctx2.defense.loaded_from_cache and ctx2.defense.cache_path == d.cache_path
+    for k, v in d.pretrained.items():
+        assert torch.equal(v, ctx2.defense.pretrained[k]), k
+
+
+# --- one small bank per defense --------------------------------------------------------------------------
+@pytest.mark.parametrize("defense", [
+    {"name": "vae_metric_privacy", "params": {**SMALL_VAE, "eps": 5.0}},
+    {"name": "tl_dmi", "params": {"pretrain_epochs": 3, "pretrain_device": "cpu", "freeze_fraction": 0.5}},
+])
+def test_small_bank_per_defense(tmp_path, defense: dict) -> None:
+    spec = AuditSpec.model_validate({
+        "plan": {"num_models": 4, "population": 600},
+        "model": {"name": "mlp", "params": {"hidden": [32]}},
+        "train": {"epochs": 2, "batch_size": 64},
+        "defense": defense,
+        "bank": {"pack_size": 4},
+        "output_dir": str(tmp_path / "runs"),
+    })
+    ctx = BankContext.from_spec(spec)
+    arrays = train_pack(ctx, 0, CPU)
+    assert arrays["logits"].shape == (4, 2, 600, 10) and np.isfinite(arrays["logits"]).all()
+    assert arrays["test_logits"].shape[:2] == (4, 2) and np.isfinite(arrays["test_logits"]).all()
+    assert any((tmp_path / "runs" / "cache").iterdir())
+    if defense["name"] == "tl_dmi":
+        fractions = [r["frozen_fraction"] for r in ctx.last_reports]
+        assert len(fractions) == 4 and all(math.isclose(f, fractions[0]) for f in fractions)

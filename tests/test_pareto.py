@@ -1,0 +1,238 @@
+"""Fronts read back from MLflow: hypervolume by hand, trials from a real SQLite store, `raymia pareto`."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import random
+import subprocess
+import sys
+
+import pytest
+
+from raymia.errors import RaymiaError
+from raymia.pareto import hypervolume, trials_from_mlflow, write_front
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ACC, TPR = "test_accuracy", "lira_online/tpr_fpr_0.01"
+OBJ2 = [(ACC, "max"), (TPR, "min")]
+REF2 = {ACC: 0.90, TPR: 0.20}
+
+
+def _pts(*pairs: tuple[float, float]) -> list[dict]:
+    return [{ACC: a, TPR: t} for a, t in pairs]
+
+
+# --- hypervolume -----------------------------------------------------------------------------------------
+def test_hypervolume_two_objectives_by_hand():
+    # Reference (acc 0.90, tpr 0.20); maximise acc, minimise tpr. Each point spans the box between itself
+    # and the reference:
+    #   (0.92, 0.10): acc 0.90..0.92 x tpr 0.10..0.20 = 0.02 * 0.10 = 0.0020
+    #   (0.95, 0.15): acc 0.90..0.95 x tpr 0.15..0.20 = 0.05 * 0.05 = 0.0025
+    #   overlap:      acc 0.90..0.92 x tpr 0.15..0.20 = 0.02 * 0.05 = 0.0010
+    #   (0.89, 0.01): accuracy below the reference -> its box is empty, contributes 0
+    # union = 0.0020 + 0.0025 - 0.0010 = 0.0035
+    pts = _pts((0.92, 0.10), (0.95, 0.15), (0.89, 0.01))
+    assert hypervolume(pts, OBJ2, REF2) == pytest.approx(0.0035, abs=1e-12)
+    assert hypervolume(pts[:1], OBJ2, REF2) == pytest.approx(0.0020, abs=1e-12)
+    assert hypervolume(pts[2:], OBJ2, REF2) == 0.0
+    # The reference itself, and a point equal to it in one objective, span nothing.
+    assert hypervolume(_pts((0.90, 0.20), (0.97, 0.20)), OBJ2, REF2) == 0.0
+
+
+def test_dominated_and_duplicate_points_add_nothing():
+    base = _pts((0.92, 0.10), (0.95, 0.15))
+    more = base + _pts((0.91, 0.12), (0.95, 0.15), (0.92, 0.10)) + [{ACC: None, TPR: 0.0}, {ACC: 0.99}]
+    assert hypervolume(more, OBJ2, REF2) == pytest.approx(hypervolume(base, OBJ2, REF2), abs=1e-12)
+
+
+def test_hypervolume_three_objectives_cube():
+    obj = [("a", "min"), ("b", "min"), ("c", "min")]
+    ref = {"a": 1.0, "b": 1.0, "c": 1.0}
+    # A corner point spans the unit cube.
+    assert hypervolume([{"a": 0, "b": 0, "c": 0}], obj, ref) == pytest.approx(1.0)
+    # (0, 0, 0.5) spans 1 * 1 * 0.5 = 0.5, (0.5, 0.5, 0) spans 0.5 * 0.5 * 1 = 0.25, they share
+    # [0.5, 1]^3 = 0.125: union 0.625. A point outside the reference in c adds 0.
+    pts = [{"a": 0, "b": 0, "c": 0.5}, {"a": 0.5, "b": 0.5, "c": 0}, {"a": 0, "b": 0, "c": 1.5}]
+    assert hypervolume(pts, obj, ref) == pytest.approx(0.625)
+    # Directions: maximising a with reference 0 is the mirror image of minimising it with reference 1.
+    mirrored = [{"a": 1 - p["a"], "b": p["b"], "c": p["c"]} for p in pts]
+    assert hypervolume(mirrored, [("a", "max"), ("b", "min"), ("c", "min")], {**ref, "a": 0.0}) == \
+        pytest.approx(0.625)
+
+
+def _inclusion_exclusion(pts: list[tuple[float, ...]], ref: tuple[float, ...]) -> float:
+    total = 0.0
+    for k in range(1, len(pts) + 1):
+        for sub in itertools.combinations(pts, k):
+            vol = 1.0
+            for i, r in enumerate(ref):
+                vol *= max(0.0, r - max(p[i] for p in sub))
+            total += (-1) ** (k + 1) * vol
+    return total
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_hypervolume_matches_inclusion_exclusion(dims):
+    rng = random.Random(dims)
+    obj = [(f"f{i}", "min") for i in range(dims)]
+    ref = {f"f{i}": 1.0 for i in range(dims)}
+    for _ in range(20):
+        pts = [tuple(round(rng.uniform(-0.2, 1.1), 2) for _ in range(dims)) for _ in range(6)]
+        expected = _inclusion_exclusion([p for p in pts if all(v < 1.0 for v in p)], (1.0,) * dims)
+        got = hypervolume([{f"f{i}": v for i, v in enumerate(p)} for p in pts], obj, ref)
+        assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_hypervolume_rejects_a_bad_reference_or_mode():
+    with pytest.raises(ValueError, match="reference has no finite value"):
+        hypervolume(_pts((0.92, 0.1)), OBJ2, {ACC: 0.9})
+    with pytest.raises(ValueError, match="mode must be"):
+        hypervolume(_pts((0.92, 0.1)), [(ACC, "up")], REF2)
+
+
+# --- trials from MLflow ----------------------------------------------------------------------------------
+T0 = 1_700_000_000_000
+
+# (start offset s, defense, params, test_accuracy, tpr): created out of start order on purpose.
+CHILDREN = [
+    (30, "hamp", {"gamma": "0.9", "output_modification": "True"}, 0.89, 0.25),  # trial 3: dominated by 0
+    (0, "none", None, 0.90, 0.20),  # trial 0: the undefended reference, dominated by 1
+    (20, "hamp", {"gamma": "0.7", "output_modification": "False"}, 0.95, 0.15),  # trial 2: front
+    (10, "hamp", {"gamma": "0.5", "output_modification": "True"}, 0.92, 0.10),  # trial 1: front
+]
+
+
+def _parent(client, exp_id: str, name: str, start: int, status: str) -> str:
+    from mlflow.entities import Param
+
+    run = client.create_run(exp_id, start_time=start, run_name=f"sweep-{name}", tags={"raymia.kind": "sweep"})
+    params = {"name": name, "sweep.defense": "hamp", "sweep.objectives.0.metric": ACC,
+              "sweep.objectives.0.mode": "max", "sweep.objectives.1.metric": TPR, "sweep.objectives.1.mode": "min"}
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+    client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+def _child(client, exp_id: str, parent: str, i: int, offset: int, defense: str, params, acc, tpr) -> str:
+    from mlflow.entities import Metric, Param
+
+    tags = {"mlflow.parentRunId": parent, "raymia.parent": parent, "raymia.kind": "trial",
+            "raymia.trial_id": f"t{i:05d}", "raymia.status": "ok", "raymia.defense": defense}
+    run = client.create_run(exp_id, start_time=T0 + offset * 1000, run_name=f"demo-t{i:05d}", tags=tags)
+    logged = {"defense.name": defense, "data.name": "digits"}
+    logged.update({f"defense.params.{k}": v for k, v in params.items()} if params else {"defense.params": "{}"})
+    metrics = {ACC: acc, TPR: tpr, "lira_online/auc": 0.5 + tpr}
+    client.log_batch(run.info.run_id, metrics=[Metric(k, v, T0, 0) for k, v in metrics.items()],
+                     params=[Param(k, str(v)) for k, v in logged.items()])
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """An SQLite MLflow store with sweep 'demo' (4 trials), an older failed 'demo' and a sweep 'other'."""
+    from mlflow.tracking import MlflowClient
+
+    d = tmp_path_factory.mktemp("pareto")
+    uri = f"sqlite:///{d}/mlflow.db"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("X")
+    old = _parent(client, exp_id, "demo", T0 - 10_000_000, "FAILED")
+    _child(client, exp_id, old, 0, -9000, "none", None, 0.5, 0.5)
+    _parent(client, exp_id, "other", T0 - 5_000_000, "FINISHED")
+    pid = _parent(client, exp_id, "demo", T0 - 1000, "FINISHED")
+    for i, (offset, defense, params, acc, tpr) in enumerate(CHILDREN):
+        _child(client, exp_id, pid, i, offset, defense, params, acc, tpr)
+    return {"dir": d, "uri": uri, "parent": pid, "old": old}
+
+
+def test_trials_from_mlflow_rebuilds_the_sweep(store):
+    trials, info = trials_from_mlflow(store["uri"], "X", sweep="demo")
+    assert info["parent_run_id"] == store["parent"] and info["sweep"] == "demo"
+    assert info["objectives"] == OBJ2
+    assert [t["trial"] for t in trials] == [0, 1, 2, 3]
+    assert [t["defense"] for t in trials] == ["none", "hamp", "hamp", "hamp"]
+    assert [t[ACC] for t in trials] == pytest.approx([0.90, 0.92, 0.95, 0.89])
+    assert trials[0]["params"] == {}
+    assert trials[1]["params"] == {"gamma": 0.5, "output_modification": True}
+    assert trials[2]["params"] == {"gamma": 0.7, "output_modification": False}
+    assert trials[1]["trial_id"] == "t00003" and trials[1]["status"] == "ok"
+    assert trials[3]["lira_online/auc"] == pytest.approx(0.75)
+    # By parent run id: the same trials; the failed older 'demo' only when asked for by id.
+    again, _ = trials_from_mlflow(store["uri"], "X", parent_run_id=store["parent"])
+    assert [t["run_id"] for t in again] == [t["run_id"] for t in trials]
+    old, _ = trials_from_mlflow(store["uri"], "X", parent_run_id=store["old"])
+    assert len(old) == 1 and old[0][ACC] == 0.5
+    # Neither: the experiment's newest live sweep.
+    assert trials_from_mlflow(store["uri"], "X")[1]["parent_run_id"] == store["parent"]
+
+
+def test_write_front_from_mlflow(store, tmp_path):
+    trials, info = trials_from_mlflow(store["uri"], "X", sweep="demo")
+    res = write_front(trials, info["objectives"], tmp_path / "out", "sweep demo")
+    assert res["front"] == [1, 2]
+    assert res["hypervolume"] == pytest.approx(0.0035, abs=1e-12)  # as in the hand-computed case above
+    rows = list(csv.DictReader((tmp_path / "out" / "front.csv").open()))
+    assert [r["trial"] for r in rows] == ["0", "1", "2", "3"]
+    assert [r["on_front"] for r in rows] == ["0", "1", "1", "0"]
+    assert list(rows[0]) == ["trial", "defense", "params", ACC, TPR, "on_front"]
+    assert float(rows[2][ACC]) == pytest.approx(0.95)
+    md = (tmp_path / "out" / "front.md").read_text()
+    assert "| 1 | hamp | gamma=0.5, output_modification=True | 0.9200 | 0.1000 | * |" in md
+    assert "Hypervolume vs the undefended trial: 0.0035" in md
+    assert (tmp_path / "out" / "pareto.png").read_bytes()[:8] == PNG_SIGNATURE
+    # Without an undefended trial there is no reference: no hypervolume, still a front.
+    res = write_front(trials[1:], info["objectives"], tmp_path / "noref", "no reference")
+    assert res["front"] == [1, 2] and res["hypervolume"] is None
+
+
+def test_unknown_sweep_or_experiment_is_a_raymia_error(store):
+    with pytest.raises(RaymiaError, match=r"no sweep 'nope' in experiment 'X'; sweeps: demo, other"):
+        trials_from_mlflow(store["uri"], "X", sweep="nope")
+    with pytest.raises(RaymiaError, match=r"no MLflow experiment 'Y'.*experiments: .*X"):
+        trials_from_mlflow(store["uri"], "Y")
+    with pytest.raises(RaymiaError, match="no MLflow run"):
+        trials_from_mlflow(store["uri"], "X", parent_run_id="0" * 32)
+    with pytest.raises(RaymiaError, match="no MLflow store"):
+        trials_from_mlflow(f"sqlite:///{store['dir']}/missing.db", "X")
+
+
+# --- the command -----------------------------------------------------------------------------------------
+def raymia(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "raymia", *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd)
+
+
+def test_cli_pareto_prints_the_front_and_writes_the_files(store, tmp_path):
+    out = raymia("pareto", "--experiment", "X", "--sweep", "demo", "--uri", store["uri"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "Pareto front (2 of 4 trials)" in text
+    assert "0.9200" in text and "0.9500" in text and "0.8900" not in text
+    assert "hypervolume vs the undefended trial: 0.0035" in text
+    d = tmp_path / "raymia-runs" / "pareto" / "demo"
+    assert (d / "front.csv").is_file() and (d / "front.md").is_file()
+    assert (d / "pareto.png").read_bytes()[:8] == PNG_SIGNATURE
+
+    out = raymia("pareto", "--experiment", "X", "--run-id", store["parent"], "--uri", store["uri"],
+                 "--output-dir", str(tmp_path / "by-id"))
+    assert out.returncode == 0, out.stderr
+    assert {p.name for p in (tmp_path / "by-id").iterdir()} == {"front.csv", "front.md", "pareto.png"}
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--experiment", "X", "--sweep", "nope"], "--sweep: no sweep 'nope' in experiment 'X'; sweeps: demo, other"),
+        (["--experiment", "Y"], "--experiment: no MLflow experiment 'Y'"),
+    ],
+)
+def test_cli_pareto_unknown_sweep_is_one_line_exit_2(store, tmp_path, args, needle):
+    out = raymia("pareto", *args, "--uri", store["uri"], cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    lines = [x for x in out.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("raymia: error: "), out.stderr
+    assert needle in lines[0]
+    assert not (tmp_path / "raymia-runs").exists()
