@@ -120,9 +120,13 @@ def run_audit(
         store.write_spec(spec.bank_dict())
         if len(missing) < ctx.num_packs:
             log.info("reusing %d of %d stored packs of signals %s", ctx.num_packs - len(missing), ctx.num_packs, fp)
-        from raymia.engine.bank_job import run_bank_job
+        from raymia.engine.bank_job import build_bank_locally, run_bank_job
 
-        run_bank_job(spec, store, missing)
+        if spec.bank.engine == "local":
+            log.info("training %d pack(s) in this process", len(missing))
+            build_bank_locally(spec, store, missing)
+        else:
+            run_bank_job(spec, store, missing)
         still = store.missing_packs()
         if still:
             raise RuntimeError(f"bank job finished but packs {still} of signals {fp} are missing")

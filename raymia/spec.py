@@ -122,6 +122,8 @@ class TrainSpec(_Model):
 class BankSpec(_Model):
     """How the bank is spread over Ray Train workers."""
 
+    engine: Literal["ray", "local"] = Field(
+        "ray", description="ray: a Ray Train worker group; local: train in this process (no Ray needed)")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on a cluster)")
     cpus_per_worker: float = Field(1.0, gt=0)
     pack_size: int = Field(8, ge=1, description="models trained together per pack (unit of storage)")
