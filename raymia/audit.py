@@ -110,7 +110,7 @@ def run_audit(
     out.mkdir(parents=True, exist_ok=True)
 
     ctx = BankContext.from_spec(spec)  # validates data/plan/defense against each other before any training
-    store = SignalStore(root, fp, spec.bank.pack_size, spec.plan.num_models)
+    store = SignalStore(root, fp, spec.bank.pack_size, spec.plan.num_models, spec.pack_fingerprints())
     missing = store.missing_packs()
     reused = not missing
     if reused:

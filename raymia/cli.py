@@ -56,9 +56,36 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from raymia.audit import run_audit
     from raymia.spec import AuditSpec, load_spec
 
-    spec = load_spec(args.spec, args.set, kind=AuditSpec)
+    if args.from_trial is not None:
+        spec = _spec_from_trial(args)
+    else:
+        spec = load_spec(args.spec, args.set, kind=AuditSpec)
     run_audit(spec, output_dir=args.output_dir)
     return 0
+
+
+def _spec_from_trial(args: argparse.Namespace):
+    """The audit of one finished sweep trial (its defense setting), with --set applied on top: e.g.
+    --set plan.num_models=128 re-audits a front point with more shadows."""
+    import json
+    from pathlib import Path
+
+    from raymia.errors import SpecError
+    from raymia.spec import AuditSpec, SweepSpec, apply_overrides, load_spec, validate_spec
+    from raymia.sweep import audit_spec_of_trial
+
+    sweep = load_spec(args.spec, [], kind=SweepSpec)
+    path = Path(args.output_dir or sweep.output_dir) / "sweeps" / sweep.name / "result.json"
+    if not path.exists():
+        raise SpecError(f"no finished sweep {sweep.name!r} (expected {path}); run raymia sweep first",
+                        where="--from-trial")
+    trials = json.loads(path.read_text())["trials"]
+    trial = next((t for t in trials if t["trial"] == args.from_trial and t.get("status") == "ok"), None)
+    if trial is None:
+        ok = [t["trial"] for t in trials if t.get("status") == "ok"]
+        raise SpecError(f"no finished trial {args.from_trial} in {path}; accepted: {ok}", where="--from-trial")
+    raw = apply_overrides(audit_spec_of_trial(sweep, trial), args.set)
+    return validate_spec(raw, AuditSpec, where=str(args.spec))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -126,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("audit", help="train the bank, run the attacks, report and log one MLflow run")
     with_spec(p)
+    p.add_argument("--from-trial", type=int, default=None, metavar="N",
+                   help="audit trial N of the finished sweep SPEC describes (its defense setting); add "
+                        "--set plan.num_models=... to re-audit it with more shadows")
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("sweep", help="search a defense's hyperparameters for the privacy-utility Pareto front")
     with_spec(p)

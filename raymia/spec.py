@@ -217,6 +217,16 @@ class AuditSpec(_Model):
             "precision": d["bank"]["precision"],
         }
 
+    def pack_fingerprints(self) -> dict[int, str]:
+        """Non-adaptive banks: packs holding no target (so no defended model) are exactly the packs of the
+        same bank trained without any defense, and share its key: one reference bank serves every trial
+        of a sweep. Adaptive banks: no override."""
+        if self.attacker != "non_adaptive":
+            return {}
+        plain = self.model_copy(update={"defense": DefenseSpec(), "attacker": "adaptive"}).fingerprint()
+        k, m, targets = self.bank.pack_size, self.plan.num_models, set(self.plan.target_list)
+        return {p: plain for p in range(-(-m // k)) if not targets & set(range(p * k, min((p + 1) * k, m)))}
+
     def fingerprint(self) -> str:
         """Stable content hash of everything that changes the bank's outputs (signals cache key)."""
         blob = json.dumps(self.bank_dict(), sort_keys=True, separators=(",", ":"))
@@ -234,11 +244,37 @@ class Constraint(_Model):
     value: float
 
 
+class DefenseChoice(_Model):
+    name: str
+    space: dict[str, Any] = Field(
+        default_factory=dict,
+        description="overrides of the defense's declared space: {param: {low, high, log} | {choices} | value}",
+    )
+
+
+class FinalAudit(_Model):
+    """Re-audit the front's trials with more shadows once the search is done."""
+
+    num_models: int = Field(64, ge=2, description="bank size of each re-audit (even)")
+    targets: list[int] | Literal["all"] | None = Field(None, description="default: the sweep's targets")
+
+    @field_validator("num_models")
+    @classmethod
+    def _even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError(f"num_models must be even, got {v}")
+        return v
+
+
 class SweepBlock(_Model):
     defense: str = "hamp"
     space: dict[str, Any] = Field(
         default_factory=dict,
         description="overrides of the defense's declared space: {param: {low, high, log} | {choices} | value}",
+    )
+    defenses: list[DefenseChoice | str] = Field(
+        default_factory=list,
+        description="several defenses searched together (each trial picks one); replaces defense/space",
     )
     include_undefended: bool = True
     objectives: list[Objective] = Field(
@@ -257,6 +293,27 @@ class SweepBlock(_Model):
     max_concurrent: int = Field(1, ge=1)
     trial_cpu: float = Field(0.01, gt=0, description="CPUs a trial's driver reserves (its bank workers ask for their own)")
     sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
+    final_audit: FinalAudit | None = Field(None, description="re-audit the front with more shadows at the end")
+    storage: str | None = Field(
+        None, description="Optuna storage URL for the study (an RDB or journal store on clusters); "
+        "default: an SQLite file beside the sweep's results")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> SweepBlock:
+        if self.defenses and ({"defense", "space"} & self.model_fields_set):
+            raise ValueError("give either defense (+ space) or defenses, not both")
+        names = [d if isinstance(d, str) else d.name for d in self.defenses]
+        if len(set(names)) != len(names):
+            raise ValueError("a defense is listed twice in defenses")
+        if "none" in names:
+            raise ValueError("'none' is not searched: include_undefended adds the undefended trial")
+        return self
+
+    @property
+    def choices(self) -> list[DefenseChoice]:
+        if not self.defenses:
+            return [DefenseChoice(name=self.defense, space=self.space)]
+        return [DefenseChoice(name=d) if isinstance(d, str) else d for d in self.defenses]
 
 
 class SweepSpec(AuditSpec):
@@ -364,7 +421,11 @@ def check_names(spec: AuditSpec) -> None:
             raise SpecError(f"attack {a.name!r} listed twice", where=f"attacks.{i}.name")
         seen.add(a.name)
     if isinstance(spec, SweepSpec):
-        DEFENSES.get(spec.sweep.defense, where="sweep.defense")
+        if spec.sweep.defenses:
+            for i, c in enumerate(spec.sweep.choices):
+                DEFENSES.get(c.name, where=f"sweep.defenses.{i}")
+        else:
+            DEFENSES.get(spec.sweep.defense, where="sweep.defense")
 
 
 def load_raw(path: str | Path) -> dict[str, Any]:
@@ -386,6 +447,13 @@ def load_raw(path: str | Path) -> dict[str, Any]:
         raw = {}
     if not isinstance(raw, dict):
         raise SpecError(f"top level must be a mapping of fields, got {type(raw).__name__}", where=str(p))
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
     return raw
 
 

@@ -31,12 +31,19 @@ def _sha256(path: Path) -> str:
 
 
 class SignalStore:
-    def __init__(self, root: str | Path, fingerprint: str, pack_size: int, num_models: int):
+    def __init__(self, root: str | Path, fingerprint: str, pack_size: int, num_models: int,
+                 pack_fingerprints: dict[int, str] | None = None):
+        """`pack_fingerprints` overrides the key of single packs: a non-adaptive bank's packs of undefended
+        shadows are the same as an undefended bank's, so they are stored (and shared) under its key."""
         self.root = Path(root)
         self.fingerprint = fingerprint
         self.pack_size = pack_size
         self.num_models = num_models
+        self.pack_fingerprints = {int(k): v for k, v in (pack_fingerprints or {}).items()}
         self.dir = self.root / "signals" / fingerprint
+
+    def fingerprint_of(self, pack: int) -> str:
+        return self.pack_fingerprints.get(pack, self.fingerprint)
 
     @property
     def num_packs(self) -> int:
@@ -47,11 +54,12 @@ class SignalStore:
 
     def _paths(self, pack: int) -> tuple[Path, Path]:
         stem = f"k{self.pack_size}-pack-{pack:05d}"
-        return self.dir / f"{stem}.npz", self.dir / f"{stem}.json"
+        d = self.root / "signals" / self.fingerprint_of(pack)
+        return d / f"{stem}.npz", d / f"{stem}.json"
 
     def write_pack(self, pack: int, arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = None) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
         data, manifest = self._paths(pack)
+        data.parent.mkdir(parents=True, exist_ok=True)
         tmp = data.with_name(f".{data.name}.{os.getpid()}.tmp")
         with tmp.open("wb") as f:
             np.savez(f, **arrays)
@@ -59,7 +67,7 @@ class SignalStore:
             os.fsync(f.fileno())
         os.replace(tmp, data)
         info = {
-            "fingerprint": self.fingerprint,
+            "fingerprint": self.fingerprint_of(pack),
             "pack": pack,
             "models": self.pack_models(pack),
             "size": data.stat().st_size,
@@ -82,7 +90,7 @@ class SignalStore:
             return "corrupt manifest"
         if not data.exists():
             return "data file missing"
-        if info.get("fingerprint") != self.fingerprint or info.get("pack") != pack:
+        if info.get("fingerprint") != self.fingerprint_of(pack) or info.get("pack") != pack:
             return "manifest belongs to another entry"
         if info.get("models") != self.pack_models(pack):
             return f"holds models {info.get('models')}, expected {self.pack_models(pack)}"

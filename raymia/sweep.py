@@ -32,6 +32,8 @@ class SweepResult:
     front: list[int]  # indices into trials
     out_dir: Path
     parent_run_id: str | None
+    hypervolume: float | None = None  # of the feasible front against the undefended trial
+    final_audit: list[dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -39,53 +41,59 @@ class SweepResult:
             "objectives": [o.model_dump() for o in self.spec.sweep.objectives],
             "trials": self.trials,
             "front": [self.trials[i]["trial"] for i in self.front],
+            "hypervolume": self.hypervolume,
+            "final_audit": self.final_audit,
             "mlflow_parent_run_id": self.parent_run_id,
         }
 
 
-def resolve_space(spec: SweepSpec) -> dict[str, Domain | Any]:
-    """The defense's declared space with the spec's overrides: a mapping {low, high[, log]}, {choices}, or
-    a constant value per parameter."""
+def resolve_space(spec: SweepSpec) -> dict[str, dict[str, Domain | Any]]:
+    """{defense: {param: Domain | constant}}: each searched defense's declared space with the spec's
+    overrides ({low, high[, log]}, {choices}, or a constant), every bound checked against its params."""
     from raymia.defenses import DEFENSES
 
-    entry = DEFENSES.get(spec.sweep.defense, where="sweep.defense")
-    space: dict[str, Domain | Any] = dict(entry.obj.search_space())
-    for name, raw in spec.sweep.space.items():
-        where = f"sweep.space.{name}"
-        if name not in entry.params.model_fields:
-            raise SpecError(f"{spec.sweep.defense!r} has no parameter {name!r}; accepted: "
-                            f"{', '.join(entry.params.model_fields)}", where=where)
-        if isinstance(raw, dict):
-            try:
-                if "choices" in raw:
-                    if set(raw) != {"choices"} or not isinstance(raw["choices"], list) or not raw["choices"]:
-                        raise ValueError("expected {choices: [a, b, ...]}")
-                    space[name] = Categorical(tuple(raw["choices"]))
-                else:
-                    if not {"low", "high"} <= set(raw) <= {"low", "high", "log"}:
-                        raise ValueError("expected {low, high[, log]} or {choices: [...]} or a constant")
-                    kind = Int if all(isinstance(raw[k], int) for k in ("low", "high")) else Float
-                    space[name] = kind(raw["low"], raw["high"], bool(raw.get("log", False)))
-            except (ValueError, TypeError) as e:
-                raise SpecError(str(e), where=where) from None
-        else:
-            space[name] = raw
-    # Validate each bound / choice / constant against the defense's own parameter model.
-    for name, dom in space.items():
-        samples = list(dom.choices) if isinstance(dom, Categorical) else (
-            [dom.low, dom.high] if isinstance(dom, Float | Int) else [dom])
-        for v in samples:
-            entry.parse({name: v}, where=f"sweep.space.{name}")
-    return space
+    several = bool(spec.sweep.defenses)
+    out: dict[str, dict[str, Domain | Any]] = {}
+    for i, choice in enumerate(spec.sweep.choices):
+        at = f"sweep.defenses.{i}" if several else "sweep"
+        entry = DEFENSES.get(choice.name, where=f"{at}.name" if several else "sweep.defense")
+        space: dict[str, Domain | Any] = dict(entry.obj.search_space())
+        for name, raw in choice.space.items():
+            where = f"{at}.space.{name}"
+            if name not in entry.params.model_fields:
+                raise SpecError(f"{choice.name!r} has no parameter {name!r}; accepted: "
+                                f"{', '.join(entry.params.model_fields)}", where=where)
+            if isinstance(raw, dict):
+                try:
+                    if "choices" in raw:
+                        if set(raw) != {"choices"} or not isinstance(raw["choices"], list) or not raw["choices"]:
+                            raise ValueError("expected {choices: [a, b, ...]}")
+                        space[name] = Categorical(tuple(raw["choices"]))
+                    else:
+                        if not {"low", "high"} <= set(raw) <= {"low", "high", "log"}:
+                            raise ValueError("expected {low, high[, log]} or {choices: [...]} or a constant")
+                        kind = Int if all(isinstance(raw[k], int) for k in ("low", "high")) else Float
+                        space[name] = kind(raw["low"], raw["high"], bool(raw.get("log", False)))
+                except (ValueError, TypeError) as e:
+                    raise SpecError(str(e), where=where) from None
+            else:
+                space[name] = raw
+        for name, dom in space.items():
+            samples = list(dom.choices) if isinstance(dom, Categorical) else (
+                [dom.low, dom.high] if isinstance(dom, Float | Int) else [dom])
+            for v in samples:
+                entry.parse({name: v}, where=f"{at}.space.{name}")
+        out[choice.name] = space
+    return out
 
 
 class DefineByRun:
     """Optuna define-by-run space (a picklable object: Tune checkpoints the searcher). The first trial
-    asked for is the undefended setting when `include_undefended` is on; every later one samples the
-    defense's space."""
+    asked for is the undefended setting when `include_undefended` is on; every later one picks a defense
+    (when several are searched) and samples its space. Parameters are named "<defense>.<param>"."""
 
-    def __init__(self, space: dict[str, Any], defense: str, include_undefended: bool):
-        self.space, self.defense, self.include_undefended = space, defense, include_undefended
+    def __init__(self, spaces: dict[str, dict[str, Any]], include_undefended: bool):
+        self.spaces, self.include_undefended = spaces, include_undefended
         self.asked = 0
 
     def __call__(self, trial) -> dict[str, Any]:
@@ -93,17 +101,38 @@ class DefineByRun:
         self.asked += 1
         if self.include_undefended and first:
             return {"defense": "none"}
-        const: dict[str, Any] = {"defense": self.defense}
-        for name, dom in self.space.items():
+        names = list(self.spaces)
+        defense = names[0] if len(names) == 1 else trial.suggest_categorical("defense", names)
+        const: dict[str, Any] = {"defense": defense}
+        for name, dom in self.spaces[defense].items():
+            key = f"{defense}.{name}"
             if isinstance(dom, Float):
-                trial.suggest_float(name, dom.low, dom.high, log=dom.log)
+                trial.suggest_float(key, dom.low, dom.high, log=dom.log)
             elif isinstance(dom, Int):
-                trial.suggest_int(name, dom.low, dom.high, log=dom.log)
+                trial.suggest_int(key, dom.low, dom.high, log=dom.log)
             elif isinstance(dom, Categorical):
-                trial.suggest_categorical(name, list(dom.choices))
+                trial.suggest_categorical(key, list(dom.choices))
             else:
-                const[name] = dom
+                const[key] = dom
         return const
+
+
+def split_config(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A trial's config -> (defense name, its params without the "<defense>." prefix)."""
+    name = config.get("defense", "none")
+    prefix = f"{name}."
+    return name, {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
+
+
+def _optuna_storage(url: str):
+    """An Optuna storage from a URL: journal files (journal:///path) or any RDB URL (sqlite, postgresql...)."""
+    import optuna
+
+    if url.startswith("journal://"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal://"):]))
+    return optuna.storages.RDBStorage(url)
 
 
 def _make_sampler(name: str, seed: int):
@@ -119,8 +148,7 @@ def _make_sampler(name: str, seed: int):
 
 
 def trial_spec(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    cfg = dict(config)
-    name = cfg.pop("defense")
+    name, cfg = split_config(config)
     spec = json.loads(json.dumps(base))
     spec.pop("sweep", None)
     spec["defense"] = {"name": name, "params": cfg}
@@ -187,7 +215,7 @@ def _progress_callback(spec: SweepSpec):
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
             r = trial.last_result or {}
-            cfg = {k: v for k, v in trial.config.items() if k != "defense"}
+            _, cfg = split_config(trial.config)
             vals = "  ".join(f"{o}={r.get(o, float('nan')):.4f}" for o in objs)
             log.info("trial %d/%d done: %s %s  %s%s", self.done, spec.sweep.num_trials, trial.config.get("defense"),
                      _fmt_params({"defense": trial.config.get("defense"), "params": cfg}), vals,
@@ -283,7 +311,8 @@ def run_sweep(
     from raymia.defenses import build_defense
 
     # The searched defense must apply to this model and data: say so before any trial starts.
-    build_defense(spec.sweep.defense, {}, ctx.data.info, where="sweep.defense").check(spec.model.name, ctx.data.info)
+    for d in space:
+        build_defense(d, {}, ctx.data.info, where="sweep.defense").check(spec.model.name, ctx.data.info)
     objectives = spec.sweep.objectives
     metric_names = [o.metric for o in objectives]
     _check_objective_names(spec, metric_names)
@@ -321,9 +350,9 @@ def run_sweep(
     state_path.write_text(json.dumps({"spec_hash": spec_hash, "parent_run_id": parent_id, "finished": False}))
 
     ensure_ray()
-    log.info("sweep %s: %d trials of %s over %s", spec.name, spec.sweep.num_trials, spec.sweep.defense,
-             ", ".join(f"{k} {describe(v) if isinstance(v, Float | Int | Categorical) else repr(v)}"
-                       for k, v in space.items()))
+    log.info("sweep %s: %d trials over %s", spec.name, spec.sweep.num_trials, "; ".join(
+        f"{d}: " + (", ".join(f"{k} {describe(v) if isinstance(v, Float | Int | Categorical) else repr(v)}"
+                              for k, v in sp.items()) or "no parameters") for d, sp in space.items()))
     trainable = tune.with_resources(tune.with_parameters(
         _run_trial, base=spec.model_dump(mode="json"), root=str(root), sweep_dir=str(sweep_dir)
     ), {"cpu": spec.sweep.trial_cpu})
@@ -331,14 +360,13 @@ def run_sweep(
         log.info("resuming sweep %s: finished trials are kept, unfinished ones run again", spec.name)
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
-        import optuna
 
         searcher = OptunaSearch(
-            space=DefineByRun(space, spec.sweep.defense, spec.sweep.include_undefended),
+            space=DefineByRun(space, spec.sweep.include_undefended),
             metric=metric_names,
             mode=[o.mode for o in objectives],
             sampler=_make_sampler(spec.sweep.sampler, spec.seed),
-            storage=optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / 'optuna.db'}"),
+            storage=_optuna_storage(spec.sweep.storage or f"sqlite:///{sweep_dir / 'optuna.db'}"),
             study_name=f"raymia-{spec.name}",
         )
         tuner = tune.Tuner(
@@ -367,6 +395,7 @@ def run_sweep(
         front_ids = {ok[i]["trial"] for i in front_ok}
         front = [i for i, t in enumerate(trials) if t["trial"] in front_ids]
         result = SweepResult(spec=spec, trials=trials, front=front, out_dir=sweep_dir, parent_run_id=parent_id)
+        # written now (the search is safe on disk) and again below with the hypervolume and final audit
         (sweep_dir / "result.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
         ref = next((t for t in ok if t["defense"] == "none"), None)
         x, y = objectives[0].metric, objectives[1].metric if len(objectives) > 1 else objectives[0].metric
@@ -374,15 +403,23 @@ def run_sweep(
             ok, x_key=y, y_key=x, path=sweep_dir / "pareto.png",
             front_ids={i for i, t in enumerate(ok) if t["trial"] in front_ids},
             x_label=f"{y} ({_arrow(objectives, y)})", y_label=f"{x} ({_arrow(objectives, x)})",
-            title=f"sweep {spec.name}: {spec.sweep.defense} ({len(ok)} trials)",
+            title=f"sweep {spec.name}: {', '.join(space)} ({len(ok)} trials)",
             reference={y: ref[y], x: ref[x], "label": "undefended"} if ref else None,
         )
+        if ref is not None and len(objectives) in (2, 3):
+            from raymia.pareto import hypervolume
+
+            result.hypervolume = hypervolume(feasible, [(o.metric, o.mode) for o in objectives], ref)
+        if spec.sweep.final_audit is not None:
+            result.final_audit = _final_audit(spec, result, root, parent_id)
+        (sweep_dir / "result.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
         (sweep_dir / "front.md").write_text(front_markdown(result))
         if console:
             print_front(result)
         status = "FINISHED"
         state_path.write_text(json.dumps({"spec_hash": spec_hash, "parent_run_id": parent_id, "finished": True}))
-        summary = {"num_trials": len(trials), "num_failed": len(trials) - len(ok), "front_size": len(front)}
+        summary = {"num_trials": len(trials), "num_failed": len(trials) - len(ok), "front_size": len(front),
+                   "hypervolume": result.hypervolume}
         log.info("sweep %s done in %.0fs -> %s", spec.name, time.perf_counter() - t0, sweep_dir)
         return result
     finally:
@@ -391,6 +428,45 @@ def run_sweep(
 
             arts = [sweep_dir / n for n in ("result.json", "pareto.png", "front.md")] if status == "FINISHED" else []
             finish_parent(spec.tracking.uri, parent_id, summary, arts, status=status)
+
+
+def audit_spec_of_trial(spec: SweepSpec, trial: dict[str, Any], num_models: int | None = None,
+                        targets: Any = None) -> dict[str, Any]:
+    """The audit spec (a dict) of one sweep trial, optionally with a bigger bank: the final audit."""
+    d = spec.model_dump(mode="json")
+    d.pop("sweep", None)
+    d["defense"] = {"name": trial["defense"], "params": trial.get("params") or {}}
+    if num_models is not None:
+        d["plan"]["num_models"] = num_models
+        if targets is None and d["plan"]["targets"] != "all":
+            d["plan"]["targets"] = [t for t in d["plan"]["targets"] if t < num_models] or [0]
+    if targets is not None:
+        d["plan"]["targets"] = targets
+    d["name"] = f"{spec.name}-trial{trial['trial']}"
+    return d
+
+
+def _final_audit(spec: SweepSpec, result: SweepResult, root: Path, parent_id: str | None) -> list[dict[str, Any]]:
+    from raymia.audit import run_audit
+    from raymia.spec import AuditSpec
+
+    fa = spec.sweep.final_audit
+    rows = []
+    for i in result.front:
+        t = result.trials[i]
+        audit = AuditSpec.model_validate(audit_spec_of_trial(spec, t, fa.num_models, fa.targets))
+        log.info("final audit of trial %d (%s) with %d models", t["trial"], t["defense"], fa.num_models)
+        res = run_audit(audit, output_dir=root, track=False, console=False)
+        if parent_id:
+            from raymia.tracking import log_run
+
+            log_run(spec.tracking.uri, spec.tracking.experiment, run_name=f"{audit.name}-final",
+                    params=audit.model_dump(mode="json"), metrics=res.flat_metrics(),
+                    artifacts=[res.out_dir / "result.json", res.out_dir / "roc.png"],
+                    tags={"raymia.kind": "final_audit", "raymia.trial": str(t["trial"])}, parent_run_id=parent_id)
+        rows.append({"trial": t["trial"], "defense": t["defense"], "params": t["params"],
+                     "num_models": fa.num_models, "audit_dir": str(res.out_dir), **res.flat_metrics()})
+    return rows
 
 
 def _satisfies(value: float | None, op: str, bound: float) -> bool:
@@ -426,9 +502,9 @@ def _check_objective_names(spec: SweepSpec, names: list[str], field: str = "obje
 def _collect(grid, metric_names: list[str]) -> list[dict[str, Any]]:
     trials = []
     for i, r in enumerate(grid):
-        cfg = dict(r.config or {})
+        defense, params = split_config(dict(r.config or {}))
         row: dict[str, Any] = {"trial": i, "trial_id": (r.metrics or {}).get("trial_id"),
-                               "defense": cfg.pop("defense", None), "params": cfg}
+                               "defense": defense, "params": params}
         if r.error is not None:
             row.update(status="failed", error=str(r.error).strip().splitlines()[-1][:500])
         else:

@@ -98,3 +98,27 @@ def test_non_adaptive_bank_defends_only_the_targets():
     assert other.fingerprint() != na.fingerprint()
     assert AuditSpec.model_validate({**base, "plan": {**base["plan"], "targets": [1]}}).fingerprint() \
         == ad.fingerprint()
+
+
+def test_non_adaptive_banks_share_the_undefended_shadow_packs(tmp_path, caplog):
+    """Two non-adaptive audits with different defense settings train the shadow-only packs once."""
+    import logging
+
+    from raymia.audit import run_audit
+
+    caplog.set_level(logging.INFO, logger="raymia")
+    base = {"plan": {"num_models": 8, "population": 200, "targets": [0]}, "train": {"epochs": 3},
+            "model": {"params": {"hidden": [32]}}, "bank": {"pack_size": 4, "engine": "local"},
+            "attacker": "non_adaptive", "tracking": {"enabled": False}, "output_dir": str(tmp_path),
+            "attacks": [{"name": "loss"}, {"name": "lira_offline"}]}
+    a = AuditSpec.model_validate({**base, "defense": {"name": "confidence", "params": {"top_k": 1}}})
+    b = AuditSpec.model_validate({**base, "defense": {"name": "confidence", "params": {"top_k": 3}}})
+    assert a.fingerprint() != b.fingerprint()
+    assert a.pack_fingerprints() == b.pack_fingerprints() and set(a.pack_fingerprints()) == {1}
+    run_audit(a, console=False)
+    caplog.clear()
+    res = run_audit(b, console=False)
+    assert "reusing 1 of 2 stored packs" in caplog.text  # pack 1 (models 4-7, all shadows) is shared
+    shared = tmp_path / "signals" / a.pack_fingerprints()[1] / "k4-pack-00001.npz"
+    assert shared.exists()
+    assert res.flat_metrics()["loss/auc"] is not None

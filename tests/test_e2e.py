@@ -107,7 +107,9 @@ def test_sweep_writes_parent_and_child_runs(first_audit, workdir):
 
     d = tiny_spec_dict(workdir, name="tinysweep")
     d["sweep"] = {"defense": "hamp", "num_trials": 2, "max_concurrent": 2,
-                  "space": {"output_modification": {"choices": [True]}}}
+                  "space": {"output_modification": {"choices": [True]}},
+                  "final_audit": {"num_models": 8}}  # same bank size: the re-audit reuses the trials' signals
+    (workdir / "tinysweep.yaml").write_text(yaml.safe_dump(d))
     spec = SweepSpec.model_validate(d)
     result = run_sweep(spec, console=False)
     assert [t["defense"] for t in result.trials] == ["none", "hamp"]
@@ -128,9 +130,27 @@ def test_sweep_writes_parent_and_child_runs(first_audit, workdir):
     assert parent.data.tags["raymia.kind"] == "sweep" and parent.info.status == "FINISHED"
     assert parent.data.metrics["num_trials"] == 2
     exp = parent.info.experiment_id
-    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
+                                                       "and tags.`raymia.kind` = 'trial'")
     assert len(children) == 2
     by_def = {c.data.params["defense.name"]: c for c in children}
     assert set(by_def) == {"none", "hamp"}
     assert by_def["hamp"].data.metrics["lira_online/auc"] == pytest.approx(hamp["lira_online/auc"])
     assert "defense.params.gamma" in by_def["hamp"].data.params
+
+    # the front was re-audited (final_audit) and those runs hang under the parent too
+    assert result.final_audit and len(result.final_audit) == len(result.front)
+    finals = client.search_runs([exp], filter_string="tags.`raymia.kind` = 'final_audit'")
+    assert len(finals) == len(result.front)
+    assert saved["hypervolume"] is None or saved["hypervolume"] >= 0
+
+
+def test_audit_from_trial(first_audit, workdir):
+    """raymia audit SPEC --from-trial N audits a sweep trial's setting (here with the same bank: reused)."""
+    out = subprocess.run([sys.executable, "-m", "raymia", "audit", str(workdir / "tinysweep.yaml"), "--from-trial",
+                          "1", "--set", "tracking.enabled=false"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "reusing stored signals" in out.stderr and "defense=hamp" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "raymia", "audit", str(workdir / "tinysweep.yaml"),
+                          "--from-trial", "7"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--from-trial: no finished trial 7" in bad.stderr

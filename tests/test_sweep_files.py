@@ -25,9 +25,42 @@ def test_sweep_file_is_valid(path):
     space = resolve_space(spec)
     assert space, f"{path.name}: empty search space"
     _check_objective_names(spec, [o.metric for o in spec.sweep.objectives])
-    if path.stem != "quickstart":
-        assert path.stem.split("-", 1)[1] == spec.sweep.defense
-    # the searched defense accepts the spec's model (e.g. DP-SGD refuses BatchNorm models)
-    shape = {"digits": (1, 8, 8), "cifar10": (3, 32, 32)}[spec.data.name]
-    info = DataInfo(num_classes=10, input_shape=shape, kind="image")
-    build_defense(spec.sweep.defense, {}, info).check(spec.model.name, info)
+    suffix = path.stem.split("-", 1)[-1]
+    if suffix == "all":
+        assert len(space) >= 8, sorted(space)
+    elif path.stem != "quickstart":
+        assert suffix == spec.sweep.defense and list(space) == [suffix]
+    # every searched defense accepts the spec's model (e.g. DP-SGD refuses BatchNorm models)
+    info = {"digits": DataInfo(10, (1, 8, 8), "image"), "cifar10": DataInfo(10, (3, 32, 32), "image"),
+            "purchase100": DataInfo(100, (600,), "tabular")}[spec.data.name]
+    for d in space:
+        build_defense(d, {}, info).check(spec.model.name, info)
+
+
+def test_several_defenses_in_one_sweep():
+    """defenses: each trial picks one defense and samples its own space; params are split back per defense."""
+    import optuna
+
+    from raymia.sweep import DefineByRun, split_config, trial_spec
+
+    spec = SweepSpec.model_validate({"sweep": {"defenses": [
+        "hamp", {"name": "confidence", "space": {"top_k": {"choices": [1, 2]}}}]}})
+    space = resolve_space(spec)
+    assert list(space) == ["hamp", "confidence"]
+    ask = DefineByRun(space, include_undefended=True)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(0))
+    seen = []
+    for _ in range(12):
+        t = study.ask()
+        const = ask(t)
+        config = {**t.params, **const}
+        name, params = split_config(config)
+        seen.append(name)
+        audit = trial_spec(spec.model_dump(mode="json"), config)
+        assert audit["defense"] == {"name": name, "params": params} and "sweep" not in audit
+        if name == "confidence":
+            assert params["top_k"] in (1, 2) and set(params) == {"temperature", "top_k", "decimals"}
+        study.tell(t, [0.5, 0.5])
+    assert seen[0] == "none" and seen.count("none") == 1 and {"hamp", "confidence"} <= set(seen)
+    with pytest.raises(Exception, match="either defense"):
+        SweepSpec.model_validate({"sweep": {"defense": "hamp", "defenses": ["confidence"]}})

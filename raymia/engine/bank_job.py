@@ -43,7 +43,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     spec = AuditSpec.model_validate(config["spec"])
-    store = SignalStore(config["store_root"], config["fingerprint"], spec.bank.pack_size, spec.plan.num_models)
+    store = SignalStore(config["store_root"], config["fingerprint"], spec.bank.pack_size, spec.plan.num_models,
+                        spec.pack_fingerprints())
     _train_packs(spec, store, config["packs"], ctx.get_world_rank(), ctx.get_world_size())
 
 
