@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from raymia.errors import RaymiaError
+from raymia.report.plots import as_number as _num
 
 SWEEP_PREFIX = "sweep-"
 _LIVE = ("FINISHED", "RUNNING")
@@ -23,17 +24,6 @@ _LIVE = ("FINISHED", "RUNNING")
 
 # ---------------------------------------------------------------------------------------------------------
 # hypervolume
-
-
-def _num(v: Any) -> float | None:
-    """v as a finite-or-infinite float, or None when missing, boolean, non-numeric or NaN."""
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f
 
 
 def _union_volume(pts: list[tuple[float, ...]], ref: tuple[float, ...]) -> float:

@@ -22,9 +22,8 @@ _DPI = 150
 _MIN_FPR = 1e-5
 
 
-def _value(point: Mapping[str, Any], key: str) -> float | None:
-    """The point's numeric value for key, or None when missing, None, non-numeric or NaN."""
-    v = point.get(key)
+def as_number(v: Any) -> float | None:
+    """v as a float (infinities kept), or None when missing, boolean, non-numeric or NaN."""
     if v is None or isinstance(v, bool):
         return None
     try:
@@ -32,6 +31,11 @@ def _value(point: Mapping[str, Any], key: str) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if math.isnan(f) else f
+
+
+def _value(point: Mapping[str, Any], key: str) -> float | None:
+    """The point's numeric value for key, or None when missing, None, non-numeric or NaN."""
+    return as_number(point.get(key))
 
 
 def pareto_front(points: list[dict], objectives: list[tuple[str, str]]) -> list[int]:
