@@ -294,7 +294,7 @@ def run_sweep(
     from ray.tune.search.optuna import OptunaSearch
 
     from raymia.engine.cluster import ensure_ray
-    from raymia.report.plots import pareto_front, plot_pareto
+    from raymia.report.plots import plot_pareto
     from raymia.train.bank import BankContext
 
     t0 = time.perf_counter()
@@ -387,12 +387,8 @@ def run_sweep(
         grid = tuner.fit()
         trials = _collect(grid, metric_names)
         ok = [t for t in trials if t["status"] == "ok"]
-        for t in ok:
-            t["feasible"] = all(_satisfies(t.get(c.metric), c.op, c.value) for c in spec.sweep.constraints)
+        front_ids = feasible_front(ok, objectives, spec.sweep.constraints)
         feasible = [t for t in ok if t["feasible"]]
-        front_ok = [ok.index(t) for t in (feasible[i] for i in pareto_front(
-            feasible, [(o.metric, o.mode) for o in objectives]))]
-        front_ids = {ok[i]["trial"] for i in front_ok}
         front = [i for i, t in enumerate(trials) if t["trial"] in front_ids]
         result = SweepResult(spec=spec, trials=trials, front=front, out_dir=sweep_dir, parent_run_id=parent_id)
         # written now (the search is safe on disk) and again below with the hypervolume and final audit
@@ -467,6 +463,17 @@ def _final_audit(spec: SweepSpec, result: SweepResult, root: Path, parent_id: st
         rows.append({"trial": t["trial"], "defense": t["defense"], "params": t["params"],
                      "num_models": fa.num_models, "audit_dir": str(res.out_dir), **res.flat_metrics()})
     return rows
+
+
+def feasible_front(ok: list[dict[str, Any]], objectives, constraints) -> set[int]:
+    """Trial numbers of the non-dominated trials among those meeting every constraint; marks each trial's
+    "feasible" flag. Trials that break a constraint never enter the front."""
+    from raymia.report.plots import pareto_front
+
+    for t in ok:
+        t["feasible"] = all(_satisfies(t.get(c.metric), c.op, c.value) for c in constraints)
+    feasible = [t for t in ok if t["feasible"]]
+    return {feasible[i]["trial"] for i in pareto_front(feasible, [(o.metric, o.mode) for o in objectives])}
 
 
 def _satisfies(value: float | None, op: str, bound: float) -> bool:

@@ -64,3 +64,33 @@ def test_several_defenses_in_one_sweep():
     assert seen[0] == "none" and seen.count("none") == 1 and {"hamp", "confidence"} <= set(seen)
     with pytest.raises(Exception, match="either defense"):
         SweepSpec.model_validate({"sweep": {"defense": "hamp", "defenses": ["confidence"]}})
+
+
+def test_constraints_keep_trials_off_the_front():
+    from raymia.spec import Constraint, Objective
+    from raymia.sweep import feasible_front
+
+    objectives = [Objective(metric="test_accuracy", mode="max"), Objective(metric="loss/auc", mode="min")]
+    trials = [{"trial": 0, "test_accuracy": 0.95, "loss/auc": 0.70},
+              {"trial": 1, "test_accuracy": 0.90, "loss/auc": 0.55},
+              {"trial": 2, "test_accuracy": 0.80, "loss/auc": 0.50},
+              {"trial": 3, "test_accuracy": 0.85, "loss/auc": 0.60}]  # dominated by trial 1
+    assert feasible_front(trials, objectives, []) == {0, 1, 2}
+    floor = [Constraint(metric="test_accuracy", op=">=", value=0.85)]
+    assert feasible_front(trials, objectives, floor) == {0, 1}
+    assert [t["feasible"] for t in trials] == [True, True, False, True]
+    assert feasible_front(trials, objectives, [Constraint(metric="missing", op="<=", value=1)]) == set()
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "gp", "random"])
+def test_every_sampler_runs_two_objectives(sampler):
+    import optuna
+
+    from raymia.sweep import _make_sampler
+
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=_make_sampler(sampler, 0))
+    for _ in range(6):
+        t = study.ask()
+        x = t.suggest_float("x", 0.0, 1.0)
+        study.tell(t, [x, x * x])
+    assert len(study.best_trials) >= 1
