@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raymia.errors import SpecError
+from raymia.errors import RaymiaError, SpecError
 from raymia.space import Categorical, Domain, Float, Int, describe
 from raymia.spec import SweepSpec
 
@@ -335,9 +335,7 @@ def run_sweep(
         if console:
             print_front(result)
         return result
-    from ray import tune as _tune
-
-    resuming = state is not None and _tune.Tuner.can_restore(str(exp_dir))
+    resuming = state is not None and tune.Tuner.can_restore(str(exp_dir))
     parent_id = state.get("parent_run_id") if state else None
     if spec.tracking.enabled and parent_id is None:
         from raymia.tracking import start_parent
@@ -360,7 +358,6 @@ def run_sweep(
         log.info("resuming sweep %s: finished trials are kept, unfinished ones run again", spec.name)
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
-
         searcher = OptunaSearch(
             space=DefineByRun(space, spec.sweep.include_undefended),
             metric=metric_names,
@@ -386,6 +383,9 @@ def run_sweep(
     try:
         grid = tuner.fit()
         trials = _collect(grid, metric_names)
+        if len(trials) < spec.sweep.num_trials or any(t["status"] == "incomplete" for t in trials):
+            # Tune returns early when interrupted (Ctrl-C): its state is saved, the sweep is not finished.
+            raise RaymiaError(f"sweep {spec.name} was interrupted; run the same command again to resume it")
         ok = [t for t in trials if t["status"] == "ok"]
         front_ids = feasible_front(ok, objectives, spec.sweep.constraints)
         feasible = [t for t in ok if t["feasible"]]
@@ -514,6 +514,8 @@ def _collect(grid, metric_names: list[str]) -> list[dict[str, Any]]:
                                "defense": defense, "params": params}
         if r.error is not None:
             row.update(status="failed", error=str(r.error).strip().splitlines()[-1][:500])
+        elif not all(k in (r.metrics or {}) for k in metric_names):
+            row["status"] = "incomplete"
         else:
             row["status"] = "ok"
             for k, v in (r.metrics or {}).items():
