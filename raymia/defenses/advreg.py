@@ -24,6 +24,7 @@ from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain
 from raymia.train.augment import apply_augment, draw_augment
+from raymia.train.batches import batch_stream
 from raymia.train.recipe import make_optimizer, make_scheduler
 
 Masks = dict[str, torch.Tensor]  # parameter name -> {0, 1} tensor of the parameter's shape
@@ -62,17 +63,6 @@ def _onehot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     if torch.is_floating_point(y):
         return y
     return F.one_hot(y.long(), num_classes).float()
-
-
-def _batches(n: int, batch: int, generator: torch.Generator):
-    """Full batches of indices in [0, n) from reshuffled permutations: the bank's batch stream, repeated
-    here because raymia.train.bank imports the defenses."""
-    buf = torch.empty(0, dtype=torch.int64)
-    while True:
-        while buf.numel() < batch:
-            buf = torch.cat([buf, torch.randperm(n, generator=generator)])
-        yield buf[:batch]
-        buf = buf[batch:]
 
 
 def zero_masked_grads(model: nn.Module, masks: Masks) -> None:
@@ -129,7 +119,7 @@ def minmax_train(
     if game and (ref_x is None or ref_y is None or ref_x.shape[0] == 0):
         raise ValueError("the membership game needs reference (non-member) points")
     batch = recipe.batch_size
-    order = _batches(x.shape[0], batch, torch.Generator().manual_seed(derive_seed(seed, "order")))
+    order = batch_stream(x.shape[0], batch, torch.Generator().manual_seed(derive_seed(seed, "order")))
     aug_gen = torch.Generator().manual_seed(derive_seed(seed, "augment"))
     augmenting = recipe.augment.hflip or recipe.augment.crop
     opt = make_optimizer(list(model.parameters()), recipe)
@@ -141,8 +131,8 @@ def minmax_train(
             torch.manual_seed(derive_seed(seed, "inference-init"))
             h = InferenceModel(num_classes).to(device)
         h_opt = torch.optim.Adam(h.parameters(), lr=inference_lr)
-        h_members = _batches(x.shape[0], batch, torch.Generator().manual_seed(derive_seed(seed, "h-members")))
-        h_refs = _batches(ref_x.shape[0], batch, torch.Generator().manual_seed(derive_seed(seed, "h-reference")))
+        h_members = batch_stream(x.shape[0], batch, torch.Generator().manual_seed(derive_seed(seed, "h-members")))
+        h_refs = batch_stream(ref_x.shape[0], batch, torch.Generator().manual_seed(derive_seed(seed, "h-reference")))
         ref_onehot = _onehot(ref_y, num_classes)
     y_onehot = _onehot(y, num_classes)
     if param_mask:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +43,7 @@ from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain, Float, Int
 from raymia.train.augment import apply_augment, draw_augment
+from raymia.train.batches import batch_stream
 from raymia.train.recipe import make_optimizer, make_scheduler
 
 log = logging.getLogger("raymia")
@@ -132,16 +132,6 @@ def frozen_fraction(model: nn.Module) -> float:
     return sum(t.numel() for t in params if not t.requires_grad) / max(1, total)
 
 
-def _full_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Full batches of indices in [0, n) from a stream of fresh permutations (reshuffled on exhaustion)."""
-    buf = torch.empty(0, dtype=torch.int64)
-    while True:
-        while buf.numel() < batch:
-            buf = torch.cat([buf, torch.randperm(n, generator=generator)])
-        yield buf[:batch]
-        buf = buf[batch:]
-
-
 def _reset(model: nn.Module, seed: int) -> nn.Module:
     """Re-draw every parameter that a module's reset_parameters covers, from `seed` (global RNG untouched)."""
     with torch.random.fork_rng(devices=[]):
@@ -161,7 +151,7 @@ def pretrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: TlDmiParams,
     batch = min(p.pretrain_batch, n)
     steps = p.pretrain_epochs * -(-n // batch)
     opt = torch.optim.Adam(model.parameters(), lr=p.pretrain_lr)
-    stream = _full_batches(n, batch, torch.Generator().manual_seed(derive_seed(seed, "order")))
+    stream = batch_stream(n, batch, torch.Generator().manual_seed(derive_seed(seed, "order")))
     loss = torch.zeros(())
     for _ in range(steps):
         b = next(stream).to(device)
@@ -334,7 +324,7 @@ class TlDmi(Defense):
         total = recipe.epochs * job.steps_per_epoch
         sched = make_scheduler(opt, recipe, total)
         order_gen = torch.Generator().manual_seed(derive_seed(job.seed, "order"))
-        stream = _full_batches(n, recipe.batch_size, order_gen)
+        stream = batch_stream(n, recipe.batch_size, order_gen)
         aug_gen = torch.Generator().manual_seed(derive_seed(job.seed, "augment"))
         augment = recipe.augment.hflip or recipe.augment.crop
         model.train()

@@ -17,7 +17,6 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ from raymia.models import build_model
 from raymia.seeding import derive_seed
 from raymia.spec import AuditSpec, TrainSpec
 from raymia.train.augment import apply_augment, draw_augment
+from raymia.train.batches import batch_stream
 from raymia.train.infer import augment as query_augment
 from raymia.train.infer import query_logits
 from raymia.train.recipe import make_optimizer, make_scheduler
@@ -140,16 +140,6 @@ def model_data(ctx: BankContext, m: int) -> ModelData:
     if x_t is x:
         return ModelData(index=index, y=y_t, x=None)
     return ModelData(index=torch.arange(x_t.shape[0]), y=y_t, x=x_t)
-
-
-def batch_stream(n: int, batch: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Full batches of indices in [0, n) from a stream of fresh permutations (reshuffled on exhaustion)."""
-    buf = torch.empty(0, dtype=torch.int64)
-    while True:
-        while buf.numel() < batch:
-            buf = torch.cat([buf, torch.randperm(n, generator=generator)])
-        yield buf[:batch]
-        buf = buf[batch:]
 
 
 def init_model(ctx: BankContext, m: int) -> torch.nn.Module:
