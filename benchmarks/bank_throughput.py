@@ -5,7 +5,8 @@ number of steps) on the same members, in one run:
   plain:     the plainest one-by-one PyTorch loop (`minimal_loop` below), the baseline of the ratio
   reference: raymia.train.bank.train_model, raymia's one-model loop (the exact batches and augmentation
              draws of the pack; the parity reference of the tests)
-  pack:      raymia.train.bank.train_models_packed, K models at once (torch.func.vmap over stacked weights)
+  pack:      raymia.train.bank.train_models_packed, K models at once (raymia.train.packed for sequential
+             models: grouped convolutions and batched matmuls; torch.func.vmap for the others)
   bank:      what an audit does with bank.vectorize=auto: time a few steps of both, train the faster way
 pack_ratio and bank_ratio are models/hour over the plain loop's models/hour. Only the core is used (no Ray, no MLflow), so the
 script runs on a GPU machine that has torch alone. On CUDA it also reports achieved TFLOP/s (FLOPs of one
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -120,6 +122,7 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=16, help="K: models in the pack")
     ap.add_argument("--plain-models", type=int, default=4, help="models trained one by one (time per model)")
     ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating plain/pack timings; the median ratio is reported")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
@@ -145,20 +148,23 @@ def main() -> None:
     train_model(BankContext.from_spec(warm), 0, device)
     minimal_loop(BankContext.from_spec(warm), 0, device)
     sync()
-    t0 = time.perf_counter()
-    for m in range(a.plain_models):
-        minimal_loop(ctx, m, device)
-    sync()
-    plain = (time.perf_counter() - t0) / a.plain_models
-    t0 = time.perf_counter()
-    for m in range(a.plain_models):
-        train_model(ctx, m, device)
-    sync()
-    reference = (time.perf_counter() - t0) / a.plain_models
-    t0 = time.perf_counter()
-    train_models_packed(ctx, list(range(a.models)), device)
-    sync()
-    pack = (time.perf_counter() - t0) / a.models
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    # Plain loop and pack alternate, `--repeats` times: on a shared machine the load drifts between
+    # measurements, and each ratio compares two runs taken back to back. The median ratio is reported.
+    plains, packs = [], []
+    for _ in range(a.repeats):
+        plains.append(timed(lambda: [minimal_loop(ctx, m, device) for m in range(a.plain_models)]) / a.plain_models)
+        packs.append(timed(lambda: train_models_packed(ctx, list(range(a.models)), device)) / a.models)
+    plain, pack = statistics.median(plains), statistics.median(packs)
+    pack_ratio = statistics.median(p / q for p, q in zip(plains, packs))
+    reference = timed(lambda: [train_model(ctx, m, device) for m in range(a.plain_models)]) / a.plain_models
+    engine = train_models_packed(BankContext.from_spec(warm), [0, 1], device, max_steps=1).engine
     # The bank as raymia runs it: bank.vectorize=auto times both paths, then trains the pack the faster way
     # (the probe's cost is included).
     t0 = time.perf_counter()
@@ -172,6 +178,8 @@ def main() -> None:
         chosen = "one by one"
     sync()
     bank = (time.perf_counter() - t0) / a.models
+    # the plain loop again, right after: the bank's ratio is against the plain timings on either side of it
+    plain_after = timed(lambda: [minimal_loop(ctx, m, device) for m in range(a.plain_models)]) / a.plain_models
     row = {
         "setting": a.setting, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
@@ -179,8 +187,9 @@ def main() -> None:
         "plain_s_per_model": round(plain, 3), "reference_loop_s_per_model": round(reference, 3),
         "pack_s_per_model": round(pack, 3),
         "plain_models_per_hour": round(3600 / plain, 1), "pack_models_per_hour": round(3600 / pack, 1),
-        "pack_ratio": round(plain / pack, 2), "bank_auto_choice": chosen, "bank_s_per_model": round(bank, 3),
-        "bank_ratio": round(plain / bank, 2),
+        "pack_engine": engine, "repeats": a.repeats, "pack_ratios": [round(p / q, 2) for p, q in zip(plains, packs)],
+        "pack_ratio": round(pack_ratio, 2), "bank_auto_choice": chosen, "bank_s_per_model": round(bank, 3),
+        "bank_ratio": round((plains[-1] + plain_after) / 2 / bank, 2),
     }
     if device.type == "cuda":
         flops = step_flops(ctx, device) * steps

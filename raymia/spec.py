@@ -129,8 +129,8 @@ class BankSpec(_Model):
     pack_size: int = Field(8, ge=1, description="models trained together per pack (unit of storage)")
     vectorize: bool | Literal["auto"] = Field(
         "auto",
-        description="train a pack's models at once with torch.func.vmap; auto: time a few steps of both "
-        "and keep the faster (vmap does not pay for every model on every device)",
+        description="train a pack's models at once (grouped kernels for sequential models, torch.func.vmap "
+        "for the others); auto: time a few steps of both and keep the faster",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast on CUDA")

@@ -45,11 +45,18 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("engine", ["auto", "auto-split", "vmap"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_pack_matches_models_trained_alone(case):
+def test_pack_matches_models_trained_alone(case, engine, monkeypatch):
     ctx = ctx_for(**CASES[case])
     models = [0, 1, 2]
-    pack = train_models_packed(ctx, models, CPU)
+    if engine == "auto-split":  # PackedSequential with every convolution run per model
+        from raymia.train import packed
+
+        monkeypatch.setattr(packed, "SPLIT_MIN_OUTPUT", 0)
+    pack = train_models_packed(ctx, models, CPU, engine=engine.removesuffix("-split"))
+    # every case is a sequential architecture: auto runs it as a PackedSequential, vmap as before
+    assert pack.engine == ("vmap" if engine == "vmap" else "packed")
     x = ctx.audited_x
     queries = ctx.spec.queries
     gens = [torch.Generator().manual_seed(7) for _ in models]
@@ -108,9 +115,12 @@ def test_auto_vectorize_times_both_and_picks_one(caplog):
     caplog.set_level(logging.INFO, logger="raymia")
     ctx = ctx_for(bank={"pack_size": 4})
     assert ctx.spec.bank.vectorize == "auto"
-    # 3 epochs x 4 steps is too short to time: the default for a CPU is one model at a time
-    assert choose_vectorize(ctx, [0, 1, 2, 3], CPU) is False
+    # 3 epochs x 4 steps is too short to time: the default for a CPU is a pack for sequential models
+    # (PackedSequential) and one model at a time for the others (vmap's grouped convolutions are slow there)
+    assert choose_vectorize(ctx, [0, 1, 2, 3], CPU) is True
     assert "too short to time" in caplog.text
+    resnet = ctx_for(bank={"pack_size": 4}, model={"name": "resnet18"})
+    assert choose_vectorize(resnet, [0, 1, 2, 3], CPU) is False
     # a worker with many models to train can afford the probe
     choice = choose_vectorize(ctx, [0, 1, 2, 3], CPU, worker_models=400, probe_steps=4)
     assert isinstance(choice, bool)

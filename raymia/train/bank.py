@@ -36,6 +36,7 @@ from raymia.train.augment import apply_augment, draw_augment
 from raymia.train.batches import batch_stream
 from raymia.train.infer import augment as query_augment
 from raymia.train.infer import query_logits
+from raymia.train.packed import maybe_packed, runs_packed
 from raymia.train.recipe import make_optimizer, make_scheduler
 
 log = logging.getLogger("raymia")
@@ -223,20 +224,31 @@ def _fit_with_defense(ctx: BankContext, m: int, model: torch.nn.Module, x: torch
 class PackedModels:
     """K models of one architecture as stacked parameters and buffers, run with vmap(functional_call)."""
 
-    def __init__(self, models: list[torch.nn.Module]):
+    def __init__(self, models: list[torch.nn.Module], input_shape: tuple[int, ...] | None = None,
+                 channels_last: bool = False):
+        """With `input_shape` (one example), plain sequential architectures run as a `PackedSequential`
+        (grouped kernels, channels_last grouped maps when `channels_last`); everything else with vmap."""
         self.k = len(models)
         params, buffers = stack_module_state(models)
         self.params = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
         self.buffers = {n: b.detach().clone() for n, b in buffers.items()}
         self.base = copy.deepcopy(models[0]).to("meta")
+        self.sequential = None if input_shape is None else maybe_packed(
+            self.base, self.params, self.buffers, self.k, input_shape, channels_last)
 
         def one(p, b, x):
             return functional_call(self.base, (p, b), (x,))
 
         self._one = one
 
+    @property
+    def engine(self) -> str:
+        return "vmap" if self.sequential is None else "packed"
+
     def train(self, mode: bool = True) -> PackedModels:
         self.base.train(mode)
+        if self.sequential is not None:
+            self.sequential.train(mode)
         return self
 
     def eval(self) -> PackedModels:
@@ -244,6 +256,8 @@ class PackedModels:
 
     def __call__(self, x: torch.Tensor, shared_input: bool = False) -> torch.Tensor:
         """x: [K, B, ...] (one batch per model) or [B, ...] with shared_input. Returns [K, B, C]."""
+        if self.sequential is not None:
+            return self.sequential.forward(x.unsqueeze(0).expand(self.k, *x.shape) if shared_input else x)
         return vmap(self._one, in_dims=(0, 0, None if shared_input else 0), randomness="different")(
             self.params, self.buffers, x)
 
@@ -264,10 +278,14 @@ class _PackMember(torch.nn.Module):
 
 
 def train_models_packed(
-    ctx: BankContext, models: list[int], device: torch.device, max_steps: int | None = None
+    ctx: BankContext, models: list[int], device: torch.device, max_steps: int | None = None,
+    engine: str = "auto",
 ) -> PackedModels:
-    """Train the given bank models at once (one vmap over the pack); returns them in eval mode.
-    `max_steps` cuts training short (used only to time the pack)."""
+    """Train the given bank models at once; returns them in eval mode. `engine`: auto (a PackedSequential
+    where the architecture allows, else vmap) or vmap. `max_steps` cuts training short (used only to
+    time the pack)."""
+    if engine not in ("auto", "vmap"):
+        raise ValueError(f"engine {engine!r}: accepted auto, vmap")
     spec, recipe = ctx.spec, ctx.recipe
     datas = [model_data(ctx, m) for m in models]
     shared = all(d.x is None for d in datas)
@@ -283,7 +301,11 @@ def train_models_packed(
             (0, 0) * (ctx.data.x_train.ndim - 1) + (0, n_max - d.index.numel())) for d in datas]).to(device)
 
     fmt = _memory_format(ctx, device)
-    pack = PackedModels([init_model(ctx, m).to(device, memory_format=fmt) for m in models])
+    # The packed sequential path keeps grouped maps channels_last on a CPU (oneDNN's native layout, measured
+    # faster there) and follows bank.channels_last on CUDA.
+    pack = PackedModels([init_model(ctx, m).to(device, memory_format=fmt) for m in models],
+                        input_shape=ctx.data.info.input_shape if engine == "auto" else None,
+                        channels_last=fmt is torch.channels_last or device.type == "cpu")
     opt = make_optimizer(list(pack.params.values()), recipe)
     total = recipe.epochs * ctx.steps_per_epoch
     sched = make_scheduler(opt, recipe, total)
@@ -294,10 +316,7 @@ def train_models_packed(
     rows = torch.arange(len(models), device=device)[:, None]
     loss_fn = ctx.defense.loss
 
-    def model_loss(p, b, x, y):
-        return loss_fn(functional_call(pack.base, (p, b), (x,)).float(), y)
-
-    batched_loss = vmap(model_loss, in_dims=(0, 0, 0, 0), randomness="different")
+    batched_loss = vmap(lambda logits, y: loss_fn(logits.float(), y), randomness="different")
     pack.train()
     losses = torch.zeros(len(models))
     for _ in range(total if max_steps is None else min(total, max_steps)):
@@ -307,10 +326,10 @@ def train_models_packed(
         if recipe.augment.hflip or recipe.augment.crop:
             draws = [draw_augment(recipe.augment, xb.shape[1:], g) for g in aug_gens]
             xb = torch.stack([apply_augment(xb[i], d, recipe.augment) for i, d in enumerate(draws)])
-        if fmt is torch.channels_last:
+        if fmt is torch.channels_last and pack.sequential is None:
             xb = xb.flatten(0, 1).contiguous(memory_format=fmt).unflatten(0, (len(models), -1))
         with _autocast(device, spec.bank.precision):
-            losses = batched_loss(pack.params, pack.buffers, xb, ys[rows, local])
+            losses = batched_loss(pack(xb), ys[rows, local])
         opt.zero_grad(set_to_none=True)
         losses.sum().backward()
         opt.step()
@@ -361,10 +380,10 @@ def choose_vectorize(
     probe_steps: int = 16,
 ) -> bool:
     """Whether to train these models as one vmapped pack. With `bank.vectorize: auto`, times a few steps
-    of the pack and of the one-model loop (after a 2-step warm-up of each) and keeps the faster per model:
-    vmap wins where kernels are small and launch-bound (GPUs, small MLPs), not for convolutions on a CPU.
+    of the pack and of the one-model loop (after a 2-step warm-up of each) and keeps the faster per model.
     The probe is kept under PROBE_SHARE of the `worker_models` models' training; when that is too short
-    to time, the default is packs on CUDA and one model at a time on a CPU."""
+    to time, the default is packs on CUDA, and on a CPU packs only for the sequential architectures that
+    run as a `PackedSequential` (the vmap pack of a convolutional net is slower than one by one there)."""
     choice = ctx.spec.bank.vectorize
     if len(models) < 2 or not ctx.defense.vectorizable:
         return False
@@ -374,7 +393,7 @@ def choose_vectorize(
     budget = int(PROBE_SHARE * total * (worker_models or len(models)) / len(models)) - 2
     n = min(probe_steps, total, budget)
     if n < 3:
-        vectorize = device.type == "cuda"
+        vectorize = device.type == "cuda" or runs_packed(init_model(ctx, models[0]), ctx.data.info.input_shape)
         log.info("bank: %s (training too short to time both paths)",
                  "vectorised packs" if vectorize else "one model at a time")
         return vectorize
