@@ -8,14 +8,16 @@ number of steps) on the same members, in one run:
   pack:      raymia.train.bank.train_models_packed, K models at once (raymia.train.packed for sequential
              models: grouped convolutions and batched matmuls; torch.func.vmap for the others)
   bank:      what an audit does with bank.vectorize=auto: time a few steps of both, train the faster way
-pack_ratio and bank_ratio are models/hour over the plain loop's models/hour. Only the core is used (no Ray, no MLflow), so the
-script runs on a GPU machine that has torch alone. On CUDA it also reports achieved TFLOP/s (FLOPs of one
+pack_ratio and bank_ratio are models/hour over the plain loop's models/hour: the median over --repeats
+rounds in which the plain loop, the pack and the bank run back to back. Only the core is used (no Ray,
+no MLflow), so the script runs on a GPU machine that has torch alone. On CUDA it also reports achieved TFLOP/s (FLOPs of one
 training step counted by torch.utils.flop_counter) and the fraction of the GPU's dense bf16 peak.
 
     python benchmarks/bank_throughput.py --setting digits-mlp
     python benchmarks/bank_throughput.py --setting mnist-lenet5 --shared ../shared
     python benchmarks/bank_throughput.py --setting cifar10-cnn --shared ../shared
     python benchmarks/bank_throughput.py --setting cifar10-resnet18 --shared ../shared --device cuda --models 16
+    python benchmarks/bank_throughput.py --setting cifar10-airbench --shared ../shared --device cuda --models 32
 
 Settings that need real data read it from --shared (the folder holding data/ and tools/).
 """
@@ -66,6 +68,13 @@ def setting(name: str, shared: Path, epochs: int | None) -> dict:
         return {"data": {"name": "npz", "params": {"path": _cifar_npz(shared, 5000)}},
                 "plan": {"population": 4000}, "model": {"name": "cnn", "params": {"channels": [32, 64]}},
                 "train": {"epochs": epochs or 5, "batch_size": 128}, "queries": ["identity"]}
+    if name == "cifar10-airbench":  # airbench94-style CNN on 25k members, the 256-model bank target
+        return {"data": {"name": "npz", "params": {"path": _cifar_npz(shared, None)}},
+                "model": {"name": "airbench"}, "queries": ["identity"],
+                "train": {"epochs": epochs or 10, "batch_size": 1024, "optimizer": "sgd", "lr": 0.2,
+                          "momentum": 0.85, "nesterov": True, "weight_decay": 5e-4, "label_smoothing": 0.2,
+                          "schedule": "onecycle", "augment": {"hflip": True, "crop": 2}},
+                "bank": {"precision": "bf16", "channels_last": True}}
     if name in ("cifar10-resnet18", "cifar10-wrn28-2"):  # full CIFAR-10, 25k members per model
         model = "resnet18" if name.endswith("resnet18") else "wrn28_2"
         return {"data": {"name": "npz", "params": {"path": _cifar_npz(shared, None)}},
@@ -155,31 +164,30 @@ def main() -> None:
         sync()
         return time.perf_counter() - t0
 
-    # Plain loop and pack alternate, `--repeats` times: on a shared machine the load drifts between
-    # measurements, and each ratio compares two runs taken back to back. The median ratio is reported.
-    plains, packs = [], []
+    models = list(range(a.models))
+
+    def bank_run() -> None:
+        """The bank as raymia runs it (bank.vectorize=auto): time both paths where the training is long
+        enough (the probe's cost is included), then train the pack the faster way."""
+        if choose_vectorize(ctx, models, device):
+            train_models_packed(ctx, models, device)
+        else:
+            for m in models:
+                train_model(ctx, m, device)
+
+    # Plain loop, pack and bank alternate, `--repeats` times: on a shared machine the load drifts between
+    # measurements, and each ratio compares runs taken back to back. Medians are reported.
+    plains, packs, banks = [], [], []
     for _ in range(a.repeats):
         plains.append(timed(lambda: [minimal_loop(ctx, m, device) for m in range(a.plain_models)]) / a.plain_models)
-        packs.append(timed(lambda: train_models_packed(ctx, list(range(a.models)), device)) / a.models)
-    plain, pack = statistics.median(plains), statistics.median(packs)
+        packs.append(timed(lambda: train_models_packed(ctx, models, device)) / a.models)
+        banks.append(timed(bank_run) / a.models)
+    plain, pack, bank = statistics.median(plains), statistics.median(packs), statistics.median(banks)
     pack_ratio = statistics.median(p / q for p, q in zip(plains, packs))
+    bank_ratio = statistics.median(p / q for p, q in zip(plains, banks))
+    chosen = "pack" if choose_vectorize(ctx, models, device) else "one by one"
     reference = timed(lambda: [train_model(ctx, m, device) for m in range(a.plain_models)]) / a.plain_models
     engine = train_models_packed(BankContext.from_spec(warm), [0, 1], device, max_steps=1).engine
-    # The bank as raymia runs it: bank.vectorize=auto times both paths, then trains the pack the faster way
-    # (the probe's cost is included).
-    t0 = time.perf_counter()
-    models = list(range(a.models))
-    if choose_vectorize(ctx, models, device):
-        train_models_packed(ctx, models, device)
-        chosen = "pack"
-    else:
-        for m in models:
-            train_model(ctx, m, device)
-        chosen = "one by one"
-    sync()
-    bank = (time.perf_counter() - t0) / a.models
-    # the plain loop again, right after: the bank's ratio is against the plain timings on either side of it
-    plain_after = timed(lambda: [minimal_loop(ctx, m, device) for m in range(a.plain_models)]) / a.plain_models
     row = {
         "setting": a.setting, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
@@ -189,7 +197,7 @@ def main() -> None:
         "plain_models_per_hour": round(3600 / plain, 1), "pack_models_per_hour": round(3600 / pack, 1),
         "pack_engine": engine, "repeats": a.repeats, "pack_ratios": [round(p / q, 2) for p, q in zip(plains, packs)],
         "pack_ratio": round(pack_ratio, 2), "bank_auto_choice": chosen, "bank_s_per_model": round(bank, 3),
-        "bank_ratio": round((plains[-1] + plain_after) / 2 / bank, 2),
+        "bank_ratio": round(bank_ratio, 2),
     }
     if device.type == "cuda":
         flops = step_flops(ctx, device) * steps

@@ -13,13 +13,14 @@ from raymia.models import MODELS, build_model
 K = 10
 DIGITS, MNIST, CIFAR, TABULAR = (1, 8, 8), (1, 28, 28), (3, 32, 32), (600,)
 ALL_SHAPES = (DIGITS, MNIST, CIFAR, TABULAR)
-CONV_MODELS = ["cnn", "lenet5", "mobilenetv2", "resnet18", "vgg11", "vgg16", "wrn", "wrn16_4", "wrn28_2"]
+CONV_MODELS = ["airbench", "cnn", "lenet5", "mobilenetv2", "resnet18", "vgg11", "vgg16", "wrn", "wrn16_4", "wrn28_2"]
 
 # The data shapes each entry is built for; every other shape of ALL_SHAPES must raise SpecError.
 SUPPORTED = {
     "mlp": ALL_SHAPES,
     "lenet5": (MNIST, CIFAR),  # needs H, W >= 12
-    **{name: (DIGITS, MNIST, CIFAR) for name in CONV_MODELS if name != "lenet5"},
+    "airbench": (MNIST, CIFAR),  # needs H, W >= 16
+    **{name: (DIGITS, MNIST, CIFAR) for name in CONV_MODELS if name not in ("lenet5", "airbench")},
 }
 
 # Small variants exercise the parameters (and keep the test fast where the default is large).
@@ -35,6 +36,9 @@ PARAM_COUNTS = {
     "mlp": 855_050,
     # conv 3->32, conv 32->64 (with bias), 64*8*8 -> 128 -> 10: 896 + 18,496 + 524,416 + 1,290.
     "cnn": 545_098,
+    # stem 3->24 2x2 (312); groups 24->64, 64->256, 256->256 of two bias-free 3x3 convs and two BNs
+    # (13,824 + 36,864 + 256; 147,456 + 589,824 + 1,024; 589,824 + 589,824 + 1,024); head 256 x 10 (2,560).
+    "airbench": 1_972_792,
 }
 PUBLISHED = {
     "lenet5": (62_006, 62_000),  # LeNet-5 ~62k (456 + 2,416 + 48,120 + 10,164 + 850)

@@ -10,12 +10,13 @@ from torch.func import stack_module_state
 
 from raymia.defenses.base import DataInfo
 from raymia.models import build_model
-from raymia.train.bank import PackedModels
 from raymia.train import packed
+from raymia.train.bank import PackedModels
 from raymia.train.packed import PackedSequential, _Act, maybe_packed, runs_packed
 
 IMG = DataInfo(kind="image", input_shape=(1, 12, 12), num_classes=5)
 RGB = DataInfo(kind="image", input_shape=(3, 8, 8), num_classes=4)
+RGB16 = DataInfo(kind="image", input_shape=(3, 16, 16), num_classes=4)
 
 
 def _pack(models: list[nn.Module], input_shape) -> PackedModels:
@@ -58,6 +59,7 @@ def _check_against_models(models, shape, train: bool):
     ("cnn", {"channels": [4, 6], "hidden": 8, "batch_norm": True}, RGB),
     ("cnn", {"channels": [4], "hidden": 8, "batch_norm": True, "global_pool": True}, RGB),
     ("mlp", {"hidden": [16, 8], "activation": "tanh"}, RGB),
+    ("airbench", {"widths": [4, 6], "stem": 4}, RGB16),  # GELU, BN after pooling, global max pool
 ])
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("convs", ["grouped", "split"])

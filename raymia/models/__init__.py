@@ -1,6 +1,6 @@
 """Architectures: a registry of builders `build(params, info) -> nn.Module` producing logits.
 
-Entries: mlp (raymia.models.dense); lenet5, cnn (convnets); vgg11, vgg16 (vgg); resnet18, wrn, wrn16_4,
+Entries: mlp (raymia.models.dense); lenet5, cnn, airbench (convnets); vgg11, vgg16 (vgg); resnet18, wrn, wrn16_4,
 wrn28_2 (resnet); mobilenetv2 (mobilenet). See raymia.models.base for what every builder guarantees.
 """
 

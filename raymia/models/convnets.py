@@ -1,4 +1,4 @@
-"""Small convolutional networks: LeNet-5 and a configurable plain CNN."""
+"""Small convolutional networks: LeNet-5, a configurable plain CNN and an airbench94-style CIFAR CNN."""
 
 from __future__ import annotations
 
@@ -80,3 +80,37 @@ def cnn(p: CNNParams, info: DataInfo) -> nn.Module:
         pool=nn.Sequential(*head),
         classifier=nn.Sequential(nn.Linear(feat, p.hidden), nn.ReLU(), nn.Linear(p.hidden, info.num_classes)),
     ))
+
+
+class AirbenchParams(Params):
+    widths: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [64, 256, 256], min_length=1, description="output channels of the conv groups"
+    )
+    stem: int = Field(24, ge=1, description="channels of the 2x2 stem convolution")
+    bn_momentum: float = Field(0.4, gt=0, le=1, description="BatchNorm momentum (PyTorch convention)")
+
+
+@MODELS.register("airbench", AirbenchParams,
+                 doc="airbench94-style CIFAR CNN: 2x2 conv stem, conv groups (conv-pool-BN-GELU-conv-BN-GELU), "
+                     "global max pool, linear")
+def airbench(p: AirbenchParams, info: DataInfo) -> nn.Module:
+    """The layout of airbench94 (Jordan, 2024: 94% on CIFAR-10 in a few seconds of an A100): a 2x2 stem
+    convolution (24 channels), three groups of [conv3x3, maxpool2, BN, GELU, conv3x3, BN, GELU] with 64,
+    256, 256 channels, a global max pool (airbench's MaxPool2d(3) on its 3x3 map) and a bias-free linear
+    layer. Its training tricks (frozen whitening stem initialised from data, lookahead, test-time
+    augmentation, output scaling) are not part of the model. A plain nn.Sequential, so packs of it run as
+    grouped kernels. Needs H, W >= 16 (three halvings after the stem)."""
+    c, h, w = image_shape(info, "airbench", min_size=16)
+    layers: OrderedDict[str, nn.Module] = OrderedDict(stem=nn.Conv2d(c, p.stem, 2), stem_act=nn.GELU())
+    width = p.stem
+    for i, out in enumerate(p.widths, start=1):
+        layers[f"group{i}"] = nn.Sequential(
+            nn.Conv2d(width, out, 3, padding=1, bias=False), nn.MaxPool2d(2),
+            nn.BatchNorm2d(out, momentum=p.bn_momentum), nn.GELU(),
+            nn.Conv2d(out, out, 3, padding=1, bias=False), nn.BatchNorm2d(out, momentum=p.bn_momentum), nn.GELU(),
+        )
+        width = out
+    layers["pool"] = nn.AdaptiveMaxPool2d(1)
+    layers["flatten"] = nn.Flatten()
+    layers["head"] = nn.Linear(width, info.num_classes, bias=False)
+    return nn.Sequential(layers)
