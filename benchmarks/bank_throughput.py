@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raymia.spec import AuditSpec  # noqa: E402
+from raymia.train import packed  # noqa: E402
 from raymia.train.bank import BankContext, choose_vectorize, train_model, train_models_packed  # noqa: E402
 
 # Dense bf16 peak (TFLOP/s) of the GPUs the project measures on.
@@ -136,7 +137,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
     ap.add_argument("--json", default=None, help="append the result as a JSON line to this file")
+    ap.add_argument("--split-min-output", type=int, default=None,
+                    help="override raymia.train.packed.SPLIT_MIN_OUTPUT (0: every CPU convolution per model)")
     a = ap.parse_args()
+    if a.split_min_output is not None:
+        packed.SPLIT_MIN_OUTPUT = a.split_min_output
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
@@ -195,7 +200,8 @@ def main() -> None:
         "plain_s_per_model": round(plain, 3), "reference_loop_s_per_model": round(reference, 3),
         "pack_s_per_model": round(pack, 3),
         "plain_models_per_hour": round(3600 / plain, 1), "pack_models_per_hour": round(3600 / pack, 1),
-        "pack_engine": engine, "repeats": a.repeats, "pack_ratios": [round(p / q, 2) for p, q in zip(plains, packs)],
+        "pack_engine": engine, "split_min_output": packed.SPLIT_MIN_OUTPUT,
+        "repeats": a.repeats, "pack_ratios": [round(p / q, 2) for p, q in zip(plains, packs)],
         "pack_ratio": round(pack_ratio, 2), "bank_auto_choice": chosen, "bank_s_per_model": round(bank, 3),
         "bank_ratio": round(bank_ratio, 2),
     }

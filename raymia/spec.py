@@ -213,7 +213,7 @@ class AuditSpec(_Model):
         return {
             "format": SIGNAL_FORMAT_VERSION,
             **{k: d[k] for k in ("seed", "data", "plan", "model", "train", "defense", "queries", "attacker")},
-            # bf16 changes the numbers; pack size, vmap and memory format only change float rounding.
+            # bf16 changes the numbers; pack size, pack engine and memory format only change float rounding.
             "precision": d["bank"]["precision"],
         }
 
