@@ -1,9 +1,10 @@
 """The model bank: M models (target(s) + shadows) trained with the same recipe and defense.
 
 The bank is cut into packs of K consecutive models; a pack is the unit of work and of storage. A pack is
-trained at once: the K models' parameters and buffers are stacked and one `torch.func.vmap` over
-`functional_call` runs all K forward/backward passes as batched kernels, with one optimizer over the
-stacked tensors (SGD, Adam and AdamW are elementwise, so this is K independent optimizers). `train_model`
+trained at once: the K models' parameters and buffers are stacked, all K forward/backward passes run as
+batched kernels (`raymia.train.packed.PackedSequential` for sequential architectures, one `torch.func.vmap`
+over `functional_call` for the others), and one optimizer steps the stacked tensors (SGD, Adam and AdamW
+are elementwise, so this is K independent optimizers). `train_model`
 is the plain one-model loop with exactly the same batches, augmentation draws and schedule: the
 reference that pack training must match (tests/test_bank.py), and the baseline of the benchmark.
 
@@ -222,7 +223,8 @@ def _fit_with_defense(ctx: BankContext, m: int, model: torch.nn.Module, x: torch
 
 
 class PackedModels:
-    """K models of one architecture as stacked parameters and buffers, run with vmap(functional_call)."""
+    """K models of one architecture as stacked parameters and buffers, run as a PackedSequential or with
+    vmap(functional_call)."""
 
     def __init__(self, models: list[torch.nn.Module], input_shape: tuple[int, ...] | None = None,
                  channels_last: bool = False):
@@ -379,7 +381,7 @@ def choose_vectorize(
     ctx: BankContext, models: list[int], device: torch.device, worker_models: int | None = None,
     probe_steps: int = 16,
 ) -> bool:
-    """Whether to train these models as one vmapped pack. With `bank.vectorize: auto`, times a few steps
+    """Whether to train these models as one pack. With `bank.vectorize: auto`, times a few steps
     of the pack and of the one-model loop (after a 2-step warm-up of each) and keeps the faster per model.
     The probe is kept under PROBE_SHARE of the `worker_models` models' training; when that is too short
     to time, the default is packs on CUDA, and on a CPU packs only for the sequential architectures that
