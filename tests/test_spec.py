@@ -62,7 +62,7 @@ def test_fingerprint_tracks_what_changes_the_bank():
         ("train: {epochs: 5, optimiser: sgd}\n", [], "train.optimiser: unknown field; accepted: optimizer"),
         ("train: {optimizer: rmsprop}\n", [], "train.optimizer: accepted: 'sgd', 'adam' or 'adamw'"),
         ("data: {name: imagenet}\n", [], "data.name: unknown data set 'imagenet'; accepted: cifar10, cifar100, digits"),
-        ("model: {name: resnet9000}\n", [], "model.name: unknown model 'resnet9000'; accepted: cnn, lenet5, mlp"),
+        ("model: {name: resnet9000}\n", [], "model.name: unknown model 'resnet9000'; accepted: airbench, cnn, lenet5, mlp"),
         ("defense: {name: magic}\n", [], "defense.name: unknown defense 'magic'; accepted: "),
         ("attacks: [{name: oracle}]\n", [], "attacks.0.name: unknown attack 'oracle'"),
         ("defense: {name: hamp, params: {gamma: 1.5}}\n", [], "defense.params: gamma"),
