@@ -8,14 +8,19 @@ from raymia.spec import TrainSpec
 
 
 def make_optimizer(params, recipe: TrainSpec) -> torch.optim.Optimizer:
-    # foreach=False: the per-tensor loop is the same arithmetic for stacked (packed) and single models.
+    """The recipe's optimizer. Where every tensor is a float on a CPU or CUDA device it runs fused (one
+    kernel per tensor, the same update rule; several times faster than the per-tensor loop, which on a CPU
+    is PyTorch's default). Its arithmetic is elementwise, so a pack's stacked tensors get each model's own
+    update."""
+    params = list(params)
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov and
-                               recipe.momentum > 0, weight_decay=recipe.weight_decay)
+                               recipe.momentum > 0, weight_decay=recipe.weight_decay, fused=fused or None)
     if recipe.optimizer == "adam":
-        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=fused or None)
     if recipe.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=fused or None)
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
 
 
