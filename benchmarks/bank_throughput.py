@@ -10,8 +10,10 @@ number of steps) on the same members, in one run:
   bank:      what an audit does with bank.vectorize=auto: time a few steps of both, train the faster way
 pack_ratio and bank_ratio are models/hour over the plain loop's models/hour: the median over --repeats
 rounds in which the plain loop, the pack and the bank run back to back. Only the core is used (no Ray,
-no MLflow), so the script runs on a GPU machine that has torch alone. On CUDA it also reports achieved TFLOP/s (FLOPs of one
-training step counted by torch.utils.flop_counter) and the fraction of the GPU's dense bf16 peak.
+no MLflow, no Optuna: torch, numpy, pydantic and PyYAML), so the script runs on a GPU machine without them
+(benchmarks/gpu_suite.sh). On CUDA it also reports achieved TFLOP/s (FLOPs of one
+training step counted by torch.utils.flop_counter) and the fraction of the GPU's dense bf16 peak. Every
+row also gives the test accuracy of the plain loop's models and of the pack's (mean over models).
 
     python benchmarks/bank_throughput.py --setting digits-mlp
     python benchmarks/bank_throughput.py --setting mnist-lenet5 --shared ../shared
@@ -41,7 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raymia.spec import AuditSpec  # noqa: E402
 from raymia.train import packed  # noqa: E402
-from raymia.train.bank import BankContext, choose_vectorize, train_model, train_models_packed  # noqa: E402
+from raymia.train.bank import (  # noqa: E402
+    BankContext,
+    PackedModels,
+    _autocast,
+    choose_vectorize,
+    train_model,
+    train_models_packed,
+)
 
 # Dense bf16 peak (TFLOP/s) of the GPUs the project measures on.
 PEAK_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -65,6 +74,10 @@ def setting(name: str, shared: Path, epochs: int | None) -> dict:
         return {"data": {"name": "npz", "params": {"path": str(shared / "data" / "mnist.npz")}},
                 "plan": {"population": 2000}, "model": {"name": "lenet5"},
                 "train": {"epochs": epochs or 10, "batch_size": 64}, "queries": ["identity"]}
+    if name == "mnist-lenet5-classic":  # the same with LeCun's tanh and average-pool subsampling
+        spec = setting("mnist-lenet5", shared, epochs)
+        spec["model"]["params"] = {"activation": "tanh", "pooling": "avg"}
+        return spec
     if name == "cifar10-cnn":  # a small CNN on a CIFAR-10 subset, batch 128
         return {"data": {"name": "npz", "params": {"path": _cifar_npz(shared, 5000)}},
                 "plan": {"population": 4000}, "model": {"name": "cnn", "params": {"channels": [32, 64]}},
@@ -87,16 +100,20 @@ def setting(name: str, shared: Path, epochs: int | None) -> dict:
 
 
 def minimal_loop(ctx: BankContext, m: int, device: torch.device) -> torch.nn.Module:
-    """The plainest PyTorch loop with the same recipe (model, optimizer, steps, batch size, schedule) as
-    raymia's: an epoch is one pass over a fresh permutation of the model's members. No augmentation, no
-    defense hooks: the floor a one-by-one trainer can reach."""
-    from raymia.train.bank import init_model
+    """The plainest PyTorch loop with the same recipe (model, optimizer, steps, batch size, schedule, label
+    smoothing, and on CUDA the bank's bf16 autocast and channels_last) as raymia's: an epoch is one pass
+    over a fresh permutation of the model's members. No augmentation, no defense hooks: the floor a
+    one-by-one trainer can reach."""
+    from raymia.train.bank import _memory_format, init_model
     from raymia.train.recipe import make_optimizer, make_scheduler
 
     spec = ctx.spec
+    fmt = _memory_format(ctx, device)
     idx = torch.from_numpy(ctx.plan.members_of(m))
     x, y = ctx.data.x_train[idx].to(device), ctx.data.y_train[idx].to(device)
-    model = init_model(ctx, m).to(device).train()
+    if x.ndim == 4:
+        x = x.contiguous(memory_format=fmt)
+    model = init_model(ctx, m).to(device, memory_format=fmt).train()
     opt = make_optimizer(model.parameters(), spec.train)
     sched = make_scheduler(opt, spec.train, spec.train.epochs * ctx.steps_per_epoch)
     bs = spec.train.batch_size
@@ -104,12 +121,27 @@ def minimal_loop(ctx: BankContext, m: int, device: torch.device) -> torch.nn.Mod
         perm = torch.randperm(len(y), device=device)
         for i in range(0, len(y), bs):
             b = perm[i:i + bs]
-            loss = torch.nn.functional.cross_entropy(model(x[b]), y[b])
+            with _autocast(device, spec.bank.precision):
+                logits = model(x[b])
+            loss = torch.nn.functional.cross_entropy(logits.float(), y[b], label_smoothing=spec.train.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
     return model.eval()
+
+
+@torch.no_grad()
+def test_accuracy(ctx: BankContext, model, device: torch.device) -> list[float]:
+    """Top-1 accuracy on the test split (eval mode): one value for a module, one per model for a pack."""
+    correct, y = None, ctx.data.y_test.to(device)
+    for i in range(0, y.numel(), 1024):
+        xb = ctx.data.x_test[i:i + 1024].to(device)
+        with _autocast(device, ctx.spec.bank.precision):
+            logits = model(xb, shared_input=True) if isinstance(model, PackedModels) else model(xb)[None]
+        hits = (logits.argmax(-1) == y[i:i + 1024]).sum(-1)
+        correct = hits if correct is None else correct + hits
+    return (correct.float() / y.numel()).tolist()
 
 
 def step_flops(ctx: BankContext, device: torch.device) -> float:
@@ -139,6 +171,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="append the result as a JSON line to this file")
     ap.add_argument("--split-min-output", type=int, default=None,
                     help="override raymia.train.packed.SPLIT_MIN_OUTPUT (0: every CPU convolution per model)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the pack's forward and loss (pack and bank; the plain loop stays eager)")
     a = ap.parse_args()
     if a.split_min_output is not None:
         packed.SPLIT_MIN_OUTPUT = a.split_min_output
@@ -158,7 +192,8 @@ def main() -> None:
 
     # Warm-up (allocator, kernels, vmap tracing), excluded from both timings.
     warm = spec.model_copy(update={"train": spec.train.model_copy(update={"epochs": 1})})
-    train_models_packed(BankContext.from_spec(warm), [0, 1], device)
+    models = list(range(a.models))
+    train_models_packed(BankContext.from_spec(warm), models, device, max_steps=3, compile=a.compile)
     train_model(BankContext.from_spec(warm), 0, device)
     minimal_loop(BankContext.from_spec(warm), 0, device)
     sync()
@@ -169,13 +204,11 @@ def main() -> None:
         sync()
         return time.perf_counter() - t0
 
-    models = list(range(a.models))
-
     def bank_run() -> None:
         """The bank as raymia runs it (bank.vectorize=auto): time both paths where the training is long
         enough (the probe's cost is included), then train the pack the faster way."""
         if choose_vectorize(ctx, models, device):
-            train_models_packed(ctx, models, device)
+            train_models_packed(ctx, models, device, compile=a.compile)
         else:
             for m in models:
                 train_model(ctx, m, device)
@@ -183,9 +216,11 @@ def main() -> None:
     # Plain loop, pack and bank alternate, `--repeats` times: on a shared machine the load drifts between
     # measurements, and each ratio compares runs taken back to back. Medians are reported.
     plains, packs, banks = [], [], []
+    trained: dict[str, object] = {}
     for _ in range(a.repeats):
-        plains.append(timed(lambda: [minimal_loop(ctx, m, device) for m in range(a.plain_models)]) / a.plain_models)
-        packs.append(timed(lambda: train_models_packed(ctx, models, device)) / a.models)
+        plains.append(timed(lambda: trained.update(
+            plain=[minimal_loop(ctx, m, device) for m in range(a.plain_models)])) / a.plain_models)
+        packs.append(timed(lambda: trained.update(pack=train_models_packed(ctx, models, device, compile=a.compile))) / a.models)
         banks.append(timed(bank_run) / a.models)
     plain, pack, bank = statistics.median(plains), statistics.median(packs), statistics.median(banks)
     pack_ratio = statistics.median(p / q for p, q in zip(plains, packs))
@@ -200,10 +235,12 @@ def main() -> None:
         "plain_s_per_model": round(plain, 3), "reference_loop_s_per_model": round(reference, 3),
         "pack_s_per_model": round(pack, 3),
         "plain_models_per_hour": round(3600 / plain, 1), "pack_models_per_hour": round(3600 / pack, 1),
-        "pack_engine": engine, "split_min_output": packed.SPLIT_MIN_OUTPUT,
+        "pack_engine": engine, "compile": a.compile, "split_min_output": packed.SPLIT_MIN_OUTPUT,
         "repeats": a.repeats, "pack_ratios": [round(p / q, 2) for p, q in zip(plains, packs)],
         "pack_ratio": round(pack_ratio, 2), "bank_auto_choice": chosen, "bank_s_per_model": round(bank, 3),
         "bank_ratio": round(bank_ratio, 2),
+        "plain_test_accuracy": round(statistics.mean(test_accuracy(ctx, m, device)[0] for m in trained["plain"]), 4),
+        "pack_test_accuracy": round(statistics.mean(test_accuracy(ctx, trained["pack"], device)), 4),
     }
     if device.type == "cuda":
         flops = step_flops(ctx, device) * steps

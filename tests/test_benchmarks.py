@@ -1,0 +1,37 @@
+"""The benchmark scripts run end to end at a tiny size and report sane values (they are run by hand, at
+full size, for benchmarks/RESULTS.md; this keeps them from rotting between runs)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bank_throughput_reports_both_sides_and_accuracies(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bank_throughput.py"), "--setting", "digits-mlp",
+                    "--epochs", "4", "--models", "2", "--plain-models", "1", "--repeats", "2", "--threads", "1",
+                    "--json", str(out)], check=True, capture_output=True, text=True, timeout=600)
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["setting"] == "digits-mlp" and row["K"] == 2 and row["steps_per_model"] == 4 * 11
+    assert row["pack_engine"] == "packed" and row["compile"] is False
+    assert len(row["pack_ratios"]) == 2 and row["pack_ratio"] > 0
+    assert abs(row["pack_models_per_hour"] * row["pack_s_per_model"] / 3600 - 1) < 0.02  # s/model rounds to ms
+    # 4 epochs of the MLP on digits: both sides learn (chance is 0.1) and land close to each other.
+    assert 0.6 < row["plain_test_accuracy"] <= 1 and 0.6 < row["pack_test_accuracy"] <= 1
+    assert abs(row["plain_test_accuracy"] - row["pack_test_accuracy"]) < 0.15
+
+
+def test_attack_cost_runs_every_attack_finite(tmp_path):
+    out = tmp_path / "cost.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attack_cost.py"), "--models", "8", "--points", "300",
+                    "--z", "100", "--json", str(out)], check=True, capture_output=True, text=True, timeout=600)
+    res = json.loads(out.read_text())
+    assert res["shape"] == [8, 2, 300, 10]
+    names = {r["attack"] for r in res["rows"]}
+    assert {"loss", "lira_online", "rmia_online", "shokri", "label_only"} <= names
+    assert all(r["finite"] and r["seconds"] >= 0 for r in res["rows"])
