@@ -10,18 +10,24 @@ from raymia.spec import TrainSpec
 def make_optimizer(params, recipe: TrainSpec) -> torch.optim.Optimizer:
     """The recipe's optimizer. Where every tensor is a float on a CPU or CUDA device it runs fused (one
     kernel per tensor, the same update rule; several times faster than the per-tensor loop, which on a CPU
-    is PyTorch's default). Its arithmetic is elementwise, so a pack's stacked tensors get each model's own
-    update."""
+    is PyTorch's default), unless this torch has no fused kernel there. Its arithmetic is elementwise, so
+    a pack's stacked tensors get each model's own update."""
     params = list(params)
-    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov and
-                               recipe.momentum > 0, weight_decay=recipe.weight_decay, fused=fused or None)
-    if recipe.optimizer == "adam":
-        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=fused or None)
-    if recipe.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=fused or None)
-    raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
+        cls, kw = torch.optim.SGD, {"momentum": recipe.momentum, "nesterov": recipe.nesterov and recipe.momentum > 0}
+    elif recipe.optimizer == "adam":
+        cls, kw = torch.optim.Adam, {}
+    elif recipe.optimizer == "adamw":
+        cls, kw = torch.optim.AdamW, {}
+    else:
+        raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
+    kw.update(lr=recipe.lr, weight_decay=recipe.weight_decay)
+    if params and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
+        try:
+            return cls(params, fused=True, **kw)
+        except RuntimeError:  # an older torch without this optimizer's fused kernel on this device
+            pass
+    return cls(params, **kw)
 
 
 def make_scheduler(opt: torch.optim.Optimizer, recipe: TrainSpec, total_steps: int):
