@@ -29,13 +29,25 @@ def _train_packs(spec: AuditSpec, store: SignalStore, packs: list[int], rank: in
     if mine:
         print(f"[raymia] worker {rank}: {len(mine)} pack(s), "
               f"{'vectorised packs' if vectorize else 'one model at a time'} on {device}", flush=True)
+    start = time.perf_counter()
     for i, p in enumerate(mine, 1):
         t0 = time.perf_counter()
         arrays = train_pack(ctx, p, device, vectorize=vectorize)
         store.write_pack(p, arrays, meta={"device": str(device), "seconds": time.perf_counter() - t0,
                                           "vectorized": vectorize, "defense_reports": ctx.last_reports or []})
-        print(f"[raymia] worker {rank}: pack {p} done ({i}/{len(mine)}, {time.perf_counter() - t0:.1f}s)",
-              flush=True)
+        left = (time.perf_counter() - start) / i * (len(mine) - i)
+        print(f"[raymia] worker {rank}: pack {p} done ({i}/{len(mine)}, {time.perf_counter() - t0:.1f}s"
+              + (f", about {_duration(left)} left)" if i < len(mine) else ")"), flush=True)
+
+
+def _duration(seconds: float) -> str:
+    """12s, 3m05s, 2h04m."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
