@@ -13,7 +13,8 @@ rounds in which the plain loop, the pack and the bank run back to back. Only the
 no MLflow, no Optuna: torch, numpy, pydantic and PyYAML), so the script runs on a GPU machine without them
 (benchmarks/gpu_suite.sh). On CUDA it also reports achieved TFLOP/s (FLOPs of one
 training step counted by torch.utils.flop_counter) and the fraction of the GPU's dense bf16 peak. Every
-row also gives the test accuracy of the plain loop's models and of the pack's (mean over models).
+row also gives the test accuracy of the plain loop's models and of the pack's (mean over models), and for
+recipes that train with flips the pack's accuracy with flip test-time augmentation.
 
     python benchmarks/bank_throughput.py --setting digits-mlp
     python benchmarks/bank_throughput.py --setting mnist-lenet5 --shared ../shared
@@ -132,13 +133,19 @@ def minimal_loop(ctx: BankContext, m: int, device: torch.device) -> torch.nn.Mod
 
 
 @torch.no_grad()
-def test_accuracy(ctx: BankContext, model, device: torch.device) -> list[float]:
-    """Top-1 accuracy on the test split (eval mode): one value for a module, one per model for a pack."""
+def test_accuracy(ctx: BankContext, model, device: torch.device, flip_tta: bool = False) -> list[float]:
+    """Top-1 accuracy on the test split (eval mode): one value for a module, one per model for a pack.
+    `flip_tta`: classify by the sum of the logits of each image and its mirror image."""
     correct, y = None, ctx.data.y_test.to(device)
+
+    def logits_of(xb: torch.Tensor) -> torch.Tensor:
+        with _autocast(device, ctx.spec.bank.precision):
+            out = model(xb, shared_input=True) if isinstance(model, PackedModels) else model(xb)[None]
+        return out.float()
+
     for i in range(0, y.numel(), 1024):
         xb = ctx.data.x_test[i:i + 1024].to(device)
-        with _autocast(device, ctx.spec.bank.precision):
-            logits = model(xb, shared_input=True) if isinstance(model, PackedModels) else model(xb)[None]
+        logits = logits_of(xb) + logits_of(xb.flip(-1)) if flip_tta else logits_of(xb)
         hits = (logits.argmax(-1) == y[i:i + 1024]).sum(-1)
         correct = hits if correct is None else correct + hits
     return (correct.float() / y.numel()).tolist()
@@ -242,6 +249,9 @@ def main() -> None:
         "plain_test_accuracy": round(statistics.mean(test_accuracy(ctx, m, device)[0] for m in trained["plain"]), 4),
         "pack_test_accuracy": round(statistics.mean(test_accuracy(ctx, trained["pack"], device)), 4),
     }
+    if spec.train.augment.hflip:
+        row["pack_test_accuracy_flip_tta"] = round(statistics.mean(
+            test_accuracy(ctx, trained["pack"], device, flip_tta=True)), 4)
     if device.type == "cuda":
         flops = step_flops(ctx, device) * steps
         row["pack_tflops"] = round(flops / pack / 1e12, 1)

@@ -3,6 +3,7 @@ full size, for benchmarks/RESULTS.md; this keeps them from rotting between runs)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -35,3 +36,28 @@ def test_attack_cost_runs_every_attack_finite(tmp_path):
     names = {r["attack"] for r in res["rows"]}
     assert {"loss", "lira_online", "rmia_online", "shokri", "label_only"} <= names
     assert all(r["finite"] and r["seconds"] >= 0 for r in res["rows"])
+
+
+def test_flip_tta_accuracy_equals_plain_accuracy_on_mirror_symmetric_images():
+    """Known answer: on images equal to their mirror image, flip TTA sums the same logits twice."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bank_throughput as bt
+
+    from raymia.spec import AuditSpec
+    from raymia.train.bank import BankContext, train_models_packed
+
+    ctx = BankContext.from_spec(AuditSpec.model_validate({
+        "plan": {"num_models": 2, "population": 600}, "train": {"epochs": 10, "augment": {"hflip": True}},
+        "model": {"name": "cnn", "params": {"channels": [8], "hidden": 32}}}))
+    pack = train_models_packed(ctx, [0, 1], torch.device("cpu"))
+    real = ctx.data
+    x = real.x_test
+    ctx.data = dataclasses.replace(real, x_test=(x + x.flip(-1)) / 2)
+    plain = bt.test_accuracy(ctx, pack, torch.device("cpu"))
+    tta = bt.test_accuracy(ctx, pack, torch.device("cpu"), flip_tta=True)
+    assert len(plain) == 2 and plain == tta
+    ctx.data = real  # on the real images the models learnt something, and TTA changes some answers
+    plain, tta = (bt.test_accuracy(ctx, pack, torch.device("cpu"), flip_tta=f) for f in (False, True))
+    assert all(a > 0.3 for a in plain + tta) and plain != tta
