@@ -9,14 +9,15 @@
 # most, give one SETTING per command. BENCH_ARGS is added to every bank_throughput.py command line
 # (BENCH_ARGS=--compile: torch.compile the pack's forward and loss; BENCH_ARGS="--epochs 1": shorter).
 #
-# From this project's work area, with the data copied into the ignored .gpu-shared/ and the wheels in .whl/:
-#   device run: bash benchmarks/gpu_suite.sh .gpu-shared $OUT cifar10-airbench   (carry: .whl, .gpu-shared)
+# On a GPU machine that received the repository with the ignored folders .gpu-shared/ (a copy of SHARED's
+# data/cifar10-jpeg.npz and tools/cifar10_jpeg.py) and .whl/ (below):
+#   bash benchmarks/gpu_suite.sh .gpu-shared "$OUT" cifar10-airbench
 #
 # Needs python3 with CUDA torch, numpy, PyYAML, Pillow and pydantic; Ray, MLflow and Optuna are not used. A
 # machine without pydantic takes it as wheels in .whl/, made where pip can reach the registry:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 -d .whl pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 \
-#     typing-inspection==0.4.2
+#     typing-inspection==0.4.2 typing-extensions==4.16.0
 set -euo pipefail
 shared=${1:?usage: gpu_suite.sh SHARED OUT [SETTING ...]}
 out=${2:?usage: gpu_suite.sh SHARED OUT [SETTING ...]}
