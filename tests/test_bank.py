@@ -3,6 +3,9 @@ same batches, same augmentation draws, same schedule), BatchNorm running statist
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -157,6 +160,8 @@ def test_fused_optimizer_is_the_recipes_update_rule(optimizer):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++")),
+                    reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_pack_trains_the_same_models():
     """compile=True (torch.compile of the pack's forward and loss, a benchmark option) trains the same models."""
     ctx = ctx_for(train={"epochs": 2})
