@@ -1,4 +1,5 @@
-"""Shared fixtures: one real local Ray instance per test session, a tiny digits audit spec."""
+"""Shared fixtures: one real local Ray instance per test session, one intra-op thread for modules of tiny
+models, the digits data set, a tiny digits audit spec."""
 
 from __future__ import annotations
 
@@ -18,6 +19,25 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train fastest on one intra-op thread: more only add barriers, which make the tests several
+    times slower on a busy 2-core machine. Modules of tiny models use it for all their tests (pytestmark)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from raymia.data import load_dataset
+
+    return load_dataset("digits")
 
 
 def tiny_spec_dict(tmp_path, **over) -> dict:

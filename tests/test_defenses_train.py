@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import raymia.defenses.pruning as pruning_mod
-from raymia.data import load_dataset
 from raymia.defenses import DEFENSES, build_defense
 from raymia.defenses.advreg import AdvReg, minmax_train
 from raymia.defenses.base import DataInfo, FitJob
@@ -26,20 +25,7 @@ from raymia.spec import AuditSpec, TrainSpec
 from raymia.train.bank import BankContext, train_model, train_pack
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is fastest and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _job(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: TrainSpec, ref_x: torch.Tensor | None = None,

@@ -21,22 +21,9 @@ from raymia.spec import AuditSpec
 from raymia.train.bank import BankContext, init_model, train_model, train_pack
 
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL_VAE = {"latent_dim": 8, "hidden": 64, "vae_epochs": 8, "vae_batch": 64, "vae_lr": 3e-3,
              "vae_device": "cpu"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is as fast and does not stall on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 @pytest.fixture(scope="module")

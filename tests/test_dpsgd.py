@@ -241,15 +241,6 @@ def _epsilon_lb(sig: Signals) -> dict[str, float]:
     return out
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread (and do not fight over the cores of a shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_canary_audit_bound_stays_below_accounted_epsilon(one_thread):
     plain, _, acc_plain = _canary_bank({"name": "none"}, epochs=30)
     lb_plain = _epsilon_lb(plain)

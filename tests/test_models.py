@@ -10,6 +10,8 @@ from raymia.defenses.base import DataInfo
 from raymia.errors import SpecError
 from raymia.models import MODELS, build_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 K = 10
 DIGITS, MNIST, CIFAR, TABULAR = (1, 8, 8), (1, 28, 28), (3, 32, 32), (600,)
 ALL_SHAPES = (DIGITS, MNIST, CIFAR, TABULAR)
@@ -50,16 +52,6 @@ PUBLISHED = {
     "vgg11": (9_231_114, 9_230_000),  # VGG-11-BN CIFAR ~9.23M (e.g. kuangliu/pytorch-cifar)
     "mobilenetv2": (2_236_682, 2_240_000),  # MobileNetV2, torchvision's blocks, Linear(1280, 10) ~2.24M
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add overhead, and on a busy 2-core machine their
-    barriers make the tests several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _info(shape: tuple[int, ...]) -> DataInfo:
