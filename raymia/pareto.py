@@ -17,6 +17,7 @@ import yaml
 
 from raymia.errors import RaymiaError
 from raymia.report.plots import as_number as _num
+from raymia.report.plots import objective_signs
 
 SWEEP_PREFIX = "sweep-"
 _LIVE = ("FINISHED", "RUNNING")
@@ -64,13 +65,7 @@ def hypervolume(points: list[dict], objectives: list[tuple[str, str]], reference
     Points with a missing, None or NaN objective are skipped. Exact for any number of objectives
     (slicing; fine for the small fronts of a sweep).
     """
-    if not objectives:
-        raise ValueError("hypervolume needs at least one objective")
-    signs = []
-    for key, mode in objectives:
-        if mode not in ("max", "min"):
-            raise ValueError(f"objective {key!r}: mode must be 'max' or 'min', got {mode!r}")
-        signs.append(-1.0 if mode == "max" else 1.0)
+    signs = [-s for s in objective_signs(objectives, "hypervolume")]  # minimisation: smaller is better
     ref_vals = [_num(reference.get(key)) for key, _ in objectives]
     missing = [key for (key, _), v in zip(objectives, ref_vals) if v is None or not math.isfinite(v)]
     if missing:

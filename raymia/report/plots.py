@@ -38,6 +38,17 @@ def _value(point: Mapping[str, Any], key: str) -> float | None:
     return as_number(point.get(key))
 
 
+def objective_signs(objectives: list[tuple[str, str]], what: str) -> list[float]:
+    """+1 for each 'max' objective and -1 for each 'min' one (so that larger signed values are better);
+    ValueError naming the objective for any other mode, or for no objectives at all."""
+    if not objectives:
+        raise ValueError(f"{what} needs at least one objective")
+    for key, mode in objectives:
+        if mode not in ("max", "min"):
+            raise ValueError(f"objective {key!r}: mode must be 'max' or 'min', got {mode!r}")
+    return [1.0 if mode == "max" else -1.0 for _, mode in objectives]
+
+
 def pareto_front(points: list[dict], objectives: list[tuple[str, str]]) -> list[int]:
     """Indices (ascending) of the non-dominated points under objectives [(key, "max"|"min"), ...].
 
@@ -46,13 +57,7 @@ def pareto_front(points: list[dict], objectives: list[tuple[str, str]]) -> list[
     Points with a missing, None or NaN objective are left out entirely (they neither belong to the front
     nor dominate anything).
     """
-    if not objectives:
-        raise ValueError("pareto_front needs at least one objective")
-    signs = []
-    for key, sense in objectives:
-        if sense not in ("max", "min"):
-            raise ValueError(f"objective {key!r}: sense must be 'max' or 'min', got {sense!r}")
-        signs.append(1.0 if sense == "max" else -1.0)
+    signs = objective_signs(objectives, "pareto_front")
 
     valid: list[int] = []
     rows: list[list[float]] = []
