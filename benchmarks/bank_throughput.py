@@ -115,7 +115,7 @@ def minimal_loop(ctx: BankContext, m: int, device: torch.device) -> torch.nn.Mod
     if x.ndim == 4:
         x = x.contiguous(memory_format=fmt)
     model = init_model(ctx, m).to(device, memory_format=fmt).train()
-    opt = make_optimizer(model.parameters(), spec.train)
+    opt = make_optimizer(model, spec.train)
     sched = make_scheduler(opt, spec.train, spec.train.epochs * ctx.steps_per_epoch)
     bs = spec.train.batch_size
     for _ in range(spec.train.epochs):

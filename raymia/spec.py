@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from raymia.errors import SpecError
 
 # Bump when the meaning of stored signals changes, so old entries are never reused by mistake.
-SIGNAL_FORMAT_VERSION = 3
+SIGNAL_FORMAT_VERSION = 4  # 4: one-cycle keeps the momentum; airbench trains with its own tricks
 
 QUERY_RE = re.compile(r"^(identity|hflip|shift:(-?\d+):(-?\d+)|noise:(\d*\.?\d+))$")
 
@@ -85,7 +85,9 @@ class AugmentSpec(_Model):
     """Training-time augmentation, drawn per sample from each model's own seed, applied on the device."""
 
     hflip: bool = Field(False, description="random horizontal flips (p = 0.5)")
-    crop: int = Field(0, ge=0, le=16, description="random crops after zero-padding by this many pixels")
+    crop: int = Field(0, ge=0, le=16, description="random crops after padding by this many pixels")
+    pad: Literal["zeros", "reflect"] = Field(
+        "zeros", description="how crops pad: zeros, or reflect (mirror the border; airbench's translate)")
 
 
 class TrainSpec(_Model):

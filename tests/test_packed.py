@@ -59,7 +59,9 @@ def _check_against_models(models, shape, train: bool):
     ("cnn", {"channels": [4, 6], "hidden": 8, "batch_norm": True}, RGB),
     ("cnn", {"channels": [4], "hidden": 8, "batch_norm": True, "global_pool": True}, RGB),
     ("mlp", {"hidden": [16, 8], "activation": "tanh"}, RGB),
-    ("airbench", {"widths": [4, 6], "stem": 4}, RGB16),  # GELU, BN after pooling, global max pool
+    ("airbench", {"widths": [4, 6]}, RGB16),  # frozen stem and BN weights (buffers), GELU, BN after pooling,
+    # global max pool, scaled logits
+    ("airbench", {"widths": [4, 6], "whiten": False, "stem": 4, "bn_weight": True, "scale": 1, "dirac": False}, RGB16),
 ])
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("convs", ["grouped", "split"])

@@ -122,7 +122,7 @@ def minmax_train(
     order = batch_stream(x.shape[0], batch, torch.Generator().manual_seed(derive_seed(seed, "order")))
     aug_gen = torch.Generator().manual_seed(derive_seed(seed, "augment"))
     augmenting = recipe.augment.hflip or recipe.augment.crop
-    opt = make_optimizer(list(model.parameters()), recipe)
+    opt = make_optimizer(model, recipe)
     sched = make_scheduler(opt, recipe, steps)
 
     h: InferenceModel | None = None

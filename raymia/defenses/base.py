@@ -85,6 +85,9 @@ class Defense:
 
     name: ClassVar[str] = "none"
     vectorizable: ClassVar[bool] = True
+    # Whether bank models may initialise layers from their members' data (airbench's whitening stem); a
+    # defense whose guarantee covers only its own training (DP-SGD) says no.
+    data_dependent_init: ClassVar[bool] = True
 
     def __init__(self, params: Params, info: DataInfo, label_smoothing: float = 0.0):
         self.params = params

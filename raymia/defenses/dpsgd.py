@@ -190,6 +190,7 @@ class DpSgd(Defense):
 
     name = "dpsgd"
     vectorizable = False
+    data_dependent_init = False
     params: DpSgdParams
 
     def check(self, model_name: str, info: DataInfo) -> None:

@@ -314,13 +314,16 @@ class TlDmi(Defense):
     def fit(self, job: FitJob) -> nn.Module:
         """Fine-tune the trainable parameters with the recipe (the bank's loop, over them only)."""
         model, recipe = job.model, job.recipe
-        trainable = [t for t in model.parameters() if t.requires_grad]
-        if not trainable:
+        from raymia.models.base import param_lr_scales  # raymia.models imports the defenses
+
+        declared = param_lr_scales(model)
+        named = [(n, t) for n, t in model.named_parameters() if t.requires_grad]
+        if not named:
             raise SpecError("tl_dmi froze every parameter; lower freeze_fraction", where="defense.params")
         n = job.x.shape[0]
         if n == 0:
             raise ValueError(f"model {job.m}: empty training set")
-        opt = make_optimizer(trainable, recipe)
+        opt = make_optimizer([t for _, t in named], recipe, [declared.get(name, 1.0) for name, _ in named])
         total = recipe.epochs * job.steps_per_epoch
         sched = make_scheduler(opt, recipe, total)
         order_gen = torch.Generator().manual_seed(derive_seed(job.seed, "order"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from raymia.defenses.base import DataInfo
@@ -59,3 +60,41 @@ def init_conv_bn(model: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+class Scale(nn.Module):
+    """Multiplies its input by a constant (airbench's scaling of the logits)."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = float(factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor:g}"
+
+
+def freeze(module: nn.Module, name: str) -> None:
+    """Turn parameter `name` of `module` into a buffer holding the same value: no optimizer sees it, yet
+    it stays in the state dict under its name, stacks with a pack's buffers and is saved with the model."""
+    value = getattr(module, name).detach()
+    delattr(module, name)
+    module.register_buffer(name, value)
+
+
+def param_lr_scales(model: nn.Module) -> dict[str, float]:
+    """Learning-rate multipliers that a model declares for some of its parameters, by qualified name: a
+    module may carry `lr_scales = {param_name: factor}` (airbench's BatchNorm biases). The optimizer gives
+    such a parameter lr x factor and weight decay / factor, so its decay per step is unchanged."""
+    out: dict[str, float] = {}
+    for prefix, m in model.named_modules():
+        for pname, factor in getattr(m, "lr_scales", {}).items():
+            out[f"{prefix}.{pname}" if prefix else pname] = float(factor)
+    return out
+
+
+def data_init_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules initialised from the model's own training inputs (they define `init_from_data(x)`)."""
+    return [m for m in model.modules() if callable(getattr(m, "init_from_data", None))]

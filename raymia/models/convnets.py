@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Annotated, Literal
 
+import torch
 from pydantic import Field
 from torch import nn
 
 from raymia.defenses.base import DataInfo
-from raymia.models.base import MODELS, image_shape
+from raymia.errors import SpecError
+from raymia.models.base import MODELS, Scale, freeze, image_shape
 from raymia.registry import Params
 
 _ACT = {"relu": nn.ReLU, "tanh": nn.Tanh}
@@ -86,31 +88,98 @@ class AirbenchParams(Params):
     widths: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [64, 256, 256], min_length=1, description="output channels of the conv groups"
     )
-    stem: int = Field(24, ge=1, description="channels of the 2x2 stem convolution")
+    stem: int | None = Field(None, ge=1, description="channels of the 2x2 stem convolution; default (and "
+                                                     "required with whiten) 2 x C x 2 x 2: 24 for RGB")
     bn_momentum: float = Field(0.4, gt=0, le=1, description="BatchNorm momentum (PyTorch convention)")
+    whiten: bool = Field(True, description="stem filters whiten the 2x2 patches of the model's own training "
+                                           "images, and stay frozen")
+    dirac: bool = Field(True, description="each 3x3 convolution starts as the identity on its first "
+                                          "in_channels filters")
+    bn_weight: bool = Field(False, description="train the BatchNorm weights (else frozen at 1)")
+    scale: float = Field(1 / 9, gt=0, description="factor on the logits")
+    bias_lr_scale: float = Field(64.0, gt=0, description="learning-rate factor of the BatchNorm biases "
+                                                         "(their weight decay per step is unchanged)")
+
+
+class WhiteningConv2d(nn.Conv2d):
+    """airbench's stem: a frozen convolution whose 2 x C x kh x kw filters are the eigenvectors of the
+    second-moment matrix of the training images' kh x kw patches, each scaled by 1 / sqrt(eigenvalue + eps),
+    and their negatives. On the patches it was fitted to, the first half of its outputs (without bias) has
+    second-moment matrix diag(eigenvalue / (eigenvalue + eps)): whitened. The weight is a buffer (not
+    trained); the bias trains. `init_from_data` sets it from a model's own training inputs, so every bank
+    model (target and shadows alike) whitens with its own members."""
+
+    def __init__(self, in_channels: int, kernel_size: int = 2, eps: float = 5e-4, max_images: int = 5000):
+        super().__init__(in_channels, 2 * in_channels * kernel_size * kernel_size, kernel_size)
+        freeze(self, "weight")
+        self.eps, self.max_images = eps, max_images
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """x: [N, C, H, W] training inputs; the first `max_images` are used (float64 moments, on x's
+        device, in chunks)."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[0] < 1:
+            raise ValueError(f"whitening stem: expected images [N, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        kh, kw = self.kernel_size
+        d = self.in_channels * kh * kw
+        moment = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+        count = 0
+        for chunk in x[: self.max_images].split(500):
+            patches = chunk.double().unfold(2, kh, 1).unfold(3, kw, 1)  # [n, C, H', W', kh, kw]
+            flat = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, d)
+            moment += flat.T @ flat
+            count += flat.shape[0]
+        values, vectors = torch.linalg.eigh(moment / count)  # ascending
+        values, vectors = values.flip(0), vectors.flip(1)
+        filters = (vectors.T / torch.sqrt(values.clamp_min(0) + self.eps)[:, None]).reshape(d, *self.weight.shape[1:])
+        self.weight.copy_(torch.cat([filters, -filters]).to(self.weight))
 
 
 @MODELS.register("airbench", AirbenchParams,
-                 doc="airbench94-style CIFAR CNN: 2x2 conv stem, conv groups (conv-pool-BN-GELU-conv-BN-GELU), "
-                     "global max pool, linear")
+                 doc="airbench94 CIFAR CNN: frozen whitening 2x2 stem, conv groups (conv-pool-BN-GELU-conv-BN-GELU), "
+                     "global max pool, linear, logits x 1/9")
 def airbench(p: AirbenchParams, info: DataInfo) -> nn.Module:
-    """The layout of airbench94 (Jordan, 2024: 94% on CIFAR-10 in a few seconds of an A100): a 2x2 stem
-    convolution (24 channels), three groups of [conv3x3, maxpool2, BN, GELU, conv3x3, BN, GELU] with 64,
-    256, 256 channels, a global max pool (airbench's MaxPool2d(3) on its 3x3 map) and a bias-free linear
-    layer. Its training tricks (frozen whitening stem initialised from data, lookahead, test-time
-    augmentation, output scaling) are not part of the model. A plain nn.Sequential, so packs of it run as
-    grouped kernels. Needs H, W >= 16 (three halvings after the stem)."""
+    """The network of airbench94 (Jordan, 2024: 94% on CIFAR-10 in a few seconds of an A100) with the
+    parts of its training that live in the model: a 2x2 stem convolution (24 channels for RGB) whose frozen
+    filters whiten the image patches of the model's own training set (`WhiteningConv2d`, set when the bank
+    initialises the model), three groups of [conv3x3, maxpool2, BN, GELU, conv3x3, BN, GELU] with 64, 256,
+    256 channels (convolutions start as identities on their first in_channels filters; BatchNorm weights
+    frozen at 1, biases at 64x the learning rate), a global max pool (airbench's MaxPool2d(3) on its 3x3
+    map), a bias-free linear layer and the logits scaled by 1/9. Each part can be switched off by its
+    parameter. Its lookahead and test-time augmentation are not part of the model. A plain nn.Sequential,
+    so packs of it run as grouped kernels. Needs H, W >= 16 (three halvings after the stem)."""
     c, h, w = image_shape(info, "airbench", min_size=16)
-    layers: OrderedDict[str, nn.Module] = OrderedDict(stem=nn.Conv2d(c, p.stem, 2), stem_act=nn.GELU())
-    width = p.stem
+    stem_channels = 2 * c * 2 * 2
+    if p.whiten and p.stem is not None and p.stem != stem_channels:
+        raise SpecError(f"model 'airbench': a whitening stem has 2 x C x 2 x 2 = {stem_channels} channels for "
+                        f"{c}-channel images, got stem {p.stem}; leave stem unset or set whiten: false",
+                        where="model.params.stem")
+    stem: nn.Conv2d = WhiteningConv2d(c) if p.whiten else nn.Conv2d(c, p.stem or stem_channels, 2)
+    layers: OrderedDict[str, nn.Module] = OrderedDict(stem=stem, stem_act=nn.GELU())
+    width = stem.out_channels
+
+    def conv(cin: int, cout: int) -> nn.Conv2d:
+        layer = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        if p.dirac:
+            with torch.no_grad():
+                nn.init.dirac_(layer.weight[:min(cin, cout)])
+        return layer
+
+    def norm(channels: int) -> nn.BatchNorm2d:
+        layer = nn.BatchNorm2d(channels, momentum=p.bn_momentum)
+        if not p.bn_weight:
+            freeze(layer, "weight")
+        if p.bias_lr_scale != 1:
+            layer.lr_scales = {"bias": p.bias_lr_scale}
+        return layer
+
     for i, out in enumerate(p.widths, start=1):
         layers[f"group{i}"] = nn.Sequential(
-            nn.Conv2d(width, out, 3, padding=1, bias=False), nn.MaxPool2d(2),
-            nn.BatchNorm2d(out, momentum=p.bn_momentum), nn.GELU(),
-            nn.Conv2d(out, out, 3, padding=1, bias=False), nn.BatchNorm2d(out, momentum=p.bn_momentum), nn.GELU(),
-        )
+            conv(width, out), nn.MaxPool2d(2), norm(out), nn.GELU(), conv(out, out), norm(out), nn.GELU())
         width = out
     layers["pool"] = nn.AdaptiveMaxPool2d(1)
     layers["flatten"] = nn.Flatten()
     layers["head"] = nn.Linear(width, info.num_classes, bias=False)
+    if p.scale != 1:
+        layers["scale"] = Scale(p.scale)
     return nn.Sequential(layers)

@@ -1,4 +1,4 @@
-"""Training-time augmentation (random horizontal flips and padded random crops).
+"""Training-time augmentation (random horizontal flips and padded random crops: zero or reflect padding).
 
 The random draws come from each model's own CPU generator (`draw_augment`), the pixels move on the
 model's device (`apply_augment`), so a model trained in a pack sees exactly the augmented batches it
@@ -35,7 +35,13 @@ def apply_augment(x: torch.Tensor, draw: AugmentDraw, aug: AugmentSpec) -> torch
     if draw.offsets is not None:
         p = aug.crop
         _, _, h, w = x.shape
-        padded = F.pad(x, (p, p, p, p))
+        if aug.pad == "reflect":
+            if p >= min(h, w):
+                raise ValueError(f"train.augment: pad reflect needs crop < the image size; crop {p}, "
+                                 f"images {h}x{w}")
+            padded = F.pad(x, (p, p, p, p), mode="reflect")
+        else:
+            padded = F.pad(x, (p, p, p, p))
         off = draw.offsets.to(x.device)
         rows = off[:, 0:1] + torch.arange(h, device=x.device)[None]  # [B, H]
         cols = off[:, 1:2] + torch.arange(w, device=x.device)[None]  # [B, W]

@@ -31,6 +31,7 @@ from raymia.defenses import Defense, build_defense
 from raymia.defenses.base import FitJob
 from raymia.errors import SpecError
 from raymia.models import build_model
+from raymia.models.base import data_init_modules, param_lr_scales
 from raymia.seeding import derive_seed
 from raymia.spec import AuditSpec, TrainSpec
 from raymia.train.augment import apply_augment, draw_augment
@@ -144,9 +145,23 @@ def model_data(ctx: BankContext, m: int) -> ModelData:
     return ModelData(index=torch.arange(x_t.shape[0]), y=y_t, x=x_t)
 
 
-def init_model(ctx: BankContext, m: int) -> torch.nn.Module:
+def init_model(ctx: BankContext, m: int, md: ModelData | None = None) -> torch.nn.Module:
+    """Bank model m, initialised from its own seed; layers that initialise from data (airbench's whitening
+    stem) see model m's own training inputs (`md`, its `model_data`, after the defense's transform), so the
+    target and every shadow get the same treatment."""
     torch.manual_seed(derive_seed(ctx.spec.seed, "init", m))
     model = build_model(ctx.spec.model.name, ctx.spec.model.params, ctx.data.info)
+    fitted = data_init_modules(model)
+    if fitted:
+        if not ctx.defense.data_dependent_init:
+            raise SpecError(f"defense {ctx.defense.name!r} cannot train model {ctx.spec.model.name!r}: its "
+                            f"{type(fitted[0]).__name__} initialises from the members' data, outside what the "
+                            "defense accounts for; switch that layer off in model.params",
+                            where="model.params")
+        md = model_data(ctx, m) if md is None else md
+        x = md.x if md.x is not None else ctx.data.x_train[md.index]
+        for layer in fitted:
+            layer.init_from_data(x)
     return ctx.defense.prepare_model(model)
 
 
@@ -175,10 +190,10 @@ def train_model(
     md = model_data(ctx, m)
     xs = (md.x if md.x is not None else ctx.data.x_train).to(device)
     index, y = md.index.to(device), md.y.to(device)
-    model = init_model(ctx, m).to(device)
+    model = init_model(ctx, m, md).to(device)
     if type(ctx.defense).fit is not Defense.fit:
         return _fit_with_defense(ctx, m, model, xs[index], y, device, report)
-    opt = make_optimizer(list(model.parameters()), recipe)
+    opt = make_optimizer(model, recipe)
     total = recipe.epochs * ctx.steps_per_epoch
     sched = make_scheduler(opt, recipe, total)
     stream = batch_stream(index.numel(), recipe.batch_size,
@@ -307,10 +322,11 @@ def train_models_packed(
     fmt = _memory_format(ctx, device)
     # The packed sequential path keeps grouped maps channels_last on a CPU (oneDNN's native layout, measured
     # faster there) and follows bank.channels_last on CUDA.
-    pack = PackedModels([init_model(ctx, m).to(device, memory_format=fmt) for m in models],
+    pack = PackedModels([init_model(ctx, m, d).to(device, memory_format=fmt) for m, d in zip(models, datas)],
                         input_shape=ctx.data.info.input_shape if engine == "auto" else None,
                         channels_last=fmt is torch.channels_last or device.type == "cpu")
-    opt = make_optimizer(list(pack.params.values()), recipe)
+    scales = param_lr_scales(pack.base)
+    opt = make_optimizer(list(pack.params.values()), recipe, [scales.get(n, 1.0) for n in pack.params])
     total = recipe.epochs * ctx.steps_per_epoch
     sched = make_scheduler(opt, recipe, total)
     streams = [batch_stream(d.index.numel(), recipe.batch_size,

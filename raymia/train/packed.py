@@ -34,8 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raymia.models.base import Scale
+
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.ELU, nn.SiLU, nn.Hardswish,
-               nn.Dropout, nn.Identity)
+               nn.Dropout, nn.Identity, Scale)
 SPATIAL = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
@@ -94,6 +96,11 @@ class PackedSequential:
         self.fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.training = True
 
+    def _tensor(self, key: str) -> torch.Tensor | None:
+        """A stacked parameter, or a stacked buffer for a frozen one (`raymia.models.base.freeze`)."""
+        t = self.params.get(key)
+        return self.buffers.get(key) if t is None else t
+
     # layout conversions ------------------------------------------------------------------------------
     def _group(self, a: _Act) -> torch.Tensor:
         if a.kind == "group":
@@ -130,8 +137,8 @@ class PackedSequential:
 
     # layers ------------------------------------------------------------------------------------------
     def _conv(self, name: str, m: nn.Conv2d, a: _Act) -> _Act:
-        w = self.params[f"{name}.weight"]  # [K, O, I/g, kh, kw]
-        bias = self.params.get(f"{name}.bias")
+        w = self._tensor(f"{name}.weight")  # [K, O, I/g, kh, kw]
+        bias = self._tensor(f"{name}.bias")
         if self._per_model(m, a):
             outs = [F.conv2d(x, w[i], None if bias is None else bias[i], m.stride, m.padding, m.dilation, m.groups)
                     for i, x in enumerate(self._split(a))]
@@ -161,7 +168,7 @@ class PackedSequential:
 
     def _batch_norm(self, name: str, m: nn.BatchNorm2d, a: _Act) -> _Act:
         rm, rv = self.buffers.get(f"{name}.running_mean"), self.buffers.get(f"{name}.running_var")
-        w, b = self.params.get(f"{name}.weight"), self.params.get(f"{name}.bias")
+        w, b = self._tensor(f"{name}.weight"), self._tensor(f"{name}.bias")
         factor = 0.0 if m.momentum is None else m.momentum
         if self.training and m.track_running_stats and rm is not None:  # as nn.BatchNorm2d.forward
             tracked = self.buffers[f"{name}.num_batches_tracked"]
@@ -183,7 +190,7 @@ class PackedSequential:
 
     def _linear(self, name: str, a: _Act) -> _Act:
         x = a.value  # dense: `_check_layouts` admits Linear only after Flatten or on flat inputs
-        w, b = self.params[f"{name}.weight"], self.params.get(f"{name}.bias")  # [K, O, I], [K, O]
+        w, b = self._tensor(f"{name}.weight"), self._tensor(f"{name}.bias")  # [K, O, I], [K, O]
         # Computed feature-major, y^T = W x^T: the weight gradient then comes out in the weight's own
         # layout (no transposed copy per step), and chained layers pass contiguous [K, F, B] blocks.
         xt = x.transpose(1, 2)

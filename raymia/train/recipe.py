@@ -7,12 +7,24 @@ import torch
 from raymia.spec import TrainSpec
 
 
-def make_optimizer(params, recipe: TrainSpec) -> torch.optim.Optimizer:
-    """The recipe's optimizer. Where every tensor is a float on a CPU or CUDA device it runs fused (one
-    kernel per tensor, the same update rule; several times faster than the per-tensor loop, which on a CPU
-    is PyTorch's default), unless this torch has no fused kernel there. Its arithmetic is elementwise, so
-    a pack's stacked tensors get each model's own update."""
+def make_optimizer(params, recipe: TrainSpec, lr_scales=None) -> torch.optim.Optimizer:
+    """The recipe's optimizer. `params`: a module (its parameters, with the learning-rate factors it
+    declares: raymia.models.base.param_lr_scales) or tensors, with `lr_scales` one factor per tensor. A
+    tensor with factor f trains at lr x f and weight decay / f (the same decay per step). Where every
+    tensor is a float on a CPU or CUDA device it runs fused (one kernel per tensor, the same update rule;
+    several times faster than the per-tensor loop, which on a CPU is PyTorch's default), unless this torch
+    has no fused kernel there. Its arithmetic is elementwise, so a pack's stacked tensors get each model's
+    own update."""
+    if isinstance(params, torch.nn.Module):
+        from raymia.models.base import param_lr_scales  # raymia.models imports the defenses, which import this
+
+        declared = param_lr_scales(params)
+        named = list(params.named_parameters())
+        params, lr_scales = [t for _, t in named], [declared.get(n, 1.0) for n, _ in named]
     params = list(params)
+    scales = [1.0] * len(params) if lr_scales is None else [float(f) for f in lr_scales]
+    if len(scales) != len(params):
+        raise ValueError(f"lr_scales: {len(scales)} factors for {len(params)} tensors")
     if recipe.optimizer == "sgd":
         cls, kw = torch.optim.SGD, {"momentum": recipe.momentum, "nesterov": recipe.nesterov and recipe.momentum > 0}
     elif recipe.optimizer == "adam":
@@ -22,12 +34,17 @@ def make_optimizer(params, recipe: TrainSpec) -> torch.optim.Optimizer:
     else:
         raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
     kw.update(lr=recipe.lr, weight_decay=recipe.weight_decay)
+    groups: dict[float, list[torch.Tensor]] = {}
+    for t, f in zip(params, scales):
+        groups.setdefault(f, []).append(t)
+    spec: list | list[dict] = params if set(groups) <= {1.0} else [
+        {"params": ts, "lr": recipe.lr * f, "weight_decay": recipe.weight_decay / f} for f, ts in groups.items()]
     if params and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
         try:
-            return cls(params, fused=True, **kw)
+            return cls(spec, fused=True, **kw)
         except RuntimeError:  # an older torch without this optimizer's fused kernel on this device
             pass
-    return cls(params, **kw)
+    return cls(spec, **kw)
 
 
 def make_scheduler(opt: torch.optim.Optimizer, recipe: TrainSpec, total_steps: int):
@@ -40,5 +57,7 @@ def make_scheduler(opt: torch.optim.Optimizer, recipe: TrainSpec, total_steps: i
     if recipe.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
     if recipe.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=total_steps + 1)
+        # The recipe's momentum holds throughout (PyTorch's default would cycle it between 0.85 and 0.95).
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                                   total_steps=total_steps + 1, cycle_momentum=False)
     raise ValueError(f"unknown schedule {recipe.schedule!r}")
