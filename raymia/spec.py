@@ -112,6 +112,9 @@ class TrainSpec(_Model):
     lr_decay: float = Field(0.1, gt=0, le=1, description="step schedule: factor at each milestone")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    lookahead: bool = Field(
+        False, description="airbench's lookahead: every 5 steps the weights (and BatchNorm statistics) move to "
+                           "their running average, decay 0.95^5 x (fraction of training done)^3, and end on it")
 
     @field_validator("milestones")
     @classmethod

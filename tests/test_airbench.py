@@ -16,7 +16,7 @@ from raymia.models.convnets import WhiteningConv2d
 from raymia.spec import AugmentSpec, AuditSpec, TrainSpec
 from raymia.train.augment import AugmentDraw, apply_augment
 from raymia.train.bank import BankContext, init_model, model_data, train_model
-from raymia.train.recipe import make_optimizer, make_scheduler
+from raymia.train.recipe import Lookahead, make_optimizer, make_scheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,7 +65,7 @@ def test_airbench_freezes_stem_and_bn_weights_and_declares_bias_factors():
     assert "stem.weight" in buffers and "stem.weight" not in params and "stem.bias" in params
     assert "group1.2.weight" in buffers and "group1.2.bias" in params  # BatchNorm: weight frozen at 1
     assert torch.equal(buffers["group1.2.weight"], torch.ones(64))
-    assert param_lr_scales(model) == {f"group{g}.{i}.bias": 64.0 for g in (1, 2, 3) for i in (2, 5)}
+    assert param_lr_scales(model) == {"stem.bias": 64.0, **{f"group{g}.{i}.bias": 64.0 for g in (1, 2, 3) for i in (2, 5)}}
     assert model.scale.factor == pytest.approx(1 / 9)
     # dirac: the first in_channels filters of each 3x3 conv are the identity
     w = model.group2[4].weight  # 256 -> 256
@@ -139,7 +139,8 @@ def test_lr_factor_scales_the_step_and_keeps_the_decay_per_step(optimizer):
     opt = make_optimizer(model, TrainSpec(optimizer="sgd", lr=0.2, weight_decay=1e-3))
     by_lr = {round(grp["lr"], 6): grp for grp in opt.param_groups}
     assert set(by_lr) == {0.2, 12.8}
-    assert {id(t) for t in by_lr[12.8]["params"]} == {id(model.group1[2].bias), id(model.group1[5].bias)}
+    assert {id(t) for t in by_lr[12.8]["params"]} == {id(model.stem.bias), id(model.group1[2].bias),
+                                                      id(model.group1[5].bias)}
     assert by_lr[12.8]["weight_decay"] == pytest.approx(1e-3 / 64)
     with pytest.raises(ValueError, match="lr_scales: 1 factors for 2 tensors"):
         make_optimizer([w, b], recipe, [1.0])
@@ -172,3 +173,31 @@ def test_reflect_padded_crop_is_a_shifted_mirror_image():
     assert zeros[0, 0, 0].abs().sum() == 0  # zero padding: the top rows are empty
     with pytest.raises(ValueError, match="pad reflect needs crop < the image size"):
         apply_augment(x, AugmentDraw(None, torch.zeros(2, 2, dtype=torch.long)), AugmentSpec(crop=5, pad="reflect"))
+
+
+def test_lookahead_known_answer():
+    """Every 5th step t of 20: ema <- ema + (1 - d)(w - ema), d = 0.95^5 (t/20)^3, and w <- ema; at the
+    end w <- ema. Hand-rolled on one scalar whose optimizer adds 1 per step."""
+    w = torch.tensor([0.0])
+    ahead = Lookahead([w, torch.tensor([3])], total_steps=20)  # integer tensors are left alone
+    assert len(ahead.tensors) == 1
+    ema, ref = 0.0, 0.0
+    for t in range(1, 21):
+        w += 1.0
+        ref += 1.0
+        ahead.step(t)
+        if t % 5 == 0:
+            d = 0.95 ** 5 * (t / 20) ** 3
+            ema = ema + (1 - d) * (ref - ema)
+            ref = ema
+        assert w.item() == pytest.approx(ref, rel=1e-6)
+    ahead.finish()
+    assert w.item() == pytest.approx(ema, rel=1e-6) and ema < 20 - 1  # averaging held the weight back
+
+
+def test_lookahead_is_refused_where_a_defense_trains_with_its_own_loop():
+    raw = {"plan": {"num_models": 2, "population": 100}, "model": {"name": "mlp", "params": {"hidden": [8]}},
+           "train": {"epochs": 1, "lookahead": True}, "defense": {"name": "advreg"}}
+    with pytest.raises(SpecError, match="defense 'advreg' trains with its own loop") as e:
+        BankContext.from_spec(AuditSpec.model_validate(raw))
+    assert e.value.where == "train.lookahead"

@@ -45,11 +45,11 @@ CASES = {
                                                               "n_test": 50}},
                      "model": {"name": "lenet5"}, "train": {"optimizer": "adamw", "lr": 0.003},
                      "queries": ["identity"]},
-    # whitening stem from each model's members, frozen tensors, 64x lr on BN biases, reflect crops
+    # whitening stem from each model's members, frozen tensors, 64x lr on BN biases, reflect crops, lookahead
     "airbench-whiten": {"data": {"name": "synthetic", "params": {"kind": "image", "image_size": 16, "n_train": 300,
                                                                  "n_test": 50}},
                         "model": {"name": "airbench", "params": {"widths": [4, 6]}},
-                        "train": {"nesterov": True, "momentum": 0.85, "schedule": "onecycle",
+                        "train": {"nesterov": True, "momentum": 0.85, "schedule": "onecycle", "lookahead": True,
                                   "augment": {"hflip": True, "crop": 2, "pad": "reflect"}},
                         "queries": ["identity"]},
 }

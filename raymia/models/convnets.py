@@ -97,8 +97,8 @@ class AirbenchParams(Params):
                                           "in_channels filters")
     bn_weight: bool = Field(False, description="train the BatchNorm weights (else frozen at 1)")
     scale: float = Field(1 / 9, gt=0, description="factor on the logits")
-    bias_lr_scale: float = Field(64.0, gt=0, description="learning-rate factor of the BatchNorm biases "
-                                                         "(their weight decay per step is unchanged)")
+    bias_lr_scale: float = Field(64.0, gt=0, description="learning-rate factor of the BatchNorm biases and the "
+                                                         "whitening stem's bias (weight decay per step unchanged)")
 
 
 class WhiteningConv2d(nn.Conv2d):
@@ -144,10 +144,11 @@ def airbench(p: AirbenchParams, info: DataInfo) -> nn.Module:
     filters whiten the image patches of the model's own training set (`WhiteningConv2d`, set when the bank
     initialises the model), three groups of [conv3x3, maxpool2, BN, GELU, conv3x3, BN, GELU] with 64, 256,
     256 channels (convolutions start as identities on their first in_channels filters; BatchNorm weights
-    frozen at 1, biases at 64x the learning rate), a global max pool (airbench's MaxPool2d(3) on its 3x3
-    map), a bias-free linear layer and the logits scaled by 1/9. Each part can be switched off by its
-    parameter. Its lookahead and test-time augmentation are not part of the model. A plain nn.Sequential,
-    so packs of it run as grouped kernels. Needs H, W >= 16 (three halvings after the stem)."""
+    frozen at 1; BatchNorm biases and the stem's bias at 64x the learning rate), a global max pool
+    (airbench's MaxPool2d(3) on its 3x3 map), a bias-free linear layer and the logits scaled by 1/9. Each
+    part can be switched off by its parameter. Its lookahead is `train.lookahead`; test-time augmentation
+    is not part of the model. A plain nn.Sequential, so packs of it run as grouped kernels. Needs H, W >= 16
+    (three halvings after the stem)."""
     c, h, w = image_shape(info, "airbench", min_size=16)
     stem_channels = 2 * c * 2 * 2
     if p.whiten and p.stem is not None and p.stem != stem_channels:
@@ -155,6 +156,8 @@ def airbench(p: AirbenchParams, info: DataInfo) -> nn.Module:
                         f"{c}-channel images, got stem {p.stem}; leave stem unset or set whiten: false",
                         where="model.params.stem")
     stem: nn.Conv2d = WhiteningConv2d(c) if p.whiten else nn.Conv2d(c, p.stem or stem_channels, 2)
+    if p.whiten and p.bias_lr_scale != 1:  # airbench trains the whitening bias like the BatchNorm biases
+        stem.lr_scales = {"bias": p.bias_lr_scale}
     layers: OrderedDict[str, nn.Module] = OrderedDict(stem=stem, stem_act=nn.GELU())
     width = stem.out_channels
 

@@ -39,7 +39,7 @@ from raymia.train.batches import batch_stream
 from raymia.train.infer import augment as query_augment
 from raymia.train.infer import query_logits
 from raymia.train.packed import maybe_packed, runs_packed
-from raymia.train.recipe import make_optimizer, make_scheduler
+from raymia.train.recipe import Lookahead, make_optimizer, make_scheduler
 
 log = logging.getLogger("raymia")
 
@@ -78,6 +78,9 @@ class BankContext:
         defense = build_defense(spec.defense.name, spec.defense.params, data.info,
                                 label_smoothing=spec.train.label_smoothing)
         defense.check(spec.model.name, data.info)
+        if spec.train.lookahead and type(defense).fit is not Defense.fit:
+            raise SpecError(f"train.lookahead: defense {defense.name!r} trains with its own loop, which has no "
+                            "lookahead; set lookahead: false", where="train.lookahead")
         from pathlib import Path
 
         defense.setup(data, plan.population, Path(spec.output_dir) / "cache", spec.seed)
@@ -200,8 +203,10 @@ def train_model(
                           torch.Generator().manual_seed(derive_seed(spec.seed, "order", m)))
     aug_gen = torch.Generator().manual_seed(derive_seed(spec.seed, "augment", m))
     model.train()
+    ahead = Lookahead([*model.parameters(), *model.buffers()], total) if recipe.lookahead else None
     loss = torch.zeros(())
-    for _ in range(total if max_steps is None else min(total, max_steps)):
+    steps = total if max_steps is None else min(total, max_steps)
+    for t in range(1, steps + 1):
         b = next(stream).to(device)
         xb = xs[index[b]]
         draw = draw_augment(recipe.augment, xb.shape, aug_gen)
@@ -212,6 +217,10 @@ def train_model(
         loss.backward()
         opt.step()
         sched.step()
+        if ahead is not None:
+            ahead.step(t)
+    if ahead is not None:
+        ahead.finish()
     if not torch.isfinite(loss):
         raise FloatingPointError(f"model {m}: training diverged (loss {loss.item()}); lower train.lr")
     return model.eval()
@@ -343,8 +352,9 @@ def train_models_packed(
 
     step_loss = torch.compile(forward_loss) if compile else forward_loss
     pack.train()
+    ahead = Lookahead([*pack.params.values(), *pack.buffers.values()], total) if recipe.lookahead else None
     losses = torch.zeros(len(models))
-    for _ in range(total if max_steps is None else min(total, max_steps)):
+    for t in range(1, (total if max_steps is None else min(total, max_steps)) + 1):
         local = torch.stack([next(s) for s in streams]).to(device)  # [K, B] positions in each member list
         gidx = index[rows, local]
         xb = x_src[gidx] if shared else x_src[rows, local]
@@ -359,6 +369,10 @@ def train_models_packed(
         losses.sum().backward()
         opt.step()
         sched.step()
+        if ahead is not None:
+            ahead.step(t)
+    if ahead is not None:
+        ahead.finish()
     bad = [m for m, v in zip(models, losses.detach().cpu().tolist()) if not math.isfinite(v)]
     if bad:
         raise FloatingPointError(f"models {bad}: training diverged; lower train.lr")

@@ -61,3 +61,31 @@ def make_scheduler(opt: torch.optim.Optimizer, recipe: TrainSpec, total_steps: i
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
                                                    total_steps=total_steps + 1, cycle_momentum=False)
     raise ValueError(f"unknown schedule {recipe.schedule!r}")
+
+
+class Lookahead:
+    """airbench94's lookahead over a model's (or a pack's) float tensors: after every `every`-th optimizer
+    step t of `total`, the running average moves towards the weights, ema <- ema + (1 - d) (w - ema) with
+    d = 0.95^5 (t / total)^3, and the weights are set to it; `finish` sets them to it at the end. Early
+    in training d is about 0 (the weights run free); late it nears 0.77 (strong averaging). Elementwise,
+    so a pack's stacked tensors get each model's own average."""
+
+    def __init__(self, tensors, total_steps: int, every: int = 5):
+        self.tensors = [t for t in tensors if t.is_floating_point()]
+        self.ema = [t.detach().clone() for t in self.tensors]
+        self.total, self.every = max(1, total_steps), every
+
+    @torch.no_grad()
+    def step(self, t: int) -> None:
+        """Call after optimizer step t (1-based)."""
+        if t % self.every == 0:
+            self._update(0.95 ** 5 * (t / self.total) ** 3)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        self._update(1.0)
+
+    def _update(self, decay: float) -> None:
+        for e, t in zip(self.ema, self.tensors):
+            e.lerp_(t.detach(), 1 - decay)
+            t.copy_(e)
