@@ -13,7 +13,7 @@ from raymia.errors import SpecError
 from raymia.models import build_model
 from raymia.models.base import param_lr_scales
 from raymia.models.convnets import WhiteningConv2d
-from raymia.spec import AugmentSpec, AuditSpec, TrainSpec
+from raymia.spec import AuditSpec, AugmentSpec, TrainSpec
 from raymia.train.augment import AugmentDraw, apply_augment
 from raymia.train.bank import BankContext, init_model, model_data, train_model
 from raymia.train.recipe import Lookahead, make_optimizer, make_scheduler

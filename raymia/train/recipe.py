@@ -16,7 +16,8 @@ def make_optimizer(params, recipe: TrainSpec, lr_scales=None) -> torch.optim.Opt
     has no fused kernel there. Its arithmetic is elementwise, so a pack's stacked tensors get each model's
     own update."""
     if isinstance(params, torch.nn.Module):
-        from raymia.models.base import param_lr_scales  # raymia.models imports the defenses, which import this
+        # imported here: raymia.models imports the defenses, which import this module
+        from raymia.models.base import param_lr_scales
 
         declared = param_lr_scales(params)
         named = list(params.named_parameters())
