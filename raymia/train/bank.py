@@ -432,7 +432,8 @@ def choose_vectorize(
     budget = int(PROBE_SHARE * total * (worker_models or len(models)) / len(models)) - 2
     n = min(probe_steps, total, budget)
     if n < 3:
-        vectorize = device.type == "cuda" or runs_packed(init_model(ctx, models[0]), ctx.data.info.input_shape)
+        vectorize = device.type == "cuda" or runs_packed(ctx.defense.prepare_model(build_model(
+            ctx.spec.model.name, ctx.spec.model.params, ctx.data.info)), ctx.data.info.input_shape)
         log.info("bank: %s (training too short to time both paths)",
                  "vectorised packs" if vectorize else "one model at a time")
         return vectorize
