@@ -14,7 +14,8 @@ no MLflow, no Optuna: torch, numpy, pydantic and PyYAML), so the script runs on 
 (benchmarks/gpu_suite.sh). On CUDA it also reports achieved TFLOP/s (FLOPs of one
 training step counted by torch.utils.flop_counter) and the fraction of the GPU's dense bf16 peak. Every
 row also gives the test accuracy of the plain loop's models and of the pack's (mean over models), and for
-recipes that train with flips the pack's accuracy with flip test-time augmentation.
+recipes that train with flips the pack's accuracy with test-time augmentation (flips; flips and
+one-pixel translations, airbench's level 2).
 
     python benchmarks/bank_throughput.py --setting digits-mlp
     python benchmarks/bank_throughput.py --setting mnist-lenet5 --shared ../shared
@@ -91,7 +92,7 @@ def setting(name: str, shared: Path, epochs: int | None) -> dict:
                 "model": {"name": "airbench"}, "queries": ["identity"],
                 "train": {"epochs": epochs or 10, "batch_size": 1024, "optimizer": "sgd", "lr": 1.5,
                           "momentum": 0.85, "nesterov": True, "weight_decay": 0.00133, "label_smoothing": 0.2,
-                          "schedule": "onecycle", "lookahead": True,
+                          "schedule": "triangle", "lookahead": True,
                           "augment": {"hflip": True, "crop": 2, "pad": "reflect"}},
                 "bank": {"precision": "bf16", "channels_last": True}}
     if name in ("cifar10-resnet18", "cifar10-wrn28-2"):  # full CIFAR-10, 25k members per model
@@ -120,7 +121,7 @@ def minimal_loop(ctx: BankContext, m: int, device: torch.device) -> torch.nn.Mod
         x = x.contiguous(memory_format=fmt)
     model = init_model(ctx, m).to(device, memory_format=fmt).train()
     opt = make_optimizer(model, spec.train)
-    sched = make_scheduler(opt, spec.train, spec.train.epochs * ctx.steps_per_epoch)
+    sched = make_scheduler(opt, spec.train, spec.train.epochs * ctx.steps_per_epoch, ctx.steps_per_epoch)
     bs = spec.train.batch_size
     ahead = (Lookahead([*model.parameters(), *model.buffers()], spec.train.epochs * ctx.steps_per_epoch)
              if spec.train.lookahead else None)
@@ -144,10 +145,17 @@ def minimal_loop(ctx: BankContext, m: int, device: torch.device) -> torch.nn.Mod
     return model.eval()
 
 
+TTA = ("none", "flip", "flip-translate")
+
+
 @torch.no_grad()
-def test_accuracy(ctx: BankContext, model, device: torch.device, flip_tta: bool = False) -> list[float]:
+def test_accuracy(ctx: BankContext, model, device: torch.device, tta: str = "none") -> list[float]:
     """Top-1 accuracy on the test split (eval mode): one value for a module, one per model for a pack.
-    `flip_tta`: classify by the sum of the logits of each image and its mirror image."""
+    `tta` (test-time augmentation): none; flip: the mean logits of each image and its mirror image;
+    flip-translate: airbench's level 2, half the flip logits and half those of the image shifted by one
+    pixel up-left and down-right (reflect padding), each with its mirror image."""
+    if tta not in TTA:
+        raise ValueError(f"tta {tta!r}: accepted {', '.join(TTA)}")
     correct, y = None, ctx.data.y_test.to(device)
 
     def logits_of(xb: torch.Tensor) -> torch.Tensor:
@@ -155,9 +163,18 @@ def test_accuracy(ctx: BankContext, model, device: torch.device, flip_tta: bool 
             out = model(xb, shared_input=True) if isinstance(model, PackedModels) else model(xb)[None]
         return out.float()
 
+    def mirrored(xb: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (logits_of(xb) + logits_of(xb.flip(-1)))
+
+    def translated(xb: torch.Tensor) -> torch.Tensor:
+        h, w = xb.shape[-2:]
+        padded = torch.nn.functional.pad(xb, (1, 1, 1, 1), mode="reflect")
+        shifts = [padded[..., :h, :w], padded[..., 2:h + 2, 2:w + 2]]
+        return 0.5 * mirrored(xb) + 0.25 * sum(mirrored(s) for s in shifts)
+
     for i in range(0, y.numel(), 1024):
         xb = ctx.data.x_test[i:i + 1024].to(device)
-        logits = logits_of(xb) + logits_of(xb.flip(-1)) if flip_tta else logits_of(xb)
+        logits = {"none": logits_of, "flip": mirrored, "flip-translate": translated}[tta](xb)
         hits = (logits.argmax(-1) == y[i:i + 1024]).sum(-1)
         correct = hits if correct is None else correct + hits
     return (correct.float() / y.numel()).tolist()
@@ -262,8 +279,9 @@ def main() -> None:
         "pack_test_accuracy": round(statistics.mean(test_accuracy(ctx, trained["pack"], device)), 4),
     }
     if spec.train.augment.hflip:
-        row["pack_test_accuracy_flip_tta"] = round(statistics.mean(
-            test_accuracy(ctx, trained["pack"], device, flip_tta=True)), 4)
+        for tta in TTA[1:]:
+            row[f"pack_test_accuracy_{tta.replace('-', '_')}_tta"] = round(statistics.mean(
+                test_accuracy(ctx, trained["pack"], device, tta=tta)), 4)
     if device.type == "cuda":
         flops = step_flops(ctx, device) * steps
         row["pack_tflops"] = round(flops / pack / 1e12, 1)

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from raymia.errors import SpecError
 
 # Bump when the meaning of stored signals changes, so old entries are never reused by mistake.
-SIGNAL_FORMAT_VERSION = 4  # 4: one-cycle keeps the momentum; airbench trains with its own tricks
+SIGNAL_FORMAT_VERSION = 5  # 4: one-cycle keeps the momentum; airbench trains with its own tricks; 5: its BN eps and whitening-bias epochs
 
 QUERY_RE = re.compile(r"^(identity|hflip|shift:(-?\d+):(-?\d+)|noise:(\d*\.?\d+))$")
 
@@ -90,6 +90,14 @@ class AugmentSpec(_Model):
         "zeros", description="how crops pad: zeros, or reflect (mirror the border; airbench's translate)")
 
 
+class TriangleSpec(_Model):
+    """airbench's learning-rate schedule: linear from `start` x lr up to lr at `peak`, then down to `end` x lr."""
+
+    start: float = Field(0.2, ge=0, le=1, description="lr factor at the first step")
+    peak: float = Field(0.23, ge=0, lt=1, description="fraction of training at which the lr peaks (factor 1)")
+    end: float = Field(0.07, ge=0, le=1, description="lr factor at the end of training")
+
+
 class TrainSpec(_Model):
     """The training recipe, applied identically to the target and every shadow.
 
@@ -105,11 +113,12 @@ class TrainSpec(_Model):
     weight_decay: float = Field(0.0, ge=0)
     epochs: int = Field(100, ge=1, le=100000)
     batch_size: int = Field(64, ge=1)
-    schedule: Literal["constant", "step", "cosine", "onecycle"] = "constant"
+    schedule: Literal["constant", "step", "cosine", "onecycle", "triangle"] = "constant"
     milestones: list[float] = Field(
         default_factory=lambda: [0.5, 0.75], description="step schedule: fractions of training where lr decays"
     )
     lr_decay: float = Field(0.1, gt=0, le=1, description="step schedule: factor at each milestone")
+    triangle: TriangleSpec = Field(default_factory=TriangleSpec, description="triangle schedule: its shape")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
     lookahead: bool = Field(

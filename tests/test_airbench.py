@@ -1,9 +1,11 @@
 """airbench's training tricks that live in the model and the recipe: the whitening stem (known answer),
 frozen tensors, per-parameter learning-rate factors, reflect-padded crops and a one-cycle schedule that
-keeps the recipe's momentum."""
+keeps the recipe's momentum, airbench's triangle schedule, and parameters that train for a limited
+number of epochs."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 from raymia.defenses.base import DataInfo
 from raymia.errors import SpecError
 from raymia.models import build_model
-from raymia.models.base import param_lr_scales
+from raymia.models.base import param_lr_scales, param_train_epochs
 from raymia.models.convnets import WhiteningConv2d
 from raymia.spec import AuditSpec, AugmentSpec, TrainSpec
 from raymia.train.augment import AugmentDraw, apply_augment
@@ -137,11 +139,11 @@ def test_lr_factor_scales_the_step_and_keeps_the_decay_per_step(optimizer):
     # a module's declared factors reach its parameters
     model = build_model("airbench", {"widths": [4]}, RGB)
     opt = make_optimizer(model, TrainSpec(optimizer="sgd", lr=0.2, weight_decay=1e-3))
-    by_lr = {round(grp["lr"], 6): grp for grp in opt.param_groups}
-    assert set(by_lr) == {0.2, 12.8}
-    assert {id(t) for t in by_lr[12.8]["params"]} == {id(model.stem.bias), id(model.group1[2].bias),
-                                                      id(model.group1[5].bias)}
-    assert by_lr[12.8]["weight_decay"] == pytest.approx(1e-3 / 64)
+    by_key = {(round(grp["lr"], 6), grp["train_epochs"]): grp for grp in opt.param_groups}
+    assert set(by_key) == {(0.2, None), (12.8, None), (12.8, 3)}
+    assert {id(t) for t in by_key[12.8, None]["params"]} == {id(model.group1[2].bias), id(model.group1[5].bias)}
+    assert [id(t) for t in by_key[12.8, 3]["params"]] == [id(model.stem.bias)]  # airbench's 3 epochs
+    assert by_key[12.8, None]["weight_decay"] == pytest.approx(1e-3 / 64)
     with pytest.raises(ValueError, match="lr_scales: 1 factors for 2 tensors"):
         make_optimizer([w, b], recipe, [1.0])
 
@@ -159,6 +161,91 @@ def test_onecycle_keeps_the_recipes_momentum_and_scales_each_group():
         opt.step()
         sched.step()
     assert sorted(peaks) == pytest.approx([0.4, 25.6], rel=1e-3)
+
+
+def test_triangle_schedule_is_airbenchs_linear_interpolation():
+    """airbench: lr_schedule = np.interp(range(steps + 1), [0, int(0.23 steps), steps], [0.2, 1, 0.07]),
+    step t (0-based) taking lr x lr_schedule[t]."""
+    recipe = TrainSpec(optimizer="sgd", lr=2.0, momentum=0.85, schedule="triangle")
+    w, b = torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)
+    opt = make_optimizer([w, b], recipe, [1.0, 64.0])
+    total = 250
+    sched = make_scheduler(opt, recipe, total)
+    expected = np.interp(np.arange(total), [0, int(0.23 * total), total], [0.2, 1.0, 0.07])
+    seen = []
+    for _ in range(total):
+        seen.append([grp["lr"] for grp in opt.param_groups])
+        opt.step()
+        sched.step()
+    seen = np.array(seen)
+    np.testing.assert_allclose(seen[:, 0], 2.0 * expected, rtol=1e-12)
+    np.testing.assert_allclose(seen[:, 1], 128.0 * expected, rtol=1e-12)
+    assert seen[0, 0] == pytest.approx(0.4) and seen[57, 0] == pytest.approx(2.0) and seen.argmax(0)[0] == 57
+    shaped = TrainSpec(schedule="triangle", triangle={"start": 0.0, "peak": 0.5, "end": 0.0})
+    opt = make_optimizer([w], shaped)
+    sched = make_scheduler(opt, shaped, 10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(lrs, 1e-3 * np.array([0, 0.2, 0.4, 0.6, 0.8, 1.0, 0.8, 0.6, 0.4, 0.2]), atol=1e-15)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_parameter_with_an_epoch_limit_stops_training_there(optimizer):
+    """A tensor limited to 2 epochs of 3 steps takes exactly 6 updates (momentum and weight decay
+    included), then stays; the other tensors train on."""
+    recipe = TrainSpec(optimizer=optimizer, lr=0.1, momentum=0.9, weight_decay=0.01, schedule="cosine")
+    w, b = torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)
+    opt = make_optimizer([w, b], recipe, [1.0, 4.0], [None, 2])
+    sched = make_scheduler(opt, recipe, 12, steps_per_epoch=3)
+    history = []
+    for _ in range(12):
+        w.grad, b.grad = torch.ones(3), torch.ones(2)
+        opt.step()
+        sched.step()
+        history.append((w.detach().clone(), b.detach().clone()))
+    assert all(not torch.equal(history[t][1], history[t - 1][1]) for t in range(1, 6))  # steps 1..6 move b
+    assert all(torch.equal(history[t][1], history[5][1]) for t in range(6, 12))  # then it stays
+    assert all(not torch.equal(history[t][0], history[t - 1][0]) for t in range(1, 12))  # w trains throughout
+    # a limit of 0 epochs: never trained
+    c = torch.ones(2, requires_grad=True)
+    opt = make_optimizer([c], recipe, [1.0], [0])
+    sched = make_scheduler(opt, recipe, 4, steps_per_epoch=2)
+    c.grad = torch.ones(2)
+    opt.step()
+    assert torch.equal(c.detach(), torch.ones(2))
+    with pytest.raises(ValueError, match="need make_scheduler\\(..., steps_per_epoch\\)"):
+        make_scheduler(make_optimizer([w, b], recipe, None, [None, 2]), recipe, 12)
+    with pytest.raises(ValueError, match="train_epochs: 1 limits for 2 tensors"):
+        make_optimizer([w, b], recipe, None, [3])
+
+
+def test_airbench_whitening_bias_trains_for_its_epochs_only():
+    """In the bank's loop, the stem's bias moves during its first epoch (whiten_bias_epochs 1) and not
+    after: a model trained for 1 epoch and one trained for 3 (same seeds) end with the same stem bias,
+    while everything else differs."""
+    def trained(epochs: int) -> torch.nn.Module:
+        spec = AuditSpec.model_validate({
+            "data": {"name": "synthetic", "params": {"kind": "image", "image_size": 16, "n_train": 200, "n_test": 20}},
+            "plan": {"num_models": 2, "population": 200},
+            "model": {"name": "airbench", "params": {"widths": [4], "whiten_bias_epochs": 1}},
+            "train": {"epochs": epochs, "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.85,
+                      "nesterov": True, "weight_decay": 5e-4, "schedule": "constant"}})
+        return train_model(BankContext.from_spec(spec), 0, torch.device("cpu"))
+
+    one, three = trained(1), trained(3)
+    initial = init_model(BankContext.from_spec(AuditSpec.model_validate({
+        "data": {"name": "synthetic", "params": {"kind": "image", "image_size": 16, "n_train": 200, "n_test": 20}},
+        "plan": {"num_models": 2, "population": 200},
+        "model": {"name": "airbench", "params": {"widths": [4], "whiten_bias_epochs": 1}},
+        "train": {"epochs": 1, "batch_size": 32}})), 0)
+    assert not torch.equal(one.stem.bias, initial.stem.bias)  # trained in epoch 1
+    torch.testing.assert_close(three.stem.bias, one.stem.bias, atol=0, rtol=0)  # and not after
+    assert not torch.equal(three.head.weight, one.head.weight)
+    assert param_train_epochs(build_model("airbench", {}, RGB)) == {"stem.bias": 3}
+    assert not param_train_epochs(build_model("airbench", {"whiten": False}, RGB))
 
 
 def test_reflect_padded_crop_is_a_shifted_mirror_image():

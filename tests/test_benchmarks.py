@@ -38,8 +38,10 @@ def test_attack_cost_runs_every_attack_finite(tmp_path):
     assert all(r["finite"] and r["seconds"] >= 0 for r in res["rows"])
 
 
-def test_flip_tta_accuracy_equals_plain_accuracy_on_mirror_symmetric_images():
-    """Known answer: on images equal to their mirror image, flip TTA sums the same logits twice."""
+def test_tta_accuracy_equals_plain_accuracy_where_the_augmentations_change_nothing():
+    """Known answers: on images equal to their mirror image, flip TTA averages the same logits twice; on
+    images constant within each channel, flips and reflect-padded shifts change nothing either."""
+    import pytest
     import torch
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -52,12 +54,17 @@ def test_flip_tta_accuracy_equals_plain_accuracy_on_mirror_symmetric_images():
         "plan": {"num_models": 2, "population": 600}, "train": {"epochs": 10, "augment": {"hflip": True}},
         "model": {"name": "cnn", "params": {"channels": [8], "hidden": 32}}}))
     pack = train_models_packed(ctx, [0, 1], torch.device("cpu"))
+    cpu = torch.device("cpu")
     real = ctx.data
     x = real.x_test
     ctx.data = dataclasses.replace(real, x_test=(x + x.flip(-1)) / 2)
-    plain = bt.test_accuracy(ctx, pack, torch.device("cpu"))
-    tta = bt.test_accuracy(ctx, pack, torch.device("cpu"), flip_tta=True)
-    assert len(plain) == 2 and plain == tta
+    plain = bt.test_accuracy(ctx, pack, cpu)
+    assert len(plain) == 2 and plain == pytest.approx(bt.test_accuracy(ctx, pack, cpu, tta="flip"), abs=1e-9)
+    ctx.data = dataclasses.replace(real, x_test=x.mean((-2, -1), keepdim=True).expand_as(x).contiguous())
+    plain = bt.test_accuracy(ctx, pack, cpu)
+    assert plain == pytest.approx(bt.test_accuracy(ctx, pack, cpu, tta="flip-translate"), abs=1e-9)
     ctx.data = real  # on the real images the models learnt something, and TTA changes some answers
-    plain, tta = (bt.test_accuracy(ctx, pack, torch.device("cpu"), flip_tta=f) for f in (False, True))
-    assert all(a > 0.3 for a in plain + tta) and plain != tta
+    plain, flip, both = (bt.test_accuracy(ctx, pack, cpu, tta=t) for t in bt.TTA)
+    assert all(a > 0.3 for a in plain + flip + both) and plain != flip and flip != both
+    with pytest.raises(ValueError, match="tta 'level2': accepted none, flip, flip-translate"):
+        bt.test_accuracy(ctx, pack, cpu, tta="level2")

@@ -48,7 +48,9 @@ def _check_against_models(models, shape, train: bool):
         torch.testing.assert_close(out[i], y, atol=1e-5, rtol=1e-5)
         (y * target[i]).sum().backward()
         for name, p in m.named_parameters():
-            torch.testing.assert_close(pack.params[name].grad[i], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+            # float rounding relative to the gradient's scale (airbench's reach about 30)
+            atol = 1e-5 * max(1.0, p.grad.abs().max().item())
+            torch.testing.assert_close(pack.params[name].grad[i], p.grad, atol=atol, rtol=1e-4, msg=name)
         for name, buf in m.named_buffers():
             torch.testing.assert_close(pack.buffers[name][i], buf, atol=1e-6, rtol=1e-5, msg=name)
 

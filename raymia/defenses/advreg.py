@@ -97,13 +97,15 @@ def minmax_train(
     inference_lr: float = 1e-3,
     warmup_steps: int = 0,
     seed: int = 0,
+    steps_per_epoch: int | None = None,
     param_mask: Masks | None = None,
     extra_loss: Callable[[], torch.Tensor] | None = None,
     after_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Train `model` in place for `steps` classifier steps with the recipe (optimizer, lr, batch size,
     schedule over `steps`, augmentation, label smoothing), playing the membership game once
-    `warmup_steps` plain steps are done and `lam` > 0.
+    `warmup_steps` plain steps are done and `lam` > 0. `steps_per_epoch` is needed by models that
+    train some parameters for a limited number of epochs (`make_scheduler`).
 
     Each game step: `inference_steps` Adam steps of h maximising log h(members) + log(1 - h(reference))
     on the classifier's eval-mode outputs (eval mode keeps reference points out of BatchNorm's running
@@ -123,7 +125,7 @@ def minmax_train(
     aug_gen = torch.Generator().manual_seed(derive_seed(seed, "augment"))
     augmenting = recipe.augment.hflip or recipe.augment.crop
     opt = make_optimizer(model, recipe)
-    sched = make_scheduler(opt, recipe, steps)
+    sched = make_scheduler(opt, recipe, steps, steps_per_epoch)
 
     h: InferenceModel | None = None
     if game:
@@ -227,6 +229,7 @@ class AdvReg(Defense):
             job.model, job.x, job.y, job.reference_x, job.reference_y, job.recipe, total, p.lam,
             num_classes=self.info.num_classes, inference_steps=p.inference_steps, inference_lr=p.inference_lr,
             warmup_steps=min(total, p.warmup_epochs * job.steps_per_epoch), seed=job.seed,
+            steps_per_epoch=job.steps_per_epoch,
         )
         if "inference_accuracy" in facts:
             job.report["inference_accuracy"] = facts["inference_accuracy"]

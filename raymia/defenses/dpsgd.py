@@ -34,7 +34,7 @@ from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.space import Domain, Float, Int
 from raymia.train.augment import apply_augment, draw_augment
-from raymia.train.recipe import make_optimizer, make_scheduler
+from raymia.train.recipe import make_optimizer, make_scheduler, module_tensors
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -243,9 +243,9 @@ class DpSgd(Defense):
         run = self.resolve(n, job.recipe.epochs, job.recipe.batch_size)
         q, steps, sigma = run["sampling_rate"], int(run["steps"]), run["noise_multiplier"]
         recipe = job.recipe if p.lr is None else job.recipe.model_copy(update={"lr": p.lr})
-        trainable = [t for t in model.parameters() if t.requires_grad]
-        opt = make_optimizer(trainable, recipe)
-        sched = make_scheduler(opt, recipe, steps)
+        trainable, scales, limits = module_tensors(model, trainable_only=True)
+        opt = make_optimizer(trainable, recipe, scales, limits)
+        sched = make_scheduler(opt, recipe, steps, steps // recipe.epochs)
         sample_gen = torch.Generator().manual_seed(derive_seed(job.seed, "poisson"))
         aug_gen = torch.Generator().manual_seed(derive_seed(job.seed, "augment"))
         noise_gen = torch.Generator(device=job.device).manual_seed(derive_seed(job.seed, "noise"))

@@ -144,7 +144,8 @@ class Pruning(Defense):
 
         def phase(name: str, epochs_: int, **kw) -> dict[str, float]:
             return minmax_train(model, job.x, job.y, job.reference_x, job.reference_y, recipe, epochs_ * spe,
-                                kw.pop("lam", 0.0), num_classes=nc, seed=derive_seed(job.seed, name), **kw)
+                                kw.pop("lam", 0.0), num_classes=nc, seed=derive_seed(job.seed, name),
+                                steps_per_epoch=spe, **kw)
 
         if dense_epochs > 0:
             phase("dense", dense_epochs)

@@ -44,7 +44,7 @@ from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain, Float, Int
 from raymia.train.augment import apply_augment, draw_augment
 from raymia.train.batches import batch_stream
-from raymia.train.recipe import make_optimizer, make_scheduler
+from raymia.train.recipe import make_optimizer, make_scheduler, module_tensors
 
 log = logging.getLogger("raymia")
 
@@ -314,18 +314,15 @@ class TlDmi(Defense):
     def fit(self, job: FitJob) -> nn.Module:
         """Fine-tune the trainable parameters with the recipe (the bank's loop, over them only)."""
         model, recipe = job.model, job.recipe
-        from raymia.models.base import param_lr_scales  # raymia.models imports the defenses
-
-        declared = param_lr_scales(model)
-        named = [(n, t) for n, t in model.named_parameters() if t.requires_grad]
-        if not named:
+        tensors, scales, limits = module_tensors(model, trainable_only=True)
+        if not tensors:
             raise SpecError("tl_dmi froze every parameter; lower freeze_fraction", where="defense.params")
         n = job.x.shape[0]
         if n == 0:
             raise ValueError(f"model {job.m}: empty training set")
-        opt = make_optimizer([t for _, t in named], recipe, [declared.get(name, 1.0) for name, _ in named])
+        opt = make_optimizer(tensors, recipe, scales, limits)
         total = recipe.epochs * job.steps_per_epoch
-        sched = make_scheduler(opt, recipe, total)
+        sched = make_scheduler(opt, recipe, total, job.steps_per_epoch)
         order_gen = torch.Generator().manual_seed(derive_seed(job.seed, "order"))
         stream = batch_stream(n, recipe.batch_size, order_gen)
         aug_gen = torch.Generator().manual_seed(derive_seed(job.seed, "augment"))

@@ -95,6 +95,17 @@ def param_lr_scales(model: nn.Module) -> dict[str, float]:
     return out
 
 
+def param_train_epochs(model: nn.Module) -> dict[str, int]:
+    """Epoch limits that a model declares for some of its parameters, by qualified name: a module may carry
+    `train_epochs = {param_name: epochs}` (airbench's whitening bias: 3). Such a parameter trains for that
+    many epochs and then stays as it is (its optimizer group's lr is held at 0)."""
+    out: dict[str, int] = {}
+    for prefix, m in model.named_modules():
+        for pname, epochs in getattr(m, "train_epochs", {}).items():
+            out[f"{prefix}.{pname}" if prefix else pname] = int(epochs)
+    return out
+
+
 def data_init_modules(model: nn.Module) -> list[nn.Module]:
     """Modules initialised from the model's own training inputs (they define `init_from_data(x)`)."""
     return [m for m in model.modules() if callable(getattr(m, "init_from_data", None))]

@@ -91,6 +91,7 @@ class AirbenchParams(Params):
     stem: int | None = Field(None, ge=1, description="channels of the 2x2 stem convolution; default (and "
                                                      "required with whiten) 2 x C x 2 x 2: 24 for RGB")
     bn_momentum: float = Field(0.4, gt=0, le=1, description="BatchNorm momentum (PyTorch convention)")
+    bn_eps: float = Field(1e-12, gt=0, description="BatchNorm epsilon (airbench's 1e-12; PyTorch's default is 1e-5)")
     whiten: bool = Field(True, description="stem filters whiten the 2x2 patches of the model's own training "
                                            "images, and stay frozen")
     dirac: bool = Field(True, description="each 3x3 convolution starts as the identity on its first "
@@ -99,6 +100,8 @@ class AirbenchParams(Params):
     scale: float = Field(1 / 9, gt=0, description="factor on the logits")
     bias_lr_scale: float = Field(64.0, gt=0, description="learning-rate factor of the BatchNorm biases and the "
                                                          "whitening stem's bias (weight decay per step unchanged)")
+    whiten_bias_epochs: int | None = Field(3, ge=0, description="the whitening stem's bias trains for this many "
+                                                                "epochs, then stays as it is (None: throughout)")
 
 
 class WhiteningConv2d(nn.Conv2d):
@@ -144,10 +147,11 @@ def airbench(p: AirbenchParams, info: DataInfo) -> nn.Module:
     filters whiten the image patches of the model's own training set (`WhiteningConv2d`, set when the bank
     initialises the model), three groups of [conv3x3, maxpool2, BN, GELU, conv3x3, BN, GELU] with 64, 256,
     256 channels (convolutions start as identities on their first in_channels filters; BatchNorm weights
-    frozen at 1; BatchNorm biases and the stem's bias at 64x the learning rate), a global max pool
+    frozen at 1, eps 1e-12; BatchNorm biases and the stem's bias at 64x the learning rate, the stem's bias
+    trained for the first 3 epochs only), a global max pool
     (airbench's MaxPool2d(3) on its 3x3 map), a bias-free linear layer and the logits scaled by 1/9. Each
-    part can be switched off by its parameter. Its lookahead is `train.lookahead`; test-time augmentation
-    is not part of the model. A plain nn.Sequential, so packs of it run as grouped kernels. Needs H, W >= 16
+    part can be switched off by its parameter. Its lookahead is `train.lookahead`, its lr schedule
+    `train.schedule: triangle`; test-time augmentation is not part of the model. A plain nn.Sequential, so packs of it run as grouped kernels. Needs H, W >= 16
     (three halvings after the stem)."""
     c, h, w = image_shape(info, "airbench", min_size=16)
     stem_channels = 2 * c * 2 * 2
@@ -158,6 +162,8 @@ def airbench(p: AirbenchParams, info: DataInfo) -> nn.Module:
     stem: nn.Conv2d = WhiteningConv2d(c) if p.whiten else nn.Conv2d(c, p.stem or stem_channels, 2)
     if p.whiten and p.bias_lr_scale != 1:  # airbench trains the whitening bias like the BatchNorm biases
         stem.lr_scales = {"bias": p.bias_lr_scale}
+    if p.whiten and p.whiten_bias_epochs is not None:  # ... for its first 3 epochs
+        stem.train_epochs = {"bias": p.whiten_bias_epochs}
     layers: OrderedDict[str, nn.Module] = OrderedDict(stem=stem, stem_act=nn.GELU())
     width = stem.out_channels
 
@@ -169,7 +175,7 @@ def airbench(p: AirbenchParams, info: DataInfo) -> nn.Module:
         return layer
 
     def norm(channels: int) -> nn.BatchNorm2d:
-        layer = nn.BatchNorm2d(channels, momentum=p.bn_momentum)
+        layer = nn.BatchNorm2d(channels, eps=p.bn_eps, momentum=p.bn_momentum)
         if not p.bn_weight:
             freeze(layer, "weight")
         if p.bias_lr_scale != 1:

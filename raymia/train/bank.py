@@ -31,7 +31,7 @@ from raymia.defenses import Defense, build_defense
 from raymia.defenses.base import FitJob
 from raymia.errors import SpecError
 from raymia.models import build_model
-from raymia.models.base import data_init_modules, param_lr_scales
+from raymia.models.base import data_init_modules, param_lr_scales, param_train_epochs
 from raymia.seeding import derive_seed
 from raymia.spec import AuditSpec, TrainSpec
 from raymia.train.augment import apply_augment, draw_augment
@@ -198,7 +198,7 @@ def train_model(
         return _fit_with_defense(ctx, m, model, xs[index], y, device, report)
     opt = make_optimizer(model, recipe)
     total = recipe.epochs * ctx.steps_per_epoch
-    sched = make_scheduler(opt, recipe, total)
+    sched = make_scheduler(opt, recipe, total, ctx.steps_per_epoch)
     stream = batch_stream(index.numel(), recipe.batch_size,
                           torch.Generator().manual_seed(derive_seed(spec.seed, "order", m)))
     aug_gen = torch.Generator().manual_seed(derive_seed(spec.seed, "augment", m))
@@ -334,10 +334,11 @@ def train_models_packed(
     pack = PackedModels([init_model(ctx, m, d).to(device, memory_format=fmt) for m, d in zip(models, datas)],
                         input_shape=ctx.data.info.input_shape if engine == "auto" else None,
                         channels_last=fmt is torch.channels_last or device.type == "cpu")
-    scales = param_lr_scales(pack.base)
-    opt = make_optimizer(list(pack.params.values()), recipe, [scales.get(n, 1.0) for n in pack.params])
+    scales, limits = param_lr_scales(pack.base), param_train_epochs(pack.base)
+    opt = make_optimizer(list(pack.params.values()), recipe, [scales.get(n, 1.0) for n in pack.params],
+                         [limits.get(n) for n in pack.params])
     total = recipe.epochs * ctx.steps_per_epoch
-    sched = make_scheduler(opt, recipe, total)
+    sched = make_scheduler(opt, recipe, total, ctx.steps_per_epoch)
     streams = [batch_stream(d.index.numel(), recipe.batch_size,
                             torch.Generator().manual_seed(derive_seed(spec.seed, "order", m)))
                for d, m in zip(datas, models)]
