@@ -92,7 +92,7 @@ def setting(name: str, shared: Path, epochs: int | None) -> dict:
                 "model": {"name": "airbench"}, "queries": ["identity"],
                 "train": {"epochs": epochs or 10, "batch_size": 1024, "optimizer": "sgd", "lr": 1.5,
                           "momentum": 0.85, "nesterov": True, "weight_decay": 0.00133, "label_smoothing": 0.2,
-                          "schedule": "triangle", "lookahead": True,
+                          "schedule": "triangle", "lookahead": (epochs or 10) > 3,
                           "augment": {"hflip": True, "crop": 2, "pad": "reflect"}},
                 "bank": {"precision": "bf16", "channels_last": True}}
     if name in ("cifar10-resnet18", "cifar10-wrn28-2"):  # full CIFAR-10, 25k members per model
@@ -123,7 +123,8 @@ def minimal_loop(ctx: BankContext, m: int, device: torch.device) -> torch.nn.Mod
     opt = make_optimizer(model, spec.train)
     sched = make_scheduler(opt, spec.train, spec.train.epochs * ctx.steps_per_epoch, ctx.steps_per_epoch)
     bs = spec.train.batch_size
-    ahead = (Lookahead([*model.parameters(), *model.buffers()], spec.train.epochs * ctx.steps_per_epoch)
+    ahead = (Lookahead([*model.parameters(), *model.buffers()], spec.train.epochs * ctx.steps_per_epoch,
+                       ctx.steps_per_epoch)
              if spec.train.lookahead else None)
     t = 0
     for _ in range(spec.train.epochs):

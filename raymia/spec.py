@@ -90,6 +90,9 @@ class AugmentSpec(_Model):
         "zeros", description="how crops pad: zeros, or reflect (mirror the border; airbench's translate)")
 
 
+LOOKAHEAD_START_EPOCHS = 3  # airbench94's lookahead acts from this (0-based) epoch on
+
+
 class TriangleSpec(_Model):
     """airbench's learning-rate schedule: linear from `start` x lr up to lr at `peak`, then down to `end` x lr."""
 
@@ -122,8 +125,17 @@ class TrainSpec(_Model):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
     lookahead: bool = Field(
-        False, description="airbench's lookahead: every 5 steps the weights (and BatchNorm statistics) move to "
-                           "their running average, decay 0.95^5 x (fraction of training done)^3, and end on it")
+        False, description="airbench's lookahead: from the 4th epoch on, every 5 steps the weights (and "
+                           "BatchNorm statistics) move to their running average, decay 0.95^5 x (fraction of "
+                           "training done)^3, and every epoch ends on it; needs epochs >= 4")
+
+    @model_validator(mode="after")
+    def _lookahead(self) -> TrainSpec:
+        if self.lookahead and self.epochs <= LOOKAHEAD_START_EPOCHS:
+            raise ValueError(f"lookahead starts after epoch {LOOKAHEAD_START_EPOCHS} (airbench's); with epochs "
+                             f"{self.epochs} it would never act: set epochs >= {LOOKAHEAD_START_EPOCHS + 1} or "
+                             "lookahead: false")
+        return self
 
     @field_validator("milestones")
     @classmethod

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
 from raymia.defenses.base import DataInfo
 from raymia.errors import SpecError
@@ -67,7 +68,7 @@ def test_airbench_freezes_stem_and_bn_weights_and_declares_bias_factors():
     assert "stem.weight" in buffers and "stem.weight" not in params and "stem.bias" in params
     assert "group1.2.weight" in buffers and "group1.2.bias" in params  # BatchNorm: weight frozen at 1
     assert torch.equal(buffers["group1.2.weight"], torch.ones(64))
-    assert param_lr_scales(model) == {"stem.bias": 64.0, **{f"group{g}.{i}.bias": 64.0 for g in (1, 2, 3) for i in (2, 5)}}
+    assert param_lr_scales(model) == {f"group{g}.{i}.bias": 64.0 for g in (1, 2, 3) for i in (2, 5)}
     assert model.scale.factor == pytest.approx(1 / 9)
     # dirac: the first in_channels filters of each 3x3 conv are the identity
     w = model.group2[4].weight  # 256 -> 256
@@ -140,9 +141,9 @@ def test_lr_factor_scales_the_step_and_keeps_the_decay_per_step(optimizer):
     model = build_model("airbench", {"widths": [4]}, RGB)
     opt = make_optimizer(model, TrainSpec(optimizer="sgd", lr=0.2, weight_decay=1e-3))
     by_key = {(round(grp["lr"], 6), grp["train_epochs"]): grp for grp in opt.param_groups}
-    assert set(by_key) == {(0.2, None), (12.8, None), (12.8, 3)}
+    assert set(by_key) == {(0.2, None), (12.8, None), (0.2, 3)}
     assert {id(t) for t in by_key[12.8, None]["params"]} == {id(model.group1[2].bias), id(model.group1[5].bias)}
-    assert [id(t) for t in by_key[12.8, 3]["params"]] == [id(model.stem.bias)]  # airbench's 3 epochs
+    assert [id(t) for t in by_key[0.2, 3]["params"]] == [id(model.stem.bias)]  # base lr, airbench's 3 epochs
     assert by_key[12.8, None]["weight_decay"] == pytest.approx(1e-3 / 64)
     with pytest.raises(ValueError, match="lr_scales: 1 factors for 2 tensors"):
         make_optimizer([w, b], recipe, [1.0])
@@ -263,28 +264,44 @@ def test_reflect_padded_crop_is_a_shifted_mirror_image():
 
 
 def test_lookahead_known_answer():
-    """Every 5th step t of 20: ema <- ema + (1 - d)(w - ema), d = 0.95^5 (t/20)^3, and w <- ema; at the
-    end w <- ema. Hand-rolled on one scalar whose optimizer adds 1 per step."""
+    """airbench94's loop, hand-rolled on one scalar whose optimizer adds 1 per step: 5 epochs of 4 steps;
+    from epoch 3 (0-based) on, at every 5th step the average starts (first time) or moves,
+    ema <- ema + (1 - d)(w - ema), d = 0.95^5 (t/20)^3, and w <- ema; after each epoch once started, w <- ema."""
     w = torch.tensor([0.0])
-    ahead = Lookahead([w, torch.tensor([3])], total_steps=20)  # integer tensors are left alone
+    ahead = Lookahead([w, torch.tensor([3])], total_steps=20, steps_per_epoch=4)  # integers are left alone
     assert len(ahead.tensors) == 1
-    ema, ref = 0.0, 0.0
-    for t in range(1, 21):
-        w += 1.0
-        ref += 1.0
-        ahead.step(t)
-        if t % 5 == 0:
-            d = 0.95 ** 5 * (t / 20) ** 3
-            ema = ema + (1 - d) * (ref - ema)
-            ref = ema
-        assert w.item() == pytest.approx(ref, rel=1e-6)
+    ema, ref, t, trace = None, 0.0, 0, []
+    for epoch in range(5):
+        for _ in range(4):
+            w += 1.0
+            ref += 1.0
+            t += 1
+            ahead.step(t)
+            if epoch >= 3 and t % 5 == 0:
+                if ema is None:
+                    ema = ref
+                else:
+                    ema = ema + (1 - 0.95 ** 5 * (t / 20) ** 3) * (ref - ema)
+                    ref = ema
+            if t % 4 == 0 and ema is not None:
+                ref = ema
+            assert w.item() == pytest.approx(ref, rel=1e-6), t
+            trace.append(w.item())
     ahead.finish()
-    assert w.item() == pytest.approx(ema, rel=1e-6) and ema < 20 - 1  # averaging held the weight back
+    # the average starts at step 15 (epoch 3), pulls w back to 15 at the end of epoch 3 (step 16), and at
+    # step 20 moves a (1 - 0.774) share of the way towards w
+    assert ema == 15.0 + (1 - 0.95 ** 5) * (19.0 - 15.0)
+    assert trace[:15] == [float(i) for i in range(1, 16)] and trace[15] == 15.0
+    assert w.item() == pytest.approx(ema, rel=1e-6)
 
 
 def test_lookahead_is_refused_where_a_defense_trains_with_its_own_loop():
     raw = {"plan": {"num_models": 2, "population": 100}, "model": {"name": "mlp", "params": {"hidden": [8]}},
-           "train": {"epochs": 1, "lookahead": True}, "defense": {"name": "advreg"}}
+           "train": {"epochs": 4, "lookahead": True}, "defense": {"name": "advreg"}}
     with pytest.raises(SpecError, match="defense 'advreg' trains with its own loop") as e:
         BankContext.from_spec(AuditSpec.model_validate(raw))
     assert e.value.where == "train.lookahead"
+    raw.pop("defense")
+    raw["train"]["epochs"] = 3
+    with pytest.raises(ValidationError, match="lookahead starts after epoch 3 .* set epochs >= 4"):
+        AuditSpec.model_validate(raw)

@@ -49,7 +49,7 @@ CASES = {
     "airbench-whiten": {"data": {"name": "synthetic", "params": {"kind": "image", "image_size": 16, "n_train": 300,
                                                                  "n_test": 50}},
                         "model": {"name": "airbench", "params": {"widths": [4, 6], "whiten_bias_epochs": 1}},
-                        "train": {"nesterov": True, "momentum": 0.85, "schedule": "triangle", "lookahead": True,
+                        "train": {"epochs": 5, "nesterov": True, "momentum": 0.85, "schedule": "triangle", "lookahead": True,
                                   "augment": {"hflip": True, "crop": 2, "pad": "reflect"}},
                         "queries": ["identity"]},
 }

@@ -98,8 +98,8 @@ class AirbenchParams(Params):
                                           "in_channels filters")
     bn_weight: bool = Field(False, description="train the BatchNorm weights (else frozen at 1)")
     scale: float = Field(1 / 9, gt=0, description="factor on the logits")
-    bias_lr_scale: float = Field(64.0, gt=0, description="learning-rate factor of the BatchNorm biases and the "
-                                                         "whitening stem's bias (weight decay per step unchanged)")
+    bias_lr_scale: float = Field(64.0, gt=0, description="learning-rate factor of the BatchNorm biases (weight "
+                                                         "decay per step unchanged)")
     whiten_bias_epochs: int | None = Field(3, ge=0, description="the whitening stem's bias trains for this many "
                                                                 "epochs, then stays as it is (None: throughout)")
 
@@ -147,8 +147,8 @@ def airbench(p: AirbenchParams, info: DataInfo) -> nn.Module:
     filters whiten the image patches of the model's own training set (`WhiteningConv2d`, set when the bank
     initialises the model), three groups of [conv3x3, maxpool2, BN, GELU, conv3x3, BN, GELU] with 64, 256,
     256 channels (convolutions start as identities on their first in_channels filters; BatchNorm weights
-    frozen at 1, eps 1e-12; BatchNorm biases and the stem's bias at 64x the learning rate, the stem's bias
-    trained for the first 3 epochs only), a global max pool
+    frozen at 1, eps 1e-12; BatchNorm biases at 64x the learning rate; the stem's bias, at the
+    base learning rate, trained for the first 3 epochs only), a global max pool
     (airbench's MaxPool2d(3) on its 3x3 map), a bias-free linear layer and the logits scaled by 1/9. Each
     part can be switched off by its parameter. Its lookahead is `train.lookahead`, its lr schedule
     `train.schedule: triangle`; test-time augmentation is not part of the model. A plain nn.Sequential, so packs of it run as grouped kernels. Needs H, W >= 16
@@ -160,9 +160,7 @@ def airbench(p: AirbenchParams, info: DataInfo) -> nn.Module:
                         f"{c}-channel images, got stem {p.stem}; leave stem unset or set whiten: false",
                         where="model.params.stem")
     stem: nn.Conv2d = WhiteningConv2d(c) if p.whiten else nn.Conv2d(c, p.stem or stem_channels, 2)
-    if p.whiten and p.bias_lr_scale != 1:  # airbench trains the whitening bias like the BatchNorm biases
-        stem.lr_scales = {"bias": p.bias_lr_scale}
-    if p.whiten and p.whiten_bias_epochs is not None:  # ... for its first 3 epochs
+    if p.whiten and p.whiten_bias_epochs is not None:  # airbench trains the whitening bias for 3 epochs
         stem.train_epochs = {"bias": p.whiten_bias_epochs}
     layers: OrderedDict[str, nn.Module] = OrderedDict(stem=stem, stem_act=nn.GELU())
     width = stem.out_channels

@@ -203,7 +203,8 @@ def train_model(
                           torch.Generator().manual_seed(derive_seed(spec.seed, "order", m)))
     aug_gen = torch.Generator().manual_seed(derive_seed(spec.seed, "augment", m))
     model.train()
-    ahead = Lookahead([*model.parameters(), *model.buffers()], total) if recipe.lookahead else None
+    ahead = (Lookahead([*model.parameters(), *model.buffers()], total, ctx.steps_per_epoch)
+             if recipe.lookahead else None)
     loss = torch.zeros(())
     steps = total if max_steps is None else min(total, max_steps)
     for t in range(1, steps + 1):
@@ -353,7 +354,8 @@ def train_models_packed(
 
     step_loss = torch.compile(forward_loss) if compile else forward_loss
     pack.train()
-    ahead = Lookahead([*pack.params.values(), *pack.buffers.values()], total) if recipe.lookahead else None
+    ahead = (Lookahead([*pack.params.values(), *pack.buffers.values()], total, ctx.steps_per_epoch)
+             if recipe.lookahead else None)
     losses = torch.zeros(len(models))
     for t in range(1, (total if max_steps is None else min(total, max_steps)) + 1):
         local = torch.stack([next(s) for s in streams]).to(device)  # [K, B] positions in each member list

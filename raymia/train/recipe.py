@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from raymia.spec import TrainSpec
+from raymia.spec import LOOKAHEAD_START_EPOCHS, TrainSpec
 
 
 def module_tensors(model: torch.nn.Module, trainable_only: bool = False):
@@ -130,26 +130,35 @@ class StopAfter:
 
 
 class Lookahead:
-    """airbench94's lookahead over a model's (or a pack's) float tensors: after every `every`-th optimizer
-    step t of `total`, the running average moves towards the weights, ema <- ema + (1 - d) (w - ema) with
-    d = 0.95^5 (t / total)^3, and the weights are set to it; `finish` sets them to it at the end. Early
-    in training d is about 0 (the weights run free); late it nears 0.77 (strong averaging). Elementwise,
-    so a pack's stacked tensors get each model's own average."""
+    """airbench94's lookahead over a model's (or a pack's) float tensors. From epoch `start_epochs` (0-based)
+    on, after every `every`-th optimizer step t of `total`: the first time, the running average starts as
+    a copy of the weights; later it moves towards them, ema <- ema + (1 - d) (w - ema) with
+    d = 0.95^5 (t / total)^3, and the weights are set to it. At the end of every epoch once it has started
+    (and in `finish`) the weights are set to the average again. d nears 0.77 late in training (strong
+    averaging). Elementwise, so a pack's stacked tensors get each model's own average."""
 
-    def __init__(self, tensors, total_steps: int, every: int = 5):
+    def __init__(self, tensors, total_steps: int, steps_per_epoch: int, start_epochs: int = LOOKAHEAD_START_EPOCHS,
+                 every: int = 5):
         self.tensors = [t for t in tensors if t.is_floating_point()]
-        self.ema = [t.detach().clone() for t in self.tensors]
-        self.total, self.every = max(1, total_steps), every
+        self.ema: list[torch.Tensor] | None = None
+        self.total, self.per_epoch = max(1, total_steps), max(1, steps_per_epoch)
+        self.start, self.every = start_epochs, every
 
     @torch.no_grad()
     def step(self, t: int) -> None:
         """Call after optimizer step t (1-based)."""
-        if t % self.every == 0:
-            self._update(0.95 ** 5 * (t / self.total) ** 3)
+        if (t - 1) // self.per_epoch >= self.start and t % self.every == 0:
+            if self.ema is None:
+                self.ema = [w.detach().clone() for w in self.tensors]
+            else:
+                self._update(0.95 ** 5 * (t / self.total) ** 3)
+        if t % self.per_epoch == 0 and self.ema is not None:
+            self._update(1.0)
 
     @torch.no_grad()
     def finish(self) -> None:
-        self._update(1.0)
+        if self.ema is not None:
+            self._update(1.0)
 
     def _update(self, decay: float) -> None:
         for e, t in zip(self.ema, self.tensors):
