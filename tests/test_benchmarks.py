@@ -27,6 +27,17 @@ def test_bank_throughput_reports_both_sides_and_accuracies(tmp_path):
     assert abs(row["plain_test_accuracy"] - row["pack_test_accuracy"]) < 0.15
 
 
+def test_recipe_accuracy_trains_one_model_on_all_members_or_its_own():
+    script = str(ROOT / "benchmarks" / "recipe_accuracy.py")
+    rows = [json.loads(subprocess.run([sys.executable, script, "--setting", "digits-mlp", "--epochs", "3", "--threads", "1",
+                                       *extra], check=True, capture_output=True, text=True, timeout=300).stdout)
+            for extra in ([], ["--all-members"])]
+    own, every = rows
+    assert own["steps"] == every["steps"] == 3 * 11  # epochs of the bank's size
+    assert 600 < own["members"] < 750 and every["members"] == 1346  # half the population, or all of it
+    assert 0.6 < own["test_accuracy"] <= 1 and 0.6 < every["test_accuracy"] <= 1
+
+
 def test_attack_cost_runs_every_attack_finite(tmp_path):
     out = tmp_path / "cost.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attack_cost.py"), "--models", "8", "--points", "300",
