@@ -151,8 +151,8 @@ def airbench(p: AirbenchParams, info: DataInfo) -> nn.Module:
     base learning rate, trained for the first 3 epochs only), a global max pool
     (airbench's MaxPool2d(3) on its 3x3 map), a bias-free linear layer and the logits scaled by 1/9. Each
     part can be switched off by its parameter. Its lookahead is `train.lookahead`, its lr schedule
-    `train.schedule: triangle`; test-time augmentation is not part of the model. A plain nn.Sequential, so packs of it run as grouped kernels. Needs H, W >= 16
-    (three halvings after the stem)."""
+    `train.schedule: triangle`; test-time augmentation is not part of the model. A plain nn.Sequential,
+    so packs of it run as grouped kernels. Needs H, W >= 16 (three halvings after the stem)."""
     c, h, w = image_shape(info, "airbench", min_size=16)
     stem_channels = 2 * c * 2 * 2
     if p.whiten and p.stem is not None and p.stem != stem_channels:
