@@ -93,7 +93,7 @@ def setting(name: str, shared: Path, epochs: int | None) -> dict:
                 "train": {"epochs": epochs or 10, "batch_size": 1024, "optimizer": "sgd", "lr": 1.5,
                           "momentum": 0.85, "nesterov": True, "weight_decay": 0.00133, "label_smoothing": 0.2,
                           "schedule": "triangle", "lookahead": (epochs or 10) > 3,
-                          "augment": {"hflip": True, "crop": 2, "pad": "reflect"}},
+                          "augment": {"hflip": True, "flip": "alternate", "crop": 2, "pad": "reflect"}},
                 "bank": {"precision": "bf16", "channels_last": True}}
     if name in ("cifar10-resnet18", "cifar10-wrn28-2"):  # full CIFAR-10, 25k members per model
         model = "resnet18" if name.endswith("resnet18") else "wrn28_2"

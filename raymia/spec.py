@@ -88,6 +88,16 @@ class AugmentSpec(_Model):
     crop: int = Field(0, ge=0, le=16, description="random crops after padding by this many pixels")
     pad: Literal["zeros", "reflect"] = Field(
         "zeros", description="how crops pad: zeros, or reflect (mirror the border; airbench's translate)")
+    flip: Literal["random", "alternate"] = Field(
+        "random", description="how hflip flips: random (p = 0.5 at every draw), or alternate (airbench's: a "
+                              "random half of the images on their first pass, then each image the other way "
+                              "from its previous pass)")
+
+    @model_validator(mode="after")
+    def _flip(self) -> AugmentSpec:
+        if self.flip == "alternate" and not self.hflip:
+            raise ValueError("flip: alternate chooses how hflip flips; set hflip: true, or leave flip at random")
+        return self
 
 
 LOOKAHEAD_START_EPOCHS = 3  # airbench94's lookahead acts from this (0-based) epoch on

@@ -17,8 +17,9 @@ from raymia.models import build_model
 from raymia.models.base import param_lr_scales, param_train_epochs
 from raymia.models.convnets import WhiteningConv2d
 from raymia.spec import AuditSpec, AugmentSpec, TrainSpec
-from raymia.train.augment import AugmentDraw, apply_augment
+from raymia.train.augment import AugmentDraw, Augmenter, apply_augment
 from raymia.train.bank import BankContext, init_model, model_data, train_model
+from raymia.train.batches import batch_passes
 from raymia.train.recipe import Lookahead, make_optimizer, make_scheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -261,6 +262,36 @@ def test_reflect_padded_crop_is_a_shifted_mirror_image():
     assert zeros[0, 0, 0].abs().sum() == 0  # zero padding: the top rows are empty
     with pytest.raises(ValueError, match="pad reflect needs crop < the image size"):
         apply_augment(x, AugmentDraw(None, torch.zeros(2, 2, dtype=torch.long)), AugmentSpec(crop=5, pad="reflect"))
+
+
+def test_alternating_flips_flip_every_image_the_other_way_on_each_pass():
+    """airbench's alternating flip: image i on pass p is flipped iff mask[i] xor (p odd), mask a random half
+    drawn once; random flips (the default) follow no such pattern."""
+    n = 64
+    spec = AugmentSpec(hflip=True, flip="alternate")
+    aug = Augmenter(spec, n, torch.Generator().manual_seed(3))
+    stream = batch_passes(n, 24, torch.Generator().manual_seed(4))
+    x = torch.arange(1, n + 1, dtype=torch.float32)[:, None, None, None] * torch.tensor([1.0, 2.0, 3.0])
+    seen: dict[int, list[bool]] = {i: [] for i in range(n)}
+    for _ in range(16):  # 384 draws: 6 passes
+        b, passes = next(stream)
+        out = aug(x[b], b, passes)
+        flipped = out[:, 0, 0, 0] == 3 * (b + 1)  # image i's row reversed: it starts with 3 (i + 1)
+        assert bool((flipped | (out[:, 0, 0, 0] == b + 1)).all())  # flipped or not, nothing else
+        for i, f in zip(b.tolist(), flipped.tolist()):
+            seen[i].append(f)
+    first = torch.tensor([seen[i][0] for i in range(n)])
+    assert torch.equal(first, aug.mask) and 16 < int(first.sum()) < 48  # pass 0: the mask, about half
+    for i in range(n):
+        assert len(seen[i]) == 6 and all(a != b for a, b in zip(seen[i], seen[i][1:]))  # alternates
+    again = Augmenter(spec, n, torch.Generator().manual_seed(3))  # seeded: the same mask
+    assert torch.equal(again.mask, aug.mask)
+    rand = Augmenter(AugmentSpec(hflip=True), n, torch.Generator().manual_seed(3))
+    assert rand.mask is None
+    draws = [rand.draw(torch.arange(n), torch.full((n,), p)).flip for p in range(6)]
+    assert any(bool((a == b).any()) for a, b in zip(draws, draws[1:]))  # random: repeats happen
+    with pytest.raises(ValidationError, match="flip: alternate"):
+        AugmentSpec(flip="alternate")
 
 
 def test_lookahead_known_answer():

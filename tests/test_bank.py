@@ -13,12 +13,12 @@ import torch
 from raymia.spec import AuditSpec
 from raymia.train.bank import (
     BankContext,
-    batch_stream,
     pack_query_logits,
     train_model,
     train_models_packed,
     train_pack,
 )
+from raymia.train.batches import batch_passes, batch_stream
 from raymia.train.infer import query_logits
 
 CPU = torch.device("cpu")
@@ -45,12 +45,13 @@ CASES = {
                                                               "n_test": 50}},
                      "model": {"name": "lenet5"}, "train": {"optimizer": "adamw", "lr": 0.003},
                      "queries": ["identity"]},
-    # whitening stem from each model's members, frozen tensors, 64x lr on BN biases, reflect crops, lookahead
+    # whitening stem from each model's members, frozen tensors, 64x lr on BN biases, reflect crops,
+    # alternating flips, lookahead
     "airbench-whiten": {"data": {"name": "synthetic", "params": {"kind": "image", "image_size": 16, "n_train": 300,
                                                                  "n_test": 50}},
                         "model": {"name": "airbench", "params": {"widths": [4, 6], "whiten_bias_epochs": 1}},
                         "train": {"epochs": 5, "nesterov": True, "momentum": 0.85, "schedule": "triangle", "lookahead": True,
-                                  "augment": {"hflip": True, "crop": 2, "pad": "reflect"}},
+                                  "augment": {"hflip": True, "crop": 2, "pad": "reflect", "flip": "alternate"}},
                         "queries": ["identity"]},
 }
 
@@ -98,6 +99,18 @@ def test_batch_stream_reshuffles_and_is_seeded():
     assert sorted(flat[:10].tolist()) == list(range(10)) and sorted(flat[10:].tolist()) == list(range(10))
     again = batch_stream(10, 4, torch.Generator().manual_seed(0))
     assert all(torch.equal(b, next(again)) for b in batches)
+
+
+def test_batch_passes_number_each_permutation():
+    s = batch_passes(10, 4, torch.Generator().manual_seed(0))
+    pairs = [next(s) for _ in range(8)]  # 32 indices: passes 0, 1 and 2 whole, 2 of pass 3
+    idx, passes = torch.cat([b for b, _ in pairs]), torch.cat([p for _, p in pairs])
+    assert passes.tolist() == [0] * 10 + [1] * 10 + [2] * 10 + [3] * 2
+    for p in range(3):
+        assert sorted(idx[passes == p].tolist()) == list(range(10))
+    assert pairs[2][1].tolist() == [0, 0, 1, 1]  # a batch that straddles two permutations
+    plain = batch_stream(10, 4, torch.Generator().manual_seed(0))  # the same batches without passes
+    assert all(torch.equal(b, next(plain)) for b, _ in pairs)
 
 
 def test_every_model_takes_the_same_number_of_steps():

@@ -23,8 +23,8 @@ from raymia.defenses.base import DEFENSES, Defense, FitJob
 from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain
-from raymia.train.augment import apply_augment, draw_augment
-from raymia.train.batches import batch_stream
+from raymia.train.augment import Augmenter
+from raymia.train.batches import batch_passes, batch_stream
 from raymia.train.recipe import make_optimizer, make_scheduler
 
 Masks = dict[str, torch.Tensor]  # parameter name -> {0, 1} tensor of the parameter's shape
@@ -121,9 +121,8 @@ def minmax_train(
     if game and (ref_x is None or ref_y is None or ref_x.shape[0] == 0):
         raise ValueError("the membership game needs reference (non-member) points")
     batch = recipe.batch_size
-    order = batch_stream(x.shape[0], batch, torch.Generator().manual_seed(derive_seed(seed, "order")))
-    aug_gen = torch.Generator().manual_seed(derive_seed(seed, "augment"))
-    augmenting = recipe.augment.hflip or recipe.augment.crop
+    order = batch_passes(x.shape[0], batch, torch.Generator().manual_seed(derive_seed(seed, "order")))
+    augment = Augmenter(recipe.augment, x.shape[0], torch.Generator().manual_seed(derive_seed(seed, "augment")))
     opt = make_optimizer(model, recipe)
     sched = make_scheduler(opt, recipe, steps, steps_per_epoch)
 
@@ -160,10 +159,9 @@ def minmax_train(
             h.eval().requires_grad_(False)
         # --- one classifier step
         model.train()
-        b = next(order).to(device)
-        xb = x[b]
-        if augmenting:
-            xb = apply_augment(xb, draw_augment(recipe.augment, xb.shape, aug_gen), recipe.augment)
+        b, passes = next(order)
+        xb = augment(x[b.to(device)], b, passes)
+        b = b.to(device)
         logits = model(xb).float()
         loss = F.cross_entropy(logits, y[b], label_smoothing=recipe.label_smoothing)
         if playing:

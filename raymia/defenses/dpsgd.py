@@ -33,7 +33,7 @@ from raymia.errors import SpecError
 from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.space import Domain, Float, Int
-from raymia.train.augment import apply_augment, draw_augment
+from raymia.train.augment import Augmenter
 from raymia.train.recipe import make_optimizer, make_scheduler, module_tensors
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -247,15 +247,16 @@ class DpSgd(Defense):
         opt = make_optimizer(trainable, recipe, scales, limits)
         sched = make_scheduler(opt, recipe, steps, steps // recipe.epochs)
         sample_gen = torch.Generator().manual_seed(derive_seed(job.seed, "poisson"))
-        aug_gen = torch.Generator().manual_seed(derive_seed(job.seed, "augment"))
+        augment = Augmenter(recipe.augment, n, torch.Generator().manual_seed(derive_seed(job.seed, "augment")))
         noise_gen = torch.Generator(device=job.device).manual_seed(derive_seed(job.seed, "noise"))
-        augment = recipe.augment.hflip or recipe.augment.crop
+        per_epoch = max(1, steps // recipe.epochs)
         model.train()
-        for _ in range(steps):
-            idx = poisson_batch(n, q, sample_gen).to(job.device)
-            xb, yb = job.x[idx], job.y[idx]
-            if augment and xb.shape[0]:
-                xb = apply_augment(xb, draw_augment(recipe.augment, xb.shape, aug_gen), recipe.augment)
+        for step in range(steps):
+            idx = poisson_batch(n, q, sample_gen)
+            on_device = idx.to(job.device)
+            xb, yb = job.x[on_device], job.y[on_device]
+            if xb.shape[0]:  # Poisson batches have no passes: an epoch (steps / epochs steps) stands in for one
+                xb = augment(xb, idx, torch.full_like(idx, step // per_epoch))
             g = noisy_gradient(model, self.loss_per_example, xb, yb, sigma, p.max_grad_norm, run["expected_batch"],
                                noise_gen, p.physical_batch_size)
             for name, t in model.named_parameters():

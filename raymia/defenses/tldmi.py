@@ -42,8 +42,8 @@ from raymia.errors import DataError, SpecError
 from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain, Float, Int
-from raymia.train.augment import apply_augment, draw_augment
-from raymia.train.batches import batch_stream
+from raymia.train.augment import Augmenter
+from raymia.train.batches import batch_passes, batch_stream
 from raymia.train.recipe import make_optimizer, make_scheduler, module_tensors
 
 log = logging.getLogger("raymia")
@@ -324,17 +324,15 @@ class TlDmi(Defense):
         total = recipe.epochs * job.steps_per_epoch
         sched = make_scheduler(opt, recipe, total, job.steps_per_epoch)
         order_gen = torch.Generator().manual_seed(derive_seed(job.seed, "order"))
-        stream = batch_stream(n, recipe.batch_size, order_gen)
-        aug_gen = torch.Generator().manual_seed(derive_seed(job.seed, "augment"))
-        augment = recipe.augment.hflip or recipe.augment.crop
+        stream = batch_passes(n, recipe.batch_size, order_gen)
+        augment = Augmenter(recipe.augment, n, torch.Generator().manual_seed(derive_seed(job.seed, "augment")))
         model.train()
         self._freeze_norm_stats(model)
         loss = torch.zeros(())
         for _ in range(total):
-            b = next(stream).to(job.device)
-            xb = job.x[b]
-            if augment:
-                xb = apply_augment(xb, draw_augment(recipe.augment, xb.shape, aug_gen), recipe.augment)
+            b, passes = next(stream)
+            xb = augment(job.x[b.to(job.device)], b, passes)
+            b = b.to(job.device)
             loss = self.loss(model(xb).float(), job.y[b])
             opt.zero_grad(set_to_none=True)
             loss.backward()

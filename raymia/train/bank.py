@@ -34,8 +34,8 @@ from raymia.models import build_model
 from raymia.models.base import data_init_modules, param_lr_scales, param_train_epochs
 from raymia.seeding import derive_seed
 from raymia.spec import AuditSpec, TrainSpec
-from raymia.train.augment import apply_augment, draw_augment
-from raymia.train.batches import batch_stream
+from raymia.train.augment import Augmenter
+from raymia.train.batches import batch_passes
 from raymia.train.infer import augment as query_augment
 from raymia.train.infer import query_logits
 from raymia.train.packed import maybe_packed, runs_packed
@@ -199,21 +199,21 @@ def train_model(
     opt = make_optimizer(model, recipe)
     total = recipe.epochs * ctx.steps_per_epoch
     sched = make_scheduler(opt, recipe, total, ctx.steps_per_epoch)
-    stream = batch_stream(index.numel(), recipe.batch_size,
+    stream = batch_passes(index.numel(), recipe.batch_size,
                           torch.Generator().manual_seed(derive_seed(spec.seed, "order", m)))
-    aug_gen = torch.Generator().manual_seed(derive_seed(spec.seed, "augment", m))
+    augment = Augmenter(recipe.augment, index.numel(),
+                        torch.Generator().manual_seed(derive_seed(spec.seed, "augment", m)))
     model.train()
     ahead = (Lookahead([*model.parameters(), *model.buffers()], total, ctx.steps_per_epoch)
              if recipe.lookahead else None)
     loss = torch.zeros(())
     steps = total if max_steps is None else min(total, max_steps)
     for t in range(1, steps + 1):
-        b = next(stream).to(device)
-        xb = xs[index[b]]
-        draw = draw_augment(recipe.augment, xb.shape, aug_gen)
-        xb = apply_augment(xb, draw, recipe.augment)
+        b, passes = next(stream)
+        on_device = b.to(device)
+        xb = augment(xs[index[on_device]], b, passes)
         with _autocast(device, spec.bank.precision):
-            loss = ctx.defense.loss(model(xb).float(), y[b])
+            loss = ctx.defense.loss(model(xb).float(), y[on_device])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -340,10 +340,12 @@ def train_models_packed(
                          [limits.get(n) for n in pack.params])
     total = recipe.epochs * ctx.steps_per_epoch
     sched = make_scheduler(opt, recipe, total, ctx.steps_per_epoch)
-    streams = [batch_stream(d.index.numel(), recipe.batch_size,
+    streams = [batch_passes(d.index.numel(), recipe.batch_size,
                             torch.Generator().manual_seed(derive_seed(spec.seed, "order", m)))
                for d, m in zip(datas, models)]
-    aug_gens = [torch.Generator().manual_seed(derive_seed(spec.seed, "augment", m)) for m in models]
+    augmenters = [Augmenter(recipe.augment, d.index.numel(),
+                            torch.Generator().manual_seed(derive_seed(spec.seed, "augment", m)))
+                  for d, m in zip(datas, models)]
     rows = torch.arange(len(models), device=device)[:, None]
     loss_fn = ctx.defense.loss
 
@@ -358,12 +360,12 @@ def train_models_packed(
              if recipe.lookahead else None)
     losses = torch.zeros(len(models))
     for t in range(1, (total if max_steps is None else min(total, max_steps)) + 1):
-        local = torch.stack([next(s) for s in streams]).to(device)  # [K, B] positions in each member list
+        batches = [next(s) for s in streams]  # per model: positions in its member list, their passes
+        local = torch.stack([b for b, _ in batches]).to(device)  # [K, B]
         gidx = index[rows, local]
         xb = x_src[gidx] if shared else x_src[rows, local]
-        if recipe.augment.hflip or recipe.augment.crop:
-            draws = [draw_augment(recipe.augment, xb.shape[1:], g) for g in aug_gens]
-            xb = torch.stack([apply_augment(xb[i], d, recipe.augment) for i, d in enumerate(draws)])
+        if augmenters[0].active:
+            xb = torch.stack([a(xb[i], *batches[i]) for i, a in enumerate(augmenters)])
         if fmt is torch.channels_last and pack.sequential is None:
             xb = xb.flatten(0, 1).contiguous(memory_format=fmt).unflatten(0, (len(models), -1))
         with _autocast(device, spec.bank.precision):

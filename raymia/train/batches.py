@@ -7,11 +7,23 @@ from collections.abc import Iterator
 import torch
 
 
-def batch_stream(n: int, batch: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Full batches of indices in [0, n) from a stream of fresh permutations (reshuffled on exhaustion)."""
+def batch_passes(n: int, batch: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Full batches of indices in [0, n) from a stream of fresh permutations (reshuffled on exhaustion),
+    each with its indices' pass numbers: 0 for the first permutation, 1 for the second, ... (a batch
+    that straddles two permutations holds both)."""
     buf = torch.empty(0, dtype=torch.int64)
+    passes = torch.empty(0, dtype=torch.int64)
+    p = 0
     while True:
         while buf.numel() < batch:
             buf = torch.cat([buf, torch.randperm(n, generator=generator)])
-        yield buf[:batch]
-        buf = buf[batch:]
+            passes = torch.cat([passes, torch.full((n,), p, dtype=torch.int64)])
+            p += 1
+        yield buf[:batch], passes[:batch]
+        buf, passes = buf[batch:], passes[batch:]
+
+
+def batch_stream(n: int, batch: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """`batch_passes` without the pass numbers (the same batches for the same generator)."""
+    for b, _ in batch_passes(n, batch, generator):
+        yield b
