@@ -30,10 +30,16 @@ class _Model(BaseModel):
 
 
 class Named(_Model):
-    """A registry entry chosen by name, with its own parameters (see `raymia list`)."""
+    """A registry entry chosen by name, with its own parameters (see `raymia list`). A bare name stands for
+    the entry with its defaults: `model: lenet5`, `attacks: [loss, lira_online]`."""
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
 
 
 class DataSpec(Named):

@@ -28,6 +28,18 @@ def test_defaults_and_overrides(tmp_path):
         load_spec(p, ["queries.0=hflip"])
 
 
+def test_a_bare_name_stands_for_the_entry_with_its_defaults(tmp_path):
+    p = write(tmp_path, "model: lenet5\ndefense: hamp\ndata: digits\nattacks: [loss, {name: lira_online}]\n")
+    spec = load_spec(p, ["attacks.0=rmia_online"])
+    assert spec.model.name == "lenet5" and spec.model.params == {} and spec.defense.name == "hamp"
+    assert [a.name for a in spec.attacks] == ["rmia_online", "lira_online"]
+    longhand = write(tmp_path, "model: {name: lenet5}\ndefense: {name: hamp}\n"
+                               "attacks: [{name: rmia_online}, {name: lira_online}]\n", "long.yaml")
+    assert load_spec(longhand).fingerprint() == spec.fingerprint()
+    with pytest.raises(SpecError, match="attacks.0"):
+        load_spec(p, ["attacks.0=3"])
+
+
 def test_fingerprint_tracks_what_changes_the_bank():
     base = AuditSpec()
     assert base.fingerprint() == AuditSpec().fingerprint()
