@@ -102,6 +102,29 @@ def test_cli_audit_reuses_signals_and_prints_the_table(first_audit, workdir):
     assert "lira_online" in out.stdout and f"{res.attacks['lira_online']['auc']:.4f}" in out.stdout
 
 
+def test_cli_progress_lines_show_once_at_the_drivers_level(workdir):
+    """A worker's progress reaches the console once per line as `[raymia] ...` (Train V2 would show a
+    print() twice), Train's own INFO lines stay off it, and -q silences the workers too."""
+    raw = tiny_spec_dict(workdir, name="progress", seed=11, train={"epochs": 5, "batch_size": 64},
+                         tracking={"uri": f"sqlite:///{workdir}/progress.db", "experiment": "raymia-tests"})
+    path = workdir / "progress.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = subprocess.run([sys.executable, "-m", "raymia", "audit", str(path)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout + out.stderr
+    assert text.count("[raymia] worker 0: 2 pack(s)") == 1
+    assert text.count("[raymia] worker 0: pack 0 done (1/2") == 1 and text.count("pack 1 done (2/2") == 1
+    assert "Requesting resources" not in text and "Started training worker group" not in text
+
+    raw["seed"] = 12  # a fresh bank again, quiet
+    path.write_text(yaml.safe_dump(raw))
+    quiet = subprocess.run([sys.executable, "-m", "raymia", "-q", "audit", str(path)], capture_output=True,
+                           text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "[raymia]" not in quiet.stdout + quiet.stderr and "lira_online" in quiet.stdout
+
+
 def test_sweep_writes_parent_and_child_runs(first_audit, workdir):
     from raymia.sweep import run_sweep
 

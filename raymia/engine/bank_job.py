@@ -5,6 +5,7 @@ worker failure, finds them in the store and skips them."""
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,8 @@ def _train_packs(spec: AuditSpec, store: SignalStore, packs: list[int], rank: in
     n_models = sum(len(ctx.pack_models(p)) for p in mine)
     vectorize = choose_vectorize(ctx, ctx.pack_models(mine[0]), device, worker_models=n_models) if mine else False
     if mine:
-        print(f"[raymia] worker {rank}: {len(mine)} pack(s), "
-              f"{'vectorised packs' if vectorize else 'one model at a time'} on {device}", flush=True)
+        log.info("worker %d: %d pack(s), %s on %s", rank, len(mine),
+                 "vectorised packs" if vectorize else "one model at a time", device)
     start = time.perf_counter()
     for i, p in enumerate(mine, 1):
         t0 = time.perf_counter()
@@ -36,8 +37,8 @@ def _train_packs(spec: AuditSpec, store: SignalStore, packs: list[int], rank: in
         store.write_pack(p, arrays, meta={"device": str(device), "seconds": time.perf_counter() - t0,
                                           "vectorized": vectorize, "defense_reports": ctx.last_reports or []})
         left = (time.perf_counter() - start) / i * (len(mine) - i)
-        print(f"[raymia] worker {rank}: pack {p} done ({i}/{len(mine)}, {time.perf_counter() - t0:.1f}s"
-              + (f", about {_duration(left)} left)" if i < len(mine) else ")"), flush=True)
+        log.info("worker %d: pack %d done (%d/%d, %.1fs%s)", rank, p, i, len(mine), time.perf_counter() - t0,
+                 f", about {_duration(left)} left" if i < len(mine) else "")
 
 
 def _duration(seconds: float) -> str:
@@ -50,9 +51,23 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def worker_logging(level: int) -> None:
+    """raymia's progress lines from a Train worker, each once, as the driver's `[raymia] ...`, at the
+    driver's level (`-q` reaches the workers). Train V2 routes a worker's print() through the root logger
+    and also tees it to stdout, so a print shows twice; raymia's logger writes to the worker's stdout
+    itself, which Ray forwards to the driver."""
+    rlog = logging.getLogger("raymia")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[raymia] %(message)s"))
+    rlog.handlers[:] = [handler]
+    rlog.propagate = False
+    rlog.setLevel(level)
+
+
 def _worker_loop(config: dict[str, Any]) -> None:
     import ray.train
 
+    worker_logging(config.get("log_level", logging.INFO))
     ctx = ray.train.get_context()
     spec = AuditSpec.model_validate(config["spec"])
     store = SignalStore(config["store_root"], config["fingerprint"], spec.bank.pack_size, spec.plan.num_models,
@@ -86,6 +101,7 @@ def run_bank_job(spec: AuditSpec, store: SignalStore, packs: list[int]) -> None:
             "store_root": str(Path(store.root).resolve()),
             "fingerprint": store.fingerprint,
             "packs": packs,
+            "log_level": logging.getLogger("raymia").getEffectiveLevel(),
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
@@ -93,10 +109,21 @@ def run_bank_job(spec: AuditSpec, store: SignalStore, packs: list[int]) -> None:
             name=f"bank-{store.fingerprint}-{int(time.time())}",
             storage_path=str((Path(store.root) / "ray").resolve()),
             failure_config=FailureConfig(max_failures=2),
+            **_train_quiet(),
         ),
     )
     log.info("training %d pack(s) on %d Ray Train worker(s)%s", len(packs), workers, " (GPU)" if use_gpu else "")
     trainer.fit()
+
+
+def _train_quiet() -> dict[str, Any]:
+    """RunConfig arguments that keep Train's own INFO lines (resource requests, worker group start), which
+    repeat what raymia's say, off the console; Ray releases before Train's LoggingConfig need none."""
+    try:
+        from ray.train import LoggingConfig
+    except ImportError:
+        return {}
+    return {"logging_config": LoggingConfig(log_level="WARNING")}
 
 
 def _cluster_has_gpu() -> bool:
