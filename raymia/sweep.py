@@ -201,6 +201,11 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], root: str, sweep_di
     tune.report(report)
 
 
+def _number(trials: list, trial) -> int:
+    """A trial's number as the front's table and result.json give it: its place in Tune's trial order."""
+    return next((i for i, t in enumerate(trials) if t is trial), -1)
+
+
 def _progress_callback(spec: SweepSpec):
     from ray import tune
 
@@ -217,14 +222,14 @@ def _progress_callback(spec: SweepSpec):
             r = trial.last_result or {}
             _, cfg = split_config(trial.config)
             vals = "  ".join(f"{o}={r.get(o, float('nan')):.4f}" for o in objs)
-            log.info("trial %d/%d done: %s %s  %s%s", self.done, spec.sweep.num_trials, trial.config.get("defense"),
-                     _fmt_params({"defense": trial.config.get("defense"), "params": cfg}), vals,
-                     "  (stored signals reused)" if r.get("reused_signals") else "")
+            log.info("trial %d done (%d/%d): %s %s  %s%s", _number(trials, trial), self.done, spec.sweep.num_trials,
+                     trial.config.get("defense"), _fmt_params({"defense": trial.config.get("defense"), "params": cfg}),
+                     vals, "  (stored signals reused)" if r.get("reused_signals") else "")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.done += 1
-            log.warning("trial %d/%d failed: %s", self.done, spec.sweep.num_trials,
-                        str(getattr(trial, "error_msg", "") or "see the Ray logs").strip().splitlines()[-1:])
+            log.warning("trial %d failed (%d/%d): %s", _number(trials, trial), self.done, spec.sweep.num_trials,
+                        (str(getattr(trial, "error_msg", "") or "").strip().splitlines() or ["see the Ray logs"])[-1])
 
     return Progress()
 

@@ -125,8 +125,10 @@ def test_cli_progress_lines_show_once_at_the_drivers_level(workdir):
     assert "[raymia]" not in quiet.stdout + quiet.stderr and "lira_online" in quiet.stdout
 
 
-def test_sweep_writes_parent_and_child_runs(first_audit, workdir):
+def test_sweep_writes_parent_and_child_runs(first_audit, workdir, caplog):
     from raymia.sweep import run_sweep
+
+    caplog.set_level(logging.INFO, logger="raymia")
 
     d = tiny_spec_dict(workdir, name="tinysweep")
     d["sweep"] = {"defense": "hamp", "num_trials": 2, "max_concurrent": 2,
@@ -136,6 +138,10 @@ def test_sweep_writes_parent_and_child_runs(first_audit, workdir):
     spec = SweepSpec.model_validate(d)
     result = run_sweep(spec, console=False)
     assert [t["defense"] for t in result.trials] == ["none", "hamp"]
+    # the progress lines number the trials as the front's table and result.json do
+    assert "trial 0 done (" in caplog.text and "trial 1 done (" in caplog.text
+    assert caplog.text.split("trial 0 done (")[1].split("\n")[0].split(": ", 1)[1].startswith("none")
+    assert caplog.text.split("trial 1 done (")[1].split("\n")[0].split(": ", 1)[1].startswith("hamp")
     assert all(t["status"] == "ok" for t in result.trials)
     none, hamp = result.trials
     # The undefended trial has the first audit's fingerprint: its signals are reused, numbers equal.
