@@ -76,7 +76,10 @@ class SignalStore:
             **(meta or {}),
         }
         tmp_m = manifest.with_name(f".{manifest.name}.{os.getpid()}.tmp")
-        tmp_m.write_text(json.dumps(info, indent=1))
+        with tmp_m.open("w") as f:
+            f.write(json.dumps(info, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp_m, manifest)
 
     def check_pack(self, pack: int) -> str | None:

@@ -27,7 +27,8 @@ def ensure_ray() -> None:
         include_dashboard=False,
         logging_level=logging.WARNING,
         # Workers' Python loggers at ERROR: without the dashboard, Train's placement-group cleaner warns
-        # every few seconds that the state API is unavailable. raymia's own progress lines are prints.
+        # every few seconds that the state API is unavailable. raymia's workers set their own logger's
+        # level (`bank_job.worker_logging`).
         logging_config=ray.LoggingConfig(log_level="ERROR"),
         log_to_driver=True,
     )
