@@ -76,7 +76,10 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
 
 def build_bank_locally(spec: AuditSpec, store: SignalStore, packs: list[int]) -> None:
-    """Train the given packs in this process (no Ray): for GPU machines and benchmarks."""
+    """Train the given packs in this process (no Ray): for GPU machines and benchmarks. Progress goes to the
+    `raymia` logger; a bare script that configured no logging gets it on stdout."""
+    if not log.hasHandlers():
+        worker_logging(logging.INFO)
     _train_packs(spec, store, packs, 0, 1)
 
 
