@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     rlog.setLevel(logging.WARNING if args.quiet else logging.INFO)
     for noisy in ("mlflow", "alembic", "ray", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # MLflow sets its own logger's level when it is imported (later, lazily), from this variable.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         return args.func(args)
     except RaymiaError as e:

@@ -128,6 +128,8 @@ def _optuna_storage(url: str):
     """An Optuna storage from a URL: journal files (journal:///path) or any RDB URL (sqlite, postgresql...)."""
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-study INFO lines repeat raymia's
+
     if url.startswith("journal://"):
         from optuna.storages.journal import JournalFileBackend
 
@@ -171,18 +173,19 @@ def _finished_trial(run_dir: Path, spec) -> dict[str, Any] | None:
     return saved
 
 
-def _run_trial(config: dict[str, Any], base: dict[str, Any], root: str, sweep_dir: str) -> None:
-    """One Tune trial: one audit of the base spec with this trial's defense setting."""
-    import logging as _logging
-
+def _run_trial(config: dict[str, Any], base: dict[str, Any], root: str, sweep_dir: str, log_level: int) -> None:
+    """One Tune trial: one audit of the base spec with this trial's defense setting. Its progress lines
+    (and its bank workers') reach the console at the driver's level, as `[raymia] trial N: ...`."""
     from ray import tune
 
     from raymia.audit import run_audit
+    from raymia.engine.bank_job import worker_logging
     from raymia.spec import AuditSpec
 
-    _logging.basicConfig(level=_logging.INFO, format="[raymia] %(message)s")
+    context = tune.get_context()
+    worker_logging(log_level, context.get_trial_name().replace("_", " ", 1) + ": ")
     spec = AuditSpec.model_validate(trial_spec(base, config))
-    trial_id = tune.get_context().get_trial_id()
+    trial_id = context.get_trial_id()
     run_dir = Path(sweep_dir) / "trials" / trial_id
     saved = _finished_trial(run_dir, spec)
     if saved is not None:  # finished before the driver was interrupted: report it again, run nothing
@@ -202,8 +205,15 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], root: str, sweep_di
 
 
 def _number(trials: list, trial) -> int:
-    """A trial's number as the front's table and result.json give it: its place in Tune's trial order."""
+    """A trial's number as the front's table and result.json give it: its place in Tune's trial order
+    (the counter that starts Tune's experiment tag, from 1, is the same place)."""
     return next((i for i, t in enumerate(trials) if t is trial), -1)
+
+
+def _trial_name(trial) -> str:
+    """`trial_N`, N the trial's number (`_number`), read from Tune's experiment tag `{N+1}_{config}`."""
+    head = str(getattr(trial, "experiment_tag", "")).split("_", 1)[0]
+    return f"trial_{int(head) - 1}" if head.isdigit() else f"trial_{trial.trial_id}"
 
 
 def _progress_callback(spec: SweepSpec):
@@ -357,7 +367,8 @@ def run_sweep(
         f"{d}: " + (", ".join(f"{k} {describe(v) if isinstance(v, Float | Int | Categorical) else repr(v)}"
                               for k, v in sp.items()) or "no parameters") for d, sp in space.items()))
     trainable = tune.with_resources(tune.with_parameters(
-        _run_trial, base=spec.model_dump(mode="json"), root=str(root), sweep_dir=str(sweep_dir)
+        _run_trial, base=spec.model_dump(mode="json"), root=str(root), sweep_dir=str(sweep_dir),
+        log_level=logging.getLogger("raymia").getEffectiveLevel()
     ), {"cpu": spec.sweep.trial_cpu})
     if resuming:
         log.info("resuming sweep %s: finished trials are kept, unfinished ones run again", spec.name)
@@ -375,7 +386,7 @@ def run_sweep(
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=searcher, num_samples=spec.sweep.num_trials,
-                max_concurrent_trials=spec.sweep.max_concurrent,
+                max_concurrent_trials=spec.sweep.max_concurrent, trial_name_creator=_trial_name,
             ),
             run_config=tune.RunConfig(
                 name=f"sweep-{spec.name}",

@@ -125,6 +125,27 @@ def test_cli_progress_lines_show_once_at_the_drivers_level(workdir):
     assert "[raymia]" not in quiet.stdout + quiet.stderr and "lira_online" in quiet.stdout
 
 
+def test_cli_sweep_console_is_raymias_lines(workdir):
+    """`raymia sweep` shows each trial's progress once, as `[raymia] trial N: ...` lines numbered as the
+    front's table numbers trials, and none of Tune's, Optuna's or MLflow's own INFO output."""
+    raw = tiny_spec_dict(workdir, name="console", seed=13, train={"epochs": 5, "batch_size": 64},
+                         tracking={"uri": f"sqlite:///{workdir}/console.db", "experiment": "raymia-tests"})
+    raw["sweep"] = {"defense": "hamp", "num_trials": 2, "max_concurrent": 1}
+    path = workdir / "console.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = subprocess.run([sys.executable, "-m", "raymia", "sweep", str(path)], capture_output=True, text=True,
+                         timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    for n in (0, 1):
+        assert text.count(f"[raymia] trial {n}: worker 0: pack 1 done (2/2") == 1
+        assert text.count(f"[raymia] trial {n} done (") == 1
+    assert "trial 0 done (1/2): none" in text
+    for noise in ("Configuration for experiment", "View detailed results", "A new study created", "INFO mlflow",
+                  "Requesting resources"):
+        assert noise not in text
+
+
 def test_sweep_writes_parent_and_child_runs(first_audit, workdir, caplog):
     from raymia.sweep import run_sweep
 

@@ -51,14 +51,19 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def worker_logging(level: int) -> None:
-    """raymia's progress lines from a Train worker, each once, as the driver's `[raymia] ...`, at the
-    driver's level (`-q` reaches the workers). Train V2 routes a worker's print() through the root logger
-    and also tees it to stdout, so a print shows twice; raymia's logger writes to the worker's stdout
-    itself, which Ray forwards to the driver."""
+_log_prefix = ""  # what this process's raymia lines start with after "[raymia] " (a sweep trial's number)
+
+
+def worker_logging(level: int, prefix: str = "") -> None:
+    """raymia's progress lines from a Ray process (a Tune trial, a Train worker), each once, as the
+    driver's `[raymia] ...`, at the driver's level (`-q` reaches the workers), after `prefix`. Train V2
+    routes a worker's print() through the root logger and also tees it to stdout, so a print shows twice;
+    raymia's logger writes to the process's stdout itself, which Ray forwards to the driver."""
+    global _log_prefix
+    _log_prefix = prefix
     rlog = logging.getLogger("raymia")
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("[raymia] %(message)s"))
+    handler.setFormatter(logging.Formatter("[raymia] " + prefix.replace("%", "%%") + "%(message)s"))
     rlog.handlers[:] = [handler]
     rlog.propagate = False
     rlog.setLevel(level)
@@ -67,7 +72,7 @@ def worker_logging(level: int) -> None:
 def _worker_loop(config: dict[str, Any]) -> None:
     import ray.train
 
-    worker_logging(config.get("log_level", logging.INFO))
+    worker_logging(config.get("log_level", logging.INFO), config.get("log_prefix", ""))
     ctx = ray.train.get_context()
     spec = AuditSpec.model_validate(config["spec"])
     store = SignalStore(config["store_root"], config["fingerprint"], spec.bank.pack_size, spec.plan.num_models,
@@ -105,6 +110,7 @@ def run_bank_job(spec: AuditSpec, store: SignalStore, packs: list[int]) -> None:
             "fingerprint": store.fingerprint,
             "packs": packs,
             "log_level": logging.getLogger("raymia").getEffectiveLevel(),
+            "log_prefix": _log_prefix,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),

@@ -18,8 +18,9 @@ def ensure_ray() -> None:
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    # Tune's and Train's own console reporters are replaced by raymia's log lines.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    # Tune's and Train's own console reporters are replaced by raymia's log lines: Tune's legacy reporter
+    # at verbose=0 prints nothing (the new one still prints its configuration box and paths).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Save Tune's experiment state after every event so a killed sweep loses no finished trial.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     ray.init(
