@@ -159,9 +159,9 @@ def minmax_train(
             h.eval().requires_grad_(False)
         # --- one classifier step
         model.train()
-        b, passes = next(order)
-        xb = augment(x[b.to(device)], b, passes)
-        b = b.to(device)
+        positions, passes = next(order)
+        b = positions.to(device)
+        xb = augment(x[b], positions, passes)
         logits = model(xb).float()
         loss = F.cross_entropy(logits, y[b], label_smoothing=recipe.label_smoothing)
         if playing:

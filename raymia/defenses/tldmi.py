@@ -330,9 +330,9 @@ class TlDmi(Defense):
         self._freeze_norm_stats(model)
         loss = torch.zeros(())
         for _ in range(total):
-            b, passes = next(stream)
-            xb = augment(job.x[b.to(job.device)], b, passes)
-            b = b.to(job.device)
+            positions, passes = next(stream)
+            b = positions.to(job.device)
+            xb = augment(job.x[b], positions, passes)
             loss = self.loss(model(xb).float(), job.y[b])
             opt.zero_grad(set_to_none=True)
             loss.backward()
