@@ -79,3 +79,14 @@ def test_tta_accuracy_equals_plain_accuracy_where_the_augmentations_change_nothi
     assert all(a > 0.3 for a in plain + flip + both) and plain != flip and flip != both
     with pytest.raises(ValueError, match="tta 'level2': accepted none, flip, flip-translate"):
         bt.test_accuracy(ctx, pack, cpu, tta="level2")
+
+
+def test_vmap_reference_times_three_sides_that_all_learn():
+    row = json.loads(subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "vmap_reference.py"), "--models", "2", "--steps", "30",
+         "--repeats", "1", "--threads", "1"], check=True, capture_output=True, text=True, timeout=300).stdout)
+    assert row["K"] == 2 and row["steps"] == 30
+    for side in ("plain", "own", "shared"):
+        assert row[f"{side}_s_per_model"] > 0
+        assert row[f"{side}_final_loss"] < row["chance_loss"] - 0.2  # every side trains its models
+    assert row["plain_over_own"] > 0 and row["plain_over_shared"] > 0
