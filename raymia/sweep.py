@@ -204,16 +204,16 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], root: str, sweep_di
     tune.report(report)
 
 
-def _number(trials: list, trial) -> int:
-    """A trial's number as the front's table and result.json give it: its place in Tune's trial order
-    (the counter that starts Tune's experiment tag, from 1, is the same place)."""
-    return next((i for i, t in enumerate(trials) if t is trial), -1)
+def _number(trial) -> int | str:
+    """A trial's number as the front's table and result.json give it (its place in Tune's trial order),
+    read from the counter, from 1, that starts Tune's experiment tag `{N+1}_{config}`; its id if none."""
+    head = str(getattr(trial, "experiment_tag", "")).split("_", 1)[0]
+    return int(head) - 1 if head.isdigit() else trial.trial_id
 
 
 def _trial_name(trial) -> str:
-    """`trial_N`, N the trial's number (`_number`), read from Tune's experiment tag `{N+1}_{config}`."""
-    head = str(getattr(trial, "experiment_tag", "")).split("_", 1)[0]
-    return f"trial_{int(head) - 1}" if head.isdigit() else f"trial_{trial.trial_id}"
+    """`trial_N` (Tune's trial name, which a trial's own progress lines show as `trial N:`)."""
+    return f"trial_{_number(trial)}"
 
 
 def _progress_callback(spec: SweepSpec):
@@ -232,13 +232,13 @@ def _progress_callback(spec: SweepSpec):
             r = trial.last_result or {}
             _, cfg = split_config(trial.config)
             vals = "  ".join(f"{o}={r.get(o, float('nan')):.4f}" for o in objs)
-            log.info("trial %d done (%d/%d): %s %s  %s%s", _number(trials, trial), self.done, spec.sweep.num_trials,
+            log.info("trial %s done (%d/%d): %s %s  %s%s", _number(trial), self.done, spec.sweep.num_trials,
                      trial.config.get("defense"), _fmt_params({"defense": trial.config.get("defense"), "params": cfg}),
                      vals, "  (stored signals reused)" if r.get("reused_signals") else "")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.done += 1
-            log.warning("trial %d failed (%d/%d): %s", _number(trials, trial), self.done, spec.sweep.num_trials,
+            log.warning("trial %s failed (%d/%d): %s", _number(trial), self.done, spec.sweep.num_trials,
                         (str(getattr(trial, "error_msg", "") or "").strip().splitlines() or ["see the Ray logs"])[-1])
 
     return Progress()
