@@ -1,4 +1,4 @@
-"""The `raymia` command: audit | sweep | pareto | list."""
+"""The `raymia` command: audit | sweep | check | pareto | list."""
 
 from __future__ import annotations
 
@@ -97,6 +97,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from raymia.check import check_spec, print_report
+
+    print_report(check_spec(args.spec, args.set, args.output_dir))
+    return 0
+
+
 def cmd_pareto(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -164,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted sweep of this spec (re-running the same command does too)")
     g.add_argument("--fresh", action="store_true", help="discard a previous sweep of the same name and start over")
     p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("check", help="validate an audit or sweep spec and show what it would run and what is "
+                                     "already stored, without training (no Ray, no MLflow)")
+    with_spec(p)
+    p.set_defaults(func=cmd_check)
     p = sub.add_parser("pareto", help="read a sweep back from MLflow: Pareto front, hypervolume, table and plot")
     p.add_argument("--experiment", required=True, help="MLflow experiment holding the sweep")
     which = p.add_mutually_exclusive_group()

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from raymia.errors import RaymiaError, SpecError
 from raymia.space import Categorical, Domain, Float, Int, describe
 from raymia.spec import SweepSpec
@@ -299,6 +301,45 @@ def _load_result(spec: SweepSpec, sweep_dir: Path, parent_id: str | None) -> Swe
                        out_dir=sweep_dir, parent_run_id=parent_id)
 
 
+def validate_sweep(spec: SweepSpec, setup: bool = True):
+    """Every check a sweep makes before its first trial: the search space, the data, plan and model
+    (`BankContext.from_spec`; `setup=False` fits nothing), each searched defense against the model and
+    data, the objectives' and constraints' metric names, and whether the plan's targets have enough
+    non-members (members) to resolve the FPR (FNR) levels they name. Returns (space, context)."""
+    from raymia.defenses import build_defense
+    from raymia.train.bank import BankContext
+
+    space = resolve_space(spec)
+    ctx = BankContext.from_spec(spec, setup=setup)
+    for d in space:
+        build_defense(d, {}, ctx.data.info, where="sweep.defense").check(spec.model.name, ctx.data.info, spec.model.params)
+    for field, names in (("objectives", [o.metric for o in spec.sweep.objectives]),
+                         ("constraints", [c.metric for c in spec.sweep.constraints])):
+        _check_objective_names(spec, names, field=field)
+        _check_resolvable(spec, ctx.plan.keep, names, field=field)
+    return space, ctx
+
+
+def _check_resolvable(spec: SweepSpec, keep: np.ndarray, names: list[str], field: str) -> None:
+    """A TPR at FPR f is n/a for a target with fewer than 1/f non-members (a TNR at FNR f: members); a
+    sweep whose objective is n/a fails every trial, so it is refused before any training."""
+    for i, n in enumerate(names):
+        key = n.partition("/")[2]
+        if not key.startswith(("tpr_fpr_", "tnr_fnr_")):
+            continue
+        level = float(key.rsplit("_", 1)[1])
+        need = math.ceil(1.0 / level - 1e-9)
+        side = "non-members" if key.startswith("tpr") else "members"
+        counts = {t: int((~keep[t]).sum() if side == "non-members" else keep[t].sum())
+                  for t in spec.plan.target_list}
+        t, have = min(counts.items(), key=lambda kv: kv[1])
+        if have < need:
+            raise SpecError(f"{n} needs at least {need} {side} per target, target {t} has {have} (about half of "
+                            f"the {keep.shape[1]} audited points); audit more points (plan.population) or use a "
+                            f"larger level in metrics.{'fpr' if side == 'non-members' else 'fnr'}_levels",
+                            where=f"sweep.{field}.{i}.metric")
+
+
 def run_sweep(
     spec: SweepSpec, *, output_dir: str | Path | None = None, console: bool = True, resume: bool = False,
     fresh: bool = False,
@@ -310,7 +351,6 @@ def run_sweep(
 
     from raymia.engine.cluster import ensure_ray
     from raymia.report.plots import plot_pareto
-    from raymia.train.bank import BankContext
 
     t0 = time.perf_counter()
     root = Path(output_dir or spec.output_dir).resolve()
@@ -321,17 +361,9 @@ def run_sweep(
         shutil.rmtree(sweep_dir, ignore_errors=True)
         shutil.rmtree(root / "ray" / f"sweep-{spec.name}", ignore_errors=True)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    space = resolve_space(spec)
-    ctx = BankContext.from_spec(spec)  # data/plan/model checks before anything starts
-    from raymia.defenses import build_defense
-
-    # The searched defense must apply to this model and data: say so before any trial starts.
-    for d in space:
-        build_defense(d, {}, ctx.data.info, where="sweep.defense").check(spec.model.name, ctx.data.info)
+    space, _ = validate_sweep(spec)
     objectives = spec.sweep.objectives
     metric_names = [o.metric for o in objectives]
-    _check_objective_names(spec, metric_names)
-    _check_objective_names(spec, [c.metric for c in spec.sweep.constraints], field="constraints")
 
     # Resume: the sweep's state (spec hash, MLflow parent run) lives beside its results; Tune's experiment
     # checkpoint and the Optuna study (SQLite) hold the trials. Re-running the same command continues.

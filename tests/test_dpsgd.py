@@ -187,7 +187,11 @@ def test_check_refuses_batch_norm_models():
         d.check("resnet18", CIFAR_INFO)  # ResNet-18 always has BatchNorm
     for ok in ("mlp", "cnn", "lenet5"):
         d.check(ok, CIFAR_INFO)
-    # A model that has BatchNorm through its params is refused when it is trained.
+    # ... and a model that has BatchNorm through its params: before training (from the spec's params) ...
+    with pytest.raises(SpecError, match="dpsgd.*'cnn'.*BatchNorm"):
+        d.check("cnn", CIFAR_INFO, {"batch_norm": True})
+    d.check("cnn", CIFAR_INFO, {"batch_norm": False})
+    # ... and again when it is trained (a model built some other way).
     torch.manual_seed(0)
     model = build_model("cnn", {"batch_norm": True}, CIFAR_INFO)
     job = FitJob(m=0, model=model, x=torch.zeros(4, 3, 32, 32), y=torch.zeros(4, dtype=torch.int64),

@@ -118,13 +118,19 @@ class Defense:
         `population` the int64 indices of the audited points in its training split (the rest of the split
         is public: no bank model trains on it), `cache_dir` a pathlib.Path under the store root where such
         artefacts are cached (save tensors only; load with torch.load(weights_only=True)), `seed` the spec's
-        seed. Must be deterministic given its inputs."""
+        seed. Must be deterministic given its inputs. Starts with `check_data`."""
+        self.check_data(data, population)
+
+    def check_data(self, data: Any, population: Any) -> None:
+        """Raise raymia.errors.SpecError (or DataError) when this defense cannot run on this data set and
+        audited population: the cheap part of `setup` (no fitting), which `raymia check` also runs."""
 
     def fit(self, job: FitJob) -> torch.nn.Module | None:
         return None
 
-    def check(self, model_name: str, info: DataInfo) -> None:
-        """Raise raymia.errors.SpecError when this defense cannot apply to the model or data."""
+    def check(self, model_name: str, info: DataInfo, model_params: dict | None = None) -> None:
+        """Raise raymia.errors.SpecError when this defense cannot apply to the model (its registry name and
+        params) or data."""
 
     # --- query-time hook ------------------------------------------------------------------------------
     def postprocess_logits(

@@ -193,15 +193,14 @@ class DpSgd(Defense):
     data_dependent_init = False
     params: DpSgdParams
 
-    def check(self, model_name: str, info: DataInfo) -> None:
-        """Refuse registry models whose default build has BatchNorm (resnet18, vgg, wrn, mobilenetv2).
-        Only the name is known here: a model that has BatchNorm through its params (cnn with batch_norm)
-        is refused by `fit`."""
+    def check(self, model_name: str, info: DataInfo, model_params: dict | None = None) -> None:
+        """Refuse models with BatchNorm: the registry's that have it by default (resnet18, vgg, wrn,
+        mobilenetv2) and those given it through their params (cnn with batch_norm)."""
         from raymia.models import build_model
 
         try:
             with torch.device("meta"):
-                model = build_model(model_name, {}, info)
+                model = build_model(model_name, model_params or {}, info)
         except SpecError:
             return  # the model's own check reports it where it belongs
         if has_batch_norm(model):

@@ -194,25 +194,33 @@ class TlDmi(Defense):
         self._seed = 0
 
     # --- shared state --------------------------------------------------------------------------------
-    def setup(self, data: Any, population: Any, cache_dir: Any, seed: int) -> None:
-        """Record the public split (training points outside `population`) and check `weights`; the
-        pretraining itself waits for the first model (prepare_model), whose architecture it needs."""
-        p = self.params
-        self._data, self._cache_dir, self._seed = data, Path(cache_dir), seed
-        self.pretrained = None
-        if p.weights is not None:
-            path = Path(p.weights).expanduser()
+    def check_data(self, data: Any, population: Any) -> None:
+        """`weights` must name a file; without it, some training points must lie outside the population
+        (the public data the backbone pretrains on)."""
+        if self.params.weights is not None:
+            path = Path(self.params.weights).expanduser()
             if not path.is_file():
                 raise DataError("tl_dmi weights file not found", where=str(path))
-            self.public_index = np.empty(0, dtype=np.int64)
             return
         n_train = int(data.x_train.shape[0])
-        public = np.setdiff1d(np.arange(n_train, dtype=np.int64), np.asarray(population, dtype=np.int64))
-        if public.size == 0:
+        if np.asarray(population).size >= n_train:
             raise SpecError(
                 f"tl_dmi needs public data: set plan.population below the training split size ({n_train}) so "
                 "the remaining points can be used for pretraining, or give defense.params.weights",
                 where="plan.population")
+
+    def setup(self, data: Any, population: Any, cache_dir: Any, seed: int) -> None:
+        """Record the public split (training points outside `population`) and check `weights`; the
+        pretraining itself waits for the first model (prepare_model), whose architecture it needs."""
+        self.check_data(data, population)
+        p = self.params
+        self._data, self._cache_dir, self._seed = data, Path(cache_dir), seed
+        self.pretrained = None
+        if p.weights is not None:
+            self.public_index = np.empty(0, dtype=np.int64)
+            return
+        n_train = int(data.x_train.shape[0])
+        public = np.setdiff1d(np.arange(n_train, dtype=np.int64), np.asarray(population, dtype=np.int64))
         if p.public_fraction < 1.0:
             k = max(1, round(p.public_fraction * public.size))
             rng = np.random.default_rng(derive_seed(seed, "tl_dmi", "public"))

@@ -319,6 +319,7 @@ class VaeMetricPrivacy(Defense):
 
     def setup(self, data: Any, population: Any, cache_dir: Any, seed: int) -> None:
         """Fit the VAE once on the training split, or load it from the cache (see the module docstring)."""
+        self.check_data(data, population)
         self.device = pick_device(self.params.vae_device)
         key = self.cache_key(data, seed)
         self.cache_path = Path(cache_dir) / f"vae-{key}.pt"

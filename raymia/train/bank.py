@@ -60,7 +60,10 @@ class BankContext:
         return self.undefended is None or m in self.plan.targets
 
     @classmethod
-    def from_spec(cls, spec: AuditSpec) -> BankContext:
+    def from_spec(cls, spec: AuditSpec, setup: bool = True) -> BankContext:
+        """Load the data, draw the plan and build the defense, checking them against each other. With
+        `setup=False` the defense only checks the data (`Defense.check_data`) and fits nothing: the
+        context then serves to validate and describe the bank (`raymia check`), not to train it."""
         data = load_dataset(spec.data.name, spec.data.params)
         n_train = data.x_train.shape[0]
         if spec.plan.population is not None and spec.plan.population > n_train:
@@ -77,13 +80,16 @@ class BankContext:
         plan = make_plan(n_train, spec.plan.num_models, spec.plan.population, spec.plan.target_list, spec.seed)
         defense = build_defense(spec.defense.name, spec.defense.params, data.info,
                                 label_smoothing=spec.train.label_smoothing)
-        defense.check(spec.model.name, data.info)
+        defense.check(spec.model.name, data.info, spec.model.params)
         if spec.train.lookahead and type(defense).fit is not Defense.fit:
             raise SpecError(f"train.lookahead: defense {defense.name!r} trains with its own loop, which has no "
                             "lookahead; set lookahead: false", where="train.lookahead")
         from pathlib import Path
 
-        defense.setup(data, plan.population, Path(spec.output_dir) / "cache", spec.seed)
+        if setup:
+            defense.setup(data, plan.population, Path(spec.output_dir) / "cache", spec.seed)
+        else:
+            defense.check_data(data, plan.population)
         ctx = cls(spec=spec, data=data, plan=plan, defense=defense, recipe=defense.modify_recipe(spec.train))
         if spec.attacker == "non_adaptive":
             plain = build_defense("none", {}, data.info, label_smoothing=spec.train.label_smoothing)
@@ -148,19 +154,26 @@ def model_data(ctx: BankContext, m: int) -> ModelData:
     return ModelData(index=torch.arange(x_t.shape[0]), y=y_t, x=x_t)
 
 
+def check_data_init(ctx: BankContext, model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's layers that initialise from its members' data; refused under a defense that does not
+    account for that (DP-SGD's guarantee, for one, covers only its own training)."""
+    fitted = data_init_modules(model)
+    if fitted and not ctx.defense.data_dependent_init:
+        raise SpecError(f"defense {ctx.defense.name!r} cannot train model {ctx.spec.model.name!r}: its "
+                        f"{type(fitted[0]).__name__} initialises from the members' data, outside what the "
+                        "defense accounts for; switch that layer off in model.params",
+                        where="model.params")
+    return fitted
+
+
 def init_model(ctx: BankContext, m: int, md: ModelData | None = None) -> torch.nn.Module:
     """Bank model m, initialised from its own seed; layers that initialise from data (airbench's whitening
     stem) see model m's own training inputs (`md`, its `model_data`, after the defense's transform), so the
     target and every shadow get the same treatment."""
     torch.manual_seed(derive_seed(ctx.spec.seed, "init", m))
     model = build_model(ctx.spec.model.name, ctx.spec.model.params, ctx.data.info)
-    fitted = data_init_modules(model)
+    fitted = check_data_init(ctx, model)
     if fitted:
-        if not ctx.defense.data_dependent_init:
-            raise SpecError(f"defense {ctx.defense.name!r} cannot train model {ctx.spec.model.name!r}: its "
-                            f"{type(fitted[0]).__name__} initialises from the members' data, outside what the "
-                            "defense accounts for; switch that layer off in model.params",
-                            where="model.params")
         md = model_data(ctx, m) if md is None else md
         x = md.x if md.x is not None else ctx.data.x_train[md.index]
         for layer in fitted:

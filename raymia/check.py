@@ -1,0 +1,158 @@
+"""`raymia check SPEC`: validate a spec exactly as `raymia audit` / `raymia sweep` would before their first
+step, and say what it would run and what is already done, without training anything.
+
+It loads the data, draws the membership plan, builds the model and the defense (fitting nothing: a VAE or
+a pretrained backbone waits for the real run) and, for a sweep, resolves the search space and checks the
+objectives; then it reads the signal store (which packs of the bank are stored and intact) and the sweep's
+folder (how many trials finished). It needs neither Ray nor MLflow nor Optuna, so it also runs on a machine
+that has only the compute core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raymia.spec import AuditSpec, SweepSpec, apply_overrides, load_raw, validate_spec
+
+
+@dataclass
+class CheckReport:
+    """What `raymia check` found: `rows` are (label, text) lines; the fields are for programs and tests."""
+
+    kind: str  # "audit" or "sweep"
+    spec: AuditSpec
+    fingerprint: str
+    packs: int
+    stored: list[int] | None  # audits only: the packs stored and intact
+    invalid: dict[int, str] | None  # audits only: pack -> why it will be rebuilt
+    trials_done: int | None = None  # sweeps only
+    rows: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _n(x: int) -> str:
+    return f"{x:,}"
+
+
+def check_spec(path: str | Path, overrides: list[str] | None = None,
+               output_dir: str | Path | None = None) -> CheckReport:
+    """Validate the spec at `path` (a sweep when it has a `sweep` block, else an audit) and describe it."""
+    import torch
+
+    from raymia.defenses import Defense
+    from raymia.models import build_model
+    from raymia.store import SignalStore
+    from raymia.train.bank import BankContext, check_data_init
+    from raymia.train.packed import runs_packed
+
+    raw = load_raw(path)
+    kind = "sweep" if "sweep" in raw else "audit"
+    spec = validate_spec(apply_overrides(raw, overrides), SweepSpec if kind == "sweep" else AuditSpec,
+                         where=str(path))
+    space = None
+    if isinstance(spec, SweepSpec):
+        from raymia.sweep import validate_sweep
+
+        space, ctx = validate_sweep(spec, setup=False)
+    else:
+        ctx = BankContext.from_spec(spec, setup=False)
+
+    rows: list[tuple[str, str]] = [("spec", f"{path}: a valid {kind} spec, name {spec.name!r}, seed {spec.seed}")]
+    data, info = ctx.data, ctx.data.info
+    rows.append(("data", f"{data.name}: {_n(data.x_train.shape[0])} training and {_n(data.x_test.shape[0])} test "
+                         f"points, {info.num_classes} classes, input {list(info.input_shape)} ({info.kind})"))
+
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(spec.model.name, spec.model.params, info)
+    check_data_init(ctx, model)
+    n_params = sum(p.numel() for p in model.parameters())
+    if spec.bank.vectorize is False:
+        packing = "one model at a time (bank.vectorize: false)"
+    else:
+        packing = ("packs train as grouped kernels" if runs_packed(model, info.input_shape)
+                   else "packs train under torch.func.vmap")
+        if spec.bank.vectorize == "auto":
+            packing += " or one by one, whichever a short timing finds faster"
+    rows.append(("model", f"{spec.model.name}: {_n(n_params)} parameters; {packing}"))
+
+    plan, m = ctx.plan, ctx.plan.num_models
+    members = plan.keep.sum(axis=1)
+    targets = list(plan.targets)
+    rows.append(("plan", f"{m} models, {len(targets)} attacked ({', '.join(map(str, targets[:8]))}"
+                         f"{', ...' if len(targets) > 8 else ''}); {_n(plan.keep.shape[1])} audited points, each "
+                         f"in the training set of {m // 2} models; {_n(int(members.min()))} to "
+                         f"{_n(int(members.max()))} members per model"))
+
+    r = ctx.recipe
+    steps = r.epochs * ctx.steps_per_epoch
+    own_loop = type(ctx.defense).fit is not Defense.fit
+    rows.append(("training", f"{r.optimizer} lr {r.lr:g}, {r.schedule} schedule, weight decay {r.weight_decay:g}, "
+                             f"{r.epochs} epochs x {ctx.steps_per_epoch} steps of {r.batch_size} = {_n(steps)} steps "
+                             f"per model, {_n(steps * m)} in all"
+                             + ("; the defense trains each model with its own loop" if own_loop else "")))
+    params = ctx.defense.params.model_dump(mode="json") if hasattr(ctx.defense.params, "model_dump") else {}
+    rows.append(("defense", spec.defense.name + (" " + ", ".join(f"{k}={v}" for k, v in params.items())
+                                                  if params else "")
+                 + ("" if spec.attacker == "adaptive" else "; non-adaptive attacker (undefended shadows)")))
+    rows.append(("attacks", f"{', '.join(a.name for a in spec.attacks)}; queries {', '.join(spec.queries)}"))
+
+    b = spec.bank
+    where = ("in this process" if b.engine == "local"
+             else f"on {b.num_workers} Ray Train worker(s) of {b.cpus_per_worker:g} CPU(s)")
+    rows.append(("bank", f"{ctx.num_packs} pack(s) of up to {b.pack_size} models, trained {where}; device "
+                         f"{b.device}, precision {b.precision}"))
+
+    root = Path(output_dir or spec.output_dir)
+    fp = spec.fingerprint()
+    stored: list[int] | None = None
+    invalid: dict[int, str] | None = None
+    if kind == "audit":  # a sweep's trials each have their own bank: its progress is counted in trials
+        store = SignalStore(root, fp, b.pack_size, m, spec.pack_fingerprints())
+        stored, invalid = [], {}
+        for p in range(store.num_packs):
+            problem = store.check_pack(p)
+            if problem is None:
+                stored.append(p)
+            elif problem != "absent":
+                invalid[p] = problem
+        state = ("all stored: the audit trains nothing" if len(stored) == store.num_packs
+                 else f"{len(stored)} of {store.num_packs} packs stored; the others train on the next run")
+        rows.append(("signals", f"{fp} under {root / 'signals'}: {state}"))
+        for p, why in invalid.items():
+            rows.append(("", f"pack {p}: {why}; it is rebuilt on the next run"))
+
+    trials_done = None
+    if isinstance(spec, SweepSpec):
+        from raymia.space import Categorical, Float, Int, describe
+
+        s = spec.sweep
+        for d, sp in space.items():
+            text = ", ".join(f"{k} {describe(v) if isinstance(v, Float | Int | Categorical) else repr(v)}"
+                             for k, v in sp.items()) or "no parameters"
+            rows.append(("search", f"{d}: {text}"))
+        rows.append(("sweep", f"{s.num_trials} trials ({'the first undefended, ' if s.include_undefended else ''}"
+                              f"sampler {s.sampler}, {s.max_concurrent} at a time); objectives "
+                              + ", ".join(f"{o.metric} ({o.mode})" for o in s.objectives)
+                              + ("; constraints " + ", ".join(f"{c.metric} {c.op} {c.value:g}" for c in s.constraints)
+                                 if s.constraints else "")
+                              + (f"; front re-audited with {s.final_audit.num_models} models" if s.final_audit else "")))
+        sweep_dir = root / "sweeps" / spec.name
+        trials_done = sum(1 for _ in (sweep_dir / "trials").glob("*/result.json")) if sweep_dir.exists() else 0
+        import json
+
+        state_path = sweep_dir / "state.json"
+        finished = state_path.exists() and json.loads(state_path.read_text()).get("finished")
+        progress = (f"finished: its result is in {sweep_dir}" if finished
+                    else f"{trials_done} trial(s) finished; a re-run resumes it" if state_path.exists()
+                    else "not started")
+        rows.append(("progress", progress))
+    t = spec.tracking
+    rows.append(("tracking", f"MLflow {t.uri}, experiment {t.experiment!r}" if t.enabled else "off"))
+    return CheckReport(kind=kind, spec=spec, fingerprint=fp, packs=ctx.num_packs, stored=stored,
+                       invalid=invalid, trials_done=trials_done, rows=rows)
+
+
+def print_report(report: CheckReport) -> None:
+    width = max(len(label) for label, _ in report.rows)
+    for label, text in report.rows:
+        print(f"{label:<{width}}  {text}")

@@ -1,0 +1,113 @@
+"""`raymia check`: validates like audit/sweep, describes the run, reads the store without changing it, and
+needs neither Ray nor MLflow nor Optuna."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from raymia.check import check_spec
+from raymia.errors import DataError, SpecError
+from raymia.spec import AuditSpec, load_spec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _write(tmp_path, d: dict, name: str = "spec.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def _audit_dict(tmp_path) -> dict:
+    return {"name": "chk", "plan": {"num_models": 4, "population": 200}, "model": {"params": {"hidden": [16]}},
+            "train": {"epochs": 3, "batch_size": 32}, "queries": ["identity"], "attacks": ["loss", "lira_online"],
+            "bank": {"engine": "local", "pack_size": 2}, "tracking": {"enabled": False},
+            "output_dir": str(tmp_path / "runs")}
+
+
+def test_check_audit_counts_stored_packs_and_leaves_the_store_alone(tmp_path):
+    from raymia.audit import run_audit
+
+    path = _write(tmp_path, _audit_dict(tmp_path))
+    rep = check_spec(path)
+    spec = load_spec(path, kind=AuditSpec)
+    assert rep.kind == "audit" and rep.fingerprint == spec.fingerprint()
+    assert rep.packs == 2 and rep.stored == [] and rep.invalid == {}
+    rows = dict(rep.rows)
+    # 100 members per model (half of 200), 4 steps of 32 per epoch (ceil(100 / 32)), 3 epochs
+    assert "3 epochs x 4 steps of 32 = 12 steps per model, 48 in all" in rows["training"]
+    assert "4 models, 1 attacked (0); 200 audited points, each in the training set of 2 models" in rows["plan"]
+    assert rows["model"].startswith("mlp: 1,210 parameters")  # 64*16+16 + 16*10+10
+    assert "0 of 2 packs stored" in rows["signals"]
+
+    run_audit(spec, track=False, console=False)
+    rep = check_spec(path)
+    assert rep.stored == [0, 1] and "all stored: the audit trains nothing" in dict(rep.rows)["signals"]
+
+    data = next((tmp_path / "runs" / "signals" / spec.fingerprint()).glob("k2-pack-00001.npz"))
+    data.write_bytes(data.read_bytes()[:-10])
+    rep = check_spec(path)
+    assert rep.stored == [0] and list(rep.invalid) == [1] and "truncated" in rep.invalid[1]
+    assert data.exists()  # check reports; the next run rebuilds
+
+    # --set and --output-dir apply as they do for audit: another store root holds nothing yet
+    rep = check_spec(path, ["train.epochs=4"], output_dir=tmp_path / "other")
+    assert rep.stored == [] and rep.fingerprint != spec.fingerprint()
+
+
+def test_check_cli_prints_the_summary_without_ray_mlflow_or_optuna(tmp_path):
+    d = _audit_dict(tmp_path)
+    d["sweep"] = {"defense": "hamp", "num_trials": 3, "space": {"gamma": {"low": 0.5, "high": 0.9}}}
+    path = _write(tmp_path, d)
+    code = ("import sys; from raymia.cli import main; rc = main(['check', sys.argv[1]]); "
+            "print('loaded:', [m for m in ('ray', 'mlflow', 'optuna') if m in sys.modules]); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[-1] == "loaded: []"
+    by_label = {line.split()[0]: line for line in lines[:-1]}
+    assert "a valid sweep spec, name 'chk'" in by_label["spec"]
+    assert "hamp: gamma [0.5, 0.9], alpha log [0.0001, 0.05]" in by_label["search"]
+    assert "3 trials (the first undefended" in by_label["sweep"]
+    assert by_label["progress"].endswith("not started")
+    assert by_label["tracking"].endswith("off")
+
+
+@pytest.mark.parametrize(
+    ("over", "err", "needle"),
+    [
+        # the objective's FPR level needs 1/0.001 = 1000 non-members; the targets have about 100
+        ({"sweep": {"objectives": [{"metric": "test_accuracy", "mode": "max"},
+                                   {"metric": "lira_online/tpr_fpr_0.001", "mode": "min"}]}},
+         SpecError, "sweep.objectives.1.metric: lira_online/tpr_fpr_0.001 needs at least 1000 non-members per target"),
+        ({"sweep": {"constraints": [{"metric": "loss/tnr_fnr_0.001", "op": "<=", "value": 0.5}]}},
+         SpecError, "sweep.constraints.0.metric: loss/tnr_fnr_0.001 needs at least 1000 members per target"),
+        ({"defense": {"name": "tl_dmi", "params": {"weights": "/nonexistent/backbone.pt"}}},
+         DataError, "/nonexistent/backbone.pt: tl_dmi weights file not found"),
+        ({"defense": "tl_dmi", "plan": {"num_models": 4}},
+         SpecError, "plan.population: tl_dmi needs public data"),
+        ({"model": {"name": "cnn", "params": {"batch_norm": True}}, "defense": "dpsgd"},
+         SpecError, "defense.name: defense 'dpsgd' cannot train model 'cnn': it has BatchNorm layers"),
+    ],
+)
+def test_check_refuses_what_the_run_would_refuse(tmp_path, over, err, needle):
+    d = _audit_dict(tmp_path)
+    d.update(over)
+    with pytest.raises(err) as e:
+        check_spec(_write(tmp_path, d))
+    assert needle in str(e.value)
+
+
+def test_sweep_refuses_an_unresolvable_objective_before_starting(tmp_path):
+    d = _audit_dict(tmp_path)
+    d["sweep"] = {"objectives": [{"metric": "test_accuracy", "mode": "max"},
+                                 {"metric": "worst/tpr_fpr_0.001", "mode": "min"}]}
+    out = subprocess.run([sys.executable, "-m", "raymia", "sweep", str(_write(tmp_path, d))], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "raymia: error: sweep.objectives.1.metric: worst/tpr_fpr_0.001 needs at least 1000" in out.stderr
+    assert not (tmp_path / "runs" / "ray").exists()  # Tune never started
