@@ -311,8 +311,11 @@ def validate_sweep(spec: SweepSpec, setup: bool = True):
 
     space = resolve_space(spec)
     ctx = BankContext.from_spec(spec, setup=setup)
-    for d in space:
-        build_defense(d, {}, ctx.data.info, where="sweep.defense").check(spec.model.name, ctx.data.info, spec.model.params)
+    for d, sp in space.items():  # with the space's constants; the searched values were checked above
+        fixed = {k: v for k, v in sp.items() if not isinstance(v, Float | Int | Categorical)}
+        defense = build_defense(d, fixed, ctx.data.info, where="sweep.defense")
+        defense.check(spec.model.name, ctx.data.info, spec.model.params)
+        defense.check_data(ctx.data, ctx.plan.population)
     for field, names in (("objectives", [o.metric for o in spec.sweep.objectives]),
                          ("constraints", [c.metric for c in spec.sweep.constraints])):
         _check_objective_names(spec, names, field=field)
