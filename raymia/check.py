@@ -26,12 +26,20 @@ class CheckReport:
     packs: int
     stored: list[int] | None  # audits only: the packs stored and intact
     invalid: dict[int, str] | None  # audits only: pack -> why it will be rebuilt
+    signal_bytes: int = 0  # the size of the bank's signals (an audit's; each sweep trial's)
     trials_done: int | None = None  # sweeps only
     rows: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _n(x: int) -> str:
     return f"{x:,}"
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
 
 
 def check_spec(path: str | Path, overrides: list[str] | None = None,
@@ -101,6 +109,8 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
              else f"on {b.num_workers} Ray Train worker(s) of {b.cpus_per_worker:g} CPU(s)")
     rows.append(("bank", f"{ctx.num_packs} pack(s) of up to {b.pack_size} models, trained {where}; device "
                          f"{b.device}, precision {b.precision}"))
+    # float32 logits of every model under every query, for the audited points and the test split
+    signal_bytes = 4 * m * len(spec.queries) * (plan.keep.shape[1] + data.x_test.shape[0]) * info.num_classes
 
     root = Path(output_dir or spec.output_dir)
     fp = spec.fingerprint()
@@ -117,7 +127,8 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
                 invalid[p] = problem
         state = ("all stored: the audit trains nothing" if len(stored) == store.num_packs
                  else f"{len(stored)} of {store.num_packs} packs stored; the others train on the next run")
-        rows.append(("signals", f"{fp} under {root / 'signals'}: {state}"))
+        rows.append(("signals", f"{fp} under {root / 'signals'}: {state}; {_size(signal_bytes)} in all, which "
+                                f"the attacks load whole"))
         for p, why in invalid.items():
             rows.append(("", f"pack {p}: {why}; it is rebuilt on the next run"))
 
@@ -130,7 +141,7 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
             text = ", ".join(f"{k} {describe(v) if isinstance(v, Float | Int | Categorical) else repr(v)}"
                              for k, v in sp.items()) or "no parameters"
             rows.append(("search", f"{d}: {text}"))
-        rows.append(("sweep", f"{s.num_trials} trials ({'the first undefended, ' if s.include_undefended else ''}"
+        rows.append(("sweep", f"{s.num_trials} trials of {_size(signal_bytes)} of signals each ({'the first undefended, ' if s.include_undefended else ''}"
                               f"sampler {s.sampler}, {s.max_concurrent} at a time); objectives "
                               + ", ".join(f"{o.metric} ({o.mode})" for o in s.objectives)
                               + ("; constraints " + ", ".join(f"{c.metric} {c.op} {c.value:g}" for c in s.constraints)
@@ -149,7 +160,7 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
     t = spec.tracking
     rows.append(("tracking", f"MLflow {t.uri}, experiment {t.experiment!r}" if t.enabled else "off"))
     return CheckReport(kind=kind, spec=spec, fingerprint=fp, packs=ctx.num_packs, stored=stored,
-                       invalid=invalid, trials_done=trials_done, rows=rows)
+                       invalid=invalid, signal_bytes=signal_bytes, trials_done=trials_done, rows=rows)
 
 
 def print_report(report: CheckReport) -> None:

@@ -44,9 +44,14 @@ def test_check_audit_counts_stored_packs_and_leaves_the_store_alone(tmp_path):
     assert rows["model"].startswith("mlp: 1,210 parameters")  # 64*16+16 + 16*10+10
     assert "0 of 2 packs stored" in rows["signals"]
 
+    # 4 models x 1 query x (200 audited + 450 test points) x 10 classes x 4 bytes
+    assert rep.signal_bytes == 104_000 and "101.6 KiB in all" in rows["signals"]
+
     run_audit(spec, track=False, console=False)
     rep = check_spec(path)
     assert rep.stored == [0, 1] and "all stored: the audit trains nothing" in dict(rep.rows)["signals"]
+    files = list((tmp_path / "runs" / "signals" / spec.fingerprint()).glob("*.npz"))
+    assert 0 <= sum(f.stat().st_size for f in files) - rep.signal_bytes < 2 * 2048  # .npz headers only
 
     data = next((tmp_path / "runs" / "signals" / spec.fingerprint()).glob("k2-pack-00001.npz"))
     data.write_bytes(data.read_bytes()[:-10])
@@ -72,7 +77,7 @@ def test_check_cli_prints_the_summary_without_ray_mlflow_or_optuna(tmp_path):
     by_label = {line.split()[0]: line for line in lines[:-1]}
     assert "a valid sweep spec, name 'chk'" in by_label["spec"]
     assert "hamp: gamma [0.5, 0.9], alpha log [0.0001, 0.05]" in by_label["search"]
-    assert "3 trials (the first undefended" in by_label["sweep"]
+    assert "3 trials of 101.6 KiB of signals each (the first undefended" in by_label["sweep"]
     assert by_label["progress"].endswith("not started")
     assert by_label["tracking"].endswith("off")
 
