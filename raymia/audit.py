@@ -180,6 +180,7 @@ def run_audit(
     )
     result_path = out / "result.json"
     result_path.write_text(json.dumps(result.to_json(), indent=1))
+    spec_path = write_spec_file(spec, out / "spec.yaml", f"the spec of audit {spec.name}-{fp}")
     roc_path = plot_roc(
         curves, out / "roc.png", title=f"{spec.name}: {spec.defense.name}, {spec.plan.num_models} models",
         aucs={a: m["auc"] for a, m in per_attack.items() if m.get("auc") is not None},
@@ -192,10 +193,26 @@ def run_audit(
         rid = log_run(
             spec.tracking.uri, spec.tracking.experiment, run_name=f"{spec.name}-{fp}",
             params=spec.model_dump(mode="json"), metrics=result.flat_metrics(),
-            artifacts=[result_path, roc_path], tags={"raymia.kind": "audit", "raymia.fingerprint": fp},
+            artifacts=[result_path, roc_path, spec_path], tags={"raymia.kind": "audit", "raymia.fingerprint": fp},
         )
         log.info("MLflow run %s in %s", rid, spec.tracking.uri)
     return result
+
+
+def write_spec_file(spec: AuditSpec, path: Path, what: str) -> Path:
+    """The spec as run, every default filled in, as YAML that `raymia audit` (or `sweep`) reads back to the
+    same fingerprint: beside a report and in its MLflow run, so a run can be repeated from either."""
+    import yaml
+
+    header = (f"# {what} (raymia {__version__}), every field as run.\n"
+              f"# `raymia {'sweep' if hasattr(spec, 'sweep') else 'audit'} {path.name}` runs it again (add --output-dir "
+              "to store elsewhere).\n")
+    d = spec.model_dump(mode="json")
+    if d.get("sweep", {}).get("defenses"):  # several searched defenses: defense/space are unused (and refused)
+        d["sweep"].pop("defense")
+        d["sweep"].pop("space")
+    path.write_text(header + yaml.safe_dump(d, sort_keys=False))
+    return path
 
 
 def _defense_report(store: SignalStore, defense) -> dict[str, float]:

@@ -268,7 +268,8 @@ def _mlflow_callback(spec: SweepSpec, parent_id: str):
             params = trial_spec(spec.model_dump(mode="json"), dict(trial.config))
             metrics = {k: v for k, v in result.items() if _is_metric(k)}
             audit_dir = result.get("audit_dir")
-            arts = [Path(audit_dir) / "result.json", Path(audit_dir) / "roc.png"] if audit_dir else []
+            arts = ([Path(audit_dir) / n for n in ("result.json", "roc.png", "spec.yaml")
+                     if (Path(audit_dir) / n).exists()] if audit_dir else [])
             tags = {"raymia.kind": "trial", "raymia.trial_id": trial.trial_id, "raymia.status": status,
                     "raymia.defense": str(trial.config.get("defense"))}
             if error:
@@ -396,6 +397,9 @@ def run_sweep(
         )
         log.info("MLflow parent run %s in %s", parent_id, spec.tracking.uri)
     state_path.write_text(json.dumps({"spec_hash": spec_hash, "parent_run_id": parent_id, "finished": False}))
+    from raymia.audit import write_spec_file
+
+    write_spec_file(spec, sweep_dir / "spec.yaml", f"the spec of sweep {spec.name}")
 
     ensure_ray()
     log.info("sweep %s: %d trials over %s", spec.name, spec.sweep.num_trials, "; ".join(
@@ -473,7 +477,8 @@ def run_sweep(
         if parent_id:
             from raymia.tracking import finish_parent
 
-            arts = [sweep_dir / n for n in ("result.json", "pareto.png", "front.md")] if status == "FINISHED" else []
+            arts = ([sweep_dir / n for n in ("result.json", "pareto.png", "front.md", "spec.yaml")]
+                    if status == "FINISHED" else [])
             finish_parent(spec.tracking.uri, parent_id, summary, arts, status=status)
 
 
@@ -509,7 +514,7 @@ def _final_audit(spec: SweepSpec, result: SweepResult, root: Path, parent_id: st
 
             log_run(spec.tracking.uri, spec.tracking.experiment, run_name=f"{audit.name}-final",
                     params=audit.model_dump(mode="json"), metrics=res.flat_metrics(),
-                    artifacts=[res.out_dir / "result.json", res.out_dir / "roc.png"],
+                    artifacts=[res.out_dir / "result.json", res.out_dir / "roc.png", res.out_dir / "spec.yaml"],
                     tags={"raymia.kind": "final_audit", "raymia.trial": str(t["trial"])}, parent_run_id=parent_id)
         rows.append({"trial": t["trial"], "defense": t["defense"], "params": t["params"],
                      "num_models": fa.num_models, "audit_dir": str(res.out_dir), **res.flat_metrics()})

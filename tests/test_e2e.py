@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from raymia.audit import run_audit
-from raymia.spec import AuditSpec, SweepSpec
+from raymia.spec import AuditSpec, SweepSpec, load_spec
 from tests.conftest import tiny_spec_dict
 
 pytestmark = pytest.mark.slow
@@ -69,7 +69,11 @@ def test_audit_is_logged_to_mlflow(first_audit, workdir):
     assert run.data.metrics["test_accuracy"] == pytest.approx(res.utility["test_accuracy"])
     assert "lira_online/tpr_fpr_0.001" not in run.data.metrics  # n/a is not logged as a number
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"result.json", "roc.png"} <= names
+    assert {"result.json", "roc.png", "spec.yaml"} <= names
+    # the spec artifact runs the same audit again: same fingerprint, so its stored signals are reused
+    local = client.download_artifacts(run.info.run_id, "spec.yaml", str(workdir / "artifact"))
+    assert load_spec(local, kind=AuditSpec).fingerprint() == res.fingerprint
+    assert load_spec(local, kind=AuditSpec) == load_spec(res.out_dir / "spec.yaml", kind=AuditSpec)
 
 
 def test_rerun_reuses_signals_and_a_lost_pack_is_rebuilt_alone(first_audit, workdir, caplog):
@@ -179,6 +183,9 @@ def test_sweep_writes_parent_and_child_runs(first_audit, workdir, caplog):
     parent = client.get_run(result.parent_run_id)
     assert parent.data.tags["raymia.kind"] == "sweep" and parent.info.status == "FINISHED"
     assert parent.data.metrics["num_trials"] == 2
+    assert {"result.json", "pareto.png", "front.md", "spec.yaml"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert load_spec(result.out_dir / "spec.yaml", kind=SweepSpec) == spec
     exp = parent.info.experiment_id
     children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
                                                        "and tags.`raymia.kind` = 'trial'")
@@ -187,6 +194,10 @@ def test_sweep_writes_parent_and_child_runs(first_audit, workdir, caplog):
     assert set(by_def) == {"none", "hamp"}
     assert by_def["hamp"].data.metrics["lira_online/auc"] == pytest.approx(hamp["lira_online/auc"])
     assert "defense.params.gamma" in by_def["hamp"].data.params
+    # each trial's spec artifact is the audit of that trial (its HAMP setting)
+    local = client.download_artifacts(by_def["hamp"].info.run_id, "spec.yaml", str(workdir / "trial-artifact"))
+    trial_spec = load_spec(local, kind=AuditSpec)
+    assert trial_spec.defense.name == "hamp" and trial_spec.defense.params["gamma"] == hamp["params"]["gamma"]
 
     # the front was re-audited (final_audit) and those runs hang under the parent too
     assert result.final_audit and len(result.final_audit) == len(result.front)
