@@ -151,11 +151,19 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
         trials_done = sum(1 for _ in (sweep_dir / "trials").glob("*/result.json")) if sweep_dir.exists() else 0
         import json
 
+        from raymia.sweep import resume_hash
+
         state_path = sweep_dir / "state.json"
-        finished = state_path.exists() and json.loads(state_path.read_text()).get("finished")
-        progress = (f"finished: its result is in {sweep_dir}" if finished
-                    else f"{trials_done} trial(s) finished; a re-run resumes it" if state_path.exists()
-                    else "not started")
+        state = json.loads(state_path.read_text()) if state_path.exists() else None
+        if state is None:
+            progress = "not started"
+        elif state.get("spec_hash") != resume_hash(spec):
+            progress = (f"{sweep_dir} holds a sweep of this name with a different spec: `raymia sweep` refuses "
+                        "to mix them; give this one another name, or --fresh to discard the old one")
+        elif state.get("finished"):
+            progress = f"finished: its result is in {sweep_dir}"
+        else:
+            progress = f"{trials_done} trial(s) finished; a re-run resumes it"
         rows.append(("progress", progress))
     t = spec.tracking
     rows.append(("tracking", f"MLflow {t.uri}, experiment {t.experiment!r}" if t.enabled else "off"))

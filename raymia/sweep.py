@@ -294,6 +294,11 @@ def _resume_key(spec: SweepSpec) -> dict[str, Any]:
     return d
 
 
+def resume_hash(spec: SweepSpec) -> str:
+    """The hash `state.json` keeps: a re-run continues the sweep only when its spec hashes the same."""
+    return hashlib.sha256(json.dumps(_resume_key(spec), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _load_result(spec: SweepSpec, sweep_dir: Path, parent_id: str | None) -> SweepResult:
     saved = json.loads((sweep_dir / "result.json").read_text())
     trials = saved["trials"]
@@ -372,7 +377,7 @@ def run_sweep(
     # Resume: the sweep's state (spec hash, MLflow parent run) lives beside its results; Tune's experiment
     # checkpoint and the Optuna study (SQLite) hold the trials. Re-running the same command continues.
     state_path = sweep_dir / "state.json"
-    spec_hash = hashlib.sha256(json.dumps(_resume_key(spec), sort_keys=True).encode()).hexdigest()[:16]
+    spec_hash = resume_hash(spec)
     state = json.loads(state_path.read_text()) if state_path.exists() else None
     exp_dir = root / "ray" / f"sweep-{spec.name}"
     if state is not None and state.get("spec_hash") != spec_hash:

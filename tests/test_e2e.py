@@ -206,6 +206,21 @@ def test_sweep_writes_parent_and_child_runs(first_audit, workdir, caplog):
     assert saved["hypervolume"] is None or saved["hypervolume"] >= 0
 
 
+def test_check_reads_the_finished_sweep(first_audit, workdir):
+    """raymia check on the sweep above: finished, both trials counted; a changed spec under the same name is
+    reported as the conflict that `raymia sweep` would refuse."""
+    from raymia.check import check_spec
+
+    rep = check_spec(workdir / "tinysweep.yaml")
+    assert rep.kind == "sweep" and rep.trials_done == 2
+    assert dict(rep.rows)["progress"].startswith("finished: its result is in ")
+    changed = dict(check_spec(workdir / "tinysweep.yaml", ["sweep.num_trials=3"]).rows)["progress"]
+    assert "holds a sweep of this name with a different spec" in changed
+    # the tracking location may move without making it another sweep
+    moved = check_spec(workdir / "tinysweep.yaml", [f"tracking.uri=sqlite:///{workdir}/elsewhere.db"])
+    assert dict(moved.rows)["progress"].startswith("finished")
+
+
 def test_audit_from_trial(first_audit, workdir):
     """raymia audit SPEC --from-trial N audits a sweep trial's setting (here with the same bank: reused)."""
     out = subprocess.run([sys.executable, "-m", "raymia", "audit", str(workdir / "tinysweep.yaml"), "--from-trial",
