@@ -39,15 +39,17 @@ class Entry(Generic[T]):
         try:
             return self.params.model_validate(raw or {})
         except ValidationError as e:
-            raise SpecError(_first_error(e), where=where) from None
+            raise SpecError(_first_error(e, self), where=where) from None
 
 
-def _first_error(e: ValidationError) -> str:
+def _first_error(e: ValidationError, entry: Entry) -> str:
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err["loc"])
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        msg = "unknown parameter"
+        fields = list(entry.params.model_fields)
+        msg = (f"unknown parameter of {entry.name!r}; accepted: {', '.join(fields)}" if fields
+               else f"unknown parameter: {entry.name!r} takes none")
     return f"{loc}: {msg}" if loc else msg
 
 
