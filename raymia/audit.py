@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from raymia import __version__
-from raymia.spec import AuditSpec
+from raymia.spec import AuditSpec, SweepSpec
 from raymia.store import SignalStore
 
 log = logging.getLogger("raymia")
@@ -205,7 +205,7 @@ def write_spec_file(spec: AuditSpec, path: Path, what: str) -> Path:
     import yaml
 
     header = (f"# {what} (raymia {__version__}), every field as run.\n"
-              f"# `raymia {'sweep' if hasattr(spec, 'sweep') else 'audit'} {path.name}` runs it again (add --output-dir "
+              f"# `raymia {'sweep' if isinstance(spec, SweepSpec) else 'audit'} {path.name}` runs it again (add --output-dir "
               "to store elsewhere).\n")
     d = spec.model_dump(mode="json")
     if d.get("sweep", {}).get("defenses"):  # several searched defenses: defense/space are unused (and refused)

@@ -10,6 +10,7 @@ that has only the compute core.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,8 +150,6 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
                               + (f"; front re-audited with {s.final_audit.num_models} models" if s.final_audit else "")))
         sweep_dir = root / "sweeps" / spec.name
         trials_done = sum(1 for _ in (sweep_dir / "trials").glob("*/result.json")) if sweep_dir.exists() else 0
-        import json
-
         from raymia.sweep import resume_hash
 
         state_path = sweep_dir / "state.json"
