@@ -43,6 +43,46 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} bytes"
 
 
+H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM: the unit of the compute row's lower bound
+
+
+def _flops(x: float) -> str:
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if x >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x / 1e6:.3g} MFLOP"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return "under a second"
+    if seconds < 120:
+        return f"at least {seconds:.0f} s"
+    if seconds < 7200:
+        return f"at least {seconds / 60:.0f} min"
+    return f"at least {seconds / 3600:.1f} h"
+
+
+def count_flops(model_name: str, model_params: dict, info, batch_size: int) -> tuple[float, float]:
+    """(FLOPs of one training step: forward and backward on one batch; FLOPs of one example's eval-mode
+    forward), counted by torch's FLOP counter on the meta device: shapes only, no memory, no compute."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from raymia.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(model_name, model_params, info)
+        x = torch.empty(batch_size, *info.input_shape)
+        y = torch.zeros(batch_size, dtype=torch.long)
+    with FlopCounterMode(display=False) as train:
+        F.cross_entropy(model.train()(x), y).backward()
+    with torch.no_grad(), FlopCounterMode(display=False) as query:
+        model.eval()(x[:1])
+    return float(train.get_total_flops()), float(query.get_total_flops())
+
+
 def check_spec(path: str | Path, overrides: list[str] | None = None,
                output_dir: str | Path | None = None) -> CheckReport:
     """Validate the spec at `path` (a sweep when it has a `sweep` block, else an audit) and describe it."""
@@ -83,6 +123,7 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
         if spec.bank.vectorize == "auto":
             packing += " or one by one, whichever a short timing finds faster"
     rows.append(("model", f"{spec.model.name}: {_n(n_params)} parameters; {packing}"))
+    per_step, per_query = count_flops(spec.model.name, spec.model.params, info, ctx.recipe.batch_size)
 
     plan, m = ctx.plan, ctx.plan.num_models
     members = plan.keep.sum(axis=1)
@@ -104,6 +145,15 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
                                                   if params else "")
                  + ("" if spec.attacker == "adaptive" else "; non-adaptive attacker (undefended shadows)")))
     rows.append(("attacks", f"{', '.join(a.name for a in spec.attacks)}; queries {', '.join(spec.queries)}"))
+
+    train_flops = per_step * steps * m
+    query_flops = per_query * m * len(spec.queries) * (plan.keep.shape[1] + data.x_test.shape[0])
+    total = train_flops + query_flops
+    rows.append(("compute", f"{_flops(train_flops)} to train the bank and {_flops(query_flops)} to query it"
+                            f"{' (each trial)' if kind == 'sweep' else ''}, counted on the meta device: "
+                            f"{_duration(total / H100_BF16_PEAK)} of an H100 at its dense bf16 peak"
+                            + ("; the defense's own training loop does more work than these plain steps"
+                               if own_loop else "")))
 
     b = spec.bank
     where = ("in this process" if b.engine == "local"

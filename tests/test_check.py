@@ -43,6 +43,12 @@ def test_check_audit_counts_stored_packs_and_leaves_the_store_alone(tmp_path):
     assert "4 models, 1 attacked (0); 200 audited points, each in the training set of 2 models" in rows["plan"]
     assert rows["model"].startswith("mlp: 1,210 parameters")  # 64*16+16 + 16*10+10
     assert "0 of 2 packs stored" in rows["signals"]
+    # FLOPs by hand for the 64-16-10 MLP at batch 32: forward 2*32*(64*16 + 16*10) = 75,776; backward the
+    # two weight gradients (75,776 again) and the hidden layer's input gradient 2*32*16*10 = 10,240
+    # (the data needs none). 12 steps x 4 models of training; querying: one example's forward 2*(1,184)
+    # for 4 models x 1 query x 650 points.
+    assert rows["compute"].startswith(f"{161_792 * 48 / 1e6:.3g} MFLOP to train the bank and "
+                                      f"{2_368 * 4 * 650 / 1e6:.3g} MFLOP to query it, counted on the meta device")
 
     # 4 models x 1 query x (200 audited + 450 test points) x 10 classes x 4 bytes
     assert rep.signal_bytes == 104_000 and "101.6 KiB in all" in rows["signals"]
@@ -121,3 +127,23 @@ def test_sweep_refuses_an_unresolvable_objective_before_starting(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "raymia: error: sweep.objectives.1.metric: worst/tpr_fpr_0.001 needs at least 1000" in out.stderr
     assert not (tmp_path / "runs" / "ray").exists()  # Tune never started
+
+
+def test_flops_counted_on_the_meta_device_equal_a_real_count():
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from raymia.check import count_flops
+    from raymia.defenses.base import DataInfo
+    from raymia.models import build_model
+
+    info = DataInfo(num_classes=10, input_shape=(1, 28, 28), kind="image")
+    step, query = count_flops("lenet5", {}, info, 16)
+    torch.manual_seed(0)
+    model = build_model("lenet5", {}, info)
+    with FlopCounterMode(display=False) as real:
+        F.cross_entropy(model(torch.randn(16, 1, 28, 28)), torch.zeros(16, dtype=torch.long)).backward()
+    assert step == real.get_total_flops() > 0
+    # forward only: one example's conv1 alone is 2 * 6*28*28 outputs * 25 taps
+    assert query > 2 * 6 * 28 * 28 * 25 and query < step / 16
