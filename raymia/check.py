@@ -111,7 +111,7 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
     rows.append(("data", f"{data.name}: {_n(data.x_train.shape[0])} training and {_n(data.x_test.shape[0])} test "
                          f"points, {info.num_classes} classes, input {list(info.input_shape)} ({info.kind})"))
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.device("meta"):  # structure and sizes only
         model = build_model(spec.model.name, spec.model.params, info)
     check_data_init(ctx, model)
     n_params = sum(p.numel() for p in model.parameters())
