@@ -185,22 +185,19 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
 
     trials_done = None
     if isinstance(spec, SweepSpec):
-        from raymia.space import Categorical, Float, Int, describe
+        from raymia.sweep import describe_space, resume_hash
 
         s = spec.sweep
-        for d, sp in space.items():
-            text = ", ".join(f"{k} {describe(v) if isinstance(v, Float | Int | Categorical) else repr(v)}"
-                             for k, v in sp.items()) or "no parameters"
+        for d, text in describe_space(space).items():
             rows.append(("search", f"{d}: {text}"))
-        rows.append(("sweep", f"{s.num_trials} trials of {_size(signal_bytes)} of signals each ({'the first undefended, ' if s.include_undefended else ''}"
-                              f"sampler {s.sampler}, {s.max_concurrent} at a time); objectives "
+        rows.append(("sweep", f"{s.num_trials} trials of {_size(signal_bytes)} of signals each ("
+                              f"{'the first undefended, ' if s.include_undefended else ''}sampler {s.sampler}, {s.max_concurrent} at a time); objectives "
                               + ", ".join(f"{o.metric} ({o.mode})" for o in s.objectives)
                               + ("; constraints " + ", ".join(f"{c.metric} {c.op} {c.value:g}" for c in s.constraints)
                                  if s.constraints else "")
                               + (f"; front re-audited with {s.final_audit.num_models} models" if s.final_audit else "")))
         sweep_dir = root / "sweeps" / spec.name
         trials_done = sum(1 for _ in (sweep_dir / "trials").glob("*/result.json")) if sweep_dir.exists() else 0
-        from raymia.sweep import resume_hash
 
         state_path = sweep_dir / "state.json"
         state = json.loads(state_path.read_text()) if state_path.exists() else None

@@ -89,6 +89,12 @@ def resolve_space(spec: SweepSpec) -> dict[str, dict[str, Domain | Any]]:
     return out
 
 
+def describe_space(space: dict[str, dict[str, Domain | Any]]) -> dict[str, str]:
+    """{defense: "gamma [0.3, 0.99], alpha log [0.0001, 0.05], ..."}: a resolved space for people."""
+    return {d: ", ".join(f"{k} {describe(v) if isinstance(v, Float | Int | Categorical) else repr(v)}"
+                         for k, v in sp.items()) or "no parameters" for d, sp in space.items()}
+
+
 class DefineByRun:
     """Optuna define-by-run space (a picklable object: Tune checkpoints the searcher). The first trial
     asked for is the undefended setting when `include_undefended` is on; every later one picks a defense
@@ -407,9 +413,8 @@ def run_sweep(
     write_spec_file(spec, sweep_dir / "spec.yaml", f"the spec of sweep {spec.name}")
 
     ensure_ray()
-    log.info("sweep %s: %d trials over %s", spec.name, spec.sweep.num_trials, "; ".join(
-        f"{d}: " + (", ".join(f"{k} {describe(v) if isinstance(v, Float | Int | Categorical) else repr(v)}"
-                              for k, v in sp.items()) or "no parameters") for d, sp in space.items()))
+    log.info("sweep %s: %d trials over %s", spec.name, spec.sweep.num_trials,
+             "; ".join(f"{d}: {text}" for d, text in describe_space(space).items()))
     trainable = tune.with_resources(tune.with_parameters(
         _run_trial, base=spec.model_dump(mode="json"), root=str(root), sweep_dir=str(sweep_dir),
         log_level=logging.getLogger("raymia").getEffectiveLevel()
