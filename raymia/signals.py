@@ -7,6 +7,12 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def paired_model(m: int) -> int:
+    """The model trained on the complement of model m's half of the population: m xor 1 (data/plan.py
+    draws the bank in such pairs, as Privacy Meter does)."""
+    return m ^ 1
+
+
 @dataclass(frozen=True)
 class Signals:
     """Eval-mode outputs of a bank of M models on P audited points under Q query augmentations.
@@ -67,15 +73,32 @@ class Signals:
     def num_classes(self) -> int:
         return self.logits.shape[3]
 
+    def paired_model(self, target: int) -> int | None:
+        """The model whose keep row is the complement of the target's (raymia's plans pair model 2j with
+        2j + 1), or None when that model's row is not an exact complement."""
+        pair = paired_model(target)
+        if pair < self.num_models and np.array_equal(self.keep[pair], ~self.keep[target]):
+            return pair
+        return None
+
     def shadow_mask(self, target: int) -> np.ndarray:
-        """bool [M]: the models that act as shadows when model `target` is attacked (leave-one-out: every
-        other model of the shadow pool)."""
+        """bool [M]: the models that act as shadows when model `target` is attacked: every other model of the
+        shadow pool except the target's paired model. Leaving the pair out is what keeps leave-one-out
+        unbiased: every point then has the same number of IN shadows whether or not the target trained on
+        it, so the shadows' membership says nothing about the target's (see data/plan.py). A keep matrix
+        without complementary pairs (signals built by hand) keeps every other model, and that bias."""
         if not 0 <= target < self.num_models:
             raise ValueError(f"target {target} out of range [0, {self.num_models})")
         mask = np.ones(self.num_models, dtype=bool) if self.shadow_pool is None else self.shadow_pool.copy()
         mask[target] = False
+        pair = self.paired_model(target)
+        if pair is not None:
+            mask[pair] = False
         if not mask.any():
-            raise ValueError(f"model {target} has no shadow model")
+            raise ValueError(
+                f"model {target} has no shadow model besides itself and its paired model: leave-one-out "
+                "needs plan.num_models >= 4"
+            )
         return mask
 
     def shadows_of(self, target: int) -> np.ndarray:

@@ -262,7 +262,8 @@ def _label_signals() -> Signals:
     )
     logits = np.eye(3, dtype=np.float32)[pred] * 5.0
     labels = np.array([0, 1, 2])
-    keep = np.array([[True, False, True], [False, True, False], [False, True, True]])
+    # no row is the complement of its pair's (models 0 and 1), so every other model is a shadow
+    keep = np.array([[True, False, False], [False, True, False], [False, True, True]])
     return Signals(logits=logits, labels=labels, keep=keep)
 
 
@@ -277,10 +278,10 @@ def test_label_only_counts_by_hand() -> None:
         run_attack("label_only", {"calibrated": True}, sig, 0), [3 - 1.5, 2 - 1.0, 4 - 0.0], rtol=1e-15
     )
     # target 1 (agreement 2, 4, 0), shadows 0, 2: point 0 is OUT for shadow 2 (agreement 1), point 1 for
-    # shadow 0 (agreement 2), point 2 for none -> pooled (1 + 2) / 2 = 1.5
+    # shadow 0 (agreement 2), point 2 for shadow 0 (agreement 4)
     np.testing.assert_array_equal(run_attack("label_only", None, sig, 1), [2.0, 4.0, 0.0])
     np.testing.assert_allclose(
-        run_attack("label_only", {"calibrated": True}, sig, 1), [2 - 1.0, 4 - 2.0, 0 - 1.5], rtol=1e-15
+        run_attack("label_only", {"calibrated": True}, sig, 1), [2 - 1.0, 4 - 2.0, 0 - 4.0], rtol=1e-15
     )
     with pytest.raises(ValueError, match="out of range"):
         run_attack("label_only", {"queries": [1, 4]}, sig, 0)
