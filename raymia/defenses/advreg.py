@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from raymia.defenses.base import DEFENSES, Defense, FitJob
+from raymia.defenses.base import DEFENSES, Defense, FitJob, require_public
 from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain
@@ -211,14 +211,23 @@ class AdvReg(Defense):
     """Min-max training against an inference model over (softmax vector, one-hot label).
 
     Inferred choices: h is an MLP with two hidden layers of 64 ReLU units trained with Adam on balanced
-    batches of members and reference points (the bank's non-members of this model); the classifier uses
-    the spec's recipe with its schedule over all `epochs * steps_per_epoch` steps, the first
-    `warmup_epochs` of them plain cross-entropy.
+    batches of members and reference points; the reference set is drawn from the PUBLIC split (training
+    points outside the audited population: `raymia.train.bank.reference_index`, as many as the model has
+    members when there are more, else all), never from the audited non-members, which would make the
+    points the audit scores part of training; a plan with no public point is refused (lam > 0); the
+    classifier uses the spec's recipe with its schedule over all `epochs * steps_per_epoch` steps, the
+    first `warmup_epochs` of them plain cross-entropy.
     """
 
     name = "advreg"
     vectorizable = False
     params: AdvRegParams
+
+    def check_data(self, data: Any, population: Any) -> None:
+        """The game's reference set comes from the public split: refuse a plan that leaves none."""
+        if self.params.lam > 0:
+            require_public(self.name, data, population, "for its inference model's reference set",
+                           ", or set defense.params.lam: 0")
 
     def fit(self, job: FitJob) -> nn.Module:
         p = self.params

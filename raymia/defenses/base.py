@@ -19,6 +19,12 @@ query. A defense overrides only the hooks it needs:
 - check(model_name, info) -> None: raise SpecError before any training when the defense cannot apply.
 - setup(data, population, cache_dir, seed): fit what every bank model shares (a VAE, a pretrained
   backbone), once per worker, cached on disk.
+- check_data(data, population) -> None: the cheap checks of `setup` (`raymia check` runs them alone).
+No audited point may reach a defense's fitting except as a member of the model being trained: what a
+defense fits beyond model m's members (a shared VAE, a pretrained backbone, a min-max reference set) comes
+from the PUBLIC split, `public_indices(n_train, population)`; a defense that needs it refuses a plan that
+leaves none (`require_public`, from `check_data`). tests/test_defense_data.py checks every registered
+defense.
 Per-model facts a defense measures while training (sparsity reached, frozen fraction, accounted epsilon)
 go in `FitJob.report`; the bank stores them with the pack and the audit reports their mean.
 """
@@ -28,9 +34,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raymia.errors import SpecError
 from raymia.registry import Params, Registry
 from raymia.space import Domain
 
@@ -63,6 +71,24 @@ class DataInfo:
         return x.to(device)
 
 
+def public_indices(n_train: int, population: Any) -> np.ndarray:
+    """The public split: sorted int64 indices of the training points outside the audited population. No
+    bank model trains on them and no attack scores them, so they are the only points besides model m's own
+    members that a defense may fit on (a min-max reference set, a VAE, a pretrained backbone)."""
+    return np.setdiff1d(np.arange(int(n_train), dtype=np.int64), np.asarray(population, dtype=np.int64))
+
+
+def require_public(name: str, data: Any, population: Any, use: str, alternative: str = "") -> None:
+    """Raise SpecError (where plan.population) when the plan leaves no public point for `use`; the message
+    says what is accepted, then `alternative` (e.g. \", or give defense.params.weights\")."""
+    n_train = int(data.x_train.shape[0])
+    if public_indices(n_train, population).size == 0:
+        raise SpecError(
+            f"{name} needs public data (training points outside the audited population) {use}: set "
+            f"plan.population below the training split size {n_train} (accepted: 1..{n_train - 1})"
+            f"{alternative}", where="plan.population")
+
+
 @dataclass
 class FitJob:
     """Everything `Defense.fit` needs to train bank model m with the spec's recipe."""
@@ -75,7 +101,9 @@ class FitJob:
     device: torch.device
     seed: int  # derived from the spec's seed and m: use it for every random choice of the defense
     steps_per_epoch: int
-    reference_x: torch.Tensor | None = None  # points model m did NOT train on (for min-max games), on `device`
+    # Reference non-members for min-max games, on `device`: public points only (`public_indices`), never an
+    # audited point; None when the plan leaves no public point (see raymia.train.bank.reference_index).
+    reference_x: torch.Tensor | None = None
     reference_y: torch.Tensor | None = None
     report: dict[str, float] = field(default_factory=dict)  # per-model facts to report
 
@@ -116,9 +144,10 @@ class Defense:
         """Called once per bank context (on every worker) before any model trains: for defenses that fit
         something shared by every bank model (a VAE, a pretrained backbone). `data` is the raymia Dataset,
         `population` the int64 indices of the audited points in its training split (the rest of the split
-        is public: no bank model trains on it), `cache_dir` a pathlib.Path under the store root where such
-        artefacts are cached (save tensors only; load with torch.load(weights_only=True)), `seed` the spec's
-        seed. Must be deterministic given its inputs. Starts with `check_data`."""
+        is public, `public_indices`: no bank model trains on it; fit on it only, never on the population),
+        `cache_dir` a pathlib.Path under the store root where such artefacts are cached (save tensors only;
+        load with torch.load(weights_only=True)), `seed` the spec's seed. Must be deterministic given its
+        inputs. Starts with `check_data`."""
         self.check_data(data, population)
 
     def check_data(self, data: Any, population: Any) -> None:

@@ -10,14 +10,14 @@ towards a sparse point), then masked retraining in which pruned weights stay exa
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
 from raymia.defenses.advreg import Masks, apply_masks, minmax_train
-from raymia.defenses.base import DEFENSES, Defense, FitJob
+from raymia.defenses.base import DEFENSES, Defense, FitJob, require_public
 from raymia.errors import SpecError
 from raymia.registry import Params
 from raymia.seeding import derive_seed
@@ -123,12 +123,21 @@ class Pruning(Defense):
       of the recipe's epochs, starting from the dense model; the final Z's mask is then applied;
     - every phase (dense, ADMM, retraining) restarts the recipe's optimizer and schedule over its steps;
     - masked retraining zeroes the pruned coordinates' gradients and re-applies the mask after every
-      optimizer step, so momentum or weight decay cannot revive them.
+      optimizer step, so momentum or weight decay cannot revive them;
+    - the min-max game's reference set is drawn from the public split (training points outside the audited
+      population, as for advreg), never from the audited non-members; with minmax_lambda > 0 a plan that
+      leaves no public point is refused.
     """
 
     name = "pruning"
     vectorizable = False
     params: PruningParams
+
+    def check_data(self, data: Any, population: Any) -> None:
+        """With the min-max game, its reference set comes from the public split: refuse a plan with none."""
+        if self.params.minmax_lambda > 0:
+            require_public(self.name, data, population, "for the min-max game's reference set",
+                           ", or set defense.params.minmax_lambda: 0")
 
     def fit(self, job: FitJob) -> nn.Module:
         p, recipe, model = self.params, job.recipe, job.model

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from raymia.defenses.base import DEFENSES, DataInfo, Defense, FitJob
+from raymia.defenses.base import DEFENSES, DataInfo, Defense, FitJob, public_indices, require_public
 from raymia.defenses.vae import data_digest, key_digest, load_state, pick_device, save_state
 from raymia.errors import DataError, SpecError
 from raymia.registry import Params
@@ -202,12 +202,7 @@ class TlDmi(Defense):
             if not path.is_file():
                 raise DataError("tl_dmi weights file not found", where=str(path))
             return
-        n_train = int(data.x_train.shape[0])
-        if np.asarray(population).size >= n_train:
-            raise SpecError(
-                f"tl_dmi needs public data: set plan.population below the training split size ({n_train}) so "
-                "the remaining points can be used for pretraining, or give defense.params.weights",
-                where="plan.population")
+        require_public(self.name, data, population, "to pretrain on", ", or give defense.params.weights")
 
     def setup(self, data: Any, population: Any, cache_dir: Any, seed: int) -> None:
         """Record the public split (training points outside `population`) and check `weights`; the
@@ -219,8 +214,7 @@ class TlDmi(Defense):
         if p.weights is not None:
             self.public_index = np.empty(0, dtype=np.int64)
             return
-        n_train = int(data.x_train.shape[0])
-        public = np.setdiff1d(np.arange(n_train, dtype=np.int64), np.asarray(population, dtype=np.int64))
+        public = public_indices(data.x_train.shape[0], population)
         if p.public_fraction < 1.0:
             k = max(1, round(p.public_fraction * public.size))
             rng = np.random.default_rng(derive_seed(seed, "tl_dmi", "public"))

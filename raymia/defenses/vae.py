@@ -1,15 +1,19 @@
 """Latent-space metric-privacy synthetic data (arXiv 2202.05469): the bank trains on VAE-made records.
 
-A VAE is fitted once to the training split; each bank model's members are encoded to latent codes, every
-code is perturbed with noise satisfying metric privacy (d_X-privacy) at level ``eps``, and the decoded
-records replace the members (labels kept). The model's outputs and training loop are otherwise unchanged.
+A VAE is fitted once to the public split (training points outside the audited population); each bank
+model's members are encoded to latent codes, every code is perturbed with noise satisfying metric privacy
+(d_X-privacy) at level ``eps``, and the decoded records replace the members (labels kept). The model's
+outputs and training loop are otherwise unchanged.
 
-Caveat (from the paper): the VAE itself is fitted to the private data WITHOUT differential privacy; the
-metric-privacy guarantee covers the released synthetic records only, not the VAE's weights. Larger eps
-means less noise, more utility and less privacy.
+Caveat (from the paper): the VAE itself is fitted WITHOUT differential privacy (in the paper, to the
+private data; here, to public data only); the metric-privacy guarantee covers the released synthetic
+records only, not the VAE's weights. Larger eps means less noise, more utility and less privacy.
 
 Choices made here (the paper's text fixes neither):
-- the VAE is fitted to the whole training split (``data.x_train``), shared by every bank model;
+- the VAE is fitted to the PUBLIC split only (``public_indices``: the training points outside the audited
+  population, which no bank model trains on), shared by every bank model; fitting it to audited points
+  would let a model's non-members shape its synthetic training data (understating leakage), so a plan
+  that leaves no public point is refused (``check_data``);
 - reconstruction is Gaussian in the data's NORMALISED space (inputs as the classifier sees them): the loss
   per record is ||x - x_hat||^2 + beta * KL(q(z|x) || N(0, I)), a unit-variance-1/2 Gaussian decoder, with
   a linear output layer (no sigmoid: normalised pixels are not in [0, 1]);
@@ -20,10 +24,11 @@ Choices made here (the paper's text fixes neither):
   exp(-eps ||z' - z||_2) (uniform direction, radius ~ Gamma(latent_dim, 1/eps)); ``laplace`` adds
   i.i.d. Laplace(0, 1/eps) per coordinate (the L1 metric).
 
-The fitted VAE is cached under the bank's cache directory, keyed by the data, the VAE's training
-parameters, the seed and the device type (eps, mechanism and encode only change the transform, so a sweep
-over them reuses one VAE). Cache files hold tensors and strings only, carry a checksum of their content,
-are written atomically and read with ``torch.load(weights_only=True)``; a damaged file is refitted.
+The fitted VAE is cached under the bank's cache directory, keyed by the data, the public indices, the
+VAE's training parameters, the seed and the device type (eps, mechanism and encode only change the
+transform, so a sweep over them reuses one VAE). Cache files hold tensors and strings only, carry a
+checksum of their content, are written atomically and read with ``torch.load(weights_only=True)``; a
+damaged file is refitted.
 """
 
 from __future__ import annotations
@@ -37,12 +42,13 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from raymia.defenses.base import DEFENSES, DataInfo, Defense
+from raymia.defenses.base import DEFENSES, DataInfo, Defense, public_indices, require_public
 from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain, Float
@@ -143,7 +149,8 @@ class VaeParams(Params):
         "mean", description="latent code of a record: the encoder's mean, or one sample of q(z|x)")
     class_conditional: bool = Field(
         False, description="feed the label (one-hot) to the encoder and the decoder")
-    vae_epochs: int = Field(30, ge=1, description="VAE training epochs over the training split")
+    vae_epochs: int = Field(30, ge=1, description="VAE training epochs over the public split (training "
+                            "points outside the population)")
     vae_lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate of the VAE")
     vae_batch: int = Field(128, ge=1, description="VAE batch size")
     hidden: int = Field(256, ge=1, description="hidden width of the MLP VAE (and of the conv VAE's FC layer)")
@@ -304,24 +311,32 @@ class VaeMetricPrivacy(Defense):
         self.device = torch.device("cpu")
         self.cache_path: Path | None = None
         self.loaded_from_cache = False
+        self.public_index: np.ndarray | None = None  # the training points the VAE is fitted to
 
     def build_vae(self) -> VAE:
         p = self.params
         return VAE(self.info.input_shape, p.latent_dim, p.hidden, self.info.num_classes, p.class_conditional)
 
-    def cache_key(self, data: Any, seed: int) -> str:
+    def cache_key(self, data: Any, seed: int, public: np.ndarray) -> str:
         p = self.params
         fields = {"arch": _ARCH_VERSION, "data": data_digest(data, with_labels=p.class_conditional),
+                  "public": key_digest({"index": np.asarray(public).tolist()}),
                   "seed": seed, "device": self.device.type,
                   **{k: getattr(p, k) for k in ("latent_dim", "beta", "class_conditional", "vae_epochs",
                                                 "vae_lr", "vae_batch", "hidden")}}
         return key_digest(fields)
 
+    def check_data(self, data: Any, population: Any) -> None:
+        """The VAE is fitted to the public split: refuse a plan that leaves none."""
+        require_public(self.name, data, population, "to fit its VAE on")
+
     def setup(self, data: Any, population: Any, cache_dir: Any, seed: int) -> None:
-        """Fit the VAE once on the training split, or load it from the cache (see the module docstring)."""
+        """Fit the VAE once on the public split, or load it from the cache (see the module docstring)."""
         self.check_data(data, population)
         self.device = pick_device(self.params.vae_device)
-        key = self.cache_key(data, seed)
+        public = public_indices(data.x_train.shape[0], population)
+        self.public_index = public
+        key = self.cache_key(data, seed, public)
         self.cache_path = Path(cache_dir) / f"vae-{key}.pt"
         vae_seed = derive_seed(seed, "vae")
         with torch.random.fork_rng(devices=[]):
@@ -337,9 +352,10 @@ class VaeMetricPrivacy(Defense):
                 state = None
         if state is None:
             self.loaded_from_cache = False
-            log.info("vae_metric_privacy: fitting the VAE on %d records (%s)", data.x_train.shape[0],
+            log.info("vae_metric_privacy: fitting the VAE on %d public records (%s)", public.size,
                      self.device)
-            model = train_vae(model, data.x_train, data.y_train, self.params, vae_seed, self.device)
+            idx = torch.from_numpy(public)
+            model = train_vae(model, data.x_train[idx], data.y_train[idx], self.params, vae_seed, self.device)
             save_state(self.cache_path, key, model.state_dict())
         self.vae = model.to(self.device).eval()
 

@@ -28,7 +28,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from raymia.data import Dataset, load_dataset
 from raymia.data.plan import MembershipPlan, make_plan
 from raymia.defenses import Defense, build_defense
-from raymia.defenses.base import FitJob
+from raymia.defenses.base import FitJob, public_indices
 from raymia.errors import SpecError
 from raymia.models import build_model
 from raymia.models.base import data_init_modules, param_lr_scales, param_train_epochs
@@ -112,6 +112,11 @@ class BankContext:
     @property
     def audited_y(self) -> np.ndarray:
         return self.data.y_train.numpy()[self.plan.population]
+
+    @property
+    def public_index(self) -> np.ndarray:
+        """The public split (`public_indices`): training points outside the audited population."""
+        return public_indices(self.data.x_train.shape[0], self.plan.population)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -240,14 +245,28 @@ def train_model(
     return model.eval()
 
 
+def reference_index(ctx: BankContext, m: int, n: int) -> np.ndarray:
+    """Model m's reference non-members for min-max games (`FitJob.reference_x`): public points only, never
+    an audited point (an audited non-member of m fitted against would hide the leakage the audit measures):
+    a seeded subset of `n` of them (m's member count; seed role ("reference", m)) when there are more,
+    else all of them. Empty when the plan leaves no public point (the defenses that need one refuse
+    such a plan in `check_data`)."""
+    public = ctx.public_index
+    if public.size > n:
+        rng = np.random.default_rng(derive_seed(ctx.spec.seed, "reference", m))
+        public = np.sort(rng.choice(public, size=n, replace=False))
+    return public
+
+
 def _fit_with_defense(ctx: BankContext, m: int, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                       device: torch.device, report: dict[str, float] | None) -> torch.nn.Module:
     """Hand model m's whole training to the defense (DP-SGD, min-max games, pruning, transfer learning)."""
-    nonmembers = ctx.plan.population[~ctx.plan.keep[m]]
-    ref = torch.from_numpy(nonmembers)
+    ref = torch.from_numpy(reference_index(ctx, m, x.shape[0]))
+    ref_x = ctx.data.x_train[ref].to(device) if ref.numel() else None
+    ref_y = ctx.data.y_train[ref].to(device) if ref.numel() else None
     job = FitJob(m=m, model=model, x=x, y=y, recipe=ctx.recipe, device=device,
                  seed=derive_seed(ctx.spec.seed, "defense-fit", m), steps_per_epoch=ctx.steps_per_epoch,
-                 reference_x=ctx.data.x_train[ref].to(device), reference_y=ctx.data.y_train[ref].to(device))
+                 reference_x=ref_x, reference_y=ref_y)
     trained = ctx.defense.fit(job)
     if trained is None:
         raise RuntimeError(f"defense {ctx.defense.name!r}: fit() returned no model")
