@@ -251,53 +251,94 @@ def _binomial_case() -> tuple[np.ndarray, np.ndarray]:
 def test_epsilon_lower_bound_binomial_by_hand() -> None:
     scores, is_member = _binomial_case()
     # Threshold 1: TP = 1000 / 1000, FP = 10 / 1000, TN = 990, FN = 0. (Threshold 0 flags everyone: TPR = FPR
-    # = 1 and TN = 0, no positive term.) One-sided Clopper-Pearson at 95%:
-    #   TPR_low  = beta.ppf(.05, 1000, 1) = .05 ** (1 / 1000)   (all successes)
-    #   FPR_high = beta.ppf(.95, 11, 990)
-    #   TNR_low  = beta.ppf(.05, 990, 11)
-    #   FNR_high = beta.ppf(.95, 1, 1000) = 1 - .05 ** (1 / 1000)   (no success)
-    tpr_low, fpr_high = 0.05 ** (1 / 1000), beta.ppf(0.95, 11, 990)
-    tnr_low, fnr_high = beta.ppf(0.05, 990, 11), 1 - 0.05 ** (1 / 1000)
-    e_tpr = math.log(tpr_low / fpr_high)  # 4.04
-    e_tnr = math.log(tnr_low / fnr_high)  # 5.79: the symmetric form wins here
-    r = epsilon_lower_bound(scores, is_member)
+    # = 1 and TN = 0, no positive term.) method="union": every one-sided Clopper-Pearson bound at
+    # c = 1 - .05 / (1000 + 1000), valid over both thresholds and both sides at once:
+    #   TPR_low  = beta.ppf(1 - c, 1000, 1) = (1 - c) ** (1 / 1000)   (all successes)
+    #   FPR_high = beta.ppf(c, 11, 990)
+    #   TNR_low  = beta.ppf(1 - c, 990, 11)
+    #   FNR_high = beta.ppf(c, 1, 1000) = 1 - (1 - c) ** (1 / 1000)   (no success)
+    a = 0.05 / 2000
+    tpr_low, fpr_high = a ** (1 / 1000), beta.ppf(1 - a, 11, 990)
+    tnr_low, fnr_high = beta.ppf(a, 990, 11), 1 - a ** (1 / 1000)
+    e_tpr = math.log(tpr_low / fpr_high)  # 3.51
+    e_tnr = math.log(tnr_low / fnr_high)  # 4.52: the symmetric form wins here
+    r = epsilon_lower_bound(scores, is_member, method="union")
     assert r["epsilon_lb"] == pytest.approx(max(e_tpr, e_tnr), abs=1e-9)
-    assert r["threshold"] == 1.0 and r["side"] == "tnr/fnr"
+    assert r["threshold"] == 1.0 and r["side"] == "tnr/fnr" and r["method"] == "union"
     assert r["tpr_low"] == pytest.approx(tpr_low, abs=1e-12)
     assert r["fpr_high"] == pytest.approx(fpr_high, abs=1e-12)
     assert r["tnr_low"] == pytest.approx(tnr_low, abs=1e-12)
     assert r["fnr_high"] == pytest.approx(fnr_high, abs=1e-12)
+    assert r["confidence"] == 0.95 and r["bound_confidence"] == pytest.approx(1 - a, abs=1e-15)
+    # the same data under the uncorrected 95%-per-bound maximum gave 5.79: far more than is supported
+    assert r["epsilon_lb"] < math.log(beta.ppf(0.05, 990, 11) / (1 - 0.05 ** (1 / 1000))) - 1.0
     # with delta: both numerators lose delta
     d = 1e-3
-    r = epsilon_lower_bound(scores, is_member, delta=d)
+    r = epsilon_lower_bound(scores, is_member, delta=d, method="union")
     want = max(math.log((tpr_low - d) / fpr_high), math.log((tnr_low - d) / fnr_high))
     assert r["epsilon_lb"] == pytest.approx(want, abs=1e-9)
-    # Bonferroni over the 2 thresholds: every bound at 1 - .05 / 2 = .975
-    r = epsilon_lower_bound(scores, is_member, bonferroni=True)
-    want = max(math.log(0.025 ** (1 / 1000) / beta.ppf(0.975, 11, 990)),
-               math.log(beta.ppf(0.025, 990, 11) / (1 - 0.025 ** (1 / 1000))))
-    assert r["epsilon_lb"] == pytest.approx(want, abs=1e-9)
-    assert r["confidence"] == pytest.approx(0.975)
+    assert r["delta"] == d
+    # method="split" (the default): threshold and side chosen on 500 + 500 points, the bound computed at
+    # 1 - .05 / 2 per bound on the other 500 + 500, whose members all score 1 (FNR_high = 1 - .025 ** (1/500))
+    # and whose non-members hold k of the 10 ones, 0 <= k <= 10
+    r = epsilon_lower_bound(scores, is_member)
+    assert r["method"] == "split" and r["bound_confidence"] == 0.975 and r["confidence"] == 0.95
+    assert r["threshold"] == 1.0 and r["side"] == "tnr/fnr"
+    assert r["fnr_high"] == pytest.approx(1 - 0.025 ** (1 / 500), abs=1e-12)
+    k = [j for j in range(11) if abs(beta.ppf(0.025, 500 - j, j + 1) - r["tnr_low"]) < 1e-12]
+    assert len(k) == 1
+    assert r["epsilon_lb"] == pytest.approx(math.log(r["tnr_low"] / r["fnr_high"]), abs=1e-12)
+    assert r["fpr_high"] == pytest.approx(beta.ppf(0.975, k[0] + 1, 500 - k[0]), abs=1e-12)
+    assert epsilon_lower_bound(scores, is_member) == r  # seeded: deterministic
+    assert 4.0 < r["epsilon_lb"] < 5.79
+
+
+def test_epsilon_lower_bound_split_by_hand() -> None:
+    # Perfect separation, 1001 members (score 1) and 1000 non-members (score 0): whatever the split, the
+    # held-out half has 501 members with TP = 501 and 500 non-members with FP = 0, so at 97.5% per bound
+    #   TPR_low = .025 ** (1 / 501), FPR_high = 1 - .025 ** (1 / 500)
+    is_member = np.r_[np.ones(1001, bool), np.zeros(1000, bool)]
+    scores = is_member.astype(float)
+    want = math.log(0.025 ** (1 / 501) / (1 - 0.025 ** (1 / 500)))  # 4.91
+    for seed in range(3):
+        r = epsilon_lower_bound(scores, is_member, seed=seed)
+        assert r["epsilon_lb"] == pytest.approx(want, abs=1e-9)
+        assert r["side"] == "tpr/fpr" and r["threshold"] == 1.0
+    # delta enters the numerator of the chosen side only
+    r = epsilon_lower_bound(scores, is_member, delta=0.5)
+    assert r["epsilon_lb"] == pytest.approx(math.log((0.025 ** (1 / 501) - 0.5) / (1 - 0.025 ** (1 / 500))))
+    # full_metrics reports the default (split) bound, seeded by its seed
+    m = full_metrics(scores, is_member, fpr_levels=(0.01,), seed=5)
+    assert m["epsilon_lb"] == pytest.approx(want, abs=1e-9)
+    m = full_metrics(scores, is_member, fpr_levels=(0.01,), epsilon_method="union", confidence=0.9)
+    assert m["epsilon_lb"] == epsilon_lower_bound(scores, is_member, confidence=0.9, method="union")["epsilon_lb"]
 
 
 def test_epsilon_lower_bound_tpr_side_by_hand() -> None:
     # 1000 members of which 10 score 0, all 1000 non-members score 0: mirror image of the binomial case, so
-    # TPR_low = beta.ppf(.05, 990, 11) and FPR_high = 1 - .05 ** (1 / 1000) win on the TPR/FPR side
+    # TPR_low = beta.ppf(a, 990, 11) and FPR_high = 1 - a ** (1 / 1000) win on the TPR/FPR side
     is_member = np.r_[np.ones(1000, bool), np.zeros(1000, bool)]
     scores = np.r_[np.ones(990), np.zeros(10), np.zeros(1000)]
-    r = epsilon_lower_bound(scores, is_member)
-    want = math.log(beta.ppf(0.05, 990, 11) / (1 - 0.05 ** (1 / 1000)))
+    a = 0.05 / 2000
+    r = epsilon_lower_bound(scores, is_member, method="union")
+    want = math.log(beta.ppf(a, 990, 11) / (1 - a ** (1 / 1000)))
     assert r["epsilon_lb"] == pytest.approx(want, abs=1e-9)
     assert r["side"] == "tpr/fpr" and r["threshold"] == 1.0
+    r = epsilon_lower_bound(scores, is_member)
+    assert r["side"] == "tpr/fpr" and r["threshold"] == 1.0
+    assert r["fpr_high"] == pytest.approx(1 - 0.025 ** (1 / 500), abs=1e-12)
+    assert r["epsilon_lb"] == pytest.approx(math.log(r["tpr_low"] / r["fpr_high"]), abs=1e-12)
 
 
-def test_epsilon_lower_bound_of_independent_score_is_near_zero() -> None:
+def test_epsilon_lower_bound_of_independent_score_is_zero() -> None:
     rng = np.random.default_rng(4)
     is_member = np.r_[np.ones(20_000, bool), np.zeros(20_000, bool)]
-    r = epsilon_lower_bound(rng.normal(size=40_000), is_member)
-    assert 0.0 <= r["epsilon_lb"] < 0.3
-    r = epsilon_lower_bound(np.zeros(40_000), is_member)  # one threshold, flags everyone: nothing positive
-    assert r["epsilon_lb"] == 0.0 and r["threshold"] is None
+    scores = rng.normal(size=40_000)
+    for method in ("split", "union"):
+        r = epsilon_lower_bound(scores, is_member, method=method)
+        assert r["epsilon_lb"] == 0.0 and r["threshold"] is None and r["side"] is None
+        r = epsilon_lower_bound(np.zeros(40_000), is_member, method=method)  # one threshold, flags everyone
+        assert r["epsilon_lb"] == 0.0 and r["threshold"] is None
     with pytest.raises(ValueError, match="confidence"):
         epsilon_lower_bound(np.zeros(4), np.array([1, 0, 1, 0]), confidence=1.0)
 
