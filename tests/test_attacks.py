@@ -247,3 +247,94 @@ def test_lira_variance_auto_mode() -> None:
         other = run_attack("lira_online", {"fixed_variance": not pooled}, sig, 0)
         np.testing.assert_array_equal(auto, explicit)
         assert not np.allclose(auto, other)
+
+
+# ---------------------------------------------------------------------------------------------- LiRA variants
+def _paired_case(seed: int, m: int = 10, q: int = 2, p: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """Complementary pairs (models 2j, 2j + 1), as raymia's plans: with the target's pair left out every
+    point has the same number of IN and OUT shadows, so the reference's truncation to equal counts is moot."""
+    rng = np.random.default_rng(seed)
+    keep = np.zeros((m, p), dtype=bool)
+    for j in range(m // 2):
+        keep[2 * j, rng.permutation(p)[: p // 2]] = True
+        keep[2 * j + 1] = ~keep[2 * j]
+    phi = rng.normal(size=(m, q, p)) * rng.uniform(0.5, 2, size=(1, 1, p)) + 1.5 * keep[:, None, :]
+    phi[:, 1] += 3.0  # the second query sits elsewhere (a global std mixes the two)
+    return phi, keep
+
+
+def _reference_lira(phi: np.ndarray, keep: np.ndarray, target: int, shadows: np.ndarray, online: bool,
+                    fix_variance: bool) -> np.ndarray:
+    """Carlini et al.'s plot.py (generate_ours, generate_ours_offline), re-written on [M, Q, P] arrays:
+    dat_in / dat_out [P, n, Q] truncated to the smallest count, np.median centers, np.std (per point, or
+    of the whole array with fix_variance). Online it scores log N_in - log N_out; raymia's global variance
+    gives each side its own std (the reference's online code takes np.std(dat_in) for both), so this
+    re-write does the same. Offline: the reference's -logpdf is two-sided; raymia's test is one-sided
+    (log CDF), re-written here as such."""
+    scores, kp = np.moveaxis(phi[shadows], 1, 2), keep[shadows]  # [S, P, Q]
+    dat_in = [scores[kp[:, j], j, :] for j in range(scores.shape[1])]
+    dat_out = [scores[~kp[:, j], j, :] for j in range(scores.shape[1])]
+    in_size, out_size = min(map(len, dat_in)), min(map(len, dat_out))
+    dat_in = np.array([x[:in_size] for x in dat_in])
+    dat_out = np.array([x[:out_size] for x in dat_out])
+    mean_in, mean_out = np.median(dat_in, 1), np.median(dat_out, 1)
+    std_in = np.std(dat_in) if fix_variance else np.std(dat_in, 1)
+    std_out = np.std(dat_out) if fix_variance else np.std(dat_out, 1)
+    sc = phi[target].T  # [P, Q]
+    if online:
+        s = norm.logpdf(sc, mean_in, std_in) - norm.logpdf(sc, mean_out, std_out)
+    else:
+        s = norm.logcdf(sc, mean_out, std_out)
+    return s.mean(1)
+
+
+@pytest.mark.parametrize("name", ["lira_online", "lira_offline"])
+@pytest.mark.parametrize("variance", ["per_point", "global"])
+def test_lira_matches_reference_code(name: str, variance: str) -> None:
+    phi, keep = _paired_case(seed=5)
+    sig, phi64 = signals_from_phi(phi, keep)
+    for target in (0, 3):
+        shadows = sig.shadow_mask(target)
+        assert (keep[shadows].sum(axis=0) == shadows.sum() // 2).all()  # equal IN/OUT counts per point
+        got = run_attack(name, {"variance": variance, "center": "median"}, sig, target)
+        want = _reference_lira(phi64, keep, target, shadows, name == "lira_online", variance == "global")
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_lira_global_std_is_np_std_of_every_value() -> None:
+    """variance: global is np.std of every IN (resp. OUT) value over points, shadows and queries, around
+    their common mean, whatever the per-point counts; pooled uses within-point deviations per query."""
+    from raymia.attacks.mia.lira import _fit_side
+
+    phi, keep = _random_case(seed=6, q=2)  # unequal counts: target 0 random, 4 of 8 shadows IN per point
+    w_out = (~keep).astype(np.float64)
+    w_out[0] = 0.0
+    outs = np.concatenate([phi[w_out[:, i] > 0, :, i].ravel() for i in range(phi.shape[2])])
+    side = _fit_side(phi, w_out, "global", 1e-12)
+    np.testing.assert_allclose(side.std, np.std(outs), rtol=1e-12)
+    pooled = _fit_side(phi, w_out, "pooled", 1e-12).std
+    for k in range(2):
+        dev = np.concatenate([phi[w_out[:, i] > 0, k, i] - phi[w_out[:, i] > 0, k, i].mean()
+                              for i in range(phi.shape[2])])
+        np.testing.assert_allclose(pooled[k], np.sqrt(np.mean(dev**2)), rtol=1e-12)
+    assert pooled.max() < side.std.min()  # global also counts how far the points' means spread
+
+
+def test_lira_variance_params() -> None:
+    phi, keep = _paired_case(seed=7)
+    sig, _ = signals_from_phi(phi, keep)
+    for name in ("lira_online", "lira_offline"):
+        entry = ATTACKS.get(name).parse(None, where="p")
+        assert (entry.variance, entry.center) == (None, "mean")
+        runs = {v: run_attack(name, {"variance": v}, sig, 0) for v in ("per_point", "pooled", "global")}
+        assert not np.allclose(runs["per_point"], runs["pooled"])
+        assert not np.allclose(runs["pooled"], runs["global"])
+        np.testing.assert_array_equal(run_attack(name, {"fixed_variance": True}, sig, 0), runs["pooled"])
+        np.testing.assert_array_equal(run_attack(name, {"fixed_variance": False}, sig, 0), runs["per_point"])
+        np.testing.assert_array_equal(run_attack(name, None, sig, 0), runs["pooled"])  # 8 shadows < 64
+    with pytest.raises(SpecError, match="variance"):
+        run_attack("lira_online", {"variance": "pooled", "fixed_variance": True}, sig, 0)
+    with pytest.raises(SpecError, match="variance"):
+        run_attack("lira_online", {"variance": "fixed"}, sig, 0)
+    with pytest.raises(SpecError, match="center"):
+        run_attack("lira_online", {"center": "mode"}, sig, 0)

@@ -1,50 +1,86 @@
 """RMIA, the robust membership inference attack of Zarifzadeh et al. (2024), online and offline.
 
 RMIA compares how much the target model raises the probability of x, relative to reference models, with how
-much it raises that of population points z that no model trained on. Conventions, fixed here:
+much it raises that of population points z that no model trained on. Conventions, fixed here after the
+authors' code (research/2023_rmia/main.py in github.com/privacytrustlab/ml_privacy_meter, "the paper's code")
+and Privacy Meter's maintained implementation (modules/mia/attacks/rmia.py and attacks.py there):
 
-- Pr(x|theta) = p_y, the softmax probability of the true label, with logits divided by `temperature` first.
-  The default 1.0 scores the outputs a querier sees; the authors' code uses a softening temperature of 2.
-- With several query augmentations, Pr(x|theta) is the mean of p_y over the queries, taken before any ratio
-  (the authors' convention: they average probabilities over augmentations).
-- Reference models are the shadows of the target (every other bank model; the target's own keep row is
-  never read). Online: Pr(x) = mean of Pr(x|ref) over all shadows, IN and OUT (the paper's online setting
-  with balanced references). Offline: Pr_OUT(x) = mean over the shadows that did not train on x, and
-  Pr(x) = ((1 + a) * Pr_OUT(x) + (1 - a)) / 2, the paper's linear approximation of the missing IN half.
-  A point with no OUT shadow (rare with a balanced keep matrix) takes the mean Pr over all OUT
-  (shadow, point) pairs.
+- Pr(x|theta) = p_y, the softmax probability of the true label, logits divided by `temperature` first.
+  Defaults: temperature 2, the paper's code's (its README and every RMIA config; Privacy Meter's library
+  queries at temperature 1), and gamma 1, Privacy Meter's (run_rmia counts Ratio_x / Ratio_z > 1; the paper's
+  code defaults to 2, the paper reports 1 to 2). Measured on digits with 32 models (docs/validity.md), gamma 2
+  loses 0.01 to 0.04 AUC against gamma 1 and temperature 1 loses 0.003 to 0.03 against 2: models that are
+  not very confident rarely raise a probability ratio twofold, so gamma 2 leaves most x with a score near 0.
+- Reference models are the target's shadows, `Signals.shadow_mask(target)` (the target's own keep row is
+  never read here). Online: Pr(x) = mean of Pr(x|ref) over all shadows, IN and OUT. Offline: Pr_OUT(x) =
+  mean over the shadows that did not train on x, and Pr(x) = ((1 + a) Pr_OUT(x) + (1 - a)) / 2, the paper's
+  linear approximation of the missing IN half. A point with no OUT shadow (none with a paired plan) takes the
+  mean Pr over all OUT (shadow, point) pairs of the same query. Means are plain means (the paper's code
+  takes a 20%-trimmed mean, Privacy Meter a plain one).
 - Population points z are OUT for every model: online Pr(z) = mean over all shadows; offline the same mean
-  with the same a-correction.
-- Ratio_x = Pr(x|target) / Pr(x), Ratio_z likewise; Score(x) = fraction of z with Ratio_x / Ratio_z >= gamma.
-  The default gamma = 2 follows the authors' code (the paper reports gamma between 1 and 2).
+  with the same a-correction (both reference codes correct z as x).
+- Query augmentations are combined per query, as the paper's code does: every query k has its own ratios
+  Ratio_x,k = Pr_k(x|target) / Pr_k(x) and Ratio_z,k, and its own pairwise test Ratio_x,k / Ratio_z,k > gamma;
+  `combine: vote` (default, the paper's code) takes the majority of the Q tests for every (x, z) pair (a tie
+  is not a win: torch.mode, which that code uses, returns the smaller value), then Score(x) = fraction of z
+  won. `combine: mean` averages the Q per-query fractions instead (a soft vote, O((P + Z) log Z) per query).
+  Probabilities of differently shifted inputs are never averaged before a ratio.
+- Offline `a`: a number in [0, 1], or "auto" (default). Auto tunes a as Privacy Meter does (tune_offline_a:
+  the grid 0, 0.1, ..., 1, keeping the first a of highest AUC when a reference model is attacked), with one
+  reference model taken among the target's shadows, never the target: the first shadow r is attacked
+  offline, with the same gamma, temperature and combination, by the other shadows except any whose keep row
+  is the complement of r's (r's pair, left out as the target's pair is), and its AUC against keep[r] scores
+  each a. Privacy Meter attacks the target's paired model instead, whose membership is the complement of the
+  target's; raymia reads no row of the target. Auto is the default because the best a depends on the data
+  and the model (the paper's 0.33 is CIFAR-10's) and a wrong one costs up to 0.06 AUC (digits, 32 models:
+  a = 1 against the best a; docs/validity.md); a number skips the 11 extra attacks on the shadow.
+- Score(x) counts z with Ratio_x / Ratio_z strictly above gamma, as both reference codes do.
 
 All probabilities are handled as float64 logs (log p_y = -cross-entropy of the tempered logits, averages as
-log-mean-exp), so confident outputs whose p_y underflows keep finite ratios. The pairwise count is computed
-by sorting the log Ratio_z once and binary-searching log Ratio_x - log gamma: O((P + Z) log Z) time and
-O(P + Z) memory instead of a [P, Z] matrix.
+log-mean-exp), so confident outputs whose p_y underflows keep finite ratios. With one query (or
+`combine: mean`) the pairwise count sorts the log Ratio_z once and binary-searches every x: O((P + Z) log Z)
+time and O(P + Z) memory. The vote over several queries compares every (x, z) pair in blocks of x:
+O(Q P Z) time, O(Z * block) memory.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field
+from scipy.stats import rankdata
 
 from raymia.attacks.mia import cross_entropy
 from raymia.attacks.registry import ATTACKS
 from raymia.registry import Params
 from raymia.signals import Signals
 
+log = logging.getLogger(__name__)
+
+# Privacy Meter's grid for the offline a (np.arange(0, 1.1, 0.1)).
+A_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+_BLOCK_ELEMENTS = 1 << 22  # (x, z) pairs compared at once by the vote
+
 
 class RmiaOnlineParams(Params):
     gamma: float = Field(
-        2.0,
+        1.0,
         gt=0,
-        description="Pairwise threshold: z counts when Ratio_x / Ratio_z >= gamma (authors' code: 2).",
+        description="Pairwise threshold: z counts when Ratio_x / Ratio_z > gamma (Privacy Meter: 1; the "
+        "paper's code: 2).",
     )
     temperature: float = Field(
-        1.0, gt=0, description="Softmax temperature applied to the logits (authors' code: 2)."
+        2.0,
+        gt=0,
+        description="Softmax temperature applied to the logits (paper's code: 2; Privacy Meter: 1).",
+    )
+    combine: Literal["vote", "mean"] = Field(
+        "vote",
+        description="How query augmentations combine, each with its own ratios: vote (majority of the "
+        "per-query tests for every (x, z) pair, the paper's code) or mean (mean of the per-query scores).",
     )
     num_z: int | None = Field(
         None, ge=1, description="Use a random subset of this many population points z (None: all of them)."
@@ -53,11 +89,10 @@ class RmiaOnlineParams(Params):
 
 
 class RmiaOfflineParams(RmiaOnlineParams):
-    a: float = Field(
-        0.3,
-        ge=0,
-        le=1,
-        description="Offline correction Pr(x) = ((1 + a) Pr_OUT(x) + (1 - a)) / 2 (about 0.3 for CIFAR-10).",
+    a: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = Field(
+        "auto",
+        description="Offline correction Pr(x) = ((1 + a) Pr_OUT(x) + (1 - a)) / 2; auto: the grid value "
+        "0, 0.1, ..., 1 of best AUC on a shadow attacked by the other shadows (Privacy Meter's tuning).",
     )
 
 
@@ -67,16 +102,15 @@ def _log_mean_exp(x: np.ndarray, axis: int) -> np.ndarray:
     return np.squeeze(mx, axis=axis) + np.log(np.mean(np.exp(x - mx), axis=axis))
 
 
-def log_prob_true_label(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """log Pr(x|theta) float64 [M, P]: log of the mean over queries of softmax(logits / T)_y.
+def log_prob_true_label(logits: np.ndarray, labels: np.ndarray, temperature: float = 2.0) -> np.ndarray:
+    """log Pr(x|theta) float64 [M, Q, P]: log softmax(logits / T)_y for every model and query.
 
     logits [M, Q, P, C], labels [P]. One model is widened to float64 at a time.
     """
     z = np.asarray(logits)
-    out = np.empty((z.shape[0], z.shape[2]), dtype=np.float64)
+    out = np.empty(z.shape[:3], dtype=np.float64)
     for m in range(z.shape[0]):
-        logp = -cross_entropy(np.asarray(z[m], dtype=np.float64) / temperature, labels)  # [Q, P]
-        out[m] = _log_mean_exp(logp, axis=0)
+        out[m] = -cross_entropy(np.asarray(z[m], dtype=np.float64) / temperature, labels)  # [Q, P]
     return out
 
 
@@ -85,6 +119,28 @@ def _offline_correction(log_pr_out: np.ndarray, a: float) -> np.ndarray:
     if a >= 1.0:
         return log_pr_out
     return np.logaddexp(math.log((1.0 + a) / 2.0) + log_pr_out, math.log((1.0 - a) / 2.0))
+
+
+def _reference_logs(
+    logp: np.ndarray, keep: np.ndarray, logp_pop: np.ndarray, shadows: np.ndarray, online: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(log Pr(x) or log Pr_OUT(x) [Q, P], log Pr(z) [Q, Z]) over the shadows, before any a-correction."""
+    ref, ref_pop = logp[shadows], logp_pop[shadows]  # [S, Q, P], [S, Q, Z]
+    log_pr_z = _log_mean_exp(ref_pop, axis=0)
+    if online:
+        return _log_mean_exp(ref, axis=0), log_pr_z
+    out = ~keep[shadows]  # [S, P]
+    if not out.any():
+        raise ValueError("offline RMIA needs OUT references: every shadow trained on every audited point")
+    n_out = out.sum(axis=0)  # [P]
+    masked = np.where(out[:, None, :], ref, -np.inf)  # [S, Q, P]
+    mx = np.max(masked, axis=0)  # per point and query max over OUT shadows, -inf where there is none
+    mx = np.where(n_out > 0, mx, 0.0)
+    with np.errstate(divide="ignore"):  # log(0) for points without OUT shadow, replaced below
+        per_point = mx + np.log(np.sum(np.exp(masked - mx), axis=0) / np.maximum(n_out, 1))
+    # mean Pr over all OUT (shadow, point) pairs, per query
+    fallback = _log_mean_exp(np.moveaxis(ref, 1, 0)[:, out], axis=1)[:, None]  # [Q, 1]
+    return np.where(n_out > 0, per_point, fallback), log_pr_z
 
 
 def rmia_log_ratios(
@@ -96,48 +152,41 @@ def rmia_log_ratios(
     a: float = 0.3,
     shadow: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(log Ratio_x [P], log Ratio_z [Z]) from log Pr(.|model) of audited points [M, P] and of z [M, Z].
+    """(log Ratio_x, log Ratio_z) per query from log Pr(.|model) of audited points and of population z.
 
-    keep [M, P] selects the OUT shadows in the offline attack; its target row is never read.
+    logp [M, Q, P] and logp_pop [M, Q, Z] give [Q, P] and [Q, Z]; logp [M, P] and logp_pop [M, Z] (one
+    query) give [P] and [Z]. keep [M, P] selects the OUT shadows in the offline attack; its target row is
+    never read. `shadow` (bool [M]): the reference models (default: every model but the target).
     """
     logp = np.asarray(logp, dtype=np.float64)
     logp_pop = np.asarray(logp_pop, dtype=np.float64)
     keep = np.asarray(keep, dtype=np.bool_)
+    single = logp.ndim == 2
+    if single:
+        logp, logp_pop = logp[:, None], (logp_pop[:, None] if logp_pop.ndim == 2 else logp_pop)
     m = logp.shape[0]
-    if logp.ndim != 2 or logp_pop.ndim != 2 or logp_pop.shape[0] != m or keep.shape != logp.shape:
+    if (logp.ndim != 3 or logp_pop.ndim != 3 or logp_pop.shape[:2] != logp.shape[:2]
+            or keep.shape != (m, logp.shape[2])):
         raise ValueError(
-            f"expected logp [M, P], keep [M, P] and logp_pop [M, Z], got {logp.shape}, {keep.shape} and "
-            f"{logp_pop.shape}"
+            f"expected logp [M, Q, P], keep [M, P] and logp_pop [M, Q, Z], got {logp.shape}, {keep.shape} "
+            f"and {logp_pop.shape}"
         )
     if not 0 <= target < m:
         raise ValueError(f"target {target} out of range [0, {m})")
-    if logp_pop.shape[1] == 0:
+    if logp_pop.shape[2] == 0:
         raise ValueError("RMIA needs at least one population point z")
     shadows = np.arange(m) != target if shadow is None else np.asarray(shadow, dtype=bool)
     if not shadows.any():
         raise ValueError("RMIA needs at least one reference model besides the target")
-    ref, ref_pop = logp[shadows], logp_pop[shadows]
-    log_pr_z = _log_mean_exp(ref_pop, axis=0)
-    if online:
-        log_pr_x = _log_mean_exp(ref, axis=0)
-    else:
-        out = ~keep[shadows]  # [S, P]
-        n_out = out.sum(axis=0)
-        if not out.any():
-            raise ValueError("offline RMIA needs OUT references: every shadow trained on every audited point")
-        masked = np.where(out, ref, -np.inf)
-        mx = np.max(masked, axis=0)  # per-point max over OUT shadows, -inf where there is none
-        mx = np.where(n_out > 0, mx, 0.0)
-        with np.errstate(divide="ignore"):  # log(0) for points without OUT shadow, replaced below
-            per_point = mx + np.log(np.sum(np.exp(masked - mx), axis=0) / np.maximum(n_out, 1))
-        fallback = _log_mean_exp(ref[out], axis=0)  # mean Pr over all OUT (shadow, point) pairs
-        log_pr_x = _offline_correction(np.where(n_out > 0, per_point, fallback), a)
-        log_pr_z = _offline_correction(log_pr_z, a)
-    return logp[target] - log_pr_x, logp_pop[target] - log_pr_z
+    log_pr_x, log_pr_z = _reference_logs(logp, keep, logp_pop, shadows, online)
+    if not online:
+        log_pr_x, log_pr_z = _offline_correction(log_pr_x, a), _offline_correction(log_pr_z, a)
+    lx, lz = logp[target] - log_pr_x, logp_pop[target] - log_pr_z
+    return (lx[0], lz[0]) if single else (lx, lz)
 
 
 def pairwise_fraction(log_ratio_x: np.ndarray, log_ratio_z: np.ndarray, gamma: float) -> np.ndarray:
-    """Fraction of z with Ratio_x / Ratio_z >= gamma for every x, i.e. log Ratio_z <= log Ratio_x - log gamma.
+    """Fraction of z with Ratio_x / Ratio_z > gamma for every x, i.e. log Ratio_z < log Ratio_x - log gamma.
 
     Sorts log Ratio_z once and binary-searches every x: O(P + Z) memory.
     """
@@ -145,8 +194,93 @@ def pairwise_fraction(log_ratio_x: np.ndarray, log_ratio_z: np.ndarray, gamma: f
     if lz.size == 0:
         raise ValueError("RMIA needs at least one population point z")
     lx = np.asarray(log_ratio_x, dtype=np.float64)
-    counts = np.searchsorted(lz, lx - math.log(gamma), side="right")
+    counts = np.searchsorted(lz, lx - math.log(gamma), side="left")
     return counts / lz.size
+
+
+def combine_queries(
+    log_ratio_x: np.ndarray, log_ratio_z: np.ndarray, gamma: float, combine: str = "vote"
+) -> np.ndarray:
+    """Score(x) [P] from per-query log Ratio_x [Q, P] and log Ratio_z [Q, Z].
+
+    vote: fraction of z for which more than half of the Q queries pass Ratio_x,k / Ratio_z,k > gamma (a tie
+    loses); mean: mean over queries of the per-query fraction. One query: both are pairwise_fraction.
+    """
+    lx = np.asarray(log_ratio_x, dtype=np.float64)
+    lz = np.asarray(log_ratio_z, dtype=np.float64)
+    if lx.ndim != 2 or lz.ndim != 2 or lx.shape[0] != lz.shape[0]:
+        raise ValueError(f"expected log ratios [Q, P] and [Q, Z], got {lx.shape} and {lz.shape}")
+    q, p = lx.shape
+    if lz.shape[1] == 0:
+        raise ValueError("RMIA needs at least one population point z")
+    if combine == "mean" or q == 1:
+        return np.mean([pairwise_fraction(lx[k], lz[k], gamma) for k in range(q)], axis=0)
+    if combine != "vote":
+        raise ValueError(f"unknown combine {combine!r}; accepted: vote, mean")
+    thr = lx - math.log(gamma)  # [Q, P]: query k passes for z when lz[k, z] < thr[k, x]
+    z = lz.shape[1]
+    block = max(1, _BLOCK_ELEMENTS // z)
+    need = q // 2 + 1  # strict majority
+    out = np.empty(p, dtype=np.float64)
+    for s in range(0, p, block):
+        e = min(p, s + block)
+        wins = np.zeros((e - s, z), dtype=np.int16)
+        for k in range(q):
+            wins += lz[k][None, :] < thr[k, s:e, None]
+        out[s:e] = np.count_nonzero(wins >= need, axis=1) / z
+    return out
+
+
+def _auc(scores: np.ndarray, member: np.ndarray) -> float:
+    """ROC AUC (Mann-Whitney, ties counted half), as sklearn's roc_auc_score."""
+    n1 = int(member.sum())
+    n0 = member.size - n1
+    ranks = rankdata(scores)
+    return float((ranks[member].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def tune_offline_a(
+    logp: np.ndarray,
+    keep: np.ndarray,
+    logp_pop: np.ndarray,
+    shadow: np.ndarray,
+    gamma: float,
+    combine: str = "vote",
+    grid: tuple[float, ...] = A_GRID,
+) -> tuple[float, dict[float, float]]:
+    """(a, {a: AUC}): the first grid value of highest AUC when the first shadow r is attacked offline by
+    the other shadows, those whose keep row is the complement of r's left out. Reads shadow rows only.
+
+    logp [M, Q, P], keep [M, P], logp_pop [M, Q, Z], shadow bool [M] (the target is not in it).
+    """
+    keep = np.asarray(keep, dtype=np.bool_)
+    shadow = np.asarray(shadow, dtype=bool)
+    idx = np.flatnonzero(shadow)
+    if idx.size == 0:
+        raise ValueError("RMIA needs at least one reference model besides the target")
+    r = int(idx[0])
+    refs = shadow.copy()
+    refs[r] = False
+    refs &= ~np.all(keep == ~keep[r], axis=1)  # r's paired model, if any
+    member = keep[r]
+    if not refs.any() or member.all() or not member.any() or not (~keep[refs]).any():
+        raise ValueError(
+            f"rmia_offline a='auto' attacks shadow model {r} with the other shadows (its paired model left "
+            "out) and finds none to attack it with, or no member and non-member of it: set a to a number "
+            "in [0, 1], or use more models (plan.num_models >= 6)"
+        )
+    log_pr_out_x, log_pr_out_z = _reference_logs(logp, keep, logp_pop, refs, online=False)
+    aucs = {}
+    for a in grid:
+        lx = logp[r] - _offline_correction(log_pr_out_x, a)
+        lz = logp_pop[r] - _offline_correction(log_pr_out_z, a)
+        aucs[a] = _auc(combine_queries(lx, lz, gamma, combine), member)
+    best = grid[0]
+    for a in grid[1:]:  # strict: the first a of highest AUC, as Privacy Meter keeps it
+        if aucs[a] > aucs[best]:
+            best = a
+    log.debug("rmia_offline: a = %s tuned on shadow %d (AUC %.4f)", best, r, aucs[best])
+    return best, aucs
 
 
 def _rmia(signals: Signals, target: int, params: RmiaOnlineParams, online: bool) -> np.ndarray:
@@ -164,9 +298,13 @@ def _rmia(signals: Signals, target: int, params: RmiaOnlineParams, online: bool)
         raise ValueError(f"num_z={params.num_z} exceeds the {z_total} population points in the signals")
     logp = log_prob_true_label(signals.logits, signals.labels, params.temperature)
     logp_pop = log_prob_true_label(pop_logits, pop_labels, params.temperature)
-    a = params.a if isinstance(params, RmiaOfflineParams) else 0.0
+    a = 0.0
+    if isinstance(params, RmiaOfflineParams):
+        a = params.a
+        if a == "auto":
+            a, _ = tune_offline_a(logp, signals.keep, logp_pop, shadow, params.gamma, params.combine)
     lx, lz = rmia_log_ratios(logp, signals.keep, logp_pop, target, online, a, shadow)
-    return pairwise_fraction(lx, lz, params.gamma)
+    return combine_queries(lx, lz, params.gamma, params.combine)
 
 
 @ATTACKS.register(
@@ -175,7 +313,8 @@ def _rmia(signals: Signals, target: int, params: RmiaOnlineParams, online: bool)
     doc="RMIA online (Zarifzadeh et al. 2024): pairwise likelihood ratio vs population z, IN+OUT references.",
 )
 def rmia_online(signals: Signals, target: int, params: RmiaOnlineParams) -> np.ndarray:
-    """Fraction of population points z with Ratio_x / Ratio_z >= gamma, Pr(x) over all shadows."""
+    """Fraction of population points z with Ratio_x / Ratio_z > gamma (per-query vote), Pr(x) over all
+    shadows."""
     return _rmia(signals, target, params, online=True)
 
 
@@ -185,5 +324,6 @@ def rmia_online(signals: Signals, target: int, params: RmiaOnlineParams) -> np.n
     doc="RMIA offline (Zarifzadeh et al. 2024): pairwise likelihood ratio vs population z, OUT references.",
 )
 def rmia_offline(signals: Signals, target: int, params: RmiaOfflineParams) -> np.ndarray:
-    """Fraction of z with Ratio_x / Ratio_z >= gamma, Pr(x) = ((1 + a) Pr_OUT(x) + (1 - a)) / 2."""
+    """Fraction of z with Ratio_x / Ratio_z > gamma (per-query vote), with
+    Pr(x) = ((1 + a) Pr_OUT(x) + (1 - a)) / 2, a tuned on a shadow by default."""
     return _rmia(signals, target, params, online=False)
