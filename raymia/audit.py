@@ -31,24 +31,36 @@ class AuditResult:
     per_target: dict[str, list[dict[str, float | None]]]  # attack -> one metrics dict per target
     defense_report: dict[str, float]  # the defense's per-model facts (mean over the bank), its guarantee
     utility: dict[str, float]
+    utility_std: dict[str, float]  # std over targets of the per-target utility metrics
     reused_signals: bool
     out_dir: Path
     roc: dict[str, tuple[np.ndarray, np.ndarray]] = field(repr=False, default_factory=dict)
     seconds: float = 0.0
 
     def flat_metrics(self) -> dict[str, float | None]:
-        """{"test_accuracy": .., "lira_online/auc": .., ...}: the names objectives and MLflow use."""
+        """{"test_accuracy": .., "lira_online/auc": .., ...}: the names objectives and MLflow use, each the
+        mean over the targets, and beside each, under `spread_key(name)` ("std/lira_online/auc"), its std
+        over the targets (None with a single target: one model gives no spread)."""
+        from raymia.metrics import spread_key
+
+        spread = len(self.spec.plan.target_list) > 1
         out: dict[str, float | None] = dict(self.utility)
+        std: dict[str, float | None] = {k: v if spread else None for k, v in self.utility_std.items()}
         out.update({f"defense/{k}": v for k, v in self.defense_report.items()})
         for a, ms in self.attacks.items():
             for k, v in ms.items():
                 out[f"{a}/{k}"] = v
-        # worst/<metric>: the strongest attack's value (every attack metric grows with leakage)
+                if "_ci_" not in k:
+                    std[f"{a}/{k}"] = self.attacks_std[a].get(k) if spread else None
+        # worst/<metric>: the strongest attack's value (every attack metric grows with leakage), its spread
         for k in next(iter(self.attacks.values()), {}):
             if "_ci_" in k:
                 continue
-            vals = [ms[k] for ms in self.attacks.values() if ms.get(k) is not None]
-            out[f"worst/{k}"] = max(vals) if vals else None
+            vals = {a: ms[k] for a, ms in self.attacks.items() if ms.get(k) is not None}
+            strongest = max(vals, key=vals.get) if vals else None
+            out[f"worst/{k}"] = vals[strongest] if strongest else None
+            std[f"worst/{k}"] = std.get(f"{strongest}/{k}") if strongest else None
+        out.update({spread_key(k): v for k, v in std.items()})
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -59,6 +71,7 @@ class AuditResult:
             "spec": self.spec.model_dump(mode="json"),
             "targets": self.spec.plan.target_list,
             "utility": self.utility,
+            "utility_std_over_targets": self.utility_std,
             "defense": {"name": self.spec.defense.name, "params": self.spec.defense.params,
                         "report": self.defense_report},
             "attacks": self.attacks,
@@ -144,20 +157,22 @@ def run_audit(
     # Utility of the attacked models (mean over targets), measured on what a querier sees.
     tr_acc = [accuracy(signals.logits[t, 0, signals.keep[t]], labels[signals.keep[t]]) for t in targets]
     te_acc = [accuracy(test_logits[t], y_test) for t in targets]
-    utility = {
-        "train_accuracy": float(np.mean(tr_acc)),
-        "test_accuracy": float(np.mean(te_acc)),
-        "generalization_gap": float(np.mean(tr_acc) - np.mean(te_acc)),
-        "test_ece": float(np.mean([ece(test_logits[t], y_test) for t in targets])),
-        "bank_test_accuracy": float(np.mean([accuracy(test_logits[m], y_test) for m in range(len(test_logits))])),
+    per_target_utility = {
+        "train_accuracy": tr_acc,
+        "test_accuracy": te_acc,
+        "generalization_gap": list(np.subtract(tr_acc, te_acc)),
+        "test_ece": [ece(test_logits[t], y_test) for t in targets],
     }
+    utility = {k: float(np.mean(v)) for k, v in per_target_utility.items()}
+    utility_std = {k: float(np.std(v)) for k, v in per_target_utility.items()}
+    utility["bank_test_accuracy"] = float(np.mean([accuracy(test_logits[m], y_test) for m in range(len(test_logits))]))
 
     m = spec.metrics
     per_attack: dict[str, dict[str, float | None]] = {}
     per_attack_std: dict[str, dict[str, float | None]] = {}
     per_target: dict[str, list[dict[str, float | None]]] = {}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for i, a in enumerate(spec.attacks):
+    for i, a in enumerate(attacks_to_run(spec, ctx.defense)):
         runs = []
         for j, t in enumerate(targets):
             scores = run_attack(a.name, a.params, signals, t, where=f"attacks.{i}")
@@ -166,16 +181,16 @@ def run_audit(
                                      fnr_levels=tuple(m.fnr_levels), n_boot=m.bootstrap, seed=spec.seed))
             if j == 0:
                 fpr, tpr, _ = roc(scores, is_member)
-                curves[a.name] = (fpr, tpr)
-        per_attack[a.name], per_attack_std[a.name] = _mean_std(runs)
-        per_target[a.name] = runs
+                curves[a.key] = (fpr, tpr)
+        per_attack[a.key], per_attack_std[a.key] = _mean_std(runs)  # keyed by label (default: the name)
+        per_target[a.key] = runs
 
     defense_report = _defense_report(store, ctx.defense)
 
     result = AuditResult(
         spec=spec, fingerprint=fp, attacks=per_attack, attacks_std=per_attack_std, per_target=per_target,
         defense_report=defense_report,
-        utility=utility,
+        utility=utility, utility_std=utility_std,
         reused_signals=reused, out_dir=out, roc=curves, seconds=time.perf_counter() - t0,
     )
     result_path = out / "result.json"
@@ -197,6 +212,19 @@ def run_audit(
         )
         log.info("MLflow run %s in %s", rid, spec.tracking.uri)
     return result
+
+
+def attacks_to_run(spec: AuditSpec, defense) -> list:
+    """The spec's attacks, plus the calibrated label-only attack when the defense changes the released
+    outputs and the spec lists none (`metrics.label_only_for_output_defenses`): score-based attacks are
+    what such a defense is built to blunt, and the predicted label it keeps still leaks."""
+    from raymia.spec import AttackSpec
+
+    attacks = list(spec.attacks)
+    if (spec.metrics.label_only_for_output_defenses and defense.modifies_outputs
+            and not any("label_only" in (a.name, a.key) for a in attacks)):
+        attacks.append(AttackSpec(name="label_only", params={"calibrated": True}))
+    return attacks
 
 
 def write_spec_file(spec: AuditSpec, path: Path, what: str) -> Path:

@@ -88,6 +88,7 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
     """Validate the spec at `path` (a sweep when it has a `sweep` block, else an audit) and describe it."""
     import torch
 
+    from raymia.audit import attacks_to_run
     from raymia.defenses import Defense
     from raymia.models import build_model
     from raymia.store import SignalStore
@@ -144,7 +145,10 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
     rows.append(("defense", spec.defense.name + (" " + ", ".join(f"{k}={v}" for k, v in params.items())
                                                   if params else "")
                  + ("" if spec.attacker == "adaptive" else "; non-adaptive attacker (undefended shadows)")))
-    rows.append(("attacks", f"{', '.join(a.name for a in spec.attacks)}; queries {', '.join(spec.queries)}"))
+    attacks = attacks_to_run(spec, ctx.defense)
+    added = " (label_only added: the defense changes the outputs)" if len(attacks) > len(spec.attacks) else ""
+    rows.append(("attacks", f"{', '.join(a.key for a in attacks)}{added}; queries {', '.join(spec.queries)}; "
+                            f"leave-one-out: each target's shadows are the other models but its pair"))
 
     train_flops = per_step * steps * m
     query_flops = per_query * m * len(spec.queries) * (plan.keep.shape[1] + data.x_test.shape[0])

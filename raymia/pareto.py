@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from raymia.errors import RaymiaError
+from raymia.metrics import spread_key
 from raymia.report.plots import as_number as _num
 from raymia.report.plots import objective_signs
 
@@ -260,9 +261,13 @@ def fmt_params(t: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
 
 
-def _fmt(v: Any) -> str:
-    f = _num(v)
-    return "n/a" if f is None else f"{f:.4f}"
+def fmt_mean_std(t: dict[str, Any], key: str) -> str:
+    """A trial's metric as "mean ± std" (its std over targets, where the trial has one), "n/a" if missing."""
+    f = _num(t.get(key))
+    if f is None:
+        return "n/a"
+    sd = _num(t.get(spread_key(key)))
+    return f"{f:.4f}" if sd is None else f"{f:.4f} ± {sd:.4f}"
 
 
 def _meets(t: dict[str, Any], constraints: list[dict[str, Any]]) -> bool:
@@ -298,7 +303,7 @@ def front_markdown(trials: list[dict], objectives: list[tuple[str, str]], front:
     lines = ["| trial | defense | params | " + " | ".join(f"{k} ({m})" for k, m in objectives) + " | front |",
              "|---|---|---|" + "---|" * len(objs) + "---|"]
     for t in trials:
-        vals = [_fmt(t.get(o)) for o in objs] if t.get("status") == "ok" else ["failed"] * len(objs)
+        vals = [fmt_mean_std(t, o) for o in objs] if t.get("status") == "ok" else ["failed"] * len(objs)
         lines.append(f"| {t['trial']} | {t['defense']} | {fmt_params(t)} | " + " | ".join(vals)
                      + f" | {'*' if t['trial'] in on else ''} |")
     lines += ["", f"Hypervolume vs the undefended trial: {'n/a (no undefended trial)' if hv is None else f'{hv:.6g}'}"]
@@ -345,6 +350,7 @@ def write_front(
         ok, x_key=x, y_key=y, path=out / "pareto.png",
         front_ids={i for i, t in enumerate(ok) if t["trial"] in on},
         x_label=label(x, xm), y_label=label(y, ym), title=title,
-        reference={x: ref[x], y: ref[y], "label": "undefended"} if ref else None,
+        reference={**ref, "label": "undefended"} if ref else None,
+        x_err_key=spread_key(x), y_err_key=spread_key(y),
     )
     return {"front": front, "hypervolume": hv, "paths": [str(csv_path), str(md_path), str(png_path)]}

@@ -15,12 +15,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from raymia.errors import SpecError
 
 # Bump when the meaning of stored signals changes, so old entries are never reused by mistake.
-SIGNAL_FORMAT_VERSION = 6  # 4: one-cycle keeps the momentum; airbench trains with its own tricks; 5: airbench94's BN eps, whitening-bias lr and epochs, lookahead from epoch 3; 6: the plan draws complementary pairs of models
+SIGNAL_FORMAT_VERSION = 7  # 4: one-cycle keeps the momentum; airbench trains with its own tricks; 5: airbench94's BN eps, whitening-bias lr and epochs, lookahead from epoch 3; 6: the plan draws complementary pairs of models; 7: min-max reference sets and the VAE fit on public points only
 
 QUERY_RE = re.compile(r"^(identity|hflip|shift:(-?\d+):(-?\d+)|noise:(\d*\.?\d+))$")
 
@@ -54,8 +62,37 @@ class DefenseSpec(Named):
     name: str = "none"
 
 
+ATTACK_LABEL_RESERVED = ("worst", "defense", "std")  # prefixes of other flat metric names
+
+
 class AttackSpec(Named):
-    pass
+    """An attack entry: a registered attack `name`, its `params`, and an optional `label` that names the entry
+    in results and metric names (`<label>/auc`, MLflow, sweep objectives); without one, the name does. Labels
+    let one attack be listed twice with different params. `key` is the label, or the name."""
+
+    label: str | None = Field(
+        None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$",
+        description="name of this entry in results and metric names (default: the attack's name)",
+    )
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, v: str | None) -> str | None:
+        if v in ATTACK_LABEL_RESERVED:
+            raise ValueError(f"{v!r} is reserved for other metrics ({', '.join(ATTACK_LABEL_RESERVED)})")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _without_default_label(self, handler: Any) -> Any:
+        d = handler(self)  # without a label: dumps (spec.yaml, MLflow params, sweep resume hash) as before
+        if isinstance(d, dict) and d.get("label") is None:
+            d.pop("label", None)
+        return d
+
+    @property
+    def key(self) -> str:
+        """What names this entry in results: the label, or the attack's name."""
+        return self.label or self.name
 
 
 class PlanSpec(_Model):
@@ -184,6 +221,12 @@ class MetricsSpec(_Model):
                                     description="TPR at these FPR levels ('n/a' below the resolvable level)")
     fnr_levels: list[float] = Field(default_factory=lambda: [0.001], description="TNR at these FNR levels")
     bootstrap: int = Field(0, ge=0, description="resamples for AUC / TPR@FPR confidence intervals (0: off)")
+    label_only_for_output_defenses: bool = Field(
+        True,
+        description="when the defense changes the released outputs (confidence, memguard, HAMP's output "
+        "modification) and no label_only attack is listed, run the calibrated label-only attack too: "
+        "output changes that keep the label cannot stop it, so worst/ must include it",
+    )
 
     @field_validator("fpr_levels", "fnr_levels")
     @classmethod
@@ -456,12 +499,13 @@ def check_names(spec: AuditSpec) -> None:
     DATASETS.get(spec.data.name, where="data.name").parse(spec.data.params, where="data.params")
     MODELS.get(spec.model.name, where="model.name").parse(spec.model.params, where="model.params")
     DEFENSES.get(spec.defense.name, where="defense.name").parse(spec.defense.params, where="defense.params")
-    seen = set()
+    seen: dict[str, int] = {}  # attack results are keyed by label (default: the name): one entry per key
     for i, a in enumerate(spec.attacks):
         ATTACKS.get(a.name, where=f"attacks.{i}.name").parse(a.params, where=f"attacks.{i}.params")
-        if a.name in seen:
-            raise SpecError(f"attack {a.name!r} listed twice", where=f"attacks.{i}.name")
-        seen.add(a.name)
+        if a.key in seen:
+            raise SpecError(f"{a.key!r} already names attacks.{seen[a.key]}; give each entry its own label "
+                            "(results and metrics are keyed by it)", where=f"attacks.{i}.label")
+        seen[a.key] = i
     if isinstance(spec, SweepSpec):
         if spec.sweep.defenses:
             for i, c in enumerate(spec.sweep.choices):

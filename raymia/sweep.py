@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from raymia.errors import RaymiaError, SpecError
+from raymia.metrics import spread_key
+from raymia.pareto import fmt_mean_std
 from raymia.space import Categorical, Domain, Float, Int, describe
 from raymia.spec import SweepSpec
 
@@ -464,8 +466,9 @@ def run_sweep(
             ok, x_key=y, y_key=x, path=sweep_dir / "pareto.png",
             front_ids={i for i, t in enumerate(ok) if t["trial"] in front_ids},
             x_label=f"{y} ({_arrow(objectives, y)})", y_label=f"{x} ({_arrow(objectives, x)})",
-            title=f"sweep {spec.name}: {', '.join(space)} ({len(ok)} trials)",
-            reference={y: ref[y], x: ref[x], "label": "undefended"} if ref else None,
+            title=f"sweep {spec.name}: {', '.join(space)} ({len(ok)} trials{_spread_note(spec)})",
+            reference={**ref, "label": "undefended"} if ref else None,
+            x_err_key=spread_key(y), y_err_key=spread_key(x),
         )
         if ref is not None and len(objectives) in (2, 3):
             from raymia.pareto import hypervolume
@@ -554,7 +557,7 @@ def _arrow(objectives, metric: str) -> str:
 
 
 def _check_objective_names(spec: SweepSpec, names: list[str], field: str = "objectives") -> None:
-    attacks = {a.name for a in spec.attacks}
+    attacks = {a.key for a in spec.attacks}
     utility = {"train_accuracy", "test_accuracy", "generalization_gap", "test_ece", "bank_test_accuracy"}
     keys = {"auc", "balanced_accuracy", "epsilon_lb", *(f"tpr_fpr_{f:g}" for f in spec.metrics.fpr_levels),
             *(f"tnr_fnr_{f:g}" for f in spec.metrics.fnr_levels)}
@@ -603,16 +606,19 @@ def _fmt_params(t: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
 
 
+def _spread_note(spec) -> str:
+    n = len(spec.plan.target_list)
+    return f"; mean ± std over {n} targets" if n > 1 else "; one target"
+
+
 def front_markdown(result: SweepResult) -> str:
-    objs = [o.metric for o in result.spec.sweep.objectives]
-    lines = ["| trial | defense | params | " + " | ".join(objs) + " | front |",
-             "|---|---|---|" + "---|" * len(objs) + "---|"]
-    for i, t in enumerate(result.trials):
-        vals = [("n/a" if t.get(o) is None else f"{t[o]:.4f}") for o in objs] if t["status"] == "ok" else \
-            ["failed"] * len(objs)
-        lines.append(f"| {t['trial']} | {t['defense']} | {_fmt_params(t)} | " + " | ".join(vals) +
-                     f" | {'*' if i in result.front else ''} |")
-    return "\n".join(lines) + "\n"
+    from raymia.pareto import front_markdown as table
+
+    spec = result.spec
+    return (f"Sweep {spec.name}: every objective is the mean over {len(spec.plan.target_list)} target(s) "
+            f"(leave-one-out over the bank), ± its std over them.\n\n"
+            + table(result.trials, [(o.metric, o.mode) for o in spec.sweep.objectives],
+                    [result.trials[i]["trial"] for i in result.front], result.hypervolume))
 
 
 def print_front(result: SweepResult) -> None:
@@ -627,7 +633,7 @@ def print_front(result: SweepResult) -> None:
         table.add_column(f"{o.metric} ({o.mode})", justify="right")
     for i in result.front:
         t = result.trials[i]
-        table.add_row(str(t["trial"]), t["defense"], _fmt_params(t), *[f"{t[o.metric]:.4f}" for o in objs])
+        table.add_row(str(t["trial"]), t["defense"], _fmt_params(t), *[fmt_mean_std(t, o.metric) for o in objs])
     c = Console()
     c.print(table)
     failed = [t for t in result.trials if t["status"] != "ok"]

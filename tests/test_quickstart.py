@@ -33,3 +33,13 @@ def test_quickstart_sweep(ray_local, tmp_path):
     best = min(t["lira_online/tpr_fpr_0.01"] for t in ok[1:]
                if t["test_accuracy"] >= ok[0]["test_accuracy"] - 0.02)
     assert best <= ok[0]["lira_online/tpr_fpr_0.01"] / 2
+    # Every objective is the mean over the 8 leave-one-out targets, with its spread beside it.
+    assert all(0 < t["std/lira_online/tpr_fpr_0.01"] < 0.5 and t["std/test_accuracy"] > 0 for t in ok)
+    front_md = (tmp_path / "runs" / "sweeps" / "quickstart" / "front.md").read_text()
+    assert "mean over 8 target(s)" in front_md and front_md.count("±") >= 2 * len(ok)
+    # HAMP's output modification keeps labels: the label-only attack joins worst/ in those trials only.
+    for t in ok:
+        modifies = t["defense"] == "hamp" and t["params"]["output_modification"]
+        assert ("label_only/auc" in t) == modifies
+        if modifies:
+            assert t["worst/auc"] >= t["label_only/auc"]

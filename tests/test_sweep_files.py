@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 
 from raymia.defenses import build_defense
 from raymia.defenses.base import DataInfo
+from raymia.space import Categorical, Float, Int
 from raymia.spec import SweepSpec, load_spec
 from raymia.sweep import _check_objective_names, resolve_space
 
@@ -35,6 +39,17 @@ def test_sweep_file_is_valid(path):
             "purchase100": DataInfo(100, (600,), "tabular")}[spec.data.name]
     for d in space:
         build_defense(d, {}, info).check(spec.model.name, info)
+    # ... and its plan (Defense.check_data: e.g. public data left for a min-max reference set or a VAE),
+    # with the space's constants and each choice of a searched categorical (pruning's minmax_lambda)
+    n_train = {"digits": 1347, "cifar10": 50000, "purchase100": 157859}[spec.data.name]  # 197,324 rows x 0.8
+    data = SimpleNamespace(name=spec.data.name, x_train=torch.empty(n_train, 0))
+    population = np.arange(spec.plan.population or n_train)
+    for d, sp in space.items():
+        fixed = {k: v for k, v in sp.items() if not isinstance(v, Float | Int | Categorical)}
+        settings = [fixed] + [{**fixed, k: c} for k, v in sp.items() if isinstance(v, Categorical)
+                              for c in v.choices]
+        for params in settings:
+            build_defense(d, params, info).check_data(data, population)
 
 
 def test_several_defenses_in_one_sweep():

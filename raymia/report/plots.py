@@ -141,22 +141,30 @@ def plot_pareto(
     y_label: str | None = None,
     title: str | None = None,
     reference: dict | None = None,
+    x_err_key: str | None = None,
+    y_err_key: str | None = None,
 ) -> Path:
     """Scatter of every trial (one colour per group, e.g. defense) with the non-dominated trials ringed
     and joined by a step line, plus the undefended reference point as a star.
 
     front_ids holds indices into points (as returned by pareto_front). Points missing x_key or y_key
-    are skipped. Returns the PNG path.
+    are skipped. x_err_key / y_err_key name each point's spread (e.g. the std over targets), drawn as
+    error bars where present. Returns the PNG path.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    groups: dict[str, list[tuple[float, float]]] = {}
+    groups: dict[str, list[tuple[float, float, float, float]]] = {}
     front: list[tuple[float, float]] = []
+
+    def err(p: dict, key: str | None) -> float:
+        v = _value(p, key) if key else None
+        return v if v is not None and math.isfinite(v) else 0.0
+
     for i, p in enumerate(points):
         x, y = _value(p, x_key), _value(p, y_key)
         if x is None or y is None:
             continue
-        groups.setdefault(str(p.get(group_key, "?")), []).append((x, y))
+        groups.setdefault(str(p.get(group_key, "?")), []).append((x, y, err(p, x_err_key), err(p, y_err_key)))
         if i in front_ids:
             front.append((x, y))
 
@@ -165,6 +173,9 @@ def plot_pareto(
     try:
         for k, (group, xy) in enumerate(groups.items()):
             arr = np.asarray(xy, dtype=float)
+            if arr[:, 2:].any():
+                ax.errorbar(arr[:, 0], arr[:, 1], xerr=arr[:, 2], yerr=arr[:, 3], fmt="none",
+                            ecolor=cmap(k % cmap.N), alpha=0.35, linewidth=0.9)
             ax.scatter(arr[:, 0], arr[:, 1], s=22, alpha=0.7, color=cmap(k % cmap.N), label=group)
         if front:
             arr = np.asarray(sorted(front), dtype=float)
@@ -182,6 +193,10 @@ def plot_pareto(
         if reference is not None:
             rx, ry = _value(reference, x_key), _value(reference, y_key)
             if rx is not None and ry is not None:
+                rxe, rye = err(reference, x_err_key), err(reference, y_err_key)
+                if rxe or rye:
+                    ax.errorbar([rx], [ry], xerr=[rxe], yerr=[rye], fmt="none", ecolor="red", alpha=0.5,
+                                linewidth=0.9)
                 ax.scatter(
                     [rx],
                     [ry],
