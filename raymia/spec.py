@@ -28,7 +28,7 @@ from pydantic import (
 from raymia.errors import SpecError
 
 # Bump when the meaning of stored signals changes, so old entries are never reused by mistake.
-SIGNAL_FORMAT_VERSION = 7  # 4: one-cycle keeps the momentum; airbench trains with its own tricks; 5: airbench94's BN eps, whitening-bias lr and epochs, lookahead from epoch 3; 6: the plan draws complementary pairs of models; 7: min-max reference sets and the VAE fit on public points only
+SIGNAL_FORMAT_VERSION = 7  # 4: one-cycle keeps the momentum; airbench trains with its own tricks; 5: airbench94's BN eps, whitening-bias lr and epochs, lookahead from epoch 3; 6: the plan draws complementary pairs of models; 7: min-max reference sets and the VAE fit on public points only; RelaxLoss and MemGuard as their official code
 
 QUERY_RE = re.compile(r"^(identity|hflip|shift:(-?\d+):(-?\d+)|noise:(\d*\.?\d+))$")
 

@@ -18,7 +18,7 @@ DEFENSES = {
     "weight_decay": {"weight_decay": 0.01},
     "early_stopping": {"fraction": 0.5},
     "confidence": {"temperature": 3.0, "top_k": 3},
-    "memguard": {"epsilon": 0.5},
+    "memguard": {"epsilon": 0.5, "defense_epochs": 50},
     "relaxloss": {"alpha": 0.5},
     "advreg": {"lam": 1.0},
     "dpsgd": {"noise_multiplier": 1.0, "max_grad_norm": 1.0},
@@ -26,7 +26,8 @@ DEFENSES = {
     "vae_metric_privacy": {"eps": 100.0, "vae_epochs": 15},
     "tl_dmi": {"freeze_fraction": 0.5, "pretrain_epochs": 2},
 }
-REPORTED = {"dpsgd": "defense/epsilon", "pruning": "defense/sparsity", "tl_dmi": "defense/frozen_fraction"}
+REPORTED = {"dpsgd": "defense/epsilon", "pruning": "defense/sparsity", "tl_dmi": "defense/frozen_fraction",
+            "relaxloss": "defense/train_ce", "memguard": "defense/defense_model_accuracy"}
 
 
 @pytest.mark.parametrize("name", list(DEFENSES))

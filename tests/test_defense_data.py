@@ -41,6 +41,7 @@ FAST: dict[str, dict] = {
     "pruning": {"sparsity": 0.5, "minmax_lambda": 1.0},
     "vae_metric_privacy": {"vae_epochs": 2, "latent_dim": 4, "hidden": 32, "vae_batch": 64, "vae_device": "cpu"},
     "tl_dmi": {"pretrain_epochs": 1, "pretrain_device": "cpu"},
+    "memguard": {"defense_epochs": 20},
 }
 POPULATION = 200
 
@@ -138,6 +139,7 @@ def test_reference_set_is_public_and_sized_to_the_members(tmp_path) -> None:
     ("pruning", {"minmax_lambda": 0.5}),
     ("vae_metric_privacy", {}),
     ("tl_dmi", {}),
+    ("memguard", {}),
 ])
 def test_no_public_data_is_refused_before_training(tmp_path, name: str, params: dict) -> None:
     spec = _spec(tmp_path, name, population=None, params=params)

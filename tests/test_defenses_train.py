@@ -1,5 +1,5 @@
-"""Training-time defenses (adversarial regularisation, RelaxLoss, pruning) and MemGuard's output noise:
-what each one promises, its parameter validation, and one small bank per defense through the bank's hooks."""
+"""Training-time defenses (adversarial regularisation, pruning): what each one promises; the parameter
+validation of those and of RelaxLoss and MemGuard, and one small bank per defense through the bank's hooks."""
 
 from __future__ import annotations
 
@@ -8,21 +8,19 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import raymia.defenses.pruning as pruning_mod
 from raymia.defenses import DEFENSES, build_defense
 from raymia.defenses.advreg import AdvReg, minmax_train
 from raymia.defenses.base import DataInfo, FitJob
-from raymia.defenses.memguard import MemGuard
 from raymia.defenses.pruning import Pruning, prunable_layers
-from raymia.defenses.relaxloss import RelaxLoss, relaxloss
+from raymia.defenses.relaxloss import RelaxLoss
 from raymia.errors import SpecError
 from raymia.models import build_model
 from raymia.space import Categorical
 from raymia.spec import AuditSpec, TrainSpec
-from raymia.train.bank import BankContext, train_model, train_pack
+from raymia.train.bank import BankContext, train_pack
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -168,100 +166,7 @@ def test_minmax_train_is_seeded_and_respects_masks():
         minmax_train(_model("mlp", {"hidden": [16]}, info), x, y, None, None, recipe, 2, 1.0, num_classes=3)
 
 
-# --- RelaxLoss -------------------------------------------------------------------------------------------
-def _member_ce(ctx: BankContext, model: nn.Module) -> float:
-    idx = torch.from_numpy(ctx.plan.members_of(0))
-    with torch.no_grad():
-        return float(F.cross_entropy(model(ctx.data.x_train[idx]), ctx.data.y_train[idx]))
-
-
-def test_relaxloss_holds_training_loss_near_alpha():
-    def ctx_for(defense: dict) -> BankContext:
-        return BankContext.from_spec(AuditSpec.model_validate({
-            "plan": {"num_models": 2, "population": 600}, "model": {"name": "mlp", "params": {"hidden": [256]}},
-            "train": {"epochs": 30, "batch_size": 64, "lr": 0.003}, "defense": defense}))
-
-    alpha = 0.5
-    relaxed = ctx_for({"name": "relaxloss", "params": {"alpha": alpha}})
-    assert isinstance(relaxed.defense, RelaxLoss) and relaxed.defense.vectorizable
-    ce_relax = _member_ce(relaxed, train_model(relaxed, 0, CPU))
-    plain = ctx_for({"name": "none"})
-    ce_plain = _member_ce(plain, train_model(plain, 0, CPU))
-    assert 0.5 * alpha <= ce_relax <= 2 * alpha
-    assert ce_plain < 0.1
-
-
-def test_relaxloss_gradients():
-    """Above alpha it is plain CE (minus a constant); below alpha the CE is pushed back up and the
-    flattening term leaves the true-class logit's gradient untouched."""
-    y = torch.tensor([0, 1, 2, 1])
-    far = torch.zeros(4, 3, requires_grad=True)  # CE = ln 3 > alpha
-    relaxloss(far, y, 0.5).backward()
-    ce_far = torch.zeros(4, 3, requires_grad=True)
-    F.cross_entropy(ce_far, y).backward()
-    torch.testing.assert_close(far.grad, ce_far.grad)
-
-    near = (8.0 * F.one_hot(y, 3).float() + torch.tensor([0.0, 0.5, 1.0])).requires_grad_(True)
-    assert float(F.cross_entropy(near.detach(), y)) < 0.5
-    relaxloss(near, y, 0.5).backward()
-    ce_near = near.detach().clone().requires_grad_(True)
-    F.cross_entropy(ce_near, y).backward()
-    true = F.one_hot(y, 3).bool()
-    # ascent: the true-class logits move down (gradient of the loss has the opposite sign of CE's)
-    assert torch.all(near.grad[true] > 0) and torch.all(ce_near.grad[true] < 0)
-    torch.testing.assert_close(near.grad[true], -ce_near.grad[true])
-
-
-def test_relaxloss_under_vmap():
-    logits = torch.randn(3, 8, 5)
-    y = torch.randint(0, 5, (3, 8))
-    batched = torch.func.vmap(lambda a, b: relaxloss(a, b, 1.0))(logits, y)
-    torch.testing.assert_close(batched, torch.stack([relaxloss(logits[i], y[i], 1.0) for i in range(3)]))
-
-
-# --- MemGuard --------------------------------------------------------------------------------------------
-def _logits(n: int = 400, c: int = 10) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    z = torch.randn(n, c, generator=g) * torch.linspace(0.1, 12.0, n)[:, None]
-    z[0] = 1.0  # an all-tied row
-    z[1, :2] = 5.0  # a tie at the top
-    z[2] = torch.tensor([3.0, 3.0 + 1e-6, *[0.0] * (c - 2)])  # a near tie
-    return z
-
-
-@pytest.mark.parametrize("mode", ["flatten", "random"])
-@pytest.mark.parametrize("epsilon", [0.1, 0.5, 1.0])
-def test_memguard_keeps_label_and_budget(mode, epsilon):
-    info = DataInfo(num_classes=10, input_shape=(4,), kind="tabular")
-    d = build_defense("memguard", {"epsilon": epsilon, "mode": mode}, info)
-    assert isinstance(d, MemGuard) and d.modifies_outputs and d.vectorizable
-    z = _logits()
-    out = d.postprocess_logits(nn.Identity(), z, torch.Generator().manual_seed(3))
-    assert out.shape == z.shape and out.dtype == z.dtype and torch.isfinite(out).all()
-    assert torch.equal(out.argmax(dim=1), z.argmax(dim=1))
-    l1 = (out.softmax(dim=1) - z.softmax(dim=1)).abs().sum(dim=1)
-    assert float(l1.max()) <= epsilon + 1e-5
-    assert float(l1.mean()) > 0.1 * epsilon  # it does perturb
-    again = d.postprocess_logits(nn.Identity(), z, torch.Generator().manual_seed(3))
-    assert torch.equal(out, again)
-    other = d.postprocess_logits(nn.Identity(), z, torch.Generator().manual_seed(4))
-    assert torch.equal(other, out) == (mode == "flatten")
-
-
-def test_memguard_flatten_lowers_top_confidence_by_budget():
-    info = DataInfo(num_classes=10, input_shape=(4,), kind="tabular")
-    d = build_defense("memguard", {"epsilon": 0.4}, info)
-    z = torch.zeros(2, 10)
-    z[0, 3] = 20.0  # confident: the full budget is spent
-    z[1, 3] = 0.1  # barely first: the move stops before the top class loses its place
-    p = z.softmax(dim=1)
-    q = d.postprocess_logits(nn.Identity(), z, torch.Generator()).softmax(dim=1)
-    assert abs(float(p[0, 3] - q[0, 3]) - 0.2) < 1e-4
-    assert 0 < float(p[1, 3] - q[1, 3]) < 0.2
-    assert int(q[1].argmax()) == 3
-    off = build_defense("memguard", {"epsilon": 0.0}, info)
-    assert not off.modifies_outputs
-    assert off.postprocess_logits(nn.Identity(), z, torch.Generator()) is z
+# RelaxLoss and MemGuard: tests/test_relaxloss_memguard.py (known answers, training, attacks).
 
 
 # --- declarations and validation -------------------------------------------------------------------------
@@ -273,8 +178,12 @@ def test_memguard_flatten_lowers_top_confidence_by_budget():
     ("advreg", {"lambda": 1.0}, "lambda"),
     ("relaxloss", {"alpha": 0.0}, "alpha"),
     ("relaxloss", {"alpha": "high"}, "alpha"),
+    ("relaxloss", {"upper": 0.0}, "upper"),
+    ("relaxloss", {"flatten": "both"}, "flatten"),
     ("memguard", {"epsilon": -0.1}, "epsilon"),
-    ("memguard", {"mode": "optimal"}, "mode"),
+    ("memguard", {"mode": "flatten"}, "mode"),
+    ("memguard", {"defense_optimizer": "rmsprop"}, "defense_optimizer"),
+    ("memguard", {"max_iter": 1}, "max_iter"),
     ("pruning", {"sparsity": 1.0}, "sparsity"),
     ("pruning", {"structure": "channel"}, "structure"),
     ("pruning", {"method": "lottery"}, "method"),
@@ -319,8 +228,8 @@ def test_declared_ranges():
 # --- one small bank per defense --------------------------------------------------------------------------
 BANK_CASES = {
     "advreg": ({"lam": 1.0, "warmup_epochs": 1}, None),
-    "relaxloss": ({"alpha": 0.3}, True),  # vmapped pack
-    "memguard": ({"epsilon": 0.5, "mode": "random"}, True),
+    "relaxloss": ({"alpha": 0.3}, None),
+    "memguard": ({"epsilon": 0.5, "defense_epochs": 20}, None),
     "pruning": ({"sparsity": 0.6, "method": "admm", "admm_epochs": 1, "minmax_lambda": 1.0}, None),
 }
 
@@ -350,8 +259,6 @@ def test_bank_with_defense(name):
     if name == "advreg":
         assert all(0.0 <= r["inference_accuracy"] <= 1.0 for r in reports)
     if name == "memguard":
-        # the released outputs keep each model's predicted labels
-        raw = BankContext.from_spec(spec.model_copy(update={"defense": spec.defense.model_copy(
-            update={"name": "none", "params": {}})}))
-        plain = train_pack(raw, 0, CPU, vectorize=True)
-        assert np.array_equal(out["logits"].argmax(-1), plain["logits"].argmax(-1))
+        assert all(0.0 <= r["defense_model_accuracy"] <= 1.0 for r in reports)
+    if name == "relaxloss":
+        assert all(r["train_ce"] > 0.0 for r in reports)

@@ -1,68 +1,161 @@
-"""RelaxLoss (Chen, Yu & Fritz, ICLR 2022): keep the training loss near a target level alpha.
+"""RelaxLoss (Chen, Yu & Fritz, ICLR 2022): keep the members' training loss near a target level alpha.
 
 Members are told apart from non-members by their lower loss; RelaxLoss stops training from driving the
-members' loss towards 0. While the batch's mean cross-entropy is above alpha it is minimised as usual;
-below alpha the loss is pushed back up (gradient ascent) and the posteriors of correctly classified
-samples are flattened (their non-true-class probabilities made equal, the true-class probability kept),
-so members' outputs resemble non-members' in both loss and shape.
+members' loss towards 0. This is the training loop of the official code (github.com/DingfanChen/RelaxLoss,
+``source/cifar/defense/relaxloss.py`` and ``source/nonimage/defense/relaxloss.py``, ``Trainer.train``), per
+batch, with CE the batch's mean cross-entropy and epochs counted from 0:
+
+- even epochs: loss = |CE - alpha| (gradient descent above alpha, gradient ascent below it);
+- odd epochs: loss = CE while CE > alpha (gradient descent); otherwise posterior flattening, against soft
+  targets t built from the model's own (not detached) softmax p: t_y = min(p_y, upper) for the true class,
+  t_j = (1 - t_y) / (C - 1) for every other class; the flattening loss is
+  - ``image`` (the CIFAR code): mean_i [(1 - correct_i) soft-CE(z_i, t_i) - CE(z_i, y_i)]: gradient ascent
+    on the cross-entropy of every sample plus the soft-target loss of the misclassified ones;
+  - ``tabular`` (the Purchase/Texas code): mean_i soft-CE(z_i, t_i).
+
+The loss depends on the epoch, which the bank's `loss(logits, y)` hook does not see, so the defense trains
+each model itself (`fit`) with the spec's recipe (optimizer, schedule, batch size, augmentation) and the
+bank's epoch length; models therefore train one at a time (`vectorizable = False`). The batch order and
+augmentation draws are seeded from the model's defense seed (`FitJob.seed`); `bank.precision: bf16` is not
+applied in this loop (as in the other defenses that train their own way); `train.label_smoothing` is
+refused (the official loss uses plain cross-entropy). Each model reports its members' final mean
+cross-entropy as ``train_ce``.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from torch import nn
 
-from raymia.defenses.base import DEFENSES, Defense
+from raymia.defenses.base import DEFENSES, DataInfo, Defense, FitJob
+from raymia.errors import SpecError
 from raymia.registry import Params
+from raymia.seeding import derive_seed
 from raymia.space import Domain, Float
+from raymia.train.augment import Augmenter
+from raymia.train.batches import batch_passes
+from raymia.train.recipe import make_optimizer, make_scheduler
 
 
 class RelaxLossParams(Params):
-    alpha: float = Field(0.5, gt=0.0, le=10.0, description="target level of the mean training cross-entropy")
+    """The official code's two hyperparameters (its configs: CIFAR-10 ResNet-20 alpha 1, VGG-11 0.4;
+    CIFAR-100 ResNet-20 alpha 3, VGG-11 0.5; upper 1 on CIFAR; Purchase alpha 0.8 upper 0.3; Texas alpha 2.5
+    upper 0.1)."""
+
+    alpha: float = Field(1.0, gt=0.0, le=10.0, description="target level of the mean training cross-entropy")
+    upper: float = Field(1.0, gt=0.0, le=1.0, description="largest true-class probability of the posterior-"
+                         "flattening soft targets (1: no clamp)")
+    flatten: Literal["auto", "image", "tabular"] = Field(
+        "auto", description="posterior-flattening loss: the official image code's (soft-CE on misclassified "
+        "samples minus the CE of all) or its tabular code's (soft-CE of all); auto: by the data's kind")
 
 
-def relaxloss(logits: torch.Tensor, y: torch.Tensor, alpha: float, label_smoothing: float = 0.0) -> torch.Tensor:
-    """|mean CE - alpha| plus, when the mean CE is below alpha, the posterior-flattening loss of the
-    correctly classified samples: soft cross-entropy against targets t with t_y = p_y (detached) and
-    t_j = (1 - p_y) / (C - 1) elsewhere, averaged over the batch. Without Python control flow on tensors
-    (vmap-friendly)."""
-    num_classes = logits.shape[1]
-    log_p = F.log_softmax(logits, dim=1)
-    ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-    is_true = torch.arange(num_classes, device=logits.device)[None, :] == y[:, None]  # [B, C] bool
-    p_true = torch.where(is_true, log_p.exp(), torch.zeros_like(log_p)).sum(dim=1).detach()  # [B]
-    others = ((1.0 - p_true) / (num_classes - 1))[:, None]
-    target = torch.where(is_true, p_true[:, None], others)
+def soft_targets(logits: torch.Tensor, y: torch.Tensor, upper: float) -> torch.Tensor:
+    """t_y = min(p_y, upper), t_j = (1 - t_y) / (C - 1) elsewhere; p = softmax(logits), not detached (the
+    official code lets the gradient flow through the targets)."""
+    c = logits.shape[1]
+    p_true = logits.softmax(dim=1).gather(1, y[:, None]).squeeze(1).clamp(0.0, upper)
+    onehot = F.one_hot(y, c).to(logits.dtype)
+    return onehot * p_true[:, None] + (1.0 - onehot) * ((1.0 - p_true) / (c - 1))[:, None]
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy against probability targets: -sum_j t_j log p_j, [B]."""
+    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1)
+
+
+def flattening_loss(logits: torch.Tensor, y: torch.Tensor, upper: float, form: str) -> torch.Tensor:
+    """The posterior-flattening loss of one batch (`form`: ``image`` or ``tabular``, see the module)."""
+    soft = soft_cross_entropy(logits, soft_targets(logits, y, upper))
+    if form == "tabular":
+        return soft.mean()
+    if form != "image":
+        raise ValueError(f"unknown flattening form {form!r}")
     correct = (logits.argmax(dim=1) == y).to(logits.dtype)
-    flatten = (correct * -(target * log_p).sum(dim=1)).mean()
-    below = (ce < alpha).to(logits.dtype).detach()
-    return (ce - alpha).abs() + below * flatten
+    return ((1.0 - correct) * soft - F.cross_entropy(logits, y, reduction="none")).mean()
+
+
+def relaxloss(logits: torch.Tensor, y: torch.Tensor, epoch: int, alpha: float, upper: float = 1.0,
+              form: str = "image") -> torch.Tensor:
+    """RelaxLoss's objective on one batch at `epoch` (0-based), as the official training loop computes it
+    (the branch is chosen on the batch's mean cross-entropy, so this is not a vmap-able function)."""
+    ce = F.cross_entropy(logits, y)
+    if epoch % 2 == 0:
+        return (ce - alpha).abs()
+    if bool(ce > alpha):
+        return ce
+    return flattening_loss(logits, y, upper, form)
 
 
 @DEFENSES.register(
     "relaxloss",
     RelaxLossParams,
-    doc="RelaxLoss (ICLR 2022): hold the training loss near alpha (ascent below it) + posterior flattening.",
+    doc="RelaxLoss (ICLR 2022): hold the training loss near alpha; ascent and posterior flattening epochs.",
 )
 class RelaxLoss(Defense):
-    """RelaxLoss as one vmap-friendly loss.
-
-    The published algorithm alternates, once the batch loss is below alpha, gradient-ascent epochs and
-    posterior-flattening epochs; the loss hook sees no step or epoch counter, so both updates are applied
-    together: |CE - alpha| (descent above alpha, ascent below it, as in the paper's ascent epochs) plus the
-    flattening term when below alpha. The flattening's true-class confidence is detached so that the term
-    moves only the non-true-class probabilities (its gradient on the true-class logit is zero). Hard
-    labels only (the defense keeps the data as it is); the recipe's label smoothing enters the CE.
-    """
+    """The official training loop in the spec's recipe (see the module docstring)."""
 
     name = "relaxloss"
-    vectorizable = True
+    vectorizable = False  # the loss depends on the epoch: trained by `fit`, one model at a time
     params: RelaxLossParams
 
-    def loss(self, logits: torch.Tensor, y_target: torch.Tensor) -> torch.Tensor:
-        return relaxloss(logits, y_target, self.params.alpha, self.label_smoothing)
+    def __init__(self, params: RelaxLossParams, info: DataInfo, label_smoothing: float = 0.0):
+        super().__init__(params, info, label_smoothing)
+        flatten = params.flatten
+        self.form = ("image" if info.kind == "image" else "tabular") if flatten == "auto" else flatten
+
+    def check(self, model_name: str, info: DataInfo, model_params: dict | None = None) -> None:
+        if self.label_smoothing > 0:
+            raise SpecError("relaxloss sets its own targets (plain cross-entropy, soft targets when "
+                            "flattening): set train.label_smoothing: 0", where="train.label_smoothing")
+
+    def fit(self, job: FitJob) -> nn.Module:
+        """Train model m with the recipe; epoch e is steps [e * steps_per_epoch, (e + 1) * steps_per_epoch)
+        of the bank's epoch length. Reports the members' final mean cross-entropy (eval mode) as
+        ``train_ce``."""
+        p, model, recipe = self.params, job.model, job.recipe
+        n = job.x.shape[0]
+        if n == 0:
+            raise ValueError(f"model {job.m}: empty training set")
+        if torch.is_floating_point(job.y):
+            raise ValueError("relaxloss trains on hard labels")
+        opt = make_optimizer(model, recipe)
+        total = recipe.epochs * job.steps_per_epoch
+        sched = make_scheduler(opt, recipe, total, job.steps_per_epoch)
+        order_gen = torch.Generator().manual_seed(derive_seed(job.seed, "order"))
+        stream = batch_passes(n, recipe.batch_size, order_gen)
+        augment_gen = torch.Generator().manual_seed(derive_seed(job.seed, "augment"))
+        augment = Augmenter(recipe.augment, n, augment_gen)
+        model.train()
+        loss = torch.zeros(())
+        for t in range(total):
+            positions, passes = next(stream)
+            b = positions.to(job.device)
+            logits = model(augment(job.x[b], positions, passes)).float()
+            loss = relaxloss(logits, job.y[b], t // job.steps_per_epoch, p.alpha, p.upper, self.form)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"model {job.m}: training diverged (loss {loss.item()}); lower train.lr")
+        model.eval()
+        job.report["train_ce"] = member_ce(model, job.x, job.y)
+        return model
 
     @classmethod
     def search_space(cls) -> dict[str, Domain]:
         return {"alpha": Float(0.01, 3.0, log=True)}
+
+
+@torch.no_grad()
+def member_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> float:
+    """Mean cross-entropy of `model` (as it is: call eval() first) on (x, y)."""
+    total = 0.0
+    for i in range(0, x.shape[0], chunk):
+        total += float(F.cross_entropy(model(x[i:i + chunk]).float(), y[i:i + chunk], reduction="sum"))
+    return total / max(1, x.shape[0])
