@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from raymia.report.text import duration
 from raymia.spec import AuditSpec, SweepSpec, apply_overrides, load_raw, validate_spec
 
 
@@ -53,14 +54,8 @@ def _flops(x: float) -> str:
     return f"{x / 1e6:.3g} MFLOP"
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 1:
-        return "under a second"
-    if seconds < 120:
-        return f"at least {seconds:.0f} s"
-    if seconds < 7200:
-        return f"at least {seconds / 60:.0f} min"
-    return f"at least {seconds / 3600:.1f} h"
+def _lower_bound(seconds: float) -> str:
+    return "under a second" if seconds < 1 else f"at least {duration(seconds)}"
 
 
 def count_flops(model_name: str, model_params: dict, info, batch_size: int) -> tuple[float, float]:
@@ -155,7 +150,7 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
     total = train_flops + query_flops
     rows.append(("compute", f"{_flops(train_flops)} to train the bank and {_flops(query_flops)} to query it"
                             f"{' (each trial)' if kind == 'sweep' else ''}, counted on the meta device: "
-                            f"{_duration(total / H100_BF16_PEAK)} of an H100 at its dense bf16 peak"
+                            f"{_lower_bound(total / H100_BF16_PEAK)} of an H100 at its dense bf16 peak"
                             + ("; the defense's own training loop does more work than these plain steps"
                                if own_loop else "")))
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import (
@@ -30,7 +30,28 @@ from raymia.errors import SpecError
 # Bump when the meaning of stored signals changes, so old entries are never reused by mistake.
 SIGNAL_FORMAT_VERSION = 7  # 4: one-cycle keeps the momentum; airbench trains with its own tricks; 5: airbench94's BN eps, whitening-bias lr and epochs, lookahead from epoch 3; 6: the plan draws complementary pairs of models; 7: min-max reference sets and the VAE fit on public points only; RelaxLoss and MemGuard as their official code
 
-QUERY_RE = re.compile(r"^(identity|hflip|shift:(-?\d+):(-?\d+)|noise:(\d*\.?\d+))$")
+_QUERY_RE = re.compile(r"^(identity|hflip|shift:(-?\d+):(-?\d+)|noise:(\d*\.?\d+))$")
+
+
+class Query(NamedTuple):
+    """One query augmentation, parsed: kind identity | hflip | shift (by dx, dy pixels) | noise (sigma)."""
+
+    kind: str
+    dx: int = 0
+    dy: int = 0
+    sigma: float = 0.0
+
+
+def parse_query(text: str) -> Query:
+    """The query grammar, in one place: identity, hflip, shift:DX:DY, noise:SIGMA (ValueError otherwise)."""
+    m = _QUERY_RE.match(text)
+    if m is None:
+        raise ValueError(f"unknown query augmentation {text!r}; accepted: identity, hflip, shift:DX:DY, noise:SIGMA")
+    if m.group(2) is not None:
+        return Query("shift", dx=int(m.group(2)), dy=int(m.group(3)))
+    if m.group(4) is not None:
+        return Query("noise", sigma=float(m.group(4)))
+    return Query(text)
 
 
 class _Model(BaseModel):
@@ -281,9 +302,7 @@ class AuditSpec(_Model):
     @classmethod
     def _queries(cls, v: list[str]) -> list[str]:
         for q in v:
-            if not QUERY_RE.match(q):
-                raise ValueError(f"unknown query augmentation {q!r}; accepted: identity, hflip, shift:DX:DY, "
-                                 "noise:SIGMA")
+            parse_query(q)
         if v[0] != "identity":
             raise ValueError("the first query must be 'identity' (the plain query attacks and utility use)")
         return v
@@ -308,9 +327,11 @@ class AuditSpec(_Model):
         of a sweep. Adaptive banks: no override."""
         if self.attacker != "non_adaptive":
             return {}
+        from raymia.store import num_packs, pack_models
+
         plain = self.model_copy(update={"defense": DefenseSpec(), "attacker": "adaptive"}).fingerprint()
         k, m, targets = self.bank.pack_size, self.plan.num_models, set(self.plan.target_list)
-        return {p: plain for p in range(-(-m // k)) if not targets & set(range(p * k, min((p + 1) * k, m)))}
+        return {p: plain for p in range(num_packs(m, k)) if not targets & set(pack_models(p, k, m))}
 
     def fingerprint(self) -> str:
         """Stable content hash of everything that changes the bank's outputs (signals cache key)."""

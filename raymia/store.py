@@ -30,6 +30,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+
+def num_packs(num_models: int, pack_size: int) -> int:
+    """How many packs of `pack_size` models hold a bank of `num_models` (the last one may be smaller)."""
+    return -(-num_models // pack_size)
+
+
+def pack_models(pack: int, pack_size: int, num_models: int) -> list[int]:
+    """The bank models of pack p: the consecutive models [p*K, (p+1)*K), the last pack cut at M. The one
+    definition of the partition (the bank trains, the store names and the spec keys packs by it)."""
+    return list(range(pack * pack_size, min((pack + 1) * pack_size, num_models)))
+
 class SignalStore:
     def __init__(self, root: str | Path, fingerprint: str, pack_size: int, num_models: int,
                  pack_fingerprints: dict[int, str] | None = None):
@@ -47,10 +58,10 @@ class SignalStore:
 
     @property
     def num_packs(self) -> int:
-        return -(-self.num_models // self.pack_size)
+        return num_packs(self.num_models, self.pack_size)
 
     def pack_models(self, pack: int) -> list[int]:
-        return list(range(pack * self.pack_size, min((pack + 1) * self.pack_size, self.num_models)))
+        return pack_models(pack, self.pack_size, self.num_models)
 
     def _paths(self, pack: int) -> tuple[Path, Path]:
         stem = f"k{self.pack_size}-pack-{pack:05d}"

@@ -45,7 +45,7 @@ def test_core_runs_without_ray_mlflow_optuna(tmp_path):
 
 
 def test_duration_format():
-    from raymia.engine.bank_job import _duration
+    from raymia.report.text import duration as _duration
 
     assert [_duration(s) for s in (0.4, 59.6, 61, 3599, 3600, 7440)] == ["0s", "1m00s", "1m01s", "59m59s", "1h00m",
                                                                          "2h04m"]

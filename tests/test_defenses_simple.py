@@ -76,7 +76,7 @@ def test_small_bank_per_defense(defense):
     spec = AuditSpec.model_validate({"plan": {"num_models": 4, "population": 200}, "train": {"epochs": 3},
                                      "model": {"params": {"hidden": [32]}}, "defense": defense,
                                      "bank": {"pack_size": 4}})
-    arrays = train_pack(BankContext.from_spec(spec), 0, torch.device("cpu"))
+    arrays, _ = train_pack(BankContext.from_spec(spec), 0, torch.device("cpu"))
     assert arrays["logits"].shape == (4, 2, 200, 10) and np.isfinite(arrays["logits"]).all()
 
 
@@ -88,7 +88,7 @@ def test_non_adaptive_bank_defends_only_the_targets():
     na = AuditSpec.model_validate({**base, "attacker": "non_adaptive"})
     ad = AuditSpec.model_validate(base)
     assert na.fingerprint() != ad.fingerprint()
-    out = train_pack(BankContext.from_spec(na), 0, torch.device("cpu"))["logits"]
+    out = train_pack(BankContext.from_spec(na), 0, torch.device("cpu"))[0]["logits"]
     released = (out > LOG_FLOOR).sum(-1)  # classes released per query
     assert (released[0] == 1).all()  # the target releases only its top class
     assert (released[1:] == 10).all()  # the shadows are undefended

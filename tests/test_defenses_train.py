@@ -246,14 +246,13 @@ def test_bank_with_defense(name):
         "bank": {"pack_size": 4},
     })
     ctx = BankContext.from_spec(spec)
-    out = train_pack(ctx, 0, CPU, vectorize=vectorize)
+    out, reports = train_pack(ctx, 0, CPU, vectorize=vectorize)
     n_test = ctx.data.x_test.shape[0]
     assert out["logits"].shape == (4, 2, 200, 10)
     assert out["test_logits"].shape == (4, 2, n_test, 10)
     assert np.isfinite(out["logits"]).all() and np.isfinite(out["test_logits"]).all()
     assert list(out["models"]) == [0, 1, 2, 3]
-    reports = ctx.last_reports
-    assert reports is not None and len(reports) == 4
+    assert len(reports) == 4
     if name == "pruning":
         assert all(abs(r["sparsity"] - 0.6) <= 0.01 for r in reports)
     if name == "advreg":

@@ -302,10 +302,10 @@ def test_small_bank_per_defense(tmp_path, defense: dict) -> None:
         "output_dir": str(tmp_path / "runs"),
     })
     ctx = BankContext.from_spec(spec)
-    arrays = train_pack(ctx, 0, CPU)
+    arrays, reports = train_pack(ctx, 0, CPU)
     assert arrays["logits"].shape == (4, 2, 600, 10) and np.isfinite(arrays["logits"]).all()
     assert arrays["test_logits"].shape[:2] == (4, 2) and np.isfinite(arrays["test_logits"]).all()
     assert any((tmp_path / "runs" / "cache").iterdir())
     if defense["name"] == "tl_dmi":
-        fractions = [r["frozen_fraction"] for r in ctx.last_reports]
+        fractions = [r["frozen_fraction"] for r in reports]
         assert len(fractions) == 4 and all(math.isclose(f, fractions[0]) for f in fractions)

@@ -37,7 +37,8 @@ from pydantic import Field
 from torch import nn
 
 from raymia.defenses.base import DEFENSES, DataInfo, Defense, FitJob, public_indices, require_public
-from raymia.defenses.vae import data_digest, key_digest, load_state, pick_device, save_state
+from raymia.defenses.vae import data_digest, key_digest, load_state, save_state
+from raymia.device import resolve_device
 from raymia.errors import DataError, SpecError
 from raymia.registry import Params
 from raymia.seeding import derive_seed
@@ -264,7 +265,7 @@ class TlDmi(Defense):
             return self._load_weights(model)
         if self.public_index is None or self._cache_dir is None:
             raise RuntimeError("tl_dmi: setup() has not run")
-        device = pick_device(self.params.pretrain_device)
+        device = resolve_device(self.params.pretrain_device, where="defense.params.pretrain_device")
         key = self._cache_key(model, device)
         self.cache_path = self._cache_dir / f"tl_dmi-{key}.pt"
         state = load_state(self.cache_path, key)

@@ -49,6 +49,7 @@ from pydantic import Field
 from torch import nn
 
 from raymia.defenses.base import DEFENSES, DataInfo, Defense, public_indices, require_public
+from raymia.device import resolve_device
 from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain, Float
@@ -122,13 +123,6 @@ def load_state(path: Path, key: str) -> dict[str, torch.Tensor] | None:
         log.warning("cache %s does not match its key or checksum; refitting", path)
         return None
     return payload["state_dict"]
-
-
-def pick_device(name: str) -> torch.device:
-    """'auto': CUDA when visible, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -333,7 +327,7 @@ class VaeMetricPrivacy(Defense):
     def setup(self, data: Any, population: Any, cache_dir: Any, seed: int) -> None:
         """Fit the VAE once on the public split, or load it from the cache (see the module docstring)."""
         self.check_data(data, population)
-        self.device = pick_device(self.params.vae_device)
+        self.device = resolve_device(self.params.vae_device, where="defense.params.vae_device")
         public = public_indices(data.x_train.shape[0], population)
         self.public_index = public
         key = self.cache_key(data, seed, public)

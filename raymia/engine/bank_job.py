@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raymia.report.text import duration
 from raymia.spec import AuditSpec
 from raymia.store import SignalStore
 
@@ -19,7 +20,8 @@ log = logging.getLogger("raymia")
 def _train_packs(spec: AuditSpec, store: SignalStore, packs: list[int], rank: int, world: int) -> None:
     import torch
 
-    from raymia.train.bank import BankContext, choose_vectorize, resolve_device, train_pack
+    from raymia.device import resolve_device
+    from raymia.train.bank import BankContext, choose_vectorize, train_pack
 
     torch.set_num_threads(max(1, int(spec.bank.cpus_per_worker)))
     ctx = BankContext.from_spec(spec)
@@ -33,25 +35,29 @@ def _train_packs(spec: AuditSpec, store: SignalStore, packs: list[int], rank: in
     start = time.perf_counter()
     for i, p in enumerate(mine, 1):
         t0 = time.perf_counter()
-        arrays = train_pack(ctx, p, device, vectorize=vectorize)
+        arrays, reports = train_pack(ctx, p, device, vectorize=vectorize)
         store.write_pack(p, arrays, meta={"device": str(device), "seconds": time.perf_counter() - t0,
-                                          "vectorized": vectorize, "defense_reports": ctx.last_reports or []})
+                                          "vectorized": vectorize, "defense_reports": reports})
         left = (time.perf_counter() - start) / i * (len(mine) - i)
         log.info("worker %d: pack %d done (%d/%d, %.1fs%s)", rank, p, i, len(mine), time.perf_counter() - t0,
-                 f", about {_duration(left)} left" if i < len(mine) else "")
+                 f", about {duration(left)} left" if i < len(mine) else "")
 
 
-def _duration(seconds: float) -> str:
-    """12s, 3m05s, 2h04m."""
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+class _PrefixFormatter(logging.Formatter):
+    """`[raymia] <prefix><message>`; keeps the prefix (a sweep trial's number) so the bank workers this
+    process starts inherit it (`current_prefix`)."""
+
+    def __init__(self, prefix: str):
+        super().__init__("[raymia] " + prefix.replace("%", "%%") + "%(message)s")
+        self.prefix = prefix
 
 
-_log_prefix = ""  # what this process's raymia lines start with after "[raymia] " (a sweep trial's number)
+def current_prefix() -> str:
+    """The prefix of this process's raymia lines, as `worker_logging` set it ("" when it did not)."""
+    for h in logging.getLogger("raymia").handlers:
+        if isinstance(h.formatter, _PrefixFormatter):
+            return h.formatter.prefix
+    return ""
 
 
 def worker_logging(level: int, prefix: str = "") -> None:
@@ -59,11 +65,9 @@ def worker_logging(level: int, prefix: str = "") -> None:
     driver's `[raymia] ...`, at the driver's level (`-q` reaches the workers), after `prefix`. Train V2
     routes a worker's print() through the root logger and also tees it to stdout, so a print shows twice;
     raymia's logger writes to the process's stdout itself, which Ray forwards to the driver."""
-    global _log_prefix
-    _log_prefix = prefix
     rlog = logging.getLogger("raymia")
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("[raymia] " + prefix.replace("%", "%%") + "%(message)s"))
+    handler.setFormatter(_PrefixFormatter(prefix))
     rlog.handlers[:] = [handler]
     rlog.propagate = False
     rlog.setLevel(level)
@@ -110,7 +114,7 @@ def run_bank_job(spec: AuditSpec, store: SignalStore, packs: list[int]) -> None:
             "fingerprint": store.fingerprint,
             "packs": packs,
             "log_level": logging.getLogger("raymia").getEffectiveLevel(),
-            "log_prefix": _log_prefix,
+            "log_prefix": current_prefix(),
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),

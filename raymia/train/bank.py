@@ -34,6 +34,7 @@ from raymia.models import build_model
 from raymia.models.base import data_init_modules, param_lr_scales, param_train_epochs
 from raymia.seeding import derive_seed
 from raymia.spec import AuditSpec, TrainSpec
+from raymia.store import num_packs, pack_models
 from raymia.train.augment import Augmenter
 from raymia.train.batches import batch_passes
 from raymia.train.infer import augment as query_augment
@@ -53,7 +54,6 @@ class BankContext:
     plan: MembershipPlan
     defense: Defense
     recipe: TrainSpec  # spec.train after the defense's modify_recipe: what every model trains with
-    last_reports: list[dict[str, float]] | None = None  # the defense's per-model facts of the last pack
     undefended: BankContext | None = None  # non-adaptive attacker: the context of the shadows (no defense)
 
     def defended(self, m: int) -> bool:
@@ -98,12 +98,10 @@ class BankContext:
 
     @property
     def num_packs(self) -> int:
-        return math.ceil(self.plan.num_models / self.spec.bank.pack_size)
+        return num_packs(self.plan.num_models, self.spec.bank.pack_size)
 
     def pack_models(self, pack: int) -> list[int]:
-        """Pack p holds the consecutive models [p*K, (p+1)*K) (the same rule as raymia.store)."""
-        k = self.spec.bank.pack_size
-        return list(range(pack * k, min((pack + 1) * k, self.plan.num_models)))
+        return pack_models(pack, self.spec.bank.pack_size, self.plan.num_models)
 
     @property
     def audited_x(self) -> torch.Tensor:
@@ -123,14 +121,6 @@ class BankContext:
         """Every model takes ceil((P/2) / batch) steps per epoch: P/2 is the expected member count."""
         half = max(1, self.plan.keep.shape[1] // 2)
         return math.ceil(half / self.recipe.batch_size)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SpecError("cuda requested but no CUDA device is visible; accepted here: auto, cpu", where="bank.device")
-    return torch.device(name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -511,12 +501,16 @@ def _train_group(ctx: BankContext, models: list[int], device: torch.device, vect
     return lg, tl, reports
 
 
-def train_pack(ctx: BankContext, pack: int, device: torch.device, vectorize: bool | None = None) -> dict[str, np.ndarray]:
+def train_pack(
+    ctx: BankContext, pack: int, device: torch.device, vectorize: bool | None = None
+) -> tuple[dict[str, np.ndarray], list[dict[str, float]]]:
     """Train the models of one pack and query them. Returns the arrays stored for the pack:
 
     logits      float32 [K, Q, P, C]  audited population under every query augmentation
     test_logits float32 [K, Q, T, C]  the test split under every query (utility; RMIA's population z)
     models      int64   [K]           bank indices of the pack's models
+
+    and the defense's per-model reports (one dict per model, in pack order; empty when it reports nothing).
     """
     models = ctx.pack_models(pack)
     t0 = time.perf_counter()
@@ -535,10 +529,10 @@ def train_pack(ctx: BankContext, pack: int, device: torch.device, vectorize: boo
     logits = torch.stack([parts[m][0] for m in models])
     test_logits = torch.stack([parts[m][1] for m in models])
     reports = [parts[m][2] for m in models]
-    ctx.last_reports = reports
     log.debug("pack %d: trained %d models in %.1fs", pack, len(models), time.perf_counter() - t0)
-    return {
+    arrays = {
         "logits": logits.numpy().astype(np.float32),
         "test_logits": test_logits.numpy().astype(np.float32),
         "models": np.asarray(models, dtype=np.int64),
     }
+    return arrays, reports

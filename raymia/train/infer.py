@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from raymia.defenses.base import Defense
 from raymia.seeding import derive_seed
-from raymia.spec import QUERY_RE
+from raymia.spec import parse_query
 
 
 def augment(x: torch.Tensor, query: str) -> torch.Tensor:
@@ -15,19 +15,17 @@ def augment(x: torch.Tensor, query: str) -> torch.Tensor:
     shifts). `noise:SIGMA` adds Gaussian noise of that standard deviation (in normalised units) drawn from a
     generator seeded by the query alone, so every model sees the same noisy queries; apply it to the whole
     set at once (not per chunk) so the noise of point i does not depend on batching."""
-    m = QUERY_RE.match(query)
-    if m is None:
-        raise ValueError(f"unknown query augmentation {query!r}")
-    if query == "identity":
+    q = parse_query(query)
+    if q.kind == "identity":
         return x
-    if query.startswith("noise:"):
+    if q.kind == "noise":
         gen = torch.Generator().manual_seed(derive_seed(0, "query-noise", query))
-        return x + float(m.group(4)) * torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+        return x + q.sigma * torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
     if x.ndim != 4:
         raise ValueError(f"query {query!r} needs image inputs [N, C, H, W], got shape {tuple(x.shape)}")
-    if query == "hflip":
+    if q.kind == "hflip":
         return torch.flip(x, dims=[3])
-    dx, dy = int(m.group(2)), int(m.group(3))
+    dx, dy = q.dx, q.dy
     h, w = x.shape[2], x.shape[3]
     if abs(dx) >= w or abs(dy) >= h:
         raise ValueError(f"shift {query!r} is as large as the image ({h}x{w})")
