@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from raymia.attacks import run_attack
 from raymia.attacks.mia.threshold import (
@@ -120,6 +121,46 @@ def test_best_threshold_by_hand_and_ties() -> None:
         s = rng.integers(0, 6, size=50).astype(np.float64)
         k = rng.random(50) < 1 / (1 + np.exp(-(s - 2.5)))
         assert best_threshold(s, k) == _brute_tau(s, k)
+
+
+def _song_mittal_threshold(tr: np.ndarray, te: np.ndarray) -> float:
+    """Song & Mittal's `_thre_setting` (inspire-group/membership-inference-evaluation), re-written: candidates
+    are the member values then the non-member values in their given order; the rule is `value >= t => member`;
+    the first candidate with a strictly larger (TPR + TNR) / 2 wins, starting from (t = 0, accuracy 0)."""
+    thre, best = 0.0, 0.0
+    for v in np.concatenate([tr, te]):
+        acc = 0.5 * (np.mean(tr >= v) + np.mean(te < v))
+        if acc > best:
+            thre, best = float(v), acc
+    return thre
+
+
+def test_threshold_rule_against_song_mittal() -> None:
+    # by hand: members 0.9, 0.7; non-members 0.2, 0.5. Both rules split the samples the same way (members =
+    # {0.7, 0.9}); raymia puts the boundary at the largest value below the cut (score > 0.5), the reference at
+    # the smallest value above it (score >= 0.7), so a target value in the gap, 0.6, is a member only for raymia
+    tr, te = np.array([0.9, 0.7]), np.array([0.2, 0.5])
+    s, k = np.concatenate([tr, te]), np.array([True, True, False, False])
+    assert best_threshold(s, k) == 0.5 and _song_mittal_threshold(tr, te) == 0.7
+    # ties in (TPR + TNR) / 2: the reference keeps the first candidate in data order, raymia the smallest tau
+    # (values 0..3, IN = {1, 3}: cuts {1, 2, 3} and {3} both give 0.75)
+    assert _song_mittal_threshold(np.array([3.0, 1.0]), np.array([0.0, 2.0])) == 3.0
+    assert best_threshold(np.array([3.0, 1.0, 0.0, 2.0]), np.array([True, True, False, False])) == 0.0
+    # continuous statistics (no ties): per class, the same partition of the shadow samples and the same
+    # balanced accuracy in 200 draws of 20 to 400 samples
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        n = int(rng.integers(20, 400))
+        k = rng.random(n) < 0.5
+        k[:2] = [True, False]
+        s = rng.normal(size=n) + rng.uniform(0, 2) * k
+        tau, thre = best_threshold(s, k), _song_mittal_threshold(s[k], s[~k])
+        ba_raymia = 0.5 * (np.mean(s[k] > tau) + np.mean(s[~k] <= tau))
+        ba_ref = 0.5 * (np.mean(s[k] >= thre) + np.mean(s[~k] < thre))
+        assert ba_raymia == pytest.approx(ba_ref, abs=1e-12)
+        gain = np.array([np.mean(s[k] >= v) - np.mean(s[~k] >= v) for v in s])
+        if np.sum(gain >= gain.max() - 1e-12) == 1:  # a unique best cut: identical partitions
+            np.testing.assert_array_equal(s > tau, s >= thre)
 
 
 def _signals_with_confidence(conf: np.ndarray, labels: np.ndarray, keep: np.ndarray) -> Signals:
@@ -285,6 +326,20 @@ def test_label_only_counts_by_hand() -> None:
     )
     with pytest.raises(ValueError, match="out of range"):
         run_attack("label_only", {"queries": [1, 4]}, sig, 0)
+
+
+def test_shift_queries_equal_the_label_only_reference_translation() -> None:
+    """Choquette-Choo et al.'s augmentation attack translates with scipy.ndimage.shift(mode='nearest') by
+    the identity and the 4d unit-norm-d shifts (d = 1: 5 queries); raymia's `shift:dx:dy` query is the same
+    image (edge pixels replicated)."""
+    from scipy.ndimage import shift
+
+    from raymia.train.infer import augment
+
+    x = torch.randn(3, 2, 6, 7, generator=torch.Generator().manual_seed(0))
+    for dx, dy in [(1, 0), (-1, 0), (0, 1), (0, -1), (2, -1)]:
+        want = shift(x.numpy(), (0, 0, dy, dx), order=0, mode="nearest")
+        np.testing.assert_array_equal(augment(x, f"shift:{dx}:{dy}").numpy(), want)
 
 
 def test_label_only_uses_labels_only() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from raymia.defenses.hamp import (
     HAMP_DEFAULTS,
     Hamp,
     HampParams,
+    rearrange_logits,
     soft_label_true_mass,
     soft_labels,
 )
@@ -87,6 +89,36 @@ def test_bad_soft_label_arguments() -> None:
         soft_label_true_mass(10, 1.0)
 
 
+def _official_true_mass(k: int, gamma: float) -> float | None:
+    """The search of HAMP's official code (DependableSystemsLab/MIA_defense_HAMP, `get_top1`), re-written: a
+    float64 vector starts one-hot at class 1; each step subtracts 0.01 from it and adds 0.01 / (K - 1) to every
+    other class (the error accumulates), and the loop stops after the first step whose entropy (numpy, natural
+    log) reaches gamma times the entropy of the uniform vector. None where it never stops (it would run on)."""
+    uniform = np.full(k, 1.0 / k)
+    target = gamma * float(np.sum(-uniform * np.log(uniform)))
+    p = np.zeros(k)
+    p[1] = 1.0
+    for _ in range(100):
+        p[1] -= 0.01
+        p[:1] += 0.01 / (k - 1)
+        p[2:] += 0.01 / (k - 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            h = float(np.sum(-p * np.log(p)))
+        if h >= target:
+            return float(p[1])
+    return None
+
+
+def test_soft_label_mass_matches_the_official_float_loop() -> None:
+    """Integer steps give the same stopping step as the official code's float accumulation on 594 cases."""
+    for k in (2, 3, 5, 10, 30, 100):
+        for step in range(1, 100):
+            gamma = step / 100
+            want = _official_true_mass(k, gamma)
+            assert want is not None
+            assert abs(soft_label_true_mass(k, gamma) - want) < 1e-12, (k, gamma)
+
+
 def test_transform_train_data_returns_soft_labels() -> None:
     d = _hamp()
     x = torch.randn(5, 1, 8, 8)
@@ -154,6 +186,37 @@ def test_output_modification_keeps_ranking_and_bounds_confidence() -> None:
         rand_logits = model(rand_x)
     assert torch.equal(out.sort(dim=1).values, rand_logits.sort(dim=1).values)
     assert torch.allclose(out.softmax(dim=1).max(dim=1).values, rand_logits.softmax(dim=1).max(dim=1).values)
+
+
+def _official_rearrange(query: np.ndarray, random: np.ndarray) -> np.ndarray:
+    """HAMP's official `alter_output`, re-written: both rows sorted ascending; the positions where the query
+    equals its j-th smallest value receive the random row's j-th smallest value (tied positions all get the
+    value of the last j they match)."""
+    q_sorted = np.sort(query, axis=1)
+    r_sorted = np.sort(random, axis=1)
+    out = np.zeros(query.shape)
+    for i in range(query.shape[0]):
+        for j in range(query.shape[1]):
+            out[i][query[i] == q_sorted[i][j]] = r_sorted[i][j]
+    return out
+
+
+def test_rearrange_matches_the_official_loop() -> None:
+    # by hand: query ranks classes 1 > 2 > 0; the random row's values in descending order are 2, 0.5, -1
+    q = torch.tensor([[1.0, 3.0, 2.0]])
+    r = torch.tensor([[0.5, -1.0, 2.0]])
+    assert torch.equal(rearrange_logits(q, r), torch.tensor([[-1.0, 2.0, 0.5]]))
+    # 200 tie-free rows of 10 classes: equal to the official loop
+    g = torch.Generator().manual_seed(0)
+    q, r = torch.randn(200, 10, generator=g), torch.randn(200, 10, generator=g)
+    want = _official_rearrange(q.double().numpy(), r.double().numpy())
+    np.testing.assert_array_equal(rearrange_logits(q.double(), r.double()).numpy(), want)
+    # ties: the official loop gives tied positions one value (both get the larger), raymia distinct values in
+    # the query's order; the released argmax is the query's in both
+    q = torch.tensor([[1.0, 3.0, 3.0, 0.0]], dtype=torch.float64)
+    r = torch.tensor([[0.1, 0.2, 0.3, 0.4]], dtype=torch.float64)
+    np.testing.assert_array_equal(_official_rearrange(q.numpy(), r.numpy()), [[0.2, 0.4, 0.4, 0.1]])
+    assert torch.equal(rearrange_logits(q, r), torch.tensor([[0.2, 0.4, 0.3, 0.1]], dtype=torch.float64))
 
 
 def test_output_modification_keeps_argmax_under_ties() -> None:
