@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 import raymia.defenses.pruning as pruning_mod
+from raymia.datainfo import DataInfo
 from raymia.defenses import DEFENSES, build_defense
 from raymia.defenses.advreg import AdvReg, minmax_train
-from raymia.defenses.base import DataInfo, FitJob
+from raymia.defenses.base import FitJob
 from raymia.defenses.pruning import Pruning, prunable_layers
 from raymia.defenses.relaxloss import RelaxLoss
 from raymia.errors import SpecError
@@ -104,6 +105,55 @@ def test_filter_pruning_zeroes_whole_filters(monkeypatch, digits):
     assert _train_accuracy(trained, x, y) > 0.8
 
 
+def test_admm_follows_the_reference_z_u_recursion():
+    """The ADMM pruning code MCMIA builds on (`admm.py`: admm_initialization, z_u_update, append_admm_loss):
+    Z0 = Proj(W0), U0 = 0; at each update Z = Proj(W + U) (per layer: keep the largest magnitudes),
+    U = U + W - Z; the W-step adds rho/2 sum ||W - Z + U||^2. The W-step's training is scripted here (the
+    weights are set to known values at every step), so Z, U, the proximal term and the returned mask are
+    known answers."""
+    info = DataInfo(num_classes=2, input_shape=(4,), kind="tabular")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    layers = prunable_layers(model)
+    d = build_defense("pruning", {"sparsity": 0.5, "method": "admm", "rho": 0.1}, info)
+    assert isinstance(d, Pruning)
+    spe, epochs = 2, 3
+    g = torch.Generator().manual_seed(1)
+    scripted = [{n: torch.randn(m.weight.shape, generator=g) for n, m in layers} for _ in range(spe * epochs)]
+
+    def proj(w: torch.Tensor) -> torch.Tensor:
+        k = round(0.5 * w.numel())
+        keep = torch.ones(w.numel())
+        keep[w.abs().flatten().argsort()[:k]] = 0.0
+        return w * keep.view_as(w)
+
+    z = {n: proj(m.weight.detach().clone()) for n, m in layers}
+    u = {n: torch.zeros_like(m.weight) for n, m in layers}
+    seen: list[float] = []
+
+    def phase(name, epochs_, extra_loss=None, after_step=None):
+        assert name == "admm" and epochs_ == epochs
+        for step in range(epochs_ * spe):
+            with torch.no_grad():
+                for n, m in layers:
+                    m.weight.copy_(scripted[step][n])
+            seen.append(float(extra_loss().detach()))
+            after_step(step)
+
+    masks = d._admm(model, layers, phase, epochs, spe)
+    want: list[float] = []
+    for step in range(spe * epochs):
+        w = scripted[step]
+        want.append(float(0.05 * sum(((w[n] - z[n] + u[n]) ** 2).sum() for n in w)))
+        if (step + 1) % spe == 0:
+            z = {n: proj(w[n] + u[n]) for n in w}
+            u = {n: u[n] + w[n] - z[n] for n in w}
+    assert seen == pytest.approx(want, rel=1e-6)
+    for n in z:
+        assert torch.equal(masks[f"{n}.weight"], (z[n] != 0).float()), n
+        assert int((masks[f"{n}.weight"] == 0).sum()) == round(0.5 * z[n].numel())
+
+
 def test_pruning_with_minmax_game(monkeypatch):
     info = DataInfo(num_classes=4, input_shape=(16,), kind="tabular")
     g = torch.Generator().manual_seed(0)
@@ -146,6 +196,52 @@ def test_advreg_shrinks_member_confidence_gap():
     assert game < plain - 0.3
     assert "inference_accuracy" not in job0.report
     assert 0.5 <= job3.report["inference_accuracy"] <= 1.0
+
+
+def test_minmax_step_is_nasr_et_al_algorithm_1_by_hand():
+    """Nasr, Shokri, Houmansadr 2018, Algorithm 1, re-written: k = 2 Adam steps of h ascending
+    mean log h(f(x), y) over members + mean log(1 - h(f(x'), y')) over reference points (classifier in eval
+    mode), then one SGD step of the classifier on CE + lambda * mean log h over members (h frozen). With
+    full batches (batch = members = reference points) the batches' order does not matter, so one call of
+    minmax_train must equal the hand-written step."""
+    import torch.nn.functional as F
+
+    from raymia.defenses.advreg import InferenceModel
+    from raymia.seeding import derive_seed
+
+    info = DataInfo(num_classes=3, input_shape=(6,), kind="tabular")
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
+    xm, ym, xr, yr = x[:20], y[:20], x[20:], y[20:]
+    recipe = TrainSpec(epochs=1, batch_size=20, optimizer="sgd", lr=0.5, momentum=0.0)
+    lam, k, seed = 3.0, 2, 11
+
+    model = _model("mlp", {"hidden": [16]}, info)
+    ref = _model("mlp", {"hidden": [16]}, info)
+    minmax_train(model, xm, ym, xr, yr, recipe, 1, lam, num_classes=3, inference_steps=k, seed=seed)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "inference-init"))
+        h = InferenceModel(3)
+    h_opt = torch.optim.Adam(h.parameters(), lr=1e-3)
+    om, orf = torch.eye(3)[ym], torch.eye(3)[yr]
+    for _ in range(k):
+        with torch.no_grad():
+            pm, pr = ref.eval()(xm), ref(xr)
+        gain = torch.log(torch.sigmoid(h(pm, om))).mean() + torch.log(1 - torch.sigmoid(h(pr, orf))).mean()
+        h_opt.zero_grad()
+        (-gain).backward()  # ascend the gain
+        h_opt.step()
+    h.requires_grad_(False)
+    logits = ref.train()(xm)
+    loss = F.cross_entropy(logits, ym) + lam * torch.log(torch.sigmoid(h(logits, om))).mean()
+    ref.zero_grad()
+    loss.backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= 0.5 * p.grad
+    for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_minmax_train_is_seeded_and_respects_masks():

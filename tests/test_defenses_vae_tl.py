@@ -58,6 +58,25 @@ def test_laplace_noise_scale(eps: float) -> None:
     assert noise.mean().abs().item() < 0.02 / eps
 
 
+@pytest.mark.parametrize(("dim", "eps"), [(8, 0.5), (64, 3.0)])
+def test_noise_matches_the_reference_distributions(dim: int, eps: float) -> None:
+    """Feyisetan et al. 2020's d_X-privacy sampler (radius numpy gamma(shape=dim, scale=1/eps) times a
+    normalised Gaussian direction) and i.i.d. Laplace(0, 1/eps): Kolmogorov-Smirnov against scipy's
+    distributions, and against a sample of the reference sampler itself."""
+    from scipy import stats
+
+    noise = metric_noise(4000, dim, eps, "euclidean", torch.Generator().manual_seed(7)).double().numpy()
+    r = np.linalg.norm(noise, axis=1)
+    assert stats.kstest(r, "gamma", args=(dim, 0.0, 1.0 / eps)).pvalue > 0.01
+    rng = np.random.default_rng(7)
+    ref = rng.standard_normal((4000, dim))
+    ref = ref / np.linalg.norm(ref, axis=1, keepdims=True) * rng.gamma(dim, 1.0 / eps, (4000, 1))
+    assert stats.ks_2samp(r, np.linalg.norm(ref, axis=1)).pvalue > 0.01
+    assert stats.ks_2samp(noise[:, 0], ref[:, 0]).pvalue > 0.01  # one coordinate: same marginal
+    lap = metric_noise(4000, dim, eps, "laplace", torch.Generator().manual_seed(8)).double().numpy()
+    assert stats.kstest(lap[:, 0], "laplace", args=(0.0, 1.0 / eps)).pvalue > 0.01
+
+
 def test_noise_follows_the_generator() -> None:
     a = metric_noise(5, 4, 1.0, "euclidean", torch.Generator().manual_seed(3))
     b = metric_noise(5, 4, 1.0, "euclidean", torch.Generator().manual_seed(3))
@@ -268,6 +287,32 @@ def test_frozen_depth_cnn_with_batch_norm(tmp_path) -> None:
                                               for j in ("0.weight", "1.weight", "1.bias")}
     with pytest.raises(SpecError, match="freeze_depth 4"):
         init_model(BankContext.from_spec(_tl_spec(tmp_path, model=cnn, freeze="depth", freeze_depth=4)), 0)
+
+
+def test_freeze_depth_8_is_the_official_vgg16_bn_setting() -> None:
+    """Ho et al.'s code (hosytuyen/TL-DMI, models/classify.py VGG16_TL with config freeze_layers 26) freezes
+    the children 0..26 of torchvision's vgg16_bn().features, i.e. conv1_1..conv4_1 (8 of 13 convs) with
+    their BatchNorms; BN1d + the classifier stay trainable. freeze: depth, freeze_depth: 8 freezes the same
+    parameters (built on the meta device: no memory, no weights)."""
+    torchvision = pytest.importorskip("torchvision")
+    from raymia.defenses.tldmi import TlDmiParams, frozen_prefix
+
+    class Vgg16Tl(torch.nn.Module):  # the official module layout: feature, bn (BatchNorm1d), fc_layer
+        def __init__(self) -> None:
+            super().__init__()
+            self.feature = torchvision.models.vgg16_bn(weights=None).features
+            self.bn = torch.nn.BatchNorm1d(512 * 2 * 2)
+            self.fc_layer = torch.nn.Linear(512 * 2 * 2, 1000)
+
+    with torch.device("meta"):
+        model = Vgg16Tl()
+    official = {f"feature.{i}.{n}" for i, child in enumerate(model.feature.children()) if i <= 26
+                for n, _ in child.named_parameters()}
+    k = frozen_prefix(model, TlDmiParams(freeze="depth", freeze_depth=8))
+    ours = {n for g in layer_groups(model)[:k] for n in g[1]}
+    assert k == 8 and ours == official and len(official) == 32  # 8 convs x (weight, bias) + 8 BNs x 2
+    total = sum(t.numel() for t in model.parameters())
+    assert sum(t.numel() for n, t in model.named_parameters() if n in ours) / total == pytest.approx(0.174, abs=1e-3)
 
 
 def test_fresh_trainable_layers_and_pretraining_cache(tmp_path, monkeypatch) -> None:
