@@ -21,6 +21,12 @@ from raymia.store import SignalStore
 
 log = logging.getLogger("raymia")
 
+# The utility metrics of an audit, by the flat names that result.json's `utility`, MLflow and sweep objectives
+# and constraints use: those of the attacked models (mean and std over the targets), then the whole bank's.
+TARGET_UTILITY = ("train_accuracy", "test_accuracy", "generalization_gap", "test_ece")
+BANK_UTILITY = "bank_test_accuracy"
+UTILITY_METRICS = (*TARGET_UTILITY, BANK_UTILITY)
+
 
 @dataclass
 class AuditResult:
@@ -157,15 +163,12 @@ def run_audit(
     # Utility of the attacked models (mean over targets), measured on what a querier sees.
     tr_acc = [accuracy(signals.logits[t, 0, signals.keep[t]], labels[signals.keep[t]]) for t in targets]
     te_acc = [accuracy(test_logits[t], y_test) for t in targets]
-    per_target_utility = {
-        "train_accuracy": tr_acc,
-        "test_accuracy": te_acc,
-        "generalization_gap": list(np.subtract(tr_acc, te_acc)),
-        "test_ece": [ece(test_logits[t], y_test) for t in targets],
-    }
+    gap = list(np.subtract(tr_acc, te_acc))
+    test_ece = [ece(test_logits[t], y_test) for t in targets]
+    per_target_utility = dict(zip(TARGET_UTILITY, (tr_acc, te_acc, gap, test_ece), strict=True))  # in its order
     utility = {k: float(np.mean(v)) for k, v in per_target_utility.items()}
     utility_std = {k: float(np.std(v)) for k, v in per_target_utility.items()}
-    utility["bank_test_accuracy"] = float(np.mean([accuracy(test_logits[m], y_test) for m in range(len(test_logits))]))
+    utility[BANK_UTILITY] = float(np.mean([accuracy(test_logits[m], y_test) for m in range(len(test_logits))]))
 
     m = spec.metrics
     per_attack: dict[str, dict[str, float | None]] = {}
@@ -203,12 +206,12 @@ def run_audit(
     if console:
         print_audit_table(result)
     if track if track is not None else spec.tracking.enabled:
-        from raymia.tracking import log_run
+        from raymia.tracking import KIND_AUDIT, TAG_FINGERPRINT, TAG_KIND, log_run
 
         rid = log_run(
             spec.tracking.uri, spec.tracking.experiment, run_name=f"{spec.name}-{fp}",
             params=spec.model_dump(mode="json"), metrics=result.flat_metrics(),
-            artifacts=[result_path, roc_path, spec_path], tags={"raymia.kind": "audit", "raymia.fingerprint": fp},
+            artifacts=[result_path, roc_path, spec_path], tags={TAG_KIND: KIND_AUDIT, TAG_FINGERPRINT: fp},
         )
         log.info("MLflow run %s in %s", rid, spec.tracking.uri)
     return result

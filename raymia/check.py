@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raymia.report.text import duration
-from raymia.spec import AuditSpec, SweepSpec, apply_overrides, load_raw, validate_spec
+from raymia.resolve import validate_spec
+from raymia.spec import AuditSpec, SweepSpec, apply_overrides, load_raw
 
 
 @dataclass

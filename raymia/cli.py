@@ -54,7 +54,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from raymia.audit import run_audit
-    from raymia.spec import AuditSpec, load_spec
+    from raymia.resolve import load_spec
+    from raymia.spec import AuditSpec
 
     if args.from_trial is not None:
         spec = _spec_from_trial(args)
@@ -71,7 +72,8 @@ def _spec_from_trial(args: argparse.Namespace):
     from pathlib import Path
 
     from raymia.errors import SpecError
-    from raymia.spec import AuditSpec, SweepSpec, apply_overrides, load_spec, validate_spec
+    from raymia.resolve import load_spec, validate_spec
+    from raymia.spec import AuditSpec, SweepSpec, apply_overrides
     from raymia.sweep import audit_spec_of_trial
 
     sweep = load_spec(args.spec, [], kind=SweepSpec)
@@ -89,7 +91,8 @@ def _spec_from_trial(args: argparse.Namespace):
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from raymia.spec import SweepSpec, load_spec
+    from raymia.resolve import load_spec
+    from raymia.spec import SweepSpec
     from raymia.sweep import run_sweep
 
     spec = load_spec(args.spec, args.set, kind=SweepSpec)
@@ -108,9 +111,8 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rich.console import Console
-    from rich.table import Table
 
-    from raymia.pareto import fmt_params, trials_from_mlflow, write_front
+    from raymia.pareto import print_front, trials_from_mlflow, write_front
 
     trials, info = trials_from_mlflow(args.uri, args.experiment, sweep=args.sweep, parent_run_id=args.run_id)
     if not trials:
@@ -120,26 +122,10 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     ok = [t for t in trials if t["status"] == "ok"]
     title = f"sweep {info['sweep']}: {info.get('defense') or 'defense'} ({len(ok)} trials)"
     res = write_front(trials, objectives, out_dir, title, constraints=info.get("constraints"))
-    by_num = {t["trial"]: t for t in trials}
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    table = Table(title=f"sweep {info['sweep']}: Pareto front ({len(res['front'])} of {len(trials)} trials)")
-    for col in ("trial", "defense", "params"):
-        table.add_column(col)
-    for metric, mode in objectives:
-        table.add_column(f"{metric} ({mode})", justify="right")
-    for n in res["front"]:
-        t = by_num[n]
-        table.add_row(str(n), str(t["defense"]), fmt_params(t),
-                      *["n/a" if t.get(m) is None else f"{t[m]:.4f}" for m, _ in objectives])
-    console.print(table)
-    hv = res["hypervolume"]
-    console.print("hypervolume vs the undefended trial: "
-                  + ("n/a (no undefended trial)" if hv is None else f"{hv:.6g}"))
-    failed = [t for t in trials if t["status"] != "ok"]
-    if failed:
-        console.print(f"{len(failed)} trial(s) failed: " + "; ".join(f"#{t['trial']}: {t.get('error')}" for t in failed),
-                      soft_wrap=True)
-    console.print(f"MLflow parent run {info['parent_run_id']} -> {out_dir}", soft_wrap=True)
+    print_front(info["sweep"], trials, objectives, res["front"],
+                f"MLflow parent run {info['parent_run_id']} -> {out_dir}",
+                hypervolume=res["hypervolume"], show_hypervolume=True,
+                console=Console(width=None if sys.stdout.isatty() else 160))
     return 0
 
 

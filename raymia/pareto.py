@@ -1,8 +1,19 @@
-"""Pareto fronts of finished sweeps, read back from MLflow, with their dominated hypervolume.
+"""The Pareto front of a sweep: constraints, the non-dominated filter, hypervolume, and its reports.
 
-`trials_from_mlflow` rebuilds a sweep's trials from its MLflow parent and child runs (so a front can be
-recomputed and compared without the sweep's output folder), `hypervolume` scores a front against the
-undefended trial, and `write_front` writes front.csv, front.md and pareto.png.
+One place for a front, whoever asks: `run_sweep` (trials from Ray Tune) and `raymia pareto` (trials read
+back from MLflow by `trials_from_mlflow`) both go through `front_and_hypervolume` over trial dicts
+({"trial", "defense", "params", "status", <metric>: value, "std/<metric>": spread, ...}), and report with
+`front_markdown` (front.md), `print_front` (the console table), `plot_front` (pareto.png) and
+`write_front` (front.csv, front.md and pareto.png for `raymia pareto`). `report.plots` only draws.
+
+Why not Optuna's front (`Study.best_trials`, `optuna.study._multi_objective._get_pareto_front_trials`):
+it gives the same front on the same trials (`tests/test_pareto.py` checks it, constraints included, set
+with `Trial.set_constraint`), but it cannot be the one place. `raymia pareto` reads a sweep back from
+MLflow, where there is no study. In a sweep's study the constraints are missing: they are deliberately
+not given to the sampler (that would change what it samples), Tune's OptunaSearch tells the study the
+objective values only (no constraint values, no other metrics, while a constraint may name any metric),
+and its trials are numbered by Optuna, not by Tune as the sweep's are. So the front is one pure function
+over trial dicts.
 """
 
 from __future__ import annotations
@@ -10,18 +21,144 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from raymia.errors import RaymiaError
 from raymia.metrics import spread_key
 from raymia.report.plots import as_number as _num
-from raymia.report.plots import objective_signs
+from raymia.tracking import (
+    KIND_SWEEP,
+    KIND_TRIAL,
+    MLFLOW_PARENT_TAG,
+    TAG_DEFENSE,
+    TAG_ERROR,
+    TAG_KIND,
+    TAG_STATUS,
+    TAG_TRIAL_ID,
+    tag_equals,
+)
 
 SWEEP_PREFIX = "sweep-"
 _LIVE = ("FINISHED", "RUNNING")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# objectives, constraints and the front
+
+
+def objective_pairs(objectives: Iterable[Any]) -> list[tuple[str, str]]:
+    """[(metric, mode)] from (metric, mode) pairs, {metric, mode} dicts or the spec's `Objective`s."""
+    out = []
+    for o in objectives:
+        if isinstance(o, dict):
+            out.append((o["metric"], o["mode"]))
+        elif hasattr(o, "metric"):
+            out.append((o.metric, o.mode))
+        else:
+            metric, mode = o
+            out.append((metric, mode))
+    return out
+
+
+def _constraint_triples(constraints: Iterable[Any] | None) -> list[tuple[str, str, float]]:
+    out = []
+    for c in constraints or ():
+        metric, op, value = (c["metric"], c["op"], c["value"]) if isinstance(c, dict) else (c.metric, c.op, c.value)
+        if op not in (">=", "<="):
+            raise ValueError(f"constraint on {metric!r}: op must be '>=' or '<=', got {op!r}")
+        out.append((metric, op, float(value)))
+    return out
+
+
+def objective_signs(objectives: list[tuple[str, str]], what: str) -> list[float]:
+    """+1 for each 'max' objective and -1 for each 'min' one (so that larger signed values are better);
+    ValueError naming the objective for any other mode, or for no objectives at all."""
+    if not objectives:
+        raise ValueError(f"{what} needs at least one objective")
+    for key, mode in objectives:
+        if mode not in ("max", "min"):
+            raise ValueError(f"objective {key!r}: mode must be 'max' or 'min', got {mode!r}")
+    return [1.0 if mode == "max" else -1.0 for _, mode in objectives]
+
+
+def pareto_front(points: list[dict], objectives: Iterable[Any]) -> list[int]:
+    """Indices (ascending) of the non-dominated points under objectives [(key, "max"|"min"), ...].
+
+    A point is dominated when another is at least as good on every objective and strictly better on one.
+    Exact duplicates therefore do not dominate each other: every copy of a non-dominated point is kept
+    (as Optuna's `best_trials` keeps them). Points with a missing, None or NaN objective are left out
+    entirely (they neither belong to the front nor dominate anything).
+    """
+    objectives = objective_pairs(objectives)
+    signs = objective_signs(objectives, "pareto_front")
+    keys = [key for key, _ in objectives]
+
+    valid: list[int] = []
+    rows: list[list[float]] = []
+    for i, p in enumerate(points):
+        vals = [_num(p.get(key)) for key in keys]
+        if any(v is None for v in vals):
+            continue
+        valid.append(i)
+        rows.append([s * v for s, v in zip(signs, vals)])  # type: ignore[operator]
+    if not valid:
+        return []
+    a = np.asarray(rows, dtype=float)  # larger is better on every column
+    geq = (a[None, :, :] >= a[:, None, :]).all(axis=2)  # geq[i, j]: j at least as good as i everywhere
+    gt = (a[None, :, :] > a[:, None, :]).any(axis=2)  # gt[i, j]: j strictly better than i somewhere
+    dominated = (geq & gt).any(axis=1)
+    return [valid[k] for k in range(len(valid)) if not dominated[k]]
+
+
+def meets(trial: dict[str, Any], constraints: Iterable[Any] | None) -> bool:
+    """Whether the trial meets every constraint ({metric, op: ">=" | "<=", value} dicts or the spec's
+    `Constraint`s); a missing, None or non-finite metric meets none."""
+    for metric, op, bound in _constraint_triples(constraints):
+        v = _num(trial.get(metric))
+        if v is None or not math.isfinite(v) or not (v >= bound if op == ">=" else v <= bound):
+            return False
+    return True
+
+
+def feasible_front(ok: list[dict[str, Any]], objectives: Iterable[Any], constraints: Iterable[Any] | None = None
+                   ) -> set[int]:
+    """Trial numbers of the non-dominated trials among `ok` (the successful trials) that meet every
+    constraint; sets each trial's "feasible" flag (a sweep's result.json keeps it). Trials that break a
+    constraint never enter the front."""
+    for t in ok:
+        t["feasible"] = meets(t, constraints)
+    feasible = [t for t in ok if t["feasible"]]
+    return {feasible[i]["trial"] for i in pareto_front(feasible, objectives)}
+
+
+def undefended_trial(trials: list[dict[str, Any]], objectives: Iterable[Any]) -> dict[str, Any] | None:
+    """The first successful undefended trial with every objective: the hypervolume's reference point."""
+    keys = [k for k, _ in objective_pairs(objectives)]
+    return next((t for t in trials if t.get("status") == "ok" and t.get("defense") == "none"
+                 and all(_num(t.get(k)) is not None for k in keys)), None)
+
+
+def front_and_hypervolume(
+    trials: list[dict], objectives: Iterable[Any], constraints: Iterable[Any] | None = None
+) -> tuple[list[int], float | None, dict | None]:
+    """(front as trial numbers in the trials' order, hypervolume against the undefended trial or None,
+    that trial or None).
+
+    Only successful trials (status "ok") that meet every constraint can be on the front or count in the
+    hypervolume; each successful trial's "feasible" flag is set (`feasible_front`).
+    """
+    objectives = objective_pairs(objectives)
+    ok = [t for t in trials if t.get("status") == "ok"]
+    on = feasible_front(ok, objectives, constraints)
+    front = [t["trial"] for t in ok if t["trial"] in on]
+    ref = undefended_trial(trials, objectives)
+    hv = hypervolume([t for t in ok if t["trial"] in on], objectives, ref) if ref else None
+    return front, hv, ref
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -53,7 +190,7 @@ def _union_volume(pts: list[tuple[float, ...]], ref: tuple[float, ...]) -> float
     return vol
 
 
-def hypervolume(points: list[dict], objectives: list[tuple[str, str]], reference: dict) -> float:
+def hypervolume(points: list[dict], objectives: Iterable[Any], reference: dict) -> float:
     """Dominated hypervolume of the points relative to a reference point (e.g. the undefended trial).
 
     Convention: "max" objectives are negated so that every objective is minimised; each point then spans
@@ -64,8 +201,11 @@ def hypervolume(points: list[dict], objectives: list[tuple[str, str]], reference
     the reference in every objective at once; with the undefended trial as reference, a defense that
     trades utility for privacy scores 0 (pass a looser reference, e.g. accuracy 0, to credit trade-offs).
     Points with a missing, None or NaN objective are skipped. Exact for any number of objectives
-    (slicing; fine for the small fronts of a sweep).
+    (slicing; fine for the small fronts of a sweep). Equal to Optuna's WFG (`optuna._hypervolume`, private,
+    and refusing points worse than the reference where this clips them) on the points that improve on the
+    reference everywhere (tests/test_pareto.py).
     """
+    objectives = objective_pairs(objectives)
     signs = [-s for s in objective_signs(objectives, "hypervolume")]  # minimisation: smaller is better
     ref_vals = [_num(reference.get(key)) for key, _ in objectives]
     missing = [key for (key, _), v in zip(objectives, ref_vals) if v is None or not math.isfinite(v)]
@@ -175,10 +315,10 @@ def _find_parent(client, exp_id: str, experiment: str, sweep: str | None, parent
             raise RaymiaError(f"no MLflow run {parent_run_id!r}", where="--run-id") from None
         if run.info.experiment_id != exp_id:
             raise RaymiaError(f"run {parent_run_id} is not in experiment {experiment!r}", where="--run-id")
-        if run.data.tags.get("raymia.kind") != "sweep":
+        if run.data.tags.get(TAG_KIND) != KIND_SWEEP:
             raise RaymiaError(f"run {parent_run_id} is not a sweep's parent run", where="--run-id")
         return run
-    parents = _search_all(client, exp_id, "tags.`raymia.kind` = 'sweep'")  # newest first
+    parents = _search_all(client, exp_id, tag_equals(TAG_KIND, KIND_SWEEP))  # newest first
     names = sorted({_sweep_name(r) for r in parents})
     if sweep is None:
         live = [r for r in parents if r.info.status in _LIVE]
@@ -224,23 +364,23 @@ def trials_from_mlflow(
     constraints = [{"metric": c["metric"], "op": c["op"], "value": float(c["value"])}
                    for c in _indexed(pparams, "sweep.constraints", ("metric", "op", "value"))]
 
-    children = [r for r in _search_all(client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{pid}'")
-                if r.data.tags.get("raymia.kind", "trial") == "trial"]
+    children = [r for r in _search_all(client, exp.experiment_id, tag_equals(MLFLOW_PARENT_TAG, pid))
+                if r.data.tags.get(TAG_KIND, KIND_TRIAL) == KIND_TRIAL]
     children.sort(key=lambda r: (r.info.start_time or 0, r.info.run_name or "", r.info.run_id))
     trials: list[dict] = []
     for i, r in enumerate(children):
         tags, params = r.data.tags, r.data.params
-        status = tags.get("raymia.status") or ("ok" if r.info.status == "FINISHED" else "failed")
+        status = tags.get(TAG_STATUS) or ("ok" if r.info.status == "FINISHED" else "failed")
         row: dict[str, Any] = {
             "trial": i,
-            "trial_id": tags.get("raymia.trial_id"),
-            "defense": tags.get("raymia.defense") or params.get("defense.name"),
+            "trial_id": tags.get(TAG_TRIAL_ID),
+            "defense": tags.get(TAG_DEFENSE) or params.get("defense.name"),
             "params": _defense_params(params),
             "status": status,
             "run_id": r.info.run_id,
         }
         if status != "ok":
-            err = (tags.get("raymia.error") or "trial failed").strip().splitlines()
+            err = (tags.get(TAG_ERROR) or "trial failed").strip().splitlines()
             row["error"] = (err[-1] if err else "trial failed")[:500]
         row.update(r.data.metrics)
         trials.append(row)
@@ -251,11 +391,11 @@ def trials_from_mlflow(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# writing a front
+# reports of a front: front.md, the console table, pareto.png, front.csv
 
 
 def fmt_params(t: dict[str, Any]) -> str:
-    """A trial's defense parameters on one line ("-" for the undefended trial)."""
+    """A trial's defense parameters on one line ("-" for the undefended trial or none)."""
     if t.get("defense") == "none" or not t.get("params"):
         return "-"
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
@@ -270,34 +410,15 @@ def fmt_mean_std(t: dict[str, Any], key: str) -> str:
     return f"{f:.4f}" if sd is None else f"{f:.4f} ± {sd:.4f}"
 
 
-def _meets(t: dict[str, Any], constraints: list[dict[str, Any]]) -> bool:
-    for c in constraints:
-        v = _num(t.get(c["metric"]))
-        if v is None or not (v >= c["value"] if c["op"] == ">=" else v <= c["value"]):
-            return False
-    return True
+def _hv_text(hv: float | None) -> str:
+    return "n/a (no undefended trial)" if hv is None else f"{hv:.6g}"
 
 
-def front_and_hypervolume(
-    trials: list[dict], objectives: list[tuple[str, str]], constraints: list[dict[str, Any]] | None = None
-) -> tuple[list[int], float | None, dict | None]:
-    """(front as trial numbers, hypervolume against the undefended trial or None, that trial or None).
-
-    Only successful trials that meet every constraint can be on the front or count in the hypervolume.
-    """
-    from raymia.report.plots import pareto_front
-
-    ok = [t for t in trials if t.get("status") == "ok" and _meets(t, constraints or [])]
-    front = [ok[i]["trial"] for i in pareto_front(ok, list(objectives))]
-    ref = next((t for t in trials if t.get("status") == "ok" and t.get("defense") == "none"
-                and all(_num(t.get(k)) is not None for k, _ in objectives)), None)
-    hv = hypervolume([t for t in ok if t["trial"] in front], list(objectives), ref) if ref else None
-    return front, hv, ref
-
-
-def front_markdown(trials: list[dict], objectives: list[tuple[str, str]], front: list[int],
-                   hv: float | None = None) -> str:
-    """Markdown table of every trial (objective values, * on the front) and the hypervolume line."""
+def front_markdown(trials: list[dict], objectives: Iterable[Any], front: list[int], hv: float | None = None,
+                   intro: str = "") -> str:
+    """Markdown table of every trial (objective values as "mean ± std", * on the front) and the hypervolume
+    line, after `intro` (e.g. a heading)."""
+    objectives = objective_pairs(objectives)
     objs = [k for k, _ in objectives]
     on = set(front)
     lines = ["| trial | defense | params | " + " | ".join(f"{k} ({m})" for k, m in objectives) + " | front |",
@@ -306,25 +427,84 @@ def front_markdown(trials: list[dict], objectives: list[tuple[str, str]], front:
         vals = [fmt_mean_std(t, o) for o in objs] if t.get("status") == "ok" else ["failed"] * len(objs)
         lines.append(f"| {t['trial']} | {t['defense']} | {fmt_params(t)} | " + " | ".join(vals)
                      + f" | {'*' if t['trial'] in on else ''} |")
-    lines += ["", f"Hypervolume vs the undefended trial: {'n/a (no undefended trial)' if hv is None else f'{hv:.6g}'}"]
-    return "\n".join(lines) + "\n"
+    lines += ["", f"Hypervolume vs the undefended trial: {_hv_text(hv)}"]
+    return intro + "\n".join(lines) + "\n"
+
+
+def print_front(
+    sweep: str,
+    trials: list[dict],
+    objectives: Iterable[Any],
+    front: list[int],
+    footer: str,
+    *,
+    hypervolume: float | None = None,
+    show_hypervolume: bool = False,
+    console=None,
+) -> None:
+    """The console report of a front: a rich table of the front's trials (objectives as "mean ± std"),
+    the hypervolume line (`show_hypervolume`), the failed trials and `footer`."""
+    from rich.console import Console
+    from rich.table import Table
+
+    objectives = objective_pairs(objectives)
+    by_num = {t["trial"]: t for t in trials}
+    table = Table(title=f"sweep {sweep}: Pareto front ({len(front)} of {len(trials)} trials)")
+    for col in ("trial", "defense", "params"):
+        table.add_column(col)
+    for metric, mode in objectives:
+        table.add_column(f"{metric} ({mode})", justify="right")
+    for n in front:
+        t = by_num[n]
+        table.add_row(str(n), str(t["defense"]), fmt_params(t), *[fmt_mean_std(t, m) for m, _ in objectives])
+    c = console or Console()
+    c.print(table)
+    if show_hypervolume:
+        c.print(f"hypervolume vs the undefended trial: {_hv_text(hypervolume)}")
+    failed = [t for t in trials if t.get("status") != "ok"]
+    if failed:
+        c.print(f"{len(failed)} trial(s) failed: " + "; ".join(f"#{t['trial']}: {t.get('error')}" for t in failed),
+                soft_wrap=True)
+    c.print(footer, soft_wrap=True)
+
+
+def plot_front(trials: list[dict], objectives: Iterable[Any], front: list[int], reference: dict | None,
+               path: str | Path, title: str) -> Path:
+    """pareto.png: the successful trials, the second objective (x) against the first (y), one colour per
+    defense, each point's std over targets as error bars, the front ringed and the undefended trial
+    (`reference`) as a red star."""
+    from raymia.report.plots import plot_pareto
+
+    objectives = objective_pairs(objectives)
+    ok = [t for t in trials if t.get("status") == "ok"]
+    on = set(front)
+    (x, xm), (y, ym) = objectives[1] if len(objectives) > 1 else objectives[0], objectives[0]
+
+    def label(k: str, m: str) -> str:
+        return f"{k} ({'higher' if m == 'max' else 'lower'} is better)"
+
+    return plot_pareto(
+        ok, x_key=x, y_key=y, path=path,
+        front_ids={i for i, t in enumerate(ok) if t["trial"] in on},
+        x_label=label(x, xm), y_label=label(y, ym), title=title,
+        reference={**reference, "label": "undefended"} if reference else None,
+        x_err_key=spread_key(x), y_err_key=spread_key(y),
+    )
 
 
 def write_front(
     trials: list[dict],
-    objectives: list[tuple[str, str]],
+    objectives: Iterable[Any],
     out_dir: str | Path,
     title: str,
-    constraints: list[dict[str, Any]] | None = None,
+    constraints: Iterable[Any] | None = None,
 ) -> dict:
     """Front, hypervolume (against the undefended trial, when there is one) and the files front.csv (every
-    trial), front.md and pareto.png (first objective against the second, one colour per defense, the
-    undefended trial as a red star). Returns {"front": [trial numbers], "hypervolume", "paths"}."""
-    from raymia.report.plots import plot_pareto
-
+    trial), front.md and pareto.png (`plot_front`). Returns {"front": [trial numbers], "hypervolume",
+    "paths"}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    objectives = [(k, m) for k, m in objectives]
+    objectives = objective_pairs(objectives)
     front, hv, ref = front_and_hypervolume(trials, objectives, constraints)
     on = set(front)
 
@@ -338,19 +518,6 @@ def write_front(
                         *vals, int(t["trial"] in on)])
 
     md_path = out / "front.md"
-    md_path.write_text(f"# {title}\n\n" + front_markdown(trials, objectives, front, hv))
-
-    ok = [t for t in trials if t.get("status") == "ok"]
-    (x, xm), (y, ym) = objectives[1] if len(objectives) > 1 else objectives[0], objectives[0]
-
-    def label(k: str, m: str) -> str:
-        return f"{k} ({'higher' if m == 'max' else 'lower'} is better)"
-
-    png_path = plot_pareto(
-        ok, x_key=x, y_key=y, path=out / "pareto.png",
-        front_ids={i for i, t in enumerate(ok) if t["trial"] in on},
-        x_label=label(x, xm), y_label=label(y, ym), title=title,
-        reference={**ref, "label": "undefended"} if ref else None,
-        x_err_key=spread_key(x), y_err_key=spread_key(y),
-    )
+    md_path.write_text(front_markdown(trials, objectives, front, hv, intro=f"# {title}\n\n"))
+    png_path = plot_front(trials, objectives, front, ref, out / "pareto.png", title)
     return {"front": front, "hypervolume": hv, "paths": [str(csv_path), str(md_path), str(png_path)]}

@@ -3,10 +3,15 @@
 Every pluggable part (data set, model, defense, attack) registers here with a pydantic model of its
 parameters. The registry validates a spec's `params` against that model, so an unknown or out-of-range
 parameter is reported with its dotted field path, and `raymia list` prints every entry with its defaults.
+
+A registry made with `package=` finds its entries itself (`raymia.plugins`): the first time it is read
+(`get`, `names`, `entries`, `in`), it imports every public module of that package, then the third-party
+plug-ins' entry points. Registering needs no reading, so a module registers while it is being discovered.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic, Literal, TypeVar, get_args, get_origin
@@ -14,8 +19,11 @@ from typing import Annotated, Any, Generic, Literal, TypeVar, get_args, get_orig
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from raymia.errors import SpecError
+from raymia.plugins import PluginError, import_submodules, load_entry_points
 
 T = TypeVar("T")
+
+_DISCOVERY = threading.RLock()  # one for all registries: the modules of one may read another
 
 
 class Params(BaseModel):
@@ -54,14 +62,22 @@ def _first_error(e: ValidationError, entry: Entry) -> str:
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    """Entries by name. `package`: the package whose modules register the entries, imported (with the
+    third-party plug-ins) the first time the registry is read."""
+
+    def __init__(self, kind: str, package: str | None = None):
         self.kind = kind
+        self.package = package
         self._entries: dict[str, Entry[T]] = {}
+        self._found = False
+        self._discovering = False
 
     def register(self, name: str, params: type[Params] = NoParams, doc: str | None = None) -> Callable[[T], T]:
         def deco(obj: T) -> T:
             if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} registered twice")
+                before = getattr(self._entries[name].obj, "__module__", "?")
+                raise PluginError(f"{self.kind} {name!r} is registered twice, by {before} and by "
+                                  f"{getattr(obj, '__module__', '?')}; give one of them another name")
             text = doc if doc is not None else (getattr(obj, "__doc__", None) or "").strip().splitlines()
             if isinstance(text, list):
                 text = text[0] if text else ""
@@ -70,10 +86,29 @@ class Registry(Generic[T]):
 
         return deco
 
+    def discover(self) -> None:
+        """Import the package's modules and the third-party plug-ins, once (again after a failure). Another
+        thread waits until they are in; a module that reads the registry while it is imported sees it as is."""
+        if self._found:
+            return
+        with _DISCOVERY:
+            if self._found or self._discovering:
+                return
+            self._discovering = True
+            try:
+                if self.package is not None:
+                    import_submodules(self.package)
+                load_entry_points()
+                self._found = True
+            finally:
+                self._discovering = False
+
     def names(self) -> list[str]:
+        self.discover()
         return sorted(self._entries)
 
     def get(self, name: str, where: str = "name") -> Entry[T]:
+        self.discover()
         try:
             return self._entries[name]
         except KeyError:
@@ -82,6 +117,7 @@ class Registry(Generic[T]):
             ) from None
 
     def __contains__(self, name: str) -> bool:
+        self.discover()
         return name in self._entries
 
     def entries(self) -> list[Entry[T]]:

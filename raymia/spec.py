@@ -1,7 +1,10 @@
 """The YAML specs (pydantic): what to audit, how to train the bank, which attacks to run, what to sweep.
 
-`load_spec(path, overrides)` reads a YAML file, applies `--set dotted.key=value` overrides and validates it;
-every problem becomes one `SpecError` line naming the field or file and what is accepted.
+The schema only: registry names (data set, model, defense, attacks) are strings here, and this module
+imports none of the plug-in packages. `raymia.resolve.load_spec(path, overrides)`, the one way to load a
+spec, reads a YAML file (`load_raw`), applies `--set dotted.key=value` overrides (`apply_overrides`),
+validates it against these models and resolves every registry name and its params; every problem becomes
+one `SpecError` line naming the field or file and what is accepted.
 `AuditSpec.fingerprint()` is a stable content hash of everything that changes the bank's outputs (data,
 plan, model, recipe, defense, queries, seed): stored signals are keyed by it.
 """
@@ -19,7 +22,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_serializer,
     model_validator,
@@ -472,69 +474,6 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _format_error(e: ValidationError) -> tuple[str, str]:
-    err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"]) or "spec"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown field"
-        parent_loc = err["loc"][:-1]
-        model: Any = SweepSpec
-        try:
-            for part in parent_loc:
-                if isinstance(part, int):
-                    continue
-                ann = model.model_fields[part].annotation
-                model = getattr(ann, "__args__", (ann,))[0] if hasattr(ann, "__args__") else ann
-            if isinstance(model, type) and issubclass(model, BaseModel):
-                msg += "; accepted: " + ", ".join(model.model_fields)
-        except (KeyError, AttributeError, TypeError):
-            pass
-    elif err["type"] == "literal_error":
-        msg = msg.replace("Input should be", "accepted:")
-    return loc, msg
-
-
-def validate_spec(raw: dict[str, Any], kind: type[AuditSpec] = AuditSpec, where: str = "spec") -> AuditSpec:
-    try:
-        spec = kind.model_validate(raw)
-    except ValidationError as e:
-        loc, msg = _format_error(e)
-        raise SpecError(msg, where=f"{where}: {loc}" if where != "spec" else loc) from None
-    try:
-        check_names(spec)
-    except SpecError as e:
-        if where == "spec":
-            raise
-        raise SpecError(str(e), where=where) from None
-    return spec
-
-
-def check_names(spec: AuditSpec) -> None:
-    """Resolve every registry name and its params now, so bad input fails before any work starts."""
-    from raymia.attacks import ATTACKS
-    from raymia.data import DATASETS
-    from raymia.defenses import DEFENSES
-    from raymia.models import MODELS
-
-    DATASETS.get(spec.data.name, where="data.name").parse(spec.data.params, where="data.params")
-    MODELS.get(spec.model.name, where="model.name").parse(spec.model.params, where="model.params")
-    DEFENSES.get(spec.defense.name, where="defense.name").parse(spec.defense.params, where="defense.params")
-    seen: dict[str, int] = {}  # attack results are keyed by label (default: the name): one entry per key
-    for i, a in enumerate(spec.attacks):
-        ATTACKS.get(a.name, where=f"attacks.{i}.name").parse(a.params, where=f"attacks.{i}.params")
-        if a.key in seen:
-            raise SpecError(f"{a.key!r} already names attacks.{seen[a.key]}; give each entry its own label "
-                            "(results and metrics are keyed by it)", where=f"attacks.{i}.label")
-        seen[a.key] = i
-    if isinstance(spec, SweepSpec):
-        if spec.sweep.defenses:
-            for i, c in enumerate(spec.sweep.choices):
-                DEFENSES.get(c.name, where=f"sweep.defenses.{i}")
-        else:
-            DEFENSES.get(spec.sweep.defense, where="sweep.defense")
-
-
 def load_raw(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
@@ -562,17 +501,3 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
         key, value = parse_override(text)
         _set_dotted(raw, key, value)
     return raw
-
-
-def load_spec(
-    path: str | Path | None,
-    overrides: list[str] | None = None,
-    kind: type[AuditSpec] = AuditSpec,
-) -> AuditSpec:
-    raw = load_raw(path) if path is not None else {}
-    if kind is AuditSpec:
-        raw.pop("sweep", None)  # an audit of a sweep file audits its base setting
-    for text in overrides or []:
-        key, value = parse_override(text)
-        _set_dotted(raw, key, value)
-    return validate_spec(raw, kind, where=str(path) if path is not None else "spec")

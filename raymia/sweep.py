@@ -4,7 +4,7 @@ Each trial is a light driver (a tiny CPU request, so the bank's Ray Train worker
 one audit and reports every metric once. Objectives (2-3 metrics with directions) are searched with a
 multi-objective Optuna sampler. The undefended setting is the first trial when `include_undefended` is on.
 One MLflow parent run per sweep; a Tune callback on the driver logs one child run per finished trial.
-The result is the Pareto front (table, result.json, Pareto plot).
+The result is the Pareto front (table, result.json, Pareto plot), as `raymia.pareto` computes and reports it.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from raymia.audit import UTILITY_METRICS
 from raymia.errors import RaymiaError, SpecError
-from raymia.metrics import spread_key
-from raymia.pareto import fmt_mean_std
+from raymia.pareto import fmt_params, front_and_hypervolume, front_markdown, plot_front, print_front
 from raymia.space import Categorical, Domain, Float, Int, describe
 from raymia.spec import SweepSpec
 
@@ -39,12 +39,17 @@ class SweepResult:
     hypervolume: float | None = None  # of the feasible front against the undefended trial
     final_audit: list[dict[str, Any]] | None = None
 
+    @property
+    def front_trials(self) -> list[int]:
+        """The front as trial numbers (what result.json, front.md and the console show)."""
+        return [self.trials[i]["trial"] for i in self.front]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.spec.name,
             "objectives": [o.model_dump() for o in self.spec.sweep.objectives],
             "trials": self.trials,
-            "front": [self.trials[i]["trial"] for i in self.front],
+            "front": self.front_trials,
             "hypervolume": self.hypervolume,
             "final_audit": self.final_audit,
             "mlflow_parent_run_id": self.parent_run_id,
@@ -243,7 +248,7 @@ def _progress_callback(spec: SweepSpec):
             _, cfg = split_config(trial.config)
             vals = "  ".join(f"{o}={r.get(o, float('nan')):.4f}" for o in objs)
             log.info("trial %s done (%d/%d): %s %s  %s%s", _number(trial), self.done, spec.sweep.num_trials,
-                     trial.config.get("defense"), _fmt_params({"defense": trial.config.get("defense"), "params": cfg}),
+                     trial.config.get("defense"), fmt_params({"defense": trial.config.get("defense"), "params": cfg}),
                      vals, "  (stored signals reused)" if r.get("reused_signals") else "")
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -257,7 +262,7 @@ def _progress_callback(spec: SweepSpec):
 def _mlflow_callback(spec: SweepSpec, parent_id: str):
     from ray import tune
 
-    from raymia.tracking import log_run
+    from raymia.tracking import TAG_PARENT, TAG_TRIAL_ID, log_run, tag_equals, trial_tags
 
     class MlflowChildRuns(tune.Callback):
         """Logs one MLflow child run per finished (or failed) trial, from the driver."""
@@ -269,7 +274,7 @@ def _mlflow_callback(spec: SweepSpec, parent_id: str):
             exp = client.get_experiment_by_name(spec.tracking.experiment)
             if exp is not None and client.search_runs(
                 [exp.experiment_id],
-                filter_string=f"tags.`raymia.trial_id` = '{trial.trial_id}' and tags.`raymia.parent` = '{parent_id}'",
+                filter_string=f"{tag_equals(TAG_TRIAL_ID, trial.trial_id)} and {tag_equals(TAG_PARENT, parent_id)}",
             ):
                 return  # logged before an interruption: one child run per trial
             result = trial.last_result or {}
@@ -278,10 +283,7 @@ def _mlflow_callback(spec: SweepSpec, parent_id: str):
             audit_dir = result.get("audit_dir")
             arts = ([Path(audit_dir) / n for n in ("result.json", "roc.png", "spec.yaml")
                      if (Path(audit_dir) / n).exists()] if audit_dir else [])
-            tags = {"raymia.kind": "trial", "raymia.trial_id": trial.trial_id, "raymia.status": status,
-                    "raymia.defense": str(trial.config.get("defense"))}
-            if error:
-                tags["raymia.error"] = error[:5000]
+            tags = trial_tags(trial.trial_id, status, str(trial.config.get("defense")), error)
             log_run(spec.tracking.uri, spec.tracking.experiment, run_name=f"{spec.name}-{trial.trial_id}",
                     params=params, metrics=metrics, artifacts=arts, tags=tags, parent_run_id=parent_id)
 
@@ -367,7 +369,6 @@ def run_sweep(
     from ray.tune.search.optuna import OptunaSearch
 
     from raymia.engine.cluster import ensure_ray
-    from raymia.report.plots import plot_pareto
 
     t0 = time.perf_counter()
     root = Path(output_dir or spec.output_dir).resolve()
@@ -397,16 +398,16 @@ def run_sweep(
         log.info("sweep %s already finished; its result is in %s (use --fresh to run it again)", spec.name, sweep_dir)
         result = _load_result(spec, sweep_dir, state.get("parent_run_id"))
         if console:
-            print_front(result)
+            _print_front(result)
         return result
     resuming = state is not None and tune.Tuner.can_restore(str(exp_dir))
     parent_id = state.get("parent_run_id") if state else None
     if spec.tracking.enabled and parent_id is None:
-        from raymia.tracking import start_parent
+        from raymia.tracking import KIND_SWEEP, TAG_KIND, start_parent
 
         parent_id = start_parent(
             spec.tracking.uri, spec.tracking.experiment, run_name=f"sweep-{spec.name}",
-            params=spec.model_dump(mode="json"), tags={"raymia.kind": "sweep"},
+            params=spec.model_dump(mode="json"), tags={TAG_KIND: KIND_SWEEP},
         )
         log.info("MLflow parent run %s in %s", parent_id, spec.tracking.uri)
     state_path.write_text(json.dumps({"spec_hash": spec_hash, "parent_run_id": parent_id, "finished": False}))
@@ -454,32 +455,24 @@ def run_sweep(
             # Tune returns early when interrupted (Ctrl-C): its state is saved, the sweep is not finished.
             raise RaymiaError(f"sweep {spec.name} was interrupted; run the same command again to resume it")
         ok = [t for t in trials if t["status"] == "ok"]
-        front_ids = feasible_front(ok, objectives, spec.sweep.constraints)
-        feasible = [t for t in ok if t["feasible"]]
+        # the front among the trials that meet every constraint (each ok trial's "feasible" flag is set)
+        front_ids, hv, ref = front_and_hypervolume(trials, objectives, spec.sweep.constraints)
         front = [i for i, t in enumerate(trials) if t["trial"] in front_ids]
-        result = SweepResult(spec=spec, trials=trials, front=front, out_dir=sweep_dir, parent_run_id=parent_id)
-        # written now (the search is safe on disk) and again below with the hypervolume and final audit
+        result = SweepResult(spec=spec, trials=trials, front=front, out_dir=sweep_dir, parent_run_id=parent_id,
+                             hypervolume=hv)
+        # written now (the search is safe on disk) and again below with the final audit
         (sweep_dir / "result.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
-        ref = next((t for t in ok if t["defense"] == "none"), None)
-        x, y = objectives[0].metric, objectives[1].metric if len(objectives) > 1 else objectives[0].metric
-        plot_pareto(
-            ok, x_key=y, y_key=x, path=sweep_dir / "pareto.png",
-            front_ids={i for i, t in enumerate(ok) if t["trial"] in front_ids},
-            x_label=f"{y} ({_arrow(objectives, y)})", y_label=f"{x} ({_arrow(objectives, x)})",
-            title=f"sweep {spec.name}: {', '.join(space)} ({len(ok)} trials{_spread_note(spec)})",
-            reference={**ref, "label": "undefended"} if ref else None,
-            x_err_key=spread_key(y), y_err_key=spread_key(x),
-        )
-        if ref is not None and len(objectives) in (2, 3):
-            from raymia.pareto import hypervolume
-
-            result.hypervolume = hypervolume(feasible, [(o.metric, o.mode) for o in objectives], ref)
+        plot_front(trials, objectives, front_ids, ref, sweep_dir / "pareto.png",
+                   title=f"sweep {spec.name}: {', '.join(space)} ({len(ok)} trials{_spread_note(spec)})")
         if spec.sweep.final_audit is not None:
             result.final_audit = _final_audit(spec, result, root, parent_id)
         (sweep_dir / "result.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
-        (sweep_dir / "front.md").write_text(front_markdown(result))
+        (sweep_dir / "front.md").write_text(front_markdown(
+            trials, objectives, result.front_trials, result.hypervolume,
+            intro=f"Sweep {spec.name}: every objective is the mean over {len(spec.plan.target_list)} target(s) "
+                  f"(leave-one-out over the bank), ± its std over them.\n\n"))
         if console:
-            print_front(result)
+            _print_front(result)
         status = "FINISHED"
         state_path.write_text(json.dumps({"spec_hash": spec_hash, "parent_run_id": parent_id, "finished": True}))
         summary = {"num_trials": len(trials), "num_failed": len(trials) - len(ok), "front_size": len(front),
@@ -523,42 +516,20 @@ def _final_audit(spec: SweepSpec, result: SweepResult, root: Path, parent_id: st
         log.info("final audit of trial %d (%s) with %d models", t["trial"], t["defense"], fa.num_models)
         res = run_audit(audit, output_dir=root, track=False, console=False)
         if parent_id:
-            from raymia.tracking import log_run
+            from raymia.tracking import KIND_FINAL_AUDIT, TAG_KIND, TAG_TRIAL, log_run
 
             log_run(spec.tracking.uri, spec.tracking.experiment, run_name=f"{audit.name}-final",
                     params=audit.model_dump(mode="json"), metrics=res.flat_metrics(),
                     artifacts=[res.out_dir / "result.json", res.out_dir / "roc.png", res.out_dir / "spec.yaml"],
-                    tags={"raymia.kind": "final_audit", "raymia.trial": str(t["trial"])}, parent_run_id=parent_id)
+                    tags={TAG_KIND: KIND_FINAL_AUDIT, TAG_TRIAL: str(t["trial"])}, parent_run_id=parent_id)
         rows.append({"trial": t["trial"], "defense": t["defense"], "params": t["params"],
                      "num_models": fa.num_models, "audit_dir": str(res.out_dir), **res.flat_metrics()})
     return rows
 
 
-def feasible_front(ok: list[dict[str, Any]], objectives, constraints) -> set[int]:
-    """Trial numbers of the non-dominated trials among those meeting every constraint; marks each trial's
-    "feasible" flag. Trials that break a constraint never enter the front."""
-    from raymia.report.plots import pareto_front
-
-    for t in ok:
-        t["feasible"] = all(_satisfies(t.get(c.metric), c.op, c.value) for c in constraints)
-    feasible = [t for t in ok if t["feasible"]]
-    return {feasible[i]["trial"] for i in pareto_front(feasible, [(o.metric, o.mode) for o in objectives])}
-
-
-def _satisfies(value: float | None, op: str, bound: float) -> bool:
-    if value is None or not math.isfinite(value):
-        return False
-    return value >= bound if op == ">=" else value <= bound
-
-
-def _arrow(objectives, metric: str) -> str:
-    mode = next(o.mode for o in objectives if o.metric == metric)
-    return "higher is better" if mode == "max" else "lower is better"
-
-
 def _check_objective_names(spec: SweepSpec, names: list[str], field: str = "objectives") -> None:
     attacks = {a.key for a in spec.attacks}
-    utility = {"train_accuracy", "test_accuracy", "generalization_gap", "test_ece", "bank_test_accuracy"}
+    utility = set(UTILITY_METRICS)
     keys = {"auc", "balanced_accuracy", "epsilon_lb", *(f"tpr_fpr_{f:g}" for f in spec.metrics.fpr_levels),
             *(f"tnr_fnr_{f:g}" for f in spec.metrics.fnr_levels)}
     for i, n in enumerate(names):
@@ -596,14 +567,8 @@ def _collect(grid, metric_names: list[str]) -> list[dict[str, Any]]:
 
 
 def _is_metric(key: str) -> bool:
-    return "/" in key or key in ("train_accuracy", "test_accuracy", "generalization_gap", "test_ece",
-                                 "bank_test_accuracy")
-
-
-def _fmt_params(t: dict[str, Any]) -> str:
-    if t["defense"] == "none":
-        return "-"
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
+    """A metric a trial reports (utility, ATTACK/METRIC, worst/, defense/, std/...), not Tune's bookkeeping."""
+    return "/" in key or key in UTILITY_METRICS
 
 
 def _spread_note(spec) -> str:
@@ -611,32 +576,6 @@ def _spread_note(spec) -> str:
     return f"; mean ± std over {n} targets" if n > 1 else "; one target"
 
 
-def front_markdown(result: SweepResult) -> str:
-    from raymia.pareto import front_markdown as table
-
+def _print_front(result: SweepResult) -> None:
     spec = result.spec
-    return (f"Sweep {spec.name}: every objective is the mean over {len(spec.plan.target_list)} target(s) "
-            f"(leave-one-out over the bank), ± its std over them.\n\n"
-            + table(result.trials, [(o.metric, o.mode) for o in spec.sweep.objectives],
-                    [result.trials[i]["trial"] for i in result.front], result.hypervolume))
-
-
-def print_front(result: SweepResult) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    objs = [o for o in result.spec.sweep.objectives]
-    table = Table(title=f"sweep {result.spec.name}: Pareto front ({len(result.front)} of {len(result.trials)} trials)")
-    for col in ("trial", "defense", "params"):
-        table.add_column(col)
-    for o in objs:
-        table.add_column(f"{o.metric} ({o.mode})", justify="right")
-    for i in result.front:
-        t = result.trials[i]
-        table.add_row(str(t["trial"]), t["defense"], _fmt_params(t), *[fmt_mean_std(t, o.metric) for o in objs])
-    c = Console()
-    c.print(table)
-    failed = [t for t in result.trials if t["status"] != "ok"]
-    if failed:
-        c.print(f"{len(failed)} trial(s) failed: " + "; ".join(f"#{t['trial']}: {t['error']}" for t in failed))
-    c.print(f"-> {result.out_dir}")
+    print_front(spec.name, result.trials, spec.sweep.objectives, result.front_trials, f"-> {result.out_dir}")

@@ -11,7 +11,31 @@ from typing import Any
 
 log = logging.getLogger("raymia")
 
-PARENT_TAG = "raymia.parent"
+# The MLflow tags raymia sets on its runs (and `raymia pareto` reads back): their names live here only.
+TAG_KIND = "raymia.kind"  # what the run is: one of the KIND_* values below
+TAG_PARENT = "raymia.parent"  # a child run's sweep parent run id (beside MLflow's own MLFLOW_PARENT_TAG)
+TAG_TRIAL_ID = "raymia.trial_id"  # a trial run's Ray Tune trial id
+TAG_TRIAL = "raymia.trial"  # a final audit's trial number (in the sweep's front table)
+TAG_STATUS = "raymia.status"  # a trial run's outcome: its status in the sweep's result.json, ok or failed
+TAG_DEFENSE = "raymia.defense"  # a trial run's defense
+TAG_ERROR = "raymia.error"  # a failed trial's error
+TAG_FINGERPRINT = "raymia.fingerprint"  # an audit run's signal fingerprint
+MLFLOW_PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: nests a child run under its parent in the UI
+KIND_AUDIT, KIND_SWEEP, KIND_TRIAL, KIND_FINAL_AUDIT = "audit", "sweep", "trial", "final_audit"
+
+
+def tag_equals(tag: str, value: str) -> str:
+    """An MLflow search filter: the runs whose tag `tag` is `value`."""
+    return f"tags.`{tag}` = '{value}'"
+
+
+def trial_tags(trial_id: str, status: str, defense: str, error: str | None = None) -> dict[str, str]:
+    """The tags of a sweep trial's child run (`raymia.parent` and MLflow's parent tag are added by
+    `log_run`)."""
+    tags = {TAG_KIND: KIND_TRIAL, TAG_TRIAL_ID: trial_id, TAG_STATUS: status, TAG_DEFENSE: defense}
+    if error:
+        tags[TAG_ERROR] = error[:5000]
+    return tags
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -69,8 +93,8 @@ def log_run(
     client = MlflowClient(uri)
     all_tags = dict(tags or {})
     if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-        all_tags[PARENT_TAG] = parent_run_id
+        all_tags[MLFLOW_PARENT_TAG] = parent_run_id
+        all_tags[TAG_PARENT] = parent_run_id
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
     rid = run.info.run_id
     try:

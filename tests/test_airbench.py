@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from raymia.defenses.base import DataInfo
+from raymia.datainfo import DataInfo
 from raymia.errors import SpecError
 from raymia.models import build_model
 from raymia.models.base import param_lr_scales, param_train_epochs

@@ -9,7 +9,8 @@ import pytest
 
 from raymia.audit import run_audit
 from raymia.errors import SpecError
-from raymia.spec import AuditSpec, validate_spec
+from raymia.resolve import validate_spec
+from raymia.spec import AuditSpec
 from tests.conftest import tiny_spec_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")

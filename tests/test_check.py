@@ -11,7 +11,8 @@ import yaml
 
 from raymia.check import check_spec
 from raymia.errors import DataError, SpecError
-from raymia.spec import AuditSpec, load_spec
+from raymia.resolve import load_spec
+from raymia.spec import AuditSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -135,7 +136,7 @@ def test_flops_counted_on_the_meta_device_equal_a_real_count():
     from torch.utils.flop_counter import FlopCounterMode
 
     from raymia.check import count_flops
-    from raymia.defenses.base import DataInfo
+    from raymia.datainfo import DataInfo
     from raymia.models import build_model
 
     info = DataInfo(num_classes=10, input_shape=(1, 28, 28), kind="image")

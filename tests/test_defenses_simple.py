@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from raymia.datainfo import DataInfo
 from raymia.defenses import DEFENSES, build_defense
-from raymia.defenses.base import DataInfo
 from raymia.defenses.simple import LOG_FLOOR
 from raymia.errors import SpecError
 from raymia.spec import AuditSpec, TrainSpec

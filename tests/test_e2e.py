@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from raymia.audit import run_audit
-from raymia.spec import AuditSpec, SweepSpec, load_spec
+from raymia.resolve import load_spec
+from raymia.spec import AuditSpec, SweepSpec
 from tests.conftest import tiny_spec_dict
 
 pytestmark = pytest.mark.slow

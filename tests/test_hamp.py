@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raymia.datainfo import DataInfo
 from raymia.defenses import DEFENSES, build_defense
-from raymia.defenses.base import DataInfo
 from raymia.defenses.hamp import (
     HAMP_DEFAULTS,
     Hamp,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-from raymia.defenses.base import DataInfo
+from raymia.datainfo import DataInfo
 from raymia.errors import SpecError
 from raymia.models import MODELS, build_model
 

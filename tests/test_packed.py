@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.func import stack_module_state
 
-from raymia.defenses.base import DataInfo
+from raymia.datainfo import DataInfo
 from raymia.models import build_model
 from raymia.train import packed
 from raymia.train.bank import PackedModels

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import itertools
 import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from raymia.errors import RaymiaError
@@ -236,3 +238,103 @@ def test_cli_pareto_unknown_sweep_is_one_line_exit_2(store, tmp_path, args, need
     assert len(lines) == 1 and lines[0].startswith("raymia: error: "), out.stderr
     assert needle in lines[0]
     assert not (tmp_path / "raymia-runs").exists()
+
+
+# --- one front: the sweep's, `raymia pareto`'s and Optuna's best_trials agree -----------------------------
+AUC = "lira_online/auc"
+
+
+def _constrained_study_and_trials(spec):
+    """A real Optuna study asked as a sweep asks (DefineByRun: the undefended trial first), told each trial's
+    objectives and, with Trial.set_constraint, its constraints (<= 0: met); and the same trials shaped as
+    run_sweep collects them. Metrics move with gamma rounded to 0.1, so several trials tie exactly."""
+    import optuna
+
+    from raymia.sweep import DefineByRun, resolve_space, split_config
+
+    rng = random.Random(5)
+    ask = DefineByRun(resolve_space(spec), include_undefended=True)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(5))
+    trials = []
+    for i in range(24):
+        t = study.ask()
+        const = ask(t)  # suggests the trial's parameters
+        defense, params = split_config({**t.params, **const})
+        row = {"trial": i, "trial_id": f"agree_{i:05d}", "defense": defense, "params": params}
+        if i == 9:  # a failed trial: Optuna marks it failed, the sweep keeps it off the front
+            study.tell(t, state=optuna.trial.TrialState.FAIL)
+            trials.append({**row, "status": "failed", "error": "ValueError: objective is n/a"})
+            continue
+        if defense == "none":  # undefended: the hypervolume's reference, and it breaks the AUC constraint
+            m = {ACC: 0.80, TPR: 0.35, AUC: 0.90}
+        else:
+            g = round(params["gamma"], 1)
+            noise = rng.choice([0.0, 0.0, 0.02]) if i % 3 else 0.0
+            m = {ACC: round(0.55 + 0.4 * g - noise, 2), TPR: round(0.05 + 0.3 * g, 2), AUC: round(0.5 + 0.35 * g, 2)}
+        m.update({f"std/{k}": 0.01 for k in m})
+        for k, c in enumerate(spec.sweep.constraints):
+            v = m[c.metric]
+            t.set_constraint(str(k), c.value - v if c.op == ">=" else v - c.value)
+        study.tell(t, [m[ACC], m[TPR]])
+        trials.append({**row, "status": "ok", **m})
+    return study, trials
+
+
+def test_sweep_front_raymia_pareto_and_optuna_agree_with_constraints(tmp_path):
+    from optuna._hypervolume import compute_hypervolume
+
+    from raymia.pareto import front_and_hypervolume
+    from raymia.spec import SweepSpec
+    from raymia.sweep import trial_spec
+    from raymia.tracking import KIND_SWEEP, TAG_KIND, finish_parent, log_run, start_parent, trial_tags
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = SweepSpec.model_validate({
+        "name": "agree", "tracking": {"uri": uri, "experiment": "agree"},
+        "sweep": {"defense": "hamp", "objectives": [{"metric": ACC, "mode": "max"}, {"metric": TPR, "mode": "min"}],
+                  "constraints": [{"metric": ACC, "op": ">=", "value": 0.7}, {"metric": AUC, "op": "<=", "value": 0.8}]},
+    })
+    study, trials = _constrained_study_and_trials(spec)
+
+    # the sweep's front: run_sweep's call on the trials it collected
+    front, hv, ref = front_and_hypervolume(trials, spec.sweep.objectives, spec.sweep.constraints)
+    # Optuna's, on the same trials (feasible: every constraint value <= 0)
+    assert front == sorted(t.number for t in study.best_trials)
+    # the case is not trivial: the constraints change the front, an exact tie is kept twice, the reference
+    # breaks a constraint, and one trial failed
+    unconstrained, _, _ = front_and_hypervolume(copy.deepcopy(trials), spec.sweep.objectives)
+    assert unconstrained != front
+    on = [(trials[n][ACC], trials[n][TPR]) for n in front]
+    assert len(set(on)) < len(on)
+    assert ref is trials[0] and not ref["feasible"] and trials[9]["status"] == "failed"
+    assert [t.get("feasible") for t in trials if t["status"] == "ok"].count(False) >= 3
+
+    # hypervolume as Optuna computes it, over the front points that improve on the reference everywhere
+    loss = [(-trials[n][ACC], trials[n][TPR]) for n in front]
+    r = (-ref[ACC], ref[TPR])
+    better = [p for p in loss if all(a < b for a, b in zip(p, r))]
+    assert better and hv == pytest.approx(compute_hypervolume(np.asarray(better), np.asarray(r)), abs=1e-12)
+
+    # `raymia pareto`: the same trials logged as the sweep logs them, read back from MLflow
+    pid = start_parent(uri, "agree", "sweep-agree", params=spec.model_dump(mode="json"), tags={TAG_KIND: KIND_SWEEP})
+    base = spec.model_dump(mode="json")
+    for t in trials:
+        config = {"defense": t["defense"], **{f"{t['defense']}.{k}": v for k, v in t["params"].items()}}
+        metrics = {k: v for k, v in t.items() if "/" in k or k == ACC}
+        log_run(uri, "agree", run_name=f"agree-{t['trial_id']}", params=trial_spec(base, config), metrics=metrics,
+                tags=trial_tags(t["trial_id"], t["status"], t["defense"], t.get("error")), parent_run_id=pid)
+    finish_parent(uri, pid, {}, [])
+    back, info = trials_from_mlflow(uri, "agree", sweep="agree")
+    assert info["constraints"] == [c.model_dump() for c in spec.sweep.constraints]
+    assert [(t["trial"], t["status"], t["defense"]) for t in back] == [
+        (t["trial"], t["status"], t["defense"]) for t in trials]
+    back_front, back_hv, _ = front_and_hypervolume(back, info["objectives"], info["constraints"])
+    assert back_front == front and back_hv == pytest.approx(hv, abs=1e-12)
+
+    out = raymia("pareto", "--experiment", "agree", "--uri", uri, "--output-dir", str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr
+    assert f"Pareto front ({len(front)} of {len(trials)} trials)" in out.stdout
+    assert f"hypervolume vs the undefended trial: {hv:.6g}" in out.stdout
+    rows = list(csv.DictReader((tmp_path / "out" / "front.csv").open()))
+    assert [int(r["trial"]) for r in rows if r["on_front"] == "1"] == front
+    assert "± 0.0100" in (tmp_path / "out" / "front.md").read_text()

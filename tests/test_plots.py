@@ -1,4 +1,4 @@
-"""Report figures: Pareto-front selection and that the plots write real, non-blank PNG files."""
+"""Report figures: Pareto-front selection (raymia.pareto) and that the plots write real, non-blank PNG files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from raymia.report.plots import pareto_front, plot_pareto, plot_roc
+from raymia.pareto import pareto_front
+from raymia.report.plots import plot_pareto, plot_roc
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

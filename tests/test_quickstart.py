@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from raymia.spec import SweepSpec, load_spec
+from raymia.resolve import load_spec
+from raymia.spec import SweepSpec
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from raymia.errors import SpecError
-from raymia.spec import AuditSpec, SweepSpec, load_spec
+from raymia.resolve import load_spec
+from raymia.spec import AuditSpec, SweepSpec
 
 
 def write(tmp_path, text: str, name: str = "spec.yaml"):

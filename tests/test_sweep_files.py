@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from raymia.datainfo import DataInfo
 from raymia.defenses import build_defense
-from raymia.defenses.base import DataInfo
+from raymia.resolve import load_spec
 from raymia.space import Categorical, Float, Int
-from raymia.spec import SweepSpec, load_spec
+from raymia.spec import SweepSpec
 from raymia.sweep import _check_objective_names, resolve_space
 
 SWEEPS = sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml"))
@@ -82,8 +83,8 @@ def test_several_defenses_in_one_sweep():
 
 
 def test_constraints_keep_trials_off_the_front():
+    from raymia.pareto import feasible_front
     from raymia.spec import Constraint, Objective
-    from raymia.sweep import feasible_front
 
     objectives = [Objective(metric="test_accuracy", mode="max"), Objective(metric="loss/auc", mode="min")]
     trials = [{"trial": 0, "test_accuracy": 0.95, "loss/auc": 0.70},

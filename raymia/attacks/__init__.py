@@ -1,11 +1,9 @@
-"""Attacks on trained models. Membership inference attacks live in raymia.attacks.mia."""
+"""Attacks on trained models. Membership inference attacks live in raymia.attacks.mia.
 
-# The attack modules are imported for their registrations in ATTACKS.
-from raymia.attacks.mia import label_only as _label_only  # noqa: F401
-from raymia.attacks.mia import learned as _learned  # noqa: F401
-from raymia.attacks.mia import lira as _lira  # noqa: F401
-from raymia.attacks.mia import rmia as _rmia  # noqa: F401
-from raymia.attacks.mia import threshold as _threshold  # noqa: F401
+Each attack module registers its entries in `ATTACKS`; the registry imports every module of this package
+the first time it is read (raymia.plugins), so adding an attack is adding a module (docs/extending.md).
+"""
+
 from raymia.attacks.registry import ATTACKS, AttackFn, run_attack
 
 __all__ = ["ATTACKS", "AttackFn", "run_attack"]

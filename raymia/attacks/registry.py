@@ -17,7 +17,7 @@ from raymia.signals import Signals
 
 AttackFn = Callable[[Signals, int, Params], np.ndarray]
 
-ATTACKS: Registry[AttackFn] = Registry("attack")
+ATTACKS: Registry[AttackFn] = Registry("attack", package="raymia.attacks")
 
 
 def run_attack(

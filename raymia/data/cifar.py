@@ -28,7 +28,7 @@ from raymia.data.readers import (
     read_records,
 )
 from raymia.data.registry import DATASETS, Dataset
-from raymia.defenses.base import DataInfo
+from raymia.datainfo import DataInfo
 from raymia.errors import DataError
 from raymia.registry import Params
 

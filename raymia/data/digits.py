@@ -7,7 +7,7 @@ import torch
 from pydantic import Field
 
 from raymia.data.registry import DATASETS, Dataset
-from raymia.defenses.base import DataInfo
+from raymia.datainfo import DataInfo
 from raymia.registry import Params
 
 # Pixel statistics of the whole set after scaling 0..16 to [0, 1].

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from raymia.data.readers import channel_stats, make_dataset, one_line
 from raymia.data.registry import DATASETS, Dataset
-from raymia.defenses.base import DataInfo
+from raymia.datainfo import DataInfo
 from raymia.errors import DataError
 from raymia.registry import Params
 

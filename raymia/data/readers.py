@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from raymia.data.registry import Dataset
-from raymia.defenses.base import DataInfo
+from raymia.datainfo import DataInfo
 from raymia.errors import DataError
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from raymia.defenses.base import DataInfo
+from raymia.datainfo import DataInfo
 from raymia.registry import Registry
 
 
@@ -35,7 +35,7 @@ class Dataset:
                                  f"expected {self.info.input_shape}")
 
 
-DATASETS: Registry[Any] = Registry("data set")
+DATASETS: Registry[Any] = Registry("data set", package="raymia.data")
 
 
 def load_dataset(name: str, params: dict[str, Any] | None = None) -> Dataset:

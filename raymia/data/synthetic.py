@@ -15,7 +15,7 @@ from pydantic import Field
 
 from raymia.data.readers import make_dataset
 from raymia.data.registry import DATASETS, Dataset
-from raymia.defenses.base import DataInfo
+from raymia.datainfo import DataInfo
 from raymia.registry import Params
 
 

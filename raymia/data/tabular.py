@@ -16,7 +16,7 @@ from pydantic import Field
 
 from raymia.data.readers import as_labels, load_npz, make_dataset
 from raymia.data.registry import DATASETS, Dataset
-from raymia.defenses.base import DataInfo
+from raymia.datainfo import DataInfo
 from raymia.errors import DataError
 from raymia.registry import Params
 

@@ -28,7 +28,8 @@ from pydantic import Field
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from raymia.defenses.base import DEFENSES, DataInfo, Defense, FitJob
+from raymia.datainfo import DataInfo
+from raymia.defenses.base import DEFENSES, Defense, FitJob
 from raymia.errors import SpecError
 from raymia.registry import Params
 from raymia.seeding import derive_seed

@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from raymia.defenses.base import DEFENSES, DataInfo, Defense, FitJob, require_public
+from raymia.datainfo import DataInfo
+from raymia.defenses.base import DEFENSES, Defense, FitJob, require_public
 from raymia.errors import SpecError
 from raymia.registry import Params
 from raymia.seeding import derive_seed

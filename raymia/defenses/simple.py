@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from raymia.defenses.base import DEFENSES, DataInfo, Defense
+from raymia.datainfo import DataInfo
+from raymia.defenses.base import DEFENSES, Defense
 from raymia.registry import Params
 from raymia.space import Categorical, Domain, Float
 

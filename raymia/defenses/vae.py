@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from raymia.defenses.base import DEFENSES, DataInfo, Defense, public_indices, require_public
+from raymia.datainfo import DataInfo
+from raymia.defenses.base import DEFENSES, Defense, public_indices, require_public
 from raymia.device import resolve_device
 from raymia.registry import Params
 from raymia.seeding import derive_seed

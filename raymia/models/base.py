@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from raymia.defenses.base import DataInfo
+from raymia.datainfo import DataInfo
 from raymia.errors import SpecError
 from raymia.registry import Registry
 
-MODELS: Registry[Any] = Registry("model")
+MODELS: Registry[Any] = Registry("model", package="raymia.models")
 
 
 def build_model(name: str, params: dict[str, Any] | None, info: DataInfo) -> nn.Module:

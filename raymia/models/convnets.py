@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from raymia.defenses.base import DataInfo
+from raymia.datainfo import DataInfo
 from raymia.errors import SpecError
 from raymia.models.base import MODELS, Scale, freeze, image_shape
 from raymia.registry import Params

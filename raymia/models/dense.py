@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 from torch import nn
 
-from raymia.defenses.base import DataInfo
+from raymia.datainfo import DataInfo
 from raymia.models.base import MODELS
 from raymia.registry import Params
 

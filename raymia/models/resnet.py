@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import nn
 
-from raymia.defenses.base import DataInfo
+from raymia.datainfo import DataInfo
 from raymia.errors import SpecError
 from raymia.models.base import MODELS, image_shape, init_conv_bn, inplace_off
 from raymia.registry import NoParams, Params

@@ -1,7 +1,8 @@
 """Figures for reports: log-log ROC curves and privacy/utility Pareto fronts, written as PNG files.
 
-The non-interactive "Agg" backend is selected before pyplot is imported so figures render on headless
-workers.
+Drawing only: which trials are on a front is `raymia.pareto`'s to decide (`plot_pareto` rings the ones
+it is given). The non-interactive "Agg" backend is selected before pyplot is imported so figures render on
+headless workers.
 """
 
 from __future__ import annotations
@@ -36,44 +37,6 @@ def as_number(v: Any) -> float | None:
 def _value(point: Mapping[str, Any], key: str) -> float | None:
     """The point's numeric value for key, or None when missing, None, non-numeric or NaN."""
     return as_number(point.get(key))
-
-
-def objective_signs(objectives: list[tuple[str, str]], what: str) -> list[float]:
-    """+1 for each 'max' objective and -1 for each 'min' one (so that larger signed values are better);
-    ValueError naming the objective for any other mode, or for no objectives at all."""
-    if not objectives:
-        raise ValueError(f"{what} needs at least one objective")
-    for key, mode in objectives:
-        if mode not in ("max", "min"):
-            raise ValueError(f"objective {key!r}: mode must be 'max' or 'min', got {mode!r}")
-    return [1.0 if mode == "max" else -1.0 for _, mode in objectives]
-
-
-def pareto_front(points: list[dict], objectives: list[tuple[str, str]]) -> list[int]:
-    """Indices (ascending) of the non-dominated points under objectives [(key, "max"|"min"), ...].
-
-    A point is dominated when another is at least as good on every objective and strictly better on one.
-    Exact duplicates therefore do not dominate each other: every copy of a non-dominated point is kept.
-    Points with a missing, None or NaN objective are left out entirely (they neither belong to the front
-    nor dominate anything).
-    """
-    signs = objective_signs(objectives, "pareto_front")
-
-    valid: list[int] = []
-    rows: list[list[float]] = []
-    for i, p in enumerate(points):
-        vals = [_value(p, key) for key, _ in objectives]
-        if any(v is None for v in vals):
-            continue
-        valid.append(i)
-        rows.append([s * v for s, v in zip(signs, vals)])  # type: ignore[operator]
-    if not valid:
-        return []
-    a = np.asarray(rows, dtype=float)  # larger is better on every column
-    geq = (a[None, :, :] >= a[:, None, :]).all(axis=2)  # geq[i, j]: j at least as good as i everywhere
-    gt = (a[None, :, :] > a[:, None, :]).any(axis=2)  # gt[i, j]: j strictly better than i somewhere
-    dominated = (geq & gt).any(axis=1)
-    return [valid[k] for k in range(len(valid)) if not dominated[k]]
 
 
 def _axis_floor(curves: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
@@ -147,9 +110,9 @@ def plot_pareto(
     """Scatter of every trial (one colour per group, e.g. defense) with the non-dominated trials ringed
     and joined by a step line, plus the undefended reference point as a star.
 
-    front_ids holds indices into points (as returned by pareto_front). Points missing x_key or y_key
-    are skipped. x_err_key / y_err_key name each point's spread (e.g. the std over targets), drawn as
-    error bars where present. Returns the PNG path.
+    front_ids holds indices into points: the front as the caller computed it (`raymia.pareto`), drawn as
+    given. Points missing x_key or y_key are skipped. x_err_key / y_err_key name each point's spread (e.g.
+    the std over targets), drawn as error bars where present. Returns the PNG path.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,100 @@
+"""Loading a spec: the schema (raymia.spec) with every registry name resolved, beside the registries.
+
+`load_spec(path, overrides, kind)` is the one way to load a spec: it reads the YAML file, applies the
+`--set dotted.key=value` overrides, validates the result against the pydantic models of raymia.spec and
+resolves the data set, model, defense and attack names and their params in the registries (`check_names`),
+so bad input fails before any work starts. `validate_spec` does the last two steps for a spec that is
+already a dict (`raymia check`, `raymia audit --from-trial`). Every problem is one `SpecError` naming the
+field (or the file) and what is accepted.
+
+raymia.spec imports no plug-in package; this module imports the four registries (reading one imports its
+plug-in modules, raymia.plugins), and nothing below it imports this module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from raymia.attacks import ATTACKS
+from raymia.data import DATASETS
+from raymia.defenses import DEFENSES
+from raymia.errors import SpecError
+from raymia.models import MODELS
+from raymia.spec import AuditSpec, SweepSpec, apply_overrides, load_raw
+
+
+def load_spec(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    kind: type[AuditSpec] = AuditSpec,
+) -> AuditSpec:
+    """The spec in the YAML file `path` (None: every default) with `overrides` applied, validated, its
+    registry names resolved. An audit (`kind=AuditSpec`) of a sweep file audits its base setting."""
+    raw = load_raw(path) if path is not None else {}
+    if kind is AuditSpec:
+        raw.pop("sweep", None)  # an audit of a sweep file audits its base setting
+    apply_overrides(raw, overrides)
+    return validate_spec(raw, kind, where=str(path) if path is not None else "spec")
+
+
+def validate_spec(raw: dict[str, Any], kind: type[AuditSpec] = AuditSpec, where: str = "spec") -> AuditSpec:
+    """`raw` validated as a `kind` and its registry names resolved; `where` (a file) prefixes the field of a
+    schema error and replaces the field of a name error."""
+    try:
+        spec = kind.model_validate(raw)
+    except ValidationError as e:
+        loc, msg = _format_error(e)
+        raise SpecError(msg, where=f"{where}: {loc}" if where != "spec" else loc) from None
+    try:
+        check_names(spec)
+    except SpecError as e:
+        if where == "spec":
+            raise
+        raise SpecError(str(e), where=where) from None
+    return spec
+
+
+def check_names(spec: AuditSpec) -> None:
+    """Resolve every registry name and its params now, so bad input fails before any work starts."""
+    DATASETS.get(spec.data.name, where="data.name").parse(spec.data.params, where="data.params")
+    MODELS.get(spec.model.name, where="model.name").parse(spec.model.params, where="model.params")
+    DEFENSES.get(spec.defense.name, where="defense.name").parse(spec.defense.params, where="defense.params")
+    seen: dict[str, int] = {}  # attack results are keyed by label (default: the name): one entry per key
+    for i, a in enumerate(spec.attacks):
+        ATTACKS.get(a.name, where=f"attacks.{i}.name").parse(a.params, where=f"attacks.{i}.params")
+        if a.key in seen:
+            raise SpecError(f"{a.key!r} already names attacks.{seen[a.key]}; give each entry its own label "
+                            "(results and metrics are keyed by it)", where=f"attacks.{i}.label")
+        seen[a.key] = i
+    if isinstance(spec, SweepSpec):
+        if spec.sweep.defenses:
+            for i, c in enumerate(spec.sweep.choices):
+                DEFENSES.get(c.name, where=f"sweep.defenses.{i}")
+        else:
+            DEFENSES.get(spec.sweep.defense, where="sweep.defense")
+
+
+def _format_error(e: ValidationError) -> tuple[str, str]:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"]) or "spec"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+        parent_loc = err["loc"][:-1]
+        model: Any = SweepSpec
+        try:
+            for part in parent_loc:
+                if isinstance(part, int):
+                    continue
+                ann = model.model_fields[part].annotation
+                model = getattr(ann, "__args__", (ann,))[0] if hasattr(ann, "__args__") else ann
+            if isinstance(model, type) and issubclass(model, BaseModel):
+                msg += "; accepted: " + ", ".join(model.model_fields)
+        except (KeyError, AttributeError, TypeError):
+            pass
+    elif err["type"] == "literal_error":
+        msg = msg.replace("Input should be", "accepted:")
+    return loc, msg
