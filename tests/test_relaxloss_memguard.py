@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymia.audit import run_audit
+from raymia.datainfo import DataInfo
 from raymia.defenses import build_defense
-from raymia.defenses.base import DataInfo, FitJob
+from raymia.defenses.base import FitJob
 from raymia.defenses.memguard import DefenseModel, MemGuard, phase_one, phase_two
 from raymia.defenses.relaxloss import RelaxLoss, relaxloss, soft_targets
 from raymia.errors import SpecError
@@ -275,3 +276,13 @@ def test_memguard_lowers_attacks_on_a_digits_bank(tmp_path):
     assert guarded["lira_offline/auc"] < plain["lira_offline/auc"] - 0.05
     assert abs(guarded["test_accuracy"] - plain["test_accuracy"]) < 0.03
     assert 0.5 <= guarded["defense/defense_model_accuracy"] <= 1.0
+
+
+def test_relaxloss_alpha_at_chance_loss_is_refused():
+    """alpha at or above ln K (the loss of a uniform prediction) drives a model below chance (a digits
+    sweep trial at alpha 2.82 reached 0.1% test accuracy): refused before training, naming the field."""
+    info = DataInfo(num_classes=10, input_shape=(1, 8, 8), kind="image")
+    build_defense("relaxloss", {"alpha": 2.0}, info).check("mlp", info)  # below ln 10 = 2.303
+    with pytest.raises(SpecError, match=r"defense\.params\.alpha: relaxloss alpha 2\.5 is at or above ln\(10\)"):
+        build_defense("relaxloss", {"alpha": 2.5}, info).check("mlp", info)
+    assert RelaxLoss.search_space()["alpha"].high < math.log(10)

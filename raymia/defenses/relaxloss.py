@@ -24,6 +24,7 @@ cross-entropy as ``train_ce``.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -31,7 +32,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from raymia.defenses.base import DEFENSES, DataInfo, Defense, FitJob
+from raymia.datainfo import DataInfo
+from raymia.defenses.base import DEFENSES, Defense, FitJob
 from raymia.errors import SpecError
 from raymia.registry import Params
 from raymia.seeding import derive_seed
@@ -109,6 +111,11 @@ class RelaxLoss(Defense):
         self.form = ("image" if info.kind == "image" else "tabular") if flatten == "auto" else flatten
 
     def check(self, model_name: str, info: DataInfo, model_params: dict | None = None) -> None:
+        chance = math.log(info.num_classes)
+        if self.params.alpha >= chance:
+            raise SpecError(f"relaxloss alpha {self.params.alpha:g} is at or above ln({info.num_classes}) = "
+                            f"{chance:.3g}, the loss of a uniform prediction: a model held there classifies no "
+                            f"better than chance; accepted: below {chance:.3g}", where="defense.params.alpha")
         if self.label_smoothing > 0:
             raise SpecError("relaxloss sets its own targets (plain cross-entropy, soft targets when "
                             "flattening): set train.label_smoothing: 0", where="train.label_smoothing")
@@ -149,7 +156,9 @@ class RelaxLoss(Defense):
 
     @classmethod
     def search_space(cls) -> dict[str, Domain]:
-        return {"alpha": Float(0.01, 3.0, log=True)}
+        # Up to 2: below ln K for every data set of 10 classes or more (the official CIFAR-100 alpha of 3
+        # needs the range widened in the sweep's space).
+        return {"alpha": Float(0.01, 2.0, log=True)}
 
 
 @torch.no_grad()
