@@ -3,7 +3,7 @@
 All sides train the same bank models with the same recipe (model, optimizer, schedule, batch size,
 number of steps) on the same members, in one run:
   plain:     the plainest one-by-one PyTorch loop (`minimal_loop` below), the baseline of the ratio
-  reference: raymia.train.bank.train_model, raymia's one-model loop (the exact batches and augmentation
+  reference: raymia.train.bank.train_model, raymia's step loop for one model (the exact batches and augmentation
              draws of the pack; the parity reference of the tests)
   pack:      raymia.train.bank.train_models_packed, K models at once (raymia.train.packed for sequential
              models: grouped convolutions and batched matmuls; torch.func.vmap for the others)
@@ -48,11 +48,11 @@ from raymia.train import packed  # noqa: E402
 from raymia.train.bank import (  # noqa: E402
     BankContext,
     PackedModels,
-    _autocast,
     choose_vectorize,
     train_model,
     train_models_packed,
 )
+from raymia.train.loop import autocast, autocast_dtype, memory_format  # noqa: E402
 
 # Dense bf16 peak (TFLOP/s) of the GPUs the project measures on.
 PEAK_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -110,11 +110,12 @@ def minimal_loop(ctx: BankContext, m: int, device: torch.device) -> torch.nn.Mod
     smoothing, lookahead, and on CUDA the bank's bf16 autocast and channels_last) as raymia's: an epoch is
     one pass over a fresh permutation of the model's members. No augmentation, no defense hooks: the floor
     a one-by-one trainer can reach."""
-    from raymia.train.bank import _memory_format, init_model
+    from raymia.train.bank import init_model
     from raymia.train.recipe import Lookahead, make_optimizer, make_scheduler
 
     spec = ctx.spec
-    fmt = _memory_format(ctx, device)
+    fmt = memory_format(spec.bank.channels_last, device, ctx.data.info.input_shape)
+    precision = autocast_dtype(device, spec.bank.precision)
     idx = torch.from_numpy(ctx.plan.members_of(m))
     x, y = ctx.data.x_train[idx].to(device), ctx.data.y_train[idx].to(device)
     if x.ndim == 4:
@@ -131,7 +132,7 @@ def minimal_loop(ctx: BankContext, m: int, device: torch.device) -> torch.nn.Mod
         perm = torch.randperm(len(y), device=device)
         for i in range(0, len(y), bs):
             b = perm[i:i + bs]
-            with _autocast(device, spec.bank.precision):
+            with autocast(device, precision):
                 logits = model(x[b])
             loss = torch.nn.functional.cross_entropy(logits.float(), y[b], label_smoothing=spec.train.label_smoothing)
             opt.zero_grad(set_to_none=True)
@@ -160,7 +161,7 @@ def test_accuracy(ctx: BankContext, model, device: torch.device, tta: str = "non
     correct, y = None, ctx.data.y_test.to(device)
 
     def logits_of(xb: torch.Tensor) -> torch.Tensor:
-        with _autocast(device, ctx.spec.bank.precision):
+        with autocast(device, autocast_dtype(device, ctx.spec.bank.precision)):
             out = model(xb, shared_input=True) if isinstance(model, PackedModels) else model(xb)[None]
         return out.float()
 

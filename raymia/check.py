@@ -136,7 +136,7 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
     rows.append(("training", f"{r.optimizer} lr {r.lr:g}, {r.schedule} schedule, weight decay {r.weight_decay:g}, "
                              f"{r.epochs} epochs x {ctx.steps_per_epoch} steps of {r.batch_size} = {_n(steps)} steps "
                              f"per model, {_n(steps * m)} in all"
-                             + ("; the defense trains each model with its own loop" if own_loop else "")))
+                             + ("; the defense trains each model in its fit (the step loop with its hooks)" if own_loop else "")))
     params = ctx.defense.params.model_dump(mode="json") if hasattr(ctx.defense.params, "model_dump") else {}
     rows.append(("defense", spec.defense.name + (" " + ", ".join(f"{k}={v}" for k, v in params.items())
                                                   if params else "")

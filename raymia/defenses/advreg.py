@@ -5,7 +5,8 @@ non-members; the classifier minimises its cross-entropy plus ``lam`` times h's g
 learns outputs on which h cannot separate members from non-members. The steps alternate: ``k`` steps of
 h (on a batch of members and a batch of reference points) for every step of the classifier.
 
-`minmax_train` is the game's loop on its own, with optional parameter masks and an extra loss term, so
+`minmax_train` is the game on the one step loop (`raymia.train.loop.run_steps`: the game is its
+before_step and extra_loss hooks), with optional parameter masks and an extra loss term, so
 pruning (MCMIA) reuses it for dense pretraining, ADMM and masked retraining with or without the game.
 """
 
@@ -23,9 +24,8 @@ from raymia.defenses.base import DEFENSES, Defense, FitJob, require_public
 from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain
-from raymia.train.augment import Augmenter
-from raymia.train.batches import batch_passes, batch_stream
-from raymia.train.recipe import make_optimizer, make_scheduler
+from raymia.train.batches import batch_stream
+from raymia.train.loop import Hooks, autocast, member_batches, module_net, run_steps
 
 Masks = dict[str, torch.Tensor]  # parameter name -> {0, 1} tensor of the parameter's shape
 
@@ -101,90 +101,112 @@ def minmax_train(
     param_mask: Masks | None = None,
     extra_loss: Callable[[], torch.Tensor] | None = None,
     after_step: Callable[[int], None] | None = None,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    precision: torch.dtype | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> dict[str, float]:
-    """Train `model` in place for `steps` classifier steps with the recipe (optimizer, lr, batch size,
-    schedule over `steps`, augmentation, label smoothing), playing the membership game once
-    `warmup_steps` plain steps are done and `lam` > 0. `steps_per_epoch` is needed by models that
-    train some parameters for a limited number of epochs (`make_scheduler`).
+    """Train `model` in place for `steps` classifier steps of the recipe (`raymia.train.loop.run_steps`:
+    optimizer, lr, batch size, schedule over `steps`, augmentation, lookahead), playing the membership game
+    once `warmup_steps` plain steps are done and `lam` > 0. `steps_per_epoch` is needed by models that
+    train some parameters for a limited number of epochs and by lookahead. `loss(logits, y)` is the
+    classifier's objective (default: cross-entropy with the recipe's label smoothing; the defenses pass
+    their `Defense.loss`); `precision` the autocast dtype of the classifier's steps and of the game.
 
-    Each game step: `inference_steps` Adam steps of h maximising log h(members) + log(1 - h(reference))
-    on the classifier's eval-mode outputs (eval mode keeps reference points out of BatchNorm's running
-    statistics), then one classifier step on CE + lam * mean log h(member outputs), h frozen.
-    `param_mask` keeps masked-out coordinates exactly zero (their gradients are zeroed and the mask is
-    re-applied after every optimizer step); `extra_loss()` is added to every classifier loss (ADMM's
-    proximal term); `after_step(i)` runs after classifier step i. Returns facts for the report: the final
-    training loss and, with the game, h's balanced accuracy on all members vs all reference points.
+    Each game step (the loop's `before_step` hook): `inference_steps` Adam steps of h maximising
+    log h(members) + log(1 - h(reference)) on the classifier's eval-mode outputs (eval mode keeps
+    reference points out of BatchNorm's running statistics), then one classifier step on
+    loss + lam * mean log h(member outputs), h frozen (`extra_loss` hook). `param_mask` keeps masked-out
+    coordinates exactly zero (their gradients are zeroed and the mask is re-applied after every step);
+    `extra_loss()` is added to every classifier loss (ADMM's proximal term); `after_step(i)` runs after
+    classifier step i. Returns facts for the report: the final training loss and, with the game, h's
+    balanced accuracy on all members vs all reference points.
     """
-    device = x.device
     num_classes = num_classes or (int(y.shape[1]) if torch.is_floating_point(y) else int(y.max()) + 1)
     game = lam > 0 and steps > warmup_steps
     if game and (ref_x is None or ref_y is None or ref_x.shape[0] == 0):
         raise ValueError("the membership game needs reference (non-member) points")
-    batch = recipe.batch_size
-    order = batch_passes(x.shape[0], batch, torch.Generator().manual_seed(derive_seed(seed, "order")))
-    augment = Augmenter(recipe.augment, x.shape[0], torch.Generator().manual_seed(derive_seed(seed, "augment")))
-    opt = make_optimizer(model, recipe)
-    sched = make_scheduler(opt, recipe, steps, steps_per_epoch)
+    if loss is None:
+        def loss(logits: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(logits, yb, label_smoothing=recipe.label_smoothing)
+    batches = member_batches(x, y, recipe, torch.Generator().manual_seed(derive_seed(seed, "order")),
+                             torch.Generator().manual_seed(derive_seed(seed, "augment")), fmt=memory_format)
+    h = _Game(model, x, y, ref_x, ref_y, num_classes, recipe.batch_size, inference_steps, inference_lr,
+              warmup_steps, seed, precision) if game else None
+    term = None if h is None else h.term(lam)
 
-    h: InferenceModel | None = None
-    if game:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(seed, "inference-init"))
-            h = InferenceModel(num_classes).to(device)
-        h_opt = torch.optim.Adam(h.parameters(), lr=inference_lr)
-        h_members = batch_stream(x.shape[0], batch, torch.Generator().manual_seed(derive_seed(seed, "h-members")))
-        h_refs = batch_stream(ref_x.shape[0], batch, torch.Generator().manual_seed(derive_seed(seed, "h-reference")))
-        ref_onehot = _onehot(ref_y, num_classes)
-    y_onehot = _onehot(y, num_classes)
-    if param_mask:
-        apply_masks(model, param_mask)
-
-    loss = torch.zeros((), device=device)
-    for step in range(steps):
-        playing = h is not None and step >= warmup_steps
-        if playing:
-            # --- k steps of the inference model on fixed classifier outputs
-            model.eval()
-            h.train().requires_grad_(True)
-            for _ in range(inference_steps):
-                bm, br = next(h_members).to(device), next(h_refs).to(device)
-                with torch.no_grad():
-                    out_m, out_r = model(x[bm]).float(), model(ref_x[br]).float()
-                s_m, s_r = h(out_m, y_onehot[bm]), h(out_r, ref_onehot[br])
-                # maximise the gain log h(m) + log(1 - h(r)): minimise the binary cross-entropy
-                h_loss = -(F.logsigmoid(s_m).mean() + F.logsigmoid(-s_r).mean())
-                h_opt.zero_grad(set_to_none=True)
-                h_loss.backward()
-                h_opt.step()
-            h.eval().requires_grad_(False)
-        # --- one classifier step
-        model.train()
-        positions, passes = next(order)
-        b = positions.to(device)
-        xb = augment(x[b], positions, passes)
-        logits = model(xb).float()
-        loss = F.cross_entropy(logits, y[b], label_smoothing=recipe.label_smoothing)
-        if playing:
-            loss = loss + lam * F.logsigmoid(h(logits, y_onehot[b])).mean()
+    def extra(logits: torch.Tensor, yb: torch.Tensor, step: int) -> torch.Tensor | None:
+        out = term(logits, yb, step) if term is not None else None
         if extra_loss is not None:
-            loss = loss + extra_loss()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if param_mask:
-            zero_masked_grads(model, param_mask)
-        opt.step()
+            out = extra_loss() if out is None else out + extra_loss()
+        return out
+
+    def after(step: int) -> None:
         if param_mask:
             apply_masks(model, param_mask)
-        sched.step()
         if after_step is not None:
             after_step(step)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"training diverged (loss {loss.item()}); lower train.lr")
+
+    if param_mask:
+        apply_masks(model, param_mask)
+    hooks = Hooks(before_step=None if h is None else h.play, extra_loss=extra,
+                  before_update=(lambda: zero_masked_grads(model, param_mask)) if param_mask else None,
+                  after_step=after)
+    model.train()
+    last = run_steps(module_net(model), batches, lambda logits, yb, step: loss(logits, yb), recipe, steps,
+                     steps_per_epoch, hooks=hooks, precision=precision, names=["model"])
     model.eval()
-    facts = {"train_loss": float(loss.detach())}
-    if h is not None and steps > warmup_steps:
-        facts["inference_accuracy"] = _inference_accuracy(model, h, x, y_onehot, ref_x, ref_onehot)
+    facts = {"train_loss": float(last.detach())}
+    if h is not None:
+        facts["inference_accuracy"] = _inference_accuracy(model, h.h, x, h.y_onehot, ref_x, h.ref_onehot)
     return facts
+
+
+class _Game:
+    """The inference model h of the min-max game, its Adam and its batch streams (seeded from `seed`)."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ref_x: torch.Tensor,
+                 ref_y: torch.Tensor, num_classes: int, batch: int, steps: int, lr: float, warmup_steps: int,
+                 seed: int, precision: torch.dtype | None):
+        self.model, self.x, self.ref_x, self.steps, self.warmup = model, x, ref_x, steps, warmup_steps
+        self.num_classes, self.precision, self.device = num_classes, precision, x.device
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, "inference-init"))
+            self.h = InferenceModel(num_classes).to(x.device)
+        self.opt = torch.optim.Adam(self.h.parameters(), lr=lr)
+        self.members = batch_stream(x.shape[0], batch, torch.Generator().manual_seed(derive_seed(seed, "h-members")))
+        self.refs = batch_stream(ref_x.shape[0], batch,
+                                 torch.Generator().manual_seed(derive_seed(seed, "h-reference")))
+        self.y_onehot, self.ref_onehot = _onehot(y, num_classes), _onehot(ref_y, num_classes)
+
+    def play(self, step: int) -> None:
+        """`steps` Adam steps of h on the classifier's eval-mode outputs (the loop's before_step hook);
+        leaves the classifier in train mode."""
+        if step < self.warmup:
+            return
+        model, h = self.model, self.h
+        model.eval()
+        h.train().requires_grad_(True)
+        for _ in range(self.steps):
+            bm, br = next(self.members).to(self.device), next(self.refs).to(self.device)
+            with autocast(self.device, self.precision):
+                with torch.no_grad():
+                    out_m, out_r = model(self.x[bm]).float(), model(self.ref_x[br]).float()
+                s_m, s_r = h(out_m, self.y_onehot[bm]), h(out_r, self.ref_onehot[br])
+                # maximise the gain log h(m) + log(1 - h(r)): minimise the binary cross-entropy
+                h_loss = -(F.logsigmoid(s_m).mean() + F.logsigmoid(-s_r).mean())
+            self.opt.zero_grad(set_to_none=True)
+            h_loss.backward()
+            self.opt.step()
+        h.eval().requires_grad_(False)
+        model.train()
+
+    def term(self, lam: float) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor | None]:
+        """The game's term of the classifier's loss (the loop's extra_loss hook): lam * mean log h."""
+        def gain(logits: torch.Tensor, yb: torch.Tensor, step: int) -> torch.Tensor | None:
+            if step < self.warmup:
+                return None
+            return lam * F.logsigmoid(self.h(logits, _onehot(yb, self.num_classes))).mean()
+        return gain
 
 
 @torch.no_grad()
@@ -236,7 +258,8 @@ class AdvReg(Defense):
             job.model, job.x, job.y, job.reference_x, job.reference_y, job.recipe, total, p.lam,
             num_classes=self.info.num_classes, inference_steps=p.inference_steps, inference_lr=p.inference_lr,
             warmup_steps=min(total, p.warmup_epochs * job.steps_per_epoch), seed=job.seed,
-            steps_per_epoch=job.steps_per_epoch,
+            steps_per_epoch=job.steps_per_epoch, loss=self.loss, precision=job.precision,
+            memory_format=job.memory_format,
         )
         if "inference_accuracy" in facts:
             job.report["inference_accuracy"] = facts["inference_accuracy"]

@@ -12,7 +12,10 @@ query. A defense overrides only the hooks it needs:
 - modify_recipe(recipe) -> recipe: e.g. early stopping (fewer epochs) or weight decay.
 - fit(job) -> model | None: the whole training of one model, for defenses that change the training
   procedure itself (DP-SGD, adversarial regularisation, pruning with retraining, transfer learning);
-  None (the default) means the bank's standard loop with the hooks above. A defense that overrides `fit`,
+  None (the default) means the bank's standard loop with the hooks above. A `fit` trains on the same step
+  loop (`raymia.train.loop.run_steps`) with its own hooks (a gradient transform, an inner game, an
+  extra loss, after-step actions, a trainable subset), at `job.precision` and `job.memory_format`, so
+  the recipe's lookahead and the bank's bf16 apply to it. A defense that overrides `fit`,
   or whose `loss` is not vmap-friendly, sets `vectorizable = False` and the bank trains one model at a time.
 - search_space() -> {param: Domain}: the Tune/Optuna space, with defaults taken from the paper.
 - privacy_guarantee() -> dict | None: e.g. {"epsilon": ..., "delta": ...} for DP training.
@@ -79,6 +82,10 @@ class FitJob:
     reference_x: torch.Tensor | None = None
     reference_y: torch.Tensor | None = None
     report: dict[str, float] = field(default_factory=dict)  # per-model facts to report
+    # The bank's numerics, for `raymia.train.loop.run_steps` and its batches: the autocast dtype (None: fp32)
+    # and the memory format of image batches (and of the model, which the bank has converted).
+    precision: torch.dtype | None = None
+    memory_format: torch.memory_format = torch.contiguous_format
 
 
 class Defense:

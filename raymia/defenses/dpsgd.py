@@ -5,7 +5,8 @@ Each step draws a Poisson batch (every training example independently with proba
 expected batch size), computes every example's gradient (torch.func: vmap of grad over functional_call),
 clips each to L2 norm C over all parameters jointly, sums them, adds N(0, (sigma C)^2) noise per coordinate
 and divides by the EXPECTED batch size q n (not the drawn one, which would leak the batch size). The
-result is handed to the recipe's optimizer (SGD as in the paper; Adam/AdamW are post-processing of the
+step loop (`raymia.train.loop.run_steps`) runs it as its gradient hook on the Poisson batches
+(`poisson_batches`) and hands the result to the recipe's optimizer (SGD as in the paper; Adam/AdamW are post-processing of the
 noisy gradient, so the guarantee holds for them too). An empty Poisson batch still adds noise and steps.
 
 Training length: epochs * ceil(n / b) steps, n the model's training set size, so an "epoch" is n / b
@@ -35,7 +36,7 @@ from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.space import Domain, Float, Int
 from raymia.train.augment import Augmenter
-from raymia.train.recipe import make_optimizer, make_scheduler, module_tensors
+from raymia.train.loop import Hooks, module_net, run_steps
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -147,6 +148,21 @@ def noisy_gradient(
     return add_noise(summed, noise_multiplier, max_grad_norm, expected_batch, generator)
 
 
+def poisson_batches(x: torch.Tensor, y: torch.Tensor, q: float, augmenter: Augmenter, generator: torch.Generator,
+                    per_epoch: int, fmt: torch.memory_format = torch.contiguous_format):
+    """DP-SGD's batches for the step loop: a Poisson batch (`poisson_batch`) per step, augmented (Poisson
+    batches have no passes: an epoch of `per_epoch` steps stands in for one); an empty batch stays empty."""
+    step = 0
+    while True:
+        idx = poisson_batch(x.shape[0], q, generator)
+        on_device = idx.to(x.device)
+        xb, yb = x[on_device], y[on_device]
+        if xb.shape[0]:
+            xb = augmenter(xb, idx, torch.full_like(idx, step // per_epoch))
+        yield (xb.contiguous(memory_format=fmt) if xb.ndim == 4 else xb), yb
+        step += 1
+
+
 def accounted_epsilon(
     noise_multiplier: float, sampling_rate: float, steps: int, delta: float, accountant: str = "rdp"
 ) -> float:
@@ -243,30 +259,24 @@ class DpSgd(Defense):
         run = self.resolve(n, job.recipe.epochs, job.recipe.batch_size)
         q, steps, sigma = run["sampling_rate"], int(run["steps"]), run["noise_multiplier"]
         recipe = job.recipe if p.lr is None else job.recipe.model_copy(update={"lr": p.lr})
-        trainable, scales, limits = module_tensors(model, trainable_only=True)
-        opt = make_optimizer(trainable, recipe, scales, limits)
-        sched = make_scheduler(opt, recipe, steps, steps // recipe.epochs)
-        sample_gen = torch.Generator().manual_seed(derive_seed(job.seed, "poisson"))
-        augment = Augmenter(recipe.augment, n, torch.Generator().manual_seed(derive_seed(job.seed, "augment")))
-        noise_gen = torch.Generator(device=job.device).manual_seed(derive_seed(job.seed, "noise"))
         per_epoch = max(1, steps // recipe.epochs)
-        model.train()
-        for step in range(steps):
-            idx = poisson_batch(n, q, sample_gen)
-            on_device = idx.to(job.device)
-            xb, yb = job.x[on_device], job.y[on_device]
-            if xb.shape[0]:  # Poisson batches have no passes: an epoch (steps / epochs steps) stands in for one
-                xb = augment(xb, idx, torch.full_like(idx, step // per_epoch))
-            g = noisy_gradient(model, self.loss_per_example, xb, yb, sigma, p.max_grad_norm, run["expected_batch"],
-                               noise_gen, p.physical_batch_size)
+        sample_gen = torch.Generator().manual_seed(derive_seed(job.seed, "poisson"))
+        augment_gen = torch.Generator().manual_seed(derive_seed(job.seed, "augment"))
+        noise_gen = torch.Generator(device=job.device).manual_seed(derive_seed(job.seed, "noise"))
+        batches = poisson_batches(job.x, job.y, q, Augmenter(recipe.augment, n, augment_gen), sample_gen,
+                                  per_epoch, job.memory_format)
+
+        def gradient(xb: torch.Tensor, yb: torch.Tensor) -> None:
+            """The privatised gradient in place of backward (the loop's gradient hook)."""
+            g = noisy_gradient(model, self.loss_per_example, xb, yb, sigma, p.max_grad_norm,
+                               run["expected_batch"], noise_gen, p.physical_batch_size)
             for name, t in model.named_parameters():
                 if t.requires_grad:
                     t.grad = g[name]
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-        if not all(torch.isfinite(t).all() for t in trainable):
-            raise FloatingPointError(f"model {job.m}: DP-SGD diverged (non-finite weights); lower the lr")
+
+        model.train()
+        run_steps(module_net(model), batches, None, recipe, steps, per_epoch, hooks=Hooks(gradient=gradient),
+                  precision=job.precision, names=[f"model {job.m}"], remedy="lower the lr")
         job.report.update(
             epsilon=accounted_epsilon(sigma, q, steps, run["delta"], p.accountant),
             noise_multiplier=sigma, sampling_rate=q, delta=run["delta"], steps=float(steps),

@@ -53,9 +53,8 @@ from raymia.errors import SpecError
 from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.space import Domain, Float
-from raymia.train.augment import Augmenter
-from raymia.train.batches import batch_passes, batch_stream
-from raymia.train.recipe import make_optimizer, make_scheduler
+from raymia.train.batches import batch_stream
+from raymia.train.loop import member_batches, module_net, run_steps
 
 C1, C2, C3_START, C3_ROUNDS = 1.0, 10.0, 0.1, 7  # the official constants (c3 = 0.1 ... 1e5)
 NEAR_HALF = 1e-5  # an output this close to 0.5 already needs no noise (official)
@@ -221,7 +220,7 @@ def phase_two(g: DefenseModel, logits: torch.Tensor, noised: torch.Tensor, epsil
 class MemGuard(Defense):
     """MemGuard as the paper and official code define it (see the module docstring).
 
-    The classifier itself trains with the spec's recipe and plain cross-entropy (the bank's loop, in `fit`);
+    The classifier itself trains with the spec's recipe and plain cross-entropy (the step loop, in `fit`);
     `fit` then fits the defender's membership classifier g for that model, kept beside the model (a weak
     reference: the model is not modified) for `postprocess_logits`. Models train one at a time.
     """
@@ -240,7 +239,7 @@ class MemGuard(Defense):
                        "classifier")
 
     def fit(self, job: FitJob) -> nn.Module:
-        """Train model m with the recipe (the bank's loop: cross-entropy with the recipe's label smoothing),
+        """Train model m with the recipe (the step loop: the defense's loss, cross-entropy with the recipe's label smoothing),
         then fit g on its outputs for its members and the public reference points. Reports g's balanced
         training accuracy as ``defense_model_accuracy``."""
         if job.reference_x is None or job.reference_x.shape[0] == 0:
@@ -287,27 +286,17 @@ class MemGuard(Defense):
 
 
 def train_plain(defense: Defense, job: FitJob) -> nn.Module:
-    """Model m trained with the recipe and the defense's `loss` (the bank's one-model loop, with the batch
-    order and augmentation draws seeded from the defense seed). Returns it in eval mode."""
+    """Model m trained with the recipe and the defense's `loss` on the step loop (`run_steps`, as the bank
+    trains, with the batch order and augmentation draws seeded from the defense seed, at the bank's
+    precision). Returns it in eval mode."""
     model, recipe = job.model, job.recipe
     n = job.x.shape[0]
     if n == 0:
         raise ValueError(f"model {job.m}: empty training set")
-    opt = make_optimizer(model, recipe)
-    total = recipe.epochs * job.steps_per_epoch
-    sched = make_scheduler(opt, recipe, total, job.steps_per_epoch)
-    stream = batch_passes(n, recipe.batch_size, torch.Generator().manual_seed(derive_seed(job.seed, "order")))
-    augment = Augmenter(recipe.augment, n, torch.Generator().manual_seed(derive_seed(job.seed, "augment")))
+    batches = member_batches(job.x, job.y, recipe, torch.Generator().manual_seed(derive_seed(job.seed, "order")),
+                             torch.Generator().manual_seed(derive_seed(job.seed, "augment")), fmt=job.memory_format)
     model.train()
-    loss = torch.zeros(())
-    for _ in range(total):
-        positions, passes = next(stream)
-        b = positions.to(job.device)
-        loss = defense.loss(model(augment(job.x[b], positions, passes)).float(), job.y[b])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"model {job.m}: training diverged (loss {loss.item()}); lower train.lr")
+    run_steps(module_net(model), batches, lambda logits, y, step: defense.loss(logits, y), recipe,
+              recipe.epochs * job.steps_per_epoch, job.steps_per_epoch, precision=job.precision,
+              names=[f"model {job.m}"])
     return model.eval()

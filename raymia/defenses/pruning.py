@@ -22,6 +22,7 @@ from raymia.errors import SpecError
 from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain, Float
+from raymia.spec import LOOKAHEAD_START_EPOCHS
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -121,7 +122,9 @@ class Pruning(Defense):
     - ADMM (W-step: the recipe's optimizer on CE + rho/2 sum ||W - Z + U||^2; Z = per-layer projection
       of W + U to the sparse set; U += W - Z; Z and U updated once per epoch) runs `admm_epochs` on top
       of the recipe's epochs, starting from the dense model; the final Z's mask is then applied;
-    - every phase (dense, ADMM, retraining) restarts the recipe's optimizer and schedule over its steps;
+    - every phase (dense, ADMM, retraining) restarts the recipe's optimizer, schedule and lookahead over its
+      steps (the step loop, through `minmax_train`); with `train.lookahead` a retraining phase too short
+      for lookahead to start is refused;
     - masked retraining zeroes the pruned coordinates' gradients and re-applies the mask after every
       optimizer step, so momentum or weight decay cannot revive them;
     - the min-max game's reference set is drawn from the public split (training points outside the audited
@@ -148,13 +151,18 @@ class Pruning(Defense):
         spe, epochs = job.steps_per_epoch, recipe.epochs
         retrain_epochs = min(epochs, max(1, round(p.retrain_fraction * epochs)))
         dense_epochs = epochs - retrain_epochs
+        if recipe.lookahead and retrain_epochs <= LOOKAHEAD_START_EPOCHS:
+            raise SpecError(f"train.lookahead: pruning restarts the schedule for its {retrain_epochs}-epoch masked "
+                            f"retraining, which ends before lookahead starts (after epoch {LOOKAHEAD_START_EPOCHS}); "
+                            "raise train.epochs or retrain_fraction, or set lookahead: false", where="train.lookahead")
         admm_epochs = p.admm_epochs if p.admm_epochs is not None else math.ceil(epochs / 3)
         nc = self.info.num_classes
 
         def phase(name: str, epochs_: int, **kw) -> dict[str, float]:
             return minmax_train(model, job.x, job.y, job.reference_x, job.reference_y, recipe, epochs_ * spe,
                                 kw.pop("lam", 0.0), num_classes=nc, seed=derive_seed(job.seed, name),
-                                steps_per_epoch=spe, **kw)
+                                steps_per_epoch=spe, loss=self.loss, precision=job.precision,
+                                memory_format=job.memory_format, **kw)
 
         if dense_epochs > 0:
             phase("dense", dense_epochs)

@@ -14,10 +14,10 @@ batch, with CE the batch's mean cross-entropy and epochs counted from 0:
   - ``tabular`` (the Purchase/Texas code): mean_i soft-CE(z_i, t_i).
 
 The loss depends on the epoch, which the bank's `loss(logits, y)` hook does not see, so the defense trains
-each model itself (`fit`) with the spec's recipe (optimizer, schedule, batch size, augmentation) and the
-bank's epoch length; models therefore train one at a time (`vectorizable = False`). The batch order and
-augmentation draws are seeded from the model's defense seed (`FitJob.seed`); `bank.precision: bf16` is not
-applied in this loop (as in the other defenses that train their own way); `train.label_smoothing` is
+each model in `fit`: the step loop (`raymia.train.loop.run_steps`) with the spec's recipe (optimizer,
+schedule, batch size, augmentation, lookahead, `bank.precision`) and the bank's epoch length, given this
+epoch-dependent loss; models therefore train one at a time (`vectorizable = False`). The batch order and
+augmentation draws are seeded from the model's defense seed (`FitJob.seed`); `train.label_smoothing` is
 refused (the official loss uses plain cross-entropy). Each model reports its members' final mean
 cross-entropy as ``train_ce``.
 """
@@ -38,9 +38,7 @@ from raymia.errors import SpecError
 from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.space import Domain, Float
-from raymia.train.augment import Augmenter
-from raymia.train.batches import batch_passes
-from raymia.train.recipe import make_optimizer, make_scheduler
+from raymia.train.loop import member_batches, module_net, run_steps
 
 
 class RelaxLossParams(Params):
@@ -130,26 +128,15 @@ class RelaxLoss(Defense):
             raise ValueError(f"model {job.m}: empty training set")
         if torch.is_floating_point(job.y):
             raise ValueError("relaxloss trains on hard labels")
-        opt = make_optimizer(model, recipe)
-        total = recipe.epochs * job.steps_per_epoch
-        sched = make_scheduler(opt, recipe, total, job.steps_per_epoch)
-        order_gen = torch.Generator().manual_seed(derive_seed(job.seed, "order"))
-        stream = batch_passes(n, recipe.batch_size, order_gen)
-        augment_gen = torch.Generator().manual_seed(derive_seed(job.seed, "augment"))
-        augment = Augmenter(recipe.augment, n, augment_gen)
+        spe = job.steps_per_epoch
+        batches = member_batches(job.x, job.y, recipe,
+                                 torch.Generator().manual_seed(derive_seed(job.seed, "order")),
+                                 torch.Generator().manual_seed(derive_seed(job.seed, "augment")),
+                                 fmt=job.memory_format)
         model.train()
-        loss = torch.zeros(())
-        for t in range(total):
-            positions, passes = next(stream)
-            b = positions.to(job.device)
-            logits = model(augment(job.x[b], positions, passes)).float()
-            loss = relaxloss(logits, job.y[b], t // job.steps_per_epoch, p.alpha, p.upper, self.form)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"model {job.m}: training diverged (loss {loss.item()}); lower train.lr")
+        run_steps(module_net(model), batches,
+                  lambda logits, y, step: relaxloss(logits, y, step // spe, p.alpha, p.upper, self.form),
+                  recipe, recipe.epochs * spe, spe, precision=job.precision, names=[f"model {job.m}"])
         model.eval()
         job.report["train_ce"] = member_ce(model, job.x, job.y)
         return model

@@ -44,9 +44,8 @@ from raymia.errors import DataError, SpecError
 from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain, Float, Int
-from raymia.train.augment import Augmenter
-from raymia.train.batches import batch_passes, batch_stream
-from raymia.train.recipe import make_optimizer, make_scheduler, module_tensors
+from raymia.spec import TrainSpec
+from raymia.train.loop import member_batches, module_net, run_steps
 
 log = logging.getLogger("raymia")
 
@@ -146,23 +145,18 @@ def _reset(model: nn.Module, seed: int) -> nn.Module:
 
 def pretrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: TlDmiParams, seed: int,
              device: torch.device) -> dict[str, torch.Tensor]:
-    """Train `model` (modified in place) on (x, y) with Adam and cross-entropy; its CPU state_dict."""
+    """Train `model` (modified in place) on (x, y) with Adam (constant lr, no weight decay), cross-entropy
+    and full shuffled batches, on the step loop; its CPU state_dict."""
     model.to(device).train()
     x, y = x.to(device), y.to(device)
     n = x.shape[0]
     batch = min(p.pretrain_batch, n)
-    steps = p.pretrain_epochs * -(-n // batch)
-    opt = torch.optim.Adam(model.parameters(), lr=p.pretrain_lr)
-    stream = batch_stream(n, batch, torch.Generator().manual_seed(derive_seed(seed, "order")))
-    loss = torch.zeros(())
-    for _ in range(steps):
-        b = next(stream).to(device)
-        loss = F.cross_entropy(model(x[b]), y[b])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    if not torch.isfinite(loss):
-        raise FloatingPointError("tl_dmi: pretraining diverged; lower pretrain_lr")
+    recipe = TrainSpec(optimizer="adam", lr=p.pretrain_lr, epochs=p.pretrain_epochs, batch_size=batch)
+    per_epoch = -(-n // batch)
+    batches = member_batches(x, y, recipe, torch.Generator().manual_seed(derive_seed(seed, "order")),
+                             torch.Generator())  # no augmentation: the second generator is never drawn from
+    run_steps(module_net(model), batches, lambda logits, yb, step: F.cross_entropy(logits, yb), recipe,
+              p.pretrain_epochs * per_epoch, per_epoch, names=["tl_dmi pretraining"], remedy="lower pretrain_lr")
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
@@ -316,35 +310,23 @@ class TlDmi(Defense):
                 mod.eval()
 
     def fit(self, job: FitJob) -> nn.Module:
-        """Fine-tune the trainable parameters with the recipe (the bank's loop, over them only)."""
+        """Fine-tune the trainable parameters with the recipe: the step loop over them only (`module_net`
+        leaves out the frozen ones), frozen norm layers in eval mode."""
         model, recipe = job.model, job.recipe
-        tensors, scales, limits = module_tensors(model, trainable_only=True)
-        if not tensors:
+        if not any(t.requires_grad for t in model.parameters()):
             raise SpecError("tl_dmi froze every parameter; lower freeze_fraction", where="defense.params")
         n = job.x.shape[0]
         if n == 0:
             raise ValueError(f"model {job.m}: empty training set")
-        opt = make_optimizer(tensors, recipe, scales, limits)
-        total = recipe.epochs * job.steps_per_epoch
-        sched = make_scheduler(opt, recipe, total, job.steps_per_epoch)
-        order_gen = torch.Generator().manual_seed(derive_seed(job.seed, "order"))
-        stream = batch_passes(n, recipe.batch_size, order_gen)
-        augment = Augmenter(recipe.augment, n, torch.Generator().manual_seed(derive_seed(job.seed, "augment")))
+        batches = member_batches(job.x, job.y, recipe,
+                                 torch.Generator().manual_seed(derive_seed(job.seed, "order")),
+                                 torch.Generator().manual_seed(derive_seed(job.seed, "augment")),
+                                 fmt=job.memory_format)
         model.train()
         self._freeze_norm_stats(model)
-        loss = torch.zeros(())
-        for _ in range(total):
-            positions, passes = next(stream)
-            b = positions.to(job.device)
-            xb = augment(job.x[b], positions, passes)
-            loss = self.loss(model(xb).float(), job.y[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"model {job.m}: fine-tuning diverged (loss {loss.item()}); lower train.lr")
+        run_steps(module_net(model), batches, lambda logits, y, step: self.loss(logits, y), recipe,
+                  recipe.epochs * job.steps_per_epoch, job.steps_per_epoch, precision=job.precision,
+                  names=[f"model {job.m}"])
         job.report.update(frozen_fraction=frozen_fraction(model), frozen_layers=float(self.frozen_layers))
         return model
 

@@ -5,8 +5,9 @@ trained at once: the K models' parameters and buffers are stacked, all K forward
 batched kernels (`raymia.train.packed.PackedSequential` for sequential architectures, one `torch.func.vmap`
 over `functional_call` for the others), and one optimizer steps the stacked tensors (SGD, Adam and AdamW
 are elementwise, so this is K independent optimizers). `train_model`
-is the plain one-model loop with exactly the same batches, augmentation draws and schedule: the
-reference that pack training must match (tests/test_bank.py), and the baseline of the benchmark.
+trains one model with exactly the same batches, augmentation draws and schedule: the reference that pack
+training must match (tests/test_bank.py), and the baseline of the benchmark. Both run the one step loop,
+`raymia.train.loop.run_steps`, as does every defense that trains its models itself (`Defense.fit`).
 
 This module is the compute core: it needs torch only (no Ray), so it runs directly on a GPU machine; the
 Ray Train job in raymia.engine spreads packs over a worker group and calls `train_pack` on each.
@@ -18,7 +19,6 @@ import copy
 import logging
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,12 +35,19 @@ from raymia.models.base import data_init_modules, param_lr_scales, param_train_e
 from raymia.seeding import derive_seed
 from raymia.spec import AuditSpec, TrainSpec
 from raymia.store import num_packs, pack_models
-from raymia.train.augment import Augmenter
-from raymia.train.batches import batch_passes
 from raymia.train.infer import augment as query_augment
 from raymia.train.infer import query_logits
+from raymia.train.loop import (
+    Loss,
+    Net,
+    autocast_dtype,
+    member_batches,
+    memory_format,
+    module_net,
+    pack_batches,
+    run_steps,
+)
 from raymia.train.packed import maybe_packed, runs_packed
-from raymia.train.recipe import Lookahead, make_optimizer, make_scheduler
 
 log = logging.getLogger("raymia")
 
@@ -81,9 +88,6 @@ class BankContext:
         defense = build_defense(spec.defense.name, spec.defense.params, data.info,
                                 label_smoothing=spec.train.label_smoothing)
         defense.check(spec.model.name, data.info, spec.model.params)
-        if spec.train.lookahead and type(defense).fit is not Defense.fit:
-            raise SpecError(f"train.lookahead: defense {defense.name!r} trains with its own loop, which has no "
-                            "lookahead; set lookahead: false", where="train.lookahead")
         from pathlib import Path
 
         if setup:
@@ -176,63 +180,38 @@ def init_model(ctx: BankContext, m: int, md: ModelData | None = None) -> torch.n
     return ctx.defense.prepare_model(model)
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def _memory_format(ctx: BankContext, device: torch.device):
-    use = ctx.spec.bank.channels_last and device.type == "cuda" and len(ctx.data.info.input_shape) == 3
-    return torch.channels_last if use else torch.contiguous_format
-
-
 # ---------------------------------------------------------------------------------------------------------
-# the reference: one model, a plain PyTorch loop
+# the reference: one model
 
 
 def train_model(
     ctx: BankContext, m: int, device: torch.device, max_steps: int | None = None,
-    report: dict[str, float] | None = None,
+    report: dict[str, float] | None = None, cpu_autocast: bool = False,
 ) -> torch.nn.Module:
-    """Train bank model m alone with the recipe and defense; returns it in eval mode. `max_steps` cuts
-    training short (used only to time the loop); `report` receives the defense's per-model facts."""
+    """Train bank model m alone with the recipe and defense (`run_steps`, or the defense's `fit`, which
+    trains through it too); returns it in eval mode. `max_steps` cuts training short (used only to time
+    the loop); `report` receives the defense's per-model facts; `cpu_autocast` applies
+    `bank.precision: bf16` on a CPU too (tests; a CPU run is otherwise fp32)."""
     spec, recipe = ctx.spec, ctx.recipe
     md = model_data(ctx, m)
+    fmt = memory_format(spec.bank.channels_last, device, ctx.data.info.input_shape)
+    precision = autocast_dtype(device, spec.bank.precision, cpu_autocast)
     xs = (md.x if md.x is not None else ctx.data.x_train).to(device)
     index, y = md.index.to(device), md.y.to(device)
-    model = init_model(ctx, m, md).to(device)
+    model = init_model(ctx, m, md).to(device, memory_format=fmt)
     if type(ctx.defense).fit is not Defense.fit:
-        return _fit_with_defense(ctx, m, model, xs[index], y, device, report)
-    opt = make_optimizer(model, recipe)
-    total = recipe.epochs * ctx.steps_per_epoch
-    sched = make_scheduler(opt, recipe, total, ctx.steps_per_epoch)
-    stream = batch_passes(index.numel(), recipe.batch_size,
-                          torch.Generator().manual_seed(derive_seed(spec.seed, "order", m)))
-    augment = Augmenter(recipe.augment, index.numel(),
-                        torch.Generator().manual_seed(derive_seed(spec.seed, "augment", m)))
+        return _fit_with_defense(ctx, m, model, xs[index], y, device, report, precision, fmt)
+    batches = member_batches(xs, y, recipe, torch.Generator().manual_seed(derive_seed(spec.seed, "order", m)),
+                             torch.Generator().manual_seed(derive_seed(spec.seed, "augment", m)), index, fmt)
     model.train()
-    ahead = (Lookahead([*model.parameters(), *model.buffers()], total, ctx.steps_per_epoch)
-             if recipe.lookahead else None)
-    loss = torch.zeros(())
-    steps = total if max_steps is None else min(total, max_steps)
-    for t in range(1, steps + 1):
-        b, passes = next(stream)
-        on_device = b.to(device)
-        xb = augment(xs[index[on_device]], b, passes)
-        with _autocast(device, spec.bank.precision):
-            loss = ctx.defense.loss(model(xb).float(), y[on_device])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if ahead is not None:
-            ahead.step(t)
-    if ahead is not None:
-        ahead.finish()
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"model {m}: training diverged (loss {loss.item()}); lower train.lr")
+    run_steps(module_net(model), batches, _defense_loss(ctx.defense), recipe, recipe.epochs * ctx.steps_per_epoch,
+              ctx.steps_per_epoch, precision=precision, max_steps=max_steps, names=[f"model {m}"])
     return model.eval()
+
+
+def _defense_loss(defense: Defense) -> Loss:
+    """The loop's loss from the defense's `loss` hook (which does not see the step)."""
+    return lambda logits, y, step: defense.loss(logits, y)
 
 
 def reference_index(ctx: BankContext, m: int, n: int) -> np.ndarray:
@@ -249,14 +228,16 @@ def reference_index(ctx: BankContext, m: int, n: int) -> np.ndarray:
 
 
 def _fit_with_defense(ctx: BankContext, m: int, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                      device: torch.device, report: dict[str, float] | None) -> torch.nn.Module:
-    """Hand model m's whole training to the defense (DP-SGD, min-max games, pruning, transfer learning)."""
+                      device: torch.device, report: dict[str, float] | None, precision: torch.dtype | None,
+                      fmt: torch.memory_format) -> torch.nn.Module:
+    """Hand model m's training to the defense (DP-SGD, min-max games, pruning, transfer learning,
+    RelaxLoss, MemGuard), which runs `run_steps` with its hooks at the bank's precision and layout."""
     ref = torch.from_numpy(reference_index(ctx, m, x.shape[0]))
     ref_x = ctx.data.x_train[ref].to(device) if ref.numel() else None
     ref_y = ctx.data.y_train[ref].to(device) if ref.numel() else None
     job = FitJob(m=m, model=model, x=x, y=y, recipe=ctx.recipe, device=device,
                  seed=derive_seed(ctx.spec.seed, "defense-fit", m), steps_per_epoch=ctx.steps_per_epoch,
-                 reference_x=ref_x, reference_y=ref_y)
+                 reference_x=ref_x, reference_y=ref_y, precision=precision, memory_format=fmt)
     trained = ctx.defense.fit(job)
     if trained is None:
         raise RuntimeError(f"defense {ctx.defense.name!r}: fit() returned no model")
@@ -328,13 +309,13 @@ class _PackMember(torch.nn.Module):
 
 def train_models_packed(
     ctx: BankContext, models: list[int], device: torch.device, max_steps: int | None = None,
-    engine: str = "auto", compile: bool = False,
+    engine: str = "auto", compile: bool = False, cpu_autocast: bool = False,
 ) -> PackedModels:
-    """Train the given bank models at once; returns them in eval mode. `engine`: auto (a PackedSequential
-    where the architecture allows, else vmap) or vmap. `max_steps` cuts training short (used only to
-    time the pack). `compile` runs the pack's forward and loss through torch.compile (benchmarks only:
-    it is not in the spec until a GPU measurement shows where it helps; on this project's CPU it halved
-    the speed)."""
+    """Train the given bank models at once through `run_steps` (their losses summed); returns them in eval
+    mode. `engine`: auto (a PackedSequential where the architecture allows, else vmap) or vmap.
+    `max_steps` cuts training short (used only to time the pack). `compile` runs the pack's forward and
+    its loss through torch.compile (benchmarks only: it is not in the spec until a GPU measurement shows
+    where it helps; on this project's CPU it halved the speed). `cpu_autocast`: as for `train_model`."""
     if engine not in ("auto", "vmap"):
         raise ValueError(f"engine {engine!r}: accepted auto, vmap")
     spec, recipe = ctx.spec, ctx.recipe
@@ -351,58 +332,29 @@ def train_models_packed(
             (d.x if d.x is not None else ctx.data.x_train[d.index]),
             (0, 0) * (ctx.data.x_train.ndim - 1) + (0, n_max - d.index.numel())) for d in datas]).to(device)
 
-    fmt = _memory_format(ctx, device)
+    fmt = memory_format(spec.bank.channels_last, device, ctx.data.info.input_shape)
     # The packed sequential path keeps grouped maps channels_last on a CPU (oneDNN's native layout, measured
     # faster there) and follows bank.channels_last on CUDA.
     pack = PackedModels([init_model(ctx, m, d).to(device, memory_format=fmt) for m, d in zip(models, datas)],
                         input_shape=ctx.data.info.input_shape if engine == "auto" else None,
                         channels_last=fmt is torch.channels_last or device.type == "cpu")
     scales, limits = param_lr_scales(pack.base), param_train_epochs(pack.base)
-    opt = make_optimizer(list(pack.params.values()), recipe, [scales.get(n, 1.0) for n in pack.params],
-                         [limits.get(n) for n in pack.params])
-    total = recipe.epochs * ctx.steps_per_epoch
-    sched = make_scheduler(opt, recipe, total, ctx.steps_per_epoch)
-    streams = [batch_passes(d.index.numel(), recipe.batch_size,
-                            torch.Generator().manual_seed(derive_seed(spec.seed, "order", m)))
-               for d, m in zip(datas, models)]
-    augmenters = [Augmenter(recipe.augment, d.index.numel(),
-                            torch.Generator().manual_seed(derive_seed(spec.seed, "augment", m)))
-                  for d, m in zip(datas, models)]
-    rows = torch.arange(len(models), device=device)[:, None]
+    net = Net(pack, list(pack.params.values()), [scales.get(n, 1.0) for n in pack.params],
+              [limits.get(n) for n in pack.params], [*pack.params.values(), *pack.buffers.values()], pack=True)
+    batches = pack_batches(
+        x_src, ys, index, [d.index.numel() for d in datas], recipe,
+        [torch.Generator().manual_seed(derive_seed(spec.seed, "order", m)) for m in models],
+        [torch.Generator().manual_seed(derive_seed(spec.seed, "augment", m)) for m in models],
+        shared, fmt if pack.sequential is None else torch.contiguous_format)
     loss_fn = ctx.defense.loss
-
     batched_loss = vmap(lambda logits, y: loss_fn(logits.float(), y), randomness="different")
-
-    def forward_loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        return batched_loss(pack(xb), yb)
-
-    step_loss = torch.compile(forward_loss) if compile else forward_loss
+    if compile:
+        net.forward, batched_loss = torch.compile(pack.__call__), torch.compile(batched_loss)
     pack.train()
-    ahead = (Lookahead([*pack.params.values(), *pack.buffers.values()], total, ctx.steps_per_epoch)
-             if recipe.lookahead else None)
-    losses = torch.zeros(len(models))
-    for t in range(1, (total if max_steps is None else min(total, max_steps)) + 1):
-        batches = [next(s) for s in streams]  # per model: positions in its member list, their passes
-        local = torch.stack([b for b, _ in batches]).to(device)  # [K, B]
-        gidx = index[rows, local]
-        xb = x_src[gidx] if shared else x_src[rows, local]
-        if augmenters[0].active:
-            xb = torch.stack([a(xb[i], *batches[i]) for i, a in enumerate(augmenters)])
-        if fmt is torch.channels_last and pack.sequential is None:
-            xb = xb.flatten(0, 1).contiguous(memory_format=fmt).unflatten(0, (len(models), -1))
-        with _autocast(device, spec.bank.precision):
-            losses = step_loss(xb, ys[rows, local])
-        opt.zero_grad(set_to_none=True)
-        losses.sum().backward()
-        opt.step()
-        sched.step()
-        if ahead is not None:
-            ahead.step(t)
-    if ahead is not None:
-        ahead.finish()
-    bad = [m for m, v in zip(models, losses.detach().cpu().tolist()) if not math.isfinite(v)]
-    if bad:
-        raise FloatingPointError(f"models {bad}: training diverged; lower train.lr")
+    run_steps(net, batches, lambda logits, y, step: batched_loss(logits, y), recipe,
+              recipe.epochs * ctx.steps_per_epoch, ctx.steps_per_epoch,
+              precision=autocast_dtype(device, spec.bank.precision, cpu_autocast), max_steps=max_steps,
+              names=[f"model {m}" for m in models])
     return pack.eval()
 
 

@@ -1,4 +1,4 @@
-"""The batch stream every trainer shares (the bank, and defenses that train models their own way)."""
+"""The batch stream every trainer shares (through raymia.train.loop: the bank and every defense)."""
 
 from __future__ import annotations
 
