@@ -116,68 +116,92 @@ def run_audit(
 ) -> AuditResult:
     """Run one audit end to end. `output_dir` overrides spec.output_dir (the store root); `run_dir` is
     where the report goes (default: <output_dir>/audits/<name>-<fingerprint>)."""
-    from raymia.attacks import run_attack
-    from raymia.metrics import accuracy, ece, full_metrics, roc
-    from raymia.report.plots import plot_roc
     from raymia.train.bank import BankContext
 
     t0 = time.perf_counter()
     root = Path(output_dir or spec.output_dir)
     spec = spec.model_copy(update={"output_dir": str(root.resolve())})  # workers and defenses cache under it
-    fp = spec.fingerprint()
     out = Path(run_dir) if run_dir else audit_dir(spec, root)
     out.mkdir(parents=True, exist_ok=True)
 
     ctx = BankContext.from_spec(spec)  # validates data/plan/defense against each other before any training
-    store = SignalStore(root, fp, spec.bank.pack_size, spec.plan.num_models, spec.pack_fingerprints())
-    missing = store.missing_packs()
-    reused = not missing
-    if reused:
-        log.info("reusing stored signals %s (%d packs, %d models): no training needed", fp, ctx.num_packs,
-                 spec.plan.num_models)
-    else:
-        store.write_spec(spec.bank_dict())
-        if len(missing) < ctx.num_packs:
-            log.info("reusing %d of %d stored packs of signals %s", ctx.num_packs - len(missing), ctx.num_packs, fp)
-        from raymia.engine.bank_job import build_bank_locally, run_bank_job
-
-        if spec.bank.engine == "local":
-            log.info("training %d pack(s) in this process", len(missing))
-            build_bank_locally(spec, store, missing)
-        else:
-            run_bank_job(spec, store, missing)
-        still = store.missing_packs()
-        if still:
-            raise RuntimeError(f"bank job finished but packs {still} of signals {fp} are missing")
-
-    labels = ctx.audited_y
-    y_test = ctx.data.y_test.numpy()
-    signals = load_signals(store, ctx.plan.keep, labels, y_test)
+    store = SignalStore(root, spec.fingerprint(), spec.bank.pack_size, spec.plan.num_models,
+                        spec.pack_fingerprints())
+    reused = ensure_bank(spec, store)
+    signals = load_signals(store, ctx.plan.keep, ctx.audited_y, ctx.data.y_test.numpy())
     if spec.attacker == "non_adaptive":  # the attacker's shadows are the undefended models only
         pool = np.ones(spec.plan.num_models, dtype=bool)
         pool[spec.plan.target_list] = False
         signals = replace(signals, shadow_pool=pool)
-    test_logits = signals.pop_logits[:, 0]  # identity query
+    utility, utility_std = measure_utility(signals, spec.plan.target_list)
+    attacks, attacks_std, per_target, curves = run_attacks(spec, attacks_to_run(spec, ctx.defense), signals)
+    result = AuditResult(
+        spec=spec, fingerprint=store.fingerprint, attacks=attacks, attacks_std=attacks_std,
+        per_target=per_target, defense_report=_defense_report(store, ctx.defense), utility=utility,
+        utility_std=utility_std, reused_signals=reused, out_dir=out, roc=curves,
+        seconds=time.perf_counter() - t0,
+    )
+    write_report(result, console=console, track=spec.tracking.enabled if track is None else track)
+    return result
 
-    targets = spec.plan.target_list
-    # Utility of the attacked models (mean over targets), measured on what a querier sees.
+
+def ensure_bank(spec: AuditSpec, store: SignalStore) -> bool:
+    """Train the packs of the bank that the store lacks (on Ray Train, or in this process with
+    `bank.engine: local`); True when every pack was already stored."""
+    missing = store.missing_packs()
+    fp, n_packs = store.fingerprint, store.num_packs
+    if not missing:
+        log.info("reusing stored signals %s (%d packs, %d models): no training needed", fp, n_packs,
+                 spec.plan.num_models)
+        return True
+    store.write_spec(spec.bank_dict())
+    if len(missing) < n_packs:
+        log.info("reusing %d of %d stored packs of signals %s", n_packs - len(missing), n_packs, fp)
+    from raymia.engine.bank_job import build_bank_locally, run_bank_job
+
+    if spec.bank.engine == "local":
+        log.info("training %d pack(s) in this process", len(missing))
+        build_bank_locally(spec, store, missing)
+    else:
+        run_bank_job(spec, store, missing)
+    still = store.missing_packs()
+    if still:
+        raise RuntimeError(f"bank job finished but packs {still} of signals {fp} are missing")
+    return False
+
+
+def measure_utility(signals, targets: list[int]) -> tuple[dict[str, float], dict[str, float]]:
+    """Utility of the attacked models, measured on what a querier sees (identity query): the mean and the
+    std over targets of each of TARGET_UTILITY, and BANK_UTILITY over every bank model."""
+    from raymia.metrics import accuracy, ece
+
+    labels, y_test = signals.labels, signals.pop_labels
+    test_logits = signals.pop_logits[:, 0]
     tr_acc = [accuracy(signals.logits[t, 0, signals.keep[t]], labels[signals.keep[t]]) for t in targets]
     te_acc = [accuracy(test_logits[t], y_test) for t in targets]
     gap = list(np.subtract(tr_acc, te_acc))
     test_ece = [ece(test_logits[t], y_test) for t in targets]
-    per_target_utility = dict(zip(TARGET_UTILITY, (tr_acc, te_acc, gap, test_ece), strict=True))  # in its order
-    utility = {k: float(np.mean(v)) for k, v in per_target_utility.items()}
-    utility_std = {k: float(np.std(v)) for k, v in per_target_utility.items()}
+    per_target = dict(zip(TARGET_UTILITY, (tr_acc, te_acc, gap, test_ece), strict=True))  # in its order
+    utility = {k: float(np.mean(v)) for k, v in per_target.items()}
+    utility_std = {k: float(np.std(v)) for k, v in per_target.items()}
     utility[BANK_UTILITY] = float(np.mean([accuracy(test_logits[m], y_test) for m in range(len(test_logits))]))
+    return utility, utility_std
+
+
+def run_attacks(spec: AuditSpec, attacks: list, signals):
+    """Every attack against every target: (mean, std over targets, per-target metrics, the first target's
+    ROC curve), each keyed by the attack's label (default: its name)."""
+    from raymia.attacks import run_attack
+    from raymia.metrics import full_metrics, roc
 
     m = spec.metrics
-    per_attack: dict[str, dict[str, float | None]] = {}
-    per_attack_std: dict[str, dict[str, float | None]] = {}
+    mean: dict[str, dict[str, float | None]] = {}
+    std: dict[str, dict[str, float | None]] = {}
     per_target: dict[str, list[dict[str, float | None]]] = {}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for i, a in enumerate(attacks_to_run(spec, ctx.defense)):
+    for i, a in enumerate(attacks):
         runs = []
-        for j, t in enumerate(targets):
+        for j, t in enumerate(spec.plan.target_list):
             scores = run_attack(a.name, a.params, signals, t, where=f"attacks.{i}")
             is_member = signals.keep[t]
             runs.append(full_metrics(scores, is_member, fpr_levels=tuple(m.fpr_levels),
@@ -185,27 +209,26 @@ def run_audit(
             if j == 0:
                 fpr, tpr, _ = roc(scores, is_member)
                 curves[a.key] = (fpr, tpr)
-        per_attack[a.key], per_attack_std[a.key] = _mean_std(runs)  # keyed by label (default: the name)
+        mean[a.key], std[a.key] = _mean_std(runs)
         per_target[a.key] = runs
+    return mean, std, per_target, curves
 
-    defense_report = _defense_report(store, ctx.defense)
 
-    result = AuditResult(
-        spec=spec, fingerprint=fp, attacks=per_attack, attacks_std=per_attack_std, per_target=per_target,
-        defense_report=defense_report,
-        utility=utility, utility_std=utility_std,
-        reused_signals=reused, out_dir=out, roc=curves, seconds=time.perf_counter() - t0,
-    )
+def write_report(result: AuditResult, console: bool, track: bool) -> None:
+    """result.json, spec.yaml and roc.png in the audit's folder; the table on the console; the MLflow run."""
+    from raymia.report.plots import plot_roc
+
+    spec, out, fp = result.spec, result.out_dir, result.fingerprint
     result_path = out / "result.json"
     result_path.write_text(json.dumps(result.to_json(), indent=1))
     spec_path = write_spec_file(spec, out / "spec.yaml", f"the spec of audit {spec.name}-{fp}")
     roc_path = plot_roc(
-        curves, out / "roc.png", title=f"{spec.name}: {spec.defense.name}, {spec.plan.num_models} models",
-        aucs={a: m["auc"] for a, m in per_attack.items() if m.get("auc") is not None},
+        result.roc, out / "roc.png", title=f"{spec.name}: {spec.defense.name}, {spec.plan.num_models} models",
+        aucs={a: m["auc"] for a, m in result.attacks.items() if m.get("auc") is not None},
     )
     if console:
         print_audit_table(result)
-    if track if track is not None else spec.tracking.enabled:
+    if track:
         from raymia.tracking import KIND_AUDIT, TAG_FINGERPRINT, TAG_KIND, log_run
 
         rid = log_run(
@@ -214,7 +237,6 @@ def run_audit(
             artifacts=[result_path, roc_path, spec_path], tags={TAG_KIND: KIND_AUDIT, TAG_FINGERPRINT: fp},
         )
         log.info("MLflow run %s in %s", rid, spec.tracking.uri)
-    return result
 
 
 def attacks_to_run(spec: AuditSpec, defense) -> list:

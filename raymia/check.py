@@ -85,7 +85,6 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
     import torch
 
     from raymia.audit import attacks_to_run
-    from raymia.defenses import Defense
     from raymia.models import build_model
     from raymia.store import SignalStore
     from raymia.train.bank import BankContext, check_data_init
@@ -132,7 +131,7 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
 
     r = ctx.recipe
     steps = r.epochs * ctx.steps_per_epoch
-    own_loop = type(ctx.defense).fit is not Defense.fit
+    own_loop = ctx.defense.trains_itself()
     rows.append(("training", f"{r.optimizer} lr {r.lr:g}, {r.schedule} schedule, weight decay {r.weight_decay:g}, "
                              f"{r.epochs} epochs x {ctx.steps_per_epoch} steps of {r.batch_size} = {_n(steps)} steps "
                              f"per model, {_n(steps * m)} in all"

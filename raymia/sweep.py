@@ -366,7 +366,6 @@ def run_sweep(
     """Run (or continue) a sweep. A re-run of the same spec continues an interrupted sweep without
     re-running finished trials (`resume=True` insists that there is one); `fresh=True` discards it."""
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     from raymia.engine.cluster import ensure_ray
 
@@ -380,26 +379,17 @@ def run_sweep(
         shutil.rmtree(root / "ray" / f"sweep-{spec.name}", ignore_errors=True)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     space, _ = validate_sweep(spec)
-    objectives = spec.sweep.objectives
-    metric_names = [o.metric for o in objectives]
 
     # Resume: the sweep's state (spec hash, MLflow parent run) lives beside its results; Tune's experiment
     # checkpoint and the Optuna study (SQLite) hold the trials. Re-running the same command continues.
-    state_path = sweep_dir / "state.json"
-    spec_hash = resume_hash(spec)
-    state = json.loads(state_path.read_text()) if state_path.exists() else None
-    exp_dir = root / "ray" / f"sweep-{spec.name}"
-    if state is not None and state.get("spec_hash") != spec_hash:
-        raise SpecError(f"a sweep named {spec.name!r} with a different spec exists in {sweep_dir}; give this one "
-                        "another name, or use --fresh to discard the old one", where="name")
-    if resume and state is None:
-        raise SpecError(f"nothing to resume in {sweep_dir}", where="--resume")
+    state = _sweep_state(spec, sweep_dir, resume)
     if state is not None and state.get("finished") and (sweep_dir / "result.json").exists():
         log.info("sweep %s already finished; its result is in %s (use --fresh to run it again)", spec.name, sweep_dir)
         result = _load_result(spec, sweep_dir, state.get("parent_run_id"))
         if console:
             _print_front(result)
         return result
+    exp_dir = root / "ray" / f"sweep-{spec.name}"
     resuming = state is not None and tune.Tuner.can_restore(str(exp_dir))
     parent_id = state.get("parent_run_id") if state else None
     if spec.tracking.enabled and parent_id is None:
@@ -410,7 +400,7 @@ def run_sweep(
             params=spec.model_dump(mode="json"), tags={TAG_KIND: KIND_SWEEP},
         )
         log.info("MLflow parent run %s in %s", parent_id, spec.tracking.uri)
-    state_path.write_text(json.dumps({"spec_hash": spec_hash, "parent_run_id": parent_id, "finished": False}))
+    _write_state(spec, sweep_dir, parent_id, finished=False)
     from raymia.audit import write_spec_file
 
     write_spec_file(spec, sweep_dir / "spec.yaml", f"the spec of sweep {spec.name}")
@@ -418,65 +408,18 @@ def run_sweep(
     ensure_ray()
     log.info("sweep %s: %d trials over %s", spec.name, spec.sweep.num_trials,
              "; ".join(f"{d}: {text}" for d, text in describe_space(space).items()))
-    trainable = tune.with_resources(tune.with_parameters(
-        _run_trial, base=spec.model_dump(mode="json"), root=str(root), sweep_dir=str(sweep_dir),
-        log_level=logging.getLogger("raymia").getEffectiveLevel()
-    ), {"cpu": spec.sweep.trial_cpu})
-    if resuming:
-        log.info("resuming sweep %s: finished trials are kept, unfinished ones run again", spec.name)
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
-    else:
-        searcher = OptunaSearch(
-            space=DefineByRun(space, spec.sweep.include_undefended),
-            metric=metric_names,
-            mode=[o.mode for o in objectives],
-            sampler=_make_sampler(spec.sweep.sampler, spec.seed),
-            storage=_optuna_storage(spec.sweep.storage or f"sqlite:///{sweep_dir / 'optuna.db'}"),
-            study_name=f"raymia-{spec.name}",
-        )
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=searcher, num_samples=spec.sweep.num_trials,
-                max_concurrent_trials=spec.sweep.max_concurrent, trial_name_creator=_trial_name,
-            ),
-            run_config=tune.RunConfig(
-                name=f"sweep-{spec.name}",
-                storage_path=str(root / "ray"),
-                callbacks=[_progress_callback(spec)] + ([_mlflow_callback(spec, parent_id)] if parent_id else []),
-                verbose=0,
-            ),
-        )
+    tuner = _tuner(spec, space, root, sweep_dir, parent_id, exp_dir if resuming else None)
     status, summary = "FAILED", {}
     try:
-        grid = tuner.fit()
-        trials = _collect(grid, metric_names)
+        trials = _collect(tuner.fit(), [o.metric for o in spec.sweep.objectives])
         if len(trials) < spec.sweep.num_trials or any(t["status"] == "incomplete" for t in trials):
             # Tune returns early when interrupted (Ctrl-C): its state is saved, the sweep is not finished.
             raise RaymiaError(f"sweep {spec.name} was interrupted; run the same command again to resume it")
-        ok = [t for t in trials if t["status"] == "ok"]
-        # the front among the trials that meet every constraint (each ok trial's "feasible" flag is set)
-        front_ids, hv, ref = front_and_hypervolume(trials, objectives, spec.sweep.constraints)
-        front = [i for i, t in enumerate(trials) if t["trial"] in front_ids]
-        result = SweepResult(spec=spec, trials=trials, front=front, out_dir=sweep_dir, parent_run_id=parent_id,
-                             hypervolume=hv)
-        # written now (the search is safe on disk) and again below with the final audit
-        (sweep_dir / "result.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
-        plot_front(trials, objectives, front_ids, ref, sweep_dir / "pareto.png",
-                   title=f"sweep {spec.name}: {', '.join(space)} ({len(ok)} trials{_spread_note(spec)})")
-        if spec.sweep.final_audit is not None:
-            result.final_audit = _final_audit(spec, result, root, parent_id)
-        (sweep_dir / "result.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
-        (sweep_dir / "front.md").write_text(front_markdown(
-            trials, objectives, result.front_trials, result.hypervolume,
-            intro=f"Sweep {spec.name}: every objective is the mean over {len(spec.plan.target_list)} target(s) "
-                  f"(leave-one-out over the bank), ± its std over them.\n\n"))
-        if console:
-            _print_front(result)
+        result = _report(spec, trials, space, root, sweep_dir, parent_id, console)
         status = "FINISHED"
-        state_path.write_text(json.dumps({"spec_hash": spec_hash, "parent_run_id": parent_id, "finished": True}))
-        summary = {"num_trials": len(trials), "num_failed": len(trials) - len(ok), "front_size": len(front),
-                   "hypervolume": result.hypervolume}
+        _write_state(spec, sweep_dir, parent_id, finished=True)
+        summary = {"num_trials": len(trials), "num_failed": sum(t["status"] != "ok" for t in trials),
+                   "front_size": len(result.front), "hypervolume": result.hypervolume}
         log.info("sweep %s done in %.0fs -> %s", spec.name, time.perf_counter() - t0, sweep_dir)
         return result
     finally:
@@ -486,6 +429,88 @@ def run_sweep(
             arts = ([sweep_dir / n for n in ("result.json", "pareto.png", "front.md", "spec.yaml")]
                     if status == "FINISHED" else [])
             finish_parent(spec.tracking.uri, parent_id, summary, arts, status=status)
+
+
+def _sweep_state(spec: SweepSpec, sweep_dir: Path, resume: bool) -> dict[str, Any] | None:
+    """The sweep's saved state (spec hash, MLflow parent run, finished), None for a new sweep; a different
+    spec under the same name, or --resume with nothing to resume, is a SpecError."""
+    path = sweep_dir / "state.json"
+    state = json.loads(path.read_text()) if path.exists() else None
+    if state is not None and state.get("spec_hash") != resume_hash(spec):
+        raise SpecError(f"a sweep named {spec.name!r} with a different spec exists in {sweep_dir}; give this one "
+                        "another name, or use --fresh to discard the old one", where="name")
+    if resume and state is None:
+        raise SpecError(f"nothing to resume in {sweep_dir}", where="--resume")
+    return state
+
+
+def _write_state(spec: SweepSpec, sweep_dir: Path, parent_id: str | None, finished: bool) -> None:
+    (sweep_dir / "state.json").write_text(
+        json.dumps({"spec_hash": resume_hash(spec), "parent_run_id": parent_id, "finished": finished}))
+
+
+def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str | None, restore: Path | None):
+    """Tune's Tuner over the trials: restored from `restore` (an interrupted sweep's experiment), or new,
+    with OptunaSearch (its study in sweep.storage) proposing each trial's defense setting."""
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    trainable = tune.with_resources(tune.with_parameters(
+        _run_trial, base=spec.model_dump(mode="json"), root=str(root), sweep_dir=str(sweep_dir),
+        log_level=logging.getLogger("raymia").getEffectiveLevel()
+    ), {"cpu": spec.sweep.trial_cpu})
+    if restore is not None:
+        log.info("resuming sweep %s: finished trials are kept, unfinished ones run again", spec.name)
+        return tune.Tuner.restore(str(restore), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    objectives = spec.sweep.objectives
+    searcher = OptunaSearch(
+        space=DefineByRun(space, spec.sweep.include_undefended),
+        metric=[o.metric for o in objectives],
+        mode=[o.mode for o in objectives],
+        sampler=_make_sampler(spec.sweep.sampler, spec.seed),
+        storage=_optuna_storage(spec.sweep.storage or f"sqlite:///{sweep_dir / 'optuna.db'}"),
+        study_name=f"raymia-{spec.name}",
+    )
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, num_samples=spec.sweep.num_trials,
+            max_concurrent_trials=spec.sweep.max_concurrent, trial_name_creator=_trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=f"sweep-{spec.name}",
+            storage_path=str(root / "ray"),
+            callbacks=[_progress_callback(spec)] + ([_mlflow_callback(spec, parent_id)] if parent_id else []),
+            verbose=0,
+        ),
+    )
+
+
+def _report(spec: SweepSpec, trials: list[dict[str, Any]], space, root: Path, sweep_dir: Path,
+            parent_id: str | None, console: bool) -> SweepResult:
+    """The front among the trials that meet every constraint, its hypervolume, the final audit if asked:
+    result.json, pareto.png and front.md in the sweep's folder, and the front on the console."""
+    objectives = spec.sweep.objectives
+    ok = [t for t in trials if t["status"] == "ok"]
+    # the front among the trials that meet every constraint (each ok trial's "feasible" flag is set)
+    front_ids, hv, ref = front_and_hypervolume(trials, objectives, spec.sweep.constraints)
+    front = [i for i, t in enumerate(trials) if t["trial"] in front_ids]
+    result = SweepResult(spec=spec, trials=trials, front=front, out_dir=sweep_dir, parent_run_id=parent_id,
+                         hypervolume=hv)
+    # written now (the search is safe on disk) and again below with the final audit
+    (sweep_dir / "result.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
+    plot_front(trials, objectives, front_ids, ref, sweep_dir / "pareto.png",
+               title=f"sweep {spec.name}: {', '.join(space)} ({len(ok)} trials{_spread_note(spec)})")
+    if spec.sweep.final_audit is not None:
+        result.final_audit = _final_audit(spec, result, root, parent_id)
+    (sweep_dir / "result.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
+    (sweep_dir / "front.md").write_text(front_markdown(
+        trials, objectives, result.front_trials, result.hypervolume,
+        intro=f"Sweep {spec.name}: every objective is the mean over {len(spec.plan.target_list)} target(s) "
+              f"(leave-one-out over the bank), ± its std over them.\n\n"))
+    if console:
+        _print_front(result)
+    return result
 
 
 def audit_spec_of_trial(spec: SweepSpec, trial: dict[str, Any], num_models: int | None = None,

@@ -122,3 +122,12 @@ def test_non_adaptive_banks_share_the_undefended_shadow_packs(tmp_path, caplog):
     shared = tmp_path / "signals" / a.pack_fingerprints()[1] / "k4-pack-00001.npz"
     assert shared.exists()
     assert res.flat_metrics()["loss/auc"] is not None
+
+
+def test_a_defense_states_its_name_once_and_its_own_loop_is_declared_by_fit():
+    """The registry sets each class's `name`; `trains_itself` follows from overriding `fit`."""
+    from raymia.defenses import DEFENSES
+
+    own = {n for n in DEFENSES.names() if DEFENSES.get(n).obj.trains_itself()}
+    assert all(DEFENSES.get(n).obj.name == n for n in DEFENSES.names())
+    assert own == {"advreg", "dpsgd", "memguard", "pruning", "relaxloss", "tl_dmi"}

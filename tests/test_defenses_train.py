@@ -50,7 +50,7 @@ def _fit_pruning(monkeypatch, model: nn.Module, job: FitJob, info: DataInfo, **p
 
     monkeypatch.setattr(pruning_mod, "apply_masks", spy)
     d = build_defense("pruning", params, info)
-    assert isinstance(d, Pruning) and not d.vectorizable
+    assert isinstance(d, Pruning) and d.trains_itself()
     trained = d.fit(job)
     assert len(seen) == 1
     return trained, seen[0]
@@ -182,7 +182,7 @@ def test_advreg_shrinks_member_confidence_gap():
         model = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 10))
         job = _job(model, xm, ym, TrainSpec(epochs=40, batch_size=50, lr=0.003), xr, yr)
         d = build_defense("advreg", {"lam": lam}, info)
-        assert isinstance(d, AdvReg) and not d.vectorizable
+        assert isinstance(d, AdvReg) and d.trains_itself()
         trained = d.fit(job)
         assert all(torch.isfinite(p).all() for p in trained.parameters())
         with torch.no_grad():

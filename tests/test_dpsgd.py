@@ -203,7 +203,7 @@ def test_default_delta_and_overrides():
 # ------------------------------------------------------------------------------- registration and checks
 def test_registered_with_validated_params_and_space():
     entry = DEFENSES.get("dpsgd")
-    assert entry.obj is DpSgd and not DpSgd.vectorizable
+    assert entry.obj is DpSgd and DpSgd.trains_itself()
     for bad in ({"noise_multiplier": -1.0}, {"max_grad_norm": 0.0}, {"accountant": "gdp"}, {"delta": 1.0},
                 {"target_epsilon": 0.0}, {"sigma": 1.0}):
         with pytest.raises(SpecError):

@@ -89,7 +89,7 @@ def test_relaxloss_declaration_and_checks():
     img = DataInfo(num_classes=10, input_shape=(1, 8, 8), kind="image")
     tab = DataInfo(num_classes=10, input_shape=(8,), kind="tabular")
     d = build_defense("relaxloss", {}, img)
-    assert isinstance(d, RelaxLoss) and not d.vectorizable
+    assert isinstance(d, RelaxLoss) and d.trains_itself()
     assert (d.params.alpha, d.params.upper, d.form) == (1.0, 1.0, "image")
     assert build_defense("relaxloss", {}, tab).form == "tabular"
     assert build_defense("relaxloss", {"flatten": "image"}, tab).form == "image"
@@ -192,7 +192,7 @@ def guarded(digits):
                      device=CPU, seed=seed, steps_per_epoch=4, reference_x=digits.x_train[public],
                      reference_y=digits.y_train[public])
         d = build_defense("memguard", params, digits.info)
-        assert isinstance(d, MemGuard) and not d.vectorizable
+        assert isinstance(d, MemGuard) and d.trains_itself()
         return d, d.fit(job), job
 
     x_query = torch.cat([digits.x_train[members], digits.x_train[outside]])

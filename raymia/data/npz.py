@@ -68,6 +68,37 @@ def _numeric(x: np.ndarray, where: str, key: str) -> None:
 def load_npz_dataset(p: NpzParams) -> Dataset:
     path = Path(p.path)
     where = str(path)
+    x_tr, y_tr, x_te, y_te = _read_arrays(path)
+    kind = _kind(p.kind, x_tr, where)
+    if kind == "image":
+        x_tr, x_te = _to_nchw(x_tr, where, "x_train"), _to_nchw(x_te, where, "x_test")
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise DataError(
+            f"x_train inputs are {list(x_tr.shape[1:])} but x_test inputs are {list(x_te.shape[1:])}",
+            where=where,
+        )
+    num_classes = p.num_classes
+    if num_classes is None:
+        num_classes = max(int(y_tr.max(initial=0)), int(y_te.max(initial=0))) + 1
+        if num_classes < 2:
+            raise DataError("labels hold a single class; set data.params.num_classes", where=where)
+    check_label_range(y_tr, num_classes, where, "y_train")
+    check_label_range(y_te, num_classes, where, "y_test")
+    x_tr, x_te, mean, std = _normalize(x_tr, x_te, kind, p.normalize)
+    info = DataInfo(
+        num_classes=num_classes,
+        input_shape=tuple(int(d) for d in x_tr.shape[1:]),
+        kind=kind,
+        mean=mean,
+        std=std,
+    )
+    return make_dataset("npz", x_tr, y_tr, x_te, y_te, info)
+
+
+def _read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_test, y_test) from the file, each checked: numeric inputs, integer labels, as
+    many labels as rows, train and test of the same rank."""
+    where = str(path)
     arrays = load_npz(path, HOW)
     missing = [k for k in KEYS if k not in arrays]
     if missing:
@@ -85,44 +116,36 @@ def load_npz_dataset(p: NpzParams) -> Dataset:
             )
     if x_tr.ndim != x_te.ndim:
         raise DataError(f"x_train is {x_tr.ndim}-D but x_test is {x_te.ndim}-D", where=where)
+    return x_tr, y_tr, x_te, y_te
 
-    kind = p.kind
+
+def _kind(kind: str, x_tr: np.ndarray, where: str) -> str:
+    """'image' or 'tabular': as given, or ('auto') from the rank of x_train."""
     if kind == "auto":
         if x_tr.ndim in (3, 4):
-            kind = "image"
-        elif x_tr.ndim == 2:
-            kind = "tabular"
-        else:
-            raise DataError(
-                f"x_train has shape {list(x_tr.shape)}; expected 2-D (tabular) or 3-D/4-D (images)",
-                where=where,
-            )
+            return "image"
+        if x_tr.ndim == 2:
+            return "tabular"
+        raise DataError(
+            f"x_train has shape {list(x_tr.shape)}; expected 2-D (tabular) or 3-D/4-D (images)",
+            where=where,
+        )
     if kind == "tabular" and x_tr.ndim != 2:
         raise DataError(
             f"kind tabular needs 2-D x arrays [N, F]; x_train has shape {list(x_tr.shape)}", where=where
         )
-    if kind == "image":
-        x_tr, x_te = _to_nchw(x_tr, where, "x_train"), _to_nchw(x_te, where, "x_test")
-    if x_tr.shape[1:] != x_te.shape[1:]:
-        raise DataError(
-            f"x_train inputs are {list(x_tr.shape[1:])} but x_test inputs are {list(x_te.shape[1:])}",
-            where=where,
-        )
+    return kind
 
-    num_classes = p.num_classes
-    if num_classes is None:
-        num_classes = max(int(y_tr.max(initial=0)), int(y_te.max(initial=0))) + 1
-        if num_classes < 2:
-            raise DataError("labels hold a single class; set data.params.num_classes", where=where)
-    check_label_range(y_tr, num_classes, where, "y_train")
-    check_label_range(y_te, num_classes, where, "y_test")
 
+def _normalize(x_tr: np.ndarray, x_te: np.ndarray, kind: str, normalize: str):
+    """float32 inputs, standardised with the training split's statistics where asked (images: per channel,
+    after uint8 pixels are scaled to [0, 1]); returns them with the image channel mean and std (or None)."""
     mean = std = None
     if kind == "image":
         scaled = x_tr.dtype == np.uint8
         x_tr = x_tr.astype(np.float32) / 255.0 if scaled else x_tr.astype(np.float32)
         x_te = x_te.astype(np.float32) / 255.0 if scaled else x_te.astype(np.float32)
-        if p.normalize == "standardize" or (p.normalize == "auto" and scaled):
+        if normalize == "standardize" or (normalize == "auto" and scaled):
             mean, std = channel_stats(x_tr)
             m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
             s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
@@ -130,17 +153,10 @@ def load_npz_dataset(p: NpzParams) -> Dataset:
             x_te = (x_te - m) / s
     else:
         x_tr, x_te = x_tr.astype(np.float32), x_te.astype(np.float32)
-        if p.normalize == "standardize":
+        if normalize == "standardize":
             m = x_tr.mean(axis=0, dtype=np.float64)
             s = x_tr.std(axis=0, dtype=np.float64)
             s[s == 0] = 1.0
             x_tr = ((x_tr - m) / s).astype(np.float32)
             x_te = ((x_te - m) / s).astype(np.float32)
-    info = DataInfo(
-        num_classes=num_classes,
-        input_shape=tuple(int(d) for d in x_tr.shape[1:]),
-        kind=kind,
-        mean=mean,
-        std=std,
-    )
-    return make_dataset("npz", x_tr, y_tr, x_te, y_te, info)
+    return x_tr, x_te, mean, std

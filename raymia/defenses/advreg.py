@@ -241,8 +241,6 @@ class AdvReg(Defense):
     first `warmup_epochs` of them plain cross-entropy.
     """
 
-    name = "advreg"
-    vectorizable = False
     params: AdvRegParams
 
     def check_data(self, data: Any, population: Any) -> None:

@@ -15,8 +15,9 @@ query. A defense overrides only the hooks it needs:
   None (the default) means the bank's standard loop with the hooks above. A `fit` trains on the same step
   loop (`raymia.train.loop.run_steps`) with its own hooks (a gradient transform, an inner game, an
   extra loss, after-step actions, a trainable subset), at `job.precision` and `job.memory_format`, so
-  the recipe's lookahead and the bank's bf16 apply to it. A defense that overrides `fit`,
-  or whose `loss` is not vmap-friendly, sets `vectorizable = False` and the bank trains one model at a time.
+  the recipe's lookahead and the bank's bf16 apply to it. The bank trains the models of a defense that
+  overrides `fit` (`Defense.trains_itself()`) one at a time; a defense whose `loss` is not vmap-friendly
+  trains in `fit` too.
 - search_space() -> {param: Domain}: the Tune/Optuna space, with defaults taken from the paper.
 - privacy_guarantee() -> dict | None: e.g. {"epsilon": ..., "delta": ...} for DP training.
 - check(model_name, info) -> None: raise SpecError before any training when the defense cannot apply.
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 
 from raymia.datainfo import DataInfo
 from raymia.errors import SpecError
-from raymia.registry import Params, Registry
+from raymia.registry import NoParams, Params, Registry
 from raymia.space import Domain
 
 
@@ -91,8 +92,7 @@ class FitJob:
 class Defense:
     """Base class: every hook is the identity / plain cross-entropy."""
 
-    name: ClassVar[str] = "none"
-    vectorizable: ClassVar[bool] = True
+    name: ClassVar[str] = "none"  # set by DEFENSES.register: a defense states its name once
     # Whether bank models may initialise layers from their members' data (airbench's whitening stem); a
     # defense whose guarantee covers only its own training (DP-SGD) says no.
     data_dependent_init: ClassVar[bool] = True
@@ -137,6 +137,12 @@ class Defense:
     def fit(self, job: FitJob) -> torch.nn.Module | None:
         return None
 
+    @classmethod
+    def trains_itself(cls) -> bool:
+        """True when the defense trains each model in its own `fit` (on the step loop, with its hooks); the
+        bank then trains those models one at a time, since a pack would step every stacked tensor alike."""
+        return cls.fit is not Defense.fit
+
     def check(self, model_name: str, info: DataInfo, model_params: dict | None = None) -> None:
         """Raise raymia.errors.SpecError when this defense cannot apply to the model (its registry name and
         params) or data."""
@@ -160,7 +166,20 @@ class Defense:
         return None
 
 
-DEFENSES: Registry[type[Defense]] = Registry("defense", package="raymia.defenses")
+class _DefenseRegistry(Registry[type[Defense]]):
+    """The defense registry: registering a class under a name also sets its `name`."""
+
+    def register(self, name, params=NoParams, doc=None):
+        add = super().register(name, params, doc)
+
+        def deco(cls: type[Defense]) -> type[Defense]:
+            cls.name = name
+            return add(cls)
+
+        return deco
+
+
+DEFENSES: Registry[type[Defense]] = _DefenseRegistry("defense", package="raymia.defenses")
 
 
 def build_defense(

@@ -205,8 +205,6 @@ def noise_for_epsilon(
 class DpSgd(Defense):
     """DP-SGD training of every bank model, with the accountant's epsilon in each model's report."""
 
-    name = "dpsgd"
-    vectorizable = False
     data_dependent_init = False
     params: DpSgdParams
 

@@ -110,7 +110,6 @@ def rearrange_logits(query: torch.Tensor, random: torch.Tensor) -> torch.Tensor:
 class Hamp(Defense):
     """HAMP: soft-label KL training with an entropy bonus, and random-input output modification."""
 
-    name = "hamp"
     params: HampParams
 
     def __init__(self, params: HampParams, info: DataInfo, label_smoothing: float = 0.0):

@@ -225,8 +225,6 @@ class MemGuard(Defense):
     reference: the model is not modified) for `postprocess_logits`. Models train one at a time.
     """
 
-    name = "memguard"
-    vectorizable = False
     params: MemGuardParams
 
     def __init__(self, params: MemGuardParams, info: DataInfo, label_smoothing: float = 0.0):

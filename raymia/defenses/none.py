@@ -6,4 +6,4 @@ from raymia.registry import NoParams
 
 @DEFENSES.register("none", NoParams, doc="No defense: plain cross-entropy training, raw outputs.")
 class NoDefense(Defense):
-    name = "none"
+    """Plain training with the recipe, outputs released as they are."""

@@ -132,8 +132,6 @@ class Pruning(Defense):
       leaves no public point is refused.
     """
 
-    name = "pruning"
-    vectorizable = False
     params: PruningParams
 
     def check_data(self, data: Any, population: Any) -> None:

@@ -16,7 +16,7 @@ batch, with CE the batch's mean cross-entropy and epochs counted from 0:
 The loss depends on the epoch, which the bank's `loss(logits, y)` hook does not see, so the defense trains
 each model in `fit`: the step loop (`raymia.train.loop.run_steps`) with the spec's recipe (optimizer,
 schedule, batch size, augmentation, lookahead, `bank.precision`) and the bank's epoch length, given this
-epoch-dependent loss; models therefore train one at a time (`vectorizable = False`). The batch order and
+epoch-dependent loss; models therefore train one at a time (`Defense.trains_itself`). The batch order and
 augmentation draws are seeded from the model's defense seed (`FitJob.seed`); `train.label_smoothing` is
 refused (the official loss uses plain cross-entropy). Each model reports its members' final mean
 cross-entropy as ``train_ce``.
@@ -99,8 +99,6 @@ def relaxloss(logits: torch.Tensor, y: torch.Tensor, epoch: int, alpha: float, u
 class RelaxLoss(Defense):
     """The official training loop in the spec's recipe (see the module docstring)."""
 
-    name = "relaxloss"
-    vectorizable = False  # the loss depends on the epoch: trained by `fit`, one model at a time
     params: RelaxLossParams
 
     def __init__(self, params: RelaxLossParams, info: DataInfo, label_smoothing: float = 0.0):

@@ -22,7 +22,6 @@ class LabelSmoothingParams(Params):
 @DEFENSES.register("label_smoothing", LabelSmoothingParams,
                    doc="Cross-entropy against smoothed labels (Szegedy et al.); the recipe's own smoothing is replaced")
 class LabelSmoothing(Defense):
-    name = "label_smoothing"
     params: LabelSmoothingParams
 
     def __init__(self, params: LabelSmoothingParams, info: DataInfo, label_smoothing: float = 0.0):
@@ -39,7 +38,6 @@ class WeightDecayParams(Params):
 
 @DEFENSES.register("weight_decay", WeightDecayParams, doc="L2 regularisation: the recipe's weight decay replaced")
 class WeightDecay(Defense):
-    name = "weight_decay"
     params: WeightDecayParams
 
     def modify_recipe(self, recipe: Any) -> Any:
@@ -61,7 +59,6 @@ class EarlyStopping(Defense):
     a validation signal would give each model its own length; a fixed budget keeps target and shadows on
     the same recipe, which the adaptive attacker assumes.)"""
 
-    name = "early_stopping"
     params: EarlyStoppingParams
 
     def modify_recipe(self, recipe: Any) -> Any:
@@ -90,7 +87,6 @@ class ConfidenceMasking(Defense):
     the rounding step so the predicted label never changes). Released logits are log-probabilities with
     zeros stored as LOG_FLOOR."""
 
-    name = "confidence"
     params: ConfidenceParams
 
     def postprocess_logits(self, model: torch.nn.Module, logits: torch.Tensor, generator: torch.Generator

@@ -172,8 +172,6 @@ def pretrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: TlDmiParams,
 class TlDmi(Defense):
     """Pretrain on the public split once, then fine-tune only the last layers of every bank model."""
 
-    name = "tl_dmi"
-    vectorizable = False  # the pack trainer would treat every stacked parameter as trainable
     params: TlDmiParams
 
     def __init__(self, params: TlDmiParams, info: DataInfo, label_smoothing: float = 0.0):

@@ -296,8 +296,6 @@ def metric_noise(n: int, dim: int, eps: float, mechanism: str, generator: torch.
 class VaeMetricPrivacy(Defense):
     """Replace each model's members by synthetic records: encode, add metric-privacy noise, decode."""
 
-    name = "vae_metric_privacy"
-    vectorizable = True  # the transform happens before training; the training loop is the standard one
     params: VaeParams
 
     def __init__(self, params: VaeParams, info: DataInfo, label_smoothing: float = 0.0):

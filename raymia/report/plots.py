@@ -118,16 +118,12 @@ def plot_pareto(
     path.parent.mkdir(parents=True, exist_ok=True)
     groups: dict[str, list[tuple[float, float, float, float]]] = {}
     front: list[tuple[float, float]] = []
-
-    def err(p: dict, key: str | None) -> float:
-        v = _value(p, key) if key else None
-        return v if v is not None and math.isfinite(v) else 0.0
-
     for i, p in enumerate(points):
         x, y = _value(p, x_key), _value(p, y_key)
         if x is None or y is None:
             continue
-        groups.setdefault(str(p.get(group_key, "?")), []).append((x, y, err(p, x_err_key), err(p, y_err_key)))
+        groups.setdefault(str(p.get(group_key, "?")), []).append(
+            (x, y, _spread(p, x_err_key), _spread(p, y_err_key)))
         if i in front_ids:
             front.append((x, y))
 
@@ -143,34 +139,10 @@ def plot_pareto(
         if front:
             arr = np.asarray(sorted(front), dtype=float)
             ax.step(arr[:, 0], arr[:, 1], where="post", color="black", linewidth=1.2, alpha=0.8)
-            ax.scatter(
-                arr[:, 0],
-                arr[:, 1],
-                s=70,
-                facecolors="none",
-                edgecolors="black",
-                linewidths=1.4,
-                label="Pareto front",
-                zorder=3,
-            )
+            ax.scatter(arr[:, 0], arr[:, 1], s=70, facecolors="none", edgecolors="black", linewidths=1.4,
+                       label="Pareto front", zorder=3)
         if reference is not None:
-            rx, ry = _value(reference, x_key), _value(reference, y_key)
-            if rx is not None and ry is not None:
-                rxe, rye = err(reference, x_err_key), err(reference, y_err_key)
-                if rxe or rye:
-                    ax.errorbar([rx], [ry], xerr=[rxe], yerr=[rye], fmt="none", ecolor="red", alpha=0.5,
-                                linewidth=0.9)
-                ax.scatter(
-                    [rx],
-                    [ry],
-                    marker="*",
-                    s=220,
-                    color="red",
-                    edgecolors="black",
-                    linewidths=0.8,
-                    label=str(reference.get("label", "undefended")),
-                    zorder=4,
-                )
+            _draw_reference(ax, reference, x_key, y_key, x_err_key, y_err_key)
         ax.set_xlabel(x_label or x_key)
         ax.set_ylabel(y_label or y_key)
         if title:
@@ -182,3 +154,22 @@ def plot_pareto(
     finally:
         plt.close(fig)
     return path
+
+
+def _spread(p: dict, key: str | None) -> float:
+    """A point's spread under `key` (0 where it has none)."""
+    v = _value(p, key) if key else None
+    return v if v is not None and math.isfinite(v) else 0.0
+
+
+def _draw_reference(ax, reference: dict, x_key: str, y_key: str, x_err_key: str | None,
+                    y_err_key: str | None) -> None:
+    """The undefended point as a red star, with its own spread as error bars."""
+    rx, ry = _value(reference, x_key), _value(reference, y_key)
+    if rx is None or ry is None:
+        return
+    rxe, rye = _spread(reference, x_err_key), _spread(reference, y_err_key)
+    if rxe or rye:
+        ax.errorbar([rx], [ry], xerr=[rxe], yerr=[rye], fmt="none", ecolor="red", alpha=0.5, linewidth=0.9)
+    ax.scatter([rx], [ry], marker="*", s=220, color="red", edgecolors="black", linewidths=0.8,
+               label=str(reference.get("label", "undefended")), zorder=4)

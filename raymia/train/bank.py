@@ -199,7 +199,7 @@ def train_model(
     xs = (md.x if md.x is not None else ctx.data.x_train).to(device)
     index, y = md.index.to(device), md.y.to(device)
     model = init_model(ctx, m, md).to(device, memory_format=fmt)
-    if type(ctx.defense).fit is not Defense.fit:
+    if ctx.defense.trains_itself():
         return _fit_with_defense(ctx, m, model, xs[index], y, device, report, precision, fmt)
     batches = member_batches(xs, y, recipe, torch.Generator().manual_seed(derive_seed(spec.seed, "order", m)),
                              torch.Generator().manual_seed(derive_seed(spec.seed, "augment", m)), index, fmt)
@@ -403,7 +403,7 @@ def choose_vectorize(
     to time, the default is packs on CUDA, and on a CPU packs only for the sequential architectures that
     run as a `PackedSequential` (the vmap pack of a convolutional net is slower than one by one there)."""
     choice = ctx.spec.bank.vectorize
-    if len(models) < 2 or not ctx.defense.vectorizable:
+    if len(models) < 2 or ctx.defense.trains_itself():
         return False
     if choice != "auto":
         return bool(choice)
@@ -475,7 +475,7 @@ def train_pack(
     parts: dict[int, tuple[torch.Tensor, torch.Tensor, dict[str, float]]] = {}
     for gctx, gmodels in groups:
         if gmodels:
-            vec = vectorize and gctx.defense.vectorizable
+            vec = vectorize and not gctx.defense.trains_itself()
             for m, lg, tl, rep in zip(gmodels, *_train_group(gctx, gmodels, device, vec)):
                 parts[m] = (lg, tl, rep)
     logits = torch.stack([parts[m][0] for m in models])
