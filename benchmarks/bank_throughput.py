@@ -197,6 +197,7 @@ def step_flops(ctx: BankContext, device: torch.device) -> float:
 
 
 def main() -> None:
+    # Long by design: the benchmark's options and its steps, read top to bottom as one script.
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", required=True)
     ap.add_argument("--models", type=int, default=16, help="K: models in the pack")

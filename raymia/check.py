@@ -82,13 +82,7 @@ def count_flops(model_name: str, model_params: dict, info, batch_size: int) -> t
 def check_spec(path: str | Path, overrides: list[str] | None = None,
                output_dir: str | Path | None = None) -> CheckReport:
     """Validate the spec at `path` (a sweep when it has a `sweep` block, else an audit) and describe it."""
-    import torch
-
-    from raymia.audit import attacks_to_run
-    from raymia.models import build_model
-    from raymia.store import SignalStore
-    from raymia.train.bank import BankContext, check_data_init
-    from raymia.train.packed import runs_packed
+    from raymia.train.bank import BankContext
 
     raw = load_raw(path)
     kind = "sweep" if "sweep" in raw else "audit"
@@ -106,7 +100,39 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
     data, info = ctx.data, ctx.data.info
     rows.append(("data", f"{data.name}: {_n(data.x_train.shape[0])} training and {_n(data.x_test.shape[0])} test "
                          f"points, {info.num_classes} classes, input {list(info.input_shape)} ({info.kind})"))
+    rows += _model_and_training_rows(spec, ctx, kind)
+    # float32 logits of every model under every query, for the audited points and the test split
+    m, points = ctx.plan.num_models, ctx.plan.keep.shape[1]
+    signal_bytes = 4 * m * len(spec.queries) * (points + data.x_test.shape[0]) * info.num_classes
 
+    root = Path(output_dir or spec.output_dir)
+    fp = spec.fingerprint()
+    stored: list[int] | None = None
+    invalid: dict[int, str] | None = None
+    trials_done = None
+    if kind == "audit":  # a sweep's trials each have their own bank: its progress is counted in trials
+        stored, invalid, store_rows = _stored_packs(spec, root, fp, signal_bytes)
+        rows += store_rows
+    else:
+        trials_done, sweep_rows = _sweep_rows(spec, space, root, signal_bytes)
+        rows += sweep_rows
+    t = spec.tracking
+    rows.append(("tracking", f"MLflow {t.uri}, experiment {t.experiment!r}" if t.enabled else "off"))
+    return CheckReport(kind=kind, spec=spec, fingerprint=fp, packs=ctx.num_packs, stored=stored,
+                       invalid=invalid, signal_bytes=signal_bytes, trials_done=trials_done, rows=rows)
+
+
+def _model_and_training_rows(spec: AuditSpec, ctx, kind: str) -> list[tuple[str, str]]:
+    """The model (parameters, how packs train), the plan, the recipe's steps, the defense, the attacks, the
+    FLOPs and the bank's layout."""
+    import torch
+
+    from raymia.audit import attacks_to_run
+    from raymia.models import build_model
+    from raymia.train.bank import check_data_init
+    from raymia.train.packed import runs_packed
+
+    info, rows = ctx.data.info, []
     with torch.device("meta"):  # structure and sizes only
         model = build_model(spec.model.name, spec.model.params, info)
     check_data_init(ctx, model)
@@ -128,14 +154,14 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
                          f"{', ...' if len(targets) > 8 else ''}); {_n(plan.keep.shape[1])} audited points, each "
                          f"in the training set of {m // 2} models; {_n(int(members.min()))} to "
                          f"{_n(int(members.max()))} members per model"))
-
     r = ctx.recipe
     steps = r.epochs * ctx.steps_per_epoch
     own_loop = ctx.defense.trains_itself()
     rows.append(("training", f"{r.optimizer} lr {r.lr:g}, {r.schedule} schedule, weight decay {r.weight_decay:g}, "
                              f"{r.epochs} epochs x {ctx.steps_per_epoch} steps of {r.batch_size} = {_n(steps)} steps "
                              f"per model, {_n(steps * m)} in all"
-                             + ("; the defense trains each model in its fit (the step loop with its hooks)" if own_loop else "")))
+                             + ("; the defense trains each model in its fit (the step loop with its hooks)"
+                                if own_loop else "")))
     params = ctx.defense.params.model_dump(mode="json") if hasattr(ctx.defense.params, "model_dump") else {}
     rows.append(("defense", spec.defense.name + (" " + ", ".join(f"{k}={v}" for k, v in params.items())
                                                   if params else "")
@@ -144,76 +170,71 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
     added = " (label_only added: the defense changes the outputs)" if len(attacks) > len(spec.attacks) else ""
     rows.append(("attacks", f"{', '.join(a.key for a in attacks)}{added}; queries {', '.join(spec.queries)}; "
                             f"leave-one-out: each target's shadows are the other models but its pair"))
-
     train_flops = per_step * steps * m
-    query_flops = per_query * m * len(spec.queries) * (plan.keep.shape[1] + data.x_test.shape[0])
-    total = train_flops + query_flops
+    query_flops = per_query * m * len(spec.queries) * (plan.keep.shape[1] + ctx.data.x_test.shape[0])
     rows.append(("compute", f"{_flops(train_flops)} to train the bank and {_flops(query_flops)} to query it"
                             f"{' (each trial)' if kind == 'sweep' else ''}, counted on the meta device: "
-                            f"{_lower_bound(total / H100_BF16_PEAK)} of an H100 at its dense bf16 peak"
+                            f"{_lower_bound((train_flops + query_flops) / H100_BF16_PEAK)} of an H100 at its "
+                            f"dense bf16 peak"
                             + ("; the defense's own training loop does more work than these plain steps"
                                if own_loop else "")))
-
     b = spec.bank
     where = ("in this process" if b.engine == "local"
              else f"on {b.num_workers} Ray Train worker(s) of {b.cpus_per_worker:g} CPU(s)")
     rows.append(("bank", f"{ctx.num_packs} pack(s) of up to {b.pack_size} models, trained {where}; device "
                          f"{b.device}, precision {b.precision}"))
-    # float32 logits of every model under every query, for the audited points and the test split
-    signal_bytes = 4 * m * len(spec.queries) * (plan.keep.shape[1] + data.x_test.shape[0]) * info.num_classes
+    return rows
 
-    root = Path(output_dir or spec.output_dir)
-    fp = spec.fingerprint()
-    stored: list[int] | None = None
-    invalid: dict[int, str] | None = None
-    if kind == "audit":  # a sweep's trials each have their own bank: its progress is counted in trials
-        store = SignalStore(root, fp, b.pack_size, m, spec.pack_fingerprints())
-        stored, invalid = [], {}
-        for p in range(store.num_packs):
-            problem = store.check_pack(p)
-            if problem is None:
-                stored.append(p)
-            elif problem != "absent":
-                invalid[p] = problem
-        state = ("all stored: the audit trains nothing" if len(stored) == store.num_packs
-                 else f"{len(stored)} of {store.num_packs} packs stored; the others train on the next run")
-        rows.append(("signals", f"{fp} under {root / 'signals'}: {state}; {_size(signal_bytes)} in all, which "
-                                f"the attacks load whole"))
-        for p, why in invalid.items():
-            rows.append(("", f"pack {p}: {why}; it is rebuilt on the next run"))
 
-    trials_done = None
-    if isinstance(spec, SweepSpec):
-        from raymia.sweep import describe_space, resume_hash
+def _stored_packs(spec: AuditSpec, root: Path, fp: str, signal_bytes: int):
+    """(stored packs, {pack: why it is invalid}, rows): the store read, not changed."""
+    from raymia.store import SignalStore
 
-        s = spec.sweep
-        for d, text in describe_space(space).items():
-            rows.append(("search", f"{d}: {text}"))
-        rows.append(("sweep", f"{s.num_trials} trials of {_size(signal_bytes)} of signals each ("
-                              f"{'the first undefended, ' if s.include_undefended else ''}sampler {s.sampler}, {s.max_concurrent} at a time); objectives "
-                              + ", ".join(f"{o.metric} ({o.mode})" for o in s.objectives)
-                              + ("; constraints " + ", ".join(f"{c.metric} {c.op} {c.value:g}" for c in s.constraints)
-                                 if s.constraints else "")
-                              + (f"; front re-audited with {s.final_audit.num_models} models" if s.final_audit else "")))
-        sweep_dir = root / "sweeps" / spec.name
-        trials_done = sum(1 for _ in (sweep_dir / "trials").glob("*/result.json")) if sweep_dir.exists() else 0
+    b = spec.bank
+    store = SignalStore(root, fp, b.pack_size, spec.plan.num_models, spec.pack_fingerprints())
+    stored, invalid = [], {}
+    for p in range(store.num_packs):
+        problem = store.check_pack(p)
+        if problem is None:
+            stored.append(p)
+        elif problem != "absent":
+            invalid[p] = problem
+    state = ("all stored: the audit trains nothing" if len(stored) == store.num_packs
+             else f"{len(stored)} of {store.num_packs} packs stored; the others train on the next run")
+    rows = [("signals", f"{fp} under {root / 'signals'}: {state}; {_size(signal_bytes)} in all, which "
+                        f"the attacks load whole")]
+    rows += [("", f"pack {p}: {why}; it is rebuilt on the next run") for p, why in invalid.items()]
+    return stored, invalid, rows
 
-        state_path = sweep_dir / "state.json"
-        state = json.loads(state_path.read_text()) if state_path.exists() else None
-        if state is None:
-            progress = "not started"
-        elif state.get("spec_hash") != resume_hash(spec):
-            progress = (f"{sweep_dir} holds a sweep of this name with a different spec: `raymia sweep` refuses "
-                        "to mix them; give this one another name, or --fresh to discard the old one")
-        elif state.get("finished"):
-            progress = f"finished: its result is in {sweep_dir}"
-        else:
-            progress = f"{trials_done} trial(s) finished; a re-run resumes it"
-        rows.append(("progress", progress))
-    t = spec.tracking
-    rows.append(("tracking", f"MLflow {t.uri}, experiment {t.experiment!r}" if t.enabled else "off"))
-    return CheckReport(kind=kind, spec=spec, fingerprint=fp, packs=ctx.num_packs, stored=stored,
-                       invalid=invalid, signal_bytes=signal_bytes, trials_done=trials_done, rows=rows)
+
+def _sweep_rows(spec: SweepSpec, space, root: Path, signal_bytes: int) -> tuple[int, list[tuple[str, str]]]:
+    """(trials finished, rows): the searched spaces, the sweep's size and objectives, its progress."""
+    from raymia.sweep import describe_space, resume_hash
+
+    s = spec.sweep
+    rows = [("search", f"{d}: {text}") for d, text in describe_space(space).items()]
+    rows.append(("sweep", f"{s.num_trials} trials of {_size(signal_bytes)} of signals each ("
+                          f"{'the first undefended, ' if s.include_undefended else ''}sampler {s.sampler}, "
+                          f"{s.max_concurrent} at a time); objectives "
+                          + ", ".join(f"{o.metric} ({o.mode})" for o in s.objectives)
+                          + ("; constraints " + ", ".join(f"{c.metric} {c.op} {c.value:g}" for c in s.constraints)
+                             if s.constraints else "")
+                          + (f"; front re-audited with {s.final_audit.num_models} models" if s.final_audit else "")))
+    sweep_dir = root / "sweeps" / spec.name
+    trials_done = sum(1 for _ in (sweep_dir / "trials").glob("*/result.json")) if sweep_dir.exists() else 0
+    state_path = sweep_dir / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else None
+    if state is None:
+        progress = "not started"
+    elif state.get("spec_hash") != resume_hash(spec):
+        progress = (f"{sweep_dir} holds a sweep of this name with a different spec: `raymia sweep` refuses "
+                    "to mix them; give this one another name, or --fresh to discard the old one")
+    elif state.get("finished"):
+        progress = f"finished: its result is in {sweep_dir}"
+    else:
+        progress = f"{trials_done} trial(s) finished; a re-run resumes it"
+    rows.append(("progress", progress))
+    return trials_done, rows
 
 
 def print_report(report: CheckReport) -> None:

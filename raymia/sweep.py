@@ -393,13 +393,7 @@ def run_sweep(
     resuming = state is not None and tune.Tuner.can_restore(str(exp_dir))
     parent_id = state.get("parent_run_id") if state else None
     if spec.tracking.enabled and parent_id is None:
-        from raymia.tracking import KIND_SWEEP, TAG_KIND, start_parent
-
-        parent_id = start_parent(
-            spec.tracking.uri, spec.tracking.experiment, run_name=f"sweep-{spec.name}",
-            params=spec.model_dump(mode="json"), tags={TAG_KIND: KIND_SWEEP},
-        )
-        log.info("MLflow parent run %s in %s", parent_id, spec.tracking.uri)
+        parent_id = _start_parent(spec)
     _write_state(spec, sweep_dir, parent_id, finished=False)
     from raymia.audit import write_spec_file
 
@@ -429,6 +423,18 @@ def run_sweep(
             arts = ([sweep_dir / n for n in ("result.json", "pareto.png", "front.md", "spec.yaml")]
                     if status == "FINISHED" else [])
             finish_parent(spec.tracking.uri, parent_id, summary, arts, status=status)
+
+
+def _start_parent(spec: SweepSpec) -> str:
+    """The sweep's MLflow parent run (its trials become child runs)."""
+    from raymia.tracking import KIND_SWEEP, TAG_KIND, start_parent
+
+    parent_id = start_parent(
+        spec.tracking.uri, spec.tracking.experiment, run_name=f"sweep-{spec.name}",
+        params=spec.model_dump(mode="json"), tags={TAG_KIND: KIND_SWEEP},
+    )
+    log.info("MLflow parent run %s in %s", parent_id, spec.tracking.uri)
+    return parent_id
 
 
 def _sweep_state(spec: SweepSpec, sweep_dir: Path, resume: bool) -> dict[str, Any] | None:
