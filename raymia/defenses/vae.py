@@ -93,14 +93,17 @@ def state_checksum(state: dict[str, torch.Tensor]) -> str:
 
 
 def save_state(path: Path, key: str, state: dict[str, torch.Tensor]) -> None:
-    """Write a state_dict with its key and checksum atomically (temp file in the same folder, then
+    """Write a state_dict with its key and checksum atomically (temp file in the same folder, fsynced, then
     os.replace), so an interrupted write never leaves a half-written cache file under `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.detach().cpu().clone() for k, v in state.items()}
     payload = {"format": str(CACHE_FORMAT), "key": key, "sha256": state_checksum(cpu), "state_dict": cpu}
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
     try:
-        torch.save(payload, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes reach the disk before the rename makes them the cache file
         os.replace(tmp, path)
     finally:
         if tmp.exists():
