@@ -10,16 +10,18 @@ import sys
 from raymia import __version__
 from raymia.errors import RaymiaError
 
-KINDS = ("datasets", "models", "defenses", "attacks")
+KINDS = ("datasets", "models", "defenses", "attacks", "inversion")
 
 
 def _registries():
     from raymia.attacks import ATTACKS
     from raymia.data import DATASETS
     from raymia.defenses import DEFENSES
+    from raymia.inversion.registry import INVERSION
     from raymia.models import MODELS
 
-    return {"datasets": DATASETS, "models": MODELS, "defenses": DEFENSES, "attacks": ATTACKS}
+    return {"datasets": DATASETS, "models": MODELS, "defenses": DEFENSES, "attacks": ATTACKS,
+            "inversion": INVERSION}
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -33,7 +35,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     console = Console(width=None if sys.stdout.isatty() else 160)
     for kind in [args.kind] if args.kind else KINDS:
         for entry in regs[kind].entries():
-            console.print(f"{kind[:-1]} [bold]{entry.name}[/bold]: {entry.doc}", soft_wrap=True)
+            label = "inversion attack" if kind == "inversion" else kind[:-1]
+            console.print(f"{label} [bold]{entry.name}[/bold]: {entry.doc}", soft_wrap=True)
             table = Table()
             for col in ("parameter", "type", "default"):
                 table.add_column(col, no_wrap=True)

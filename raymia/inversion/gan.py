@@ -1,0 +1,284 @@
+"""GMI's image prior: a small DCGAN-style generator and discriminator trained on PUBLIC data only, cached and
+resumable.
+
+Architecture (adapts to the input shape (C, H, W)): H and W are halved k times while both are even and
+the halves stay >= 4 (8x8 digits: k = 1 from 4x4; 28x28: k = 2 from 7x7; 32x32 and 64x64: k = 3 and 4
+from 4x4). The generator maps z ~ N(0, I) through Linear -> BatchNorm -> ReLU to width x 2^k channels at
+(H, W) / 2^k, then k blocks ConvTranspose(4, stride 2) -> BatchNorm -> ReLU halving the channels, then a
+3x3 convolution to C channels and tanh; the result, read as pixels in [0, 1], is normalised with the data
+set's mean and std, so every generated image is in the target's input space and its valid range. The
+discriminator mirrors it: a 3x3 convolution to `width` channels, k blocks Conv(4, stride 2) ->
+InstanceNorm (affine) -> LeakyReLU(0.2) doubling the channels, and a linear layer to one unnormalised
+score (GMI's critic: no BatchNorm, so the gradient penalty is per sample).
+
+Training (`train_gan`): Adam (betas 0.5, 0.999) for both nets; each step is `n_critic` discriminator
+updates then one generator update, on batches drawn with replacement. `loss`: `wgan_gp` (GMI's: critic
+loss D(fake) - D(real) + gp_weight x (||grad D(interpolate)|| - 1)^2, generator loss -D(G(z))) or `dcgan`
+(the non-saturating logistic loss). Every random draw (batches, z, interpolation weights) comes from one
+CPU generator seeded from the seed, whose state is part of the checkpoint, and the nets are initialised
+from the same seed, so a resumed run ends with exactly the weights of an uninterrupted one (on the same
+device).
+
+Cache (`cache_dir`): the trained pair is `gmi-gan-<key>.pt`, the key hashing the public inputs' bytes,
+the data's shape and normalisation, every training setting but `checkpoint_every`, the seed and the device
+type. While training, `gmi-gan-<key>.ckpt.pt` holds generator, discriminator, both optimizers, the step
+and the generator's RNG state, written every `checkpoint_every` steps; a run that is killed resumes from
+it, and it is removed once the final file is written. Both files use `raymia.defenses.vae`'s helpers
+(tensors and strings only, checksum, atomic write, `torch.load(weights_only=True)`); a damaged or foreign
+file is ignored with a warning (the final file refitted, the checkpoint restarted).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymia.datainfo import DataInfo
+from raymia.defenses.vae import data_digest, key_digest, load_state, save_state
+from raymia.inversion.registry import image_shape, pixel_transform
+from raymia.seeding import derive_seed
+
+log = logging.getLogger("raymia")
+
+_ARCH_VERSION = 1  # bump when the architecture or the training loop changes (part of the cache key)
+
+
+@dataclass(frozen=True)
+class GanSettings:
+    """What the GAN is and how it trains (all but `checkpoint_every` are part of the cache key)."""
+
+    latent_dim: int = 64
+    width: int = 32
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 2e-4
+    loss: Literal["wgan_gp", "dcgan"] = "wgan_gp"
+    n_critic: int = 5
+    gp_weight: float = 10.0
+    checkpoint_every: int = 200
+
+
+def _halvings(h: int, w: int) -> int:
+    k = 0
+    while h % 2 == 0 and w % 2 == 0 and min(h, w) // 2 >= 4:
+        h, w, k = h // 2, w // 2, k + 1
+    return k
+
+
+class Generator(nn.Module):
+    """z [N, latent_dim] -> images [N, C, H, W] in the normalised input space (pixels in [0, 1])."""
+
+    def __init__(self, shape: tuple[int, int, int], latent_dim: int, width: int, info: DataInfo):
+        super().__init__()
+        c, h, w = shape
+        k = _halvings(h, w)
+        self.start = (width * 2**k, h >> k, w >> k)
+        self.fc = nn.Sequential(nn.Linear(latent_dim, width * 2**k * (h >> k) * (w >> k)),
+                                nn.BatchNorm1d(width * 2**k * (h >> k) * (w >> k)), nn.ReLU())
+        blocks: list[nn.Module] = []
+        for i in range(k, 0, -1):
+            blocks += [nn.ConvTranspose2d(width * 2**i, width * 2 ** (i - 1), 4, 2, 1),
+                       nn.BatchNorm2d(width * 2 ** (i - 1)), nn.ReLU()]
+        self.up = nn.Sequential(*blocks, nn.Conv2d(width, c, 3, padding=1), nn.Tanh())
+        mean, std = pixel_transform(info)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        pixels = (self.up(self.fc(z).view(-1, *self.start)) + 1) / 2
+        return (pixels - self.mean) / self.std
+
+
+class Discriminator(nn.Module):
+    """images [N, C, H, W] (normalised) -> one unnormalised realism score each [N]."""
+
+    def __init__(self, shape: tuple[int, int, int], width: int):
+        super().__init__()
+        c, h, w = shape
+        k = _halvings(h, w)
+        layers: list[nn.Module] = [nn.Conv2d(c, width, 3, padding=1), nn.LeakyReLU(0.2)]
+        for i in range(k):
+            layers += [nn.Conv2d(width * 2**i, width * 2 ** (i + 1), 4, 2, 1),
+                       nn.InstanceNorm2d(width * 2 ** (i + 1), affine=True), nn.LeakyReLU(0.2)]
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.score = nn.Linear(width * 2**k * (h >> k) * (w >> k), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(self.features(x)).squeeze(1)
+
+
+@dataclass
+class FittedGan:
+    """A trained pair (eval mode). `source`: 'cache' (loaded), 'trained' (from scratch) or 'resumed' (from
+    the checkpoint); `start_step`: the step this call's training started at (0 from scratch, the
+    checkpoint's step when resumed, `steps` when loaded); `path`: the cache file."""
+
+    generator: Generator
+    discriminator: Discriminator
+    key: str
+    path: Path
+    source: str
+    start_step: int
+
+
+def gan_key(x_public: torch.Tensor, info: DataInfo, settings: GanSettings, seed: int,
+            device: torch.device) -> str:
+    """The cache key: the public inputs' bytes, shape and normalisation, the settings, seed and device type."""
+    public = SimpleNamespace(name="public", x_train=x_public, y_train=torch.empty(0, dtype=torch.int64))
+    fields = {k: v for k, v in asdict(settings).items() if k != "checkpoint_every"}
+    return key_digest({"what": "gmi-gan", "arch": _ARCH_VERSION, "public": data_digest(public, with_labels=False),
+                       "shape": list(info.input_shape), "mean": info.mean, "std": info.std, "settings": fields,
+                       "seed": seed, "device": device.type})
+
+
+def build_gan(info: DataInfo, settings: GanSettings, seed: int) -> tuple[Generator, Discriminator]:
+    """The pair, initialised from `seed` (the global RNG is left as it was)."""
+    shape = image_shape(info, "gmi")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "gmi-gan-init"))
+        return (Generator(shape, settings.latent_dim, settings.width, info),
+                Discriminator(shape, settings.width))
+
+
+def train_gan(x_public: torch.Tensor, info: DataInfo, settings: GanSettings, cache_dir: Path,
+              device: torch.device, seed: int, stop_after: int | None = None) -> FittedGan | None:
+    """The cached pair for these public inputs and settings, else train it (resuming from a checkpoint).
+
+    `stop_after`: return None after this many steps of this call, as if the process were killed then (no
+    checkpoint is written beyond the periodic ones): for tests, or to spread training over several calls.
+    """
+    g_net, d_net = build_gan(info, settings, seed)
+    key = gan_key(x_public, info, settings, seed, device)
+    path = Path(cache_dir) / f"gmi-gan-{key}.pt"
+    ckpt = path.with_name(f"gmi-gan-{key}.ckpt.pt")
+    state = load_state(path, key)
+    if state is not None and _load_pair(g_net, d_net, state):
+        log.info("gmi: GAN loaded from %s", path)
+        return FittedGan(g_net.to(device).eval(), d_net.to(device).eval(), key, path, "cache", settings.steps)
+
+    g_net, d_net, opt_g, opt_d, rng = _fresh(g_net, d_net, settings, seed, device)
+    start = _resume(ckpt, key, g_net, d_net, opt_g, opt_d, rng)
+    if start is None:  # a checkpoint that does not fit may have been loaded in part: start clean
+        g_net, d_net, opt_g, opt_d, rng = _fresh(*build_gan(info, settings, seed), settings, seed, device)
+        start = 0
+    if start:
+        log.info("gmi: resuming GAN training at step %d/%d from %s", start, settings.steps, ckpt)
+    else:
+        log.info("gmi: training the GAN on %d public inputs (%d steps)", x_public.shape[0], settings.steps)
+
+    x = x_public.detach().float().cpu()
+    n, b, zdim = x.shape[0], settings.batch_size, settings.latent_dim
+    for step in range(start, settings.steps):
+        for _ in range(settings.n_critic):
+            real = x[torch.randint(n, (b,), generator=rng)].to(device)
+            z = torch.randn(b, zdim, generator=rng).to(device)
+            with torch.no_grad():
+                fake = g_net(z)
+            d_real, d_fake = d_net(real), d_net(fake)
+            if settings.loss == "wgan_gp":
+                eps = torch.rand(b, 1, 1, 1, generator=rng).to(device)
+                loss_d = d_fake.mean() - d_real.mean() + settings.gp_weight * _penalty(d_net, real, fake, eps)
+            else:
+                loss_d = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+        score = d_net(g_net(torch.randn(b, zdim, generator=rng).to(device)))
+        loss_g = -score.mean() if settings.loss == "wgan_gp" else F.softplus(-score).mean()
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        done = step + 1
+        if done % settings.checkpoint_every == 0 and done < settings.steps:
+            save_state(ckpt, key, _checkpoint(g_net, d_net, opt_g, opt_d, rng, done))
+        if stop_after is not None and done - start >= stop_after and done < settings.steps:
+            log.info("gmi: GAN training stopped at step %d/%d (stop_after)", done, settings.steps)
+            return None
+
+    save_state(path, key, {**_prefixed("generator", g_net.state_dict()),
+                           **_prefixed("discriminator", d_net.state_dict())})
+    ckpt.unlink(missing_ok=True)
+    return FittedGan(g_net.eval(), d_net.eval(), key, path, "resumed" if start else "trained", start)
+
+
+def _fresh(g_net: nn.Module, d_net: nn.Module, settings: GanSettings, seed: int, device: torch.device):
+    """The nets on the device in train mode, their Adam optimizers and the training RNG, as at step 0."""
+    g_net.to(device).train()
+    d_net.to(device).train()
+    opt_g = torch.optim.Adam(g_net.parameters(), lr=settings.lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(d_net.parameters(), lr=settings.lr, betas=(0.5, 0.999))
+    rng = torch.Generator().manual_seed(derive_seed(seed, "gmi-gan-train"))
+    return g_net, d_net, opt_g, opt_d, rng
+
+
+def _penalty(d_net: nn.Module, real: torch.Tensor, fake: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """WGAN-GP: mean over the batch of (||grad_x D(x)|| - 1)^2 at random interpolates of real and fake."""
+    mix = (eps * real + (1 - eps) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(d_net(mix).sum(), mix, create_graph=True)
+    return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
+
+
+def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def _unprefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
+def _load_pair(g_net: nn.Module, d_net: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    try:
+        g_net.load_state_dict(_unprefixed("generator", state))
+        d_net.load_state_dict(_unprefixed("discriminator", state))
+    except (RuntimeError, KeyError) as e:
+        log.warning("gmi: cached GAN does not fit the networks (%s); refitting", e)
+        return False
+    return True
+
+
+def _optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """An optimizer's per-parameter state as flat tensors (`prefix.<param index>.<name>`); its
+    hyper-parameters come from the settings, which the key covers."""
+    return {f"{prefix}.{i}.{name}": v if torch.is_tensor(v) else torch.tensor(v)
+            for i, st in opt.state_dict()["state"].items() for name, v in st.items()}
+
+
+def _load_optimizer(prefix: str, opt: torch.optim.Optimizer, state: dict[str, torch.Tensor]) -> None:
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in _unprefixed(prefix, state).items():
+        i, name = k.split(".", 1)
+        per_param.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": per_param, "param_groups": opt.state_dict()["param_groups"]})
+
+
+def _checkpoint(g_net: nn.Module, d_net: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
+                rng: torch.Generator, step: int) -> dict[str, torch.Tensor]:
+    return {**_prefixed("generator", g_net.state_dict()), **_prefixed("discriminator", d_net.state_dict()),
+            **_optimizer_tensors("opt_g", opt_g), **_optimizer_tensors("opt_d", opt_d),
+            "rng": rng.get_state(), "step": torch.tensor(step, dtype=torch.int64)}
+
+
+def _resume(ckpt: Path, key: str, g_net: nn.Module, d_net: nn.Module, opt_g: torch.optim.Optimizer,
+            opt_d: torch.optim.Optimizer, rng: torch.Generator) -> int | None:
+    """Restore the checkpoint into the nets, optimizers and RNG: the step it was taken at (0: there is
+    none; None: it does not fit, and may have been loaded in part)."""
+    state = load_state(ckpt, key)
+    if state is None:
+        return 0
+    try:
+        g_net.load_state_dict(_unprefixed("generator", state))
+        d_net.load_state_dict(_unprefixed("discriminator", state))
+        _load_optimizer("opt_g", opt_g, state)
+        _load_optimizer("opt_d", opt_d, state)
+        rng.set_state(state["rng"])
+        return int(state["step"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        log.warning("gmi: checkpoint %s does not fit (%s); training from the start", ckpt, e)
+        return None

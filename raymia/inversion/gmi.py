@@ -1,0 +1,103 @@
+"""GMI, the generative model-inversion attack (Zhang et al., CVPR 2020).
+
+Stage 1: a GAN is trained on PUBLIC data only (`raymia.inversion.gan`: DCGAN-style nets sized to the input,
+WGAN-GP by default as in GMI's code; cached under ctx.cache_dir and resumable). Stage 2: for each class c,
+latent codes z are optimised to minimise
+
+    identity loss + prior_weight x prior loss = -log p_target(c | G(z)) - prior_weight x D(G(z)),
+
+with the generator and discriminator frozen in eval mode, by SGD with Nesterov momentum, z clipped to
+[-clip, clip] after every step (GMI's code: N(0, I) starts, 1500 steps, momentum 0.9, clip 1). The paper
+weights the identity term instead (prior + lambda x identity, lambda = 100, lr 0.02): the same objective
+as prior_weight = 1 / lambda with a learning rate lambda times larger, hence the defaults 0.01 and 2.0.
+Each reconstruction is searched from `restarts` random starts and the one with the lowest final objective
+is kept (GMI reports its 5 seeds separately; keeping the best is the usual reading of "random restarts").
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from raymia.inversion.gan import GanSettings, train_gan
+from raymia.inversion.registry import (
+    INVERSION,
+    InversionContext,
+    Reconstructions,
+    class_labels,
+    image_shape,
+    public_inputs,
+)
+from raymia.registry import Params
+from raymia.seeding import derive_seed
+
+log = logging.getLogger("raymia")
+
+_GAN = GanSettings()
+
+
+class GMIParams(Params):
+    per_class: int = Field(1, ge=1, le=10_000, description="reconstructions per class")
+    steps: int = Field(1500, ge=1, description="latent optimisation steps (GMI: 1500)")
+    lr: float = Field(2.0, gt=0, description="SGD learning rate on z (GMI: 0.02 on 100 x identity loss)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Nesterov momentum of the latent SGD")
+    prior_weight: float = Field(0.01, ge=0, description="weight of the prior loss -D(G(z)) (GMI: 1/100)")
+    restarts: int = Field(5, ge=1, le=1000, description="random starts per reconstruction; the lowest final "
+                                                       "objective is kept")
+    clip: float = Field(1.0, gt=0, description="z is clipped to [-clip, clip] after every step")
+    latent_dim: int = Field(_GAN.latent_dim, ge=1, le=4096, description="GAN latent dimension")
+    width: int = Field(_GAN.width, ge=1, le=1024, description="channels of the GAN's first (last) conv layer")
+    gan_steps: int = Field(_GAN.steps, ge=1, description="generator updates of GAN training")
+    gan_batch_size: int = Field(_GAN.batch_size, ge=1, description="public inputs per GAN batch")
+    gan_lr: float = Field(_GAN.lr, gt=0, description="Adam learning rate of both GAN nets (betas 0.5, 0.999)")
+    gan_loss: Literal["wgan_gp", "dcgan"] = Field(
+        _GAN.loss, description="wgan_gp (GMI's) or dcgan (non-saturating logistic loss)")
+    n_critic: int = Field(_GAN.n_critic, ge=1, description="discriminator updates per generator update")
+    gp_weight: float = Field(_GAN.gp_weight, ge=0, description="gradient-penalty weight (wgan_gp)")
+    checkpoint_every: int = Field(_GAN.checkpoint_every, ge=1,
+                                  description="GAN training checkpoint period in steps (not in the cache key)")
+
+    def gan(self) -> GanSettings:
+        return GanSettings(latent_dim=self.latent_dim, width=self.width, steps=self.gan_steps,
+                           batch_size=self.gan_batch_size, lr=self.gan_lr, loss=self.gan_loss,
+                           n_critic=self.n_critic, gp_weight=self.gp_weight,
+                           checkpoint_every=self.checkpoint_every)
+
+
+@INVERSION.register("gmi", GMIParams)
+def gmi(target: nn.Module, classes: list[int], p: GMIParams, ctx: InversionContext) -> Reconstructions:
+    """GMI (Zhang et al. 2020): latent search in a GAN trained on public data, identity + prior loss."""
+    shape = image_shape(ctx.info, "gmi")
+    dev = ctx.device
+    gan = train_gan(public_inputs(ctx, "gmi"), ctx.info, p.gan(), ctx.cache_dir, dev, ctx.seed)
+    assert gan is not None  # stop_after is not set
+    g_net, d_net = gan.generator.requires_grad_(False), gan.discriminator.requires_grad_(False)  # eval mode
+    y = class_labels(classes, p.per_class).repeat_interleave(p.restarts).to(dev)
+    gen = torch.Generator().manual_seed(derive_seed(ctx.seed, "gmi", *classes))
+    z = torch.randn(y.shape[0], p.latent_dim, generator=gen).clamp(-p.clip, p.clip).to(dev)
+    z.requires_grad_(True)
+    opt = torch.optim.SGD([z], lr=p.lr, momentum=p.momentum, nesterov=p.momentum > 0)
+    for _ in range(p.steps):
+        loss = _objective(target, g_net, d_net, z, y, p.prior_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        opt.step()
+        with torch.no_grad():
+            z.clamp_(-p.clip, p.clip)
+    with torch.no_grad():
+        final = _objective(target, g_net, d_net, z, y, p.prior_weight).view(-1, p.restarts)
+        best = final.argmin(1)
+        images = g_net(z.view(-1, p.restarts, p.latent_dim)[torch.arange(best.shape[0], device=dev), best])
+    return Reconstructions(images.detach().cpu().reshape(-1, *shape), class_labels(classes, p.per_class))
+
+
+def _objective(target: nn.Module, g_net: nn.Module, d_net: nn.Module, z: torch.Tensor, y: torch.Tensor,
+               prior_weight: float) -> torch.Tensor:
+    """Per latent [N]: -log p_target(y | G(z)) - prior_weight x D(G(z))."""
+    x = g_net(z)
+    return F.cross_entropy(target(x), y, reduction="none") - prior_weight * d_net(x)

@@ -1,0 +1,140 @@
+"""The model-inversion registry, what an inversion attack is given, and the one way to run one.
+
+An inversion attack is a function `fn(target, classes, params, ctx) -> Reconstructions`: for every class
+in `classes` it returns `params.per_class` images in the target's (normalised) input space, class-major
+(`labels` = each class repeated per_class times). The target is a white-box model: the attack reads its
+outputs and their gradients with respect to its inputs (or to a generator's latents), in eval mode with
+its parameters frozen (`white_box`); it never sees the target's training data. What else it may use is in
+`InversionContext`: the data set's `DataInfo`, PUBLIC data (inputs only, unless an attack says it needs
+their labels), a cache folder for fitted artefacts (GMI's GAN), a device and a seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from raymia.datainfo import DataInfo
+from raymia.errors import SpecError
+from raymia.registry import Params, Registry
+
+
+@dataclass(frozen=True)
+class InversionContext:
+    """What an inversion attack may use besides the target. `x_public`: public inputs [N, *input_shape],
+    normalised as the target's inputs, disjoint from the target's training data; `y_public`: their labels,
+    only for attacks that need them (None otherwise)."""
+
+    info: DataInfo
+    x_public: torch.Tensor
+    cache_dir: Path
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    y_public: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Reconstructions:
+    """images [n, C, H, W] (normalised input space, on the CPU) and the class each one reconstructs [n]."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self):
+        if self.images.ndim < 2 or self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"reconstructions of shape {tuple(self.images.shape)} with labels of shape "
+                             f"{tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+InversionFn = Callable[[nn.Module, list[int], Params, InversionContext], Reconstructions]
+
+INVERSION: Registry[InversionFn] = Registry("inversion attack", package="raymia.inversion")
+
+
+def run_inversion(name: str, params: dict[str, Any] | None, target: nn.Module, classes: Sequence[int],
+                  ctx: InversionContext, where: str = "inversion") -> Reconstructions:
+    """Look up attack `name`, validate `params` (SpecError `where.params: <field>: ...`) and `classes`, and
+    reconstruct `per_class` images of each class from `target` (run on ctx.device; left on its device, in
+    its mode and with its parameters' flags as they were)."""
+    entry = INVERSION.get(name, where=f"{where}.name")
+    parsed = entry.parse(params, where=f"{where}.params")
+    image_shape(ctx.info, name)
+    k = ctx.info.num_classes
+    classes = [int(c) for c in classes]
+    bad = [c for c in classes if not 0 <= c < k]
+    if not classes or bad:
+        raise SpecError(f"need one or more classes in [0, {k}); got {bad or 'none'}", where=f"{where}.classes")
+    with white_box(target, ctx.device):
+        out = entry.obj(target, classes, parsed, ctx)
+    per_class = getattr(parsed, "per_class", 1)
+    n = len(classes) * per_class
+    if tuple(out.images.shape) != (n, *ctx.info.input_shape):
+        raise RuntimeError(f"inversion attack {name!r} returned images of shape {tuple(out.images.shape)}, "
+                           f"expected {(n, *ctx.info.input_shape)}")
+    return out
+
+
+@contextmanager
+def white_box(target: nn.Module, device: torch.device | None = None) -> Iterator[nn.Module]:
+    """The target in eval mode with its parameters frozen (gradients reach inputs only), on `device` (if
+    given); mode, flags and device restored afterwards."""
+    was_training = target.training
+    tensors = [*target.parameters(), *target.buffers()]
+    home = tensors[0].device if tensors else None
+    if device is not None:
+        target.to(device)
+    flags = [(p, p.requires_grad) for p in target.parameters()]
+    target.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield target
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        target.train(was_training)
+        if device is not None and home is not None:
+            target.to(home)
+
+
+def image_shape(info: DataInfo, attack: str) -> tuple[int, int, int]:
+    """(C, H, W), or a SpecError: the inversion attacks reconstruct images."""
+    shape = tuple(int(s) for s in info.input_shape)
+    if info.kind != "image" or len(shape) != 3:
+        raise SpecError(f"inversion attack {attack!r} reconstructs images (C, H, W); the data are "
+                        f"{info.kind} of shape {shape}", where="data")
+    return shape  # type: ignore[return-value]
+
+
+def pixel_transform(info: DataInfo, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) shaped [1, C, 1, 1]: normalised = (pixel - mean) / std, pixels in [0, 1] (0 and 1 when
+    the data set declares no normalisation)."""
+    c = info.input_shape[0]
+    mean = torch.tensor(info.mean if info.mean is not None else (0.0,) * c, dtype=torch.float32)
+    std = torch.tensor(info.std if info.std is not None else (1.0,) * c, dtype=torch.float32)
+    return mean.view(1, c, 1, 1).to(device), std.view(1, c, 1, 1).to(device)
+
+
+def public_inputs(ctx: InversionContext, attack: str) -> torch.Tensor:
+    """ctx.x_public as float32 [N, *input_shape], or a SpecError if there is none or its shape is wrong."""
+    x = ctx.x_public
+    if x is None or x.shape[0] == 0:
+        raise SpecError(f"inversion attack {attack!r} needs public data; none was given", where="public")
+    if tuple(x.shape[1:]) != tuple(ctx.info.input_shape):
+        raise SpecError(f"public inputs have shape {tuple(x.shape[1:])}, the data's input shape is "
+                        f"{tuple(ctx.info.input_shape)}", where="public")
+    return x.detach().float()
+
+
+def class_labels(classes: Sequence[int], per_class: int) -> torch.Tensor:
+    """Each class repeated per_class times, class-major: the order of every attack's reconstructions."""
+    return torch.tensor(classes, dtype=torch.int64).repeat_interleave(per_class)
