@@ -122,3 +122,47 @@ def test_a_plugin_that_takes_a_builtin_name_is_refused(tmp_path):
         "raymia: error: plug-in entry point plug = rm_clash_plugin (group raymia.plugins, from rm-clash-plugin "
         "0.1): failed to load: PluginError: attack 'loss' is registered twice, by raymia.attacks.mia.threshold "
         "and by rm_clash_plugin; give one of them another name")
+
+
+RAY_WORKER_READS = """
+import ray
+ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")  # its own instance
+
+@ray.remote
+def names():
+    from raymia.attacks import ATTACKS  # a fresh worker process: discovery runs there
+    import os
+    return os.getpid(), ATTACKS.names()
+
+pid, found = ray.get(names.remote())
+assert pid != os.getpid()
+print("worker sees:", "max_top2" in found)
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_a_plugin_reaches_the_ray_workers(tmp_path):
+    """An installed plug-in is found by a Ray worker process, which reads the registry afresh (as a bank
+    worker does when it rebuilds the spec's names)."""
+    code = """
+        import numpy as np
+        from raymia.attacks import ATTACKS
+        @ATTACKS.register("max_top2")
+        def max_top2(signals, target, p):
+            "Top-2 margin of the target's logits."
+            z = np.sort(signals.logits[target, 0].astype(np.float64), axis=-1)
+            return z[:, -1] - z[:, -2]
+    """
+    site = tmp_path / "site"
+    _write(site / "rm_ray_plugin.py", code)
+    info = site / "rm_ray_plugin-0.1.dist-info"
+    _write(info / "METADATA", "Metadata-Version: 2.1\nName: rm-ray-plugin\nVersion: 0.1\n")
+    _write(info / "entry_points.txt", f"[{ENTRY_POINT_GROUP}]\nplug = rm_ray_plugin\n")
+    _write(tmp_path / "drive.py", "import os\n" + RAY_WORKER_READS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, str(tmp_path / "drive.py")], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "worker sees: True" in out.stdout
