@@ -240,14 +240,20 @@ def test_vote_blocks_equal_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
     np.testing.assert_array_equal(whole, brute)
 
 
-def test_auto_a_picks_the_grid_value_of_best_reference_auc() -> None:
-    rng = np.random.default_rng(11)
-    m, q, p, z = 8, 2, 200, 120
+def _synthetic_probs(seed: int, m: int, q: int, p: int, z: int, shift: float, noise: float):
+    """(keep, p_y [M, Q, P], p_y of z [M, Q, Z]) of a paired bank: logit = per-point hardness + `shift` for
+    members + `noise` per model and query; population points z are never members."""
+    rng = np.random.default_rng(seed)
     keep = paired_keep(m, p, rng)
     hard = rng.normal(size=p)
-    logit = hard[None, None] + 1.0 * keep[:, None, :] + 0.7 * rng.normal(size=(m, q, p))
-    logit_pop = rng.normal(size=z)[None, None] + 0.7 * rng.normal(size=(m, q, z))
-    probs, probs_pop = 1 / (1 + np.exp(-logit)), 1 / (1 + np.exp(-logit_pop))
+    logit = hard[None, None] + shift * keep[:, None, :] + noise * rng.normal(size=(m, q, p))
+    logit_pop = rng.normal(size=z)[None, None] + noise * rng.normal(size=(m, q, z))
+    return keep, 1 / (1 + np.exp(-logit)), 1 / (1 + np.exp(-logit_pop))
+
+
+def test_auto_a_picks_the_grid_value_of_best_reference_auc() -> None:
+    m, p = 8, 200
+    keep, probs, probs_pop = _synthetic_probs(11, m, 2, p, 120, shift=1.0, noise=0.7)
     sig = signals_from_probs(probs, keep, probs_pop)
     target = 0
     shadows = sig.shadow_mask(target)  # 2..7 (the target's pair, model 1, is left out)
@@ -265,7 +271,7 @@ def test_auto_a_picks_the_grid_value_of_best_reference_auc() -> None:
     np.testing.assert_array_equal(run_attack("rmia_offline", T1, sig, target),
                                   run_attack("rmia_offline", {**T1, "a": best}, sig, target))
     # tuning reads shadow rows only: any target row gives the same a
-    for row in (~keep[target], np.zeros(p, bool), rng.random(p) < 0.5):
+    for row in (~keep[target], np.zeros(p, bool), np.random.default_rng(12).random(p) < 0.5):
         other = keep.copy()
         other[target] = row
         assert tune_offline_a(logp, other, logp_pop, shadows, 1.0, "vote")[0] == best
@@ -317,13 +323,8 @@ def test_point_without_out_shadow_falls_back() -> None:
 
 
 def test_separates_members_on_synthetic_signals() -> None:
-    rng = np.random.default_rng(6)
-    m, q, p, z = 8, 2, 600, 600
-    keep = paired_keep(m, p, rng)
-    hardness = rng.normal(size=p)
-    logit = hardness[None, None] + 2.0 * keep[:, None, :] + 0.5 * rng.normal(size=(m, q, p))
-    logit_pop = rng.normal(size=z)[None, None] + 0.5 * rng.normal(size=(m, q, z))
-    sig = signals_from_probs(1 / (1 + np.exp(-logit)), keep, 1 / (1 + np.exp(-logit_pop)))
+    keep, probs, probs_pop = _synthetic_probs(6, 8, 2, 600, 600, shift=2.0, noise=0.5)
+    sig = signals_from_probs(probs, keep, probs_pop)
     for name in ("rmia_online", "rmia_offline"):
         for t in (0, 3):
             auc = attack_metrics(run_attack(name, None, sig, t), keep[t])["auc"]
