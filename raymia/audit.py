@@ -42,6 +42,7 @@ class AuditResult:
     out_dir: Path
     roc: dict[str, tuple[np.ndarray, np.ndarray]] = field(repr=False, default_factory=dict)
     seconds: float = 0.0
+    inversion: Any = None  # raymia.inversion.protocol.InversionResult when the spec asks for inversion
 
     def flat_metrics(self) -> dict[str, float | None]:
         """{"test_accuracy": .., "lira_online/auc": .., ...}: the names objectives and MLflow use, each the
@@ -66,6 +67,10 @@ class AuditResult:
             strongest = max(vals, key=vals.get) if vals else None
             out[f"worst/{k}"] = vals[strongest] if strongest else None
             std[f"worst/{k}"] = std.get(f"{strongest}/{k}") if strongest else None
+        if self.inversion is not None:  # mi/<attack>/<metric>, std over the inverted targets
+            many = len(self.inversion.targets) > 1
+            out.update(self.inversion.flat_metrics())
+            std.update({k: v if many else None for k, v in self.inversion.flat_std().items()})
         out.update({spread_key(k): v for k, v in std.items()})
         return out
 
@@ -83,6 +88,7 @@ class AuditResult:
             "attacks": self.attacks,
             "attacks_std_over_targets": self.attacks_std,
             "attacks_per_target": self.per_target,
+            "inversion": self.inversion.to_json() if self.inversion is not None else None,
             "reused_signals": self.reused_signals,
             "seconds": round(self.seconds, 2),
             "metrics": self.flat_metrics(),
@@ -125,6 +131,11 @@ def run_audit(
     out.mkdir(parents=True, exist_ok=True)
 
     ctx = BankContext.from_spec(spec)  # validates data/plan/defense against each other before any training
+    inversion_data = None
+    if spec.inversion is not None:  # the class split and the attacker's public data, before any training
+        from raymia.inversion.protocol import inversion_data as load_inversion_data
+
+        inversion_data = load_inversion_data(spec, ctx)
     store = SignalStore(root, spec.fingerprint(), spec.bank.pack_size, spec.plan.num_models,
                         spec.pack_fingerprints())
     reused = ensure_bank(spec, store)
@@ -135,11 +146,16 @@ def run_audit(
         signals = replace(signals, shadow_pool=pool)
     utility, utility_std = measure_utility(signals, spec.plan.target_list)
     attacks, attacks_std, per_target, curves = run_attacks(spec, attacks_to_run(spec, ctx.defense), signals)
+    inversion = None
+    if spec.inversion is not None:
+        from raymia.inversion.protocol import run_inversions
+
+        inversion = run_inversions(spec, ctx, out, inversion_data)
     result = AuditResult(
         spec=spec, fingerprint=store.fingerprint, attacks=attacks, attacks_std=attacks_std,
         per_target=per_target, defense_report=_defense_report(store, ctx.defense), utility=utility,
         utility_std=utility_std, reused_signals=reused, out_dir=out, roc=curves,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, inversion=inversion,
     )
     write_report(result, console=console, track=spec.tracking.enabled if track is None else track)
     return result
@@ -226,6 +242,7 @@ def write_report(result: AuditResult, console: bool, track: bool) -> None:
         result.roc, out / "roc.png", title=f"{spec.name}: {spec.defense.name}, {spec.plan.num_models} models",
         aucs={a: m["auc"] for a, m in result.attacks.items() if m.get("auc") is not None},
     )
+    grids = list(result.inversion.grids.values()) if result.inversion is not None else []
     if console:
         print_audit_table(result)
     if track:
@@ -234,7 +251,7 @@ def write_report(result: AuditResult, console: bool, track: bool) -> None:
         rid = log_run(
             spec.tracking.uri, spec.tracking.experiment, run_name=f"{spec.name}-{fp}",
             params=spec.model_dump(mode="json"), metrics=result.flat_metrics(),
-            artifacts=[result_path, roc_path, spec_path], tags={TAG_KIND: KIND_AUDIT, TAG_FINGERPRINT: fp},
+            artifacts=[result_path, roc_path, spec_path, *grids], tags={TAG_KIND: KIND_AUDIT, TAG_FINGERPRINT: fp},
         )
         log.info("MLflow run %s in %s", rid, spec.tracking.uri)
 
@@ -335,4 +352,13 @@ def print_audit_table(result: AuditResult) -> None:
             f"gap {fmt(u['generalization_gap'], True)}")
     if result.defense_report:
         c.print("defense: " + "  ".join(f"{k} {v:.4g}" for k, v in result.defense_report.items()))
+    inv = result.inversion
+    if inv is not None:
+        mi = Table(title=f"model inversion: {len(inv.evaluator['classes'])} private classes, "
+                         f"targets {inv.targets}, scored by an independent {inv.evaluator['model']}")
+        for col in ("attack", "top-1", "top-5", "KNN dist", "FID (evaluator features)"):
+            mi.add_column(col, justify="left" if col == "attack" else "right")
+        for a, ms in inv.attacks.items():
+            mi.add_row(a, fmt(ms["top1"], True), fmt(ms["top5"], True), f"{ms['knn_dist']:.3g}", f"{ms['fid']:.4g}")
+        c.print(mi)
     c.print(f"report: {result.out_dir}", soft_wrap=True)

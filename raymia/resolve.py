@@ -69,6 +69,10 @@ def check_names(spec: AuditSpec) -> None:
             raise SpecError(f"{a.key!r} already names attacks.{seen[a.key]}; give each entry its own label "
                             "(results and metrics are keyed by it)", where=f"attacks.{i}.label")
         seen[a.key] = i
+    if spec.inversion is not None:
+        from raymia.inversion.protocol import check_inversion
+
+        check_inversion(spec)
     if isinstance(spec, SweepSpec):
         if spec.sweep.defenses:
             for i, c in enumerate(spec.sweep.choices):

@@ -74,7 +74,41 @@ class Named(_Model):
 
 
 class DataSpec(Named):
+    """The data set, and for model inversion its split by class: `private_classes` (a count N: classes
+    0..N-1, or a list) are the target's classes: the audited population, the test split and everything the
+    bank trains on come from them only; `public_classes` (default: every other class) are the public split
+    that defenses and the inversion attacker's GAN may fit on. Both unset: every class is private."""
+
     name: str = "digits"
+    private_classes: int | list[int] | None = Field(
+        None, description="the target's classes (N: classes 0..N-1, or a list); default: all of them")
+    public_classes: list[int] | None = Field(
+        None, description="the public classes (default: every class not private); needs private_classes")
+
+    @model_validator(mode="after")
+    def _classes(self) -> DataSpec:
+        if self.public_classes is not None and self.private_classes is None:
+            raise ValueError("public_classes needs private_classes (which classes the target trains on)")
+        if isinstance(self.private_classes, int) and self.private_classes < 1:
+            raise ValueError(f"private_classes must be a count >= 1 or a list of classes, got {self.private_classes}")
+        for field in ("private_classes", "public_classes"):
+            v = getattr(self, field)
+            if isinstance(v, list) and (not v or len(set(v)) != len(v) or min(v) < 0):
+                raise ValueError(f"{field} must be distinct class indices >= 0, got {v}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_classes(self, handler: Any) -> Any:
+        d = handler(self)  # without a class split: dumps (fingerprints, spec.yaml, resume hashes) as before
+        for k in ("private_classes", "public_classes"):
+            if isinstance(d, dict) and d.get(k) is None:
+                d.pop(k, None)
+        return d
+
+    def private_class_list(self, num_classes: int) -> list[int] | None:
+        """The private classes as a list (None: no split)."""
+        v = self.private_classes
+        return list(range(v)) if isinstance(v, int) else (list(v) if v is not None else None)
 
 
 class ModelSpec(Named):
@@ -280,6 +314,43 @@ def _default_attacks() -> list[AttackSpec]:
     return [AttackSpec(name=n) for n in ("loss", "modified_entropy", "lira_online", "lira_offline", "rmia_online")]
 
 
+class EvaluatorSpec(_Model):
+    """The independent evaluation classifier that scores reconstructions: trained on the private classes'
+    images (the audited population and the private test split), cached by content."""
+
+    model: str | None = Field(None, description="a registered model (default: cnn, or mlp when the target is a cnn)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the evaluator model's params")
+    epochs: int = Field(30, ge=1, description="training epochs (Adam)")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    batch_size: int = Field(64, ge=1)
+
+
+class InversionSpec(_Model):
+    """Model-inversion attacks on the audited targets (white-box): which attacks, against which private
+    classes, with which public data, scored by which evaluator. Not part of the bank's fingerprint."""
+
+    attacks: list[AttackSpec] = Field(min_length=1, description="registered inversion attacks (raymia list inversion)")
+    public: Literal["classes"] | DataSpec = Field(
+        "classes", description="the attacker's public data: 'classes' (the data set's public classes) or "
+        "another data set {name, params}, its training inputs adapted to the input shape")
+    classes: Literal["all"] | int | list[int] = Field(
+        "all", description="private classes reconstructed: all, the first N of them, or a list")
+    targets: int = Field(1, ge=1, description="invert the first N of plan.targets")
+    min_public: int = Field(100, ge=1, description="fewest public images the attacker may be given")
+    evaluator: EvaluatorSpec = Field(default_factory=EvaluatorSpec)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where attacks and the evaluator run")
+
+    @model_validator(mode="after")
+    def _labels(self) -> InversionSpec:
+        keys = [a.key for a in self.attacks]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"{dup[0]!r} names two inversion attacks; give each its own label")
+        if isinstance(self.classes, int) and self.classes < 1:
+            raise ValueError(f"classes must be 'all', a count >= 1 or a list, got {self.classes}")
+        return self
+
+
 class AuditSpec(_Model):
     name: str = Field("audit", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     seed: int = Field(0, ge=0)
@@ -298,7 +369,15 @@ class AuditSpec(_Model):
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     bank: BankSpec = Field(default_factory=BankSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    inversion: InversionSpec | None = Field(None, description="model-inversion attacks on the targets")
     output_dir: str = "raymia-runs"
+
+    @model_serializer(mode="wrap")
+    def _without_unset_inversion(self, handler: Any) -> Any:
+        d = handler(self)  # without inversion attacks: dumps (spec.yaml, MLflow params, resume hashes) as before
+        if isinstance(d, dict) and d.get("inversion") is None:
+            d.pop("inversion", None)
+        return d
 
     @field_validator("queries")
     @classmethod

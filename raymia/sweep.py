@@ -24,7 +24,7 @@ from raymia.audit import UTILITY_METRICS
 from raymia.errors import RaymiaError, SpecError
 from raymia.pareto import fmt_params, front_and_hypervolume, front_markdown, plot_front, print_front
 from raymia.space import Categorical, Domain, Float, Int, describe
-from raymia.spec import SweepSpec
+from raymia.spec import AuditSpec, SweepSpec
 
 log = logging.getLogger("raymia")
 
@@ -336,7 +336,36 @@ def validate_sweep(spec: SweepSpec, setup: bool = True):
                          ("constraints", [c.metric for c in spec.sweep.constraints])):
         _check_objective_names(spec, names, field=field)
         _check_resolvable(spec, ctx.plan.keep, names, field=field)
+    if spec.inversion is not None:  # the class split and the public data, before any training
+        from raymia.inversion.protocol import inversion_data
+
+        inversion_data(spec, ctx)
     return space, ctx
+
+
+def _prepare_inversion(spec: SweepSpec) -> None:
+    """Fit the inversion evaluator and the attacks' target-independent artefacts (GMI's GAN) once, on a Ray
+    worker (a GPU one when the inversion runs on CUDA), into the cache every trial then reads."""
+    import ray
+
+    # the cache key holds the device type: a trial that resolves `auto` otherwise refits (correct, slower)
+    device = spec.inversion.device
+    gpus = 1 if device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1) else 0
+    log.info("sweep %s: preparing the model-inversion evaluator and GANs on a Ray worker", spec.name)
+    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)(_prepare_task)
+    try:
+        done = ray.get(task.remote(spec.model_dump(mode="json", exclude={"sweep"})))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(getattr(e, "cause", None), RaymiaError):
+            raise e.cause from None  # one line, as on the driver
+        raise
+    log.info("sweep %s: inversion prepared (%s)", spec.name, ", ".join(f"{k}: {v}" for k, v in done.items()))
+
+
+def _prepare_task(raw: dict[str, Any]) -> dict[str, str]:
+    from raymia.inversion.protocol import prepare
+
+    return prepare(AuditSpec.model_validate(raw))
 
 
 def _check_resolvable(spec: SweepSpec, keep: np.ndarray, names: list[str], field: str) -> None:
@@ -400,6 +429,8 @@ def run_sweep(
     write_spec_file(spec, sweep_dir / "spec.yaml", f"the spec of sweep {spec.name}")
 
     ensure_ray()
+    if spec.inversion is not None:
+        _prepare_inversion(spec.model_copy(update={"output_dir": str(root)}))
     log.info("sweep %s: %d trials over %s", spec.name, spec.sweep.num_trials,
              "; ".join(f"{d}: {text}" for d, text in describe_space(space).items()))
     tuner = _tuner(spec, space, root, sweep_dir, parent_id, exp_dir if resuming else None)
@@ -563,15 +594,19 @@ def _check_objective_names(spec: SweepSpec, names: list[str], field: str = "obje
     utility = set(UTILITY_METRICS)
     keys = {"auc", "balanced_accuracy", "epsilon_lb", *(f"tpr_fpr_{f:g}" for f in spec.metrics.fpr_levels),
             *(f"tnr_fnr_{f:g}" for f in spec.metrics.fnr_levels)}
+    from raymia.inversion.protocol import metric_names
+
+    inversion = set(metric_names(spec))
     for i, n in enumerate(names):
-        if n in utility:
+        if n in utility or n in inversion:
             continue
         a, _, k = n.partition("/")
         if (a in attacks or a == "worst") and k in keys:
             continue
         if a == "defense" and k:
             continue
-        accepted = sorted(utility) + [f"ATTACK/{k}" for k in sorted(keys)] + ["defense/KEY"]
+        accepted = (sorted(utility) + [f"ATTACK/{k}" for k in sorted(keys)] + ["defense/KEY"]
+                    + (["mi/INVERSION_ATTACK/top1|top5|knn_dist|fid"] if inversion else []))
         raise SpecError(f"unknown metric {n!r}; accepted: {', '.join(accepted)} with ATTACK one of the spec's "
                         f"attacks ({', '.join(sorted(attacks))}) or 'worst' (the strongest of them)",
                         where=f"sweep.{field}.{i}.metric")

@@ -31,6 +31,7 @@ from raymia.inversion.registry import (
     Reconstructions,
     class_labels,
     image_shape,
+    prepares,
     public_inputs,
 )
 from raymia.registry import Params
@@ -94,6 +95,14 @@ def gmi(target: nn.Module, classes: list[int], p: GMIParams, ctx: InversionConte
         best = final.argmin(1)
         images = g_net(z.view(-1, p.restarts, p.latent_dim)[torch.arange(best.shape[0], device=dev), best])
     return Reconstructions(images.detach().cpu().reshape(-1, *shape), class_labels(classes, p.per_class))
+
+
+@prepares("gmi")
+def prepare_gan(p: GMIParams, ctx: InversionContext) -> str:
+    """GMI's GAN depends on the public data only: trained (or found) once for every target."""
+    gan = train_gan(public_inputs(ctx, "gmi"), ctx.info, p.gan(), ctx.cache_dir, ctx.device, ctx.seed)
+    assert gan is not None
+    return f"GAN {gan.source}"
 
 
 def _objective(target: nn.Module, g_net: nn.Module, d_net: nn.Module, z: torch.Tensor, y: torch.Tensor,

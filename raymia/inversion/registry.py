@@ -83,6 +83,29 @@ def run_inversion(name: str, params: dict[str, Any] | None, target: nn.Module, c
     return out
 
 
+PrepareFn = Callable[[Params, InversionContext], str]
+_PREPARE: dict[str, PrepareFn] = {}
+
+
+def prepares(name: str) -> Callable[[PrepareFn], PrepareFn]:
+    """Register `fn(params, ctx) -> what it did` as attack `name`'s preparation: fitting what does not
+    depend on the target (GMI's GAN on public data), so that a sweep does it once, before its trials."""
+    def deco(fn: PrepareFn) -> PrepareFn:
+        _PREPARE[name] = fn
+        return fn
+    return deco
+
+
+def prepare_inversion(name: str, params: dict[str, Any] | None, ctx: InversionContext,
+                      where: str = "inversion") -> str:
+    """Run attack `name`'s preparation, if it has one (its artefacts are cached for the attack to find);
+    returns what it did ('' when there is nothing to prepare)."""
+    entry = INVERSION.get(name, where=f"{where}.name")
+    parsed = entry.parse(params, where=f"{where}.params")
+    fn = _PREPARE.get(name)
+    return fn(parsed, ctx) if fn is not None else ""
+
+
 @contextmanager
 def white_box(target: nn.Module, device: torch.device | None = None) -> Iterator[nn.Module]:
     """The target in eval mode with its parameters frozen (gradients reach inputs only), on `device` (if

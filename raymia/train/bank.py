@@ -19,7 +19,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -73,11 +73,16 @@ class BankContext:
         context then serves to validate and describe the bank (`raymia check`), not to train it."""
         data = load_dataset(spec.data.name, spec.data.params)
         n_train = data.x_train.shape[0]
+        private = spec.data.private_classes
+        if private is not None:  # the bank trains on the private classes; the public ones are the public split
+            from raymia.data.split import class_split, resolve_classes
+
+            priv, pub = resolve_classes(private, spec.data.public_classes, data.info.num_classes)
+            data, n_train = class_split(data, priv, pub)
         if spec.plan.population is not None and spec.plan.population > n_train:
-            raise SpecError(
-                f"{spec.plan.population} exceeds the {n_train} training points of {data.name!r}",
-                where="plan.population",
-            )
+            what = "training points of the private classes" if private is not None else "training points"
+            raise SpecError(f"{spec.plan.population} exceeds the {n_train} {what} of {data.name!r}",
+                            where="plan.population")
         if data.info.kind != "image":
             if any(q != "identity" for q in spec.queries):
                 raise SpecError(f"{data.name!r} is not an image data set; accepted: [identity]", where="queries")
@@ -85,6 +90,11 @@ class BankContext:
                 raise SpecError(f"{data.name!r} is not an image data set; flips and crops need images",
                                 where="train.augment")
         plan = make_plan(n_train, spec.plan.num_models, spec.plan.population, spec.plan.target_list, spec.seed)
+        if private is not None:
+            from raymia.data.split import drop_unaudited
+
+            data, population = drop_unaudited(data, plan.population, n_train)
+            plan = replace(plan, population=population)
         defense = build_defense(spec.defense.name, spec.defense.params, data.info,
                                 label_smoothing=spec.train.label_smoothing)
         defense.check(spec.model.name, data.info, spec.model.params)

@@ -1,0 +1,311 @@
+"""Model inversion inside an audit: the protocol of GMI / KED-MI / PLG-MI / TL-DMI (REFERENCE 1.4).
+
+The spec's `data.private_classes` splits the data set by class (`raymia.data.split`): the bank trains on
+the private classes only and the public classes are the public split. `inversion:` then names the
+attacks, the classes to reconstruct, the attacker's public data (the public classes, or another data set
+adapted to the input shape) and the evaluator. For each of the first `inversion.targets` targets:
+
+1. the target's weights: bank model t retrained alone with the bank's recipe, defense and seeds
+   (`train.bank.train_model`; the bank stores outputs only, and a model of a pack equals the same model
+   trained alone up to float rounding, `tests/test_bank.py`), cached under
+   `<output_dir>/cache/inversion/target-<fingerprint>-m<t>.pt`;
+2. every attack reconstructs `per_class` images of each class, white-box (`run_inversion`), cached per
+   target, attack setting and public data, so a re-run (or a resumed sweep) repeats nothing;
+3. an evaluator of another architecture, trained once on every private image (the audited population and
+   the private test split) and cached by content, scores them (`score_reconstructions`: top-1, top-5, KNN
+   feature distance, FID of the evaluator's features).
+
+`prepare` fits what does not depend on the target (the evaluator, GMI's GAN) so that a sweep does it once
+on a Ray worker before its trials. Every cached file is written atomically with a checksum and read with
+`torch.load(weights_only=True)` (`raymia.defenses.vae`'s helpers). No Ray, MLflow or Optuna here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from raymia.datainfo import DataInfo
+from raymia.errors import SpecError
+from raymia.spec import AuditSpec
+
+log = logging.getLogger("raymia")
+
+MI_PREFIX = "mi"  # flat metric names: mi/<attack label>/<metric>
+MI_METRICS = ("top1", "top5", "knn_dist", "fid")
+# direction of leakage: a higher top-1/top-5 and a lower KNN distance/FID mean a stronger inversion
+MI_LEAK_UP = {"top1": True, "top5": True, "knn_dist": False, "fid": False}
+
+
+@dataclass(frozen=True)
+class InversionData:
+    """What the inversion protocol works on: the private classes to reconstruct, every private image with
+    its label (the evaluator's training data and the scoring's references) and the attacker's public
+    inputs (normalised as the target's)."""
+
+    info: DataInfo
+    classes: list[int]
+    private_x: torch.Tensor
+    private_y: torch.Tensor
+    public_x: torch.Tensor
+
+
+@dataclass
+class InversionResult:
+    """Per attack label: metric -> mean over the inverted targets, their std, one dict per target; the
+    grid image of the first target's reconstructions; what scored them."""
+
+    attacks: dict[str, dict[str, float]] = field(default_factory=dict)
+    attacks_std: dict[str, dict[str, float]] = field(default_factory=dict)
+    per_target: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    grids: dict[str, Path] = field(default_factory=dict)
+    targets: list[int] = field(default_factory=list)
+    evaluator: dict[str, Any] = field(default_factory=dict)
+
+    def flat_metrics(self) -> dict[str, float]:
+        return {f"{MI_PREFIX}/{a}/{k}": v for a, ms in self.attacks.items() for k, v in ms.items()}
+
+    def flat_std(self) -> dict[str, float]:
+        return {f"{MI_PREFIX}/{a}/{k}": v for a, ms in self.attacks_std.items() for k, v in ms.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"targets": self.targets, "evaluator": self.evaluator, "attacks": self.attacks,
+                "attacks_std_over_targets": self.attacks_std, "attacks_per_target": self.per_target,
+                "grids": {k: p.name for k, p in self.grids.items()}}
+
+
+def metric_names(spec: AuditSpec) -> list[str]:
+    """Every flat inversion metric an audit of `spec` reports (for sweep objectives)."""
+    if spec.inversion is None:
+        return []
+    return [f"{MI_PREFIX}/{a.key}/{k}" for a in spec.inversion.attacks for k in MI_METRICS]
+
+
+def check_inversion(spec: AuditSpec) -> None:
+    """The checks that need no data: attack names and params, the evaluator's architecture."""
+    from raymia.inversion.registry import INVERSION
+    from raymia.models import MODELS
+
+    inv = spec.inversion
+    if inv is None:
+        return
+    for i, a in enumerate(inv.attacks):
+        INVERSION.get(a.name, where=f"inversion.attacks.{i}.name").parse(a.params, where=f"inversion.attacks.{i}.params")
+    arch, params = evaluator_arch(spec)
+    MODELS.get(arch, where="inversion.evaluator.model").parse(params, where="inversion.evaluator.params")
+    if arch == spec.model.name and params == spec.model.params:
+        raise SpecError(f"the evaluator must be another architecture than the target ({arch}); pick another "
+                        "model, see raymia list models", where="inversion.evaluator.model")
+    if inv.public == "classes" and spec.data.private_classes is None:
+        raise SpecError("the attacker's public data are the public classes, but data.private_classes is not "
+                        "set: give data.private_classes, or another data set as inversion.public",
+                        where="inversion.public")
+
+
+def evaluator_arch(spec: AuditSpec) -> tuple[str, dict[str, Any]]:
+    """(model name, params) of the evaluator: the spec's, else `cnn`, or an MLP when the target is a cnn."""
+    ev = spec.inversion.evaluator if spec.inversion is not None else None
+    if ev is not None and ev.model is not None:
+        return ev.model, dict(ev.params)
+    if spec.model.name != "cnn":
+        return "cnn", dict(ev.params) if ev is not None else {}
+    return "mlp", {"hidden": [512, 256]}
+
+
+def inversion_data(spec: AuditSpec, ctx) -> InversionData:
+    """The protocol's data from a `BankContext` of `spec`, with one-line errors for a bad split."""
+    from raymia.inversion.registry import image_shape
+
+    inv = spec.inversion
+    assert inv is not None
+    info = ctx.data.info
+    image_shape(info, inv.attacks[0].name)
+    if inv.public == "classes":
+        public_x = ctx.data.x_train[torch.from_numpy(ctx.public_index)]
+    else:
+        if inv.public.name == spec.data.name and inv.public.params == spec.data.params:
+            raise SpecError(f"the public data set {inv.public.name!r} is the audited data set, whose classes "
+                            "overlap the private ones; use public: classes with data.private_classes",
+                            where="inversion.public")
+        from raymia.data import load_dataset
+        from raymia.data.split import adapt_inputs
+
+        other = load_dataset(inv.public.name, inv.public.params)
+        public_x = adapt_inputs(other.x_train, other.info, info, where="inversion.public")
+    if public_x.shape[0] < inv.min_public:
+        raise SpecError(f"the attacker gets {public_x.shape[0]} public images, fewer than inversion.min_public = "
+                        f"{inv.min_public}; give more public classes or another data set",
+                        where="inversion.public")
+    private = spec.data.private_class_list(info.num_classes) or list(range(info.num_classes))
+    if inv.classes == "all":
+        classes = private
+    elif isinstance(inv.classes, int):
+        if inv.classes > len(private):
+            raise SpecError(f"{inv.classes} classes asked, {len(private)} are private", where="inversion.classes")
+        classes = private[: inv.classes]
+    else:
+        bad = [c for c in inv.classes if c not in private]
+        if bad:
+            raise SpecError(f"classes {bad} are not private; accepted: {private}", where="inversion.classes")
+        classes = list(inv.classes)
+    private_x = torch.cat([ctx.audited_x, ctx.data.x_test])
+    private_y = torch.cat([torch.from_numpy(ctx.audited_y), ctx.data.y_test])
+    return InversionData(info=info, classes=classes, private_x=private_x, private_y=private_y, public_x=public_x)
+
+
+def cache_dir(spec: AuditSpec) -> Path:
+    return Path(spec.output_dir) / "cache" / "inversion"
+
+
+def _device(spec: AuditSpec) -> torch.device:
+    from raymia.device import resolve_device
+
+    return resolve_device(spec.inversion.device, where="inversion.device")
+
+
+def evaluator_for(spec: AuditSpec, data: InversionData, device: torch.device):
+    """The cached evaluator (`evaluation.cached_evaluator`) of this spec's private images."""
+    from raymia.inversion.evaluation import cached_evaluator
+
+    ev = spec.inversion.evaluator
+    arch, params = evaluator_arch(spec)
+    return cached_evaluator(cache_dir(spec), {"what": "inversion-evaluator"}, data.private_x, data.private_y,
+                            data.info.num_classes, data.info.input_shape, arch=arch, params=params,
+                            epochs=ev.epochs, lr=ev.lr, batch_size=ev.batch_size,
+                            seed=_seed(spec, "evaluator"), device=device)
+
+
+def _seed(spec: AuditSpec, *role: Any) -> int:
+    from raymia.seeding import derive_seed
+
+    return derive_seed(spec.seed, "inversion", *role)
+
+
+def _context(spec: AuditSpec, data: InversionData, device: torch.device):
+    from raymia.inversion.registry import InversionContext
+
+    # one seed for every target and trial: GMI's GAN (public data only) is then shared by a whole sweep
+    return InversionContext(info=data.info, x_public=data.public_x, cache_dir=cache_dir(spec), device=device,
+                            seed=_seed(spec, "attacker"))
+
+
+def prepare(spec: AuditSpec, ctx=None) -> dict[str, str]:
+    """Fit (or find cached) what every target's inversion shares: the evaluator and each attack's
+    target-independent artefacts (GMI's GAN). Returns what was done, for the log."""
+    from raymia.inversion.registry import prepare_inversion
+
+    if ctx is None:
+        from raymia.train.bank import BankContext
+
+        ctx = BankContext.from_spec(spec, setup=False)
+    data = inversion_data(spec, ctx)
+    device = _device(spec)
+    done = {"evaluator": "cached" if evaluator_for(spec, data, device).from_cache else "trained"}
+    ictx = _context(spec, data, device)
+    for i, a in enumerate(spec.inversion.attacks):
+        what = prepare_inversion(a.name, a.params, ictx, where=f"inversion.attacks.{i}")
+        if what:
+            done[a.key] = what
+    return done
+
+
+def target_model(spec: AuditSpec, ctx, t: int, device: torch.device) -> nn.Module:
+    """Bank model t, trained alone with the bank's recipe and defense, or its cached weights."""
+    from raymia.defenses.vae import key_digest, load_state, save_state
+    from raymia.train.bank import init_model, train_model
+
+    fp = spec.fingerprint()
+    key = key_digest({"what": "inversion-target", "fingerprint": fp, "model": t, "device": device.type})
+    path = cache_dir(spec) / f"target-{fp}-m{t}.pt"
+    state = load_state(path, key)
+    if state is not None:
+        model = init_model(ctx, t)
+        try:
+            model.load_state_dict(state)
+            return model.to(device).eval()
+        except (RuntimeError, KeyError) as e:
+            log.warning("inversion: cached target %s does not fit (%s); retraining", path, e)
+    log.info("inversion: training target %d alone for the white-box attacks", t)
+    model = train_model(ctx, t, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_state(path, key, model.state_dict())
+    return model.eval()
+
+
+def _reconstruct(spec: AuditSpec, i: int, target: nn.Module, t: int, data: InversionData, device: torch.device):
+    """Attack i's reconstructions of target t, cached by everything they depend on."""
+    from raymia.defenses.vae import data_digest, key_digest, load_state, save_state
+    from raymia.inversion.registry import Reconstructions, run_inversion
+
+    a = spec.inversion.attacks[i]
+    public = data_digest(_Public(data.public_x), with_labels=False)
+    key = key_digest({"what": "inversion-reconstructions", "fingerprint": spec.fingerprint(), "model": t,
+                      "attack": a.name, "params": a.params, "classes": data.classes, "public": public,
+                      "seed": spec.seed, "device": device.type})
+    path = cache_dir(spec) / f"recon-{key}.pt"
+    state = load_state(path, key)
+    if state is not None and {"images", "labels"} <= set(state):
+        return Reconstructions(state["images"], state["labels"])
+    rec = run_inversion(a.name, a.params, target, data.classes, _context(spec, data, device),
+                        where=f"inversion.attacks.{i}")
+    save_state(path, key, {"images": rec.images.contiguous(), "labels": rec.labels.contiguous()})
+    return rec
+
+
+@dataclass
+class _Public:
+    x_train: torch.Tensor
+    name: str = "public"
+    y_train: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+
+
+def run_inversions(spec: AuditSpec, ctx, out_dir: Path, data: InversionData | None = None) -> InversionResult:
+    """Every inversion attack against the first `inversion.targets` targets, scored; grids in out_dir.
+    `data`: the protocol's data if already loaded (`inversion_data`)."""
+    from raymia.inversion.evaluation import feature_layer, save_grid, score_reconstructions
+
+    inv = spec.inversion
+    assert inv is not None
+    data = data if data is not None else inversion_data(spec, ctx)
+    device = _device(spec)
+    evaluator = evaluator_for(spec, data, device).model
+    targets = spec.plan.target_list[: inv.targets]
+    arch, _ = evaluator_arch(spec)
+    result = InversionResult(targets=targets, evaluator={
+        "model": arch, "features": feature_layer(evaluator), "fid": "Frechet distance of the evaluator's "
+        "features (not Inception's)", "private_images": int(data.private_x.shape[0]),
+        "public_images": int(data.public_x.shape[0]), "classes": data.classes})
+    runs: dict[str, list[dict[str, float]]] = {a.key: [] for a in inv.attacks}
+    for j, t in enumerate(targets):
+        target = target_model(spec, ctx, t, device)
+        for i, a in enumerate(inv.attacks):
+            rec = _reconstruct(spec, i, target, t, data, device)
+            s = score_reconstructions(evaluator, rec.images, rec.labels, data.private_x, data.private_y)
+            runs[a.key].append({"top1": float(s["top1"]), "top5": float(s["top5"]),
+                                "knn_dist": float(s["knn_dist"]), "fid": float(s["fid"])})
+            log.info("inversion: target %d, %s: top-1 %.3f, KNN distance %.2f", t, a.key, s["top1"], s["knn_dist"])
+            if j == 0:
+                result.grids[a.key] = _grid(rec, data, out_dir / f"inversion-{a.key}.png", save_grid)
+    for key, rs in runs.items():
+        result.per_target[key] = rs
+        result.attacks[key] = {k: float(np.mean([r[k] for r in rs])) for k in MI_METRICS}
+        result.attacks_std[key] = {k: float(np.std([r[k] for r in rs])) for k in MI_METRICS}
+    return result
+
+
+def _grid(rec, data: InversionData, path: Path, save_grid) -> Path:
+    """Per class one row: the mean private image, then the reconstructions."""
+    rows, labels = [], []
+    per_class = len(rec) // max(1, len(data.classes))
+    for c in data.classes:
+        mine = rec.images[rec.labels == c]
+        rows += [data.private_x[data.private_y == c].mean(0, keepdim=True), mine]
+        labels += [f"{c}: mean"] + [f"{c}"] * mine.shape[0]
+    return save_grid(torch.cat(rows), path, nrow=per_class + 1, labels=labels, mean=data.info.mean,
+                     std=data.info.std)

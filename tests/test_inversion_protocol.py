@@ -1,0 +1,167 @@
+"""Model inversion in specs, audits and sweeps (raymia.inversion.protocol, raymia.data.split).
+
+The class split (`data.private_classes`): the bank trains on private classes only, the public split holds
+the public classes only; bad splits are one-line errors. An audit with `inversion:` reports `mi/<attack>/...`
+metrics well above chance for an undefended digits target, writes image grids (also as MLflow artifacts)
+and repeats nothing on a re-run. A sweep accepts `mi/...` objectives and prepares the evaluator and GMI's
+GAN once on a Ray worker.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from raymia.errors import SpecError
+from raymia.resolve import validate_spec
+from raymia.spec import AuditSpec, SweepSpec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Small enough for seconds on one core; GMI's GAN still gives a digit prior.
+GMI = {"name": "gmi", "params": {"per_class": 2, "steps": 100, "restarts": 2, "gan_steps": 150, "latent_dim": 16,
+                                 "width": 16, "gan_loss": "dcgan", "n_critic": 1}}
+MIFACE = {"name": "miface", "params": {"per_class": 2, "steps": 100, "restarts": 2}}
+
+
+def spec_dict(tmp_path, **over) -> dict:
+    d = {
+        "name": "inv", "seed": 0,
+        "data": {"name": "digits", "private_classes": 5},
+        "plan": {"num_models": 4, "targets": [0]},
+        "model": {"name": "mlp", "params": {"hidden": [128]}},
+        "train": {"optimizer": "adam", "lr": 0.002, "epochs": 20, "batch_size": 64},
+        "queries": ["identity"], "attacks": ["loss"],
+        "bank": {"engine": "local", "device": "cpu"},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "raymia-tests"},
+        "inversion": {"attacks": [MIFACE, GMI], "evaluator": {"epochs": 15}, "device": "cpu"},
+        "output_dir": str(tmp_path / "runs"),
+    }
+    d.update(over)
+    return d
+
+
+def test_class_split_trains_on_private_classes_and_leaves_the_public_ones_public(tmp_path):
+    from raymia.train.bank import BankContext
+
+    spec = validate_spec(spec_dict(tmp_path, plan={"num_models": 2, "population": 300}))
+    ctx = BankContext.from_spec(spec, setup=False)
+    assert set(np.unique(ctx.audited_y)) == {0, 1, 2, 3, 4}
+    assert set(np.unique(ctx.data.y_train.numpy()[ctx.public_index])) == {5, 6, 7, 8, 9}
+    assert set(np.unique(ctx.data.y_test.numpy())) == {0, 1, 2, 3, 4}
+    # the private points the plan does not audit are dropped: neither audited nor public
+    assert len(ctx.plan.population) == 300
+    assert int((ctx.data.y_train < 5).sum()) == 300
+    # data without a class split keep their fingerprint (stored signals stay valid)
+    plain = AuditSpec.model_validate({k: v for k, v in spec_dict(tmp_path).items() if k != "inversion"}
+                                     | {"data": {"name": "digits"}})
+    assert plain.model_dump(mode="json")["data"] == {"name": "digits", "params": {}}
+    assert "inversion" not in plain.model_dump(mode="json")
+    assert plain.fingerprint() != spec.fingerprint()
+
+
+@pytest.mark.parametrize("over, where", [
+    ({"data": {"name": "digits", "private_classes": 10}}, "data.private_classes"),
+    ({"data": {"name": "digits", "private_classes": [0, 1], "public_classes": [1, 2]}}, "data.public_classes"),
+    ({"data": {"name": "digits", "private_classes": [0, 12]}}, "data.private_classes"),
+    ({"data": {"name": "digits"}}, "inversion.public"),
+])
+def test_bad_class_splits_are_one_line_errors(tmp_path, over, where):
+    from raymia.inversion.protocol import inversion_data
+    from raymia.train.bank import BankContext
+
+    with pytest.raises(SpecError) as e:
+        spec = validate_spec(spec_dict(tmp_path, **over))
+        inversion_data(spec, BankContext.from_spec(spec, setup=False))
+    assert e.value.where == where and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("inversion, where, text", [
+    ({"attacks": [GMI], "min_public": 5000}, "inversion.public", "fewer than inversion.min_public"),
+    ({"attacks": [GMI], "classes": [7]}, "inversion.classes", "not private"),
+    ({"attacks": [{"name": "nope"}]}, "inversion.attacks.0.name", "nope"),
+    ({"attacks": [GMI], "evaluator": {"model": "mlp", "params": {"hidden": [128]}}}, "inversion.evaluator.model",
+     "another architecture"),
+    ({"attacks": [GMI], "public": {"name": "digits"}}, "inversion.public", "overlap"),
+])
+def test_bad_inversion_settings_are_one_line_errors(tmp_path, inversion, where, text):
+    from raymia.inversion.protocol import inversion_data
+    from raymia.train.bank import BankContext
+
+    with pytest.raises(SpecError) as e:
+        spec = validate_spec(spec_dict(tmp_path, inversion=inversion))
+        inversion_data(spec, BankContext.from_spec(spec, setup=False))
+    assert e.value.where == where and text in str(e.value) and "\n" not in str(e.value)
+
+
+def test_adapt_inputs_maps_another_data_sets_images_to_the_input_space(digits):
+    from raymia.data.split import adapt_inputs
+    from raymia.datainfo import DataInfo
+
+    x = digits.x_train[:16]
+    same = adapt_inputs(x, digits.info, digits.info)
+    assert torch.allclose(same, x.clamp(*(((v - digits.info.mean[0]) / digits.info.std[0]) for v in (0, 1))), atol=1e-5)
+    rgb = DataInfo(num_classes=10, input_shape=(3, 16, 16), kind="image", mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))
+    out = adapt_inputs(x, digits.info, rgb)
+    assert out.shape == (16, 3, 16, 16)
+    pixels = out * torch.tensor(rgb.std).view(1, 3, 1, 1) + torch.tensor(rgb.mean).view(1, 3, 1, 1)
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    assert torch.allclose(pixels[:, 0], pixels[:, 2], atol=1e-5)  # grey repeated over the channels
+    # the mean brightness survives the resize
+    src = (x * digits.info.std[0] + digits.info.mean[0]).clamp(0, 1)
+    assert torch.allclose(pixels[:, 0].mean((1, 2)), src[:, 0].mean((1, 2)), atol=0.02)
+
+
+def test_audit_with_inversion_reports_mi_metrics_grids_and_repeats_nothing(tmp_path, caplog):
+    from mlflow.tracking import MlflowClient
+
+    from raymia.audit import run_audit
+
+    spec = validate_spec(spec_dict(tmp_path))
+    with caplog.at_level(logging.INFO, logger="raymia"):
+        res = run_audit(spec, console=False)
+    m = res.flat_metrics()
+    # an undefended target: both attacks' reconstructions are recognised far above chance (1/5)
+    assert m["mi/gmi/top1"] >= 0.6 and m["mi/miface/top1"] >= 0.6, m
+    assert m["mi/gmi/top5"] == 1.0  # 5 private classes
+    assert m["mi/gmi/knn_dist"] > 0 and m["mi/gmi/fid"] > 0
+    assert m["std/mi/gmi/top1"] is None  # one inverted target
+    assert m["test_accuracy"] > 0.9
+    for key in ("gmi", "miface"):
+        assert (res.out_dir / f"inversion-{key}.png").stat().st_size > 1000
+    client = MlflowClient(spec.tracking.uri)
+    run = client.search_runs([client.get_experiment_by_name("raymia-tests").experiment_id])[0]
+    assert {"inversion-gmi.png", "inversion-miface.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert run.data.metrics["mi/gmi/top1"] == pytest.approx(m["mi/gmi/top1"])
+    assert "training target 0 alone" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="raymia"):
+        again = run_audit(spec, console=False, track=False)
+    assert again.flat_metrics()["mi/gmi/top1"] == m["mi/gmi/top1"]
+    assert again.flat_metrics()["mi/miface/knn_dist"] == m["mi/miface/knn_dist"]
+    assert "training target" not in caplog.text and "training the GAN" not in caplog.text
+
+
+def test_sweep_accepts_mi_objectives_and_prepares_on_a_ray_worker(tmp_path, ray_local):
+    from raymia.inversion.protocol import cache_dir, prepare
+    from raymia.sweep import _prepare_inversion, validate_sweep
+
+    d = spec_dict(tmp_path, inversion={"attacks": [GMI], "evaluator": {"epochs": 5}, "device": "cpu"})
+    d["sweep"] = {"defense": "label_smoothing", "objectives": [{"metric": "test_accuracy", "mode": "max"},
+                                                                {"metric": "mi/gmi/top1", "mode": "min"}]}
+    spec = validate_spec(d, SweepSpec)
+    validate_sweep(spec, setup=False)
+    bad = validate_spec({**d, "sweep": {**d["sweep"], "objectives": [{"metric": "mi/miface/top1", "mode": "min"}]}},
+                        SweepSpec)
+    with pytest.raises(SpecError, match="mi/INVERSION_ATTACK") as e:
+        validate_sweep(bad, setup=False)
+    assert e.value.where == "sweep.objectives.0.metric"
+
+    _prepare_inversion(spec)
+    files = sorted(p.name.split("-")[0] for p in cache_dir(spec).glob("*.pt"))
+    assert files == ["evaluator", "gmi"]
+    assert prepare(spec) == {"evaluator": "cached", "gmi": "GAN cache"}  # nothing left to fit
