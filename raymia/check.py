@@ -178,12 +178,43 @@ def _model_and_training_rows(spec: AuditSpec, ctx, kind: str) -> list[tuple[str,
                             f"dense bf16 peak"
                             + ("; the defense's own training loop does more work than these plain steps"
                                if own_loop else "")))
+    if spec.inversion is not None:
+        rows.append(_inversion_row(spec, ctx, per_step * steps, per_query))
     b = spec.bank
     where = ("in this process" if b.engine == "local"
              else f"on {b.num_workers} Ray Train worker(s) of {b.cpus_per_worker:g} CPU(s)")
     rows.append(("bank", f"{ctx.num_packs} pack(s) of up to {b.pack_size} models, trained {where}; device "
                          f"{b.device}, precision {b.precision}"))
     return rows
+
+
+def _inversion_row(spec: AuditSpec, ctx, train_flops: float, target_forward: float) -> tuple[str, str]:
+    """The inversion's FLOPs: the white-box targets retrained alone, the evaluator, every attack (its GAN
+    included) per target; counted on the meta device like the bank's."""
+    from raymia.inversion.protocol import evaluator_arch, inversion_data
+    from raymia.inversion.registry import inversion_flops
+
+    inv = spec.inversion
+    data = inversion_data(spec, ctx)
+    info, n_targets, k = ctx.data.info, min(inv.targets, len(ctx.plan.targets)), len(data.classes)
+    arch, params = evaluator_arch(spec)
+    ev_step, _ = count_flops(arch, params, info, 1)
+    parts = {"targets": n_targets * train_flops,
+             "evaluator": ev_step * inv.evaluator.epochs * data.private_x.shape[0]}
+    unknown = []
+    for a in inv.attacks:
+        f = inversion_flops(a.name, a.params, info, target_forward, k)
+        if f is None:
+            unknown.append(a.key)
+        else:
+            parts[a.key] = f * n_targets
+    total = sum(parts.values())
+    return ("inversion", f"{', '.join(a.key for a in inv.attacks)} on {n_targets} target(s), {k} private classes, "
+                         f"{_n(int(data.public_x.shape[0]))} public images: "
+                         + ", ".join(f"{name} {_flops(v)}" for name, v in parts.items())
+                         + f"{' (each trial)' if isinstance(spec, SweepSpec) else ''}; "
+                         f"{_lower_bound(total / H100_BF16_PEAK)} of an H100 at its dense bf16 peak"
+                         + (f"; no estimate for {', '.join(unknown)}" if unknown else ""))
 
 
 def _stored_packs(spec: AuditSpec, root: Path, fp: str, signal_bytes: int):

@@ -165,3 +165,79 @@ def test_sweep_accepts_mi_objectives_and_prepares_on_a_ray_worker(tmp_path, ray_
     files = sorted(p.name.split("-")[0] for p in cache_dir(spec).glob("*.pt"))
     assert files == ["evaluator", "gmi"]
     assert prepare(spec) == {"evaluator": "cached", "gmi": "GAN cache"}  # nothing left to fit
+
+
+def test_check_counts_the_inversion_compute(tmp_path, digits):
+    import yaml
+
+    from raymia.check import check_spec, count_flops
+    from raymia.inversion.registry import inversion_flops
+
+    _, fwd = count_flops("mlp", {"hidden": [128]}, digits.info, 1)
+    p = MIFACE["params"]
+    assert inversion_flops("miface", p, digits.info, fwd, 5) == p["steps"] * p["restarts"] * p["per_class"] * 5 * 3 * fwd
+    # GMI: the latent search grows linearly with its steps, the GAN's training with its steps
+    base = inversion_flops("gmi", GMI["params"], digits.info, fwd, 5)
+    more = inversion_flops("gmi", {**GMI["params"], "steps": 200}, digits.info, fwd, 5)
+    longer_gan = inversion_flops("gmi", {**GMI["params"], "gan_steps": 300}, digits.info, fwd, 5)
+    assert more - base > 0 and longer_gan - base > 0
+    assert inversion_flops("gmi", {**GMI["params"], "steps": 300}, digits.info, fwd, 5) - base == pytest.approx(
+        2 * (more - base))
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec_dict(tmp_path)))
+    rows = dict(check_spec(path).rows)
+    assert rows["inversion"].startswith("miface, gmi on 1 target(s), 5 private classes, 672 public images")
+    assert "of an H100" in rows["inversion"]
+
+
+def _class_images(rng, k: int, n: int, c: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [k*n, size, size, c]: each class a bright square at its own place, plus noise."""
+    x = rng.integers(0, 60, size=(k * n, size, size, c)).astype(np.uint8)
+    y = np.repeat(np.arange(k), n)
+    s = size // 4
+    for i, label in enumerate(y):
+        r, col = divmod(int(label) % 9, 3)
+        x[i, r * s:(r + 2) * s, col * s:(col + 2) * s] = 220
+    return x, y
+
+
+@pytest.mark.parametrize("kind, shape", [("npz", (1, 28, 28)), ("npz", (3, 32, 32)), ("imagefolder", (3, 64, 64))],
+                         ids=["mnist-style", "cifar-style", "celeba-style-64"])
+def test_inversion_runs_on_mnist_cifar_and_64x64_imagefolder_shapes(tmp_path, kind, shape):
+    from PIL import Image
+
+    from raymia.audit import run_audit
+
+    c, size, _ = shape
+    rng = np.random.default_rng(0)
+    xtr, ytr = _class_images(rng, 6, 12, c, size)
+    xte, yte = _class_images(rng, 6, 3, c, size)
+    if kind == "npz":
+        path = tmp_path / "d.npz"
+        np.savez(path, x_train=xtr[..., 0] if c == 1 else xtr, y_train=ytr, x_test=xte[..., 0] if c == 1 else xte,
+                 y_test=yte)
+        data = {"name": "npz", "params": {"path": str(path)}, "private_classes": 3}
+    else:  # torchvision ImageFolder layout, as a CelebA identity split would be stored
+        for split, xs, ys in (("train", xtr, ytr), ("test", xte, yte)):
+            for i, (img, label) in enumerate(zip(xs, ys, strict=True)):
+                folder = tmp_path / "faces" / split / f"id{label:02d}"
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img).save(folder / f"{i}.png")
+        data = {"name": "imagefolder", "params": {"root": str(tmp_path / "faces"), "image_size": 64},
+                "private_classes": [0, 2, 4]}
+    tiny_gmi = {"name": "gmi", "params": {"per_class": 1, "steps": 5, "restarts": 1, "gan_steps": 3, "width": 4,
+                                          "latent_dim": 8, "gan_batch_size": 8, "gan_loss": "dcgan", "n_critic": 1}}
+    spec = validate_spec(spec_dict(
+        tmp_path, data=data, train={"optimizer": "adam", "lr": 0.002, "epochs": 2, "batch_size": 16},
+        model={"name": "cnn", "params": {"channels": [4, 8], "hidden": 16}}, tracking={"enabled": False},
+        inversion={"attacks": [tiny_gmi, {"name": "miface", "params": {"steps": 5, "restarts": 1}}],
+                   "min_public": 30, "evaluator": {"model": "mlp", "params": {"hidden": [32]}, "epochs": 2},
+                   "device": "cpu"}))
+    res = run_audit(spec, console=False)
+    assert res.inversion.evaluator["classes"] == ([0, 1, 2] if kind == "npz" else [0, 2, 4])
+    assert res.inversion.evaluator["public_images"] == 36 and res.inversion.evaluator["private_images"] == 36 + 9
+    for key in ("gmi", "miface"):
+        top1 = res.flat_metrics()[f"mi/{key}/top1"]
+        assert 0 <= top1 <= 1 and np.isfinite(res.flat_metrics()[f"mi/{key}/fid"])
+        with Image.open(res.out_dir / f"inversion-{key}.png") as img:  # 2 cells per row of size x size images
+            assert img.size[0] == 2 * (size * max(1, -(-64 // size)) + 2) + 2

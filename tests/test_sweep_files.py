@@ -33,6 +33,10 @@ def test_sweep_file_is_valid(path):
     suffix = path.stem.split("-", 1)[-1]
     if suffix == "all":
         assert len(space) >= 8, sorted(space)
+    elif spec.inversion is not None:  # TL-DMI at several freeze depths beside another defense
+        assert "tl_dmi" in space and len(space) >= 2 and spec.sweep.include_undefended
+        assert len(space["tl_dmi"]["freeze_depth"].choices) >= 3 and space["tl_dmi"]["freeze"] == "depth"
+        assert any(o.metric.startswith("mi/") for o in spec.sweep.objectives)
     elif path.stem != "quickstart":
         assert suffix == spec.sweep.defense and list(space) == [suffix]
     # every searched defense accepts the spec's model (e.g. DP-SGD refuses BatchNorm models)
@@ -44,7 +48,10 @@ def test_sweep_file_is_valid(path):
     # with the space's constants and each choice of a searched categorical (pruning's minmax_lambda)
     n_train = {"digits": 1347, "cifar10": 50000, "purchase100": 157859}[spec.data.name]  # 197,324 rows x 0.8
     data = SimpleNamespace(name=spec.data.name, x_train=torch.empty(n_train, 0))
-    population = np.arange(spec.plan.population or n_train)
+    # with a class split the population is the private classes' points (digits 0-4: 675), the rest public
+    population = np.arange(675 if spec.data.private_classes == 5 else spec.plan.population or n_train)
+    if spec.data.private_classes is not None:
+        assert spec.data.name == "digits" and spec.data.private_classes == 5 and spec.plan.population is None
     for d, sp in space.items():
         fixed = {k: v for k, v in sp.items() if not isinstance(v, Float | Int | Categorical)}
         settings = [fixed] + [{**fixed, k: c} for k, v in sp.items() if isinstance(v, Categorical)

@@ -24,12 +24,14 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from raymia.inversion.gan import GanSettings, train_gan
+from raymia.inversion.gan import GanSettings, build_gan, train_gan
 from raymia.inversion.registry import (
     INVERSION,
     InversionContext,
     Reconstructions,
     class_labels,
+    costs,
+    forward_flops,
     image_shape,
     prepares,
     public_inputs,
@@ -103,6 +105,20 @@ def prepare_gan(p: GMIParams, ctx: InversionContext) -> str:
     gan = train_gan(public_inputs(ctx, "gmi"), ctx.info, p.gan(), ctx.cache_dir, ctx.device, ctx.seed)
     assert gan is not None
     return f"GAN {gan.source}"
+
+
+@costs("gmi")
+def gmi_flops(p: GMIParams, info, target_forward: float, num_classes: int) -> float:
+    """GAN training (per generator update: n_critic critic steps on a real and a fake batch, plus the
+    gradient penalty's extra pass for wgan_gp, then a generator step) and the latent search (every latent
+    through G, D and the target), a backward pass counted as twice the forward."""
+    g_net, d_net = build_gan(info, p.gan(), 0)  # small nets: one forward of one input each on the CPU
+    g = forward_flops(g_net.eval(), torch.zeros(1, p.latent_dim))
+    d = forward_flops(d_net.eval(), torch.zeros(1, *info.input_shape))
+    penalty = 2 * d if p.gan_loss == "wgan_gp" else 0.0
+    gan = p.gan_steps * p.gan_batch_size * (p.n_critic * (g + 3 * 2 * d + 3 * penalty) + 3 * (g + d))
+    search = p.steps * p.restarts * p.per_class * num_classes * 3 * (g + d + target_forward)
+    return gan + search
 
 
 def _objective(target: nn.Module, g_net: nn.Module, d_net: nn.Module, z: torch.Tensor, y: torch.Tensor,

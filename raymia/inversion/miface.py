@@ -31,6 +31,7 @@ from raymia.inversion.registry import (
     InversionContext,
     Reconstructions,
     class_labels,
+    costs,
     image_shape,
     pixel_transform,
     public_inputs,
@@ -96,3 +97,9 @@ def miface(target: nn.Module, classes: list[int], p: MIFaceParams, ctx: Inversio
     log.debug("miface: mean target confidence of the kept reconstructions %.3f",
               conf.max(1).values.mean().item())
     return Reconstructions(images.cpu(), class_labels(classes, p.per_class))
+
+
+@costs("miface")
+def miface_flops(p: MIFaceParams, info, target_forward: float, num_classes: int) -> float:
+    """Every input through the target and back (a backward pass counted as twice the forward)."""
+    return p.steps * p.restarts * p.per_class * num_classes * 3 * target_forward

@@ -106,6 +106,36 @@ def prepare_inversion(name: str, params: dict[str, Any] | None, ctx: InversionCo
     return fn(parsed, ctx) if fn is not None else ""
 
 
+CostFn = Callable[[Params, DataInfo, float, int], float]
+_COST: dict[str, CostFn] = {}
+
+
+def costs(name: str) -> Callable[[CostFn], CostFn]:
+    """Register `fn(params, info, target_forward_flops, num_classes) -> FLOPs` as attack `name`'s compute
+    estimate for one target (its GAN training included), for `raymia check`."""
+    def deco(fn: CostFn) -> CostFn:
+        _COST[name] = fn
+        return fn
+    return deco
+
+
+def inversion_flops(name: str, params: dict[str, Any] | None, info: DataInfo, target_forward: float,
+                    num_classes: int) -> float | None:
+    """Attack `name`'s FLOPs against one target reconstructing `num_classes` classes (None: no estimate)."""
+    entry = INVERSION.get(name, where="inversion.name")
+    fn = _COST.get(name)
+    return fn(entry.parse(params, where="inversion.params"), info, target_forward, num_classes) if fn else None
+
+
+def forward_flops(module: nn.Module, *inputs: torch.Tensor) -> float:
+    """FLOPs of one forward pass of `module` on `inputs`, counted by torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*inputs)
+    return float(counter.get_total_flops())
+
+
 @contextmanager
 def white_box(target: nn.Module, device: torch.device | None = None) -> Iterator[nn.Module]:
     """The target in eval mode with its parameters frozen (gradients reach inputs only), on `device` (if
