@@ -198,6 +198,7 @@ def train_gan(x_public: torch.Tensor, info: DataInfo, settings: GanSettings, cac
         done = step + 1
         if done % settings.checkpoint_every == 0 and done < settings.steps:
             save_state(ckpt, key, _checkpoint(g_net, d_net, opt_g, opt_d, rng, done))
+            log.info("gmi: GAN training at step %d/%d (checkpointed)", done, settings.steps)
         if stop_after is not None and done - start >= stop_after and done < settings.steps:
             log.info("gmi: GAN training stopped at step %d/%d (stop_after)", done, settings.steps)
             return None
@@ -208,13 +209,15 @@ def train_gan(x_public: torch.Tensor, info: DataInfo, settings: GanSettings, cac
     return FittedGan(g_net.eval(), d_net.eval(), key, path, "resumed" if start else "trained", start)
 
 
-def _fresh(g_net: nn.Module, d_net: nn.Module, settings: GanSettings, seed: int, device: torch.device):
-    """The nets on the device in train mode, their Adam optimizers and the training RNG, as at step 0."""
+def _fresh(g_net: nn.Module, d_net: nn.Module, settings: GanSettings, seed: int, device: torch.device,
+           betas: tuple[float, float] = (0.5, 0.999), role: str = "gmi-gan-train"):
+    """The nets on the device in train mode, their Adam optimizers (`betas`; `settings.lr`) and the training
+    RNG (seeded from `seed` and `role`), as at step 0. `settings`: anything with an `lr`."""
     g_net.to(device).train()
     d_net.to(device).train()
-    opt_g = torch.optim.Adam(g_net.parameters(), lr=settings.lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(d_net.parameters(), lr=settings.lr, betas=(0.5, 0.999))
-    rng = torch.Generator().manual_seed(derive_seed(seed, "gmi-gan-train"))
+    opt_g = torch.optim.Adam(g_net.parameters(), lr=settings.lr, betas=betas)
+    opt_d = torch.optim.Adam(d_net.parameters(), lr=settings.lr, betas=betas)
+    rng = torch.Generator().manual_seed(derive_seed(seed, role))
     return g_net, d_net, opt_g, opt_d, rng
 
 
@@ -233,12 +236,12 @@ def _unprefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.
     return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
 
 
-def _load_pair(g_net: nn.Module, d_net: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+def _load_pair(g_net: nn.Module, d_net: nn.Module, state: dict[str, torch.Tensor], what: str = "gmi") -> bool:
     try:
         g_net.load_state_dict(_unprefixed("generator", state))
         d_net.load_state_dict(_unprefixed("discriminator", state))
     except (RuntimeError, KeyError) as e:
-        log.warning("gmi: cached GAN does not fit the networks (%s); refitting", e)
+        log.warning("%s: cached GAN does not fit the networks (%s); refitting", what, e)
         return False
     return True
 
@@ -266,7 +269,7 @@ def _checkpoint(g_net: nn.Module, d_net: nn.Module, opt_g: torch.optim.Optimizer
 
 
 def _resume(ckpt: Path, key: str, g_net: nn.Module, d_net: nn.Module, opt_g: torch.optim.Optimizer,
-            opt_d: torch.optim.Optimizer, rng: torch.Generator) -> int | None:
+            opt_d: torch.optim.Optimizer, rng: torch.Generator, what: str = "gmi") -> int | None:
     """Restore the checkpoint into the nets, optimizers and RNG: the step it was taken at (0: there is
     none; None: it does not fit, and may have been loaded in part)."""
     state = load_state(ckpt, key)
@@ -280,5 +283,5 @@ def _resume(ckpt: Path, key: str, g_net: nn.Module, d_net: nn.Module, opt_g: tor
         rng.set_state(state["rng"])
         return int(state["step"])
     except (RuntimeError, KeyError, ValueError) as e:
-        log.warning("gmi: checkpoint %s does not fit (%s); training from the start", ckpt, e)
+        log.warning("%s: checkpoint %s does not fit (%s); training from the start", what, ckpt, e)
         return None

@@ -10,8 +10,11 @@ with the generator and discriminator frozen in eval mode, by SGD with Nesterov m
 [-clip, clip] after every step (GMI's code: N(0, I) starts, 1500 steps, momentum 0.9, clip 1). The paper
 weights the identity term instead (prior + lambda x identity, lambda = 100, lr 0.02): the same objective
 as prior_weight = 1 / lambda with a learning rate lambda times larger, hence the defaults 0.01 and 2.0.
-Each reconstruction is searched from `restarts` random starts and the one with the lowest final objective
-is kept (GMI reports its 5 seeds separately; keeping the best is the usual reading of "random restarts").
+Each reconstruction is searched from `restarts` random starts and, as in GMI's code (`Celeba/attack.py`: 5
+seeds, `max_score`), the one whose image the target gives the highest logit of its class is kept. GMI's
+code averages both losses over its batch of identities, so its step on each latent is the step above
+divided by the batch size; raymia's step on a latent does not depend on how many are searched together
+(docs/validity.md).
 """
 
 from __future__ import annotations
@@ -50,8 +53,8 @@ class GMIParams(Params):
     lr: float = Field(2.0, gt=0, description="SGD learning rate on z (GMI: 0.02 on 100 x identity loss)")
     momentum: float = Field(0.9, ge=0, lt=1, description="Nesterov momentum of the latent SGD")
     prior_weight: float = Field(0.01, ge=0, description="weight of the prior loss -D(G(z)) (GMI: 1/100)")
-    restarts: int = Field(5, ge=1, le=1000, description="random starts per reconstruction; the lowest final "
-                                                       "objective is kept")
+    restarts: int = Field(5, ge=1, le=1000, description="random starts per reconstruction; the one with the "
+                                                       "target's highest class logit is kept (GMI: 5 seeds)")
     clip: float = Field(1.0, gt=0, description="z is clipped to [-clip, clip] after every step")
     latent_dim: int = Field(_GAN.latent_dim, ge=1, le=4096, description="GAN latent dimension")
     width: int = Field(_GAN.width, ge=1, le=1024, description="channels of the GAN's first (last) conv layer")
@@ -93,8 +96,8 @@ def gmi(target: nn.Module, classes: list[int], p: GMIParams, ctx: InversionConte
         with torch.no_grad():
             z.clamp_(-p.clip, p.clip)
     with torch.no_grad():
-        final = _objective(target, g_net, d_net, z, y, p.prior_weight).view(-1, p.restarts)
-        best = final.argmin(1)
+        score = target(g_net(z)).gather(1, y.unsqueeze(1)).view(-1, p.restarts)
+        best = score.argmax(1)
         images = g_net(z.view(-1, p.restarts, p.latent_dim)[torch.arange(best.shape[0], device=dev), best])
     return Reconstructions(images.detach().cpu().reshape(-1, *shape), class_labels(classes, p.per_class))
 
