@@ -33,7 +33,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     regs = _registries()
     console = Console(width=None if sys.stdout.isatty() else 160)
-    for kind in [args.kind] if args.kind else KINDS:
+    # `list attacks` shows every attack, membership and inversion; `list inversion` the latter only
+    kinds = {"attacks": ["attacks", "inversion"]}.get(args.kind, [args.kind]) if args.kind else KINDS
+    for kind in kinds:
         for entry in regs[kind].entries():
             label = "inversion attack" if kind == "inversion" else kind[:-1]
             console.print(f"{label} [bold]{entry.name}[/bold]: {entry.doc}", soft_wrap=True)

@@ -64,6 +64,10 @@ def test_list_shows_every_registry_with_parameters_and_defaults():
                    "attack lira_online", "fixed_variance", "attack loss", "query"):
         assert needle in text, needle
     only = raymia("list", "attacks")
-    assert "lira_offline" in only.stdout and "digits" not in only.stdout
+    assert "lira_offline" in only.stdout and "dataset digits" not in only.stdout
+    for needle in ("inversion attack miface", "inversion attack gmi", "inversion attack plg_mi", "gan_steps"):
+        assert needle in only.stdout, needle  # every attack, membership and inversion, with its params
+    inversion = raymia("list", "inversion")
+    assert "inversion attack plg_mi" in inversion.stdout and "lira_offline" not in inversion.stdout
     bad = raymia("list", "widgets")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
