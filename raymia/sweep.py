@@ -282,7 +282,8 @@ def _mlflow_callback(spec: SweepSpec, parent_id: str):
             metrics = {k: v for k, v in result.items() if _is_metric(k)}
             audit_dir = result.get("audit_dir")
             arts = ([Path(audit_dir) / n for n in ("result.json", "roc.png", "spec.yaml")
-                     if (Path(audit_dir) / n).exists()] if audit_dir else [])
+                     if (Path(audit_dir) / n).exists()] + sorted(Path(audit_dir).glob("inversion-*.png"))
+                    if audit_dir else [])
             tags = trial_tags(trial.trial_id, status, str(trial.config.get("defense")), error)
             log_run(spec.tracking.uri, spec.tracking.experiment, run_name=f"{spec.name}-{trial.trial_id}",
                     params=params, metrics=metrics, artifacts=arts, tags=tags, parent_run_id=parent_id)
