@@ -27,6 +27,12 @@ class Signals:
     shadow_pool: bool   [M]           optional: the models an attacker may use as shadows (None: all). A
                                        non-adaptive audit trains only the targets with the defense and keeps
                                        them out of the pool.
+    fit_mask:   bool    [P]           optional: the points an attack may fit or calibrate on (None: all).
+                                       Points outside it are only scored: out-of-distribution non-members
+                                       that no model trained on (their keep columns are all False). An attack
+                                       fits thresholds, classifiers, pooled variances and its pairing on the
+                                       fit points only, so appending such points leaves every other score as
+                                       it was (tests/test_ood_signals.py).
     """
 
     logits: np.ndarray
@@ -35,6 +41,7 @@ class Signals:
     pop_logits: np.ndarray | None = None
     pop_labels: np.ndarray | None = None
     shadow_pool: np.ndarray | None = None
+    fit_mask: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.logits.ndim != 4:
@@ -56,6 +63,18 @@ class Signals:
                 raise ValueError("pop_labels must be [Z]")
         if self.shadow_pool is not None and self.shadow_pool.shape != (m,):
             raise ValueError(f"shadow_pool must be [M={m}]")
+        if self.fit_mask is not None:
+            if self.fit_mask.shape != (p,) or self.fit_mask.dtype != np.bool_ or not self.fit_mask.any():
+                raise ValueError(f"fit_mask must be bool [P={p}] with at least one True")
+            if self.keep[:, ~self.fit_mask].any():
+                raise ValueError("points outside fit_mask must be non-members of every model")
+
+    @property
+    def fit_index(self) -> np.ndarray:
+        """int64 indices of the points attacks may fit on (every point without a fit_mask)."""
+        if self.fit_mask is None:
+            return np.arange(self.num_points, dtype=np.int64)
+        return np.flatnonzero(self.fit_mask).astype(np.int64)
 
     @property
     def num_models(self) -> int:
@@ -77,7 +96,8 @@ class Signals:
         """The model whose keep row is the complement of the target's (raymia's plans pair model 2j with
         2j + 1), or None when that model's row is not an exact complement."""
         pair = paired_model(target)
-        if pair < self.num_models and np.array_equal(self.keep[pair], ~self.keep[target]):
+        fit = self.fit_index
+        if pair < self.num_models and np.array_equal(self.keep[pair, fit], ~self.keep[target, fit]):
             return pair
         return None
 

@@ -78,7 +78,8 @@ def sample_shadow_rows(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(models [N], points [N], is_in bool [N]): training pairs drawn uniformly from shadows x points."""
     shadows = signals.shadows_of(target)
-    p = signals.num_points
+    fit = signals.fit_index  # rows come from the points attacks may fit on
+    p = fit.size
     n_pairs = shadows.size * p
     if n_pairs == 0:
         raise ValueError("learned attacks need at least one shadow model and one audited point")
@@ -87,7 +88,7 @@ def sample_shadow_rows(
         np.arange(n_pairs) if n_pairs <= max_train else np.sort(rng.choice(n_pairs, max_train, replace=False))
     )
     models = shadows[flat // p]
-    points = flat % p
+    points = fit[flat % p]
     is_in = np.asarray(signals.keep[models, points], dtype=np.bool_)
     if is_in.all() or not is_in.any():
         raise ValueError("learned attacks need both IN and OUT shadow observations to train on")

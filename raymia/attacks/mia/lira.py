@@ -116,18 +116,22 @@ def _masked_median(phi: np.ndarray, w: np.ndarray, present: np.ndarray) -> np.nd
 
 
 def _fit_side(
-    phi: np.ndarray, w: np.ndarray, variance: str, min_std: float, center: str = "mean"
+    phi: np.ndarray, w: np.ndarray, variance: str, min_std: float, center: str = "mean",
+    fit: np.ndarray | None = None,
 ) -> _Side:
     """Per-point center and ddof=0 std of phi [M, Q, P] over models with weight w [M, P] in {0, 1}.
 
     Points without any model on this side get the center of all points' observations and the side's
-    fixed std (pooled for per_point).
+    fixed std (pooled for per_point). The side-wide values (the pooled and global std, that center) come
+    from the `fit` points only (bool [P]; default all): points outside are scored, never fitted on.
     """
     if variance not in ("per_point", "pooled", "global"):
         raise ValueError(f"unknown variance {variance!r}; accepted: per_point, pooled, global")
+    cols = np.ones(w.shape[1], dtype=bool) if fit is None else np.asarray(fit, dtype=bool)
+    wf = w * cols[None, :]  # the observations side-wide values are fitted on
     n = w.sum(axis=0)  # [P]
     present = n > 0
-    total = int(n.sum())
+    total = int(wf.sum())
     q = phi.shape[1]
     n_safe = np.maximum(n, 1.0)
     sums = np.einsum("mqp,mp->qp", phi, w)
@@ -140,23 +144,23 @@ def _fit_side(
     if total == 0:  # no observation at all on this side: callers must not use these values
         std = np.ones(mean.shape)
         return _Side(mean=mean, std=std, present=present, total=total)
-    pooled = np.sqrt(ss.sum(axis=1) / total)[:, None]  # [Q, 1]
+    pooled = np.sqrt(ss[:, cols].sum(axis=1) / total)[:, None]  # [Q, 1]
     if variance == "pooled":
         std = np.broadcast_to(pooled, mean.shape)
     elif variance == "global":
         # np.std of every observation of this side (all points, shadows and queries) around their mean
-        dev = phi - sums.sum() / (total * q)
+        dev = phi - sums[:, cols].sum() / (total * q)
         np.square(dev, out=dev)
-        std = np.full(mean.shape, np.sqrt(np.einsum("mqp,mp->", dev, w) / (total * q)))
+        std = np.full(mean.shape, np.sqrt(np.einsum("mqp,mp->", dev, wf) / (total * q)))
         del dev
     else:
         std = np.where(present, np.sqrt(ss / n_safe), pooled)
     if not present.all():  # the center of every observation of this side, per query
         if center == "median":
-            flat = np.where(w[:, None, :] > 0, phi, np.nan).transpose(1, 0, 2).reshape(q, -1)
+            flat = np.where(wf[:, None, :] > 0, phi, np.nan).transpose(1, 0, 2).reshape(q, -1)
             everywhere = np.nanmedian(flat, axis=1)[:, None]
         else:
-            everywhere = (sums.sum(axis=1) / total)[:, None]
+            everywhere = (sums[:, cols].sum(axis=1) / total)[:, None]
         mid = np.where(present, mid, everywhere)
     return _Side(mean=mid, std=np.maximum(std, min_std), present=present, total=total)
 
@@ -175,10 +179,12 @@ def lira_from_phi(
     min_std: float = 1e-6,
     shadow: np.ndarray | None = None,
     center: str = "mean",
+    fit: np.ndarray | None = None,
 ) -> np.ndarray:
     """LiRA scores float64 [P] from precomputed phi [M, Q, P] (float64) and keep [M, P]; see module doc.
     `variance`: per_point, pooled or global (a bool is the former fixed_variance: True = pooled).
-    `shadow` (bool [M]) selects the shadow models; default: every model but the target."""
+    `shadow` (bool [M]) selects the shadow models; default: every model but the target. `fit` (bool [P]):
+    the points side-wide values are fitted on (`Signals.fit_mask`; default all)."""
     if isinstance(variance, bool):
         variance = "pooled" if variance else "per_point"
     phi = np.asarray(phi, dtype=np.float64)
@@ -191,14 +197,14 @@ def lira_from_phi(
     if m < 2:
         raise ValueError("LiRA needs at least one shadow model besides the target")
     shadow = (np.arange(m) != target if shadow is None else np.asarray(shadow, dtype=bool))[:, None]
-    out = _fit_side(phi, (shadow & ~keep).astype(np.float64), variance, min_std, center)
+    out = _fit_side(phi, (shadow & ~keep).astype(np.float64), variance, min_std, center, fit)
     if out.total == 0:
         raise ValueError("LiRA needs OUT shadows: every shadow model trained on every audited point")
     x = phi[target]  # [Q, P]
     offline = log_ndtr((x - out.mean) / out.std)
     if not online:
         return offline.mean(axis=0)
-    inn = _fit_side(phi, (shadow & keep).astype(np.float64), variance, min_std, center)
+    inn = _fit_side(phi, (shadow & keep).astype(np.float64), variance, min_std, center, fit)
     ratio = _log_normal(x, inn.mean, inn.std) - _log_normal(x, out.mean, out.std)
     return np.where(inn.present[None], ratio, offline).mean(axis=0)
 
@@ -209,7 +215,8 @@ def _lira(signals: Signals, target: int, params: LiraParams, online: bool) -> np
     variance = params.variance
     if variance is None:
         variance = "pooled" if int(shadow.sum()) < AUTO_FIXED_VARIANCE_BELOW else "per_point"
-    return lira_from_phi(phi, signals.keep, target, online, variance, params.min_std, shadow, params.center)
+    return lira_from_phi(phi, signals.keep, target, online, variance, params.min_std, shadow, params.center,
+                         signals.fit_mask)
 
 
 @ATTACKS.register(

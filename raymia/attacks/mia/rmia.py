@@ -302,7 +302,9 @@ def _rmia(signals: Signals, target: int, params: RmiaOnlineParams, online: bool)
     if isinstance(params, RmiaOfflineParams):
         a = params.a
         if a == "auto":
-            a, _ = tune_offline_a(logp, signals.keep, logp_pop, shadow, params.gamma, params.combine)
+            fit = signals.fit_index  # a is tuned on the points attacks may fit on
+            a, _ = tune_offline_a(logp[:, :, fit], signals.keep[:, fit], logp_pop, shadow, params.gamma,
+                                  params.combine)
     lx, lz = rmia_log_ratios(logp, signals.keep, logp_pop, target, online, a, shadow)
     return combine_queries(lx, lz, params.gamma, params.combine)
 

@@ -144,15 +144,18 @@ def best_threshold(scores: np.ndarray, is_in: np.ndarray) -> float | None:
 
 def calibrated_scores(
     stat: np.ndarray, keep: np.ndarray, labels: np.ndarray, target: int, calibration: str,
-    shadow: np.ndarray | None = None,
+    shadow: np.ndarray | None = None, fit: np.ndarray | None = None,
 ) -> np.ndarray:
     """stat[target] - tau[label], taus fitted on the shadows' stat [M, P] and keep [M, P] (see module doc).
-    `shadow` (bool [M]) selects the shadow models; default: every model but the target."""
+    `shadow` (bool [M]) selects the shadow models; default: every model but the target. `fit` (int64
+    indices) selects the points the taus are fitted on; default: all."""
     m = stat.shape[0]
     if shadow is None:
         shadow = np.arange(m) != target
-    sh_stat = stat[shadow]
-    sh_in = np.asarray(keep)[shadow]
+    fit = np.arange(stat.shape[1]) if fit is None else fit
+    sh_stat = stat[shadow][:, fit]
+    sh_in = np.asarray(keep)[shadow][:, fit]
+    fit_labels = np.asarray(labels)[fit]
     tau_global = best_threshold(sh_stat, sh_in)
     if tau_global is None:
         tau_global = 0.0
@@ -162,10 +165,10 @@ def calibrated_scores(
         raise ValueError(f"unknown calibration {calibration!r}")
     tau = np.full(labels.shape, tau_global, dtype=np.float64)
     for c in np.unique(labels):
-        cols = labels == c
+        cols = fit_labels == c
         t = best_threshold(sh_stat[:, cols], sh_in[:, cols])
         if t is not None:
-            tau[cols] = t
+            tau[labels == c] = t
     return stat[target] - tau
 
 
@@ -185,7 +188,8 @@ def threshold_attack(signals: Signals, target: int, params: ThresholdParams, sta
     stat = np.empty((signals.num_models, signals.num_points), dtype=np.float64)
     for m in range(signals.num_models):
         stat[m] = stat_fn(signals.logits[m, params.query], signals.labels)
-    return calibrated_scores(stat, signals.keep, signals.labels, target, params.calibration, shadow)
+    return calibrated_scores(stat, signals.keep, signals.labels, target, params.calibration, shadow,
+                             signals.fit_index)
 
 
 # ---------------------------------------------------------------------------------------------- registrations
