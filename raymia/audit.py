@@ -43,6 +43,7 @@ class AuditResult:
     roc: dict[str, tuple[np.ndarray, np.ndarray]] = field(repr=False, default_factory=dict)
     seconds: float = 0.0
     inversion: Any = None  # raymia.inversion.protocol.InversionResult when the spec asks for inversion
+    ood: Any = None  # raymia.ood_audit.OodResult when the spec names non-member sets
 
     def flat_metrics(self) -> dict[str, float | None]:
         """{"test_accuracy": .., "lira_online/auc": .., ...}: the names objectives and MLflow use, each the
@@ -67,6 +68,9 @@ class AuditResult:
             strongest = max(vals, key=vals.get) if vals else None
             out[f"worst/{k}"] = vals[strongest] if strongest else None
             std[f"worst/{k}"] = std.get(f"{strongest}/{k}") if strongest else None
+        if self.ood is not None:  # ood/<attack>/<set>/<metric>
+            out.update(self.ood.flat_metrics())
+            std.update({k: v if spread else None for k, v in self.ood.flat_std().items()})
         if self.inversion is not None:  # mi/<attack>/<metric>, std over the inverted targets
             many = len(self.inversion.targets) > 1
             out.update(self.inversion.flat_metrics())
@@ -89,6 +93,7 @@ class AuditResult:
             "attacks_std_over_targets": self.attacks_std,
             "attacks_per_target": self.per_target,
             "inversion": self.inversion.to_json() if self.inversion is not None else None,
+            "ood": self.ood.to_json() if self.ood is not None else None,
             "reused_signals": self.reused_signals,
             "seconds": round(self.seconds, 2),
             "metrics": self.flat_metrics(),
@@ -106,6 +111,11 @@ def load_signals(store: SignalStore, keep: np.ndarray, labels: np.ndarray, test_
     if not np.array_equal(models, np.arange(keep.shape[0])):
         raise ValueError(f"signals {store.fingerprint}: packs hold models {models.tolist()}, expected 0..{keep.shape[0] - 1}")
     return Signals(logits=logits, labels=labels, keep=keep, pop_logits=test_logits, pop_labels=test_labels)
+
+
+def load_ood_logits(store: SignalStore) -> np.ndarray:
+    """The non-member sets' outputs of every bank model, [M, Q, N, C] (the packs' `ood_logits`)."""
+    return np.concatenate([store.read_pack(p)["ood_logits"] for p in range(store.num_packs)])
 
 
 def audit_dir(spec: AuditSpec, output_dir: str | Path | None = None) -> Path:
@@ -146,6 +156,13 @@ def run_audit(
         signals = replace(signals, shadow_pool=pool)
     utility, utility_std = measure_utility(signals, spec.plan.target_list)
     attacks, attacks_std, per_target, curves = run_attacks(spec, attacks_to_run(spec, ctx.defense), signals)
+    ood = None
+    if spec.ood is not None:
+        from raymia.ood_audit import evaluate_ood
+
+        ood = evaluate_ood(attacks_to_run(spec, ctx.defense), signals, load_ood_logits(store), ctx.ood.y.numpy(),
+                           ctx.ood.slices(), dict(zip(ctx.ood.keys, ctx.ood.label_sources, strict=True)),
+                           spec.plan.target_list)
     inversion = None
     if spec.inversion is not None:
         from raymia.inversion.protocol import run_inversions
@@ -155,7 +172,7 @@ def run_audit(
         spec=spec, fingerprint=store.fingerprint, attacks=attacks, attacks_std=attacks_std,
         per_target=per_target, defense_report=_defense_report(store, ctx.defense), utility=utility,
         utility_std=utility_std, reused_signals=reused, out_dir=out, roc=curves,
-        seconds=time.perf_counter() - t0, inversion=inversion,
+        seconds=time.perf_counter() - t0, inversion=inversion, ood=ood,
     )
     write_report(result, console=console, track=spec.tracking.enabled if track is None else track)
     return result
@@ -243,6 +260,10 @@ def write_report(result: AuditResult, console: bool, track: bool) -> None:
         aucs={a: m["auc"] for a, m in result.attacks.items() if m.get("auc") is not None},
     )
     grids = list(result.inversion.grids.values()) if result.inversion is not None else []
+    if result.ood is not None:
+        from raymia.report.plots import plot_ood
+
+        grids.append(plot_ood(result.ood, out / "ood_fpr.png", title=f"{spec.name}: false positives by set"))
     if console:
         print_audit_table(result)
     if track:
@@ -352,6 +373,8 @@ def print_audit_table(result: AuditResult) -> None:
             f"gap {fmt(u['generalization_gap'], True)}")
     if result.defense_report:
         c.print("defense: " + "  ".join(f"{k} {v:.4g}" for k, v in result.defense_report.items()))
+    if result.ood is not None:
+        print_ood_table(result.ood, c)
     inv = result.inversion
     if inv is not None:
         mi = Table(title=f"model inversion: {len(inv.evaluator['classes'])} private classes, "
@@ -362,3 +385,20 @@ def print_audit_table(result: AuditResult) -> None:
             mi.add_row(a, fmt(ms["top1"], True), fmt(ms["top5"], True), f"{ms['knn_dist']:.3g}", f"{ms['fid']:.4g}")
         c.print(mi)
     c.print(f"report: {result.out_dir}", soft_wrap=True)
+
+
+def print_ood_table(ood, console) -> None:
+    """Per attack and non-member set: the FPR at the attack's shadow-calibrated threshold and the AUROC."""
+    from rich.table import Table
+
+    table = Table(title="false positives: FPR at the attack's calibrated threshold / AUROC against the members")
+    table.add_column("attack")
+    table.add_column("recall", justify="right")
+    for st in ood.sets:
+        table.add_column(f"{st} ({ood.label_sources[st]} labels)" if st != "held_out" else st, justify="right")
+    for a, per_set in ood.attacks.items():
+        cells = [f"{fmt(per_set[st]['fpr'], True)} / {fmt(per_set[st]['auroc'])}" for st in ood.sets]
+        table.add_row(a, fmt(ood.recall[a], True), *cells)
+    console.print(table)
+    if ood.skipped:
+        console.print("not evaluated: " + "; ".join(f"{a} ({why})" for a, why in ood.skipped.items()))

@@ -103,7 +103,12 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
     rows += _model_and_training_rows(spec, ctx, kind)
     # float32 logits of every model under every query, for the audited points and the test split
     m, points = ctx.plan.num_models, ctx.plan.keep.shape[1]
-    signal_bytes = 4 * m * len(spec.queries) * (points + data.x_test.shape[0]) * info.num_classes
+    ood = len(spec.ood.sets) * spec.ood.size if spec.ood is not None else 0  # non-member sets' outputs too
+    signal_bytes = 4 * m * len(spec.queries) * (points + data.x_test.shape[0] + ood) * info.num_classes
+    if spec.ood is not None:
+        rows.append(("ood", f"{len(spec.ood.sets)} non-member set(s) of {_n(spec.ood.size)} inputs each, "
+                            f"queried by every model: {', '.join(st.key for st in spec.ood.sets)}; each attack's "
+                            "false positives at its threshold calibrated on a shadow (online attacks left out)"))
 
     root = Path(output_dir or spec.output_dir)
     fp = spec.fingerprint()

@@ -69,6 +69,11 @@ def check_names(spec: AuditSpec) -> None:
             raise SpecError(f"{a.key!r} already names attacks.{seen[a.key]}; give each entry its own label "
                             "(results and metrics are keyed by it)", where=f"attacks.{i}.label")
         seen[a.key] = i
+    if spec.ood is not None:
+        from raymia.data.ood import NONMEMBER_SETS
+
+        for i, st in enumerate(spec.ood.sets):
+            NONMEMBER_SETS.get(st.name, where=f"ood.sets.{i}.name").parse(st.params, where=f"ood.sets.{i}.params")
     if spec.inversion is not None:
         from raymia.inversion.protocol import check_inversion
 

@@ -314,6 +314,45 @@ def _default_attacks() -> list[AttackSpec]:
     return [AttackSpec(name=n) for n in ("loss", "modified_entropy", "lira_online", "lira_offline", "rmia_online")]
 
 
+class NonMemberSetSpec(Named):
+    """A non-member set (`raymia list ood`: permuted, scaled, unnormalized, uniform, gaussian, dataset, gan)
+    queried beside the audited points; `label` names it in results (default: the name)."""
+
+    label: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$",
+                              description="name of this set in results and metric names (default: its name)")
+
+    @model_serializer(mode="wrap")
+    def _without_default_label(self, handler: Any) -> Any:
+        d = handler(self)
+        if isinstance(d, dict) and d.get("label") is None:
+            d.pop("label", None)
+        return d
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+class OodSpec(_Model):
+    """Out-of-distribution non-members (Hintersdorf et al. 2022): every bank model also answers `size`
+    inputs of each set, stored with the bank's signals (so the sets are part of its fingerprint); each attack
+    is scored on them at the threshold it calibrates on a shadow's in-distribution members and non-members."""
+
+    sets: list[NonMemberSetSpec] = Field(min_length=1, description="non-member sets (raymia list ood)")
+    size: int = Field(500, ge=1, le=1_000_000, description="inputs per set")
+    seed: int = Field(0, ge=0, description="seed of the sets' draws (also part of the fingerprint)")
+
+    @model_validator(mode="after")
+    def _labels(self) -> OodSpec:
+        keys = [s.key for s in self.sets]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"{dup[0]!r} names two non-member sets; give each its own label")
+        if "held_out" in keys:
+            raise ValueError("'held_out' names the in-distribution non-members; label the set otherwise")
+        return self
+
+
 class EvaluatorSpec(_Model):
     """The independent evaluation classifier that scores reconstructions: trained on the private classes'
     images (the audited population and the private test split), cached by content."""
@@ -370,13 +409,15 @@ class AuditSpec(_Model):
     bank: BankSpec = Field(default_factory=BankSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     inversion: InversionSpec | None = Field(None, description="model-inversion attacks on the targets")
+    ood: OodSpec | None = Field(None, description="out-of-distribution non-member sets")
     output_dir: str = "raymia-runs"
 
     @model_serializer(mode="wrap")
-    def _without_unset_inversion(self, handler: Any) -> Any:
-        d = handler(self)  # without inversion attacks: dumps (spec.yaml, MLflow params, resume hashes) as before
-        if isinstance(d, dict) and d.get("inversion") is None:
-            d.pop("inversion", None)
+    def _without_unset_blocks(self, handler: Any) -> Any:
+        d = handler(self)  # without these blocks: dumps (spec.yaml, MLflow params, resume hashes) as before
+        for k in ("inversion", "ood"):
+            if isinstance(d, dict) and d.get(k) is None:
+                d.pop(k, None)
         return d
 
     @field_validator("queries")
@@ -395,12 +436,16 @@ class AuditSpec(_Model):
         if self.attacker == "non_adaptive":
             d["plan"]["defended_models"] = self.plan.target_list  # ... but it does decide who is defended
             d["plan"]["targets_raw"] = targets
-        return {
+        out = {
             "format": SIGNAL_FORMAT_VERSION,
             **{k: d[k] for k in ("seed", "data", "plan", "model", "train", "defense", "queries", "attacker")},
             # bf16 changes the numbers; pack size, pack engine and memory format only change float rounding.
             "precision": d["bank"]["precision"],
         }
+        if self.ood is not None:  # the packs hold the sets' outputs too (absent: fingerprints as before)
+            sets = [{k: v for k, v in st.items() if k != "label"} for st in d["ood"]["sets"]]  # names only
+            out["ood"] = {**d["ood"], "sets": sets}
+        return out
 
     def pack_fingerprints(self) -> dict[int, str]:
         """Non-adaptive banks: packs holding no target (so no defended model) are exactly the packs of the

@@ -596,10 +596,12 @@ def _check_objective_names(spec: SweepSpec, names: list[str], field: str = "obje
     keys = {"auc", "balanced_accuracy", "epsilon_lb", *(f"tpr_fpr_{f:g}" for f in spec.metrics.fpr_levels),
             *(f"tnr_fnr_{f:g}" for f in spec.metrics.fnr_levels)}
     from raymia.inversion.protocol import metric_names
+    from raymia.ood_audit import metric_names as ood_metric_names
 
     inversion = set(metric_names(spec))
+    ood = set(ood_metric_names(spec))
     for i, n in enumerate(names):
-        if n in utility or n in inversion:
+        if n in utility or n in inversion or n in ood:
             continue
         a, _, k = n.partition("/")
         if (a in attacks or a == "worst") and k in keys:
@@ -607,7 +609,8 @@ def _check_objective_names(spec: SweepSpec, names: list[str], field: str = "obje
         if a == "defense" and k:
             continue
         accepted = (sorted(utility) + [f"ATTACK/{k}" for k in sorted(keys)] + ["defense/KEY"]
-                    + (["mi/INVERSION_ATTACK/top1|top5|knn_dist|fid"] if inversion else []))
+                    + (["mi/INVERSION_ATTACK/top1|top5|knn_dist|fid"] if inversion else [])
+                    + (["ood/ATTACK/fpr", "ood/ATTACK/SET/METRIC"] if ood else []))
         raise SpecError(f"unknown metric {n!r}; accepted: {', '.join(accepted)} with ATTACK one of the spec's "
                         f"attacks ({', '.join(sorted(attacks))}) or 'worst' (the strongest of them)",
                         where=f"sweep.{field}.{i}.metric")

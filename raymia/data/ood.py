@@ -44,7 +44,7 @@ refused in one line. Every random draw comes from `derive_seed(seed, "ood", ...)
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -504,3 +504,45 @@ def gan(ctx: SetContext, p: GanParams) -> NonMembers:
         x = torch.cat([fitted.generator(z[i:i + 1024].to(ctx.device), y[i:i + 1024].to(ctx.device)).float().cpu()
                        for i in range(0, ctx.n, 1024)])
     return NonMembers(ctx.name, x.contiguous(), y, "conditional")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the sets of a spec, as the bank queries them
+
+
+@dataclass(frozen=True)
+class OodInputs:
+    """Every non-member set of a spec, concatenated in the spec's order: x [N, *input_shape] (normalised),
+    y int64 [N]; `keys` name the sets (their labels), `sizes` their lengths, `label_sources` how each
+    set's labels were obtained."""
+
+    keys: tuple[str, ...]
+    x: torch.Tensor
+    y: torch.Tensor
+    sizes: tuple[int, ...]
+    label_sources: tuple[str, ...]
+
+    def slices(self) -> dict[str, slice]:
+        out, start = {}, 0
+        for key, n in zip(self.keys, self.sizes, strict=True):
+            out[key] = slice(start, start + n)
+            start += n
+        return out
+
+
+def build_sets(sets: Sequence[Any], size: int, seed: int, data: Dataset, public_index: np.ndarray,
+               cache_dir: Path, device: torch.device, fit: bool = True) -> OodInputs | None:
+    """The spec's `ood.sets` (entries with name, params, key) built for `data`, `size` inputs each. With
+    `fit=False` (`raymia check`) every set but `gan` is built (cheap, and their one-line refusals come
+    before any training) and None is returned."""
+    built = []
+    for i, st in enumerate(sets):
+        if not fit and st.name == "gan":
+            continue
+        built.append((st.key, build_nonmembers(st.name, st.params, data, public_index, size, seed, cache_dir,
+                                               device, where=f"ood.sets.{i}")))
+    if not fit:
+        return None
+    return OodInputs(keys=tuple(k for k, _ in built), x=torch.cat([b.x for _, b in built]).float(),
+                     y=torch.cat([b.y for _, b in built]).long(), sizes=tuple(int(b.x.shape[0]) for _, b in built),
+                     label_sources=tuple(b.label_source for _, b in built))

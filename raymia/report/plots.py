@@ -173,3 +173,31 @@ def _draw_reference(ax, reference: dict, x_key: str, y_key: str, x_err_key: str 
         ax.errorbar([rx], [ry], xerr=[rxe], yerr=[rye], fmt="none", ecolor="red", alpha=0.5, linewidth=0.9)
     ax.scatter([rx], [ry], marker="*", s=220, color="red", edgecolors="black", linewidths=0.8,
                label=str(reference.get("label", "undefended")), zorder=4)
+
+
+def plot_ood(ood: Any, path: Path, title: str = "false positives by non-member set") -> Path:
+    """Grouped bars: per non-member set (held-out data first), each attack's FPR at its shadow-calibrated
+    threshold, with the std over targets as error bars; the attack's recall on members as a dashed line."""
+    sets, attacks = list(ood.sets), list(ood.attacks)
+    fig, ax = plt.subplots(figsize=(min(12.0, 3.0 + 0.9 * len(sets)), 4.2))
+    width = 0.8 / max(1, len(attacks))
+    x = np.arange(len(sets))
+    colors = plt.get_cmap("tab10")
+    for i, a in enumerate(attacks):
+        vals = [as_number(ood.attacks[a][s]["fpr"]) or 0.0 for s in sets]
+        errs = [as_number(ood.attacks_std[a][s]["fpr"]) or 0.0 for s in sets]
+        ax.bar(x + (i - (len(attacks) - 1) / 2) * width, vals, width, yerr=errs, capsize=2, label=a,
+               color=colors(i % 10))
+        ax.axhline(ood.recall[a], color=colors(i % 10), linestyle="--", linewidth=0.8)
+    ax.set_xticks(x, sets, rotation=20, ha="right")
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("FPR at the calibrated threshold")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left", title="attack (dashed: recall)",
+              title_fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+    return path

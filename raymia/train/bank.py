@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,6 +63,7 @@ class BankContext:
     defense: Defense
     recipe: TrainSpec  # spec.train after the defense's modify_recipe: what every model trains with
     undefended: BankContext | None = None  # non-adaptive attacker: the context of the shadows (no defense)
+    ood: Any = None  # raymia.data.ood.OodInputs: the spec's non-member sets, queried beside the audited points
 
     def defended(self, m: int) -> bool:
         return self.undefended is None or m in self.plan.targets
@@ -104,10 +106,20 @@ class BankContext:
             defense.setup(data, plan.population, Path(spec.output_dir) / "cache", spec.seed)
         else:
             defense.check_data(data, plan.population)
-        ctx = cls(spec=spec, data=data, plan=plan, defense=defense, recipe=defense.modify_recipe(spec.train))
+        ood = None
+        if spec.ood is not None:  # built where the bank trains; GAN fakes fitted (cached) only with setup
+            from raymia.data.ood import build_sets
+            from raymia.device import resolve_device
+
+            device = resolve_device(spec.bank.device, where="bank.device") if setup else torch.device("cpu")
+            ood = build_sets(spec.ood.sets, spec.ood.size, spec.ood.seed, data,
+                             public_indices(data.x_train.shape[0], plan.population), Path(spec.output_dir) / "cache",
+                             device, fit=setup)
+        ctx = cls(spec=spec, data=data, plan=plan, defense=defense, recipe=defense.modify_recipe(spec.train),
+                  ood=ood)
         if spec.attacker == "non_adaptive":
             plain = build_defense("none", {}, data.info, label_smoothing=spec.train.label_smoothing)
-            ctx.undefended = cls(spec=spec, data=data, plan=plan, defense=plain, recipe=spec.train)
+            ctx.undefended = cls(spec=spec, data=data, plan=plan, defense=plain, recipe=spec.train, ood=ood)
         return ctx
 
     @property
@@ -447,20 +459,21 @@ def _train_group(ctx: BankContext, models: list[int], device: torch.device, vect
     """Train models that share one defense; returns per-model logits [Q, P, C], test logits [Q, T, C],
     and the defense's reports."""
     spec = ctx.spec
-    xs, xt = ctx.audited_x, ctx.data.x_test
+    # the audited points, the test split and the non-member sets, queried in this order (each model's query
+    # generator runs through them in turn, so adding sets leaves the first two as they were)
+    sets = [ctx.audited_x, ctx.data.x_test] + ([ctx.ood.x] if ctx.ood is not None else [])
     gens = [torch.Generator().manual_seed(derive_seed(spec.seed, "query", m)) for m in models]
     if vectorize and len(models) > 1:
         packed = train_models_packed(ctx, models, device)
-        logits = pack_query_logits(packed, ctx.defense, xs, spec.queries, gens, device)
-        test_logits = pack_query_logits(packed, ctx.defense, xt, spec.queries, gens, device)
-        return list(logits), list(test_logits), [{} for _ in models]
-    lg, tl, reports = [], [], []
+        outs = [pack_query_logits(packed, ctx.defense, x, spec.queries, gens, device) for x in sets]
+        return [list(o) for o in outs], [{} for _ in models]
+    outs, reports = [[] for _ in sets], []
     for m, g in zip(models, gens):
         reports.append({})
         model = train_model(ctx, m, device, report=reports[-1])
-        lg.append(query_logits(model, ctx.defense, xs, spec.queries, g, device=device))
-        tl.append(query_logits(model, ctx.defense, xt, spec.queries, g, device=device))
-    return lg, tl, reports
+        for out, x in zip(outs, sets):
+            out.append(query_logits(model, ctx.defense, x, spec.queries, g, device=device))
+    return outs, reports
 
 
 def train_pack(
@@ -470,6 +483,7 @@ def train_pack(
 
     logits      float32 [K, Q, P, C]  audited population under every query augmentation
     test_logits float32 [K, Q, T, C]  the test split under every query (utility; RMIA's population z)
+    ood_logits  float32 [K, Q, N, C]  with `ood:` in the spec, its non-member sets (ctx.ood) in order
     models      int64   [K]           bank indices of the pack's models
 
     and the defense's per-model reports (one dict per model, in pack order; empty when it reports nothing).
@@ -482,19 +496,17 @@ def train_pack(
     groups = [(ctx, [m for m in models if ctx.defended(m)])]
     if ctx.undefended is not None:
         groups.append((ctx.undefended, [m for m in models if not ctx.defended(m)]))
-    parts: dict[int, tuple[torch.Tensor, torch.Tensor, dict[str, float]]] = {}
+    parts: dict[int, tuple[list[torch.Tensor], dict[str, float]]] = {}
     for gctx, gmodels in groups:
         if gmodels:
             vec = vectorize and not gctx.defense.trains_itself()
-            for m, lg, tl, rep in zip(gmodels, *_train_group(gctx, gmodels, device, vec)):
-                parts[m] = (lg, tl, rep)
-    logits = torch.stack([parts[m][0] for m in models])
-    test_logits = torch.stack([parts[m][1] for m in models])
-    reports = [parts[m][2] for m in models]
+            outs, reps = _train_group(gctx, gmodels, device, vec)
+            for i, m in enumerate(gmodels):
+                parts[m] = ([o[i] for o in outs], reps[i])
+    reports = [parts[m][1] for m in models]
     log.debug("pack %d: trained %d models in %.1fs", pack, len(models), time.perf_counter() - t0)
-    arrays = {
-        "logits": logits.numpy().astype(np.float32),
-        "test_logits": test_logits.numpy().astype(np.float32),
-        "models": np.asarray(models, dtype=np.int64),
-    }
+    names = ["logits", "test_logits"] + (["ood_logits"] if ctx.ood is not None else [])
+    arrays = {name: torch.stack([parts[m][0][i] for m in models]).numpy().astype(np.float32)
+              for i, name in enumerate(names)}
+    arrays["models"] = np.asarray(models, dtype=np.int64)
     return arrays, reports

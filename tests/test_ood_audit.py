@@ -1,0 +1,89 @@
+"""The out-of-distribution evaluation (raymia.ood_audit): metrics by hand, and a real digits audit whose
+overconfident model flags scaled inputs as members far more often than held-out data (Hintersdorf et al.)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raymia.errors import SpecError
+from raymia.ood_audit import set_metrics
+from raymia.resolve import validate_spec
+from raymia.spec import SweepSpec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_set_metrics_by_hand():
+    members, others = np.array([3.0, 4, 5, 6]), np.array([1.0, 2, 5, 7])
+    m = set_metrics(members, others, threshold=4.0, max_score=np.array([0.1, 0.2, 0.3, 0.9]))
+    assert m["fpr"] == 0.5  # 5 and 7 are above 4
+    assert m["precision"] == 0.5  # members above: 5, 6
+    assert m["auroc"] == pytest.approx(9.5 / 16)  # pairs won: 2 + 2 + 2.5 + 3
+    assert m["fpr_tpr95"] == 0.5  # the threshold keeping every member is 3: 5 and 7 pass it
+    assert m["max_score_flagged"] == pytest.approx(0.6) and m["max_score_unflagged"] == pytest.approx(0.15)
+    from sklearn.metrics import average_precision_score
+
+    assert m["aupr"] == pytest.approx(average_precision_score([1] * 4 + [0] * 4, np.r_[members, others]))
+
+
+def _spec(tmp_path, **over):
+    d = {"name": "ood", "seed": 0, "plan": {"num_models": 8, "population": 300, "targets": [0, 1]},
+         "model": {"name": "mlp", "params": {"hidden": [256]}},
+         "train": {"epochs": 40, "batch_size": 64, "lr": 0.002}, "queries": ["identity"],
+         "attacks": ["loss", "entropy", "lira_online", "lira_offline"],
+         "bank": {"engine": "local", "device": "cpu"},
+         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "raymia-tests"},
+         "ood": {"size": 100, "sets": ["scaled", "permuted", {"name": "uniform", "label": "noise"}]},
+         "output_dir": str(tmp_path / "runs")}
+    d.update(over)
+    return d
+
+
+def test_scaled_inputs_are_flagged_far_more_often_than_held_out_data(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from raymia.audit import run_audit
+
+    spec = validate_spec(_spec(tmp_path))
+    res = run_audit(spec, console=False)
+    m = res.flat_metrics()
+    for a in ("loss", "entropy"):  # an overconfident MLP (100% train accuracy): the paper's finding
+        assert m[f"ood/{a}/scaled/fpr"] >= 0.9, m[f"ood/{a}/scaled/fpr"]
+        assert m[f"ood/{a}/scaled/fpr"] > m[f"ood/{a}/held_out/fpr"] + 0.15
+        assert m[f"ood/{a}/noise/fpr"] <= 0.05 and m[f"ood/{a}/noise/auroc"] > 0.95
+        assert 0.5 < m[f"ood/{a}/recall"] <= 1.0
+    # the held-out set's AUROC is the audit's own AUC (same scores, same members and non-members)
+    assert m["ood/loss/held_out/auroc"] == pytest.approx(m["loss/auc"], abs=1e-12)
+    assert m["ood/loss/fpr"] == pytest.approx(np.mean([m[f"ood/loss/{s}/fpr"] for s in ("scaled", "permuted", "noise")]))
+    assert "ood/lira_online/fpr" not in m and "lira_online" in res.ood.skipped
+    assert res.ood.label_sources == {"held_out": "true", "scaled": "source", "permuted": "source", "noise": "random"}
+    assert m["std/ood/loss/scaled/fpr"] is not None  # two targets
+    assert (res.out_dir / "ood_fpr.png").stat().st_size > 5000
+    client = MlflowClient(spec.tracking.uri)
+    run = client.search_runs([client.get_experiment_by_name("raymia-tests").experiment_id])[0]
+    assert "ood_fpr.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert run.data.metrics["ood/loss/scaled/fpr"] == pytest.approx(m["ood/loss/scaled/fpr"])
+    # the non-member sets are part of the bank: without them, the same audited signals
+    plain = run_audit(validate_spec({k: v for k, v in _spec(tmp_path).items() if k != "ood"}), console=False,
+                      track=False)
+    assert plain.fingerprint != res.fingerprint
+    assert plain.flat_metrics()["loss/auc"] == pytest.approx(m["loss/auc"], abs=1e-6)
+
+
+def test_ood_objectives_and_bad_sets(tmp_path):
+    from raymia.sweep import _check_objective_names
+
+    d = _spec(tmp_path)
+    d["sweep"] = {"defense": "label_smoothing", "objectives": [{"metric": "ood/loss/fpr", "mode": "max"},
+                                                               {"metric": "ood/entropy/noise/auroc", "mode": "min"}]}
+    spec = validate_spec(d, SweepSpec)
+    _check_objective_names(spec, [o.metric for o in spec.sweep.objectives])
+    with pytest.raises(SpecError, match="ood/ATTACK/fpr"):
+        _check_objective_names(spec, ["ood/lira_online/fpr"])  # online attacks are not evaluated
+    with pytest.raises(SpecError) as e:
+        validate_spec(_spec(tmp_path, ood={"sets": [{"name": "gaussian", "params": {"sigma": -1}}]}))
+    assert e.value.where.startswith("ood.sets.0.params")
+    with pytest.raises(SpecError) as e:
+        validate_spec(_spec(tmp_path, ood={"sets": ["scaled", "scaled"]}))
+    assert "label" in str(e.value)
