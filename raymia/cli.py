@@ -10,18 +10,19 @@ import sys
 from raymia import __version__
 from raymia.errors import RaymiaError
 
-KINDS = ("datasets", "models", "defenses", "attacks", "inversion")
+KINDS = ("datasets", "models", "defenses", "attacks", "inversion", "ood")
 
 
 def _registries():
     from raymia.attacks import ATTACKS
     from raymia.data import DATASETS
+    from raymia.data.ood import NONMEMBER_SETS
     from raymia.defenses import DEFENSES
     from raymia.inversion.registry import INVERSION
     from raymia.models import MODELS
 
     return {"datasets": DATASETS, "models": MODELS, "defenses": DEFENSES, "attacks": ATTACKS,
-            "inversion": INVERSION}
+            "inversion": INVERSION, "ood": NONMEMBER_SETS}
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -37,7 +38,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     kinds = {"attacks": ["attacks", "inversion"]}.get(args.kind, [args.kind]) if args.kind else KINDS
     for kind in kinds:
         for entry in regs[kind].entries():
-            label = "inversion attack" if kind == "inversion" else kind[:-1]
+            label = {"inversion": "inversion attack", "ood": "non-member set"}.get(kind, kind[:-1])
             console.print(f"{label} [bold]{entry.name}[/bold]: {entry.doc}", soft_wrap=True)
             table = Table()
             for col in ("parameter", "type", "default"):

@@ -37,6 +37,10 @@ def test_sweep_file_is_valid(path):
         assert "tl_dmi" in space and len(space) >= 2 and spec.sweep.include_undefended
         assert len(space["tl_dmi"]["freeze_depth"].choices) >= 3 and space["tl_dmi"]["freeze"] == "depth"
         assert any(o.metric.startswith("mi/") for o in spec.sweep.objectives)
+    elif spec.ood is not None:  # calibration against leakage and the OOD false-positive rate
+        assert {"temperature_scaling", "llla"} <= set(space) and spec.sweep.include_undefended
+        metrics = {o.metric for o in spec.sweep.objectives}
+        assert "test_ece" in metrics and any(m.startswith("ood/") for m in metrics)
     elif path.stem != "quickstart":
         assert suffix == spec.sweep.defense and list(space) == [suffix]
     # every searched defense accepts the spec's model (e.g. DP-SGD refuses BatchNorm models)
