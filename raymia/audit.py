@@ -259,11 +259,11 @@ def write_report(result: AuditResult, console: bool, track: bool) -> None:
         result.roc, out / "roc.png", title=f"{spec.name}: {spec.defense.name}, {spec.plan.num_models} models",
         aucs={a: m["auc"] for a, m in result.attacks.items() if m.get("auc") is not None},
     )
-    grids = list(result.inversion.grids.values()) if result.inversion is not None else []
+    figures = list(result.inversion.grids.values()) if result.inversion is not None else []
     if result.ood is not None:
         from raymia.report.plots import plot_ood
 
-        grids.append(plot_ood(result.ood, out / "ood_fpr.png", title=f"{spec.name}: false positives by set"))
+        figures.append(plot_ood(result.ood, out / "ood_fpr.png", title=f"{spec.name}: false positives by set"))
     if console:
         print_audit_table(result)
     if track:
@@ -272,7 +272,7 @@ def write_report(result: AuditResult, console: bool, track: bool) -> None:
         rid = log_run(
             spec.tracking.uri, spec.tracking.experiment, run_name=f"{spec.name}-{fp}",
             params=spec.model_dump(mode="json"), metrics=result.flat_metrics(),
-            artifacts=[result_path, roc_path, spec_path, *grids], tags={TAG_KIND: KIND_AUDIT, TAG_FINGERPRINT: fp},
+            artifacts=[result_path, roc_path, spec_path, *figures], tags={TAG_KIND: KIND_AUDIT, TAG_FINGERPRINT: fp},
         )
         log.info("MLflow run %s in %s", rid, spec.tracking.uri)
 
