@@ -370,7 +370,7 @@ def print_audit_table(result: AuditResult) -> None:
     c.print(table)
     u = result.utility
     c.print(f"utility: train acc {fmt(u['train_accuracy'], True)}  test acc {fmt(u['test_accuracy'], True)}  "
-            f"gap {fmt(u['generalization_gap'], True)}")
+            f"gap {fmt(u['generalization_gap'], True)}  test ECE {fmt(u['test_ece'])}")
     if result.defense_report:
         c.print("defense: " + "  ".join(f"{k} {v:.4g}" for k, v in result.defense_report.items()))
     if result.ood is not None:

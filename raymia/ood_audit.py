@@ -12,7 +12,9 @@ stored with the bank. For each attack and target t:
 3. per set (`held_out`: t's in-distribution non-members, then each OOD set), against t's members: the FPR
    and precision at that threshold (the recall is the same for every set), AUROC, AUPR (members positive),
    FPR at 95% TPR (the threshold that keeps 95% of t's members), and the mean max softmax score of the
-   set's points the attack flags and of those it does not (`max_score_flagged`, `max_score_unflagged`).
+   set's points the attack flags (false positives) and of those it does not (true negatives)
+   (`max_score_flagged`, `max_score_unflagged`); for t's members the same split (true positives, false
+   negatives) is `members/max_score_flagged|unflagged`.
 
 Online attacks (`lira_online`, `rmia_online`) need shadows that trained on each scored point; no model
 trained on an OOD input, so they are left out (listed in `skipped` with the reason). Metrics are the mean
@@ -44,6 +46,7 @@ class OodResult:
     attacks: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
     attacks_std: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
     recall: dict[str, float] = field(default_factory=dict)
+    members: dict[str, dict[str, float | None]] = field(default_factory=dict)  # members' mean max score
     skipped: dict[str, str] = field(default_factory=dict)
 
     def ood_sets(self) -> list[str]:
@@ -61,6 +64,7 @@ class OodResult:
                 out.update({f"{OOD_PREFIX}/{a}/{st}/{k}": v for k, v in ms.items()})
             out[f"{OOD_PREFIX}/{a}/fpr"] = self.mean_fpr(a)
             out[f"{OOD_PREFIX}/{a}/recall"] = self.recall[a]
+            out.update({f"{OOD_PREFIX}/{a}/members/{k}": v for k, v in self.members[a].items()})
         return out
 
     def flat_std(self) -> dict[str, float | None]:
@@ -69,7 +73,8 @@ class OodResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"sets": self.sets, "label_sources": self.label_sources, "attacks": self.attacks,
-                "attacks_std_over_targets": self.attacks_std, "recall": self.recall, "skipped": self.skipped}
+                "attacks_std_over_targets": self.attacks_std, "recall": self.recall, "members": self.members,
+                "skipped": self.skipped}
 
 
 def metric_names(spec) -> list[str]:
@@ -82,6 +87,7 @@ def metric_names(spec) -> list[str]:
         if a.name in NEEDS_IN_SHADOWS:
             continue
         names += [f"{OOD_PREFIX}/{a.key}/fpr", f"{OOD_PREFIX}/{a.key}/recall"]
+        names += [f"{OOD_PREFIX}/{a.key}/members/max_score_{k}" for k in ("flagged", "unflagged")]
         names += [f"{OOD_PREFIX}/{a.key}/{s}/{k}" for s in sets for k in SET_METRICS]
     return names
 
@@ -140,7 +146,7 @@ def evaluate_ood(attacks: list, signals, ood_logits: np.ndarray, ood_labels: np.
             result.skipped[a.key] = NEEDS_IN_SHADOWS[a.name]
             continue
         runs: list[dict[str, dict[str, float | None]]] = []
-        recalls = []
+        recalls, member_scores = [], []
         for t in targets:
             calib = signals.paired_model(t)
             if calib is None:
@@ -153,12 +159,18 @@ def evaluate_ood(attacks: list, signals, ood_logits: np.ndarray, ood_labels: np.
             threshold = float(np.median(members)) if threshold is None else threshold
             recalls.append(float((members > threshold).mean()))
             max_score = _max_softmax(ext.logits[t, 0])
+            hit, ms = members > threshold, max_score[:p][member]  # members found (TP) and missed (FN)
+            member_scores.append((float(ms[hit].mean()) if hit.any() else None,
+                                  float(ms[~hit].mean()) if (~hit).any() else None))
             per_set = {HELD_OUT: set_metrics(members, scores[:p][~member], threshold, max_score[:p][~member])}
             for key, sl in slices.items():
                 idx = np.arange(sl.start, sl.stop) + p
                 per_set[key] = set_metrics(members, scores[idx], threshold, max_score[idx])
             runs.append(per_set)
         result.recall[a.key] = float(np.mean(recalls))
+        result.members[a.key] = {f"max_score_{k}": (float(np.mean(v)) if (v := [x[i] for x in member_scores
+                                                                                 if x[i] is not None]) else None)
+                                  for i, k in enumerate(("flagged", "unflagged"))}
         result.attacks[a.key], result.attacks_std[a.key] = {}, {}
         for st in sets:
             mean, std = {}, {}

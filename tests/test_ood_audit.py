@@ -57,6 +57,9 @@ def test_scaled_inputs_are_flagged_far_more_often_than_held_out_data(tmp_path):
     assert m["ood/loss/held_out/auroc"] == pytest.approx(m["loss/auc"], abs=1e-12)
     assert m["ood/loss/fpr"] == pytest.approx(np.mean([m[f"ood/loss/{s}/fpr"] for s in ("scaled", "permuted", "noise")]))
     assert "ood/lira_online/fpr" not in m and "lira_online" in res.ood.skipped
+    # members the attack finds are the ones the model is most confident about; scaled inputs even more so
+    assert m["ood/loss/members/max_score_flagged"] > m["ood/loss/members/max_score_unflagged"]
+    assert m["ood/loss/scaled/max_score_flagged"] > 0.99
     assert res.ood.label_sources == {"held_out": "true", "scaled": "source", "permuted": "source", "noise": "random"}
     assert m["std/ood/loss/scaled/fpr"] is not None  # two targets
     assert (res.out_dir / "ood_fpr.png").stat().st_size > 5000
