@@ -292,9 +292,10 @@ def test_the_audit_reports_the_mean_temperature(tmp_path):
 
 
 def test_both_are_listed_with_their_search_space(capsys):
-    from raymia.cli import main
+    from raymia.cli import build_parser, cmd_list
 
-    assert main(["list", "defenses"]) == 0
+    # cmd_list, not main: main configures the raymia logger for a console, which later tests' caplog would miss
+    assert cmd_list(build_parser().parse_args(["list", "defenses"])) == 0
     text = capsys.readouterr().out
     for needle in ("defense temperature_scaling", "'held_out' | 'fixed'", "{'held_out', 'fixed'}",
                    "log [0.25, 4.0]", "defense llla", "prior_precision", "log [0.01, 100.0]",
