@@ -107,39 +107,70 @@ def test_cli_audit_reuses_signals_and_prints_the_table(first_audit, workdir):
     assert "lira_online" in out.stdout and f"{res.attacks['lira_online']['auc']:.4f}" in out.stdout
 
 
-def test_cli_progress_lines_show_once_at_the_drivers_level(workdir):
+def _raymia(*args: str) -> list[str]:
+    return [sys.executable, "-m", "raymia", *args]
+
+
+def _run_together(cmds: dict[str, list[str]], logs, timeout: float) -> dict[str, subprocess.CompletedProcess]:
+    """Run commands side by side, each as `subprocess.run(cmd, capture_output=True, text=True)` would (their
+    output goes to files under `logs`: pipes read one at a time could fill up and block the others)."""
+    procs = {}
+    try:
+        for key, cmd in cmds.items():
+            with open(logs / f"{key}.out", "w") as out, open(logs / f"{key}.err", "w") as err:
+                procs[key] = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        deadline = time.monotonic() + timeout
+        for p in procs.values():
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return {key: subprocess.CompletedProcess(p.args, p.returncode, (logs / f"{key}.out").read_text(),
+                                             (logs / f"{key}.err").read_text()) for key, p in procs.items()}
+
+
+@pytest.fixture(scope="module")
+def console_runs(workdir):
+    """The console tests' three `raymia` runs, each on a fresh bank (so its workers print), run side by side:
+    each process starts its own local Ray instance and Train worker group(s), and most of a run is that
+    start-up's latency, which the other runs' work fills. Each run has its own MLflow store."""
+    progress = tiny_spec_dict(workdir, name="progress", seed=11, train={"epochs": 5, "batch_size": 64},
+                              tracking={"uri": f"sqlite:///{workdir}/progress.db", "experiment": "raymia-tests"})
+    quiet = {**progress, "seed": 12,  # a fresh bank again, quiet
+             "tracking": {"uri": f"sqlite:///{workdir}/quiet.db", "experiment": "raymia-tests"}}
+    console = tiny_spec_dict(workdir, name="console", seed=13, train={"epochs": 5, "batch_size": 64},
+                             tracking={"uri": f"sqlite:///{workdir}/console.db", "experiment": "raymia-tests"})
+    console["sweep"] = {"defense": "hamp", "num_trials": 2, "max_concurrent": 1}
+    for name, raw in (("progress", progress), ("quiet", quiet), ("console", console)):
+        (workdir / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+    return _run_together({
+        "progress": _raymia("audit", str(workdir / "progress.yaml")),
+        "quiet": _raymia("-q", "audit", str(workdir / "quiet.yaml")),
+        "console": _raymia("sweep", str(workdir / "console.yaml")),
+    }, workdir, timeout=400)
+
+
+def test_cli_progress_lines_show_once_at_the_drivers_level(console_runs):
     """A worker's progress reaches the console once per line as `[raymia] ...` (Train V2 would show a
     print() twice), Train's own INFO lines stay off it, and -q silences the workers too."""
-    raw = tiny_spec_dict(workdir, name="progress", seed=11, train={"epochs": 5, "batch_size": 64},
-                         tracking={"uri": f"sqlite:///{workdir}/progress.db", "experiment": "raymia-tests"})
-    path = workdir / "progress.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    out = subprocess.run([sys.executable, "-m", "raymia", "audit", str(path)], capture_output=True, text=True,
-                         timeout=300)
+    out = console_runs["progress"]
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr
     assert text.count("[raymia] worker 0: 2 pack(s)") == 1
     assert text.count("[raymia] worker 0: pack 0 done (1/2") == 1 and text.count("pack 1 done (2/2") == 1
     assert "Requesting resources" not in text and "Started training worker group" not in text
 
-    raw["seed"] = 12  # a fresh bank again, quiet
-    path.write_text(yaml.safe_dump(raw))
-    quiet = subprocess.run([sys.executable, "-m", "raymia", "-q", "audit", str(path)], capture_output=True,
-                           text=True, timeout=300)
+    quiet = console_runs["quiet"]  # a fresh bank too: its workers train, and print nothing
     assert quiet.returncode == 0, quiet.stderr
     assert "[raymia]" not in quiet.stdout + quiet.stderr and "lira_online" in quiet.stdout
 
 
-def test_cli_sweep_console_is_raymias_lines(workdir):
+def test_cli_sweep_console_is_raymias_lines(console_runs):
     """`raymia sweep` shows each trial's progress once, as `[raymia] trial N: ...` lines numbered as the
     front's table numbers trials, and none of Tune's, Optuna's or MLflow's own INFO output."""
-    raw = tiny_spec_dict(workdir, name="console", seed=13, train={"epochs": 5, "batch_size": 64},
-                         tracking={"uri": f"sqlite:///{workdir}/console.db", "experiment": "raymia-tests"})
-    raw["sweep"] = {"defense": "hamp", "num_trials": 2, "max_concurrent": 1}
-    path = workdir / "console.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    out = subprocess.run([sys.executable, "-m", "raymia", "sweep", str(path)], capture_output=True, text=True,
-                         timeout=400)
+    out = console_runs["console"]
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout + out.stderr
     for n in (0, 1):
@@ -224,10 +255,12 @@ def test_check_reads_the_finished_sweep(first_audit, workdir):
 
 def test_audit_from_trial(first_audit, workdir):
     """raymia audit SPEC --from-trial N audits a sweep trial's setting (here with the same bank: reused)."""
-    out = subprocess.run([sys.executable, "-m", "raymia", "audit", str(workdir / "tinysweep.yaml"), "--from-trial",
-                          "1", "--set", "tracking.enabled=false"], capture_output=True, text=True, timeout=120)
+    sweep = str(workdir / "tinysweep.yaml")
+    runs = _run_together({  # two independent runs (neither starts Ray), side by side
+        "from-trial": _raymia("audit", sweep, "--from-trial", "1", "--set", "tracking.enabled=false"),
+        "bad-trial": _raymia("audit", sweep, "--from-trial", "7"),
+    }, workdir, timeout=120)
+    out, bad = runs["from-trial"], runs["bad-trial"]
     assert out.returncode == 0, out.stderr
     assert "reusing stored signals" in out.stderr and "defense=hamp" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "raymia", "audit", str(workdir / "tinysweep.yaml"),
-                          "--from-trial", "7"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--from-trial: no finished trial 7" in bad.stderr

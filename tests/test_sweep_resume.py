@@ -1,5 +1,7 @@
 """A sweep whose driver is killed mid-run finishes on a re-run, without re-running finished trials and
-without duplicate MLflow runs (a real `raymia sweep` process, killed with SIGKILL)."""
+without duplicate MLflow runs (a real `raymia sweep` process, killed with SIGKILL). Each trial trains its
+small bank in its own process (`bank.engine: local`): a Train worker group start per trial would add
+nothing that this test checks (tests/test_e2e.py runs sweeps whose trials use Ray Train)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ plan: {{num_models: 4, population: 200}}
 model: {{params: {{hidden: [64]}}}}
 train: {{epochs: 10}}
 attacks: [{{name: loss}}, {{name: lira_online}}]
-bank: {{pack_size: 4}}
+bank: {{pack_size: 4, engine: local}}
 output_dir: {out}/runs
 tracking: {{uri: "sqlite:///{out}/mlflow.db", experiment: resume-test}}
 sweep: {{defense: hamp, num_trials: 3, max_concurrent: 1}}
@@ -45,8 +47,26 @@ def test_killed_sweep_resumes(tmp_path):
     assert 1 <= len(done_before) < 3, done_before
     mtimes = {p: os.path.getmtime(p) for p in glob.glob(trials_glob)}
 
-    again = subprocess.run([sys.executable, "-m", "raymia", "sweep", str(spec), "--resume"],
-                           capture_output=True, text=True, timeout=400, env=env)
+    # The resumed run, watched: Tune logs a failed restore (e.g. of a searcher state that the kill left
+    # truncated) and then waits forever, so that message fails the test at once instead of at the timeout.
+    with open(tmp_path / "resume.out", "w") as out, open(tmp_path / "resume.err", "w") as err:
+        resume = subprocess.Popen([sys.executable, "-m", "raymia", "sweep", str(spec), "--resume"], stdout=out,
+                                  stderr=err, text=True, start_new_session=True, env=env)
+    t0 = time.time()
+    try:
+        while resume.poll() is None:
+            stderr = (tmp_path / "resume.err").read_text()
+            if "Failed to restore the run state" in stderr:
+                pytest.fail(f"the resumed sweep could not restore Tune's state:\n{stderr[-3000:]}")
+            if time.time() - t0 > 400:
+                pytest.fail(f"the resumed sweep did not finish in 400 s:\n{stderr[-3000:]}")
+            time.sleep(0.5)
+    finally:
+        if resume.poll() is None:
+            os.killpg(resume.pid, signal.SIGKILL)
+            resume.wait()
+    again = subprocess.CompletedProcess(resume.args, resume.returncode, (tmp_path / "resume.out").read_text(),
+                                        (tmp_path / "resume.err").read_text())
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming sweep resumable" in again.stderr
     result = json.loads((tmp_path / "runs" / "sweeps" / "resumable" / "result.json").read_text())
@@ -57,16 +77,25 @@ def test_killed_sweep_resumes(tmp_path):
     for p, m in mtimes.items():  # finished trials were not run again
         assert os.path.getmtime(p) == m
 
-    from mlflow.tracking import MlflowClient
+    # Re-running a finished sweep reports it and runs nothing (started now: it runs while MLflow is read).
+    with open(tmp_path / "third.out", "w") as out, open(tmp_path / "third.err", "w") as err:
+        rerun = subprocess.Popen([sys.executable, "-m", "raymia", "sweep", str(spec)], stdout=out, stderr=err,
+                                 text=True, env=env)
+    try:
+        from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = client.get_experiment_by_name("resume-test")
-    parents = client.search_runs([exp.experiment_id], filter_string="tags.`raymia.kind` = 'sweep'")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = client.search_runs([exp.experiment_id], filter_string="tags.`raymia.kind` = 'trial'")
-    assert sorted(c.data.tags["raymia.trial_id"] for c in children) == sorted(ids)  # one run per trial
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        exp = client.get_experiment_by_name("resume-test")
+        parents = client.search_runs([exp.experiment_id], filter_string="tags.`raymia.kind` = 'sweep'")
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        children = client.search_runs([exp.experiment_id], filter_string="tags.`raymia.kind` = 'trial'")
+        assert sorted(c.data.tags["raymia.trial_id"] for c in children) == sorted(ids)  # one run per trial
 
-    # Re-running a finished sweep reports it and runs nothing.
-    third = subprocess.run([sys.executable, "-m", "raymia", "sweep", str(spec)], capture_output=True, text=True,
-                           timeout=120, env=env)
+        rerun.wait(timeout=120)
+    finally:
+        if rerun.poll() is None:
+            rerun.kill()
+            rerun.wait()
+    third = subprocess.CompletedProcess(rerun.args, rerun.returncode, (tmp_path / "third.out").read_text(),
+                                        (tmp_path / "third.err").read_text())
     assert third.returncode == 0 and "already finished" in third.stderr
