@@ -152,6 +152,40 @@ def _optuna_storage(url: str):
     return optuna.storages.RDBStorage(url)
 
 
+def _damaged_tune_state(exp_dir: Path) -> str | None:
+    """Why Tune's newest saved state in exp_dir cannot be restored (a file cut short by a kill while Tune
+    copied it), or None. JSON files are parsed; the searcher's pickle is checked by its frame (protocol
+    marker first, STOP opcode last), not loaded."""
+    for pattern in ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl"):
+        files = sorted(exp_dir.glob(pattern))
+        if not files:
+            continue
+        newest = files[-1]
+        try:
+            data = newest.read_bytes()
+        except OSError as e:
+            return f"{newest.name}: {e}"
+        if newest.suffix == ".json":
+            try:
+                json.loads(data)
+            except ValueError:
+                return f"{newest.name} is not valid JSON"
+        elif len(data) < 2 or data[0] != 0x80 or data[-1:] != b".":
+            return f"{newest.name} is cut short ({len(data)} bytes)"
+    return None
+
+
+def _delete_study(spec: SweepSpec, sweep_dir: Path) -> None:
+    """Remove the sweep's Optuna study, so a new search starts from the same seeded proposals."""
+    import optuna
+
+    storage = _optuna_storage(spec.sweep.storage or f"sqlite:///{sweep_dir / 'optuna.db'}")
+    try:
+        optuna.delete_study(study_name=f"raymia-{spec.name}", storage=storage)
+    except KeyError:  # no such study yet
+        pass
+
+
 def _make_sampler(name: str, seed: int):
     import optuna
 
@@ -421,6 +455,16 @@ def run_sweep(
         return result
     exp_dir = root / "ray" / f"sweep-{spec.name}"
     resuming = state is not None and tune.Tuner.can_restore(str(exp_dir))
+    if resuming and (problem := _damaged_tune_state(exp_dir)):
+        # Tune would log the failed restore and then wait forever: start the search again instead. A fresh
+        # study with the same seed proposes the same settings, whose banks are stored: nothing retrains.
+        log.warning("sweep %s: Tune's saved state is damaged (%s; the sweep was killed while writing it): "
+                    "starting the search again, reusing every stored bank", spec.name, problem)
+        import shutil
+
+        shutil.rmtree(exp_dir, ignore_errors=True)
+        _delete_study(spec, sweep_dir)
+        resuming = False
     parent_id = state.get("parent_run_id") if state else None
     if spec.tracking.enabled and parent_id is None:
         parent_id = _start_parent(spec)

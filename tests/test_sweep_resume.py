@@ -99,3 +99,36 @@ def test_killed_sweep_resumes(tmp_path):
     third = subprocess.CompletedProcess(rerun.args, rerun.returncode, (tmp_path / "third.out").read_text(),
                                         (tmp_path / "third.err").read_text())
     assert third.returncode == 0 and "already finished" in third.stderr
+
+
+def test_damaged_tune_state_is_found_without_unpickling(tmp_path):
+    """A state file cut short by a kill while Tune copied it (Tune would then wait forever on resume)."""
+    import pickle
+
+    from raymia.sweep import _damaged_tune_state
+
+    (tmp_path / "experiment_state-1.json").write_text('{"trials": []}')
+    (tmp_path / "searcher-state-1.pkl").write_bytes(pickle.dumps({"a": 1}))
+    assert _damaged_tune_state(tmp_path) is None
+    (tmp_path / "searcher-state-1.pkl").write_bytes(b"")
+    assert "searcher-state-1.pkl is cut short (0 bytes)" in _damaged_tune_state(tmp_path)
+    (tmp_path / "searcher-state-1.pkl").write_bytes(pickle.dumps({"a": 1})[:-3])
+    assert "cut short" in _damaged_tune_state(tmp_path)
+    (tmp_path / "searcher-state-1.pkl").write_bytes(pickle.dumps({"a": 1}))
+    (tmp_path / "experiment_state-2.json").write_text('{"trials": [')  # the newest one counts
+    assert "experiment_state-2.json is not valid JSON" in _damaged_tune_state(tmp_path)
+
+
+def test_delete_study_lets_a_new_search_start_from_the_seed(tmp_path):
+    import optuna
+
+    from raymia.resolve import validate_spec
+    from raymia.spec import SweepSpec
+    from raymia.sweep import _delete_study, _optuna_storage
+
+    spec = validate_spec({"name": "s", "sweep": {"defense": "label_smoothing"}}, SweepSpec)
+    storage = _optuna_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    optuna.create_study(study_name="raymia-s", storage=storage)
+    _delete_study(spec, tmp_path)
+    assert "raymia-s" not in [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    _delete_study(spec, tmp_path)  # no study: nothing to do
