@@ -154,9 +154,9 @@ def _optuna_storage(url: str):
 
 def _damaged_tune_state(exp_dir: Path) -> str | None:
     """Why Tune's newest saved state in exp_dir cannot be restored (a file cut short by a kill while Tune
-    copied it), or None. JSON files are parsed; the searcher's pickle is checked by its frame (protocol
-    marker first, STOP opcode last), not loaded."""
-    for pattern in ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl"):
+    copied it), or None. A pickle is checked by its frame (protocol marker first, STOP opcode last), not
+    loaded; anything else must parse as JSON."""
+    for pattern in _TUNE_STATE:
         files = sorted(exp_dir.glob(pattern))
         if not files:
             continue
@@ -165,14 +165,56 @@ def _damaged_tune_state(exp_dir: Path) -> str | None:
             data = newest.read_bytes()
         except OSError as e:
             return f"{newest.name}: {e}"
-        if newest.suffix == ".json":
-            try:
-                json.loads(data)
-            except ValueError:
-                return f"{newest.name} is not valid JSON"
-        elif len(data) < 2 or data[0] != 0x80 or data[-1:] != b".":
+        if data[:1] == b"\x80":  # a pickle, whatever its name says (Tune's search_gen_state-*.json is one)
+            if data[-1:] != b".":
+                return f"{newest.name} is cut short ({len(data)} bytes)"
+            continue
+        if newest.suffix == ".pkl":
             return f"{newest.name} is cut short ({len(data)} bytes)"
+        try:
+            json.loads(data)
+        except ValueError:
+            return f"{newest.name} is neither intact JSON nor an intact pickle ({len(data)} bytes)"
     return None
+
+
+_TUNE_STATE = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
+
+
+def _backup_tune_state(exp_dir: Path, backup: Path) -> None:
+    """Copy Tune's state files to `backup` when they are intact, replacing the previous copy atomically
+    (a new folder renamed over it; a kill in between leaves `<backup>.old`, which a restore also reads)."""
+    import os
+    import shutil
+
+    if not exp_dir.is_dir() or _damaged_tune_state(exp_dir) is not None:
+        return
+    tmp, old = backup.with_name(backup.name + ".tmp"), backup.with_name(backup.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for pattern in _TUNE_STATE:
+        for f in exp_dir.glob(pattern):
+            shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(old, ignore_errors=True)
+    if backup.exists():
+        os.replace(backup, old)
+    os.replace(tmp, backup)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _restore_tune_state(backup: Path, exp_dir: Path) -> bool:
+    """Put an intact copy from `_backup_tune_state` back into exp_dir; False when there is none."""
+    import shutil
+
+    for copy in (backup, backup.with_name(backup.name + ".old")):
+        if copy.is_dir() and any(copy.iterdir()) and _damaged_tune_state(copy) is None:
+            for pattern in _TUNE_STATE:
+                for f in exp_dir.glob(pattern):
+                    f.unlink()
+                for f in copy.glob(pattern):
+                    shutil.copy2(f, exp_dir / f.name)
+            return True
+    return False
 
 
 def _delete_study(spec: SweepSpec, sweep_dir: Path) -> None:
@@ -265,7 +307,7 @@ def _trial_name(trial) -> str:
     return f"trial_{_number(trial)}"
 
 
-def _progress_callback(spec: SweepSpec):
+def _progress_callback(spec: SweepSpec, exp_dir: Path, backup: Path):
     from ray import tune
 
     objs = [o.metric for o in spec.sweep.objectives]
@@ -278,6 +320,7 @@ def _progress_callback(spec: SweepSpec):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
+            _backup_tune_state(exp_dir, backup)  # Tune's own copy is not atomic: a kill can cut it short
             r = trial.last_result or {}
             _, cfg = split_config(trial.config)
             vals = "  ".join(f"{o}={r.get(o, float('nan')):.4f}" for o in objs)
@@ -456,15 +499,21 @@ def run_sweep(
     exp_dir = root / "ray" / f"sweep-{spec.name}"
     resuming = state is not None and tune.Tuner.can_restore(str(exp_dir))
     if resuming and (problem := _damaged_tune_state(exp_dir)):
-        # Tune would log the failed restore and then wait forever: start the search again instead. A fresh
-        # study with the same seed proposes the same settings, whose banks are stored: nothing retrains.
-        log.warning("sweep %s: Tune's saved state is damaged (%s; the sweep was killed while writing it): "
-                    "starting the search again, reusing every stored bank", spec.name, problem)
-        import shutil
+        # Tune would log the failed restore and then wait forever. Put back raymia's copy of its state from
+        # the last finished trial (trials finished since then report their stored results again); without
+        # one, start the search again: a fresh study with the same seed proposes the same settings, whose
+        # banks are stored, so nothing retrains.
+        if _restore_tune_state(sweep_dir / "tune-state", exp_dir):
+            log.warning("sweep %s: Tune's saved state was damaged (%s; the sweep was killed while writing it); "
+                        "resuming from the copy taken after the last finished trial", spec.name, problem)
+        else:
+            log.warning("sweep %s: Tune's saved state is damaged (%s; the sweep was killed while writing it): "
+                        "starting the search again, reusing every stored bank", spec.name, problem)
+            import shutil
 
-        shutil.rmtree(exp_dir, ignore_errors=True)
-        _delete_study(spec, sweep_dir)
-        resuming = False
+            shutil.rmtree(exp_dir, ignore_errors=True)
+            _delete_study(spec, sweep_dir)
+            resuming = False
     parent_id = state.get("parent_run_id") if state else None
     if spec.tracking.enabled and parent_id is None:
         parent_id = _start_parent(spec)
@@ -562,7 +611,8 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
         run_config=tune.RunConfig(
             name=f"sweep-{spec.name}",
             storage_path=str(root / "ray"),
-            callbacks=[_progress_callback(spec)] + ([_mlflow_callback(spec, parent_id)] if parent_id else []),
+            callbacks=[_progress_callback(spec, root / "ray" / f"sweep-{spec.name}", sweep_dir / "tune-state")]
+            + ([_mlflow_callback(spec, parent_id)] if parent_id else []),
             verbose=0,
         ),
     )

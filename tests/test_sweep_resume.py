@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -46,6 +47,10 @@ def test_killed_sweep_resumes(tmp_path):
     done_before = {p.split(os.sep)[-2] for p in glob.glob(trials_glob)}
     assert 1 <= len(done_before) < 3, done_before
     mtimes = {p: os.path.getmtime(p) for p in glob.glob(trials_glob)}
+    # The worst kill: while Tune copied its searcher state (Tune's copies are not atomic). The resume must
+    # put back raymia's copy from the last finished trial, not wait forever on a failed restore.
+    for state in glob.glob(str(tmp_path / "runs" / "ray" / "sweep-resumable" / "searcher-state-*.pkl")):
+        Path(state).write_bytes(b"")
 
     # The resumed run, watched: Tune logs a failed restore (e.g. of a searcher state that the kill left
     # truncated) and then waits forever, so that message fails the test at once instead of at the timeout.
@@ -69,6 +74,7 @@ def test_killed_sweep_resumes(tmp_path):
                                         (tmp_path / "resume.err").read_text())
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming sweep resumable" in again.stderr
+    assert "resuming from the copy taken after the last finished trial" in again.stderr
     result = json.loads((tmp_path / "runs" / "sweeps" / "resumable" / "result.json").read_text())
     assert len(result["trials"]) == 3 and all(t["status"] == "ok" for t in result["trials"])
     assert [t["defense"] for t in result["trials"]].count("none") == 1
@@ -115,8 +121,11 @@ def test_damaged_tune_state_is_found_without_unpickling(tmp_path):
     (tmp_path / "searcher-state-1.pkl").write_bytes(pickle.dumps({"a": 1})[:-3])
     assert "cut short" in _damaged_tune_state(tmp_path)
     (tmp_path / "searcher-state-1.pkl").write_bytes(pickle.dumps({"a": 1}))
+    (tmp_path / "search_gen_state-1.json").write_bytes(pickle.dumps({"b": 2}))  # Tune's: a pickle named .json
+    assert _damaged_tune_state(tmp_path) is None
     (tmp_path / "experiment_state-2.json").write_text('{"trials": [')  # the newest one counts
-    assert "experiment_state-2.json is not valid JSON" in _damaged_tune_state(tmp_path)
+    assert "experiment_state-2.json is neither intact JSON" in _damaged_tune_state(tmp_path)
+    # (a real sweep's files, as Tune writes them, are checked by test_killed_sweep_resumes: it must resume)
 
 
 def test_delete_study_lets_a_new_search_start_from_the_seed(tmp_path):
@@ -132,3 +141,23 @@ def test_delete_study_lets_a_new_search_start_from_the_seed(tmp_path):
     _delete_study(spec, tmp_path)
     assert "raymia-s" not in [s.study_name for s in optuna.get_all_study_summaries(storage)]
     _delete_study(spec, tmp_path)  # no study: nothing to do
+
+
+def test_a_damaged_tune_state_is_put_back_from_raymias_copy(tmp_path):
+    import pickle
+
+    from raymia.sweep import _backup_tune_state, _damaged_tune_state, _restore_tune_state
+
+    exp, backup = tmp_path / "exp", tmp_path / "sweep" / "tune-state"
+    exp.mkdir()
+    (exp / "experiment_state-1.json").write_text('{"trials": [1]}')
+    (exp / "searcher-state-1.pkl").write_bytes(pickle.dumps({"told": 1}))
+    (exp / "trial_0").mkdir()  # trial folders are Tune's, not copied
+    _backup_tune_state(exp, backup)
+    assert sorted(p.name for p in backup.iterdir()) == ["experiment_state-1.json", "searcher-state-1.pkl"]
+    (exp / "searcher-state-1.pkl").write_bytes(b"")  # the kill
+    _backup_tune_state(exp, backup)  # a damaged state is never copied over a good one
+    assert _damaged_tune_state(backup) is None
+    assert _restore_tune_state(backup, exp) and _damaged_tune_state(exp) is None
+    assert pickle.loads((exp / "searcher-state-1.pkl").read_bytes()) == {"told": 1}
+    assert not _restore_tune_state(tmp_path / "none", exp)
