@@ -407,11 +407,9 @@ def train_ood_gan(x_public: torch.Tensor, y_public: torch.Tensor, info: DataInfo
     `stop_after`: return None after this many steps of this call, as if the process were killed then (no
     checkpoint is written beyond the periodic ones): for tests, or to spread training over several calls.
     """
-    import torch.nn.functional as F
-
     from raymia.defenses.vae import load_state, save_state
-    from raymia.inversion.gan import _checkpoint, _fresh, _load_pair, _prefixed, _resume
-    from raymia.inversion.registry import pixel_transform
+    from raymia.inversion.gan import _fresh, _load_pair, _prefixed, _resume
+    from raymia.inversion.plgmi import hinge_cgan_steps
 
     x = x_public.detach().float().cpu()
     y_all = y_public.detach().long().cpu()
@@ -442,37 +440,11 @@ def train_ood_gan(x_public: torch.Tensor, y_public: torch.Tensor, info: DataInfo
     else:
         log.info("ood gan: training the cGAN on %d public points of %d classes (%d steps)", x.shape[0],
                  len(classes), settings.steps)
-    std_cpu = pixel_transform(info)[1]
-    n, b, zdim = x.shape[0], settings.batch_size, settings.latent_dim
-    for step in range(start, settings.steps):
-        # generator: hinge loss (D frozen); fake labels are the labels of random public points
-        z = torch.randn(b, zdim, generator=rng).to(device)
-        y = y_all[torch.randint(n, (b,), generator=rng)].to(device)
-        d_net.requires_grad_(False)
-        loss_g = -d_net(g_net(z, y), y).mean()
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-        d_net.requires_grad_(True)
-        for _ in range(settings.n_dis):
-            pick = torch.randint(n, (b,), generator=rng)
-            noise = torch.rand(b, *x.shape[1:], generator=rng) / 256 / std_cpu  # dequantisation (PLG-MI)
-            real, y_real = (x[pick] + noise).to(device), y_all[pick].to(device)
-            z = torch.randn(b, zdim, generator=rng).to(device)
-            y = y_all[torch.randint(n, (b,), generator=rng)].to(device)
-            with torch.no_grad():
-                fake = g_net(z, y)
-            loss_d = F.relu(1 - d_net(real, y_real)).mean() + F.relu(1 + d_net(fake, y)).mean()
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-        done = step + 1
-        if done % settings.checkpoint_every == 0 and done < settings.steps:
-            save_state(ckpt, key, _checkpoint(g_net, d_net, opt_g, opt_d, rng, done))
-            log.info("ood gan: cGAN training at step %d/%d (checkpointed)", done, settings.steps)
-        if stop_after is not None and done - start >= stop_after and done < settings.steps:
-            log.info("ood gan: cGAN training stopped at step %d/%d (stop_after)", done, settings.steps)
-            return None
+    n = x.shape[0]  # fake labels: those of random public points (the public split's class balance)
+    if not hinge_cgan_steps(g_net, d_net, opt_g, opt_d, rng, x, y_all,
+                            lambda b: y_all[torch.randint(n, (b,), generator=rng)], settings, info, start, device,
+                            ckpt, key, "ood gan", stop_after):
+        return None
 
     save_state(path, key, {**_prefixed("generator", g_net.state_dict()),
                            **_prefixed("discriminator", d_net.state_dict())})

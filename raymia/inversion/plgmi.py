@@ -57,10 +57,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -293,6 +294,54 @@ def cgan_key(target: nn.Module, x_public: torch.Tensor, classes: Sequence[int], 
                        "std": info.std, "settings": fields, "seed": seed, "device": device.type})
 
 
+def hinge_cgan_steps(g_net: nn.Module, d_net: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
+                     rng: torch.Generator, x: torch.Tensor, y: torch.Tensor,
+                     draw_labels: Callable[[int], torch.Tensor], settings: Any, info: DataInfo, start: int,
+                     device: torch.device, ckpt: Path, key: str, what: str, stop_after: int | None = None,
+                     extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> bool:
+    """Steps `start`..settings.steps of PLG-MI's conditional GAN game on inputs x [N, ...] (CPU) with
+    labels y [N]: per step one generator update (hinge loss -D(G(z, c), c), plus `extra_loss(fake, c)`,
+    with D frozen) and `settings.n_dis` discriminator updates (hinge loss on real inputs with
+    dequantisation noise and on fakes); fake labels c come from `draw_labels(batch)`; every random draw
+    from `rng`. A checkpoint every `settings.checkpoint_every` steps; False when `stop_after` steps of
+    this call stopped it (as a kill would), True when it finished. Shared by PLG-MI and the `gan`
+    non-member set (raymia.data.ood), which trains without an extra loss."""
+    std_cpu = pixel_transform(info)[1]
+    n, b, zdim = x.shape[0], settings.batch_size, settings.latent_dim
+    for step in range(start, settings.steps):
+        z = torch.randn(b, zdim, generator=rng).to(device)
+        c = draw_labels(b).to(device)
+        d_net.requires_grad_(False)
+        fake = g_net(z, c)
+        loss_g = -d_net(fake, c).mean()
+        if extra_loss is not None:
+            loss_g = loss_g + extra_loss(fake, c)
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        d_net.requires_grad_(True)
+        for _ in range(settings.n_dis):
+            pick = torch.randint(n, (b,), generator=rng)
+            noise = torch.rand(b, *x.shape[1:], generator=rng) / 256 / std_cpu  # dequantisation
+            real, y_real = (x[pick] + noise).to(device), y[pick].to(device)
+            z = torch.randn(b, zdim, generator=rng).to(device)
+            c = draw_labels(b).to(device)
+            with torch.no_grad():
+                fake = g_net(z, c)
+            loss_d = F.relu(1 - d_net(real, y_real)).mean() + F.relu(1 + d_net(fake, c)).mean()
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+        done = step + 1
+        if done % settings.checkpoint_every == 0 and done < settings.steps:
+            save_state(ckpt, key, _checkpoint(g_net, d_net, opt_g, opt_d, rng, done))
+            log.info("%s: cGAN training at step %d/%d (checkpointed)", what, done, settings.steps)
+        if stop_after is not None and done - start >= stop_after and done < settings.steps:
+            log.info("%s: cGAN training stopped at step %d/%d (stop_after)", what, done, settings.steps)
+            return False
+    return True
+
+
 def train_cgan(target: nn.Module, x_public: torch.Tensor, classes: Sequence[int], info: DataInfo,
                settings: CGanSettings, cache_dir: Path, device: torch.device, seed: int,
                stop_after: int | None = None) -> FittedCGan | None:
@@ -336,40 +385,16 @@ def train_cgan(target: nn.Module, x_public: torch.Tensor, classes: Sequence[int]
                      "mean target confidence %.3f; %d steps)", x_sel.shape[0], settings.top_n, x.shape[0],
                      float(conf.mean()), settings.steps)
         mean, std = pixel_transform(info, device)
-        std_cpu = pixel_transform(info)[1]
         cls = torch.tensor(classes, dtype=torch.int64, device=device)
-        n, b, zdim = x_sel.shape[0], settings.batch_size, settings.latent_dim
-        for step in range(start, settings.steps):
-            # generator: hinge loss + alpha x max-margin inversion loss on an augmented view (D frozen)
-            z, y = torch.randn(b, zdim, generator=rng).to(device), torch.randint(k, (b,), generator=rng).to(device)
-            d_net.requires_grad_(False)
-            fake = g_net(z, y)
-            inv = max_margin(target(augment(fake, rng, settings.augment, mean, std)), cls[y]).mean()
-            loss_g = -d_net(fake, y).mean() + settings.alpha * inv
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            opt_g.step()
-            d_net.requires_grad_(True)
-            # discriminator: hinge loss, n_dis updates
-            for _ in range(settings.n_dis):
-                pick = torch.randint(n, (b,), generator=rng)
-                noise = torch.rand(b, *x_sel.shape[1:], generator=rng) / 256 / std_cpu  # dequantisation
-                real, y_real = (x_sel[pick] + noise).to(device), cond[pick].to(device)
-                z = torch.randn(b, zdim, generator=rng).to(device)
-                y = torch.randint(k, (b,), generator=rng).to(device)
-                with torch.no_grad():
-                    fake = g_net(z, y)
-                loss_d = F.relu(1 - d_net(real, y_real)).mean() + F.relu(1 + d_net(fake, y)).mean()
-                opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
-                opt_d.step()
-            done = step + 1
-            if done % settings.checkpoint_every == 0 and done < settings.steps:
-                save_state(ckpt, key, _checkpoint(g_net, d_net, opt_g, opt_d, rng, done))
-                log.info("plg_mi: cGAN training at step %d/%d (checkpointed)", done, settings.steps)
-            if stop_after is not None and done - start >= stop_after and done < settings.steps:
-                log.info("plg_mi: cGAN training stopped at step %d/%d (stop_after)", done, settings.steps)
-                return None
+
+        def inversion_loss(fake: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # on an augmented view
+            return settings.alpha * max_margin(target(augment(fake, rng, settings.augment, mean, std)), cls[y]).mean()
+
+        finished = hinge_cgan_steps(g_net, d_net, opt_g, opt_d, rng, x_sel, cond,
+                                    lambda b: torch.randint(k, (b,), generator=rng), settings, info, start, device,
+                                    ckpt, key, "plg_mi", stop_after, extra_loss=inversion_loss)
+        if not finished:
+            return None
 
     save_state(path, key, {**_prefixed("generator", g_net.state_dict()),
                            **_prefixed("discriminator", d_net.state_dict())})
