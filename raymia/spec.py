@@ -122,22 +122,15 @@ class DefenseSpec(Named):
 ATTACK_LABEL_RESERVED = ("worst", "defense", "std")  # prefixes of other flat metric names
 
 
-class AttackSpec(Named):
-    """An attack entry: a registered attack `name`, its `params`, and an optional `label` that names the entry
-    in results and metric names (`<label>/auc`, MLflow, sweep objectives); without one, the name does. Labels
-    let one attack be listed twice with different params. `key` is the label, or the name."""
+class LabelledEntry(Named):
+    """A registry entry that results name by an optional `label` (default: the name): an attack, a
+    non-member set. Labels let one entry be listed twice with different params; `key` is the label, or the
+    name."""
 
     label: str | None = Field(
         None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$",
-        description="name of this entry in results and metric names (default: the attack's name)",
+        description="name of this entry in results and metric names (default: its name)",
     )
-
-    @field_validator("label")
-    @classmethod
-    def _label(cls, v: str | None) -> str | None:
-        if v in ATTACK_LABEL_RESERVED:
-            raise ValueError(f"{v!r} is reserved for other metrics ({', '.join(ATTACK_LABEL_RESERVED)})")
-        return v
 
     @model_serializer(mode="wrap")
     def _without_default_label(self, handler: Any) -> Any:
@@ -148,8 +141,20 @@ class AttackSpec(Named):
 
     @property
     def key(self) -> str:
-        """What names this entry in results: the label, or the attack's name."""
+        """What names this entry in results: the label, or the name."""
         return self.label or self.name
+
+
+class AttackSpec(LabelledEntry):
+    """An attack entry: a registered attack `name`, its `params`, and an optional `label` that names the entry
+    in results and metric names (`<label>/auc`, MLflow, sweep objectives)."""
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, v: str | None) -> str | None:
+        if v in ATTACK_LABEL_RESERVED:
+            raise ValueError(f"{v!r} is reserved for other metrics ({', '.join(ATTACK_LABEL_RESERVED)})")
+        return v
 
 
 class PlanSpec(_Model):
@@ -314,23 +319,9 @@ def _default_attacks() -> list[AttackSpec]:
     return [AttackSpec(name=n) for n in ("loss", "modified_entropy", "lira_online", "lira_offline", "rmia_online")]
 
 
-class NonMemberSetSpec(Named):
+class NonMemberSetSpec(LabelledEntry):
     """A non-member set (`raymia list ood`: permuted, scaled, unnormalized, uniform, gaussian, dataset, gan)
     queried beside the audited points; `label` names it in results (default: the name)."""
-
-    label: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$",
-                              description="name of this set in results and metric names (default: its name)")
-
-    @model_serializer(mode="wrap")
-    def _without_default_label(self, handler: Any) -> Any:
-        d = handler(self)
-        if isinstance(d, dict) and d.get("label") is None:
-            d.pop("label", None)
-        return d
-
-    @property
-    def key(self) -> str:
-        return self.label or self.name
 
 
 class OodSpec(_Model):
