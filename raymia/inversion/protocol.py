@@ -113,9 +113,10 @@ def evaluator_arch(spec: AuditSpec) -> tuple[str, dict[str, Any]]:
     ev = spec.inversion.evaluator if spec.inversion is not None else None
     if ev is not None and ev.model is not None:
         return ev.model, dict(ev.params)
+    params = dict(ev.params) if ev is not None else {}  # params without a model apply to the default one
     if spec.model.name != "cnn":
-        return "cnn", dict(ev.params) if ev is not None else {}
-    return "mlp", {"hidden": [512, 256]}
+        return "cnn", params
+    return "mlp", params or {"hidden": [512, 256]}
 
 
 def inversion_data(spec: AuditSpec, ctx) -> InversionData:
