@@ -56,3 +56,58 @@ def tiny_spec_dict(tmp_path, **over) -> dict:
     for k, v in over.items():
         d[k] = v
     return d
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model inversion on digits: private classes 0-4, public 5-9 (tests/test_inversion_attacks.py, _plgmi.py)
+
+PRIVATE_CLASSES = [0, 1, 2, 3, 4]
+
+
+def train_small(name: str, params: dict, info, x, y, epochs: int, seed: int):
+    """A registry model trained by plain Adam (lr 1e-3, batches of 64, seeded order), in eval mode."""
+    import torch
+    import torch.nn.functional as F
+
+    from raymia.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(name, params, info)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), 64):
+            b = order[i:i + 64]
+            loss = F.cross_entropy(model(x[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def top1(model, x, y) -> float:
+    import torch
+
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+@pytest.fixture(scope="module")
+def inversion_setting(digits, one_thread):
+    """(info of the private task, target, evaluator, public inputs); both models checked on the private
+    test split."""
+    from dataclasses import replace
+
+    import torch
+
+    k = len(PRIVATE_CLASSES)
+    info = replace(digits.info, num_classes=k)
+    train, test = digits.y_train < k, digits.y_test < k
+    x, y = digits.x_train[train], digits.y_train[train]
+    x_public = torch.cat([digits.x_train[~train], digits.x_test[~test]])  # classes 5-9: disjoint
+    target = train_small("mlp", {"hidden": [64]}, info, x, y, epochs=20, seed=0)
+    evaluator = train_small("cnn", {"channels": [16, 32], "hidden": 64}, info, x, y, epochs=10, seed=1)
+    for model in (target, evaluator):
+        assert top1(model, digits.x_test[test], digits.y_test[test]) > 0.9
+    return info, target, evaluator, x_public

@@ -30,11 +30,12 @@ from raymia.inversion.plgmi import (
     train_cgan,
 )
 from raymia.inversion.registry import INVERSION, InversionContext, pixel_transform, run_inversion
-from raymia.models import build_model
+from tests.conftest import PRIVATE_CLASSES as PRIVATE
+from tests.conftest import top1 as _top1
+from tests.conftest import train_small as _train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PRIVATE = [0, 1, 2, 3, 4]
 CPU = torch.device("cpu")
 # A cGAN small enough to train in a few seconds on one core (gan_lr 1e-3: at the official 2e-4 its samples
 # are not yet class-conditional after 200 steps). No flips: digits are not mirror-symmetric.
@@ -42,41 +43,9 @@ TINY = {"latent_dim": 16, "width": 16, "gan_steps": 200, "n_dis": 2, "gan_lr": 1
         "steps": 100, "restarts": 2, "per_class": 4}
 
 
-def _train(name: str, params: dict, info: DataInfo, x: torch.Tensor, y: torch.Tensor, epochs: int,
-           seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = build_model(name, params, info)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 64):
-            b = order[i:i + 64]
-            loss = F.cross_entropy(model(x[b]), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
-
-
-def _top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
-
-
 @pytest.fixture(scope="module")
-def setting(digits, one_thread):
-    """(info of the private task, target, evaluator, public inputs); both models checked on the private
-    test split."""
-    info = replace(digits.info, num_classes=len(PRIVATE))
-    train, test = digits.y_train < len(PRIVATE), digits.y_test < len(PRIVATE)
-    x, y = digits.x_train[train], digits.y_train[train]
-    x_public = torch.cat([digits.x_train[~train], digits.x_test[~test]])  # classes 5-9: disjoint
-    target = _train("mlp", {"hidden": [64]}, info, x, y, epochs=20, seed=0)
-    evaluator = _train("cnn", {"channels": [16, 32], "hidden": 64}, info, x, y, epochs=10, seed=1)
-    for model in (target, evaluator):
-        assert _top1(model, digits.x_test[test], digits.y_test[test]) > 0.9
-    return info, target, evaluator, x_public
+def setting(inversion_setting):
+    return inversion_setting
 
 
 def _ctx(setting, tmp_path, seed=0) -> InversionContext:
