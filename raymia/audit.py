@@ -1,6 +1,6 @@
 """run_audit(spec): the one function that wires the pipeline.
 
-spec -> membership plan -> bank (Ray Train, packs stored as signals) -> attacks -> metrics -> report
+spec -> membership plan -> bank (warm Ray pool, packs stored as signals) -> attacks -> metrics -> report
 (table, result.json, ROC plot) -> MLflow run. Stored signals with the spec's fingerprint are reused.
 """
 
@@ -129,9 +129,11 @@ def run_audit(
     track: bool | None = None,
     console: bool = True,
     run_dir: str | Path | None = None,
+    pool=None,
 ) -> AuditResult:
     """Run one audit end to end. `output_dir` overrides spec.output_dir (the store root); `run_dir` is
-    where the report goes (default: <output_dir>/audits/<name>-<fingerprint>)."""
+    where the report goes (default: <output_dir>/audits/<name>-<fingerprint>); `pool` is a running
+    `engine.pool.BankPool` to train on (a sweep's), else the audit starts its own when it must train."""
     from raymia.train.bank import BankContext
 
     t0 = time.perf_counter()
@@ -148,7 +150,7 @@ def run_audit(
         inversion_data = load_inversion_data(spec, ctx)
     store = SignalStore(root, spec.fingerprint(), spec.bank.pack_size, spec.plan.num_models,
                         spec.pack_fingerprints())
-    reused = ensure_bank(spec, store)
+    reused = ensure_bank(spec, store, pool)
     signals = load_signals(store, ctx.plan.keep, ctx.audited_y, ctx.data.y_test.numpy())
     if spec.attacker == "non_adaptive":  # the attacker's shadows are the undefended models only
         pool = np.ones(spec.plan.num_models, dtype=bool)
@@ -178,9 +180,9 @@ def run_audit(
     return result
 
 
-def ensure_bank(spec: AuditSpec, store: SignalStore) -> bool:
-    """Train the packs of the bank that the store lacks (on Ray Train, or in this process with
-    `bank.engine: local`); True when every pack was already stored."""
+def ensure_bank(spec: AuditSpec, store: SignalStore, pool=None) -> bool:
+    """Train the packs of the bank that the store lacks (on `pool`, or a warm pool started for this audit,
+    or in this process with `bank.engine: local`); True when every pack was already stored."""
     missing = store.missing_packs()
     fp, n_packs = store.fingerprint, store.num_packs
     if not missing:
@@ -190,13 +192,23 @@ def ensure_bank(spec: AuditSpec, store: SignalStore) -> bool:
     store.write_spec(spec.bank_dict())
     if len(missing) < n_packs:
         log.info("reusing %d of %d stored packs of signals %s", n_packs - len(missing), n_packs, fp)
-    from raymia.engine.bank_job import build_bank_locally, run_bank_job
-
     if spec.bank.engine == "local":
+        from raymia.engine.bank_job import build_bank_locally
+
         log.info("training %d pack(s) in this process", len(missing))
         build_bank_locally(spec, store, missing)
+    elif pool is not None:
+        from raymia.engine.bank_job import current_prefix
+
+        pool.run(spec, store, missing, prefix=current_prefix())
     else:
-        run_bank_job(spec, store, missing)
+        from raymia.engine.pool import BankPool
+
+        own = BankPool.start(spec)
+        try:
+            own.run(spec, store, missing)
+        finally:
+            own.shutdown()
     still = store.missing_packs()
     if still:
         raise RuntimeError(f"bank job finished but packs {still} of signals {fp} are missing")

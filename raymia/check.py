@@ -187,7 +187,7 @@ def _model_and_training_rows(spec: AuditSpec, ctx, kind: str) -> list[tuple[str,
         rows.append(_inversion_row(spec, ctx, per_step * steps, per_query))
     b = spec.bank
     where = ("in this process" if b.engine == "local"
-             else f"on {b.num_workers} Ray Train worker(s) of {b.cpus_per_worker:g} CPU(s)")
+             else f"on a pool of {b.num_workers} warm Ray worker(s) of {b.cpus_per_worker:g} CPU(s)")
     rows.append(("bank", f"{ctx.num_packs} pack(s) of up to {b.pack_size} models, trained {where}; device "
                          f"{b.device}, precision {b.precision}"))
     return rows

@@ -19,3 +19,13 @@ class SpecError(RaymiaError):
 
 class DataError(RaymiaError):
     """A data file is missing or malformed. `where` names the path."""
+
+
+def last_error_line(text: str) -> str:
+    """One line of why something failed, from a traceback or a Ray error message: its last `SomeError: ...`
+    line (the exception raised), else its first line (a node died, a process was killed)."""
+    import re
+
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    raised = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*: ", ln)]
+    return (raised[-1] if raised else lines[0] if lines else "no message")[:300]

@@ -261,12 +261,14 @@ class TrainSpec(_Model):
 
 
 class BankSpec(_Model):
-    """How the bank is spread over Ray Train workers."""
+    """How the bank is spread over the warm pool of Ray workers (`engine.pool`)."""
 
     engine: Literal["ray", "local"] = Field(
-        "ray", description="ray: a Ray Train worker group; local: train in this process (no Ray needed)")
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on a cluster)")
-    cpus_per_worker: float = Field(1.0, gt=0)
+        "ray", description="ray: a warm pool of Ray actors, shared by a sweep's trials; local: train in this "
+        "process (no Ray needed)")
+    num_workers: int = Field(1, ge=1, description="pool workers (one per GPU on a cluster); capped at what the "
+                             "cluster's nodes hold when the pool starts")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each pool worker holds (and its torch threads)")
     pack_size: int = Field(8, ge=1, description="models trained together per pack (unit of storage)")
     vectorize: bool | Literal["auto"] = Field(
         "auto",

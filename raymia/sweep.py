@@ -1,10 +1,11 @@
 """run_sweep(spec): Ray Tune + OptunaSearch over a defense's hyperparameters, one audit per trial.
 
-Each trial is a light driver (a tiny CPU request, so the bank's Ray Train workers get the CPUs) that runs
-one audit and reports every metric once. Objectives (2-3 metrics with directions) are searched with a
-multi-objective Optuna sampler. The undefended setting is the first trial when `include_undefended` is on.
-One MLflow parent run per sweep; a Tune callback on the driver logs one child run per finished trial.
-The result is the Pareto front (table, result.json, Pareto plot), as `raymia.pareto` computes and reports it.
+Each trial is a light driver (a tiny CPU request: the sweep's warm bank pool holds the CPUs that train)
+that runs one audit, its bank trained on the pool, and reports every metric once. Objectives (2-3 metrics
+with directions) are searched with a multi-objective Optuna sampler. The undefended setting is the first
+trial when `include_undefended` is on. One MLflow parent run per sweep; a Tune callback on the driver logs
+one child run per finished trial. The result is the Pareto front (table, result.json, Pareto plot), as
+`raymia.pareto` computes and reports it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,9 +266,11 @@ def _finished_trial(run_dir: Path, spec) -> dict[str, Any] | None:
     return saved
 
 
-def _run_trial(config: dict[str, Any], base: dict[str, Any], root: str, sweep_dir: str, log_level: int) -> None:
-    """One Tune trial: one audit of the base spec with this trial's defense setting. Its progress lines
-    (and its bank workers') reach the console at the driver's level, as `[raymia] trial N: ...`."""
+def _run_trial(config: dict[str, Any], base: dict[str, Any], root: str, sweep_dir: str, log_level: int,
+               pool=None) -> None:
+    """One Tune trial: one audit of the base spec with this trial's defense setting, its bank trained on
+    the sweep's warm pool. Its progress lines (and the pool's for its packs) reach the console at the
+    driver's level, as `[raymia] trial N: ...`."""
     from ray import tune
 
     from raymia.audit import run_audit
@@ -282,7 +286,7 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], root: str, sweep_di
     if saved is not None:  # finished before the driver was interrupted: report it again, run nothing
         metrics, audit_dir, fingerprint, reused = saved["metrics"], run_dir, saved["fingerprint"], True
     else:
-        res = run_audit(spec, output_dir=root, track=False, console=False, run_dir=run_dir)
+        res = run_audit(spec, output_dir=root, track=False, console=False, run_dir=run_dir, pool=pool)
         metrics, audit_dir, fingerprint, reused = res.flat_metrics(), res.out_dir, res.fingerprint, res.reused_signals
     objectives = base["sweep"]["objectives"]
     for o in objectives:
@@ -291,7 +295,10 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], root: str, sweep_di
             raise ValueError(f"objective {o['metric']} is {'n/a' if v is None else v} for this trial "
                              "(for TPR at a low FPR, audit more non-members)")
     report = {k: (float("nan") if v is None else v) for k, v in metrics.items()}
-    report.update({"audit_dir": str(audit_dir), "fingerprint": fingerprint, "reused_signals": reused})
+    import ray
+
+    report.update({"audit_dir": str(audit_dir), "fingerprint": fingerprint, "reused_signals": reused,
+                   "node": ray.get_runtime_context().get_node_id()})
     tune.report(report)
 
 
@@ -317,6 +324,7 @@ def _progress_callback(spec: SweepSpec, exp_dir: Path, backup: Path):
 
         def __init__(self) -> None:
             self.done = 0
+            self.recovered: dict[str, str] = {}
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
@@ -328,12 +336,31 @@ def _progress_callback(spec: SweepSpec, exp_dir: Path, backup: Path):
                      trial.config.get("defense"), fmt_params({"defense": trial.config.get("defense"), "params": cfg}),
                      vals, "  (stored signals reused)" if r.get("reused_signals") else "")
 
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            why = _trial_error(trial)
+            if self.recovered.get(trial.trial_id) != why:  # one loss reaches Tune twice (see failure_config)
+                self.recovered[trial.trial_id] = why
+                log.warning("trial %s lost (%s); Tune runs it again, and the packs its bank stored are kept",
+                            _number(trial), why)
+
         def on_trial_error(self, iteration, trials, trial, **info):
             self.done += 1
             log.warning("trial %s failed (%d/%d): %s", _number(trial), self.done, spec.sweep.num_trials,
-                        (str(getattr(trial, "error_msg", "") or "").strip().splitlines() or ["see the Ray logs"])[-1])
+                        _trial_error(trial))
 
     return Progress()
+
+
+def _trial_error(trial) -> str:
+    """The line that says why a trial failed, from the error file Tune wrote for it (its path if unreadable)."""
+    from raymia.errors import last_error_line
+
+    path = trial.error_file
+    try:
+        text = Path(path).read_text()
+        return last_error_line(text.split("\n", 1)[1] if text.startswith("Failure #") else text)
+    except (OSError, TypeError):
+        return f"see {path}" if path else "see the Ray logs"
 
 
 def _mlflow_callback(spec: SweepSpec, parent_id: str):
@@ -369,7 +396,7 @@ def _mlflow_callback(spec: SweepSpec, parent_id: str):
             self._log(trial, "ok")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._log(trial, "failed", error=str(getattr(trial, "error_msg", None) or "trial failed"))
+            self._log(trial, "failed", error=_trial_error(trial))
 
     return MlflowChildRuns()
 
@@ -484,6 +511,8 @@ def run_sweep(
 
         shutil.rmtree(sweep_dir, ignore_errors=True)
         shutil.rmtree(root / "ray" / f"sweep-{spec.name}", ignore_errors=True)
+        if spec.sweep.storage:  # a study in a database outlives the sweep's folder
+            _delete_study(spec, sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     space, _ = validate_sweep(spec)
 
@@ -515,26 +544,38 @@ def run_sweep(
             _delete_study(spec, sweep_dir)
             resuming = False
     parent_id = state.get("parent_run_id") if state else None
-    if spec.tracking.enabled and parent_id is None:
-        parent_id = _start_parent(spec)
+    with ThreadPoolExecutor(1) as bg:  # the MLflow parent run is created while Ray starts
+        parent = bg.submit(_start_parent, spec) if spec.tracking.enabled and parent_id is None else None
+        pool = None
+        try:
+            ensure_ray()
+            if spec.bank.engine == "ray":  # one warm pool for every trial and the final audit; it warms meanwhile
+                from raymia.engine.pool import BankPool
+
+                pool = BankPool.start(spec, reserve_cpus=spec.sweep.trial_cpu * spec.sweep.max_concurrent)
+        except BaseException:
+            if parent is not None and parent.exception() is None:
+                from raymia.tracking import finish_parent
+
+                finish_parent(spec.tracking.uri, parent.result(), {}, [], status="FAILED")
+            raise
+        parent_id = parent.result() if parent is not None else parent_id
     _write_state(spec, sweep_dir, parent_id, finished=False)
     from raymia.audit import write_spec_file
 
     write_spec_file(spec, sweep_dir / "spec.yaml", f"the spec of sweep {spec.name}")
-
-    ensure_ray()
-    if spec.inversion is not None:
-        _prepare_inversion(spec.model_copy(update={"output_dir": str(root)}))
-    log.info("sweep %s: %d trials over %s", spec.name, spec.sweep.num_trials,
-             "; ".join(f"{d}: {text}" for d, text in describe_space(space).items()))
-    tuner = _tuner(spec, space, root, sweep_dir, parent_id, exp_dir if resuming else None)
     status, summary = "FAILED", {}
     try:
+        if spec.inversion is not None:
+            _prepare_inversion(spec.model_copy(update={"output_dir": str(root)}))
+        log.info("sweep %s: %d trials over %s", spec.name, spec.sweep.num_trials,
+                 "; ".join(f"{d}: {text}" for d, text in describe_space(space).items()))
+        tuner = _tuner(spec, space, root, sweep_dir, parent_id, exp_dir if resuming else None, pool)
         trials = _collect(tuner.fit(), [o.metric for o in spec.sweep.objectives])
         if len(trials) < spec.sweep.num_trials or any(t["status"] == "incomplete" for t in trials):
             # Tune returns early when interrupted (Ctrl-C): its state is saved, the sweep is not finished.
             raise RaymiaError(f"sweep {spec.name} was interrupted; run the same command again to resume it")
-        result = _report(spec, trials, space, root, sweep_dir, parent_id, console)
+        result = _report(spec, trials, space, root, sweep_dir, parent_id, console, pool)
         status = "FINISHED"
         _write_state(spec, sweep_dir, parent_id, finished=True)
         summary = {"num_trials": len(trials), "num_failed": sum(t["status"] != "ok" for t in trials),
@@ -542,6 +583,8 @@ def run_sweep(
         log.info("sweep %s done in %.0fs -> %s", spec.name, time.perf_counter() - t0, sweep_dir)
         return result
     finally:
+        if pool is not None:
+            pool.shutdown()
         if parent_id:
             from raymia.tracking import finish_parent
 
@@ -580,7 +623,8 @@ def _write_state(spec: SweepSpec, sweep_dir: Path, parent_id: str | None, finish
         json.dumps({"spec_hash": resume_hash(spec), "parent_run_id": parent_id, "finished": finished}))
 
 
-def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str | None, restore: Path | None):
+def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str | None, restore: Path | None,
+           pool=None):
     """Tune's Tuner over the trials: restored from `restore` (an interrupted sweep's experiment), or new,
     with OptunaSearch (its study in sweep.storage) proposing each trial's defense setting."""
     from ray import tune
@@ -588,7 +632,7 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
 
     trainable = tune.with_resources(tune.with_parameters(
         _run_trial, base=spec.model_dump(mode="json"), root=str(root), sweep_dir=str(sweep_dir),
-        log_level=logging.getLogger("raymia").getEffectiveLevel()
+        log_level=logging.getLogger("raymia").getEffectiveLevel(), pool=pool,
     ), {"cpu": spec.sweep.trial_cpu})
     if restore is not None:
         log.info("resuming sweep %s: finished trials are kept, unfinished ones run again", spec.name)
@@ -607,10 +651,15 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
         tune_config=tune.TuneConfig(
             search_alg=searcher, num_samples=spec.sweep.num_trials,
             max_concurrent_trials=spec.sweep.max_concurrent, trial_name_creator=_trial_name,
+            reuse_actors=True,  # a trial's process keeps its imports (torch, the attacks) for the next one
         ),
         run_config=tune.RunConfig(
             name=f"sweep-{spec.name}",
             storage_path=str(root / "ray"),
+            # a trial lost with its node (or its process) runs again elsewhere; the packs its bank had
+            # stored are kept, so only the rest trains. Tune counts one loss twice (the trial's task
+            # fails, then its actor), so 3 is one loss and one more failure.
+            failure_config=tune.FailureConfig(max_failures=3),
             callbacks=[_progress_callback(spec, root / "ray" / f"sweep-{spec.name}", sweep_dir / "tune-state")]
             + ([_mlflow_callback(spec, parent_id)] if parent_id else []),
             verbose=0,
@@ -619,7 +668,7 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
 
 
 def _report(spec: SweepSpec, trials: list[dict[str, Any]], space, root: Path, sweep_dir: Path,
-            parent_id: str | None, console: bool) -> SweepResult:
+            parent_id: str | None, console: bool, pool=None) -> SweepResult:
     """The front among the trials that meet every constraint, its hypervolume, the final audit if asked:
     result.json, pareto.png and front.md in the sweep's folder, and the front on the console."""
     objectives = spec.sweep.objectives
@@ -634,7 +683,7 @@ def _report(spec: SweepSpec, trials: list[dict[str, Any]], space, root: Path, sw
     plot_front(trials, objectives, front_ids, ref, sweep_dir / "pareto.png",
                title=f"sweep {spec.name}: {', '.join(space)} ({len(ok)} trials{_spread_note(spec)})")
     if spec.sweep.final_audit is not None:
-        result.final_audit = _final_audit(spec, result, root, parent_id)
+        result.final_audit = _final_audit(spec, result, root, parent_id, pool)
     (sweep_dir / "result.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
     (sweep_dir / "front.md").write_text(front_markdown(
         trials, objectives, result.front_trials, result.hypervolume,
@@ -661,7 +710,8 @@ def audit_spec_of_trial(spec: SweepSpec, trial: dict[str, Any], num_models: int 
     return d
 
 
-def _final_audit(spec: SweepSpec, result: SweepResult, root: Path, parent_id: str | None) -> list[dict[str, Any]]:
+def _final_audit(spec: SweepSpec, result: SweepResult, root: Path, parent_id: str | None,
+                 pool=None) -> list[dict[str, Any]]:
     from raymia.audit import run_audit
     from raymia.spec import AuditSpec
 
@@ -671,7 +721,7 @@ def _final_audit(spec: SweepSpec, result: SweepResult, root: Path, parent_id: st
         t = result.trials[i]
         audit = AuditSpec.model_validate(audit_spec_of_trial(spec, t, fa.num_models, fa.targets))
         log.info("final audit of trial %d (%s) with %d models", t["trial"], t["defense"], fa.num_models)
-        res = run_audit(audit, output_dir=root, track=False, console=False)
+        res = run_audit(audit, output_dir=root, track=False, console=False, pool=pool)
         if parent_id:
             from raymia.tracking import KIND_FINAL_AUDIT, TAG_KIND, TAG_TRIAL, log_run
 

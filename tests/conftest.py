@@ -4,11 +4,8 @@ models, the digits data set, a tiny digits audit spec."""
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
-
-os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
 @pytest.fixture(scope="session")

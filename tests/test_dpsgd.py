@@ -180,6 +180,23 @@ def test_epsilon_falls_as_noise_rises_and_matches_opacus():
     assert accounted_epsilon(0.0, q, steps, delta) == math.inf
 
 
+def test_smallest_alpha_warning_becomes_one_line_per_setting(caplog, recwarn):
+    """Opacus warns once per model that its best Renyi order is the smallest; a bank of 8 models with one
+    setting gets one raymia line that carries the epsilon it qualifies, and no Python warning."""
+    import logging
+
+    from raymia.defenses import dpsgd
+
+    dpsgd._NOTED.clear()
+    with caplog.at_level(logging.WARNING, logger="raymia"):
+        eps = [accounted_epsilon(0.3, 0.5, 1000, 1e-5) for _ in range(8)]
+        accounted_epsilon(1.0, 0.01, 100, 1e-5)  # a moderate epsilon: nothing to say
+    lines = [r.getMessage() for r in caplog.records if "smallest" in r.getMessage()]
+    assert len(lines) == 1 and f"epsilon {eps[0]:.4g} " in lines[0] and "upper bound" in lines[0]
+    assert not [w for w in recwarn if "alpha" in str(w.message)]
+    assert all(e == eps[0] for e in eps) and eps[0] > 100
+
+
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_target_epsilon_mode(accountant):
     d = _defense(target_epsilon=2.0, delta=1e-5, accountant=accountant, noise_multiplier=0.1)

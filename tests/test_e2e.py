@@ -153,12 +153,12 @@ def console_runs(workdir):
 
 
 def test_cli_progress_lines_show_once_at_the_drivers_level(console_runs):
-    """A worker's progress reaches the console once per line as `[raymia] ...` (Train V2 would show a
-    print() twice), Train's own INFO lines stay off it, and -q silences the workers too."""
+    """The bank's progress reaches the console once per line as `[raymia] ...`, Ray's own INFO lines stay
+    off it, and -q silences the pool's workers too."""
     out = console_runs["progress"]
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr
-    assert text.count("[raymia] worker 0: 2 pack(s)") == 1
+    assert text.count("[raymia] training 2 pack(s) on 1 warm worker(s)") == 1
     assert text.count("[raymia] worker 0: pack 0 done (1/2") == 1 and text.count("pack 1 done (2/2") == 1
     assert "Requesting resources" not in text and "Started training worker group" not in text
 

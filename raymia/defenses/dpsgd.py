@@ -19,6 +19,8 @@ BatchNorm mixes the examples of a batch, so per-example gradients (and the guara
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import warnings
 from collections.abc import Callable
@@ -38,12 +40,42 @@ from raymia.space import Domain, Float, Int
 from raymia.train.augment import Augmenter
 from raymia.train.loop import Hooks, module_net, run_steps
 
+log = logging.getLogger("raymia")
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # opacus' RDP analysis warns when the best Renyi order is its largest one; this happens for very small
 # epsilons (large sigma, e.g. while searching for the noise of a target epsilon) and only means the bound
 # could be slightly tighter, never that it is wrong.
 _ALPHA_WARNING = "Optimal order is the largest alpha"
+# ... and when it is the smallest (1.1): small sigma, a large epsilon. The epsilon is then a valid upper bound
+# but looser than orders below 1.1 would give. Every model of a bank has the same setting, so opacus would
+# print it once per model; raymia says it once per setting, with what it means.
+_SMALLEST_ALPHA = "Optimal order is the smallest alpha"
+_NOTED: set[tuple[float, float, int]] = set()
+
+
+@contextlib.contextmanager
+def _accountant_warnings(sigma: float, q: float, steps: int):
+    """Run an accountant call: its largest-alpha warning dropped, its smallest-alpha warning turned into one
+    `raymia` log line per setting (with the epsilon it qualifies); any other warning passes through."""
+    out: list[float] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield out
+    for w in caught:
+        text = str(w.message)
+        if text.startswith(_ALPHA_WARNING):
+            continue
+        if text.startswith(_SMALLEST_ALPHA):
+            if (sigma, q, steps) not in _NOTED:
+                _NOTED.add((sigma, q, steps))
+                eps = f"{out[0]:.4g}" if out else "the reported epsilon"
+                log.warning("DP-SGD: epsilon %s (sigma %.3g, sampling rate %.3g, %d steps) is a valid but loose "
+                            "upper bound: the RDP accountant's best order is its smallest (alpha 1.1), as for any "
+                            "large epsilon; the model is barely private either way", eps, sigma, q, steps)
+            continue
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 class DpSgdParams(Params):
@@ -175,9 +207,9 @@ def accounted_epsilon(
         return 0.0
     acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
     acc.history = [(noise_multiplier, sampling_rate, steps)]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_ALPHA_WARNING)
-        return float(acc.get_epsilon(delta=delta))
+    with _accountant_warnings(noise_multiplier, sampling_rate, steps) as eps:
+        eps.append(float(acc.get_epsilon(delta=delta)))
+    return eps[0]
 
 
 def noise_for_epsilon(
@@ -188,9 +220,10 @@ def noise_for_epsilon(
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_ALPHA_WARNING)
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                          sample_rate=sampling_rate, steps=steps, accountant=accountant,
-                                          epsilon_tolerance=0.01))
+        warnings.filterwarnings("ignore", message=_SMALLEST_ALPHA)  # the search's trial sigmas; the chosen one's
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,  # epsilon is
+                                          sample_rate=sampling_rate, steps=steps, accountant=accountant,  # noted
+                                          epsilon_tolerance=0.01))  # by accounted_epsilon
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,1 +1,2 @@
-"""Ray: the bank job on a Ray Train worker group, the local Ray instance, the Tune sweep."""
+"""Where banks train: the warm pool of Ray workers (`pool`), this process (`bank_job`), the Ray instance
+(`cluster`)."""

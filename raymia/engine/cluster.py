@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 log = logging.getLogger("raymia")
 
@@ -16,22 +17,68 @@ def ensure_ray() -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if not sys.stdout.isatty():  # Ray colours its prefixes even in a log file
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    # Ray announces on every start that token authentication is on; it is, as raymia wants it
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Tune's and Train's own console reporters are replaced by raymia's log lines: Tune's legacy reporter
     # at verbose=0 prints nothing (the new one still prints its configuration box and paths).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # A failed trial is one raymia line (`sweep._progress_callback`), not Tune's traceback
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     # Save Tune's experiment state after every event so a killed sweep loses no finished trial.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     ray.init(
-        address=os.environ.get("RAY_ADDRESS"),
+        address=os.environ.get("RAY_ADDRESS") or None,
         include_dashboard=False,
         logging_level=logging.WARNING,
-        # Workers' Python loggers at ERROR: without the dashboard, Train's placement-group cleaner warns
-        # every few seconds that the state API is unavailable. raymia's workers set their own logger's
-        # level (`bank_job.worker_logging`).
-        logging_config=ray.LoggingConfig(log_level="ERROR"),
+        # Ray's own warnings from the workers still reach the console; raymia's workers set their own
+        # logger's level (`bank_job.worker_logging`).
+        logging_config=ray.LoggingConfig(log_level="WARNING"),
         log_to_driver=True,
     )
+    _drop_duplicate_worker_deaths()
     res = ray.cluster_resources()
     log.info("Ray: %g CPUs, %g GPUs", res.get("CPU", 0), res.get("GPU", 0))
+
+
+_WORKER_DIED = "A worker died or was killed while executing a task by an unexpected system error"
+_RAYLET_DIED = "Raylet is terminated. Termination is unexpected."
+_BUNDLE_AT_DEAD_NODE = ("gcs_placement_group_scheduler", "Failed to remove")
+
+
+def _drop_duplicate_worker_deaths() -> None:
+    """Ray reports to the driver every worker killed mid-task, a node's end (with the last 20 lines of its
+    raylet's log) and, from the GCS, the placement-group bundles it could not free on that node. raymia says
+    each loss in one line of its own: the pool names the lost worker and the pack that goes back to the
+    queue, a sweep names the trial Tune runs again, and a lost node is the line below. Every other message
+    (memory pressure, scheduling) reaches the console as Ray prints it. Ray has no switch for these, so its
+    log printer is wrapped."""
+    try:
+        import ray._private.worker as ray_worker
+
+        original = ray_worker.print_worker_logs
+    except (ImportError, AttributeError):
+        return
+    if getattr(original, "raymia_filtered", False):
+        return
+    said = set()
+
+    def keep(pid, line: str) -> bool:
+        if pid == "raylet" and line.startswith(_RAYLET_DIED):
+            if "node" not in said:
+                said.add("node")
+                log.warning("Ray lost a node: its raylet ended unexpectedly (killed, out of memory, or a crash; its "
+                            "log is in that node's Ray session folder); its work runs again on the others")
+            return False
+        if pid == "raylet" and line.startswith(_WORKER_DIED):
+            return False
+        return not (pid == "gcs_server" and all(k in line for k in _BUNDLE_AT_DEAD_NODE))
+
+    def filtered(data, print_file, ignore_prefix=False):
+        lines = [ln for ln in data.get("lines", []) if keep(data.get("pid"), str(ln))]
+        if lines:
+            original({**data, "lines": lines}, print_file, ignore_prefix)
+
+    filtered.raymia_filtered = True
+    ray_worker.print_worker_logs = filtered

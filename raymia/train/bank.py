@@ -10,7 +10,7 @@ training must match (tests/test_bank.py), and the baseline of the benchmark. Bot
 `raymia.train.loop.run_steps`, as does every defense that trains its models itself (`Defense.fit`).
 
 This module is the compute core: it needs torch only (no Ray), so it runs directly on a GPU machine; the
-Ray Train job in raymia.engine spreads packs over a worker group and calls `train_pack` on each.
+warm pool in raymia.engine hands packs to its Ray workers, which call `train_pack` on each.
 """
 
 from __future__ import annotations
@@ -69,11 +69,13 @@ class BankContext:
         return self.undefended is None or m in self.plan.targets
 
     @classmethod
-    def from_spec(cls, spec: AuditSpec, setup: bool = True) -> BankContext:
+    def from_spec(cls, spec: AuditSpec, setup: bool = True, data: Dataset | None = None) -> BankContext:
         """Load the data, draw the plan and build the defense, checking them against each other. With
         `setup=False` the defense only checks the data (`Defense.check_data`) and fits nothing: the
-        context then serves to validate and describe the bank (`raymia check`), not to train it."""
-        data = load_dataset(spec.data.name, spec.data.params)
+        context then serves to validate and describe the bank (`raymia check`), not to train it. `data`
+        is spec.data already loaded (a warm bank worker keeps it between banks; nothing here changes it)."""
+        if data is None:
+            data = load_dataset(spec.data.name, spec.data.params)
         n_train = data.x_train.shape[0]
         private = spec.data.private_classes
         if private is not None:  # the bank trains on the private classes; the public ones are the public split

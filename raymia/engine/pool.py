@@ -1,0 +1,309 @@
+"""The warm bank pool: Ray actors that live for a whole audit or sweep and train the packs of every bank
+they are handed.
+
+A worker keeps what costs time to rebuild (its imports, the loaded data set, each bank's context and
+vectorisation choice, the CUDA context and compiled kernels) between packs, banks and sweep trials. Packs
+are handed out one at a time to whichever worker is free, so a fast worker takes more; the concurrent
+trials of a sweep share one pool (each trial keeps at most one pack in flight per worker). A worker that
+dies (killed, or its node lost) is restarted by Ray and the pack it held goes back to the queue; a pack
+already stored is never trained again, because every worker checks the store before training.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raymia.errors import RaymiaError, last_error_line
+from raymia.spec import AuditSpec
+from raymia.store import SignalStore
+
+log = logging.getLogger("raymia")
+
+MAX_RESTARTS = 3  # per worker: Ray restarts a lost worker this many times before the pool gives it up
+RESTART_WAIT_S = 300  # how long packs wait for a lost worker's restart when no other worker is left
+PING_S = 2.0  # a live worker answers `where` within this; one that does not yet is waited for as restarting
+CONTEXTS_KEPT = 4  # bank contexts a worker keeps (one per defense setting it trained lately)
+
+
+class BankWorker:
+    """One warm worker (a Ray actor; `BankPool.start` makes the class remote with the bank's resources)."""
+
+    def __init__(self, index: int, data: tuple[str, dict[str, Any]], device: str, threads: int, log_level: int):
+        import torch
+
+        import raymia.train.bank  # noqa: F401  (the imports a pack needs, paid once)
+        from raymia.data.registry import load_dataset
+        from raymia.engine.bank_job import worker_logging
+
+        torch.set_num_threads(threads)
+        worker_logging(log_level)
+        self.index, self.device = index, torch.device(device)
+        self._data = {_data_key(*data): load_dataset(*data)}  # the sweep's data set, loaded before any trial
+        self._contexts: collections.OrderedDict[str, tuple[Any, bool]] = collections.OrderedDict()
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)])  # an optimizer's first build imports torch._dynamo
+        if self.device.type == "cuda":
+            torch.zeros(1, device=self.device)  # the CUDA context, created once
+
+    def where(self) -> dict[str, Any]:
+        import ray
+
+        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "ip": ray.util.get_node_ip_address()}
+
+    def train(self, spec: dict[str, Any], store_root: str, fingerprint: str, pack: int, worker_models: int,
+              log_level: int, prefix: str) -> dict[str, Any] | None:
+        """Train one pack and store it; None when the store already holds it (another worker or an earlier
+        run stored it). Returns the pack's manifest extras (device, seconds, vectorised)."""
+        from raymia.engine.bank_job import worker_logging
+        from raymia.train.bank import train_pack
+
+        worker_logging(log_level, prefix)
+        s = AuditSpec.model_validate(spec)
+        store = SignalStore(store_root, fingerprint, s.bank.pack_size, s.plan.num_models, s.pack_fingerprints())
+        if store.check_pack(pack) is None:
+            return None
+        ctx, vectorize = self._context(s, fingerprint, worker_models)
+        t0 = time.perf_counter()
+        arrays, reports = train_pack(ctx, pack, self.device, vectorize=vectorize)
+        meta = {"device": str(self.device), "seconds": time.perf_counter() - t0, "vectorized": vectorize,
+                "worker": self.index, **self.where()}
+        store.write_pack(pack, arrays, meta={**meta, "defense_reports": reports})
+        return meta
+
+    def _context(self, spec: AuditSpec, fingerprint: str, worker_models: int) -> tuple[Any, bool]:
+        from raymia.data.registry import load_dataset
+        from raymia.train.bank import BankContext, choose_vectorize
+
+        if fingerprint in self._contexts:
+            self._contexts.move_to_end(fingerprint)
+            return self._contexts[fingerprint]
+        key = _data_key(spec.data.name, spec.data.params)
+        if key not in self._data:
+            self._data = {key: load_dataset(spec.data.name, spec.data.params)}  # one data set kept
+        ctx = BankContext.from_spec(spec, data=self._data[key])
+        vectorize = choose_vectorize(ctx, ctx.pack_models(0), self.device, worker_models=worker_models)
+        self._contexts[fingerprint] = (ctx, vectorize)
+        while len(self._contexts) > CONTEXTS_KEPT:
+            self._contexts.popitem(last=False)
+        return ctx, vectorize
+
+
+def _data_key(name: str, params: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps([name, params], sort_keys=True, default=str)
+
+
+@dataclass
+class BankPool:
+    """Handles on the warm workers (picklable: a sweep hands the pool to every trial)."""
+
+    workers: list[Any]  # Ray actor handles
+    device: str
+    places: list[dict[str, Any]] | None = None  # each worker's node, ip and pid, once `ready` has them
+    _starting: list[Any] | None = None  # the workers' `where` calls, answered once they are warm
+    _t0: float = 0.0
+    _owner: int = 0  # pid of the process that started the pool (it alone reports the start)
+
+    @classmethod
+    def start(cls, spec: AuditSpec, reserve_cpus: float = 0.0) -> BankPool:
+        """Start `bank.num_workers` workers with the bank's resources, as many as the cluster's nodes can
+        hold beside `reserve_cpus` (a sweep's trial drivers). A request no node can meet fails here, in one
+        line, before any training. Returns at once: the workers warm up while the caller goes on, and
+        `ready` waits for them."""
+        import ray
+
+        from raymia.engine.cluster import ensure_ray
+
+        ensure_ray()
+        b = spec.bank
+        use_gpu = b.device == "cuda" or (b.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+        fit = capacity(b.cpus_per_worker, 1 if use_gpu else 0, reserve_cpus)
+        n = min(b.num_workers, fit)
+        if n < b.num_workers:
+            log.info("bank pool: %d of the %d workers asked for (bank.num_workers) fit the cluster's nodes",
+                     n, b.num_workers)
+        device = "cuda" if use_gpu else "cpu"
+        actor = ray.remote(concurrency_groups={"ping": 1})(BankWorker).options(  # ping: `where` answers mid-pack
+            num_cpus=b.cpus_per_worker, num_gpus=1 if use_gpu else 0, max_restarts=MAX_RESTARTS,
+            max_task_retries=0,  # a lost pack is re-queued by the pool, which says so
+            scheduling_strategy="SPREAD",  # across nodes: a lost node takes as few workers as it can
+        )
+        level = logging.getLogger("raymia").getEffectiveLevel()
+        data = (spec.data.name, spec.data.model_dump(mode="json")["params"])
+        t0 = time.perf_counter()
+        workers = [actor.remote(i, data, device, max(1, int(b.cpus_per_worker)), level) for i in range(n)]
+        log.info("bank pool: starting %d worker(s) of %g CPU%s", n, b.cpus_per_worker, " + 1 GPU" if use_gpu else "")
+        return cls(workers, device, _starting=[_ping(w) for w in workers], _t0=t0, _owner=os.getpid())
+
+    def ready(self) -> BankPool:
+        """Wait until every worker is warm (its imports done, the data loaded) and note where each runs."""
+        import ray
+
+        if self.places is None:
+            try:
+                self.places = ray.get(self._starting)
+            except ray.exceptions.RayActorError as e:
+                raise RaymiaError(f"bank workers failed to start: {_cause(e)}") from None
+            self._starting = None
+            nodes = len({p["node"] for p in self.places})
+            if os.getpid() == self._owner:
+                log.info("bank pool: %d warm worker(s) on %d node(s) (%s), ready in %.1fs", len(self.workers),
+                         nodes, self.device, time.perf_counter() - self._t0)
+        return self
+
+    def run(self, spec: AuditSpec, store: SignalStore, packs: list[int], prefix: str = "") -> None:
+        """Train `packs` of the bank `store` holds. Each free worker takes the next pack. A worker lost
+        mid-pack is one log line; its pack goes back to the queue for the next free worker, and the worker
+        takes packs again once Ray has restarted it."""
+        import ray
+
+        self.ready()
+        raw = spec.model_copy(update={"bank": spec.bank.model_copy(update={"device": self.device})}
+                              ).model_dump(mode="json")
+        root = str(Path(store.root).resolve())
+        level = logging.getLogger("raymia").getEffectiveLevel()
+        queue = collections.deque(packs)
+        free, restarting = self._alive()  # restarting: a worker's `where` call, answered once it is back
+        losses = [0] * len(self.workers)
+        inflight: dict[Any, tuple[int, int]] = {}  # a pack's call -> (worker, pack)
+        share = max(1, len(packs) * store.pack_size // len(self.workers))
+        log.info("training %d pack(s) on %d warm worker(s)%s", len(packs), len(self.workers),
+                 " (GPU)" if self.device == "cuda" else "")
+        done_count, start = 0, time.perf_counter()
+        while queue or inflight:
+            while queue and free:
+                w, p = free.popleft(), queue.popleft()
+                inflight[self.workers[w].train.remote(raw, root, store.fingerprint, p, share, level, prefix)] = (w, p)
+            if not inflight and not restarting:
+                raise RaymiaError(f"every bank worker was lost; packs {sorted(queue)} of signals {store.fingerprint} "
+                                  "are not trained (a re-run trains only those)")
+            ready, _ = ray.wait([*inflight, *restarting], num_returns=1,
+                                timeout=None if inflight else RESTART_WAIT_S)
+            if not ready:
+                raise RaymiaError(f"no bank worker came back within {RESTART_WAIT_S}s of being lost (the cluster "
+                                  f"cannot place its request); packs {sorted(queue)} of signals {store.fingerprint} "
+                                  "are not trained (a re-run trains only those)")
+            ref = ready[0]
+            if ref in restarting:
+                w = restarting.pop(ref)
+                try:
+                    self.places[w] = ray.get(ref)
+                    free.append(w)
+                except ray.exceptions.ActorUnavailableError:  # still restarting: ask again shortly
+                    time.sleep(0.2)
+                    restarting[_ping(self.workers[w])] = w
+                except ray.exceptions.RayActorError as e:
+                    self._lost(w, e, None, losses, restarting)
+                continue
+            w, p = inflight.pop(ref)
+            try:
+                meta = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                queue.appendleft(p)
+                self._lost(w, e, p, losses, restarting)
+                continue
+            except ray.exceptions.RayTaskError as e:
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, RaymiaError):
+                    raise cause from None
+                raise
+            free.append(w)
+            done_count += 1
+            left = (time.perf_counter() - start) / done_count * (len(packs) - done_count)
+            if meta is None:
+                log.info("pack %d was already stored (%d/%d)", p, done_count, len(packs))
+            else:
+                log.info("worker %d: pack %d done (%d/%d, %.1fs%s)", w, p, done_count, len(packs), meta["seconds"],
+                         f", about {_duration(left)} left" if done_count < len(packs) else "")
+
+    def _lost(self, w: int, error: BaseException, pack: int | None, losses: list[int],
+              restarting: dict[Any, int]) -> None:
+        """Say in one line that worker w was lost (and which pack goes back to the queue); wait for Ray's
+        restart of it unless it was lost too often."""
+        losses[w] += 1
+        gone = losses[w] > MAX_RESTARTS
+        place = self.places[w]
+        log.warning("bank worker %d (node %s, pid %s) lost: %s%s%s", w, place["ip"], place["pid"], _cause(error),
+                    f"; pack {pack} goes back to the queue" if pack is not None else "",
+                    f"; worker given up after {losses[w]} losses" if gone else "")
+        if not gone:
+            restarting[_ping(self.workers[w])] = w
+
+    def _alive(self) -> tuple[collections.deque[int], dict[Any, int]]:
+        """The workers to hand packs to now, and those (restarting, or waiting for a node) to wait for. A
+        worker found dead is left out without a word: the run that lost it said so (the concurrent trials
+        of a sweep share the pool, not their runs' bookkeeping)."""
+        import ray
+
+        pings = {_ping(w): i for i, w in enumerate(self.workers)}
+        answered, _ = ray.wait(list(pings), num_returns=len(pings), timeout=PING_S)
+        free: collections.deque[int] = collections.deque()
+        restarting: dict[Any, int] = {}
+        for ref, i in pings.items():
+            if ref not in answered:
+                restarting[ref] = i
+                continue
+            try:
+                self.places[i] = ray.get(ref)
+                free.append(i)
+            except ray.exceptions.ActorUnavailableError:
+                restarting[_ping(self.workers[i])] = i
+            except ray.exceptions.RayActorError:
+                log.debug("bank worker %d is gone", i)
+        return free, restarting
+
+    def shutdown(self) -> None:
+        import ray
+
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+
+
+def _ping(worker) -> Any:
+    """A worker's `where` call in its own concurrency group: answered at once, even mid-pack."""
+    return worker.where.options(concurrency_group="ping").remote()
+
+
+def _duration(s: float) -> str:
+    from raymia.report.text import duration
+
+    return duration(s)
+
+
+def _cause(e: BaseException) -> str:
+    """One line of why Ray lost an actor (an exception in the worker, its node gone, a kill)."""
+    return last_error_line(str(getattr(e, "error_msg", "") or e)) if str(e).strip() else type(e).__name__
+
+
+def capacity(cpus: float, gpus: int, reserve_cpus: float = 0.0) -> int:
+    """How many workers of `cpus` CPUs (and `gpus` GPUs) the live nodes hold beside `reserve_cpus` CPUs,
+    at least 1; a RaymiaError of one line, naming the field, when no node can hold even one."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if gpus and not any(r.get("GPU", 0) >= gpus for r in nodes):
+        have = sum(r.get("GPU", 0) for r in nodes)
+        raise RaymiaError(f"bank.device: cuda asks for {gpus} GPU per worker, but the Ray cluster has {have:g} GPUs "
+                          f"on {len(nodes)} node(s); use bank.device: auto or cpu, or add GPU nodes")
+    fits = [r for r in nodes if r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus]
+    if not fits:
+        most = max((r.get("CPU", 0) for r in nodes), default=0)
+        raise RaymiaError(f"bank.cpus_per_worker: {cpus:g} CPUs per worker, but the largest node of the Ray "
+                          f"cluster has {most:g}; accepted: at most {most:g}")
+    per_node = [int(r.get("CPU", 0) // cpus) if not gpus else min(int(r.get("CPU", 0) // cpus),
+                                                                   int(r.get("GPU", 0) // gpus)) for r in nodes]
+    n, free = sum(per_node), sum(r.get("CPU", 0) for r in nodes) - reserve_cpus
+    while n > 0 and n * cpus > free + 1e-9:  # the reserve comes out of the workers' share
+        n -= 1
+    if n == 0:
+        raise RaymiaError(f"bank.cpus_per_worker: {cpus:g} CPUs per worker leave no room for the {reserve_cpus:g} "
+                          f"CPUs of the sweep's trial drivers (sweep.trial_cpu x sweep.max_concurrent) on a "
+                          f"{free + reserve_cpus:g}-CPU cluster; lower one of them")
+    return n

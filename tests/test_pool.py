@@ -1,0 +1,156 @@
+"""The warm bank pool under faults, as a user runs it (`raymia audit` / `raymia sweep` processes):
+
+- a bank worker killed mid-audit: one `[raymia]` line, its pack trained again by the restarted worker, every
+  pack finished before the kill left as it was (read from the store), metrics identical to an undisturbed run;
+- a two-node cluster on this machine (`ray.cluster_utils.Cluster`) whose second node is killed mid-sweep:
+  the sweep's trials and packs ran on both nodes, and the sweep completes;
+- requests the cluster cannot meet fail before any training, in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import tiny_spec_dict
+
+
+def _manifests(root: Path) -> dict[str, dict]:
+    return {p.name: json.loads(p.read_text()) for p in sorted(root.glob("signals/*/k*-pack-*.json"))}
+
+
+def _wait_for(cond, timeout: float, proc: subprocess.Popen, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (rc {proc.returncode}) before {what}")
+        time.sleep(0.05)
+    pytest.fail(f"no {what} within {timeout}s")
+
+
+def _start(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "raymia", *args], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _clean_console(text: str) -> None:
+    """What a healthy (or healed) run may not show: tracebacks, Ray ERROR lines, colour codes."""
+    for noise in ("Traceback", " E ", "ERROR", "\x1b[", "PreemptionWatcher", "(raylet)"):
+        assert noise not in text, f"{noise!r} on the console:\n{text[-3000:]}"
+
+
+def _audit_spec(tmp_path: Path, name: str) -> Path:
+    # 5 packs of 2 models, a second or so each on one CPU: the kill lands inside a pack
+    d = tiny_spec_dict(tmp_path / name, name="faults", seed=21, plan={"num_models": 10, "population": 300},
+                       train={"epochs": 60, "batch_size": 32, "lr": 0.002}, tracking={"enabled": False},
+                       attacks=[{"name": "loss"}, {"name": "lira_offline"}])
+    d["bank"] = {"pack_size": 2, "vectorize": True, "device": "cpu"}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def test_killed_bank_worker_retrains_only_its_pack_and_changes_no_metric(tmp_path):
+    calm = _start(["audit", str(_audit_spec(tmp_path, "calm"))], tmp_path / "calm.log")
+    hit = _start(["audit", str(_audit_spec(tmp_path, "hit"))], tmp_path / "hit.log")
+    root = tmp_path / "hit" / "runs"
+    first = _wait_for(lambda: _manifests(root), 240, hit, "stored pack")
+    victim = next(iter(first.values()))["pid"]
+    before = _manifests(root)  # every pack stored before the kill (it stays as it is)
+    os.kill(victim, signal.SIGKILL)
+    assert hit.wait(timeout=300) == 0, (tmp_path / "hit.log").read_text()[-3000:]
+    assert calm.wait(timeout=300) == 0, (tmp_path / "calm.log").read_text()[-3000:]
+
+    text = (tmp_path / "hit.log").read_text()
+    lost = [ln for ln in text.splitlines() if " lost: " in ln]
+    assert len(lost) == 1 and lost[0].startswith("[raymia] bank worker 0 (node ") and f"pid {victim})" in lost[0]
+    assert "goes back to the queue" in lost[0], lost[0]
+    _clean_console(text)
+
+    after = _manifests(root)
+    assert len(after) == 5
+    for name, m in before.items():  # finished before the kill: not trained again (same manifest, same pid)
+        assert after[name] == m
+    retrained = [m for name, m in after.items() if name not in before]
+    assert retrained and all(m["pid"] != victim for m in retrained)
+    assert {m["pid"] for m in before.values()} == {victim}
+
+    calm_result = json.loads(next((tmp_path / "calm" / "runs").glob("audits/*/result.json")).read_text())
+    hit_result = json.loads(next(root.glob("audits/*/result.json")).read_text())
+    assert hit_result["metrics"] == calm_result["metrics"]
+    assert hit_result["fingerprint"] == calm_result["fingerprint"]
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("device", "cuda", "bank.device: cuda asks for 1 GPU per worker, but the Ray cluster has 0 GPUs"),
+    ("cpus_per_worker", 64, "bank.cpus_per_worker: 64 CPUs per worker, but the largest node of the Ray cluster has 2"),
+])
+def test_request_the_cluster_cannot_meet_fails_before_training_in_one_line(tmp_path, field, value, says):
+    d = yaml.safe_load(_audit_spec(tmp_path, "bad").read_text())
+    d["bank"][field] = value
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(d))
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "raymia", "audit", str(tmp_path / "bad.yaml")],
+                         capture_output=True, text=True, timeout=120,
+                         env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+                              "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode != 0 and time.monotonic() - t0 < 60
+    errors = [ln for ln in out.stderr.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1 and says in errors[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert not _manifests(tmp_path / "bad" / "runs")  # nothing trained
+
+
+def test_two_node_sweep_uses_both_nodes_and_survives_losing_one(tmp_path):
+    cluster_utils = pytest.importorskip("ray.cluster_utils")
+    cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        second = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        d = tiny_spec_dict(tmp_path, name="twonode", seed=31, plan={"num_models": 8, "population": 300},
+                           train={"epochs": 40, "batch_size": 32, "lr": 0.002}, tracking={"enabled": False},
+                           attacks=[{"name": "loss"}])
+        # one pool worker and one trial driver per node (half a CPU each): both nodes train and drive trials
+        d["bank"] = {"pack_size": 2, "vectorize": True, "device": "cpu", "num_workers": 2, "cpus_per_worker": 0.5}
+        d["sweep"] = {"defense": "hamp", "num_trials": 4, "max_concurrent": 2, "trial_cpu": 0.5,
+                      "objectives": [{"metric": "test_accuracy", "mode": "max"}, {"metric": "loss/auc", "mode": "min"}]}
+        (tmp_path / "twonode.yaml").write_text(yaml.safe_dump(d))
+        proc = _start(["sweep", str(tmp_path / "twonode.yaml")], tmp_path / "sweep.log",
+                      env={**os.environ, "RAY_ADDRESS": cluster.address})
+        root = tmp_path / "runs"
+        on_second = second.node_id
+
+        def trial_nodes() -> set:
+            nodes = set()
+            for f in (root / "ray" / "sweep-twonode").glob("*/result.json"):
+                nodes |= {json.loads(line).get("node") for line in f.read_text().splitlines() if line.strip()}
+            return nodes
+
+        def second_node_worked():
+            return on_second in trial_nodes() and any(m.get("node") == on_second for m in _manifests(root).values())
+
+        _wait_for(second_node_worked, 300, proc, "trial and pack done on the second node")
+        cluster.remove_node(second, allow_graceful=False)  # its raylet and every process on it, killed
+        assert proc.wait(timeout=400) == 0, (tmp_path / "sweep.log").read_text()[-4000:]
+        text = (tmp_path / "sweep.log").read_text()
+
+        result = json.loads((root / "sweeps" / "twonode" / "result.json").read_text())
+        assert [t["status"] for t in result["trials"]] == ["ok"] * 4
+        nodes = {m["node"] for m in _manifests(root).values()}
+        assert on_second in nodes and len(nodes) == 2
+        assert on_second in trial_nodes() and len(trial_nodes() - {None}) == 2
+        assert text.count("[raymia] Ray lost a node") == 1
+        _clean_console(text)
+    finally:
+        cluster.shutdown()
