@@ -148,7 +148,7 @@ def run_audit(
         from raymia.inversion.protocol import inversion_data as load_inversion_data
 
         inversion_data = load_inversion_data(spec, ctx)
-    store = SignalStore(root, spec.fingerprint(), spec.bank.pack_size, spec.plan.num_models,
+    store = SignalStore(spec.bank.store or root, spec.fingerprint(), spec.bank.pack_size, spec.plan.num_models,
                         spec.pack_fingerprints())
     reused = ensure_bank(spec, store, pool)
     signals = load_signals(store, ctx.plan.keep, ctx.audited_y, ctx.data.y_test.numpy())

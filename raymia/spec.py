@@ -269,6 +269,8 @@ class BankSpec(_Model):
     num_workers: int = Field(1, ge=1, description="pool workers (one per GPU on a cluster); capped at what the "
                              "cluster's nodes hold when the pool starts")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each pool worker holds (and its torch threads)")
+    store: str | None = Field(None, description="where the signals are stored: a path or a URI (s3://bucket/prefix, "
+                              "gs://..., file:///..., any fsspec protocol); default output_dir")
     pack_size: int = Field(8, ge=1, description="models trained together per pack (unit of storage)")
     vectorize: bool | Literal["auto"] = Field(
         "auto",

@@ -44,8 +44,14 @@ def _arrays(k: int) -> dict[str, np.ndarray]:
             "models": np.arange(k, dtype=np.int64)}
 
 
-def test_store_roundtrip_and_corruption_is_detected(tmp_path, caplog):
-    store = SignalStore(tmp_path, "abc", pack_size=4, num_models=6)
+@pytest.mark.parametrize("backend", ["path", "file-uri", "fsspec-memory"])
+def test_store_roundtrip_and_corruption_is_detected(tmp_path, caplog, backend):
+    """The same checks on every kind of store root: a local path, a URI through pyarrow.fs (file://, the
+    interface s3:// and gs:// share), and fsspec's in-memory filesystem through pyarrow's wrapper."""
+    root = {"path": tmp_path, "file-uri": f"file://{tmp_path}",
+            "fsspec-memory": f"memory://raymia-test-{tmp_path.name}"}[backend]
+    store = SignalStore(root, "abc", pack_size=4, num_models=6)
+    files = store.files
     assert store.num_packs == 2 and store.pack_models(1) == [4, 5]
     assert store.missing_packs() == [0, 1]
     a0 = _arrays(4)
@@ -54,33 +60,42 @@ def test_store_roundtrip_and_corruption_is_detected(tmp_path, caplog):
     assert store.missing_packs() == [1]
     back = store.read_pack(0)
     assert np.array_equal(back["logits"], a0["logits"]) and back["logits"].dtype == np.float32
+    if backend != "fsspec-memory":  # the URI and the path name the same files
+        assert (tmp_path / "signals" / "abc" / "k4-pack-00000.npz").is_file()
 
-    data = tmp_path / "signals" / "abc" / "k4-pack-00000.npz"
+    data, manifest = "signals/abc/k4-pack-00000.npz", "signals/abc/k4-pack-00000.json"
     # flip one byte: checksum mismatch -> reported, removed, rebuilt
-    raw = bytearray(data.read_bytes())
+    raw = bytearray(files.read(data))
     raw[len(raw) // 2] ^= 0xFF
-    data.write_bytes(bytes(raw))
+    files.write(data, bytes(raw))
     assert "checksum" in store.check_pack(0)
     with pytest.raises(ValueError, match="checksum"):
         store.read_pack(0)
     assert store.missing_packs() == [0, 1]
-    assert not data.exists()
+    assert files.size(data) is None
     assert "rebuilding" in caplog.text
 
     # truncation -> size mismatch
     store.write_pack(0, a0)
-    data.write_bytes(data.read_bytes()[:100])
+    files.write(data, files.read(data)[:100])
     assert "truncated" in store.check_pack(0)
 
     # a data file without its manifest (a write interrupted before the commit marker) is not reused
     store.write_pack(0, a0)
-    (tmp_path / "signals" / "abc" / "k4-pack-00000.json").unlink()
+    files.delete(manifest)
     assert store.check_pack(0) == "no manifest (interrupted write)"
 
     # a different pack layout never reads another layout's files
-    other = SignalStore(tmp_path, "abc", pack_size=2, num_models=6)
+    other = SignalStore(root, "abc", pack_size=2, num_models=6)
     store.write_pack(0, a0)
     assert other.missing_packs() == [0, 1, 2]
+
+
+def test_store_uri_nobody_opens_is_one_line_naming_the_field():
+    from raymia.errors import SpecError
+
+    with pytest.raises(SpecError, match=r"^bank.store: no filesystem for nosuch://"):
+        SignalStore("nosuch://bucket/x", "abc", pack_size=4, num_models=6)
 
 
 def test_query_augmentations():

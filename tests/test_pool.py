@@ -154,3 +154,20 @@ def test_two_node_sweep_uses_both_nodes_and_survives_losing_one(tmp_path):
         _clean_console(text)
     finally:
         cluster.shutdown()
+
+
+def test_pool_stores_signals_under_a_uri_and_changes_no_metric(tmp_path, ray_local):
+    """The pool's workers (other processes) write the packs through the URI the spec names; the audit reads
+    them back through it, with the same metrics as a store at a plain path."""
+    from raymia.audit import run_audit
+    from raymia.spec import AuditSpec
+
+    d = yaml.safe_load(_audit_spec(tmp_path, "plain").read_text())
+    d["plan"]["num_models"], d["train"]["epochs"] = 4, 10
+    plain = run_audit(AuditSpec.model_validate(d), console=False, track=False)
+    d["bank"]["store"] = f"file://{tmp_path}/bucket/prefix"
+    remote = run_audit(AuditSpec.model_validate(d), console=False, track=False)
+    assert not remote.reused_signals  # trained again, into the other store
+    packs = sorted((tmp_path / "bucket" / "prefix" / "signals" / remote.fingerprint).glob("k2-pack-*.npz"))
+    assert len(packs) == 2
+    assert remote.flat_metrics() == plain.flat_metrics()

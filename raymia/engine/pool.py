@@ -16,7 +16,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from raymia.errors import RaymiaError, last_error_line
@@ -167,7 +166,7 @@ class BankPool:
         self.ready()
         raw = spec.model_copy(update={"bank": spec.bank.model_copy(update={"device": self.device})}
                               ).model_dump(mode="json")
-        root = str(Path(store.root).resolve())
+        root = store.root
         level = logging.getLogger("raymia").getEffectiveLevel()
         queue = collections.deque(packs)
         free, restarting = self._alive()  # restarting: a worker's `where` call, answered once it is back

@@ -1,0 +1,111 @@
+"""Where the signal store keeps its files: a local path (a node's disk or an NFS mount), or a URI that
+pyarrow.fs opens (s3://bucket/prefix, gs://bucket/prefix, hdfs://..., file:///abs/path) or, failing that,
+fsspec (any protocol it has an implementation for, wrapped in pyarrow's FileSystem interface).
+
+Both kinds offer the same four operations on paths relative to the root; writes are atomic (a temporary
+name moved into place: an object store's PUT of a whole object is atomic by itself). Local paths use the
+standard library only, so the compute core runs where pyarrow is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from raymia.errors import SpecError
+
+
+class LocalFiles:
+    """Files under a local directory; each write is fsync'ed, then renamed into place."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.location = str(self.root)  # what another process on a node that mounts it opens
+
+    def read(self, rel: str) -> bytes:
+        return (self.root / rel).read_bytes()
+
+    def write(self, rel: str, data: bytes) -> None:
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def size(self, rel: str) -> int | None:
+        """The file's size, None when it does not exist."""
+        try:
+            return (self.root / rel).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def delete(self, rel: str) -> None:
+        (self.root / rel).unlink(missing_ok=True)
+
+
+class ArrowFiles:
+    """Files under a pyarrow FileSystem root (an object store, HDFS, or fsspec through pyarrow)."""
+
+    def __init__(self, uri: str):
+        import pyarrow.fs as pafs
+
+        try:
+            self.fs, self.base = pafs.FileSystem.from_uri(uri)
+        except ValueError:  # pyarrow's ArrowInvalid: a scheme pyarrow has no filesystem for
+            self.fs, self.base = _fsspec(uri)
+        self.base = self.base.rstrip("/")
+        self.location = uri
+
+    def _path(self, rel: str) -> str:
+        return f"{self.base}/{rel}"
+
+    def read(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self._path(rel)) as f:
+            return f.read()
+
+    def write(self, rel: str, data: bytes) -> None:
+        path = self._path(rel)
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, path)
+
+    def size(self, rel: str) -> int | None:
+        import pyarrow.fs as pafs
+
+        info = self.fs.get_file_info(self._path(rel))
+        return None if info.type == pafs.FileType.NotFound else info.size
+
+    def delete(self, rel: str) -> None:
+        if self.size(rel) is not None:
+            self.fs.delete_file(self._path(rel))
+
+
+def _fsspec(uri: str):
+    """A pyarrow FileSystem over fsspec's implementation of the URI's protocol, and the path inside it."""
+    import fsspec
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    protocol, _, rest = uri.partition("://")
+    try:
+        fs = fsspec.filesystem(protocol)
+    except (ValueError, ImportError) as e:
+        raise SpecError(f"no filesystem for {protocol}:// ({e}); accepted: a path, or a URI that pyarrow.fs or "
+                        "fsspec opens (s3://, gs://, hdfs://, file://, ...)", where="bank.store") from None
+    return PyFileSystem(FSSpecHandler(fs)), rest
+
+
+def open_root(where: str | Path) -> LocalFiles | ArrowFiles:
+    """The files under `where`: a local path, or a URI (`scheme://...`)."""
+    text = str(where)
+    if "://" not in text:
+        return LocalFiles(text)
+    try:
+        return ArrowFiles(text)
+    except ImportError as e:
+        raise SpecError(f"{text}: a URI needs pyarrow ({e})", where="bank.store") from None
