@@ -17,6 +17,7 @@ import numpy as np
 
 from raymia import __version__
 from raymia.spec import AuditSpec, SweepSpec
+from raymia.storage import absolute
 from raymia.store import SignalStore
 
 log = logging.getLogger("raymia")
@@ -138,7 +139,8 @@ def run_audit(
 
     t0 = time.perf_counter()
     root = Path(output_dir or spec.output_dir)
-    spec = spec.model_copy(update={"output_dir": str(root.resolve())})  # workers and defenses cache under it
+    # workers (other processes, other nodes) and defenses store and cache under these: absolute
+    spec = spec.model_copy(update={"output_dir": str(root.resolve()), "store": absolute(spec.store)})
     out = Path(run_dir) if run_dir else audit_dir(spec, root)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -148,7 +150,7 @@ def run_audit(
         from raymia.inversion.protocol import inversion_data as load_inversion_data
 
         inversion_data = load_inversion_data(spec, ctx)
-    store = SignalStore(spec.bank.store or root, spec.fingerprint(), spec.bank.pack_size, spec.plan.num_models,
+    store = SignalStore(spec.store or root, spec.fingerprint(), spec.bank.pack_size, spec.plan.num_models,
                         spec.pack_fingerprints())
     reused = ensure_bank(spec, store, pool)
     signals = load_signals(store, ctx.plan.keep, ctx.audited_y, ctx.data.y_test.numpy())

@@ -227,7 +227,7 @@ def _stored_packs(spec: AuditSpec, root: Path, fp: str, signal_bytes: int):
     from raymia.store import SignalStore
 
     b = spec.bank
-    store = SignalStore(b.store or root, fp, b.pack_size, spec.plan.num_models, spec.pack_fingerprints())
+    store = SignalStore(spec.store or root, fp, b.pack_size, spec.plan.num_models, spec.pack_fingerprints())
     stored, invalid = [], {}
     for p in range(store.num_packs):
         problem = store.check_pack(p)

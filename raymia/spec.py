@@ -269,8 +269,6 @@ class BankSpec(_Model):
     num_workers: int = Field(1, ge=1, description="pool workers (one per GPU on a cluster); capped at what the "
                              "cluster's nodes hold when the pool starts")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each pool worker holds (and its torch threads)")
-    store: str | None = Field(None, description="where the signals are stored: a path or a URI (s3://bucket/prefix, "
-                              "gs://..., file:///..., any fsspec protocol); default output_dir")
     pack_size: int = Field(8, ge=1, description="models trained together per pack (unit of storage)")
     vectorize: bool | Literal["auto"] = Field(
         "auto",
@@ -406,6 +404,13 @@ class AuditSpec(_Model):
     inversion: InversionSpec | None = Field(None, description="model-inversion attacks on the targets")
     ood: OodSpec | None = Field(None, description="out-of-distribution non-member sets")
     output_dir: str = "raymia-runs"
+    store: str | None = Field(None, description="where signals and caches live (what every node must reach): a "
+                              "path, NFS, or a URI (s3://bucket/prefix, gs://..., file:///..., any fsspec protocol); "
+                              "default: output_dir. Reports stay in output_dir")
+
+    @property
+    def store_root(self) -> str:
+        return self.store or self.output_dir
 
     @model_serializer(mode="wrap")
     def _without_unset_blocks(self, handler: Any) -> Any:

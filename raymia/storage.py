@@ -11,12 +11,23 @@ from __future__ import annotations
 
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from raymia.errors import SpecError
 
 
-class LocalFiles:
+class _Files:
+    location: str
+
+    def __eq__(self, other: object) -> bool:  # two handles on one root are the same store
+        return type(other) is type(self) and other.location == self.location
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.location))
+
+
+class LocalFiles(_Files):
     """Files under a local directory; each write is fsync'ed, then renamed into place."""
 
     def __init__(self, root: str | Path):
@@ -47,7 +58,7 @@ class LocalFiles:
         (self.root / rel).unlink(missing_ok=True)
 
 
-class ArrowFiles:
+class ArrowFiles(_Files):
     """Files under a pyarrow FileSystem root (an object store, HDFS, or fsspec through pyarrow)."""
 
     def __init__(self, uri: str):
@@ -100,6 +111,13 @@ def _fsspec(uri: str):
     return PyFileSystem(FSSpecHandler(fs)), rest
 
 
+def absolute(where: str | None) -> str | None:
+    """A URI as it is, a local path made absolute (another process may run in another folder)."""
+    if where is None or "://" in where:
+        return where
+    return str(Path(where).expanduser().resolve())
+
+
 def open_root(where: str | Path) -> LocalFiles | ArrowFiles:
     """The files under `where`: a local path, or a URI (`scheme://...`)."""
     text = str(where)
@@ -109,3 +127,70 @@ def open_root(where: str | Path) -> LocalFiles | ArrowFiles:
         return ArrowFiles(text)
     except ImportError as e:
         raise SpecError(f"{text}: a URI needs pyarrow ({e})", where="bank.store") from None
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """One file of a store, by its path relative to the store's root: what caches name (`StoredDir / name`)."""
+
+    files: LocalFiles | ArrowFiles
+    rel: str
+
+    @property
+    def name(self) -> str:
+        return self.rel.rsplit("/", 1)[-1]
+
+    def with_name(self, name: str) -> StoredFile:
+        head = self.rel.rsplit("/", 1)[0] if "/" in self.rel else ""
+        return StoredFile(self.files, f"{head}/{name}" if head else name)
+
+    def exists(self) -> bool:
+        return self.files.size(self.rel) is not None
+
+    is_file = exists
+
+    def read_bytes(self) -> bytes:
+        return self.files.read(self.rel)
+
+    def write_bytes(self, data: bytes) -> None:
+        """Atomic: a reader sees the old file or the new one, never part of it."""
+        self.files.write(self.rel, data)
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        if not missing_ok and not self.exists():
+            raise FileNotFoundError(str(self))
+        self.files.delete(self.rel)
+
+    def __str__(self) -> str:
+        return f"{self.files.location.rstrip('/')}/{self.rel}"
+
+
+@dataclass(frozen=True)
+class StoredDir:
+    """A folder of a store (`cache`, `cache/inversion`): `dir / "name.pt"` is a StoredFile in it."""
+
+    files: LocalFiles | ArrowFiles
+    rel: str = ""
+
+    def __truediv__(self, name: str) -> StoredFile:
+        return StoredFile(self.files, f"{self.rel}/{name}" if self.rel else name)
+
+    def sub(self, name: str) -> StoredDir:
+        return StoredDir(self.files, f"{self.rel}/{name}" if self.rel else name)
+
+    def __str__(self) -> str:
+        return f"{self.files.location.rstrip('/')}/{self.rel}" if self.rel else self.files.location
+
+
+def store_dir(where: str | Path | StoredDir, *sub: str) -> Path | StoredDir:
+    """The folder `sub` of the store at `where`: a pathlib.Path when the store is local (so local code and
+    tools keep pathlib's whole interface), a StoredDir for a URI (`/`, and its files' exists, read_bytes,
+    write_bytes, with_name, unlink: the part of pathlib the caches use)."""
+    if isinstance(where, Path | StoredDir):
+        d = where
+    else:
+        files = open_root(where)
+        d = files.root if isinstance(files, LocalFiles) else StoredDir(files)
+    for part in sub:
+        d = d / part if isinstance(d, Path) else d.sub(part)
+    return d

@@ -404,7 +404,7 @@ def _mlflow_callback(spec: SweepSpec, parent_id: str):
 def _resume_key(spec: SweepSpec) -> dict[str, Any]:
     """What must match for a re-run to continue a sweep (the tracking and output locations may move)."""
     d = spec.model_dump(mode="json")
-    for k in ("tracking", "output_dir"):
+    for k in ("tracking", "output_dir", "store"):
         d.pop(k, None)
     return d
 

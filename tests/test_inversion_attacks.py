@@ -145,6 +145,26 @@ def test_gan_training_resumes_from_its_last_checkpoint(setting, tmp_path, loss):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_gan_cache_and_checkpoint_live_in_a_store_named_by_uri(setting, tmp_path):
+    """The same resume through a store named by a URI (fsspec's in-memory filesystem through pyarrow, the
+    interface s3:// and gs:// share): the checkpoint and the final pair are files of that store only."""
+    from raymia.storage import store_dir
+
+    info, _, _, x_public = setting
+    cpu = torch.device("cpu")
+    whole = train_gan(x_public, info, RESUME, tmp_path / "a", cpu, seed=3)
+    cache = store_dir(f"memory://raymia-gan-{tmp_path.name}", "cache")
+    assert train_gan(x_public, info, RESUME, cache, cpu, seed=3, stop_after=7) is None
+    ckpt = cache / f"gmi-gan-{whole.key}.ckpt.pt"
+    assert ckpt.exists() and str(ckpt).startswith("memory://")
+    resumed = train_gan(x_public, info, RESUME, cache, cpu, seed=3)
+    assert resumed.source == "resumed" and resumed.start_step == 5 and not ckpt.exists()
+    assert train_gan(x_public, info, RESUME, cache, cpu, seed=3).source == "cache"
+    a, b = _weights(whole), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(tmp_path.glob("**/gmi-gan-*.ckpt.pt"))  # nothing went to the local disk
+
+
 def test_damaged_gan_files_are_refitted(setting, tmp_path, caplog):
     info, _, _, x_public = setting
     cpu, cache = torch.device("cpu"), tmp_path / "cache"

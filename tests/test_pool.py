@@ -165,7 +165,7 @@ def test_pool_stores_signals_under_a_uri_and_changes_no_metric(tmp_path, ray_loc
     d = yaml.safe_load(_audit_spec(tmp_path, "plain").read_text())
     d["plan"]["num_models"], d["train"]["epochs"] = 4, 10
     plain = run_audit(AuditSpec.model_validate(d), console=False, track=False)
-    d["bank"]["store"] = f"file://{tmp_path}/bucket/prefix"
+    d["store"] = f"file://{tmp_path}/bucket/prefix"
     remote = run_audit(AuditSpec.model_validate(d), console=False, track=False)
     assert not remote.reused_signals  # trained again, into the other store
     packs = sorted((tmp_path / "bucket" / "prefix" / "signals" / remote.fingerprint).glob("k2-pack-*.npz"))

@@ -60,6 +60,7 @@ from raymia.datainfo import DataInfo
 from raymia.errors import SpecError
 from raymia.registry import NoParams, Params, Registry
 from raymia.seeding import derive_seed
+from raymia.storage import store_dir
 
 if TYPE_CHECKING:
     from raymia.inversion.plgmi import ConditionalGenerator, ProjectionDiscriminator
@@ -137,7 +138,7 @@ def build_nonmembers(name: str, params: dict[str, Any] | None, data: Dataset, pu
     if isinstance(n, bool) or int(n) != n or n < 1:
         raise SpecError(f"the number of non-members must be a positive integer; got {n!r}", where=where)
     ctx = SetContext(name, data, np.asarray(public_index, dtype=np.int64).reshape(-1), int(n), int(seed),
-                     Path(cache_dir), torch.device(device), where)
+                     cache_dir, torch.device(device), where)
     out = entry.obj(ctx, parsed)
     shape = (ctx.n, *data.info.input_shape)
     if tuple(out.x.shape) != shape or tuple(out.y.shape) != (ctx.n,):
@@ -418,7 +419,7 @@ def train_ood_gan(x_public: torch.Tensor, y_public: torch.Tensor, info: DataInfo
                          f"{settings.batch_size}")
     classes = sorted(int(c) for c in torch.unique(y_all))
     key = ood_gan_key(x, y_all, info, settings, seed, device)
-    path = Path(cache_dir) / f"ood-cgan-{key}.pt"
+    path = store_dir(cache_dir) / f"ood-cgan-{key}.pt"
     ckpt = path.with_name(f"ood-cgan-{key}.ckpt.pt")
     g_net, d_net = build_ood_gan(info, settings, seed)
     state = load_state(path, key)

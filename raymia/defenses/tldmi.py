@@ -45,6 +45,7 @@ from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain, Float, Int
 from raymia.spec import TrainSpec
+from raymia.storage import store_dir
 from raymia.train.loop import member_batches, module_net, run_steps
 
 log = logging.getLogger("raymia")
@@ -203,7 +204,7 @@ class TlDmi(Defense):
         pretraining itself waits for the first model (prepare_model), whose architecture it needs."""
         self.check_data(data, population)
         p = self.params
-        self._data, self._cache_dir, self._seed = data, Path(cache_dir), seed
+        self._data, self._cache_dir, self._seed = data, store_dir(cache_dir), seed
         self.pretrained = None
         if p.weights is not None:
             self.public_index = np.empty(0, dtype=np.int64)

@@ -34,11 +34,10 @@ damaged file is refitted.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
-import os
-import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,6 +53,7 @@ from raymia.device import resolve_device
 from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain, Float
+from raymia.storage import LocalFiles, StoredFile, store_dir
 
 log = logging.getLogger("raymia")
 
@@ -92,31 +92,29 @@ def state_checksum(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_state(path: Path, key: str, state: dict[str, torch.Tensor]) -> None:
-    """Write a state_dict with its key and checksum atomically (temp file in the same folder, fsynced, then
-    os.replace), so an interrupted write never leaves a half-written cache file under `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_state(path: StoredFile | Path, key: str, state: dict[str, torch.Tensor]) -> None:
+    """Write a state_dict with its key and checksum atomically (`raymia.storage`: a temporary name moved
+    into place), so an interrupted write never leaves a half-written cache file under `path`, which is a
+    file of a store (a path or a URI) or a local path."""
     cpu = {k: v.detach().cpu().clone() for k, v in state.items()}
     payload = {"format": str(CACHE_FORMAT), "key": key, "sha256": state_checksum(cpu), "state_dict": cpu}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes reach the disk before the rename makes them the cache file
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    _stored(path).write_bytes(buf.getvalue())
 
 
-def load_state(path: Path, key: str) -> dict[str, torch.Tensor] | None:
+def _stored(path: StoredFile | Path) -> StoredFile:
+    return path if isinstance(path, StoredFile) else StoredFile(LocalFiles(Path(path).parent), Path(path).name)
+
+
+def load_state(path: StoredFile | Path, key: str) -> dict[str, torch.Tensor] | None:
     """The cached state_dict at `path` if it exists, loads with weights_only=True, carries `key` and its
     checksum matches; None otherwise (a damaged or foreign file is reported and ignored)."""
-    if not path.is_file():
+    stored = _stored(path)
+    if not stored.exists():
         return None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(stored.read_bytes()), map_location="cpu", weights_only=True)
         ok = (isinstance(payload, dict) and payload.get("key") == key
               and isinstance(payload.get("state_dict"), dict)
               and payload.get("sha256") == state_checksum(payload["state_dict"]))
@@ -333,7 +331,7 @@ class VaeMetricPrivacy(Defense):
         public = public_indices(data.x_train.shape[0], population)
         self.public_index = public
         key = self.cache_key(data, seed, public)
-        self.cache_path = Path(cache_dir) / f"vae-{key}.pt"
+        self.cache_path = store_dir(cache_dir) / f"vae-{key}.pt"
         vae_seed = derive_seed(seed, "vae")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(vae_seed)

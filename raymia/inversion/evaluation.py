@@ -46,6 +46,7 @@ from raymia.device import resolve_device
 from raymia.models import build_model
 from raymia.seeding import derive_seed
 from raymia.spec import TrainSpec
+from raymia.storage import store_dir
 from raymia.train.loop import member_batches, module_net, run_steps
 
 log = logging.getLogger("raymia")
@@ -149,7 +150,7 @@ def cached_evaluator(cache_dir: str | Path, key_parts: dict[str, Any], x: torch.
                       "num_classes": num_classes, "input_shape": [int(s) for s in input_shape],
                       "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
                       "device": dev.type, "parts": key_parts})
-    path = Path(cache_dir) / f"evaluator-{key}.pt"
+    path = store_dir(cache_dir) / f"evaluator-{key}.pt"
     state = load_state(path, key)
     if state is not None:
         with _seeded(dev):

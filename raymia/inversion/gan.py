@@ -44,6 +44,7 @@ from raymia.datainfo import DataInfo
 from raymia.defenses.vae import data_digest, key_digest, load_state, save_state
 from raymia.inversion.registry import image_shape, pixel_transform
 from raymia.seeding import derive_seed
+from raymia.storage import store_dir
 
 log = logging.getLogger("raymia")
 
@@ -156,7 +157,7 @@ def train_gan(x_public: torch.Tensor, info: DataInfo, settings: GanSettings, cac
     """
     g_net, d_net = build_gan(info, settings, seed)
     key = gan_key(x_public, info, settings, seed, device)
-    path = Path(cache_dir) / f"gmi-gan-{key}.pt"
+    path = store_dir(cache_dir) / f"gmi-gan-{key}.pt"
     ckpt = path.with_name(f"gmi-gan-{key}.ckpt.pt")
     state = load_state(path, key)
     if state is not None and _load_pair(g_net, d_net, state):

@@ -87,6 +87,7 @@ from raymia.inversion.registry import (
 )
 from raymia.registry import Params
 from raymia.seeding import derive_seed
+from raymia.storage import store_dir
 
 log = logging.getLogger("raymia")
 
@@ -356,7 +357,7 @@ def train_cgan(target: nn.Module, x_public: torch.Tensor, classes: Sequence[int]
         raise ValueError(f"top_n {settings.top_n} exceeds the {x_public.shape[0]} public inputs")
     k = len(classes)
     key = cgan_key(target, x_public, classes, info, settings, seed, device)
-    path = Path(cache_dir) / f"plgmi-cgan-{key}.pt"
+    path = store_dir(cache_dir) / f"plgmi-cgan-{key}.pt"
     ckpt = path.with_name(f"plgmi-cgan-{key}.ckpt.pt")
     g_net, d_net = build_cgan(info, k, settings, seed)
     state = load_state(path, key)

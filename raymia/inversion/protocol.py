@@ -34,6 +34,7 @@ from torch import nn
 from raymia.datainfo import DataInfo
 from raymia.errors import SpecError
 from raymia.spec import AuditSpec
+from raymia.storage import StoredDir, store_dir
 
 log = logging.getLogger("raymia")
 
@@ -160,8 +161,8 @@ def inversion_data(spec: AuditSpec, ctx) -> InversionData:
     return InversionData(info=info, classes=classes, private_x=private_x, private_y=private_y, public_x=public_x)
 
 
-def cache_dir(spec: AuditSpec) -> Path:
-    return Path(spec.output_dir) / "cache" / "inversion"
+def cache_dir(spec: AuditSpec) -> StoredDir:
+    return store_dir(spec.store_root, "cache", "inversion")
 
 
 def _device(spec: AuditSpec) -> torch.device:
@@ -234,7 +235,6 @@ def target_model(spec: AuditSpec, ctx, t: int, device: torch.device) -> nn.Modul
             log.warning("inversion: cached target %s does not fit (%s); retraining", path, e)
     log.info("inversion: training target %d alone for the white-box attacks", t)
     model = train_model(ctx, t, device)
-    path.parent.mkdir(parents=True, exist_ok=True)
     save_state(path, key, model.state_dict())
     return model.eval()
 

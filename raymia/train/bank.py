@@ -35,6 +35,7 @@ from raymia.models import build_model
 from raymia.models.base import data_init_modules, param_lr_scales, param_train_epochs
 from raymia.seeding import derive_seed
 from raymia.spec import AuditSpec, TrainSpec
+from raymia.storage import store_dir
 from raymia.store import num_packs, pack_models
 from raymia.train.infer import augment as query_augment
 from raymia.train.infer import query_logits
@@ -102,10 +103,9 @@ class BankContext:
         defense = build_defense(spec.defense.name, spec.defense.params, data.info,
                                 label_smoothing=spec.train.label_smoothing)
         defense.check(spec.model.name, data.info, spec.model.params)
-        from pathlib import Path
 
         if setup:
-            defense.setup(data, plan.population, Path(spec.output_dir) / "cache", spec.seed)
+            defense.setup(data, plan.population, store_dir(spec.store_root, "cache"), spec.seed)
         else:
             defense.check_data(data, plan.population)
         ood = None
@@ -115,7 +115,7 @@ class BankContext:
 
             device = resolve_device(spec.bank.device, where="bank.device") if setup else torch.device("cpu")
             ood = build_sets(spec.ood.sets, spec.ood.size, spec.ood.seed, data,
-                             public_indices(data.x_train.shape[0], plan.population), Path(spec.output_dir) / "cache",
+                             public_indices(data.x_train.shape[0], plan.population), store_dir(spec.store_root, "cache"),
                              device, fit=setup)
         ctx = cls(spec=spec, data=data, plan=plan, defense=defense, recipe=defense.modify_recipe(spec.train),
                   ood=ood)
