@@ -41,6 +41,7 @@ so the models stay this small: bound by launches, not FLOPs. The pool's per-pack
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -132,32 +133,57 @@ def time_bank(spec: AuditSpec) -> dict:
     wait_released()
     packs = manifests(Path(spec.output_dir))
     assert len(packs) == store.num_packs, f"{len(packs)} of {store.num_packs} packs stored"
+    # each worker's first pack pays one-time costs (kernel set-up, lazy imports) that its later packs do not
+    firsts = {m["pid"]: m for m in sorted(packs, key=lambda m: m["pack"], reverse=True)}.values()
+    later = [m["seconds"] for m in packs if m not in firsts]
     return {"workers": workers, "nodes": nodes, "startup_s": startup, "wall_s": wall,
             "models_per_hour": spec.plan.num_models / wall * 3600, "pack_s": sum(m["seconds"] for m in packs),
-            "packs": store.num_packs}
+            "packs": store.num_packs, "first_pack_s": statistics.mean(m["seconds"] for m in firsts),
+            "later_pack_s": statistics.median(later) if later else math.nan}
 
 
-def part_bank_local(a: argparse.Namespace, tmp: Path) -> list[dict]:
-    rows = []
-    for n in (1, 2):
-        log(f"bank: local Ray, {n} worker(s)")
-        rows.append({"setting": f"local Ray ({a.cpus} CPUs)", **time_bank(bank_spec(a, tmp / f"bank-w{n}", n))})
-    return rows
+@contextlib.contextmanager
+def local_ray(cpus: int):
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
-def part_bank_two_nodes(a: argparse.Namespace, tmp: Path) -> dict:
+@contextlib.contextmanager
+def two_node_ray():
+    """Two nodes of 1 CPU each on this machine: the pool's workers spread one per node."""
     from ray.cluster_utils import Cluster
 
-    log("bank: two-node cluster, 2 workers")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
-        return {"setting": "two-node cluster (1 CPU each)", **time_bank(bank_spec(a, tmp / "bank-2n", 2))}
+        yield
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def part_bank(a: argparse.Namespace, tmp: Path) -> list[list[dict]]:
+    """Rounds of the three settings back to back (the machine's speed drifts between minutes: ratios are
+    taken within a round). Each round starts fresh Ray instances."""
+    rounds = []
+    for r in range(a.repeats):
+        rows = []
+        with local_ray(a.cpus):
+            for n in (1, 2):
+                log(f"bank: round {r}: local Ray, {n} worker(s)")
+                rows.append({"setting": f"local Ray ({a.cpus} CPUs)",
+                             **time_bank(bank_spec(a, tmp / f"bank-{r}-w{n}", n))})
+        log(f"bank: round {r}: two-node cluster, 2 workers")
+        with two_node_ray():
+            rows.append({"setting": "two-node cluster (1 CPU each)", **time_bank(bank_spec(a, tmp / f"bank-{r}-2n", 2))})
+        rounds.append(rows)
+    return rounds
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -231,7 +257,8 @@ def part_fixed(a: argparse.Namespace, tmp: Path) -> list[dict]:
             before_spec = bank_spec(a, tmp / f"fixed-before-{i}", 1, seed=seed, **tiny)
             after = overhead(lambda store, packs, s=after_spec: pool.run(s, store, packs), after_spec)
             before = overhead(lambda store, packs, s=before_spec: old_bank_job(s, store, packs), before_spec)
-            rounds.append({"after_s": after[0], "before_s": before[0], "train_s": (after[1] + before[1]) / 2})
+            rounds.append({"after_s": after[0], "before_s": before[0], "after_pack_s": after[1],
+                           "before_pack_s": before[1]})
             log(f"fixed: round {i}: before {before[0]:.2f}s, after {after[0]:.3f}s (pack {after[1]:.2f}s)")
     finally:
         pool.shutdown()
@@ -334,7 +361,7 @@ def each(rows: list[dict], key: str, digits: int) -> str:
     return ", ".join(f"{r[key]:.{digits}f}" for r in rows)
 
 
-def report(a: argparse.Namespace, bank: list[dict], fixed: list[dict], sweeps: list[dict], h100: dict) -> str:
+def report(a: argparse.Namespace, bank: list[list[dict]], fixed: list[dict], sweeps: list[dict], h100: dict) -> str:
     cpu = f"CPU, {os.cpu_count()} cores"
     lines = [f"benchmarks/scaling.py on {platform.machine()} {cpu} (no GPU), torch {torch.__version__}, "
              f"Ray {ray.__version__}, {time.strftime('%Y-%m-%d')}", ""]
@@ -344,20 +371,29 @@ def report(a: argparse.Namespace, bank: list[dict], fixed: list[dict], sweeps: l
         lines += [f"Bank: {m} MLPs [512] on digits, population {a.population}, {a.epochs} epochs x "
                   f"{h100['steps'] // a.epochs} steps of 64, {packs} packs of {k}, vectorised, workers of 1 CPU "
                   "(1 torch thread).", "",
+                  f"Medians over {len(bank)} round(s), each value of a round in brackets; the speed-up is the "
+                  "median of the rounds' ratios (1-worker wall time over this setting's, within a round).", "",
                   "| setting | device | workers | nodes | pool start-up s | bank wall s | models/h | sum of pack s "
-                  "| speed-up vs 1 worker |", "|---|---|---|---|---|---|---|---|---|"]
-        base = bank[0]["wall_s"] if bank else None
-        for r in bank:
-            lines.append(f"| {r['setting']} | {cpu} | {r['workers']} | {r['nodes']} | {r['startup_s']:.1f} "
-                         f"| {r['wall_s']:.2f} | {r['models_per_hour']:,.0f} | {r['pack_s']:.2f} "
-                         f"| {base / r['wall_s']:.2f}x |")
+                  "| pack s: each worker's first / median of the rest | speed-up vs 1 worker |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for i in range(len(bank[0]) if bank else 0):
+            rs = [rnd[i] for rnd in bank]
+            med = {key: statistics.median(r[key] for r in rs)
+                   for key in ("startup_s", "wall_s", "pack_s", "first_pack_s", "later_pack_s")}
+            ratios = [rnd[0]["wall_s"] / rnd[i]["wall_s"] for rnd in bank]
+            lines.append(f"| {rs[0]['setting']} | {cpu} | {rs[0]['workers']} | {rs[0]['nodes']} "
+                         f"| {med['startup_s']:.1f} ({each(rs, 'startup_s', 1)}) "
+                         f"| {med['wall_s']:.2f} ({each(rs, 'wall_s', 2)}) | {m / med['wall_s'] * 3600:,.0f} "
+                         f"| {med['pack_s']:.2f} | {med['first_pack_s']:.2f} / {med['later_pack_s']:.2f} "
+                         f"| **{statistics.median(ratios):.2f}x** ({', '.join(f'{x:.2f}' for x in ratios)}) |")
         for gpus in (1, 2):
             wall = math.ceil(packs / gpus) * h100["pack_s"]
-            lines.append(f"| packs of {k} | {H100} | {gpus} GPU(s) | - | - | {wall:.2f} | {m / wall * 3600:,.0f} "
-                         f"| {packs * h100['pack_s']:.2f} | {h100['pack_s'] * packs / wall:.2f}x |")
+            lines.append(f"| packs of {k} | {H100} | {gpus} GPU{'s' * (gpus > 1)} | - | - | {wall:.2f} "
+                         f"| {m / wall * 3600:,.0f} "
+                         f"| {packs * h100['pack_s']:.2f} | - | {h100['pack_s'] * packs / wall:.2f}x |")
         wall = h100["all_in_one_s"]
         lines.append(f"| one pack of all {m} models | {H100} | 1 GPU | - | - | {wall:.2f} | {m / wall * 3600:,.0f} "
-                     f"| {wall:.2f} | - |")
+                     f"| {wall:.2f} | - | - |")
         lines += ["", f"Expected H100 rows: per pack the larger of FLOPs / {a.h100_tflops:g} TFLOP/s (assumed "
                   f"sustained fp32) and launched operations x {a.h100_op_us:g} us (assumed host cost per eager "
                   f"operation). Counted: {h100['flops_per_model'] / 1e9:.2f} GFLOP per model (training and "
@@ -369,13 +405,14 @@ def report(a: argparse.Namespace, bank: list[dict], fixed: list[dict], sweeps: l
         first, rest = fixed[0], fixed[1:] or fixed
         before = statistics.mean(r["before_s"] for r in rest)
         after = statistics.mean(r["after_s"] for r in rest)
-        lines += ["", f"Per-trial fixed cost (wall time minus training) of a one-pack bank (2 models, 1 epoch, "
-                  f"about {statistics.mean(r['train_s'] for r in fixed):.2f} s of training), {cpu}:", "",
-                  "| path | first round s | mean of the next " + f"{len(rest)} s | each s |", "|---|---|---|---|",
+        lines += ["", f"Per-trial fixed cost (wall time minus the pack's `seconds`) of a one-pack bank (2 models, "
+                  f"1 epoch), {cpu}:", "",
+                  f"| path | first round s | mean of the next {len(rest)} s | each s | the pack's `seconds` (each) |",
+                  "|---|---|---|---|---|",
                   f"| before: Ray Train worker group per audit (TorchTrainer.fit) | {first['before_s']:.2f} "
-                  f"| {before:.2f} | {each(rest, 'before_s', 2)} |",
+                  f"| {before:.2f} | {each(rest, 'before_s', 2)} | {each(fixed, 'before_pack_s', 2)} |",
                   f"| after: warm pool (BankPool.run) | {first['after_s']:.3f} | {after:.3f} "
-                  f"| {each(rest, 'after_s', 3)} |",
+                  f"| {each(rest, 'after_s', 3)} | {each(fixed, 'after_pack_s', 2)} |",
                   "", f"before / after: {before / after:.0f}x (means of the rounds after the first)."]
     if sweeps:
         lines += ["", f"Training share of a sweep ({cpu}; `raymia sweep`, its own Ray instance):", "",
@@ -397,6 +434,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--population", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray instance")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of the bank part (medians reported)")
+    ap.add_argument("--work-dir", default=None, help="keep stores and logs here (default: a temporary folder)")
     ap.add_argument("--fixed-rounds", type=int, default=3, help="timed rounds after the first (untimed) one")
     ap.add_argument("--large", nargs="*", default=["plan.num_models=64", "bank.pack_size=16", "sweep.num_trials=4"],
                     help="--set overrides of the larger sweep")
@@ -412,21 +451,14 @@ def main(argv: list[str] | None = None) -> str:
     logging.getLogger("raymia").setLevel(logging.WARNING)
     bank, fixed, sweeps = [], [], []
     with tempfile.TemporaryDirectory(prefix="raymia-scaling-") as name:
-        tmp = Path(name)
+        tmp = Path(a.work_dir or name)  # --work-dir keeps the stores and the sweeps' logs
         torch.set_num_threads(1)  # the counts below; the pool's workers set their own
         h100 = expected_h100(a, tmp)
-        if parts & {"bank", "fixed"}:
-            ray.init(address="local", num_cpus=a.cpus, include_dashboard=False, logging_level=logging.WARNING,
-                     log_to_driver=False)
-            try:
-                if "bank" in parts:
-                    bank = part_bank_local(a, tmp)
-                if "fixed" in parts:
-                    fixed = part_fixed(a, tmp)
-            finally:
-                ray.shutdown()
-            if "bank" in parts:
-                bank.append(part_bank_two_nodes(a, tmp))
+        if "bank" in parts:
+            bank = part_bank(a, tmp)
+        if "fixed" in parts:
+            with local_ray(a.cpus):
+                fixed = part_fixed(a, tmp)
         if "quickstart" in parts:
             sweeps = part_quickstart(a, tmp)
     text = report(a, bank, fixed, sweeps, h100)

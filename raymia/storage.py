@@ -57,6 +57,16 @@ class LocalFiles(_Files):
     def delete(self, rel: str) -> None:
         (self.root / rel).unlink(missing_ok=True)
 
+    def list(self, rel: str = "") -> list[str]:
+        """The names of the files (not folders) directly in folder `rel`, sorted; [] when it is absent."""
+        d = self.root / rel
+        return sorted(p.name for p in d.iterdir() if p.is_file()) if d.is_dir() else []
+
+    def remove_tree(self, rel: str) -> None:
+        import shutil
+
+        shutil.rmtree(self.root / rel, ignore_errors=True)
+
 
 class ArrowFiles(_Files):
     """Files under a pyarrow FileSystem root (an object store, HDFS, or fsspec through pyarrow)."""
@@ -72,7 +82,7 @@ class ArrowFiles(_Files):
         self.location = uri
 
     def _path(self, rel: str) -> str:
-        return f"{self.base}/{rel}"
+        return f"{self.base}/{rel}" if rel else self.base
 
     def read(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self._path(rel)) as f:
@@ -96,6 +106,18 @@ class ArrowFiles(_Files):
         if self.size(rel) is not None:
             self.fs.delete_file(self._path(rel))
 
+    def list(self, rel: str = "") -> list[str]:
+        import pyarrow.fs as pafs
+
+        found = self.fs.get_file_info(pafs.FileSelector(self._path(rel).rstrip("/"), allow_not_found=True))
+        return sorted(i.base_name for i in found if i.type == pafs.FileType.File)
+
+    def remove_tree(self, rel: str) -> None:
+        import pyarrow.fs as pafs
+
+        if self.fs.get_file_info(self._path(rel)).type == pafs.FileType.Directory:
+            self.fs.delete_dir(self._path(rel))
+
 
 def _fsspec(uri: str):
     """A pyarrow FileSystem over fsspec's implementation of the URI's protocol, and the path inside it."""
@@ -109,6 +131,11 @@ def _fsspec(uri: str):
         raise SpecError(f"no filesystem for {protocol}:// ({e}); accepted: a path, or a URI that pyarrow.fs or "
                         "fsspec opens (s3://, gs://, hdfs://, file://, ...)", where="bank.store") from None
     return PyFileSystem(FSSpecHandler(fs)), rest
+
+
+def join(where: str, *parts: str) -> str:
+    """A path or URI with `parts` appended (a URI's `//` kept: pathlib would fold it)."""
+    return "/".join([str(where).rstrip("/"), *parts]) if "://" in str(where) else str(Path(where, *parts))
 
 
 def absolute(where: str | None) -> str | None:

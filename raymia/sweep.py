@@ -10,6 +10,7 @@ one child run per finished trial. The result is the Pareto front (table, result.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ from raymia.errors import RaymiaError, SpecError
 from raymia.pareto import fmt_params, front_and_hypervolume, front_markdown, plot_front, print_front
 from raymia.space import Categorical, Domain, Float, Int, describe
 from raymia.spec import AuditSpec, SweepSpec
+from raymia.storage import absolute, join, open_root
 
 log = logging.getLogger("raymia")
 
@@ -154,69 +156,74 @@ def _optuna_storage(url: str):
     return optuna.storages.RDBStorage(url)
 
 
-def _damaged_tune_state(exp_dir: Path) -> str | None:
-    """Why Tune's newest saved state in exp_dir cannot be restored (a file cut short by a kill while Tune
-    copied it), or None. A pickle is checked by its frame (protocol marker first, STOP opcode last), not
-    loaded; anything else must parse as JSON."""
-    for pattern in _TUNE_STATE:
-        files = sorted(exp_dir.glob(pattern))
-        if not files:
-            continue
-        newest = files[-1]
-        try:
-            data = newest.read_bytes()
-        except OSError as e:
-            return f"{newest.name}: {e}"
+def _damaged_tune_state(exp) -> str | None:
+    """Why Tune's newest saved state in `exp` (a `raymia.storage` folder handle) cannot be restored (a file
+    cut short by a kill while Tune copied it), or None. A pickle is checked by its frame (protocol marker
+    first, STOP opcode last), not loaded; anything else must parse as JSON."""
+    return _damaged({n: exp.read(n) for n in _state_names(exp.list())})
+
+
+def _state_names(names: list[str]) -> list[str]:
+    """The newest file of each kind of Tune state among `names` (Tune's names sort by time)."""
+    import fnmatch
+
+    return [m[-1] for m in ([n for n in names if fnmatch.fnmatch(n, p)] for p in _TUNE_STATE) if m]
+
+
+def _damaged(files: dict[str, bytes]) -> str | None:
+    for name, data in files.items():
         if data[:1] == b"\x80":  # a pickle, whatever its name says (Tune's search_gen_state-*.json is one)
             if data[-1:] != b".":
-                return f"{newest.name} is cut short ({len(data)} bytes)"
+                return f"{name} is cut short ({len(data)} bytes)"
             continue
-        if newest.suffix == ".pkl":
-            return f"{newest.name} is cut short ({len(data)} bytes)"
+        if name.endswith(".pkl"):
+            return f"{name} is cut short ({len(data)} bytes)"
         try:
             json.loads(data)
         except ValueError:
-            return f"{newest.name} is neither intact JSON nor an intact pickle ({len(data)} bytes)"
+            return f"{name} is neither intact JSON nor an intact pickle ({len(data)} bytes)"
     return None
 
 
 _TUNE_STATE = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
+_BACKUP = "tune-state.zip"  # in the sweep's state folder: one file, so one atomic write on any store
 
 
-def _backup_tune_state(exp_dir: Path, backup: Path) -> None:
-    """Copy Tune's state files to `backup` when they are intact, replacing the previous copy atomically
-    (a new folder renamed over it; a kill in between leaves `<backup>.old`, which a restore also reads)."""
-    import os
-    import shutil
+def _backup_tune_state(exp, state) -> None:
+    """Copy Tune's newest state files, when intact, into one zip in the sweep's state folder (`exp` and
+    `state` are `raymia.storage` folder handles), replacing the previous copy in one atomic write."""
+    import io
+    import zipfile
 
-    if not exp_dir.is_dir() or _damaged_tune_state(exp_dir) is not None:
+    files = {n: exp.read(n) for n in _state_names(exp.list())}
+    if not files or _damaged(files) is not None:
         return
-    tmp, old = backup.with_name(backup.name + ".tmp"), backup.with_name(backup.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for pattern in _TUNE_STATE:
-        for f in exp_dir.glob(pattern):
-            shutil.copy2(f, tmp / f.name)
-    shutil.rmtree(old, ignore_errors=True)
-    if backup.exists():
-        os.replace(backup, old)
-    os.replace(tmp, backup)
-    shutil.rmtree(old, ignore_errors=True)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    state.write(_BACKUP, buf.getvalue())
 
 
-def _restore_tune_state(backup: Path, exp_dir: Path) -> bool:
-    """Put an intact copy from `_backup_tune_state` back into exp_dir; False when there is none."""
-    import shutil
+def _restore_tune_state(state, exp) -> bool:
+    """Put the intact copy `_backup_tune_state` kept back into `exp`; False when there is none."""
+    import io
+    import zipfile
 
-    for copy in (backup, backup.with_name(backup.name + ".old")):
-        if copy.is_dir() and any(copy.iterdir()) and _damaged_tune_state(copy) is None:
-            for pattern in _TUNE_STATE:
-                for f in exp_dir.glob(pattern):
-                    f.unlink()
-                for f in copy.glob(pattern):
-                    shutil.copy2(f, exp_dir / f.name)
-            return True
-    return False
+    if state.size(_BACKUP) is None:
+        return False
+    with zipfile.ZipFile(io.BytesIO(state.read(_BACKUP))) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    if not files or _damaged(files) is not None:
+        return False
+    import fnmatch
+
+    for name in exp.list():
+        if any(fnmatch.fnmatch(name, p) for p in _TUNE_STATE):
+            exp.delete(name)
+    for name, data in files.items():
+        exp.write(name, data)
+    return True
 
 
 def _delete_study(spec: SweepSpec, sweep_dir: Path) -> None:
@@ -251,11 +258,11 @@ def trial_spec(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def _finished_trial(run_dir: Path, spec) -> dict[str, Any] | None:
-    """The stored result of this trial's audit when it already finished with exactly this spec."""
-    path = run_dir / "result.json"
+def _finished_trial(kept, spec) -> dict[str, Any] | None:
+    """The stored result of this trial's audit (in its state folder `kept`) when it already finished with
+    exactly this spec."""
     try:
-        saved = json.loads(path.read_text())
+        saved = json.loads(kept.read("result.json"))
     except (OSError, json.JSONDecodeError):
         return None
     def key(d: dict[str, Any]) -> dict[str, Any]:
@@ -266,7 +273,7 @@ def _finished_trial(run_dir: Path, spec) -> dict[str, Any] | None:
     return saved
 
 
-def _run_trial(config: dict[str, Any], base: dict[str, Any], root: str, sweep_dir: str, log_level: int,
+def _run_trial(config: dict[str, Any], base: dict[str, Any], root: str, sweep_dir: str, state: str, log_level: int,
                pool=None) -> None:
     """One Tune trial: one audit of the base spec with this trial's defense setting, its bank trained on
     the sweep's warm pool. Its progress lines (and the pool's for its packs) reach the console at the
@@ -281,13 +288,19 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], root: str, sweep_di
     worker_logging(log_level, context.get_trial_name().replace("_", " ", 1) + ": ")
     spec = AuditSpec.model_validate(trial_spec(base, config))
     trial_id = context.get_trial_id()
-    run_dir = Path(sweep_dir) / "trials" / trial_id
-    saved = _finished_trial(run_dir, spec)
+    run_dir = Path(sweep_dir) / "trials" / trial_id  # its report, on this node
+    kept = open_root(join(state, "trials", trial_id))  # in the store: the same folder unless the store is a URI
+    saved = _finished_trial(kept, spec)
     if saved is not None:  # finished before the driver was interrupted: report it again, run nothing
-        metrics, audit_dir, fingerprint, reused = saved["metrics"], run_dir, saved["fingerprint"], True
+        metrics, fingerprint, reused = saved["metrics"], saved["fingerprint"], True
     else:
         res = run_audit(spec, output_dir=root, track=False, console=False, run_dir=run_dir, pool=pool)
-        metrics, audit_dir, fingerprint, reused = res.flat_metrics(), res.out_dir, res.fingerprint, res.reused_signals
+        metrics, fingerprint, reused = res.flat_metrics(), res.fingerprint, res.reused_signals
+        if kept.location != str(run_dir.resolve()):  # the report reaches the driver and a resume through the store
+            for f in sorted(p for p in run_dir.iterdir() if p.is_file() and p.name != "result.json"):
+                kept.write(f.name, f.read_bytes())
+            kept.write("result.json", (run_dir / "result.json").read_bytes())  # last: it marks the trial done
+    audit_dir = kept.location
     objectives = base["sweep"]["objectives"]
     for o in objectives:
         v = metrics.get(o["metric"])
@@ -314,7 +327,7 @@ def _trial_name(trial) -> str:
     return f"trial_{_number(trial)}"
 
 
-def _progress_callback(spec: SweepSpec, exp_dir: Path, backup: Path):
+def _progress_callback(spec: SweepSpec, exp, keep):
     from ray import tune
 
     objs = [o.metric for o in spec.sweep.objectives]
@@ -328,7 +341,7 @@ def _progress_callback(spec: SweepSpec, exp_dir: Path, backup: Path):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
-            _backup_tune_state(exp_dir, backup)  # Tune's own copy is not atomic: a kill can cut it short
+            _backup_tune_state(exp, keep)  # Tune's own copy is not atomic: a kill can cut it short
             r = trial.last_result or {}
             _, cfg = split_config(trial.config)
             vals = "  ".join(f"{o}={r.get(o, float('nan')):.4f}" for o in objs)
@@ -349,6 +362,22 @@ def _progress_callback(spec: SweepSpec, exp_dir: Path, backup: Path):
                         _trial_error(trial))
 
     return Progress()
+
+
+@contextlib.contextmanager
+def _local_copy(where: str | None):
+    """A trial's report folder as a local path: itself, or (a URI store) its files fetched to a temporary
+    folder for MLflow to upload."""
+    if not where or "://" not in where:
+        yield Path(where) if where else None
+        return
+    import tempfile
+
+    files = open_root(where)
+    with tempfile.TemporaryDirectory(prefix="raymia-trial-") as tmp:
+        for name in files.list():
+            (Path(tmp) / name).write_bytes(files.read(name))
+        yield Path(tmp)
 
 
 def _trial_error(trial) -> str:
@@ -384,13 +413,12 @@ def _mlflow_callback(spec: SweepSpec, parent_id: str):
             result = trial.last_result or {}
             params = trial_spec(spec.model_dump(mode="json"), dict(trial.config))
             metrics = {k: v for k, v in result.items() if _is_metric(k)}
-            audit_dir = result.get("audit_dir")
-            arts = ([Path(audit_dir) / n for n in ("result.json", "roc.png", "spec.yaml")
-                     if (Path(audit_dir) / n).exists()] + sorted(Path(audit_dir).glob("inversion-*.png"))
-                    if audit_dir else [])
             tags = trial_tags(trial.trial_id, status, str(trial.config.get("defense")), error)
-            log_run(spec.tracking.uri, spec.tracking.experiment, run_name=f"{spec.name}-{trial.trial_id}",
-                    params=params, metrics=metrics, artifacts=arts, tags=tags, parent_run_id=parent_id)
+            with _local_copy(result.get("audit_dir")) as audit_dir:
+                arts = ([audit_dir / n for n in ("result.json", "roc.png", "spec.yaml") if (audit_dir / n).exists()]
+                        + sorted(audit_dir.glob("inversion-*.png")) if audit_dir else [])
+                log_run(spec.tracking.uri, spec.tracking.experiment, run_name=f"{spec.name}-{trial.trial_id}",
+                        params=params, metrics=metrics, artifacts=arts, tags=tags, parent_run_id=parent_id)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._log(trial, "ok")
@@ -505,42 +533,47 @@ def run_sweep(
 
     t0 = time.perf_counter()
     root = Path(output_dir or spec.output_dir).resolve()
-    sweep_dir = root / "sweeps" / spec.name
+    spec = spec.model_copy(update={"store": absolute(spec.store)})
+    sweep_dir = root / "sweeps" / spec.name  # the reports: result.json, pareto.png, front.md, trials' reports
+    # The state a re-run resumes from, in the store (every node reaches it; by default output_dir, so the
+    # same folder): state.json, a copy of Tune's state, each trial's result; Tune's experiment beside it.
+    keep = open_root(join(spec.store or str(root), "sweeps", spec.name))
+    ray_storage = join(spec.store or str(root), "ray")
+    exp = open_root(join(ray_storage, f"sweep-{spec.name}"))
     if fresh:
         import shutil
 
         shutil.rmtree(sweep_dir, ignore_errors=True)
-        shutil.rmtree(root / "ray" / f"sweep-{spec.name}", ignore_errors=True)
+        keep.remove_tree("")
+        exp.remove_tree("")
         if spec.sweep.storage:  # a study in a database outlives the sweep's folder
             _delete_study(spec, sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     space, _ = validate_sweep(spec)
+    _check_study_storage(spec, sweep_dir)
 
-    # Resume: the sweep's state (spec hash, MLflow parent run) lives beside its results; Tune's experiment
-    # checkpoint and the Optuna study (SQLite) hold the trials. Re-running the same command continues.
-    state = _sweep_state(spec, sweep_dir, resume)
+    # Resume: the sweep's state (spec hash, MLflow parent run) is in `keep`; Tune's experiment checkpoint
+    # and the Optuna study hold the trials. Re-running the same command continues.
+    state = _sweep_state(spec, keep, resume)
     if state is not None and state.get("finished") and (sweep_dir / "result.json").exists():
         log.info("sweep %s already finished; its result is in %s (use --fresh to run it again)", spec.name, sweep_dir)
         result = _load_result(spec, sweep_dir, state.get("parent_run_id"))
         if console:
             _print_front(result)
         return result
-    exp_dir = root / "ray" / f"sweep-{spec.name}"
-    resuming = state is not None and tune.Tuner.can_restore(str(exp_dir))
-    if resuming and (problem := _damaged_tune_state(exp_dir)):
+    resuming = state is not None and tune.Tuner.can_restore(exp.location)
+    if resuming and (problem := _damaged_tune_state(exp)):
         # Tune would log the failed restore and then wait forever. Put back raymia's copy of its state from
         # the last finished trial (trials finished since then report their stored results again); without
         # one, start the search again: a fresh study with the same seed proposes the same settings, whose
         # banks are stored, so nothing retrains.
-        if _restore_tune_state(sweep_dir / "tune-state", exp_dir):
+        if _restore_tune_state(keep, exp):
             log.warning("sweep %s: Tune's saved state was damaged (%s; the sweep was killed while writing it); "
                         "resuming from the copy taken after the last finished trial", spec.name, problem)
         else:
             log.warning("sweep %s: Tune's saved state is damaged (%s; the sweep was killed while writing it): "
                         "starting the search again, reusing every stored bank", spec.name, problem)
-            import shutil
-
-            shutil.rmtree(exp_dir, ignore_errors=True)
+            exp.remove_tree("")
             _delete_study(spec, sweep_dir)
             resuming = False
     parent_id = state.get("parent_run_id") if state else None
@@ -560,7 +593,7 @@ def run_sweep(
                 finish_parent(spec.tracking.uri, parent.result(), {}, [], status="FAILED")
             raise
         parent_id = parent.result() if parent is not None else parent_id
-    _write_state(spec, sweep_dir, parent_id, finished=False)
+    _write_state(spec, keep, parent_id, finished=False)
     from raymia.audit import write_spec_file
 
     write_spec_file(spec, sweep_dir / "spec.yaml", f"the spec of sweep {spec.name}")
@@ -570,14 +603,14 @@ def run_sweep(
             _prepare_inversion(spec.model_copy(update={"output_dir": str(root)}))
         log.info("sweep %s: %d trials over %s", spec.name, spec.sweep.num_trials,
                  "; ".join(f"{d}: {text}" for d, text in describe_space(space).items()))
-        tuner = _tuner(spec, space, root, sweep_dir, parent_id, exp_dir if resuming else None, pool)
+        tuner = _tuner(spec, space, root, sweep_dir, parent_id, pool, ray_storage, keep, exp, resuming)
         trials = _collect(tuner.fit(), [o.metric for o in spec.sweep.objectives])
         if len(trials) < spec.sweep.num_trials or any(t["status"] == "incomplete" for t in trials):
             # Tune returns early when interrupted (Ctrl-C): its state is saved, the sweep is not finished.
             raise RaymiaError(f"sweep {spec.name} was interrupted; run the same command again to resume it")
         result = _report(spec, trials, space, root, sweep_dir, parent_id, console, pool)
         status = "FINISHED"
-        _write_state(spec, sweep_dir, parent_id, finished=True)
+        _write_state(spec, keep, parent_id, finished=True)
         summary = {"num_trials": len(trials), "num_failed": sum(t["status"] != "ok" for t in trials),
                    "front_size": len(result.front), "hypervolume": result.hypervolume}
         log.info("sweep %s done in %.0fs -> %s", spec.name, time.perf_counter() - t0, sweep_dir)
@@ -605,38 +638,69 @@ def _start_parent(spec: SweepSpec) -> str:
     return parent_id
 
 
-def _sweep_state(spec: SweepSpec, sweep_dir: Path, resume: bool) -> dict[str, Any] | None:
-    """The sweep's saved state (spec hash, MLflow parent run, finished), None for a new sweep; a different
-    spec under the same name, or --resume with nothing to resume, is a SpecError."""
-    path = sweep_dir / "state.json"
-    state = json.loads(path.read_text()) if path.exists() else None
+def _sweep_state(spec: SweepSpec, keep, resume: bool) -> dict[str, Any] | None:
+    """The sweep's saved state in `keep` (spec hash, MLflow parent run, finished), None for a new sweep; a
+    different spec under the same name, or --resume with nothing to resume, is a SpecError."""
+    state = json.loads(keep.read("state.json")) if keep.size("state.json") is not None else None
     if state is not None and state.get("spec_hash") != resume_hash(spec):
-        raise SpecError(f"a sweep named {spec.name!r} with a different spec exists in {sweep_dir}; give this one "
-                        "another name, or use --fresh to discard the old one", where="name")
+        raise SpecError(f"a sweep named {spec.name!r} with a different spec exists in {keep.location}; give this "
+                        "one another name, or use --fresh to discard the old one", where="name")
     if resume and state is None:
-        raise SpecError(f"nothing to resume in {sweep_dir}", where="--resume")
+        raise SpecError(f"nothing to resume in {keep.location}", where="--resume")
     return state
 
 
-def _write_state(spec: SweepSpec, sweep_dir: Path, parent_id: str | None, finished: bool) -> None:
-    (sweep_dir / "state.json").write_text(
-        json.dumps({"spec_hash": resume_hash(spec), "parent_run_id": parent_id, "finished": finished}))
+def _write_state(spec: SweepSpec, keep, parent_id: str | None, finished: bool) -> None:
+    keep.write("state.json", json.dumps({"spec_hash": resume_hash(spec), "parent_run_id": parent_id,
+                                         "finished": finished}).encode())
 
 
-def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str | None, restore: Path | None,
-           pool=None):
+_NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "ceph", "glusterfs", "fuse.sshfs",
+               "fuse.gcsfuse", "fuse.s3fs", "fuse.efs", "9p"}
+
+
+def network_filesystem(path: Path, mounts: str | None = None) -> str | None:
+    """The type of the network filesystem `path` is on (its longest mount point in /proc/mounts), or None."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    best, kind = "", None
+    target = str(path.resolve())
+    for line in mounts.splitlines():
+        f = line.split()
+        if len(f) >= 3 and (target == f[1] or target.startswith(f[1].rstrip("/") + "/")) and len(f[1]) > len(best):
+            best, kind = f[1], f[2]
+    return kind if kind in _NETWORK_FS else None
+
+
+def _check_study_storage(spec: SweepSpec, sweep_dir: Path) -> None:
+    """SQLite's locking is not safe on a network filesystem: refuse the default study file there."""
+    url = spec.sweep.storage
+    path = (Path(url[len("sqlite:///"):]) if url and url.startswith("sqlite:///") else
+            None if url else sweep_dir / "optuna.db")
+    kind = network_filesystem(path.parent) if path is not None else None
+    if kind:
+        raise SpecError(f"the Optuna study would be SQLite at {path}, on {kind}, where SQLite's locking is not "
+                        "safe; accepted: an RDB URL such as postgresql://user@host/db (clusters/README.md)",
+                        where="sweep.storage")
+
+
+def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str | None, pool, ray_storage: str,
+           keep, exp, restore: bool):
     """Tune's Tuner over the trials: restored from `restore` (an interrupted sweep's experiment), or new,
     with OptunaSearch (its study in sweep.storage) proposing each trial's defense setting."""
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
     trainable = tune.with_resources(tune.with_parameters(
-        _run_trial, base=spec.model_dump(mode="json"), root=str(root), sweep_dir=str(sweep_dir),
+        _run_trial, base=spec.model_dump(mode="json"), root=str(root), sweep_dir=str(sweep_dir), state=keep.location,
         log_level=logging.getLogger("raymia").getEffectiveLevel(), pool=pool,
     ), {"cpu": spec.sweep.trial_cpu})
-    if restore is not None:
+    if restore:
         log.info("resuming sweep %s: finished trials are kept, unfinished ones run again", spec.name)
-        return tune.Tuner.restore(str(restore), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        return tune.Tuner.restore(exp.location, trainable=trainable, resume_unfinished=True, resume_errored=False)
     objectives = spec.sweep.objectives
     searcher = OptunaSearch(
         space=DefineByRun(space, spec.sweep.include_undefended),
@@ -655,12 +719,12 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
         ),
         run_config=tune.RunConfig(
             name=f"sweep-{spec.name}",
-            storage_path=str(root / "ray"),
+            storage_path=ray_storage,
             # a trial lost with its node (or its process) runs again elsewhere; the packs its bank had
             # stored are kept, so only the rest trains. Tune counts one loss twice (the trial's task
             # fails, then its actor), so 3 is one loss and one more failure.
             failure_config=tune.FailureConfig(max_failures=3),
-            callbacks=[_progress_callback(spec, root / "ray" / f"sweep-{spec.name}", sweep_dir / "tune-state")]
+            callbacks=[_progress_callback(spec, exp, keep)]
             + ([_mlflow_callback(spec, parent_id)] if parent_id else []),
             verbose=0,
         ),
@@ -761,10 +825,18 @@ def _check_objective_names(spec: SweepSpec, names: list[str], field: str = "obje
 
 
 def _collect(grid, metric_names: list[str]) -> list[dict[str, Any]]:
+    """One row per trial, numbered and ordered as the console numbered them (`trial_N`, from the trial's
+    folder name): a restored Tune lists its results in another order."""
+    import re
+
+    def number(i: int, r) -> int:
+        m = re.match(r"trial_(\d+)_", Path(str(getattr(r, "path", "") or "")).name)
+        return int(m.group(1)) if m else i
+
     trials = []
-    for i, r in enumerate(grid):
+    for i, r in sorted(enumerate(grid), key=lambda ir: number(*ir)):
         defense, params = split_config(dict(r.config or {}))
-        row: dict[str, Any] = {"trial": i, "trial_id": (r.metrics or {}).get("trial_id"),
+        row: dict[str, Any] = {"trial": number(i, r), "trial_id": (r.metrics or {}).get("trial_id"),
                                "defense": defense, "params": params}
         if r.error is not None:
             row.update(status="failed", error=str(r.error).strip().splitlines()[-1][:500])

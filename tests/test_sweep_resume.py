@@ -1,7 +1,7 @@
 """A sweep whose driver is killed mid-run finishes on a re-run, without re-running finished trials and
 without duplicate MLflow runs (a real `raymia sweep` process, killed with SIGKILL). Each trial trains its
-small bank in its own process (`bank.engine: local`): a Train worker group start per trial would add
-nothing that this test checks (tests/test_e2e.py runs sweeps whose trials use Ray Train)."""
+small bank in its own process (`bank.engine: local`): the warm pool would add nothing that this test
+checks (tests/test_e2e.py and tests/test_pool.py run sweeps on it)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,7 @@ attacks: [{{name: loss}}, {{name: lira_online}}]
 bank: {{pack_size: 4, engine: local}}
 output_dir: {out}/runs
 tracking: {{uri: "sqlite:///{out}/mlflow.db", experiment: resume-test}}
-sweep: {{defense: hamp, num_trials: 3, max_concurrent: 1}}
+sweep: {{defense: hamp, num_trials: 4, max_concurrent: 1}}
 """
 
 
@@ -38,14 +39,14 @@ def test_killed_sweep_resumes(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen([sys.executable, "-m", "raymia", "sweep", str(spec)], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    copy = tmp_path / "runs" / "sweeps" / "resumable" / "tune-state.zip"  # taken after a finished trial
     t0 = time.time()
-    while time.time() - t0 < 240 and not glob.glob(trials_glob) and first.poll() is None:
-        time.sleep(0.5)
-    time.sleep(2)  # let the driver record the finished trial
+    while time.time() - t0 < 240 and not (glob.glob(trials_glob) and copy.exists()) and first.poll() is None:
+        time.sleep(0.1)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     done_before = {p.split(os.sep)[-2] for p in glob.glob(trials_glob)}
-    assert 1 <= len(done_before) < 3, done_before
+    assert 1 <= len(done_before) < 4, done_before
     mtimes = {p: os.path.getmtime(p) for p in glob.glob(trials_glob)}
     # The worst kill: while Tune copied its searcher state (Tune's copies are not atomic). The resume must
     # put back raymia's copy from the last finished trial, not wait forever on a failed restore.
@@ -76,7 +77,7 @@ def test_killed_sweep_resumes(tmp_path):
     assert "resuming sweep resumable" in again.stderr
     assert "resuming from the copy taken after the last finished trial" in again.stderr
     result = json.loads((tmp_path / "runs" / "sweeps" / "resumable" / "result.json").read_text())
-    assert len(result["trials"]) == 3 and all(t["status"] == "ok" for t in result["trials"])
+    assert len(result["trials"]) == 4 and all(t["status"] == "ok" for t in result["trials"])
     assert [t["defense"] for t in result["trials"]].count("none") == 1
     ids = {t["trial_id"] for t in result["trials"]}
     assert done_before <= ids
@@ -111,20 +112,22 @@ def test_damaged_tune_state_is_found_without_unpickling(tmp_path):
     """A state file cut short by a kill while Tune copied it (Tune would then wait forever on resume)."""
     import pickle
 
+    from raymia.storage import open_root
     from raymia.sweep import _damaged_tune_state
 
+    exp = open_root(tmp_path)
     (tmp_path / "experiment_state-1.json").write_text('{"trials": []}')
     (tmp_path / "searcher-state-1.pkl").write_bytes(pickle.dumps({"a": 1}))
-    assert _damaged_tune_state(tmp_path) is None
+    assert _damaged_tune_state(exp) is None
     (tmp_path / "searcher-state-1.pkl").write_bytes(b"")
-    assert "searcher-state-1.pkl is cut short (0 bytes)" in _damaged_tune_state(tmp_path)
+    assert "searcher-state-1.pkl is cut short (0 bytes)" in _damaged_tune_state(exp)
     (tmp_path / "searcher-state-1.pkl").write_bytes(pickle.dumps({"a": 1})[:-3])
-    assert "cut short" in _damaged_tune_state(tmp_path)
+    assert "cut short" in _damaged_tune_state(exp)
     (tmp_path / "searcher-state-1.pkl").write_bytes(pickle.dumps({"a": 1}))
     (tmp_path / "search_gen_state-1.json").write_bytes(pickle.dumps({"b": 2}))  # Tune's: a pickle named .json
-    assert _damaged_tune_state(tmp_path) is None
+    assert _damaged_tune_state(exp) is None
     (tmp_path / "experiment_state-2.json").write_text('{"trials": [')  # the newest one counts
-    assert "experiment_state-2.json is neither intact JSON" in _damaged_tune_state(tmp_path)
+    assert "experiment_state-2.json is neither intact JSON" in _damaged_tune_state(exp)
     # (a real sweep's files, as Tune writes them, are checked by test_killed_sweep_resumes: it must resume)
 
 
@@ -144,20 +147,83 @@ def test_delete_study_lets_a_new_search_start_from_the_seed(tmp_path):
 
 
 def test_a_damaged_tune_state_is_put_back_from_raymias_copy(tmp_path):
+    """The copy is one zip in the sweep's state folder, on a local store and on one named by a URI."""
     import pickle
 
+    from raymia.storage import open_root
     from raymia.sweep import _backup_tune_state, _damaged_tune_state, _restore_tune_state
 
-    exp, backup = tmp_path / "exp", tmp_path / "sweep" / "tune-state"
-    exp.mkdir()
-    (exp / "experiment_state-1.json").write_text('{"trials": [1]}')
-    (exp / "searcher-state-1.pkl").write_bytes(pickle.dumps({"told": 1}))
-    (exp / "trial_0").mkdir()  # trial folders are Tune's, not copied
-    _backup_tune_state(exp, backup)
-    assert sorted(p.name for p in backup.iterdir()) == ["experiment_state-1.json", "searcher-state-1.pkl"]
-    (exp / "searcher-state-1.pkl").write_bytes(b"")  # the kill
-    _backup_tune_state(exp, backup)  # a damaged state is never copied over a good one
-    assert _damaged_tune_state(backup) is None
-    assert _restore_tune_state(backup, exp) and _damaged_tune_state(exp) is None
-    assert pickle.loads((exp / "searcher-state-1.pkl").read_bytes()) == {"told": 1}
-    assert not _restore_tune_state(tmp_path / "none", exp)
+    (tmp_path / "exp").mkdir()
+    for exp, keep in ((open_root(tmp_path / "exp"), open_root(tmp_path / "sweep")),
+                      (open_root(f"file://{tmp_path}/exp"), open_root(f"memory://raymia-{tmp_path.name}/sweep"))):
+        exp.write("experiment_state-1.json", b'{"trials": [1]}')
+        exp.write("searcher-state-1.pkl", pickle.dumps({"told": 1}))
+        exp.write("trial_0/result.json", b"{}")  # trial folders are Tune's, not copied
+        _backup_tune_state(exp, keep)
+        assert keep.list() == ["tune-state.zip"]
+        exp.write("searcher-state-1.pkl", b"")  # the kill
+        copy = keep.read("tune-state.zip")
+        _backup_tune_state(exp, keep)  # a damaged state is never copied over a good one
+        assert keep.read("tune-state.zip") == copy
+        assert _damaged_tune_state(exp) is not None
+        assert _restore_tune_state(keep, exp) and _damaged_tune_state(exp) is None
+        assert pickle.loads(exp.read("searcher-state-1.pkl")) == {"told": 1}
+        assert not _restore_tune_state(open_root(tmp_path / "none"), exp)
+
+
+def test_sweep_state_in_a_uri_store_resumes_on_a_driver_without_the_local_folder(tmp_path):
+    """With `store` a URI (file://, the interface s3:// and gs:// share), the sweep's state, Tune's
+    experiment, the trials' results and the signals live there: a driver that lost output_dir entirely (a new
+    head node) finishes the sweep from the store without training or re-running a trial."""
+    from raymia.spec import SweepSpec
+    from raymia.sweep import run_sweep
+
+    d = yaml.safe_load(SPEC.format(out=tmp_path))
+    d.update(name="stored", store=f"file://{tmp_path}/bucket", tracking={"enabled": False})
+    d["sweep"]["num_trials"] = 2
+    first = run_sweep(SweepSpec.model_validate(d), console=False)
+    bucket = tmp_path / "bucket"
+    kept = sorted(p.relative_to(bucket) for p in bucket.rglob("*") if p.is_file() and "ray" not in p.parts)
+    assert Path("sweeps/stored/state.json") in kept and Path("sweeps/stored/tune-state.zip") in kept
+    results = sorted(bucket.glob("sweeps/stored/trials/*/result.json"))
+    packs = sorted(bucket.glob("signals/*/k4-pack-*.json"))
+    assert len(results) == 2 and len(packs) == 2 and (bucket / "ray" / "sweep-stored").is_dir()
+    stamps = {p: p.stat().st_mtime_ns for p in results + packs}
+    assert all(str(t["audit_dir"]).startswith("file://") for t in first.trials)
+
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")  # the driver's own folder is gone
+    again = run_sweep(SweepSpec.model_validate(d), console=False)
+    assert [(t["trial"], t["test_accuracy"]) for t in again.trials] == \
+        [(t["trial"], t["test_accuracy"]) for t in first.trials]
+    assert {p: p.stat().st_mtime_ns for p in results + packs} == stamps  # nothing trained or rewritten
+    assert (tmp_path / "runs" / "sweeps" / "stored" / "result.json").exists()
+
+
+def test_sqlite_study_on_a_network_filesystem_is_refused():
+    """SQLite's locking is not safe on NFS: a sweep whose study would be SQLite there fails before training."""
+    from raymia.sweep import network_filesystem
+
+    mounts = ("/dev/sda1 / ext4 rw 0 0\n"
+              "fs-1.efs.aws:/ /mnt/raymia nfs4 rw,vers=4.1 0 0\n"
+              "tmpfs /mnt/raymia/local tmpfs rw 0 0\n")
+    assert network_filesystem(Path("/mnt/raymia/runs/sweeps/s"), mounts) == "nfs4"
+    assert network_filesystem(Path("/mnt/raymia/local/x"), mounts) is None  # the longest mount point wins
+    assert network_filesystem(Path("/home/u/runs"), mounts) is None
+    assert network_filesystem(Path("/mnt/raymiax"), mounts) is None  # a prefix of the name is not a mount
+
+
+def test_sweep_refuses_default_sqlite_study_on_nfs(tmp_path, monkeypatch):
+    from raymia import sweep
+    from raymia.errors import SpecError
+    from raymia.resolve import validate_spec
+    from raymia.spec import SweepSpec
+
+    spec = validate_spec({"name": "s", "sweep": {"defense": "label_smoothing"}}, SweepSpec)
+    monkeypatch.setattr(sweep, "network_filesystem", lambda path, mounts=None: "nfs4")
+    with pytest.raises(SpecError, match=r"^sweep.storage: the Optuna study would be SQLite at .* on nfs4"):
+        sweep._check_study_storage(spec, tmp_path)
+    ok = validate_spec({"name": "s", "sweep": {"defense": "label_smoothing", "storage": "postgresql://u@db/optuna"}},
+                       SweepSpec)
+    sweep._check_study_storage(ok, tmp_path)  # an RDB server: nothing to refuse
