@@ -125,8 +125,9 @@ class Defense:
         something shared by every bank model (a VAE, a pretrained backbone). `data` is the raymia Dataset,
         `population` the int64 indices of the audited points in its training split (the rest of the split
         is public, `public_indices`: no bank model trains on it; fit on it only, never on the population),
-        `cache_dir` a pathlib.Path under the store root where such artefacts are cached (save tensors only;
-        load with torch.load(weights_only=True)), `seed` the spec's seed. Must be deterministic given its
+        `cache_dir` the folder of the store where such artefacts are cached: a pathlib.Path for a local store,
+        a `raymia.storage.StoredDir` for a URI (`cache_dir / name` either way; write and read tensors only,
+        through `raymia.defenses.vae.save_state` / `load_state`), `seed` the spec's seed. Must be deterministic given its
         inputs. Starts with `check_data`."""
         self.check_data(data, population)
 
