@@ -7,9 +7,10 @@ Parts (`--parts`, all by default), in one run:
               `bank.vectorize: true`, queries identity + hflip, attacks [loss], no tracking) trained through
               `engine.pool.BankPool` with workers of 1 CPU each, every run into a fresh store: 1 and 2 workers on
               a local Ray instance of `--cpus` CPUs, and 2 workers on a two-node cluster on this machine
-              (`ray.cluster_utils.Cluster`, 1 CPU per node). The bank's wall time is `pool.run` alone (after
-              `ready()`); the pool's start-up (`start` + `ready`: worker processes, imports, data) is its own
-              column. "sum of pack s" adds the packs' `seconds` (each pack's training, as its manifest records
+              (`ray.cluster_utils.Cluster`, 1 CPU per node); the three back to back in each of `--repeats`
+              rounds (fresh Ray instances each), medians reported. The bank's wall time is `pool.run` alone
+              (after `ready()`); the pool's start-up (`start` + `ready`: worker processes, imports, data) is its
+              own column. "sum of pack s" adds the packs' `seconds` (each pack's training, as its manifest records
               it), so wall time minus sum / workers is what the pool adds around the training.
   fixed       The per-trial fixed cost: what one audit's bank costs besides its training, on a tiny bank of one
               pack (2 models, 1 epoch), with a new seed each round (a new fingerprint, so it really trains).
@@ -32,10 +33,10 @@ Expected H100 figures (always computed, not measured): per pack, the larger of
   - the pack's launched operations (aten ops other than views, counted while one pack trains here; each is one
     kernel launch on a GPU) times an assumed host cost per operation (`--h100-op-us`, default 10 us: eager
     PyTorch's dispatch and launch),
-so the models stay this small: bound by launches, not FLOPs. The pool's per-pack dispatch is left out.
+(models this small are bound by launches, not FLOPs, on such a GPU). The pool's per-pack dispatch is left out.
 
-    python benchmarks/scaling.py --out /tmp/scaling.md                     # about 8 minutes on 2 CPUs
-    python benchmarks/scaling.py --parts bank,fixed --models 16 --epochs 10 --fixed-rounds 2   # a quick check
+    python benchmarks/scaling.py --out /tmp/scaling.md                     # about 6 minutes on 2 CPUs
+    python benchmarks/scaling.py --parts bank,fixed --models 16 --epochs 10 --repeats 1 --fixed-rounds 1  # quick
 """
 
 from __future__ import annotations
@@ -357,6 +358,10 @@ def expected_h100(a: argparse.Namespace, tmp: Path) -> dict:
 # report
 
 
+def num(x: float, digits: int = 2) -> str:
+    return "-" if math.isnan(x) else f"{x:.{digits}f}"
+
+
 def each(rows: list[dict], key: str, digits: int) -> str:
     return ", ".join(f"{r[key]:.{digits}f}" for r in rows)
 
@@ -384,7 +389,7 @@ def report(a: argparse.Namespace, bank: list[list[dict]], fixed: list[dict], swe
             lines.append(f"| {rs[0]['setting']} | {cpu} | {rs[0]['workers']} | {rs[0]['nodes']} "
                          f"| {med['startup_s']:.1f} ({each(rs, 'startup_s', 1)}) "
                          f"| {med['wall_s']:.2f} ({each(rs, 'wall_s', 2)}) | {m / med['wall_s'] * 3600:,.0f} "
-                         f"| {med['pack_s']:.2f} | {med['first_pack_s']:.2f} / {med['later_pack_s']:.2f} "
+                         f"| {med['pack_s']:.2f} | {med['first_pack_s']:.2f} / {num(med['later_pack_s'])} "
                          f"| **{statistics.median(ratios):.2f}x** ({', '.join(f'{x:.2f}' for x in ratios)}) |")
         for gpus in (1, 2):
             wall = math.ceil(packs / gpus) * h100["pack_s"]

@@ -256,10 +256,12 @@ def _sweep_rows(spec: SweepSpec, space, root: Path, signal_bytes: int) -> tuple[
                           + ("; constraints " + ", ".join(f"{c.metric} {c.op} {c.value:g}" for c in s.constraints)
                              if s.constraints else "")
                           + (f"; front re-audited with {s.final_audit.num_models} models" if s.final_audit else "")))
-    sweep_dir = root / "sweeps" / spec.name
-    trials_done = sum(1 for _ in (sweep_dir / "trials").glob("*/result.json")) if sweep_dir.exists() else 0
-    state_path = sweep_dir / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else None
+    from raymia.storage import join, open_root
+
+    keep = open_root(join(spec.store or str(root), "sweeps", spec.name))  # the state, as `raymia sweep` keeps it
+    sweep_dir = keep.location
+    trials_done = sum(1 for t in keep.subdirs("trials") if keep.size(f"trials/{t}/result.json") is not None)
+    state = json.loads(keep.read("state.json")) if keep.size("state.json") is not None else None
     if state is None:
         progress = "not started"
     elif state.get("spec_hash") != resume_hash(spec):

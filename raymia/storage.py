@@ -62,6 +62,10 @@ class LocalFiles(_Files):
         d = self.root / rel
         return sorted(p.name for p in d.iterdir() if p.is_file()) if d.is_dir() else []
 
+    def subdirs(self, rel: str = "") -> list[str]:
+        d = self.root / rel
+        return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+
     def remove_tree(self, rel: str) -> None:
         import shutil
 
@@ -111,6 +115,12 @@ class ArrowFiles(_Files):
 
         found = self.fs.get_file_info(pafs.FileSelector(self._path(rel).rstrip("/"), allow_not_found=True))
         return sorted(i.base_name for i in found if i.type == pafs.FileType.File)
+
+    def subdirs(self, rel: str = "") -> list[str]:
+        import pyarrow.fs as pafs
+
+        found = self.fs.get_file_info(pafs.FileSelector(self._path(rel).rstrip("/"), allow_not_found=True))
+        return sorted(i.base_name for i in found if i.type == pafs.FileType.Directory)
 
     def remove_tree(self, rel: str) -> None:
         import pyarrow.fs as pafs

@@ -336,11 +336,17 @@ def _progress_callback(spec: SweepSpec, exp, keep):
         """One console line per finished trial (Tune's own tables are switched off)."""
 
         def __init__(self) -> None:
-            self.done = 0
+            # a resumed sweep counts on from the trials that finished before (their results are kept)
+            self.finished = {t for t in keep.subdirs("trials") if keep.size(f"trials/{t}/result.json") is not None}
+            self.failed: set[str] = set()
             self.recovered: dict[str, str] = {}
 
+        @property
+        def done(self) -> int:
+            return len(self.finished | self.failed)
+
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self.done += 1
+            self.finished.add(trial.trial_id)
             _backup_tune_state(exp, keep)  # Tune's own copy is not atomic: a kill can cut it short
             r = trial.last_result or {}
             _, cfg = split_config(trial.config)
@@ -357,7 +363,7 @@ def _progress_callback(spec: SweepSpec, exp, keep):
                             _number(trial), why)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self.done += 1
+            self.failed.add(trial.trial_id)
             log.warning("trial %s failed (%d/%d): %s", _number(trial), self.done, spec.sweep.num_trials,
                         _trial_error(trial))
 

@@ -76,6 +76,8 @@ def test_killed_sweep_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming sweep resumable" in again.stderr
     assert "resuming from the copy taken after the last finished trial" in again.stderr
+    # the count goes on from the trials finished before the kill: it reaches the total
+    assert " done (4/4)" in again.stderr, again.stderr[-3000:]
     result = json.loads((tmp_path / "runs" / "sweeps" / "resumable" / "result.json").read_text())
     assert len(result["trials"]) == 4 and all(t["status"] == "ok" for t in result["trials"])
     assert [t["defense"] for t in result["trials"]].count("none") == 1

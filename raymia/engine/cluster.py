@@ -10,9 +10,10 @@ log = logging.getLogger("raymia")
 
 
 def ensure_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (or the one `ray start` left running); otherwise start a
-    local instance. The dashboard stays off and Ray's own defaults (localhost binding, token
-    authentication) are left as they are."""
+    """Join the cluster named by RAY_ADDRESS (`auto`: the one `ray start` left running; a `ray job submit`
+    job has it set); otherwise start a local instance of this run's own. Without an address Ray would join
+    the latest instance on the machine, which may be another run's local one, gone when that run ends. The
+    dashboard stays off and Ray's token authentication stays on."""
     import ray
 
     if ray.is_initialized():
@@ -29,7 +30,7 @@ def ensure_ray() -> None:
     # Save Tune's experiment state after every event so a killed sweep loses no finished trial.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     ray.init(
-        address=os.environ.get("RAY_ADDRESS") or None,
+        address=os.environ.get("RAY_ADDRESS") or "local",
         include_dashboard=False,
         logging_level=logging.WARNING,
         # Ray's own warnings from the workers still reach the console; raymia's workers set their own
@@ -43,13 +44,15 @@ def ensure_ray() -> None:
 
 
 _WORKER_DIED = "A worker died or was killed while executing a task by an unexpected system error"
-_RAYLET_DIED = "Raylet is terminated. Termination is unexpected."
+_NODE_LOST = ("Raylet is terminated. Termination is unexpected.",  # the node's own process watcher
+              "has been marked dead because the detector has missed too many heartbeats")  # the GCS
 _BUNDLE_AT_DEAD_NODE = ("gcs_placement_group_scheduler", "Failed to remove")
 
 
 def _drop_duplicate_worker_deaths() -> None:
     """Ray reports to the driver every worker killed mid-task, a node's end (with the last 20 lines of its
-    raylet's log) and, from the GCS, the placement-group bundles it could not free on that node. raymia says
+    raylet's log, and again when the GCS marks it dead) and the placement-group bundles it could not free
+    on that node. raymia says
     each loss in one line of its own: the pool names the lost worker and the pack that goes back to the
     queue, a sweep names the trial Tune runs again, and a lost node is the line below. Every other message
     (memory pressure, scheduling) reaches the console as Ray prints it. Ray has no switch for these, so its
@@ -65,7 +68,7 @@ def _drop_duplicate_worker_deaths() -> None:
     said = set()
 
     def keep(pid, line: str) -> bool:
-        if pid == "raylet" and line.startswith(_RAYLET_DIED):
+        if pid == "raylet" and any(m in line for m in _NODE_LOST):
             if "node" not in said:
                 said.add("node")
                 log.warning("Ray lost a node: its raylet ended unexpectedly (killed, out of memory, or a crash; its "

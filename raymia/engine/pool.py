@@ -45,6 +45,7 @@ class BankWorker:
         self.index, self.device = index, torch.device(device)
         self._data = {_data_key(*data): load_dataset(*data)}  # the sweep's data set, loaded before any trial
         self._contexts: collections.OrderedDict[str, tuple[Any, bool]] = collections.OrderedDict()
+        self._vectorize: dict[str, bool] = {}  # `choose_vectorize`'s answer per `_speed_key`
         torch.optim.SGD([torch.zeros(1, requires_grad=True)])  # an optimizer's first build imports torch._dynamo
         if self.device.type == "cuda":
             torch.zeros(1, device=self.device)  # the CUDA context, created once
@@ -86,11 +87,25 @@ class BankWorker:
         if key not in self._data:
             self._data = {key: load_dataset(spec.data.name, spec.data.params)}  # one data set kept
         ctx = BankContext.from_spec(spec, data=self._data[key])
-        vectorize = choose_vectorize(ctx, ctx.pack_models(0), self.device, worker_models=worker_models)
+        speed = _speed_key(spec)  # the sweep's trials differ in defense parameters, which do not change speed
+        if speed not in self._vectorize:
+            self._vectorize[speed] = choose_vectorize(ctx, ctx.pack_models(0), self.device, worker_models=worker_models)
+        vectorize = self._vectorize[speed]
         self._contexts[fingerprint] = (ctx, vectorize)
         while len(self._contexts) > CONTEXTS_KEPT:
             self._contexts.popitem(last=False)
         return ctx, vectorize
+
+
+def _speed_key(spec: AuditSpec) -> str:
+    """What decides whether a pack trains faster vectorised: the model, data, recipe, pack size, precision
+    and memory format, and which defense (its parameters change the numbers, not the kernels)."""
+    import json
+
+    d = spec.model_dump(mode="json")
+    return json.dumps([d["model"], d["data"], d["train"], d["defense"]["name"], d["attacker"],
+                       {k: d["bank"][k] for k in ("pack_size", "precision", "channels_last", "vectorize")}],
+                      sort_keys=True, default=str)
 
 
 def _data_key(name: str, params: dict[str, Any]) -> str:
@@ -172,8 +187,9 @@ class BankPool:
         free, restarting = self._alive()  # restarting: a worker's `where` call, answered once it is back
         losses = [0] * len(self.workers)
         inflight: dict[Any, tuple[int, int]] = {}  # a pack's call -> (worker, pack)
-        share = max(1, len(packs) * store.pack_size // len(self.workers))
-        log.info("training %d pack(s) on %d warm worker(s)%s", len(packs), len(self.workers),
+        alive = max(1, len(free) + len(restarting))
+        share = max(1, len(packs) * store.pack_size // alive)
+        log.info("training %d pack(s) on %d warm worker(s)%s", len(packs), alive,
                  " (GPU)" if self.device == "cuda" else "")
         done_count, start = 0, time.perf_counter()
         while queue or inflight:
@@ -282,8 +298,9 @@ def _cause(e: BaseException) -> str:
 
 
 def capacity(cpus: float, gpus: int, reserve_cpus: float = 0.0) -> int:
-    """How many workers of `cpus` CPUs (and `gpus` GPUs) the live nodes hold beside `reserve_cpus` CPUs,
-    at least 1; a RaymiaError of one line, naming the field, when no node can hold even one."""
+    """How many workers of `cpus` CPUs (and `gpus` GPUs) the live nodes hold beside `reserve_cpus` CPUs (a
+    sweep's trial drivers: on 2 CPUs, 1 worker of 1 CPU); a RaymiaError of one line, naming the field, when
+    not even one fits."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
