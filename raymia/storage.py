@@ -1,10 +1,12 @@
-"""Where the signal store keeps its files: a local path (a node's disk or an NFS mount), or a URI that
-pyarrow.fs opens (s3://bucket/prefix, gs://bucket/prefix, hdfs://..., file:///abs/path) or, failing that,
-fsspec (any protocol it has an implementation for, wrapped in pyarrow's FileSystem interface).
+"""Where the store (`store:`, default `output_dir`) keeps signals, caches and sweep state: a local path (a
+node's disk or an NFS mount), or a URI that pyarrow.fs opens (s3://bucket/prefix, gs://bucket/prefix,
+hdfs://..., file:///abs/path) or, failing that, fsspec (any protocol it has an implementation for, wrapped in
+pyarrow's FileSystem interface).
 
-Both kinds offer the same four operations on paths relative to the root; writes are atomic (a temporary
-name moved into place: an object store's PUT of a whole object is atomic by itself). Local paths use the
-standard library only, so the compute core runs where pyarrow is not installed.
+Both kinds offer the same operations on paths relative to the root (read, write, size, delete, list,
+subdirs, remove_tree); writes are atomic (a temporary name moved into place: an object store's PUT of a
+whole object is atomic by itself). Local paths use the standard library only, so the compute core runs
+where pyarrow is not installed.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ def _fsspec(uri: str):
         fs = fsspec.filesystem(protocol)
     except (ValueError, ImportError) as e:
         raise SpecError(f"no filesystem for {protocol}:// ({e}); accepted: a path, or a URI that pyarrow.fs or "
-                        "fsspec opens (s3://, gs://, hdfs://, file://, ...)", where="bank.store") from None
+                        "fsspec opens (s3://, gs://, hdfs://, file://, ...)", where="store") from None
     return PyFileSystem(FSSpecHandler(fs)), rest
 
 
@@ -163,7 +165,7 @@ def open_root(where: str | Path) -> LocalFiles | ArrowFiles:
     try:
         return ArrowFiles(text)
     except ImportError as e:
-        raise SpecError(f"{text}: a URI needs pyarrow ({e})", where="bank.store") from None
+        raise SpecError(f"{text}: a URI needs pyarrow ({e})", where="store") from None
 
 
 @dataclass(frozen=True)

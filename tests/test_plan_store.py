@@ -94,7 +94,7 @@ def test_store_roundtrip_and_corruption_is_detected(tmp_path, caplog, backend):
 def test_store_uri_nobody_opens_is_one_line_naming_the_field():
     from raymia.errors import SpecError
 
-    with pytest.raises(SpecError, match=r"^bank.store: no filesystem for nosuch://"):
+    with pytest.raises(SpecError, match=r"^store: no filesystem for nosuch://"):
         SignalStore("nosuch://bucket/x", "abc", pack_size=4, num_models=6)
 
 
