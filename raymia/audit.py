@@ -114,6 +114,27 @@ def load_signals(store: SignalStore, keep: np.ndarray, labels: np.ndarray, test_
     return Signals(logits=logits, labels=labels, keep=keep, pop_logits=test_logits, pop_labels=test_labels)
 
 
+def read_signals(of, output_dir: str | Path | None = None):
+    """The stored signals (`raymia.signals.Signals`: every model's outputs, the membership matrix `keep`) of
+    an audit's bank: `of` is an `AuditResult` or anything `run_audit` accepts. Reads the store and trains
+    nothing; a bank that is not wholly stored is a RaymiaError that says how to build it."""
+    from raymia.errors import RaymiaError
+    from raymia.resolve import as_spec
+    from raymia.train.bank import BankContext
+
+    spec = of.spec if isinstance(of, AuditResult) else as_spec(of)
+    out = str(Path(output_dir or spec.output_dir).resolve())
+    spec = spec.model_copy(update={"output_dir": out})
+    ctx = BankContext.from_spec(spec, setup=False)
+    store = SignalStore(spec.store or out, spec.fingerprint(), spec.bank.pack_size, spec.plan.num_models,
+                        spec.pack_fingerprints())
+    missing = [p for p in range(store.num_packs) if store.check_pack(p) is not None]
+    if missing:
+        raise RaymiaError(f"signals {store.fingerprint} in {store.root} lack packs {missing}; run the audit first "
+                          "(raymia.run_audit(spec) or `raymia audit SPEC`)")
+    return load_signals(store, ctx.plan.keep, ctx.audited_y, ctx.data.y_test.numpy())
+
+
 def load_ood_logits(store: SignalStore) -> np.ndarray:
     """The non-member sets' outputs of every bank model, [M, Q, N, C] (the packs' `ood_logits`)."""
     return np.concatenate([store.read_pack(p)["ood_logits"] for p in range(store.num_packs)])
@@ -124,7 +145,8 @@ def audit_dir(spec: AuditSpec, output_dir: str | Path | None = None) -> Path:
 
 
 def run_audit(
-    spec: AuditSpec,
+    spec: AuditSpec | dict[str, Any] | str | Path | None = None,
+    overrides: list[str] | None = None,
     *,
     output_dir: str | Path | None = None,
     track: bool | None = None,
@@ -132,11 +154,14 @@ def run_audit(
     run_dir: str | Path | None = None,
     pool=None,
 ) -> AuditResult:
-    """Run one audit end to end. `output_dir` overrides spec.output_dir (the store root); `run_dir` is
+    """Run one audit end to end; `spec` is a spec object, a dict, a YAML file's path or None (defaults),
+    `overrides` the CLI's `dotted.key=value` strings. `output_dir` overrides spec.output_dir; `run_dir` is
     where the report goes (default: <output_dir>/audits/<name>-<fingerprint>); `pool` is a running
     `engine.pool.BankPool` to train on (a sweep's), else the audit starts its own when it must train."""
+    from raymia.resolve import as_spec
     from raymia.train.bank import BankContext
 
+    spec = as_spec(spec, overrides)
     t0 = time.perf_counter()
     root = Path(output_dir or spec.output_dir)
     # workers (other processes, other nodes) and defenses store and cache under these: absolute

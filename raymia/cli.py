@@ -1,4 +1,4 @@
-"""The `raymia` command: audit | sweep | check | pareto | list."""
+"""The `raymia` command: audit | sweep | check | pareto | schema | list."""
 
 from __future__ import annotations
 
@@ -135,6 +135,15 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from raymia.spec import AuditSpec, spec_schema
+
+    print(json.dumps(spec_schema(AuditSpec if args.audit else None), indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="raymia",
@@ -176,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None,
                    help="where front.csv, front.md and pareto.png go (default: raymia-runs/pareto/<sweep>)")
     p.set_defaults(func=cmd_pareto)
+    p = sub.add_parser("schema", help="print the JSON Schema of a sweep spec (an audit's fields and `sweep:`), "
+                                      "for editors (YAML language servers read it)")
+    p.add_argument("--audit", action="store_true", help="an audit spec's schema (no `sweep:` block)")
+    p.set_defaults(func=cmd_schema)
     p = sub.add_parser("list", help="print the registries with every entry's parameters and defaults")
     p.add_argument("kind", nargs="?", choices=KINDS)
     p.set_defaults(func=cmd_list)

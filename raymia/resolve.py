@@ -40,6 +40,22 @@ def load_spec(
     return validate_spec(raw, kind, where=str(path) if path is not None else "spec")
 
 
+def as_spec(spec: AuditSpec | dict[str, Any] | str | Path | None, overrides: list[str] | None = None,
+            kind: type[AuditSpec] = AuditSpec) -> AuditSpec:
+    """A validated spec of `kind` from what the Python API accepts: a spec object (used as it is, unless
+    there are overrides), a dict (the YAML's structure), a YAML file's path, or None (every default)."""
+    import copy
+
+    if isinstance(spec, kind) and not overrides:
+        return spec
+    if spec is None or isinstance(spec, str | Path):
+        return load_spec(spec, overrides, kind=kind)
+    raw = spec.model_dump(mode="json") if isinstance(spec, AuditSpec) else copy.deepcopy(dict(spec))
+    if kind is AuditSpec:
+        raw.pop("sweep", None)  # an audit of a sweep's spec audits its base setting, as the CLI does
+    return validate_spec(apply_overrides(raw, overrides), kind)
+
+
 def validate_spec(raw: dict[str, Any], kind: type[AuditSpec] = AuditSpec, where: str = "spec") -> AuditSpec:
     """`raw` validated as a `kind` and its registry names resolved; `where` (a file) prefixes the field of a
     schema error and replaces the field of a name error."""

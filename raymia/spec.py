@@ -72,6 +72,13 @@ class Named(_Model):
     def _bare_name(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
+        """The JSON Schema admits the bare name too, as the validator above does."""
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        return {"anyOf": [{"type": "string", "description": "a registered name, with its defaults"}, schema],
+                **({"title": schema["title"]} if "title" in schema else {})}
+
 
 class DataSpec(Named):
     """The data set, and for model inversion its split by class: `private_classes` (a count N: classes
@@ -596,6 +603,16 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key, value
+
+
+def spec_schema(kind: type[AuditSpec] | None = None) -> dict[str, Any]:
+    """The JSON Schema of a spec, for editors: a sweep's (an audit's fields and the `sweep:` block) unless
+    `kind` is AuditSpec. Registry names (data sets, models, defenses, attacks) are checked when a spec is
+    loaded, not by the schema: plug-ins add to them."""
+    schema = (kind or SweepSpec).model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema.setdefault("title", "raymia spec")
+    return schema
 
 
 def load_raw(path: str | Path) -> dict[str, Any]:

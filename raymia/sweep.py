@@ -336,17 +336,16 @@ def _progress_callback(spec: SweepSpec, exp, keep):
         """One console line per finished trial (Tune's own tables are switched off)."""
 
         def __init__(self) -> None:
-            # a resumed sweep counts on from the trials that finished before (their results are kept)
-            self.finished = {t for t in keep.subdirs("trials") if keep.size(f"trials/{t}/result.json") is not None}
             self.failed: set[str] = set()
             self.recovered: dict[str, str] = {}
 
         @property
         def done(self) -> int:
-            return len(self.finished | self.failed)
+            """Trials with a stored result (a resumed sweep counts on from those finished before) or failed."""
+            ok = {t for t in keep.subdirs("trials") if keep.size(f"trials/{t}/result.json") is not None}
+            return len(ok | self.failed)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self.finished.add(trial.trial_id)
             _backup_tune_state(exp, keep)  # Tune's own copy is not atomic: a kill can cut it short
             r = trial.last_result or {}
             _, cfg = split_config(trial.config)
@@ -363,6 +362,11 @@ def _progress_callback(spec: SweepSpec, exp, keep):
                             _number(trial), why)
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            if _lost(trial):  # run again after the others (run_sweep)
+                why = _trial_error(trial)
+                if self.recovered.get(trial.trial_id) != why:  # not said already by on_trial_recover
+                    log.warning("trial %s lost (%s); it runs again after the others", _number(trial), why)
+                return
             self.failed.add(trial.trial_id)
             log.warning("trial %s failed (%d/%d): %s", _number(trial), self.done, spec.sweep.num_trials,
                         _trial_error(trial))
@@ -386,6 +390,52 @@ def _local_copy(where: str | None):
         yield Path(tmp)
 
 
+LOST_TRIAL_ROUNDS = 2  # how many times a sweep runs again the trials its cluster lost
+
+
+def lost_to_cluster(error: BaseException | None) -> bool:
+    """Whether a trial failed because Ray lost its process or node (not because of its own error)."""
+    import ray.exceptions as rex
+
+    lost = (rex.RayActorError, rex.NodeDiedError, rex.WorkerCrashedError, rex.ObjectLostError)
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:  # Tune may wrap it
+        if isinstance(error, lost):
+            return True
+        seen.add(id(error))
+        error = getattr(error, "cause", None) or error.__cause__
+    return False
+
+
+class _SaidByRaymia(logging.Filter):
+    """Drops Tune's summary of failed trials: raymia has said each failure in its own line, and lists
+    them under the front."""
+
+    SAID = ("Trials did not complete", "Failed to fetch metrics for")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.SAID)
+
+
+def _quiet_tune_summaries() -> None:
+    for name in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _SaidByRaymia) for f in lg.filters):
+            lg.addFilter(_SaidByRaymia())
+
+
+def _lost(trial) -> bool:
+    """Whether Tune's trial failed because Ray lost its process or node: the exception Tune saved, or, when
+    Tune has not written it yet, the message of Ray's lost-actor errors."""
+    try:
+        if lost_to_cluster(trial.get_pickled_error()):
+            return True
+    except Exception:  # not written yet, or unreadable: the message decides
+        pass
+    text = _trial_error(trial)
+    return text.startswith("The actor ") and ("is unavailable" in text or "died" in text)
+
+
 def _trial_error(trial) -> str:
     """The line that says why a trial failed, from the error file Tune wrote for it (its path if unreadable)."""
     from raymia.errors import last_error_line
@@ -401,7 +451,7 @@ def _trial_error(trial) -> str:
 def _mlflow_callback(spec: SweepSpec, parent_id: str):
     from ray import tune
 
-    from raymia.tracking import TAG_PARENT, TAG_TRIAL_ID, log_run, tag_equals, trial_tags
+    from raymia.tracking import TAG_PARENT, TAG_STATUS, TAG_TRIAL_ID, log_run, tag_equals, trial_tags
 
     class MlflowChildRuns(tune.Callback):
         """Logs one MLflow child run per finished (or failed) trial, from the driver."""
@@ -411,11 +461,14 @@ def _mlflow_callback(spec: SweepSpec, parent_id: str):
 
             client = MlflowClient(spec.tracking.uri)
             exp = client.get_experiment_by_name(spec.tracking.experiment)
-            if exp is not None and client.search_runs(
+            before = client.search_runs(
                 [exp.experiment_id],
                 filter_string=f"{tag_equals(TAG_TRIAL_ID, trial.trial_id)} and {tag_equals(TAG_PARENT, parent_id)}",
-            ):
+            ) if exp is not None else []
+            if before and not (status == "ok" and all(r.data.tags.get(TAG_STATUS) == "failed" for r in before)):
                 return  # logged before an interruption: one child run per trial
+            for r in before:  # a trial lost with its node, failed, then run again: its run is the new one
+                client.delete_run(r.info.run_id)
             result = trial.last_result or {}
             params = trial_spec(spec.model_dump(mode="json"), dict(trial.config))
             metrics = {k: v for k, v in result.items() if _is_metric(k)}
@@ -528,15 +581,18 @@ def _check_resolvable(spec: SweepSpec, keep: np.ndarray, names: list[str], field
 
 
 def run_sweep(
-    spec: SweepSpec, *, output_dir: str | Path | None = None, console: bool = True, resume: bool = False,
-    fresh: bool = False,
+    spec: SweepSpec | dict[str, Any] | str | Path, overrides: list[str] | None = None, *,
+    output_dir: str | Path | None = None, console: bool = True, resume: bool = False, fresh: bool = False,
 ) -> SweepResult:
-    """Run (or continue) a sweep. A re-run of the same spec continues an interrupted sweep without
+    """Run (or continue) a sweep; `spec` is a spec object, a dict or a YAML file's path, `overrides` the
+    CLI's `dotted.key=value` strings. A re-run of the same spec continues an interrupted sweep without
     re-running finished trials (`resume=True` insists that there is one); `fresh=True` discards it."""
     from ray import tune
 
     from raymia.engine.cluster import ensure_ray
+    from raymia.resolve import as_spec
 
+    spec = as_spec(spec, overrides, kind=SweepSpec)
     t0 = time.perf_counter()
     root = Path(output_dir or spec.output_dir).resolve()
     spec = spec.model_copy(update={"store": absolute(spec.store)})
@@ -610,7 +666,20 @@ def run_sweep(
         log.info("sweep %s: %d trials over %s", spec.name, spec.sweep.num_trials,
                  "; ".join(f"{d}: {text}" for d, text in describe_space(space).items()))
         tuner = _tuner(spec, space, root, sweep_dir, parent_id, pool, ray_storage, keep, exp, resuming)
-        trials = _collect(tuner.fit(), [o.metric for o in spec.sweep.objectives])
+        grid = tuner.fit()
+        for _ in range(LOST_TRIAL_ROUNDS):
+            # Tune can give up on a trial lost with its node although it has retries left (two failures of
+            # one loss race each other); trials are idempotent (stored results and packs are reused), so
+            # those run again, after the others (with them, errored trials run again: a deterministic error
+            # fails again at once, its packs stored)
+            lost = [r for r in grid if lost_to_cluster(r.error)]
+            if not lost:
+                break
+            log.warning("sweep %s: running the %d trial(s) lost with their worker or node again", spec.name, len(lost))
+            tuner = _tuner(spec, space, root, sweep_dir, parent_id, pool, ray_storage, keep, exp, True,
+                           resume_errored=True)
+            grid = tuner.fit()
+        trials = _collect(grid, [o.metric for o in spec.sweep.objectives])
         if len(trials) < spec.sweep.num_trials or any(t["status"] == "incomplete" for t in trials):
             # Tune returns early when interrupted (Ctrl-C): its state is saved, the sweep is not finished.
             raise RaymiaError(f"sweep {spec.name} was interrupted; run the same command again to resume it")
@@ -694,7 +763,7 @@ def _check_study_storage(spec: SweepSpec, sweep_dir: Path) -> None:
 
 
 def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str | None, pool, ray_storage: str,
-           keep, exp, restore: bool):
+           keep, exp, restore: bool, resume_errored: bool = False):
     """Tune's Tuner over the trials: restored from `restore` (an interrupted sweep's experiment), or new,
     with OptunaSearch (its study in sweep.storage) proposing each trial's defense setting."""
     from ray import tune
@@ -705,8 +774,10 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
         log_level=logging.getLogger("raymia").getEffectiveLevel(), pool=pool,
     ), {"cpu": spec.sweep.trial_cpu})
     if restore:
+        _quiet_tune_summaries()
         log.info("resuming sweep %s: finished trials are kept, unfinished ones run again", spec.name)
-        return tune.Tuner.restore(exp.location, trainable=trainable, resume_unfinished=True, resume_errored=False)
+        return tune.Tuner.restore(exp.location, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=resume_errored)
     objectives = spec.sweep.objectives
     searcher = OptunaSearch(
         space=DefineByRun(space, spec.sweep.include_undefended),
@@ -716,6 +787,7 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
         storage=_optuna_storage(spec.sweep.storage or f"sqlite:///{sweep_dir / 'optuna.db'}"),
         study_name=f"raymia-{spec.name}",
     )
+    _quiet_tune_summaries()
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
