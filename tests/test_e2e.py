@@ -152,6 +152,11 @@ def console_runs(workdir):
     }, workdir, timeout=400)
 
 
+# what a healthy run's console never shows: Ray ERROR lines (e.g. Train's PreemptionWatcher), its merged
+# "[repeated Nx]" lines and colour codes, its notice that token authentication is on
+HEALTHY_RUN_NOISE = ("ERROR", " E ", "PreemptionWatcher", "[repeated", "\x1b[", "Token authentication is enabled")
+
+
 def test_cli_progress_lines_show_once_at_the_drivers_level(console_runs):
     """The bank's progress reaches the console once per line as `[raymia] ...`, Ray's own INFO lines stay
     off it, and -q silences the pool's workers too."""
@@ -161,6 +166,8 @@ def test_cli_progress_lines_show_once_at_the_drivers_level(console_runs):
     assert text.count("[raymia] training 2 pack(s) on 1 warm worker(s)") == 1
     assert text.count("[raymia] worker 0: pack 0 done (1/2") == 1 and text.count("pack 1 done (2/2") == 1
     assert "Requesting resources" not in text and "Started training worker group" not in text
+    for noise in HEALTHY_RUN_NOISE:
+        assert noise not in text, (noise, text[-3000:])
 
     quiet = console_runs["quiet"]  # a fresh bank too: its workers train, and print nothing
     assert quiet.returncode == 0, quiet.stderr
@@ -178,8 +185,8 @@ def test_cli_sweep_console_is_raymias_lines(console_runs):
         assert text.count(f"[raymia] trial {n} done (") == 1
     assert "trial 0 done (1/2): none" in text
     for noise in ("Configuration for experiment", "View detailed results", "A new study created", "INFO mlflow",
-                  "Requesting resources"):
-        assert noise not in text
+                  "Requesting resources", *HEALTHY_RUN_NOISE):
+        assert noise not in text, (noise, text[-3000:])
 
 
 def test_sweep_writes_parent_and_child_runs(first_audit, workdir, caplog):
