@@ -278,6 +278,7 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], root: str, sweep_di
     """One Tune trial: one audit of the base spec with this trial's defense setting, its bank trained on
     the sweep's warm pool. Its progress lines (and the pool's for its packs) reach the console at the
     driver's level, as `[raymia] trial N: ...`."""
+    import ray
     from ray import tune
 
     from raymia.audit import run_audit
@@ -308,8 +309,6 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], root: str, sweep_di
             raise ValueError(f"objective {o['metric']} is {'n/a' if v is None else v} for this trial "
                              "(for TPR at a low FPR, audit more non-members)")
     report = {k: (float("nan") if v is None else v) for k, v in metrics.items()}
-    import ray
-
     report.update({"audit_dir": str(audit_dir), "fingerprint": fingerprint, "reused_signals": reused,
                    "node": ray.get_runtime_context().get_node_id()})
     tune.report(report)

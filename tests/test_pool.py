@@ -92,13 +92,10 @@ def test_killed_bank_worker_retrains_only_its_pack_and_changes_no_metric(tmp_pat
     assert hit_result["fingerprint"] == calm_result["fingerprint"]
 
 
-@pytest.mark.parametrize("field, value, says", [
-    ("device", "cuda", "bank.device: cuda asks for 1 GPU per worker, but the Ray cluster has 0 GPUs"),
-    ("cpus_per_worker", 64, "bank.cpus_per_worker: 64 CPUs per worker, but the largest node of the Ray cluster has 2"),
-])
-def test_request_the_cluster_cannot_meet_fails_before_training_in_one_line(tmp_path, field, value, says):
+def test_request_the_cluster_cannot_meet_fails_before_training_in_one_line(tmp_path):
     d = yaml.safe_load(_audit_spec(tmp_path, "bad").read_text())
-    d["bank"][field] = value
+    d["bank"]["device"] = "cuda"
+    says = "bank.device: cuda asks for 1 GPU per worker, but the Ray cluster has 0 GPUs"
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(d))
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "raymia", "audit", str(tmp_path / "bad.yaml")],
@@ -110,6 +107,24 @@ def test_request_the_cluster_cannot_meet_fails_before_training_in_one_line(tmp_p
     assert len(errors) == 1 and says in errors[0], out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert not _manifests(tmp_path / "bad" / "runs")  # nothing trained
+
+
+def test_pool_sizes_itself_to_the_nodes_and_names_the_field_it_cannot_meet(ray_local):
+    """On the tests' one-node instance of n CPUs: n workers of 1 CPU, n - 1 beside a sweep's trial drivers,
+    2n of half a CPU; more CPUs per worker than the node has, or no room left for the drivers, is one line
+    naming the field."""
+    from raymia.engine.pool import capacity
+    from raymia.errors import RaymiaError
+
+    n = int(ray_local.cluster_resources()["CPU"])
+    assert capacity(1, 0) == n and capacity(1, 0, reserve_cpus=0.02) == n - 1 and capacity(0.5, 0) == 2 * n
+    with pytest.raises(RaymiaError, match=rf"^bank.cpus_per_worker: 64 CPUs per worker, but the largest node of "
+                                          rf"the Ray cluster has {n}; accepted: at most {n}$"):
+        capacity(64, 0)
+    with pytest.raises(RaymiaError, match=r"^bank.cpus_per_worker: \d+ CPUs per worker leave no room for the 0.02"):
+        capacity(n, 0, reserve_cpus=0.02)
+    with pytest.raises(RaymiaError, match=r"^bank.device: cuda asks for 1 GPU per worker"):
+        capacity(1, 1)
 
 
 def test_two_node_sweep_uses_both_nodes_and_survives_losing_one(tmp_path):
