@@ -44,7 +44,7 @@ from raymia.datainfo import DataInfo
 from raymia.defenses.vae import data_digest, key_digest, load_state, save_state
 from raymia.inversion.registry import image_shape, pixel_transform
 from raymia.seeding import derive_seed
-from raymia.storage import store_dir
+from raymia.storage import StoredFile, store_dir
 
 log = logging.getLogger("raymia")
 
@@ -269,7 +269,7 @@ def _checkpoint(g_net: nn.Module, d_net: nn.Module, opt_g: torch.optim.Optimizer
             "rng": rng.get_state(), "step": torch.tensor(step, dtype=torch.int64)}
 
 
-def _resume(ckpt: Path, key: str, g_net: nn.Module, d_net: nn.Module, opt_g: torch.optim.Optimizer,
+def _resume(ckpt: Path | StoredFile, key: str, g_net: nn.Module, d_net: nn.Module, opt_g: torch.optim.Optimizer,
             opt_d: torch.optim.Optimizer, rng: torch.Generator, what: str = "gmi") -> int | None:
     """Restore the checkpoint into the nets, optimizers and RNG: the step it was taken at (0: there is
     none; None: it does not fit, and may have been loaded in part)."""

@@ -87,7 +87,7 @@ from raymia.inversion.registry import (
 )
 from raymia.registry import Params
 from raymia.seeding import derive_seed
-from raymia.storage import store_dir
+from raymia.storage import StoredFile, store_dir
 
 log = logging.getLogger("raymia")
 
@@ -298,7 +298,7 @@ def cgan_key(target: nn.Module, x_public: torch.Tensor, classes: Sequence[int], 
 def hinge_cgan_steps(g_net: nn.Module, d_net: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
                      rng: torch.Generator, x: torch.Tensor, y: torch.Tensor,
                      draw_labels: Callable[[int], torch.Tensor], settings: Any, info: DataInfo, start: int,
-                     device: torch.device, ckpt: Path, key: str, what: str, stop_after: int | None = None,
+                     device: torch.device, ckpt: Path | StoredFile, key: str, what: str, stop_after: int | None = None,
                      extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> bool:
     """Steps `start`..settings.steps of PLG-MI's conditional GAN game on inputs x [N, ...] (CPU) with
     labels y [N]: per step one generator update (hinge loss -D(G(z, c), c), plus `extra_loss(fake, c)`,
