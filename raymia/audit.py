@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from raymia import __version__
+from raymia.report.records import PointScores
 from raymia.spec import AuditSpec, SweepSpec
 from raymia.storage import absolute
 from raymia.store import SignalStore
@@ -45,6 +46,20 @@ class AuditResult:
     seconds: float = 0.0
     inversion: Any = None  # raymia.inversion.protocol.InversionResult when the spec asks for inversion
     ood: Any = None  # raymia.ood_audit.OodResult when the spec names non-member sets
+    targets: list[int] = field(default_factory=list)  # the attacked rows of the signals (plan.targets, or M)
+    target: dict[str, Any] | None = None  # the user's own target (`target:`): where its outputs came from
+    points: Any = field(repr=False, default=None)  # raymia.report.records.PointScores: every point's scores
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            self.targets = self.spec.plan.target_list
+
+    @property
+    def vulnerable(self) -> list[dict[str, Any]]:
+        """The members that leak most (`report.records.vulnerable`): index, label, how many attacks flag them."""
+        from raymia.report.records import vulnerable
+
+        return vulnerable(self.points) if self.points is not None else []
 
     def flat_metrics(self) -> dict[str, float | None]:
         """{"test_accuracy": .., "lira_online/auc": .., ...}: the names objectives and MLflow use, each the
@@ -52,7 +67,7 @@ class AuditResult:
         over the targets (None with a single target: one model gives no spread)."""
         from raymia.metrics import spread_key
 
-        spread = len(self.spec.plan.target_list) > 1
+        spread = len(self.targets) > 1
         out: dict[str, float | None] = dict(self.utility)
         std: dict[str, float | None] = {k: v if spread else None for k, v in self.utility_std.items()}
         out.update({f"defense/{k}": v for k, v in self.defense_report.items()})
@@ -85,7 +100,8 @@ class AuditResult:
             "name": self.spec.name,
             "fingerprint": self.fingerprint,
             "spec": self.spec.model_dump(mode="json"),
-            "targets": self.spec.plan.target_list,
+            "targets": self.targets,
+            **({"target": self.target} if self.target is not None else {}),
             "utility": self.utility,
             "utility_std_over_targets": self.utility_std,
             "defense": {"name": self.spec.defense.name, "params": self.spec.defense.params,
@@ -95,6 +111,7 @@ class AuditResult:
             "attacks_per_target": self.per_target,
             "inversion": self.inversion.to_json() if self.inversion is not None else None,
             "ood": self.ood.to_json() if self.ood is not None else None,
+            "vulnerable": self.vulnerable,
             "reused_signals": self.reused_signals,
             "seconds": round(self.seconds, 2),
             "metrics": self.flat_metrics(),
@@ -116,8 +133,10 @@ def load_signals(store: SignalStore, keep: np.ndarray, labels: np.ndarray, test_
 
 def read_signals(of, output_dir: str | Path | None = None):
     """The stored signals (`raymia.signals.Signals`: every model's outputs, the membership matrix `keep`) of
-    an audit's bank: `of` is an `AuditResult` or anything `run_audit` accepts. Reads the store and trains
-    nothing; a bank that is not wholly stored is a RaymiaError that says how to build it."""
+    an audit's bank: `of` is an `AuditResult` or anything `run_audit` accepts. With `target:` the user's
+    model is the last row (attack it as target `signals.num_models - 1`), on the points it answers. Reads
+    the store and trains nothing; a bank that is not wholly stored is a RaymiaError that says how to build
+    it."""
     from raymia.errors import RaymiaError
     from raymia.resolve import as_spec
     from raymia.train.bank import BankContext
@@ -132,7 +151,12 @@ def read_signals(of, output_dir: str | Path | None = None):
     if missing:
         raise RaymiaError(f"signals {store.fingerprint} in {store.root} lack packs {missing}; run the audit first "
                           "(raymia.run_audit(spec) or `raymia audit SPEC`)")
-    return load_signals(store, ctx.plan.keep, ctx.audited_y, ctx.data.y_test.numpy())
+    signals = load_signals(store, ctx.plan.keep, ctx.audited_y, ctx.data.y_test.numpy())
+    if spec.target is not None:  # the user's model as the last row, as the audit attacked it
+        from raymia.target import load_target, with_target
+
+        signals = with_target(signals, load_target(spec, ctx))
+    return signals
 
 
 def load_ood_logits(store: SignalStore) -> np.ndarray:
@@ -153,11 +177,14 @@ def run_audit(
     console: bool = True,
     run_dir: str | Path | None = None,
     pool=None,
+    page: bool = True,
 ) -> AuditResult:
     """Run one audit end to end; `spec` is a spec object, a dict, a YAML file's path or None (defaults),
     `overrides` the CLI's `dotted.key=value` strings. `output_dir` overrides spec.output_dir; `run_dir` is
     where the report goes (default: <output_dir>/audits/<name>-<fingerprint>); `pool` is a running
-    `engine.pool.BankPool` to train on (a sweep's), else the audit starts its own when it must train."""
+    `engine.pool.BankPool` to train on (a sweep's), else the audit starts its own when it must train.
+    `page=False` leaves out histograms.png and report.html (a sweep's trials: `raymia report` draws them
+    from the trial's folder when asked)."""
     from raymia.resolve import as_spec
     from raymia.train.bank import BankContext
 
@@ -170,6 +197,11 @@ def run_audit(
     out.mkdir(parents=True, exist_ok=True)
 
     ctx = BankContext.from_spec(spec)  # validates data/plan/defense against each other before any training
+    external = None
+    if spec.target is not None:  # the user's model: read, checked and queried before any training
+        from raymia.target import load_target
+
+        external = load_target(spec, ctx)
     inversion_data = None
     if spec.inversion is not None:  # the class split and the attacker's public data, before any training
         from raymia.inversion.protocol import inversion_data as load_inversion_data
@@ -183,15 +215,21 @@ def run_audit(
         pool = np.ones(spec.plan.num_models, dtype=bool)
         pool[spec.plan.target_list] = False
         signals = replace(signals, shadow_pool=pool)
-    utility, utility_std = measure_utility(signals, spec.plan.target_list)
-    attacks, attacks_std, per_target, curves = run_attacks(spec, attacks_to_run(spec, ctx.defense), signals)
+    targets, population = spec.plan.target_list, ctx.plan.population
+    if external is not None:  # the user's model joins as row M, every bank model its shadow
+        from raymia.target import with_target
+
+        signals, targets, population = with_target(signals, external), [spec.plan.num_models], population[external.points]
+    utility, utility_std = measure_utility(signals, targets, spec.plan.num_models)
+    attacks, attacks_std, per_target, curves, scores = run_attacks(spec, attacks_to_run(spec, ctx.defense),
+                                                                   signals, targets)
     ood = None
     if spec.ood is not None:
         from raymia.ood_audit import evaluate_ood
 
         ood = evaluate_ood(attacks_to_run(spec, ctx.defense), signals, load_ood_logits(store), ctx.ood.y.numpy(),
                            ctx.ood.slices(), dict(zip(ctx.ood.keys, ctx.ood.label_sources, strict=True)),
-                           spec.plan.target_list)
+                           targets)
     inversion = None
     if spec.inversion is not None:
         from raymia.inversion.protocol import run_inversions
@@ -201,9 +239,12 @@ def run_audit(
         spec=spec, fingerprint=store.fingerprint, attacks=attacks, attacks_std=attacks_std,
         per_target=per_target, defense_report=_defense_report(store, ctx.defense), utility=utility,
         utility_std=utility_std, reused_signals=reused, out_dir=out, roc=curves,
-        seconds=time.perf_counter() - t0, inversion=inversion, ood=ood,
+        seconds=time.perf_counter() - t0, inversion=inversion, ood=ood, targets=targets,
+        target=external.describe() if external is not None else None,
+        points=PointScores(index=population, label=signals.labels, member=signals.keep[targets],
+                           scores=scores, targets=targets),
     )
-    write_report(result, console=console, track=spec.tracking.enabled if track is None else track)
+    write_report(result, console=console, track=spec.tracking.enabled if track is None else track, page=page)
     return result
 
 
@@ -242,9 +283,10 @@ def ensure_bank(spec: AuditSpec, store: SignalStore, pool=None) -> bool:
     return False
 
 
-def measure_utility(signals, targets: list[int]) -> tuple[dict[str, float], dict[str, float]]:
+def measure_utility(signals, targets: list[int], bank_models: int | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """Utility of the attacked models, measured on what a querier sees (identity query): the mean and the
-    std over targets of each of TARGET_UTILITY, and BANK_UTILITY over every bank model."""
+    std over targets of each of TARGET_UTILITY, and BANK_UTILITY over the first `bank_models` models (every
+    model by default; the bank's without the user's own target)."""
     from raymia.metrics import accuracy, ece
 
     labels, y_test = signals.labels, signals.pop_labels
@@ -256,13 +298,15 @@ def measure_utility(signals, targets: list[int]) -> tuple[dict[str, float], dict
     per_target = dict(zip(TARGET_UTILITY, (tr_acc, te_acc, gap, test_ece), strict=True))  # in its order
     utility = {k: float(np.mean(v)) for k, v in per_target.items()}
     utility_std = {k: float(np.std(v)) for k, v in per_target.items()}
-    utility[BANK_UTILITY] = float(np.mean([accuracy(test_logits[m], y_test) for m in range(len(test_logits))]))
+    bank = range(bank_models or len(test_logits))
+    utility[BANK_UTILITY] = float(np.mean([accuracy(test_logits[m], y_test) for m in bank]))
     return utility, utility_std
 
 
-def run_attacks(spec: AuditSpec, attacks: list, signals):
-    """Every attack against every target: (mean, std over targets, per-target metrics, the first target's
-    ROC curve), each keyed by the attack's label (default: its name)."""
+def run_attacks(spec: AuditSpec, attacks: list, signals, targets: list[int] | None = None):
+    """Every attack against every target (default: plan.targets): (mean, std over targets, per-target
+    metrics, the first target's ROC curve, the scores float64 [targets, P]), each keyed by the attack's
+    label (default: its name)."""
     from raymia.attacks import run_attack
     from raymia.metrics import full_metrics, roc
 
@@ -271,10 +315,13 @@ def run_attacks(spec: AuditSpec, attacks: list, signals):
     std: dict[str, dict[str, float | None]] = {}
     per_target: dict[str, list[dict[str, float | None]]] = {}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    all_scores: dict[str, np.ndarray] = {}
+    targets = spec.plan.target_list if targets is None else targets
     for i, a in enumerate(attacks):
-        runs = []
-        for j, t in enumerate(spec.plan.target_list):
+        runs, per = [], []
+        for j, t in enumerate(targets):
             scores = run_attack(a.name, a.params, signals, t, where=f"attacks.{i}")
+            per.append(np.asarray(scores, dtype=np.float64))
             is_member = signals.keep[t]
             runs.append(full_metrics(scores, is_member, fpr_levels=tuple(m.fpr_levels),
                                      fnr_levels=tuple(m.fnr_levels), n_boot=m.bootstrap, seed=spec.seed))
@@ -283,11 +330,14 @@ def run_attacks(spec: AuditSpec, attacks: list, signals):
                 curves[a.key] = (fpr, tpr)
         mean[a.key], std[a.key] = _mean_std(runs)
         per_target[a.key] = runs
-    return mean, std, per_target, curves
+        all_scores[a.key] = np.stack(per)
+    return mean, std, per_target, curves, all_scores
 
 
-def write_report(result: AuditResult, console: bool, track: bool) -> None:
-    """result.json, spec.yaml and roc.png in the audit's folder; the table on the console; the MLflow run."""
+def write_report(result: AuditResult, console: bool, track: bool, page: bool = True) -> None:
+    """In the audit's folder: result.json, spec.yaml, roc.png, with the attacks' scores records.parquet,
+    vulnerable.csv and histograms.png, and report.html (all of them on one page); the table on the console;
+    the MLflow run."""
     from raymia.report.plots import plot_roc
 
     spec, out, fp = result.spec, result.out_dir, result.fingerprint
@@ -299,10 +349,24 @@ def write_report(result: AuditResult, console: bool, track: bool) -> None:
         aucs={a: m["auc"] for a, m in result.attacks.items() if m.get("auc") is not None},
     )
     figures = list(result.inversion.grids.values()) if result.inversion is not None else []
+    records_files = []
+    if result.points is not None:  # every point's scores, the members that leak most, their histograms
+        from raymia.report.plots import HISTOGRAMS_FILE, histograms_title, plot_histograms
+        from raymia.report.records import RECORDS_FILE, VULNERABLE_FILE, write_records, write_vulnerable
+
+        records_files = [write_records(result.points, out / RECORDS_FILE),
+                         write_vulnerable(result.vulnerable, out / VULNERABLE_FILE)]
+        if page:
+            figures.append(plot_histograms(result.points, out / HISTOGRAMS_FILE, title=histograms_title(spec.name)))
     if result.ood is not None:
         from raymia.report.plots import plot_ood
 
         figures.append(plot_ood(result.ood, out / "ood_fpr.png", title=f"{spec.name}: false positives by set"))
+    html_path = None
+    if page:
+        from raymia.report.html import write_html
+
+        html_path = write_html(out)
     if console:
         print_audit_table(result)
     if track:
@@ -311,7 +375,8 @@ def write_report(result: AuditResult, console: bool, track: bool) -> None:
         rid = log_run(
             spec.tracking.uri, spec.tracking.experiment, run_name=f"{spec.name}-{fp}",
             params=spec.model_dump(mode="json"), metrics=result.flat_metrics(),
-            artifacts=[result_path, roc_path, spec_path, *figures], tags={TAG_KIND: KIND_AUDIT, TAG_FINGERPRINT: fp},
+            artifacts=[result_path, roc_path, spec_path, *([html_path] if html_path else []), *records_files,
+                       *figures], tags={TAG_KIND: KIND_AUDIT, TAG_FINGERPRINT: fp},
         )
         log.info("MLflow run %s in %s", rid, spec.tracking.uri)
 
@@ -383,9 +448,10 @@ def print_audit_table(result: AuditResult) -> None:
 
     spec = result.spec
     keys = [k for k in next(iter(result.attacks.values())) if "_ci_" not in k]
-    n_targets = len(spec.plan.target_list)
-    table = Table(title=f"{spec.name} [{result.fingerprint}]  defense={spec.defense.name}  "
-                        f"models={spec.plan.num_models}  targets={n_targets}"
+    n_targets = len(result.targets)
+    who = (f"target=yours ({result.target['source']})  shadows={spec.plan.num_models}" if result.target
+           else f"models={spec.plan.num_models}  targets={n_targets}")
+    table = Table(title=f"{spec.name} [{result.fingerprint}]  defense={spec.defense.name}  {who}"
                         + ("  (mean ± std over targets)" if n_targets > 1 else ""))
     table.add_column("attack")
     for k in keys:
@@ -423,7 +489,7 @@ def print_audit_table(result: AuditResult) -> None:
         for a, ms in inv.attacks.items():
             mi.add_row(a, fmt(ms["top1"], True), fmt(ms["top5"], True), f"{ms['knn_dist']:.3g}", f"{ms['fid']:.4g}")
         c.print(mi)
-    c.print(f"report: {result.out_dir}", soft_wrap=True)
+    c.print(f"report: {result.out_dir / 'report.html'}", soft_wrap=True)
 
 
 def print_ood_table(ood, console) -> None:

@@ -1,4 +1,4 @@
-"""The `raymia` command: audit | sweep | check | pareto | schema | list."""
+"""The `raymia` command: audit | sweep | check | report | pareto | schema | list."""
 
 from __future__ import annotations
 
@@ -135,6 +135,13 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from raymia.report.html import write_html
+
+    print(write_html(args.dir))
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     import json
 
@@ -176,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "already stored, without training (no Ray, no MLflow)")
     with_spec(p)
     p.set_defaults(func=cmd_check)
+    p = sub.add_parser("report", help="(re)write report.html in a finished audit's or sweep's folder: one "
+                                      "self-contained page of tables, figures and the spec")
+    p.add_argument("dir", help="the folder holding the run's result.json (<output_dir>/audits/NAME-FP or "
+                               "<output_dir>/sweeps/NAME)")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("pareto", help="read a sweep back from MLflow: Pareto front, hypervolume, table and plot")
     p.add_argument("--experiment", required=True, help="MLflow experiment holding the sweep")
     which = p.add_mutually_exclusive_group()

@@ -17,16 +17,25 @@ distribution's metadata (docs/extending.md):
 Loading the entry point imports the module, which registers its entries. A plug-in that fails to load
 raises one `PluginError` naming the entry point and its distribution.
 
+Beside registered names, a spec may name a plug-in by import path, `module:function` (uvicorn's form;
+`import_object`): the module is imported from the installed packages or the current directory, and the
+bank's fingerprint covers the bytes of the file that defines it (`source_digest`), so editing it retrains.
+
 This module imports nothing of raymia but `errors`: the registries use it, and it uses no registry.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
+import os
 import pkgutil
+import sys
 from importlib.metadata import EntryPoint, entry_points
+from typing import Any
 
-from raymia.errors import RaymiaError
+from raymia.errors import RaymiaError, SpecError
 
 ENTRY_POINT_GROUP = "raymia.plugins"
 
@@ -75,3 +84,68 @@ def load_entry_points() -> list[str]:
         _loaded.add(key)
         new.append(ep.name)
     return new
+
+
+IMPORT_PATH = "module:function"  # how docs and errors spell the form
+
+
+def is_import_path(name: str) -> bool:
+    """Whether a registry name is an import path `module:attribute` rather than a registered name."""
+    return ":" in name
+
+
+def _split_import_path(path: str, where: str) -> tuple[str, str]:
+    module, _, attr = path.partition(":")
+    parts = [*module.split("."), *attr.split(".")]
+    if not module or not attr or not all(p.isidentifier() for p in parts):
+        raise SpecError(f"{path!r} is not an import path; expected {IMPORT_PATH}, e.g. my_models:build",
+                          where=where)
+    return module, attr
+
+
+def _with_cwd_on_path() -> None:
+    # After the installed packages, so a file in the current directory cannot shadow one of them.
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)
+
+
+def import_object(path: str, where: str) -> Any:
+    """The object an import path `module:attribute` names, its module imported from the installed packages
+    or the current directory (where a Ray worker of a local cluster runs too; on other nodes the module
+    must be installed). Every failure is one SpecError naming `where`."""
+    module, attr = _split_import_path(path, where)
+    _with_cwd_on_path()
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is not None and module.startswith(e.name):
+            raise SpecError(f"cannot import {module!r}: no such module in the installed packages or the "
+                              f"current directory ({os.getcwd()})", where=where) from None
+        raise SpecError(f"importing {module!r} failed: {type(e).__name__}: {e}", where=where) from e
+    except Exception as e:  # any failure of the user's module: one line naming it
+        raise SpecError(f"importing {module!r} failed: {type(e).__name__}: {e}", where=where) from e
+    obj: Any = mod
+    for name in attr.split("."):
+        if not hasattr(obj, name):
+            raise SpecError(f"module {module!r} has no attribute {attr!r}", where=where)
+        obj = getattr(obj, name)
+    if not callable(obj):
+        raise SpecError(f"{path!r} is a {type(obj).__name__}, not a function or class", where=where)
+    return obj
+
+
+def source_digest(path: str, where: str) -> str:
+    """SHA-256 (16 hex digits) of the source file of an import path's module, found without importing it:
+    what ties stored results to the user's code."""
+    module, _ = _split_import_path(path, where)
+    _with_cwd_on_path()
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.origin or not os.path.isfile(found.origin):
+        raise SpecError(f"cannot import {module!r}: no such module in the installed packages or the current "
+                          f"directory ({os.getcwd()})", where=where)
+    with open(found.origin, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]

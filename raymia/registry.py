@@ -4,6 +4,9 @@ Every pluggable part (data set, model, defense, attack) registers here with a py
 parameters. The registry validates a spec's `params` against that model, so an unknown or out-of-range
 parameter is reported with its dotted field path, and `raymia list` prints every entry with its defaults.
 
+A name may also be an import path, `module:function`: the user's own builder, training function or attack,
+called as a registered one is, with its `params` passed through unchecked.
+
 A registry made with `package=` finds its entries itself (`raymia.plugins`): the first time it is read
 (`get`, `names`, `entries`, `in`), it imports every public module of that package, then the third-party
 plug-ins' entry points. Registering needs no reading, so a module registers while it is being discovered.
@@ -19,7 +22,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar, get_args, get_orig
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from raymia.errors import SpecError
-from raymia.plugins import PluginError, import_submodules, load_entry_points
+from raymia.plugins import PluginError, import_object, import_submodules, is_import_path, load_entry_points
 
 T = TypeVar("T")
 
@@ -34,6 +37,12 @@ class Params(BaseModel):
 
 class NoParams(Params):
     pass
+
+
+class OpenParams(Params):
+    """The parameters of an entry named by import path: whatever the spec gives, as attributes."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,12 @@ class Registry(Generic[T]):
         return sorted(self._entries)
 
     def get(self, name: str, where: str = "name") -> Entry[T]:
+        """The entry registered as `name`, or for an import path `module:function` (`plugins.import_object`)
+        that object with open parameters (`OpenParams`): called exactly as a registered entry is."""
+        if is_import_path(name):
+            obj = import_object(name, where)
+            doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+            return Entry(name, obj, OpenParams, doc[0] if doc else "")
         self.discover()
         try:
             return self._entries[name]

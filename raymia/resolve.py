@@ -85,6 +85,20 @@ def check_names(spec: AuditSpec) -> None:
             raise SpecError(f"{a.key!r} already names attacks.{seen[a.key]}; give each entry its own label "
                             "(results and metrics are keyed by it)", where=f"attacks.{i}.label")
         seen[a.key] = i
+    if spec.train.function is not None:
+        from raymia.train.function import TRAINERS
+
+        f = spec.train.function
+        TRAINERS.get(f.name, where="train.function.name").parse(f.params, where="train.function.params")
+        searched = isinstance(spec, SweepSpec)
+        if spec.defense.name != "none" or searched:
+            raise SpecError("a training function trains the models its own way, which a defense's hooks do not "
+                            "reach: " + ("a sweep cannot search defenses with it" if searched
+                                         else "use defense: none"), where="train.function")
+    if spec.target is not None:
+        from raymia.target import check_target_spec
+
+        check_target_spec(spec)
     if spec.ood is not None:
         from raymia.data.ood import NONMEMBER_SETS
 

@@ -246,6 +246,10 @@ class TrainSpec(_Model):
     triangle: TriangleSpec = Field(default_factory=TriangleSpec, description="triangle schedule: its shape")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    function: Named | None = Field(
+        None, description="your own training function instead of raymia's loop, by import path "
+        "(module:function) or a plug-in's registered name: fn(job, params) trains job.model on job.x, job.y "
+        "(raymia.defenses.base.FitJob) and returns it; the recipe fields above reach it as job.recipe")
     lookahead: bool = Field(
         False, description="airbench's lookahead: from the 4th epoch on, every 5 steps the weights (and "
                            "BatchNorm statistics) move to their running average, decay 0.95^5 x (fraction of "
@@ -258,6 +262,13 @@ class TrainSpec(_Model):
                              f"{self.epochs} it would never act: set epochs >= {LOOKAHEAD_START_EPOCHS + 1} or "
                              "lookahead: false")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_function(self, handler: Any) -> Any:
+        d = handler(self)  # without a training function: dumps (fingerprints, spec.yaml, resume hashes) as before
+        if isinstance(d, dict) and d.get("function") is None:
+            d.pop("function", None)
+        return d
 
     @field_validator("milestones")
     @classmethod
@@ -390,6 +401,30 @@ class InversionSpec(_Model):
         return self
 
 
+class TargetSpec(_Model):
+    """Your own trained model as the audit's target. The bank's models, trained on the same data with the
+    spec's model and recipe, are all its shadows; the target is queried from its weights (`checkpoint`) or
+    known only by its outputs (`outputs`, an API-only model). See docs/own-model.md."""
+
+    checkpoint: str | None = Field(
+        None, description="the target's weights: a state_dict saved with torch.save, loaded with weights_only=True "
+        "into the spec's model (model.name: a registered model or your builder, module:function)")
+    outputs: str | None = Field(
+        None, description="black-box: an .npz of the target's outputs: indices (into the training split), "
+        "logits or probs [N, C] (or [Q, N, C] with queries), test_logits or test_probs on the test split")
+    members: list[int] | str = Field(
+        description="the target's training points: indices into the data set's training split, or a file of "
+        "them (.npy, .txt, .csv, .json)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TargetSpec:
+        if (self.checkpoint is None) == (self.outputs is None):
+            raise ValueError("give the target's checkpoint (its weights) or its outputs (black-box), one of them")
+        if isinstance(self.members, list) and (not self.members or min(self.members) < 0):
+            raise ValueError("members must be a non-empty list of indices >= 0, or a file of them")
+        return self
+
+
 class AuditSpec(_Model):
     name: str = Field("audit", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     seed: int = Field(0, ge=0)
@@ -408,6 +443,9 @@ class AuditSpec(_Model):
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     bank: BankSpec = Field(default_factory=BankSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    target: TargetSpec | None = Field(
+        None, description="audit your own trained model (its checkpoint or outputs, and its members); the bank's "
+        "models are then all its shadows")
     inversion: InversionSpec | None = Field(None, description="model-inversion attacks on the targets")
     ood: OodSpec | None = Field(None, description="out-of-distribution non-member sets")
     output_dir: str = "raymia-runs"
@@ -422,7 +460,7 @@ class AuditSpec(_Model):
     @model_serializer(mode="wrap")
     def _without_unset_blocks(self, handler: Any) -> Any:
         d = handler(self)  # without these blocks: dumps (spec.yaml, MLflow params, resume hashes) as before
-        for k in ("inversion", "ood"):
+        for k in ("inversion", "ood", "target"):
             if isinstance(d, dict) and d.get(k) is None:
                 d.pop(k, None)
         return d
@@ -449,10 +487,23 @@ class AuditSpec(_Model):
             # bf16 changes the numbers; pack size, pack engine and memory format only change float rounding.
             "precision": d["bank"]["precision"],
         }
+        code = self.code_digests()
+        if code:  # plug-ins named by import path: their source file's bytes (absent: fingerprints as before)
+            out["code"] = code
         if self.ood is not None:  # the packs hold the sets' outputs too (absent: fingerprints as before)
             sets = [{k: v for k, v in st.items() if k != "label"} for st in d["ood"]["sets"]]  # names only
             out["ood"] = {**d["ood"], "sets": sets}
         return out
+
+    def code_digests(self) -> dict[str, str]:
+        """{field: digest of its module's source file} for the bank's plug-ins named by import path
+        (module:function), so stored signals are not reused once the user's code has changed."""
+        from raymia.plugins import is_import_path, source_digest
+
+        named = {"data.name": self.data.name, "model.name": self.model.name, "defense.name": self.defense.name}
+        if self.train.function is not None:
+            named["train.function.name"] = self.train.function.name
+        return {f: source_digest(n, where=f) for f, n in named.items() if is_import_path(n)}
 
     def pack_fingerprints(self) -> dict[int, str]:
         """Non-adaptive banks: packs holding no target (so no defended model) are exactly the packs of the

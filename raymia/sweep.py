@@ -295,7 +295,7 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], root: str, sweep_di
     if saved is not None:  # finished before the driver was interrupted: report it again, run nothing
         metrics, fingerprint, reused = saved["metrics"], saved["fingerprint"], True
     else:
-        res = run_audit(spec, output_dir=root, track=False, console=False, run_dir=run_dir, pool=pool)
+        res = run_audit(spec, output_dir=root, track=False, console=False, run_dir=run_dir, pool=pool, page=False)
         metrics, fingerprint, reused = res.flat_metrics(), res.fingerprint, res.reused_signals
         if kept.location != str(run_dir.resolve()):  # the report reaches the driver and a resume through the store
             for f in sorted(p for p in run_dir.iterdir() if p.is_file() and p.name != "result.json"):
@@ -695,7 +695,7 @@ def run_sweep(
         if parent_id:
             from raymia.tracking import finish_parent
 
-            arts = ([sweep_dir / n for n in ("result.json", "pareto.png", "front.md", "spec.yaml")]
+            arts = ([sweep_dir / n for n in ("result.json", "pareto.png", "front.md", "spec.yaml", "report.html")]
                     if status == "FINISHED" else [])
             finish_parent(spec.tracking.uri, parent_id, summary, arts, status=status)
 
@@ -830,6 +830,9 @@ def _report(spec: SweepSpec, trials: list[dict[str, Any]], space, root: Path, sw
         trials, objectives, result.front_trials, result.hypervolume,
         intro=f"Sweep {spec.name}: every objective is the mean over {len(spec.plan.target_list)} target(s) "
               f"(leave-one-out over the bank), ± its std over them.\n\n"))
+    from raymia.report.html import write_html
+
+    write_html(sweep_dir)
     if console:
         _print_front(result)
     return result

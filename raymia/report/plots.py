@@ -201,3 +201,64 @@ def plot_ood(ood: Any, path: Path, title: str = "false positives by non-member s
     fig.savefig(path, dpi=_DPI)
     plt.close(fig)
     return path
+
+
+HISTOGRAMS_FILE = "histograms.png"
+
+
+def histograms_title(name: str) -> str:
+    return f"{name}: scores of members and non-members"
+
+
+def plot_histograms(points, path: str | Path, title: str | None = None, bins: int = 40) -> Path:
+    """One panel per attack: the scores of members and of non-members (every target pooled), with the
+    first target's flag threshold (`report.records.flag_thresholds`). The bins span the central 99% of the
+    scores, so a few extreme log-likelihood ratios do not squeeze the rest into one bin. `points` is a
+    `report.records.PointScores`."""
+    from raymia.report.records import FLAG_FPR, flag_thresholds
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(points.scores)
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    try:
+        member = points.member
+        for ax, name in zip(axes.flat, names):
+            s = points.scores[name]
+            threshold = flag_thresholds(s[:1], member[:1])[0]
+            xlabel = "score (higher: more likely a member)"
+            finite = s[np.isfinite(s)]
+            gap = finite.max() - finite if finite.size else finite
+            if gap.size and (gap > 0).any() and 100 * np.quantile(gap, 0.5) < np.quantile(gap, 0.995):
+                # most scores crowd at the top (losses near 0): the distance to the top on a log scale, drawn
+                # so that right is still "more likely a member"
+                top, floor = finite.max(), np.quantile(gap[gap > 0], 0.01) / 10
+                s = -np.log10(np.maximum(top - s, 0) + floor)
+                threshold = -np.log10(max(top - threshold, 0) + floor)
+                xlabel = "-log10(top score - score) (right: more likely a member)"
+                finite = s[np.isfinite(s)]
+            lo, hi = (np.quantile(finite, [0.005, 0.995]) if finite.size else (0.0, 1.0))
+            if not hi > lo:
+                lo, hi = lo - 0.5, hi + 0.5
+            edges = np.linspace(lo, hi, bins + 1)
+            for mask, label, colour in ((~member, "non-members", "tab:blue"), (member, "members", "tab:red")):
+                ax.hist(np.clip(s[mask], lo, hi), bins=edges, alpha=0.55, color=colour, label=label,
+                        density=True)
+            ax.axvline(threshold, color="black", linestyle="--", linewidth=1,
+                       label=f"flag threshold ({FLAG_FPR:.0%} FPR)")
+            ax.set_title(name, fontsize=10)
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.tick_params(labelsize=7)
+        for ax in list(axes.flat)[len(names):]:
+            ax.axis("off")
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+        if title:
+            fig.suptitle(title, fontsize=11)
+        fig.tight_layout(rect=(0, 0.06, 1, 0.95 if title else 1))
+        fig.savefig(path, dpi=_DPI)
+    finally:
+        plt.close(fig)
+    return path

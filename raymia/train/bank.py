@@ -145,6 +145,12 @@ class BankContext:
         return public_indices(self.data.x_train.shape[0], self.plan.population)
 
     @property
+    def trains_itself(self) -> bool:
+        """Whether each model trains outside the bank's loop (the defense's `fit`, or `train.function`): one
+        model at a time, never in a pack."""
+        return self.defense.trains_itself() or self.spec.train.function is not None
+
+    @property
     def steps_per_epoch(self) -> int:
         """Every model takes ceil((P/2) / batch) steps per epoch: P/2 is the expected member count."""
         half = max(1, self.plan.keep.shape[1] // 2)
@@ -223,7 +229,7 @@ def train_model(
     xs = (md.x if md.x is not None else ctx.data.x_train).to(device)
     index, y = md.index.to(device), md.y.to(device)
     model = init_model(ctx, m, md).to(device, memory_format=fmt)
-    if ctx.defense.trains_itself():
+    if ctx.trains_itself:
         return _fit_with_defense(ctx, m, model, xs[index], y, device, report, precision, fmt)
     batches = member_batches(xs, y, recipe, torch.Generator().manual_seed(derive_seed(spec.seed, "order", m)),
                              torch.Generator().manual_seed(derive_seed(spec.seed, "augment", m)), index, fmt)
@@ -255,23 +261,30 @@ def _fit_with_defense(ctx: BankContext, m: int, model: torch.nn.Module, x: torch
                       device: torch.device, report: dict[str, float] | None, precision: torch.dtype | None,
                       fmt: torch.memory_format) -> torch.nn.Module:
     """Hand model m's training to the defense (DP-SGD, min-max games, pruning, transfer learning,
-    RelaxLoss, MemGuard), which runs `run_steps` with its hooks at the bank's precision and layout."""
+    RelaxLoss, MemGuard), which runs `run_steps` with its hooks at the bank's precision and layout, or to
+    the user's `train.function`."""
     ref = torch.from_numpy(reference_index(ctx, m, x.shape[0]))
     ref_x = ctx.data.x_train[ref].to(device) if ref.numel() else None
     ref_y = ctx.data.y_train[ref].to(device) if ref.numel() else None
     job = FitJob(m=m, model=model, x=x, y=y, recipe=ctx.recipe, device=device,
                  seed=derive_seed(ctx.spec.seed, "defense-fit", m), steps_per_epoch=ctx.steps_per_epoch,
                  reference_x=ref_x, reference_y=ref_y, precision=precision, memory_format=fmt)
-    trained = ctx.defense.fit(job)
-    if trained is None:
-        raise RuntimeError(f"defense {ctx.defense.name!r}: fit() returned no model")
+    function = ctx.spec.train.function
+    if function is not None:
+        from raymia.train.function import TRAINERS
+
+        entry = TRAINERS.get(function.name, where="train.function.name")
+        trained = entry.obj(job, entry.parse(function.params, where="train.function.params"))
+        if not isinstance(trained, torch.nn.Module):
+            raise SpecError(f"{function.name} returned {type(trained).__name__}, not the trained model",
+                            where="train.function.name")
+    else:
+        trained = ctx.defense.fit(job)
+        if trained is None:
+            raise RuntimeError(f"defense {ctx.defense.name!r}: fit() returned no model")
     if report is not None:
         report.update(job.report)
     return trained.eval()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the pack: K models at once
 
 
 class PackedModels:
@@ -427,7 +440,7 @@ def choose_vectorize(
     to time, the default is packs on CUDA, and on a CPU packs only for the sequential architectures that
     run as a `PackedSequential` (the vmap pack of a convolutional net is slower than one by one there)."""
     choice = ctx.spec.bank.vectorize
-    if len(models) < 2 or ctx.defense.trains_itself():
+    if len(models) < 2 or ctx.trains_itself:
         return False
     if choice != "auto":
         return bool(choice)
@@ -501,7 +514,7 @@ def train_pack(
     parts: dict[int, tuple[list[torch.Tensor], dict[str, float]]] = {}
     for gctx, gmodels in groups:
         if gmodels:
-            vec = vectorize and not gctx.defense.trains_itself()
+            vec = vectorize and not gctx.trains_itself
             outs, reps = _train_group(gctx, gmodels, device, vec)
             for i, m in enumerate(gmodels):
                 parts[m] = ([o[i] for o in outs], reps[i])

@@ -1,0 +1,281 @@
+"""report.html: one self-contained page per audit or sweep, built from the files of its folder.
+
+`write_html(folder)` reads what the audit or sweep left there (result.json, spec.yaml, the PNG figures,
+vulnerable.csv) and writes report.html beside them: tables, figures embedded as data URIs, the spec. It
+needs nothing but the folder, so `raymia report DIR` rebuilds the page of any finished run, and the page
+opens anywhere (no script, no network). An audit's page: utility, the attacks' metrics (mean ± std over
+the targets, bootstrap intervals where asked), ROC curves, score histograms, the most vulnerable records,
+the out-of-distribution and inversion results, the defense's report, the spec. A sweep's page: the Pareto
+front with each objective's spread and intervals, pareto.png, every trial, the final audit, the spec.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import math
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from raymia.errors import RaymiaError
+
+REPORT_FILE = "report.html"
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;
+ color:#1d1d1f;padding:0 1rem}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd}
+.sub{color:#555;margin-top:0}
+table{border-collapse:collapse;margin:.5rem 0;font-size:.88rem}
+th,td{border:1px solid #ddd;padding:.3rem .55rem;text-align:right}
+th{background:#f4f4f6}td:first-child,th:first-child{text-align:left}
+tr.front td{background:#fff7e0;font-weight:600}
+figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #eee}
+figcaption{color:#555;font-size:.85rem}
+pre{background:#f6f8fa;padding:1rem;overflow-x:auto;font-size:.8rem}
+.na{color:#999}
+"""
+
+
+def write_html(folder: str | Path) -> Path:
+    """Write report.html into an audit's or a sweep's folder (the one holding its result.json)."""
+    folder = Path(folder)
+    result_path = folder / "result.json"
+    if not result_path.is_file():
+        raise RaymiaError("holds no result.json; pass the folder of a finished audit "
+                          "(<output_dir>/audits/NAME-FINGERPRINT) or sweep (<output_dir>/sweeps/NAME)",
+                          where=str(folder))
+    try:
+        result = json.loads(result_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RaymiaError(f"is not a JSON result: {e}", where=str(result_path)) from None
+    sweep = "front" in result and "trials" in result
+    if not sweep:
+        _draw_histograms(result, folder)
+    body = _sweep(result, folder) if sweep else _audit(result, folder)
+    title = f"raymia {'sweep' if 'front' in result else 'audit'} {result.get('name', '')}"
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body>{body}</body></html>\n")
+    out = folder / REPORT_FILE
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pieces
+
+
+def _num(v: Any, pct: bool = False) -> str:
+    if v is None or isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
+        return "<span class='na'>n/a</span>"
+    return f"{100 * v:.2f}%" if pct else f"{v:.4g}"
+
+
+def _table(header: list[str], rows: list[list[str]], row_classes: list[str] | None = None,
+           caption: str | None = None) -> str:
+    """An HTML table; cells are HTML already (escape text before)."""
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = []
+    for i, r in enumerate(rows):
+        cls = f" class='{row_classes[i]}'" if row_classes and row_classes[i] else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>")
+    cap = f"<caption>{escape(caption)}</caption>" if caption else ""
+    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _figure(path: Path, caption: str) -> str:
+    if not path.is_file():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (f"<figure><img alt='{escape(caption)}' src='data:image/png;base64,{data}'>"
+            f"<figcaption>{escape(caption)}</figcaption></figure>")
+
+
+def _spec(folder: Path) -> str:
+    spec = folder / "spec.yaml"
+    if not spec.is_file():
+        return ""
+    return f"<h2>Spec</h2><pre id='spec'>{escape(spec.read_text())}</pre>"
+
+
+def _pct_metric(key: str) -> bool:
+    return key.startswith(("tpr", "tnr")) or key in ("train_accuracy", "test_accuracy", "generalization_gap",
+                                                    "bank_test_accuracy")
+
+
+def _metric_label(key: str) -> str:
+    from raymia.metrics import metric_label
+
+    try:
+        return metric_label(key)
+    except (KeyError, ValueError):
+        return key
+
+
+# ---------------------------------------------------------------------------------------------------------
+# an audit
+
+
+def _audit(r: dict[str, Any], folder: Path) -> str:
+    spec = r.get("spec", {})
+    targets = r.get("targets", [])
+    own = r.get("target")
+    who = (f"your model ({own['source']}: {own['members']} members among {own['points']} audited points), "
+           f"{spec.get('plan', {}).get('num_models')} shadows" if own else
+           f"{spec.get('plan', {}).get('num_models')} models, targets {', '.join(map(str, targets))}")
+    parts = [f"<h1>Audit {escape(str(r.get('name')))}</h1>",
+             f"<p class='sub'>signals {escape(str(r.get('fingerprint')))} · defense "
+             f"{escape(str(r.get('defense', {}).get('name')))} · {escape(who)} · data "
+             f"{escape(str(spec.get('data', {}).get('name')))} · model {escape(str(spec.get('model', {}).get('name')))}"
+             f" · raymia {escape(str(r.get('raymia_version')))}</p>"]
+
+    u, us = r.get("utility", {}), r.get("utility_std_over_targets", {})
+    many = len(targets) > 1
+    parts.append("<h2>Utility</h2>")
+    parts.append(_table(["metric", "value"], [
+        [escape(k), _num(v, _pct_metric(k)) + (f" ± {_num(us[k], _pct_metric(k))}" if many and k in us else "")]
+        for k, v in u.items()], caption="of the attacked model(s)" + (" (mean ± std over targets)" if many else "")))
+
+    attacks, std = r.get("attacks", {}), r.get("attacks_std_over_targets", {})
+    if attacks:
+        keys = [k for k in next(iter(attacks.values())) if "_ci_" not in k]
+        rows = []
+        for a, ms in attacks.items():
+            cells = [escape(a)]
+            for k in keys:
+                pct = _pct_metric(k)
+                cell = _num(ms.get(k), pct)
+                sd = std.get(a, {}).get(k)
+                if many and sd is not None:
+                    cell += f" ± {_num(sd, pct)}"
+                lo, hi = ms.get(f"{k}_ci_low"), ms.get(f"{k}_ci_high")
+                if lo is not None and hi is not None:
+                    cell += f" [{_num(lo, pct)}, {_num(hi, pct)}]"
+                cells.append(cell)
+            rows.append(cells)
+        parts.append("<h2>Membership inference</h2>")
+        parts.append(_table(["attack", *[_metric_label(k) for k in keys]], rows))
+        parts.append(_figure(folder / "roc.png", "ROC curves (log-log), first target"))
+        parts.append(_figure(folder / "histograms.png",
+                             "scores of members and non-members per attack, with the 1%-FPR flag threshold"))
+
+    vul = _read_vulnerable(folder / "vulnerable.csv")
+    if vul:
+        parts.append("<h2 id='vulnerable'>Most vulnerable records</h2>")
+        parts.append("<p>Members of the target ranked by how many attacks flag them (score above the threshold "
+                     "that 1% of the target's non-members exceed), then by the share of non-members scored "
+                     "below them. Every point's scores: records.parquet.</p>")
+        parts.append(_table(["target", "index", "label", "flagged by", "attacks", "non-member percentile",
+                             "strongest attack", "its score"],
+                            [[escape(v["target"]), escape(v["index"]), escape(v["label"]), escape(v["flagged_by"]),
+                              escape(v["attacks"].replace("+", ", ") or "-"), _num(float(v["percentile"]), True),
+                              escape(v["attack"]), escape(v["score"])] for v in vul]))
+
+    d = r.get("defense", {}).get("report") or {}
+    if d:
+        parts.append("<h2>Defense</h2>")
+        parts.append(_table(["fact", "value"], [[escape(k), _num(v)] for k, v in d.items()],
+                            caption="mean over the bank's models, and the defense's stated guarantee"))
+
+    ood = r.get("ood")
+    if ood:
+        sets = ood.get("sets", [])
+        rows = [[escape(a), _num(ood.get("recall", {}).get(a), True),
+                 *[f"{_num(per.get(s, {}).get('fpr'), True)} / {_num(per.get(s, {}).get('auroc'))}" for s in sets]]
+                for a, per in ood.get("attacks", {}).items()]
+        parts.append("<h2>Out-of-distribution non-members</h2>")
+        parts.append(_table(["attack", "recall", *sets], rows,
+                            caption="FPR at the attack's calibrated threshold / AUROC against the members"))
+        parts.append(_figure(folder / "ood_fpr.png", "false positives by non-member set"))
+
+    inv = r.get("inversion")
+    if inv:
+        parts.append("<h2>Model inversion</h2>")
+        rows = [[escape(a), _num(ms.get("top1"), True), _num(ms.get("top5"), True), _num(ms.get("knn_dist")),
+                 _num(ms.get("fid"))] for a, ms in inv.get("attacks", {}).items()]
+        parts.append(_table(["attack", "top-1", "top-5", "KNN dist", "FID (evaluator features)"], rows))
+        for a in inv.get("attacks", {}):
+            parts.append(_figure(folder / f"inversion-{a}.png", f"{a}: reconstructions per private class"))
+
+    parts.append(_spec(folder))
+    return "".join(parts)
+
+
+def _draw_histograms(result: dict[str, Any], folder: Path) -> None:
+    """histograms.png from records.parquet where the audit did not draw it (a sweep's trials)."""
+    from raymia.report.plots import HISTOGRAMS_FILE, histograms_title, plot_histograms
+    from raymia.report.records import RECORDS_FILE, read_records
+
+    if (folder / RECORDS_FILE).is_file() and not (folder / HISTOGRAMS_FILE).is_file():
+        plot_histograms(read_records(folder / RECORDS_FILE), folder / HISTOGRAMS_FILE,
+                        title=histograms_title(str(result.get("name"))))
+
+
+def _read_vulnerable(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a sweep
+
+
+def _sweep(r: dict[str, Any], folder: Path) -> str:
+    from raymia.pareto import fmt_params
+
+    objectives = [(o["metric"], o["mode"]) for o in r.get("objectives", [])]
+    trials = r.get("trials", [])
+    front = set(r.get("front", []))
+    ok = [t for t in trials if t.get("status") == "ok"]
+    hv = r.get("hypervolume")
+    parts = [f"<h1>Sweep {escape(str(r.get('name')))}</h1>",
+             f"<p class='sub'>{len(trials)} trials, {len(ok)} succeeded · front of {len(front)} · hypervolume vs "
+             f"the undefended trial: {_num(hv) if hv is not None else 'n/a'}</p>"]
+
+    def cell(t: dict[str, Any], key: str) -> str:
+        from raymia.metrics import spread_key
+
+        pct = _pct_metric(key.rsplit("/", 1)[-1]) or _pct_metric(key)
+        out = _num(t.get(key), pct)
+        sd = t.get(spread_key(key))
+        if isinstance(sd, int | float):
+            out += f" ± {_num(sd, pct)}"
+        lo, hi = t.get(f"{key}_ci_low"), t.get(f"{key}_ci_high")
+        if isinstance(lo, int | float) and isinstance(hi, int | float):
+            out += f" [{_num(lo, pct)}, {_num(hi, pct)}]"
+        return out
+
+    header = ["trial", "defense", "params", *[f"{m} ({mode})" for m, mode in objectives]]
+    front_rows = [t for t in trials if t.get("trial") in front]
+    parts.append("<h2 id='front'>Pareto front</h2>")
+    parts.append("<p>Each objective is the mean over the sweep's targets ± its std over them, with the bootstrap "
+                 "interval where the spec asks for one.</p>")
+    parts.append(_table(header, [[escape(str(t["trial"])), escape(str(t["defense"])), escape(fmt_params(t)),
+                                  *[cell(t, m) for m, _ in objectives]] for t in front_rows]))
+    parts.append(_figure(folder / "pareto.png", "every trial; the front ringed"))
+
+    parts.append("<h2>All trials</h2>")
+    rows, classes = [], []
+    for t in trials:
+        vals = ([cell(t, m) for m, _ in objectives] if t.get("status") == "ok"
+                else [escape(str(t.get("status")))] * len(objectives))
+        rows.append([escape(str(t["trial"])), escape(str(t["defense"])), escape(fmt_params(t)), *vals])
+        classes.append("front" if t.get("trial") in front else "")
+    parts.append(_table(header, rows, classes, caption="front rows highlighted"))
+    failed = [t for t in trials if t.get("status") != "ok"]
+    if failed:
+        parts.append("<ul>" + "".join(f"<li>trial {escape(str(t['trial']))}: {escape(str(t.get('error')))}</li>"
+                                      for t in failed) + "</ul>")
+
+    fa = r.get("final_audit")
+    if fa:
+        parts.append("<h2>Final audit of the front</h2>")
+        parts.append(_table(["trial", "defense", "models", *[m for m, _ in objectives]],
+                            [[escape(str(a["trial"])), escape(str(a["defense"])), escape(str(a["num_models"])),
+                              *[cell(a, m) for m, _ in objectives]] for a in fa]))
+    parts.append(_spec(folder))
+    return "".join(parts)

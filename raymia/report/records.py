@@ -1,0 +1,144 @@
+"""Per-record results: every audited point's score per attack and target, and the records that leak most.
+
+`records.parquet` (one row per target and audited point: target, index (into the training split), label,
+member, then one float64 column of scores per attack, higher meaning "more likely a member") is what a
+user loads to look at single records (pandas, polars, DuckDB, `read_records`). A point is flagged by an
+attack on a target when its score exceeds the threshold that `FLAG_FPR` of the target's non-members
+exceed (`flag_thresholds`); `vulnerable` ranks the members by how many attacks flag them, then by how far
+above the non-members their score lies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FLAG_FPR = 0.01  # a point is flagged at the threshold that flags this share of the non-members
+RECORDS_FILE = "records.parquet"
+VULNERABLE_FILE = "vulnerable.csv"
+FIXED_COLUMNS = ("target", "index", "label", "member")
+
+
+@dataclass
+class PointScores:
+    """What every attack scored on every audited point, per target.
+
+    index:   int64   [P]           training-split index of each audited point
+    label:   int64   [P]
+    member:  bool    [T, P]        membership of each point in each target's training set
+    scores:  attack -> float64 [T, P]
+    targets: the attacked models (rows of the signals), in the order of the T rows
+    """
+
+    index: np.ndarray
+    label: np.ndarray
+    member: np.ndarray
+    scores: dict[str, np.ndarray]
+    targets: list[int]
+
+    def __post_init__(self) -> None:
+        t, p = len(self.targets), self.index.shape[0]
+        if self.label.shape != (p,) or self.member.shape != (t, p):
+            raise ValueError(f"label must be [P={p}] and member [T={t}, P={p}], got {self.label.shape}, {self.member.shape}")
+        for a, s in self.scores.items():
+            if s.shape != (t, p):
+                raise ValueError(f"scores of {a} must be [T={t}, P={p}], got {s.shape}")
+        clash = set(self.scores) & set(FIXED_COLUMNS)
+        if clash:
+            raise ValueError(f"attack labels {sorted(clash)} clash with the records' columns")
+
+
+def write_records(points: PointScores, path: Path) -> Path:
+    """The scores as a Parquet table, one row per (target, point)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t, p = len(points.targets), points.index.shape[0]
+    cols = {
+        "target": np.repeat(np.asarray(points.targets, dtype=np.int64), p),
+        "index": np.tile(points.index.astype(np.int64), t),
+        "label": np.tile(points.label.astype(np.int64), t),
+        "member": points.member.reshape(-1),
+        **{a: s.reshape(-1).astype(np.float64) for a, s in points.scores.items()},
+    }
+    pq.write_table(pa.table(cols), path)
+    return path
+
+
+def read_records(path: str | Path) -> PointScores:
+    """A `records.parquet` back as PointScores (rows grouped by target, in file order)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path).to_pydict()
+    target = np.asarray(table["target"], dtype=np.int64)
+    targets = list(dict.fromkeys(target.tolist()))
+    p = int((target == targets[0]).sum())
+    first = slice(0, p)
+    return PointScores(
+        index=np.asarray(table["index"], dtype=np.int64)[first],
+        label=np.asarray(table["label"], dtype=np.int64)[first],
+        member=np.asarray(table["member"], dtype=bool).reshape(len(targets), p),
+        scores={a: np.asarray(v, dtype=np.float64).reshape(len(targets), p)
+                for a, v in table.items() if a not in FIXED_COLUMNS},
+        targets=targets,
+    )
+
+
+def flag_thresholds(scores: np.ndarray, member: np.ndarray, fpr: float = FLAG_FPR) -> np.ndarray:
+    """Per target, the score above which a point is flagged: at most `fpr` of the target's non-members lie
+    strictly above it (the non-members' (1 - fpr) quantile, taken as an order statistic)."""
+    out = np.empty(scores.shape[0])
+    for t in range(scores.shape[0]):
+        non = np.sort(scores[t, ~member[t]])
+        allowed = int(np.floor(fpr * non.size))  # non-members that may lie above the threshold
+        out[t] = non[non.size - 1 - allowed] if non.size else np.inf
+    return out
+
+
+def flags(points: PointScores, fpr: float = FLAG_FPR) -> dict[str, np.ndarray]:
+    """attack -> bool [T, P]: the point's score exceeds the attack's flag threshold on that target."""
+    return {a: s > flag_thresholds(s, points.member, fpr)[:, None] for a, s in points.scores.items()}
+
+
+def nonmember_percentile(scores: np.ndarray, member: np.ndarray) -> np.ndarray:
+    """[T, P]: the share of the target's non-members whose score lies below each point's (1: above all)."""
+    out = np.empty_like(scores)
+    for t in range(scores.shape[0]):
+        non = np.sort(scores[t, ~member[t]])
+        out[t] = np.searchsorted(non, scores[t], side="left") / max(non.size, 1)
+    return out
+
+
+def vulnerable(points: PointScores, top: int = 20, fpr: float = FLAG_FPR) -> list[dict]:
+    """The members that leak most: for each (target, member point), how many attacks flag it and its
+    highest non-member percentile over the attacks; ranked by the count, then the percentile. Rows:
+    target, index, label, flagged_by (count), attacks (their labels), percentile, and the strongest
+    attack's score."""
+    flagged = flags(points, fpr)
+    pct = {a: nonmember_percentile(s, points.member) for a, s in points.scores.items()}
+    names = list(points.scores)
+    rows = []
+    for ti, t in enumerate(points.targets):
+        for i in np.flatnonzero(points.member[ti]):
+            by = [a for a in names if flagged[a][ti, i]]
+            best = max(names, key=lambda a: pct[a][ti, i])
+            rows.append({"target": t, "index": int(points.index[i]), "label": int(points.label[i]),
+                         "flagged_by": len(by), "attacks": by, "percentile": float(pct[best][ti, i]),
+                         "attack": best, "score": float(points.scores[best][ti, i])})
+    rows.sort(key=lambda r: (-r["flagged_by"], -r["percentile"], r["target"], r["index"]))
+    return rows[:top]
+
+
+def write_vulnerable(rows: list[dict], path: Path) -> Path:
+    """The vulnerable records as CSV (attacks joined by '+')."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["target", "index", "label", "flagged_by", "attacks", "percentile", "attack", "score"])
+        for r in rows:
+            w.writerow([r["target"], r["index"], r["label"], r["flagged_by"], "+".join(r["attacks"]),
+                        f"{r['percentile']:.4f}", r["attack"], f"{r['score']:.6g}"])
+    return path
