@@ -101,6 +101,15 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
     rows.append(("data", f"{data.name}: {_n(data.x_train.shape[0])} training and {_n(data.x_test.shape[0])} test "
                          f"points, {info.num_classes} classes, input {list(info.input_shape)} ({info.kind})"))
     rows += _model_and_training_rows(spec, ctx, kind)
+    if spec.target is not None:  # the user's files read and checked (the checkpoint queried) as the audit will
+        from raymia.target import load_target
+
+        own = load_target(spec, ctx)
+        source = (f"checkpoint {spec.target.checkpoint} (fits {spec.model.name})" if own.source == "checkpoint"
+                  else f"outputs {spec.target.outputs}")
+        rows.append(("target", f"yours, from {source}: {_n(int(own.member.sum()))} members among the "
+                               f"{_n(own.points.size)} audited points it answers, {own.queries.size} query(ies); "
+                               f"the {ctx.plan.num_models} bank models are all its shadows"))
     # float32 logits of every model under every query, for the audited points and the test split
     m, points = ctx.plan.num_models, ctx.plan.keep.shape[1]
     ood = len(spec.ood.sets) * spec.ood.size if spec.ood is not None else 0  # non-member sets' outputs too
@@ -155,17 +164,20 @@ def _model_and_training_rows(spec: AuditSpec, ctx, kind: str) -> list[tuple[str,
     plan, m = ctx.plan, ctx.plan.num_models
     members = plan.keep.sum(axis=1)
     targets = list(plan.targets)
-    rows.append(("plan", f"{m} models, {len(targets)} attacked ({', '.join(map(str, targets[:8]))}"
-                         f"{', ...' if len(targets) > 8 else ''}); {_n(plan.keep.shape[1])} audited points, each "
+    attacked = ("the shadows of your target" if spec.target is not None else
+                f"{len(targets)} attacked ({', '.join(map(str, targets[:8]))}{', ...' if len(targets) > 8 else ''})")
+    rows.append(("plan", f"{m} models, {attacked}; {_n(plan.keep.shape[1])} audited points, each "
                          f"in the training set of {m // 2} models; {_n(int(members.min()))} to "
                          f"{_n(int(members.max()))} members per model"))
     r = ctx.recipe
     steps = r.epochs * ctx.steps_per_epoch
-    own_loop = ctx.defense.trains_itself()
+    own_loop = ctx.trains_itself
     rows.append(("training", f"{r.optimizer} lr {r.lr:g}, {r.schedule} schedule, weight decay {r.weight_decay:g}, "
                              f"{r.epochs} epochs x {ctx.steps_per_epoch} steps of {r.batch_size} = {_n(steps)} steps "
                              f"per model, {_n(steps * m)} in all"
-                             + ("; the defense trains each model in its fit (the step loop with its hooks)"
+                             + (f"; each model trains in {spec.train.function.name} (train.function)"
+                                if spec.train.function is not None else
+                                "; the defense trains each model in its fit (the step loop with its hooks)"
                                 if own_loop else "")))
     params = ctx.defense.params.model_dump(mode="json") if hasattr(ctx.defense.params, "model_dump") else {}
     rows.append(("defense", spec.defense.name + (" " + ", ".join(f"{k}={v}" for k, v in params.items())
@@ -173,8 +185,9 @@ def _model_and_training_rows(spec: AuditSpec, ctx, kind: str) -> list[tuple[str,
                  + ("" if spec.attacker == "adaptive" else "; non-adaptive attacker (undefended shadows)")))
     attacks = attacks_to_run(spec, ctx.defense)
     added = " (label_only added: the defense changes the outputs)" if len(attacks) > len(spec.attacks) else ""
-    rows.append(("attacks", f"{', '.join(a.key for a in attacks)}{added}; queries {', '.join(spec.queries)}; "
-                            f"leave-one-out: each target's shadows are the other models but its pair"))
+    shadows = ("every bank model is your target's shadow" if spec.target is not None else
+               "leave-one-out: each target's shadows are the other models but its pair")
+    rows.append(("attacks", f"{', '.join(a.key for a in attacks)}{added}; queries {', '.join(spec.queries)}; {shadows}"))
     train_flops = per_step * steps * m
     query_flops = per_query * m * len(spec.queries) * (plan.keep.shape[1] + ctx.data.x_test.shape[0])
     rows.append(("compute", f"{_flops(train_flops)} to train the bank and {_flops(query_flops)} to query it"

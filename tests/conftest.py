@@ -3,7 +3,9 @@ models, the digits data set, a tiny digits audit spec."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +110,32 @@ def inversion_setting(digits, one_thread):
     for model in (target, evaluator):
         assert top1(model, digits.x_test[test], digits.y_test[test]) > 0.9
     return info, target, evaluator, x_public
+
+
+# ---------------------------------------------------------------------------------------------------------
+# headless Chromium (Debian's package, installed by .ci/run), driven by playwright
+
+
+@contextlib.contextmanager
+def chromium_page(path):
+    """A headless Chromium tab showing the local file `path`; skips (saying why) where Chromium or
+    playwright is missing."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on PATH (.ci/run installs Debian's chromium package)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright drives Chromium: pip install -e .[test]")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            tab = browser.new_page()
+            tab.goto(Path(path).resolve().as_uri())
+            yield tab
+        finally:
+            browser.close()
+
+
+def decoded_images(tab) -> list[tuple[str, int, int]]:
+    """(alt, natural width, natural height) of every image of the page: 0 x 0 when it did not decode."""
+    return [tuple(x) for x in tab.evaluate("[...document.images].map(i => [i.alt, i.naturalWidth, i.naturalHeight])")]

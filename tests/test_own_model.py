@@ -20,6 +20,7 @@ import torch
 import raymia
 from raymia.errors import SpecError
 from raymia.target import ExternalTarget, load_checkpoint, load_target, read_members, with_target
+from tests.conftest import chromium_page, decoded_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,6 +172,17 @@ def test_an_untrained_checkpoint_warns_that_its_accuracy_on_its_members_is_near_
     assert target.test_logits.shape == (1, ctx.data.x_test.shape[0], 10)
     assert any("near chance (10.0%)" in r.getMessage() and "674 members" in r.getMessage() for r in caplog.records)
 
+    # `raymia check` reads and queries the checkpoint as the audit will, training nothing
+    import yaml
+
+    from raymia.check import check_spec
+
+    (tmp_path / "own.yaml").write_text(yaml.safe_dump(_spec(tmp_path, checkpoint=str(tmp_path / "t.pt"),
+                                                            members=list(range(0, 1347, 2)))))
+    rows = dict(check_spec(tmp_path / "own.yaml").rows)
+    assert rows["target"].startswith("yours, from checkpoint") and "674 members among the 1,347 audited" in rows["target"]
+    assert "4 models, the shadows of your target" in rows["plan"]
+
     every = raymia.as_spec(_spec(tmp_path, checkpoint=str(tmp_path / "t.pt"), members=list(range(1347))))
     with pytest.raises(SpecError, match=r"^target.members: all of the 1347 audited points the target answers are "
                                         r"its members"):
@@ -298,30 +310,20 @@ def test_example_own_model_checkpoint_and_builder_on_ray_workers_with_its_report
 def _check_report_in_chromium(page: Path, r: dict) -> None:
     """Open report.html in headless Chromium and check what it shows: tables with the result's numbers,
     every figure decoded, the vulnerable records, the spec."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("no chromium on PATH (.ci/run installs Debian's chromium package)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright drives Chromium (pip install -e .[test])")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        try:
-            tab = browser.new_page()
-            tab.goto(page.as_uri())
-            assert tab.title() == f"raymia audit {r['name']}"
-            text = tab.inner_text("body")
-            assert "your model (checkpoint: 673 members among 1347 audited points), 4 shadows" in text
-            auc = r["attacks"]["rmia_online"]["auc"]
-            row = tab.locator("tr", has_text="rmia_online").first.inner_text()
-            assert f"{auc:.4g}" in row
-            sizes = tab.evaluate("[...document.images].map(i => [i.alt, i.naturalWidth, i.naturalHeight])")
-            assert len(sizes) == 2 and all(w > 300 and h > 300 for _, w, h in sizes), sizes
-            vulnerable = tab.locator("#vulnerable + p + table tbody tr")
-            assert vulnerable.count() == len(r["vulnerable"]) > 0
-            first = vulnerable.first.locator("td").all_inner_texts()
-            assert first[1] == str(r["vulnerable"][0]["index"])
-            assert "checkpoint: target.pt" in tab.inner_text("#spec")
-        finally:
-            browser.close()
+    with chromium_page(page) as tab:
+        assert tab.title() == f"raymia audit {r['name']}"
+        text = tab.inner_text("body")
+        assert "your model (checkpoint: 673 members among 1347 audited points), 4 shadows" in text
+        auc = r["attacks"]["rmia_online"]["auc"]
+        row = tab.locator("tr", has_text="rmia_online").first.inner_text()
+        assert f"{auc:.4g}" in row
+        sizes = decoded_images(tab)
+        assert len(sizes) == 2 and all(w > 300 and h > 300 for _, w, h in sizes), sizes
+        vulnerable = tab.locator("#vulnerable + p + table tbody tr")
+        assert vulnerable.count() == len(r["vulnerable"]) > 0
+        first = vulnerable.first.locator("td").all_inner_texts()
+        assert first[1] == str(r["vulnerable"][0]["index"])
+        assert "checkpoint: target.pt" in tab.inner_text("#spec")
 
 
 def test_example_own_training_function_trains_every_shadow(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import pytest
 
 from raymia.resolve import load_spec
 from raymia.spec import SweepSpec
+from tests.conftest import chromium_page, decoded_images
 
 pytestmark = pytest.mark.slow
 
@@ -44,3 +45,23 @@ def test_quickstart_sweep(ray_local, tmp_path):
         assert ("label_only/auc" in t) == modifies
         if modifies:
             assert t["worst/auc"] >= t["label_only/auc"]
+    _check_report(tmp_path / "runs" / "sweeps" / "quickstart" / "report.html", result)
+
+
+def _check_report(page: Path, result) -> None:
+    """The sweep's report.html as Chromium shows it: the front with each objective's spread, the Pareto plot
+    decoded, every trial with the front's rows marked, the spec."""
+    with chromium_page(page) as tab:
+        assert tab.title() == "raymia sweep quickstart"
+        front = tab.locator("#front + p + table tbody tr")
+        assert front.count() == len(result.front)
+        shown = sorted(int(front.nth(i).locator("td").first.inner_text()) for i in range(front.count()))
+        assert shown == sorted(result.front_trials)
+        for i in range(front.count()):
+            cells = front.nth(i).locator("td").all_inner_texts()
+            assert all("±" in c for c in cells[3:]), cells  # mean ± std over the 8 targets
+        ((alt, w, h),) = decoded_images(tab)
+        assert w > 300 and h > 300
+        assert tab.locator("tr.front").count() == len(result.front)
+        assert tab.locator("table").nth(1).locator("tbody tr").count() == len(result.trials)
+        assert "defense: hamp" in tab.inner_text("#spec")
