@@ -196,7 +196,16 @@ def run_audit(
     out = Path(run_dir) if run_dir else audit_dir(spec, root)
     out.mkdir(parents=True, exist_ok=True)
 
+    if spec.target is None and spec.plan.num_models < 4:
+        from raymia.errors import SpecError
+
+        raise SpecError(f"leave-one-out attacks a bank model with the others but its pair as shadows: it needs at "
+                        f"least 4 models, got {spec.plan.num_models}", where="plan.num_models")
     ctx = BankContext.from_spec(spec)  # validates data/plan/defense against each other before any training
+    if spec.tracking.enabled if track is None else track:
+        from raymia.tracking import check_reachable
+
+        check_reachable(spec.tracking.uri, spec.tracking.experiment)
     external = None
     if spec.target is not None:  # the user's model: read, checked and queried before any training
         from raymia.target import load_target
@@ -372,12 +381,18 @@ def write_report(result: AuditResult, console: bool, track: bool, page: bool = T
     if track:
         from raymia.tracking import KIND_AUDIT, TAG_FINGERPRINT, TAG_KIND, log_run
 
-        rid = log_run(
-            spec.tracking.uri, spec.tracking.experiment, run_name=f"{spec.name}-{fp}",
-            params=spec.model_dump(mode="json"), metrics=result.flat_metrics(),
-            artifacts=[result_path, roc_path, spec_path, *([html_path] if html_path else []), *records_files,
-                       *figures], tags={TAG_KIND: KIND_AUDIT, TAG_FINGERPRINT: fp},
-        )
+        try:
+            rid = log_run(
+                spec.tracking.uri, spec.tracking.experiment, run_name=f"{spec.name}-{fp}",
+                params=spec.model_dump(mode="json"), metrics=result.flat_metrics(),
+                artifacts=[result_path, roc_path, spec_path, *([html_path] if html_path else []), *records_files,
+                           *figures], tags={TAG_KIND: KIND_AUDIT, TAG_FINGERPRINT: fp},
+            )
+        except Exception as e:  # the results are on disk already: say so in one line, lose nothing
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            log.error("MLflow: the audit's results are on disk in %s but not in MLflow (%s): %s", out,
+                      spec.tracking.uri, first)
+            return
         log.info("MLflow run %s in %s", rid, spec.tracking.uri)
 
 

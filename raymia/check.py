@@ -151,7 +151,10 @@ def _model_and_training_rows(spec: AuditSpec, ctx, kind: str) -> list[tuple[str,
         model = build_model(spec.model.name, spec.model.params, info)
     check_data_init(ctx, model)
     n_params = sum(p.numel() for p in model.parameters())
-    if spec.bank.vectorize is False:
+    if ctx.trains_itself:
+        packing = "one model at a time (" + ("train.function" if spec.train.function is not None
+                                             else f"defense {spec.defense.name} trains each model itself") + ")"
+    elif spec.bank.vectorize is False:
         packing = "one model at a time (bank.vectorize: false)"
     else:
         packing = ("packs train as grouped kernels" if runs_packed(model, info.input_shape)

@@ -18,7 +18,7 @@ class Float:
 
     def __post_init__(self) -> None:
         if not self.low < self.high:
-            raise ValueError(f"Float space needs low < high, got [{self.low}, {self.high}]")
+            raise ValueError(f"low {self.low} must be below high {self.high}")
         if self.log and self.low <= 0:
             raise ValueError("a log-uniform Float space needs low > 0")
 
@@ -31,6 +31,12 @@ class Int:
     low: int
     high: int
     log: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.low <= self.high:
+            raise ValueError(f"low {self.low} is above high {self.high}")
+        if self.log and self.low < 1:
+            raise ValueError("a log-uniform Int space needs low >= 1")
 
     def contains(self, v: Any) -> bool:
         return isinstance(v, int) and self.low <= v <= self.high

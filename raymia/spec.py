@@ -126,7 +126,8 @@ class DefenseSpec(Named):
     name: str = "none"
 
 
-ATTACK_LABEL_RESERVED = ("worst", "defense", "std")  # prefixes of other flat metric names
+# prefixes of other flat metric names, and the fixed columns of records.parquet (report.records)
+ATTACK_LABEL_RESERVED = ("worst", "defense", "std", "target", "index", "label", "member")
 
 
 class LabelledEntry(Named):
@@ -160,7 +161,7 @@ class AttackSpec(LabelledEntry):
     @classmethod
     def _label(cls, v: str | None) -> str | None:
         if v in ATTACK_LABEL_RESERVED:
-            raise ValueError(f"{v!r} is reserved for other metrics ({', '.join(ATTACK_LABEL_RESERVED)})")
+            raise ValueError(f"{v!r} is reserved for other metrics and columns ({', '.join(ATTACK_LABEL_RESERVED)})")
         return v
 
 

@@ -638,6 +638,11 @@ def run_sweep(
             _delete_study(spec, sweep_dir)
             resuming = False
     parent_id = state.get("parent_run_id") if state else None
+    if spec.tracking.enabled and spec.tracking.uri.startswith(("http://", "https://")):
+        # a server that does not answer: one line, nothing started
+        from raymia.tracking import check_reachable
+
+        check_reachable(spec.tracking.uri, spec.tracking.experiment)
     with ThreadPoolExecutor(1) as bg:  # the MLflow parent run is created while Ray starts
         parent = bg.submit(_start_parent, spec) if spec.tracking.enabled and parent_id is None else None
         pool = None
@@ -701,7 +706,11 @@ def run_sweep(
 
 
 def _start_parent(spec: SweepSpec) -> str:
-    """The sweep's MLflow parent run (its trials become child runs)."""
+    """The sweep's MLflow parent run (its trials become child runs); a store that cannot be opened is one
+    RaymiaError."""
+    from raymia.tracking import check_reachable
+
+    check_reachable(spec.tracking.uri, spec.tracking.experiment)
     from raymia.tracking import KIND_SWEEP, TAG_KIND, start_parent
 
     parent_id = start_parent(

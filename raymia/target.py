@@ -63,7 +63,7 @@ def check_target_spec(spec) -> None:
     if isinstance(spec, SweepSpec):
         raise SpecError("a sweep searches defenses for the models raymia trains; audit your model with "
                         "`raymia audit` (or raymia.run_audit)", where="target")
-    if "targets" in spec.plan.model_fields_set:
+    if spec.plan.targets != [0]:  # the default, which a saved spec.yaml spells out
         raise SpecError("with target: your model is the one attacked and every bank model is its shadow; "
                         "remove plan.targets", where="plan.targets")
     for field, why in (("inversion", "model inversion"), ("ood", "the out-of-distribution evaluation")):
@@ -205,8 +205,8 @@ def _from_checkpoint(spec, ctx, members: np.ndarray) -> ExternalTarget:
     from raymia.train.infer import query_logits
 
     if ctx.defense.modifies_outputs:
-        raise SpecError(f"defense {spec.defense.name!r} changes the released outputs with state fitted per model, "
-                        "which a checkpoint lacks; audit the outputs your system releases with target.outputs",
+        raise SpecError(f"defense {spec.defense.name!r} changes the released outputs, which a checkpoint's "
+                        "weights do not: audit the outputs your system releases with target.outputs",
                         where="target.checkpoint")
     model = build_model(spec.model.name, spec.model.params, ctx.data.info)
     load_checkpoint(spec.target.checkpoint, model, spec.model.name)

@@ -67,6 +67,35 @@ def finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+HEALTH_TIMEOUT_S = 5.0
+
+
+def check_reachable(uri: str, experiment: str) -> None:
+    """Before any training: a tracking server that does not answer, or a database that cannot be opened, is
+    one RaymiaError naming tracking.uri (the run would otherwise train, then fail to log, after MLflow's own
+    retries: minutes)."""
+    from raymia.errors import RaymiaError
+
+    hint = "start it, fix tracking.uri, or set tracking.enabled: false (results are written to disk either way)"
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            answer = requests.get(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S)
+        except requests.RequestException as e:
+            reason = type(e).__name__ + (": connection refused" if "refused" in str(e).lower() else "")
+            raise RaymiaError(f"the MLflow tracking server at {uri} cannot be reached ({reason}); {hint}",
+                              where="tracking.uri") from None
+        if answer.status_code != 200:
+            raise RaymiaError(f"{uri}/health answers HTTP {answer.status_code}: not a healthy MLflow tracking "
+                              f"server; {hint}", where="tracking.uri")
+    try:
+        _setup(uri, experiment)
+    except Exception as e:  # a database or server that refuses: one line
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise RaymiaError(f"MLflow cannot open {uri}: {first}; {hint}", where="tracking.uri") from None
+
+
 def _setup(uri: str, experiment: str):
     import mlflow
 

@@ -20,11 +20,11 @@ def train(model, x, y, *, epochs: int, lr: float, batch_size: int, mixup: float,
     for _ in range(epochs):
         for batch in torch.randperm(len(x), generator=gen).split(batch_size):
             xb, yb = x[batch], y[batch]
-            if beta is not None:  # mixup: convex pairs of inputs and of their one-hot labels
+            if beta is not None:  # mixup: convex pairs of inputs, the loss mixed as their labels are
                 lam = beta.sample().item()
                 perm = torch.randperm(len(xb), generator=gen)
-                xb = lam * xb + (1 - lam) * xb[perm]
-                loss = lam * F.cross_entropy(model(xb), yb) + (1 - lam) * F.cross_entropy(model(xb), yb[perm])
+                out = model(lam * xb + (1 - lam) * xb[perm])
+                loss = lam * F.cross_entropy(out, yb) + (1 - lam) * F.cross_entropy(out, yb[perm])
             else:
                 loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad()

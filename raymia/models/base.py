@@ -30,6 +30,25 @@ def build_model(name: str, params: dict[str, Any] | None, info: DataInfo) -> nn.
     return entry.obj(entry.parse(params, where="model.params"), info)
 
 
+def check_forward(name: str, params: dict[str, Any] | None, info: DataInfo, where: str = "model.name") -> None:
+    """Build the model on the meta device (shapes only, no memory) and run two inputs of the data's shape
+    through it: a model that does not accept them, or does not return logits [N, num_classes], is one
+    SpecError before any training."""
+    with torch.device("meta"):
+        model = build_model(name, params, info)
+        x = torch.empty(2, *info.input_shape)
+        try:
+            out = model.eval()(x)
+        except Exception as e:  # whatever the user's forward raises: one line naming the model and the shape
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SpecError(f"model {name!r} does not accept the data's inputs of shape {list(info.input_shape)}: "
+                            f"{first}", where=where) from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, info.num_classes):
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise SpecError(f"model {name!r} returns {got} for 2 inputs; expected logits [2, {info.num_classes}]",
+                        where=where)
+
+
 def image_shape(info: DataInfo, model: str, min_size: int = 1) -> tuple[int, int, int]:
     """(C, H, W) of an image data set, or a SpecError naming the model and the shape it expects."""
     shape = tuple(int(s) for s in info.input_shape)

@@ -166,12 +166,13 @@ def _audit(r: dict[str, Any], folder: Path) -> str:
         parts.append("<h2 id='vulnerable'>Most vulnerable records</h2>")
         parts.append("<p>Members of the target ranked by how many attacks flag them (score above the threshold "
                      "that 1% of the target's non-members exceed), then by the share of non-members scored "
-                     "below them. Every point's scores: records.parquet.</p>")
+                     "below them and by how many standard deviations above the non-members' mean they lie. "
+                     "Every point's scores: records.parquet.</p>")
         parts.append(_table(["target", "index", "label", "flagged by", "attacks", "non-member percentile",
-                             "strongest attack", "its score"],
+                             "σ above non-members", "strongest attack", "its score"],
                             [[escape(v["target"]), escape(v["index"]), escape(v["label"]), escape(v["flagged_by"]),
                               escape(v["attacks"].replace("+", ", ") or "-"), _num(float(v["percentile"]), True),
-                              escape(v["attack"]), escape(v["score"])] for v in vul]))
+                              escape(v["z"]), escape(v["attack"]), escape(v["score"])] for v in vul]))
 
     d = r.get("defense", {}).get("report") or {}
     if d:

@@ -5,7 +5,7 @@ member, then one float64 column of scores per attack, higher meaning "more likel
 user loads to look at single records (pandas, polars, DuckDB, `read_records`). A point is flagged by an
 attack on a target when its score exceeds the threshold that `FLAG_FPR` of the target's non-members
 exceed (`flag_thresholds`); `vulnerable` ranks the members by how many attacks flag them, then by how far
-above the non-members their score lies.
+above the non-members their score lies (percentile, then standard deviations).
 """
 
 from __future__ import annotations
@@ -111,23 +111,34 @@ def nonmember_percentile(scores: np.ndarray, member: np.ndarray) -> np.ndarray:
     return out
 
 
+def nonmember_z(scores: np.ndarray, member: np.ndarray) -> np.ndarray:
+    """[T, P]: how many standard deviations of the target's non-member scores each point lies above their mean."""
+    out = np.empty_like(scores)
+    for t in range(scores.shape[0]):
+        non = scores[t, ~member[t]]
+        out[t] = (scores[t] - non.mean()) / max(float(non.std()), 1e-12)
+    return out
+
+
 def vulnerable(points: PointScores, top: int = 20, fpr: float = FLAG_FPR) -> list[dict]:
-    """The members that leak most: for each (target, member point), how many attacks flag it and its
-    highest non-member percentile over the attacks; ranked by the count, then the percentile. Rows:
-    target, index, label, flagged_by (count), attacks (their labels), percentile, and the strongest
-    attack's score."""
+    """The members that leak most: for each (target, member point), how many attacks flag it, its highest
+    non-member percentile over the attacks, and that attack's distance above the non-members in their
+    standard deviations (`z`: it orders the members that score above every non-member); ranked by the
+    count, then the percentile, then z. Rows: target, index, label, flagged_by (count), attacks (their
+    labels), percentile, z, and the strongest attack with its score."""
     flagged = flags(points, fpr)
     pct = {a: nonmember_percentile(s, points.member) for a, s in points.scores.items()}
+    z = {a: nonmember_z(s, points.member) for a, s in points.scores.items()}
     names = list(points.scores)
     rows = []
     for ti, t in enumerate(points.targets):
         for i in np.flatnonzero(points.member[ti]):
             by = [a for a in names if flagged[a][ti, i]]
-            best = max(names, key=lambda a: pct[a][ti, i])
+            best = max(names, key=lambda a: (pct[a][ti, i], z[a][ti, i]))
             rows.append({"target": t, "index": int(points.index[i]), "label": int(points.label[i]),
                          "flagged_by": len(by), "attacks": by, "percentile": float(pct[best][ti, i]),
-                         "attack": best, "score": float(points.scores[best][ti, i])})
-    rows.sort(key=lambda r: (-r["flagged_by"], -r["percentile"], r["target"], r["index"]))
+                         "z": float(z[best][ti, i]), "attack": best, "score": float(points.scores[best][ti, i])})
+    rows.sort(key=lambda r: (-r["flagged_by"], -r["percentile"], -r["z"], r["target"], r["index"]))
     return rows[:top]
 
 
@@ -137,8 +148,8 @@ def write_vulnerable(rows: list[dict], path: Path) -> Path:
 
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["target", "index", "label", "flagged_by", "attacks", "percentile", "attack", "score"])
+        w.writerow(["target", "index", "label", "flagged_by", "attacks", "percentile", "z", "attack", "score"])
         for r in rows:
             w.writerow([r["target"], r["index"], r["label"], r["flagged_by"], "+".join(r["attacks"]),
-                        f"{r['percentile']:.4f}", r["attack"], f"{r['score']:.6g}"])
+                        f"{r['percentile']:.4f}", f"{r['z']:.3g}", r["attack"], f"{r['score']:.6g}"])
     return path

@@ -32,7 +32,7 @@ from raymia.defenses import Defense, build_defense
 from raymia.defenses.base import FitJob, public_indices
 from raymia.errors import SpecError
 from raymia.models import build_model
-from raymia.models.base import data_init_modules, param_lr_scales, param_train_epochs
+from raymia.models.base import check_forward, data_init_modules, param_lr_scales, param_train_epochs
 from raymia.seeding import derive_seed
 from raymia.spec import AuditSpec, TrainSpec
 from raymia.storage import store_dir
@@ -94,6 +94,9 @@ class BankContext:
             if spec.train.augment.hflip or spec.train.augment.crop:
                 raise SpecError(f"{data.name!r} is not an image data set; flips and crops need images",
                                 where="train.augment")
+        if data.info.kind == "image":
+            _check_query_shifts(spec.queries, data.info.input_shape)
+        check_forward(spec.model.name, spec.model.params, data.info)
         plan = make_plan(n_train, spec.plan.num_models, spec.plan.population, spec.plan.target_list, spec.seed)
         if private is not None:
             from raymia.data.split import drop_unaudited
@@ -155,6 +158,18 @@ class BankContext:
         """Every model takes ceil((P/2) / batch) steps per epoch: P/2 is the expected member count."""
         half = max(1, self.plan.keep.shape[1] // 2)
         return math.ceil(half / self.recipe.batch_size)
+
+
+def _check_query_shifts(queries: list[str], input_shape: tuple[int, ...]) -> None:
+    """A shift query must move the image by less than its size (it would otherwise show only the border)."""
+    from raymia.spec import parse_query
+
+    h, w = input_shape[-2], input_shape[-1]
+    for i, text in enumerate(queries):
+        q = parse_query(text)
+        if q.kind == "shift" and (abs(q.dx) >= w or abs(q.dy) >= h):
+            raise SpecError(f"{text!r} shifts by as much as the {h}x{w} image; accepted: |DX| < {w}, |DY| < {h}",
+                            where=f"queries.{i}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,88 @@
+"""What used to fail late, with a traceback, or after minutes of retries is one line before any training:
+an MLflow server that does not answer, a shift query as large as the image, a model that does not accept
+the data's inputs (the check `raymia check` made), a search range upside down, a bank too small for
+leave-one-out; and an MLflow store that fails at the very end leaves the audit's results on disk."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import pytest
+
+import raymia
+from raymia.errors import RaymiaError, SpecError
+
+
+def _spec(tmp_path, **over) -> dict:
+    d = {"name": "first", "plan": {"num_models": 4, "population": 100}, "model": {"params": {"hidden": [8]}},
+         "train": {"epochs": 2}, "attacks": ["loss"], "bank": {"engine": "local"},
+         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}, "output_dir": str(tmp_path / "runs")}
+    d.update(over)
+    return d
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the socket is: nothing listens there
+
+
+def test_an_unreachable_tracking_server_is_one_line_before_training(tmp_path):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    with pytest.raises(RaymiaError, match=rf"^tracking.uri: the MLflow tracking server at {uri} cannot be reached "
+                                          r"\(ConnectionError: connection refused\); start it"):
+        raymia.run_audit(_spec(tmp_path, tracking={"uri": uri}))
+    assert not (tmp_path / "runs" / "signals").exists()  # nothing trained
+    with pytest.raises(RaymiaError, match=r"^tracking.uri: the MLflow tracking server"):
+        raymia.run_sweep(_spec(tmp_path, tracking={"uri": uri}, sweep={
+            "num_trials": 1, "objectives": [{"metric": "test_accuracy", "mode": "max"},
+                                            {"metric": "loss/auc", "mode": "min"}]}))
+
+
+def test_a_tracking_store_failing_at_the_end_leaves_the_results_on_disk(tmp_path, monkeypatch, caplog):
+    from mlflow.tracking import MlflowClient
+
+    def refuse(self, *args, **kwargs):
+        raise ConnectionError("the server went away")
+
+    monkeypatch.setattr(MlflowClient, "create_run", refuse)  # after the pre-flight check: the store then fails
+    with caplog.at_level(logging.ERROR, logger="raymia"):
+        result = raymia.run_audit(_spec(tmp_path), console=False)
+    assert (result.out_dir / "result.json").is_file() and (result.out_dir / "records.parquet").is_file()
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "raymia" and r.levelno == logging.ERROR]
+    assert line.startswith(f"MLflow: the audit's results are on disk in {result.out_dir} but not in MLflow")
+    assert line.endswith("the server went away")
+
+
+def test_queries_and_models_that_do_not_fit_the_data_are_refused_before_training(tmp_path, monkeypatch):
+    with pytest.raises(SpecError, match=r"^queries.1: 'shift:0:-8' shifts by as much as the 8x8 image; "
+                                        r"accepted: \|DX\| < 8, \|DY\| < 8"):
+        raymia.run_audit(_spec(tmp_path, queries=["identity", "shift:0:-8"]))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "firstnets.py").write_text(
+        "from torch import nn\n\n"
+        "def narrow(params, info):\n    return nn.Sequential(nn.Flatten(), nn.Linear(32, info.num_classes))\n\n"
+        "def five(params, info):\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 5))\n")
+    with pytest.raises(SpecError, match=r"^model.name: model 'firstnets:narrow' does not accept the data's inputs of "
+                                        r"shape \[1, 8, 8\]: .*\[2, 64\].*\[32, 10\]"):
+        raymia.run_audit(_spec(tmp_path, model="firstnets:narrow"))
+    with pytest.raises(SpecError, match=r"^model.name: model 'firstnets:five' returns \[2, 5\] for 2 inputs; "
+                                        r"expected logits \[2, 10\]"):
+        raymia.run_audit(_spec(tmp_path, model="firstnets:five"))
+    assert not (tmp_path / "runs" / "signals").exists()
+    with pytest.raises(SpecError, match=r"^plan.num_models: leave-one-out .* needs at least 4 models, got 2"):
+        raymia.run_audit(_spec(tmp_path, plan={"num_models": 2}))
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"gamma": {"low": 0.9, "high": 0.5}}, r"sweep.space.gamma: low 0.9 must be below high 0.5"),
+    ({"top_k": {"low": 5, "high": 2}}, r"sweep.space.top_k: low 5 is above high 2"),
+])
+def test_a_search_range_upside_down_is_one_line(space, message):
+    from raymia.sweep import resolve_space
+
+    spec = raymia.as_spec({"sweep": {"defense": "hamp" if "gamma" in space else "confidence", "space": space}},
+                          kind=raymia.SweepSpec)
+    with pytest.raises(SpecError, match="^" + message):
+        resolve_space(spec)
