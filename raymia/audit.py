@@ -387,6 +387,7 @@ def write_report(result: AuditResult, console: bool, track: bool, page: bool = T
                 params=spec.model_dump(mode="json"), metrics=result.flat_metrics(),
                 artifacts=[result_path, roc_path, spec_path, *([html_path] if html_path else []), *records_files,
                            *figures], tags={TAG_KIND: KIND_AUDIT, TAG_FINGERPRINT: fp},
+                start_time=time.time() - result.seconds, dataset=(spec.data.name, fp),
             )
         except Exception as e:  # the results are on disk already: say so in one line, lose nothing
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__

@@ -39,6 +39,7 @@ from raymia.tracking import (
     TAG_ERROR,
     TAG_KIND,
     TAG_STATUS,
+    TAG_TRIAL,
     TAG_TRIAL_ID,
     tag_equals,
 )
@@ -344,8 +345,9 @@ def trials_from_mlflow(
     """One sweep's trials rebuilt from its MLflow child runs, plus what the parent run says about it.
 
     The sweep is the parent run parent_run_id, else the newest FINISHED or RUNNING parent run named
-    "sweep-<sweep>", else (neither given) the newest such sweep of the experiment. Trials are numbered by
-    start time and shaped like run_sweep's: trial, trial_id, defense, params, status, run_id, error (failed
+    "sweep-<sweep>", else (neither given) the newest such sweep of the experiment. Trials keep the numbers
+    the sweep gave them (their `raymia.trial` tag; by start time for runs without it) and are shaped like
+    run_sweep's: trial, trial_id, defense, params, status, run_id, error (failed
     ones) and every logged metric. info holds parent_run_id, sweep, experiment, defense, objectives
     [(metric, mode)] and constraints [{metric, op, value}].
     """
@@ -366,13 +368,20 @@ def trials_from_mlflow(
 
     children = [r for r in _search_all(client, exp.experiment_id, tag_equals(MLFLOW_PARENT_TAG, pid))
                 if r.data.tags.get(TAG_KIND, KIND_TRIAL) == KIND_TRIAL]
+    def number(r) -> int | None:
+        n = r.data.tags.get(TAG_TRIAL)
+        return int(n) if n is not None and n.isdigit() else None
+
     children.sort(key=lambda r: (r.info.start_time or 0, r.info.run_name or "", r.info.run_id))
+    numbered = all(number(r) is not None for r in children)  # runs of older sweeps lack the tag
+    if numbered:
+        children.sort(key=number)
     trials: list[dict] = []
     for i, r in enumerate(children):
         tags, params = r.data.tags, r.data.params
         status = tags.get(TAG_STATUS) or ("ok" if r.info.status == "FINISHED" else "failed")
         row: dict[str, Any] = {
-            "trial": i,
+            "trial": number(r) if numbered else i,
             "trial_id": tags.get(TAG_TRIAL_ID),
             "defense": tags.get(TAG_DEFENSE) or params.get("defense.name"),
             "params": _defense_params(params),

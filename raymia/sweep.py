@@ -237,18 +237,6 @@ def _delete_study(spec: SweepSpec, sweep_dir: Path) -> None:
         pass
 
 
-def _make_sampler(name: str, seed: int):
-    import optuna
-
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    return optuna.samplers.RandomSampler(seed=seed)
-
-
 def trial_spec(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     name, cfg = split_config(config)
     spec = json.loads(json.dumps(base))
@@ -450,39 +438,70 @@ def _trial_error(trial) -> str:
 def _mlflow_callback(spec: SweepSpec, parent_id: str):
     from ray import tune
 
-    from raymia.tracking import TAG_PARENT, TAG_STATUS, TAG_TRIAL_ID, log_run, tag_equals, trial_tags
+    from raymia.spec import AuditSpec
+    from raymia.tracking import (
+        TAG_ERROR,
+        TAG_PARENT,
+        TAG_STATUS,
+        TAG_TRIAL_ID,
+        close_run,
+        open_run,
+        tag_equals,
+        trial_tags,
+    )
 
     class MlflowChildRuns(tune.Callback):
-        """Logs one MLflow child run per finished (or failed) trial, from the driver."""
+        """One MLflow child run per trial, from the driver: opened when the trial starts (so runs carry real
+        start and end times and are created in trial order), named and tagged with the trial's number,
+        closed with its metrics and report when it ends."""
 
-        def _log(self, trial, status: str, error: str | None = None) -> None:
+        def __init__(self):
+            self.runs: dict[str, str] = {}  # Tune trial id -> its open run
+
+        def _before(self, trial) -> list:
             from mlflow.tracking import MlflowClient
 
             client = MlflowClient(spec.tracking.uri)
             exp = client.get_experiment_by_name(spec.tracking.experiment)
-            before = client.search_runs(
+            return client.search_runs(
                 [exp.experiment_id],
                 filter_string=f"{tag_equals(TAG_TRIAL_ID, trial.trial_id)} and {tag_equals(TAG_PARENT, parent_id)}",
             ) if exp is not None else []
-            if before and not (status == "ok" and all(r.data.tags.get(TAG_STATUS) == "failed" for r in before)):
-                return  # logged before an interruption: one child run per trial
-            for r in before:  # a trial lost with its node, failed, then run again: its run is the new one
-                client.delete_run(r.info.run_id)
-            result = trial.last_result or {}
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            from mlflow.tracking import MlflowClient
+
+            before = self._before(trial)
+            if any(r.data.tags.get(TAG_STATUS) == "ok" for r in before):
+                return  # finished before an interruption: it reports its stored result to the same run
+            for r in before:  # a trial lost with its node, or interrupted, runs again: its run is the new one
+                MlflowClient(spec.tracking.uri).delete_run(r.info.run_id)
+            number = _number(trial)
             params = trial_spec(spec.model_dump(mode="json"), dict(trial.config))
-            metrics = {k: v for k, v in result.items() if _is_metric(k)}
-            tags = trial_tags(trial.trial_id, status, str(trial.config.get("defense")), error)
-            with _local_copy(result.get("audit_dir")) as audit_dir:
-                arts = ([audit_dir / n for n in ("result.json", "roc.png", "spec.yaml") if (audit_dir / n).exists()]
+            fingerprint = AuditSpec.model_validate(params).fingerprint()
+            self.runs[trial.trial_id] = open_run(
+                spec.tracking.uri, spec.tracking.experiment, run_name=f"trial {number}", params=params,
+                tags=trial_tags(trial.trial_id, "running", str(trial.config.get("defense")), number=number),
+                parent_run_id=parent_id, start_time=time.time(), dataset=(spec.data.name, fingerprint))
+
+        def _close(self, trial, status: str, error: str | None = None) -> None:
+            rid = self.runs.pop(trial.trial_id, None)
+            if rid is None:
+                return
+            result = trial.last_result or {}
+            metrics = {k: v for k, v in result.items() if _is_metric(k)} if status == "ok" else {}
+            tags = {TAG_STATUS: status, **({TAG_ERROR: error[:5000]} if error else {})}
+            with _local_copy(result.get("audit_dir") if status == "ok" else None) as audit_dir:
+                names = ("result.json", "roc.png", "spec.yaml", "records.parquet", "vulnerable.csv")
+                arts = ([audit_dir / n for n in names if (audit_dir / n).exists()]
                         + sorted(audit_dir.glob("inversion-*.png")) if audit_dir else [])
-                log_run(spec.tracking.uri, spec.tracking.experiment, run_name=f"{spec.name}-{trial.trial_id}",
-                        params=params, metrics=metrics, artifacts=arts, tags=tags, parent_run_id=parent_id)
+                close_run(spec.tracking.uri, rid, metrics, arts, "FINISHED" if status == "ok" else "FAILED", tags)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self._log(trial, "ok")
+            self._close(trial, "ok")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._log(trial, "failed", error=_trial_error(trial))
+            self._close(trial, "failed", error=_trial_error(trial))
 
     return MlflowChildRuns()
 
@@ -644,7 +663,7 @@ def run_sweep(
 
         check_reachable(spec.tracking.uri, spec.tracking.experiment)
     with ThreadPoolExecutor(1) as bg:  # the MLflow parent run is created while Ray starts
-        parent = bg.submit(_start_parent, spec) if spec.tracking.enabled and parent_id is None else None
+        parent = bg.submit(_start_parent, spec, space) if spec.tracking.enabled and parent_id is None else None
         pool = None
         try:
             ensure_ray()
@@ -698,24 +717,29 @@ def run_sweep(
         if pool is not None:
             pool.shutdown()
         if parent_id:
-            from raymia.tracking import finish_parent
+            from raymia.tracking import MLFLOW_NOTE_TAG, finish_parent
 
-            arts = ([sweep_dir / n for n in ("result.json", "pareto.png", "front.md", "spec.yaml", "report.html")]
-                    if status == "FINISHED" else [])
-            finish_parent(spec.tracking.uri, parent_id, summary, arts, status=status)
+            names = ("result.json", "pareto.png", "front.md", "spec.yaml", "report.html", "pareto.html",
+                     "importance.html")
+            arts = [sweep_dir / n for n in names] if status == "FINISHED" else []
+            front_md = sweep_dir / "front.md"
+            note = {MLFLOW_NOTE_TAG: front_md.read_text()[:4900]} if status == "FINISHED" and front_md.exists() else {}
+            finish_parent(spec.tracking.uri, parent_id, summary, arts, status=status, tags=note)
 
 
-def _start_parent(spec: SweepSpec) -> str:
-    """The sweep's MLflow parent run (its trials become child runs); a store that cannot be opened is one
+def _start_parent(spec: SweepSpec, space: dict[str, dict[str, Any]]) -> str:
+    """The sweep's MLflow parent run (its trials become child runs): the spec and the searched space
+    (`space.<defense>.<param>`) as params, the data set as input; a store that cannot be opened is one
     RaymiaError."""
-    from raymia.tracking import check_reachable
+    from raymia.tracking import KIND_SWEEP, TAG_KIND, check_reachable, start_parent
 
     check_reachable(spec.tracking.uri, spec.tracking.experiment)
-    from raymia.tracking import KIND_SWEEP, TAG_KIND, start_parent
-
+    searched = {d: {k: describe(v) if isinstance(v, Float | Int | Categorical) else repr(v) for k, v in sp.items()}
+                or "no parameters" for d, sp in space.items()}
     parent_id = start_parent(
         spec.tracking.uri, spec.tracking.experiment, run_name=f"sweep-{spec.name}",
-        params=spec.model_dump(mode="json"), tags={TAG_KIND: KIND_SWEEP},
+        params={**spec.model_dump(mode="json"), "space": searched}, tags={TAG_KIND: KIND_SWEEP},
+        dataset=(spec.data.name, spec.fingerprint()),
     )
     log.info("MLflow parent run %s in %s", parent_id, spec.tracking.uri)
     return parent_id
@@ -775,7 +799,8 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
     """Tune's Tuner over the trials: restored from `restore` (an interrupted sweep's experiment), or new,
     with OptunaSearch (its study in sweep.storage) proposing each trial's defense setting."""
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
+
+    from raymia.searcher import ConstrainedOptunaSearch, make_sampler
 
     trainable = tune.with_resources(tune.with_parameters(
         _run_trial, base=spec.model_dump(mode="json"), root=str(root), sweep_dir=str(sweep_dir), state=keep.location,
@@ -787,11 +812,13 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
         return tune.Tuner.restore(exp.location, trainable=trainable, resume_unfinished=True,
                                   resume_errored=resume_errored)
     objectives = spec.sweep.objectives
-    searcher = OptunaSearch(
+    constraints = spec.sweep.constraints
+    searcher = ConstrainedOptunaSearch(
         space=DefineByRun(space, spec.sweep.include_undefended),
         metric=[o.metric for o in objectives],
         mode=[o.mode for o in objectives],
-        sampler=_make_sampler(spec.sweep.sampler, spec.seed),
+        sampler=make_sampler(spec.sweep.sampler, spec.seed, spec.sweep.num_trials, bool(constraints)),
+        constraints=constraints,
         storage=_optuna_storage(spec.sweep.storage or f"sqlite:///{sweep_dir / 'optuna.db'}"),
         study_name=f"raymia-{spec.name}",
     )
@@ -840,11 +867,31 @@ def _report(spec: SweepSpec, trials: list[dict[str, Any]], space, root: Path, sw
         intro=f"Sweep {spec.name}: every objective is the mean over {len(spec.plan.target_list)} target(s) "
               f"(leave-one-out over the bank), ± its std over them.\n\n"))
     from raymia.report.html import write_html
+    from raymia.report.interactive import importance_html, pareto_html
 
     write_html(sweep_dir)
+    pairs = [(o.metric, o.mode) for o in objectives]
+    pareto_html(trials, pairs, result.front_trials, sweep_dir / "pareto.html")
+    importance_html(_optuna_storage(spec.sweep.storage or f"sqlite:///{sweep_dir / 'optuna.db'}"),
+                    f"raymia-{spec.name}", pairs, sweep_dir / "importance.html")
+    if parent_id:
+        _mark_front(spec, parent_id, result.front_trials)
     if console:
         _print_front(result)
     return result
+
+
+def _mark_front(spec: SweepSpec, parent_id: str, front: list[int]) -> None:
+    """Tag the front's trial runs (raymia.front = true), found by their trial number."""
+    from mlflow.tracking import MlflowClient
+
+    from raymia.tracking import TAG_FRONT, TAG_PARENT, TAG_TRIAL, tag_equals
+
+    client = MlflowClient(spec.tracking.uri)
+    exp = client.get_experiment_by_name(spec.tracking.experiment)
+    for r in client.search_runs([exp.experiment_id], filter_string=tag_equals(TAG_PARENT, parent_id), max_results=5000):
+        number = r.data.tags.get(TAG_TRIAL)
+        client.set_tag(r.info.run_id, TAG_FRONT, "true" if number is not None and int(number) in front else "false")
 
 
 def audit_spec_of_trial(spec: SweepSpec, trial: dict[str, Any], num_models: int | None = None,

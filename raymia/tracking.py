@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -15,12 +16,16 @@ log = logging.getLogger("raymia")
 TAG_KIND = "raymia.kind"  # what the run is: one of the KIND_* values below
 TAG_PARENT = "raymia.parent"  # a child run's sweep parent run id (beside MLflow's own MLFLOW_PARENT_TAG)
 TAG_TRIAL_ID = "raymia.trial_id"  # a trial run's Ray Tune trial id
-TAG_TRIAL = "raymia.trial"  # a final audit's trial number (in the sweep's front table)
+TAG_TRIAL = "raymia.trial"  # a trial's number: the one the console, front.md, pareto.png and result.json use
+TAG_FRONT = "raymia.front"  # "true" on the trial runs of the sweep's (feasible) Pareto front
 TAG_STATUS = "raymia.status"  # a trial run's outcome: its status in the sweep's result.json, ok or failed
 TAG_DEFENSE = "raymia.defense"  # a trial run's defense
 TAG_ERROR = "raymia.error"  # a failed trial's error
 TAG_FINGERPRINT = "raymia.fingerprint"  # an audit run's signal fingerprint
 MLFLOW_PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: nests a child run under its parent in the UI
+MLFLOW_NOTE_TAG = "mlflow.note.content"  # MLflow's own: a run's description (markdown) in the UI
+# MLflow 3 opens an experiment without this tag in its GenAI view (traces); raymia's are model development
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 KIND_AUDIT, KIND_SWEEP, KIND_TRIAL, KIND_FINAL_AUDIT = "audit", "sweep", "trial", "final_audit"
 
 
@@ -29,10 +34,13 @@ def tag_equals(tag: str, value: str) -> str:
     return f"tags.`{tag}` = '{value}'"
 
 
-def trial_tags(trial_id: str, status: str, defense: str, error: str | None = None) -> dict[str, str]:
+def trial_tags(trial_id: str, status: str, defense: str, error: str | None = None,
+               number: int | str | None = None) -> dict[str, str]:
     """The tags of a sweep trial's child run (`raymia.parent` and MLflow's parent tag are added by
     `log_run`)."""
     tags = {TAG_KIND: KIND_TRIAL, TAG_TRIAL_ID: trial_id, TAG_STATUS: status, TAG_DEFENSE: defense}
+    if number is not None:
+        tags[TAG_TRIAL] = str(number)
     if error:
         tags[TAG_ERROR] = error[:5000]
     return tags
@@ -96,12 +104,42 @@ def check_reachable(uri: str, experiment: str) -> None:
         raise RaymiaError(f"MLflow cannot open {uri}: {first}; {hint}", where="tracking.uri") from None
 
 
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a local SQLite store (<its folder>/mlartifacts/
+    <experiment>), not in the ./mlruns of whatever folder the run started in; None (the server's or the
+    store's default) for other stores."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///"))
+    if str(db) in ("", ":memory:"):
+        return None
+    return (db.resolve().parent / "mlartifacts" / experiment).as_uri()
+
+
+def context_tags() -> dict[str, str]:
+    """MLflow's own context tags of a run started here (source, user, git commit where there is one), as its
+    fluent API would set them; MlflowClient.create_run sets none."""
+    try:
+        from mlflow.tracking.context.registry import resolve_tags
+
+        return {k: str(v) for k, v in resolve_tags().items()}
+    except Exception:  # a context provider failing must not stop the run
+        return {}
+
+
 def _setup(uri: str, experiment: str):
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else mlflow.create_experiment(experiment)
+    if exp is None:
+        exp_id = mlflow.create_experiment(experiment, artifact_location=artifact_location(uri, experiment),
+                                          tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    else:
+        exp_id = exp.experiment_id
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            MlflowClient(uri).set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return mlflow, exp_id
 
 
@@ -114,60 +152,78 @@ def log_run(
     artifacts: Iterable[Path] = (),
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
+    start_time: float | None = None,
+    dataset: tuple[str, str] | None = None,
 ) -> str:
-    """Log one finished run (params, finite metrics, artifact files); returns its run id."""
-    mlflow, exp_id = _setup(uri, experiment)
+    """Log one finished run (params, finite metrics, artifact files, MLflow's context tags); returns its run
+    id. `start_time` (seconds since the epoch) is when the work began; `dataset` (name, fingerprint) is
+    logged as the run's input."""
+    rid = open_run(uri, experiment, run_name, params, tags, parent_run_id, start_time, dataset)
+    close_run(uri, rid, metrics, artifacts)
+    return rid
+
+
+def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None,
+             parent_run_id: str | None = None, start_time: float | None = None,
+             dataset: tuple[str, str] | None = None) -> str:
+    """Create a RUNNING run (params, tags with MLflow's context tags, the data set as its input); returns its
+    id. `close_run` ends it."""
+    _, exp_id = _setup(uri, experiment)
+    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    all_tags = dict(tags or {})
+    all_tags = {**context_tags(), **(tags or {})}
     if parent_run_id:
         all_tags[MLFLOW_PARENT_TAG] = parent_run_id
         all_tags[TAG_PARENT] = parent_run_id
-    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags,
+                            start_time=int(1000 * start_time) if start_time else None)
     rid = run.info.run_id
     try:
-        from mlflow.entities import Metric, Param
-
         flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
-        ts = int(time.time() * 1000)
-        client.log_batch(
-            rid,
-            metrics=[Metric(k, v, ts, 0) for k, v in finite_metrics(metrics).items()],
-            params=[Param(k, v) for k, v in flat.items()],
-        )
-        for a in artifacts:
-            if Path(a).exists():
-                client.log_artifact(rid, str(a))
-        client.set_terminated(rid, "FINISHED")
+        client.log_batch(rid, params=[Param(k, v) for k, v in flat.items()])
+        if dataset is not None:
+            log_dataset(client, rid, *dataset)
     except Exception:
         client.set_terminated(rid, "FAILED")
         raise
     return rid
 
 
-def start_parent(uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
-    mlflow, exp_id = _setup(uri, experiment)
-    from mlflow.entities import Param
+def close_run(uri: str, run_id: str, metrics: dict[str, Any], artifacts: Iterable[Path] = (),
+              status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:
+    """Log a run's finite metrics, artifact files and tags, and end it with `status`."""
+    from mlflow.entities import Metric, RunTag
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    run = client.create_run(exp_id, run_name=run_name, tags=tags)
-    flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
-    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flat.items()])
-    return run.info.run_id
-
-
-def finish_parent(uri: str, run_id: str, metrics: dict[str, Any], artifacts: Iterable[Path], status: str = "FINISHED") -> None:
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    ts = int(time.time() * 1000)
-    m = finite_metrics(metrics)
-    if m:
-        client.log_batch(run_id, metrics=[Metric(k, v, ts, 0) for k, v in m.items()])
-    for a in artifacts:
-        if Path(a).exists():
-            client.log_artifact(run_id, str(a))
+    try:
+        ts = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, ts, 0) for k, v in finite_metrics(metrics).items()],
+                         tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
+        for a in artifacts:
+            if Path(a).exists():
+                client.log_artifact(run_id, str(a))
+    except Exception:
+        client.set_terminated(run_id, "FAILED")
+        raise
     client.set_terminated(run_id, status)
+
+
+def log_dataset(client, run_id: str, name: str, digest: str) -> None:
+    """The data set as the run's input, its digest the bank's fingerprint (what identifies the signals)."""
+    from mlflow.entities import Dataset, DatasetInput
+
+    client.log_inputs(run_id, datasets=[DatasetInput(Dataset(name=name, digest=digest, source_type="raymia",
+                                                             source=json.dumps({"data": name})))])
+
+
+def start_parent(uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str],
+                 dataset: tuple[str, str] | None = None) -> str:
+    return open_run(uri, experiment, run_name, params, tags, dataset=dataset)
+
+
+def finish_parent(uri: str, run_id: str, metrics: dict[str, Any], artifacts: Iterable[Path], status: str = "FINISHED",
+                  tags: dict[str, str] | None = None) -> None:
+    close_run(uri, run_id, metrics, artifacts, status, tags)

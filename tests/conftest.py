@@ -9,6 +9,29 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+MLFLOW_LEFTOVERS = ("mlruns", "mlartifacts", "mlflow.db")
+
+
+def _mlflow_files() -> dict[str, int]:
+    found = {}
+    for name in MLFLOW_LEFTOVERS:
+        root = REPO / name
+        if root.exists():
+            found.update({str(p.relative_to(REPO)): p.stat().st_mtime_ns for p in [root, *root.rglob("*")]})
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_mlflow_files_in_the_repository():
+    """Tests write MLflow stores and artifacts under temporary folders only: the repository's mlruns/,
+    mlartifacts/ and mlflow.db are as they were when the session started."""
+    before = _mlflow_files()
+    yield
+    after = _mlflow_files()
+    changed = sorted(k for k in after if before.get(k) != after[k])
+    assert not changed, f"tests wrote MLflow files into the repository: {changed[:5]}"
+
 
 @pytest.fixture(scope="session")
 def ray_local():

@@ -238,6 +238,25 @@ def test_sweep_writes_parent_and_child_runs(first_audit, workdir, caplog):
     trial_spec = load_spec(local, kind=AuditSpec)
     assert trial_spec.defense.name == "hamp" and trial_spec.defense.params["gamma"] == hamp["params"]["gamma"]
 
+    # MLflow explains the sweep: the classic runs view, trial runs named and tagged as the console numbers
+    # them, open while their trial ran, the front tagged, context tags, the searched space on the parent,
+    # front.md as its description, the data set as input with the bank's fingerprint, interactive figures
+    assert client.get_experiment(exp).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(exp).artifact_location.startswith((workdir / "mlartifacts").as_uri())
+    by_num = {int(c.data.tags["raymia.trial"]): c for c in children}
+    assert {n: c.info.run_name for n, c in by_num.items()} == {0: "trial 0", 1: "trial 1"}
+    assert by_num[0].info.start_time <= by_num[1].info.start_time  # created in trial order
+    assert all(c.info.end_time - c.info.start_time > 200 for c in children)  # open while the audit ran
+    assert {n for n, c in by_num.items() if c.data.tags["raymia.front"] == "true"} == set(result.front_trials)
+    assert all(c.data.tags.get("mlflow.user") and c.data.tags.get("mlflow.source.name") for c in children)
+    assert "| trial | defense |" in parent.data.tags["mlflow.note.content"]
+    assert parent.data.params["space.hamp.output_modification"] == "{True}"
+    assert parent.data.params["space.hamp.gamma"].startswith("[")
+    (data_input,) = parent.inputs.dataset_inputs
+    assert data_input.dataset.name == "digits" and data_input.dataset.digest == spec.fingerprint()
+    assert {"pareto.html", "report.html"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "trial 1 (hamp" in (result.out_dir / "pareto.html").read_text()  # hover text by trial number
+
     # the front was re-audited (final_audit) and those runs hang under the parent too
     assert result.final_audit and len(result.final_audit) == len(result.front)
     finals = client.search_runs([exp], filter_string="tags.`raymia.kind` = 'final_audit'")

@@ -113,11 +113,51 @@ def test_constraints_keep_trials_off_the_front():
 def test_every_sampler_runs_two_objectives(sampler):
     import optuna
 
-    from raymia.sweep import _make_sampler
+    from raymia.searcher import make_sampler
 
-    study = optuna.create_study(directions=["maximize", "minimize"], sampler=_make_sampler(sampler, 0))
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler(sampler, 0, 6, False))
     for _ in range(6):
         t = study.ask()
         x = t.suggest_float("x", 0.0, 1.0)
         study.tell(t, [x, x * x])
     assert len(study.best_trials) >= 1
+
+
+def test_samplers_are_sized_to_the_sweep():
+    from raymia.searcher import make_sampler, population_size, startup_trials
+
+    # a short sweep is not a random search: TPE and GP model the results after a quarter of it
+    assert [startup_trials(n) for n in (1, 8, 20, 40, 400)] == [2, 2, 5, 10, 10]
+    assert [population_size(n) for n in (1, 8, 30, 150, 1000)] == [4, 4, 10, 50, 50]
+    assert make_sampler("tpe", 0, 8, False)._n_startup_trials == 2
+    assert make_sampler("gp", 0, 20, False)._n_startup_trials == 5
+    assert make_sampler("nsga2", 0, 30, False)._population_size == 10
+
+
+def test_constraints_reach_the_sampler_through_tunes_searcher():
+    """Driven through the Searcher API Tune calls (suggest, on_trial_complete): each finished trial's
+    constraint values are stored on its Optuna trial, the sampler records them, and Optuna's own
+    constrained front leaves the infeasible trial out, as raymia's does."""
+    from raymia.pareto import feasible_front
+    from raymia.searcher import ConstrainedOptunaSearch, make_sampler
+    from raymia.spec import Constraint, Objective
+
+    def space(trial):
+        trial.suggest_float("x", 0.0, 1.0)
+
+    floor = [Constraint(metric="test_accuracy", op=">=", value=0.9), Constraint(metric="loss/auc", op="<=", value=0.8)]
+    search = ConstrainedOptunaSearch(space=space, metric=["test_accuracy", "loss/auc"], mode=["max", "min"],
+                                     sampler=make_sampler("tpe", 0, 8, True), constraints=floor)
+    results = [{"test_accuracy": 0.95, "loss/auc": 0.7}, {"test_accuracy": 0.85, "loss/auc": 0.5},
+               {"test_accuracy": 0.92, "loss/auc": 0.6}]
+    for i, r in enumerate(results):
+        assert "x" in search.suggest(f"t{i}")
+        search.on_trial_complete(f"t{i}", r)
+    trials = search._ot_study.get_trials()
+    values = [t.system_attrs["constraints"] for t in trials]  # what the sampler's constraints_func returned
+    assert [v == pytest.approx(e) for v, e in zip(values, [[-0.05, -0.1], [0.05, -0.3], [-0.02, -0.2]])] == [True] * 3
+    assert sorted(t.number for t in search._ot_study.best_trials) == [0, 2]  # trial 1 breaks the floor
+    front = feasible_front([{"trial": i, **r} for i, r in enumerate(results)],
+                           [Objective(metric="test_accuracy", mode="max"), Objective(metric="loss/auc", mode="min")],
+                           floor)
+    assert front == {0, 2}

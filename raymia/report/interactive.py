@@ -1,0 +1,83 @@
+"""Interactive sweep figures for MLflow (HTML with plotly, its script embedded: MLflow shows HTML artifacts
+in a sandboxed frame without network access): the Pareto front, every trial labelled by the number the
+console and front.md use, and Optuna's hyperparameter importances for each objective."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("raymia")
+
+
+def pareto_html(trials: list[dict[str, Any]], objectives: list[tuple[str, str]], front: list[int], path: Path) -> Path | None:
+    """The trials' first two objectives (x: the second, y: the first, as pareto.png), the front joined and
+    ringed, each point's hover text its trial number, defense and params. None with fewer than 2 objectives."""
+    import plotly.graph_objects as go
+
+    from raymia.pareto import fmt_params
+
+    if len(objectives) < 2:
+        return None
+    (y_key, y_mode), (x_key, x_mode) = objectives[0], objectives[1]
+    ok = [t for t in trials if t.get("status") == "ok" and isinstance(t.get(x_key), int | float)
+          and isinstance(t.get(y_key), int | float)]
+    on = set(front)
+    fig = go.Figure()
+    for defense in sorted({t["defense"] for t in ok}):
+        pts = [t for t in ok if t["defense"] == defense]
+        fig.add_trace(go.Scatter(
+            x=[t[x_key] for t in pts], y=[t[y_key] for t in pts], mode="markers+text", name=defense,
+            text=[str(t["trial"]) for t in pts], textposition="top center",
+            marker={"size": [14 if t["trial"] in on else 9 for t in pts],
+                    "line": {"width": [2 if t["trial"] in on else 0 for t in pts], "color": "black"}},
+            hovertext=[f"trial {t['trial']} ({defense}{': ' + fmt_params(t) if fmt_params(t) != '-' else ''})"
+                       f"<br>{y_key} = {t[y_key]:.4g}<br>{x_key} = {t[x_key]:.4g}"
+                       + ("<br>on the front" if t["trial"] in on else "") for t in pts],
+            hoverinfo="text"))
+    edge = sorted((t for t in ok if t["trial"] in on), key=lambda t: t[x_key])
+    if len(edge) > 1:
+        fig.add_trace(go.Scatter(x=[t[x_key] for t in edge], y=[t[y_key] for t in edge], mode="lines",
+                                 name="front", line={"dash": "dot", "color": "black"}, hoverinfo="skip"))
+    xs = [t[x_key] for t in ok if t[x_key] > 0]
+    log_x = bool(xs) and max(xs) / min(xs) > 20  # rates that span decades
+    fig.update_layout(
+        title=f"Pareto front: {len(on)} of {len(ok)} trials", legend={"title": "defense"},
+        xaxis={"title": f"{x_key} ({x_mode})", "type": "log" if log_x else "linear"},
+        yaxis={"title": f"{y_key} ({y_mode})"}, template="plotly_white")
+    fig.write_html(path, include_plotlyjs=True, full_html=True)
+    return path
+
+
+def importance_html(storage: str, study_name: str, objectives: list[tuple[str, str]], path: Path) -> Path | None:
+    """Optuna's importance (its default evaluator) of each searched hyperparameter, one panel per objective;
+    None when the study cannot tell (fewer than 2 finished trials, or nothing varied)."""
+    import warnings
+
+    import optuna
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        panels = []
+        for i, (metric, mode) in enumerate(objectives):
+            sign = -1.0 if mode == "max" else 1.0  # Optuna's evaluator ranks what makes the target low
+            with warnings.catch_warnings():  # its notes on short studies: the figure's title says what it is
+                warnings.simplefilter("ignore")
+                imp = optuna.importance.get_param_importances(study, target=lambda t, i=i, s=sign: s * t.values[i])
+            panels.append((metric, imp))
+    except (RuntimeError, ValueError, KeyError) as e:  # Optuna's "cannot evaluate importance" cases
+        log.info("no hyperparameter importances for %s: %s", study_name, str(e).splitlines()[0] if str(e) else e)
+        return None
+    if not any(imp for _, imp in panels):
+        return None
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[m for m, _ in panels])
+    for c, (_, imp) in enumerate(panels, start=1):
+        names = list(imp)[::-1]
+        fig.add_trace(go.Bar(x=[imp[n] for n in names], y=names, orientation="h", showlegend=False), row=1, col=c)
+    fig.update_layout(title=f"hyperparameter importance per objective (Optuna's default evaluator, "
+                            f"{len(study.trials)} trials)", template="plotly_white")
+    fig.write_html(path, include_plotlyjs=True, full_html=True)
+    return path
