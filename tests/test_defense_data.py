@@ -80,6 +80,8 @@ def recording(input_shape: tuple[int, ...]) -> Iterator[set[bytes]]:
         for a in args:
             if isinstance(a, torch.Tensor) and a.is_floating_point():
                 t = _plain(a)
+                if t.device.type == "meta":  # shapes only (the model's input check): no data flows
+                    continue
                 if t.dim() > k and tuple(t.shape[-k:]) == tuple(input_shape):
                     with torch._C._DisableFuncTorch():  # plain tensor ops, even inside vmap / grad
                         seen.update(_rows(t.reshape(-1, *input_shape)))

@@ -235,7 +235,12 @@ def test_what_a_target_or_training_function_excludes_is_refused_in_the_spec(tmp_
     with pytest.raises(SpecError, match=r"^target: give the target's checkpoint \(its weights\) or its outputs"):
         raymia.as_spec({**base, "target": {"members": [1]}})
     with pytest.raises(SpecError, match=r"^plan.targets: with target: your model is the one attacked"):
-        raymia.as_spec({**base, "plan": {"num_models": 4, "targets": [0]}})
+        raymia.as_spec({**base, "plan": {"num_models": 4, "targets": [2]}})
+    # the spec.yaml written beside the report (every default spelled out) runs again
+    from raymia.audit import write_spec_file
+
+    spec = raymia.as_spec(base)
+    assert raymia.as_spec(write_spec_file(spec, tmp_path / "spec.yaml", "the spec")) == spec
     with pytest.raises(SpecError, match=r"^target: a sweep searches defenses"):
         raymia.as_spec(base, kind=raymia.SweepSpec)
     with pytest.raises(SpecError, match=r"^attacker: with target: the shadows follow the spec's defense"):
