@@ -353,8 +353,10 @@ def write_report(result: AuditResult, console: bool, track: bool, page: bool = T
     result_path = out / "result.json"
     result_path.write_text(json.dumps(result.to_json(), indent=1))
     spec_path = write_spec_file(spec, out / "spec.yaml", f"the spec of audit {spec.name}-{fp}")
+    setting = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.defense.params.items())
     roc_path = plot_roc(
-        result.roc, out / "roc.png", title=f"{spec.name}: {spec.defense.name}, {spec.plan.num_models} models",
+        result.roc, out / "roc.png", title=f"{spec.name}: {spec.defense.name}" + (f" ({setting})" if setting else "")
+        + f", {spec.plan.num_models} models",
         aucs={a: m["auc"] for a, m in result.attacks.items() if m.get("auc") is not None},
     )
     figures = list(result.inversion.grids.values()) if result.inversion is not None else []

@@ -265,8 +265,13 @@ def _sweep_rows(spec: SweepSpec, space, root: Path, signal_bytes: int) -> tuple[
 
     s = spec.sweep
     rows = [("search", f"{d}: {text}") for d, text in describe_space(space).items()]
-    rows.append(("sweep", f"{s.num_trials} trials of {_size(signal_bytes)} of signals each ("
-                          f"{'the first undefended, ' if s.include_undefended else ''}sampler {s.sampler}, "
+    from raymia.space import population_size, startup_trials
+
+    sizing = {"tpe": f", {startup_trials(s.num_trials)} random first", "gp": f", {startup_trials(s.num_trials)} random first",
+              "nsga2": f", generations of {population_size(s.num_trials)}"}.get(s.sampler, "")
+    rows.append(("sweep", f"{s.num_trials} searched trials"
+                          f"{' after the undefended baseline (trial 0)' if s.include_undefended else ''}, "
+                          f"{_size(signal_bytes)} of signals each (sampler {s.sampler}{sizing}, "
                           f"{s.max_concurrent} at a time); objectives "
                           + ", ".join(f"{o.metric} ({o.mode})" for o in s.objectives)
                           + ("; constraints " + ", ".join(f"{c.metric} {c.op} {c.value:g}" for c in s.constraints)

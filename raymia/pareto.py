@@ -496,7 +496,8 @@ def plot_front(trials: list[dict], objectives: Iterable[Any], front: list[int], 
         ok, x_key=x, y_key=y, path=path,
         front_ids={i for i, t in enumerate(ok) if t["trial"] in on},
         x_label=label(x, xm), y_label=label(y, ym), title=title,
-        reference={**reference, "label": "undefended"} if reference else None,
+        reference={**reference, "label": f"undefended (trial {reference['trial']})", "point": reference}
+        if reference else None,
         x_err_key=spread_key(x), y_err_key=spread_key(y),
     )
 

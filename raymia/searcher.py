@@ -2,7 +2,7 @@
 
 Optuna's defaults are sized for long studies: TPE and GP sample their first 10 trials at random and NSGA-II
 breeds generations of 50, so a sweep of 8 trials would be a random search. `make_sampler` scales them to
-`sweep.num_trials` (`startup_trials`, `population_size`). The spec's constraints reach the sampler through
+`sweep.num_trials` (`raymia.space.startup_trials`, `population_size`). The spec's constraints reach the sampler through
 its `constraints_func` (feasible when every value is <= 0): Tune's OptunaSearch tells the study only the
 objectives, so `ConstrainedOptunaSearch` stores each finished trial's constraint values on its Optuna
 trial (`CONSTRAINTS_ATTR`) just before. Imports Ray Tune and Optuna: only `raymia.sweep` uses it.
@@ -16,18 +16,9 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
+from raymia.space import population_size, startup_trials
+
 CONSTRAINTS_ATTR = "raymia.constraints"
-
-
-def startup_trials(num_trials: int) -> int:
-    """Random trials before TPE or GP model the results: a quarter of the sweep, from 2 to Optuna's 10."""
-    return max(2, min(10, math.ceil(num_trials / 4)))
-
-
-def population_size(num_trials: int) -> int:
-    """NSGA-II's generation: a third of the sweep, from 4 to Optuna's 50, so a sweep breeds at least twice
-    once it has 8 trials."""
-    return max(4, min(50, math.ceil(num_trials / 3)))
 
 
 def constraint_values(constraints: Sequence[Any], result: dict[str, Any]) -> list[float]:

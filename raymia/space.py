@@ -6,6 +6,7 @@ into Optuna suggestions. Keeping them here lets the compute core stay importable
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,3 +59,18 @@ def describe(d: Domain) -> str:
         return "{" + ", ".join(repr(c) for c in d.choices) + "}"
     kind = "log " if d.log else ""
     return f"{kind}[{d.low}, {d.high}]"
+
+
+# How a sweep's sampler is sized (raymia.searcher.make_sampler; `raymia check` shows it): Optuna's defaults
+# are for long studies, and would make a short sweep a random search.
+
+
+def startup_trials(num_trials: int) -> int:
+    """Random trials before TPE or GP model the results: a quarter of the sweep, from 2 to Optuna's 10."""
+    return max(2, min(10, math.ceil(num_trials / 4)))
+
+
+def population_size(num_trials: int) -> int:
+    """NSGA-II's generation: a third of the sweep, from 4 to Optuna's 50, so a sweep breeds at least twice
+    once it has 8 trials."""
+    return max(4, min(50, math.ceil(num_trials / 3)))

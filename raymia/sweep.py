@@ -2,9 +2,10 @@
 
 Each trial is a light driver (a tiny CPU request: the sweep's warm bank pool holds the CPUs that train)
 that runs one audit, its bank trained on the pool, and reports every metric once. Objectives (2-3 metrics
-with directions) are searched with a multi-objective Optuna sampler. The undefended setting is the first
-trial when `include_undefended` is on. One MLflow parent run per sweep; a Tune callback on the driver logs
-one child run per finished trial. The result is the Pareto front (table, result.json, Pareto plot), as
+with directions) are searched with a multi-objective Optuna sampler sized to the sweep. With
+`include_undefended` the undefended setting is audited first, on its own (trial 0: the hypervolume's
+reference), and the search's `num_trials` trials are numbered from 1. One MLflow parent run per sweep; a
+Tune callback on the driver opens one child run per trial when it starts. The result is the Pareto front (table, result.json, Pareto plot), as
 `raymia.pareto` computes and reports it.
 """
 
@@ -107,19 +108,13 @@ def describe_space(space: dict[str, dict[str, Domain | Any]]) -> dict[str, str]:
 
 
 class DefineByRun:
-    """Optuna define-by-run space (a picklable object: Tune checkpoints the searcher). The first trial
-    asked for is the undefended setting when `include_undefended` is on; every later one picks a defense
-    (when several are searched) and samples its space. Parameters are named "<defense>.<param>"."""
+    """Optuna define-by-run space (a picklable object: Tune checkpoints the searcher): each trial picks a
+    defense (when several are searched) and samples its space. Parameters are named "<defense>.<param>"."""
 
-    def __init__(self, spaces: dict[str, dict[str, Any]], include_undefended: bool):
-        self.spaces, self.include_undefended = spaces, include_undefended
-        self.asked = 0
+    def __init__(self, spaces: dict[str, dict[str, Any]]):
+        self.spaces = spaces
 
     def __call__(self, trial) -> dict[str, Any]:
-        first = self.asked == 0
-        self.asked += 1
-        if self.include_undefended and first:
-            return {"defense": "none"}
         names = list(self.spaces)
         defense = names[0] if len(names) == 1 else trial.suggest_categorical("defense", names)
         const: dict[str, Any] = {"defense": defense}
@@ -269,16 +264,28 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], root: str, sweep_di
     import ray
     from ray import tune
 
-    from raymia.audit import run_audit
     from raymia.engine.bank_job import worker_logging
-    from raymia.spec import AuditSpec
 
     context = tune.get_context()
     worker_logging(log_level, context.get_trial_name().replace("_", " ", 1) + ": ")
-    spec = AuditSpec.model_validate(trial_spec(base, config))
     trial_id = context.get_trial_id()
-    run_dir = Path(sweep_dir) / "trials" / trial_id  # its report, on this node
-    kept = open_root(join(state, "trials", trial_id))  # in the store: the same folder unless the store is a URI
+    metrics, fingerprint, reused, audit_dir = _audit_setting(base, config, root, Path(sweep_dir) / "trials" / trial_id,
+                                                             open_root(join(state, "trials", trial_id)), pool)
+    report = {k: (float("nan") if v is None else v) for k, v in metrics.items()}
+    report.update({"audit_dir": str(audit_dir), "fingerprint": fingerprint, "reused_signals": reused,
+                   "node": ray.get_runtime_context().get_node_id()})
+    tune.report(report)
+
+
+def _audit_setting(base: dict[str, Any], config: dict[str, Any], root: str | Path, run_dir: Path, kept,
+                   pool=None) -> tuple[dict[str, Any], str, bool, str]:
+    """One defense setting's audit: (its flat metrics, fingerprint, whether its signals were reused, where its
+    report is kept). `run_dir` holds the report on this node, `kept` (a folder of the store: the same one
+    unless the store is a URI) what a resume reads; a setting finished before an interruption is read back,
+    not run again. An objective that is n/a or not finite is a ValueError (the trial fails)."""
+    from raymia.audit import run_audit
+
+    spec = AuditSpec.model_validate(trial_spec(base, config))
     saved = _finished_trial(kept, spec)
     if saved is not None:  # finished before the driver was interrupted: report it again, run nothing
         metrics, fingerprint, reused = saved["metrics"], saved["fingerprint"], True
@@ -289,24 +296,24 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], root: str, sweep_di
             for f in sorted(p for p in run_dir.iterdir() if p.is_file() and p.name != "result.json"):
                 kept.write(f.name, f.read_bytes())
             kept.write("result.json", (run_dir / "result.json").read_bytes())  # last: it marks the trial done
-    audit_dir = kept.location
-    objectives = base["sweep"]["objectives"]
-    for o in objectives:
+    for o in base["sweep"]["objectives"]:
         v = metrics.get(o["metric"])
         if v is None or not math.isfinite(v):
             raise ValueError(f"objective {o['metric']} is {'n/a' if v is None else v} for this trial "
                              "(for TPR at a low FPR, audit more non-members)")
-    report = {k: (float("nan") if v is None else v) for k, v in metrics.items()}
-    report.update({"audit_dir": str(audit_dir), "fingerprint": fingerprint, "reused_signals": reused,
-                   "node": ray.get_runtime_context().get_node_id()})
-    tune.report(report)
+    return metrics, fingerprint, reused, kept.location
+
+
+BASELINE = 0  # the undefended setting's trial number; the search's trials are numbered from 1
+BASELINE_ID = "baseline"  # its trial id (in result.json, MLflow and the store: <sweep>/baseline/)
 
 
 def _number(trial) -> int | str:
-    """A trial's number as the front's table and result.json give it (its place in Tune's trial order),
-    read from the counter, from 1, that starts Tune's experiment tag `{N+1}_{config}`; its id if none."""
+    """A searched trial's number as the front's table and result.json give it (its place in Tune's trial
+    order, from 1: 0 is the undefended baseline), read from the counter, from 1, that starts Tune's
+    experiment tag `{N}_{config}`; its id if none."""
     head = str(getattr(trial, "experiment_tag", "")).split("_", 1)[0]
-    return int(head) - 1 if head.isdigit() else trial.trial_id
+    return int(head) if head.isdigit() else trial.trial_id
 
 
 def _trial_name(trial) -> str:
@@ -435,20 +442,50 @@ def _trial_error(trial) -> str:
         return f"see {path}" if path else "see the Ray logs"
 
 
+def _open_trial_run(spec: SweepSpec, parent_id: str, trial_id: str, number: int | str,
+                    config: dict[str, Any]) -> str | None:
+    """The MLflow child run of a trial that starts, named "trial N"; None when the trial finished before an
+    interruption (it reports its stored result to that run). Runs left by an interrupted or lost attempt
+    are replaced: one run per trial."""
+    from mlflow.tracking import MlflowClient
+
+    from raymia.tracking import TAG_PARENT, TAG_STATUS, TAG_TRIAL_ID, open_run, tag_equals, trial_tags
+
+    client = MlflowClient(spec.tracking.uri)
+    exp = client.get_experiment_by_name(spec.tracking.experiment)
+    before = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"{tag_equals(TAG_TRIAL_ID, trial_id)} and {tag_equals(TAG_PARENT, parent_id)}",
+    ) if exp is not None else []
+    if any(r.data.tags.get(TAG_STATUS) == "ok" for r in before):
+        return None
+    for r in before:
+        client.delete_run(r.info.run_id)
+    params = trial_spec(spec.model_dump(mode="json"), config)
+    fingerprint = AuditSpec.model_validate(params).fingerprint()
+    return open_run(spec.tracking.uri, spec.tracking.experiment, run_name=f"trial {number}", params=params,
+                    tags=trial_tags(trial_id, "running", str(config.get("defense")), number=number),
+                    parent_run_id=parent_id, start_time=time.time(), dataset=(spec.data.name, fingerprint))
+
+
+def _close_trial_run(spec: SweepSpec, run_id: str | None, status: str, metrics: dict[str, Any],
+                     audit_dir: str | None, error: str | None = None) -> None:
+    """End a trial's child run with its metrics and report files (ok), or its error (failed)."""
+    from raymia.tracking import TAG_ERROR, TAG_STATUS, close_run
+
+    if run_id is None:
+        return
+    tags = {TAG_STATUS: status, **({TAG_ERROR: error[:5000]} if error else {})}
+    with _local_copy(audit_dir if status == "ok" else None) as where:
+        names = ("result.json", "roc.png", "spec.yaml", "records.parquet", "vulnerable.csv")
+        arts = ([where / n for n in names if (where / n).exists()] + sorted(where.glob("inversion-*.png"))
+                if where else [])
+        close_run(spec.tracking.uri, run_id, {k: v for k, v in metrics.items() if _is_metric(k)}, arts,
+                  "FINISHED" if status == "ok" else "FAILED", tags)
+
+
 def _mlflow_callback(spec: SweepSpec, parent_id: str):
     from ray import tune
-
-    from raymia.spec import AuditSpec
-    from raymia.tracking import (
-        TAG_ERROR,
-        TAG_PARENT,
-        TAG_STATUS,
-        TAG_TRIAL_ID,
-        close_run,
-        open_run,
-        tag_equals,
-        trial_tags,
-    )
 
     class MlflowChildRuns(tune.Callback):
         """One MLflow child run per trial, from the driver: opened when the trial starts (so runs carry real
@@ -456,54 +493,48 @@ def _mlflow_callback(spec: SweepSpec, parent_id: str):
         closed with its metrics and report when it ends."""
 
         def __init__(self):
-            self.runs: dict[str, str] = {}  # Tune trial id -> its open run
-
-        def _before(self, trial) -> list:
-            from mlflow.tracking import MlflowClient
-
-            client = MlflowClient(spec.tracking.uri)
-            exp = client.get_experiment_by_name(spec.tracking.experiment)
-            return client.search_runs(
-                [exp.experiment_id],
-                filter_string=f"{tag_equals(TAG_TRIAL_ID, trial.trial_id)} and {tag_equals(TAG_PARENT, parent_id)}",
-            ) if exp is not None else []
+            self.runs: dict[str, str | None] = {}  # Tune trial id -> its open run
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            from mlflow.tracking import MlflowClient
-
-            before = self._before(trial)
-            if any(r.data.tags.get(TAG_STATUS) == "ok" for r in before):
-                return  # finished before an interruption: it reports its stored result to the same run
-            for r in before:  # a trial lost with its node, or interrupted, runs again: its run is the new one
-                MlflowClient(spec.tracking.uri).delete_run(r.info.run_id)
-            number = _number(trial)
-            params = trial_spec(spec.model_dump(mode="json"), dict(trial.config))
-            fingerprint = AuditSpec.model_validate(params).fingerprint()
-            self.runs[trial.trial_id] = open_run(
-                spec.tracking.uri, spec.tracking.experiment, run_name=f"trial {number}", params=params,
-                tags=trial_tags(trial.trial_id, "running", str(trial.config.get("defense")), number=number),
-                parent_run_id=parent_id, start_time=time.time(), dataset=(spec.data.name, fingerprint))
-
-        def _close(self, trial, status: str, error: str | None = None) -> None:
-            rid = self.runs.pop(trial.trial_id, None)
-            if rid is None:
-                return
-            result = trial.last_result or {}
-            metrics = {k: v for k, v in result.items() if _is_metric(k)} if status == "ok" else {}
-            tags = {TAG_STATUS: status, **({TAG_ERROR: error[:5000]} if error else {})}
-            with _local_copy(result.get("audit_dir") if status == "ok" else None) as audit_dir:
-                names = ("result.json", "roc.png", "spec.yaml", "records.parquet", "vulnerable.csv")
-                arts = ([audit_dir / n for n in names if (audit_dir / n).exists()]
-                        + sorted(audit_dir.glob("inversion-*.png")) if audit_dir else [])
-                close_run(spec.tracking.uri, rid, metrics, arts, "FINISHED" if status == "ok" else "FAILED", tags)
+            self.runs[trial.trial_id] = _open_trial_run(spec, parent_id, trial.trial_id, _number(trial),
+                                                        dict(trial.config))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self._close(trial, "ok")
+            result = trial.last_result or {}
+            _close_trial_run(spec, self.runs.pop(trial.trial_id, None), "ok", result, result.get("audit_dir"))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._close(trial, "failed", error=_trial_error(trial))
+            _close_trial_run(spec, self.runs.pop(trial.trial_id, None), "failed", {}, None, _trial_error(trial))
 
     return MlflowChildRuns()
+
+
+def _baseline(spec: SweepSpec, root: Path, sweep_dir: Path, keep, pool, parent_id: str | None) -> dict[str, Any]:
+    """Trial 0: the undefended setting, audited on its own before the search, on the sweep's pool. It is the
+    hypervolume's reference and takes neither a trial of `num_trials` nor an Optuna trial without
+    parameters from the sampler. Its report is kept in <sweep>/baseline/; a resumed sweep reads it back."""
+    from raymia.engine.bank_job import prefixed
+
+    config = {"defense": "none"}
+    run = _open_trial_run(spec, parent_id, BASELINE_ID, BASELINE, config) if parent_id else None
+    row: dict[str, Any] = {"trial": BASELINE, "trial_id": BASELINE_ID, "defense": "none", "params": {}}
+    try:
+        with prefixed(f"trial {BASELINE}: "):
+            metrics, _, reused, audit_dir = _audit_setting(spec.model_dump(mode="json"), config, root,
+                                                           sweep_dir / BASELINE_ID,
+                                                           open_root(join(keep.location, BASELINE_ID)), pool)
+    except ValueError as e:  # an objective the undefended audit cannot resolve
+        row.update(status="failed", error=str(e))
+        log.warning("trial %d (undefended baseline) failed: %s", BASELINE, e)
+        _close_trial_run(spec, run, "failed", {}, None, str(e))
+        return row
+    row.update(status="ok", audit_dir=audit_dir,
+               **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items() if _is_metric(k)})
+    log.info("trial %d done (baseline): none -  %s%s", BASELINE,
+             "  ".join(f"{o.metric}={metrics.get(o.metric):.4f}" for o in spec.sweep.objectives),
+             "  (stored signals reused)" if reused else "")
+    _close_trial_run(spec, run, "ok", metrics, audit_dir)
+    return row
 
 
 def _resume_key(spec: SweepSpec) -> dict[str, Any]:
@@ -688,6 +719,7 @@ def run_sweep(
             _prepare_inversion(spec.model_copy(update={"output_dir": str(root)}))
         log.info("sweep %s: %d trials over %s", spec.name, spec.sweep.num_trials,
                  "; ".join(f"{d}: {text}" for d, text in describe_space(space).items()))
+        baseline = _baseline(spec, root, sweep_dir, keep, pool, parent_id) if spec.sweep.include_undefended else None
         tuner = _tuner(spec, space, root, sweep_dir, parent_id, pool, ray_storage, keep, exp, resuming)
         grid = tuner.fit()
         for _ in range(LOST_TRIAL_ROUNDS):
@@ -702,8 +734,9 @@ def run_sweep(
             tuner = _tuner(spec, space, root, sweep_dir, parent_id, pool, ray_storage, keep, exp, True,
                            resume_errored=True)
             grid = tuner.fit()
-        trials = _collect(grid, [o.metric for o in spec.sweep.objectives])
-        if len(trials) < spec.sweep.num_trials or any(t["status"] == "incomplete" for t in trials):
+        searched = _collect(grid, [o.metric for o in spec.sweep.objectives])
+        trials = ([baseline] if baseline is not None else []) + searched
+        if len(searched) < spec.sweep.num_trials or any(t["status"] == "incomplete" for t in searched):
             # Tune returns early when interrupted (Ctrl-C): its state is saved, the sweep is not finished.
             raise RaymiaError(f"sweep {spec.name} was interrupted; run the same command again to resume it")
         result = _report(spec, trials, space, root, sweep_dir, parent_id, console, pool)
@@ -814,7 +847,7 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
     objectives = spec.sweep.objectives
     constraints = spec.sweep.constraints
     searcher = ConstrainedOptunaSearch(
-        space=DefineByRun(space, spec.sweep.include_undefended),
+        space=DefineByRun(space),
         metric=[o.metric for o in objectives],
         mode=[o.mode for o in objectives],
         sampler=make_sampler(spec.sweep.sampler, spec.seed, spec.sweep.num_trials, bool(constraints)),
@@ -857,8 +890,9 @@ def _report(spec: SweepSpec, trials: list[dict[str, Any]], space, root: Path, sw
                          hypervolume=hv)
     # written now (the search is safe on disk) and again below with the final audit
     (sweep_dir / "result.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
+    what = ", ".join(space) if len(space) <= 2 else f"{len(space)} defenses"
     plot_front(trials, objectives, front_ids, ref, sweep_dir / "pareto.png",
-               title=f"sweep {spec.name}: {', '.join(space)} ({len(ok)} trials{_spread_note(spec)})")
+               title=f"sweep {spec.name}: {what}, {len(ok)} trials{_spread_note(spec)}")
     if spec.sweep.final_audit is not None:
         result.final_audit = _final_audit(spec, result, root, parent_id, pool)
     (sweep_dir / "result.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
@@ -875,10 +909,42 @@ def _report(spec: SweepSpec, trials: list[dict[str, Any]], space, root: Path, sw
     importance_html(_optuna_storage(spec.sweep.storage or f"sqlite:///{sweep_dir / 'optuna.db'}"),
                     f"raymia-{spec.name}", pairs, sweep_dir / "importance.html")
     if parent_id:
+        _drop_orphan_runs(spec, parent_id, {str(t.get("trial_id")) for t in trials})
         _mark_front(spec, parent_id, result.front_trials)
+        _share_view(spec, space)
     if console:
         _print_front(result)
     return result
+
+
+def _share_view(spec: SweepSpec, space: dict[str, dict[str, Any]]) -> None:
+    """The sweep's view of the MLflow runs table (trial number, objectives, the searched parameters, the front
+    tag) stored on the experiment; its address goes to the console."""
+    from raymia.tracking import TAG_FRONT, TAG_TRIAL, column, share_view, ui_address
+
+    searched = sorted({k for sp in space.values() for k, v in sp.items() if isinstance(v, Float | Int | Categorical)})
+    columns = ([column("tags", TAG_TRIAL)] + [column("metrics", o.metric) for o in spec.sweep.objectives]
+               + [column("params", "defense.name")] + [column("params", f"defense.params.{k}") for k in searched]
+               + [column("tags", TAG_FRONT)])
+    path = share_view(spec.tracking.uri, spec.tracking.experiment, f"raymia-{spec.name}", columns)
+    how = "" if spec.tracking.uri.startswith(("http://", "https://")) else \
+        f" (after `mlflow ui --backend-store-uri {spec.tracking.uri}`)"
+    log.info("MLflow: the sweep's runs, with its objectives as columns: %s%s%s", ui_address(spec.tracking.uri), path, how)
+
+
+def _drop_orphan_runs(spec: SweepSpec, parent_id: str, trial_ids: set[str]) -> None:
+    """Delete the trial runs of trials that are not among the sweep's: one opened for a trial that a kill
+    cut short before Tune saved it (the resumed search proposes it again, under another id)."""
+    from mlflow.tracking import MlflowClient
+
+    from raymia.tracking import KIND_TRIAL, TAG_KIND, TAG_PARENT, TAG_TRIAL_ID, tag_equals
+
+    client = MlflowClient(spec.tracking.uri)
+    exp = client.get_experiment_by_name(spec.tracking.experiment)
+    for r in client.search_runs([exp.experiment_id], filter_string=f"{tag_equals(TAG_PARENT, parent_id)} and "
+                                f"{tag_equals(TAG_KIND, KIND_TRIAL)}", max_results=5000):
+        if r.data.tags.get(TAG_TRIAL_ID) not in trial_ids:
+            client.delete_run(r.info.run_id)
 
 
 def _mark_front(spec: SweepSpec, parent_id: str, front: list[int]) -> None:
@@ -967,7 +1033,7 @@ def _collect(grid, metric_names: list[str]) -> list[dict[str, Any]]:
 
     def number(i: int, r) -> int:
         m = re.match(r"trial_(\d+)_", Path(str(getattr(r, "path", "") or "")).name)
-        return int(m.group(1)) if m else i
+        return int(m.group(1)) if m else i + 1
 
     trials = []
     for i, r in sorted(enumerate(grid), key=lambda ir: number(*ir)):

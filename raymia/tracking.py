@@ -78,6 +78,31 @@ def finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 HEALTH_TIMEOUT_S = 5.0
 
 
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # MLflow's own: a runs-table view (columns, filter, sort) by key
+
+
+def column(kind: str, key: str) -> str:
+    """A runs-table column as MLflow's UI names it: metrics.`lira_online/auc`, params.`defense.name`, ..."""
+    return f"{kind}.`{key}`"
+
+
+def share_view(uri: str, experiment: str, key: str, columns: list[str], order_by: str = "attributes.start_time") -> str:
+    """Store a runs-table view on the experiment (MLflow's shared view state: these columns, oldest run
+    first) and return the UI path that opens it in the classic runs view (MLflow 3 opens experiments in its
+    GenAI view otherwise)."""
+    from mlflow.tracking import MlflowClient
+
+    _, exp_id = _setup(uri, experiment)
+    state = {"selectedColumns": columns, "orderByKey": order_by, "orderByAsc": True}
+    MlflowClient(uri).set_experiment_tag(exp_id, SHARED_VIEW_TAG + key, json.dumps(state))
+    return f"#/experiments/{exp_id}/runs?workflowType=machine_learning&viewStateShareKey={key}"
+
+
+def ui_address(uri: str) -> str:
+    """Where a user opens the MLflow UI of this store: the tracking server itself, or `mlflow ui`'s default."""
+    return uri.rstrip("/") + "/" if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000/"
+
+
 def check_reachable(uri: str, experiment: str) -> None:
     """Before any training: a tracking server that does not answer, or a database that cannot be opened, is
     one RaymiaError naming tracking.uri (the run would otherwise train, then fail to log, after MLflow's own

@@ -143,6 +143,14 @@ def inversion_setting(digits, one_thread):
 def chromium_page(path):
     """A headless Chromium tab showing the local file `path`; skips (saying why) where Chromium or
     playwright is missing."""
+    with chromium_page_url(Path(path).resolve().as_uri()) as tab:
+        yield tab
+
+
+@contextlib.contextmanager
+def chromium_page_url(url: str, width: int = 1600):
+    """A headless Chromium tab (`width` x 1000) showing `url`; skips (saying why) where Chromium or
+    playwright is missing."""
     import shutil
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -152,8 +160,8 @@ def chromium_page(path):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
-            tab = browser.new_page()
-            tab.goto(Path(path).resolve().as_uri())
+            tab = browser.new_page(viewport={"width": width, "height": 1000})
+            tab.goto(url)
             yield tab
         finally:
             browser.close()

@@ -84,7 +84,8 @@ def test_check_cli_prints_the_summary_without_ray_mlflow_or_optuna(tmp_path):
     by_label = {line.split()[0]: line for line in lines[:-1]}
     assert "a valid sweep spec, name 'chk'" in by_label["spec"]
     assert "hamp: gamma [0.5, 0.9], alpha log [0.0001, 0.05]" in by_label["search"]
-    assert "3 trials of 101.6 KiB of signals each (the first undefended" in by_label["sweep"]
+    assert ("3 searched trials after the undefended baseline (trial 0), 101.6 KiB of signals each (sampler tpe, "
+            "2 random first" in by_label["sweep"])
     assert by_label["progress"].endswith("not started")
     assert by_label["tracking"].endswith("off")
 

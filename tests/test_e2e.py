@@ -15,7 +15,7 @@ import yaml
 from raymia.audit import run_audit
 from raymia.resolve import load_spec
 from raymia.spec import AuditSpec, SweepSpec
-from tests.conftest import tiny_spec_dict
+from tests.conftest import chromium_page_url, tiny_spec_dict
 
 pytestmark = pytest.mark.slow
 
@@ -142,7 +142,7 @@ def console_runs(workdir):
              "tracking": {"uri": f"sqlite:///{workdir}/quiet.db", "experiment": "raymia-tests"}}
     console = tiny_spec_dict(workdir, name="console", seed=13, train={"epochs": 5, "batch_size": 64},
                              tracking={"uri": f"sqlite:///{workdir}/console.db", "experiment": "raymia-tests"})
-    console["sweep"] = {"defense": "hamp", "num_trials": 2, "max_concurrent": 1}
+    console["sweep"] = {"defense": "hamp", "num_trials": 1, "max_concurrent": 1}
     for name, raw in (("progress", progress), ("quiet", quiet), ("console", console)):
         (workdir / f"{name}.yaml").write_text(yaml.safe_dump(raw))
     return _run_together({
@@ -183,7 +183,7 @@ def test_cli_sweep_console_is_raymias_lines(console_runs):
     for n in (0, 1):
         assert text.count(f"[raymia] trial {n}: worker 0: pack 1 done (2/2") == 1
         assert text.count(f"[raymia] trial {n} done (") == 1
-    assert "trial 0 done (1/2): none" in text
+    assert "trial 0 done (baseline): none" in text and "trial 1 done (1/1): hamp" in text
     for noise in ("Configuration for experiment", "View detailed results", "A new study created", "INFO mlflow",
                   "Requesting resources", *HEALTHY_RUN_NOISE):
         assert noise not in text, (noise, text[-3000:])
@@ -195,7 +195,7 @@ def test_sweep_writes_parent_and_child_runs(first_audit, workdir, caplog):
     caplog.set_level(logging.INFO, logger="raymia")
 
     d = tiny_spec_dict(workdir, name="tinysweep")
-    d["sweep"] = {"defense": "hamp", "num_trials": 2, "max_concurrent": 2,
+    d["sweep"] = {"defense": "hamp", "num_trials": 1, "max_concurrent": 2,
                   "space": {"output_modification": {"choices": [True]}},
                   "final_audit": {"num_models": 8}}  # same bank size: the re-audit reuses the trials' signals
     (workdir / "tinysweep.yaml").write_text(yaml.safe_dump(d))
@@ -264,13 +264,60 @@ def test_sweep_writes_parent_and_child_runs(first_audit, workdir, caplog):
     assert saved["hypervolume"] is None or saved["hypervolume"] >= 0
 
 
+def test_the_mlflow_ui_shows_the_sweeps_trials_metrics_and_front(first_audit, workdir):
+    """The real MLflow UI (`mlflow server` on the sweep's store, headless Chromium): the address raymia gives
+    opens the classic runs table with the sweep's columns; expanding the sweep shows each trial, named by
+    its number, with its objectives and its front tag."""
+    import socket
+
+    import requests
+
+    result = json.loads((workdir / "runs" / "sweeps" / "tinysweep" / "result.json").read_text())
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                               f"sqlite:///{workdir}/mlflow.db", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        t0 = time.time()
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.time() - t0 < 60 and server.poll() is None, "mlflow server did not start"
+            time.sleep(0.3)
+        exp = _mlflow_client(workdir).get_experiment_by_name("raymia-tests")
+        view = exp.tags["mlflow.sharedViewState.raymia-tinysweep"]  # what raymia's console line opens
+        assert "metrics.`lira_online/tpr_fpr_0.01`" in view and "tags.`raymia.front`" in view
+        url = (f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+               "&viewStateShareKey=raymia-tinysweep")
+        with chromium_page_url(url, width=3000) as tab:  # wide: the grid draws only the columns in view
+            tab.get_by_text("sweep-tinysweep").first.wait_for(timeout=30000)
+            header = tab.locator("[role=columnheader]").all_inner_texts()
+            assert {"test_accuracy", "lira_online/tpr_fpr_0.01", "raymia.trial", "raymia.front"} <= set(header), header
+            tab.locator("[role=row]", has_text="sweep-tinysweep").locator("button").first.click()  # expand
+            for t in result["trials"]:
+                named = tab.locator("[role=row]", has_text=f"trial {t['trial']}").first
+                named.wait_for(timeout=15000)
+                index = named.get_attribute("row-index")  # the grid splits a row into its pinned and other parts
+                cells = tab.locator(f"[role=row][row-index='{index}'] [role=gridcell]").all_inner_texts()
+                assert any(c.startswith(f"{t['test_accuracy']:.4g}"[:5]) for c in cells), cells
+                assert ("true" if t["trial"] in result["front"] else "false") in cells, cells
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def test_check_reads_the_finished_sweep(first_audit, workdir):
     """raymia check on the sweep above: finished, both trials counted; a changed spec under the same name is
     reported as the conflict that `raymia sweep` would refuse."""
     from raymia.check import check_spec
 
     rep = check_spec(workdir / "tinysweep.yaml")
-    assert rep.kind == "sweep" and rep.trials_done == 2
+    assert rep.kind == "sweep" and rep.trials_done == 1  # searched trials; the baseline is kept beside them
     assert dict(rep.rows)["progress"].startswith("finished: its result is in ")
     changed = dict(check_spec(workdir / "tinysweep.yaml", ["sweep.num_trials=3"]).rows)["progress"]
     assert "holds a sweep of this name with a different spec" in changed

@@ -245,7 +245,8 @@ AUC = "lira_online/auc"
 
 
 def _constrained_study_and_trials(spec):
-    """A real Optuna study asked as a sweep asks (DefineByRun: the undefended trial first), told each trial's
+    """A real Optuna study asked as a sweep asks (DefineByRun; trial 0 the undefended baseline, here an
+    Optuna trial without parameters so that the numbers match), told each trial's
     objectives and, with Trial.set_constraint, its constraints (<= 0: met); and the same trials shaped as
     run_sweep collects them. Metrics move with gamma rounded to 0.1, so several trials tie exactly."""
     import optuna
@@ -253,12 +254,12 @@ def _constrained_study_and_trials(spec):
     from raymia.sweep import DefineByRun, resolve_space, split_config
 
     rng = random.Random(5)
-    ask = DefineByRun(resolve_space(spec), include_undefended=True)
+    ask = DefineByRun(resolve_space(spec))
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(5))
     trials = []
     for i in range(24):
         t = study.ask()
-        const = ask(t)  # suggests the trial's parameters
+        const = {"defense": "none"} if i == 0 else ask(t)  # suggests the trial's parameters
         defense, params = split_config({**t.params, **const})
         row = {"trial": i, "trial_id": f"agree_{i:05d}", "defense": defense, "params": params}
         if i == 9:  # a failed trial: Optuna marks it failed, the sweep keeps it off the front

@@ -138,7 +138,7 @@ def test_two_node_sweep_uses_both_nodes_and_survives_losing_one(tmp_path):
                            attacks=[{"name": "loss"}])
         # one pool worker and one trial driver per node (half a CPU each): both nodes train and drive trials
         d["bank"] = {"pack_size": 2, "vectorize": True, "device": "cpu", "num_workers": 2, "cpus_per_worker": 0.5}
-        d["sweep"] = {"defense": "hamp", "num_trials": 4, "max_concurrent": 2, "trial_cpu": 0.5,
+        d["sweep"] = {"defense": "hamp", "num_trials": 3, "max_concurrent": 2, "trial_cpu": 0.5,
                       "objectives": [{"metric": "test_accuracy", "mode": "max"}, {"metric": "loss/auc", "mode": "min"}]}
         (tmp_path / "twonode.yaml").write_text(yaml.safe_dump(d))
         proc = _start(["sweep", str(tmp_path / "twonode.yaml")], tmp_path / "sweep.log",

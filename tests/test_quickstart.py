@@ -26,7 +26,8 @@ def test_quickstart_sweep(ray_local, tmp_path):
     seconds = time.perf_counter() - t0
     assert seconds < 300, f"quickstart took {seconds:.0f}s"
     ok = [t for t in result.trials if t["status"] == "ok"]
-    assert len(ok) == spec.sweep.num_trials
+    assert len(ok) == spec.sweep.num_trials + 1  # the undefended baseline, then the searched trials
+    assert [t["trial"] for t in result.trials] == list(range(spec.sweep.num_trials + 1))
     assert ok[0]["defense"] == "none"
     assert len(result.front) >= 2, json.dumps(result.trials, indent=1, default=str)
     # The undefended model leaks: LiRA finds members well above chance at 1% FPR.

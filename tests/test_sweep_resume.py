@@ -28,7 +28,7 @@ attacks: [{{name: loss}}, {{name: lira_online}}]
 bank: {{pack_size: 4, engine: local}}
 output_dir: {out}/runs
 tracking: {{uri: "sqlite:///{out}/mlflow.db", experiment: resume-test}}
-sweep: {{defense: hamp, num_trials: 4, max_concurrent: 1}}
+sweep: {{defense: hamp, num_trials: 3, max_concurrent: 1}}
 """
 
 
@@ -46,7 +46,7 @@ def test_killed_sweep_resumes(tmp_path):
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     done_before = {p.split(os.sep)[-2] for p in glob.glob(trials_glob)}
-    assert 1 <= len(done_before) < 4, done_before
+    assert 1 <= len(done_before) < 3, done_before
     mtimes = {p: os.path.getmtime(p) for p in glob.glob(trials_glob)}
     # The worst kill: while Tune copied its searcher state (Tune's copies are not atomic). The resume must
     # put back raymia's copy from the last finished trial, not wait forever on a failed restore.
@@ -77,7 +77,7 @@ def test_killed_sweep_resumes(tmp_path):
     assert "resuming sweep resumable" in again.stderr
     assert "resuming from the copy taken after the last finished trial" in again.stderr
     # the count goes on from the trials finished before the kill: it reaches the total
-    assert " done (4/4)" in again.stderr, again.stderr[-3000:]
+    assert " done (3/3)" in again.stderr, again.stderr[-3000:]
     result = json.loads((tmp_path / "runs" / "sweeps" / "resumable" / "result.json").read_text())
     assert len(result["trials"]) == 4 and all(t["status"] == "ok" for t in result["trials"])
     assert [t["defense"] for t in result["trials"]].count("none") == 1
@@ -182,14 +182,15 @@ def test_sweep_state_in_a_uri_store_resumes_on_a_driver_without_the_local_folder
 
     d = yaml.safe_load(SPEC.format(out=tmp_path))
     d.update(name="stored", store=f"file://{tmp_path}/bucket", tracking={"enabled": False})
-    d["sweep"]["num_trials"] = 2
+    d["sweep"]["num_trials"] = 1
     first = run_sweep(SweepSpec.model_validate(d), console=False)
     bucket = tmp_path / "bucket"
     kept = sorted(p.relative_to(bucket) for p in bucket.rglob("*") if p.is_file() and "ray" not in p.parts)
     assert Path("sweeps/stored/state.json") in kept and Path("sweeps/stored/tune-state.zip") in kept
     results = sorted(bucket.glob("sweeps/stored/trials/*/result.json"))
     packs = sorted(bucket.glob("signals/*/k4-pack-*.json"))
-    assert len(results) == 2 and len(packs) == 2 and (bucket / "ray" / "sweep-stored").is_dir()
+    assert len(results) == 1 and len(packs) == 2 and (bucket / "ray" / "sweep-stored").is_dir()
+    assert (bucket / "sweeps" / "stored" / "baseline" / "result.json").is_file()  # trial 0, beside the search
     stamps = {p: p.stat().st_mtime_ns for p in results + packs}
     assert all(str(t["audit_dir"]).startswith("file://") for t in first.trials)
 

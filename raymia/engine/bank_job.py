@@ -5,6 +5,7 @@ The Ray engine is `engine.pool`."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -57,6 +58,21 @@ def current_prefix() -> str:
         if isinstance(h.formatter, _PrefixFormatter):
             return h.formatter.prefix
     return ""
+
+
+@contextlib.contextmanager
+def prefixed(prefix: str):
+    """While the block runs, this process's raymia lines (and those of the bank workers it asks) carry
+    `prefix`, as a Tune trial's do: a sweep's baseline audit, run by the driver itself."""
+    rlog = logging.getLogger("raymia")
+    saved = [(h, h.formatter) for h in rlog.handlers]
+    for h, _ in saved:
+        h.setFormatter(_PrefixFormatter(prefix))
+    try:
+        yield
+    finally:
+        for h, f in saved:
+            h.setFormatter(f)
 
 
 def worker_logging(level: int, prefix: str = "") -> None:

@@ -8,6 +8,7 @@ headless workers.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,7 @@ def plot_roc(
         ax.set_xlabel("False positive rate")
         ax.set_ylabel("True positive rate")
         if title:
-            ax.set_title(title)
+            ax.set_title("\n".join(textwrap.wrap(title, 55)), fontsize=11)
         ax.grid(True, which="major", alpha=0.4)
         ax.grid(True, which="minor", alpha=0.15)
         ax.legend(loc="lower right", fontsize="small")
@@ -106,51 +107,68 @@ def plot_pareto(
     reference: dict | None = None,
     x_err_key: str | None = None,
     y_err_key: str | None = None,
+    label_key: str | None = "trial",
 ) -> Path:
-    """Scatter of every trial (one colour per group, e.g. defense) with the non-dominated trials ringed
-    and joined by a step line, plus the undefended reference point as a star.
+    """Scatter of every trial (one colour and marker per group, e.g. defense) with the non-dominated trials
+    ringed, joined by a step line and labelled with their `label_key` (the trial number), plus the
+    undefended reference point as a star (and not again as a dot of its group).
 
     front_ids holds indices into points: the front as the caller computed it (`raymia.pareto`), drawn as
     given. Points missing x_key or y_key are skipped. x_err_key / y_err_key name each point's spread (e.g.
-    the std over targets), drawn as error bars where present. Returns the PNG path.
+    the std over targets), drawn as error bars where present. An axis whose positive values span more than
+    a factor of 20 (leakage rates) is logarithmic. The legend sits outside the data. Returns the PNG path.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     groups: dict[str, list[tuple[float, float, float, float]]] = {}
-    front: list[tuple[float, float]] = []
+    front: list[tuple[float, float, str]] = []
+    xs, ys = [], []
     for i, p in enumerate(points):
         x, y = _value(p, x_key), _value(p, y_key)
         if x is None or y is None:
             continue
+        xs.append(x)
+        ys.append(y)
+        if i in front_ids:
+            front.append((x, y, str(p.get(label_key, "")) if label_key else ""))
+        if reference is not None and p is reference.get("point"):
+            continue  # drawn as the star
         groups.setdefault(str(p.get(group_key, "?")), []).append(
             (x, y, _spread(p, x_err_key), _spread(p, y_err_key)))
-        if i in front_ids:
-            front.append((x, y))
 
-    cmap = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
-    fig, ax = plt.subplots(figsize=(6.0, 4.5))
+    colours = plt.get_cmap("tab10")
+    markers = "os^Dv<>PXh"
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     try:
         for k, (group, xy) in enumerate(groups.items()):
+            colour, marker = colours(k % 10), markers[(k // 10 + k) % len(markers)]
             arr = np.asarray(xy, dtype=float)
             if arr[:, 2:].any():
                 ax.errorbar(arr[:, 0], arr[:, 1], xerr=arr[:, 2], yerr=arr[:, 3], fmt="none",
-                            ecolor=cmap(k % cmap.N), alpha=0.35, linewidth=0.9)
-            ax.scatter(arr[:, 0], arr[:, 1], s=22, alpha=0.7, color=cmap(k % cmap.N), label=group)
+                            ecolor=colour, alpha=0.35, linewidth=0.9)
+            ax.scatter(arr[:, 0], arr[:, 1], s=26, alpha=0.8, color=colour, marker=marker, label=group)
         if front:
-            arr = np.asarray(sorted(front), dtype=float)
+            arr = np.asarray(sorted((x, y) for x, y, _ in front), dtype=float)
             ax.step(arr[:, 0], arr[:, 1], where="post", color="black", linewidth=1.2, alpha=0.8)
-            ax.scatter(arr[:, 0], arr[:, 1], s=70, facecolors="none", edgecolors="black", linewidths=1.4,
+            ax.scatter(arr[:, 0], arr[:, 1], s=80, facecolors="none", edgecolors="black", linewidths=1.4,
                        label="Pareto front", zorder=3)
+            for x, y, text in front:
+                if text:
+                    ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8, zorder=5)
         if reference is not None:
             _draw_reference(ax, reference, x_key, y_key, x_err_key, y_err_key)
+        for values, set_scale in ((xs, ax.set_xscale), (ys, ax.set_yscale)):
+            pos = [v for v in values if v > 0]
+            if pos and len(pos) == len(values) and max(pos) / min(pos) > 20:
+                set_scale("log")
         ax.set_xlabel(x_label or x_key)
         ax.set_ylabel(y_label or y_key)
         if title:
-            ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small", loc="best")
+            ax.set_title(title, fontsize=11)
+        ax.grid(True, alpha=0.3, which="both")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
         fig.tight_layout()
-        fig.savefig(path, dpi=_DPI)
+        fig.savefig(path, dpi=_DPI, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path
