@@ -313,7 +313,7 @@ def test_sampled_spaces_give_valid_defenses(digits):
     space = resolve_space(spec)
     assert set(space) == {"temperature_scaling", "llla"}
     assert space == {name: DEFENSES.get(name).obj.search_space() for name in space}
-    ask = DefineByRun(space, include_undefended=False)
+    ask = DefineByRun(space)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(0))
     seen: dict[str, set] = {"temperature_scaling": set(), "llla": set()}
