@@ -46,7 +46,13 @@ def test_quickstart_sweep(ray_local, tmp_path):
         assert ("label_only/auc" in t) == modifies
         if modifies:
             assert t["worst/auc"] >= t["label_only/auc"]
-    _check_report(tmp_path / "runs" / "sweeps" / "quickstart" / "report.html", result)
+    # the interactive figures MLflow keeps: every trial by its number, and Optuna's importances per objective
+    sweep_dir = tmp_path / "runs" / "sweeps" / "quickstart"
+    pareto = (sweep_dir / "pareto.html").read_text()
+    assert all(f"trial {t['trial']} (" in pareto for t in ok)
+    importance = (sweep_dir / "importance.html").read_text()
+    assert all(p in importance for p in ("hamp.gamma", "hamp.alpha", "hamp.output_modification"))
+    _check_report(sweep_dir / "report.html", result)
 
 
 def _check_report(page: Path, result) -> None:
