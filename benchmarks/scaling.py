@@ -304,7 +304,7 @@ def run_sweep(overrides: list[str], work: Path) -> dict:
 
 def part_quickstart(a: argparse.Namespace, tmp: Path) -> list[dict]:
     rows = []
-    for label, overrides in (("quickstart (8 trials x 8 models, packs of 8)", []),
+    for label, overrides in (("quickstart (the baseline + 7 trials x 8 models, packs of 8)", []),
                              (a.large_label, a.large)):
         log(f"quickstart: {label}")
         rows.append({"setting": label, "overrides": overrides, **run_sweep(overrides, tmp / f"sweep-{len(rows)}")})
@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--fixed-rounds", type=int, default=3, help="timed rounds after the first (untimed) one")
     ap.add_argument("--large", nargs="*", default=["plan.num_models=64", "bank.pack_size=16", "sweep.num_trials=4"],
                     help="--set overrides of the larger sweep")
-    ap.add_argument("--large-label", default="larger bank (4 trials x 64 models, packs of 16)")
+    ap.add_argument("--large-label", default="larger bank (the baseline + 4 trials x 64 models, packs of 16)")
     ap.add_argument("--h100-tflops", type=float, default=20.0, help="assumed sustained fp32 TFLOP/s of an H100")
     ap.add_argument("--h100-op-us", type=float, default=10.0, help="assumed host cost of one eager operation (us)")
     ap.add_argument("--out", default=None, help="also write the report to this file")
