@@ -6,6 +6,7 @@ spec -> membership plan -> bank (warm Ray pool, packs stored as signals) -> atta
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -54,7 +55,7 @@ class AuditResult:
         if not self.targets:
             self.targets = self.spec.plan.target_list
 
-    @property
+    @functools.cached_property
     def vulnerable(self) -> list[dict[str, Any]]:
         """The members that leak most (`report.records.vulnerable`): index, label, how many attacks flag them."""
         from raymia.report.records import vulnerable

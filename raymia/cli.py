@@ -10,7 +10,7 @@ import sys
 from raymia import __version__
 from raymia.errors import RaymiaError
 
-KINDS = ("datasets", "models", "defenses", "attacks", "inversion", "ood")
+KINDS = ("datasets", "models", "defenses", "attacks", "inversion", "ood", "trainers")
 
 
 def _registries():
@@ -20,9 +20,10 @@ def _registries():
     from raymia.defenses import DEFENSES
     from raymia.inversion.registry import INVERSION
     from raymia.models import MODELS
+    from raymia.train.function import TRAINERS
 
     return {"datasets": DATASETS, "models": MODELS, "defenses": DEFENSES, "attacks": ATTACKS,
-            "inversion": INVERSION, "ood": NONMEMBER_SETS}
+            "inversion": INVERSION, "ood": NONMEMBER_SETS, "trainers": TRAINERS}
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -37,8 +38,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     # `list attacks` shows every attack, membership and inversion; `list inversion` the latter only
     kinds = {"attacks": ["attacks", "inversion"]}.get(args.kind, [args.kind]) if args.kind else KINDS
     for kind in kinds:
+        if kind == "trainers" and not regs[kind].entries():
+            console.print("training functions: none registered (plug-ins register them; `train.function` also "
+                          "takes module:function)", soft_wrap=True)
+            continue
         for entry in regs[kind].entries():
-            label = {"inversion": "inversion attack", "ood": "non-member set"}.get(kind, kind[:-1])
+            label = {"inversion": "inversion attack", "ood": "non-member set", "trainers": "training function"
+                     }.get(kind, kind[:-1])
             console.print(f"{label} [bold]{entry.name}[/bold]: {entry.doc}", soft_wrap=True)
             table = Table()
             for col in ("parameter", "type", "default"):

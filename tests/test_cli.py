@@ -63,6 +63,7 @@ def test_list_shows_every_registry_with_parameters_and_defaults():
                    "defense hamp", "gamma", "0.95", "[0.3, 0.99]", "log [0.0001, 0.05]", "defense none",
                    "attack lira_online", "fixed_variance", "attack loss", "query"):
         assert needle in text, needle
+    assert "training functions: none registered" in text  # plug-ins add them; module:function needs none
     only = raymia("list", "attacks")
     assert "lira_offline" in only.stdout and "dataset digits" not in only.stdout
     for needle in ("inversion attack miface", "inversion attack gmi", "inversion attack plg_mi", "gan_steps"):
