@@ -273,6 +273,19 @@ def test_import_paths_fail_in_one_line_and_their_source_is_in_the_fingerprint(tm
     assert spec.fingerprint() != before  # edited code: the bank is trained again, not reused
     assert "code" not in raymia.as_spec({}).bank_dict()  # registered names: fingerprints as before
 
+    # a defense by import path is a Defense subclass, and carries that path as its name
+    (tmp_path / "user_defense_xyz.py").write_text(
+        "from raymia.defenses.base import Defense\n\nclass Smooth(Defense):\n    pass\n\n"
+        "def not_a_defense(params, info):\n    return None\n")
+    from raymia.datainfo import DataInfo
+    from raymia.defenses.base import build_defense
+
+    built = build_defense("user_defense_xyz:Smooth", {}, DataInfo(num_classes=10, input_shape=(64,), kind="tabular"))
+    assert built.name == "user_defense_xyz:Smooth" and type(built).__mro__[1].__name__ == "Smooth"
+    with pytest.raises(SpecError, match=r"^defense.name: 'user_defense_xyz:not_a_defense' is not a subclass of "
+                                        r"raymia.defenses.base.Defense"):
+        raymia.as_spec({"defense": "user_defense_xyz:not_a_defense"})
+
 
 # ---------------------------------------------------------------------------------------------------------
 # the examples, end to end

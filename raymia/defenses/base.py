@@ -35,7 +35,7 @@ go in `FitJob.report`; the bank stores them with the pack and the audit reports 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from raymia.datainfo import DataInfo
 from raymia.errors import SpecError
+from raymia.plugins import is_import_path
 from raymia.registry import NoParams, Params, Registry
 from raymia.space import Domain
 
@@ -178,6 +179,15 @@ class _DefenseRegistry(Registry[type[Defense]]):
             return add(cls)
 
         return deco
+
+    def get(self, name: str, where: str = "name"):
+        """As `Registry.get`; a defense named by import path is a Defense subclass, named by that path."""
+        entry = super().get(name, where)
+        if is_import_path(name):
+            if not (isinstance(entry.obj, type) and issubclass(entry.obj, Defense)):
+                raise SpecError(f"{name!r} is not a subclass of raymia.defenses.base.Defense", where=where)
+            entry = replace(entry, obj=type(entry.obj.__name__, (entry.obj,), {"name": name}))
+        return entry
 
 
 DEFENSES: Registry[type[Defense]] = _DefenseRegistry("defense", package="raymia.defenses")
