@@ -165,8 +165,19 @@ def load_ood_logits(store: SignalStore) -> np.ndarray:
     return np.concatenate([store.read_pack(p)["ood_logits"] for p in range(store.num_packs)])
 
 
+def run_name(spec: AuditSpec) -> str:
+    """`<name>-<fingerprint>`, and with `target:` `-<its digest>` (`target.target_digest`): the audit's report
+    folder and MLflow run name. The bank's fingerprint leaves the target out, so two targets audited against
+    one bank share the bank but not the report."""
+    if spec.target is None:
+        return f"{spec.name}-{spec.fingerprint()}"
+    from raymia.target import target_digest
+
+    return f"{spec.name}-{spec.fingerprint()}-{target_digest(spec)}"
+
+
 def audit_dir(spec: AuditSpec, output_dir: str | Path | None = None) -> Path:
-    return Path(output_dir or spec.output_dir) / "audits" / f"{spec.name}-{spec.fingerprint()}"
+    return Path(output_dir or spec.output_dir) / "audits" / run_name(spec)
 
 
 def run_audit(
@@ -386,7 +397,7 @@ def write_report(result: AuditResult, console: bool, track: bool, page: bool = T
 
         try:
             rid = log_run(
-                spec.tracking.uri, spec.tracking.experiment, run_name=f"{spec.name}-{fp}",
+                spec.tracking.uri, spec.tracking.experiment, run_name=run_name(spec),
                 params=spec.model_dump(mode="json"), metrics=result.flat_metrics(),
                 artifacts=[result_path, roc_path, spec_path, *([html_path] if html_path else []), *records_files,
                            *figures], tags={TAG_KIND: KIND_AUDIT, TAG_FINGERPRINT: fp},

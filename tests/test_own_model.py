@@ -379,6 +379,14 @@ def test_example_black_box_outputs_only(tmp_path, monkeypatch):
     assert result.points.index.tolist() == asked.tolist()
     assert result.utility["train_accuracy"] == 1.0 and result.utility["test_accuracy"] > 0.85
     assert result.attacks["rmia_online"]["auc"] > 0.55
+    # another target against the same bank: the shadows are reused, the report is its own
+    z = dict(np.load(where / "outputs.npz"))
+    np.savez(where / "half.npz", indices=z["indices"][:300], probs=z["probs"][:300], test_probs=z["test_probs"])
+    other = raymia.run_audit("audit.yaml", ["bank.engine=local", "tracking.enabled=false", "plan.num_models=4",
+                                            "target.outputs=half.npz"], console=False)
+    assert other.reused_signals and other.fingerprint == result.fingerprint and other.target["points"] == 300
+    assert other.out_dir != result.out_dir and (result.out_dir / "result.json").is_file()
+    assert other.out_dir.name.startswith(f"black-box-{result.fingerprint}-")
     signals = raymia.read_signals(result)  # the bank and the target's outputs, as the audit attacked them
     assert signals.num_models == 5 and signals.num_points == 600
     again = raymia.run_attack("rmia_online", None, signals, 4)
