@@ -105,20 +105,13 @@ def _pct_metric(key: str) -> bool:
                                                     "bank_test_accuracy")
 
 
-def _metric_label(key: str) -> str:
-    from raymia.metrics import metric_label
-
-    try:
-        return metric_label(key)
-    except (KeyError, ValueError):
-        return key
-
-
 # ---------------------------------------------------------------------------------------------------------
 # an audit
 
 
 def _audit(r: dict[str, Any], folder: Path) -> str:
+    from raymia.metrics import metric_label
+
     spec = r.get("spec", {})
     targets = r.get("targets", [])
     own = r.get("target")
@@ -156,7 +149,7 @@ def _audit(r: dict[str, Any], folder: Path) -> str:
                 cells.append(cell)
             rows.append(cells)
         parts.append("<h2>Membership inference</h2>")
-        parts.append(_table(["attack", *[_metric_label(k) for k in keys]], rows))
+        parts.append(_table(["attack", *[metric_label(k) for k in keys]], rows))
         parts.append(_figure(folder / "roc.png", "ROC curves (log-log), first target"))
         parts.append(_figure(folder / "histograms.png",
                              "scores of members and non-members per attack, with the 1%-FPR flag threshold"))
