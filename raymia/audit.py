@@ -404,9 +404,10 @@ def write_report(result: AuditResult, console: bool, track: bool, page: bool = T
                 start_time=time.time() - result.seconds, dataset=(spec.data.name, fp),
             )
         except Exception as e:  # the results are on disk already: say so in one line, lose nothing
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            from raymia.errors import first_line
+
             log.error("MLflow: the audit's results are on disk in %s but not in MLflow (%s): %s", out,
-                      spec.tracking.uri, first)
+                      spec.tracking.uri, first_line(e))
             return
         log.info("MLflow run %s in %s", rid, spec.tracking.uri)
 

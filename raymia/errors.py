@@ -29,3 +29,9 @@ def last_error_line(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     raised = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*: ", ln)]
     return (raised[-1] if raised else lines[0] if lines else "no message")[:300]
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__

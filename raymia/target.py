@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from raymia.errors import SpecError
+from raymia.errors import SpecError, first_line
 
 log = logging.getLogger("raymia")
 
@@ -120,7 +120,7 @@ def read_members(value: list[int] | str, n_train: int, where: str = "target.memb
                 raise SpecError(f"unknown file type {suffix or '(none)'!r}; accepted: .npy, .json, .txt, .csv",
                                 where=where)
         except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SpecError(f"not a list of integer indices: {str(e).splitlines()[0]}", where=where) from None
+            raise SpecError(f"not a list of integer indices: {first_line(e)}", where=where) from None
     if idx.dtype == np.bool_:
         if idx.shape != (n_train,):
             raise SpecError(f"a boolean mask must cover the {n_train} training points, got shape {idx.shape}",
@@ -148,9 +148,8 @@ def load_checkpoint(path: str, model, model_name: str, where: str = "target.chec
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SpecError("not a weights file that torch.load(weights_only=True) reads (save the model's "
-                        f"state_dict() with torch.save): {first}", where=where) from None
+                        f"state_dict() with torch.save): {first_line(e)}", where=where) from None
     if isinstance(state, dict) and not _all_tensors(state):
         inner = [k for k in ("state_dict", "model_state_dict", "model") if isinstance(state.get(k), dict)]
         if inner:
@@ -249,7 +248,7 @@ def _from_outputs(spec, ctx, members: np.ndarray) -> ExternalTarget:
     try:
         z = np.load(path, allow_pickle=False)
     except (ValueError, OSError, zipfile.BadZipFile) as e:
-        raise SpecError(f"not an .npz archive numpy reads without pickles: {str(e).splitlines()[0]}",
+        raise SpecError(f"not an .npz archive numpy reads without pickles: {first_line(e)}",
                         where=where) from None
     if not isinstance(z, np.lib.npyio.NpzFile):
         raise SpecError("expected an .npz archive (numpy.savez) with indices and logits or probs", where=where)

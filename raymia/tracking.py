@@ -107,7 +107,7 @@ def check_reachable(uri: str, experiment: str) -> None:
     """Before any training: a tracking server that does not answer, or a database that cannot be opened, is
     one RaymiaError naming tracking.uri (the run would otherwise train, then fail to log, after MLflow's own
     retries: minutes)."""
-    from raymia.errors import RaymiaError
+    from raymia.errors import RaymiaError, first_line
 
     hint = "start it, fix tracking.uri, or set tracking.enabled: false (results are written to disk either way)"
     if uri.startswith(("http://", "https://")):
@@ -125,8 +125,7 @@ def check_reachable(uri: str, experiment: str) -> None:
     try:
         _setup(uri, experiment)
     except Exception as e:  # a database or server that refuses: one line
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise RaymiaError(f"MLflow cannot open {uri}: {first}; {hint}", where="tracking.uri") from None
+        raise RaymiaError(f"MLflow cannot open {uri}: {first_line(e)}; {hint}", where="tracking.uri") from None
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:

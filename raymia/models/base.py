@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from raymia.datainfo import DataInfo
-from raymia.errors import SpecError
+from raymia.errors import SpecError, first_line
 from raymia.registry import Registry
 
 MODELS: Registry[Any] = Registry("model", package="raymia.models")
@@ -40,9 +40,8 @@ def check_forward(name: str, params: dict[str, Any] | None, info: DataInfo, wher
         try:
             out = model.eval()(x)
         except Exception as e:  # whatever the user's forward raises: one line naming the model and the shape
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SpecError(f"model {name!r} does not accept the data's inputs of shape {list(info.input_shape)}: "
-                            f"{first}", where=where) from None
+                            f"{first_line(e)}", where=where) from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, info.num_classes):
         got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise SpecError(f"model {name!r} returns {got} for 2 inputs; expected logits [2, {info.num_classes}]",

@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from raymia.errors import first_line
+
 log = logging.getLogger("raymia")
 
 
@@ -69,7 +71,7 @@ def importance_html(storage: str, study_name: str, objectives: list[tuple[str, s
                 imp = optuna.importance.get_param_importances(study, target=lambda t, i=i, s=sign: s * t.values[i])
             panels.append((metric, imp))
     except (RuntimeError, ValueError, KeyError) as e:  # Optuna's "cannot evaluate importance" cases
-        log.info("no hyperparameter importances for %s: %s", study_name, str(e).splitlines()[0] if str(e) else e)
+        log.info("no hyperparameter importances for %s: %s", study_name, first_line(e))
         return None
     if not any(imp for _, imp in panels):
         return None
