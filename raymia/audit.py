@@ -190,13 +190,15 @@ def run_audit(
     run_dir: str | Path | None = None,
     pool=None,
     page: bool = True,
+    checked: bool = False,
 ) -> AuditResult:
     """Run one audit end to end; `spec` is a spec object, a dict, a YAML file's path or None (defaults),
     `overrides` the CLI's `dotted.key=value` strings. `output_dir` overrides spec.output_dir; `run_dir` is
     where the report goes (default: <output_dir>/audits/<name>-<fingerprint>); `pool` is a running
     `engine.pool.BankPool` to train on (a sweep's), else the audit starts its own when it must train.
     `page=False` leaves out histograms.png and report.html (a sweep's trials: `raymia report` draws them
-    from the trial's folder when asked)."""
+    from the trial's folder when asked). `checked=True` says the caller has checked the model against the
+    data already (a sweep's trial: `validate_sweep`), which the audit then does not repeat."""
     from raymia.resolve import as_spec
     from raymia.train.bank import BankContext
 
@@ -213,7 +215,8 @@ def run_audit(
 
         raise SpecError(f"leave-one-out attacks a bank model with the others but its pair as shadows: it needs at "
                         f"least 4 models, got {spec.plan.num_models}", where="plan.num_models")
-    ctx = BankContext.from_spec(spec)  # validates data/plan/defense against each other before any training
+    # validates data/plan/defense against each other before any training
+    ctx = BankContext.from_spec(spec, check_model=not checked)
     if spec.tracking.enabled if track is None else track:
         from raymia.tracking import check_reachable
 

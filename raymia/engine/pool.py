@@ -86,7 +86,7 @@ class BankWorker:
         key = _data_key(spec.data.name, spec.data.params)
         if key not in self._data:
             self._data = {key: load_dataset(spec.data.name, spec.data.params)}  # one data set kept
-        ctx = BankContext.from_spec(spec, data=self._data[key])
+        ctx = BankContext.from_spec(spec, data=self._data[key], check_model=False)  # the audit checked it
         speed = _speed_key(spec)  # the sweep's trials differ in defense parameters, which do not change speed
         if speed not in self._vectorize:
             self._vectorize[speed] = choose_vectorize(ctx, ctx.pack_models(0), self.device, worker_models=worker_models)

@@ -70,11 +70,14 @@ class BankContext:
         return self.undefended is None or m in self.plan.targets
 
     @classmethod
-    def from_spec(cls, spec: AuditSpec, setup: bool = True, data: Dataset | None = None) -> BankContext:
+    def from_spec(cls, spec: AuditSpec, setup: bool = True, data: Dataset | None = None,
+                  check_model: bool = True) -> BankContext:
         """Load the data, draw the plan and build the defense, checking them against each other. With
         `setup=False` the defense only checks the data (`Defense.check_data`) and fits nothing: the
         context then serves to validate and describe the bank (`raymia check`), not to train it. `data`
-        is spec.data already loaded (a warm bank worker keeps it between banks; nothing here changes it)."""
+        is spec.data already loaded (a warm bank worker keeps it between banks; nothing here changes it).
+        `check_model=False` skips the model's trial forward pass (`check_forward`) where the process that
+        handed over the spec already ran it: its first use costs every process about a second of imports."""
         if data is None:
             data = load_dataset(spec.data.name, spec.data.params)
         n_train = data.x_train.shape[0]
@@ -96,7 +99,8 @@ class BankContext:
                                 where="train.augment")
         if data.info.kind == "image":
             _check_query_shifts(spec.queries, data.info.input_shape)
-        check_forward(spec.model.name, spec.model.params, data.info)
+        if check_model:
+            check_forward(spec.model.name, spec.model.params, data.info)
         plan = make_plan(n_train, spec.plan.num_models, spec.plan.population, spec.plan.target_list, spec.seed)
         if private is not None:
             from raymia.data.split import drop_unaudited
