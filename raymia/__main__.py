@@ -1,5 +1,3 @@
-import sys
+from raymia.cli import entry
 
-from raymia.cli import main
-
-sys.exit(main())
+entry()
