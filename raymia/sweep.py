@@ -290,7 +290,8 @@ def _audit_setting(base: dict[str, Any], config: dict[str, Any], root: str | Pat
     if saved is not None:  # finished before the driver was interrupted: report it again, run nothing
         metrics, fingerprint, reused = saved["metrics"], saved["fingerprint"], True
     else:
-        res = run_audit(spec, output_dir=root, track=False, console=False, run_dir=run_dir, pool=pool, page=False)
+        res = run_audit(spec, output_dir=root, track=False, console=False, run_dir=run_dir, pool=pool, page=False,
+                        checked=True)
         metrics, fingerprint, reused = res.flat_metrics(), res.fingerprint, res.reused_signals
         if kept.location != str(run_dir.resolve()):  # the report reaches the driver and a resume through the store
             for f in sorted(p for p in run_dir.iterdir() if p.is_file() and p.name != "result.json"):
@@ -719,9 +720,20 @@ def run_sweep(
             _prepare_inversion(spec.model_copy(update={"output_dir": str(root)}))
         log.info("sweep %s: %d trials over %s", spec.name, spec.sweep.num_trials,
                  "; ".join(f"{d}: {text}" for d, text in describe_space(space).items()))
-        baseline = _baseline(spec, root, sweep_dir, keep, pool, parent_id) if spec.sweep.include_undefended else None
-        tuner = _tuner(spec, space, root, sweep_dir, parent_id, pool, ray_storage, keep, exp, resuming)
-        grid = tuner.fit()
+        # On the pool, the baseline is audited in a thread while Tune starts its trials: their processes'
+        # start (imports) overlaps the pool's warm-up and the baseline's training, about 2 s of a quickstart
+        # on two cores (benchmarks/RESULTS.md). A bank trained in this process (`bank.engine: local`) would
+        # hold up Tune's controller instead, so there the baseline comes first.
+        with ThreadPoolExecutor(1) as bg:
+            baseline, beside = None, None
+            if spec.sweep.include_undefended and pool is not None:
+                beside = bg.submit(_baseline, spec, root, sweep_dir, keep, pool, parent_id)
+            elif spec.sweep.include_undefended:
+                baseline = _baseline(spec, root, sweep_dir, keep, pool, parent_id)
+            tuner = _tuner(spec, space, root, sweep_dir, parent_id, pool, ray_storage, keep, exp, resuming)
+            grid = tuner.fit()
+            if beside is not None:
+                baseline = beside.result()
         for _ in range(LOST_TRIAL_ROUNDS):
             # Tune can give up on a trial lost with its node although it has retries left (two failures of
             # one loss race each other); trials are idempotent (stored results and packs are reused), so

@@ -1,9 +1,12 @@
-"""The command line: one-line errors with exit code 2, and `raymia list`."""
+"""The command line: one-line errors with exit code 2, `raymia list`, the exit, the lines' prefixes."""
 
 from __future__ import annotations
 
+import io
+import logging
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -74,3 +77,61 @@ def test_list_shows_every_registry_with_parameters_and_defaults():
     assert "inversion attack plg_mi" in inversion.stdout and "lira_offline" not in inversion.stdout
     bad = raymia("list", "widgets")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_a_prefixed_block_marks_only_its_own_threads_lines():
+    """A sweep audits its baseline in a thread while Tune's callbacks log from the main one: `trial 0: `
+    goes on the baseline's lines only, and the handler's format comes back when the block ends."""
+    from raymia.engine.bank_job import current_prefix, prefixed
+
+    rlog = logging.getLogger("raymia")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    plain = logging.Formatter("[raymia] %(message)s")
+    handler.setFormatter(plain)
+    saved = rlog.handlers[:], rlog.level, rlog.propagate
+    rlog.handlers[:], rlog.propagate = [handler], False
+    rlog.setLevel(logging.INFO)
+    inside, go_on = threading.Event(), threading.Event()
+    seen = {}
+
+    def baseline():
+        with prefixed("trial 0: "):
+            seen["inside"] = current_prefix()
+            rlog.info("training 1 pack(s)")
+            inside.set()
+            go_on.wait(10)
+            rlog.info("done")
+
+    try:
+        t = threading.Thread(target=baseline)
+        t.start()
+        assert inside.wait(10)
+        rlog.info("trial 1 done (1/7)")
+        seen["beside"] = current_prefix()
+        go_on.set()
+        t.join(10)
+        rlog.info("front")
+    finally:
+        rlog.handlers[:], _, rlog.propagate = saved[0], None, saved[2]
+        rlog.setLevel(saved[1])
+    assert stream.getvalue().splitlines() == ["[raymia] trial 0: training 1 pack(s)", "[raymia] trial 1 done (1/7)",
+                                              "[raymia] trial 0: done", "[raymia] front"]
+    assert seen == {"inside": "trial 0: ", "beside": ""}
+    assert handler.formatter is plain
+
+
+def test_the_command_exits_with_mains_code_after_the_exit_hooks(tmp_path):
+    """`python -m raymia` (as the console script) skips the interpreter's teardown, not the exit hooks:
+    what a hook prints still comes out, and the exit code is main's."""
+    hook = tmp_path / "sitecustomize.py"
+    hook.write_text("import atexit, sys\natexit.register(lambda: print('hook ran', file=sys.stderr))\n")
+    import os
+
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    ok = subprocess.run([sys.executable, "-m", "raymia", "list", "trainers"], capture_output=True, text=True,
+                        timeout=120, env=env)
+    assert ok.returncode == 0 and "hook ran" in ok.stderr and ok.stdout.startswith("training functions")
+    bad = subprocess.run([sys.executable, "-m", "raymia", "audit", str(tmp_path / "missing.yaml")],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == 2 and "hook ran" in bad.stderr and "file not found" in bad.stderr

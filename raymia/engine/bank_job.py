@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import threading
 import time
 
 from raymia.report.text import duration
@@ -24,7 +25,7 @@ def _train_packs(spec: AuditSpec, store: SignalStore, packs: list[int], rank: in
     from raymia.train.bank import BankContext, choose_vectorize, train_pack
 
     torch.set_num_threads(max(1, int(spec.bank.cpus_per_worker)))
-    ctx = BankContext.from_spec(spec)
+    ctx = BankContext.from_spec(spec, check_model=False)  # the audit checked it
     device = resolve_device(spec.bank.device)
     mine = [p for p in packs[rank::world] if store.check_pack(p) is not None]  # skip packs done before a restart
     n_models = sum(len(ctx.pack_models(p)) for p in mine)
@@ -52,27 +53,53 @@ class _PrefixFormatter(logging.Formatter):
         self.prefix = prefix
 
 
+_THREAD_PREFIXES: dict[int, str] = {}  # thread id -> the prefix of its `prefixed` block
+
+
+class _ThreadPrefixes(logging.Formatter):
+    """A handler's formatter while `prefixed` blocks run: a line from a thread inside one carries that
+    block's prefix, every other line is formatted as before (`base`)."""
+
+    def __init__(self, base: logging.Formatter | None):
+        super().__init__()
+        self.base = base or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = _THREAD_PREFIXES.get(record.thread) if record.thread is not None else None
+        return self.base.format(record) if prefix is None else _PrefixFormatter(prefix).format(record)
+
+
 def current_prefix() -> str:
-    """The prefix of this process's raymia lines, as `worker_logging` set it ("" when it did not)."""
+    """The prefix of this thread's raymia lines: its `prefixed` block's, else the one `worker_logging` set
+    for the process ("" when neither did)."""
+    if (prefix := _THREAD_PREFIXES.get(threading.get_ident())) is not None:
+        return prefix
     for h in logging.getLogger("raymia").handlers:
-        if isinstance(h.formatter, _PrefixFormatter):
-            return h.formatter.prefix
+        f = h.formatter.base if isinstance(h.formatter, _ThreadPrefixes) else h.formatter
+        if isinstance(f, _PrefixFormatter):
+            return f.prefix
     return ""
 
 
 @contextlib.contextmanager
 def prefixed(prefix: str):
-    """While the block runs, this process's raymia lines (and those of the bank workers it asks) carry
-    `prefix`, as a Tune trial's do: a sweep's baseline audit, run by the driver itself."""
+    """While the block runs, this thread's raymia lines (and those of the bank workers it asks) carry
+    `prefix`, as a Tune trial's do: a sweep's baseline audit, run by the driver itself beside the search,
+    whose lines keep their own prefixes."""
     rlog = logging.getLogger("raymia")
-    saved = [(h, h.formatter) for h in rlog.handlers]
-    for h, _ in saved:
-        h.setFormatter(_PrefixFormatter(prefix))
+    for h in rlog.handlers:
+        if not isinstance(h.formatter, _ThreadPrefixes):
+            h.setFormatter(_ThreadPrefixes(h.formatter))
+    me = threading.get_ident()
+    _THREAD_PREFIXES[me] = prefix
     try:
         yield
     finally:
-        for h, f in saved:
-            h.setFormatter(f)
+        del _THREAD_PREFIXES[me]
+        if not _THREAD_PREFIXES:
+            for h in rlog.handlers:
+                if isinstance(h.formatter, _ThreadPrefixes):
+                    h.setFormatter(h.formatter.base)
 
 
 def worker_logging(level: int, prefix: str = "") -> None:
