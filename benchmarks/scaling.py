@@ -22,9 +22,10 @@ Parts (`--parts`, all by default), in one run:
               Both paths alternate, on the same Ray instance, with the same seeds; the first round of each
               (one-time imports in the driver and the warm worker) is shown apart from the mean of the others.
   quickstart  `raymia sweep sweeps/quickstart.yaml` as a user runs it (its own Ray instance, in a fresh working
-              folder), then the same sweep with a larger bank (`--large`, `--set` overrides). Training share =
-              sum of every stored pack's `seconds` over the wall time: the process's, and the sweep's own
-              ("sweep NAME done in Ns").
+              folder), then the same sweep with a larger bank (`--large`, `--set` overrides), alternating,
+              `--sweep-runs` times each (medians; the wall time of one run varies by a few seconds on a
+              shared machine). Training share = sum of every stored pack's `seconds` over the wall time: the
+              process's, and the sweep's own ("sweep NAME done in Ns").
 
 Expected H100 figures (always computed, not measured): per pack, the larger of
   - the pack's FLOPs (`raymia.check.count_flops`, torch's FLOP counter: training steps x models, plus the
@@ -303,12 +304,32 @@ def run_sweep(overrides: list[str], work: Path) -> dict:
 
 
 def part_quickstart(a: argparse.Namespace, tmp: Path) -> list[dict]:
-    rows = []
-    for label, overrides in (("quickstart (the baseline + 7 trials x 8 models, packs of 8)", []),
-                             (a.large_label, a.large)):
-        log(f"quickstart: {label}")
-        rows.append({"setting": label, "overrides": overrides, **run_sweep(overrides, tmp / f"sweep-{len(rows)}")})
+    """Each setting `--sweep-runs` times, the settings alternating (so a slow spell of the machine falls on
+    both); a row keeps every run."""
+    rows = [{"setting": label, "overrides": overrides, "runs": []}
+            for label, overrides in (("quickstart (the baseline + 7 trials x 8 models, packs of 8)", []),
+                                     (a.large_label, a.large))]
+    for i in range(a.sweep_runs):
+        for j, row in enumerate(rows):
+            log(f"quickstart: {row['setting']}, run {i + 1} of {a.sweep_runs}")
+            row["runs"].append(run_sweep(row["overrides"], tmp / f"sweep-{j}-{i}"))
     return rows
+
+
+def sweep_row(row: dict) -> str:
+    """A table row: the median of each column over the runs; shares and wall times also run by run."""
+    runs = row["runs"]
+    med = {k: statistics.median(r[k] for r in runs) for k in ("train_s", "wall_s", "sweep_s", "first_pack_s", "trials_s")}
+    share = [r["train_s"] / r["wall_s"] for r in runs]
+    own = [r["train_s"] / r["sweep_s"] for r in runs]
+    phase = [r["train_s"] / r["trials_s"] for r in runs]
+    def runs_of(xs, f):
+        return (f" ({', '.join(f(x) for x in xs)})" if len(xs) > 1 else "")
+    pct, sec = (lambda x: f"{x:.1%}"), (lambda x: f"{x:.1f}")
+    return (f"| {row['setting']} | {runs[0]['packs']} ({runs[0]['models']}) | {med['train_s']:.1f} "
+            f"| {med['wall_s']:.1f}{runs_of([r['wall_s'] for r in runs], sec)} | {med['sweep_s']:.0f} "
+            f"| **{statistics.median(share):.1%}**{runs_of(share, pct)} | {statistics.median(own):.1%}{runs_of(own, pct)} "
+            f"| {med['first_pack_s']:.1f} | {med['trials_s']:.1f} | {statistics.median(phase):.1%} |")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -428,14 +449,13 @@ def report(a: argparse.Namespace, bank: list[list[dict]], fixed: list[dict], swe
                   f"| {each(rest, 'after_s', 3)} | {each(fixed, 'after_pack_s', 2)} |",
                   "", f"before / after: {before / after:.0f}x (means of the rounds after the first)."]
     if sweeps:
-        lines += ["", f"Training share of a sweep ({cpu}; `raymia sweep`, its own Ray instance):", "",
+        n = len(sweeps[0]["runs"])
+        lines += ["", f"Training share of a sweep ({cpu}; `raymia sweep`, its own Ray instance"
+                  + (f"; medians of {n} runs, the settings alternating, each run in brackets" if n > 1 else "") + "):", "",
                   "| sweep | packs (models) trained | sum of pack s | process wall s | sweep's own s "
                   "| share of process wall | share of sweep's own | first pack asked for at s | trials' phase s "
                   "| share of trials' phase |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in sweeps:
-            lines.append(f"| {r['setting']} | {r['packs']} ({r['models']}) | {r['train_s']:.1f} | {r['wall_s']:.1f} "
-                         f"| {r['sweep_s']:.0f} | {r['train_s'] / r['wall_s']:.1%} | {r['train_s'] / r['sweep_s']:.1%} "
-                         f"| {r['first_pack_s']:.1f} | {r['trials_s']:.1f} | {r['train_s'] / r['trials_s']:.1%} |")
+        lines += [sweep_row(r) for r in sweeps]
         lines += ["", "Larger sweep: `" + " ".join(f"--set {o}" for o in sweeps[-1]["overrides"]) + "`."]
     return "\n".join(lines) + "\n"
 
@@ -452,6 +472,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--repeats", type=int, default=3, help="rounds of the bank part (medians reported)")
     ap.add_argument("--work-dir", default=None, help="keep stores and logs here (default: a temporary folder)")
     ap.add_argument("--fixed-rounds", type=int, default=3, help="timed rounds after the first (untimed) one")
+    ap.add_argument("--sweep-runs", type=int, default=3, help="runs of each sweep of the quickstart part (medians)")
     ap.add_argument("--large", nargs="*", default=["plan.num_models=64", "bank.pack_size=16", "sweep.num_trials=4"],
                     help="--set overrides of the larger sweep")
     ap.add_argument("--large-label", default="larger bank (the baseline + 4 trials x 64 models, packs of 16)")
