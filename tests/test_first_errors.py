@@ -71,6 +71,16 @@ def test_queries_and_models_that_do_not_fit_the_data_are_refused_before_training
                                         r"expected logits \[2, 10\]"):
         raymia.run_audit(_spec(tmp_path, model="firstnets:five"))
     assert not (tmp_path / "runs" / "signals").exists()
+    # the check runs where the spec is first checked; the processes it hands the spec to (pool workers, a
+    # sweep's trials) skip it, and it is all they skip
+    from raymia.spec import AuditSpec
+    from raymia.train.bank import BankContext
+
+    five = AuditSpec.model_validate(_spec(tmp_path, model="firstnets:five"))
+    assert BankContext.from_spec(five, check_model=False).plan.num_models == 4
+    too_many = AuditSpec.model_validate(_spec(tmp_path, model="firstnets:five", plan={"num_models": 4, "population": 5000}))
+    with pytest.raises(SpecError, match=r"^plan.population: 5000 exceeds the 1347 training points"):
+        BankContext.from_spec(too_many, check_model=False)
     with pytest.raises(SpecError, match=r"^plan.num_models: leave-one-out .* needs at least 4 models, got 2"):
         raymia.run_audit(_spec(tmp_path, plan={"num_models": 2}))
 
