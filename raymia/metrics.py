@@ -2,7 +2,10 @@
 
 Every function takes one score per audited point (higher = more likely a member) and the ground truth.
 Scores are handled in float64 throughout: low-FPR metrics depend on the order of a few extreme scores,
-and casting to float32 would create ties that do not exist.
+and casting to float32 would create ties that do not exist. Only numpy and scipy.special are imported at
+module level: this module is loaded by every sweep trial's process, where scikit-learn's metrics and
+scipy.stats would cost about a second of start-up each (the ROC curve is sklearn's algorithm, checked
+against it in tests/test_metrics.py).
 """
 
 from __future__ import annotations
@@ -13,9 +16,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import special
-from scipy.optimize import brentq
-from scipy.stats import beta
-from sklearn.metrics import auc, roc_curve
 
 DEFAULT_FPR_LEVELS: tuple[float, ...] = (0.01, 0.001)
 DEFAULT_FNR_LEVELS: tuple[float, ...] = (0.001,)
@@ -48,11 +48,27 @@ def _validate(scores: np.ndarray, is_member: np.ndarray) -> tuple[np.ndarray, np
     return s, y
 
 
+def _roc_curve(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """sklearn.metrics.roc_curve(y, s, drop_intermediate=False) on validated input: one point per distinct
+    score (tied scores move together), from (0, 0) at threshold +inf to (1, 1)."""
+    order = np.argsort(s, kind="mergesort")[::-1]
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]  # the last index of each run of tied scores
+    tps = np.cumsum(y, dtype=np.float64)[last]
+    fps = 1.0 + last - tps
+    tps, fps = np.r_[0.0, tps], np.r_[0.0, fps]
+    return fps / fps[-1], tps / tps[-1], np.r_[np.inf, s[last]]
+
+
+def _auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """Area under the ROC curve by trapezoids: the Mann-Whitney statistic, ties counted 1/2."""
+    return float((np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0).sum())
+
+
 def roc(scores: np.ndarray, is_member: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ROC curve (fpr, tpr, thresholds) of the rule `score >= threshold => member`, all points kept."""
     s, y = _validate(scores, is_member)
-    fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
-    return fpr, tpr, thresholds
+    return _roc_curve(y, s)
 
 
 def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, level: float, n_nonmembers: int) -> float | None:
@@ -97,10 +113,10 @@ def attack_metrics(
     for f in fpr_levels:
         if not 0.0 < float(f) <= 1.0:
             raise ValueError(f"FPR level must lie in (0, 1], got {f}")
-    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    fpr, tpr, _ = _roc_curve(y, s)
     n_out = int(np.count_nonzero(~y))
     out: dict[str, float | None] = {
-        "auc": float(auc(fpr, tpr)),  # trapezoids = Mann-Whitney, ties count 1/2
+        "auc": _auc(fpr, tpr),
         "balanced_accuracy": balanced_accuracy(fpr, tpr),
     }
     for f in fpr_levels:
@@ -146,6 +162,17 @@ def ece(outputs: np.ndarray, labels: np.ndarray, n_bins: int = 15, from_logits: 
     # sum_b (n_b / N) |acc_b - conf_b| = sum_b |sum of correct in b - sum of conf in b| / N
     gap = np.bincount(b, weights=correct, minlength=n_bins) - np.bincount(b, weights=conf, minlength=n_bins)
     return float(np.abs(gap).sum() / z.shape[0])
+
+
+def as_number(v: object) -> float | None:
+    """A metric's value as a float (infinities kept), or None when missing, boolean, non-numeric or NaN."""
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
 
 
 def spread_key(metric: str) -> str:
@@ -276,7 +303,7 @@ def _cp_lower(k: np.ndarray, n: int, confidence: float) -> np.ndarray:
     """One-sided Clopper-Pearson lower bound of a proportion with k successes of n (0 when k = 0)."""
     k = np.asarray(k, dtype=np.float64)
     with np.errstate(invalid="ignore"):
-        lo = beta.ppf(1.0 - confidence, k, n - k + 1.0)
+        lo = special.betaincinv(k, n - k + 1.0, 1.0 - confidence)  # the Beta(k, n-k+1) quantile
     return np.where(k > 0, lo, 0.0)
 
 
@@ -284,7 +311,7 @@ def _cp_upper(k: np.ndarray, n: int, confidence: float) -> np.ndarray:
     """One-sided Clopper-Pearson upper bound of a proportion with k successes of n (1 when k = n)."""
     k = np.asarray(k, dtype=np.float64)
     with np.errstate(invalid="ignore"):
-        hi = beta.ppf(confidence, k + 1.0, n - k)
+        hi = special.betaincinv(k + 1.0, n - k, confidence)
     return np.where(k < n, hi, 1.0)
 
 
@@ -443,6 +470,8 @@ def _one_run_eps(r: int, v: int, beta_: float) -> float:
     hi = 1.0
     while excess(hi) <= 0.0:  # excess(eps) -> 1 - beta > 0 as eps grows: ends within a few doublings
         hi *= 2.0
+    from scipy.optimize import brentq
+
     return float(brentq(excess, hi / 2.0 if hi > 1.0 else 0.0, hi, xtol=1e-12, rtol=1e-12))
 
 
@@ -601,7 +630,7 @@ def full_metrics(
     for f in fnr_levels:
         if not 0.0 < float(f) <= 1.0:
             raise ValueError(f"FNR level must lie in (0, 1], got {f}")
-    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    fpr, tpr, _ = _roc_curve(y, s)
     n_in = int(y.sum())
     for f in fnr_levels:
         out[fnr_key(float(f))] = tnr_at_fnr(fpr, tpr, float(f), n_in)

@@ -29,8 +29,8 @@ import numpy as np
 import yaml
 
 from raymia.errors import RaymiaError
+from raymia.metrics import as_number as _num
 from raymia.metrics import spread_key
-from raymia.report.plots import as_number as _num
 from raymia.tracking import (
     KIND_SWEEP,
     KIND_TRIAL,
@@ -46,6 +46,7 @@ from raymia.tracking import (
 
 SWEEP_PREFIX = "sweep-"
 _LIVE = ("FINISHED", "RUNNING")
+
 
 
 # ---------------------------------------------------------------------------------------------------------

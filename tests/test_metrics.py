@@ -8,9 +8,11 @@ import time
 import numpy as np
 import pytest
 from scipy.stats import beta
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from raymia.metrics import (
+    _cp_lower,
+    _cp_upper,
     _weighted_stats,
     accuracy,
     attack_metrics,
@@ -45,6 +47,28 @@ def test_auc_matches_sklearn_on_random_data() -> None:
         scores[:50] = np.round(scores[:50], 1)  # some ties
         m = attack_metrics(scores, is_member)
         assert m["auc"] == pytest.approx(roc_auc_score(is_member, scores), abs=1e-12)
+
+
+def test_roc_is_sklearns_roc_curve_point_for_point() -> None:
+    """raymia's ROC (kept free of scikit-learn's import) equals sklearn's with every point kept, ties and
+    integer scores included."""
+    rng = np.random.default_rng(1)
+    cases = [(rng.normal(size=400), rng.random(400) < 0.3),
+             (np.round(rng.normal(size=300), 1), rng.random(300) < 0.5),  # many ties
+             (rng.integers(0, 4, size=200), rng.random(200) < 0.5),  # four distinct scores
+             (np.array(MEMBER_SCORES + NONMEMBER_SCORES), np.array([True] * 4 + [False] * 4))]
+    for scores, is_member in cases:
+        got = roc(scores, is_member)
+        want = roc_curve(is_member, scores.astype(np.float64), drop_intermediate=False)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
+
+
+def test_clopper_pearson_bounds_are_beta_quantiles() -> None:
+    k = np.arange(0, 21)
+    np.testing.assert_allclose(_cp_lower(k, 20, 0.95)[1:], beta.ppf(0.05, k[1:], 20 - k[1:] + 1), rtol=1e-12)
+    np.testing.assert_allclose(_cp_upper(k, 20, 0.95)[:-1], beta.ppf(0.95, k[:-1] + 1, 20 - k[:-1]), rtol=1e-12)
+    assert _cp_lower(k, 20, 0.95)[0] == 0.0 and _cp_upper(k, 20, 0.95)[-1] == 1.0
 
 
 def test_small_example_by_hand() -> None:

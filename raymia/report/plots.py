@@ -20,19 +20,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from raymia.metrics import as_number  # noqa: E402
+
 _DPI = 150
 _MIN_FPR = 1e-5
-
-
-def as_number(v: Any) -> float | None:
-    """v as a float (infinities kept), or None when missing, boolean, non-numeric or NaN."""
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f
 
 
 def _value(point: Mapping[str, Any], key: str) -> float | None:

@@ -19,19 +19,22 @@ read.
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import Field
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.neural_network import MLPClassifier
 
 from raymia.attacks.mia import log_softmax
 from raymia.attacks.mia.threshold import check_query
 from raymia.attacks.registry import ATTACKS
 from raymia.registry import Params
 from raymia.signals import Signals
+
+if TYPE_CHECKING:
+    from sklearn.neural_network import MLPClassifier
+
+# scikit-learn is imported where a classifier is fitted: the registry loads every attack module, and its
+# import (about a second) would otherwise be paid by every process that runs any attack.
 
 # per_class mode: a class with fewer training rows than this gets a logistic regression instead of an MLP.
 MIN_MLP_ROWS = 100
@@ -96,6 +99,8 @@ def sample_shadow_rows(
 
 
 def _mlp(hidden: int, max_iter: int, seed: int) -> MLPClassifier:
+    from sklearn.neural_network import MLPClassifier
+
     return MLPClassifier(
         hidden_layer_sizes=(hidden,), early_stopping=False, max_iter=max_iter, random_state=seed
     )
@@ -103,6 +108,8 @@ def _mlp(hidden: int, max_iter: int, seed: int) -> MLPClassifier:
 
 def _fit_predict(clf, x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndarray) -> np.ndarray:
     """Fit clf on (x_train, y_train in {0, 1}) and return P(y = 1) on x_eval as float64."""
+    from sklearn.exceptions import ConvergenceWarning
+
     with warnings.catch_warnings():
         # max_iter is a training budget: stopping at it is expected, not a failure worth a warning
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -149,6 +156,8 @@ def shokri_attack(signals: Signals, target: int, params: ShokriParams) -> np.nda
         if y.size >= MIN_MLP_ROWS:
             clf = _mlp(params.hidden, params.max_iter, params.seed)
         else:
+            from sklearn.linear_model import LogisticRegression
+
             clf = LogisticRegression(max_iter=1000)
         scores[cols] = _fit_predict(clf, x_train[rows], y, x_target[cols])
     return scores

@@ -51,7 +51,6 @@ from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field
-from scipy.stats import rankdata
 
 from raymia.attacks.mia import cross_entropy
 from raymia.attacks.registry import ATTACKS
@@ -235,6 +234,8 @@ def _auc(scores: np.ndarray, member: np.ndarray) -> float:
     """ROC AUC (Mann-Whitney, ties counted half), as sklearn's roc_auc_score."""
     n1 = int(member.sum())
     n0 = member.size - n1
+    from scipy.stats import rankdata  # here: scipy.stats costs a trial's process ~1 s to import, offline only
+
     ranks = rankdata(scores)
     return float((ranks[member].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
