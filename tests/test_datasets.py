@@ -793,3 +793,33 @@ def test_every_entry_registered_and_listed(cli_listing):
     assert cli_listing.returncode == 0, stderr
     for name in NEW_ENTRIES:
         assert f"dataset {name}:" in stdout
+
+
+# ----------------------------------------------------------------------------------------------- digits
+def test_digits_read_and_split_as_sklearn():
+    """The digits loader reads sklearn's file and splits it without importing sklearn; both must give
+    what sklearn's load_digits and stratified train_test_split give."""
+    from sklearn.datasets import load_digits as sk_load
+    from sklearn.model_selection import train_test_split
+
+    from raymia.data.digits import read_digits, stratified_split
+
+    pixels, y = read_digits()
+    d = sk_load()
+    np.testing.assert_array_equal(pixels, d.data)
+    np.testing.assert_array_equal(y, d.target)
+    for fraction, seed in [(0.25, 0), (0.25, 7), (0.1, 3), (0.5, 11), (0.333, 2), (0.0056, 5), (0.99, 1)]:
+        want = train_test_split(np.arange(len(y)), test_size=fraction, random_state=seed, stratify=y)
+        for got, ref in zip(stratified_split(y, fraction, seed), want, strict=True):
+            np.testing.assert_array_equal(got, ref)
+    data = load_dataset("digits", {"test_fraction": 0.25, "split_seed": 0})
+    idx_tr, _ = train_test_split(np.arange(len(y)), test_size=0.25, random_state=0, stratify=y)
+    np.testing.assert_array_equal(data.y_train.numpy(), y[idx_tr])
+
+
+def test_digits_split_too_small_is_one_line():
+    from raymia.errors import SpecError
+
+    with pytest.raises(SpecError, match=r"test_fraction 0\.001 leaves 1795 training and 2 test images") as e:
+        load_dataset("digits", {"test_fraction": 0.001})
+    assert e.value.where == "data.params.test_fraction"
