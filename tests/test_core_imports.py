@@ -46,6 +46,34 @@ def test_core_runs_without_ray_mlflow_optuna(tmp_path):
     assert "pack 1 done (2/2," in lines[1] and "left" not in lines[1]
 
 
+LEAN = """
+import sys
+import numpy as np
+import raymia.sweep, raymia.audit, raymia.engine.pool, raymia.train.bank
+from raymia.attacks import run_attack
+from raymia.data import load_dataset
+from raymia.metrics import full_metrics
+from raymia.signals import Signals
+load_dataset("digits")
+rng = np.random.default_rng(0)
+keep = rng.random((8, 100)) < 0.5
+sig = Signals(logits=rng.normal(size=(8, 2, 100, 10)).astype(np.float32), labels=rng.integers(0, 10, 100), keep=keep,
+              pop_logits=rng.normal(size=(8, 2, 50, 10)).astype(np.float32), pop_labels=rng.integers(0, 10, 50))
+for attack in ("loss", "lira_online", "lira_offline", "rmia_online"):
+    full_metrics(run_attack(attack, None, sig, 0), keep[0])
+print(" ".join(m for m in ("sklearn", "scipy.stats", "scipy.optimize", "matplotlib", "pandas") if m in sys.modules))
+"""
+
+
+def test_quickstart_processes_import_no_heavy_libraries():
+    """Each process of a quickstart sweep (driver, bank worker, trials) loads digits, runs the quickstart's
+    attacks and their metrics without scikit-learn, scipy.stats, matplotlib or pandas: their imports
+    would add about 1 to 2 s of start-up to each (benchmarks/RESULTS.md)."""
+    out = subprocess.run([sys.executable, "-c", LEAN], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == ""
+
+
 def test_duration_format():
     from raymia.report.text import duration as _duration
 
