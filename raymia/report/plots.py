@@ -73,12 +73,15 @@ def plot_roc(
         ax.set_ylim(lo, 1.0)
         ax.set_xlabel("False positive rate")
         ax.set_ylabel("True positive rate")
-        if title:
-            ax.set_title("\n".join(textwrap.wrap(title, 55)), fontsize=11)
+        lines = textwrap.wrap(title or "", 55)
+        if lines:
+            ax.set_title("\n".join(lines), fontsize=11)
         ax.grid(True, which="major", alpha=0.4)
         ax.grid(True, which="minor", alpha=0.15)
         ax.legend(loc="lower right", fontsize="small")
-        fig.tight_layout()
+        # Fixed margins (the tick labels are powers of ten, the size is fixed): tight_layout would measure
+        # every log tick label, half of the figure's time, paid by each audit of a sweep.
+        fig.subplots_adjust(left=0.14, right=0.955, bottom=0.115, top=0.97 - 0.042 * len(lines))
         fig.savefig(path, dpi=_DPI)
     finally:
         plt.close(fig)
