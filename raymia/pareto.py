@@ -48,7 +48,6 @@ SWEEP_PREFIX = "sweep-"
 _LIVE = ("FINISHED", "RUNNING")
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # objectives, constraints and the front
 

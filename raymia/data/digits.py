@@ -2,7 +2,7 @@
 
 The file is read, and split, without importing scikit-learn: its import (about a second) would be paid by
 every process that loads the quickstart's data, the sweep's driver and each bank worker. The split is
-sklearn's stratified `train_test_split` step for step (`stratified_split`; tests/test_data.py checks that
+sklearn's stratified `train_test_split` step for step (`stratified_split`; tests/test_datasets.py checks that
 both give the same indices), so the digits' splits stay what they were.
 """
 
