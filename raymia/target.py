@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,11 @@ def load_checkpoint(path: str, model, model_name: str, where: str = "target.chec
     if not Path(path).is_file():
         raise SpecError("file not found", where=where)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch's note on a pickle protocol other than 2 (a whole pickled module, or a state_dict saved
+            # with another protocol): the file either loads, or fails with the one line below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise SpecError("not a weights file that torch.load(weights_only=True) reads (save the model's "
                         f"state_dict() with torch.save): {first_line(e)}", where=where) from None
