@@ -458,14 +458,25 @@ def print_front(
 
     objectives = objective_pairs(objectives)
     by_num = {t["trial"]: t for t in trials}
-    table = Table(title=f"sweep {sweep}: Pareto front ({len(front)} of {len(trials)} trials)")
-    for col in ("trial", "defense", "params"):
-        table.add_column(col)
-    for metric, mode in objectives:
-        table.add_column(f"{metric} ({mode})", justify="right")
-    for n in front:
-        t = by_num[n]
-        table.add_row(str(n), str(t["defense"]), fmt_params(t), *[fmt_mean_std(t, m) for m, _ in objectives])
+    rows = [by_num[n] for n in front]
+    params = [fmt_params(t) for t in rows]
+    # One defense on the front goes in the title, leaving its column's width to the parameters. Columns
+    # "fold" instead of rich's "…": a narrow console (80 columns in a log file) must not hide a parameter's
+    # value or the FPR level in a metric's name.
+    defenses = sorted({str(t["defense"]) for t in rows})
+    one = len(defenses) == 1
+    title = f"sweep {sweep}: Pareto front ({len(front)} of {len(trials)} trials)"
+    table = Table(title=title + (f", all {defenses[0]}" if one else ""))
+    table.add_column("trial", overflow="fold")
+    if not one:
+        table.add_column("defense", overflow="fold")
+    table.add_column("params", overflow="fold")
+    values = [[fmt_mean_std(t, m) for m, _ in objectives] for t in rows]
+    for i, (metric, mode) in enumerate(objectives):  # as wide as the values; a longer name folds
+        table.add_column(f"{metric} ({mode})", justify="right", overflow="fold",
+                         max_width=max([len(v[i]) for v in values] + [len(mode) + 2, 8]))
+    for n, t, p, v in zip(front, rows, params, values, strict=True):
+        table.add_row(str(n), *([] if one else [str(t["defense"])]), p, *v)
     c = console or Console()
     c.print(table)
     if show_hypervolume:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import itertools
 import random
 import subprocess
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from raymia.errors import RaymiaError
-from raymia.pareto import hypervolume, trials_from_mlflow, write_front
+from raymia.pareto import hypervolume, print_front, trials_from_mlflow, write_front
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ACC, TPR = "test_accuracy", "lira_online/tpr_fpr_0.01"
@@ -198,6 +199,31 @@ def test_unknown_sweep_or_experiment_is_a_raymia_error(store):
         trials_from_mlflow(store["uri"], "X", parent_run_id="0" * 32)
     with pytest.raises(RaymiaError, match="no MLflow store"):
         trials_from_mlflow(f"sqlite:///{store['dir']}/missing.db", "X")
+
+
+def test_console_front_hides_no_value_at_80_columns():
+    """A log file's console is 80 columns wide: the table folds, it never cuts a parameter's value or a
+    metric's name short with rich's ellipsis; one defense on the front is named in the title."""
+    from rich.console import Console
+
+    objectives = [("test_accuracy", "max"), ("lira_online/tpr_fpr_0.01", "min")]
+    trials = [{"trial": 0, "defense": "none", "params": {}, "status": "ok", "test_accuracy": 0.9367,
+               "lira_online/tpr_fpr_0.01": 0.1137}]
+    for n, (g, a) in enumerate([(0.679, 0.00852), (0.314, 0.0435), (0.838, 0.000119)], start=1):
+        trials.append({"trial": n, "defense": "hamp", "status": "ok", "test_accuracy": 0.95 + n / 1000,
+                       "std/test_accuracy": 0.01, "lira_online/tpr_fpr_0.01": 0.01 * n,
+                       "std/lira_online/tpr_fpr_0.01": 0.008,
+                       "params": {"gamma": g, "alpha": a, "output_modification": True}})
+    for front, title in (([1, 2, 3], "Pareto front (3 of 4 trials), all hamp"), ([1, 2, 3, 0], "(4 of 4 trials)")):
+        console = Console(width=80, file=io.StringIO(), record=True)
+        print_front("quickstart", trials, objectives, front, "done", console=console)
+        lines = console.export_text().splitlines()
+        text = "\n".join(lines)
+        assert title in text and "…" not in text and max(len(ln) for ln in lines) <= 80
+        cells = "".join(ln.split("│")[-4].strip() for ln in lines if "│" in ln)  # the params column
+        assert cells.count("output_modification=True") == 3  # whole, once folding is undone
+        assert "lira_online/tpr_fpr_0.01 (min)" in "".join(ln.split("┃")[-2].strip() for ln in lines if "┃" in ln)
+        assert ("defense" in text) == (0 in front)
 
 
 # --- the command -----------------------------------------------------------------------------------------
