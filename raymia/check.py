@@ -169,9 +169,10 @@ def _model_and_training_rows(spec: AuditSpec, ctx, kind: str) -> list[tuple[str,
     targets = list(plan.targets)
     attacked = ("the shadows of your target" if spec.target is not None else
                 f"{len(targets)} attacked ({', '.join(map(str, targets[:8]))}{', ...' if len(targets) > 8 else ''})")
+    lo, hi = int(members.min()), int(members.max())
     rows.append(("plan", f"{m} models, {attacked}; {_n(plan.keep.shape[1])} audited points, each "
-                         f"in the training set of {m // 2} models; {_n(int(members.min()))} to "
-                         f"{_n(int(members.max()))} members per model"))
+                         f"in the training set of {m // 2} models; {_n(lo)}{'' if lo == hi else f' to {_n(hi)}'} "
+                         "members per model"))
     r = ctx.recipe
     steps = r.epochs * ctx.steps_per_epoch
     own_loop = ctx.trains_itself
