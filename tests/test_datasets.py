@@ -817,6 +817,18 @@ def test_digits_read_and_split_as_sklearn():
     np.testing.assert_array_equal(data.y_train.numpy(), y[idx_tr])
 
 
+def test_digits_without_the_bundled_file_asks_sklearn(monkeypatch):
+    """A scikit-learn whose package does not hold digits.csv.gz where it used to: its own loader reads it."""
+    from raymia.data import digits as digits_mod
+
+    pixels, y = digits_mod.read_digits()
+    monkeypatch.setattr(digits_mod.importlib.util, "find_spec", lambda name: None)
+    again, y_again = digits_mod.read_digits()
+    np.testing.assert_array_equal(again, pixels)
+    np.testing.assert_array_equal(y_again, y)
+    assert y.dtype == y_again.dtype == np.int64
+
+
 def test_digits_split_too_small_is_one_line():
     from raymia.errors import SpecError
 
