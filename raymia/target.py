@@ -148,8 +148,8 @@ def load_checkpoint(path: str, model, model_name: str, where: str = "target.chec
         raise SpecError("file not found", where=where)
     try:
         with warnings.catch_warnings():
-            # torch's note on a pickle protocol other than 2 (a whole pickled module, or a state_dict saved
-            # with another protocol): the file either loads, or fails with the one line below
+            # torch's note on a pickle protocol other than its own 2 (a file pickle.dump wrote, or torch.save
+            # with pickle_protocol=4): the file either loads, or fails with the one line below
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
