@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -412,11 +413,31 @@ class _SaidByRaymia(logging.Filter):
         return not str(record.msg).startswith(self.SAID)
 
 
+class _TuneSyncRace(logging.Filter):
+    """Drops Tune's ERROR for one known race, and only that one. Tune saves its searcher's state by writing a
+    hidden temporary file (`.<uuid4>-<name>`) and renaming it, in the folder that a background thread is
+    meanwhile copying to the experiment's storage; when the copy lists the temporary file before the rename,
+    that upload fails with FileNotFoundError on it. Nothing is lost: the next upload copies the whole
+    folder again, and raymia keeps its own copy of Tune's state after every finished trial. Any other failed
+    upload (permissions, a full disk, an unreachable bucket) still reaches the console."""
+
+    TMP = re.compile(r"/\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}-[^/]*'")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if (str(record.msg).startswith("Saving experiment state to storage") and isinstance(exc, FileNotFoundError)
+                and self.TMP.search(str(exc))):
+            log.debug("Tune's state upload raced its own temporary file (uploaded again next time): %s", exc)
+            return False
+        return True
+
+
 def _quiet_tune_summaries() -> None:
-    for name in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis"):
+    for name, kind in (("ray.tune.tune", _SaidByRaymia), ("ray.tune.analysis.experiment_analysis", _SaidByRaymia),
+                       ("ray.tune.execution.experiment_state", _TuneSyncRace)):
         lg = logging.getLogger(name)
-        if not any(isinstance(f, _SaidByRaymia) for f in lg.filters):
-            lg.addFilter(_SaidByRaymia())
+        if not any(isinstance(f, kind) for f in lg.filters):
+            lg.addFilter(kind())
 
 
 def _lost(trial) -> bool:
