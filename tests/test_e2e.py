@@ -165,6 +165,10 @@ def test_cli_progress_lines_show_once_at_the_drivers_level(console_runs):
     text = out.stdout + out.stderr
     assert text.count("[raymia] training 2 pack(s) on 1 warm worker(s)") == 1
     assert text.count("[raymia] worker 0: pack 0 done (1/2") == 1 and text.count("pack 1 done (2/2") == 1
+    lines = text.splitlines()
+    how = [i for i, ln in enumerate(lines) if ln.startswith("[raymia] bank: ")]  # how the bank trains
+    first = next(i for i, ln in enumerate(lines) if "pack 0 done (1/2" in ln)
+    assert len(how) == 1 and how[0] < first, lines  # the driver says it before the pack that decided it
     assert "Requesting resources" not in text and "Started training worker group" not in text
     for noise in HEALTHY_RUN_NOISE:
         assert noise not in text, (noise, text[-3000:])

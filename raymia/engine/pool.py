@@ -15,6 +15,7 @@ import collections
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +60,8 @@ class BankWorker:
     def train(self, spec: dict[str, Any], store_root: str, fingerprint: str, pack: int, worker_models: int,
               log_level: int, prefix: str) -> dict[str, Any] | None:
         """Train one pack and store it; None when the store already holds it (another worker or an earlier
-        run stored it). Returns the pack's manifest extras (device, seconds, vectorised)."""
+        run stored it). Returns the pack's manifest extras (device, seconds, vectorised) and `notes`: the lines
+        the driver says before the pack's (the bank's way of training, when this pack decided it)."""
         from raymia.engine.bank_job import worker_logging
         from raymia.train.bank import train_pack
 
@@ -68,15 +70,17 @@ class BankWorker:
         store = SignalStore(store_root, fingerprint, s.bank.pack_size, s.plan.num_models, s.pack_fingerprints())
         if store.check_pack(pack) is None:
             return None
-        ctx, vectorize = self._context(s, fingerprint, worker_models)
+        notes: list[str] = []  # said by the driver, before the pack's line: a worker's own log arrives late
+        ctx, vectorize = self._context(s, fingerprint, worker_models, notes.append)
         t0 = time.perf_counter()
         arrays, reports = train_pack(ctx, pack, self.device, vectorize=vectorize)
         meta = {"device": str(self.device), "seconds": time.perf_counter() - t0, "vectorized": vectorize,
                 "worker": self.index, **self.where()}
         store.write_pack(pack, arrays, meta={**meta, "defense_reports": reports})
-        return meta
+        return {**meta, "notes": notes}
 
-    def _context(self, spec: AuditSpec, fingerprint: str, worker_models: int) -> tuple[Any, bool]:
+    def _context(self, spec: AuditSpec, fingerprint: str, worker_models: int,
+                 say: Callable[[str], None]) -> tuple[Any, bool]:
         from raymia.data.registry import load_dataset
         from raymia.train.bank import BankContext, choose_vectorize
 
@@ -89,7 +93,8 @@ class BankWorker:
         ctx = BankContext.from_spec(spec, data=self._data[key], check_model=False)  # the audit checked it
         speed = _speed_key(spec)  # the sweep's trials differ in defense parameters, which do not change speed
         if speed not in self._vectorize:
-            self._vectorize[speed] = choose_vectorize(ctx, ctx.pack_models(0), self.device, worker_models=worker_models)
+            self._vectorize[speed] = choose_vectorize(ctx, ctx.pack_models(0), self.device, worker_models=worker_models,
+                                                      say=say)
         vectorize = self._vectorize[speed]
         self._contexts[fingerprint] = (ctx, vectorize)
         while len(self._contexts) > CONTEXTS_KEPT:
@@ -235,6 +240,8 @@ class BankPool:
             if meta is None:
                 log.info("pack %d was already stored (%d/%d)", p, done_count, len(packs))
             else:
+                for note in meta.get("notes", ()):
+                    log.info("%s", note)
                 log.info("worker %d: pack %d done (%d/%d, %.1fs%s)", w, p, done_count, len(packs), meta["seconds"],
                          f", about {_duration(left)} left" if done_count < len(packs) else "")
 

@@ -19,6 +19,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -451,13 +452,15 @@ PROBE_SHARE = 0.03  # at most this share of a worker's training goes into timing
 
 def choose_vectorize(
     ctx: BankContext, models: list[int], device: torch.device, worker_models: int | None = None,
-    probe_steps: int = 16,
+    probe_steps: int = 16, say: Callable[[str], None] | None = None,
 ) -> bool:
     """Whether to train these models as one pack. With `bank.vectorize: auto`, times a few steps
     of the pack and of the one-model loop (after a 2-step warm-up of each) and keeps the faster per model.
     The probe is kept under PROBE_SHARE of the `worker_models` models' training; when that is too short
     to time, the default is packs on CUDA, and on a CPU packs only for the sequential architectures that
-    run as a `PackedSequential` (the vmap pack of a convolutional net is slower than one by one there)."""
+    run as a `PackedSequential` (the vmap pack of a convolutional net is slower than one by one there).
+    The choice is said in one line through `say` (default: the raymia log)."""
+    say = say or log.info
     choice = ctx.spec.bank.vectorize
     if len(models) < 2 or ctx.trains_itself:
         return False
@@ -469,8 +472,7 @@ def choose_vectorize(
     if n < 3:
         vectorize = device.type == "cuda" or runs_packed(ctx.defense.prepare_model(build_model(
             ctx.spec.model.name, ctx.spec.model.params, ctx.data.info)), ctx.data.info.input_shape)
-        log.info("bank: %s (training too short to time both paths)",
-                 "vectorised packs" if vectorize else "one model at a time")
+        say(f"bank: {'vectorised packs' if vectorize else 'one model at a time'} (training too short to time both paths)")
         return vectorize
 
     def per_step(fn) -> float:
@@ -484,8 +486,8 @@ def choose_vectorize(
     pack = per_step(lambda s: train_models_packed(ctx, models, device, max_steps=s)) / len(models)
     loop = per_step(lambda s: train_model(ctx, models[0], device, max_steps=s))
     vectorize = pack < loop
-    log.info("bank: %s (per model-step: pack of %d %.2f ms, one by one %.2f ms)",
-             "vectorised packs" if vectorize else "one model at a time", len(models), 1e3 * pack, 1e3 * loop)
+    say(f"bank: {'vectorised packs' if vectorize else 'one model at a time'} (per model-step: pack of "
+        f"{len(models)} {1e3 * pack:.2f} ms, one by one {1e3 * loop:.2f} ms)")
     return vectorize
 
 
