@@ -658,8 +658,6 @@ def run_sweep(
     """Run (or continue) a sweep; `spec` is a spec object, a dict or a YAML file's path, `overrides` the
     CLI's `dotted.key=value` strings. A re-run of the same spec continues an interrupted sweep without
     re-running finished trials (`resume=True` insists that there is one); `fresh=True` discards it."""
-    from ray import tune
-
     from raymia.engine.cluster import ensure_ray
     from raymia.resolve import as_spec
 
@@ -673,6 +671,12 @@ def run_sweep(
     keep = open_root(join(spec.store or str(root), "sweeps", spec.name))
     ray_storage = join(spec.store or str(root), "ray")
     exp = open_root(join(ray_storage, f"sweep-{spec.name}"))
+    # Every check before anything is written or deleted: a spec with a typo run with --fresh must not
+    # discard the finished sweep of the same name.
+    space, _ = validate_sweep(spec)
+    _check_study_storage(spec, sweep_dir)
+    from ray import tune  # after the checks: a bad spec is refused without Ray's 1 s import
+
     if fresh:
         import shutil
 
@@ -682,8 +686,6 @@ def run_sweep(
         if spec.sweep.storage:  # a study in a database outlives the sweep's folder
             _delete_study(spec, sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    space, _ = validate_sweep(spec)
-    _check_study_storage(spec, sweep_dir)
 
     # Resume: the sweep's state (spec hash, MLflow parent run) is in `keep`; Tune's experiment checkpoint
     # and the Optuna study hold the trials. Re-running the same command continues.

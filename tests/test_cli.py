@@ -45,11 +45,17 @@ def test_bad_audit_input_is_one_line_exit_2(tmp_path, content, args, needle):
 
 def test_bad_sweep_objective(tmp_path):
     path = tmp_path / "s.yaml"
-    path.write_text("sweep: {objectives: [{metric: test_accuracy, mode: max}, {metric: lira/auc, mode: min}]}\n"
+    path.write_text("name: s\nsweep: {objectives: [{metric: test_accuracy, mode: max}, {metric: lira/auc, mode: min}]}\n"
                     f"tracking: {{enabled: false}}\noutput_dir: {tmp_path}/runs\n")
-    out = raymia("sweep", str(path))
+    # A finished sweep of the same name: a bad spec run with --fresh is refused before it discards anything.
+    finished = tmp_path / "runs" / "sweeps" / "s"
+    finished.mkdir(parents=True)
+    (finished / "result.json").write_text("{}")
+    out = raymia("sweep", str(path), "--fresh")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "sweep.objectives.1.metric: unknown metric 'lira/auc'; accepted:" in out.stderr
+    assert (finished / "result.json").read_text() == "{}"
+    assert sorted(p.name for p in (tmp_path / "runs").rglob("*")) == ["result.json", "s", "sweeps"]
     path.write_text(f"sweep: {{space: {{beta: {{low: 0, high: 1}}}}}}\noutput_dir: {tmp_path}/runs\n")
     out = raymia("sweep", str(path))
     assert out.returncode == 2 and "sweep.space.beta: 'hamp' has no parameter 'beta'" in out.stderr
