@@ -13,6 +13,7 @@ from raymia.attacks import ATTACKS, run_attack
 from raymia.attacks.mia.rmia import (
     A_GRID,
     combine_queries,
+    count_below_both,
     log_prob_true_label,
     pairwise_fraction,
     rmia_log_ratios,
@@ -238,6 +239,29 @@ def test_vote_blocks_equal_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
     np.testing.assert_array_equal(combine_queries(lx, lz, 1.2, "vote"), whole)
     brute = (np.sum(lx[:, :, None] - math.log(1.2) > lz[:, None, :], axis=0) >= 2).mean(1)
     np.testing.assert_array_equal(whole, brute)
+
+
+def test_two_query_vote_counts_exactly_the_pairs_that_pass_both() -> None:
+    """The default two queries count z below both thresholds by sorted blocks, not by comparing every
+    (x, z) pair: the same integers as the pairwise count, with ties, infinities and NaN (which never
+    passes), for sizes below, at and between the block sizes."""
+    rng = np.random.default_rng(3)
+    for i in range(120):
+        z, p = int(rng.integers(1, 260)), int(rng.integers(1, 90))
+        if i % 3 == 0:
+            a, t = rng.normal(size=(2, z)), rng.normal(size=(2, p))
+        else:  # few distinct values: ties everywhere
+            a, t = rng.integers(0, 5, (2, z)).astype(float), rng.integers(0, 6, (2, p)).astype(float)
+        if i % 3 == 2:
+            for arr in (a, t):
+                arr[rng.random(arr.shape) < 0.1] = np.nan
+                arr[rng.random(arr.shape) < 0.05] = np.inf
+                arr[rng.random(arr.shape) < 0.05] = -np.inf
+        pairwise = ((a[0][None] < t[0][:, None]) & (a[1][None] < t[1][:, None])).sum(axis=1)
+        np.testing.assert_array_equal(count_below_both(a[0], a[1], t[0], t[1]), pairwise)
+    lx, lz = rng.normal(size=(2, 300)), rng.normal(size=(2, 77))
+    brute = (np.sum(lx[:, :, None] - math.log(1.3) > lz[:, None, :], axis=0) >= 2).mean(1)
+    np.testing.assert_array_equal(combine_queries(lx, lz, 1.3, "vote"), brute)
 
 
 def _synthetic_probs(seed: int, m: int, q: int, p: int, z: int, shift: float, noise: float):

@@ -39,8 +39,9 @@ and Privacy Meter's maintained implementation (modules/mia/attacks/rmia.py and a
 All probabilities are handled as float64 logs (log p_y = -cross-entropy of the tempered logits, averages as
 log-mean-exp), so confident outputs whose p_y underflows keep finite ratios. With one query (or
 `combine: mean`) the pairwise count sorts the log Ratio_z once and binary-searches every x: O((P + Z) log Z)
-time and O(P + Z) memory. The vote over several queries compares every (x, z) pair in blocks of x:
-O(Q P Z) time, O(Z * block) memory.
+time and O(P + Z) memory. The vote over two queries (the default identity and hflip) counts the z below
+both thresholds by sorted blocks: O(P sqrt(Z) + Z^1.5) time (`count_below_both`). Over three or more it
+compares every (x, z) pair in blocks of x: O(Q P Z) time, O(Z * block) memory.
 """
 
 from __future__ import annotations
@@ -218,6 +219,8 @@ def combine_queries(
         raise ValueError(f"unknown combine {combine!r}; accepted: vote, mean")
     thr = lx - math.log(gamma)  # [Q, P]: query k passes for z when lz[k, z] < thr[k, x]
     z = lz.shape[1]
+    if q == 2:  # the default queries (identity, hflip): a z wins when both pass, a 2-D dominance count
+        return count_below_both(lz[0], lz[1], thr[0], thr[1]) / z
     block = max(1, _BLOCK_ELEMENTS // z)
     need = q // 2 + 1  # strict majority
     out = np.empty(p, dtype=np.float64)
@@ -228,6 +231,46 @@ def combine_queries(
             wins += lz[k][None, :] < thr[k, s:e, None]
         out[s:e] = np.count_nonzero(wins >= need, axis=1) / z
     return out
+
+
+def count_below_both(a0: np.ndarray, a1: np.ndarray, t0: np.ndarray, t1: np.ndarray) -> np.ndarray:
+    """For every x, the number of z with a0[z] < t0[x] and a1[z] < t1[x] (int64 [P]), NaN never counting.
+
+    Sorted by a0, the z below t0[x] are a prefix; the z below t1[x] in it are counted by binary search in
+    the sorted a1 of the prefix's whole blocks (one sorted copy per block boundary, blocks of about sqrt(Z))
+    plus a direct comparison with the rest of the prefix: O(P sqrt(Z) + Z^1.5) time instead of the pairwise
+    O(P Z), O(Z^1.5) memory.
+    """
+    a0, a1 = np.asarray(a0, dtype=np.float64), np.asarray(a1, dtype=np.float64)
+    t0, t1 = np.asarray(t0, dtype=np.float64), np.asarray(t1, dtype=np.float64)
+    valid = ~(np.isnan(a0) | np.isnan(a1))
+    a0, a1 = a0[valid], a1[valid]
+    order = np.argsort(a0, kind="stable")
+    s0, s1 = a0[order], a1[order]
+    z = s0.size
+    counts = np.zeros(t0.size, dtype=np.int64)
+    if z == 0:
+        return counts
+    n0 = np.searchsorted(s0, t0, side="left")  # the prefix of z below t0 (NaN thresholds: fixed below)
+    block = max(1, math.isqrt(z))
+    full = n0 // block  # whole blocks in each x's prefix
+    by_full = np.argsort(full, kind="stable")
+    starts = np.searchsorted(full[by_full], np.arange(z // block + 2), side="left")
+    prefix = np.empty(0, dtype=np.float64)
+    for k in range(z // block + 1):
+        if k:
+            prefix = np.sort(np.concatenate([prefix, s1[(k - 1) * block:k * block]]))
+        rows = by_full[starts[k]:starts[k + 1]]
+        counts[rows] = np.searchsorted(prefix, t1[rows], side="left")
+    offsets = np.arange(block)
+    step = max(1, _BLOCK_ELEMENTS // block)
+    for s in range(0, t0.size, step):  # the partial block after each prefix's whole ones
+        e = min(t0.size, s + step)
+        idx = full[s:e, None] * block + offsets
+        inside = offsets < (n0[s:e] - full[s:e] * block)[:, None]
+        counts[s:e] += np.count_nonzero(inside & (s1[np.minimum(idx, z - 1)] < t1[s:e, None]), axis=1)
+    counts[np.isnan(t0) | np.isnan(t1)] = 0
+    return counts
 
 
 def _auc(scores: np.ndarray, member: np.ndarray) -> float:
