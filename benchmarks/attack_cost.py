@@ -6,14 +6,23 @@ which is all an attack's cost depends on. Peak memory is what numpy/python alloc
 call beyond the signals themselves (tracemalloc; numpy reports its buffers to it), so "x signals" is the
 attack's extra memory as a multiple of the signals' size.
 
+With `--targets T` each attack also runs against T targets the way an audit does (one Signals object, whose
+per-model transforms every target shares) and, side by side, against each target on a fresh copy of the
+signals (every transform computed again: the plain baseline), and reports the ratio. `--vote` times RMIA's
+two-query vote by sorted blocks against the pairwise count of every (x, z) pair, and checks they agree.
+
     python benchmarks/attack_cost.py                      # the full size
     python benchmarks/attack_cost.py --models 32 --points 5000
+    python benchmarks/attack_cost.py --models 64 --points 20000 --targets 8 --attacks loss lira_online
+    python benchmarks/attack_cost.py --vote --points 50000 --z 10000
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import platform
 import sys
 import time
@@ -41,6 +50,52 @@ def synthetic(models: int, points: int, queries: int, classes: int, z: int, seed
     return Signals(logits=logits, labels=labels, keep=keep, pop_logits=pop, pop_labels=pop_labels)
 
 
+def pairwise_vote(lx: np.ndarray, lz: np.ndarray, gamma: float) -> np.ndarray:
+    """RMIA's two-query vote by comparing every (x, z) pair in blocks of x (the general path's way)."""
+    from raymia.attacks.mia import rmia
+
+    thr, z, p = lx - math.log(gamma), lz.shape[1], lx.shape[1]
+    block, out = max(1, rmia._BLOCK_ELEMENTS // z), np.empty(p)
+    for s in range(0, p, block):
+        e = min(p, s + block)
+        wins = (lz[0][None, :] < thr[0, s:e, None]) & (lz[1][None, :] < thr[1, s:e, None])
+        out[s:e] = np.count_nonzero(wins, axis=1) / z
+    return out
+
+
+def vote_cost(points: int, z: int, rounds: int = 3) -> dict:
+    from raymia.attacks.mia.rmia import combine_queries
+
+    rng = np.random.default_rng(0)
+    lx, lz = rng.normal(size=(2, points)), rng.normal(size=(2, z))
+    blocks, pairs = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        a = combine_queries(lx, lz, 1.0, "vote")
+        blocks.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        b = pairwise_vote(lx, lz, 1.0)
+        pairs.append(time.perf_counter() - t0)
+        assert np.array_equal(a, b), "the block count and the pairwise count disagree"
+    return {"vote": f"P={points} Z={z}", "blocks_s": round(min(blocks), 3), "pairwise_s": round(min(pairs), 3),
+            "ratio": round(min(pairs) / min(blocks), 1)}
+
+
+def targets_cost(name: str, sig: Signals, targets: int) -> dict:
+    """`targets` targets on one Signals (transforms shared) against each on a fresh copy (recomputed)."""
+    sig.forget_derived()
+    t0 = time.perf_counter()
+    shared = [run_attack(name, None, sig, t) for t in range(targets)]
+    t_shared = time.perf_counter() - t0
+    sig.forget_derived()
+    t0 = time.perf_counter()
+    fresh = [run_attack(name, None, dataclasses.replace(sig), t) for t in range(targets)]
+    t_fresh = time.perf_counter() - t0
+    same = all(np.array_equal(a, b) for a, b in zip(shared, fresh, strict=True))
+    return {"attack": name, "targets": targets, "shared_s": round(t_shared, 2), "fresh_s": round(t_fresh, 2),
+            "ratio": round(t_fresh / t_shared, 2), "same_scores": same}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=int, default=256)
@@ -49,8 +104,13 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--z", type=int, default=10_000)
     ap.add_argument("--attacks", nargs="*", default=None)
+    ap.add_argument("--targets", type=int, default=0, help="also time T targets: shared transforms vs fresh")
+    ap.add_argument("--vote", action="store_true", help="only RMIA's two-query vote: blocks vs pairwise")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    if a.vote:
+        print(json.dumps(vote_cost(a.points, a.z)), flush=True)
+        return
     t0 = time.perf_counter()
     sig = synthetic(a.models, a.points, a.queries, a.classes, a.z)
     size = sig.logits.nbytes + sig.pop_logits.nbytes
@@ -58,6 +118,7 @@ def main() -> None:
           f"(built in {time.perf_counter() - t0:.0f}s) on {platform.machine()}", flush=True)
     rows = []
     for name in a.attacks or ATTACKS.names():
+        sig.forget_derived()  # as the audit does after each attack: nothing carried over from the last one
         tracemalloc.start()
         t0 = time.perf_counter()
         scores = run_attack(name, None, sig, 0)
@@ -68,6 +129,10 @@ def main() -> None:
                "x_signals": round(peak / size, 2), "finite": bool(np.isfinite(scores).all())}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if a.targets:
+            row = targets_cost(name, sig, a.targets)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"shape": list(sig.logits.shape), "z": a.z, "rows": rows}, f, indent=1)

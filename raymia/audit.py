@@ -352,6 +352,7 @@ def run_attacks(spec: AuditSpec, attacks: list, signals, targets: list[int] | No
             if j == 0:
                 fpr, tpr, _ = roc(scores, is_member)
                 curves[a.key] = (fpr, tpr)
+        signals.forget_derived()  # this attack's per-model transforms, shared by its targets
         mean[a.key], std[a.key] = _mean_std(runs)
         per_target[a.key] = runs
         all_scores[a.key] = np.stack(per)

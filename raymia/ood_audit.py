@@ -167,6 +167,8 @@ def evaluate_ood(attacks: list, signals, ood_logits: np.ndarray, ood_labels: np.
                 idx = np.arange(sl.start, sl.stop) + p
                 per_set[key] = set_metrics(members, scores[idx], threshold, max_score[idx])
             runs.append(per_set)
+        signals.forget_derived()  # this attack's per-model transforms, shared by its targets
+        ext.forget_derived()
         result.recall[a.key] = float(np.mean(recalls))
         result.members[a.key] = {f"max_score_{k}": (float(np.mean(v)) if (v := [x[i] for x in member_scores
                                                                                  if x[i] is not None]) else None)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -42,6 +43,22 @@ class Signals:
     pop_labels: np.ndarray | None = None
     shadow_pool: np.ndarray | None = None
     fit_mask: np.ndarray | None = None
+    # Per-model transforms of the outputs (LiRA's phi, RMIA's log p_y, a threshold statistic) are the same
+    # whichever model is the target: kept here, an attack run against every target computes them once.
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def derived(self, key: Hashable, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """compute(), kept for later calls with the same key, read-only (it is shared). The key names the
+        transform and every parameter it depends on; it must not depend on the target."""
+        if key not in self._derived:
+            value = compute()
+            value.flags.writeable = False
+            self._derived[key] = value
+        return self._derived[key]
+
+    def forget_derived(self) -> None:
+        """Drop what `derived` kept (the audit does so after each attack: the memory goes back)."""
+        self._derived.clear()
 
     def __post_init__(self) -> None:
         if self.logits.ndim != 4:

@@ -338,3 +338,79 @@ def test_lira_variance_params() -> None:
         run_attack("lira_online", {"variance": "fixed"}, sig, 0)
     with pytest.raises(SpecError, match="center"):
         run_attack("lira_online", {"center": "mode"}, sig, 0)
+
+
+# ---------------------------------------------------------------------------------------------- many targets
+def _paired_bank(m: int = 8, p: int = 240, q: int = 2, z: int = 90, seed: int = 5) -> Signals:
+    """Paired models (2j, 2j+1 on complementary halves) whose members' true-class logit is raised."""
+    rng = np.random.default_rng(seed)
+    half = rng.random((m // 2, p)) < 0.5
+    keep = np.repeat(half, 2, axis=0)
+    keep[1::2] = ~keep[1::2]
+    labels = rng.integers(0, 5, p)
+    logits = rng.normal(size=(m, q, p, 5)).astype(np.float32)
+    logits[:, :, np.arange(p), labels] += 1.0 + keep[:, None, :].astype(np.float32)
+    pop_labels = rng.integers(0, 5, z)
+    pop = rng.normal(size=(m, q, z, 5)).astype(np.float32)
+    pop[:, :, np.arange(z), pop_labels] += 1.0
+    return Signals(logits=logits, labels=labels, keep=keep, pop_logits=pop, pop_labels=pop_labels)
+
+
+FAST = {"shokri": {"max_iter": 15}, "salem": {"max_iter": 15}}
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS.names()))
+def test_targets_sharing_one_signals_score_as_on_fresh_copies(name: str) -> None:
+    """An audit attacks every target on one Signals object, whose per-model transforms (LiRA's phi, RMIA's
+    log p_y and tuned a, a threshold statistic) the targets share: the scores are those of each target
+    attacked on a fresh copy, bit for bit."""
+    import dataclasses
+
+    sig = _paired_bank()
+    shared = [run_attack(name, FAST.get(name), sig, t) for t in range(sig.num_models)]
+    for t in range(sig.num_models):
+        np.testing.assert_array_equal(shared[t], run_attack(name, FAST.get(name), dataclasses.replace(sig), t))
+
+
+def test_a_per_model_transform_is_computed_once_for_every_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    import raymia.attacks.mia.lira as lira
+
+    calls = []
+
+    def counted(logits, labels):
+        calls.append(1)
+        return logit_scaled_confidence(logits, labels)
+
+    monkeypatch.setattr(lira, "logit_scaled_confidence", counted)
+    sig = _paired_bank()
+    for t in range(sig.num_models):
+        run_attack("lira_online", None, sig, t)
+        run_attack("lira_offline", None, sig, t)
+    assert len(calls) == 1
+    kept = sig.derived("phi", lambda: pytest.fail("not kept"))
+    with pytest.raises(ValueError, match="read-only"):
+        kept[0, 0, 0] = 1.0  # shared by every target: no attack may change it
+    sig.forget_derived()
+    run_attack("lira_online", None, sig, 0)
+    assert len(calls) == 2
+
+
+def test_the_audits_attack_loop_gives_the_memory_back_after_each_attack() -> None:
+    from raymia.audit import run_attacks
+    from raymia.spec import AttackSpec, AuditSpec
+
+    sig = _paired_bank()
+    spec = AuditSpec.model_validate({"plan": {"num_models": 8, "targets": "all"}})
+    seen = []
+    original = Signals.forget_derived
+
+    def forget(self):
+        seen.append(len(self._derived))
+        original(self)
+
+    attacks = [AttackSpec(name=n) for n in ("loss", "lira_online", "rmia_offline")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Signals, "forget_derived", forget)
+        run_attacks(spec, attacks, sig, list(range(8)))
+    assert seen == [1, 1, 6]  # loss: its statistic; rmia_offline: log p_y of x and z, one a per target pair
+    assert not sig._derived

@@ -49,6 +49,21 @@ def test_attack_cost_runs_every_attack_finite(tmp_path):
     assert all(r["finite"] and r["seconds"] >= 0 for r in res["rows"])
 
 
+def test_attack_cost_times_many_targets_and_the_vote_against_their_baselines(tmp_path):
+    script = str(ROOT / "benchmarks" / "attack_cost.py")
+    out = tmp_path / "cost.json"
+    subprocess.run([sys.executable, script, "--models", "8", "--points", "300", "--z", "100", "--targets", "3",
+                    "--attacks", "loss", "rmia_offline", "--json", str(out)], check=True, capture_output=True,
+                   text=True, timeout=600)
+    rows = [r for r in json.loads(out.read_text())["rows"] if "targets" in r]
+    assert [r["attack"] for r in rows] == ["loss", "rmia_offline"]
+    assert all(r["targets"] == 3 and r["same_scores"] and r["ratio"] > 0 for r in rows)
+    vote = subprocess.run([sys.executable, script, "--vote", "--points", "400", "--z", "150"], check=True,
+                          capture_output=True, text=True, timeout=600)
+    row = json.loads(vote.stdout.strip().splitlines()[-1])  # it asserts that both counts agree
+    assert row["vote"] == "P=400 Z=150" and row["blocks_s"] >= 0 and row["pairwise_s"] >= 0
+
+
 def test_tta_accuracy_equals_plain_accuracy_where_the_augmentations_change_nothing():
     """Known answers: on images equal to their mirror image, flip TTA averages the same logits twice; on
     images constant within each channel, flips and reflect-padded shifts change nothing either."""

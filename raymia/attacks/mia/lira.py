@@ -211,7 +211,7 @@ def lira_from_phi(
 
 def _lira(signals: Signals, target: int, params: LiraParams, online: bool) -> np.ndarray:
     shadow = signals.shadow_mask(target)
-    phi = logit_scaled_confidence(signals.logits, signals.labels)  # float64 [M, Q, P]
+    phi = signals.derived("phi", lambda: logit_scaled_confidence(signals.logits, signals.labels))  # float64 [M, Q, P]
     variance = params.variance
     if variance is None:
         variance = "pooled" if int(shadow.sum()) < AUTO_FIXED_VARIANCE_BELOW else "per_point"

@@ -333,22 +333,30 @@ def _rmia(signals: Signals, target: int, params: RmiaOnlineParams, online: bool)
         raise ValueError(
             "RMIA needs population points z that no model trained on (signals.pop_logits is None)"
         )
-    pop_logits, pop_labels = signals.pop_logits, signals.pop_labels
-    z_total = pop_logits.shape[2]
-    if params.num_z is not None and params.num_z < z_total:
-        idx = np.sort(np.random.default_rng(params.seed).choice(z_total, size=params.num_z, replace=False))
-        pop_logits, pop_labels = pop_logits[:, :, idx], pop_labels[idx]
-    elif params.num_z is not None and params.num_z > z_total:
+    z_total = signals.pop_logits.shape[2]
+    if params.num_z is not None and params.num_z > z_total:
         raise ValueError(f"num_z={params.num_z} exceeds the {z_total} population points in the signals")
-    logp = log_prob_true_label(signals.logits, signals.labels, params.temperature)
-    logp_pop = log_prob_true_label(pop_logits, pop_labels, params.temperature)
+    subset = (params.num_z, params.seed) if params.num_z is not None and params.num_z < z_total else None
+
+    def pop_log_p() -> np.ndarray:
+        pop_logits, pop_labels = signals.pop_logits, signals.pop_labels
+        if subset is not None:
+            idx = np.sort(np.random.default_rng(params.seed).choice(z_total, size=params.num_z, replace=False))
+            pop_logits, pop_labels = pop_logits[:, :, idx], pop_labels[idx]
+        return log_prob_true_label(pop_logits, pop_labels, params.temperature)
+
+    t = params.temperature
+    logp = signals.derived(("rmia log p_y", t), lambda: log_prob_true_label(signals.logits, signals.labels, t))
+    logp_pop = signals.derived(("rmia log p_y of z", t, subset), pop_log_p)
     a = 0.0
     if isinstance(params, RmiaOfflineParams):
         a = params.a
-        if a == "auto":
-            fit = signals.fit_index  # a is tuned on the points attacks may fit on
-            a, _ = tune_offline_a(logp[:, :, fit], signals.keep[:, fit], logp_pop, shadow, params.gamma,
-                                  params.combine)
+        if a == "auto":  # tuned on a shadow: the same a for every target with the same shadows (a pair)
+            # tuned on the points attacks may fit on (all of them unless OOD points were appended: no copy)
+            fit = slice(None) if signals.fit_mask is None else signals.fit_index
+            key = ("rmia a", t, subset, params.gamma, params.combine, shadow.tobytes())
+            a = float(signals.derived(key, lambda: np.array(tune_offline_a(
+                logp[:, :, fit], signals.keep[:, fit], logp_pop, shadow, params.gamma, params.combine)[0])))
     lx, lz = rmia_log_ratios(logp, signals.keep, logp_pop, target, online, a, shadow)
     return combine_queries(lx, lz, params.gamma, params.combine)
 

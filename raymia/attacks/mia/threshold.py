@@ -185,9 +185,13 @@ def threshold_attack(signals: Signals, target: int, params: ThresholdParams, sta
     """Statistic of every model on one query (one model at a time, float64), calibrated on the shadows."""
     shadow = signals.shadow_mask(target)
     check_query(signals, params.query)
-    stat = np.empty((signals.num_models, signals.num_points), dtype=np.float64)
-    for m in range(signals.num_models):
-        stat[m] = stat_fn(signals.logits[m, params.query], signals.labels)
+    def per_model() -> np.ndarray:
+        stat = np.empty((signals.num_models, signals.num_points), dtype=np.float64)
+        for m in range(signals.num_models):
+            stat[m] = stat_fn(signals.logits[m, params.query], signals.labels)
+        return stat
+
+    stat = signals.derived((stat_fn, params.query), per_model)
     return calibrated_scores(stat, signals.keep, signals.labels, target, params.calibration, shadow,
                              signals.fit_index)
 
