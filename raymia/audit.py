@@ -327,12 +327,19 @@ def measure_utility(signals, targets: list[int], bank_models: int | None = None)
     return utility, utility_std
 
 
+# The attacks of a small audit take a second and say nothing; a large one (256 targets, learned attacks) can
+# take many minutes: from this many seconds on, a progress line at most every ATTACK_PROGRESS_EVERY_S.
+ATTACK_PROGRESS_AFTER_S = 10.0
+ATTACK_PROGRESS_EVERY_S = 30.0
+
+
 def run_attacks(spec: AuditSpec, attacks: list, signals, targets: list[int] | None = None):
     """Every attack against every target (default: plan.targets): (mean, std over targets, per-target
     metrics, the first target's ROC curve, the scores float64 [targets, P]), each keyed by the attack's
     label (default: its name)."""
     from raymia.attacks import run_attack
     from raymia.metrics import full_metrics, roc
+    from raymia.report.text import duration
 
     m = spec.metrics
     mean: dict[str, dict[str, float | None]] = {}
@@ -341,9 +348,14 @@ def run_attacks(spec: AuditSpec, attacks: list, signals, targets: list[int] | No
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     all_scores: dict[str, np.ndarray] = {}
     targets = spec.plan.target_list if targets is None else targets
+    t0, next_line = time.perf_counter(), ATTACK_PROGRESS_AFTER_S
     for i, a in enumerate(attacks):
         runs, per = [], []
         for j, t in enumerate(targets):
+            if (spent := time.perf_counter() - t0) >= next_line:
+                log.info("attacks: %s on target %d of %d (attack %d of %d), %s so far", a.key, j + 1,
+                         len(targets), i + 1, len(attacks), duration(spent))
+                next_line = spent + ATTACK_PROGRESS_EVERY_S
             scores = run_attack(a.name, a.params, signals, t, where=f"attacks.{i}")
             per.append(np.asarray(scores, dtype=np.float64))
             is_member = signals.keep[t]

@@ -414,3 +414,27 @@ def test_the_audits_attack_loop_gives_the_memory_back_after_each_attack() -> Non
         run_attacks(spec, attacks, sig, list(range(8)))
     assert seen == [1, 1, 6]  # loss: its statistic; rmia_offline: log p_y of x and z, one a per target pair
     assert not sig._derived
+
+
+def test_a_long_attack_phase_says_where_it_is(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """Quiet while the attacks are quick; past ATTACK_PROGRESS_AFTER_S a line names the attack and the
+    target it starts (here both limits are 0: a line for every target)."""
+    import logging
+
+    import raymia.audit as audit
+    from raymia.spec import AttackSpec, AuditSpec
+
+    sig = _paired_bank()
+    spec = AuditSpec.model_validate({"plan": {"num_models": 8, "targets": "all"}})
+    attacks = [AttackSpec(name=n) for n in ("loss", "lira_online")]
+    with caplog.at_level(logging.INFO, logger="raymia"):
+        audit.run_attacks(spec, attacks, sig, [0, 1, 2])
+    assert not [r for r in caplog.records if "attacks:" in r.getMessage()]
+    monkeypatch.setattr(audit, "ATTACK_PROGRESS_AFTER_S", 0.0)
+    monkeypatch.setattr(audit, "ATTACK_PROGRESS_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="raymia"):
+        audit.run_attacks(spec, attacks, sig, [0, 1, 2])
+    lines = [r.getMessage() for r in caplog.records if "attacks:" in r.getMessage()]
+    assert len(lines) == 6
+    assert lines[0].startswith("attacks: loss on target 1 of 3 (attack 1 of 2), ") and lines[0].endswith("s so far")
+    assert lines[5].startswith("attacks: lira_online on target 3 of 3 (attack 2 of 2), ")
