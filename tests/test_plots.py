@@ -88,3 +88,22 @@ def test_plot_pareto_writes_png(tmp_path: Path) -> None:
         reference={"acc": 0.93, "tpr": 0.3},
     )
     _assert_png_not_blank(out)
+
+
+def test_front_labels_cover_no_other_label_or_marker() -> None:
+    """Front points a few points apart on the page (the quickstart's front: trials 1, 4 and 5 within 25
+    points) each get a number that covers no other number and no marker; an isolated point keeps the
+    usual place, upper right."""
+    from raymia.report.plots import _RING_RADIUS, _box_meets_disc, _boxes_meet, place_labels
+
+    anchors = [(100.0, 100.0), (112.0, 104.0), (118.0, 110.0), (300.0, 50.0)]
+    texts = ["1", "4", "15", "7"]
+    dots = anchors + [(112.0, 96.0), (160.0, 90.0)]
+    offsets = place_labels(anchors, texts, dots)
+    boxes = [(x + dx, y + dy, x + dx + 0.62 * 8 * len(t), y + dy + 8)
+             for (x, y), (dx, dy), t in zip(anchors, offsets, texts, strict=True)]
+    for i, box in enumerate(boxes):
+        assert not any(_box_meets_disc(box, x, y, _RING_RADIUS) for x, y in dots), (texts[i], offsets[i])
+        assert not any(_boxes_meet(box, other) for j, other in enumerate(boxes) if j != i), texts[i]
+    assert offsets[3] == (5.0, 4.0)  # nothing near: upper right
+    assert offsets[0] != offsets[1] or offsets[1] != offsets[2]

@@ -146,9 +146,6 @@ def plot_pareto(
             ax.step(arr[:, 0], arr[:, 1], where="post", color="black", linewidth=1.2, alpha=0.8)
             ax.scatter(arr[:, 0], arr[:, 1], s=80, facecolors="none", edgecolors="black", linewidths=1.4,
                        label="Pareto front", zorder=3)
-            for x, y, text in front:
-                if text:
-                    ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8, zorder=5)
         if reference is not None:
             _draw_reference(ax, reference, x_key, y_key, x_err_key, y_err_key)
         for values, set_scale in ((xs, ax.set_xscale), (ys, ax.set_yscale)):
@@ -162,10 +159,67 @@ def plot_pareto(
         ax.grid(True, alpha=0.3, which="both")
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
         fig.tight_layout()
+        if front:  # after the layout, which moves the points on the page
+            _label_front(ax, front, list(zip(xs, ys, strict=True)))
         fig.savefig(path, dpi=_DPI, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path
+
+
+_LABEL_SIZE = 8  # points
+_RING_RADIUS = 6.0  # points: the front's rings (s=80) and a margin; the other dots are smaller
+
+
+def place_labels(anchors: list[tuple[float, float]], texts: list[str], obstacles: list[tuple[float, float]],
+                 fontsize: float = _LABEL_SIZE) -> list[tuple[float, float]]:
+    """Offsets (points) of each text's lower-left corner from its anchor (points on the page), chosen
+    greedily among places around the anchor so that no label covers another label or any marker
+    (`obstacles`, the anchors among them): front points that sit close together each keep a readable
+    number. Where every place is taken, the first one (upper right) is used."""
+    placed: list[tuple[float, float, float, float]] = []
+    offsets = []
+    for (px, py), text in zip(anchors, texts, strict=True):
+        w, h = 0.62 * fontsize * max(len(text), 1), float(fontsize)
+        candidates = []  # upper right first (the usual place), then around the anchor, then farther out
+        for gap in (5.0, 10.0, 18.0):
+            candidates += [(gap, gap - 1), (gap, 1 - gap - h), (-gap - w, gap - 1), (-gap - w, 1 - gap - h),
+                           (-w / 2, gap + 2), (-w / 2, -gap - 2 - h), (gap + 2, -h / 2), (-gap - 2 - w, -h / 2)]
+        choice = candidates[0]
+        for dx, dy in candidates:
+            box = (px + dx, py + dy, px + dx + w, py + dy + h)
+            if not any(_boxes_meet(box, b) for b in placed) and not any(
+                    _box_meets_disc(box, ox, oy, _RING_RADIUS) for ox, oy in obstacles):
+                choice = (dx, dy)
+                break
+        offsets.append(choice)
+        placed.append((px + choice[0], py + choice[1], px + choice[0] + w, py + choice[1] + h))
+    return offsets
+
+
+def _boxes_meet(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _box_meets_disc(box: tuple[float, ...], x: float, y: float, r: float) -> bool:
+    nx, ny = min(max(x, box[0]), box[2]), min(max(y, box[1]), box[3])
+    return (nx - x) ** 2 + (ny - y) ** 2 < r * r
+
+
+def _label_front(ax, front: list[tuple[float, float, str]], dots: list[tuple[float, float]]) -> None:
+    """Each front point's label (its trial number) where it covers no other label or marker."""
+    scale = 72.0 / ax.figure.dpi  # display pixels -> points
+
+    def page(x: float, y: float) -> tuple[float, float]:
+        px, py = ax.transData.transform((x, y))
+        return px * scale, py * scale
+
+    labelled = [(x, y, t) for x, y, t in front if t]
+    anchors = [page(x, y) for x, y, _ in labelled]
+    offsets = place_labels(anchors, [t for *_, t in labelled], [page(x, y) for x, y in dots])
+    for (x, y, text), off in zip(labelled, offsets, strict=True):
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=off, ha="left", va="bottom",
+                    fontsize=_LABEL_SIZE, zorder=5)
 
 
 def _spread(p: dict, key: str | None) -> float:
