@@ -491,10 +491,10 @@ def print_audit_table(result: AuditResult) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from raymia.metrics import metric_label
+    from raymia.metrics import metric_label, table_columns, unresolved_note
 
     spec = result.spec
-    keys = [k for k in next(iter(result.attacks.values())) if "_ci_" not in k]
+    keys, unresolved = table_columns(result.attacks)
     n_targets = len(result.targets)
     who = (f"target=yours ({result.target['source']})  shadows={spec.plan.num_models}" if result.target
            else f"models={spec.plan.num_models}  targets={n_targets}")
@@ -520,6 +520,8 @@ def print_audit_table(result: AuditResult) -> None:
 
     c = Console(width=None if sys.stdout.isatty() else 200)
     c.print(table)
+    if unresolved:
+        c.print(unresolved_note(unresolved), soft_wrap=True)
     u = result.utility
     c.print(f"utility: train acc {fmt(u['train_accuracy'], True)}  test acc {fmt(u['test_accuracy'], True)}  "
             f"gap {fmt(u['generalization_gap'], True)}  test ECE {fmt(u['test_ece'])}")

@@ -678,3 +678,21 @@ def metric_label(key: str) -> str:
         if label is not None:
             return label
     return key
+
+
+def table_columns(attacks: dict[str, dict[str, float | None]]) -> tuple[list[str], list[str]]:
+    """(the metric keys an attack table shows, the FPR/FNR levels it leaves out): a level that is n/a for
+    every attack (fewer than 1/level non-members, or members, per target) is a column of "n/a" only, so the
+    table names it once below instead. Confidence-interval keys go into their metric's cell."""
+    keys = [k for k in next(iter(attacks.values()), {}) if "_ci_" not in k]
+    unresolved = [k for k in keys if k.startswith(("tpr_fpr_", "tnr_fnr_"))
+                  and all(ms.get(k) is None for ms in attacks.values())]
+    return [k for k in keys if k not in unresolved], unresolved
+
+
+def unresolved_note(unresolved: list[str]) -> str:
+    """One line naming the levels a table leaves out, and why ('' when none)."""
+    if not unresolved:
+        return ""
+    return (f"n/a for every attack, not shown: {', '.join(metric_label(k) for k in unresolved)} (a level needs "
+            "at least 1/level non-members per target, members for FNR levels)")

@@ -400,3 +400,17 @@ def test_ece_confident_but_half_right() -> None:
     assert ece(np.tile(np.array([60.0, 0.0], dtype=np.float32), (1000, 1)), labels) == pytest.approx(0.5)
     with pytest.raises(ValueError):
         ece(probs, labels[:10])
+
+
+def test_attack_tables_leave_out_levels_no_attack_resolves():
+    from raymia.metrics import table_columns, unresolved_note
+
+    attacks = {"loss": {"auc": 0.6, "tpr_fpr_0.01": 0.02, "tpr_fpr_0.001": None, "tnr_fnr_0.001": None,
+                        "auc_ci_low": 0.5, "epsilon_lb": None},
+               "lira": {"auc": 0.7, "tpr_fpr_0.01": None, "tpr_fpr_0.001": None, "tnr_fnr_0.001": 0.1,
+                        "auc_ci_low": 0.6, "epsilon_lb": None}}
+    keys, gone = table_columns(attacks)
+    # a level one attack resolves stays; only FPR/FNR levels are left out (eps LB n/a is shown as such)
+    assert keys == ["auc", "tpr_fpr_0.01", "tnr_fnr_0.001", "epsilon_lb"] and gone == ["tpr_fpr_0.001"]
+    assert unresolved_note(gone).startswith("n/a for every attack, not shown: TPR@0.1%FPR (")
+    assert unresolved_note([]) == ""

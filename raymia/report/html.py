@@ -35,7 +35,7 @@ tr.front td{background:#fff7e0;font-weight:600}
 figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #eee}
 figcaption{color:#555;font-size:.85rem}
 pre{background:#f6f8fa;padding:1rem;overflow-x:auto;font-size:.8rem}
-.na{color:#999}
+.na{color:#999}.note{color:#555;font-size:.85rem;margin:.2rem 0}
 """
 
 
@@ -110,7 +110,7 @@ def _pct_metric(key: str) -> bool:
 
 
 def _audit(r: dict[str, Any], folder: Path) -> str:
-    from raymia.metrics import metric_label
+    from raymia.metrics import metric_label, table_columns, unresolved_note
 
     spec = r.get("spec", {})
     targets = r.get("targets", [])
@@ -133,7 +133,7 @@ def _audit(r: dict[str, Any], folder: Path) -> str:
 
     attacks, std = r.get("attacks", {}), r.get("attacks_std_over_targets", {})
     if attacks:
-        keys = [k for k in next(iter(attacks.values())) if "_ci_" not in k]
+        keys, unresolved = table_columns(attacks)
         rows = []
         for a, ms in attacks.items():
             cells = [escape(a)]
@@ -150,6 +150,8 @@ def _audit(r: dict[str, Any], folder: Path) -> str:
             rows.append(cells)
         parts.append("<h2>Membership inference</h2>")
         parts.append(_table(["attack", *[metric_label(k) for k in keys]], rows))
+        if unresolved:
+            parts.append(f"<p class='note'>{escape(unresolved_note(unresolved))}</p>")
         parts.append(_figure(folder / "roc.png", "ROC curves (log-log), first target"))
         parts.append(_figure(folder / "histograms.png",
                              "scores of members and non-members per attack, with the 1%-FPR flag threshold"))
