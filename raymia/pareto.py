@@ -403,11 +403,11 @@ def trials_from_mlflow(
 # reports of a front: front.md, the console table, pareto.png, front.csv
 
 
-def fmt_params(t: dict[str, Any]) -> str:
+def fmt_params(t: dict[str, Any], sep: str = ", ") -> str:
     """A trial's defense parameters on one line ("-" for the undefended trial or none)."""
     if t.get("defense") == "none" or not t.get("params"):
         return "-"
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
+    return sep.join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
 
 
 def fmt_mean_std(t: dict[str, Any], key: str) -> str:
@@ -423,14 +423,30 @@ def _hv_text(hv: float | None) -> str:
     return "n/a (no undefended trial)" if hv is None else f"{hv:.6g}"
 
 
+# A DP defense's accounted epsilon is the privacy number its users read first, and no searched parameter
+# shows it: the front's tables and each trial's console line give it beside the objectives.
+EPSILON = "defense/epsilon"
+
+
+def with_epsilon(objectives: list[tuple[str, str]], trials: list[dict]) -> list[tuple[str, str]]:
+    """The objectives, and the accounted epsilon (mode "") when a trial has one and it is not an objective."""
+    if any(k == EPSILON for k, _ in objectives) or not any(_num(t.get(EPSILON)) is not None for t in trials):
+        return objectives
+    return [*objectives, (EPSILON, "")]
+
+
+def _heading(metric: str, mode: str) -> str:
+    return f"{metric} ({mode})" if mode else metric
+
+
 def front_markdown(trials: list[dict], objectives: Iterable[Any], front: list[int], hv: float | None = None,
                    intro: str = "") -> str:
-    """Markdown table of every trial (objective values as "mean ± std", * on the front) and the hypervolume
-    line, after `intro` (e.g. a heading)."""
-    objectives = objective_pairs(objectives)
+    """Markdown table of every trial (objective values as "mean ± std", and DP-SGD's accounted epsilon
+    where trials have one; * on the front) and the hypervolume line, after `intro` (e.g. a heading)."""
+    objectives = with_epsilon(objective_pairs(objectives), trials)
     objs = [k for k, _ in objectives]
     on = set(front)
-    lines = ["| trial | defense | params | " + " | ".join(f"{k} ({m})" for k, m in objectives) + " | front |",
+    lines = ["| trial | defense | params | " + " | ".join(_heading(k, m) for k, m in objectives) + " | front |",
              "|---|---|---|" + "---|" * len(objs) + "---|"]
     for t in trials:
         vals = [fmt_mean_std(t, o) for o in objs] if t.get("status") == "ok" else ["failed"] * len(objs)
@@ -451,15 +467,19 @@ def print_front(
     show_hypervolume: bool = False,
     console=None,
 ) -> None:
-    """The console report of a front: a rich table of the front's trials (objectives as "mean ± std"),
-    the hypervolume line (`show_hypervolume`), the failed trials and `footer`."""
+    """The console report of a front: a rich table of the front's trials (objectives as "mean ± std", a DP
+    defense's accounted epsilon after its parameters), the hypervolume line (`show_hypervolume`), the
+    failed trials and `footer`."""
     from rich.console import Console
     from rich.table import Table
 
     objectives = objective_pairs(objectives)
     by_num = {t["trial"]: t for t in trials}
     rows = [by_num[n] for n in front]
-    params = [fmt_params(t) for t in rows]
+    # spaces, no commas: a column narrower than the line wraps between two parameters, never before a comma.
+    # The accounted epsilon follows the setting that gives it (a column of its own would not fit 80 columns).
+    eps = [None if any(k == EPSILON for k, _ in objectives) else _num(t.get(EPSILON)) for t in rows]
+    params = [fmt_params(t, sep="  ") + ("" if e is None else f"  (epsilon={e:.3g})") for t, e in zip(rows, eps, strict=True)]
     # One defense on the front goes in the title, leaving its column's width to the parameters. Columns
     # "fold" instead of rich's "…": a narrow console (80 columns in a log file) must not hide a parameter's
     # value or the FPR level in a metric's name.
@@ -473,7 +493,7 @@ def print_front(
     table.add_column("params", overflow="fold")
     values = [[fmt_mean_std(t, m) for m, _ in objectives] for t in rows]
     for i, (metric, mode) in enumerate(objectives):  # as wide as the values; a longer name folds
-        table.add_column(f"{metric} ({mode})", justify="right", overflow="fold",
+        table.add_column(_heading(metric, mode), justify="right", overflow="fold",
                          max_width=max([len(v[i]) for v in values] + [len(mode) + 2, 8]))
     for n, t, p, v in zip(front, rows, params, values, strict=True):
         table.add_row(str(n), *([] if one else [str(t["defense"])]), p, *v)

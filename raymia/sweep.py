@@ -27,7 +27,8 @@ import numpy as np
 
 from raymia.audit import UTILITY_METRICS
 from raymia.errors import RaymiaError, SpecError
-from raymia.pareto import fmt_params, front_and_hypervolume, front_markdown, plot_front, print_front
+from raymia.metrics import as_number
+from raymia.pareto import EPSILON, fmt_params, front_and_hypervolume, front_markdown, plot_front, print_front
 from raymia.space import Categorical, Domain, Float, Int, describe
 from raymia.spec import AuditSpec, SweepSpec
 from raymia.storage import absolute, join, open_root
@@ -323,6 +324,18 @@ def _trial_name(trial) -> str:
     return f"trial_{_number(trial)}"
 
 
+def result_text(metrics: dict[str, Any], objectives: list[str]) -> str:
+    """A finished trial's objectives for its console line, and a DP defense's accounted epsilon."""
+    def value(key: str) -> float:
+        v = as_number(metrics.get(key))
+        return float("nan") if v is None else v
+
+    text = "  ".join(f"{o}={value(o):.4f}" for o in objectives)
+    if EPSILON not in objectives and (eps := as_number(metrics.get(EPSILON))) is not None:
+        text += f"  {EPSILON}={eps:.4g}"
+    return text
+
+
 def _progress_callback(spec: SweepSpec, exp, keep):
     from ray import tune
 
@@ -345,7 +358,7 @@ def _progress_callback(spec: SweepSpec, exp, keep):
             _backup_tune_state(exp, keep)  # Tune's own copy is not atomic: a kill can cut it short
             r = trial.last_result or {}
             _, cfg = split_config(trial.config)
-            vals = "  ".join(f"{o}={r.get(o, float('nan')):.4f}" for o in objs)
+            vals = result_text(r, objs)
             log.info("trial %s done (%d/%d): %s %s  %s%s", _number(trial), self.done, spec.sweep.num_trials,
                      trial.config.get("defense"), fmt_params({"defense": trial.config.get("defense"), "params": cfg}),
                      vals, "  (stored signals reused)" if r.get("reused_signals") else "")
@@ -552,8 +565,7 @@ def _baseline(spec: SweepSpec, root: Path, sweep_dir: Path, keep, pool, parent_i
         return row
     row.update(status="ok", audit_dir=audit_dir,
                **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items() if _is_metric(k)})
-    log.info("trial %d done (baseline): none -  %s%s", BASELINE,
-             "  ".join(f"{o.metric}={metrics.get(o.metric):.4f}" for o in spec.sweep.objectives),
+    log.info("trial %d done (baseline): none -  %s%s", BASELINE, result_text(metrics, [o.metric for o in spec.sweep.objectives]),
              "  (stored signals reused)" if reused else "")
     _close_trial_run(spec, run, "ok", metrics, audit_dir)
     return row

@@ -365,3 +365,36 @@ def test_sweep_front_raymia_pareto_and_optuna_agree_with_constraints(tmp_path):
     rows = list(csv.DictReader((tmp_path / "out" / "front.csv").open()))
     assert [int(r["trial"]) for r in rows if r["on_front"] == "1"] == front
     assert "± 0.0100" in (tmp_path / "out" / "front.md").read_text()
+
+
+def test_a_dp_defenses_accounted_epsilon_is_shown_beside_the_objectives():
+    """DP-SGD's accounted epsilon is no searched parameter: the trial's console line, the console front
+    (after the setting, which wraps between parameters at 80 columns), front.md and report.html show it."""
+    from rich.console import Console
+
+    from raymia.pareto import front_markdown
+    from raymia.sweep import result_text
+
+    objectives = [("test_accuracy", "max"), ("lira_online/tpr_fpr_0.01", "min")]
+    objs = [k for k, _ in objectives]
+    trials = [{"trial": 0, "defense": "none", "params": {}, "status": "ok", "test_accuracy": 0.9367,
+               "lira_online/tpr_fpr_0.01": 0.1137}]
+    for n, (sigma, eps) in enumerate([(0.988, 55.5016), (1.41, 35.0085)], start=1):
+        trials.append({"trial": n, "defense": "dpsgd", "status": "ok", "test_accuracy": 0.9 - n / 100,
+                       "lira_online/tpr_fpr_0.01": 0.05 / n, "defense/epsilon": eps,
+                       "params": {"noise_multiplier": sigma, "max_grad_norm": 1.96, "lr": 0.0205, "batch_size": 379}})
+    assert result_text(trials[1], objs) == ("test_accuracy=0.8900  lira_online/tpr_fpr_0.01=0.0500  "
+                                            "defense/epsilon=55.5")
+    assert result_text(trials[0], objs) == "test_accuracy=0.9367  lira_online/tpr_fpr_0.01=0.1137"
+    assert result_text(trials[1], [*objs, "defense/epsilon"]).count("defense/epsilon=") == 1  # an objective
+    console = Console(width=80, file=io.StringIO(), record=True)
+    print_front("dp", trials, objectives, [0, 1, 2], "done", console=console)
+    lines = console.export_text().splitlines()
+    cells = [ln.split("│")[3].strip() for ln in lines if ln.count("│") > 3]  # the params column, line by line
+    words = " ".join(cells).split()
+    for w in ("noise_multiplier=0.988", "max_grad_norm=1.96", "batch_size=379", "(epsilon=55.5)", "(epsilon=35)"):
+        assert w in words, (w, cells)  # never cut across two lines
+    md = front_markdown(trials, objectives, [0, 1, 2])
+    assert "| defense/epsilon | front |" in md and "| 55.5016 | * |" in md and "| 0.1137 | n/a | * |" in md
+    plain = front_markdown(trials[:1], objectives, [0])
+    assert "epsilon" not in plain  # no DP trial: no column

@@ -221,10 +221,10 @@ def _read_vulnerable(path: Path) -> list[dict[str, str]]:
 
 
 def _sweep(r: dict[str, Any], folder: Path) -> str:
-    from raymia.pareto import fmt_params
+    from raymia.pareto import fmt_params, with_epsilon
 
-    objectives = [(o["metric"], o["mode"]) for o in r.get("objectives", [])]
     trials = r.get("trials", [])
+    objectives = with_epsilon([(o["metric"], o["mode"]) for o in r.get("objectives", [])], trials)
     front = set(r.get("front", []))
     ok = [t for t in trials if t.get("status") == "ok"]
     hv = r.get("hypervolume")
@@ -245,7 +245,7 @@ def _sweep(r: dict[str, Any], folder: Path) -> str:
             out += f" [{_num(lo, pct)}, {_num(hi, pct)}]"
         return out
 
-    header = ["trial", "defense", "params", *[f"{m} ({mode})" for m, mode in objectives]]
+    header = ["trial", "defense", "params", *[f"{m} ({mode})" if mode else m for m, mode in objectives]]
     front_rows = [t for t in trials if t.get("trial") in front]
     parts.append("<h2 id='front'>Pareto front</h2>")
     parts.append("<p>Each objective is the mean over the sweep's targets ± its std over them, with the bootstrap "
