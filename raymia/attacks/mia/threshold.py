@@ -185,6 +185,7 @@ def threshold_attack(signals: Signals, target: int, params: ThresholdParams, sta
     """Statistic of every model on one query (one model at a time, float64), calibrated on the shadows."""
     shadow = signals.shadow_mask(target)
     check_query(signals, params.query)
+
     def per_model() -> np.ndarray:
         stat = np.empty((signals.num_models, signals.num_points), dtype=np.float64)
         for m in range(signals.num_models):
