@@ -88,7 +88,7 @@ def test_list_shows_every_registry_with_parameters_and_defaults():
 def test_a_prefixed_block_marks_only_its_own_threads_lines():
     """A sweep audits its baseline in a thread while Tune's callbacks log from the main one: `trial 0: `
     goes on the baseline's lines only, and the handler's format comes back when the block ends."""
-    from raymia.engine.bank_job import current_prefix, prefixed
+    from raymia.engine.bank_job import UNPREFIXED, current_prefix, prefixed
 
     rlog = logging.getLogger("raymia")
     stream = io.StringIO()
@@ -104,6 +104,7 @@ def test_a_prefixed_block_marks_only_its_own_threads_lines():
     def baseline():
         with prefixed("trial 0: "):
             seen["inside"] = current_prefix()
+            rlog.info("bank pool: 1 warm worker(s)", extra={UNPREFIXED: True})  # the sweep's, not trial 0's
             rlog.info("training 1 pack(s)")
             inside.set()
             go_on.wait(10)
@@ -121,7 +122,8 @@ def test_a_prefixed_block_marks_only_its_own_threads_lines():
     finally:
         rlog.handlers[:], _, rlog.propagate = saved[0], None, saved[2]
         rlog.setLevel(saved[1])
-    assert stream.getvalue().splitlines() == ["[raymia] trial 0: training 1 pack(s)", "[raymia] trial 1 done (1/7)",
+    assert stream.getvalue().splitlines() == ["[raymia] bank pool: 1 warm worker(s)",
+                                              "[raymia] trial 0: training 1 pack(s)", "[raymia] trial 1 done (1/7)",
                                               "[raymia] trial 0: done", "[raymia] front"]
     assert seen == {"inside": "trial 0: ", "beside": ""}
     assert handler.formatter is plain

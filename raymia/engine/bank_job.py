@@ -54,6 +54,9 @@ class _PrefixFormatter(logging.Formatter):
 
 
 _THREAD_PREFIXES: dict[int, str] = {}  # thread id -> the prefix of its `prefixed` block
+# A record with this attribute set (`extra={UNPREFIXED: True}`) is about the whole run, not the block's trial:
+# the warm pool, started for the sweep, is first waited for by the baseline's thread.
+UNPREFIXED = "raymia_unprefixed"
 
 
 class _ThreadPrefixes(logging.Formatter):
@@ -66,7 +69,9 @@ class _ThreadPrefixes(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         prefix = _THREAD_PREFIXES.get(record.thread) if record.thread is not None else None
-        return self.base.format(record) if prefix is None else _PrefixFormatter(prefix).format(record)
+        if prefix is None or getattr(record, UNPREFIXED, False):
+            return self.base.format(record)
+        return _PrefixFormatter(prefix).format(record)
 
 
 def current_prefix() -> str:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from raymia.engine.bank_job import UNPREFIXED
 from raymia.errors import RaymiaError, last_error_line
 from raymia.spec import AuditSpec
 from raymia.store import SignalStore
@@ -174,7 +175,7 @@ class BankPool:
             nodes = len({p["node"] for p in self.places})
             if os.getpid() == self._owner:
                 log.info("bank pool: %d warm worker(s) on %d node(s) (%s), ready in %.1fs", len(self.workers),
-                         nodes, self.device, time.perf_counter() - self._t0)
+                         nodes, self.device, time.perf_counter() - self._t0, extra={UNPREFIXED: True})
         return self
 
     def run(self, spec: AuditSpec, store: SignalStore, packs: list[int], prefix: str = "") -> None:
