@@ -71,6 +71,12 @@ def roc(scores: np.ndarray, is_member: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return _roc_curve(y, s)
 
 
+def roc_auc(scores: np.ndarray, is_member: np.ndarray) -> float:
+    """ROC AUC of the scores (ties counted 1/2), as sklearn's roc_auc_score."""
+    fpr, tpr, _ = roc(scores, is_member)
+    return _auc(fpr, tpr)
+
+
 def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, level: float, n_nonmembers: int) -> float | None:
     """Largest TPR among ROC points whose FPR <= level.
 

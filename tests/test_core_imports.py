@@ -59,7 +59,7 @@ rng = np.random.default_rng(0)
 keep = rng.random((8, 100)) < 0.5
 sig = Signals(logits=rng.normal(size=(8, 2, 100, 10)).astype(np.float32), labels=rng.integers(0, 10, 100), keep=keep,
               pop_logits=rng.normal(size=(8, 2, 50, 10)).astype(np.float32), pop_labels=rng.integers(0, 10, 50))
-for attack in ("loss", "lira_online", "lira_offline", "rmia_online"):
+for attack in ("loss", "lira_online", "lira_offline", "rmia_online", "rmia_offline"):
     full_metrics(run_attack(attack, None, sig, 0), keep[0])
 print(" ".join(m for m in ("sklearn", "scipy.stats", "scipy.optimize", "matplotlib", "pandas") if m in sys.modules))
 """

@@ -55,6 +55,7 @@ from pydantic import Field
 
 from raymia.attacks.mia import cross_entropy
 from raymia.attacks.registry import ATTACKS
+from raymia.metrics import roc_auc
 from raymia.registry import Params
 from raymia.signals import Signals
 
@@ -273,16 +274,6 @@ def count_below_both(a0: np.ndarray, a1: np.ndarray, t0: np.ndarray, t1: np.ndar
     return counts
 
 
-def _auc(scores: np.ndarray, member: np.ndarray) -> float:
-    """ROC AUC (Mann-Whitney, ties counted half), as sklearn's roc_auc_score."""
-    n1 = int(member.sum())
-    n0 = member.size - n1
-    from scipy.stats import rankdata  # here: scipy.stats costs a trial's process ~1 s to import, offline only
-
-    ranks = rankdata(scores)
-    return float((ranks[member].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
 def tune_offline_a(
     logp: np.ndarray,
     keep: np.ndarray,
@@ -318,7 +309,7 @@ def tune_offline_a(
     for a in grid:
         lx = logp[r] - _offline_correction(log_pr_out_x, a)
         lz = logp_pop[r] - _offline_correction(log_pr_out_z, a)
-        aucs[a] = _auc(combine_queries(lx, lz, gamma, combine), member)
+        aucs[a] = roc_auc(combine_queries(lx, lz, gamma, combine), member)
     best = grid[0]
     for a in grid[1:]:  # strict: the first a of highest AUC, as Privacy Meter keeps it
         if aucs[a] > aucs[best]:
