@@ -67,6 +67,9 @@ def _check_report(page: Path, result) -> None:
         for i in range(front.count()):
             cells = front.nth(i).locator("td").all_inner_texts()
             assert all("±" in c for c in cells[3:]), cells  # mean ± std over the 8 targets
+            for c in cells[3:]:  # the std as precise as the mean, no finer
+                mean, sd = (x.strip().rstrip("%").partition(".")[2] for x in c.split("±"))
+                assert len(mean) == len(sd) > 0, c
         ((alt, w, h),) = decoded_images(tab)
         assert w > 300 and h > 300
         assert tab.locator("tr.front").count() == len(result.front)

@@ -73,6 +73,19 @@ def _num(v: Any, pct: bool = False) -> str:
     return f"{100 * v:.2f}%" if pct else f"{v:.4g}"
 
 
+def _spread(v: Any, sd: Any, pct: bool = False) -> str:
+    """" ± sd" with as many decimals as `v` shows (a std printed finer than its mean claims a precision
+    the mean does not have); "" where there is no std."""
+    if not isinstance(sd, int | float) or isinstance(sd, bool) or math.isnan(sd):
+        return ""
+    shown = _num(v, pct)
+    if "<" in shown or "e" in shown:  # the mean is n/a, or in scientific notation
+        return f" ± {_num(sd, pct)}"
+    digits = shown.rstrip("%").partition(".")[2]
+    decimals = len(digits) if digits.isdigit() else 0
+    return f" ± {100 * sd:.{decimals}f}%" if pct else f" ± {sd:.{decimals}f}"
+
+
 def _table(header: list[str], rows: list[list[str]], row_classes: list[str] | None = None,
            caption: str | None = None) -> str:
     """An HTML table; cells are HTML already (escape text before)."""
@@ -128,7 +141,7 @@ def _audit(r: dict[str, Any], folder: Path) -> str:
     many = len(targets) > 1
     parts.append("<h2>Utility</h2>")
     parts.append(_table(["metric", "value"], [
-        [escape(k), _num(v, _pct_metric(k)) + (f" ± {_num(us[k], _pct_metric(k))}" if many and k in us else "")]
+        [escape(k), _num(v, _pct_metric(k)) + (_spread(v, us[k], _pct_metric(k)) if many and k in us else "")]
         for k, v in u.items()], caption="of the attacked model(s)" + (" (mean ± std over targets)" if many else "")))
 
     attacks, std = r.get("attacks", {}), r.get("attacks_std_over_targets", {})
@@ -142,7 +155,7 @@ def _audit(r: dict[str, Any], folder: Path) -> str:
                 cell = _num(ms.get(k), pct)
                 sd = std.get(a, {}).get(k)
                 if many and sd is not None:
-                    cell += f" ± {_num(sd, pct)}"
+                    cell += _spread(ms.get(k), sd, pct)
                 lo, hi = ms.get(f"{k}_ci_low"), ms.get(f"{k}_ci_high")
                 if lo is not None and hi is not None:
                     cell += f" [{_num(lo, pct)}, {_num(hi, pct)}]"
@@ -238,8 +251,7 @@ def _sweep(r: dict[str, Any], folder: Path) -> str:
         pct = _pct_metric(key.rsplit("/", 1)[-1]) or _pct_metric(key)
         out = _num(t.get(key), pct)
         sd = t.get(spread_key(key))
-        if isinstance(sd, int | float):
-            out += f" ± {_num(sd, pct)}"
+        out += _spread(t.get(key), sd, pct)
         lo, hi = t.get(f"{key}_ci_low"), t.get(f"{key}_ci_high")
         if isinstance(lo, int | float) and isinstance(hi, int | float):
             out += f" [{_num(lo, pct)}, {_num(hi, pct)}]"
