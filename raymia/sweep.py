@@ -324,6 +324,17 @@ def _trial_name(trial) -> str:
     return f"trial_{_number(trial)}"
 
 
+def _space_line(space: dict[str, dict[str, Any]]) -> str:
+    """What a sweep searches, for its first console line: each defense's space, or with more than two
+    defenses their names and parameter counts (`raymia check` lists the spaces)."""
+    described = describe_space(space)
+    if len(described) <= 2:
+        return "; ".join(f"{d}: {text}" for d, text in described.items())
+    searched = {d: sum(isinstance(v, Float | Int | Categorical) for v in sp.values()) for d, sp in space.items()}
+    return (f"{len(space)} defenses: " + ", ".join(f"{d} ({n} parameter{'s' * (n != 1)})" for d, n in searched.items())
+            + " (raymia check lists their spaces)")
+
+
 def result_text(metrics: dict[str, Any], objectives: list[str]) -> str:
     """A finished trial's objectives for its console line, and a DP defense's accounted epsilon."""
     def value(key: str) -> float:
@@ -753,8 +764,7 @@ def run_sweep(
     try:
         if spec.inversion is not None:
             _prepare_inversion(spec.model_copy(update={"output_dir": str(root)}))
-        log.info("sweep %s: %d trials over %s", spec.name, spec.sweep.num_trials,
-                 "; ".join(f"{d}: {text}" for d, text in describe_space(space).items()))
+        log.info("sweep %s: %d trials over %s", spec.name, spec.sweep.num_trials, _space_line(space))
         # On the pool, the baseline is audited in a thread while Tune starts its trials: their processes'
         # start (imports) overlaps the pool's warm-up and the baseline's training, about 2 s of a quickstart
         # on two cores (benchmarks/RESULTS.md). A bank trained in this process (`bank.engine: local`) would

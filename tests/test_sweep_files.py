@@ -162,3 +162,17 @@ def test_constraints_reach_the_sampler_through_tunes_searcher():
                            [Objective(metric="test_accuracy", mode="max"), Objective(metric="loss/auc", mode="min")],
                            floor)
     assert front == {0, 2}
+
+
+def test_the_first_console_line_names_the_space_or_with_many_defenses_their_sizes():
+    from raymia.sweep import _space_line
+
+    two = resolve_space(SweepSpec.model_validate({"sweep": {"defenses": [
+        "hamp", {"name": "confidence", "space": {"top_k": {"choices": [1, 2]}, "decimals": None}}]}}))
+    assert _space_line(two) == ("hamp: gamma [0.3, 0.99], alpha log [0.0001, 0.05], output_modification "
+                                "{True, False}; confidence: temperature log [0.1, 10.0], top_k {1, 2}, decimals None")
+    many = resolve_space(load_spec(SWEEPS[0].parent / "digits-all.yaml", kind=SweepSpec))
+    line = _space_line(many)
+    assert line.startswith(f"{len(many)} defenses: hamp (3 parameters), dpsgd (4 parameters), ")
+    assert "weight_decay (1 parameter)," in line and line.endswith(" (raymia check lists their spaces)")
+    assert len(line) < 400
