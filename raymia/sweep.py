@@ -332,7 +332,7 @@ def _space_line(space: dict[str, dict[str, Any]]) -> str:
         return "; ".join(f"{d}: {text}" for d, text in described.items())
     searched = {d: sum(isinstance(v, Float | Int | Categorical) for v in sp.values()) for d, sp in space.items()}
     return (f"{len(space)} defenses: " + ", ".join(f"{d} ({n} parameter{'s' * (n != 1)})" for d, n in searched.items())
-            + " (raymia check lists their spaces)")
+            + "; raymia check lists their spaces")
 
 
 def result_text(metrics: dict[str, Any], objectives: list[str]) -> str:

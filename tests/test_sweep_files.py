@@ -174,5 +174,5 @@ def test_the_first_console_line_names_the_space_or_with_many_defenses_their_size
     many = resolve_space(load_spec(SWEEPS[0].parent / "digits-all.yaml", kind=SweepSpec))
     line = _space_line(many)
     assert line.startswith(f"{len(many)} defenses: hamp (3 parameters), dpsgd (4 parameters), ")
-    assert "weight_decay (1 parameter)," in line and line.endswith(" (raymia check lists their spaces)")
+    assert "weight_decay (1 parameter)," in line and line.endswith("), tl_dmi (3 parameters); raymia check lists their spaces")
     assert len(line) < 400
