@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -47,12 +48,16 @@ class Signals:
     # whichever model is the target: kept here, an attack run against every target computes them once.
     _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def derived(self, key: Hashable, compute: Callable[[], np.ndarray]) -> np.ndarray:
-        """compute(), kept for later calls with the same key, read-only (it is shared). The key names the
-        transform and every parameter it depends on; it must not depend on the target."""
+    def derived(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """compute(), kept for later calls with the same key; arrays (alone or in a tuple) come back
+        read-only, since they are shared. The key names the transform and every parameter it depends on: a
+        per-model transform must not depend on the target; a fit on the shadows has their mask in its key
+        (a target and its paired model have the same shadows)."""
         if key not in self._derived:
             value = compute()
-            value.flags.writeable = False
+            for part in value if isinstance(value, tuple) else (value,):
+                if isinstance(part, np.ndarray):
+                    part.flags.writeable = False
             self._derived[key] = value
         return self._derived[key]
 

@@ -362,8 +362,9 @@ FAST = {"shokri": {"max_iter": 15}, "salem": {"max_iter": 15}}
 @pytest.mark.parametrize("name", sorted(ATTACKS.names()))
 def test_targets_sharing_one_signals_score_as_on_fresh_copies(name: str) -> None:
     """An audit attacks every target on one Signals object, whose per-model transforms (LiRA's phi, RMIA's
-    log p_y and tuned a, a threshold statistic) the targets share: the scores are those of each target
-    attacked on a fresh copy, bit for bit."""
+    log p_y, a threshold statistic) the targets share, and what is fitted on the shadows a target shares
+    with its paired model (LiRA's Gaussians, RMIA's a and references, a threshold): the scores are those
+    of each target attacked on a fresh copy, bit for bit."""
     import dataclasses
 
     sig = _paired_bank()
@@ -412,7 +413,9 @@ def test_the_audits_attack_loop_gives_the_memory_back_after_each_attack() -> Non
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Signals, "forget_derived", forget)
         run_attacks(spec, attacks, sig, list(range(8)))
-    assert seen == [1, 1, 6]  # loss: its statistic; rmia_offline: log p_y of x and z, one a per target pair
+    # the per-model transform (loss's statistic, LiRA's phi, RMIA's log p_y of x and z) and, once per target
+    # pair (the same shadows), what is fitted on them: loss's tau, LiRA's Gaussians, RMIA's a and references
+    assert seen == [1 + 4, 1 + 4, 2 + 4 + 4]
     assert not sig._derived
 
 

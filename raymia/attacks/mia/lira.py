@@ -196,15 +196,26 @@ def lira_from_phi(
         raise ValueError(f"target {target} out of range [0, {m})")
     if m < 2:
         raise ValueError("LiRA needs at least one shadow model besides the target")
-    shadow = (np.arange(m) != target if shadow is None else np.asarray(shadow, dtype=bool))[:, None]
-    out = _fit_side(phi, (shadow & ~keep).astype(np.float64), variance, min_std, center, fit)
+    shadow = np.arange(m) != target if shadow is None else np.asarray(shadow, dtype=bool)
+    return lira_scores(phi[target], *lira_sides(phi, keep, shadow, online, variance, min_std, center, fit))
+
+
+def lira_sides(phi: np.ndarray, keep: np.ndarray, shadow: np.ndarray, online: bool, variance: str,
+               min_std: float, center: str, fit: np.ndarray | None) -> tuple[_Side, _Side | None]:
+    """The OUT and (online) IN Gaussians of every point over the shadows (bool [M]): what a target's score
+    is read against, the same for a target and its paired model."""
+    out = _fit_side(phi, (shadow[:, None] & ~keep).astype(np.float64), variance, min_std, center, fit)
     if out.total == 0:
         raise ValueError("LiRA needs OUT shadows: every shadow model trained on every audited point")
-    x = phi[target]  # [Q, P]
+    inn = _fit_side(phi, (shadow[:, None] & keep).astype(np.float64), variance, min_std, center, fit) if online else None
+    return out, inn
+
+
+def lira_scores(x: np.ndarray, out: _Side, inn: _Side | None) -> np.ndarray:
+    """Scores [P] of the target's phi x [Q, P]: online with an IN side, else offline."""
     offline = log_ndtr((x - out.mean) / out.std)
-    if not online:
+    if inn is None:
         return offline.mean(axis=0)
-    inn = _fit_side(phi, (shadow & keep).astype(np.float64), variance, min_std, center, fit)
     ratio = _log_normal(x, inn.mean, inn.std) - _log_normal(x, out.mean, out.std)
     return np.where(inn.present[None], ratio, offline).mean(axis=0)
 
@@ -215,8 +226,10 @@ def _lira(signals: Signals, target: int, params: LiraParams, online: bool) -> np
     variance = params.variance
     if variance is None:
         variance = "pooled" if int(shadow.sum()) < AUTO_FIXED_VARIANCE_BELOW else "per_point"
-    return lira_from_phi(phi, signals.keep, target, online, variance, params.min_std, shadow, params.center,
-                         signals.fit_mask)
+    sides = signals.derived(("lira sides", online, variance, params.min_std, params.center, shadow.tobytes()),
+                            lambda: lira_sides(phi, signals.keep, shadow, online, variance, params.min_std,
+                                               params.center, signals.fit_mask))
+    return lira_scores(phi[target], *sides)
 
 
 @ATTACKS.register(

@@ -122,7 +122,7 @@ def _offline_correction(log_pr_out: np.ndarray, a: float) -> np.ndarray:
     return np.logaddexp(math.log((1.0 + a) / 2.0) + log_pr_out, math.log((1.0 - a) / 2.0))
 
 
-def _reference_logs(
+def reference_logs(
     logp: np.ndarray, keep: np.ndarray, logp_pop: np.ndarray, shadows: np.ndarray, online: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """(log Pr(x) or log Pr_OUT(x) [Q, P], log Pr(z) [Q, Z]) over the shadows, before any a-correction."""
@@ -152,12 +152,14 @@ def rmia_log_ratios(
     online: bool,
     a: float = 0.3,
     shadow: np.ndarray | None = None,
+    reference: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(log Ratio_x, log Ratio_z) per query from log Pr(.|model) of audited points and of population z.
 
     logp [M, Q, P] and logp_pop [M, Q, Z] give [Q, P] and [Q, Z]; logp [M, P] and logp_pop [M, Z] (one
     query) give [P] and [Z]. keep [M, P] selects the OUT shadows in the offline attack; its target row is
     never read. `shadow` (bool [M]): the reference models (default: every model but the target).
+    `reference`: their `reference_logs`, when already computed (a target's paired model has the same).
     """
     logp = np.asarray(logp, dtype=np.float64)
     logp_pop = np.asarray(logp_pop, dtype=np.float64)
@@ -179,7 +181,7 @@ def rmia_log_ratios(
     shadows = np.arange(m) != target if shadow is None else np.asarray(shadow, dtype=bool)
     if not shadows.any():
         raise ValueError("RMIA needs at least one reference model besides the target")
-    log_pr_x, log_pr_z = _reference_logs(logp, keep, logp_pop, shadows, online)
+    log_pr_x, log_pr_z = reference_logs(logp, keep, logp_pop, shadows, online) if reference is None else reference
     if not online:
         log_pr_x, log_pr_z = _offline_correction(log_pr_x, a), _offline_correction(log_pr_z, a)
     lx, lz = logp[target] - log_pr_x, logp_pop[target] - log_pr_z
@@ -304,7 +306,7 @@ def tune_offline_a(
             "out) and finds none to attack it with, or no member and non-member of it: set a to a number "
             "in [0, 1], or use more models (plan.num_models >= 6)"
         )
-    log_pr_out_x, log_pr_out_z = _reference_logs(logp, keep, logp_pop, refs, online=False)
+    log_pr_out_x, log_pr_out_z = reference_logs(logp, keep, logp_pop, refs, online=False)
     aucs = {}
     for a in grid:
         lx = logp[r] - _offline_correction(log_pr_out_x, a)
@@ -348,7 +350,9 @@ def _rmia(signals: Signals, target: int, params: RmiaOnlineParams, online: bool)
             key = ("rmia a", t, subset, params.gamma, params.combine, shadow.tobytes())
             a = float(signals.derived(key, lambda: np.array(tune_offline_a(
                 logp[:, :, fit], signals.keep[:, fit], logp_pop, shadow, params.gamma, params.combine)[0])))
-    lx, lz = rmia_log_ratios(logp, signals.keep, logp_pop, target, online, a, shadow)
+    reference = signals.derived(("rmia reference", t, subset, online, shadow.tobytes()),
+                                lambda: reference_logs(logp, signals.keep, logp_pop, shadow, online))
+    lx, lz = rmia_log_ratios(logp, signals.keep, logp_pop, target, online, a, shadow, reference)
     return combine_queries(lx, lz, params.gamma, params.combine)
 
 

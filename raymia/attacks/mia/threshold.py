@@ -142,16 +142,11 @@ def best_threshold(scores: np.ndarray, is_in: np.ndarray) -> float | None:
     return float(values[int(np.argmax(gain))])
 
 
-def calibrated_scores(
-    stat: np.ndarray, keep: np.ndarray, labels: np.ndarray, target: int, calibration: str,
-    shadow: np.ndarray | None = None, fit: np.ndarray | None = None,
-) -> np.ndarray:
-    """stat[target] - tau[label], taus fitted on the shadows' stat [M, P] and keep [M, P] (see module doc).
-    `shadow` (bool [M]) selects the shadow models; default: every model but the target. `fit` (int64
-    indices) selects the points the taus are fitted on; default: all."""
-    m = stat.shape[0]
-    if shadow is None:
-        shadow = np.arange(m) != target
+def thresholds(stat: np.ndarray, keep: np.ndarray, labels: np.ndarray, calibration: str, shadow: np.ndarray,
+               fit: np.ndarray | None = None) -> np.ndarray:
+    """The taus fitted on the shadows' stat [M, P] and keep [M, P] (see module doc): 0-d for global, [P]
+    (each point's class's) for per_class; a target's scores are stat[target] - tau. `shadow` (bool [M])
+    selects the shadow models, `fit` (int64 indices) the points the taus are fitted on (default: all)."""
     fit = np.arange(stat.shape[1]) if fit is None else fit
     sh_stat = stat[shadow][:, fit]
     sh_in = np.asarray(keep)[shadow][:, fit]
@@ -160,7 +155,7 @@ def calibrated_scores(
     if tau_global is None:
         tau_global = 0.0
     if calibration == "global":
-        return stat[target] - tau_global
+        return np.asarray(tau_global, dtype=np.float64)
     if calibration != "per_class":
         raise ValueError(f"unknown calibration {calibration!r}")
     tau = np.full(labels.shape, tau_global, dtype=np.float64)
@@ -169,7 +164,7 @@ def calibrated_scores(
         t = best_threshold(sh_stat[:, cols], sh_in[:, cols])
         if t is not None:
             tau[labels == c] = t
-    return stat[target] - tau
+    return tau
 
 
 def check_query(signals: Signals, query: int) -> None:
@@ -193,8 +188,9 @@ def threshold_attack(signals: Signals, target: int, params: ThresholdParams, sta
         return stat
 
     stat = signals.derived((stat_fn, params.query), per_model)
-    return calibrated_scores(stat, signals.keep, signals.labels, target, params.calibration, shadow,
-                             signals.fit_index)
+    tau = signals.derived((stat_fn, params.query, params.calibration, shadow.tobytes()), lambda: thresholds(
+        stat, signals.keep, signals.labels, params.calibration, shadow, signals.fit_index))
+    return stat[target] - tau
 
 
 # ---------------------------------------------------------------------------------------------- registrations
