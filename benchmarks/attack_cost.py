@@ -1,7 +1,8 @@
 """Attack cost: time and peak extra memory of every registered attack over a large synthetic bank.
 
 Default: 256 models x 60,000 audited points x 2 queries x 10 classes (float32 logits, 1.23 GB), plus
-10,000 population points z for RMIA. The signals are synthetic (membership shifts the true-class logit),
+10,000 population points z for RMIA. The signals are synthetic (membership shifts the true-class logit;
+models in complementary pairs, as raymia's plans draw them),
 which is all an attack's cost depends on. Peak memory is what numpy/python allocate during one attack
 call beyond the signals themselves (tracemalloc; numpy reports its buffers to it), so "x signals" is the
 attack's extra memory as a multiple of the signals' size.
@@ -34,12 +35,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raymia.attacks import ATTACKS, run_attack  # noqa: E402
+from raymia.data.plan import paired_keep  # noqa: E402
 from raymia.signals import Signals  # noqa: E402
 
 
 def synthetic(models: int, points: int, queries: int, classes: int, z: int, seed: int = 0) -> Signals:
     rng = np.random.default_rng(seed)
-    keep = np.argsort(rng.random((models, points)), axis=0) < models // 2
+    keep = paired_keep(models, points, rng)  # as raymia's plans draw it: model 2j+1 holds the rest of 2j's
     labels = rng.integers(0, classes, points)
     logits = rng.standard_normal((models, queries, points, classes), dtype=np.float32)
     boost = (1.0 + keep.astype(np.float32))[:, None, :]  # members' true-class logit is higher

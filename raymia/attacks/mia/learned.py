@@ -19,6 +19,7 @@ read.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -106,8 +107,8 @@ def _mlp(hidden: int, max_iter: int, seed: int) -> MLPClassifier:
     )
 
 
-def _fit_predict(clf, x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndarray) -> np.ndarray:
-    """Fit clf on (x_train, y_train in {0, 1}) and return P(y = 1) on x_eval as float64."""
+def _fit(clf, x_train: np.ndarray, y_train: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Fit clf on (x_train, y_train in {0, 1}); returns x -> P(y = 1) as float64."""
     from sklearn.exceptions import ConvergenceWarning
 
     with warnings.catch_warnings():
@@ -115,7 +116,14 @@ def _fit_predict(clf, x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndarr
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(x_train, y_train)
     col = int(np.flatnonzero(clf.classes_ == 1)[0])
-    return np.asarray(clf.predict_proba(x_eval)[:, col], dtype=np.float64)
+    return lambda x: np.asarray(clf.predict_proba(x)[:, col], dtype=np.float64)
+
+
+def _trained(signals: Signals, target: int, params: Params, fit: Callable[[], Callable]) -> Callable:
+    """The attack's classifier(s), fitted on the target's shadows once for the target and its paired model
+    (the same shadows, the same rows drawn from the same seed: the same fit)."""
+    key = ("learned", type(params).__name__, params.model_dump_json(), signals.shadow_mask(target).tobytes())
+    return signals.derived(key, fit)
 
 
 def _one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -132,26 +140,32 @@ def _one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
 def shokri_attack(signals: Signals, target: int, params: ShokriParams) -> np.ndarray:
     """P(member) of an attack classifier trained on the shadows' softmax vectors (see module doc)."""
     check_query(signals, params.query)
-    models, points, is_in = sample_shadow_rows(signals, target, params.max_train, params.seed)
-    q, c = params.query, signals.num_classes
-    x_train = softmax64(signals.logits[models, q, points])
+    q, c, labels = params.query, signals.num_classes, signals.labels
     x_target = softmax64(signals.logits[target, q])
+    if params.mode == "class_input":
+        x_target = np.concatenate([x_target, _one_hot(labels, c)], axis=1)
+    predict = _trained(signals, target, params, lambda: _fit_shokri(signals, target, params))
+    return predict(x_target)
+
+
+def _fit_shokri(signals: Signals, target: int, params: ShokriParams) -> Callable[[np.ndarray], np.ndarray]:
+    """Shokri's classifier(s) on the target's shadows: x_target [P, C (+ C)] -> scores [P]."""
+    models, points, is_in = sample_shadow_rows(signals, target, params.max_train, params.seed)
+    q, c, labels = params.query, signals.num_classes, signals.labels
+    x_train = softmax64(signals.logits[models, q, points])
     y_train = is_in.astype(np.int64)
-    labels = signals.labels
     if params.mode == "class_input":
         x_train = np.concatenate([x_train, _one_hot(labels[points], c)], axis=1)
-        x_target = np.concatenate([x_target, _one_hot(labels, c)], axis=1)
-        return _fit_predict(_mlp(params.hidden, params.max_iter, params.seed), x_train, y_train, x_target)
-    scores = np.empty(signals.num_points, dtype=np.float64)
+        return _fit(_mlp(params.hidden, params.max_iter, params.seed), x_train, y_train)
+    per_class: dict[int, float | Callable[[np.ndarray], np.ndarray]] = {}
     prior = float(y_train.mean())
     row_cls = labels[points]
     for cls in np.unique(labels):
         rows = row_cls == cls
-        cols = labels == cls
         y = y_train[rows]
         n_in = int(y.sum())
         if n_in == 0 or n_in == y.size:  # no training rows, or one side only: the IN rate is all we know
-            scores[cols] = float(y.mean()) if y.size else prior
+            per_class[int(cls)] = float(y.mean()) if y.size else prior
             continue
         if y.size >= MIN_MLP_ROWS:
             clf = _mlp(params.hidden, params.max_iter, params.seed)
@@ -159,8 +173,16 @@ def shokri_attack(signals: Signals, target: int, params: ShokriParams) -> np.nda
             from sklearn.linear_model import LogisticRegression
 
             clf = LogisticRegression(max_iter=1000)
-        scores[cols] = _fit_predict(clf, x_train[rows], y, x_target[cols])
-    return scores
+        per_class[int(cls)] = _fit(clf, x_train[rows], y)
+
+    def predict(x_target: np.ndarray) -> np.ndarray:
+        scores = np.empty(signals.num_points, dtype=np.float64)
+        for cls, rule in per_class.items():
+            cols = labels == cls
+            scores[cols] = rule if isinstance(rule, float) else rule(x_target[cols])
+        return scores
+
+    return predict
 
 
 def top3(probs: np.ndarray) -> np.ndarray:
@@ -179,9 +201,10 @@ def top3(probs: np.ndarray) -> np.ndarray:
 def salem_attack(signals: Signals, target: int, params: SalemParams) -> np.ndarray:
     """P(member) of an MLP on the sorted top-3 softmax scores, trained on the shadows (see module doc)."""
     check_query(signals, params.query)
-    models, points, is_in = sample_shadow_rows(signals, target, params.max_train, params.seed)
-    q = params.query
-    x_train = top3(softmax64(signals.logits[models, q, points]))
-    x_target = top3(softmax64(signals.logits[target, q]))
-    clf = _mlp(params.hidden, params.max_iter, params.seed)
-    return _fit_predict(clf, x_train, is_in.astype(np.int64), x_target)
+
+    def fit() -> Callable[[np.ndarray], np.ndarray]:
+        models, points, is_in = sample_shadow_rows(signals, target, params.max_train, params.seed)
+        x_train = top3(softmax64(signals.logits[models, params.query, points]))
+        return _fit(_mlp(params.hidden, params.max_iter, params.seed), x_train, is_in.astype(np.int64))
+
+    return _trained(signals, target, params, fit)(top3(softmax64(signals.logits[target, params.query])))
