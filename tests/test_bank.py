@@ -153,6 +153,23 @@ def test_auto_vectorize_times_both_and_picks_one(caplog):
     assert choose_vectorize(ctx_for(bank={"vectorize": True}), [0, 1], CPU) is True
 
 
+def test_auto_vectorize_leaves_the_usual_way_only_for_a_clear_gain():
+    """The two ways train the same models to float tolerance, not bit for bit: a probe that flips with the
+    machine's load would change a bank's outputs in their last digits from run to run, so the usual way
+    (packs for sequential models on a CPU) stays unless the other is PROBE_MARGIN times faster."""
+    from raymia.train.bank import PROBE_MARGIN, decide_vectorize, usual_vectorize
+
+    assert PROBE_MARGIN == 1.25
+    for usual in (True, False):  # seconds per model-step (pack, loop): within 1.25x the usual way stays
+        for pack, loop in ((1.0, 1.0), (1.2, 1.0), (1.0, 1.2)):
+            assert decide_vectorize(pack, loop, usual) is usual, (pack, loop, usual)
+    assert decide_vectorize(1.0, 0.8, True) is False and decide_vectorize(0.8, 1.0, False) is True  # 1.25x
+    assert decide_vectorize(1.0, 0.81, True) is True and decide_vectorize(0.81, 1.0, False) is False
+    assert usual_vectorize(ctx_for(bank={"pack_size": 4}), CPU) is True
+    assert usual_vectorize(ctx_for(bank={"pack_size": 4}, model={"name": "resnet18"}), CPU) is False
+    assert usual_vectorize(ctx_for(bank={"pack_size": 4}, model={"name": "resnet18"}), torch.device("cuda")) is True
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
 def test_fused_optimizer_is_the_recipes_update_rule(optimizer):
     """make_optimizer runs fused on a CPU; 20 steps on random gradients match PyTorch's per-tensor loop."""
