@@ -40,7 +40,7 @@ All probabilities are handled as float64 logs (log p_y = -cross-entropy of the t
 log-mean-exp), so confident outputs whose p_y underflows keep finite ratios. With one query (or
 `combine: mean`) the pairwise count sorts the log Ratio_z once and binary-searches every x: O((P + Z) log Z)
 time and O(P + Z) memory. The vote over two queries (the default identity and hflip) counts the z below
-both thresholds by sorted blocks: O(P sqrt(Z) + Z^1.5) time (`count_below_both`). Over three or more it
+both thresholds by sorted blocks: O(P sqrt(Z) + Z^1.5 log Z) time (`count_below_both`). Over three or more it
 compares every (x, z) pair in blocks of x: O(Q P Z) time, O(Z * block) memory.
 """
 
@@ -241,8 +241,8 @@ def count_below_both(a0: np.ndarray, a1: np.ndarray, t0: np.ndarray, t1: np.ndar
 
     Sorted by a0, the z below t0[x] are a prefix; the z below t1[x] in it are counted by binary search in
     the sorted a1 of the prefix's whole blocks (one sorted copy per block boundary, blocks of about sqrt(Z))
-    plus a direct comparison with the rest of the prefix: O(P sqrt(Z) + Z^1.5) time instead of the pairwise
-    O(P Z), O(Z^1.5) memory.
+    plus a direct comparison with the rest of the prefix: O(P sqrt(Z) + Z^1.5 log Z) time instead of the
+    pairwise O(P Z), and memory for one sorted prefix and one chunk of x at a time.
     """
     a0, a1 = np.asarray(a0, dtype=np.float64), np.asarray(a1, dtype=np.float64)
     t0, t1 = np.asarray(t0, dtype=np.float64), np.asarray(t1, dtype=np.float64)
