@@ -11,6 +11,7 @@ that has only the compute core.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,23 @@ def _size(nbytes: int) -> str:
 
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM: the unit of the compute row's lower bound
+
+
+def _guarantee(defense, lo: int, hi: int, recipe) -> str | None:
+    """The accountant's epsilon for the models of `lo` to `hi` members, before any training."""
+    few, many = defense.accounted_guarantee(lo, recipe), defense.accounted_guarantee(hi, recipe)
+    if few is None:
+        return None
+
+    def eps(g: dict[str, float]) -> str:
+        return f"{g['epsilon']:.3g}" if math.isfinite(g["epsilon"]) else "infinite (no noise)"
+
+    how = (f"sigma {few['noise_multiplier']:.3g}, sampling rate {few['sampling_rate']:.3g}, "
+           f"{int(few['steps'])} steps, delta {few['delta']:.2g}")
+    if lo == hi:
+        return f"epsilon {eps(few)} per model ({how}), from the accountant before training"
+    return (f"epsilon {eps(few)} ({_n(lo)} members: {how}) to {eps(many)} ({_n(hi)} members) per model, "
+            "from the accountant before training")
 
 
 def _flops(x: float) -> str:
@@ -187,6 +205,8 @@ def _model_and_training_rows(spec: AuditSpec, ctx, kind: str) -> list[tuple[str,
     rows.append(("defense", spec.defense.name + (" " + ", ".join(f"{k}={v}" for k, v in params.items())
                                                   if params else "")
                  + ("" if spec.attacker == "adaptive" else "; non-adaptive attacker (undefended shadows)")))
+    if (guarantee := _guarantee(ctx.defense, lo, hi, r)) is not None:
+        rows.append(("privacy", guarantee))
     attacks = attacks_to_run(spec, ctx.defense)
     added = " (label_only added: the defense changes the outputs)" if len(attacks) > len(spec.attacks) else ""
     shadows = ("every bank model is your target's shadow" if spec.target is not None else

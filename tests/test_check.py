@@ -149,3 +149,18 @@ def test_flops_counted_on_the_meta_device_equal_a_real_count():
     assert step == real.get_total_flops() > 0
     # forward only: one example's conv1 alone is 2 * 6*28*28 outputs * 25 taps
     assert query > 2 * 6 * 28 * 28 * 25 and query < step / 16
+
+
+def test_check_gives_dpsgds_accounted_epsilon_before_training(tmp_path):
+    """The accountant's epsilon needs no training: `raymia check` prints it for a DP-SGD spec, and it is the
+    epsilon every model of the audit then reports; a defense without an accountant has no such row."""
+    from raymia.audit import run_audit
+
+    assert "privacy" not in dict(check_spec(_write(tmp_path, _audit_dict(tmp_path))).rows)
+    d = {**_audit_dict(tmp_path), "defense": {"name": "dpsgd", "params": {"noise_multiplier": 1.1}}}
+    path = _write(tmp_path, d, "dp.yaml")
+    row = dict(check_spec(path).rows)["privacy"]
+    # 100 members, batches of 32: sampling rate 0.32, 3 epochs x ceil(100 / 32) = 12 steps, delta 1/100^1.1
+    assert row.startswith("epsilon ") and "(sigma 1.1, sampling rate 0.32, 12 steps, delta 0.0063)" in row
+    result = run_audit(load_spec(path, kind=AuditSpec), track=False, console=False)
+    assert row.startswith(f"epsilon {result.defense_report['epsilon']:.3g} per model ")

@@ -20,6 +20,8 @@ query. A defense overrides only the hooks it needs:
   trains in `fit` too.
 - search_space() -> {param: Domain}: the Tune/Optuna space, with defaults taken from the paper.
 - privacy_guarantee() -> dict | None: e.g. {"epsilon": ..., "delta": ...} for DP training.
+- accounted_guarantee(n, recipe) -> dict | None: the accountant's guarantee for a model of n training
+  points, before training (DP-SGD's epsilon; `raymia check` prints it).
 - check(model_name, info) -> None: raise SpecError before any training when the defense cannot apply.
 - setup(data, population, cache_dir, seed): fit what every bank model shares (a VAE, a pretrained
   backbone), once per worker, cached on disk.
@@ -165,6 +167,12 @@ class Defense:
         return {}
 
     def privacy_guarantee(self) -> dict[str, Any] | None:
+        return None
+
+    def accounted_guarantee(self, n: int, recipe: Any) -> dict[str, float] | None:
+        """What a privacy accountant gives a model trained on n points with `recipe` (after
+        modify_recipe), known before training: e.g. DP-SGD's {"epsilon", "delta", ...}. None: no such
+        guarantee. `raymia check` shows it."""
         return None
 
 

@@ -277,6 +277,14 @@ class DpSgd(Defense):
         return {"sampling_rate": q, "steps": steps, "delta": delta, "noise_multiplier": sigma,
                 "expected_batch": q * n}
 
+    def accounted_guarantee(self, n: int, recipe: Any) -> dict[str, float] | None:
+        """The epsilon every model of n members is trained to, known before training (the same `resolve`
+        and accountant as `fit`'s report)."""
+        run = self.resolve(n, recipe.epochs, recipe.batch_size)
+        eps = accounted_epsilon(run["noise_multiplier"], run["sampling_rate"], int(run["steps"]), run["delta"],
+                                self.params.accountant)
+        return {"epsilon": eps, **run}
+
     def fit(self, job: FitJob) -> nn.Module:
         """Train job.model with DP-SGD for epochs * ceil(n / b) steps; report its accounted epsilon."""
         p = self.params
