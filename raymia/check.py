@@ -161,7 +161,7 @@ def _model_and_training_rows(spec: AuditSpec, ctx, kind: str) -> list[tuple[str,
 
     from raymia.audit import attacks_to_run
     from raymia.models import build_model
-    from raymia.train.bank import check_data_init
+    from raymia.train.bank import PROBE_MARGIN, check_data_init
     from raymia.train.packed import runs_packed
 
     info, rows = ctx.data.info, []
@@ -175,10 +175,11 @@ def _model_and_training_rows(spec: AuditSpec, ctx, kind: str) -> list[tuple[str,
     elif spec.bank.vectorize is False:
         packing = "one model at a time (bank.vectorize: false)"
     else:
+        auto = spec.bank.vectorize == "auto"
         packing = ("packs train as grouped kernels" if runs_packed(model, info.input_shape)
-                   else "packs train under torch.func.vmap")
-        if spec.bank.vectorize == "auto":
-            packing += " or one by one, whichever a short timing finds faster"
+                   else "packs train under torch.func.vmap" + (" on GPUs, one model at a time on a CPU" if auto else ""))
+        if auto:
+            packing += f"; a short timing picks the other way only where it is {PROBE_MARGIN}x faster"
     rows.append(("model", f"{spec.model.name}: {_n(n_params)} parameters; {packing}"))
     per_step, per_query = count_flops(spec.model.name, spec.model.params, info, ctx.recipe.batch_size)
 

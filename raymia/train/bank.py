@@ -467,8 +467,8 @@ def decide_vectorize(pack_s: float, loop_s: float, usual: bool, margin: float = 
     """Packs or one model at a time from the timed seconds per model-step: the usual way unless the other
     is at least `margin` times faster."""
     if usual:
-        return not loop_s * margin <= pack_s
-    return pack_s * margin <= loop_s
+        return pack_s < margin * loop_s  # packs, unless one by one is `margin` times faster
+    return margin * pack_s <= loop_s
 
 
 def choose_vectorize(
