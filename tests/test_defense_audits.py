@@ -25,9 +25,11 @@ DEFENSES = {
     "pruning": {"sparsity": 0.7},
     "vae_metric_privacy": {"eps": 100.0, "vae_epochs": 15},
     "tl_dmi": {"freeze_fraction": 0.5, "pretrain_epochs": 2},
+    "dmp": {"temperature": 2.0},
 }
 REPORTED = {"dpsgd": "defense/epsilon", "pruning": "defense/sparsity", "tl_dmi": "defense/frozen_fraction",
-            "relaxloss": "defense/train_ce", "memguard": "defense/defense_model_accuracy"}
+            "relaxloss": "defense/train_ce", "memguard": "defense/defense_model_accuracy",
+            "dmp": "defense/teacher_agreement"}
 
 
 @pytest.mark.parametrize("name", list(DEFENSES))

@@ -142,6 +142,7 @@ def test_reference_set_is_public_and_sized_to_the_members(tmp_path) -> None:
     ("vae_metric_privacy", {}),
     ("tl_dmi", {}),
     ("memguard", {}),
+    ("dmp", {}),
 ])
 def test_no_public_data_is_refused_before_training(tmp_path, name: str, params: dict) -> None:
     spec = _spec(tmp_path, name, population=None, params=params)
