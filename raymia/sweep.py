@@ -356,16 +356,20 @@ def _progress_callback(spec: SweepSpec, exp, keep):
         """One console line per finished trial (Tune's own tables are switched off)."""
 
         def __init__(self) -> None:
+            # Trial ids: those finished before a resume (their stored result), then those reported here. The
+            # count grows by one per line even when a trial's result is stored before an earlier one's line.
+            self.before = {t for t in keep.subdirs("trials") if keep.size(f"trials/{t}/result.json") is not None}
+            self.reported: set[str] = set()
             self.failed: set[str] = set()
             self.recovered: dict[str, str] = {}
 
         @property
         def done(self) -> int:
-            """Trials with a stored result (a resumed sweep counts on from those finished before) or failed."""
-            ok = {t for t in keep.subdirs("trials") if keep.size(f"trials/{t}/result.json") is not None}
-            return len(ok | self.failed)
+            """Trials finished (before a resume, or reported since) or failed."""
+            return len(self.before | self.reported | self.failed)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
+            self.reported.add(trial.trial_id)
             _backup_tune_state(exp, keep)  # Tune's own copy is not atomic: a kill can cut it short
             r = trial.last_result or {}
             _, cfg = split_config(trial.config)

@@ -230,3 +230,27 @@ def test_sweep_refuses_default_sqlite_study_on_nfs(tmp_path, monkeypatch):
     ok = validate_spec({"name": "s", "sweep": {"defense": "label_smoothing", "storage": "postgresql://u@db/optuna"}},
                        SweepSpec)
     sweep._check_study_storage(ok, tmp_path)  # an RDB server: nothing to refuse
+
+
+def test_the_done_count_grows_by_one_per_line_when_results_land_out_of_order(tmp_path, caplog):
+    """Two trials store their results before the driver reports the first: the lines say 2/3 then 3/3
+    (they used to say 3/3 twice), counting on from a trial finished before a resume."""
+    import logging
+    from types import SimpleNamespace
+
+    from raymia.spec import SweepSpec
+    from raymia.storage import open_root
+    from raymia.sweep import _progress_callback
+
+    keep, exp = open_root(tmp_path / "state"), open_root(tmp_path / "exp")
+    keep.write("trials/t0/result.json", b"{}")  # finished before the resume
+    spec = SweepSpec.model_validate({"sweep": {"defense": "hamp", "num_trials": 3}})
+    progress = _progress_callback(spec, exp, keep)
+    for t in ("t1", "t2"):  # both results stored before either line
+        keep.write(f"trials/{t}/result.json", b"{}")
+    caplog.set_level(logging.INFO, logger="raymia")
+    for n, t in ((1, "t1"), (2, "t2")):
+        trial = SimpleNamespace(trial_id=t, experiment_tag=f"{n}_x", config={"defense": "hamp"}, last_result={})
+        progress.on_trial_complete(0, [], trial)
+    lines = [r.getMessage() for r in caplog.records if " done (" in r.getMessage()]
+    assert [line.split(" done ")[1].split(":")[0] for line in lines] == ["(2/3)", "(3/3)"]
