@@ -26,10 +26,11 @@ DEFENSES = {
     "vae_metric_privacy": {"eps": 100.0, "vae_epochs": 15},
     "tl_dmi": {"freeze_fraction": 0.5, "pretrain_epochs": 2},
     "dmp": {"temperature": 2.0},
+    "selena": {"sub_models": 4, "excluded_per_point": 2},
 }
 REPORTED = {"dpsgd": "defense/epsilon", "pruning": "defense/sparsity", "tl_dmi": "defense/frozen_fraction",
             "relaxloss": "defense/train_ce", "memguard": "defense/defense_model_accuracy",
-            "dmp": "defense/teacher_agreement"}
+            "dmp": "defense/teacher_agreement", "selena": "defense/soft_label_accuracy"}
 
 
 @pytest.mark.parametrize("name", list(DEFENSES))

@@ -42,6 +42,7 @@ FAST: dict[str, dict] = {
     "vae_metric_privacy": {"vae_epochs": 2, "latent_dim": 4, "hidden": 32, "vae_batch": 64, "vae_device": "cpu"},
     "tl_dmi": {"pretrain_epochs": 1, "pretrain_device": "cpu"},
     "memguard": {"defense_epochs": 20},
+    "selena": {"sub_models": 4, "excluded_per_point": 2},
 }
 POPULATION = 200
 

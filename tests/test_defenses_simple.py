@@ -130,4 +130,4 @@ def test_a_defense_states_its_name_once_and_its_own_loop_is_declared_by_fit():
 
     own = {n for n in DEFENSES.names() if DEFENSES.get(n).obj.trains_itself()}
     assert all(DEFENSES.get(n).obj.name == n for n in DEFENSES.names())
-    assert own == {"advreg", "dmp", "dpsgd", "llla", "memguard", "pruning", "relaxloss", "temperature_scaling", "tl_dmi"}
+    assert own == {"advreg", "dmp", "dpsgd", "llla", "memguard", "pruning", "relaxloss", "selena", "temperature_scaling", "tl_dmi"}

@@ -295,7 +295,7 @@ def test_bad_params_raise_spec_error(name, raw, field):
     assert field in str(ei.value)
 
 
-@pytest.mark.parametrize("name", ["advreg", "relaxloss", "memguard", "pruning", "dmp"])
+@pytest.mark.parametrize("name", ["advreg", "relaxloss", "memguard", "pruning", "dmp", "selena"])
 def test_declarations(name):
     entry = DEFENSES.get(name)
     assert entry.obj.name == name

@@ -23,6 +23,7 @@ FAST: dict[str, dict] = {
     "vae_metric_privacy": {"vae_epochs": 2, "latent_dim": 4, "hidden": 32, "vae_batch": 64, "vae_device": "cpu"},
     "tl_dmi": {"pretrain_epochs": 1, "pretrain_device": "cpu"},
     "memguard": {"defense_epochs": 2},
+    "selena": {"sub_models": 3, "excluded_per_point": 1},
     "early_stopping": {"fraction": 1.0},  # a shorter recipe would end before lookahead starts
 }
 
@@ -89,7 +90,7 @@ def test_pruning_refuses_lookahead_that_its_retraining_would_never_reach(tmp_pat
     assert e.value.where == "train.lookahead"
 
 
-@pytest.mark.parametrize("name", ["none", "advreg", "pruning", "tl_dmi", "memguard", "dpsgd"])
+@pytest.mark.parametrize("name", ["none", "advreg", "pruning", "tl_dmi", "memguard", "dpsgd", "dmp", "selena"])
 def test_the_loss_hook_reaches_every_defense_that_trains_on_a_loss(tmp_path, name):
     """`Defense.loss` is the objective of the bank's loop and of every defense's `fit` (AdvReg and pruning
     ignored it before the loop); RelaxLoss's epoch-dependent loss replaces it by design."""

@@ -1,0 +1,126 @@
+"""SELENA (Tang et al., USENIX Security 2022): Split-AI, then self-distillation on the members.
+
+Each bank model is trained in two stages, on its own members only (no public data):
+
+1. Split-AI: every member is left out of `excluded_per_point` (L) of `sub_models` (K) sub-models, drawn
+   at random per member; sub-model k trains on the members that do not leave it out, with the recipe and
+   plain cross-entropy. A member's soft label is the mean softmax of the L sub-models that never saw it.
+2. Self-distillation: the released model trains on the members with those soft labels (soft-label
+   cross-entropy, the recipe's optimizer, schedule and epochs), so what it learns about a member comes from
+   models that did not train on it.
+
+Reference code compared: inspire-group/MIAdefenseSELENA (`purchase/SELENA/generation10.py`: each point's L
+excluded sub-models, a shuffled arange(K) cut to L; `purchase/SELENA/Split_AI/train.py`: sub-model k on the
+points whose list lacks k, Adam 1e-3, 30 epochs; `purchase/SELENA/Distillation/train.py`: `splitai_test`
+mode 1, the mean softmax of a training point's L sub-models, and `distill_train`, -sum(t log softmax(s)) /
+batch with Adam 1e-3, 60 epochs) and HAMP's baseline (DependableSystemsLab/MIA_defense_HAMP,
+`cifar10/lira-train-selena.py`, which averages the sub-models' logits instead). Where raymia differs:
+
+- the sub-models and the released model use the spec's recipe (the reference: Adam for Purchase, SGD for
+  CIFAR) and train for the recipe's epochs; the reference keeps each model's epoch of best test accuracy,
+  which reads the test split, so raymia keeps the last;
+- every sub-model starts from the model's seeded initialisation (the reference draws one per sub-model);
+  layers that initialise from data (airbench's whitening) are re-fitted on each sub-model's own members, so
+  no member reaches a sub-model that leaves it out;
+- soft labels are computed in eval mode on the un-augmented members; the recipe's augmentation applies to
+  the released model's inputs, with the member's soft label unchanged;
+- Split-AI's own adaptive inference (a non-member query answered by a random member's L sub-models) is not
+  the released model: SELENA releases the distilled model, which is what the audit queries.
+
+Per model the bank reports `soft_label_accuracy`: the share of members whose soft label (from sub-models that
+never saw them) predicts their own label, the accuracy the released model is taught on its members.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from raymia.defenses.base import DEFENSES, Defense, FitJob
+from raymia.defenses.calibration import outputs
+from raymia.defenses.memguard import train_plain
+from raymia.errors import SpecError
+from raymia.models.base import data_init_modules
+from raymia.registry import Params
+from raymia.seeding import derive_seed
+from raymia.space import Domain, Int
+
+
+class SelenaParams(Params):
+    """SELENA's parameters (the paper's defaults: K 25, L 10)."""
+
+    sub_models: int = Field(25, ge=2, le=200, description="K: sub-models of Split-AI, each trained with the recipe")
+    excluded_per_point: int = Field(10, ge=1, description="L: sub-models that leave each member out (less than "
+                                    "sub_models); its soft label is their mean softmax")
+
+    @model_validator(mode="after")
+    def _fewer_excluded_than_sub_models(self) -> SelenaParams:
+        if self.excluded_per_point >= self.sub_models:
+            raise ValueError(f"excluded_per_point ({self.excluded_per_point}) must be below sub_models "
+                             f"({self.sub_models}): every sub-model must train on some members")
+        return self
+
+
+def split_assignment(n: int, k: int, l_: int, seed: int) -> np.ndarray:
+    """Bool [n, k]: True where member i is left out of sub-model j; each row has exactly `l_` True, a
+    uniformly drawn subset (the first `l_` of a random permutation of the k sub-models, as the reference
+    code draws it)."""
+    rng = np.random.default_rng(seed)
+    order = np.argsort(rng.random((n, k)), axis=1)
+    out = np.zeros((n, k), dtype=bool)
+    np.put_along_axis(out, order[:, :l_], True, axis=1)
+    return out
+
+
+def split_ai_labels(sub_probs: torch.Tensor, excluded: np.ndarray) -> torch.Tensor:
+    """Soft labels [n, C]: for member i the mean of sub_probs[j, i] over the sub-models j that leave it out
+    (`excluded` [n, K]); sub_probs [K, n, C] are the sub-models' softmax outputs on the members."""
+    w = torch.as_tensor(excluded.T, dtype=sub_probs.dtype, device=sub_probs.device)  # [K, n]
+    return (w[:, :, None] * sub_probs).sum(dim=0) / w.sum(dim=0)[:, None]
+
+
+@DEFENSES.register(
+    "selena",
+    SelenaParams,
+    doc="SELENA (Tang et al. 2022): Split-AI sub-models label each member without having seen it; the "
+        "released model is distilled on the members from those soft labels.",
+)
+class Selena(Defense):
+    """Split-AI and self-distillation (see the module docstring)."""
+
+    params: SelenaParams
+
+    def fit(self, job: FitJob) -> nn.Module:
+        p = self.params
+        n = job.x.shape[0]
+        excluded = split_assignment(n, p.sub_models, p.excluded_per_point, derive_seed(job.seed, "split-ai"))
+        empty = np.flatnonzero(excluded.all(axis=0))
+        if empty.size:
+            raise SpecError(f"model {job.m}: sub-model {int(empty[0])} of SELENA has no member to train on "
+                            f"({n} members): lower excluded_per_point ({p.excluded_per_point}) or sub_models "
+                            f"({p.sub_models})", where="defense.params")
+        probs = []
+        for k in range(p.sub_models):
+            rows = torch.from_numpy(np.flatnonzero(~excluded[:, k])).to(job.x.device)
+            sub = copy.deepcopy(job.model)
+            for layer in data_init_modules(sub):
+                layer.init_from_data(job.x[rows])
+            sub_job = replace(job, model=sub, x=job.x[rows], y=job.y[rows], seed=derive_seed(job.seed, "sub-model", k),
+                              steps_per_epoch=math.ceil(rows.numel() / job.recipe.batch_size), report={})
+            probs.append(outputs(train_plain(self, sub_job), job.x).softmax(dim=1))
+            del sub, sub_job
+        soft = split_ai_labels(torch.stack(probs), excluded)
+        labels = job.y if job.y.ndim == 1 else job.y.argmax(dim=1)
+        job.report["soft_label_accuracy"] = float((soft.argmax(dim=1) == labels).float().mean())
+        return train_plain(self, replace(job, y=soft))
+
+    @classmethod
+    def search_space(cls) -> dict[str, Domain]:
+        # L at the paper's K: the share of members each sub-model trains on, 1 - L/K, from 0.92 to 0.52
+        return {"excluded_per_point": Int(2, 12)}
