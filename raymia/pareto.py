@@ -419,6 +419,17 @@ def fmt_mean_std(t: dict[str, Any], key: str) -> str:
     return f"{f:.4f}" if sd is None else f"{f:.4f} ± {sd:.4f}"
 
 
+def same_settings(rows: list[dict]) -> list[list[dict]]:
+    """`rows` grouped by setting (defense and parameters), in order of first appearance: a sampler may
+    propose a setting again (a discrete space), and the repeat reuses the stored signals, so its metrics
+    are the same and the front shows it once, as "5, 7, 8"."""
+    groups: dict[str, list[dict]] = {}
+    for t in rows:
+        key = json.dumps([t.get("defense"), t.get("params") or {}], sort_keys=True, default=str)
+        groups.setdefault(key, []).append(t)
+    return list(groups.values())
+
+
 def _hv_text(hv: float | None) -> str:
     return "n/a (no undefended trial)" if hv is None else f"{hv:.6g}"
 
@@ -475,7 +486,8 @@ def print_front(
 
     objectives = objective_pairs(objectives)
     by_num = {t["trial"]: t for t in trials}
-    rows = [by_num[n] for n in front]
+    groups = same_settings([by_num[n] for n in front])
+    rows = [g[0] for g in groups]
     # spaces, no commas: a column narrower than the line wraps between two parameters, never before a comma.
     # The accounted epsilon follows the setting that gives it (a column of its own would not fit 80 columns).
     eps = [None if any(k == EPSILON for k, _ in objectives) else _num(t.get(EPSILON)) for t in rows]
@@ -495,8 +507,8 @@ def print_front(
     for i, (metric, mode) in enumerate(objectives):  # as wide as the values; a longer name folds
         table.add_column(_heading(metric, mode), justify="right", overflow="fold",
                          max_width=max([len(v[i]) for v in values] + [len(mode) + 2, 8]))
-    for n, t, p, v in zip(front, rows, params, values, strict=True):
-        table.add_row(str(n), *([] if one else [str(t["defense"])]), p, *v)
+    for g, t, p, v in zip(groups, rows, params, values, strict=True):
+        table.add_row(", ".join(str(r["trial"]) for r in g), *([] if one else [str(t["defense"])]), p, *v)
     c = console or Console()
     c.print(table)
     if show_hypervolume:

@@ -226,6 +226,30 @@ def test_console_front_hides_no_value_at_80_columns():
         assert ("defense" in text) == (0 in front)
 
 
+
+def test_a_setting_proposed_again_is_one_row_of_the_console_front():
+    """A discrete space lets the sampler propose a setting again; the repeat reuses the stored signals (the
+    same metrics), and the console's front shows it once, its trials joined: "5, 7, 8"."""
+    from rich.console import Console
+
+    from raymia.pareto import same_settings
+
+    objectives = [("test_accuracy", "max"), ("lira_online/tpr_fpr_0.01", "min")]
+    trials = [{"trial": 0, "defense": "none", "params": {}, "status": "ok", "test_accuracy": 0.9367,
+               "lira_online/tpr_fpr_0.01": 0.1137}]
+    for n, ell in ((5, 2), (7, 2), (8, 2), (12, 4)):
+        trials.append({"trial": n, "defense": "selena", "status": "ok", "params": {"excluded_per_point": ell},
+                       "test_accuracy": 0.9103 if ell == 2 else 0.9108,
+                       "lira_online/tpr_fpr_0.01": 0.0194 if ell == 2 else 0.0269})
+    assert [[t["trial"] for t in g] for g in same_settings(trials)] == [[0], [5, 7, 8], [12]]
+    console = Console(width=80, file=io.StringIO(), record=True)
+    print_front("digits-selena", trials, objectives, [0, 5, 7, 8, 12], "done", console=console)
+    text = console.export_text()
+    rows = [ln.split("│")[1].strip() for ln in text.splitlines() if ln.count("│") > 3]
+    assert rows == ["0", "5, 7, 8", "12"]
+    assert "Pareto front (5 of 5 trials)" in text
+
+
 # --- the command -----------------------------------------------------------------------------------------
 def raymia(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "raymia", *args], capture_output=True, text=True, timeout=120,

@@ -107,3 +107,12 @@ def test_front_labels_cover_no_other_label_or_marker() -> None:
         assert not any(_boxes_meet(box, other) for j, other in enumerate(boxes) if j != i), texts[i]
     assert offsets[3] == (5.0, 4.0)  # nothing near: upper right
     assert offsets[0] != offsets[1] or offsets[1] != offsets[2]
+
+
+def test_trials_at_the_same_point_share_one_front_label() -> None:
+    """A setting the sampler proposed again lands on the same point: one label, "5, 7, 8", not three
+    numbers stacked on one marker."""
+    from raymia.report.plots import _merged_labels
+
+    front = [(0.0194, 0.9103, "5"), (0.0269, 0.9108, "12"), (0.0194, 0.9103, "7"), (0.0194, 0.9103, "8")]
+    assert _merged_labels(front) == [(0.0194, 0.9103, "5, 7, 8"), (0.0269, 0.9108, "12")]

@@ -234,7 +234,7 @@ def _read_vulnerable(path: Path) -> list[dict[str, str]]:
 
 
 def _sweep(r: dict[str, Any], folder: Path) -> str:
-    from raymia.pareto import fmt_params, with_epsilon
+    from raymia.pareto import fmt_params, same_settings, with_epsilon
 
     trials = r.get("trials", [])
     objectives = with_epsilon([(o["metric"], o["mode"]) for o in r.get("objectives", [])], trials)
@@ -258,12 +258,13 @@ def _sweep(r: dict[str, Any], folder: Path) -> str:
         return out
 
     header = ["trial", "defense", "params", *[f"{m} ({mode})" if mode else m for m, mode in objectives]]
-    front_rows = [t for t in trials if t.get("trial") in front]
+    front_rows = same_settings([t for t in trials if t.get("trial") in front])  # a repeated setting: one row
     parts.append("<h2 id='front'>Pareto front</h2>")
     parts.append("<p>Each objective is the mean over the sweep's targets ± its std over them, with the bootstrap "
                  "interval where the spec asks for one.</p>")
-    parts.append(_table(header, [[escape(str(t["trial"])), escape(str(t["defense"])), escape(fmt_params(t)),
-                                  *[cell(t, m) for m, _ in objectives]] for t in front_rows]))
+    parts.append(_table(header, [[escape(", ".join(str(r["trial"]) for r in g)), escape(str(g[0]["defense"])),
+                                  escape(fmt_params(g[0])), *[cell(g[0], m) for m, _ in objectives]]
+                                 for g in front_rows]))
     parts.append(_figure(folder / "pareto.png", "every trial; the front ringed"))
 
     parts.append("<h2>All trials</h2>")

@@ -160,11 +160,19 @@ def plot_pareto(
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
         fig.tight_layout()
         if front:  # after the layout, which moves the points on the page
-            _label_front(ax, front, list(zip(xs, ys, strict=True)))
+            _label_front(ax, _merged_labels(front), list(zip(xs, ys, strict=True)))
         fig.savefig(path, dpi=_DPI, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path
+
+
+def _merged_labels(front: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """One label per point: trials at the same place (a setting the sampler proposed again) as "5, 7, 8"."""
+    at: dict[tuple[float, float], list[str]] = {}
+    for x, y, text in front:
+        at.setdefault((x, y), []).append(text)
+    return [(x, y, ", ".join(texts)) for (x, y), texts in at.items()]
 
 
 _LABEL_SIZE = 8  # points
