@@ -283,7 +283,7 @@ def _stored_packs(spec: AuditSpec, root: Path, fp: str, signal_bytes: int):
 
 def _sweep_rows(spec: SweepSpec, space, root: Path, signal_bytes: int) -> tuple[int, list[tuple[str, str]]]:
     """(trials finished, rows): the searched spaces, the sweep's size and objectives, its progress."""
-    from raymia.sweep import describe_space, resume_hash
+    from raymia.sweep import count_settings, describe_space, resume_hash
 
     s = spec.sweep
     rows = [("search", f"{d}: {text}") for d, text in describe_space(space).items()]
@@ -299,6 +299,9 @@ def _sweep_rows(spec: SweepSpec, space, root: Path, signal_bytes: int) -> tuple[
                           + ("; constraints " + ", ".join(f"{c.metric} {c.op} {c.value:g}" for c in s.constraints)
                              if s.constraints else "")
                           + (f"; front re-audited with {s.final_audit.num_models} models" if s.final_audit else "")))
+    if (n := count_settings(space)) is not None and n < s.num_trials:
+        rows.append(("", f"the space holds {n} setting(s), fewer than the {s.num_trials} trials: the sampler "
+                         "will propose some again, and a repeat reuses the stored signals (nothing trains)"))
     from raymia.storage import join, open_root
 
     keep = open_root(join(spec.store or str(root), "sweeps", spec.name))  # the state, as `raymia sweep` keeps it

@@ -109,6 +109,20 @@ def describe_space(space: dict[str, dict[str, Domain | Any]]) -> dict[str, str]:
                          for k, v in sp.items()) or "no parameters" for d, sp in space.items()}
 
 
+def count_settings(space: dict[str, dict[str, Domain | Any]]) -> int | None:
+    """How many distinct settings a space holds when every searched parameter is discrete (Int,
+    Categorical; constants count once), summed over its defenses; None when one is continuous."""
+    total = 0
+    for sp in space.values():
+        n = 1
+        for v in sp.values():
+            if isinstance(v, Float):
+                return None
+            n *= (v.high - v.low + 1) if isinstance(v, Int) else len(v.choices) if isinstance(v, Categorical) else 1
+        total += n
+    return total
+
+
 class DefineByRun:
     """Optuna define-by-run space (a picklable object: Tune checkpoints the searcher): each trial picks a
     defense (when several are searched) and samples its space. Parameters are named "<defense>.<param>"."""

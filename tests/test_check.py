@@ -164,3 +164,21 @@ def test_check_gives_dpsgds_accounted_epsilon_before_training(tmp_path):
     assert row.startswith("epsilon ") and "(sigma 1.1, sampling rate 0.32, 12 steps, delta 0.0063)" in row
     result = run_audit(load_spec(path, kind=AuditSpec), track=False, console=False)
     assert row.startswith(f"epsilon {result.defense_report['epsilon']:.3g} per model ")
+
+
+def test_a_discrete_space_smaller_than_the_sweep_is_named(tmp_path):
+    """An integer or categorical space of fewer settings than trials means repeats: `raymia check` says so
+    (a repeat reuses the stored signals); a continuous parameter makes the space unbounded."""
+    from raymia.space import Categorical, Float, Int
+    from raymia.sweep import count_settings
+
+    assert count_settings({"selena": {"excluded_per_point": Int(2, 12)}}) == 11
+    assert count_settings({"a": {"k": Int(1, 3), "c": Categorical((True, False)), "x": 0.5},
+                           "b": {"c": Categorical(("u", "v", "w"))}}) == 9
+    assert count_settings({"a": {"k": Int(1, 3)}, "b": {"x": Float(0.0, 1.0)}}) is None
+    base = {"sweep": {"defense": "selena", "num_trials": 12, "include_undefended": False}}
+    d = {**_audit_dict(tmp_path), **base}
+    rows = check_spec(_write(tmp_path, d, "s.yaml")).rows
+    assert any("the space holds 11 setting(s), fewer than the 12 trials" in text for _, text in rows)
+    d["sweep"] = {**base["sweep"], "num_trials": 11}
+    assert not any("setting(s), fewer than" in text for _, text in check_spec(_write(tmp_path, d, "s.yaml")).rows)
