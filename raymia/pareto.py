@@ -431,7 +431,11 @@ def same_settings(rows: list[dict]) -> list[list[dict]]:
 
 
 def _hv_text(hv: float | None) -> str:
-    return "n/a (no undefended trial)" if hv is None else f"{hv:.6g}"
+    if hv is None:
+        return "n/a (no undefended trial)"
+    # the volume the front dominates beyond the undefended point: none when every trial pays for its
+    # privacy with some of another objective (accuracy), as most defenses do
+    return "0 (no trial is better than the undefended one on every objective)" if hv == 0 else f"{hv:.6g}"
 
 
 # A DP defense's accounted epsilon is the privacy number its users read first, and no searched parameter

@@ -250,6 +250,23 @@ def test_a_setting_proposed_again_is_one_row_of_the_console_front():
     assert "Pareto front (5 of 5 trials)" in text
 
 
+
+def test_a_zero_hypervolume_says_why():
+    """Every defended trial pays accuracy for its privacy: nothing lies beyond the undefended point, and
+    the line says so instead of a bare 0."""
+    from raymia.pareto import front_and_hypervolume, front_markdown
+
+    objectives = [("test_accuracy", "max"), ("lira_online/tpr_fpr_0.01", "min")]
+    trials = [{"trial": 0, "defense": "none", "params": {}, "status": "ok", "test_accuracy": 0.937,
+               "lira_online/tpr_fpr_0.01": 0.114},
+              {"trial": 1, "defense": "dmp", "params": {"temperature": 2.4}, "status": "ok", "test_accuracy": 0.927,
+               "lira_online/tpr_fpr_0.01": 0.058}]
+    front, hv, _ = front_and_hypervolume(trials, objectives)
+    assert front == [0, 1] and hv == 0.0
+    assert ("Hypervolume vs the undefended trial: 0 (no trial is better than the undefended one on every "
+            "objective)") in front_markdown(trials, objectives, front, hv)
+
+
 # --- the command -----------------------------------------------------------------------------------------
 def raymia(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "raymia", *args], capture_output=True, text=True, timeout=120,
