@@ -135,7 +135,7 @@ class Dmp(Defense):
                             "population)", where="plan.population")
         teacher = train_plain(self, replace(job, model=copy.deepcopy(job.model)))
         logits = outputs(teacher, job.reference_x)
-        keep = lowest_entropy(logits, p.keep_fraction).to(logits.device)
+        keep = lowest_entropy(logits, p.keep_fraction)
         x, logits = job.reference_x[keep], logits[keep]
         target = F.softmax(logits / p.temperature, dim=1)
         student = job.model
