@@ -214,12 +214,17 @@ def _model_and_training_rows(spec: AuditSpec, ctx, kind: str) -> list[tuple[str,
                "leave-one-out: each target's shadows are the other models but its pair")
     rows.append(("attacks", f"{', '.join(a.key for a in attacks)}{added}; queries {', '.join(spec.queries)}; {shadows}"))
     train_flops = per_step * steps * m
+    cost = ctx.defense.training_cost(r)
+    if cost is not None:
+        train_flops *= cost[0]
     query_flops = per_query * m * len(spec.queries) * (plan.keep.shape[1] + ctx.data.x_test.shape[0])
     rows.append(("compute", f"{_flops(train_flops)} to train the bank and {_flops(query_flops)} to query it"
                             f"{' (each trial)' if kind == 'sweep' else ''}, counted on the meta device: "
                             f"{_lower_bound((train_flops + query_flops) / H100_BF16_PEAK)} of an H100 at its "
                             f"dense bf16 peak"
-                            + ("; the defense's own training loop does more work than these plain steps"
+                            + (f"; the defense trains {cost[0]:.3g}x the recipe's steps per model ({cost[1]})"
+                               if cost is not None else
+                               "; the defense's own training loop does more work than these plain steps"
                                if own_loop else "")))
     if spec.inversion is not None:
         rows.append(_inversion_row(spec, ctx, per_step * steps, per_query))

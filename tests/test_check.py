@@ -182,3 +182,22 @@ def test_a_discrete_space_smaller_than_the_sweep_is_named(tmp_path):
     assert any("the space holds 11 setting(s), fewer than the 12 trials" in text for _, text in rows)
     d["sweep"] = {**base["sweep"], "num_trials": 11}
     assert not any("setting(s), fewer than" in text for _, text in check_spec(_write(tmp_path, d, "s.yaml")).rows)
+
+
+def test_check_counts_a_defenses_extra_trainings(tmp_path):
+    """SELENA trains K sub-models on (K - L) / K of the members each and the released model (K - L + 1
+    plain trainings: 16 at the paper's 25 and 10); DMP a teacher and a student (2 with the whole
+    reference set): `raymia check` scales the training FLOPs and says why."""
+    def compute(defense: dict | None) -> str:
+        d = _audit_dict(tmp_path) if defense is None else {**_audit_dict(tmp_path), "defense": defense}
+        return dict(check_spec(_write(tmp_path, d, "c.yaml")).rows)["compute"]
+
+    def gflop(text: str) -> float:
+        value, unit = text.split(" to train")[0].split()
+        return float(value) * {"MFLOP": 1e-3, "GFLOP": 1.0, "TFLOP": 1e3}[unit]
+
+    plain, selena = compute(None), compute({"name": "selena"})
+    assert "trains 16x the recipe's steps per model (25 sub-models on 15 of every 25 members each" in selena
+    assert gflop(selena) == pytest.approx(16 * gflop(plain), rel=0.01)
+    dmp = compute({"name": "dmp", "params": {"keep_fraction": 0.5, "distill_epochs": 6}})
+    assert "trains 2x the recipe's steps per model (a teacher, then a student" in dmp  # 3 epochs: 1 + 0.5 x 2

@@ -22,6 +22,8 @@ query. A defense overrides only the hooks it needs:
 - privacy_guarantee() -> dict | None: e.g. {"epsilon": ..., "delta": ...} for DP training.
 - accounted_guarantee(n, recipe) -> dict | None: the accountant's guarantee for a model of n training
   points, before training (DP-SGD's epsilon; `raymia check` prints it).
+- training_cost(recipe) -> (float, str) | None: how many times the recipe's plain training of one model the
+  defense's `fit` runs, and what (DMP: a teacher and a student); `raymia check` scales its FLOPs by it.
 - check(model_name, info) -> None: raise SpecError before any training when the defense cannot apply.
 - setup(data, population, cache_dir, seed): fit what every bank model shares (a VAE, a pretrained
   backbone), once per worker, cached on disk.
@@ -167,6 +169,12 @@ class Defense:
         return {}
 
     def privacy_guarantee(self) -> dict[str, Any] | None:
+        return None
+
+    def training_cost(self, recipe: Any) -> tuple[float, str] | None:
+        """(multiple, what): the training `fit` runs per bank model as a multiple of the recipe's plain
+        training of that model (its steps at the same batch size), for `raymia check`'s FLOPs. None: not
+        declared (one plain training, or work that is not a multiple of it)."""
         return None
 
     def accounted_guarantee(self, n: int, recipe: Any) -> dict[str, float] | None:

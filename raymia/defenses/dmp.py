@@ -146,6 +146,13 @@ class Dmp(Defense):
         job.report["teacher_agreement"] = float((outputs(student, x).argmax(1) == logits.argmax(1)).float().mean())
         return student
 
+    def training_cost(self, recipe: Any) -> tuple[float, str] | None:
+        """The teacher's plain training, then the student's `distill_epochs` passes over keep_fraction of a
+        reference set as large as the members (an upper bound: smaller when the public split is)."""
+        p = self.params
+        student = p.keep_fraction * (p.distill_epochs or recipe.epochs) / recipe.epochs
+        return 1.0 + student, "a teacher, then a student on the kept reference points"
+
     @classmethod
     def search_space(cls) -> dict[str, Domain]:
         return {"temperature": Float(1.0, 8.0, log=True), "keep_fraction": Float(0.25, 1.0)}

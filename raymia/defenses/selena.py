@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -119,6 +120,12 @@ class Selena(Defense):
         labels = job.y if job.y.ndim == 1 else job.y.argmax(dim=1)
         job.report["soft_label_accuracy"] = float((soft.argmax(dim=1) == labels).float().mean())
         return train_plain(self, replace(job, y=soft))
+
+    def training_cost(self, recipe: Any) -> tuple[float, str] | None:
+        """K sub-models on (K - L) / K of the members each, then the released model: K - L + 1 plain
+        trainings in steps."""
+        k, l_ = self.params.sub_models, self.params.excluded_per_point
+        return float(k - l_ + 1), f"{k} sub-models on {k - l_} of every {k} members each, then the released model"
 
     @classmethod
     def search_space(cls) -> dict[str, Domain]:
