@@ -146,7 +146,7 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
         stored, invalid, store_rows = _stored_packs(spec, root, fp, signal_bytes)
         rows += store_rows
     else:
-        trials_done, sweep_rows = _sweep_rows(spec, space, root, signal_bytes)
+        trials_done, sweep_rows = _sweep_rows(spec, space, root, signal_bytes, ctx)
         rows += sweep_rows
     t = spec.tracking
     rows.append(("tracking", f"MLflow {t.uri}, experiment {t.experiment!r}" if t.enabled else "off"))
@@ -286,8 +286,9 @@ def _stored_packs(spec: AuditSpec, root: Path, fp: str, signal_bytes: int):
     return stored, invalid, rows
 
 
-def _sweep_rows(spec: SweepSpec, space, root: Path, signal_bytes: int) -> tuple[int, list[tuple[str, str]]]:
-    """(trials finished, rows): the searched spaces, the sweep's size and objectives, its progress."""
+def _sweep_rows(spec: SweepSpec, space, root: Path, signal_bytes: int, ctx) -> tuple[int, list[tuple[str, str]]]:
+    """(trials finished, rows): the searched spaces, the sweep's size and objectives, what a searched
+    defense's trials train beyond the plain recipe (`Defense.training_cost`), its progress."""
     from raymia.sweep import count_settings, describe_space, resume_hash
 
     s = spec.sweep
@@ -304,6 +305,14 @@ def _sweep_rows(spec: SweepSpec, space, root: Path, signal_bytes: int) -> tuple[
                           + ("; constraints " + ", ".join(f"{c.metric} {c.op} {c.value:g}" for c in s.constraints)
                              if s.constraints else "")
                           + (f"; front re-audited with {s.final_audit.num_models} models" if s.final_audit else "")))
+    from raymia.defenses import build_defense
+    from raymia.space import Domain
+
+    for d, sp in space.items():  # at the defaults and the space's constants: the searched values may move it
+        defense = build_defense(d, {k: v for k, v in sp.items() if not isinstance(v, Domain)}, ctx.data.info)
+        if (cost := defense.training_cost(ctx.recipe)) is not None:
+            rows.append(("", f"a {d} trial trains {cost[0]:.3g}x the recipe's steps per model at its defaults "
+                             f"({cost[1]})"))
     if (n := count_settings(space)) is not None and n < s.num_trials:
         rows.append(("", f"the space holds {n} setting(s), fewer than the {s.num_trials} trials: the sampler "
                          "will propose some again, and a repeat reuses the stored signals (nothing trains)"))

@@ -168,7 +168,8 @@ def test_check_gives_dpsgds_accounted_epsilon_before_training(tmp_path):
 
 def test_a_discrete_space_smaller_than_the_sweep_is_named(tmp_path):
     """An integer or categorical space of fewer settings than trials means repeats: `raymia check` says so
-    (a repeat reuses the stored signals); a continuous parameter makes the space unbounded."""
+    (a repeat reuses the stored signals); a continuous parameter makes the space unbounded. A searched
+    defense that trains several models per bank model says how many."""
     from raymia.space import Categorical, Float, Int
     from raymia.sweep import count_settings
 
@@ -180,6 +181,8 @@ def test_a_discrete_space_smaller_than_the_sweep_is_named(tmp_path):
     d = {**_audit_dict(tmp_path), **base}
     rows = check_spec(_write(tmp_path, d, "s.yaml")).rows
     assert any("the space holds 11 setting(s), fewer than the 12 trials" in text for _, text in rows)
+    assert ("", "a selena trial trains 16x the recipe's steps per model at its defaults (25 sub-models on 15 of "
+                "every 25 members each, then the released model)") in rows
     d["sweep"] = {**base["sweep"], "num_trials": 11}
     assert not any("setting(s), fewer than" in text for _, text in check_spec(_write(tmp_path, d, "s.yaml")).rows)
 
