@@ -75,7 +75,8 @@ def test_list_shows_every_registry_with_parameters_and_defaults():
     assert "training functions: none registered" in text  # plug-ins add them; module:function needs none
     only = raymia("list", "attacks")
     assert "lira_offline" in only.stdout and "dataset digits" not in only.stdout
-    for needle in ("inversion attack miface", "inversion attack gmi", "inversion attack plg_mi", "gan_steps"):
+    for needle in ("inversion attack miface", "inversion attack gmi", "inversion attack plg_mi",
+                   "inversion attack ked_mi", "gan_steps"):
         assert needle in only.stdout, needle  # every attack, membership and inversion, with its params
     ood = raymia("list", "ood")
     assert "non-member set scaled" in ood.stdout and "non-member set gan" in ood.stdout

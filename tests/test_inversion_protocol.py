@@ -186,6 +186,9 @@ def test_check_counts_the_inversion_compute(tmp_path, digits):
     one, two = (inversion_flops("plg_mi", {"steps": n}, digits.info, fwd, 5) for n in (100, 200))
     assert two - one == pytest.approx(100 * 5 * 1 * 5 * 3 * (two - one) / (100 * 5 * 1 * 5 * 3))  # finite, linear
     assert inversion_flops("plg_mi", {"steps": 300}, digits.info, fwd, 5) - one == pytest.approx(2 * (two - one))
+    one, two = (inversion_flops("ked_mi", {"steps": n}, digits.info, fwd, 5) for n in (100, 200))
+    assert two > one and inversion_flops("ked_mi", {"steps": 300}, digits.info, fwd, 5) - one == pytest.approx(
+        2 * (two - one))
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec_dict(tmp_path)))
     rows = dict(check_spec(path).rows)
