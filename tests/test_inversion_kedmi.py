@@ -156,3 +156,16 @@ def test_params_are_checked_in_one_line(setting, tmp_path):
             run_inversion("ked_mi", params, target, PRIVATE, _ctx(setting, tmp_path))
         assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.gpu
+def test_ked_mi_runs_on_cuda_and_leaves_the_target_where_it_was(setting, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    info, target, evaluator, _ = setting
+    ctx = replace(_ctx(setting, tmp_path), device=torch.device("cuda"))
+    out = run_inversion("ked_mi", {**TINY, "per_class": 4}, target, PRIVATE, ctx)
+    assert out.images.device.type == "cpu" and next(target.parameters()).device.type == "cpu"
+    assert out.images.shape == (20, 1, 8, 8) and _top1(evaluator, out.images, out.labels) >= 0.5
+    again = run_inversion("ked_mi", {**TINY, "per_class": 4}, target, PRIVATE, ctx)  # from the cache
+    assert len(list((tmp_path / "cache").glob("kedmi-gan-*.pt"))) == 1 and again.images.shape == out.images.shape
