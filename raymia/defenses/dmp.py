@@ -4,7 +4,7 @@ Each bank model is trained in two stages, so that its members reach the released
 teacher's predictions on other data:
 
 1. the teacher (the paper's unprotected model theta_up) trains on the model's members with the recipe and
-   plain cross-entropy, as an undefended model would;
+   its cross-entropy (label smoothing included, if any), as an undefended model would;
 2. the student (the released model theta_p) trains on a reference set of public points, never on the
    members, to match the teacher's softened predictions there: the loss is
    T^2 KL(softmax(t / T) || softmax(s / T)) per point (t the teacher's logits, s the student's), the

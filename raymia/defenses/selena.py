@@ -4,7 +4,7 @@ Each bank model is trained in two stages, on its own members only (no public dat
 
 1. Split-AI: every member is left out of `excluded_per_point` (L) of `sub_models` (K) sub-models, drawn
    at random per member; sub-model k trains on the members that do not leave it out, with the recipe and
-   plain cross-entropy. A member's soft label is the mean softmax of the L sub-models that never saw it.
+   its cross-entropy. A member's soft label is the mean softmax of the L sub-models that never saw it.
 2. Self-distillation: the released model trains on the members with those soft labels (soft-label
    cross-entropy, the recipe's optimizer, schedule and epochs), so what it learns about a member comes from
    models that did not train on it.
