@@ -136,3 +136,21 @@ def test_audit_on_digits_measures_less_leakage_than_undefended(tmp_path):
     assert sel["lira_online/auc"] < none["lira_online/auc"] - 0.06
     assert sel["test_accuracy"] > none["test_accuracy"] - 0.06
     assert 0.8 < sel["defense/soft_label_accuracy"] <= 1.0
+
+
+def test_a_long_sub_model_prints_a_progress_line(monkeypatch, caplog):
+    """A CIFAR-10 ResNet's sub-models take hours: each one that trains long gets a line (here every one,
+    with the threshold at 0 s); a digits-sized one prints nothing."""
+    import logging
+
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(40, 32, generator=g), torch.randint(0, 10, (40,), generator=g)
+    params = {"sub_models": 3, "excluded_per_point": 1}
+    with caplog.at_level(logging.INFO, logger="raymia"):
+        build_defense("selena", params, INFO).fit(_job(x, y, TrainSpec(epochs=1, batch_size=20)))
+    assert "SELENA sub-model" not in caplog.text
+    monkeypatch.setattr(selena_mod, "PROGRESS_AFTER_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="raymia"):
+        build_defense("selena", params, INFO).fit(_job(x, y, TrainSpec(epochs=1, batch_size=20)))
+    lines = [r.getMessage() for r in caplog.records if "SELENA sub-model" in r.getMessage()]
+    assert [ln.split(" trained")[0] for ln in lines] == [f"model 0: SELENA sub-model {k}/3" for k in (1, 2, 3)]

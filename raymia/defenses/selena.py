@@ -34,7 +34,9 @@ never saw them) predicts their own label, the accuracy the released model is tau
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -51,6 +53,12 @@ from raymia.models.base import data_init_modules
 from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.space import Domain, Int
+
+log = logging.getLogger("raymia")
+
+# A sub-model that trains this long gets a progress line (a CIFAR-10 ResNet's 25 sub-models take hours; a
+# digits MLP's take a fraction of a second and print nothing).
+PROGRESS_AFTER_S = 5.0
 
 
 class SelenaParams(Params):
@@ -108,6 +116,7 @@ class Selena(Defense):
                             f"({p.sub_models})", where="defense.params")
         probs = []
         for k in range(p.sub_models):
+            t0 = time.perf_counter()
             rows = torch.from_numpy(np.flatnonzero(~excluded[:, k])).to(job.x.device)
             sub = copy.deepcopy(job.model)
             for layer in data_init_modules(sub):
@@ -116,6 +125,8 @@ class Selena(Defense):
                               steps_per_epoch=math.ceil(rows.numel() / job.recipe.batch_size), report={})
             probs.append(outputs(train_plain(self, sub_job), job.x).softmax(dim=1))
             del sub, sub_job
+            if (took := time.perf_counter() - t0) >= PROGRESS_AFTER_S:
+                log.info("model %d: SELENA sub-model %d/%d trained (%.0fs)", job.m, k + 1, p.sub_models, took)
         soft = split_ai_labels(torch.stack(probs), excluded)
         labels = job.y if job.y.ndim == 1 else job.y.argmax(dim=1)
         job.report["soft_label_accuracy"] = float((soft.argmax(dim=1) == labels).float().mean())
