@@ -145,3 +145,18 @@ def test_audit_on_digits_measures_less_leakage_than_undefended(tmp_path):
     assert dmp["test_accuracy"] > none["test_accuracy"] - 0.05
     assert dmp["defense/transfer_points"] == 200.0 and 0.9 < dmp["defense/teacher_agreement"] <= 1.0
     assert np.isfinite([dmp["lira_online/auc"], none["lira_online/auc"]]).all()
+
+
+def test_a_class_split_leaves_the_student_nothing_of_its_classes_and_is_refused(tmp_path):
+    """With digits 0-4 private, the public split is digits 5-9: a student distilled there never sees one of
+    its own classes. `raymia check` and the audit refuse it in one line."""
+    from raymia.errors import SpecError
+    from raymia.train.bank import BankContext
+
+    spec = AuditSpec.model_validate({"data": {"name": "digits", "private_classes": 5},
+                                     "plan": {"num_models": 2}, "defense": {"name": "dmp"},
+                                     "output_dir": str(tmp_path)})
+    for setup in (True, False):
+        with pytest.raises(SpecError, match="the public split holds only other classes") as e:
+            BankContext.from_spec(spec, setup=setup)
+        assert e.value.where == "data.private_classes" and "\n" not in str(e.value)

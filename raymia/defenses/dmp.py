@@ -47,12 +47,13 @@ import math
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from raymia.defenses.base import DEFENSES, Defense, FitJob, require_public
+from raymia.defenses.base import DEFENSES, Defense, FitJob, public_indices, require_public
 from raymia.defenses.calibration import outputs
 from raymia.defenses.memguard import train_plain
 from raymia.errors import SpecError
@@ -125,8 +126,18 @@ class Dmp(Defense):
     params: DmpParams
 
     def check_data(self, data: Any, population: Any) -> None:
-        """The student trains on public points: refuse a plan that leaves none."""
+        """The student trains on public points: refuse a plan that leaves none, or only points of classes
+        the model never learns (a class split: the student would never see an input of its classes)."""
         require_public(self.name, data, population, "to distil the teacher into the released model")
+        y = getattr(data, "y_train", None)
+        if y is None:
+            return
+        y = np.asarray(y)
+        public = public_indices(y.shape[0], population)
+        if not np.isin(y[public], y[np.asarray(population, dtype=np.int64)]).any():
+            raise SpecError(f"{self.name} distils on public points of the classes the model learns; the public "
+                            "split holds only other classes (a class split), so the released model would never "
+                            "see an input of its own classes", where="data.private_classes")
 
     def fit(self, job: FitJob) -> nn.Module:
         p = self.params
