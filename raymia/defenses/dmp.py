@@ -22,8 +22,8 @@ with LiRA). Where raymia differs:
 - the reference set is the public split (`FitJob.reference_x`: training points outside the audited
   population, a seeded subset of as many as the model has members), unlabelled (its labels are not used);
   a plan without public points is refused, as is a class split with no public point of the model's classes.
-  The paper's code draws it from held-out data the same way; HAMP's
-  CIFAR-10 baseline has none and trains a DCGAN on each model's members to synthesise 100,000 points;
+  The paper's code draws it from held-out data the same way; HAMP's CIFAR-10 baseline has none and trains a
+  DCGAN on each model's members to synthesise 100,000 points;
 - the loss is the per-point KL ('batchmean') times T^2 (Hinton et al.'s scale, which keeps the gradient's
   size across temperatures), so with T = 1 the student steps as the recipe's cross-entropy would; the
   reference code's F.kl_div uses the element-wise 'mean' (1/C of that) and compensates with its own
