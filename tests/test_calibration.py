@@ -13,7 +13,8 @@ from torch import nn
 
 from raymia.datainfo import DataInfo
 from raymia.defenses import DEFENSES, build_defense
-from raymia.defenses.calibration import find_last_layer, fit_temperature, nll, outputs
+from raymia.defenses.base import outputs
+from raymia.defenses.calibration import find_last_layer, fit_temperature, nll
 from raymia.defenses.simple import LOG_FLOOR
 from raymia.errors import SpecError
 from raymia.metrics import ece

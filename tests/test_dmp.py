@@ -15,9 +15,8 @@ import raymia.defenses.dmp as dmp_mod
 from raymia.audit import run_audit
 from raymia.datainfo import DataInfo
 from raymia.defenses import build_defense
-from raymia.defenses.base import FitJob
+from raymia.defenses.base import FitJob, train_plain
 from raymia.defenses.dmp import Dmp, distillation_loss, lowest_entropy
-from raymia.defenses.memguard import train_plain
 from raymia.spec import AuditSpec, TrainSpec
 from tests.test_defense_data import _rows, recording
 

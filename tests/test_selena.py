@@ -14,8 +14,7 @@ import raymia.defenses.selena as selena_mod
 from raymia.audit import run_audit
 from raymia.datainfo import DataInfo
 from raymia.defenses import DEFENSES, build_defense
-from raymia.defenses.base import FitJob
-from raymia.defenses.memguard import train_plain
+from raymia.defenses.base import FitJob, train_plain
 from raymia.defenses.selena import Selena, split_ai_labels, split_assignment
 from raymia.errors import SpecError
 from raymia.spec import AuditSpec, TrainSpec

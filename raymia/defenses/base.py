@@ -50,7 +50,9 @@ from raymia.datainfo import DataInfo
 from raymia.errors import SpecError
 from raymia.plugins import is_import_path
 from raymia.registry import NoParams, Params, Registry
+from raymia.seeding import derive_seed
 from raymia.space import Domain
+from raymia.train.loop import member_batches, module_net, run_steps
 
 
 def public_indices(n_train: int, population: Any) -> np.ndarray:
@@ -215,3 +217,38 @@ def build_defense(
     entry = DEFENSES.get(name, where=f"{where}.name")
     parsed = entry.parse(params, where=f"{where}.params")
     return entry.obj(parsed, info, label_smoothing=label_smoothing)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what a defense's `fit` builds on
+
+
+def train_plain(defense: Defense, job: FitJob) -> torch.nn.Module:
+    """Model m (`job.model`) trained with the recipe and the defense's `loss` on the step loop (`run_steps`,
+    as the bank trains, with the batch order and augmentation draws seeded from the job's seed, at the
+    bank's precision). Returns it in eval mode. MemGuard and the calibration defenses train so before
+    fitting their post-processing; DMP its teacher, SELENA its sub-models and released model."""
+    model, recipe = job.model, job.recipe
+    if job.x.shape[0] == 0:
+        raise ValueError(f"model {job.m}: empty training set")
+    batches = member_batches(job.x, job.y, recipe, torch.Generator().manual_seed(derive_seed(job.seed, "order")),
+                             torch.Generator().manual_seed(derive_seed(job.seed, "augment")), fmt=job.memory_format)
+    model.train()
+    run_steps(module_net(model), batches, lambda logits, y, step: defense.loss(logits, y), recipe,
+              recipe.epochs * job.steps_per_epoch, job.steps_per_epoch, precision=job.precision,
+              names=[f"model {job.m}"])
+    return model.eval()
+
+
+OUTPUT_CHUNK = 1024  # rows per forward when computing a model's outputs on a whole set
+
+
+@torch.no_grad()
+def outputs(model: torch.nn.Module, x: torch.Tensor, chunk: int = OUTPUT_CHUNK) -> torch.Tensor:
+    """The model's float32 logits on x, in eval mode (restored), in chunks."""
+    was = model.training
+    model.eval()
+    try:
+        return torch.cat([model(x[i:i + chunk]).float() for i in range(0, x.shape[0], chunk)])
+    finally:
+        model.train(was)

@@ -3,7 +3,7 @@
 Hintersdorf et al. ("To Trust or Not To Trust Prediction Scores for Membership Inference Attacks", IJCAI
 2022) study how calibration and overconfidence change membership attacks; these two defenses put the
 calibration methods they use into the bank, so an audit or a sweep measures them like any other defense.
-Both train each model with the spec's recipe on the step loop (`train_plain`, as MemGuard does), then fit
+Both train each model with the spec's recipe on the step loop (`base.train_plain`, as MemGuard does), then fit
 a per-model calibrator, kept beside the model object (a weak reference, keyed by the model, as MemGuard
 keeps its classifier g) for `postprocess_logits`. Since they override `fit`, their models train one at a
 time (`Defense.trains_itself`); the model's weights are those of plain training with the recipe.
@@ -82,15 +82,22 @@ from pydantic import Field
 from torch import nn
 
 from raymia.datainfo import DataInfo
-from raymia.defenses.base import DEFENSES, Defense, FitJob, public_indices, require_public
-from raymia.defenses.memguard import train_plain
+from raymia.defenses.base import (
+    DEFENSES,
+    OUTPUT_CHUNK,
+    Defense,
+    FitJob,
+    outputs,
+    public_indices,
+    require_public,
+    train_plain,
+)
 from raymia.defenses.simple import LOG_FLOOR
 from raymia.errors import SpecError
 from raymia.registry import Params
 from raymia.space import Categorical, Domain, Float
 
 T_MIN, T_MAX = 1e-2, 1e2  # the range of a fitted temperature
-CHUNK = 1024  # rows per forward when computing outputs or features of a whole set
 
 # --------------------------------------------------------------------------------------------------------
 # temperature scaling
@@ -103,17 +110,6 @@ class TemperatureParams(Params):
         "held_out", description="held_out: T minimises the NLL on public held-out points, per model (needs "
         "public points); fixed: T = temperature")
     temperature: float = Field(1.5, gt=0.0, description="T when fit is fixed (logits / T; T > 1 flattens)")
-
-
-@torch.no_grad()
-def outputs(model: nn.Module, x: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
-    """The model's float32 logits on x, in eval mode (restored), in chunks."""
-    was = model.training
-    model.eval()
-    try:
-        return torch.cat([model(x[i:i + chunk]).float() for i in range(0, x.shape[0], chunk)])
-    finally:
-        model.train(was)
 
 
 def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:
@@ -316,7 +312,7 @@ class LaplacePosterior:
 
 @torch.no_grad()
 def features_and_logits(model: nn.Module, layer: nn.Linear, x: torch.Tensor,
-                        chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                        chunk: int = OUTPUT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """The last layer's inputs [N, D] and the model's logits [N, C] on x (eval mode, float32)."""
     kept: list[torch.Tensor] = []
     handle = layer.register_forward_pre_hook(lambda mod, args: kept.append(args[0].detach().float()))

@@ -54,9 +54,15 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from raymia.defenses.base import DEFENSES, Defense, FitJob, public_indices, require_public
-from raymia.defenses.calibration import outputs
-from raymia.defenses.memguard import train_plain
+from raymia.defenses.base import (
+    DEFENSES,
+    Defense,
+    FitJob,
+    outputs,
+    public_indices,
+    require_public,
+    train_plain,
+)
 from raymia.errors import SpecError
 from raymia.models.base import data_init_modules
 from raymia.registry import Params

@@ -48,13 +48,12 @@ from pydantic import Field
 from torch import nn
 
 from raymia.datainfo import DataInfo
-from raymia.defenses.base import DEFENSES, Defense, FitJob, require_public
+from raymia.defenses.base import DEFENSES, Defense, FitJob, require_public, train_plain
 from raymia.errors import SpecError
 from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.space import Domain, Float
 from raymia.train.batches import batch_stream
-from raymia.train.loop import member_batches, module_net, run_steps
 
 C1, C2, C3_START, C3_ROUNDS = 1.0, 10.0, 0.1, 7  # the official constants (c3 = 0.1 ... 1e5)
 NEAR_HALF = 1e-5  # an output this close to 0.5 already needs no noise (official)
@@ -281,20 +280,3 @@ class MemGuard(Defense):
     @classmethod
     def search_space(cls) -> dict[str, Domain]:
         return {"epsilon": Float(0.0, 1.0)}
-
-
-def train_plain(defense: Defense, job: FitJob) -> nn.Module:
-    """Model m trained with the recipe and the defense's `loss` on the step loop (`run_steps`, as the bank
-    trains, with the batch order and augmentation draws seeded from the defense seed, at the bank's
-    precision). Returns it in eval mode."""
-    model, recipe = job.model, job.recipe
-    n = job.x.shape[0]
-    if n == 0:
-        raise ValueError(f"model {job.m}: empty training set")
-    batches = member_batches(job.x, job.y, recipe, torch.Generator().manual_seed(derive_seed(job.seed, "order")),
-                             torch.Generator().manual_seed(derive_seed(job.seed, "augment")), fmt=job.memory_format)
-    model.train()
-    run_steps(module_net(model), batches, lambda logits, y, step: defense.loss(logits, y), recipe,
-              recipe.epochs * job.steps_per_epoch, job.steps_per_epoch, precision=job.precision,
-              names=[f"model {job.m}"])
-    return model.eval()

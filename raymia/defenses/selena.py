@@ -45,9 +45,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from raymia.defenses.base import DEFENSES, Defense, FitJob
-from raymia.defenses.calibration import outputs
-from raymia.defenses.memguard import train_plain
+from raymia.defenses.base import DEFENSES, Defense, FitJob, outputs, train_plain
 from raymia.errors import SpecError
 from raymia.models.base import data_init_modules
 from raymia.registry import Params
