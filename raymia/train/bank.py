@@ -390,28 +390,46 @@ def train_models_packed(
             (0, 0) * (ctx.data.x_train.ndim - 1) + (0, n_max - d.index.numel())) for d in datas]).to(device)
 
     fmt = memory_format(spec.bank.channels_last, device, ctx.data.info.input_shape)
+    return train_modules_packed(
+        [init_model(ctx, m, d).to(device, memory_format=fmt) for m, d in zip(models, datas)],
+        x_src, ys, index, [d.index.numel() for d in datas], recipe, ctx.defense.loss,
+        [derive_seed(spec.seed, "order", m) for m in models], [derive_seed(spec.seed, "augment", m) for m in models],
+        shared, ctx.steps_per_epoch, device, fmt, autocast_dtype(device, spec.bank.precision, cpu_autocast),
+        ctx.data.info.input_shape if engine == "auto" else None, [f"model {m}" for m in models],
+        max_steps=max_steps, compile=compile)
+
+
+def train_modules_packed(
+    modules: list[torch.nn.Module], x: torch.Tensor, ys: torch.Tensor, index: torch.Tensor, counts: list[int],
+    recipe, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], order_seeds: list[int],
+    augment_seeds: list[int], shared: bool, steps_per_epoch: int, device: torch.device, fmt: torch.memory_format,
+    precision: torch.dtype | None, input_shape: tuple[int, ...] | None, names: list[str],
+    max_steps: int | None = None, compile: bool = False,
+) -> PackedModels:
+    """Train K modules of one architecture (initialised, on `device` in `fmt`) as one pack through
+    `run_steps`, `recipe.epochs * steps_per_epoch` steps, their losses (`loss(logits, y)` per model, under
+    vmap) summed; returns the pack in eval mode. Module k's members are the rows `index[k, :counts[k]]` of
+    x (the shared set, `shared`) or of x[k]; its targets ys[k]; its batch order and augmentation come from
+    `order_seeds[k]` and `augment_seeds[k]`, so it draws exactly what it would draw alone (`member_batches`).
+    `input_shape` (one example): a PackedSequential where the architecture allows (None: vmap). The bank
+    trains its packs here; SELENA its sub-models."""
     # The packed sequential path keeps grouped maps channels_last on a CPU (oneDNN's native layout, measured
     # faster there) and follows bank.channels_last on CUDA.
-    pack = PackedModels([init_model(ctx, m, d).to(device, memory_format=fmt) for m, d in zip(models, datas)],
-                        input_shape=ctx.data.info.input_shape if engine == "auto" else None,
-                        channels_last=fmt is torch.channels_last or device.type == "cpu")
+    pack = PackedModels(modules, input_shape=input_shape, channels_last=fmt is torch.channels_last or device.type == "cpu")
     scales, limits = param_lr_scales(pack.base), param_train_epochs(pack.base)
     net = Net(pack, list(pack.params.values()), [scales.get(n, 1.0) for n in pack.params],
               [limits.get(n) for n in pack.params], [*pack.params.values(), *pack.buffers.values()], pack=True)
     batches = pack_batches(
-        x_src, ys, index, [d.index.numel() for d in datas], recipe,
-        [torch.Generator().manual_seed(derive_seed(spec.seed, "order", m)) for m in models],
-        [torch.Generator().manual_seed(derive_seed(spec.seed, "augment", m)) for m in models],
+        x, ys, index, counts, recipe, [torch.Generator().manual_seed(s) for s in order_seeds],
+        [torch.Generator().manual_seed(s) for s in augment_seeds],
         shared, fmt if pack.sequential is None else torch.contiguous_format)
-    loss_fn = ctx.defense.loss
-    batched_loss = vmap(lambda logits, y: loss_fn(logits.float(), y), randomness="different")
+    batched_loss = vmap(lambda logits, y: loss(logits.float(), y), randomness="different")
     if compile:
         net.forward, batched_loss = torch.compile(pack.__call__), torch.compile(batched_loss)
     pack.train()
     run_steps(net, batches, lambda logits, y, step: batched_loss(logits, y), recipe,
-              recipe.epochs * ctx.steps_per_epoch, ctx.steps_per_epoch,
-              precision=autocast_dtype(device, spec.bank.precision, cpu_autocast), max_steps=max_steps,
-              names=[f"model {m}" for m in models])
+              recipe.epochs * steps_per_epoch, steps_per_epoch, precision=precision, max_steps=max_steps,
+              names=names)
     return pack.eval()
 
 
