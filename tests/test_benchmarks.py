@@ -105,3 +105,14 @@ def test_vmap_reference_times_three_sides_that_all_learn():
         assert row[f"{side}_s_per_model"] > 0
         assert row[f"{side}_final_loss"] < row["chance_loss"] - 0.2  # every side trains its models
     assert row["plain_over_own"] > 0 and row["plain_over_shared"] > 0
+
+
+def test_selena_packs_times_both_ways_and_their_soft_labels_agree(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "selena_packs.py"), "--sub-models", "4", "--excluded",
+                    "2", "--pack-size", "2", "--hidden", "32", "--epochs", "2", "--repeats", "1", "--json", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["sub_models"] == 4 and row["pack_size"] == 2
+    assert row["one_at_a_time_s"] > 0 and row["packed_s"] > 0 and row["ratio"] > 0
+    assert row["soft_label_max_diff"] < 1e-4  # the same sub-models either way, to float tolerance

@@ -87,7 +87,7 @@ def test_a_members_soft_label_owes_nothing_to_the_member(monkeypatch):
 def test_memorised_members_stop_standing_out(monkeypatch):
     """Random labels: plain training memorises its members (a confidence gap of 0.85 over held-out points);
     SELENA's soft labels come from sub-models that never saw the member, which cannot know its random
-    label (soft-label accuracy 0.10, chance), and the released model's gap falls to 0.02."""
+    label (soft-label accuracy 0.11, chance), and the released model's gap falls to 0.02."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(600, 32, generator=g), torch.randint(0, 10, (600,), generator=g)
     xm, ym, xh, yh = x[:200], y[:200], x[400:], y[400:]
@@ -119,7 +119,7 @@ def test_too_few_members_for_the_split_is_one_line():
 
 def test_audit_on_digits_measures_less_leakage_than_undefended(tmp_path):
     """The same bank recipe undefended and with SELENA (K 10, L 4): LiRA online's AUC drops by more than
-    0.06 (measured 0.720 and 0.610), test accuracy within 0.06 (0.924 and 0.887)."""
+    0.06 (measured 0.720 and 0.607), test accuracy within 0.06 (0.924 and 0.889)."""
     metrics = {}
     for name, params in (("none", {}), ("selena", {"sub_models": 10, "excluded_per_point": 4})):
         spec = AuditSpec.model_validate({
@@ -153,3 +153,22 @@ def test_a_long_sub_model_prints_a_progress_line(monkeypatch, caplog):
         build_defense("selena", params, INFO).fit(_job(x, y, TrainSpec(epochs=1, batch_size=20)))
     lines = [r.getMessage() for r in caplog.records if "SELENA sub-model" in r.getMessage()]
     assert [ln.split(" trained")[0] for ln in lines] == [f"model 0: SELENA sub-model {k}/3" for k in (1, 2, 3)]
+
+
+def test_sub_models_in_packs_are_the_sub_models_one_at_a_time(monkeypatch):
+    """Where the bank trains packs (`FitJob.vectorize`), the sub-models train `pack_size` at a time: each
+    draws its own batches, so the soft labels match those of one-at-a-time training to float tolerance,
+    and member 0's soft label still owes nothing to member 0."""
+    from dataclasses import replace
+
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(60, 32, generator=g), torch.randint(0, 10, (60,), generator=g)
+    recipe = TrainSpec(epochs=5, batch_size=20, lr=0.01)
+    params = {"sub_models": 5, "excluded_per_point": 2}
+    one, _ = _soft_labels(monkeypatch, _job(x, y, recipe), params)
+    packed, _ = _soft_labels(monkeypatch, replace(_job(x, y, recipe), vectorize=True, pack_size=2), params)
+    torch.testing.assert_close(packed, one, rtol=0, atol=1e-5)
+    y2 = y.clone()
+    y2[0] = (y[0] + 1) % 10
+    packed2, _ = _soft_labels(monkeypatch, replace(_job(x, y2, recipe), vectorize=True, pack_size=2), params)
+    assert torch.equal(packed[0], packed2[0]) and not torch.equal(packed[1:], packed2[1:])

@@ -94,6 +94,10 @@ class FitJob:
     # and the memory format of image batches (and of the model, which the bank has converted).
     precision: torch.dtype | None = None
     memory_format: torch.memory_format = torch.contiguous_format
+    # How the bank trains packs on this device (`bank.vectorize`, or its usual way under auto) and their size:
+    # a defense that trains several models per bank model (SELENA's sub-models) trains them so.
+    vectorize: bool = False
+    pack_size: int = 1
 
 
 class Defense:

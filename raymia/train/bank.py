@@ -286,9 +286,12 @@ def _fit_with_defense(ctx: BankContext, m: int, model: torch.nn.Module, x: torch
     ref = torch.from_numpy(reference_index(ctx, m, x.shape[0]))
     ref_x = ctx.data.x_train[ref].to(device) if ref.numel() else None
     ref_y = ctx.data.y_train[ref].to(device) if ref.numel() else None
+    choice = ctx.spec.bank.vectorize
     job = FitJob(m=m, model=model, x=x, y=y, recipe=ctx.recipe, device=device,
                  seed=derive_seed(ctx.spec.seed, "defense-fit", m), steps_per_epoch=ctx.steps_per_epoch,
-                 reference_x=ref_x, reference_y=ref_y, precision=precision, memory_format=fmt)
+                 reference_x=ref_x, reference_y=ref_y, precision=precision, memory_format=fmt,
+                 vectorize=usual_vectorize(ctx, device) if choice == "auto" else bool(choice),
+                 pack_size=ctx.spec.bank.pack_size)
     function = ctx.spec.train.function
     if function is not None:
         from raymia.train.function import TRAINERS
