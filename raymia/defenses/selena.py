@@ -61,8 +61,8 @@ from raymia.train.bank import train_modules_packed
 
 log = logging.getLogger("raymia")
 
-# A sub-model that trains this long gets a progress line (a CIFAR-10 ResNet's 25 sub-models take hours; a
-# digits MLP's take a fraction of a second and print nothing).
+# A sub-model (or a pack of them) that trains this long gets a progress line (a CIFAR-10 ResNet's 25
+# sub-models take hours; a digits MLP's take a fraction of a second and print nothing).
 PROGRESS_AFTER_S = 5.0
 
 
