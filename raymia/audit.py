@@ -6,9 +6,11 @@ spec -> membership plan -> bank (warm Ray pool, packs stored as signals) -> atta
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -268,7 +270,8 @@ def run_audit(
         points=PointScores(index=population, label=signals.labels, member=signals.keep[targets],
                            scores=scores, targets=targets),
     )
-    write_report(result, console=console, track=spec.tracking.enabled if track is None else track, page=page)
+    write_report(result, console=console, track=spec.tracking.enabled if track is None else track, page=page,
+                 store=store)
     return result
 
 
@@ -371,10 +374,11 @@ def run_attacks(spec: AuditSpec, attacks: list, signals, targets: list[int] | No
     return mean, std, per_target, curves, all_scores
 
 
-def write_report(result: AuditResult, console: bool, track: bool, page: bool = True) -> None:
+def write_report(result: AuditResult, console: bool, track: bool, page: bool = True,
+                 store: SignalStore | None = None) -> None:
     """In the audit's folder: result.json, spec.yaml, roc.png, with the attacks' scores records.parquet,
     vulnerable.csv and histograms.png, and report.html (all of them on one page); the table on the console;
-    the MLflow run."""
+    the MLflow run, with `tracking.log_signals` the bank's stored signals (`store`) among its artifacts."""
     from raymia.report.plots import plot_roc
 
     spec, out, fp = result.spec, result.out_dir, result.fingerprint
@@ -412,13 +416,14 @@ def write_report(result: AuditResult, console: bool, track: bool, page: bool = T
         from raymia.tracking import KIND_AUDIT, TAG_FINGERPRINT, TAG_KIND, log_run
 
         try:
-            rid = log_run(
-                spec.tracking.uri, spec.tracking.experiment, run_name=run_name(spec),
-                params=spec.model_dump(mode="json"), metrics=result.flat_metrics(),
-                artifacts=[result_path, roc_path, spec_path, *([html_path] if html_path else []), *records_files,
-                           *figures], tags={TAG_KIND: KIND_AUDIT, TAG_FINGERPRINT: fp},
-                start_time=time.time() - result.seconds, dataset=(spec.data.name, fp),
-            )
+            with _staged_signals(store if spec.tracking.log_signals else None) as tree:
+                rid = log_run(
+                    spec.tracking.uri, spec.tracking.experiment, run_name=run_name(spec),
+                    params=spec.model_dump(mode="json"), metrics=result.flat_metrics(),
+                    artifacts=[result_path, roc_path, spec_path, *([html_path] if html_path else []),
+                               *records_files, *figures], tags={TAG_KIND: KIND_AUDIT, TAG_FINGERPRINT: fp},
+                    start_time=time.time() - result.seconds, dataset=(spec.data.name, fp), tree=tree,
+                )
         except Exception as e:  # the results are on disk already: say so in one line, lose nothing
             from raymia.errors import first_line
 
@@ -426,6 +431,21 @@ def write_report(result: AuditResult, console: bool, track: bool, page: bool = T
                       spec.tracking.uri, first_line(e))
             return
         log.info("MLflow run %s in %s", rid, spec.tracking.uri)
+
+
+@contextlib.contextmanager
+def _staged_signals(store: SignalStore | None):
+    """The store's files (`SignalStore.stored_files`: signals/<fingerprint>/...) copied into a temporary folder with
+    the store's layout, for MLflow to upload from any store, a URI's included; None without a store."""
+    if store is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="raymia-signals-") as tmp:
+        for rel in store.stored_files():
+            path = Path(tmp) / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(store.files.read(rel))
+        yield Path(tmp)
 
 
 def attacks_to_run(spec: AuditSpec, defense) -> list:

@@ -324,6 +324,11 @@ class TrackingSpec(_Model):
     enabled: bool = True
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "raymia"
+    log_signals: bool = Field(
+        False, description="an audit also logs its bank's stored signals (every pack and manifest, under "
+        "signals/<fingerprint>/) as artifacts of its MLflow run: download them into DIR/ and "
+        "raymia.read_signals(spec, output_dir=DIR) reads them (they can be large: 4 bytes x models x queries x "
+        "(audited + test points) x classes)")
 
     @field_validator("uri")
     @classmethod

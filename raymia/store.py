@@ -62,6 +62,14 @@ class SignalStore:
     def pack_models(self, pack: int) -> list[int]:
         return pack_models(pack, self.pack_size, self.num_models)
 
+    def stored_files(self) -> list[str]:
+        """Every stored file of the bank, relative to the store's root: each pack's data and manifest (under
+        its own fingerprint: a non-adaptive bank shares packs with an undefended one) and each fingerprint's
+        bank.json where there is one."""
+        rels = [rel for p in range(self.num_packs) for rel in self._paths(p)]
+        banks = {f"signals/{self.fingerprint_of(p)}/bank.json" for p in range(self.num_packs)}
+        return rels + sorted(b for b in banks if self.files.size(b) is not None)
+
     def _paths(self, pack: int) -> tuple[str, str]:
         stem = f"signals/{self.fingerprint_of(pack)}/k{self.pack_size}-pack-{pack:05d}"
         return f"{stem}.npz", f"{stem}.json"

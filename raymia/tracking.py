@@ -178,12 +178,13 @@ def log_run(
     parent_run_id: str | None = None,
     start_time: float | None = None,
     dataset: tuple[str, str] | None = None,
+    tree: Path | None = None,
 ) -> str:
-    """Log one finished run (params, finite metrics, artifact files, MLflow's context tags); returns its run
-    id. `start_time` (seconds since the epoch) is when the work began; `dataset` (name, fingerprint) is
-    logged as the run's input."""
+    """Log one finished run (params, finite metrics, artifact files, the folder `tree` as `close_run` does,
+    MLflow's context tags); returns its run id. `start_time` (seconds since the epoch) is when the work began;
+    `dataset` (name, fingerprint) is logged as the run's input."""
     rid = open_run(uri, experiment, run_name, params, tags, parent_run_id, start_time, dataset)
-    close_run(uri, rid, metrics, artifacts)
+    close_run(uri, rid, metrics, artifacts, tree=tree)
     return rid
 
 
@@ -216,8 +217,9 @@ def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], t
 
 
 def close_run(uri: str, run_id: str, metrics: dict[str, Any], artifacts: Iterable[Path] = (),
-              status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:
-    """Log a run's finite metrics, artifact files and tags, and end it with `status`."""
+              status: str = "FINISHED", tags: dict[str, str] | None = None, tree: Path | None = None) -> None:
+    """Log a run's finite metrics, artifact files (at the artifact root), the folder `tree` (its contents at
+    the root, sub-folders kept) and tags, and end it with `status`."""
     from mlflow.entities import Metric, RunTag
     from mlflow.tracking import MlflowClient
 
@@ -229,6 +231,8 @@ def close_run(uri: str, run_id: str, metrics: dict[str, Any], artifacts: Iterabl
         for a in artifacts:
             if Path(a).exists():
                 client.log_artifact(run_id, str(a))
+        if tree is not None:
+            client.log_artifacts(run_id, str(tree))
     except Exception:
         client.set_terminated(run_id, "FAILED")
         raise

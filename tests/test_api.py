@@ -39,6 +39,29 @@ def test_audit_from_a_dict_then_any_attack_on_its_stored_signals(tmp_path):
     assert (raymia.read_signals(path).logits == signals.logits).all()
 
 
+
+def test_signals_logged_to_mlflow_are_read_back_elsewhere(tmp_path):
+    """`tracking.log_signals`: the audit's run holds its bank's packs and manifests under signals/; downloaded
+    into another folder they are the same signals, read by `read_signals` without the original store (and
+    without training). Off by default: a run without it holds no signals."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    d = {**_spec(tmp_path), "train": {"epochs": 4},
+         "tracking": {"uri": uri, "experiment": "raymia-tests", "log_signals": True}}
+    result = raymia.run_audit(d, console=False)
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("raymia-tests").experiment_id])
+    names = {a.path for a in client.list_artifacts(run.info.run_id, f"signals/{result.fingerprint}")}
+    assert {f"signals/{result.fingerprint}/k4-pack-00000.npz", f"signals/{result.fingerprint}/k4-pack-00000.json"} <= names
+    elsewhere = tmp_path / "elsewhere"
+    client.download_artifacts(run.info.run_id, "signals", str(elsewhere))
+    again, original = raymia.read_signals(result.spec, output_dir=elsewhere), raymia.read_signals(result)
+    assert (again.logits == original.logits).all() and (again.keep == original.keep).all()
+    plain = raymia.run_audit({**d, "name": "plain", "tracking": {"uri": uri, "experiment": "other"}}, console=False)
+    [run] = client.search_runs([client.get_experiment_by_name("other").experiment_id])
+    assert plain.reused_signals and not client.list_artifacts(run.info.run_id, "signals")
+
 def test_api_errors_name_the_field_or_what_is_missing(tmp_path):
     d = _spec(tmp_path)
     with pytest.raises(raymia.SpecError, match=r"^plan.num_modles: unknown field"):
