@@ -435,8 +435,9 @@ def write_report(result: AuditResult, console: bool, track: bool, page: bool = T
 
 @contextlib.contextmanager
 def _staged_signals(store: SignalStore | None):
-    """The store's files (`SignalStore.stored_files`: signals/<fingerprint>/...) copied into a temporary folder with
-    the store's layout, for MLflow to upload from any store, a URI's included; None without a store."""
+    """The store's files (`SignalStore.stored_files`: signals/<fingerprint>/...) copied into a temporary
+    folder with the store's layout, for MLflow to upload from any store, a URI's included (one copy of the
+    signals on local disk while they upload); None without a store."""
     if store is None:
         yield None
         return
