@@ -373,16 +373,18 @@ def _progress_callback(spec: SweepSpec, exp, keep):
             # Trial ids: those finished before a resume (their stored result), then those reported here. The
             # count grows by one per line even when a trial's result is stored before an earlier one's line.
             self.before = {t for t in keep.subdirs("trials") if keep.size(f"trials/{t}/result.json") is not None}
-            self.reported: set[str] = set()
+            self.known: set[str] = set()  # Tune's trials: a result stored after the state a resume restores
+            self.reported: set[str] = set()  # (a kill's orphan, its trial unknown to Tune) is not counted
             self.failed: set[str] = set()
             self.recovered: dict[str, str] = {}
 
         @property
         def done(self) -> int:
             """Trials finished (before a resume, or reported since) or failed."""
-            return len(self.before | self.reported | self.failed)
+            return len((self.before & self.known) | self.reported | self.failed)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
+            self.known = {t.trial_id for t in trials}
             self.reported.add(trial.trial_id)
             _backup_tune_state(exp, keep)  # Tune's own copy is not atomic: a kill can cut it short
             r = trial.last_result or {}
@@ -405,6 +407,7 @@ def _progress_callback(spec: SweepSpec, exp, keep):
                 if self.recovered.get(trial.trial_id) != why:  # not said already by on_trial_recover
                     log.warning("trial %s lost (%s); it runs again after the others", _number(trial), why)
                 return
+            self.known = {t.trial_id for t in trials}
             self.failed.add(trial.trial_id)
             log.warning("trial %s failed (%d/%d): %s", _number(trial), self.done, spec.sweep.num_trials,
                         _trial_error(trial))
