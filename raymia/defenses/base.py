@@ -73,6 +73,18 @@ def require_public(name: str, data: Any, population: Any, use: str, alternative:
             f"{alternative}", where="plan.population")
 
 
+def public_has_audited_classes(data: Any, population: Any) -> bool:
+    """Whether the public split holds a point of a class among the audited points' (True when the data give
+    no labels): a class split (`data.private_classes`) leaves only other classes public, on which a defense
+    that fits a held-out temperature or distils a student learns nothing of the model's own classes."""
+    y = getattr(data, "y_train", None)
+    if y is None:
+        return True
+    y = np.asarray(y)
+    public = public_indices(y.shape[0], population)
+    return bool(np.isin(y[public], y[np.asarray(population, dtype=np.int64)]).any())
+
+
 @dataclass
 class FitJob:
     """Everything `Defense.fit` needs to train bank model m with the spec's recipe."""

@@ -75,7 +75,6 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -88,7 +87,7 @@ from raymia.defenses.base import (
     Defense,
     FitJob,
     outputs,
-    public_indices,
+    public_has_audited_classes,
     require_public,
     train_plain,
 )
@@ -169,12 +168,7 @@ class TemperatureScaling(Defense):
             return
         require_public(self.name, data, population, "to fit the temperature on (held-out points)",
                        ", or set defense.params.fit: fixed")
-        y = getattr(data, "y_train", None)
-        if y is None:
-            return
-        y = np.asarray(y)
-        public = public_indices(y.shape[0], population)
-        if not np.isin(y[public], y[np.asarray(population, dtype=np.int64)]).any():
+        if not public_has_audited_classes(data, population):
             raise SpecError(f"{self.name} (fit: held_out) needs public points of the audited classes to fit "
                             "the temperature on; the public split holds only other classes (a class split): "
                             "set defense.params.fit: fixed", where="data.private_classes")

@@ -48,7 +48,6 @@ import math
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -59,7 +58,7 @@ from raymia.defenses.base import (
     Defense,
     FitJob,
     outputs,
-    public_indices,
+    public_has_audited_classes,
     require_public,
     train_plain,
 )
@@ -136,12 +135,7 @@ class Dmp(Defense):
         """The student trains on public points: refuse a plan that leaves none, or only points of classes
         the model never learns (a class split: the student would never see an input of its classes)."""
         require_public(self.name, data, population, "to distil the teacher into the released model")
-        y = getattr(data, "y_train", None)
-        if y is None:
-            return
-        y = np.asarray(y)
-        public = public_indices(y.shape[0], population)
-        if not np.isin(y[public], y[np.asarray(population, dtype=np.int64)]).any():
+        if not public_has_audited_classes(data, population):
             raise SpecError(f"{self.name} distils on public points of the classes the model learns; the public "
                             "split holds only other classes (a class split), so the released model would never "
                             "see an input of its own classes", where="data.private_classes")

@@ -34,7 +34,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -129,14 +129,23 @@ class FittedGan:
     start_step: int
 
 
-def gan_key(x_public: torch.Tensor, info: DataInfo, settings: GanSettings, seed: int,
-            device: torch.device) -> str:
-    """The cache key: the public inputs' bytes, shape and normalisation, the settings, seed and device type."""
+def cache_key(what: str, arch: int, x_public: torch.Tensor, info: DataInfo, settings: Any, seed: int,
+              device: torch.device, **extra: Any) -> str:
+    """The cache key of a GAN fitted on public inputs (GMI's, PLG-MI's, KED-MI's): `what` and its
+    architecture version, the public inputs' bytes, the data's shape and normalisation, every setting of the
+    `settings` dataclass but `checkpoint_every`, the seed, the device type, and `extra` (a target's digest,
+    the attacked classes)."""
     public = SimpleNamespace(name="public", x_train=x_public, y_train=torch.empty(0, dtype=torch.int64))
     fields = {k: v for k, v in asdict(settings).items() if k != "checkpoint_every"}
-    return key_digest({"what": "gmi-gan", "arch": _ARCH_VERSION, "public": data_digest(public, with_labels=False),
+    return key_digest({"what": what, "arch": arch, "public": data_digest(public, with_labels=False),
                        "shape": list(info.input_shape), "mean": info.mean, "std": info.std, "settings": fields,
-                       "seed": seed, "device": device.type})
+                       "seed": seed, "device": device.type, **extra})
+
+
+def gan_key(x_public: torch.Tensor, info: DataInfo, settings: GanSettings, seed: int,
+            device: torch.device) -> str:
+    """GMI's cache key (`cache_key`)."""
+    return cache_key("gmi-gan", _ARCH_VERSION, x_public, info, settings, seed, device)
 
 
 def build_gan(info: DataInfo, settings: GanSettings, seed: int) -> tuple[Generator, Discriminator]:

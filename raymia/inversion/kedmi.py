@@ -48,9 +48,8 @@ is the periodic checkpoint from which a killed run resumes exactly (gan.py's hel
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -58,8 +57,17 @@ from pydantic import Field
 from torch import nn
 
 from raymia.datainfo import DataInfo
-from raymia.defenses.vae import data_digest, key_digest, load_state, save_state
-from raymia.inversion.gan import Discriminator, Generator, _checkpoint, _fresh, _load_pair, _prefixed, _resume
+from raymia.defenses.vae import load_state, save_state
+from raymia.inversion.gan import (
+    Discriminator,
+    Generator,
+    _checkpoint,
+    _fresh,
+    _load_pair,
+    _prefixed,
+    _resume,
+    cache_key,
+)
 from raymia.inversion.plgmi import target_digest
 from raymia.inversion.registry import (
     INVERSION,
@@ -166,12 +174,8 @@ class FittedKGan:
 
 def kgan_key(target: nn.Module, x_public: torch.Tensor, info: DataInfo, settings: KGanSettings, seed: int,
              device: torch.device) -> str:
-    """The cache key: public inputs, target, data shape and normalisation, settings, seed, device type."""
-    public = SimpleNamespace(name="public", x_train=x_public, y_train=torch.empty(0, dtype=torch.int64))
-    fields = {k: v for k, v in asdict(settings).items() if k != "checkpoint_every"}
-    return key_digest({"what": "kedmi-gan", "arch": _ARCH_VERSION, "public": data_digest(public, with_labels=False),
-                       "target": target_digest(target), "shape": list(info.input_shape), "mean": info.mean,
-                       "std": info.std, "settings": fields, "seed": seed, "device": device.type})
+    """The cache key (`gan.cache_key`) with the target, whose soft labels train the discriminator."""
+    return cache_key("kedmi-gan", _ARCH_VERSION, x_public, info, settings, seed, device, target=target_digest(target))
 
 
 def train_kgan(target: nn.Module, x_public: torch.Tensor, info: DataInfo, settings: KGanSettings,

@@ -58,9 +58,8 @@ import hashlib
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -70,9 +69,9 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from raymia.datainfo import DataInfo
-from raymia.defenses.vae import data_digest, key_digest, load_state, save_state, state_checksum
+from raymia.defenses.vae import load_state, save_state, state_checksum
 from raymia.errors import SpecError
-from raymia.inversion.gan import _checkpoint, _fresh, _halvings, _load_pair, _prefixed, _resume
+from raymia.inversion.gan import _checkpoint, _fresh, _halvings, _load_pair, _prefixed, _resume, cache_key
 from raymia.inversion.registry import (
     INVERSION,
     InversionContext,
@@ -286,13 +285,9 @@ def target_digest(target: nn.Module) -> str:
 
 def cgan_key(target: nn.Module, x_public: torch.Tensor, classes: Sequence[int], info: DataInfo,
              settings: CGanSettings, seed: int, device: torch.device) -> str:
-    """The cache key: public inputs, target, classes, data shape and normalisation, settings, seed, device."""
-    public = SimpleNamespace(name="public", x_train=x_public, y_train=torch.empty(0, dtype=torch.int64))
-    fields = {k: v for k, v in asdict(settings).items() if k != "checkpoint_every"}
-    return key_digest({"what": "plgmi-cgan", "arch": _ARCH_VERSION,
-                       "public": data_digest(public, with_labels=False), "target": target_digest(target),
-                       "classes": [int(c) for c in classes], "shape": list(info.input_shape), "mean": info.mean,
-                       "std": info.std, "settings": fields, "seed": seed, "device": device.type})
+    """The cache key (`gan.cache_key`) with the target and the attacked classes."""
+    return cache_key("plgmi-cgan", _ARCH_VERSION, x_public, info, settings, seed, device,
+                     target=target_digest(target), classes=[int(c) for c in classes])
 
 
 def hinge_cgan_steps(g_net: nn.Module, d_net: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
