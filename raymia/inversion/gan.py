@@ -52,18 +52,25 @@ _ARCH_VERSION = 1  # bump when the architecture or the training loop changes (pa
 
 
 @dataclass(frozen=True)
-class GanSettings:
-    """What the GAN is and how it trains (all but `checkpoint_every` are part of the cache key)."""
+class GanBudget:
+    """The size and training budget that GMI's, PLG-MI's and KED-MI's GANs share by default, so that the
+    attacks get the same generator budget (all but `checkpoint_every` are part of each cache key)."""
 
     latent_dim: int = 64
     width: int = 32
     steps: int = 2000
     batch_size: int = 64
     lr: float = 2e-4
+    checkpoint_every: int = 200
+
+
+@dataclass(frozen=True)
+class GanSettings(GanBudget):
+    """What GMI's GAN is and how it trains: the shared budget, then its loss."""
+
     loss: Literal["wgan_gp", "dcgan"] = "wgan_gp"
     n_critic: int = 5
     gp_weight: float = 10.0
-    checkpoint_every: int = 200
 
 
 def _halvings(h: int, w: int) -> int:

@@ -60,6 +60,7 @@ from raymia.datainfo import DataInfo
 from raymia.defenses.vae import load_state, save_state
 from raymia.inversion.gan import (
     Discriminator,
+    GanBudget,
     Generator,
     _checkpoint,
     _fresh,
@@ -90,17 +91,12 @@ _ARCH_VERSION = 1  # bump when the nets or the training loop change (part of the
 
 
 @dataclass(frozen=True)
-class KGanSettings:
-    """What the inversion-specific GAN is and how it trains (all but `checkpoint_every` in the cache key)."""
+class KGanSettings(GanBudget):
+    """What the inversion-specific GAN is and how it trains: the shared budget (`gan.GanBudget`), then
+    KED-MI's own."""
 
-    latent_dim: int = 64
-    width: int = 32
-    steps: int = 2000
-    batch_size: int = 64
-    lr: float = 2e-4
     n_critic: int = 5
     entropy_weight: float = 1e-4
-    checkpoint_every: int = 200
 
 
 class ClassDiscriminator(nn.Module):

@@ -71,7 +71,16 @@ from torch.nn.utils.parametrizations import spectral_norm
 from raymia.datainfo import DataInfo
 from raymia.defenses.vae import load_state, save_state, state_checksum
 from raymia.errors import SpecError
-from raymia.inversion.gan import _checkpoint, _fresh, _halvings, _load_pair, _prefixed, _resume, cache_key
+from raymia.inversion.gan import (
+    GanBudget,
+    _checkpoint,
+    _fresh,
+    _halvings,
+    _load_pair,
+    _prefixed,
+    _resume,
+    cache_key,
+)
 from raymia.inversion.registry import (
     INVERSION,
     InversionContext,
@@ -109,19 +118,13 @@ class Augment:
 
 
 @dataclass(frozen=True)
-class CGanSettings:
-    """What the cGAN is and how it trains (all but `checkpoint_every` are part of the cache key)."""
+class CGanSettings(GanBudget):
+    """What the cGAN is and how it trains: the shared budget (`gan.GanBudget`), then PLG-MI's own."""
 
-    latent_dim: int = 64
-    width: int = 32
-    steps: int = 2000
-    batch_size: int = 64
-    lr: float = 2e-4
     n_dis: int = 5
     alpha: float = 0.2
     top_n: int = 30
     augment: Augment = field(default_factory=Augment)
-    checkpoint_every: int = 200
 
 
 # ---------------------------------------------------------------------------------------------------------
