@@ -203,8 +203,10 @@ def _model_and_training_rows(spec: AuditSpec, ctx, kind: str) -> list[tuple[str,
                                 "; the defense trains each model in its fit (the step loop with its hooks)"
                                 if own_loop else "")))
     params = ctx.defense.params.model_dump(mode="json") if hasattr(ctx.defense.params, "model_dump") else {}
-    rows.append(("defense", spec.defense.name + (" " + ", ".join(f"{k}={v}" for k, v in params.items())
-                                                  if params else "")
+    # A sweep's trials take their defense from the search (its own row); the spec's `defense` is not run.
+    chosen = (spec.defense.name + (" " + ", ".join(f"{k}={v}" for k, v in params.items()) if params else "")
+              if kind == "audit" else "each trial's, from the search below")
+    rows.append(("defense", chosen
                  + ("" if spec.attacker == "adaptive" else "; non-adaptive attacker (undefended shadows)")))
     if (guarantee := _guarantee(ctx.defense, lo, hi, r)) is not None:
         rows.append(("privacy", guarantee))

@@ -181,6 +181,7 @@ def test_a_discrete_space_smaller_than_the_sweep_is_named(tmp_path):
     d = {**_audit_dict(tmp_path), **base}
     rows = check_spec(_write(tmp_path, d, "s.yaml")).rows
     assert any("the space holds 11 setting(s), fewer than the 12 trials" in text for _, text in rows)
+    assert dict(rows)["defense"] == "each trial's, from the search below"  # not the spec's unused `defense`
     assert ("", "a selena trial trains 16x the recipe's steps per model at its defaults (25 sub-models on 15 of "
                 "every 25 members each, then the released model)") in rows
     d["sweep"] = {**base["sweep"], "num_trials": 11}
