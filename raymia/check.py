@@ -290,7 +290,8 @@ def _stored_packs(spec: AuditSpec, root: Path, fp: str, signal_bytes: int):
 
 def _sweep_rows(spec: SweepSpec, space, root: Path, signal_bytes: int, ctx) -> tuple[int, list[tuple[str, str]]]:
     """(trials finished, rows): the searched spaces, the sweep's size and objectives, what a searched
-    defense's trials train beyond the plain recipe (`Defense.training_cost`), its progress."""
+    defense's trials train beyond the plain recipe (`Defense.training_cost`) and the epsilon they are
+    accounted (DP-SGD's), both at the defense's defaults, its progress."""
     from raymia.sweep import count_settings, describe_space, resume_hash
 
     s = spec.sweep
@@ -310,11 +311,15 @@ def _sweep_rows(spec: SweepSpec, space, root: Path, signal_bytes: int, ctx) -> t
     from raymia.defenses import build_defense
     from raymia.space import Domain
 
+    members = ctx.plan.keep.sum(axis=1)
     for d, sp in space.items():  # at the defaults and the space's constants: the searched values may move it
         defense = build_defense(d, {k: v for k, v in sp.items() if not isinstance(v, Domain)}, ctx.data.info)
         if (cost := defense.training_cost(ctx.recipe)) is not None:
             rows.append(("", f"a {d} trial trains {cost[0]:.3g}x the recipe's steps per model at its defaults "
                              f"({cost[1]})"))
+        recipe = defense.modify_recipe(ctx.recipe)
+        if (guarantee := _guarantee(defense, int(members.min()), int(members.max()), recipe)) is not None:
+            rows.append(("", f"a {d} trial at its defaults: {guarantee}"))
     if (n := count_settings(space)) is not None and n < s.num_trials:
         rows.append(("", f"the space holds {n} setting(s), fewer than the {s.num_trials} trials: the sampler "
                          "will propose some again, and a repeat reuses the stored signals (nothing trains)"))

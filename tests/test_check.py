@@ -205,3 +205,13 @@ def test_check_counts_a_defenses_extra_trainings(tmp_path):
     assert gflop(selena) == pytest.approx(16 * gflop(plain), rel=0.01)
     dmp = compute({"name": "dmp", "params": {"keep_fraction": 0.5, "distill_epochs": 6}})
     assert "trains 2x the recipe's steps per model (a teacher, then a student" in dmp  # 3 epochs: 1 + 0.5 x 2
+
+
+def test_a_dp_sgd_sweep_gives_the_accounted_epsilon_at_its_defaults(tmp_path):
+    """Before a DP-SGD sweep trains anything, `raymia check` gives the epsilon a trial at the defense's
+    defaults is accounted: the privacy row of an audit of that setting."""
+    sweep = {**_audit_dict(tmp_path), "sweep": {"defense": "dpsgd", "num_trials": 2, "include_undefended": False}}
+    rows = check_spec(_write(tmp_path, sweep, "sweep.yaml")).rows
+    audit = {**_audit_dict(tmp_path), "defense": {"name": "dpsgd"}}
+    privacy = dict(check_spec(_write(tmp_path, audit, "audit.yaml")).rows)["privacy"]
+    assert privacy.startswith("epsilon ") and ("", f"a dpsgd trial at its defaults: {privacy}") in rows
