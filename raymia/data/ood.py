@@ -408,8 +408,8 @@ def train_ood_gan(x_public: torch.Tensor, y_public: torch.Tensor, info: DataInfo
     `stop_after`: return None after this many steps of this call, as if the process were killed then (no
     checkpoint is written beyond the periodic ones): for tests, or to spread training over several calls.
     """
-    from raymia.defenses.vae import load_state, save_state
-    from raymia.inversion.gan import _fresh, _load_pair, _prefixed, _resume
+    from raymia.defenses.vae import load_state
+    from raymia.inversion.gan import _fresh, _load_pair, _resume, _save_pair
     from raymia.inversion.plgmi import hinge_cgan_steps
 
     x = x_public.detach().float().cpu()
@@ -447,9 +447,7 @@ def train_ood_gan(x_public: torch.Tensor, y_public: torch.Tensor, info: DataInfo
                             ckpt, key, "ood gan", stop_after):
         return None
 
-    save_state(path, key, {**_prefixed("generator", g_net.state_dict()),
-                           **_prefixed("discriminator", d_net.state_dict())})
-    ckpt.unlink(missing_ok=True)
+    _save_pair(path, ckpt, key, g_net, d_net)
     return FittedOodGan(g_net.eval(), d_net.eval(), classes, key, path, "resumed" if start else "trained", start)
 
 

@@ -212,17 +212,11 @@ def train_gan(x_public: torch.Tensor, info: DataInfo, settings: GanSettings, cac
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
-        done = step + 1
-        if done % settings.checkpoint_every == 0 and done < settings.steps:
-            save_state(ckpt, key, _checkpoint(g_net, d_net, opt_g, opt_d, rng, done))
-            log.info("gmi: GAN training at step %d/%d (checkpointed)", done, settings.steps)
-        if stop_after is not None and done - start >= stop_after and done < settings.steps:
-            log.info("gmi: GAN training stopped at step %d/%d (stop_after)", done, settings.steps)
+        if _after_step(step + 1, start, settings.steps, settings.checkpoint_every, stop_after, ckpt, key, g_net,
+                       d_net, opt_g, opt_d, rng, "gmi: GAN"):
             return None
 
-    save_state(path, key, {**_prefixed("generator", g_net.state_dict()),
-                           **_prefixed("discriminator", d_net.state_dict())})
-    ckpt.unlink(missing_ok=True)
+    _save_pair(path, ckpt, key, g_net, d_net)
     return FittedGan(g_net.eval(), d_net.eval(), key, path, "resumed" if start else "trained", start)
 
 
@@ -276,6 +270,28 @@ def _load_optimizer(prefix: str, opt: torch.optim.Optimizer, state: dict[str, to
         i, name = k.split(".", 1)
         per_param.setdefault(int(i), {})[name] = v
     opt.load_state_dict({"state": per_param, "param_groups": opt.state_dict()["param_groups"]})
+
+
+def _after_step(done: int, start: int, steps: int, every: int, stop_after: int | None, ckpt: Path | StoredFile,
+                key: str, g_net: nn.Module, d_net: nn.Module, opt_g: torch.optim.Optimizer,
+                opt_d: torch.optim.Optimizer, rng: torch.Generator, what: str) -> bool:
+    """After generator update `done` of a GAN's training (this call started at `start`): the periodic
+    checkpoint every `every` updates, and True when `stop_after` updates of this call stop it, as a kill
+    would. `what` names the GAN in the log ("gmi: GAN")."""
+    if done % every == 0 and done < steps:
+        save_state(ckpt, key, _checkpoint(g_net, d_net, opt_g, opt_d, rng, done))
+        log.info("%s training at step %d/%d (checkpointed)", what, done, steps)
+    if stop_after is not None and done - start >= stop_after and done < steps:
+        log.info("%s training stopped at step %d/%d (stop_after)", what, done, steps)
+        return True
+    return False
+
+
+def _save_pair(path: Path | StoredFile, ckpt: Path | StoredFile, key: str, g_net: nn.Module, d_net: nn.Module) -> None:
+    """The trained pair as the cache file, and the checkpoint gone."""
+    save_state(path, key, {**_prefixed("generator", g_net.state_dict()),
+                           **_prefixed("discriminator", d_net.state_dict())})
+    ckpt.unlink(missing_ok=True)
 
 
 def _checkpoint(g_net: nn.Module, d_net: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,

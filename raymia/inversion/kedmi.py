@@ -57,16 +57,16 @@ from pydantic import Field
 from torch import nn
 
 from raymia.datainfo import DataInfo
-from raymia.defenses.vae import load_state, save_state
+from raymia.defenses.vae import load_state
 from raymia.inversion.gan import (
     Discriminator,
     GanBudget,
     Generator,
-    _checkpoint,
+    _after_step,
     _fresh,
     _load_pair,
-    _prefixed,
     _resume,
+    _save_pair,
     cache_key,
 )
 from raymia.inversion.plgmi import target_digest
@@ -234,18 +234,12 @@ def train_kgan(target: nn.Module, x_public: torch.Tensor, info: DataInfo, settin
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
-            done = step + 1
-            if done % settings.checkpoint_every == 0 and done < settings.steps:
-                save_state(ckpt, key, _checkpoint(g_net, d_net, opt_g, opt_d, rng, done))
-                log.info("ked_mi: GAN training at step %d/%d (checkpointed)", done, settings.steps)
-            if stop_after is not None and done - start >= stop_after and done < settings.steps:
-                log.info("ked_mi: GAN training stopped at step %d/%d (stop_after)", done, settings.steps)
+            if _after_step(step + 1, start, settings.steps, settings.checkpoint_every, stop_after, ckpt, key, g_net,
+                           d_net, opt_g, opt_d, rng, "ked_mi: GAN"):
                 return None
         d_net.requires_grad_(True)
 
-    save_state(path, key, {**_prefixed("generator", g_net.state_dict()),
-                           **_prefixed("discriminator", d_net.state_dict())})
-    ckpt.unlink(missing_ok=True)
+    _save_pair(path, ckpt, key, g_net, d_net)
     return FittedKGan(g_net.eval(), d_net.eval(), key, path, "resumed" if start else "trained", start)
 
 

@@ -69,16 +69,16 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from raymia.datainfo import DataInfo
-from raymia.defenses.vae import load_state, save_state, state_checksum
+from raymia.defenses.vae import load_state, state_checksum
 from raymia.errors import SpecError
 from raymia.inversion.gan import (
     GanBudget,
-    _checkpoint,
+    _after_step,
     _fresh,
     _halvings,
     _load_pair,
-    _prefixed,
     _resume,
+    _save_pair,
     cache_key,
 )
 from raymia.inversion.registry import (
@@ -331,12 +331,8 @@ def hinge_cgan_steps(g_net: nn.Module, d_net: nn.Module, opt_g: torch.optim.Opti
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
-        done = step + 1
-        if done % settings.checkpoint_every == 0 and done < settings.steps:
-            save_state(ckpt, key, _checkpoint(g_net, d_net, opt_g, opt_d, rng, done))
-            log.info("%s: cGAN training at step %d/%d (checkpointed)", what, done, settings.steps)
-        if stop_after is not None and done - start >= stop_after and done < settings.steps:
-            log.info("%s: cGAN training stopped at step %d/%d (stop_after)", what, done, settings.steps)
+        if _after_step(step + 1, start, settings.steps, settings.checkpoint_every, stop_after, ckpt, key, g_net,
+                       d_net, opt_g, opt_d, rng, f"{what}: cGAN"):
             return False
     return True
 
@@ -395,9 +391,7 @@ def train_cgan(target: nn.Module, x_public: torch.Tensor, classes: Sequence[int]
         if not finished:
             return None
 
-    save_state(path, key, {**_prefixed("generator", g_net.state_dict()),
-                           **_prefixed("discriminator", d_net.state_dict())})
-    ckpt.unlink(missing_ok=True)
+    _save_pair(path, ckpt, key, g_net, d_net)
     return FittedCGan(g_net.eval(), d_net.eval(), classes, key, path, "resumed" if start else "trained", start)
 
 
