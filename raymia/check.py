@@ -304,7 +304,8 @@ def _sweep_rows(spec: SweepSpec, space, root: Path, signal_bytes: int, ctx) -> t
                           f"{' after the undefended baseline (trial 0)' if s.include_undefended else ''}, "
                           f"{_size(signal_bytes)} of signals each (sampler {s.sampler}{sizing}, "
                           f"{s.max_concurrent} at a time); objectives "
-                          + ", ".join(f"{o.metric} ({o.mode})" for o in s.objectives)
+                          + ", ".join(f"{o.metric} ({o.mode}" + ("" if o.reference is None else
+                                      f", hypervolume reference {o.reference:g}") + ")" for o in s.objectives)
                           + ("; constraints " + ", ".join(f"{c.metric} {c.op} {c.value:g}" for c in s.constraints)
                              if s.constraints else "")
                           + (f"; front re-audited with {s.final_audit.num_models} models" if s.final_audit else "")))

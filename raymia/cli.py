@@ -119,6 +119,27 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_references(objectives: list[dict], given: list[str]) -> list[dict]:
+    """The objectives with each --reference METRIC=VALUE set on its objective."""
+    import math
+
+    out = [dict(o) for o in objectives]
+    for item in given:
+        metric, sep, value = item.rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not sep or not math.isfinite(number):
+            raise RaymiaError(f"expected METRIC=VALUE with a finite number, got {item!r}", where="--reference")
+        match = [o for o in out if o["metric"] == metric]
+        if not match:
+            raise RaymiaError(f"{metric!r} is no objective of the sweep; objectives: "
+                              f"{', '.join(o['metric'] for o in out)}", where="--reference")
+        match[0]["reference"] = number
+    return out
+
+
 def cmd_pareto(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -129,14 +150,14 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     trials, info = trials_from_mlflow(args.uri, args.experiment, sweep=args.sweep, parent_run_id=args.run_id)
     if not trials:
         raise RaymiaError(f"sweep {info['sweep']!r} (run {info['parent_run_id']}) has no trial runs yet")
-    objectives = info["objectives"]
+    objectives = _with_references(info["objectives"], args.reference)
     out_dir = Path(args.output_dir) if args.output_dir else Path("raymia-runs") / "pareto" / info["sweep"]
     ok = [t for t in trials if t["status"] == "ok"]
     title = f"sweep {info['sweep']}: {info.get('defense') or 'defense'} ({len(ok)} trials)"
     res = write_front(trials, objectives, out_dir, title, constraints=info.get("constraints"))
     print_front(info["sweep"], trials, objectives, res["front"],
                 f"MLflow parent run {info['parent_run_id']} -> {out_dir}",
-                hypervolume=res["hypervolume"], show_hypervolume=True,
+                hypervolume=res["hypervolume"], reference=res["reference"], show_hypervolume=True,
                 console=Console(width=None if sys.stdout.isatty() else 160))
     return 0
 
@@ -202,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default: %(default)s)")
     p.add_argument("--output-dir", default=None,
                    help="where front.csv, front.md and pareto.png go (default: raymia-runs/pareto/<sweep>)")
+    p.add_argument("--reference", action="append", default=[], metavar="METRIC=VALUE",
+                   help="the hypervolume's reference on an objective, instead of the sweep's (repeatable; "
+                        "default: the objective's own reference, else the undefended trial's value)")
     p.set_defaults(func=cmd_pareto)
     p = sub.add_parser("schema", help="print the JSON Schema of a sweep spec (an audit's fields and `sweep:`), "
                                       "for editors (YAML language servers read it)")

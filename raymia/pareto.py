@@ -138,27 +138,57 @@ def feasible_front(ok: list[dict[str, Any]], objectives: Iterable[Any], constrai
 
 
 def undefended_trial(trials: list[dict[str, Any]], objectives: Iterable[Any]) -> dict[str, Any] | None:
-    """The first successful undefended trial with every objective: the hypervolume's reference point."""
+    """The first successful undefended trial with every objective: the hypervolume's reference point on
+    each objective that gives no `reference` of its own."""
     keys = [k for k, _ in objective_pairs(objectives)]
     return next((t for t in trials if t.get("status") == "ok" and t.get("defense") == "none"
                  and all(_num(t.get(k)) is not None for k in keys)), None)
 
 
+def objective_references(objectives: Iterable[Any]) -> dict[str, float]:
+    """{metric: value} of the objectives that set their own hypervolume reference (the spec's
+    `Objective.reference`, or a "reference" entry of an objective dict read back from MLflow)."""
+    out = {}
+    for o in objectives:
+        ref = o.get("reference") if isinstance(o, dict) else getattr(o, "reference", None)
+        if _num(ref) is not None:
+            out[o["metric"] if isinstance(o, dict) else o.metric] = float(ref)
+    return out
+
+
+def hypervolume_reference(trials: list[dict[str, Any]], objectives: Iterable[Any]) -> dict[str, Any] | None:
+    """The hypervolume's reference point: {metric: value} of every objective, each objective's own
+    `reference` where it has one, else the undefended trial's value; "given" lists the metrics set by hand
+    and "trial" the undefended trial's number (None when no value came from it). None when some objective
+    has neither."""
+    objectives = list(objectives)
+    given = objective_references(objectives)
+    keys = [k for k, _ in objective_pairs(objectives)]
+    if all(k in given for k in keys):
+        return {**{k: given[k] for k in keys}, "given": keys, "trial": None}
+    base = undefended_trial(trials, objectives)
+    if base is None:
+        return None
+    return {**{k: given.get(k, base[k]) for k in keys}, "given": [k for k in keys if k in given],
+            "trial": base["trial"]}
+
+
 def front_and_hypervolume(
     trials: list[dict], objectives: Iterable[Any], constraints: Iterable[Any] | None = None
 ) -> tuple[list[int], float | None, dict | None]:
-    """(front as trial numbers in the trials' order, hypervolume against the undefended trial or None,
-    that trial or None).
+    """(front as trial numbers in the trials' order, hypervolume against `hypervolume_reference` or None,
+    that reference or None).
 
     Only successful trials (status "ok") that meet every constraint can be on the front or count in the
     hypervolume; each successful trial's "feasible" flag is set (`feasible_front`).
     """
-    objectives = objective_pairs(objectives)
+    objectives = list(objectives)
+    pairs = objective_pairs(objectives)
     ok = [t for t in trials if t.get("status") == "ok"]
-    on = feasible_front(ok, objectives, constraints)
+    on = feasible_front(ok, pairs, constraints)
     front = [t["trial"] for t in ok if t["trial"] in on]
-    ref = undefended_trial(trials, objectives)
-    hv = hypervolume([t for t in ok if t["trial"] in on], objectives, ref) if ref else None
+    ref = hypervolume_reference(trials, objectives)
+    hv = hypervolume([t for t in ok if t["trial"] in on], pairs, ref) if ref else None
     return front, hv, ref
 
 
@@ -349,7 +379,7 @@ def trials_from_mlflow(
     the sweep gave them (their `raymia.trial` tag; by start time for runs without it) and are shaped like
     run_sweep's: trial, trial_id, defense, params, status, run_id, error (failed
     ones) and every logged metric. info holds parent_run_id, sweep, experiment, defense, objectives
-    [(metric, mode)] and constraints [{metric, op, value}].
+    [{metric, mode, reference}] and constraints [{metric, op, value}].
     """
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -360,7 +390,9 @@ def trials_from_mlflow(
     parent = _find_parent(client, exp.experiment_id, experiment, sweep, parent_run_id)
     pid, pparams = parent.info.run_id, parent.data.params
     name = _sweep_name(parent)
-    objectives = [(o["metric"], o["mode"]) for o in _indexed(pparams, "sweep.objectives", ("metric", "mode"))]
+    objectives = [{"metric": o["metric"], "mode": o["mode"],
+                   "reference": _num(pparams.get(f"sweep.objectives.{i}.reference"))}
+                  for i, o in enumerate(_indexed(pparams, "sweep.objectives", ("metric", "mode")))]
     if not objectives:
         raise RaymiaError(f"parent run {pid} of sweep {name!r} has no sweep.objectives params")
     constraints = [{"metric": c["metric"], "op": c["op"], "value": float(c["value"])}
@@ -430,12 +462,26 @@ def same_settings(rows: list[dict]) -> list[list[dict]]:
     return list(groups.values())
 
 
-def _hv_text(hv: float | None) -> str:
-    if hv is None:
-        return "n/a (no undefended trial)"
-    # the volume the front dominates beyond the undefended point: none when every trial pays for its
-    # privacy with some of another objective (accuracy), as most defenses do
-    return "0 (no trial is better than the undefended one on every objective)" if hv == 0 else f"{hv:.6g}"
+def hypervolume_text(hv: float | None, reference: dict[str, Any] | None) -> str:
+    """The hypervolume line after "hypervolume ": what it is measured against, then its value."""
+    given = (reference or {}).get("given") or []
+    if reference is None and hv is None:
+        return "vs the undefended trial: n/a (no undefended trial)"
+    if not given:
+        against = "the undefended trial"
+    else:
+        parts = [f"{k} {_num(reference[k]):.4g}" for k in given]
+        rest = [k for k in reference if k not in ("given", "trial", *given)]
+        if rest:
+            parts.append(f"the undefended trial's {', '.join(rest)}")
+        against = ", ".join(parts)
+    if hv is None or hv > 0:
+        return f"vs {against}: {'n/a' if hv is None else f'{hv:.6g}'}"
+    # no volume beyond the reference: every trial pays for its privacy with some of another objective
+    # (accuracy), as most defenses do against the undefended point
+    why = "no trial is better than the reference on every objective"
+    hint = "" if given else "; an objective's `reference` (e.g. the lowest test_accuracy worth having) credits trade-offs"
+    return f"vs {against}: 0 ({why}{hint})"
 
 
 # A DP defense's accounted epsilon is the privacy number its users read first, and no searched parameter
@@ -455,9 +501,10 @@ def _heading(metric: str, mode: str) -> str:
 
 
 def front_markdown(trials: list[dict], objectives: Iterable[Any], front: list[int], hv: float | None = None,
-                   intro: str = "") -> str:
+                   reference: dict[str, Any] | None = None, intro: str = "") -> str:
     """Markdown table of every trial (objective values as "mean ± std", and DP-SGD's accounted epsilon
-    where trials have one; * on the front) and the hypervolume line, after `intro` (e.g. a heading)."""
+    where trials have one; * on the front) and the hypervolume line (against `reference`, from
+    `hypervolume_reference`), after `intro` (e.g. a heading)."""
     objectives = with_epsilon(objective_pairs(objectives), trials)
     objs = [k for k, _ in objectives]
     on = set(front)
@@ -467,7 +514,7 @@ def front_markdown(trials: list[dict], objectives: Iterable[Any], front: list[in
         vals = [fmt_mean_std(t, o) for o in objs] if t.get("status") == "ok" else ["failed"] * len(objs)
         lines.append(f"| {t['trial']} | {t['defense']} | {fmt_params(t)} | " + " | ".join(vals)
                      + f" | {'*' if t['trial'] in on else ''} |")
-    lines += ["", f"Hypervolume vs the undefended trial: {_hv_text(hv)}"]
+    lines += ["", f"Hypervolume {hypervolume_text(hv, reference)}"]
     return intro + "\n".join(lines) + "\n"
 
 
@@ -479,6 +526,7 @@ def print_front(
     footer: str,
     *,
     hypervolume: float | None = None,
+    reference: dict[str, Any] | None = None,
     show_hypervolume: bool = False,
     console=None,
 ) -> None:
@@ -516,7 +564,7 @@ def print_front(
     c = console or Console()
     c.print(table)
     if show_hypervolume:
-        c.print(f"hypervolume vs the undefended trial: {_hv_text(hypervolume)}")
+        c.print(f"hypervolume {hypervolume_text(hypervolume, reference)}", soft_wrap=True)
     failed = [t for t in trials if t.get("status") != "ok"]
     if failed:
         c.print(f"{len(failed)} trial(s) failed: " + "; ".join(f"#{t['trial']}: {t.get('error')}" for t in failed),
@@ -527,14 +575,17 @@ def print_front(
 def plot_front(trials: list[dict], objectives: Iterable[Any], front: list[int], reference: dict | None,
                path: str | Path, title: str) -> Path:
     """pareto.png: the successful trials, the second objective (x) against the first (y), one colour per
-    defense, each point's std over targets as error bars, the front ringed and the undefended trial
-    (`reference`) as a red star."""
+    defense, each point's std over targets as error bars, the front ringed, the undefended trial as a red
+    star and each hypervolume reference given by hand (`reference`, from `hypervolume_reference`) as a
+    dashed line."""
     from raymia.report.plots import plot_pareto
 
     objectives = objective_pairs(objectives)
     ok = [t for t in trials if t.get("status") == "ok"]
     on = set(front)
     (x, xm), (y, ym) = objectives[1] if len(objectives) > 1 else objectives[0], objectives[0]
+    base = undefended_trial(ok, objectives)
+    given = {k: reference[k] for k in (reference or {}).get("given", []) if k in (x, y)}
 
     def label(k: str, m: str) -> str:
         return f"{k} ({'higher' if m == 'max' else 'lower'} is better)"
@@ -543,9 +594,8 @@ def plot_front(trials: list[dict], objectives: Iterable[Any], front: list[int], 
         ok, x_key=x, y_key=y, path=path,
         front_ids={i for i, t in enumerate(ok) if t["trial"] in on},
         x_label=label(x, xm), y_label=label(y, ym), title=title,
-        reference={**reference, "label": f"undefended (trial {reference['trial']})", "point": reference}
-        if reference else None,
-        x_err_key=spread_key(x), y_err_key=spread_key(y),
+        reference={**base, "label": f"undefended (trial {base['trial']})", "point": base} if base else None,
+        x_err_key=spread_key(x), y_err_key=spread_key(y), lines=given,
     )
 
 
@@ -556,13 +606,13 @@ def write_front(
     title: str,
     constraints: Iterable[Any] | None = None,
 ) -> dict:
-    """Front, hypervolume (against the undefended trial, when there is one) and the files front.csv (every
-    trial), front.md and pareto.png (`plot_front`). Returns {"front": [trial numbers], "hypervolume",
-    "paths"}."""
+    """Front, hypervolume (against `hypervolume_reference`, when there is one) and the files front.csv
+    (every trial), front.md and pareto.png (`plot_front`). Returns {"front": [trial numbers],
+    "hypervolume", "reference", "paths"}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    objectives = objective_pairs(objectives)
     front, hv, ref = front_and_hypervolume(trials, objectives, constraints)
+    objectives = objective_pairs(objectives)
     on = set(front)
 
     csv_path = out / "front.csv"
@@ -575,6 +625,7 @@ def write_front(
                         *vals, int(t["trial"] in on)])
 
     md_path = out / "front.md"
-    md_path.write_text(front_markdown(trials, objectives, front, hv, intro=f"# {title}\n\n"))
+    md_path.write_text(front_markdown(trials, objectives, front, hv, ref, intro=f"# {title}\n\n"))
     png_path = plot_front(trials, objectives, front, ref, out / "pareto.png", title)
-    return {"front": front, "hypervolume": hv, "paths": [str(csv_path), str(md_path), str(png_path)]}
+    return {"front": front, "hypervolume": hv, "reference": ref,
+            "paths": [str(csv_path), str(md_path), str(png_path)]}

@@ -532,6 +532,10 @@ class AuditSpec(_Model):
 class Objective(_Model):
     metric: str = Field(description="e.g. test_accuracy, lira_online/tpr_fpr_0.01, loss/auc")
     mode: Literal["max", "min"]
+    reference: float | None = Field(
+        None, allow_inf_nan=False,
+        description="the hypervolume's reference on this objective (default: the undefended trial's value); "
+        "e.g. 0.8 on test_accuracy credits trials that trade accuracy down to 0.8 for privacy")
 
 
 class Constraint(_Model):

@@ -28,7 +28,15 @@ import numpy as np
 from raymia.audit import UTILITY_METRICS
 from raymia.errors import RaymiaError, SpecError
 from raymia.metrics import as_number
-from raymia.pareto import EPSILON, fmt_params, front_and_hypervolume, front_markdown, plot_front, print_front
+from raymia.pareto import (
+    EPSILON,
+    fmt_params,
+    front_and_hypervolume,
+    front_markdown,
+    objective_references,
+    plot_front,
+    print_front,
+)
 from raymia.space import Categorical, Domain, Float, Int, describe
 from raymia.spec import AuditSpec, SweepSpec
 from raymia.storage import absolute, join, open_root
@@ -43,7 +51,8 @@ class SweepResult:
     front: list[int]  # indices into trials
     out_dir: Path
     parent_run_id: str | None
-    hypervolume: float | None = None  # of the feasible front against the undefended trial
+    hypervolume: float | None = None  # of the feasible front against `hypervolume_reference`
+    hypervolume_reference: dict[str, Any] | None = None  # pareto.hypervolume_reference: {metric: value, given, trial}
     final_audit: list[dict[str, Any]] | None = None
 
     @property
@@ -58,6 +67,7 @@ class SweepResult:
             "trials": self.trials,
             "front": self.front_trials,
             "hypervolume": self.hypervolume,
+            "hypervolume_reference": self.hypervolume_reference,
             "final_audit": self.final_audit,
             "mlflow_parent_run_id": self.parent_run_id,
         }
@@ -604,10 +614,13 @@ def _baseline(spec: SweepSpec, root: Path, sweep_dir: Path, keep, pool, parent_i
 
 
 def _resume_key(spec: SweepSpec) -> dict[str, Any]:
-    """What must match for a re-run to continue a sweep (the tracking and output locations may move)."""
+    """What must match for a re-run to continue a sweep (the tracking and output locations may move, and
+    an objective's hypervolume `reference` only changes the report)."""
     d = spec.model_dump(mode="json")
     for k in ("tracking", "output_dir", "store"):
         d.pop(k, None)
+    for o in d["sweep"]["objectives"]:
+        o.pop("reference", None)
     return d
 
 
@@ -618,10 +631,16 @@ def resume_hash(spec: SweepSpec) -> str:
 
 def _load_result(spec: SweepSpec, sweep_dir: Path, parent_id: str | None) -> SweepResult:
     saved = json.loads((sweep_dir / "result.json").read_text())
+    if objective_references(saved.get("objectives", [])) != objective_references(spec.sweep.objectives):
+        log.warning("sweep %s finished with other hypervolume references; its saved result is reported "
+                    "(`raymia pareto --experiment %s --sweep %s --reference METRIC=VALUE` scores it against others)",
+                    spec.name, spec.tracking.experiment, spec.name)
     trials = saved["trials"]
     front_ids = set(saved["front"])
     return SweepResult(spec=spec, trials=trials, front=[i for i, t in enumerate(trials) if t["trial"] in front_ids],
-                       out_dir=sweep_dir, parent_run_id=parent_id)
+                       out_dir=sweep_dir, parent_run_id=parent_id, hypervolume=saved.get("hypervolume"),
+                       hypervolume_reference=saved.get("hypervolume_reference"),
+                       final_audit=saved.get("final_audit"))
 
 
 def validate_sweep(spec: SweepSpec, setup: bool = True):
@@ -965,7 +984,7 @@ def _report(spec: SweepSpec, trials: list[dict[str, Any]], space, root: Path, sw
     front_ids, hv, ref = front_and_hypervolume(trials, objectives, spec.sweep.constraints)
     front = [i for i, t in enumerate(trials) if t["trial"] in front_ids]
     result = SweepResult(spec=spec, trials=trials, front=front, out_dir=sweep_dir, parent_run_id=parent_id,
-                         hypervolume=hv)
+                         hypervolume=hv, hypervolume_reference=ref)
     # written now (the search is safe on disk) and again below with the final audit
     (sweep_dir / "result.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
     what = ", ".join(space) if len(space) <= 2 else f"{len(space)} defenses"
@@ -975,7 +994,7 @@ def _report(spec: SweepSpec, trials: list[dict[str, Any]], space, root: Path, sw
         result.final_audit = _final_audit(spec, result, root, parent_id, pool)
     (sweep_dir / "result.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
     (sweep_dir / "front.md").write_text(front_markdown(
-        trials, objectives, result.front_trials, result.hypervolume,
+        trials, objectives, result.front_trials, result.hypervolume, ref,
         intro=f"Sweep {spec.name}: every objective is the mean over {len(spec.plan.target_list)} target(s) "
               f"(leave-one-out over the bank), ± its std over them.\n\n"))
     from raymia.report.html import write_html
@@ -1144,4 +1163,5 @@ def _spread_note(spec) -> str:
 
 def _print_front(result: SweepResult) -> None:
     spec = result.spec
-    print_front(spec.name, result.trials, spec.sweep.objectives, result.front_trials, f"-> {result.out_dir}")
+    print_front(spec.name, result.trials, spec.sweep.objectives, result.front_trials, f"-> {result.out_dir}",
+                hypervolume=result.hypervolume, reference=result.hypervolume_reference, show_hypervolume=True)

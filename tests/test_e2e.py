@@ -355,6 +355,11 @@ def test_the_mlflow_ui_shows_the_sweeps_trials_metrics_and_front(first_audit, wo
         server.wait(timeout=30)
 
 
+# the sweep's default objectives, the hypervolume's reference on accuracy set to 0.5
+REFERENCE_05 = ("sweep.objectives=[{metric: test_accuracy, mode: max, reference: 0.5}, "
+                "{metric: lira_online/tpr_fpr_0.01, mode: min}]")
+
+
 def test_check_reads_the_finished_sweep(first_audit, workdir):
     """raymia check on the sweep above: finished, both trials counted; a changed spec under the same name is
     reported as the conflict that `raymia sweep` would refuse."""
@@ -368,6 +373,26 @@ def test_check_reads_the_finished_sweep(first_audit, workdir):
     # the tracking location may move without making it another sweep
     moved = check_spec(workdir / "tinysweep.yaml", [f"tracking.uri=sqlite:///{workdir}/elsewhere.db"])
     assert dict(moved.rows)["progress"].startswith("finished")
+    # nor may a hypervolume reference, which only changes the report
+    scored = check_spec(workdir / "tinysweep.yaml", [REFERENCE_05])
+    assert dict(scored.rows)["progress"].startswith("finished")
+
+
+def test_a_finished_sweep_is_reported_as_saved_and_says_so_when_its_references_changed(first_audit, workdir,
+                                                                                       caplog):
+    from raymia.resolve import load_spec
+    from raymia.sweep import run_sweep
+
+    caplog.set_level(logging.INFO, logger="raymia")
+    saved = json.loads((workdir / "runs" / "sweeps" / "tinysweep" / "result.json").read_text())
+    again = run_sweep(load_spec(workdir / "tinysweep.yaml", kind=SweepSpec), console=False)
+    assert "already finished" in caplog.text and "other hypervolume references" not in caplog.text
+    assert (again.hypervolume, again.hypervolume_reference, again.final_audit) == (
+        saved["hypervolume"], saved["hypervolume_reference"], saved["final_audit"])
+    assert again.hypervolume_reference["trial"] == 0 and again.final_audit
+    run_sweep(load_spec(workdir / "tinysweep.yaml", [REFERENCE_05], kind=SweepSpec),
+              console=False)
+    assert "finished with other hypervolume references" in caplog.text and "--reference METRIC=VALUE" in caplog.text
 
 
 def test_audit_from_trial(first_audit, workdir):

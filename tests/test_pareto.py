@@ -153,7 +153,8 @@ def store(tmp_path_factory):
 def test_trials_from_mlflow_rebuilds_the_sweep(store):
     trials, info = trials_from_mlflow(store["uri"], "X", sweep="demo")
     assert info["parent_run_id"] == store["parent"] and info["sweep"] == "demo"
-    assert info["objectives"] == OBJ2
+    assert [(o["metric"], o["mode"]) for o in info["objectives"]] == OBJ2
+    assert [o["reference"] for o in info["objectives"]] == [None, None]  # the undefended trial's values
     assert [t["trial"] for t in trials] == [0, 1, 2, 3]
     assert [t["defense"] for t in trials] == ["none", "hamp", "hamp", "hamp"]
     assert [t[ACC] for t in trials] == pytest.approx([0.90, 0.92, 0.95, 0.89])
@@ -261,10 +262,33 @@ def test_a_zero_hypervolume_says_why():
                "lira_online/tpr_fpr_0.01": 0.114},
               {"trial": 1, "defense": "dmp", "params": {"temperature": 2.4}, "status": "ok", "test_accuracy": 0.927,
                "lira_online/tpr_fpr_0.01": 0.058}]
-    front, hv, _ = front_and_hypervolume(trials, objectives)
+    front, hv, ref = front_and_hypervolume(trials, objectives)
     assert front == [0, 1] and hv == 0.0
-    assert ("Hypervolume vs the undefended trial: 0 (no trial is better than the undefended one on every "
-            "objective)") in front_markdown(trials, objectives, front, hv)
+    assert ("Hypervolume vs the undefended trial: 0 (no trial is better than the reference on every "
+            "objective; an objective's `reference`") in front_markdown(trials, objectives, front, hv, ref)
+
+
+def test_an_objectives_own_reference_credits_trade_offs():
+    """A reference on test_accuracy below the undefended trial's counts what a defense buys with the
+    accuracy it pays, here (0.927 - 0.90) x (0.114 - 0.058) by hand."""
+    from raymia.pareto import front_and_hypervolume, front_markdown
+
+    objectives = [{"metric": ACC, "mode": "max", "reference": 0.90}, {"metric": TPR, "mode": "min"}]
+    trials = [{"trial": 0, "defense": "none", "params": {}, "status": "ok", ACC: 0.937, TPR: 0.114},
+              {"trial": 1, "defense": "dmp", "params": {}, "status": "ok", ACC: 0.927, TPR: 0.058},
+              {"trial": 2, "defense": "dmp", "params": {}, "status": "ok", ACC: 0.85, TPR: 0.01}]
+    front, hv, ref = front_and_hypervolume(trials, objectives)
+    # trial 0 spans (0.937 - 0.90) x 0 (it is the reference's TPR); trial 2 lies below 0.90 and spans nothing
+    assert front == [0, 1, 2] and hv == pytest.approx((0.927 - 0.90) * (0.114 - 0.058), abs=1e-12)
+    assert ref == {ACC: 0.90, TPR: 0.114, "given": [ACC], "trial": 0}
+    line = front_markdown(trials, objectives, front, hv, ref).splitlines()[-1]
+    assert line == f"Hypervolume vs test_accuracy 0.9, the undefended trial's {TPR}: {hv:.6g}"
+    # every objective given: no undefended trial needed
+    both = [objectives[0], {**objectives[1], "reference": 0.2}]
+    _, hv2, ref2 = front_and_hypervolume(trials[1:], both)
+    assert ref2["trial"] is None and hv2 == pytest.approx(0.027 * 0.142, abs=1e-12)
+    # one objective with neither a reference nor an undefended trial: no hypervolume
+    assert front_and_hypervolume(trials[1:], objectives)[1:] == (None, None)
 
 
 # --- the command -----------------------------------------------------------------------------------------
@@ -284,6 +308,13 @@ def test_cli_pareto_prints_the_front_and_writes_the_files(store, tmp_path):
     assert (d / "front.csv").is_file() and (d / "front.md").is_file()
     assert (d / "pareto.png").read_bytes()[:8] == PNG_SIGNATURE
 
+    # Scored against another accuracy: (0.85, 0.20) by hand, over the front's trials 1 (0.92, 0.10) and
+    # 2 (0.95, 0.15): 0.07 x 0.10 + 0.10 x 0.05 - their overlap 0.07 x 0.05 = 0.0085
+    out = raymia("pareto", "--experiment", "X", "--sweep", "demo", "--uri", store["uri"],
+                 "--reference", f"{ACC}=0.85", "--output-dir", str(tmp_path / "scored"))
+    assert out.returncode == 0, out.stderr
+    assert f"hypervolume vs test_accuracy 0.85, the undefended trial's {TPR}: 0.0085" in out.stdout
+
     out = raymia("pareto", "--experiment", "X", "--run-id", store["parent"], "--uri", store["uri"],
                  "--output-dir", str(tmp_path / "by-id"))
     assert out.returncode == 0, out.stderr
@@ -295,6 +326,9 @@ def test_cli_pareto_prints_the_front_and_writes_the_files(store, tmp_path):
     [
         (["--experiment", "X", "--sweep", "nope"], "--sweep: no sweep 'nope' in experiment 'X'; sweeps: demo, other"),
         (["--experiment", "Y"], "--experiment: no MLflow experiment 'Y'"),
+        (["--experiment", "X", "--reference", "loss/auc=0.6"],
+         f"--reference: 'loss/auc' is no objective of the sweep; objectives: {ACC}, {TPR}"),
+        (["--experiment", "X", "--reference", f"{ACC}=high"], "--reference: expected METRIC=VALUE with a finite number"),
     ],
 )
 def test_cli_pareto_unknown_sweep_is_one_line_exit_2(store, tmp_path, args, needle):
@@ -348,7 +382,10 @@ def _constrained_study_and_trials(spec):
     return study, trials
 
 
-def test_sweep_front_raymia_pareto_and_optuna_agree_with_constraints(tmp_path):
+@pytest.mark.parametrize("acc_reference", [None, 0.7])
+def test_sweep_front_raymia_pareto_and_optuna_agree_with_constraints(tmp_path, acc_reference):
+    """acc_reference: the hypervolume's reference on accuracy given by the objective (None: the undefended
+    trial's), read back from the MLflow parent run by `raymia pareto`."""
     from optuna._hypervolume import compute_hypervolume
 
     from raymia.pareto import front_and_hypervolume
@@ -359,7 +396,8 @@ def test_sweep_front_raymia_pareto_and_optuna_agree_with_constraints(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     spec = SweepSpec.model_validate({
         "name": "agree", "tracking": {"uri": uri, "experiment": "agree"},
-        "sweep": {"defense": "hamp", "objectives": [{"metric": ACC, "mode": "max"}, {"metric": TPR, "mode": "min"}],
+        "sweep": {"defense": "hamp", "objectives": [{"metric": ACC, "mode": "max", "reference": acc_reference},
+                                                    {"metric": TPR, "mode": "min"}],
                   "constraints": [{"metric": ACC, "op": ">=", "value": 0.7}, {"metric": AUC, "op": "<=", "value": 0.8}]},
     })
     study, trials = _constrained_study_and_trials(spec)
@@ -374,7 +412,8 @@ def test_sweep_front_raymia_pareto_and_optuna_agree_with_constraints(tmp_path):
     assert unconstrained != front
     on = [(trials[n][ACC], trials[n][TPR]) for n in front]
     assert len(set(on)) < len(on)
-    assert ref is trials[0] and not ref["feasible"] and trials[9]["status"] == "failed"
+    assert ref["trial"] == 0 and not trials[0]["feasible"] and trials[9]["status"] == "failed"
+    assert (ref[ACC], ref[TPR], ref["given"]) == (acc_reference or 0.80, 0.35, [ACC] if acc_reference else [])
     assert [t.get("feasible") for t in trials if t["status"] == "ok"].count(False) >= 3
 
     # hypervolume as Optuna computes it, over the front points that improve on the reference everywhere
@@ -402,7 +441,8 @@ def test_sweep_front_raymia_pareto_and_optuna_agree_with_constraints(tmp_path):
     out = raymia("pareto", "--experiment", "agree", "--uri", uri, "--output-dir", str(tmp_path / "out"))
     assert out.returncode == 0, out.stderr
     assert f"Pareto front ({len(front)} of {len(trials)} trials)" in out.stdout
-    assert f"hypervolume vs the undefended trial: {hv:.6g}" in out.stdout
+    against = f"test_accuracy 0.7, the undefended trial's {TPR}" if acc_reference else "the undefended trial"
+    assert f"hypervolume vs {against}: {hv:.6g}" in out.stdout
     rows = list(csv.DictReader((tmp_path / "out" / "front.csv").open()))
     assert [int(r["trial"]) for r in rows if r["on_front"] == "1"] == front
     assert "± 0.0100" in (tmp_path / "out" / "front.md").read_text()

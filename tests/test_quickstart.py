@@ -36,6 +36,11 @@ def test_quickstart_sweep(ray_local, tmp_path):
     best = min(t["lira_online/tpr_fpr_0.01"] for t in ok[1:]
                if t["test_accuracy"] >= ok[0]["test_accuracy"] - 0.02)
     assert best <= ok[0]["lira_online/tpr_fpr_0.01"] / 2
+    # The hypervolume counts trade-offs down to the quickstart's accuracy reference of 0.9: that trial alone
+    # dominates a box of it, so the front's volume is at least as large.
+    assert result.hypervolume_reference == {"test_accuracy": 0.9, "lira_online/tpr_fpr_0.01": ok[0]["lira_online/tpr_fpr_0.01"],
+                                            "given": ["test_accuracy"], "trial": 0}
+    assert result.hypervolume >= (ok[0]["test_accuracy"] - 0.02 - 0.9) * (ok[0]["lira_online/tpr_fpr_0.01"] - best) > 0
     # Every objective is the mean over the 8 leave-one-out targets, with its spread beside it.
     assert all(0 < t["std/lira_online/tpr_fpr_0.01"] < 0.5 and t["std/test_accuracy"] > 0 for t in ok)
     front_md = (tmp_path / "runs" / "sweeps" / "quickstart" / "front.md").read_text()
@@ -75,3 +80,5 @@ def _check_report(page: Path, result) -> None:
         assert tab.locator("tr.front").count() == len(result.front)
         assert tab.locator("table").nth(1).locator("tbody tr").count() == len(result.trials)
         assert "defense: hamp" in tab.inner_text("#spec")
+        assert f"hypervolume vs test_accuracy 0.9, the undefended trial's lira_online/tpr_fpr_0.01: " \
+               f"{result.hypervolume:.6g}" in tab.inner_text("p.sub")

@@ -234,7 +234,7 @@ def _read_vulnerable(path: Path) -> list[dict[str, str]]:
 
 
 def _sweep(r: dict[str, Any], folder: Path) -> str:
-    from raymia.pareto import fmt_params, same_settings, with_epsilon
+    from raymia.pareto import fmt_params, hypervolume_text, same_settings, with_epsilon
 
     trials = r.get("trials", [])
     objectives = with_epsilon([(o["metric"], o["mode"]) for o in r.get("objectives", [])], trials)
@@ -242,8 +242,8 @@ def _sweep(r: dict[str, Any], folder: Path) -> str:
     ok = [t for t in trials if t.get("status") == "ok"]
     hv = r.get("hypervolume")
     parts = [f"<h1>Sweep {escape(str(r.get('name')))}</h1>",
-             f"<p class='sub'>{len(trials)} trials, {len(ok)} succeeded · front of {len(front)} · hypervolume vs "
-             f"the undefended trial: {_num(hv) if hv is not None else 'n/a'}</p>"]
+             f"<p class='sub'>{len(trials)} trials, {len(ok)} succeeded · front of {len(front)} · hypervolume "
+             f"{escape(hypervolume_text(hv, r.get('hypervolume_reference')))}</p>"]
 
     def cell(t: dict[str, Any], key: str) -> str:
         from raymia.metrics import spread_key

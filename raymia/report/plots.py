@@ -102,10 +102,12 @@ def plot_pareto(
     x_err_key: str | None = None,
     y_err_key: str | None = None,
     label_key: str | None = "trial",
+    lines: dict[str, float] | None = None,
 ) -> Path:
     """Scatter of every trial (one colour and marker per group, e.g. defense) with the non-dominated trials
     ringed, joined by a step line and labelled with their `label_key` (the trial number), plus the
-    undefended reference point as a star (and not again as a dot of its group).
+    undefended reference point as a star (and not again as a dot of its group) and a dashed line at each
+    value of `lines` ({x_key or y_key: value}: a hypervolume reference given by hand).
 
     front_ids holds indices into points: the front as the caller computed it (`raymia.pareto`), drawn as
     given. Points missing x_key or y_key are skipped. x_err_key / y_err_key name each point's spread (e.g.
@@ -148,6 +150,9 @@ def plot_pareto(
                        label="Pareto front", zorder=3)
         if reference is not None:
             _draw_reference(ax, reference, x_key, y_key, x_err_key, y_err_key)
+        for key, value in (lines or {}).items():
+            draw = ax.axvline if key == x_key else ax.axhline
+            draw(value, color="grey", linestyle="--", linewidth=1.0, label=f"hypervolume reference: {key} {value:g}")
         for values, set_scale in ((xs, ax.set_xscale), (ys, ax.set_yscale)):
             pos = [v for v in values if v > 0]
             if pos and len(pos) == len(values) and max(pos) / min(pos) > 20:
