@@ -52,6 +52,10 @@ class AuditResult:
     targets: list[int] = field(default_factory=list)  # the attacked rows of the signals (plan.targets, or M)
     target: dict[str, Any] | None = None  # the user's own target (`target:`): where its outputs came from
     points: Any = field(repr=False, default=None)  # raymia.report.records.PointScores: every point's scores
+    # `metrics.raw_outputs`: the attacks on the outputs before the defense's post-processing (mean, std over
+    # targets); the released outputs' own numbers where the defense post-processes nothing
+    raw_attacks: dict[str, dict[str, float | None]] | None = None
+    raw_attacks_std: dict[str, dict[str, float | None]] | None = None
 
     def __post_init__(self) -> None:
         if not self.targets:
@@ -74,19 +78,9 @@ class AuditResult:
         out: dict[str, float | None] = dict(self.utility)
         std: dict[str, float | None] = {k: v if spread else None for k, v in self.utility_std.items()}
         out.update({f"defense/{k}": v for k, v in self.defense_report.items()})
-        for a, ms in self.attacks.items():
-            for k, v in ms.items():
-                out[f"{a}/{k}"] = v
-                if "_ci_" not in k:
-                    std[f"{a}/{k}"] = self.attacks_std[a].get(k) if spread else None
-        # worst/<metric>: the strongest attack's value (every attack metric grows with leakage), its spread
-        for k in next(iter(self.attacks.values()), {}):
-            if "_ci_" in k:
-                continue
-            vals = {a: ms[k] for a, ms in self.attacks.items() if ms.get(k) is not None}
-            strongest = max(vals, key=vals.get) if vals else None
-            out[f"worst/{k}"] = vals[strongest] if strongest else None
-            std[f"worst/{k}"] = std.get(f"{strongest}/{k}") if strongest else None
+        _flat_attacks(self.attacks, self.attacks_std, "", spread, out, std)
+        if self.raw_attacks is not None:  # raw/<attack>/<metric>, raw/worst/<metric>
+            _flat_attacks(self.raw_attacks, self.raw_attacks_std or {}, "raw/", spread, out, std)
         if self.ood is not None:  # ood/<attack>/<set>/<metric>
             out.update(self.ood.flat_metrics())
             std.update({k: v if spread else None for k, v in self.ood.flat_std().items()})
@@ -112,6 +106,8 @@ class AuditResult:
             "attacks": self.attacks,
             "attacks_std_over_targets": self.attacks_std,
             "attacks_per_target": self.per_target,
+            **({"raw_attacks": self.raw_attacks, "raw_attacks_std_over_targets": self.raw_attacks_std}
+               if self.raw_attacks is not None else {}),
             "inversion": self.inversion.to_json() if self.inversion is not None else None,
             "ood": self.ood.to_json() if self.ood is not None else None,
             "vulnerable": self.vulnerable,
@@ -121,25 +117,46 @@ class AuditResult:
         }
 
 
-def load_signals(store: SignalStore, keep: np.ndarray, labels: np.ndarray, test_labels: np.ndarray):
-    """Signals of the whole bank; the test split (no model trained on it) rides along as population z."""
+def _flat_attacks(attacks: dict, attacks_std: dict, prefix: str, spread: bool, out: dict, std: dict) -> None:
+    """<prefix><attack>/<metric> and <prefix>worst/<metric> (the strongest attack's value: every attack
+    metric grows with leakage) into `out`, their spreads over the targets into `std`."""
+    for a, ms in attacks.items():
+        for k, v in ms.items():
+            out[f"{prefix}{a}/{k}"] = v
+            if "_ci_" not in k:
+                std[f"{prefix}{a}/{k}"] = attacks_std.get(a, {}).get(k) if spread else None
+    for k in next(iter(attacks.values()), {}):
+        if "_ci_" in k:
+            continue
+        vals = {a: ms[k] for a, ms in attacks.items() if ms.get(k) is not None}
+        strongest = max(vals, key=vals.get) if vals else None
+        out[f"{prefix}worst/{k}"] = vals[strongest] if strongest else None
+        std[f"{prefix}worst/{k}"] = std.get(f"{prefix}{strongest}/{k}") if strongest else None
+
+
+def load_signals(store: SignalStore, keep: np.ndarray, labels: np.ndarray, test_labels: np.ndarray,
+                 raw: bool = False):
+    """Signals of the whole bank; the test split (no model trained on it) rides along as population z.
+    `raw`: the outputs before the defense's post-processing (`metrics.raw_outputs`; a pack that stores
+    none post-processed nothing, and its released outputs are the raw ones)."""
     from raymia.signals import Signals
 
     packs = [store.read_pack(p) for p in range(store.num_packs)]
-    logits = np.concatenate([p["logits"] for p in packs])
-    test_logits = np.concatenate([p["test_logits"] for p in packs])
+    pick = (lambda p, k: p.get(f"raw_{k}", p[k])) if raw else (lambda p, k: p[k])
+    logits = np.concatenate([pick(p, "logits") for p in packs])
+    test_logits = np.concatenate([pick(p, "test_logits") for p in packs])
     models = np.concatenate([p["models"] for p in packs])
     if not np.array_equal(models, np.arange(keep.shape[0])):
         raise ValueError(f"signals {store.fingerprint}: packs hold models {models.tolist()}, expected 0..{keep.shape[0] - 1}")
     return Signals(logits=logits, labels=labels, keep=keep, pop_logits=test_logits, pop_labels=test_labels)
 
 
-def read_signals(of, output_dir: str | Path | None = None):
+def read_signals(of, output_dir: str | Path | None = None, raw: bool = False):
     """The stored signals (`raymia.signals.Signals`: every model's outputs, the membership matrix `keep`) of
     an audit's bank: `of` is an `AuditResult` or anything `run_audit` accepts. With `target:` the user's
-    model is the last row (attack it as target `signals.num_models - 1`), on the points it answers. Reads
-    the store and trains nothing; a bank that is not wholly stored is a RaymiaError that says how to build
-    it."""
+    model is the last row (attack it as target `signals.num_models - 1`), on the points it answers. `raw`:
+    the outputs before the defense's post-processing (a spec with `metrics.raw_outputs`). Reads the store
+    and trains nothing; a bank that is not wholly stored is a RaymiaError that says how to build it."""
     from raymia.errors import RaymiaError
     from raymia.resolve import as_spec
     from raymia.train.bank import BankContext
@@ -147,6 +164,9 @@ def read_signals(of, output_dir: str | Path | None = None):
     spec = of.spec if isinstance(of, AuditResult) else as_spec(of)
     out = str(Path(output_dir or spec.output_dir).resolve())
     spec = spec.model_copy(update={"output_dir": out})
+    if raw and not spec.metrics.raw_outputs:
+        raise RaymiaError("raw signals are stored only by a bank with metrics.raw_outputs: true; audit the spec "
+                          "with it set first", where="metrics.raw_outputs")
     ctx = BankContext.from_spec(spec, setup=False)
     store = SignalStore(spec.store or out, spec.fingerprint(), spec.bank.pack_size, spec.plan.num_models,
                         spec.pack_fingerprints())
@@ -154,7 +174,7 @@ def read_signals(of, output_dir: str | Path | None = None):
     if missing:
         raise RaymiaError(f"signals {store.fingerprint} in {store.root} lack packs {missing}; run the audit first "
                           "(raymia.run_audit(spec) or `raymia audit SPEC`)")
-    signals = load_signals(store, ctx.plan.keep, ctx.audited_y, ctx.data.y_test.numpy())
+    signals = load_signals(store, ctx.plan.keep, ctx.audited_y, ctx.data.y_test.numpy(), raw=raw)
     if spec.target is not None:  # the user's model as the last row, as the audit attacked it
         from raymia.target import load_target, with_target
 
@@ -202,7 +222,7 @@ def run_audit(
     from the trial's folder when asked). `checked=True` says the caller has checked the model against the
     data already (a sweep's trial: `validate_sweep`), which the audit then does not repeat."""
     from raymia.resolve import as_spec
-    from raymia.train.bank import BankContext
+    from raymia.train.bank import BankContext, raw_sets
 
     spec = as_spec(spec, overrides)
     t0 = time.perf_counter()
@@ -249,6 +269,13 @@ def run_audit(
     utility, utility_std = measure_utility(signals, targets, spec.plan.num_models)
     attacks, attacks_std, per_target, curves, scores = run_attacks(spec, attacks_to_run(spec, ctx.defense),
                                                                    signals, targets)
+    raw_attacks = raw_std = None
+    if spec.metrics.raw_outputs:
+        raw_attacks, raw_std = attacks, attacks_std  # nothing post-processed: the released outputs are raw
+        if raw_sets(ctx):  # (a target: of the user's runs no post-processing, `target.load_target`)
+            raw = load_signals(store, ctx.plan.keep, ctx.audited_y, ctx.data.y_test.numpy(), raw=True)
+            raw = replace(signals, logits=raw.logits, pop_logits=raw.pop_logits)  # the same shadow pool
+            raw_attacks, raw_std = run_attacks(spec, attacks_to_run(spec, ctx.defense), raw, targets)[:2]
     ood = None
     if spec.ood is not None:
         from raymia.ood_audit import evaluate_ood
@@ -267,6 +294,7 @@ def run_audit(
         utility_std=utility_std, reused_signals=reused, out_dir=out, roc=curves,
         seconds=time.perf_counter() - t0, inversion=inversion, ood=ood, targets=targets,
         target=external.describe() if external is not None else None,
+        raw_attacks=raw_attacks, raw_attacks_std=raw_std,
         points=PointScores(index=population, label=signals.labels, member=signals.keep[targets],
                            scores=scores, targets=targets),
     )
@@ -519,30 +547,40 @@ def print_audit_table(result: AuditResult) -> None:
     n_targets = len(result.targets)
     who = (f"target=yours ({result.target['source']})  shadows={spec.plan.num_models}" if result.target
            else f"models={spec.plan.num_models}  targets={n_targets}")
-    table = Table(title=f"{spec.name} [{result.fingerprint}]  defense={spec.defense.name}  {who}"
-                        + ("  (mean ± std over targets)" if n_targets > 1 else ""))
-    table.add_column("attack")
-    for k in keys:
-        table.add_column(metric_label(k), justify="right")
-    for a, ms in result.attacks.items():
-        cells = []
+    over = "  (mean ± std over targets)" if n_targets > 1 else ""
+
+    def table(title: str, attacks: dict, attacks_std: dict) -> Table:
+        t = Table(title=title)
+        t.add_column("attack")
         for k in keys:
-            pct = k.startswith(("tpr", "tnr"))
-            cell = fmt(ms[k], pct=pct)
-            sd = result.attacks_std[a].get(k)
-            if n_targets > 1 and sd is not None:
-                cell += f" ± {fmt(sd, pct=pct)}"
-            lo, hi = ms.get(f"{k}_ci_low"), ms.get(f"{k}_ci_high")
-            if lo is not None and hi is not None:
-                cell += f" [{fmt(lo, pct=pct)}, {fmt(hi, pct=pct)}]"
-            cells.append(cell)
-        table.add_row(a, *cells)
+            t.add_column(metric_label(k), justify="right")
+        for a, ms in attacks.items():
+            cells = []
+            for k in keys:
+                pct = k.startswith(("tpr", "tnr"))
+                cell = fmt(ms[k], pct=pct)
+                sd = attacks_std[a].get(k)
+                if n_targets > 1 and sd is not None:
+                    cell += f" ± {fmt(sd, pct=pct)}"
+                lo, hi = ms.get(f"{k}_ci_low"), ms.get(f"{k}_ci_high")
+                if lo is not None and hi is not None:
+                    cell += f" [{fmt(lo, pct=pct)}, {fmt(hi, pct=pct)}]"
+                cells.append(cell)
+            t.add_row(a, *cells)
+        return t
+
     import sys
 
     c = Console(width=None if sys.stdout.isatty() else 200)
-    c.print(table)
+    c.print(table(f"{spec.name} [{result.fingerprint}]  defense={spec.defense.name}  {who}{over}",
+                  result.attacks, result.attacks_std))
     if unresolved:
         c.print(unresolved_note(unresolved), soft_wrap=True)
+    if result.raw_attacks is not None and result.raw_attacks is not result.attacks:
+        c.print(table(f"the same models' outputs before {spec.defense.name}'s post-processing (raw/){over}",
+                      result.raw_attacks, result.raw_attacks_std or {}))
+    elif result.raw_attacks is not None:
+        c.print(f"raw/: {spec.defense.name} post-processes no output here, so the raw outputs are the released ones")
     u = result.utility
     c.print(f"utility: train acc {fmt(u['train_accuracy'], True)}  test acc {fmt(u['test_accuracy'], True)}  "
             f"gap {fmt(u['generalization_gap'], True)}  test ECE {fmt(u['test_ece'])}")

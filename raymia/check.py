@@ -214,7 +214,11 @@ def _model_and_training_rows(spec: AuditSpec, ctx, kind: str) -> list[tuple[str,
     added = " (label_only added: the defense changes the outputs)" if len(attacks) > len(spec.attacks) else ""
     shadows = ("every bank model is your target's shadow" if spec.target is not None else
                "leave-one-out: each target's shadows are the other models but its pair")
-    rows.append(("attacks", f"{', '.join(a.key for a in attacks)}{added}; queries {', '.join(spec.queries)}; {shadows}"))
+    raw = ("" if not spec.metrics.raw_outputs else "; each also before the defense's post-processing (raw/)"
+           if ctx.defense.modifies_outputs or kind != "audit" else
+           "; raw/ as released (the defense post-processes no output)")
+    rows.append(("attacks", f"{', '.join(a.key for a in attacks)}{added}; queries {', '.join(spec.queries)}; "
+                            f"{shadows}{raw}"))
     train_flops = per_step * steps * m
     cost = ctx.defense.training_cost(r)
     if cost is not None:

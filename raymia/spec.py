@@ -310,6 +310,12 @@ class MetricsSpec(_Model):
         "modification) and no label_only attack is listed, run the calibrated label-only attack too: "
         "output changes that keep the label cannot stop it, so worst/ must include it",
     )
+    raw_outputs: bool = Field(
+        False,
+        description="also attack every model's outputs before the defense's post-processing (HAMP's output "
+        "modification, MemGuard, temperature): the trained models' own leakage, as raw/ATTACK/METRIC. The "
+        "bank stores those logits beside the released ones (a bank of its own)",
+    )
 
     @field_validator("fpr_levels", "fnr_levels")
     @classmethod
@@ -496,6 +502,8 @@ class AuditSpec(_Model):
         code = self.code_digests()
         if code:  # plug-ins named by import path: their source file's bytes (absent: fingerprints as before)
             out["code"] = code
+        if self.metrics.raw_outputs:  # the packs hold the outputs before post-processing too (absent: as before)
+            out["raw_outputs"] = True
         if self.ood is not None:  # the packs hold the sets' outputs too (absent: fingerprints as before)
             sets = [{k: v for k, v in st.items() if k != "label"} for st in d["ood"]["sets"]]  # names only
             out["ood"] = {**d["ood"], "sets": sets}
@@ -519,7 +527,9 @@ class AuditSpec(_Model):
             return {}
         from raymia.store import num_packs, pack_models
 
-        plain = self.model_copy(update={"defense": DefenseSpec(), "attacker": "adaptive"}).fingerprint()
+        # undefended models post-process nothing: their packs hold no raw outputs either
+        plain = self.model_copy(update={"defense": DefenseSpec(), "attacker": "adaptive", "metrics": self.metrics.model_copy(
+            update={"raw_outputs": False})}).fingerprint()
         k, m, targets = self.bank.pack_size, self.plan.num_models, set(self.plan.target_list)
         return {p: plain for p in range(num_packs(m, k)) if not targets & set(pack_models(p, k, m))}
 

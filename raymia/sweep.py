@@ -698,7 +698,7 @@ def _check_resolvable(spec: SweepSpec, keep: np.ndarray, names: list[str], field
     """A TPR at FPR f is n/a for a target with fewer than 1/f non-members (a TNR at FNR f: members); a
     sweep whose objective is n/a fails every trial, so it is refused before any training."""
     for i, n in enumerate(names):
-        key = n.partition("/")[2]
+        key = n.removeprefix("raw/").partition("/")[2]
         if not key.startswith(("tpr_fpr_", "tnr_fnr_")):
             continue
         level = float(key.rsplit("_", 1)[1])
@@ -1107,15 +1107,17 @@ def _check_objective_names(spec: SweepSpec, names: list[str], field: str = "obje
 
     inversion = set(metric_names(spec))
     ood = set(ood_metric_names(spec))
+    raw = spec.metrics.raw_outputs
     for i, n in enumerate(names):
         if n in utility or n in inversion or n in ood:
             continue
-        a, _, k = n.partition("/")
+        a, _, k = n.removeprefix("raw/").partition("/") if raw else n.partition("/")
         if (a in attacks or a == "worst") and k in keys:
             continue
-        if a == "defense" and k:
+        if a == "defense" and k and not n.startswith("raw/"):
             continue
         accepted = (sorted(utility) + [f"ATTACK/{k}" for k in sorted(keys)] + ["defense/KEY"]
+                    + ["raw/ATTACK/METRIC" + ("" if raw else " (with metrics.raw_outputs: true)")]
                     + (["mi/INVERSION_ATTACK/top1|top5|knn_dist|fid"] if inversion else [])
                     + (["ood/ATTACK/fpr", "ood/ATTACK/SET/METRIC"] if ood else []))
         raise SpecError(f"unknown metric {n!r}; accepted: {', '.join(accepted)} with ATTACK one of the spec's "

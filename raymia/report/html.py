@@ -147,24 +147,37 @@ def _audit(r: dict[str, Any], folder: Path) -> str:
     attacks, std = r.get("attacks", {}), r.get("attacks_std_over_targets", {})
     if attacks:
         keys, unresolved = table_columns(attacks)
-        rows = []
-        for a, ms in attacks.items():
-            cells = [escape(a)]
-            for k in keys:
-                pct = _pct_metric(k)
-                cell = _num(ms.get(k), pct)
-                sd = std.get(a, {}).get(k)
-                if many and sd is not None:
-                    cell += _spread(ms.get(k), sd, pct)
-                lo, hi = ms.get(f"{k}_ci_low"), ms.get(f"{k}_ci_high")
-                if lo is not None and hi is not None:
-                    cell += f" [{_num(lo, pct)}, {_num(hi, pct)}]"
-                cells.append(cell)
-            rows.append(cells)
+
+        def rows(attacks: dict, std: dict) -> list[list[str]]:
+            out = []
+            for a, ms in attacks.items():
+                cells = [escape(a)]
+                for k in keys:
+                    pct = _pct_metric(k)
+                    cell = _num(ms.get(k), pct)
+                    sd = std.get(a, {}).get(k)
+                    if many and sd is not None:
+                        cell += _spread(ms.get(k), sd, pct)
+                    lo, hi = ms.get(f"{k}_ci_low"), ms.get(f"{k}_ci_high")
+                    if lo is not None and hi is not None:
+                        cell += f" [{_num(lo, pct)}, {_num(hi, pct)}]"
+                    cells.append(cell)
+                out.append(cells)
+            return out
+
+        heads = ["attack", *[metric_label(k) for k in keys]]
         parts.append("<h2>Membership inference</h2>")
-        parts.append(_table(["attack", *[metric_label(k) for k in keys]], rows))
+        parts.append(_table(heads, rows(attacks, std)))
         if unresolved:
             parts.append(f"<p class='note'>{escape(unresolved_note(unresolved))}</p>")
+        raw = r.get("raw_attacks")
+        if raw is not None and raw != attacks:
+            parts.append("<h3 id='raw'>Before the defense's post-processing</h3>")
+            parts.append(_table(heads, rows(raw, r.get("raw_attacks_std_over_targets") or {}), caption=(
+                "the same models' outputs as they leave them (raw/): what the training alone leaves")))
+        elif raw is not None:
+            parts.append("<p class='note'>raw/: the defense post-processes no output here, so the raw outputs "
+                         "are the released ones.</p>")
         parts.append(_figure(folder / "roc.png", "ROC curves (log-log), first target"))
         parts.append(_figure(folder / "histograms.png",
                              "scores of members and non-members per attack, with the 1%-FPR flag threshold"))

@@ -536,24 +536,34 @@ def choose_vectorize(
     return vectorize
 
 
+def raw_sets(ctx: BankContext) -> int:
+    """How many of the queried sets (the audited points, then the test split) are queried a second time
+    without the defense's post-processing (`metrics.raw_outputs`): 2, or 0 where nothing is post-processed."""
+    return 2 if ctx.spec.metrics.raw_outputs and ctx.defense.modifies_outputs else 0
+
+
 def _train_group(ctx: BankContext, models: list[int], device: torch.device, vectorize: bool):
     """Train models that share one defense; returns per-model logits [Q, P, C], test logits [Q, T, C],
-    and the defense's reports."""
+    the non-member sets' logits where the spec has them, the first `raw_sets` of these again before
+    post-processing, and the defense's reports."""
     spec = ctx.spec
     # the audited points, the test split and the non-member sets, queried in this order (each model's query
-    # generator runs through them in turn, so adding sets leaves the first two as they were)
+    # generator runs through them in turn, so adding sets leaves the first two as they were); the raw
+    # queries draw nothing from it, so the released outputs are those of a bank without them
     sets = [ctx.audited_x, ctx.data.x_test] + ([ctx.ood.x] if ctx.ood is not None else [])
+    raw = build_defense("none", {}, ctx.data.info)  # post-processes nothing: the outputs as they leave a model
+    queried = [(x, ctx.defense) for x in sets] + [(x, raw) for x in sets[:raw_sets(ctx)]]
     gens = [torch.Generator().manual_seed(derive_seed(spec.seed, "query", m)) for m in models]
     if vectorize and len(models) > 1:
         packed = train_models_packed(ctx, models, device)
-        outs = [pack_query_logits(packed, ctx.defense, x, spec.queries, gens, device) for x in sets]
+        outs = [pack_query_logits(packed, d, x, spec.queries, gens, device) for x, d in queried]
         return [list(o) for o in outs], [{} for _ in models]
-    outs, reports = [[] for _ in sets], []
+    outs, reports = [[] for _ in queried], []
     for m, g in zip(models, gens):
         reports.append({})
         model = train_model(ctx, m, device, report=reports[-1])
-        for out, x in zip(outs, sets):
-            out.append(query_logits(model, ctx.defense, x, spec.queries, g, device=device))
+        for out, (x, d) in zip(outs, queried):
+            out.append(query_logits(model, d, x, spec.queries, g, device=device))
     return outs, reports
 
 
@@ -565,6 +575,9 @@ def train_pack(
     logits      float32 [K, Q, P, C]  audited population under every query augmentation
     test_logits float32 [K, Q, T, C]  the test split under every query (utility; RMIA's population z)
     ood_logits  float32 [K, Q, N, C]  with `ood:` in the spec, its non-member sets (ctx.ood) in order
+    raw_logits, raw_test_logits       with `metrics.raw_outputs`, the first two before the defense's
+                                      post-processing, where some model of the pack post-processes (the
+                                      others' are their released ones); absent: the released ones are raw
     models      int64   [K]           bank indices of the pack's models
 
     and the defense's per-model reports (one dict per model, in pack order; empty when it reports nothing).
@@ -578,15 +591,19 @@ def train_pack(
     if ctx.undefended is not None:
         groups.append((ctx.undefended, [m for m in models if not ctx.defended(m)]))
     parts: dict[int, tuple[list[torch.Tensor], dict[str, float]]] = {}
+    raw = max((raw_sets(gctx) for gctx, gmodels in groups if gmodels), default=0)
     for gctx, gmodels in groups:
         if gmodels:
             vec = vectorize and not gctx.trains_itself
             outs, reps = _train_group(gctx, gmodels, device, vec)
+            if raw and not raw_sets(gctx):  # nothing post-processed: the released outputs are the raw ones
+                outs += outs[:raw]
             for i, m in enumerate(gmodels):
                 parts[m] = ([o[i] for o in outs], reps[i])
     reports = [parts[m][1] for m in models]
     log.debug("pack %d: trained %d models in %.1fs", pack, len(models), time.perf_counter() - t0)
-    names = ["logits", "test_logits"] + (["ood_logits"] if ctx.ood is not None else [])
+    names = (["logits", "test_logits"] + (["ood_logits"] if ctx.ood is not None else [])
+             + ["raw_logits", "raw_test_logits"][:raw])
     arrays = {name: torch.stack([parts[m][0][i] for m in models]).numpy().astype(np.float32)
               for i, name in enumerate(names)}
     arrays["models"] = np.asarray(models, dtype=np.int64)

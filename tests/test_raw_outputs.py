@@ -1,0 +1,112 @@
+"""metrics.raw_outputs: the same models attacked before the defense's post-processing, beside what a
+querier sees. Real training on digits (bank.engine local)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.special import softmax
+
+from raymia.audit import read_signals, run_audit
+from raymia.errors import RaymiaError, SpecError
+from raymia.spec import AuditSpec, SweepSpec
+from raymia.store import SignalStore
+from tests.conftest import tiny_spec_dict
+
+
+def _spec(tmp_path, defense: dict, raw: bool) -> AuditSpec:
+    d = tiny_spec_dict(tmp_path, attacks=[{"name": "loss"}, {"name": "lira_online"}],
+                       bank={"engine": "local", "pack_size": 4}, tracking={"enabled": False},
+                       defense=defense, metrics={"raw_outputs": raw})
+    return AuditSpec.model_validate(d)
+
+
+@pytest.fixture(scope="module")
+def hamp(tmp_path_factory):
+    """One HAMP bank with output modification, audited with and without the raw outputs."""
+    d = tmp_path_factory.mktemp("raw")
+    defense = {"name": "hamp", "params": {"gamma": 0.9, "alpha": 0.001, "output_modification": True}}
+    with_raw = run_audit(_spec(d, defense, True), console=False)
+    without = run_audit(_spec(d, defense, False), console=False)
+    return d, with_raw, without
+
+
+def test_raw_outputs_show_the_leakage_hamps_output_modification_hides(hamp):
+    d, with_raw, without = hamp
+    # a bank of its own (its packs hold more), whose released outputs are bit for bit the other bank's: the
+    # raw queries draw nothing from the query generators
+    assert with_raw.fingerprint != without.fingerprint
+    released, plain = read_signals(with_raw), read_signals(without)
+    np.testing.assert_array_equal(released.logits, plain.logits)
+    np.testing.assert_array_equal(released.pop_logits, plain.pop_logits)
+    assert with_raw.attacks == without.attacks and without.raw_attacks is None
+    raw = read_signals(with_raw, raw=True)
+    assert raw.logits.shape == released.logits.shape and not np.allclose(raw.logits, released.logits)
+    # HAMP's output modification keeps every label and flattens the scores
+    np.testing.assert_array_equal(raw.logits.argmax(-1), released.logits.argmax(-1))
+    members = raw.keep[:, None, :].repeat(raw.logits.shape[1], 1)
+    p_raw = softmax(raw.logits, -1).max(-1)[members].mean()
+    p_released = softmax(released.logits, -1).max(-1)[members].mean()
+    assert p_raw > p_released + 0.05, (p_raw, p_released)
+    # what the training alone leaves: LiRA finds far more before the outputs are modified
+    auc = with_raw.flat_metrics()
+    assert auc["raw/lira_online/auc"] > auc["lira_online/auc"] + 0.2, auc
+    assert auc["raw/worst/auc"] == max(auc["raw/loss/auc"], auc["raw/lira_online/auc"], auc["raw/label_only/auc"])
+    assert "std/raw/lira_online/auc" in auc and "raw/test_accuracy" not in auc
+    saved = (with_raw.out_dir / "result.json").read_text()
+    assert '"raw_attacks"' in saved and '"raw_attacks"' not in (without.out_dir / "result.json").read_text()
+    page = (with_raw.out_dir / "report.html").read_text()
+    raw_table = page.split("<h3 id='raw'>")[1].split("</table>")[0]
+    assert "<td>lira_online</td>" in raw_table and f"{auc['raw/lira_online/auc']:.4f}" in raw_table
+    assert "id='raw'" not in (without.out_dir / "report.html").read_text()
+
+
+def test_a_defense_that_post_processes_nothing_has_its_released_outputs_as_raw(tmp_path):
+    res = run_audit(_spec(tmp_path, {"name": "label_smoothing", "params": {"smoothing": 0.1}}, True), console=False)
+    assert res.raw_attacks == res.attacks
+    m = res.flat_metrics()
+    assert m["raw/lira_online/tpr_fpr_0.1"] == m["lira_online/tpr_fpr_0.1"]
+    store = SignalStore(res.spec.output_dir, res.fingerprint, 4, 8)
+    assert all("raw_logits" not in store.read_pack(p) for p in range(store.num_packs))  # nothing stored twice
+    np.testing.assert_array_equal(read_signals(res, raw=True).logits, read_signals(res).logits)
+
+
+def test_non_adaptive_shadow_packs_are_the_plain_undefended_bank_s(tmp_path):
+    d = tiny_spec_dict(tmp_path, defense={"name": "hamp"}, attacker="non_adaptive", plan={"num_models": 8,
+                       "population": 300, "targets": [0]}, bank={"pack_size": 2}, metrics={"raw_outputs": True})
+    spec = AuditSpec.model_validate(d)
+    plain = AuditSpec.model_validate({**d, "metrics": {}})
+    shared = spec.pack_fingerprints()
+    assert shared and shared == plain.pack_fingerprints() and 0 not in shared
+    assert spec.fingerprint() != plain.fingerprint()
+
+
+def test_raw_metrics_as_sweep_objectives_need_the_raw_outputs(tmp_path):
+    from raymia.sweep import _check_objective_names
+
+    d = {**tiny_spec_dict(tmp_path), "sweep": {"defense": "hamp"}}
+    _check_objective_names(SweepSpec.model_validate({**d, "metrics": {"raw_outputs": True}}),
+                           ["raw/lira_online/tpr_fpr_0.01", "raw/worst/auc"])
+    with pytest.raises(SpecError, match=r"sweep.objectives.0.metric: unknown metric 'raw/lira_online/auc'.*"
+                                        r"raw/ATTACK/METRIC \(with metrics.raw_outputs: true\)"):
+        _check_objective_names(SweepSpec.model_validate(d), ["raw/lira_online/auc"])
+
+
+def test_reading_raw_signals_of_a_bank_without_them_says_what_to_set(hamp):
+    _, _, without = hamp
+    with pytest.raises(RaymiaError, match=r"^metrics.raw_outputs: raw signals are stored only by a bank with"):
+        read_signals(without, raw=True)
+
+
+@pytest.mark.parametrize(("defense", "says"), [
+    ({"name": "hamp"}, "; each also before the defense's post-processing (raw/)"),
+    ({"name": "label_smoothing"}, "; raw/ as released (the defense post-processes no output)"),
+])
+def test_check_says_which_outputs_raw_attacks_see(tmp_path, defense, says):
+    import yaml
+
+    from raymia.check import check_spec
+
+    path = tmp_path / "raw.yaml"
+    path.write_text(yaml.safe_dump(_spec(tmp_path, defense, True).model_dump(mode="json")))
+    assert dict(check_spec(path).rows)["attacks"].endswith(says)
