@@ -31,6 +31,18 @@ def hamp(tmp_path_factory):
     return d, with_raw, without
 
 
+def test_raw_outputs_of_hamp_are_hamp_without_its_output_modification(hamp, tmp_path):
+    """HAMP's output modification changes no training: the raw outputs are, bit for bit, those of the
+    same HAMP setting with `output_modification: false`, and so are the attacks on them."""
+    _, with_raw, _ = hamp
+    off = {"name": "hamp", "params": {"gamma": 0.9, "alpha": 0.001, "output_modification": False}}
+    trained_alone = run_audit(_spec(tmp_path, off, False), console=False)
+    np.testing.assert_array_equal(read_signals(with_raw, raw=True).logits, read_signals(trained_alone).logits)
+    np.testing.assert_array_equal(read_signals(with_raw, raw=True).pop_logits, read_signals(trained_alone).pop_logits)
+    raw = with_raw.raw_attacks
+    assert {a: raw[a] for a in ("loss", "lira_online")} == trained_alone.attacks
+
+
 def test_raw_outputs_show_the_leakage_hamps_output_modification_hides(hamp):
     d, with_raw, without = hamp
     # a bank of its own (its packs hold more), whose released outputs are bit for bit the other bank's: the
