@@ -131,7 +131,9 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
     # float32 logits of every model under every query, for the audited points and the test split
     m, points = ctx.plan.num_models, ctx.plan.keep.shape[1]
     ood = len(spec.ood.sets) * spec.ood.size if spec.ood is not None else 0  # non-member sets' outputs too
-    signal_bytes = 4 * m * len(spec.queries) * (points + data.x_test.shape[0] + ood) * info.num_classes
+    # with raw_outputs, the first two again where the defense post-processes (a sweep's: where one may)
+    raw = 2 if spec.metrics.raw_outputs and (kind == "sweep" or ctx.defense.modifies_outputs) else 1
+    signal_bytes = 4 * m * len(spec.queries) * (raw * (points + data.x_test.shape[0]) + ood) * info.num_classes
     if spec.ood is not None:
         rows.append(("ood", f"{len(spec.ood.sets)} non-member set(s) of {_n(spec.ood.size)} inputs each, "
                             f"queried by every model: {', '.join(st.key for st in spec.ood.sets)}; each attack's "
@@ -306,7 +308,8 @@ def _sweep_rows(spec: SweepSpec, space, root: Path, signal_bytes: int, ctx) -> t
               "nsga2": f", generations of {population_size(s.num_trials)}"}.get(s.sampler, "")
     rows.append(("sweep", f"{s.num_trials} searched trials"
                           f"{' after the undefended baseline (trial 0)' if s.include_undefended else ''}, "
-                          f"{_size(signal_bytes)} of signals each (sampler {s.sampler}{sizing}, "
+                          f"{'up to ' if spec.metrics.raw_outputs else ''}{_size(signal_bytes)} of signals "
+                          f"each (sampler {s.sampler}{sizing}, "
                           f"{s.max_concurrent} at a time); objectives "
                           + ", ".join(f"{o.metric} ({o.mode}" + ("" if o.reference is None else
                                       f", hypervolume reference {o.reference:g}") + ")" for o in s.objectives)

@@ -110,15 +110,19 @@ def test_reading_raw_signals_of_a_bank_without_them_says_what_to_set(hamp):
         read_signals(without, raw=True)
 
 
-@pytest.mark.parametrize(("defense", "says"), [
-    ({"name": "hamp"}, "; each also before the defense's post-processing (raw/)"),
-    ({"name": "label_smoothing"}, "; raw/ as released (the defense post-processes no output)"),
+@pytest.mark.parametrize(("defense", "says", "stored"), [
+    ({"name": "hamp"}, "; each also before the defense's post-processing (raw/)", 2),
+    ({"name": "label_smoothing"}, "; raw/ as released (the defense post-processes no output)", 1),
 ])
-def test_check_says_which_outputs_raw_attacks_see(tmp_path, defense, says):
+def test_check_says_which_outputs_raw_attacks_see(tmp_path, defense, says, stored):
+    """... and counts the raw logits in the signals' size: the audited points' and test split's outputs
+    twice where the defense post-processes."""
     import yaml
 
     from raymia.check import check_spec
 
     path = tmp_path / "raw.yaml"
     path.write_text(yaml.safe_dump(_spec(tmp_path, defense, True).model_dump(mode="json")))
-    assert dict(check_spec(path).rows)["attacks"].endswith(says)
+    report = check_spec(path)
+    assert dict(report.rows)["attacks"].endswith(says)
+    assert report.signal_bytes == stored * check_spec(path, ["metrics.raw_outputs=false"]).signal_bytes
