@@ -272,7 +272,7 @@ def run_audit(
     raw_attacks = raw_std = None
     if spec.metrics.raw_outputs:
         raw_attacks, raw_std = attacks, attacks_std  # nothing post-processed: the released outputs are raw
-        if raw_sets(ctx):  # (a target: of the user's runs no post-processing, `target.load_target`)
+        if raw_sets(ctx):  # never with `target:` (load_target refuses a defense that post-processes)
             raw = load_signals(store, ctx.plan.keep, ctx.audited_y, ctx.data.y_test.numpy(), raw=True)
             raw = replace(signals, logits=raw.logits, pop_logits=raw.pop_logits)  # the same shadow pool
             raw_attacks, raw_std = run_attacks(spec, attacks_to_run(spec, ctx.defense), raw, targets)[:2]
@@ -576,7 +576,8 @@ def print_audit_table(result: AuditResult) -> None:
                   result.attacks, result.attacks_std))
     if unresolved:
         c.print(unresolved_note(unresolved), soft_wrap=True)
-    if result.raw_attacks is not None and result.raw_attacks is not result.attacks:
+    # the same comparison as report.html's, which reads them back from result.json
+    if result.raw_attacks is not None and result.raw_attacks != result.attacks:
         c.print(table(f"the same models' outputs before {spec.defense.name}'s post-processing (raw/){over}",
                       result.raw_attacks, result.raw_attacks_std or {}))
     elif result.raw_attacks is not None:
