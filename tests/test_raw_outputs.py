@@ -126,3 +126,16 @@ def test_check_says_which_outputs_raw_attacks_see(tmp_path, defense, says, store
     report = check_spec(path)
     assert dict(report.rows)["attacks"].endswith(says)
     assert report.signal_bytes == stored * check_spec(path, ["metrics.raw_outputs=false"]).signal_bytes
+
+
+def test_the_console_shows_the_raw_table_only_where_outputs_were_post_processed(hamp, capsys):
+    from raymia.audit import print_audit_table
+
+    _, with_raw, without = hamp
+    print_audit_table(with_raw)
+    out = capsys.readouterr().out
+    assert "the same models' outputs before hamp's post-processing (raw/)" in out
+    raw_table = out.split("(raw/)")[1]
+    assert f"{with_raw.raw_attacks['lira_online']['auc']:.4f}" in raw_table
+    print_audit_table(without)
+    assert "raw/" not in capsys.readouterr().out
