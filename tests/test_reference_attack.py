@@ -7,7 +7,7 @@ import pytest
 
 from raymia.attacks import run_attack
 from raymia.attacks.mia import cross_entropy
-from raymia.attacks.mia.reference import out_cdf, out_loss_grid
+from raymia.attacks.mia.reference import out_cdf
 from raymia.signals import Signals
 
 
@@ -24,11 +24,14 @@ def _paired_signals(m: int = 8, p: int = 300, q: int = 1, c: int = 4, seed: int 
 
 def test_cdf_by_hand():
     # one point, OUT losses 1, 2, 3: the CDF goes through 0, 1, 2, 3, 1000 at levels 0, 1/4, 2/4, 3/4, 1
-    losses = np.array([1.0, 2.0, 3.0, 9.0])[:, None, None]  # [M, Q=1, P=1]; the last model is IN
-    grid, n = out_loss_grid(losses, np.array([[True], [True], [True], [False]]))
-    assert n.tolist() == [3] and grid[0, 0, :5].tolist() == [0, 1, 2, 3, 1000]
-    f = [out_cdf(np.array([[x]]), grid, n)[0, 0] for x in (0.0, 0.5, 1.0, 2.5, 3.0, 501.5, 1000.0, 2000.0)]
+    losses = np.array([2.0, 9.0, 1.0, 3.0, 2.0])[:, None, None]  # [S, Q=1, P=1]; the IN ones do not count
+    out = np.array([[True], [False], [True], [True], [False]])
+    f = [out_cdf(np.array([[x]]), losses, out)[0, 0] for x in (0.0, 0.5, 1.0, 2.5, 3.0, 501.5, 1000.0, 2000.0)]
     np.testing.assert_allclose(f, [0, 0.125, 0.25, 0.625, 0.75, 0.875, 1.0, 1.0])
+    # tied OUT losses: the CDF steps over them (0, 2, 2, 2, 1000 at levels 0, 1/4, 2/4, 3/4, 1)
+    tied = out_cdf(np.array([[1.0, 2.0, 3.0]]), np.full((3, 1, 3), 2.0), np.ones((3, 3), dtype=bool))
+    np.testing.assert_allclose(tied[0], [0.125, 0.25, 0.75 + 0.25 / 998])
+    assert np.quantile([0, 2, 2, 2, 1000], 0.25, method="linear") == 2.0  # so 2.0 is flagged at alpha 1/4
 
 
 @pytest.mark.parametrize("target", [0, 3, 6])

@@ -34,30 +34,22 @@ from raymia.signals import Signals
 LOSS_MIN, LOSS_MAX = 0.0, 1000.0
 
 
-def out_loss_grid(losses: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per point and query, the sorted values the CDF goes through: float64 [Q, P, S + 2] (0, the OUT
-    losses, 1000, then +inf padding) from losses [M, Q, P] and out bool [M, P], and n [P], each point's
-    number of OUT losses."""
-    clipped = np.clip(losses, LOSS_MIN, LOSS_MAX)
-    rows = np.flatnonzero(out.any(axis=1))  # only models that are OUT somewhere take a column
-    vals = np.where(out[rows][:, None, :], clipped[rows], np.inf).transpose(1, 2, 0)  # [Q, P, S]
-    q, p = vals.shape[:2]
-    bounds = np.broadcast_to(np.array([LOSS_MIN, LOSS_MAX]), (q, p, 2))
-    grid = np.sort(np.concatenate([bounds, vals], axis=2), axis=2)
-    return grid, out.sum(axis=0)
-
-
-def out_cdf(x: np.ndarray, grid: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """F(x) [Q, P] for the target's losses x [Q, P]: with e the point's values (0, sorted OUT losses,
-    1000) and j the number of them below x, F = (j - 1 + (x - e[j-1]) / (e[j] - e[j-1])) / (n + 1)."""
+def out_cdf(x: np.ndarray, losses: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """F(x) [Q, P] for the target's losses x [Q, P], from the shadows' losses [S, Q, P] and out bool
+    [S, P] (the shadows that did not train on the point). With e the point's sorted values (0, its OUT
+    losses, 1000) and e[j-1] < x <= e[j]: F = (j - 1 + (x - e[j-1]) / (e[j] - e[j-1])) / (n + 1), n its
+    number of OUT losses. Only e[j-1] and e[j] matter, a masked max and min over the shadows: nothing is
+    sorted, and nothing larger than the losses is kept (a grid per target pair would be, for every pair)."""
     x = np.clip(x, LOSS_MIN, LOSS_MAX)
-    j = (grid < x[..., None]).sum(axis=2)  # e[j-1] < x <= e[j]; +inf padding is never below x
-    inside = j > 0  # x = 0: level 0
-    jj = np.maximum(j, 1)
-    lo = np.take_along_axis(grid, (jj - 1)[..., None], axis=2)[..., 0]
-    hi = np.take_along_axis(grid, jj[..., None], axis=2)[..., 0]
+    losses = np.clip(losses, LOSS_MIN, LOSS_MAX)
+    out = out[:, None, :]
+    below = out & (losses < x)
+    lo = np.where(below, losses, LOSS_MIN).max(axis=0)  # e[j-1]: the bound 0 when no OUT loss is below x
+    hi = np.where(out & ~below, losses, LOSS_MAX).min(axis=0)  # e[j]: the bound 1000 when none is at or above
+    n = out.sum(axis=0)
+    inside = x > LOSS_MIN  # x = 0: level 0 (and lo = hi = 0)
     frac = np.where(inside, (x - lo) / np.where(hi > lo, hi - lo, 1.0), 0.0)
-    return np.where(inside, (jj - 1 + frac) / (n + 1), 0.0)
+    return np.where(inside, (below.sum(axis=0) + frac) / (n + 1), 0.0)
 
 
 @ATTACKS.register(
@@ -71,6 +63,4 @@ def reference(signals: Signals, target: int, params: NoParams) -> np.ndarray:
     falls below the OUT shadows' quantile."""
     shadow = signals.shadow_mask(target)
     losses = signals.derived("cross-entropy", lambda: cross_entropy(signals.logits, signals.labels))  # [M, Q, P]
-    grid, n = signals.derived(("reference grid", shadow.tobytes()),
-                              lambda: out_loss_grid(losses, shadow[:, None] & ~signals.keep))
-    return -out_cdf(losses[target], grid, n).mean(axis=0)
+    return -out_cdf(losses[target], losses[shadow], ~signals.keep[shadow]).mean(axis=0)
