@@ -275,7 +275,8 @@ def run_audit(
         if raw_sets(ctx):  # never with `target:` (load_target refuses a defense that post-processes)
             raw = load_signals(store, ctx.plan.keep, ctx.audited_y, ctx.data.y_test.numpy(), raw=True)
             raw = replace(signals, logits=raw.logits, pop_logits=raw.pop_logits)  # the same shadow pool
-            raw_attacks, raw_std = run_attacks(spec, attacks_to_run(spec, ctx.defense), raw, targets)[:2]
+            raw_attacks, raw_std, _, raw_curves, _ = run_attacks(spec, attacks_to_run(spec, ctx.defense), raw, targets)
+            curves.update({f"raw/{a}": c for a, c in raw_curves.items()})  # roc.png draws them dashed
     ood = None
     if spec.ood is not None:
         from raymia.ood_audit import evaluate_ood
@@ -417,7 +418,8 @@ def write_report(result: AuditResult, console: bool, track: bool, page: bool = T
     roc_path = plot_roc(
         result.roc, out / "roc.png", title=f"{spec.name}: {spec.defense.name}" + (f" ({setting})" if setting else "")
         + f", {spec.plan.num_models} models",
-        aucs={a: m["auc"] for a, m in result.attacks.items() if m.get("auc") is not None},
+        aucs={a: m["auc"] for a, m in result.attacks.items() if m.get("auc") is not None}
+        | {f"raw/{a}": m["auc"] for a, m in (result.raw_attacks or {}).items() if m.get("auc") is not None},
     )
     figures = list(result.inversion.grids.values()) if result.inversion is not None else []
     records_files = []

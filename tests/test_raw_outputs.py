@@ -67,6 +67,8 @@ def test_raw_outputs_show_the_leakage_hamps_output_modification_hides(hamp):
     assert "std/raw/lira_online/auc" in auc and "raw/test_accuracy" not in auc
     saved = (with_raw.out_dir / "result.json").read_text()
     assert '"raw_attacks"' in saved and '"raw_attacks"' not in (without.out_dir / "result.json").read_text()
+    # roc.png draws each raw curve beside its attack's (dashed, in its colour)
+    assert {"raw/lira_online", "lira_online"} <= set(with_raw.roc) and not any("raw/" in k for k in without.roc)
     page = (with_raw.out_dir / "report.html").read_text()
     raw_table = page.split("<h3 id='raw'>")[1].split("</table>")[0]
     assert "<td>lira_online</td>" in raw_table and f"{auc['raw/lira_online/auc']:.4f}" in raw_table

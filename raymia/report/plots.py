@@ -53,19 +53,26 @@ def plot_roc(
     aucs: dict[str, float] | None = None,
 ) -> Path:
     """Log-log ROC curves (fpr, tpr) per attack with the chance diagonal; the low-FPR region is where
-    membership inference matters. Zero rates are drawn at the axis floor. Returns the PNG path."""
+    membership inference matters. Zero rates are drawn at the axis floor. A curve named "raw/<attack>"
+    (the attack before the defense's post-processing) is drawn dashed in its attack's colour. Returns the
+    PNG path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lo = _axis_floor(curves.values())
     fig, ax = plt.subplots(figsize=(5.5, 5.0))
     try:
+        colours: dict[str, Any] = {}
         for name, (fpr, tpr) in curves.items():
             x = np.clip(np.asarray(fpr, dtype=float), lo, 1.0)
             y = np.clip(np.asarray(tpr, dtype=float), lo, 1.0)
             label = name
             if aucs is not None and name in aucs and aucs[name] is not None:
                 label = f"{name} (AUC={aucs[name]:.3f})"
-            ax.plot(x, y, label=label, linewidth=1.5)
+            released = name.removeprefix("raw/")
+            if released != name and released in colours:
+                ax.plot(x, y, label=label, linewidth=1.2, linestyle="--", color=colours[released])
+            else:
+                colours[name] = ax.plot(x, y, label=label, linewidth=1.5)[0].get_color()
         ax.plot([lo, 1.0], [lo, 1.0], linestyle="--", color="grey", linewidth=1.0, label="chance")
         ax.set_xscale("log")
         ax.set_yscale("log")
