@@ -141,3 +141,23 @@ def test_the_console_shows_the_raw_table_only_where_outputs_were_post_processed(
     assert f"{with_raw.raw_attacks['lira_online']['auc']:.4f}" in raw_table
     print_audit_table(without)
     assert "raw/" not in capsys.readouterr().out
+
+
+def test_a_non_adaptive_bank_stores_raw_outputs_where_its_targets_post_process(tmp_path):
+    """Target 0 is defended, the others are undefended shadows: in the pack that holds both, the shadows'
+    raw outputs are their released ones; the packs of shadows alone are the plain undefended bank's."""
+    d = tiny_spec_dict(tmp_path, attacks=[{"name": "lira_offline"}], bank={"engine": "local", "pack_size": 4},
+                       tracking={"enabled": False}, attacker="non_adaptive",
+                       plan={"num_models": 8, "population": 300, "targets": [0]},
+                       defense={"name": "hamp", "params": {"output_modification": True}},
+                       metrics={"raw_outputs": True})
+    res = run_audit(AuditSpec.model_validate(d), console=False)
+    released, raw = read_signals(res), read_signals(res, raw=True)
+    np.testing.assert_array_equal(raw.logits[1:], released.logits[1:])
+    assert not np.allclose(raw.logits[0], released.logits[0])
+    store = SignalStore(res.spec.output_dir, res.fingerprint, 4, 8, res.spec.pack_fingerprints())
+    assert store.fingerprint_of(1) == AuditSpec.model_validate({**d, "defense": {}, "attacker": "adaptive",
+                                                               "metrics": {}}).fingerprint()
+    assert "raw_logits" in store.read_pack(0) and "raw_logits" not in store.read_pack(1)
+    # (against undefended shadows the raw outputs of a HAMP-trained target are no easier: AUC 0.56 and 0.55)
+    assert res.raw_attacks["lira_offline"]["auc"] != res.attacks["lira_offline"]["auc"]
