@@ -145,18 +145,22 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from raymia.pareto import print_front, trials_from_mlflow, write_front
+    from raymia.pareto import merge_sweeps, print_front, trials_from_mlflow, write_front
 
-    trials, info = trials_from_mlflow(args.uri, args.experiment, sweep=args.sweep, parent_run_id=args.run_id)
-    if not trials:
-        raise RaymiaError(f"sweep {info['sweep']!r} (run {info['parent_run_id']}) has no trial runs yet")
+    parts = []
+    for sweep, run_id in ([(s, None) for s in args.sweep] or [(None, r) for r in args.run_id] or [(None, None)]):
+        trials, info = trials_from_mlflow(args.uri, args.experiment, sweep=sweep, parent_run_id=run_id)
+        if not trials:
+            raise RaymiaError(f"sweep {info['sweep']!r} (run {info['parent_run_id']}) has no trial runs yet")
+        parts.append((trials, info))
+    trials, info = merge_sweeps(parts)
     objectives = _with_references(info["objectives"], args.reference)
     out_dir = Path(args.output_dir) if args.output_dir else Path("raymia-runs") / "pareto" / info["sweep"]
     ok = [t for t in trials if t["status"] == "ok"]
     title = f"sweep {info['sweep']}: {info.get('defense') or 'defense'} ({len(ok)} trials)"
     res = write_front(trials, objectives, out_dir, title, constraints=info.get("constraints"))
     print_front(info["sweep"], trials, objectives, res["front"],
-                f"MLflow parent run {info['parent_run_id']} -> {out_dir}",
+                f"MLflow parent run{'s' if len(parts) > 1 else ''} {info['parent_run_id']} -> {out_dir}",
                 hypervolume=res["hypervolume"], reference=res["reference"], show_hypervolume=True,
                 console=Console(width=None if sys.stdout.isatty() else 160))
     return 0
@@ -218,8 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pareto", help="read a sweep back from MLflow: Pareto front, hypervolume, table and plot")
     p.add_argument("--experiment", required=True, help="MLflow experiment holding the sweep")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--sweep", default=None, help="sweep name (default: the experiment's newest sweep)")
-    which.add_argument("--run-id", default=None, help="the sweep's MLflow parent run id")
+    which.add_argument("--sweep", action="append", default=[],
+                       help="sweep name (default: the experiment's newest sweep); repeat it for one front over "
+                            "several sweeps with the same objectives")
+    which.add_argument("--run-id", action="append", default=[], help="the sweep's MLflow parent run id (repeatable)")
     p.add_argument("--uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default: %(default)s)")
     p.add_argument("--output-dir", default=None,
                    help="where front.csv, front.md and pareto.png go (default: raymia-runs/pareto/<sweep>)")

@@ -431,6 +431,37 @@ def trials_from_mlflow(
     return trials, info
 
 
+def merge_sweeps(sweeps: list[tuple[list[dict], dict]]) -> tuple[list[dict], dict]:
+    """Several sweeps' trials as one (`trials_from_mlflow`'s shape), for one front over all of them: each
+    trial is numbered "<sweep>:<its number>" and keeps its sweep under "sweep". The sweeps must share their
+    objectives; a trial is feasible when it meets every sweep's constraints. The hypervolume's reference
+    is the first sweep's: its objectives' own references, else its undefended trial."""
+    if len(sweeps) == 1:
+        return sweeps[0]
+    names = [info["sweep"] for _, info in sweeps]
+    if len(set(names)) < len(names):
+        raise RaymiaError(f"a sweep is named twice: {', '.join(names)}", where="--sweep")
+    first = sweeps[0][1]
+    pairs = objective_pairs(first["objectives"])
+    for _, info in sweeps[1:]:
+        if objective_pairs(info["objectives"]) != pairs:
+            raise RaymiaError(f"sweeps {first['sweep']!r} and {info['sweep']!r} have different objectives ("
+                              f"{_objectives_text(first['objectives'])}; {_objectives_text(info['objectives'])}): "
+                              "one front needs the same ones", where="--sweep")
+    trials = [{**t, "trial": f"{info['sweep']}:{t['trial']}", "sweep": info["sweep"]}
+              for part, info in sweeps for t in part]
+    constraints = []
+    for _, info in sweeps:
+        constraints += [c for c in info["constraints"] if c not in constraints]
+    return trials, {**first, "sweep": "+".join(names), "objectives": first["objectives"], "constraints": constraints,
+                    "parent_run_id": ", ".join(info["parent_run_id"] for _, info in sweeps),
+                    "defense": ", ".join(dict.fromkeys(str(info.get("defense")) for _, info in sweeps))}
+
+
+def _objectives_text(objectives: Iterable[Any]) -> str:
+    return ", ".join(f"{m} ({mode})" for m, mode in objective_pairs(objectives))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # reports of a front: front.md, the console table, pareto.png, front.csv
 
@@ -452,12 +483,12 @@ def fmt_mean_std(t: dict[str, Any], key: str) -> str:
 
 
 def same_settings(rows: list[dict]) -> list[list[dict]]:
-    """`rows` grouped by setting (defense and parameters), in order of first appearance: a sampler may
-    propose a setting again (a discrete space), and the repeat reuses the stored signals, so its metrics
-    are the same and the front shows it once, as "5, 7, 8"."""
+    """`rows` grouped by setting (defense and parameters, within one sweep: `merge_sweeps`), in order of
+    first appearance: a sampler may propose a setting again (a discrete space), and the repeat reuses the
+    stored signals, so its metrics are the same and the front shows it once, as "5, 7, 8"."""
     groups: dict[str, list[dict]] = {}
     for t in rows:
-        key = json.dumps([t.get("defense"), t.get("params") or {}], sort_keys=True, default=str)
+        key = json.dumps([t.get("sweep"), t.get("defense"), t.get("params") or {}], sort_keys=True, default=str)
         groups.setdefault(key, []).append(t)
     return list(groups.values())
 

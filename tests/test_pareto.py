@@ -297,6 +297,47 @@ def raymia(*args: str, cwd=None) -> subprocess.CompletedProcess:
                           cwd=cwd)
 
 
+def test_one_front_over_two_sweeps(tmp_path):
+    """`raymia pareto --sweep A --sweep B`: the front of both sweeps' trials, numbered sweep:trial, against
+    the first sweep's reference; sweeps with other objectives are refused in one line."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("X")
+    demo = _parent(client, exp_id, "demo", T0 - 1000, "FINISHED")
+    for i, (offset, defense, params, acc, tpr) in enumerate(CHILDREN):
+        _child(client, exp_id, demo, i, offset, defense, params, acc, tpr)
+    second = _parent(client, exp_id, "second", T0 - 500, "FINISHED")
+    for i, (defense, params, acc, tpr) in enumerate([
+            ("none", None, 0.91, 0.22),  # its own undefended trial: not the reference, demo's is
+            ("dpsgd", {"noise_multiplier": "1.1"}, 0.85, 0.05),  # on the front: the lowest TPR
+            ("dpsgd", {"noise_multiplier": "0.6"}, 0.93, 0.18)]):  # dominated by demo's trial 2
+        _child(client, exp_id, second, 10 + i, 100 + i, defense, params, acc, tpr)
+    out = raymia("pareto", "--experiment", "X", "--sweep", "demo", "--sweep", "second", "--uri", uri,
+                 "--output-dir", str(tmp_path / "both"))
+    assert out.returncode == 0, out.stderr
+    rows = {r["trial"]: r for r in csv.DictReader((tmp_path / "both" / "front.csv").open())}
+    assert [t for t, r in rows.items() if r["on_front"] == "1"] == ["demo:1", "demo:2", "second:1"]
+    assert len(rows) == 7 and rows["second:1"]["defense"] == "dpsgd"
+    # against demo's undefended trial (0.90, 0.20) second:1 (accuracy 0.85) spans nothing: demo's 0.0035
+    assert "hypervolume vs the undefended trial: 0.0035" in out.stdout
+    assert "demo:1" in out.stdout and "second:1" in out.stdout and "MLflow parent runs" in out.stdout
+    # from accuracy 0.8, by hand: strips 0.15 x 0.05 + 0.12 x 0.05 + 0.05 x 0.05 = 0.016
+    out = raymia("pareto", "--experiment", "X", "--sweep", "demo", "--sweep", "second", "--uri", uri,
+                 "--reference", f"{ACC}=0.8", "--output-dir", str(tmp_path / "from08"))
+    assert f"hypervolume vs test_accuracy 0.8, the undefended trial's {TPR}: 0.016" in out.stdout, out.stdout
+
+    client.log_batch(second, params=[Param("sweep.objectives.2.metric", "lira_online/auc"),
+                                     Param("sweep.objectives.2.mode", "min")])
+    out = raymia("pareto", "--experiment", "X", "--sweep", "demo", "--sweep", "second", "--uri", uri,
+                 cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.startswith(
+        "raymia: error: --sweep: sweeps 'demo' and 'second' have different objectives"), out.stderr
+    assert not (tmp_path / "raymia-runs").exists()
+
+
 def test_cli_pareto_prints_the_front_and_writes_the_files(store, tmp_path):
     out = raymia("pareto", "--experiment", "X", "--sweep", "demo", "--uri", store["uri"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
