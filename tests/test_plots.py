@@ -107,6 +107,9 @@ def test_front_labels_cover_no_other_label_or_marker() -> None:
         assert not any(_boxes_meet(box, other) for j, other in enumerate(boxes) if j != i), texts[i]
     assert offsets[3] == (5.0, 4.0)  # nothing near: upper right
     assert offsets[0] != offsets[1] or offsets[1] != offsets[2]
+    # near the axes' right edge a long label goes to the left, inside the frame
+    (dx, dy), = place_labels([(300.0, 50.0)], ["digits-hamp:2"], [(300.0, 50.0)], bounds=(0, 0, 310, 200))
+    assert dx < 0 and 300 + dx + 0.62 * 8 * len("digits-hamp:2") <= 310 and 0 <= 50 + dy
 
 
 def test_trials_at_the_same_point_share_one_front_label() -> None:

@@ -192,11 +192,13 @@ _RING_RADIUS = 6.0  # points: the front's rings (s=80) and a margin; the other d
 
 
 def place_labels(anchors: list[tuple[float, float]], texts: list[str], obstacles: list[tuple[float, float]],
-                 fontsize: float = _LABEL_SIZE) -> list[tuple[float, float]]:
+                 fontsize: float = _LABEL_SIZE,
+                 bounds: tuple[float, float, float, float] | None = None) -> list[tuple[float, float]]:
     """Offsets (points) of each text's lower-left corner from its anchor (points on the page), chosen
     greedily among places around the anchor so that no label covers another label or any marker
-    (`obstacles`, the anchors among them): front points that sit close together each keep a readable
-    number. Where every place is taken, the first one (upper right) is used."""
+    (`obstacles`, the anchors among them) or crosses `bounds` (x0, y0, x1, y1: the axes, whose frame
+    would cut through a long label such as "sweep:12"): front points that sit close together each keep a
+    readable number. Where every place is taken, the first one (upper right) is used."""
     placed: list[tuple[float, float, float, float]] = []
     offsets = []
     for (px, py), text in zip(anchors, texts, strict=True):
@@ -208,6 +210,9 @@ def place_labels(anchors: list[tuple[float, float]], texts: list[str], obstacles
         choice = candidates[0]
         for dx, dy in candidates:
             box = (px + dx, py + dy, px + dx + w, py + dy + h)
+            if bounds is not None and not (bounds[0] <= box[0] and box[2] <= bounds[2]
+                                           and bounds[1] <= box[1] and box[3] <= bounds[3]):
+                continue
             if not any(_boxes_meet(box, b) for b in placed) and not any(
                     _box_meets_disc(box, ox, oy, _RING_RADIUS) for ox, oy in obstacles):
                 choice = (dx, dy)
@@ -236,7 +241,8 @@ def _label_front(ax, front: list[tuple[float, float, str]], dots: list[tuple[flo
 
     labelled = [(x, y, t) for x, y, t in front if t]
     anchors = [page(x, y) for x, y, _ in labelled]
-    offsets = place_labels(anchors, [t for *_, t in labelled], [page(x, y) for x, y in dots])
+    frame = tuple(v * scale for v in ax.bbox.extents)
+    offsets = place_labels(anchors, [t for *_, t in labelled], [page(x, y) for x, y in dots], bounds=frame)
     for (x, y, text), off in zip(labelled, offsets, strict=True):
         ax.annotate(text, (x, y), textcoords="offset points", xytext=off, ha="left", va="bottom",
                     fontsize=_LABEL_SIZE, zorder=5)
