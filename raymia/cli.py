@@ -153,7 +153,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
         if not trials:
             raise RaymiaError(f"sweep {info['sweep']!r} (run {info['parent_run_id']}) has no trial runs yet")
         parts.append((trials, info))
-    trials, info = merge_sweeps(parts)
+    trials, info = merge_sweeps(parts, where="--run-id" if args.run_id else "--sweep")
     objectives = _with_references(info["objectives"], args.reference)
     out_dir = Path(args.output_dir) if args.output_dir else Path("raymia-runs") / "pareto" / info["sweep"]
     ok = [t for t in trials if t["status"] == "ok"]

@@ -431,23 +431,28 @@ def trials_from_mlflow(
     return trials, info
 
 
-def merge_sweeps(sweeps: list[tuple[list[dict], dict]]) -> tuple[list[dict], dict]:
+def merge_sweeps(sweeps: list[tuple[list[dict], dict]], where: str = "--sweep") -> tuple[list[dict], dict]:
     """Several sweeps' trials as one (`trials_from_mlflow`'s shape), for one front over all of them: each
     trial is numbered "<sweep>:<its number>" and keeps its sweep under "sweep". The sweeps must share their
     objectives; a trial is feasible when it meets every sweep's constraints. The hypervolume's reference
-    is the first sweep's: its objectives' own references, else its undefended trial."""
+    is the first sweep's: its objectives' own references, else its undefended trial. Two runs of one sweep
+    are told apart as "<sweep>@<run id>"; errors name `where`, the option that gave the sweeps."""
     if len(sweeps) == 1:
         return sweeps[0]
+    runs = [info["parent_run_id"] for _, info in sweeps]
+    if len(set(runs)) < len(runs):
+        raise RaymiaError(f"a sweep is given twice: runs {', '.join(runs)}", where=where)
     names = [info["sweep"] for _, info in sweeps]
-    if len(set(names)) < len(names):
-        raise RaymiaError(f"a sweep is named twice: {', '.join(names)}", where="--sweep")
+    if len(set(names)) < len(names):  # two runs of one sweep (by --run-id): told apart by their run ids
+        names = [f"{info['sweep']}@{info['parent_run_id'][:8]}" for _, info in sweeps]
+        sweeps = [(part, {**info, "sweep": name}) for (part, info), name in zip(sweeps, names, strict=True)]
     first = sweeps[0][1]
     pairs = objective_pairs(first["objectives"])
     for _, info in sweeps[1:]:
         if objective_pairs(info["objectives"]) != pairs:
             raise RaymiaError(f"sweeps {first['sweep']!r} and {info['sweep']!r} have different objectives ("
                               f"{_objectives_text(first['objectives'])}; {_objectives_text(info['objectives'])}): "
-                              "one front needs the same ones", where="--sweep")
+                              "one front needs the same ones", where=where)
     trials = [{**t, "trial": f"{info['sweep']}:{t['trial']}", "sweep": info["sweep"]}
               for part, info in sweeps for t in part]
     constraints = []

@@ -338,6 +338,21 @@ def test_one_front_over_two_sweeps(tmp_path):
     assert not (tmp_path / "raymia-runs").exists()
 
 
+def test_two_runs_of_one_sweep_are_told_apart_and_one_run_twice_is_refused():
+    from raymia.pareto import merge_sweeps
+
+    def part(run: str) -> tuple[list[dict], dict]:
+        info = {"sweep": "demo", "parent_run_id": run, "objectives": [{"metric": ACC, "mode": "max"}],
+                "constraints": [], "defense": "hamp"}
+        return [{"trial": 0, "defense": "none", "params": {}, "status": "ok", ACC: 0.9}], info
+
+    trials, info = merge_sweeps([part("aaaaaaaa1111"), part("bbbbbbbb2222")], where="--run-id")
+    assert [t["trial"] for t in trials] == ["demo@aaaaaaaa:0", "demo@bbbbbbbb:0"]
+    assert info["sweep"] == "demo@aaaaaaaa+demo@bbbbbbbb" and info["parent_run_id"] == "aaaaaaaa1111, bbbbbbbb2222"
+    with pytest.raises(RaymiaError, match=r"^--run-id: a sweep is given twice: runs aaaaaaaa1111, aaaaaaaa1111$"):
+        merge_sweeps([part("aaaaaaaa1111"), part("aaaaaaaa1111")], where="--run-id")
+
+
 def test_cli_pareto_prints_the_front_and_writes_the_files(store, tmp_path):
     out = raymia("pareto", "--experiment", "X", "--sweep", "demo", "--uri", store["uri"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
