@@ -146,6 +146,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from raymia.pareto import merge_sweeps, print_front, trials_from_mlflow, write_front
+    from raymia.report.html import write_html
 
     parts = []
     for sweep, run_id in ([(s, None) for s in args.sweep] or [(None, r) for r in args.run_id] or [(None, None)]):
@@ -158,7 +159,8 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     out_dir = Path(args.output_dir) if args.output_dir else Path("raymia-runs") / "pareto" / info["sweep"]
     ok = [t for t in trials if t["status"] == "ok"]
     title = f"sweep {info['sweep']}: {info.get('defense') or 'defense'} ({len(ok)} trials)"
-    res = write_front(trials, objectives, out_dir, title, constraints=info.get("constraints"))
+    res = write_front(trials, objectives, out_dir, title, constraints=info.get("constraints"), name=info["sweep"])
+    write_html(out_dir)  # the page a sweep's folder has, from the result.json just written
     print_front(info["sweep"], trials, objectives, res["front"],
                 f"MLflow parent run{'s' if len(parts) > 1 else ''} {info['parent_run_id']} -> {out_dir}",
                 hypervolume=res["hypervolume"], reference=res["reference"], show_hypervolume=True,

@@ -641,13 +641,17 @@ def write_front(
     out_dir: str | Path,
     title: str,
     constraints: Iterable[Any] | None = None,
+    name: str | None = None,
 ) -> dict:
     """Front, hypervolume (against `hypervolume_reference`, when there is one) and the files front.csv
-    (every trial), front.md and pareto.png (`plot_front`). Returns {"front": [trial numbers],
-    "hypervolume", "reference", "paths"}."""
+    (every trial), front.md, pareto.png (`plot_front`) and result.json (shaped as a sweep's, for
+    `report.html.write_html`; `name` heads it). Returns {"front": [trial numbers], "hypervolume",
+    "reference", "paths"}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    objectives = list(objectives)
     front, hv, ref = front_and_hypervolume(trials, objectives, constraints)
+    given = objective_references(objectives)
     objectives = objective_pairs(objectives)
     on = set(front)
 
@@ -663,5 +667,9 @@ def write_front(
     md_path = out / "front.md"
     md_path.write_text(front_markdown(trials, objectives, front, hv, ref, intro=f"# {title}\n\n"))
     png_path = plot_front(trials, objectives, front, ref, out / "pareto.png", title)
+    result = {"name": name or title, "trials": trials, "front": front, "hypervolume": hv, "hypervolume_reference": ref,
+              "objectives": [{"metric": k, "mode": m, "reference": given.get(k)} for k, m in objectives]}
+    json_path = out / "result.json"
+    json_path.write_text(json.dumps(result, indent=1, default=str))
     return {"front": front, "hypervolume": hv, "reference": ref,
-            "paths": [str(csv_path), str(md_path), str(png_path)]}
+            "paths": [str(csv_path), str(md_path), str(png_path), str(json_path)]}

@@ -374,7 +374,11 @@ def test_cli_pareto_prints_the_front_and_writes_the_files(store, tmp_path):
     out = raymia("pareto", "--experiment", "X", "--run-id", store["parent"], "--uri", store["uri"],
                  "--output-dir", str(tmp_path / "by-id"))
     assert out.returncode == 0, out.stderr
-    assert {p.name for p in (tmp_path / "by-id").iterdir()} == {"front.csv", "front.md", "pareto.png"}
+    assert {p.name for p in (tmp_path / "by-id").iterdir()} == {"front.csv", "front.md", "pareto.png", "result.json",
+                                                               "report.html"}
+    page = (tmp_path / "by-id" / "report.html").read_text()  # the page a sweep's folder has
+    assert "<h1>Sweep demo</h1>" in page and "hypervolume vs the undefended trial: 0.0035" in page
+    assert page.count("<tr class='front'>") == 2
 
 
 @pytest.mark.parametrize(
