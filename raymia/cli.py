@@ -165,6 +165,8 @@ def cmd_pareto(args: argparse.Namespace) -> int:
                 f"MLflow parent run{'s' if len(parts) > 1 else ''} {info['parent_run_id']} -> {out_dir}",
                 hypervolume=res["hypervolume"], reference=res["reference"], show_hypervolume=True,
                 console=Console(width=None if sys.stdout.isatty() else 160))
+    if info.get("note"):
+        print(f"note: {info['note']}")
     return 0
 
 

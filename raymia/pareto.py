@@ -435,7 +435,8 @@ def merge_sweeps(sweeps: list[tuple[list[dict], dict]], where: str = "--sweep") 
     """Several sweeps' trials as one (`trials_from_mlflow`'s shape), for one front over all of them: each
     trial is numbered "<sweep>:<its number>" and keeps its sweep under "sweep". The sweeps must share their
     objectives; a trial is feasible when it meets every sweep's constraints. The hypervolume's reference
-    is the first sweep's: its objectives' own references, else its undefended trial. Two runs of one sweep
+    is the first sweep's: its objectives' own references, else its undefended trial; info["note"] says
+    when the sweeps' undefended trials differ (other recipes: one scale no longer holds). Two runs of one sweep
     are told apart as "<sweep>@<run id>"; errors name `where`, the option that gave the sweeps."""
     if len(sweeps) == 1:
         return sweeps[0]
@@ -455,10 +456,18 @@ def merge_sweeps(sweeps: list[tuple[list[dict], dict]], where: str = "--sweep") 
                               "one front needs the same ones", where=where)
     trials = [{**t, "trial": f"{info['sweep']}:{t['trial']}", "sweep": info["sweep"]}
               for part, info in sweeps for t in part]
+    # sweeps of one recipe share their undefended bank (the stored signals), so their undefended trials agree
+    bases = {info["sweep"]: undefended_trial(part, pairs) for part, info in sweeps}
+    seen = {tuple(b[k] for k, _ in pairs) for b in bases.values() if b is not None}
+    note = None if len(seen) < 2 else (
+        "the sweeps' undefended trials differ (" + "; ".join(
+            f"{n}: " + ", ".join(f"{k} {b[k]:.4g}" for k, _ in pairs) for n, b in bases.items() if b is not None)
+        + "): their data, model or recipe differ, so their trials are not measured on one scale")
     constraints = []
     for _, info in sweeps:
         constraints += [c for c in info["constraints"] if c not in constraints]
     return trials, {**first, "sweep": "+".join(names), "objectives": first["objectives"], "constraints": constraints,
+                    "note": note,
                     "parent_run_id": ", ".join(info["parent_run_id"] for _, info in sweeps),
                     "defense": ", ".join(dict.fromkeys(str(info.get("defense")) for _, info in sweeps))}
 

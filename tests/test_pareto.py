@@ -324,6 +324,8 @@ def test_one_front_over_two_sweeps(tmp_path):
     # against demo's undefended trial (0.90, 0.20) second:1 (accuracy 0.85) spans nothing: demo's 0.0035
     assert "hypervolume vs the undefended trial: 0.0035" in out.stdout
     assert "demo:1" in out.stdout and "second:1" in out.stdout and "MLflow parent runs" in out.stdout
+    assert (f"note: the sweeps' undefended trials differ (demo: {ACC} 0.9, {TPR} 0.2; second: {ACC} 0.91, "
+            f"{TPR} 0.22): their data, model or recipe differ") in out.stdout
     # from accuracy 0.8, by hand: strips 0.15 x 0.05 + 0.12 x 0.05 + 0.05 x 0.05 = 0.016
     out = raymia("pareto", "--experiment", "X", "--sweep", "demo", "--sweep", "second", "--uri", uri,
                  "--reference", f"{ACC}=0.8", "--output-dir", str(tmp_path / "from08"))
@@ -349,6 +351,7 @@ def test_two_runs_of_one_sweep_are_told_apart_and_one_run_twice_is_refused():
     trials, info = merge_sweeps([part("aaaaaaaa1111"), part("bbbbbbbb2222")], where="--run-id")
     assert [t["trial"] for t in trials] == ["demo@aaaaaaaa:0", "demo@bbbbbbbb:0"]
     assert info["sweep"] == "demo@aaaaaaaa+demo@bbbbbbbb" and info["parent_run_id"] == "aaaaaaaa1111, bbbbbbbb2222"
+    assert info["note"] is None  # one recipe: the same undefended trial
     with pytest.raises(RaymiaError, match=r"^--run-id: a sweep is given twice: runs aaaaaaaa1111, aaaaaaaa1111$"):
         merge_sweeps([part("aaaaaaaa1111"), part("aaaaaaaa1111")], where="--run-id")
 
