@@ -186,3 +186,29 @@ def test_pool_stores_signals_under_a_uri_and_changes_no_metric(tmp_path, ray_loc
     packs = sorted((tmp_path / "bucket" / "prefix" / "signals" / remote.fingerprint).glob("k2-pack-*.npz"))
     assert len(packs) == 2
     assert remote.flat_metrics() == plain.flat_metrics()
+
+
+def test_console_drops_what_raymia_says_itself_and_a_terminated_workers_sigterm_report(caplog):
+    """A worker that SIGTERM reaches in a weakref callback (its node killed) prints Python's report of the
+    SystemExit Ray's handler raised (seen once in the two-node test above): dropped, as a worker's death
+    and a node's end are (raymia says those in a line of its own). Any other traceback stays."""
+    from raymia.engine.cluster import console_lines
+
+    sigterm = ["Exception ignored in: <function WeakSet.__init__.<locals>._remove at 0x7f537cda1c60>",
+               "Traceback (most recent call last):",
+               '  File "/usr/lib/python3.11/_weakrefset.py", line 39, in _remove',
+               "    def _remove(item, selfref=ref(self)):",
+               "",
+               '  File "ray/_private/worker.py", line 1063, in sigterm_handler',
+               "    raise_sys_exit_with_custom_error_message(",
+               "SystemExit: 1"]
+    said: set[str] = set()
+    assert console_lines(1234, ["before", *sigterm, "after"], said) == ["before", "after"]
+    other = [*sigterm[:5], '  File "mine.py", line 3, in f', "SystemExit: 1"]  # not Ray's SIGTERM handler
+    assert console_lines(1234, other, said) == other
+    assert console_lines(1234, sigterm[:4], said) == sigterm[:4]  # a report cut off by the batch: kept
+    with caplog.at_level("WARNING", logger="raymia"):
+        lost = ["[2026] Raylet is terminated. Termination is unexpected. Last 20 lines:", "kept"]
+        assert console_lines("raylet", lost, said) == ["kept"]
+        assert console_lines("raylet", lost, said) == ["kept"]
+    assert caplog.text.count("Ray lost a node") == 1

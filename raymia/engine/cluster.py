@@ -47,16 +47,47 @@ _WORKER_DIED = "A worker died or was killed while executing a task by an unexpec
 _NODE_LOST = ("Raylet is terminated. Termination is unexpected.",  # the node's own process watcher
               "has been marked dead because the detector has missed too many heartbeats")  # the GCS
 _BUNDLE_AT_DEAD_NODE = ("gcs_placement_group_scheduler", "Failed to remove")
+# A worker that SIGTERM reaches inside a weakref callback (its node going down) prints Python's report of
+# the SystemExit its Ray handler raised there, from "Exception ignored in" to "SystemExit: 1".
+_IGNORED, _SIGTERM, _EXIT = "Exception ignored in", "sigterm_handler", "SystemExit"
+
+
+def console_lines(pid, lines: list[str], said: set[str]) -> list[str]:
+    """The lines of one batch of Ray's worker output that reach the console (`said`: what raymia has said
+    already, shared across batches). Dropped: a worker's death and a node's end, which raymia says in a line
+    of its own (the first node loss here, as one `[raymia]` warning), the placement-group bundles Ray could
+    not free on a dead node, and a terminated worker's report of the SystemExit that SIGTERM raised."""
+    out: list[str] = []
+    skip_to = -1
+    for i, line in enumerate(lines):
+        if i <= skip_to:
+            continue
+        if line.startswith(_IGNORED):  # the whole report, when it is in this batch and is the SIGTERM one
+            end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith(_EXIT)), None)
+            if end is not None and any(_SIGTERM in ln for ln in lines[i:end]):
+                skip_to = end
+                continue
+        if pid == "raylet" and any(m in line for m in _NODE_LOST):
+            if "node" not in said:
+                said.add("node")
+                log.warning("Ray lost a node: its raylet ended unexpectedly (killed, out of memory, or a crash; its "
+                            "log is in that node's Ray session folder); its work runs again on the others")
+            continue
+        if pid == "raylet" and line.startswith(_WORKER_DIED):
+            continue
+        if pid == "gcs_server" and all(k in line for k in _BUNDLE_AT_DEAD_NODE):
+            continue
+        out.append(line)
+    return out
 
 
 def _drop_duplicate_worker_deaths() -> None:
     """Ray reports to the driver every worker killed mid-task, a node's end (with the last 20 lines of its
     raylet's log, and again when the GCS marks it dead) and the placement-group bundles it could not free
-    on that node. raymia says
-    each loss in one line of its own: the pool names the lost worker and the pack that goes back to the
-    queue, a sweep names the trial Tune runs again, and a lost node is the line below. Every other message
-    (memory pressure, scheduling) reaches the console as Ray prints it. Ray has no switch for these, so its
-    log printer is wrapped."""
+    on that node. raymia says each loss in one line of its own: the pool names the lost worker and the pack
+    that goes back to the queue, a sweep names the trial Tune runs again, and a lost node is one line
+    (`console_lines`). Every other message (memory pressure, scheduling) reaches the console as Ray prints
+    it. Ray has no switch for these, so its log printer is wrapped."""
     try:
         import ray._private.worker as ray_worker
 
@@ -65,21 +96,10 @@ def _drop_duplicate_worker_deaths() -> None:
         return
     if getattr(original, "raymia_filtered", False):
         return
-    said = set()
-
-    def keep(pid, line: str) -> bool:
-        if pid == "raylet" and any(m in line for m in _NODE_LOST):
-            if "node" not in said:
-                said.add("node")
-                log.warning("Ray lost a node: its raylet ended unexpectedly (killed, out of memory, or a crash; its "
-                            "log is in that node's Ray session folder); its work runs again on the others")
-            return False
-        if pid == "raylet" and line.startswith(_WORKER_DIED):
-            return False
-        return not (pid == "gcs_server" and all(k in line for k in _BUNDLE_AT_DEAD_NODE))
+    said: set[str] = set()
 
     def filtered(data, print_file, ignore_prefix=False):
-        lines = [ln for ln in data.get("lines", []) if keep(data.get("pid"), str(ln))]
+        lines = console_lines(data.get("pid"), [str(ln) for ln in data.get("lines", [])], said)
         if lines:
             original({**data, "lines": lines}, print_file, ignore_prefix)
 
