@@ -140,6 +140,29 @@ def _with_references(objectives: list[dict], given: list[str]) -> list[dict]:
     return out
 
 
+def _pareto_sources(args: argparse.Namespace) -> tuple[str, str, list[str]]:
+    """(MLflow URI, experiment, sweep names) of `raymia pareto`: from the sweeps' spec files, or from
+    --uri, --experiment and --sweep; --uri and --experiment given beside spec files win."""
+    if not args.specs:
+        if args.experiment is None:
+            raise RaymiaError("name the MLflow experiment, or give the sweeps' spec files", where="--experiment")
+        return args.uri or "sqlite:///mlflow.db", args.experiment, args.sweep
+    if args.sweep or args.run_id:
+        raise RaymiaError("give the sweeps' spec files or their names, not both", where="--sweep")
+    from raymia.resolve import load_spec
+    from raymia.spec import SweepSpec
+
+    specs = [load_spec(path, kind=SweepSpec) for path in args.specs]
+    for field, given in (("tracking.uri", args.uri), ("tracking.experiment", args.experiment)):
+        seen = {getattr(s.tracking, field.split(".")[1]) for s in specs}
+        if given is None and len(seen) > 1:
+            raise RaymiaError(f"the spec files name {len(seen)} different {field}s ({', '.join(sorted(seen))}); "
+                              f"give --{field.split('.')[1]} to choose one",
+                              where=field)
+    return (args.uri or specs[0].tracking.uri, args.experiment or specs[0].tracking.experiment,
+            [s.name for s in specs])
+
+
 def cmd_pareto(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -148,9 +171,10 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     from raymia.pareto import merge_sweeps, print_front, trials_from_mlflow, write_front
     from raymia.report.html import write_html
 
+    uri, experiment, sweeps = _pareto_sources(args)
     parts = []
-    for sweep, run_id in ([(s, None) for s in args.sweep] or [(None, r) for r in args.run_id] or [(None, None)]):
-        trials, info = trials_from_mlflow(args.uri, args.experiment, sweep=sweep, parent_run_id=run_id)
+    for sweep, run_id in ([(s, None) for s in sweeps] or [(None, r) for r in args.run_id] or [(None, None)]):
+        trials, info = trials_from_mlflow(uri, experiment, sweep=sweep, parent_run_id=run_id)
         if not trials:
             raise RaymiaError(f"sweep {info['sweep']!r} (run {info['parent_run_id']}) has no trial runs yet")
         parts.append((trials, info))
@@ -224,13 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
                                "<output_dir>/sweeps/NAME)")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("pareto", help="read a sweep back from MLflow: Pareto front, hypervolume, table and plot")
-    p.add_argument("--experiment", required=True, help="MLflow experiment holding the sweep")
+    p.add_argument("specs", nargs="*", metavar="SPEC",
+                   help="the sweeps' spec files: their names, MLflow store and experiment (instead of --sweep, "
+                        "--uri and --experiment)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment holding the sweep")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--sweep", action="append", default=[],
                        help="sweep name (default: the experiment's newest sweep); repeat it for one front over "
                             "several sweeps with the same objectives")
     which.add_argument("--run-id", action="append", default=[], help="the sweep's MLflow parent run id (repeatable)")
-    p.add_argument("--uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default: %(default)s)")
+    p.add_argument("--uri", default=None, help="MLflow tracking URI (default: the specs', else sqlite:///mlflow.db)")
     p.add_argument("--output-dir", default=None,
                    help="where front.csv, front.md and pareto.png go (default: raymia-runs/pareto/<sweep>)")
     p.add_argument("--reference", action="append", default=[], metavar="METRIC=VALUE",

@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 
 from raymia.errors import RaymiaError
 from raymia.pareto import hypervolume, print_front, trials_from_mlflow, write_front
@@ -326,6 +327,14 @@ def test_one_front_over_two_sweeps(tmp_path):
     assert "demo:1" in out.stdout and "second:1" in out.stdout and "MLflow parent runs" in out.stdout
     assert (f"note: the sweeps' undefended trials differ (demo: {ACC} 0.9, {TPR} 0.2; second: {ACC} 0.91, "
             f"{TPR} 0.22): their data, model or recipe differ") in out.stdout
+    # the same from the sweeps' spec files (their names, store and experiment)
+    for name in ("demo", "second"):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(
+            {"name": name, "tracking": {"uri": uri, "experiment": "X"}, "sweep": {"defense": "hamp"}}))
+    by_spec = raymia("pareto", str(tmp_path / "demo.yaml"), str(tmp_path / "second.yaml"),
+                     "--output-dir", str(tmp_path / "by-spec"))
+    assert by_spec.returncode == 0, by_spec.stderr
+    assert (tmp_path / "by-spec" / "front.csv").read_text() == (tmp_path / "both" / "front.csv").read_text()
     # from accuracy 0.8, by hand: strips 0.15 x 0.05 + 0.12 x 0.05 + 0.05 x 0.05 = 0.016
     out = raymia("pareto", "--experiment", "X", "--sweep", "demo", "--sweep", "second", "--uri", uri,
                  "--reference", f"{ACC}=0.8", "--output-dir", str(tmp_path / "from08"))
@@ -392,6 +401,7 @@ def test_cli_pareto_prints_the_front_and_writes_the_files(store, tmp_path):
         (["--experiment", "X", "--reference", "loss/auc=0.6"],
          f"--reference: 'loss/auc' is no objective of the sweep; objectives: {ACC}, {TPR}"),
         (["--experiment", "X", "--reference", f"{ACC}=high"], "--reference: expected METRIC=VALUE with a finite number"),
+        (["--sweep", "demo"], "--experiment: name the MLflow experiment, or give the sweeps' spec files"),
     ],
 )
 def test_cli_pareto_unknown_sweep_is_one_line_exit_2(store, tmp_path, args, needle):
