@@ -135,6 +135,14 @@ def inversion_setting(digits, one_thread):
     return info, target, evaluator, x_public
 
 
+def inversion_ctx(setting, tmp_path, seed: int = 0):
+    """The `InversionContext` of `inversion_setting` (its public inputs), caching under tmp_path/cache."""
+    from raymia.inversion.registry import InversionContext
+
+    info, _, _, x_public = setting
+    return InversionContext(info=info, x_public=x_public, cache_dir=tmp_path / "cache", seed=seed)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # headless Chromium (Debian's package, installed by .ci/run), driven by playwright
 

@@ -17,8 +17,9 @@ import torch
 from raymia.datainfo import DataInfo
 from raymia.errors import SpecError
 from raymia.inversion.gan import GanSettings, build_gan, gan_key, train_gan
-from raymia.inversion.registry import INVERSION, InversionContext, run_inversion
+from raymia.inversion.registry import INVERSION, run_inversion
 from tests.conftest import PRIVATE_CLASSES as PRIVATE
+from tests.conftest import inversion_ctx as _ctx
 from tests.conftest import top1 as _top1
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,11 +32,6 @@ TINY_GMI = {"latent_dim": 16, "width": 16, "gan_steps": 150, "gan_loss": "dcgan"
 @pytest.fixture(scope="module")
 def setting(inversion_setting):
     return inversion_setting
-
-
-def _ctx(setting, tmp_path, seed=0) -> InversionContext:
-    info, _, _, x_public = setting
-    return InversionContext(info=info, x_public=x_public, cache_dir=tmp_path / "cache", seed=seed)
 
 
 def _in_pixel_range(images: torch.Tensor, info: DataInfo) -> bool:

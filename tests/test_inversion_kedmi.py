@@ -26,8 +26,9 @@ from raymia.inversion.kedmi import (
     prior_loss,
     train_kgan,
 )
-from raymia.inversion.registry import INVERSION, InversionContext, run_inversion
+from raymia.inversion.registry import INVERSION, run_inversion
 from tests.conftest import PRIVATE_CLASSES as PRIVATE
+from tests.conftest import inversion_ctx as _ctx
 from tests.conftest import top1 as _top1
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,11 +42,6 @@ TINY = {"latent_dim": 16, "width": 16, "gan_steps": 200, "n_critic": 2, "gan_lr"
 @pytest.fixture(scope="module")
 def setting(inversion_setting):
     return inversion_setting
-
-
-def _ctx(setting, tmp_path, seed=0) -> InversionContext:
-    info, _, _, x_public = setting
-    return InversionContext(info=info, x_public=x_public, cache_dir=tmp_path / "cache", seed=seed)
 
 
 def test_losses_by_hand():

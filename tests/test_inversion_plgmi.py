@@ -29,8 +29,9 @@ from raymia.inversion.plgmi import (
     pseudo_label,
     train_cgan,
 )
-from raymia.inversion.registry import INVERSION, InversionContext, pixel_transform, run_inversion
+from raymia.inversion.registry import INVERSION, pixel_transform, run_inversion
 from tests.conftest import PRIVATE_CLASSES as PRIVATE
+from tests.conftest import inversion_ctx as _ctx
 from tests.conftest import top1 as _top1
 from tests.conftest import train_small as _train
 
@@ -46,11 +47,6 @@ TINY = {"latent_dim": 16, "width": 16, "gan_steps": 200, "n_dis": 2, "gan_lr": 1
 @pytest.fixture(scope="module")
 def setting(inversion_setting):
     return inversion_setting
-
-
-def _ctx(setting, tmp_path, seed=0) -> InversionContext:
-    info, _, _, x_public = setting
-    return InversionContext(info=info, x_public=x_public, cache_dir=tmp_path / "cache", seed=seed)
 
 
 def _in_pixel_range(images: torch.Tensor, info: DataInfo) -> bool:
