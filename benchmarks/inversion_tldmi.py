@@ -21,8 +21,10 @@ steps, so `--epochs E` bank epochs are E/2 passes over the private training imag
 
 Settings: no defense (trained from scratch), and TL-DMI with `freeze: depth` at each of `--depths` (0 =
 pretrained on the public classes, everything fine-tuned). The pretraining is the same for every depth
-(cached). Attacks (`raymia.inversion`): MIFace and GMI (its GAN trained on the public images only, cached
-and shared by every setting) reconstruct `--per-class` images of every private class. Scores
+(cached). Attacks (`raymia.inversion`): MIFace, GMI (its GAN trained on the public images only, cached
+and shared by every setting) and LOMMA's GMI (the same GAN and search, with the logit identity loss and two
+students distilled from each target on the public images, `STUDENTS`) reconstruct `--per-class` images of
+every private class. Scores
 (`score_reconstructions`): an independent evaluation classifier of another architecture (`cached_evaluator`),
 trained on ALL private images (training and held-out), gives top-1 / top-5 attack accuracy, the KNN distance
 to the class's private images in its feature space and the FID of its features (not Inception's).
@@ -66,6 +68,10 @@ OLIVETTI = ROOT.parent / "shared" / "data" / "olivetti_faces.npz"
 # (another architecture), the fine-tuning recipe and the CPU-sized defaults of the command line (`None` there).
 TARGET = {"name": "cnn", "params": {"channels": [16, 32, 64], "batch_norm": True, "global_pool": True,
                                     "hidden": 128}}
+# LOMMA's students: architectures other than the target's and the evaluators' (LOMMA: EfficientNet-B0/B1/B2)
+STUDENTS = [{"name": "mlp", "params": {"hidden": [256]}}, {"name": "cnn", "params": {"channels": [8, 16], "hidden": 64}}]
+# (column prefix, attack, display name, grid tag)
+ATTACKS = [("miface", "miface", "MIFace", "MIF"), ("gmi", "gmi", "GMI", "GMI"), ("lomma", "gmi", "LOMMA-GMI", "LOM")]
 CONFIG = {
     "digits": {"evaluator": ("mlp", {"hidden": [512, 256]}), "lr": 1e-3, "batch": 64,
                "defaults": {"epochs": 60, "pretrain_epochs": 30, "evaluator_epochs": 30, "per_class": 4,
@@ -196,6 +202,8 @@ def run(a: argparse.Namespace, work: Path) -> dict:
     miface = {"per_class": a.per_class, "steps": a.miface_steps, "restarts": a.restarts}
     gmi = {"per_class": a.per_class, "steps": a.gmi_steps, "restarts": a.restarts, "gan_steps": a.gan_steps,
            "gan_batch_size": a.gan_batch, "gan_loss": "dcgan", "n_critic": 1, "latent_dim": a.latent_dim, "width": a.gan_width}
+    lomma = {**gmi, "identity_loss": "logit", "augment": STUDENTS}
+    params_of = {"miface": miface, "gmi": gmi, "lomma": lomma}
     rows: dict[str, dict] = {}
     recs: dict[str, dict] = {}
     evaluator = private_x = private_y = None
@@ -221,11 +229,11 @@ def run(a: argparse.Namespace, work: Path) -> dict:
                "test_accuracy": accuracy(target, data.x_test, data.y_test),
                "train_accuracy": accuracy(target, data.x_train[:n_priv], data.y_train[:n_priv])}
         recs[key] = {}
-        for attack, p in (("miface", miface), ("gmi", gmi)):
-            rec = run_inversion(attack, p, target, classes, ictx)
+        for col, attack, _, _ in ATTACKS:
+            rec = run_inversion(attack, params_of[col], target, classes, ictx)
             s = score_reconstructions(evaluator, rec.images, rec.labels, private_x, private_y)
-            row.update({f"{attack}_{m}": float(s[m]) for m in ("top1", "top5", "knn_dist", "fid")})
-            recs[key][attack] = rec
+            row.update({f"{col}_{m}": float(s[m]) for m in ("top1", "top5", "knn_dist", "fid")})
+            recs[key][col] = rec
         rows[key] = row
         print(f"{label}: {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     info = data.info
@@ -240,14 +248,16 @@ def run(a: argparse.Namespace, work: Path) -> dict:
 
 
 def table(rows: dict) -> str:
-    lines = ["| setting | frozen fraction | target test acc | MIFace top-1 | MIFace top-5 | MIFace KNN dist "
-             "| GMI top-1 | GMI top-5 | GMI KNN dist | GMI FID |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    head = ["setting", "frozen fraction", "target test acc"]
+    for _, _, name, _ in ATTACKS:
+        head += [f"{name} top-1", f"{name} top-5", f"{name} KNN dist"] + ([f"{name} FID"] if name != "MIFace" else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows.values():
-        lines.append(f"| {r['label']} | {r['frozen_fraction']:.3f} | {r['test_accuracy']:.3f} "
-                     f"| {r['miface_top1']:.3f} | {r['miface_top5']:.3f} | {r['miface_knn_dist']:.2f} "
-                     f"| {r['gmi_top1']:.3f} | {r['gmi_top5']:.3f} | {r['gmi_knn_dist']:.2f} "
-                     f"| {r['gmi_fid']:.1f} |")
+        cells = [r["label"], f"{r['frozen_fraction']:.3f}", f"{r['test_accuracy']:.3f}"]
+        for col, _, name, _ in ATTACKS:
+            cells += [f"{r[col + '_top1']:.3f}", f"{r[col + '_top5']:.3f}", f"{r[col + '_knn_dist']:.2f}"]
+            cells += [f"{r[col + '_fid']:.1f}"] if name != "MIFace" else []
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -256,8 +266,8 @@ def grid(res: dict, path: Path, max_classes: int) -> Path:
     n = min(max_classes, res["k_priv"])
     images, labels = [res["means"][:n]], [f"mean {c}" if c == 0 else str(c) for c in range(n)]
     for key, recs in res["recs"].items():
-        for attack, tag in (("miface", "MIF"), ("gmi", "GMI")):
-            rec = recs[attack]
+        for col, _, _, tag in ATTACKS:
+            rec = recs[col]
             first = torch.stack([rec.images[rec.labels == c][0] for c in range(n)])
             images.append(first)
             labels += [f"{key} {tag}" if c == 0 else str(c) for c in range(n)]
@@ -275,9 +285,9 @@ def trend(rows: dict, path: Path, title: str) -> Path:
     keys = list(rows)
     x = np.arange(len(keys))
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for attack, name, color in (("miface", "MIFace", "tab:blue"), ("gmi", "GMI", "tab:red")):
-        ax.plot(x, [rows[k][f"{attack}_top1"] for k in keys], "o-", color=color, label=f"{name} top-1")
-        ax.plot(x, [rows[k][f"{attack}_top5"] for k in keys], "o:", color=color, alpha=0.5,
+    for (col, _, name, _), color in zip(ATTACKS, ("tab:blue", "tab:red", "tab:purple")):
+        ax.plot(x, [rows[k][f"{col}_top1"] for k in keys], "o-", color=color, label=f"{name} top-1")
+        ax.plot(x, [rows[k][f"{col}_top5"] for k in keys], "o:", color=color, alpha=0.5,
                 label=f"{name} top-5")
     ax.set_ylim(-0.03, 1.03)
     ax.set_ylabel("attack accuracy (evaluation classifier)")

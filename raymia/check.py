@@ -259,7 +259,7 @@ def _inversion_row(spec: AuditSpec, ctx, train_flops: float, target_forward: flo
              "evaluator": ev_step * inv.evaluator.epochs * data.private_x.shape[0]}
     unknown = []
     for a in inv.attacks:
-        f = inversion_flops(a.name, a.params, info, target_forward, k)
+        f = inversion_flops(a.name, a.params, info, target_forward, k, int(data.public_x.shape[0]))
         if f is None:
             unknown.append(a.key)
         else:

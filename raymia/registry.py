@@ -62,8 +62,8 @@ class Entry(Generic[T]):
 def _first_error(e: ValidationError, entry: Entry) -> str:
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err["loc"])
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
         fields = list(entry.params.model_fields)
         msg = (f"unknown parameter of {entry.name!r}; accepted: {', '.join(fields)}" if fields
                else f"unknown parameter: {entry.name!r} takes none")

@@ -43,6 +43,7 @@ def test_inversion_tldmi_smoke(tmp_path, capsys):
     assert rows["d3"]["frozen_layers"] == 3 and 0.5 < rows["d3"]["frozen_fraction"] < 1
     # TL-DMI's backbone pretrained on the public classes only: its cache exists beside the GAN's
     cache = {p.name.split("-")[0] for p in (tmp_path / "work" / "cache").iterdir()}
-    assert {"tl_dmi", "gmi", "evaluator"} <= cache
+    assert {"tl_dmi", "gmi", "evaluator", "lomma"} <= cache  # LOMMA's students beside them
+    assert all(f"{col}_top1" in r for r in rows.values() for col in ("miface", "gmi", "lomma"))
     printed = capsys.readouterr().out
-    assert "| TL-DMI depth 3 |" in printed and printed.count("\n|") >= 4  # header, rule, 3 rows
+    assert "| TL-DMI depth 3 |" in printed and "| LOMMA-GMI top-1 |" in printed and printed.count("\n|") >= 4  # header, rule, 3 rows

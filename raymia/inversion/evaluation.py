@@ -170,7 +170,8 @@ def cached_evaluator(cache_dir: str | Path, key_parts: dict[str, Any], x: torch.
 # features and scores
 
 
-def _last_linear(evaluator: nn.Module) -> tuple[str, nn.Linear]:
+def last_linear(evaluator: nn.Module) -> tuple[str, nn.Linear]:
+    """(name, module) of the last nn.Linear registered in `evaluator`: its input is the penultimate features."""
     found = [(name, m) for name, m in evaluator.named_modules() if isinstance(m, nn.Linear)]
     if not found:
         raise ValueError(f"the evaluator {type(evaluator).__name__} has no nn.Linear layer to take features from")
@@ -179,7 +180,7 @@ def _last_linear(evaluator: nn.Module) -> tuple[str, nn.Linear]:
 
 def feature_layer(evaluator: nn.Module) -> str:
     """Which features `features` returns, in words (for reports): the input of the last nn.Linear."""
-    name, lin = _last_linear(evaluator)
+    name, lin = last_linear(evaluator)
     return f"input of {name or type(evaluator).__name__} (Linear {lin.in_features}->{lin.out_features})"
 
 
@@ -194,7 +195,7 @@ def _run(evaluator: nn.Module, x: torch.Tensor, batch: int) -> tuple[torch.Tenso
     """(logits [N, C], features [N, D]) of x in eval mode, on the CPU in float32 (the module's mode restored)."""
     if x.shape[0] == 0:
         raise ValueError("no inputs to evaluate")
-    _, layer = _last_linear(evaluator)
+    _, layer = last_linear(evaluator)
     captured: list[torch.Tensor] = []
     handle = layer.register_forward_pre_hook(lambda mod, args: captured.append(args[0].detach()))
     device, was_training = _device_of(evaluator), evaluator.training

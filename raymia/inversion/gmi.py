@@ -14,7 +14,7 @@ Each reconstruction is searched from `restarts` random starts and, as in GMI's c
 seeds, `max_score`), the one whose image the target gives the highest logit of its class is kept. GMI's
 code averages both losses over its batch of identities, so its step on each latent is the step above
 divided by the batch size; raymia's step on a latent does not depend on how many are searched together
-(docs/validity.md).
+(docs/validity.md). `identity_loss: logit` and `augment` turn it into LOMMA's GMI (`raymia.inversion.lomma`).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import logging
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from raymia.inversion.gan import GanSettings, build_gan, train_gan
+from raymia.inversion.lomma import IdentityParams, identity_flops, identity_loss
 from raymia.inversion.registry import (
     INVERSION,
     InversionContext,
@@ -39,7 +39,6 @@ from raymia.inversion.registry import (
     prepares,
     public_inputs,
 )
-from raymia.registry import Params
 from raymia.seeding import derive_seed
 
 log = logging.getLogger("raymia")
@@ -47,7 +46,7 @@ log = logging.getLogger("raymia")
 _GAN = GanSettings()
 
 
-class GMIParams(Params):
+class GMIParams(IdentityParams):
     per_class: int = Field(1, ge=1, le=10_000, description="reconstructions per class")
     steps: int = Field(1500, ge=1, description="latent optimisation steps (GMI: 1500)")
     lr: float = Field(2.0, gt=0, description="SGD learning rate on z (GMI: 0.02 on 100 x identity loss)")
@@ -83,13 +82,15 @@ def gmi(target: nn.Module, classes: list[int], p: GMIParams, ctx: InversionConte
     gan = train_gan(public_inputs(ctx, "gmi"), ctx.info, p.gan(), ctx.cache_dir, dev, ctx.seed)
     assert gan is not None  # stop_after is not set
     g_net, d_net = gan.generator.requires_grad_(False), gan.discriminator.requires_grad_(False)  # eval mode
+    identity = identity_loss(target, p, ctx, public_inputs(ctx, "gmi"), "gmi")
     y = class_labels(classes, p.per_class).repeat_interleave(p.restarts).to(dev)
     gen = torch.Generator().manual_seed(derive_seed(ctx.seed, "gmi", *classes))
     z = torch.randn(y.shape[0], p.latent_dim, generator=gen).clamp(-p.clip, p.clip).to(dev)
     z.requires_grad_(True)
     opt = torch.optim.SGD([z], lr=p.lr, momentum=p.momentum, nesterov=p.momentum > 0)
     for _ in range(p.steps):
-        loss = _objective(target, g_net, d_net, z, y, p.prior_weight)
+        x = g_net(z)
+        loss = identity(x, y) - p.prior_weight * d_net(x)
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         opt.step()
@@ -111,21 +112,16 @@ def prepare_gan(p: GMIParams, ctx: InversionContext) -> str:
 
 
 @costs("gmi")
-def gmi_flops(p: GMIParams, info, target_forward: float, num_classes: int) -> float:
+def gmi_flops(p: GMIParams, info, target_forward: float, num_classes: int, num_public: int) -> float:
     """GAN training (per generator update: n_critic critic steps on a real and a fake batch, plus the
-    gradient penalty's extra pass for wgan_gp, then a generator step) and the latent search (every latent
-    through G, D and the target), a backward pass counted as twice the forward."""
+    gradient penalty's extra pass for wgan_gp, then a generator step), the students' distillation and the
+    latent search (every latent through G, D and the identity term's models), a backward pass counted as
+    twice the forward."""
     g_net, d_net = build_gan(info, p.gan(), 0)  # small nets: one forward of one input each on the CPU
     g = forward_flops(g_net.eval(), torch.zeros(1, p.latent_dim))
     d = forward_flops(d_net.eval(), torch.zeros(1, *info.input_shape))
+    identity, distil = identity_flops(p, info, target_forward, num_public)
     penalty = 2 * d if p.gan_loss == "wgan_gp" else 0.0
     gan = p.gan_steps * p.gan_batch_size * (p.n_critic * (g + 3 * 2 * d + 3 * penalty) + 3 * (g + d))
-    search = p.steps * p.restarts * p.per_class * num_classes * 3 * (g + d + target_forward)
-    return gan + search
-
-
-def _objective(target: nn.Module, g_net: nn.Module, d_net: nn.Module, z: torch.Tensor, y: torch.Tensor,
-               prior_weight: float) -> torch.Tensor:
-    """Per latent [N]: -log p_target(y | G(z)) - prior_weight x D(G(z))."""
-    x = g_net(z)
-    return F.cross_entropy(target(x), y, reduction="none") - prior_weight * d_net(x)
+    search = p.steps * p.restarts * p.per_class * num_classes * (3 * (g + d) + identity)
+    return gan + distil + search

@@ -69,6 +69,7 @@ from raymia.inversion.gan import (
     _save_pair,
     cache_key,
 )
+from raymia.inversion.lomma import IdentityParams, identity_flops, identity_loss
 from raymia.inversion.plgmi import target_digest
 from raymia.inversion.registry import (
     INVERSION,
@@ -81,7 +82,6 @@ from raymia.inversion.registry import (
     public_inputs,
     white_box,
 )
-from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.storage import store_dir
 
@@ -249,7 +249,7 @@ def train_kgan(target: nn.Module, x_public: torch.Tensor, info: DataInfo, settin
 _KGAN = KGanSettings()
 
 
-class KEDMIParams(Params):
+class KEDMIParams(IdentityParams):
     per_class: int = Field(1, ge=1, le=10_000, description="reconstructions per class: samples of the class's "
                                                            "fitted latent distribution (KED-MI: 5)")
     steps: int = Field(1500, ge=1, description="Adam updates of each class's latent distribution (KED-MI: "
@@ -287,6 +287,7 @@ def ked_mi(target: nn.Module, classes: list[int], p: KEDMIParams, ctx: Inversion
     gan = train_kgan(target, public_inputs(ctx, "ked_mi"), ctx.info, p.gan(), ctx.cache_dir, dev, ctx.seed)
     assert gan is not None  # stop_after is not set
     g_net, d_net = gan.generator.requires_grad_(False), gan.discriminator.requires_grad_(False)  # eval mode
+    identity = identity_loss(target, p, ctx, public_inputs(ctx, "ked_mi"), "ked_mi")
     k = len(classes)
     y = torch.tensor(classes, dtype=torch.int64, device=dev).repeat_interleave(p.samples)
     gen = torch.Generator().manual_seed(derive_seed(ctx.seed, "ked_mi", *classes))
@@ -297,7 +298,7 @@ def ked_mi(target: nn.Module, classes: list[int], p: KEDMIParams, ctx: Inversion
         eps = torch.randn(k * p.samples, p.latent_dim, generator=gen).to(dev)
         z = mu.repeat_interleave(p.samples, 0) + (0.5 * log_var).exp().repeat_interleave(p.samples, 0) * eps
         x = g_net(z)
-        loss = prior_loss(d_net(x)[1]) + p.identity_weight * F.cross_entropy(target(x), y, reduction="none")
+        loss = prior_loss(d_net(x)[1]) + p.identity_weight * identity(x, y)
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         opt.step()
@@ -309,14 +310,15 @@ def ked_mi(target: nn.Module, classes: list[int], p: KEDMIParams, ctx: Inversion
 
 
 @costs("ked_mi")
-def ked_mi_flops(p: KEDMIParams, info: DataInfo, target_forward: float, num_classes: int) -> float:
+def ked_mi_flops(p: KEDMIParams, info: DataInfo, target_forward: float, num_classes: int, num_public: int) -> float:
     """GAN training (per generator update: n_critic discriminator updates on a labelled, an unlabelled and
     a fake batch, with the target on the labelled one and G on the fakes, then a generator update through
-    D plus D on another unlabelled batch) and the distribution fitting (G, D and the target per sample), a
-    backward pass counted as twice the forward."""
+    D plus D on another unlabelled batch), the students' distillation and the distribution fitting (G, D
+    and the identity term's models per sample), a backward pass counted as twice the forward."""
     g_net, d_net = build_kgan(info, info.num_classes, p.gan(), 0)  # small nets: one input each on the CPU
     g = forward_flops(g_net.eval(), torch.zeros(1, p.latent_dim))
     d = forward_flops(d_net.eval(), torch.zeros(1, *info.input_shape))
     gan = p.gan_steps * p.gan_batch_size * (p.n_critic * (g + target_forward + 3 * 3 * d) + 3 * (g + d) + d)
-    search = p.steps * p.samples * num_classes * 3 * (g + d + target_forward)
-    return gan + search + p.per_class * num_classes * g
+    identity, distil = identity_flops(p, info, target_forward, num_public)
+    search = p.steps * p.samples * num_classes * (3 * (g + d) + identity)
+    return gan + distil + search + p.per_class * num_classes * g

@@ -100,6 +100,6 @@ def miface(target: nn.Module, classes: list[int], p: MIFaceParams, ctx: Inversio
 
 
 @costs("miface")
-def miface_flops(p: MIFaceParams, info, target_forward: float, num_classes: int) -> float:
+def miface_flops(p: MIFaceParams, info, target_forward: float, num_classes: int, num_public: int) -> float:
     """Every input through the target and back (a backward pass counted as twice the forward)."""
     return p.steps * p.restarts * p.per_class * num_classes * 3 * target_forward

@@ -480,7 +480,7 @@ def plg_mi(target: nn.Module, classes: list[int], p: PLGMIParams, ctx: Inversion
 
 
 @costs("plg_mi")
-def plg_mi_flops(p: PLGMIParams, info: DataInfo, target_forward: float, num_classes: int) -> float:
+def plg_mi_flops(p: PLGMIParams, info: DataInfo, target_forward: float, num_classes: int, num_public: int) -> float:
     """cGAN training (per generator update: G, D and the target on an augmented fake batch, then n_dis
     discriminator updates on a real and a fake batch) and the latent search (G and `views` target passes
     per latent), a backward pass counted as twice the forward; pseudo-labelling is one target pass per

@@ -109,6 +109,22 @@ def check_inversion(spec: AuditSpec) -> None:
                         where="inversion.public")
 
 
+def check_inversion_models(spec: AuditSpec, info: DataInfo) -> None:
+    """The evaluator and every attack's other models (LOMMA's students) accept the data's inputs: one
+    SpecError naming the field before any training (`check_forward`)."""
+    from raymia.inversion.lomma import IdentityParams
+    from raymia.inversion.registry import INVERSION
+    from raymia.models.base import check_forward
+
+    arch, params = evaluator_arch(spec)
+    check_forward(arch, params, info, where="inversion.evaluator.model")
+    for i, a in enumerate(spec.inversion.attacks):
+        parsed = INVERSION.get(a.name, where=f"inversion.attacks.{i}.name").parse(
+            a.params, where=f"inversion.attacks.{i}.params")
+        for j, m in enumerate(parsed.augment if isinstance(parsed, IdentityParams) else []):
+            check_forward(m.name, m.params, info, where=f"inversion.attacks.{i}.params.augment.{j}")
+
+
 def evaluator_arch(spec: AuditSpec) -> tuple[str, dict[str, Any]]:
     """(model name, params) of the evaluator: the spec's, else `cnn`, or an MLP when the target is a cnn."""
     ev = spec.inversion.evaluator if spec.inversion is not None else None
@@ -121,13 +137,15 @@ def evaluator_arch(spec: AuditSpec) -> tuple[str, dict[str, Any]]:
 
 
 def inversion_data(spec: AuditSpec, ctx) -> InversionData:
-    """The protocol's data from a `BankContext` of `spec`, with one-line errors for a bad split."""
+    """The protocol's data from a `BankContext` of `spec`, with one-line errors for a bad split or a model
+    that does not take the data's inputs."""
     from raymia.inversion.registry import image_shape
 
     inv = spec.inversion
     assert inv is not None
     info = ctx.data.info
     image_shape(info, inv.attacks[0].name)
+    check_inversion_models(spec, info)
     if inv.public == "classes":
         public_x = ctx.data.x_train[torch.from_numpy(ctx.public_index)]
     else:

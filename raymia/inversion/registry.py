@@ -106,13 +106,13 @@ def prepare_inversion(name: str, params: dict[str, Any] | None, ctx: InversionCo
     return fn(parsed, ctx) if fn is not None else ""
 
 
-CostFn = Callable[[Params, DataInfo, float, int], float]
+CostFn = Callable[[Params, DataInfo, float, int, int], float]
 _COST: dict[str, CostFn] = {}
 
 
 def costs(name: str) -> Callable[[CostFn], CostFn]:
-    """Register `fn(params, info, target_forward_flops, num_classes) -> FLOPs` as attack `name`'s compute
-    estimate for one target (its GAN training included), for `raymia check`."""
+    """Register `fn(params, info, target_forward_flops, num_classes, num_public) -> FLOPs` as attack `name`'s
+    compute estimate for one target (its GAN training included), for `raymia check`."""
     def deco(fn: CostFn) -> CostFn:
         _COST[name] = fn
         return fn
@@ -120,11 +120,13 @@ def costs(name: str) -> Callable[[CostFn], CostFn]:
 
 
 def inversion_flops(name: str, params: dict[str, Any] | None, info: DataInfo, target_forward: float,
-                    num_classes: int) -> float | None:
-    """Attack `name`'s FLOPs against one target reconstructing `num_classes` classes (None: no estimate)."""
+                    num_classes: int, num_public: int = 0) -> float | None:
+    """Attack `name`'s FLOPs against one target reconstructing `num_classes` classes from `num_public`
+    public inputs (None: no estimate)."""
     entry = INVERSION.get(name, where="inversion.name")
     fn = _COST.get(name)
-    return fn(entry.parse(params, where="inversion.params"), info, target_forward, num_classes) if fn else None
+    parsed = entry.parse(params, where="inversion.params")
+    return fn(parsed, info, target_forward, num_classes, num_public) if fn else None
 
 
 def forward_flops(module: nn.Module, *inputs: torch.Tensor) -> float:

@@ -36,8 +36,13 @@ def check_forward(name: str, params: dict[str, Any] | None, info: DataInfo, wher
     [N, num_classes], is one SpecError before any training. The forward pass runs on the CPU because on the
     meta device it would import torch's Python decompositions and dynamo, about 1.5 s of every sweep's
     start, where a CPU build and forward take milliseconds for the bundled models (0.2 s for VGG-16)."""
-    with torch.device("meta"):
-        build_model(name, params, info)
+    try:
+        with torch.device("meta"):
+            build_model(name, params, info)
+    except SpecError as e:  # a builder's own check (e.g. the smallest image it takes), under the caller's field
+        if where == "model.name" or not (e.where or "").startswith("model."):
+            raise
+        raise SpecError(str(e).removeprefix(f"{e.where}: "), where=where) from None
     with torch.random.fork_rng(devices=[]), torch.no_grad():  # the caller's random stream stays as it was
         model = build_model(name, params, info)
         x = torch.zeros(2, *info.input_shape)
