@@ -22,9 +22,9 @@ steps, so `--epochs E` bank epochs are E/2 passes over the private training imag
 Settings: no defense (trained from scratch), and TL-DMI with `freeze: depth` at each of `--depths` (0 =
 pretrained on the public classes, everything fine-tuned). The pretraining is the same for every depth
 (cached). Attacks (`raymia.inversion`): MIFace, GMI (its GAN trained on the public images only, cached
-and shared by every setting) and LOMMA's GMI (the same GAN and search, with the logit identity loss and two
-students distilled from each target on the public images, `STUDENTS`) reconstruct `--per-class` images of
-every private class. Scores
+and shared by every setting), LOMMA's GMI (the same GAN and search, with the logit identity loss and two
+students distilled from each target on the public images, `STUDENTS`) and BREP-MI (label-only, in the same
+GAN) reconstruct `--per-class` images of every private class. Scores
 (`score_reconstructions`): an independent evaluation classifier of another architecture (`cached_evaluator`),
 trained on ALL private images (training and held-out), gives top-1 / top-5 attack accuracy, the KNN distance
 to the class's private images in its feature space and the FID of its features (not Inception's).
@@ -71,7 +71,8 @@ TARGET = {"name": "cnn", "params": {"channels": [16, 32, 64], "batch_norm": True
 # LOMMA's students: architectures other than the target's and the evaluators' (LOMMA: EfficientNet-B0/B1/B2)
 STUDENTS = [{"name": "mlp", "params": {"hidden": [256]}}, {"name": "cnn", "params": {"channels": [8, 16], "hidden": 64}}]
 # (column prefix, attack, display name, grid tag)
-ATTACKS = [("miface", "miface", "MIFace", "MIF"), ("gmi", "gmi", "GMI", "GMI"), ("lomma", "gmi", "LOMMA-GMI", "LOM")]
+ATTACKS = [("miface", "miface", "MIFace", "MIF"), ("gmi", "gmi", "GMI", "GMI"), ("lomma", "gmi", "LOMMA-GMI", "LOM"),
+           ("brep", "brep_mi", "BREP-MI", "BRP")]
 CONFIG = {
     "digits": {"evaluator": ("mlp", {"hidden": [512, 256]}), "lr": 1e-3, "batch": 64,
                "defaults": {"epochs": 60, "pretrain_epochs": 30, "evaluator_epochs": 30, "per_class": 4,
@@ -203,7 +204,9 @@ def run(a: argparse.Namespace, work: Path) -> dict:
     gmi = {"per_class": a.per_class, "steps": a.gmi_steps, "restarts": a.restarts, "gan_steps": a.gan_steps,
            "gan_batch_size": a.gan_batch, "gan_loss": "dcgan", "n_critic": 1, "latent_dim": a.latent_dim, "width": a.gan_width}
     lomma = {**gmi, "identity_loss": "logit", "augment": STUDENTS}
-    params_of = {"miface": miface, "gmi": gmi, "lomma": lomma}
+    gan = {k: v for k, v in gmi.items() if k not in ("per_class", "steps", "restarts")}
+    brep = {**gan, "per_class": a.per_class, "patience": a.brep_patience}
+    params_of = {"miface": miface, "gmi": gmi, "lomma": lomma, "brep": brep}
     rows: dict[str, dict] = {}
     recs: dict[str, dict] = {}
     evaluator = private_x = private_y = None
@@ -285,7 +288,7 @@ def trend(rows: dict, path: Path, title: str) -> Path:
     keys = list(rows)
     x = np.arange(len(keys))
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for (col, _, name, _), color in zip(ATTACKS, ("tab:blue", "tab:red", "tab:purple")):
+    for (col, _, name, _), color in zip(ATTACKS, ("tab:blue", "tab:red", "tab:purple", "tab:green")):
         ax.plot(x, [rows[k][f"{col}_top1"] for k in keys], "o-", color=color, label=f"{name} top-1")
         ax.plot(x, [rows[k][f"{col}_top5"] for k in keys], "o:", color=color, alpha=0.5,
                 label=f"{name} top-5")
@@ -324,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--restarts", type=int, default=4)
     ap.add_argument("--miface-steps", type=int, default=300)
     ap.add_argument("--gmi-steps", type=int)
+    ap.add_argument("--brep-patience", type=int, default=200, help="BREP-MI's steps without growth before it stops")
     ap.add_argument("--gan-steps", type=int)
     ap.add_argument("--gan-batch", type=int)
     ap.add_argument("--gan-width", type=int)
@@ -351,7 +355,8 @@ def main(argv: list[str] | None = None) -> dict:
     fig_trend = trend(rows, out / f"inversion_{a.data}_trend.png", title)
     print(f"{title}; target {TARGET['name']} {TARGET['params']}, {a.epochs} bank epochs "
           f"(= {a.epochs / 2:g} passes), TL-DMI pretraining {a.pretrain_epochs} epochs; evaluator "
-          f"{CONFIG[a.data]['evaluator'][0]}; MIFace {a.miface_steps} steps, GMI {a.gmi_steps} steps, GAN "
+          f"{CONFIG[a.data]['evaluator'][0]}; MIFace {a.miface_steps} steps, GMI {a.gmi_steps} steps, BREP-MI "
+          f"patience {a.brep_patience}, GAN "
           f"{a.gan_steps} steps (dcgan, width {a.gan_width}, batch {a.gan_batch}); {a.per_class} reconstructions per class, {a.restarts} restarts; "
           f"held-out test images {res['n_test']}; seed {a.seed}; {time.perf_counter() - t0:.0f}s\n")
     print(table(rows))

@@ -23,7 +23,7 @@ def test_inversion_tldmi_smoke(tmp_path, capsys):
     res = it.main(["--data", "digits", "--out", str(out), "--work-dir", str(tmp_path / "work"),
                    "--depths", "0", "3", "--epochs", "4", "--pretrain-epochs", "2", "--evaluator-epochs", "3",
                    "--gan-steps", "20", "--gmi-steps", "10", "--miface-steps", "10", "--per-class", "1",
-                   "--restarts", "1", "--threads", "1"])
+                   "--restarts", "1", "--brep-patience", "3", "--threads", "1"])
     for name in ("grid", "trend"):
         path = Path(res[name])
         assert path == out / f"inversion_digits_{name}.png" and path.stat().st_size > 5_000
@@ -44,6 +44,6 @@ def test_inversion_tldmi_smoke(tmp_path, capsys):
     # TL-DMI's backbone pretrained on the public classes only: its cache exists beside the GAN's
     cache = {p.name.split("-")[0] for p in (tmp_path / "work" / "cache").iterdir()}
     assert {"tl_dmi", "gmi", "evaluator", "lomma"} <= cache  # LOMMA's students beside them
-    assert all(f"{col}_top1" in r for r in rows.values() for col in ("miface", "gmi", "lomma"))
+    assert all(f"{col}_top1" in r for r in rows.values() for col in ("miface", "gmi", "lomma", "brep"))
     printed = capsys.readouterr().out
-    assert "| TL-DMI depth 3 |" in printed and "| LOMMA-GMI top-1 |" in printed and printed.count("\n|") >= 4  # header, rule, 3 rows
+    assert "| TL-DMI depth 3 |" in printed and "| LOMMA-GMI top-1 |" in printed and "| BREP-MI FID |" in printed and printed.count("\n|") >= 4  # header, rule, 3 rows

@@ -38,11 +38,19 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from raymia.datainfo import DataInfo
 from raymia.defenses.vae import data_digest, key_digest, load_state, save_state
-from raymia.inversion.registry import image_shape, pixel_transform
+from raymia.inversion.registry import (
+    InversionContext,
+    forward_flops,
+    image_shape,
+    pixel_transform,
+    public_inputs,
+)
+from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.storage import StoredFile, store_dir
 
@@ -71,6 +79,32 @@ class GanSettings(GanBudget):
     loss: Literal["wgan_gp", "dcgan"] = "wgan_gp"
     n_critic: int = 5
     gp_weight: float = 10.0
+
+
+_GAN = GanSettings()
+
+
+class GanParams(Params):
+    """The params of GMI's GAN prior, trained on public inputs only (shared by `gmi` and `brep_mi`: the
+    same settings find the same cached GAN)."""
+
+    latent_dim: int = Field(_GAN.latent_dim, ge=1, le=4096, description="GAN latent dimension")
+    width: int = Field(_GAN.width, ge=1, le=1024, description="channels of the GAN's first (last) conv layer")
+    gan_steps: int = Field(_GAN.steps, ge=1, description="generator updates of GAN training")
+    gan_batch_size: int = Field(_GAN.batch_size, ge=1, description="public inputs per GAN batch")
+    gan_lr: float = Field(_GAN.lr, gt=0, description="Adam learning rate of both GAN nets (betas 0.5, 0.999)")
+    gan_loss: Literal["wgan_gp", "dcgan"] = Field(
+        _GAN.loss, description="wgan_gp (GMI's) or dcgan (non-saturating logistic loss)")
+    n_critic: int = Field(_GAN.n_critic, ge=1, description="discriminator updates per generator update")
+    gp_weight: float = Field(_GAN.gp_weight, ge=0, description="gradient-penalty weight (wgan_gp)")
+    checkpoint_every: int = Field(_GAN.checkpoint_every, ge=1,
+                                  description="GAN training checkpoint period in steps (not in the cache key)")
+
+    def gan(self) -> GanSettings:
+        return GanSettings(latent_dim=self.latent_dim, width=self.width, steps=self.gan_steps,
+                           batch_size=self.gan_batch_size, lr=self.gan_lr, loss=self.gan_loss,
+                           n_critic=self.n_critic, gp_weight=self.gp_weight,
+                           checkpoint_every=self.checkpoint_every)
 
 
 def _halvings(h: int, w: int) -> int:
@@ -218,6 +252,26 @@ def train_gan(x_public: torch.Tensor, info: DataInfo, settings: GanSettings, cac
 
     _save_pair(path, ckpt, key, g_net, d_net)
     return FittedGan(g_net.eval(), d_net.eval(), key, path, "resumed" if start else "trained", start)
+
+
+def public_gan(p: GanParams, ctx: InversionContext, attack: str) -> FittedGan:
+    """GMI's GAN for these params on ctx's public inputs, from the cache or trained: what `gmi` and
+    `brep_mi` search in."""
+    gan = train_gan(public_inputs(ctx, attack), ctx.info, p.gan(), ctx.cache_dir, ctx.device, ctx.seed)
+    assert gan is not None  # stop_after is not set
+    return gan
+
+
+def gan_flops(p: GanParams, info: DataInfo) -> tuple[float, float, float]:
+    """(FLOPs of training GMI's GAN, of one generator forward, of one discriminator forward): per generator
+    update n_critic critic steps on a real and a fake batch (plus the gradient penalty's extra pass for
+    wgan_gp), then a generator step; a backward pass counted as twice the forward."""
+    g_net, d_net = build_gan(info, p.gan(), 0)  # small nets: one forward of one input each on the CPU
+    g = forward_flops(g_net.eval(), torch.zeros(1, p.latent_dim))
+    d = forward_flops(d_net.eval(), torch.zeros(1, *info.input_shape))
+    penalty = 2 * d if p.gan_loss == "wgan_gp" else 0.0
+    train = p.gan_steps * p.gan_batch_size * (p.n_critic * (g + 3 * 2 * d + 3 * penalty) + 3 * (g + d))
+    return train, g, d
 
 
 def _fresh(g_net: nn.Module, d_net: nn.Module, settings: GanSettings, seed: int, device: torch.device,

@@ -20,13 +20,12 @@ divided by the batch size; raymia's step on a latent does not depend on how many
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from raymia.inversion.gan import GanSettings, build_gan, train_gan
+from raymia.inversion.gan import GanParams, gan_flops, public_gan
 from raymia.inversion.lomma import IdentityParams, identity_flops, identity_loss
 from raymia.inversion.registry import (
     INVERSION,
@@ -34,19 +33,19 @@ from raymia.inversion.registry import (
     Reconstructions,
     class_labels,
     costs,
-    forward_flops,
     image_shape,
     prepares,
     public_inputs,
 )
+from raymia.registry import Params
 from raymia.seeding import derive_seed
 
 log = logging.getLogger("raymia")
 
-_GAN = GanSettings()
 
+class _Search(Params):
+    """GMI's latent search."""
 
-class GMIParams(IdentityParams):
     per_class: int = Field(1, ge=1, le=10_000, description="reconstructions per class")
     steps: int = Field(1500, ge=1, description="latent optimisation steps (GMI: 1500)")
     lr: float = Field(2.0, gt=0, description="SGD learning rate on z (GMI: 0.02 on 100 x identity loss)")
@@ -55,23 +54,11 @@ class GMIParams(IdentityParams):
     restarts: int = Field(5, ge=1, le=1000, description="random starts per reconstruction; the one with the "
                                                        "target's highest class logit is kept (GMI: 5 seeds)")
     clip: float = Field(1.0, gt=0, description="z is clipped to [-clip, clip] after every step")
-    latent_dim: int = Field(_GAN.latent_dim, ge=1, le=4096, description="GAN latent dimension")
-    width: int = Field(_GAN.width, ge=1, le=1024, description="channels of the GAN's first (last) conv layer")
-    gan_steps: int = Field(_GAN.steps, ge=1, description="generator updates of GAN training")
-    gan_batch_size: int = Field(_GAN.batch_size, ge=1, description="public inputs per GAN batch")
-    gan_lr: float = Field(_GAN.lr, gt=0, description="Adam learning rate of both GAN nets (betas 0.5, 0.999)")
-    gan_loss: Literal["wgan_gp", "dcgan"] = Field(
-        _GAN.loss, description="wgan_gp (GMI's) or dcgan (non-saturating logistic loss)")
-    n_critic: int = Field(_GAN.n_critic, ge=1, description="discriminator updates per generator update")
-    gp_weight: float = Field(_GAN.gp_weight, ge=0, description="gradient-penalty weight (wgan_gp)")
-    checkpoint_every: int = Field(_GAN.checkpoint_every, ge=1,
-                                  description="GAN training checkpoint period in steps (not in the cache key)")
 
-    def gan(self) -> GanSettings:
-        return GanSettings(latent_dim=self.latent_dim, width=self.width, steps=self.gan_steps,
-                           batch_size=self.gan_batch_size, lr=self.gan_lr, loss=self.gan_loss,
-                           n_critic=self.n_critic, gp_weight=self.gp_weight,
-                           checkpoint_every=self.checkpoint_every)
+
+class GMIParams(GanParams, IdentityParams, _Search):
+    """GMI's params, listed (pydantic orders inherited fields from the last base) as the latent search, the
+    identity term (LOMMA's options), then the GAN prior."""
 
 
 @INVERSION.register("gmi", GMIParams)
@@ -79,8 +66,7 @@ def gmi(target: nn.Module, classes: list[int], p: GMIParams, ctx: InversionConte
     """GMI (Zhang et al. 2020): latent search in a GAN trained on public data, identity + prior loss."""
     shape = image_shape(ctx.info, "gmi")
     dev = ctx.device
-    gan = train_gan(public_inputs(ctx, "gmi"), ctx.info, p.gan(), ctx.cache_dir, dev, ctx.seed)
-    assert gan is not None  # stop_after is not set
+    gan = public_gan(p, ctx, "gmi")
     g_net, d_net = gan.generator.requires_grad_(False), gan.discriminator.requires_grad_(False)  # eval mode
     identity = identity_loss(target, p, ctx, public_inputs(ctx, "gmi"), "gmi")
     y = class_labels(classes, p.per_class).repeat_interleave(p.restarts).to(dev)
@@ -106,22 +92,14 @@ def gmi(target: nn.Module, classes: list[int], p: GMIParams, ctx: InversionConte
 @prepares("gmi")
 def prepare_gan(p: GMIParams, ctx: InversionContext) -> str:
     """GMI's GAN depends on the public data only: trained (or found) once for every target."""
-    gan = train_gan(public_inputs(ctx, "gmi"), ctx.info, p.gan(), ctx.cache_dir, ctx.device, ctx.seed)
-    assert gan is not None
-    return f"GAN {gan.source}"
+    return f"GAN {public_gan(p, ctx, 'gmi').source}"
 
 
 @costs("gmi")
 def gmi_flops(p: GMIParams, info, target_forward: float, num_classes: int, num_public: int) -> float:
-    """GAN training (per generator update: n_critic critic steps on a real and a fake batch, plus the
-    gradient penalty's extra pass for wgan_gp, then a generator step), the students' distillation and the
-    latent search (every latent through G, D and the identity term's models), a backward pass counted as
-    twice the forward."""
-    g_net, d_net = build_gan(info, p.gan(), 0)  # small nets: one forward of one input each on the CPU
-    g = forward_flops(g_net.eval(), torch.zeros(1, p.latent_dim))
-    d = forward_flops(d_net.eval(), torch.zeros(1, *info.input_shape))
+    """GAN training (`gan_flops`), the students' distillation and the latent search (every latent through
+    G, D and the identity term's models), a backward pass counted as twice the forward."""
+    gan, g, d = gan_flops(p, info)
     identity, distil = identity_flops(p, info, target_forward, num_public)
-    penalty = 2 * d if p.gan_loss == "wgan_gp" else 0.0
-    gan = p.gan_steps * p.gan_batch_size * (p.n_critic * (g + 3 * 2 * d + 3 * penalty) + 3 * (g + d))
     search = p.steps * p.restarts * p.per_class * num_classes * (3 * (g + d) + identity)
     return gan + distil + search

@@ -82,6 +82,7 @@ from raymia.inversion.registry import (
     public_inputs,
     white_box,
 )
+from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.storage import store_dir
 
@@ -249,7 +250,9 @@ def train_kgan(target: nn.Module, x_public: torch.Tensor, info: DataInfo, settin
 _KGAN = KGanSettings()
 
 
-class KEDMIParams(IdentityParams):
+class _Own(Params):
+    """KED-MI's distributional search and its GAN."""
+
     per_class: int = Field(1, ge=1, le=10_000, description="reconstructions per class: samples of the class's "
                                                            "fitted latent distribution (KED-MI: 5)")
     steps: int = Field(1500, ge=1, description="Adam updates of each class's latent distribution (KED-MI: "
@@ -276,6 +279,11 @@ class KEDMIParams(IdentityParams):
         return KGanSettings(latent_dim=self.latent_dim, width=self.width, steps=self.gan_steps,
                             batch_size=self.gan_batch_size, lr=self.gan_lr, n_critic=self.n_critic,
                             entropy_weight=self.entropy_weight, checkpoint_every=self.checkpoint_every)
+
+
+class KEDMIParams(IdentityParams, _Own):
+    """KED-MI's params, listed (pydantic orders inherited fields from the last base) as its own (the
+    distributional search and its GAN), then the identity term (LOMMA's options)."""
 
 
 @INVERSION.register("ked_mi", KEDMIParams)
