@@ -255,8 +255,8 @@ def _inversion_row(spec: AuditSpec, ctx, train_flops: float, target_forward: flo
     info, n_targets, k = ctx.data.info, min(inv.targets, len(ctx.plan.targets)), len(data.classes)
     arch, params = evaluator_arch(spec)
     ev_step, _ = count_flops(arch, params, info, 1)
-    parts = {"targets": n_targets * train_flops,
-             "evaluator": ev_step * inv.evaluator.epochs * data.private_x.shape[0]}
+    parts = {"targets": n_targets * train_flops} if spec.target is None else {}  # yours is trained already
+    parts["evaluator"] = ev_step * inv.evaluator.epochs * data.private_x.shape[0]
     unknown = []
     for a in inv.attacks:
         f = inversion_flops(a.name, a.params, info, target_forward, k, int(data.public_x.shape[0]))
@@ -265,7 +265,8 @@ def _inversion_row(spec: AuditSpec, ctx, train_flops: float, target_forward: flo
         else:
             parts[a.key] = f * n_targets
     total = sum(parts.values())
-    return ("inversion", f"{', '.join(a.key for a in inv.attacks)} on {n_targets} target(s), {k} private classes, "
+    whom = "your model" if spec.target is not None else f"{n_targets} target(s)"
+    return ("inversion", f"{', '.join(a.key for a in inv.attacks)} on {whom}, {k} private classes, "
                          f"{_n(int(data.public_x.shape[0]))} public images: "
                          + ", ".join(f"{name} {_flops(v)}" for name, v in parts.items())
                          + f"{' (each trial)' if isinstance(spec, SweepSpec) else ''}; "

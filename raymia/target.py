@@ -87,10 +87,17 @@ def check_target_spec(spec) -> None:
     if spec.plan.targets != [0]:  # the default, which a saved spec.yaml spells out
         raise SpecError("with target: your model is the one attacked and every bank model is its shadow; "
                         "remove plan.targets", where="plan.targets")
-    for field, why in (("inversion", "model inversion"), ("ood", "the out-of-distribution evaluation")):
-        if getattr(spec, field) is not None:
-            raise SpecError(f"{why} runs on the bank's own targets; it is not available with target:",
-                            where=field)
+    if spec.ood is not None:
+        raise SpecError("the out-of-distribution evaluation runs on the bank's own targets; it is not available "
+                        "with target:", where="ood")
+    if spec.inversion is not None:
+        if spec.target.checkpoint is None:
+            raise SpecError("model inversion needs your model's weights (target.checkpoint): an outputs file "
+                            "answers only the points it holds, not the images an attack generates",
+                            where="inversion")
+        if spec.inversion.targets != 1:
+            raise SpecError("with target: your model is the one target to invert; remove inversion.targets",
+                            where="inversion.targets")
     if spec.attacker != "adaptive":
         raise SpecError("with target: the shadows follow the spec's defense; for undefended shadows set "
                         "defense: none", where="attacker")
@@ -221,10 +228,19 @@ def _warn_near_chance(target: ExternalTarget, labels: np.ndarray, num_classes: i
                     "trained model's", int(mem.sum()), 100 * acc, 100 * chance)
 
 
+def checkpoint_model(spec, ctx, device):
+    """The target's model (`model:` built for the data, the checkpoint's weights loaded), on `device`, in
+    eval mode: what the audit queries, and what the inversion attacks invert."""
+    from raymia.models import build_model
+
+    model = build_model(spec.model.name, spec.model.params, ctx.data.info)
+    load_checkpoint(spec.target.checkpoint, model, spec.model.name)
+    return model.to(device).eval()
+
+
 def _from_checkpoint(spec, ctx, members: np.ndarray) -> ExternalTarget:
     import torch
 
-    from raymia.models import build_model
     from raymia.seeding import derive_seed
     from raymia.train.infer import query_logits
 
@@ -232,10 +248,8 @@ def _from_checkpoint(spec, ctx, members: np.ndarray) -> ExternalTarget:
         raise SpecError(f"defense {spec.defense.name!r} changes the released outputs, which a checkpoint's "
                         "weights do not: audit the outputs your system releases with target.outputs",
                         where="target.checkpoint")
-    model = build_model(spec.model.name, spec.model.params, ctx.data.info)
-    load_checkpoint(spec.target.checkpoint, model, spec.model.name)
     device = torch.device("cuda" if spec.bank.device != "cpu" and torch.cuda.is_available() else "cpu")
-    model = model.to(device).eval()
+    model = checkpoint_model(spec, ctx, device)
     gen = torch.Generator().manual_seed(derive_seed(spec.seed, "query", "target"))
     logits = query_logits(model, ctx.defense, ctx.audited_x, spec.queries, gen, device=device).numpy()
     test = query_logits(model, ctx.defense, ctx.data.x_test, spec.queries, gen, device=device).numpy()

@@ -255,6 +255,73 @@ def test_what_a_target_or_training_function_excludes_is_refused_in_the_spec(tmp_
         raymia.as_spec({**base, "train": fn, "defense": "hamp"})
 
 
+def _public_npz(tmp_path) -> str:
+    """Another data set for the attacker: scikit-learn's digits transposed (none is an audited image)."""
+    from sklearn.datasets import load_digits
+
+    images = (load_digits().images.transpose(0, 2, 1) * 16).clip(0, 255).astype(np.uint8)
+    path = tmp_path / "public.npz"
+    np.savez(path, x_train=images, y_train=np.zeros(len(images), np.int64), x_test=images[:10],
+             y_test=np.zeros(10, np.int64))
+    return str(path)
+
+
+def test_your_model_is_inverted_from_its_checkpoint(tmp_path, caplog):
+    import torch.nn.functional as F
+
+    from raymia.models import build_model
+
+    members = list(range(0, 1347, 2))
+    spec_dict = {**_spec(tmp_path, checkpoint=str(tmp_path / "t.pt"), members=members),
+                 "model": {"name": "mlp", "params": {"hidden": [64]}},
+                 "inversion": {"attacks": [{"name": "miface", "params": {"per_class": 2, "steps": 100, "restarts": 2}},
+                                           {"name": "brep_mi", "params": {"per_class": 2, "patience": 100, "latent_dim": 16,
+                                                                          "width": 16, "gan_steps": 150,
+                                                                          "gan_loss": "dcgan", "n_critic": 1}}],
+                               "public": {"name": "npz", "params": {"path": _public_npz(tmp_path), "num_classes": 2}},
+                               "evaluator": {"epochs": 15}, "device": "cpu"}}
+    spec = raymia.as_spec(spec_dict)
+    ctx = _ctx(spec)
+    torch.manual_seed(0)
+    model = build_model("mlp", {"hidden": [64]}, ctx.data.info)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x, y = ctx.data.x_train[members], ctx.data.y_train[members]
+    for _ in range(150):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    torch.save(model.state_dict(), tmp_path / "t.pt")
+
+    with caplog.at_level(logging.INFO, logger="raymia"):
+        result = raymia.run_audit(spec)
+    assert "inversion: inverting your model from" in caplog.text
+    inv = result.inversion
+    assert inv.targets == result.targets == [4] and inv.evaluator["classes"] == list(range(10))
+    metrics = result.flat_metrics()
+    for attack in ("miface", "brep_mi"):
+        top1 = metrics[f"mi/{attack}/top1"]
+        print(f"{attack}: top-1 {top1:.2f}, KNN distance {metrics[f'mi/{attack}/knn_dist']:.2f}")
+        assert top1 >= 0.3, attack  # chance: 0.1 (measured: miface 0.85, brep_mi 0.35)
+    # another checkpoint is another model: its reconstructions are not the cached ones
+    recons = lambda: sorted((tmp_path / "runs" / "cache" / "inversion").glob("recon-*.pt"))  # noqa: E731
+    first = recons()
+    assert len(first) == 2
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    torch.save(model.state_dict(), tmp_path / "t.pt")
+    raymia.run_audit(spec)
+    assert len(recons()) == 4 and set(first) < set(recons())
+
+    outputs = {**spec_dict, "target": {"outputs": "out.npz", "members": members}}
+    with pytest.raises(SpecError, match=r"^inversion: model inversion needs your model's weights \(target.checkpoint\)"):
+        raymia.as_spec(outputs)
+    with pytest.raises(SpecError, match=r"^inversion.targets: with target: your model is the one target to invert"):
+        raymia.as_spec({**spec_dict, "inversion": {**spec_dict["inversion"], "targets": 2}})
+    with pytest.raises(SpecError, match=r"^inversion.public: .*with target: your model's classes are all private, so "
+                                        r"give another data set as inversion.public"):
+        raymia.as_spec({**spec_dict, "inversion": {**spec_dict["inversion"], "public": "classes"}})
+
+
 def test_import_paths_fail_in_one_line_and_their_source_is_in_the_fingerprint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SpecError, match=r"^model.name: cannot import 'no_such_module_xyz': no such module"):

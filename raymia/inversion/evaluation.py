@@ -170,11 +170,11 @@ def cached_evaluator(cache_dir: str | Path, key_parts: dict[str, Any], x: torch.
 # features and scores
 
 
-def last_linear(evaluator: nn.Module) -> tuple[str, nn.Linear]:
-    """(name, module) of the last nn.Linear registered in `evaluator`: its input is the penultimate features."""
-    found = [(name, m) for name, m in evaluator.named_modules() if isinstance(m, nn.Linear)]
+def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    """(name, module) of the last nn.Linear registered in `model`: its input is the penultimate features."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not found:
-        raise ValueError(f"the evaluator {type(evaluator).__name__} has no nn.Linear layer to take features from")
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to take features from")
     return found[-1]
 
 

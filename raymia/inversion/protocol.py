@@ -105,7 +105,9 @@ def check_inversion(spec: AuditSpec) -> None:
                         "model, see raymia list models", where="inversion.evaluator.model")
     if inv.public == "classes" and spec.data.private_classes is None:
         raise SpecError("the attacker's public data are the public classes, but data.private_classes is not "
-                        "set: give data.private_classes, or another data set as inversion.public",
+                        "set: " + ("with target: your model's classes are all private, so give another data "
+                                   "set as inversion.public" if spec.target is not None else
+                                   "give data.private_classes, or another data set as inversion.public"),
                         where="inversion.public")
 
 
@@ -257,6 +259,14 @@ def target_model(spec: AuditSpec, ctx, t: int, device: torch.device) -> nn.Modul
     return model.eval()
 
 
+def own_model(spec: AuditSpec, ctx, device: torch.device) -> nn.Module:
+    """The user's target (`target.checkpoint`) in eval mode on `device`."""
+    from raymia.target import checkpoint_model
+
+    log.info("inversion: inverting your model from %s", spec.target.checkpoint)
+    return checkpoint_model(spec, ctx, device)
+
+
 def _reconstruct(spec: AuditSpec, i: int, target: nn.Module, t: int, data: InversionData, device: torch.device):
     """Attack i's reconstructions of target t, cached by everything they depend on."""
     from raymia.defenses.vae import data_digest, key_digest, load_state, save_state
@@ -264,7 +274,12 @@ def _reconstruct(spec: AuditSpec, i: int, target: nn.Module, t: int, data: Inver
 
     a = spec.inversion.attacks[i]
     public = data_digest(_Public(data.public_x), with_labels=False)
-    key = key_digest({"what": "inversion-reconstructions", "fingerprint": spec.fingerprint(), "model": t,
+    own = {}
+    if spec.target is not None:  # the bank's fingerprint leaves the user's model out: its files are the key
+        from raymia.target import target_digest
+
+        own = {"target": target_digest(spec)}
+    key = key_digest({"what": "inversion-reconstructions", "fingerprint": spec.fingerprint(), "model": t, **own,
                       "attack": a.name, "params": a.params, "classes": data.classes, "public": public,
                       "seed": spec.seed, "device": device.type})
     path = cache_dir(spec) / f"recon-{key}.pt"
@@ -294,7 +309,8 @@ def run_inversions(spec: AuditSpec, ctx, out_dir: Path, data: InversionData | No
     data = data if data is not None else inversion_data(spec, ctx)
     device = _device(spec)
     evaluator = evaluator_for(spec, data, device).model
-    targets = spec.plan.target_list[: inv.targets]
+    # with target: the user's model, which the audit attacks as row num_models of the signals
+    targets = [spec.plan.num_models] if spec.target is not None else spec.plan.target_list[: inv.targets]
     arch, _ = evaluator_arch(spec)
     result = InversionResult(targets=targets, evaluator={
         "model": arch, "features": feature_layer(evaluator), "fid": "Frechet distance of the evaluator's "
@@ -302,7 +318,7 @@ def run_inversions(spec: AuditSpec, ctx, out_dir: Path, data: InversionData | No
         "public_images": int(data.public_x.shape[0]), "classes": data.classes})
     runs: dict[str, list[dict[str, float]]] = {a.key: [] for a in inv.attacks}
     for j, t in enumerate(targets):
-        target = target_model(spec, ctx, t, device)
+        target = own_model(spec, ctx, device) if spec.target is not None else target_model(spec, ctx, t, device)
         for i, a in enumerate(inv.attacks):
             rec = _reconstruct(spec, i, target, t, data, device)
             s = score_reconstructions(evaluator, rec.images, rec.labels, data.private_x, data.private_y)
