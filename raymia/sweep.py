@@ -1118,7 +1118,8 @@ def _check_objective_names(spec: SweepSpec, names: list[str], field: str = "obje
             continue
         accepted = (sorted(utility) + [f"ATTACK/{k}" for k in sorted(keys)] + ["defense/KEY"]
                     + ["raw/ATTACK/METRIC" + ("" if raw else " (with metrics.raw_outputs: true)")]
-                    + (["mi/INVERSION_ATTACK/top1|top5|knn_dist|fid"] if inversion else [])
+                    + (["mi/INVERSION_ATTACK/top1|top5|knn_dist|fid (INVERSION_ATTACK: a label or worst)"]
+                       if inversion else [])
                     + (["ood/ATTACK/fpr", "ood/ATTACK/SET/METRIC"] if ood else []))
         raise SpecError(f"unknown metric {n!r}; accepted: {', '.join(accepted)} with ATTACK one of the spec's "
                         f"attacks ({', '.join(sorted(attacks))}) or 'worst' (the strongest of them)",

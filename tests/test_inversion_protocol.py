@@ -129,6 +129,10 @@ def test_audit_with_inversion_reports_mi_metrics_grids_and_repeats_nothing(tmp_p
     assert m["mi/gmi/top5"] == 1.0  # 5 private classes
     assert m["mi/gmi/knn_dist"] > 0 and m["mi/gmi/fid"] > 0
     assert m["std/mi/gmi/top1"] is None  # one inverted target
+    # the strongest inversion attack, metric by metric: the highest top-1, the lowest KNN distance
+    assert m["mi/worst/top1"] == max(m["mi/gmi/top1"], m["mi/miface/top1"])
+    assert m["mi/worst/knn_dist"] == min(m["mi/gmi/knn_dist"], m["mi/miface/knn_dist"])
+    assert m["mi/worst/fid"] == min(m["mi/gmi/fid"], m["mi/miface/fid"])
     assert m["test_accuracy"] > 0.9
     for key in ("gmi", "miface"):
         assert (res.out_dir / f"inversion-{key}.png").stat().st_size > 1000
@@ -155,6 +159,9 @@ def test_sweep_accepts_mi_objectives_and_prepares_on_a_ray_worker(tmp_path, ray_
                                                                 {"metric": "mi/gmi/top1", "mode": "min"}]}
     spec = validate_spec(d, SweepSpec)
     validate_sweep(spec, setup=False)
+    worst = validate_spec({**d, "sweep": {**d["sweep"], "objectives": [{"metric": "mi/worst/knn_dist", "mode": "max"}]}},
+                          SweepSpec)
+    validate_sweep(worst, setup=False)
     bad = validate_spec({**d, "sweep": {**d["sweep"], "objectives": [{"metric": "mi/miface/top1", "mode": "min"}]}},
                         SweepSpec)
     with pytest.raises(SpecError, match="mi/INVERSION_ATTACK") as e:

@@ -38,7 +38,7 @@ from raymia.storage import StoredDir, store_dir
 
 log = logging.getLogger("raymia")
 
-MI_PREFIX = "mi"  # flat metric names: mi/<attack label>/<metric>
+MI_PREFIX = "mi"  # flat metric names: mi/<attack label>/<metric>, mi/worst/<metric> (the strongest attack's)
 MI_METRICS = ("top1", "top5", "knn_dist", "fid")
 # direction of leakage: a higher top-1/top-5 and a lower KNN distance/FID mean a stronger inversion
 MI_LEAK_UP = {"top1": True, "top5": True, "knn_dist": False, "fid": False}
@@ -69,11 +69,28 @@ class InversionResult:
     targets: list[int] = field(default_factory=list)
     evaluator: dict[str, Any] = field(default_factory=dict)
 
+    def strongest(self, metric: str) -> str | None:
+        """The attack whose `metric` shows the most leakage (the highest top-1/top-5, the lowest KNN
+        distance/FID; `MI_LEAK_UP`), among those with a finite value."""
+        vals = {a: ms[metric] for a, ms in self.attacks.items() if np.isfinite(ms.get(metric, np.nan))}
+        if not vals:
+            return None
+        return (max if MI_LEAK_UP[metric] else min)(vals, key=vals.get)
+
     def flat_metrics(self) -> dict[str, float]:
-        return {f"{MI_PREFIX}/{a}/{k}": v for a, ms in self.attacks.items() for k, v in ms.items()}
+        """mi/<attack>/<metric>, and mi/worst/<metric>: the strongest attack's value of each metric."""
+        out = {f"{MI_PREFIX}/{a}/{k}": v for a, ms in self.attacks.items() for k, v in ms.items()}
+        for k in MI_METRICS:
+            if (a := self.strongest(k)) is not None:
+                out[f"{MI_PREFIX}/worst/{k}"] = self.attacks[a][k]
+        return out
 
     def flat_std(self) -> dict[str, float]:
-        return {f"{MI_PREFIX}/{a}/{k}": v for a, ms in self.attacks_std.items() for k, v in ms.items()}
+        out = {f"{MI_PREFIX}/{a}/{k}": v for a, ms in self.attacks_std.items() for k, v in ms.items()}
+        for k in MI_METRICS:
+            if (a := self.strongest(k)) is not None and k in self.attacks_std.get(a, {}):
+                out[f"{MI_PREFIX}/worst/{k}"] = self.attacks_std[a][k]
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return {"targets": self.targets, "evaluator": self.evaluator, "attacks": self.attacks,
@@ -85,7 +102,7 @@ def metric_names(spec: AuditSpec) -> list[str]:
     """Every flat inversion metric an audit of `spec` reports (for sweep objectives)."""
     if spec.inversion is None:
         return []
-    return [f"{MI_PREFIX}/{a.key}/{k}" for a in spec.inversion.attacks for k in MI_METRICS]
+    return [f"{MI_PREFIX}/{a}/{k}" for a in [*(a.key for a in spec.inversion.attacks), "worst"] for k in MI_METRICS]
 
 
 def check_inversion(spec: AuditSpec) -> None:
