@@ -14,7 +14,8 @@ The attacker sees only the target's predicted labels. It searches in GMI's GAN, 
 
    and is taken only if G(z) stays in the class;
 3. when more than `threshold` of the sphere lies in the class, R grows by `expansion`: the point is that far
-   from every boundary. The search stops after `patience` steps without growth (or `max_steps` in all).
+   from every boundary. The official test is "the sum of the points' labels, +1 inside and -1 outside,
+   exceeds 0.75 x points", which is more than 87.5% inside, hence the default 0.875. The search stops after `patience` steps without growth (or `max_steps` in all).
 
 The reconstruction is G(z) at the last growth of the sphere (the official code reports the evaluation
 there), or at the start if the sphere never grew. Where raymia differs from the official code:
@@ -57,8 +58,8 @@ class _Search(Params):
     radius: float = Field(2.0, gt=0, description="initial sphere radius in latent space (BREP-MI: 2)")
     points: int = Field(32, ge=1, le=4096, description="points labelled on the sphere per step (BREP-MI: 32)")
     expansion: float = Field(1.3, gt=1, description="factor by which the sphere grows (BREP-MI: 1.3)")
-    threshold: float = Field(0.75, ge=0, lt=1, description="the sphere grows when more than this fraction of its "
-                                                          "points is in the class (BREP-MI: 0.75)")
+    threshold: float = Field(0.875, ge=0, lt=1, description="the sphere grows when more than this fraction of its "
+                                                           "points is in the class (BREP-MI: 0.875)")
     max_step: float = Field(3.0, gt=0, description="step size is min(radius / 3, max_step) (BREP-MI: 3)")
     patience: int = Field(1000, ge=1, description="steps without growth before the search stops (BREP-MI: 1000)")
     max_steps: int = Field(10_000, ge=1, description="steps in all, at most")
