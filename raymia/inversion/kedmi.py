@@ -25,7 +25,8 @@ samples z = mu + exp(log_var / 2) eps to minimise
 
     prior + identity_weight x identity = softplus(-lse l(G(z))) + identity_weight x CE(T(G(z)), c),
 
-(the prior is -log D_real, the official mean softplus(lse l) - mean lse l, written stably); the
+(the prior is -log D_real, the official mean softplus(lse l) - mean lse l, written stably; with
+`identity_loss: logit` or `augment` the identity term is LOMMA's, `raymia.inversion.lomma`); the
 reconstructions of class c are `per_class` samples of its fitted distribution (the official code evaluates
 5 such samples per identity).
 
