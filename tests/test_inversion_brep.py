@@ -126,3 +126,20 @@ def test_compute_estimate(digits):
         pytest.approx(2 * (two - one))
     more_points = inversion_flops("brep_mi", {**GAN, "max_steps": 100, "points": 65}, digits.info, fwd, 5)
     assert more_points - one == pytest.approx((two - one) * (66 - 33) / 33)
+
+
+@pytest.mark.gpu
+def test_brep_mi_and_lomma_run_on_cuda_and_leave_the_target_where_it_was(inversion_setting, tmp_path, digits):
+    from dataclasses import replace
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    _, target, evaluator, _ = inversion_setting
+    x, y = _private(digits)
+    ctx = replace(_ctx(inversion_setting, tmp_path), device=torch.device("cuda"))
+    for name, params in (("brep_mi", {**GAN, "per_class": 4, "patience": 100}),
+                         ("ked_mi", {"latent_dim": 16, "width": 16, "gan_steps": 150, "steps": 200, "per_class": 4,
+                                     "identity_loss": "logit", "augment": ["cnn", "mlp"]})):
+        out = run_inversion(name, params, target, PRIVATE, ctx)
+        assert out.images.device.type == "cpu" and next(target.parameters()).device.type == "cpu"
+        assert score_reconstructions(evaluator, out.images, out.labels, x, y)["top1"] >= 0.8, name
