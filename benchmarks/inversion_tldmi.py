@@ -34,8 +34,8 @@ private image per class; then one row per setting and attack with the first reco
 `<out>/inversion_<data>_trend.png` (attack top-1 per setting, with the target's test accuracy on a second
 axis). No Ray, no MLflow.
 
-    python benchmarks/inversion_tldmi.py --data digits --out docs/img      # about 2 min on 2 CPUs
-    python benchmarks/inversion_tldmi.py --data olivetti --out docs/img    # about 6 min on 2 CPUs
+    python benchmarks/inversion_tldmi.py --data digits --per-class 20 --out docs/img     # about 4 min on 2 CPUs
+    python benchmarks/inversion_tldmi.py --data olivetti --per-class 5 --out docs/img    # about 52 min on 2 CPUs
 """
 
 from __future__ import annotations
