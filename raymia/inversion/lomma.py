@@ -174,9 +174,6 @@ def distil_student(target: nn.Module, x_public: torch.Tensor, info: DataInfo, st
              student.name, x.shape[0], p.augment_epochs)
     with torch.no_grad():
         soft = torch.cat([F.softmax(target(c.to(dev)).float(), 1) for c in x.split(256)])
-    if soft.shape[1] != info.num_classes:
-        raise SpecError(f"the target returns {soft.shape[1]} outputs and the data have {info.num_classes} "
-                        "classes", where="inversion.target")
     batch = min(p.augment_batch_size, x.shape[0])
     recipe = TrainSpec(optimizer="sgd", lr=p.augment_lr, momentum=0.9, weight_decay=1e-4, epochs=p.augment_epochs,
                        batch_size=batch)
