@@ -248,7 +248,7 @@ def _inversion_row(spec: AuditSpec, ctx, train_flops: float, target_forward: flo
     """The inversion's FLOPs: the white-box targets retrained alone, the evaluator, every attack (its GAN
     included) per target; counted on the meta device like the bank's."""
     from raymia.inversion.protocol import evaluator_arch, inversion_data
-    from raymia.inversion.registry import inversion_flops
+    from raymia.inversion.registry import flops_at_most, inversion_flops
 
     inv = spec.inversion
     data = inversion_data(spec, ctx)
@@ -265,10 +265,12 @@ def _inversion_row(spec: AuditSpec, ctx, train_flops: float, target_forward: flo
         else:
             parts[a.key] = f * n_targets
     total = sum(parts.values())
+    bounded = {a.key for a in inv.attacks if flops_at_most(a.name)}
     whom = "your model" if spec.target is not None else f"{n_targets} target(s)"
     return ("inversion", f"{', '.join(a.key for a in inv.attacks)} on {whom}, {k} private classes, "
                          f"{_n(int(data.public_x.shape[0]))} public images: "
-                         + ", ".join(f"{name} {_flops(v)}" for name, v in parts.items())
+                         + ", ".join(f"{name} {'at most ' if name in bounded else ''}{_flops(v)}"
+                                     for name, v in parts.items())
                          + f"{' (each trial)' if isinstance(spec, SweepSpec) else ''}; "
                          f"{_lower_bound(total / H100_BF16_PEAK)} of an H100 at its dense bf16 peak"
                          + (f"; no estimate for {', '.join(unknown)}" if unknown else ""))

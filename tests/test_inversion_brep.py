@@ -126,6 +126,9 @@ def test_compute_estimate(digits):
         pytest.approx(2 * (two - one))
     more_points = inversion_flops("brep_mi", {**GAN, "max_steps": 100, "points": 65}, digits.info, fwd, 5)
     assert more_points - one == pytest.approx((two - one) * (66 - 33) / 33)
+    from raymia.inversion.registry import flops_at_most
+
+    assert flops_at_most("brep_mi") and not flops_at_most("gmi")  # raymia check: "brep_mi at most ..."
 
 
 @pytest.mark.gpu

@@ -139,7 +139,7 @@ def prepare_gan(p: BrepParams, ctx: InversionContext) -> str:
     return f"GAN {public_gan(p, ctx, 'brep_mi').source}"
 
 
-@costs("brep_mi")
+@costs("brep_mi", at_most=True)
 def brep_mi_flops(p: BrepParams, info, target_forward: float, num_classes: int, num_public: int) -> float:
     """GAN training (`gan_flops`) and, at most, `max_steps` steps of every reconstruction, each labelling
     `points` + 1 images (G and the target, forward only); the starts' draws are not counted."""

@@ -108,15 +108,25 @@ def prepare_inversion(name: str, params: dict[str, Any] | None, ctx: InversionCo
 
 CostFn = Callable[[Params, DataInfo, float, int, int], float]
 _COST: dict[str, CostFn] = {}
+_AT_MOST: set[str] = set()  # attacks whose estimate is a bound: they stop early when their search converges
 
 
-def costs(name: str) -> Callable[[CostFn], CostFn]:
+def costs(name: str, at_most: bool = False) -> Callable[[CostFn], CostFn]:
     """Register `fn(params, info, target_forward_flops, num_classes, num_public) -> FLOPs` as attack `name`'s
-    compute estimate for one target (its GAN training included), for `raymia check`."""
+    compute estimate for one target (its GAN training included), for `raymia check`; `at_most`: the
+    estimate is an upper bound (`raymia check` says so)."""
     def deco(fn: CostFn) -> CostFn:
         _COST[name] = fn
+        if at_most:
+            _AT_MOST.add(name)
         return fn
     return deco
+
+
+def flops_at_most(name: str) -> bool:
+    """Whether attack `name`'s compute estimate is an upper bound."""
+    INVERSION.get(name, where="inversion.name")  # its module registers the estimate
+    return name in _AT_MOST
 
 
 def inversion_flops(name: str, params: dict[str, Any] | None, info: DataInfo, target_forward: float,
