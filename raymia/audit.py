@@ -597,8 +597,16 @@ def print_audit_table(result: AuditResult) -> None:
                          f"targets {inv.targets}, scored by an independent {inv.evaluator['model']}")
         for col in ("attack", "top-1", "top-5", "KNN dist", "FID (evaluator features)"):
             mi.add_column(col, justify="left" if col == "attack" else "right")
+        strongest = {k: inv.strongest(k) for k in ("top1", "top5", "knn_dist", "fid")} if len(inv.attacks) > 1 else {}
+
+        def cell(a: str, k: str, text: str) -> str:
+            return f"[bold]{text}[/bold]" if strongest.get(k) == a else text
+
         for a, ms in inv.attacks.items():
-            mi.add_row(a, fmt(ms["top1"], True), fmt(ms["top5"], True), f"{ms['knn_dist']:.3g}", f"{ms['fid']:.4g}")
+            mi.add_row(a, cell(a, "top1", fmt(ms["top1"], True)), cell(a, "top5", fmt(ms["top5"], True)),
+                       cell(a, "knn_dist", f"{ms['knn_dist']:.3g}"), cell(a, "fid", f"{ms['fid']:.4g}"))
+        if strongest:
+            mi.caption = "bold: the strongest attack on each metric (mi/worst/...)"
         c.print(mi)
     c.print(f"report: {result.out_dir / 'report.html'}", soft_wrap=True)
 

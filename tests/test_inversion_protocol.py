@@ -115,7 +115,7 @@ def test_adapt_inputs_maps_another_data_sets_images_to_the_input_space(digits):
     assert torch.allclose(pixels[:, 0].mean((1, 2)), src[:, 0].mean((1, 2)), atol=0.02)
 
 
-def test_audit_with_inversion_reports_mi_metrics_grids_and_repeats_nothing(tmp_path, caplog):
+def test_audit_with_inversion_reports_mi_metrics_grids_and_repeats_nothing(tmp_path, caplog, capsys):
     from mlflow.tracking import MlflowClient
 
     from raymia.audit import run_audit
@@ -133,6 +133,12 @@ def test_audit_with_inversion_reports_mi_metrics_grids_and_repeats_nothing(tmp_p
     assert m["mi/worst/top1"] == max(m["mi/gmi/top1"], m["mi/miface/top1"])
     assert m["mi/worst/knn_dist"] == min(m["mi/gmi/knn_dist"], m["mi/miface/knn_dist"])
     assert m["mi/worst/fid"] == min(m["mi/gmi/fid"], m["mi/miface/fid"])
+    from raymia.audit import print_audit_table
+
+    capsys.readouterr()
+    print_audit_table(res)  # the console's table says which attack mi/worst/... takes each value from
+    out = capsys.readouterr().out
+    assert "model inversion: 5 private classes" in out and "bold: the strongest attack on each metric" in out
     assert m["test_accuracy"] > 0.9
     for key in ("gmi", "miface"):
         assert (res.out_dir / f"inversion-{key}.png").stat().st_size > 1000
