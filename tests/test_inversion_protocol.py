@@ -9,6 +9,7 @@ GAN once on a Ray worker.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -139,6 +140,12 @@ def test_audit_with_inversion_reports_mi_metrics_grids_and_repeats_nothing(tmp_p
     print_audit_table(res)  # the console's table says which attack mi/worst/... takes each value from
     out = capsys.readouterr().out
     assert "model inversion: 5 private classes" in out and "bold: the strongest attack on each metric" in out
+    inv_json = json.loads((res.out_dir / "result.json").read_text())["inversion"]
+    strongest = inv_json["strongest"]
+    assert m[f"mi/{strongest['top1']}/top1"] == m["mi/worst/top1"]
+    assert m[f"mi/{strongest['knn_dist']}/knn_dist"] == m["mi/worst/knn_dist"]
+    page = (res.out_dir / "report.html").read_text()
+    assert "the strongest attack on each metric" in page and page.count("<b>") >= 4
     assert m["test_accuracy"] > 0.9
     for key in ("gmi", "miface"):
         assert (res.out_dir / f"inversion-{key}.png").stat().st_size > 1000

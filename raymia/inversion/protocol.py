@@ -94,6 +94,7 @@ class InversionResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"targets": self.targets, "evaluator": self.evaluator, "attacks": self.attacks,
+                "strongest": {k: self.strongest(k) for k in MI_METRICS},
                 "attacks_std_over_targets": self.attacks_std, "attacks_per_target": self.per_target,
                 "grids": {k: p.name for k, p in self.grids.items()}}
 

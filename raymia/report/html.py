@@ -215,9 +215,17 @@ def _audit(r: dict[str, Any], folder: Path) -> str:
     inv = r.get("inversion")
     if inv:
         parts.append("<h2>Model inversion</h2>")
-        rows = [[escape(a), _num(ms.get("top1"), True), _num(ms.get("top5"), True), _num(ms.get("knn_dist")),
-                 _num(ms.get("fid"))] for a, ms in inv.get("attacks", {}).items()]
-        parts.append(_table(["attack", "top-1", "top-5", "KNN dist", "FID (evaluator features)"], rows))
+        attacks = inv.get("attacks", {})
+        strongest = inv.get("strongest", {}) if len(attacks) > 1 else {}
+
+        def cell(a: str, k: str, text: str) -> str:
+            return f"<b>{text}</b>" if strongest.get(k) == a else text
+
+        rows = [[escape(a), cell(a, "top1", _num(ms.get("top1"), True)), cell(a, "top5", _num(ms.get("top5"), True)),
+                 cell(a, "knn_dist", _num(ms.get("knn_dist"))), cell(a, "fid", _num(ms.get("fid")))]
+                for a, ms in attacks.items()]
+        parts.append(_table(["attack", "top-1", "top-5", "KNN dist", "FID (evaluator features)"], rows,
+                            caption="bold: the strongest attack on each metric (mi/worst/...)" if strongest else None))
         for a in inv.get("attacks", {}):
             parts.append(_figure(folder / f"inversion-{a}.png", f"{a}: reconstructions per private class"))
 
