@@ -597,7 +597,9 @@ def print_audit_table(result: AuditResult) -> None:
                          f"targets {inv.targets}, scored by an independent {inv.evaluator['model']}")
         for col in ("attack", "top-1", "top-5", "KNN dist", "FID (evaluator features)"):
             mi.add_column(col, justify="left" if col == "attack" else "right")
-        strongest = {k: inv.strongest(k) for k in ("top1", "top5", "knn_dist", "fid")} if len(inv.attacks) > 1 else {}
+        from raymia.inversion.protocol import MI_METRICS
+
+        strongest = {k: inv.strongest(k) for k in MI_METRICS} if len(inv.attacks) > 1 else {}
 
         def cell(a: str, k: str, text: str) -> str:
             return f"[bold]{text}[/bold]" if strongest.get(k) == a else text
