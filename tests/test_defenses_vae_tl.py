@@ -3,6 +3,7 @@ the public split, and one small bank per defense."""
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from raymia.defenses.tldmi import TlDmi, layer_groups
 from raymia.defenses.vae import VaeMetricPrivacy, metric_noise
 from raymia.errors import DataError, SpecError
 from raymia.spec import AuditSpec
-from raymia.train.bank import BankContext, init_model, train_model, train_pack
+from raymia.train.bank import BankContext, init_model, model_data, train_model, train_pack
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -188,8 +189,9 @@ def _refuse(*args, **kwargs):
 
 
 def _tl_spec(tmp_path: Path, population: int | None = 600, model: dict | None = None,
-             train: dict | None = None, **params) -> AuditSpec:
+             train: dict | None = None, data: dict | None = None, **params) -> AuditSpec:
     return AuditSpec.model_validate({
+        **({"data": data} if data else {}),
         "plan": {"num_models": 4, "population": population},
         "model": model or {"name": "mlp", "params": {"hidden": [64, 32]}},
         "train": {"epochs": 2, "batch_size": 32, **(train or {})},
@@ -330,6 +332,49 @@ def test_fresh_trainable_layers_and_pretraining_cache(tmp_path, monkeypatch) -> 
     assert ctx2.defense.loaded_from_cache and ctx2.defense.cache_path == d.cache_path
     for k, v in d.pretrained.items():
         assert torch.equal(v, ctx2.defense.pretrained[k]), k
+
+
+def test_airbench_pretraining_starts_from_its_builder_whitened_on_public_data(tmp_path, monkeypatch) -> None:
+    """airbench's whitening stem is a frozen buffer and its convolutions start as identities: the network
+    TL-DMI pretrains is the builder's (dirac kept), whitened with the public split's patches (no member
+    reaches the shared backbone), and the same whichever bank model is built first."""
+    from raymia.models.convnets import WhiteningConv2d
+
+    started: list[torch.nn.Module] = []
+    real = tldmi.pretrain
+
+    def spy(model, *args, **kwargs):
+        started.append(copy.deepcopy(model))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(tldmi, "pretrain", spy)
+    image = {"name": "synthetic", "params": {"kind": "image", "image_size": 16, "n_train": 240, "n_test": 40}}
+
+    def ctx_for(out: str) -> BankContext:
+        return BankContext.from_spec(_tl_spec(
+            tmp_path / out, population=160, model={"name": "airbench", "params": {"widths": [4, 6]}}, data=image,
+            pretrain_epochs=1, freeze="depth", freeze_depth=1))
+
+    ctx = ctx_for("a")
+    m0 = init_model(ctx, 0)
+    (base,) = started
+    public = ctx.data.x_train[torch.from_numpy(ctx.defense.public_index)]
+    members = ctx.data.x_train[model_data(ctx, 0).index]
+    whitened = {}
+    for name, x in (("public", public), ("members", members)):
+        whitened[name] = WhiteningConv2d(x.shape[1])
+        whitened[name].init_from_data(x)
+    assert torch.allclose(base.stem.weight, whitened["public"].weight)
+    assert not torch.allclose(base.stem.weight, whitened["members"].weight)
+    first = base.group1[0].weight[:4]
+    assert torch.equal(first, torch.nn.init.dirac_(torch.empty_like(first)))
+    # The stem is in the frozen prefix: every bank model queries through the public whitening.
+    assert "stem" in ctx.defense.frozen_modules
+    assert torch.allclose(m0.stem.weight, whitened["public"].weight)
+    other = ctx_for("b")
+    init_model(other, 3)
+    for k, v in ctx.defense.pretrained.items():
+        assert torch.equal(v, other.defense.pretrained[k]), k
 
 
 # --- one small bank per defense --------------------------------------------------------------------------

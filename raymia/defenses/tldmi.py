@@ -15,17 +15,18 @@ Choices made here:
 - frozen norm layers are kept in eval mode while fine-tuning (``freeze_bn_stats``), so their running
   statistics stay the pretrained ones too;
 - pretraining: Adam (``pretrain_lr``, default 1e-3), plain cross-entropy, full shuffled batches, no
-  augmentation, from an initialisation drawn from the seed (each module's ``reset_parameters``), so every
-  worker pretrains the same network whichever bank model it builds first; the result is cached on disk
-  (keyed by model class, parameter shapes, the data, the public indices, the pretraining parameters, the
-  seed and the device type) and every bank model loads it;
+  augmentation, from the spec's model as its builder draws it from the seed (its own initialisation, such
+  as airbench's identity convolutions), so every worker pretrains the same network whichever bank model it
+  builds first; layers that initialise from data (airbench's whitening stem) are fitted to the public
+  split, never to a bank model's members. The result is cached on disk (keyed by the model's name, params
+  and parameter shapes, the data, the public indices, the pretraining parameters, the seed and the device
+  type) and every bank model loads it;
 - fine-tuning (``fit``): the spec's recipe (optimizer, schedule, epochs, batch, augmentation) over the
   trainable parameters only, so frozen parameters stay bit-identical whatever the weight decay.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +42,7 @@ from raymia.defenses.base import DEFENSES, Defense, FitJob, public_indices, requ
 from raymia.defenses.vae import data_digest, key_digest, load_state, save_state
 from raymia.device import resolve_device
 from raymia.errors import DataError, SpecError
+from raymia.models.base import build_model, data_init_modules
 from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain, Float, Int
@@ -134,16 +136,6 @@ def frozen_fraction(model: nn.Module) -> float:
     return sum(t.numel() for t in params if not t.requires_grad) / max(1, total)
 
 
-def _reset(model: nn.Module, seed: int) -> nn.Module:
-    """Re-draw every parameter that a module's reset_parameters covers, from `seed` (global RNG untouched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for mod in model.modules():
-            if callable(getattr(mod, "reset_parameters", None)):
-                mod.reset_parameters()
-    return model
-
-
 def pretrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: TlDmiParams, seed: int,
              device: torch.device) -> dict[str, torch.Tensor]:
     """Train `model` (modified in place) on (x, y) with Adam (constant lr, no weight decay), cross-entropy
@@ -187,6 +179,7 @@ class TlDmi(Defense):
         self._data: Any = None
         self._cache_dir: Path | None = None
         self._seed = 0
+        self._model: tuple[str, dict[str, Any]] | None = None  # the spec's model (name, params), from check
 
     # --- shared state --------------------------------------------------------------------------------
     def check_data(self, data: Any, population: Any) -> None:
@@ -198,6 +191,11 @@ class TlDmi(Defense):
                 raise DataError("tl_dmi weights file not found", where=str(path))
             return
         require_public(self.name, data, population, "to pretrain on", ", or give defense.params.weights")
+
+    def check(self, model_name: str, info: DataInfo, model_params: dict | None = None) -> None:
+        """Any registered model can be pretrained; its name and params are kept to build the network that
+        pretraining starts from."""
+        self._model = (model_name, dict(model_params or {}))
 
     def setup(self, data: Any, population: Any, cache_dir: Any, seed: int) -> None:
         """Record the public split (training points outside `population`) and check `weights`; the
@@ -219,7 +217,7 @@ class TlDmi(Defense):
     def _cache_key(self, model: nn.Module, device: torch.device) -> str:
         p = self.params
         return key_digest({
-            "model": f"{type(model).__module__}.{type(model).__qualname__}",
+            "model": f"{type(model).__module__}.{type(model).__qualname__}", "spec_model": self._model,
             "shapes": [(k, list(v.shape)) for k, v in model.state_dict().items()],
             "data": data_digest(self._data),
             "public": key_digest({"index": np.asarray(self.public_index).tolist()}),
@@ -268,12 +266,26 @@ class TlDmi(Defense):
             return state
         self.loaded_from_cache = False
         seed = derive_seed(self._seed, "tl_dmi")
-        base = _reset(copy.deepcopy(model), derive_seed(seed, "init"))
         idx = torch.from_numpy(self.public_index)
+        x, y = self._data.x_train[idx], self._data.y_train[idx]
+        base = self._initial_model(x, derive_seed(seed, "init"))
         log.info("tl_dmi: pretraining %s on %d public points (%s)", type(model).__name__, idx.numel(), device)
-        state = pretrain(base, self._data.x_train[idx], self._data.y_train[idx], self.params, seed, device)
+        state = pretrain(base, x, y, self.params, seed, device)
         save_state(self.cache_path, key, state)
         return state
+
+    def _initial_model(self, public_x: torch.Tensor, seed: int) -> nn.Module:
+        """The network pretraining starts from: the spec's model drawn by its builder from `seed` (global
+        RNG untouched), its data-initialised layers fitted to the public inputs."""
+        if self._model is None:
+            raise RuntimeError("tl_dmi: check() has not run")
+        name, params = self._model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_model(name, params, self.info)
+        for layer in data_init_modules(model):
+            layer.init_from_data(public_x)
+        return model
 
     # --- per model -----------------------------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> nn.Module:
