@@ -119,7 +119,9 @@ def set_metrics(members: np.ndarray, others: np.ndarray, threshold: float, max_s
     fp = int(flagged.sum())
     y = np.r_[np.ones(members.size), np.zeros(others.size)]
     s = np.r_[members, others]
-    t95 = np.quantile(members, 0.05, method="lower")  # the largest score that keeps >= 95% of the members
+    # The largest member score that keeps >= 95% of the members: the first ROC point with TPR >= 0.95, as
+    # the paper's code reads it (integer arithmetic, so 5% of 20 members is exactly 1).
+    t95 = np.sort(members)[members.size * 5 // 100]
     return {
         "fpr": fp / others.size,
         "precision": tp / (tp + fp) if tp + fp else None,

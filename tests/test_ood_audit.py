@@ -27,6 +27,21 @@ def test_set_metrics_by_hand():
     assert m["aupr"] == pytest.approx(average_precision_score([1] * 4 + [0] * 4, np.r_[members, others]))
 
 
+@pytest.mark.parametrize("n", [4, 19, 20, 21, 40, 100, 200, 2500])
+def test_fpr_at_95_tpr_is_the_first_roc_point_reaching_it(n):
+    """As the paper's code: the FPR at the first ROC point (thresholds descending) whose TPR >= 0.95."""
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(n)
+    members, others = rng.normal(1.0, 1.0, n), rng.normal(0.0, 1.0, 3 * n)
+    fpr, tpr, _ = roc_curve(np.r_[np.ones(n), np.zeros(3 * n)], np.r_[members, others], drop_intermediate=False)
+    expected = fpr[np.argmax(tpr >= 0.95)]
+    got = set_metrics(members, others, threshold=0.0, max_score=np.zeros(3 * n))["fpr_tpr95"]
+    assert got == pytest.approx(expected)
+    if n == 20:  # 19 of 20 members is 95%: the lowest member score is not needed
+        assert got == (others >= np.sort(members)[1]).mean() < (others >= members.min()).mean()
+
+
 def _spec(tmp_path, **over):
     d = {"name": "ood", "seed": 0, "plan": {"num_models": 8, "population": 300, "targets": [0, 1]},
          "model": {"name": "mlp", "params": {"hidden": [256]}},
