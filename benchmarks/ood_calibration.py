@@ -6,8 +6,8 @@ permuted pixels, scaled inputs (x255 after normalisation), no normalisation, uni
 MNIST (another data set, adapted to 8x8; `--mnist`, skipped when the file is missing) and the fakes of a
 class-conditional GAN trained on the public split. Settings: no defense, label smoothing (0.0083, the
 paper's CIFAR-10 value, and 0.1), LLLA (prior precision 1 and 100) and temperature scaling fitted on
-held-out (public) points. Attacks: the paper's entropy threshold and Salem's top-3 MLP, raymia's
-confidence (p of the true label) and loss thresholds and LiRA offline. No Ray, no MLflow.
+held-out (public) points. Attacks: the paper's threshold (max softmax) and entropy attacks and Salem's
+top-3 MLP, raymia's confidence (p of the true label) and loss thresholds and LiRA offline. No Ray, no MLflow.
 
 Prints two markdown tables (FPR per set at each attack's shadow-calibrated threshold for the undefended
 model; and per setting the target's ECE and, for the entropy attack, held-out AUROC / FPR / recall and the
@@ -32,7 +32,7 @@ from raymia.resolve import validate_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
-ATTACKS = ["entropy", "salem", "confidence", "loss", "lira_offline"]
+ATTACKS = ["max_confidence", "entropy", "salem", "confidence", "loss", "lira_offline"]
 SETTINGS = [("no defense", "none", {}),
             ("label smoothing 0.0083", "label_smoothing", {"smoothing": 0.0083}),
             ("label smoothing 0.1", "label_smoothing", {"smoothing": 0.1}),

@@ -15,16 +15,18 @@ from raymia.attacks.mia.threshold import (
     correctness_stat,
     entropy_stat,
     loss_stat,
+    max_confidence_stat,
     modified_entropy_stat,
 )
 from raymia.errors import SpecError
 from raymia.metrics import attack_metrics
 from raymia.signals import Signals
 
-THRESHOLD_ATTACKS = ["loss", "confidence", "entropy", "modified_entropy", "correctness"]
+THRESHOLD_ATTACKS = ["loss", "confidence", "max_confidence", "entropy", "modified_entropy", "correctness"]
 STATS = {
     "loss": loss_stat,
     "confidence": confidence_stat,
+    "max_confidence": max_confidence_stat,
     "entropy": entropy_stat,
     "modified_entropy": modified_entropy_stat,
     "correctness": correctness_stat,
@@ -76,6 +78,10 @@ def test_statistics_match_hand_formulas() -> None:
     assert want_ent[0] == pytest.approx(-math.log(3), rel=1e-14)
     np.testing.assert_allclose(modified_entropy_stat(Z, Y), want_mentr, rtol=1e-12)
     assert want_mentr[2] == pytest.approx(-2.98754, abs=1e-5)
+    # max_j p_j ignores the label: rows 1 and 2 (same logits, other labels) score the same
+    np.testing.assert_allclose(max_confidence_stat(Z, Y), [1 / 3, e**2 / big_e, e**2 / big_e, e**3 / (e**3 + 2)],
+                               rtol=1e-12)
+    np.testing.assert_array_equal(max_confidence_stat(Z, Y), max_confidence_stat(Z, np.zeros(4, dtype=int)))
     # argmax ties go to the lowest class: row 0 predicts class 0 (= y)
     np.testing.assert_array_equal(correctness_stat(Z, Y), [1.0, 1.0, 0.0, 0.0])
     for fn in STATS.values():

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "extending.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.M | re.S)
 IN_TREE = {"raymia/data/moons.py", "raymia/models/logreg.py", "raymia/defenses/input_noise.py",
-           "raymia/attacks/mia/max_prob.py"}
+           "raymia/attacks/mia/top_gap.py"}
 
 
 def _blocks(lang: str) -> list[str]:
@@ -56,11 +56,11 @@ from raymia.models import MODELS
 from raymia.resolve import load_spec
 
 spec = load_spec(tmp / "spec.yaml")
-entries = [DATASETS.get("moons"), MODELS.get("logreg"), DEFENSES.get("input_noise"), ATTACKS.get("max_prob")]
+entries = [DATASETS.get("moons"), MODELS.get("logreg"), DEFENSES.get("input_noise"), ATTACKS.get("top_gap")]
 undocumented = [e.name for e in entries if not e.doc or not all(f.description for f in e.params.model_fields.values())]
 res = run_audit(spec, output_dir=tmp / "out", console=False)
 print(json.dumps({"undocumented": undocumented, "modules": sorted(m for m in sys.modules if m.endswith(
-    ("moons", "logreg", "input_noise", "max_prob"))), "attacks": res.attacks, "utility": res.utility}))
+    ("moons", "logreg", "input_noise", "top_gap"))), "attacks": res.attacks, "utility": res.utility}))
 """
 
 
@@ -78,10 +78,10 @@ def test_the_four_examples_are_one_file_each_and_audit_together(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["undocumented"] == []
-    assert res["modules"] == ["raymia.attacks.mia.max_prob", "raymia.data.moons", "raymia.defenses.input_noise",
+    assert res["modules"] == ["raymia.attacks.mia.top_gap", "raymia.data.moons", "raymia.defenses.input_noise",
                               "raymia.models.logreg"]
-    assert set(res["attacks"]) == {"max_prob", "loss"}
-    assert 0.0 <= res["attacks"]["max_prob"]["auc"] <= 1.0
+    assert set(res["attacks"]) == {"top_gap", "loss"}
+    assert 0.0 <= res["attacks"]["top_gap"]["auc"] <= 1.0
     assert res["utility"]["test_accuracy"] > 0.6  # two moons, logistic regression, 3 epochs: better than chance
 
 

@@ -4,6 +4,8 @@ Statistics (float64, from logits, one query; higher = more member-like):
 
 - loss (Yeom et al.):            -CE(p, y) = log p_y
 - confidence:                    p_y
+- max_confidence:                max_j p_j (no label: Hintersdorf et al.'s threshold attack, Salem et al.'s
+  label-free baseline)
 - entropy:                       -H(p) = sum_j p_j log p_j
 - modified_entropy (Song & Mittal): -Mentr, Mentr = -(1 - p_y) log p_y - sum_{j != y} p_j log(1 - p_j), with
   the arguments of every log clipped to [1e-30, 1] as in the authors' code
@@ -64,6 +66,11 @@ def loss_stat(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def confidence_stat(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """p_y, the softmax probability of the true label, float64 [..., P]."""
     return np.exp(loss_stat(logits, labels))
+
+
+def max_confidence_stat(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """max_j p_j, the largest softmax probability, float64 [..., P] (labels unused)."""
+    return np.exp(log_softmax(logits).max(axis=-1))
 
 
 def entropy_stat(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -206,6 +213,14 @@ def loss_attack(signals: Signals, target: int, params: ThresholdParams) -> np.nd
 def confidence_attack(signals: Signals, target: int, params: ThresholdParams) -> np.ndarray:
     """p_y minus the shadow-calibrated threshold: members get more confident predictions."""
     return threshold_attack(signals, target, params, confidence_stat)
+
+
+@ATTACKS.register("max_confidence", ThresholdParams,
+                  doc="Max-softmax threshold (no label; Hintersdorf et al.'s threshold attack): score = max_j p_j - tau.")
+def max_confidence_attack(signals: Signals, target: int, params: ThresholdParams) -> np.ndarray:
+    """The largest softmax probability minus the shadow-calibrated threshold: members get more confident
+    predictions, whatever their label (the attack an input with a wrong or random label cannot fool)."""
+    return threshold_attack(signals, target, params, max_confidence_stat)
 
 
 @ATTACKS.register("entropy", ThresholdParams, doc="Entropy threshold: score = -H(p) of the target - tau.")
