@@ -234,7 +234,8 @@ def run(a: argparse.Namespace, work: Path) -> dict:
         recs[key] = {}
         for col, attack, _, _ in ATTACKS:
             rec = run_inversion(attack, params_of[col], target, classes, ictx)
-            s = score_reconstructions(evaluator, rec.images, rec.labels, private_x, private_y)
+            # KNN distance and FID against the images the target trained on (the official evaluations')
+            s = score_reconstructions(evaluator, rec.images, rec.labels, data.x_train[:n_priv], data.y_train[:n_priv])
             row.update({f"{col}_{m}": float(s[m]) for m in ("top1", "top5", "knn_dist", "fid")})
             recs[key][col] = rec
         rows[key] = row

@@ -105,14 +105,19 @@ def test_fid_in_a_trained_evaluators_feature_space(digits, evaluator):
 
 # ---------------------------------------------------------------------------------------------- KNN distance
 def test_knn_distance_by_hand():
-    """2-D identity features: each reconstruction's distance is to the nearest private point OF ITS CLASS."""
+    """2-D identity features: each reconstruction's squared distance to the nearest private point OF ITS
+    CLASS, averaged (the official codes' `min_d * min_d` summed and divided by N)."""
     ev = linear_evaluator(torch.eye(2))
     px = torch.tensor([[0.0, 0.0], [3.0, 4.0], [10.0, 0.0]])
     py = torch.tensor([0, 0, 1])
     recon = torch.tensor([[0.0, 1.0], [3.0, 4.0], [10.0, 0.0], [0.0, 0.0]])
     target = torch.tensor([0, 0, 1, 1])  # distances 1, 0, 0 and 10 (class 1 has only [10, 0])
     r = score_reconstructions(ev, recon, target, px, py)
-    assert r["knn_dist"] == pytest.approx((1 + 0 + 0 + 10) / 4, abs=1e-12)
+    assert r["knn_dist"] == pytest.approx((1 + 0 + 0 + 100) / 4, abs=1e-12)
+    # Squared, not plain: distances [1, 1] are closer than [0, 1.9] (1.0 < 1.805; plain 1.0 > 0.95).
+    near = score_reconstructions(ev, torch.tensor([[0.0, 1.0], [3.0, 5.0]]), py[:2], px, py)["knn_dist"]
+    mixed = score_reconstructions(ev, torch.tensor([[0.0, 0.0], [3.0, 5.9]]), py[:2], px, py)["knn_dist"]
+    assert near == pytest.approx(1.0) and mixed == pytest.approx(1.805) and near < mixed
     assert score_reconstructions(ev, px[:2], py[:2], px, py)["knn_dist"] == 0.0
 
 

@@ -163,6 +163,27 @@ def test_audit_with_inversion_reports_mi_metrics_grids_and_repeats_nothing(tmp_p
     assert "training target" not in caplog.text and "training the GAN" not in caplog.text
 
 
+def test_reconstructions_are_compared_with_the_images_the_target_trained_on(tmp_path):
+    """KNN distance and FID compare with target t's members, as the official evaluation codes compare with
+    the target's private training set; the evaluator still trains on every private image."""
+    from raymia.inversion.protocol import inversion_data, training_images
+    from raymia.train.bank import BankContext
+
+    spec = validate_spec(spec_dict(tmp_path))
+    ctx = BankContext.from_spec(spec, setup=False)
+    seen = []
+    for t in (0, 1):
+        x, y = training_images(spec, ctx, t)
+        idx = torch.from_numpy(ctx.plan.members_of(t))
+        assert torch.equal(x, ctx.data.x_train[idx]) and torch.equal(y, ctx.data.y_train[idx])
+        assert set(y.tolist()) == set(range(5))
+        seen.append(set(idx.tolist()))
+    # a pair: model 1 trained on the other half of the population
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == ctx.plan.population.size
+    data = inversion_data(spec, ctx)
+    assert data.private_x.shape[0] == ctx.plan.population.size + ctx.data.x_test.shape[0]
+
+
 def test_sweep_accepts_mi_objectives_and_prepares_on_a_ray_worker(tmp_path, ray_local):
     from raymia.inversion.protocol import cache_dir, prepare
     from raymia.sweep import _prepare_inversion, validate_sweep

@@ -273,8 +273,9 @@ def score_reconstructions(evaluator: nn.Module, recon: torch.Tensor, target_labe
     """Score reconstructions recon [n, ...] of the classes target_labels [n] against the private data.
 
     Returns `top1` and `top{k}` (default `top5`; the top-min(k, C) accuracy, C the evaluator's classes),
-    `knn_dist` (mean over reconstructions of the minimum L2 distance, in evaluator feature space, to the
-    private images of its target class: 0, up to float rounding, for a copy of one), `fid` (the Frechet
+    `knn_dist` (mean over reconstructions of the squared minimum L2 distance, in evaluator feature space,
+    to the private images of its target class, as KED-MI's, PLG-MI's and LOMMA's / TL-DMI's evaluation code
+    compute it: 0, up to float rounding, for a copy of one), `fid` (the Frechet
     distance between the Gaussian fits of the evaluator features of all reconstructions and of all private
     images of the attacked classes; NOT Inception features; nan when either set has fewer than 2 points),
     `n` (reconstructions), `n_private` (private images of the attacked classes), `feature_dim` and
@@ -298,7 +299,7 @@ def score_reconstructions(evaluator: nn.Module, recon: torch.Tensor, target_labe
     for v in classes:
         r = t == v
         dist[r] = torch.cdist(fr[r].double(), fp[yp == v].double(),
-                              compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+                              compute_mode="donot_use_mm_for_euclid_dist").min(1).values.square()
     fid = math.nan
     if fr.shape[0] >= 2 and fp.shape[0] >= 2:
         fid = frechet_distance(*_fit_gaussian(fr), *_fit_gaussian(fp))

@@ -13,7 +13,9 @@ adapted to the input shape) and the evaluator. For each of the first `inversion.
    target, attack setting and public data, so a re-run (or a resumed sweep) repeats nothing;
 3. an evaluator of another architecture, trained once on every private image (the audited population and
    the private test split) and cached by content, scores them (`score_reconstructions`: top-1, top-5, KNN
-   feature distance, FID of the evaluator's features).
+   feature distance, FID of the evaluator's features); KNN distance and FID compare the reconstructions
+   with the images the target trained on (`training_images`), as the official evaluation codes do, not
+   with private images it never saw.
 
 `prepare` fits what does not depend on the target (the evaluator, GMI's GAN) so that a sweep does it once
 on a Ray worker before its trials. Every cached file is written atomically with a checksum and read with
@@ -310,6 +312,19 @@ def _reconstruct(spec: AuditSpec, i: int, target: nn.Module, t: int, data: Inver
     return rec
 
 
+def training_images(spec: AuditSpec, ctx, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The private images (and labels) target t trained on: bank model t's members, or the user's model's
+    `target.members` (row num_models)."""
+    if spec.target is not None:
+        from raymia.target import read_members
+
+        idx = read_members(spec.target.members, ctx.data.x_train.shape[0])
+    else:
+        idx = ctx.plan.members_of(t)
+    index = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+    return ctx.data.x_train[index], ctx.data.y_train[index]
+
+
 @dataclass
 class _Public:
     x_train: torch.Tensor
@@ -337,9 +352,10 @@ def run_inversions(spec: AuditSpec, ctx, out_dir: Path, data: InversionData | No
     runs: dict[str, list[dict[str, float]]] = {a.key: [] for a in inv.attacks}
     for j, t in enumerate(targets):
         target = own_model(spec, ctx, device) if spec.target is not None else target_model(spec, ctx, t, device)
+        seen_x, seen_y = training_images(spec, ctx, t)
         for i, a in enumerate(inv.attacks):
             rec = _reconstruct(spec, i, target, t, data, device)
-            s = score_reconstructions(evaluator, rec.images, rec.labels, data.private_x, data.private_y)
+            s = score_reconstructions(evaluator, rec.images, rec.labels, seen_x, seen_y)
             runs[a.key].append({"top1": float(s["top1"]), "top5": float(s["top5"]),
                                 "knn_dist": float(s["knn_dist"]), "fid": float(s["fid"])})
             log.info("inversion: target %d, %s: top-1 %.3f, KNN distance %.2f", t, a.key, s["top1"], s["knn_dist"])
