@@ -311,6 +311,13 @@ def test_your_model_is_inverted_from_its_checkpoint(tmp_path, caplog):
     torch.save(model.state_dict(), tmp_path / "t.pt")
     raymia.run_audit(spec)
     assert len(recons()) == 4 and set(first) < set(recons())
+    # KNN distance and FID compare with the images your model trained on: a class it never saw is refused
+    from raymia.inversion.protocol import run_inversions
+
+    no_nines = [i for i in members if int(ctx.data.y_train[i]) != 9]
+    spec9 = raymia.as_spec({**spec_dict, "target": {**spec_dict["target"], "members": no_nines}})
+    with pytest.raises(SpecError, match=r"^inversion.classes: target 4 trained on no image of classes \[9\]"):
+        run_inversions(spec9, _ctx(spec9), tmp_path)
 
     outputs = {**spec_dict, "target": {"outputs": "out.npz", "members": members}}
     with pytest.raises(SpecError, match=r"^inversion: model inversion needs your model's weights \(target.checkpoint\)"):

@@ -353,6 +353,10 @@ def run_inversions(spec: AuditSpec, ctx, out_dir: Path, data: InversionData | No
     for j, t in enumerate(targets):
         target = own_model(spec, ctx, device) if spec.target is not None else target_model(spec, ctx, t, device)
         seen_x, seen_y = training_images(spec, ctx, t)
+        if missing := sorted(set(data.classes) - set(seen_y.unique().tolist())):
+            raise SpecError(f"target {t} trained on no image of classes {missing}, so its reconstructions of "
+                            "them have nothing to be compared with; leave them out of inversion.classes",
+                            where="inversion.classes")
         for i, a in enumerate(inv.attacks):
             rec = _reconstruct(spec, i, target, t, data, device)
             s = score_reconstructions(evaluator, rec.images, rec.labels, seen_x, seen_y)
