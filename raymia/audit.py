@@ -21,7 +21,7 @@ import numpy as np
 from raymia import __version__
 from raymia.report.records import PointScores
 from raymia.spec import AuditSpec, SweepSpec
-from raymia.storage import absolute
+from raymia.storage import absolute, check_locations
 from raymia.store import SignalStore
 
 log = logging.getLogger("raymia")
@@ -227,6 +227,7 @@ def run_audit(
     spec = as_spec(spec, overrides)
     t0 = time.perf_counter()
     root = Path(output_dir or spec.output_dir)
+    check_locations(spec, root)
     # workers (other processes, other nodes) and defenses store and cache under these: absolute
     spec = spec.model_copy(update={"output_dir": str(root.resolve()), "store": absolute(spec.store)})
     out = Path(run_dir) if run_dir else audit_dir(spec, root)

@@ -106,6 +106,9 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
     kind = "sweep" if "sweep" in raw else "audit"
     spec = validate_spec(apply_overrides(raw, overrides), SweepSpec if kind == "sweep" else AuditSpec,
                          where=str(path))
+    from raymia.storage import check_locations
+
+    check_locations(spec, output_dir)
     space = None
     if isinstance(spec, SweepSpec):
         from raymia.sweep import validate_sweep

@@ -168,6 +168,70 @@ def open_root(where: str | Path) -> LocalFiles | ArrowFiles:
         raise SpecError(f"{text}: a URI needs pyarrow ({e})", where="store") from None
 
 
+PROBE_TIMEOUT_S = 30.0  # a store that gives no answer in this time is refused (an object store's SDK retries for minutes)
+_probed: set[str] = set()
+
+
+def check_location(where: str | Path, field: str) -> None:
+    """One SpecError naming `field` when `where` cannot hold raymia's files, before any work starts: a local
+    path whose nearest existing folder is a file or not writable; a URI whose filesystem cannot be opened or
+    does not answer a listing of its root within PROBE_TIMEOUT_S (no credentials, no network, no bucket).
+    Leaves nothing behind (a local folder is probed with a temporary file). A URI is probed once per
+    process."""
+    text = str(where)
+    if "://" not in text:
+        path = Path(text).expanduser().resolve()
+        probe = path
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir():
+            raise SpecError(f"{path} cannot be created: {probe} is a file, not a folder", where=field)
+        import tempfile
+
+        try:  # a real write: permission bits say nothing for root, nor for /proc or a read-only mount
+            with tempfile.TemporaryFile(dir=probe, prefix=".raymia-probe-"):
+                pass
+        except OSError as e:
+            raise SpecError(f"{path} cannot be written: {e.strerror or e} in {probe}", where=field) from None
+        return
+    if text in _probed:
+        return
+    import threading
+
+    outcome: list[BaseException | None] = []
+
+    def probe_root() -> None:
+        try:
+            files = open_root(text)
+            if isinstance(files, ArrowFiles):
+                files.fs.get_file_info(files.base or "/")
+            outcome.append(None)
+        except BaseException as e:  # reported by the caller's thread
+            outcome.append(e)
+
+    # A daemon thread: an SDK stuck in its retries neither blocks Ctrl-C nor the exit.
+    worker = threading.Thread(target=probe_root, name="raymia-store-probe", daemon=True)
+    worker.start()
+    worker.join(PROBE_TIMEOUT_S)
+    if not outcome:
+        raise SpecError(f"{text} gave no answer in {PROBE_TIMEOUT_S:.0f} s (network, credentials or bucket?)",
+                        where=field)
+    error = outcome[0]
+    if isinstance(error, SpecError):
+        raise error
+    if error is not None:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SpecError(f"{text} cannot be reached: {first}", where=field) from None
+    _probed.add(text)
+
+
+def check_locations(spec, output_dir: str | Path | None = None) -> None:
+    """`check_location` of the spec's output_dir (or the one given instead) and of its store."""
+    check_location(output_dir or spec.output_dir, "output_dir")
+    if spec.store is not None:
+        check_location(spec.store, "store")
+
+
 @dataclass(frozen=True)
 class StoredFile:
     """One file of a store, by its path relative to the store's root: what caches name (`StoredDir / name`)."""

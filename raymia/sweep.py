@@ -39,7 +39,7 @@ from raymia.pareto import (
 )
 from raymia.space import Categorical, Domain, Float, Int, describe
 from raymia.spec import AuditSpec, SweepSpec
-from raymia.storage import absolute, join, open_root
+from raymia.storage import absolute, check_locations, join, open_root
 
 log = logging.getLogger("raymia")
 
@@ -727,6 +727,7 @@ def run_sweep(
     spec = as_spec(spec, overrides, kind=SweepSpec)
     t0 = time.perf_counter()
     root = Path(output_dir or spec.output_dir).resolve()
+    check_locations(spec, root)
     spec = spec.model_copy(update={"store": absolute(spec.store)})
     sweep_dir = root / "sweeps" / spec.name  # the reports: result.json, pareto.png, front.md, trials' reports
     # The state a re-run resumes from, in the store (every node reaches it; by default output_dir, so the

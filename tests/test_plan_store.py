@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,8 @@ from raymia.defenses import build_defense
 from raymia.seeding import derive_seed
 from raymia.store import SignalStore
 from raymia.train.infer import augment, query_logits
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_keep_matrix_is_balanced_and_seeded():
@@ -96,6 +100,46 @@ def test_store_uri_nobody_opens_is_one_line_naming_the_field():
 
     with pytest.raises(SpecError, match=r"^store: no filesystem for nosuch://"):
         SignalStore("nosuch://bucket/x", "abc", pack_size=4, num_models=6)
+
+
+def test_a_store_or_output_dir_that_cannot_hold_files_is_one_line_before_any_work(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import time
+
+    import raymia.storage as storage
+    from raymia.errors import SpecError
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SpecError, match=r"^output_dir: .*a_file/runs cannot be created: .*a_file is a file"):
+        storage.check_location(tmp_path / "a_file" / "runs", "output_dir")
+    with pytest.raises(SpecError, match=r"^output_dir: /proc/raymia-runs cannot be written: "):
+        storage.check_location("/proc/raymia-runs", "output_dir")
+    storage.check_location(tmp_path / "new" / "deeper", "output_dir")  # to be created: fine, and not created yet
+    assert not (tmp_path / "new").exists() and [p.name for p in tmp_path.iterdir()] == ["a_file"]
+    storage.check_location("memory://bucket/prefix", "store")
+
+    def unreachable(uri):  # as pyarrow's S3 reports a bucket it cannot resolve: several lines
+        raise OSError("When resolving region for bucket 'b': AWS Error NETWORK_CONNECTION\ncurl details")
+
+    monkeypatch.setattr(storage, "open_root", unreachable)
+    with pytest.raises(SpecError, match=r"^store: s3://b/p cannot be reached: When resolving region for bucket 'b': "
+                                        r"AWS Error NETWORK_CONNECTION$"):
+        storage.check_location("s3://b/p", "store")
+    monkeypatch.setattr(storage, "open_root", lambda uri: time.sleep(5))  # an SDK retrying for minutes
+    monkeypatch.setattr(storage, "PROBE_TIMEOUT_S", 0.2)
+    t0 = time.perf_counter()
+    with pytest.raises(SpecError, match=r"^store: gs://b/p gave no answer in 0 s"):
+        storage.check_location("gs://b/p", "store")
+    assert time.perf_counter() - t0 < 2
+    # The CLI: one line, the spec error's exit code, before any data is read or model trained
+    spec = ROOT / "sweeps" / "quickstart.yaml"
+    out = subprocess.run([sys.executable, "-m", "raymia", "audit", str(spec), "--set",
+                          f"output_dir={tmp_path / 'a_file' / 'x'}"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        f"raymia: error: output_dir: {tmp_path / 'a_file' / 'x'} cannot be created: {tmp_path / 'a_file'} is a file, "
+        "not a folder"], out.stderr
 
 
 def test_query_augmentations():
