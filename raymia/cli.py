@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     def with_spec(p: argparse.ArgumentParser) -> None:
+        # -q after the command too (raymia audit -q spec.yaml); SUPPRESS keeps a -q given before it
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="only warnings and results")
         p.add_argument("spec", help="YAML spec file (see sweeps/)")
         p.add_argument("--set", action="append", default=[], metavar="dotted.key=value",
                        help="override a spec field, e.g. --set train.epochs=50 (repeatable)")

@@ -77,6 +77,23 @@ def test_loss_attack_by_hand() -> None:
         run_attack("loss", {"query": 2}, sig, 1)
 
 
+def test_an_attack_returning_the_wrong_shape_is_one_line_naming_its_entry() -> None:
+    from raymia.attacks.registry import ATTACKS
+    from raymia.errors import SpecError
+    from raymia.registry import Params
+
+    sig = Signals(logits=np.zeros((2, 1, 3, 2), dtype=np.float32), labels=np.zeros(3, int),
+                  keep=np.zeros((2, 3), bool))
+    ATTACKS.register("test_bad_shape", Params, doc="returns one score too few")(
+        lambda signals, target, p: np.zeros(signals.num_points - 1))
+    try:
+        with pytest.raises(SpecError, match=r"^attacks.2: attack 'test_bad_shape' returned scores of shape \(2,\); "
+                                            r"an attack returns one score per audited point, shape \(3,\)$"):
+            run_attack("test_bad_shape", None, sig, 0, where="attacks.2")
+    finally:
+        ATTACKS._entries.pop("test_bad_shape")
+
+
 # ---------------------------------------------------------------------------------------------- LiRA closed forms
 def _random_case(seed: int, m: int = 9, q: int = 3, p: int = 40) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)

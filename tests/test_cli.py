@@ -64,6 +64,17 @@ def test_bad_sweep_objective(tmp_path):
     assert out.returncode == 2 and "sweep.space.gamma" in out.stderr and "gamma" in out.stderr
 
 
+def test_quiet_goes_before_or_after_the_command():
+    from raymia.cli import build_parser
+
+    ap = build_parser()
+    for command in ("audit", "sweep", "check"):
+        assert ap.parse_args(["-q", command, "s.yaml"]).quiet
+        assert ap.parse_args([command, "-q", "s.yaml"]).quiet
+        assert ap.parse_args([command, "s.yaml", "--quiet"]).quiet
+        assert not ap.parse_args([command, "s.yaml"]).quiet
+
+
 def test_list_shows_every_registry_with_parameters_and_defaults():
     out = raymia("list")
     assert out.returncode == 0, out.stderr

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from raymia.errors import SpecError
 from raymia.registry import Params, Registry
 from raymia.signals import Signals
 
@@ -30,6 +31,7 @@ def run_attack(
     entry = ATTACKS.get(name, where=f"{where}.name")
     parsed = entry.parse(params, where=f"{where}.params")
     scores = np.asarray(entry.obj(signals, target, parsed), dtype=np.float64)
-    if scores.shape != (signals.num_points,):
-        raise RuntimeError(f"attack {name!r} returned shape {scores.shape}, expected ({signals.num_points},)")
+    if scores.shape != (signals.num_points,):  # a plug-in's bug, told in one line naming the spec's entry
+        raise SpecError(f"attack {name!r} returned scores of shape {scores.shape}; an attack returns one score "
+                        f"per audited point, shape ({signals.num_points},)", where=where)
     return scores
