@@ -8,7 +8,7 @@ import os
 import sys
 
 from raymia import __version__
-from raymia.errors import RaymiaError
+from raymia.errors import Interrupted, RaymiaError
 
 KINDS = ("datasets", "models", "defenses", "attacks", "inversion", "ood", "trainers")
 
@@ -293,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         return args.func(args)
+    except Interrupted as e:
+        print(f"raymia: {e}", file=sys.stderr)
+        return e.exit_code
     except RaymiaError as e:
         print(f"raymia: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -21,6 +21,13 @@ class DataError(RaymiaError):
     """A data file is missing or malformed. `where` names the path."""
 
 
+class Interrupted(RaymiaError):
+    """Work stopped by the user (Ctrl-C) after its finished part was stored: exit code 130, as a shell
+    reports SIGINT, not the bad-input code."""
+
+    exit_code = 130
+
+
 def last_error_line(text: str) -> str:
     """One line of why something failed, from a traceback or a Ray error message: its last `SomeError: ...`
     line (the exception raised), else its first line (a node died, a process was killed)."""

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from raymia.audit import UTILITY_METRICS
-from raymia.errors import RaymiaError, SpecError
+from raymia.errors import Interrupted, RaymiaError, SpecError
 from raymia.metrics import as_number
 from raymia.pareto import (
     EPSILON,
@@ -459,10 +459,11 @@ def lost_to_cluster(error: BaseException | None) -> bool:
 
 
 class _SaidByRaymia(logging.Filter):
-    """Drops Tune's summary of failed trials: raymia has said each failure in its own line, and lists
-    them under the front."""
+    """Drops Tune's summary of failed trials (raymia has said each failure in its own line, and lists them
+    under the front) and its advice after Ctrl-C to call Tuner.restore (re-running the raymia command
+    resumes, which raymia's last line says)."""
 
-    SAID = ("Trials did not complete", "Failed to fetch metrics for")
+    SAID = ("Trials did not complete", "Failed to fetch metrics for", "Experiment has been interrupted")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.SAID)
@@ -836,7 +837,7 @@ def run_sweep(
         trials = ([baseline] if baseline is not None else []) + searched
         if len(searched) < spec.sweep.num_trials or any(t["status"] == "incomplete" for t in searched):
             # Tune returns early when interrupted (Ctrl-C): its state is saved, the sweep is not finished.
-            raise RaymiaError(f"sweep {spec.name} was interrupted; run the same command again to resume it")
+            raise Interrupted(f"sweep {spec.name} was interrupted; run the same command again to resume it")
         result = _report(spec, trials, space, root, sweep_dir, parent_id, console, pool)
         status = "FINISHED"
         _write_state(spec, keep, parent_id, finished=True)
@@ -844,11 +845,17 @@ def run_sweep(
                    "front_size": len(result.front), "hypervolume": result.hypervolume}
         log.info("sweep %s done in %.0fs -> %s", spec.name, time.perf_counter() - t0, sweep_dir)
         return result
+    except (KeyboardInterrupt, Interrupted):
+        status = "KILLED"
+        raise
     finally:
         if pool is not None:
             pool.shutdown()
         if parent_id:
-            from raymia.tracking import MLFLOW_NOTE_TAG, finish_parent
+            from raymia.tracking import MLFLOW_NOTE_TAG, end_running_children, finish_parent
+
+            if status == "KILLED":
+                end_running_children(spec.tracking.uri, parent_id)
 
             names = ("result.json", "pareto.png", "front.md", "spec.yaml", "report.html", "pareto.html",
                      "importance.html")

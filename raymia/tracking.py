@@ -255,3 +255,17 @@ def start_parent(uri: str, experiment: str, run_name: str, params: dict[str, Any
 def finish_parent(uri: str, run_id: str, metrics: dict[str, Any], artifacts: Iterable[Path], status: str = "FINISHED",
                   tags: dict[str, str] | None = None) -> None:
     close_run(uri, run_id, metrics, artifacts, status, tags)
+
+
+def end_running_children(uri: str, parent_id: str, status: str = "KILLED") -> int:
+    """End the child runs of `parent_id` that are still RUNNING (an interrupted sweep's trials) with
+    `status`, so the UI does not show them as running; a resumed sweep replaces them. Returns how many."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    running = client.search_runs([experiment_id], filter_string=f"{tag_equals(MLFLOW_PARENT_TAG, parent_id)} and "
+                                                                "attributes.status = 'RUNNING'")
+    for run in running:
+        client.set_terminated(run.info.run_id, status)
+    return len(running)

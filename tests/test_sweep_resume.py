@@ -113,6 +113,43 @@ def test_killed_sweep_resumes(tmp_path):
     assert third.returncode == 0 and "already finished" in third.stderr
 
 
+def test_ctrl_c_stops_a_sweep_with_exit_130_and_no_run_left_running(tmp_path):
+    """SIGINT to the process group, as a terminal's Ctrl-C: one line, exit 130 (not the bad-input 2), no
+    advice to call Tune's own restore, and no MLflow run shown as still running."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text(SPEC.format(out=tmp_path).replace("num_trials: 3", "num_trials: 6"))
+    trials_glob = str(tmp_path / "runs" / "sweeps" / "resumable" / "trials" / "*" / "result.json")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "raymia", "sweep", str(spec)], stdout=out, stderr=err,
+                                start_new_session=True, env=env)
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 240 and len(glob.glob(trials_glob)) < 2 and proc.poll() is None:
+            time.sleep(0.1)
+        assert proc.poll() is None, (tmp_path / "err").read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stderr = (tmp_path / "err").read_text()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] in (
+        "raymia: sweep resumable was interrupted; run the same command again to resume it",
+        "raymia: interrupted; finished work is stored and a re-run resumes it"), stderr[-3000:]
+    assert "Tuner.restore" not in stderr
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("resume-test")
+    runs = client.search_runs([exp.experiment_id])
+    assert runs and not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    (parent,) = [r for r in runs if r.data.tags.get("raymia.kind") == "sweep"]
+    assert parent.info.status == "KILLED"
+
+
 def test_damaged_tune_state_is_found_without_unpickling(tmp_path):
     """A state file cut short by a kill while Tune copied it (Tune would then wait forever on resume)."""
     import pickle
