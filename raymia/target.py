@@ -212,20 +212,33 @@ def load_target(spec, ctx) -> ExternalTarget:
         raise SpecError(f"{what} the {target.member.size} audited points the target answers are its members: an "
                         "audit needs members and non-members (check target.members, or plan.population)",
                         where="target.members")
-    _warn_near_chance(target, ctx.audited_y, ctx.data.info.num_classes)
+    _warn_implausible(target, ctx.audited_y, ctx.data.info.num_classes)
     return target
 
 
-def _warn_near_chance(target: ExternalTarget, labels: np.ndarray, num_classes: int) -> None:
+def _warn_implausible(target: ExternalTarget, labels: np.ndarray, num_classes: int) -> None:
+    """One warning when the target's outputs do not look like those of a model trained on its members:
+    accuracy on them near chance (wrong weights), or a loss on them no lower than on the audited points
+    it did not train on (members that are not the ones it trained on, drawn at random for instance)."""
+    from raymia.attacks.mia import cross_entropy
     from raymia.metrics import accuracy
 
     mem = target.member
-    acc = accuracy(target.logits[0, mem], labels[target.points][mem])
+    y = labels[target.points]
+    acc = accuracy(target.logits[0, mem], y[mem])
     chance = 1.0 / num_classes
     if acc < chance + 0.1 * (1 - chance):
         log.warning("target: its accuracy on its %d members is %.1f%%, near chance (%.1f%%): check that "
                     "target.members are the indices it trained on and that its weights or outputs are the "
                     "trained model's", int(mem.sum()), 100 * acc, 100 * chance)
+        return
+    loss = cross_entropy(np.asarray(target.logits[0], dtype=np.float64), y)
+    inside, outside = float(loss[mem].mean()), float(loss[~mem].mean())
+    if inside >= outside:
+        log.warning("target: its mean loss on its %d members (%.3g) is no lower than on the %d audited points "
+                    "it did not train on (%.3g), as for members drawn at random: check that target.members "
+                    "are the indices it trained on (a model that leaks nothing at all also shows this)",
+                    int(mem.sum()), inside, int((~mem).sum()), outside)
 
 
 def checkpoint_model(spec, ctx, device):

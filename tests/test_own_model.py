@@ -193,6 +193,33 @@ def test_an_untrained_checkpoint_warns_that_its_accuracy_on_its_members_is_near_
         load_target(every, ctx)
 
 
+def test_members_it_did_not_train_on_warn_that_its_loss_there_is_no_lower(tmp_path, caplog):
+    import torch.nn.functional as F
+
+    from raymia.models import build_model
+
+    evens, odds = list(range(0, 1347, 2)), list(range(1, 1347, 2))
+    spec = raymia.as_spec(_spec(tmp_path, checkpoint=str(tmp_path / "t.pt"), members=evens))
+    ctx = _ctx(spec)
+    torch.manual_seed(0)
+    model = build_model("mlp", {"hidden": [8]}, ctx.data.info)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):  # trained on the even indices only
+        opt.zero_grad()
+        F.cross_entropy(model(ctx.data.x_train[evens]), ctx.data.y_train[evens]).backward()
+        opt.step()
+    torch.save(model.state_dict(), tmp_path / "t.pt")
+    with caplog.at_level(logging.WARNING, logger="raymia"):
+        load_target(spec, ctx)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    wrong = raymia.as_spec(_spec(tmp_path, checkpoint=str(tmp_path / "t.pt"), members=odds))
+    with caplog.at_level(logging.WARNING, logger="raymia"):
+        load_target(wrong, ctx)
+    (record,) = caplog.records
+    assert record.getMessage().startswith("target: its mean loss on its 673 members (") and \
+        "is no lower than on the 674 audited points it did not train on" in record.getMessage()
+
+
 def _outputs(tmp_path, **arrays):
     path = tmp_path / "out.npz"
     np.savez(path, **arrays)
