@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from raymia.errors import SpecError, first_line
+from raymia.errors import SpecError, first_line, not_found
 
 log = logging.getLogger("raymia")
 
@@ -114,7 +114,7 @@ def read_members(value: list[int] | str, n_train: int, where: str = "target.memb
         path = Path(value)
         where = f"{where} ({path})"
         if not path.is_file():
-            raise SpecError("file not found", where=where)
+            raise SpecError(not_found(path), where=where)
         suffix = path.suffix.lower()
         try:
             if suffix == ".npy":
@@ -152,7 +152,7 @@ def load_checkpoint(path: str, model, model_name: str, where: str = "target.chec
 
     where = f"{where} ({path})"
     if not Path(path).is_file():
-        raise SpecError("file not found", where=where)
+        raise SpecError(not_found(path), where=where)
     try:
         with warnings.catch_warnings():
             # torch's note on a pickle protocol other than its own 2 (a file pickle.dump wrote, or torch.save
@@ -276,7 +276,7 @@ def _from_outputs(spec, ctx, members: np.ndarray) -> ExternalTarget:
     path = Path(spec.target.outputs)
     where = f"target.outputs ({path})"
     if not path.is_file():
-        raise SpecError("file not found", where=where)
+        raise SpecError(not_found(path), where=where)
     try:
         z = np.load(path, allow_pickle=False)
     except (ValueError, OSError, zipfile.BadZipFile) as e:

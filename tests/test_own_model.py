@@ -92,8 +92,12 @@ def test_members_read_from_lists_and_files_and_refused_outside_the_split(tmp_pat
     assert read_members(str(tmp_path / "m.json"), 10).tolist() == [8, 9]
     with pytest.raises(SpecError, match=r"^target.members: index 10 is outside the training split \(0..9\)"):
         read_members([1, 10], 10)
-    with pytest.raises(SpecError, match=r"target.members \(.*nope.npy\): file not found"):
+    with pytest.raises(SpecError, match=r"target.members \(.*nope.npy\): file not found$"):
         read_members(str(tmp_path / "nope.npy"), 10)
+    # a relative path is read from the current folder, which the error names
+    with pytest.raises(SpecError, match=r"^target.members \(nope.txt\): file not found \(a relative path, looked "
+                                        r"for in the current folder /"):
+        read_members("nope.txt", 10)
     (tmp_path / "bad.txt").write_text("1 two 3")
     with pytest.raises(SpecError, match=r"bad.txt\): not a list of integer indices"):
         read_members(str(tmp_path / "bad.txt"), 10)

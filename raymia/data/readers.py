@@ -22,7 +22,7 @@ import torch
 
 from raymia.data.registry import Dataset
 from raymia.datainfo import DataInfo
-from raymia.errors import DataError
+from raymia.errors import DataError, not_found
 
 
 def one_line(text: object) -> str:
@@ -91,7 +91,7 @@ def load_restricted_pickle(path: Path) -> Any:
     except DataError:
         raise
     except FileNotFoundError:
-        raise DataError("not found", where=where) from None
+        raise DataError(not_found(path), where=where) from None
     except Exception as e:  # truncated or corrupt: UnpicklingError, EOFError, ValueError, ...
         raise DataError(f"not a readable pickle ({type(e).__name__}: {one_line(e)})", where=where) from None
 
@@ -108,7 +108,7 @@ def read_bytes(path: Path) -> bytes:
                 return f.read()
         return path.read_bytes()
     except FileNotFoundError:
-        raise DataError("not found", where=where) from None
+        raise DataError(not_found(path), where=where) from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(
             f"truncated or corrupt gzip file ({type(e).__name__}: {one_line(e)})", where=where

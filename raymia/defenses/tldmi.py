@@ -41,7 +41,7 @@ from raymia.datainfo import DataInfo
 from raymia.defenses.base import DEFENSES, Defense, FitJob, public_indices, require_public
 from raymia.defenses.vae import data_digest, key_digest, load_state, save_state
 from raymia.device import resolve_device
-from raymia.errors import DataError, SpecError
+from raymia.errors import DataError, SpecError, not_found
 from raymia.models.base import build_model, data_init_modules
 from raymia.registry import Params
 from raymia.seeding import derive_seed
@@ -188,7 +188,7 @@ class TlDmi(Defense):
         if self.params.weights is not None:
             path = Path(self.params.weights).expanduser()
             if not path.is_file():
-                raise DataError("tl_dmi weights file not found", where=str(path))
+                raise DataError(f"tl_dmi weights: {not_found(path)}", where=str(path))
             return
         require_public(self.name, data, population, "to pretrain on", ", or give defense.params.weights")
 
@@ -229,7 +229,7 @@ class TlDmi(Defense):
     def _load_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         path = Path(self.params.weights or "").expanduser()
         if not path.is_file():
-            raise DataError("tl_dmi weights file not found", where=str(path))
+            raise DataError(f"tl_dmi weights: {not_found(path)}", where=str(path))
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
