@@ -230,7 +230,7 @@ def _model_and_training_rows(spec: AuditSpec, ctx, kind: str) -> list[tuple[str,
         train_flops *= cost[0]
     query_flops = per_query * m * len(spec.queries) * (plan.keep.shape[1] + ctx.data.x_test.shape[0])
     rows.append(("compute", f"{_flops(train_flops)} to train the bank and {_flops(query_flops)} to query it"
-                            f"{' (each trial)' if kind == 'sweep' else ''}, counted on the meta device: "
+                            f"{' (each trial at the plain recipe; a defense that trains more says so below)' if kind == 'sweep' and cost is None else ' (each trial)' if kind == 'sweep' else ''}, counted on the meta device: "
                             f"{_lower_bound((train_flops + query_flops) / H100_BF16_PEAK)} of an H100 at its "
                             f"dense bf16 peak"
                             + (f"; the defense trains {cost[0]:.3g}x the recipe's steps per model ({cost[1]})"
@@ -326,11 +326,13 @@ def _sweep_rows(spec: SweepSpec, space, root: Path, signal_bytes: int, ctx) -> t
     from raymia.space import Domain
 
     members = ctx.plan.keep.sum(axis=1)
+    per_step, _ = count_flops(spec.model.name, spec.model.params, ctx.data.info, ctx.recipe.batch_size)
+    plain = per_step * ctx.recipe.epochs * ctx.steps_per_epoch * ctx.plan.num_models  # a trial's bank, plain recipe
     for d, sp in space.items():  # at the defaults and the space's constants: the searched values may move it
         defense = build_defense(d, {k: v for k, v in sp.items() if not isinstance(v, Domain)}, ctx.data.info)
         if (cost := defense.training_cost(ctx.recipe)) is not None:
             rows.append(("", f"a {d} trial trains {cost[0]:.3g}x the recipe's steps per model at its defaults "
-                             f"({cost[1]})"))
+                             f"({cost[1]}): {_flops(plain * cost[0])} to train its bank"))
         recipe = defense.modify_recipe(ctx.recipe)
         if (guarantee := _guarantee(defense, int(members.min()), int(members.max()), recipe)) is not None:
             rows.append(("", f"a {d} trial at its defaults: {guarantee}"))

@@ -3,6 +3,7 @@ needs neither Ray nor MLflow nor Optuna."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -182,8 +183,17 @@ def test_a_discrete_space_smaller_than_the_sweep_is_named(tmp_path):
     rows = check_spec(_write(tmp_path, d, "s.yaml")).rows
     assert any("the space holds 11 setting(s), fewer than the 12 trials" in text for _, text in rows)
     assert dict(rows)["defense"] == "each trial's, from the search below"  # not the spec's unused `defense`
-    assert ("", "a selena trial trains 16x the recipe's steps per model at its defaults (25 sub-models on 15 of "
-                "every 25 members each, then the released model)") in rows
+    selena = [text for _, text in rows if text.startswith("a selena trial trains 16x the recipe's steps per model at "
+                                                           "its defaults (25 sub-models on 15 of every 25 members each, "
+                                                           "then the released model): ")]
+    # the trial's bank at 16x the plain recipe that the compute row counts (to display precision)
+    plain = re.search(r"^([\d.]+) (\w)FLOP to train the bank", dict(rows)["compute"])
+    total = re.search(r": ([\d.]+) (\w)FLOP to train its bank$", selena[0])
+    assert plain and total, (selena, dict(rows)["compute"])
+    scale = {"M": 1e6, "G": 1e9, "T": 1e12}
+    ratio = (float(total.group(1)) * scale[total.group(2)]) / (float(plain.group(1)) * scale[plain.group(2)])
+    assert ratio == pytest.approx(16, rel=0.01), (selena, dict(rows)["compute"])
+    assert "(each trial at the plain recipe; a defense that trains more says so below)" in dict(rows)["compute"]
     d["sweep"] = {**base["sweep"], "num_trials": 11}
     assert not any("setting(s), fewer than" in text for _, text in check_spec(_write(tmp_path, d, "s.yaml")).rows)
 
