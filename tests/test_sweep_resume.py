@@ -297,3 +297,28 @@ def test_the_done_count_grows_by_one_per_line_when_results_land_out_of_order(tmp
         progress.on_trial_complete(0, known, trial)
     lines = [r.getMessage() for r in caplog.records if " done (" in r.getMessage()]
     assert [line.split(" done ")[1].split(":")[0] for line in lines] == ["(2/3)", "(3/3)"]
+
+
+def test_a_changed_spec_under_a_sweeps_name_says_which_fields_changed(tmp_path):
+    from raymia.errors import SpecError
+    from raymia.resolve import as_spec
+    from raymia.spec import SweepSpec
+    from raymia.storage import open_root
+    from raymia.sweep import _sweep_state, _write_state
+
+    spec = as_spec(str(Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml"), kind=SweepSpec)
+    keep = open_root(tmp_path / "keep")
+    _write_state(spec, keep, "run-1", finished=True)
+    assert _sweep_state(spec, keep, resume=False)["parent_run_id"] == "run-1"
+    # where the results go and how the hypervolume is referenced may change; the search may not
+    moved = as_spec(spec, ["output_dir=elsewhere", "tracking.enabled=false"], kind=SweepSpec)
+    assert _sweep_state(moved, keep, resume=False)["finished"]
+    more = as_spec(spec, ["sweep.num_trials=12", "train.epochs=5"], kind=SweepSpec)
+    with pytest.raises(SpecError, match=r"^name: a sweep named 'quickstart' with a different spec exists in .*keep "
+                                        r"\(sweep.num_trials, train.epochs changed\); a sweep continues only under its "
+                                        r"own spec"):
+        _sweep_state(more, keep, resume=False)
+    state = json.loads(keep.read("state.json"))  # a state written before the fields were kept: no list
+    keep.write("state.json", json.dumps({k: v for k, v in state.items() if k != "resume_key"}).encode())
+    with pytest.raises(SpecError, match=r"different spec exists in \S+; a sweep continues"):
+        _sweep_state(more, keep, resume=False)
