@@ -412,6 +412,7 @@ def write_report(result: AuditResult, console: bool, track: bool, page: bool = T
     from raymia.report.plots import plot_roc
 
     spec, out, fp = result.spec, result.out_dir, result.fingerprint
+    _say_replaced(out / "spec.yaml", spec)
     result_path = out / "result.json"
     result_path.write_text(json.dumps(result.to_json(), indent=1))
     spec_path = write_spec_file(spec, out / "spec.yaml", f"the spec of audit {spec.name}-{fp}")
@@ -491,6 +492,25 @@ def attacks_to_run(spec: AuditSpec, defense) -> list:
             and not any("label_only" in (a.name, a.key) for a in attacks)):
         attacks.append(AttackSpec(name="label_only", params={"calibrated": True}))
     return attacks
+
+
+def _say_replaced(path: Path, spec: AuditSpec) -> None:
+    """A warning when the folder holds the report of an audit of the same signals under another setting
+    (other attacks or metrics: the folder is named by the signals): that report is about to be replaced."""
+    import yaml
+
+    from raymia.spec import changed_fields
+
+    try:
+        before = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return
+    skip = ("output_dir", "store", "tracking")
+    changed = changed_fields({k: v for k, v in (before or {}).items() if k not in skip},
+                             {k: v for k, v in spec.model_dump(mode="json").items() if k not in skip})
+    if changed:
+        log.warning("%s held the report of an audit of these signals with other %s; it is replaced (its MLflow "
+                    "run, if tracked, keeps it)", path.parent, ", ".join(changed[:3]) + (" ..." if len(changed) > 3 else ""))
 
 
 def write_spec_file(spec: AuditSpec, path: Path, what: str) -> Path:

@@ -713,3 +713,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
         key, value = parse_override(text)
         _set_dotted(raw, key, value)
     return raw
+
+
+def changed_fields(before: Any, after: Any, prefix: str = "") -> list[str]:
+    """The dotted fields whose values differ between two spec dumps (sorted; [] when `before` is unknown)."""
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return [] if before is None and not prefix else ([prefix.rstrip(".")] if before != after else [])
+    out: list[str] = []
+    for k in sorted(set(before) | set(after)):
+        a, b = before.get(k), after.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_fields(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out

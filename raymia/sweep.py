@@ -38,7 +38,7 @@ from raymia.pareto import (
     print_front,
 )
 from raymia.space import Categorical, Domain, Float, Int, describe
-from raymia.spec import AuditSpec, SweepSpec
+from raymia.spec import AuditSpec, SweepSpec, changed_fields
 from raymia.storage import absolute, check_locations, join, open_root
 
 log = logging.getLogger("raymia")
@@ -888,7 +888,7 @@ def _sweep_state(spec: SweepSpec, keep, resume: bool) -> dict[str, Any] | None:
     different spec under the same name, or --resume with nothing to resume, is a SpecError."""
     state = json.loads(keep.read("state.json")) if keep.size("state.json") is not None else None
     if state is not None and state.get("spec_hash") != resume_hash(spec):
-        changed = _changed_fields(state.get("resume_key"), _resume_key(spec))
+        changed = changed_fields(state.get("resume_key"), _resume_key(spec))
         said = f" ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} changed)" if changed else ""
         raise SpecError(f"a sweep named {spec.name!r} with a different spec exists in {keep.location}{said}; a "
                         "sweep continues only under its own spec (its search and trials depend on all of it): give "
@@ -901,20 +901,6 @@ def _sweep_state(spec: SweepSpec, keep, resume: bool) -> dict[str, Any] | None:
 def _write_state(spec: SweepSpec, keep, parent_id: str | None, finished: bool) -> None:
     keep.write("state.json", json.dumps({"spec_hash": resume_hash(spec), "parent_run_id": parent_id,
                                          "finished": finished, "resume_key": _resume_key(spec)}).encode())
-
-
-def _changed_fields(before: Any, after: Any, prefix: str = "") -> list[str]:
-    """The dotted fields whose values differ between two spec dumps (sorted; [] when `before` is unknown)."""
-    if not isinstance(before, dict) or not isinstance(after, dict):
-        return [] if before is None and not prefix else ([prefix.rstrip(".")] if before != after else [])
-    out: list[str] = []
-    for k in sorted(set(before) | set(after)):
-        a, b = before.get(k), after.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _changed_fields(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}")
-    return out
 
 
 _NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "ceph", "glusterfs", "fuse.sshfs",

@@ -39,6 +39,21 @@ def test_audit_from_a_dict_then_any_attack_on_its_stored_signals(tmp_path):
     assert (raymia.read_signals(path).logits == signals.logits).all()
 
 
+def test_an_audit_of_the_same_signals_with_other_attacks_says_it_replaces_the_report(tmp_path, caplog):
+    import logging
+
+    d = _spec(tmp_path)
+    first = raymia.run_audit(d, ["train.epochs=2", "tracking.enabled=false"], console=False)
+    with caplog.at_level(logging.WARNING, logger="raymia"):
+        raymia.run_audit(d, ["train.epochs=2", "tracking.enabled=false"], console=False)  # the same: silent
+        assert not caplog.records
+        other = raymia.run_audit(d, ["train.epochs=2", "tracking.enabled=false", "attacks=[loss]"], console=False)
+    assert other.out_dir == first.out_dir and set(json.loads((other.out_dir / "result.json").read_text())["attacks"]) == {"loss"}
+    (record,) = caplog.records
+    assert record.getMessage() == (f"{first.out_dir} held the report of an audit of these signals with other attacks; "
+                                   "it is replaced (its MLflow run, if tracked, keeps it)")
+
+
 
 def test_signals_logged_to_mlflow_are_read_back_elsewhere(tmp_path):
     """`tracking.log_signals`: the audit's run holds its bank's packs and manifests under signals/; downloaded
