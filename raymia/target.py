@@ -161,7 +161,7 @@ def load_checkpoint(path: str, model, model_name: str, where: str = "target.chec
             state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise SpecError("not a weights file that torch.load(weights_only=True) reads (save the model's "
-                        f"state_dict() with torch.save): {first_line(e)}", where=where) from None
+                        f"state_dict() with torch.save): {_load_reason(e)}", where=where) from None
     if isinstance(state, dict) and not _all_tensors(state):
         inner = [k for k in ("state_dict", "model_state_dict", "model") if isinstance(state.get(k), dict)]
         if inner:
@@ -270,6 +270,20 @@ def _from_checkpoint(spec, ctx, members: np.ndarray) -> ExternalTarget:
     return ExternalTarget(points=np.arange(population.size), member=np.isin(population, members),
                           logits=logits.astype(np.float32), test_logits=test.astype(np.float32),
                           queries=np.arange(len(spec.queries)), source="checkpoint")
+
+
+def _load_reason(e: BaseException) -> str:
+    """Why torch.load refused a file, in one line: the unpickler's own reason (e.g. "Unsupported global:
+    GLOBAL net.Net ..."), not the paragraph before it that suggests weights_only=False; ANSI colours dropped."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    head, found, rest = text.partition("WeightsUnpickler error:")
+    if found:
+        lines = [ln.strip() for ln in rest.splitlines() if ln.strip()]
+        if lines:
+            return lines[0][:300]
+    return text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__
 
 
 def _from_outputs(spec, ctx, members: np.ndarray) -> ExternalTarget:
