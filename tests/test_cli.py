@@ -64,6 +64,17 @@ def test_bad_sweep_objective(tmp_path):
     assert out.returncode == 2 and "sweep.space.gamma" in out.stderr and "gamma" in out.stderr
 
 
+def test_report_of_a_folder_that_is_not_a_finished_run_is_one_line(tmp_path):
+    missing = raymia("report", str(tmp_path / "nosuch"))
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        f"raymia: error: {tmp_path / 'nosuch'}: no such folder; pass the folder of a finished audit "
+        "(<output_dir>/audits/NAME-FINGERPRINT) or sweep (<output_dir>/sweeps/NAME)"]
+    empty = raymia("report", str(tmp_path))
+    assert empty.returncode == 2 and empty.stderr.strip().splitlines() == [
+        f"raymia: error: {tmp_path}: holds no result.json; pass the folder of a finished audit "
+        "(<output_dir>/audits/NAME-FINGERPRINT) or sweep (<output_dir>/sweeps/NAME)"]
+
+
 def test_quiet_goes_before_or_after_the_command():
     from raymia.cli import build_parser
 

@@ -44,7 +44,11 @@ def write_html(folder: str | Path) -> Path:
     folder = Path(folder)
     result_path = folder / "result.json"
     if not result_path.is_file():
-        raise RaymiaError("holds no result.json; pass the folder of a finished audit "
+        from raymia.errors import not_found
+
+        said = ("no such folder" + not_found(folder).removeprefix("file not found") if not folder.exists()
+                else "holds no result.json")
+        raise RaymiaError(f"{said}; pass the folder of a finished audit "
                           "(<output_dir>/audits/NAME-FINGERPRINT) or sweep (<output_dir>/sweeps/NAME)",
                           where=str(folder))
     try:
