@@ -70,6 +70,18 @@ def _first_error(e: ValidationError, entry: Entry) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
+def summary(obj: object) -> str:
+    """An entry's description when it gives none: the first paragraph of its docstring, on one line (a
+    first sentence wrapped over two lines is not cut at the line's end)."""
+    lines = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+    head: list[str] = []
+    for line in lines:
+        if not line.strip():
+            break
+        head.append(line.strip())
+    return " ".join(head)
+
+
 class Registry(Generic[T]):
     """Entries by name. `package`: the package whose modules register the entries, imported (with the
     third-party plug-ins) the first time the registry is read."""
@@ -87,9 +99,7 @@ class Registry(Generic[T]):
                 before = getattr(self._entries[name].obj, "__module__", "?")
                 raise PluginError(f"{self.kind} {name!r} is registered twice, by {before} and by "
                                   f"{getattr(obj, '__module__', '?')}; give one of them another name")
-            text = doc if doc is not None else (getattr(obj, "__doc__", None) or "").strip().splitlines()
-            if isinstance(text, list):
-                text = text[0] if text else ""
+            text = doc if doc is not None else summary(obj)
             self._entries[name] = Entry(name, obj, params, text)
             return obj
 
@@ -121,8 +131,7 @@ class Registry(Generic[T]):
         that object with open parameters (`OpenParams`): called exactly as a registered entry is."""
         if is_import_path(name):
             obj = import_object(name, where)
-            doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
-            return Entry(name, obj, OpenParams, doc[0] if doc else "")
+            return Entry(name, obj, OpenParams, summary(obj))
         self.discover()
         try:
             return self._entries[name]

@@ -75,6 +75,20 @@ def test_report_of_a_folder_that_is_not_a_finished_run_is_one_line(tmp_path):
         "(<output_dir>/audits/NAME-FINGERPRINT) or sweep (<output_dir>/sweeps/NAME)"]
 
 
+def test_an_entrys_description_is_its_docstrings_first_paragraph_not_its_first_line():
+    from raymia.inversion.registry import INVERSION
+    from raymia.registry import summary
+
+    def f():
+        """One sentence wrapped
+        over two lines.
+
+        Details."""
+
+    assert summary(f) == "One sentence wrapped over two lines." and summary(lambda: 0) == ""
+    assert INVERSION.get("ked_mi").doc.endswith("fitted to the prior and identity losses, sampled.")
+
+
 def test_quiet_goes_before_or_after_the_command():
     from raymia.cli import build_parser
 
