@@ -337,6 +337,34 @@ def test_lira_global_std_is_np_std_of_every_value() -> None:
     assert pooled.max() < side.std.min()  # global also counts how far the points' means spread
 
 
+def test_one_shadow_per_side_falls_back_to_the_global_std() -> None:
+    """A bank of 4 models: leave-one-out leaves each point one IN and one OUT shadow, so there is no
+    within-point spread to pool; the side's global std stands in, and offline LiRA's scores stay distinct
+    instead of saturating at the top (244 of 400 tied with a zero pooled std, floored)."""
+    from raymia.attacks.mia.lira import _fit_side
+    from raymia.data.plan import paired_keep
+
+    rng = np.random.default_rng(0)
+    m, p, c = 4, 400, 10
+    keep = paired_keep(m, p, rng)
+    labels = rng.integers(0, c, p)
+    logits = rng.normal(0, 1, (m, 1, p, c)).astype(np.float32)
+    difficulty = rng.normal(0, 2, p)
+    for j in range(m):
+        logits[j, 0, np.arange(p), labels] += difficulty + 1.0 * keep[j]
+    sig = Signals(logits=logits, labels=labels, keep=keep)
+    for name in ("lira_offline", "lira_online"):
+        scores = run_attack(name, None, sig, 0)
+        assert np.unique(scores).size == p, name
+    assert attack_metrics(run_attack("lira_offline", None, sig, 0), keep[0])["auc"] > 0.65
+    phi = logit_scaled_confidence(logits, labels)  # [M, Q, P]
+    w_out = (~keep).astype(np.float64)
+    w_out[:2] = 0.0  # the target and its pair left out: one OUT shadow per point
+    outs = np.concatenate([phi[w_out[:, i] > 0, :, i].ravel() for i in range(p)])
+    for variance in ("pooled", "per_point", "global"):
+        np.testing.assert_allclose(_fit_side(phi, w_out, variance, 1e-6).std, np.std(outs), rtol=1e-12)
+
+
 def test_lira_variance_params() -> None:
     phi, keep = _paired_case(seed=7)
     sig, _ = signals_from_phi(phi, keep)

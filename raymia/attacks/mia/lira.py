@@ -38,6 +38,10 @@ generate_ours and generate_ours_offline), with its conventions fixed here so res
 - A point with no OUT shadow takes the OUT center over all points and the side's fixed std (pooled for
   per_point), per query. In the online attack a point with no IN shadow gets its offline score instead.
   Neither happens with a paired plan.
+- A side with one shadow per point (a bank of 4 models) has no within-point spread: pooled takes the
+  side's global std there, and per_point takes pooled for every point seen by one shadow. The reference
+  (per_point) would divide by a zero std; raymia's pooled gave 0, floored, and offline scores saturated
+  (244 of 400 points tied at the top in `test_one_shadow_per_side_falls_back_to_the_global_std`).
 
 Everything is vectorised over points: per-point statistics are weighted sums (or a masked median) over the
 model axis, and the largest temporaries are the size of phi [M, Q, P].
@@ -144,17 +148,23 @@ def _fit_side(
     if total == 0:  # no observation at all on this side: callers must not use these values
         std = np.ones(mean.shape)
         return _Side(mean=mean, std=std, present=present, total=total)
-    pooled = np.sqrt(ss[:, cols].sum(axis=1) / total)[:, None]  # [Q, 1]
-    if variance == "pooled":
-        std = np.broadcast_to(pooled, mean.shape)
-    elif variance == "global":
+    # With one observation per point (a side of one shadow: 4 models) there is no within-point spread to
+    # pool: the pooled std would be 0 and every score saturate at the floor, so the side's global std
+    # stands in for it (and for per_point's points seen once).
+    spread = total > int((n * cols).astype(bool).sum())
+    if variance == "global" or not spread:
         # np.std of every observation of this side (all points, shadows and queries) around their mean
         dev = phi - sums[:, cols].sum() / (total * q)
         np.square(dev, out=dev)
-        std = np.full(mean.shape, np.sqrt(np.einsum("mqp,mp->", dev, wf) / (total * q)))
+        glob = np.sqrt(np.einsum("mqp,mp->", dev, wf) / (total * q))
         del dev
+    pooled = np.sqrt(ss[:, cols].sum(axis=1) / total)[:, None] if spread else np.full((q, 1), glob)  # [Q, 1]
+    if variance == "pooled":
+        std = np.broadcast_to(pooled, mean.shape)
+    elif variance == "global":
+        std = np.full(mean.shape, glob)
     else:
-        std = np.where(present, np.sqrt(ss / n_safe), pooled)
+        std = np.where(n > 1, np.sqrt(ss / n_safe), pooled)
     if not present.all():  # the center of every observation of this side, per query
         if center == "median":
             flat = np.where(wf[:, None, :] > 0, phi, np.nan).transpose(1, 0, 2).reshape(q, -1)
