@@ -326,6 +326,10 @@ class MetricsSpec(_Model):
         return v
 
 
+# MLflow's tracking stores (its tracking/_tracking_service/utils.py registry; file:// is MLflow 3's rejected one)
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc")
+
+
 class TrackingSpec(_Model):
     enabled: bool = True
     uri: str = "sqlite:///mlflow.db"
@@ -339,11 +343,14 @@ class TrackingSpec(_Model):
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
-        if "://" not in v:
-            raise ValueError(
-                "must be a tracking URI such as sqlite:///mlflow.db, postgresql://..., or http://host:port "
-                "(MLflow 3 rejects plain ./mlruns directories)"
-            )
+        accepted = "sqlite:///mlflow.db, postgresql://..., mysql://..., mssql://..., http(s)://host:port or databricks"
+        if "://" not in v and v not in ("databricks", "databricks-uc", "uc"):
+            raise ValueError(f"must be a tracking URI: {accepted} (MLflow 3 rejects plain ./mlruns directories)")
+        scheme = v.split(":", 1)[0].split("+", 1)[0].lower()  # postgresql+psycopg2:// is postgresql's
+        if scheme == "file":
+            raise ValueError(f"file:// is MLflow's filesystem store, which MLflow 3 refuses; accepted: {accepted}")
+        if scheme not in TRACKING_SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r}; accepted: {accepted}")
         return v
 
 

@@ -87,6 +87,9 @@ def test_fingerprint_tracks_what_changes_the_bank():
         ("queries: [identity, rotate]\n", [], "unknown query augmentation 'rotate'"),
         ("metrics: {fpr_levels: [2]}\n", [], "metrics.fpr_levels: each level must lie in (0, 1)"),
         ("tracking: {uri: ./mlruns}\n", [], "tracking.uri: must be a tracking URI"),
+        ("tracking: {uri: 'sqlit:///x.db'}\n", [], "tracking.uri: unknown scheme 'sqlit'; accepted: sqlite:///mlflow.db,"),
+        ("tracking: {uri: 'file:///tmp/mlruns'}\n", [], "tracking.uri: file:// is MLflow's filesystem store, which "
+                                                       "MLflow 3 refuses"),
         ("", ["train.lr=-1"], "train.lr: Input should be greater than 0"),
         ("", ["noequals"], "--set: expected dotted.key=value"),
     ],
