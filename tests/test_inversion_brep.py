@@ -58,9 +58,9 @@ def test_repulsion_moves_starts_to_where_the_evaluator_recognises_them(inversion
         with torch.no_grad():
             assert (target(start.images).argmax(1) == start.labels).all()
             assert (target(out.images).argmax(1) == out.labels).all()
-        # measured: top-1 0.65 -> 1.00 and 0.60 -> 0.90, knn 4.35 -> 2.23 and 5.04 -> 3.46
+        # measured: top-1 0.65 -> 1.00 and 0.60 -> 0.90, squared KNN distance 19.90 -> 5.60 and 25.91 -> 12.58
         assert s1["top1"] >= s0["top1"] + 0.15 and s1["top1"] >= 0.8
-        assert s1["knn_dist"] <= s0["knn_dist"] - 1.0
+        assert s1["knn_dist"] <= s0["knn_dist"] - 5.0
         assert out.images.shape == (20, *info.input_shape) and out.labels.tolist() == [c for c in PRIVATE for _ in range(4)]
     # GMI's GAN, from the cache that gmi also reads
     with caplog.at_level(logging.INFO, logger="raymia"):

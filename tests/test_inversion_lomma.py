@@ -153,8 +153,9 @@ def test_lomma_ked_mi_lands_closer_to_the_private_images(inversion_setting, tmp_
                                                                          PRIVATE, ctx)), x, y)
         print(f"seed {seed}: ked_mi top-1 {plain['top1']:.2f} knn {plain['knn_dist']:.3f}; "
               f"LOMMA top-1 {lomma['top1']:.2f} knn {lomma['knn_dist']:.3f}")
-        # measured: knn 2.95 -> 2.26 (seed 0), 3.38 -> 2.65 (seed 1); top-1 0.95 -> 1.00, 0.90 -> 0.95
-        assert lomma["knn_dist"] <= plain["knn_dist"] - 0.3
+        # measured (squared KNN distance): 10.16 -> 5.61 (seed 0), 12.46 -> 7.35 (seed 1); top-1 0.95 -> 1.00,
+        # 0.90 -> 0.95
+        assert lomma["knn_dist"] <= plain["knn_dist"] - 2.0
         assert lomma["top1"] >= plain["top1"] and lomma["top1"] >= 0.8
     # GMI takes the same params and still recognises its classes
     out = run_inversion("gmi", {**GAN, "gan_loss": "dcgan", "n_critic": 1, "steps": 200, "restarts": 4,
