@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from raymia.audit import UTILITY_METRICS
-from raymia.errors import Interrupted, RaymiaError, SpecError
+from raymia.errors import Interrupted, RaymiaError, SpecError, first_line
 from raymia.metrics import as_number
 from raymia.pareto import (
     EPSILON,
@@ -855,7 +855,10 @@ def run_sweep(
             from raymia.tracking import MLFLOW_NOTE_TAG, end_running_children, finish_parent
 
             if status == "KILLED":
-                end_running_children(spec.tracking.uri, parent_id)
+                try:
+                    end_running_children(spec.tracking.uri, parent_id)
+                except Exception as e:  # the interruption is what the user must hear about
+                    log.warning("could not end the sweep's open MLflow runs: %s", first_line(e))
 
             names = ("result.json", "pareto.png", "front.md", "spec.yaml", "report.html", "pareto.html",
                      "importance.html")
