@@ -111,9 +111,10 @@ def worker_logging(level: int, prefix: str = "") -> None:
     """raymia's progress lines from a Ray process (a Tune trial, a pool worker), each once, as the
     driver's `[raymia] ...`, at the driver's level (`-q` reaches the workers), after `prefix`. Train V2
     routes a worker's print() through the root logger and also tees it to stdout, so a print shows twice;
-    raymia's logger writes to the process's stdout itself, which Ray forwards to the driver."""
+    raymia's logger writes to the process's stderr itself, which Ray forwards to the driver's stderr,
+    where the driver's own lines go (stdout keeps the results: tables, the front)."""
     rlog = logging.getLogger("raymia")
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_PrefixFormatter(prefix))
     rlog.handlers[:] = [handler]
     rlog.propagate = False
