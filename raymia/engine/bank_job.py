@@ -107,14 +107,15 @@ def prefixed(prefix: str):
                     h.setFormatter(h.formatter.base)
 
 
-def worker_logging(level: int, prefix: str = "") -> None:
+def worker_logging(level: int, prefix: str = "", stream=None) -> None:
     """raymia's progress lines from a Ray process (a Tune trial, a pool worker), each once, as the
     driver's `[raymia] ...`, at the driver's level (`-q` reaches the workers), after `prefix`. Train V2
     routes a worker's print() through the root logger and also tees it to stdout, so a print shows twice;
     raymia's logger writes to the process's stderr itself, which Ray forwards to the driver's stderr,
-    where the driver's own lines go (stdout keeps the results: tables, the front)."""
+    where the driver's own lines go (stdout keeps the results: tables, the front). `stream`: another
+    stream (a bare script's stdout)."""
     rlog = logging.getLogger("raymia")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_PrefixFormatter(prefix))
     rlog.handlers[:] = [handler]
     rlog.propagate = False
@@ -125,5 +126,5 @@ def build_bank_locally(spec: AuditSpec, store: SignalStore, packs: list[int]) ->
     """Train the given packs in this process (no Ray): for GPU machines and benchmarks. Progress goes to the
     `raymia` logger; a bare script that configured no logging gets it on stdout."""
     if not log.hasHandlers():
-        worker_logging(logging.INFO)
+        worker_logging(logging.INFO, stream=sys.stdout)
     _train_packs(spec, store, packs, 0, 1)
