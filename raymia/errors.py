@@ -28,14 +28,14 @@ class Interrupted(RaymiaError):
     exit_code = 130
 
 
-def not_found(path: object) -> str:
-    """"file not found", and for a relative path the folder it was looked for in (a spec's relative paths
-    are read from the current folder, not the spec's)."""
+def not_found(path: object, what: str = "file") -> str:
+    """"file not found" (or another `what`), and for a relative path the folder it was looked for in (a
+    spec's relative paths are read from the current folder, not the spec's)."""
     import os
 
     text = str(path)
-    return "file not found" + ("" if os.path.isabs(os.path.expanduser(text)) else
-                               f" (a relative path, looked for in the current folder {os.getcwd()})")
+    return f"{what} not found" + ("" if os.path.isabs(os.path.expanduser(text)) else
+                                  f" (a relative path, looked for in the current folder {os.getcwd()})")
 
 
 def last_error_line(text: str) -> str:

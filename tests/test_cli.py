@@ -67,7 +67,7 @@ def test_bad_sweep_objective(tmp_path):
 def test_report_of_a_folder_that_is_not_a_finished_run_is_one_line(tmp_path):
     missing = raymia("report", str(tmp_path / "nosuch"))
     assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
-        f"raymia: error: {tmp_path / 'nosuch'}: no such folder; pass the folder of a finished audit "
+        f"raymia: error: {tmp_path / 'nosuch'}: folder not found; pass the folder of a finished audit "
         "(<output_dir>/audits/NAME-FINGERPRINT) or sweep (<output_dir>/sweeps/NAME)"]
     empty = raymia("report", str(tmp_path))
     assert empty.returncode == 2 and empty.stderr.strip().splitlines() == [

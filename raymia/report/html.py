@@ -46,8 +46,7 @@ def write_html(folder: str | Path) -> Path:
     if not result_path.is_file():
         from raymia.errors import not_found
 
-        said = ("no such folder" + not_found(folder).removeprefix("file not found") if not folder.exists()
-                else "holds no result.json")
+        said = not_found(folder, "folder") if not folder.exists() else "holds no result.json"
         raise RaymiaError(f"{said}; pass the folder of a finished audit "
                           "(<output_dir>/audits/NAME-FINGERPRINT) or sweep (<output_dir>/sweeps/NAME)",
                           where=str(folder))
