@@ -229,8 +229,10 @@ def _model_and_training_rows(spec: AuditSpec, ctx, kind: str) -> list[tuple[str,
     if cost is not None:
         train_flops *= cost[0]
     query_flops = per_query * m * len(spec.queries) * (plan.keep.shape[1] + ctx.data.x_test.shape[0])
+    scope = ("" if kind != "sweep" else " (each trial)" if cost is not None else
+             " (each trial at the plain recipe; a defense that trains more says so below)")
     rows.append(("compute", f"{_flops(train_flops)} to train the bank and {_flops(query_flops)} to query it"
-                            f"{' (each trial at the plain recipe; a defense that trains more says so below)' if kind == 'sweep' and cost is None else ' (each trial)' if kind == 'sweep' else ''}, counted on the meta device: "
+                            f"{scope}, counted on the meta device: "
                             f"{_lower_bound((train_flops + query_flops) / H100_BF16_PEAK)} of an H100 at its "
                             f"dense bf16 peak"
                             + (f"; the defense trains {cost[0]:.3g}x the recipe's steps per model ({cost[1]})"
