@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from raymia.errors import SpecError
+from raymia.errors import SpecError, first_line
 
 
 class _Files:
@@ -220,8 +220,7 @@ def check_location(where: str | Path, field: str) -> None:
     if isinstance(error, SpecError):
         raise error
     if error is not None:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SpecError(f"{text} cannot be reached: {first}", where=field) from None
+        raise SpecError(f"{text} cannot be reached: {first_line(error)}", where=field) from None
     _probed.add(text)
 
 
