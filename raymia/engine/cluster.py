@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 log = logging.getLogger("raymia")
 
@@ -38,9 +39,22 @@ def ensure_ray() -> None:
         logging_config=ray.LoggingConfig(log_level="WARNING"),
         log_to_driver=True,
     )
+    keep_token_private()
     _drop_duplicate_worker_deaths()
     res = ray.cluster_resources()
     log.info("Ray: %g CPUs, %g GPUs", res.get("CPU", 0), res.get("GPU", 0))
+
+
+def keep_token_private(path: Path | None = None) -> None:
+    """Make Ray's token file (default ~/.ray/auth_token) readable by its owner only. Ray writes it with the
+    umask's mode (0644 under the usual 022), and whoever reads it can run code on the cluster as its owner."""
+    path = path or Path.home() / ".ray" / "auth_token"
+    try:
+        st = path.stat()
+        if st.st_uid == os.getuid() and st.st_mode & 0o077:
+            path.chmod(0o600)
+    except OSError:  # no token file (a joined cluster's token may come from RAY_AUTH_TOKEN), or not ours
+        pass
 
 
 _WORKER_DIED = "A worker died or was killed while executing a task by an unexpected system error"
