@@ -177,13 +177,6 @@ def _optuna_storage(url: str):
     return optuna.storages.RDBStorage(url)
 
 
-def _damaged_tune_state(exp) -> str | None:
-    """Why Tune's newest saved state in `exp` (a `raymia.storage` folder handle) cannot be restored (a file
-    cut short by a kill while Tune copied it), or None. A pickle is checked by its frame (protocol marker
-    first, STOP opcode last), not loaded; anything else must parse as JSON."""
-    return _damaged({n: exp.read(n) for n in _state_names(exp.list())})
-
-
 def _state_names(names: list[str]) -> list[str]:
     """The newest file of each kind of Tune state among `names` (Tune's names sort by time)."""
     import fnmatch
@@ -192,6 +185,9 @@ def _state_names(names: list[str]) -> list[str]:
 
 
 def _damaged(files: dict[str, bytes]) -> str | None:
+    """Why one of Tune's state files is not intact (cut short by a kill while Tune wrote it), or None. A pickle
+    is checked by its frame (protocol marker first, STOP opcode last), not loaded; anything else must parse
+    as JSON."""
     for name, data in files.items():
         if data[:1] == b"\x80":  # a pickle, whatever its name says (Tune's search_gen_state-*.json is one)
             if data[-1:] != b".":
@@ -206,45 +202,58 @@ def _damaged(files: dict[str, bytes]) -> str | None:
     return None
 
 
-_TUNE_STATE = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
+# What Tune's restore reads (every one holds pickles): the Tuner, the newest experiment state (its trials,
+# pickled inside the JSON), the search generator's and the Optuna searcher's state.
+_TUNE_STATE = ("tuner.pkl", "experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
 _BACKUP = "tune-state.zip"  # in the sweep's state folder: one file, so one atomic write on any store
+_SIGNATURE = "raymia-signature"  # the zip's member holding `signing.sign` of the others
 
 
 def _backup_tune_state(exp, state) -> None:
     """Copy Tune's newest state files, when intact, into one zip in the sweep's state folder (`exp` and
-    `state` are `raymia.storage` folder handles), replacing the previous copy in one atomic write."""
+    `state` are `raymia.storage` folder handles), signed with the user's key, replacing the previous copy in
+    one atomic write. A resume loads Tune's state only from this copy (`_restore_tune_state`)."""
     import io
     import zipfile
 
+    from raymia.signing import sign
+
     files = {n: exp.read(n) for n in _state_names(exp.list())}
-    if not files or _damaged(files) is not None:
+    if len(files) < len(_TUNE_STATE) or _damaged(files) is not None:
         return
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         for name, data in files.items():
             z.writestr(name, data)
+        z.writestr(_SIGNATURE, sign(files))
     state.write(_BACKUP, buf.getvalue())
 
 
-def _restore_tune_state(state, exp) -> bool:
-    """Put the intact copy `_backup_tune_state` kept back into `exp`; False when there is none."""
+def _restore_tune_state(state, exp) -> str | None:
+    """Make `exp` hold exactly the copy `_backup_tune_state` kept, once its signature holds (Tune unpickles
+    these files: what anyone else wrote into a shared store must not run here). None when done, else why not:
+    no copy (no trial had finished), or one this user's key did not sign."""
     import io
     import zipfile
 
-    if state.size(_BACKUP) is None:
-        return False
-    with zipfile.ZipFile(io.BytesIO(state.read(_BACKUP))) as z:
-        files = {n: z.read(n) for n in z.namelist()}
-    if not files or _damaged(files) is not None:
-        return False
-    import fnmatch
+    from raymia.signing import KEY_ENV, key_file, verify
 
-    for name in exp.list():
-        if any(fnmatch.fnmatch(name, p) for p in _TUNE_STATE):
-            exp.delete(name)
+    if state.size(_BACKUP) is None:
+        return "no trial had finished"
+    try:
+        with zipfile.ZipFile(io.BytesIO(state.read(_BACKUP))) as z:
+            files = {n: z.read(n) for n in z.namelist()}
+    except (zipfile.BadZipFile, ValueError) as e:
+        return f"its copy {_BACKUP} is not a zip ({e})"
+    signature = files.pop(_SIGNATURE, b"").decode("ascii", "replace")
+    plain = all("/" not in n and "\\" not in n for n in files) and sorted(_state_names(list(files))) == sorted(files)
+    if not plain or not verify(files, signature):
+        return (f"its copy {_BACKUP} is not signed with this user's key ({KEY_ENV}, or {key_file()}): it was "
+                "written by another user or machine, or changed since")
+    exp.remove_tree("")  # trial folders too: Tune loads a failed trial's pickled error from them
     for name, data in files.items():
         exp.write(name, data)
-    return True
+    return None
 
 
 def _delete_study(spec: SweepSpec, sweep_dir: Path) -> None:
@@ -740,7 +749,6 @@ def run_sweep(
     # discard the finished sweep of the same name.
     space, _ = validate_sweep(spec)
     _check_study_storage(spec, sweep_dir)
-    from ray import tune  # after the checks: a bad spec is refused without Ray's 1 s import
 
     if fresh:
         import shutil
@@ -761,21 +769,21 @@ def run_sweep(
         if console:
             _print_front(result)
         return result
-    resuming = state is not None and tune.Tuner.can_restore(exp.location)
-    if resuming and (problem := _damaged_tune_state(exp)):
-        # Tune would log the failed restore and then wait forever. Put back raymia's copy of its state from
-        # the last finished trial (trials finished since then report their stored results again); without
-        # one, start the search again: a fresh study with the same seed proposes the same settings, whose
-        # banks are stored, so nothing retrains.
-        if _restore_tune_state(keep, exp):
-            log.warning("sweep %s: Tune's saved state was damaged (%s; the sweep was killed while writing it); "
-                        "resuming from the copy taken after the last finished trial", spec.name, problem)
-        else:
-            log.warning("sweep %s: Tune's saved state is damaged (%s; the sweep was killed while writing it): "
-                        "starting the search again, reusing every stored bank", spec.name, problem)
+    # Tune's state is resumed from raymia's signed copy, taken after each finished trial, never from Tune's own
+    # files: those are written without an atomic rename (a kill can cut one short, and Tune then waits
+    # forever), and they hold pickles anyone who can write the store could have replaced. Trials finished
+    # after the copy report their stored results again. Without a usable copy the search starts again: a
+    # fresh study with the same seed proposes the same settings, whose banks are stored, so nothing retrains.
+    resuming = False
+    if state is not None:
+        why = _restore_tune_state(keep, exp)
+        resuming = why is None
+        if not resuming:
+            (log.warning if keep.size(_BACKUP) is not None else log.info)(
+                "sweep %s: Tune's saved state is not resumed (%s): starting the search again, reusing every "
+                "stored bank", spec.name, why)
             exp.remove_tree("")
             _delete_study(spec, sweep_dir)
-            resuming = False
     parent_id = state.get("parent_run_id") if state else None
     if spec.tracking.enabled and spec.tracking.uri.startswith(("http://", "https://")):
         # a server that does not answer: one line, nothing started

@@ -51,8 +51,8 @@ def test_killed_sweep_resumes(tmp_path):
     done_before = {p.split(os.sep)[-2] for p in finished}
     assert 1 <= len(done_before) < 3, done_before
     mtimes = {p: os.path.getmtime(p) for p in finished}
-    # The worst kill: while Tune copied its searcher state (Tune's copies are not atomic). The resume must
-    # put back raymia's copy from the last finished trial, not wait forever on a failed restore.
+    # The worst kill: while Tune copied its searcher state (Tune's copies are not atomic). The resume puts
+    # back raymia's signed copy from the last finished trial, and never waits forever on a failed restore.
     for state in glob.glob(str(tmp_path / "runs" / "ray" / "sweep-resumable" / "searcher-state-*.pkl")):
         Path(state).write_bytes(b"")
 
@@ -78,7 +78,7 @@ def test_killed_sweep_resumes(tmp_path):
                                         (tmp_path / "resume.err").read_text())
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming sweep resumable" in again.stderr
-    assert "resuming from the copy taken after the last finished trial" in again.stderr
+    assert "not resumed" not in again.stderr  # Tune's state came back from raymia's copy
     # the count goes on from the trials finished before the kill: it reaches the total
     assert " done (3/3)" in again.stderr, again.stderr[-3000:]
     result = json.loads((tmp_path / "runs" / "sweeps" / "resumable" / "result.json").read_text())
@@ -150,26 +150,19 @@ def test_ctrl_c_stops_a_sweep_with_exit_130_and_no_run_left_running(tmp_path):
     assert parent.info.status == "KILLED"
 
 
-def test_damaged_tune_state_is_found_without_unpickling(tmp_path):
-    """A state file cut short by a kill while Tune copied it (Tune would then wait forever on resume)."""
+def test_damaged_tune_state_is_found_without_unpickling():
+    """A state file cut short by a kill while Tune wrote it is never copied for a resume (Tune would then wait
+    forever); pickles are checked by their frame, not loaded."""
     import pickle
 
-    from raymia.storage import open_root
-    from raymia.sweep import _damaged_tune_state
+    from raymia.sweep import _damaged
 
-    exp = open_root(tmp_path)
-    (tmp_path / "experiment_state-1.json").write_text('{"trials": []}')
-    (tmp_path / "searcher-state-1.pkl").write_bytes(pickle.dumps({"a": 1}))
-    assert _damaged_tune_state(exp) is None
-    (tmp_path / "searcher-state-1.pkl").write_bytes(b"")
-    assert "searcher-state-1.pkl is cut short (0 bytes)" in _damaged_tune_state(exp)
-    (tmp_path / "searcher-state-1.pkl").write_bytes(pickle.dumps({"a": 1})[:-3])
-    assert "cut short" in _damaged_tune_state(exp)
-    (tmp_path / "searcher-state-1.pkl").write_bytes(pickle.dumps({"a": 1}))
-    (tmp_path / "search_gen_state-1.json").write_bytes(pickle.dumps({"b": 2}))  # Tune's: a pickle named .json
-    assert _damaged_tune_state(exp) is None
-    (tmp_path / "experiment_state-2.json").write_text('{"trials": [')  # the newest one counts
-    assert "experiment_state-2.json is neither intact JSON" in _damaged_tune_state(exp)
+    good = {"experiment_state-1.json": b'{"trials": []}', "searcher-state-1.pkl": pickle.dumps({"a": 1}),
+            "search_gen_state-1.json": pickle.dumps({"b": 2})}  # Tune's: a pickle named .json
+    assert _damaged(good) is None
+    assert "searcher-state-1.pkl is cut short (0 bytes)" in _damaged({**good, "searcher-state-1.pkl": b""})
+    assert "cut short" in _damaged({**good, "searcher-state-1.pkl": pickle.dumps({"a": 1})[:-3]})
+    assert "experiment_state-1.json is neither intact JSON" in _damaged({**good, "experiment_state-1.json": b'{"t'})
     # (a real sweep's files, as Tune writes them, are checked by test_killed_sweep_resumes: it must resume)
 
 
@@ -188,29 +181,71 @@ def test_delete_study_lets_a_new_search_start_from_the_seed(tmp_path):
     _delete_study(spec, tmp_path)  # no study: nothing to do
 
 
-def test_a_damaged_tune_state_is_put_back_from_raymias_copy(tmp_path):
-    """The copy is one zip in the sweep's state folder, on a local store and on one named by a URI."""
+def test_tune_state_is_resumed_only_from_raymias_signed_copy(tmp_path, monkeypatch):
+    """Tune unpickles its saved state on resume, and a shared store may be written by others: a resume loads
+    only raymia's copy (one zip in the sweep's state folder, on a local store and on one named by a URI),
+    signed with the user's key, and puts back exactly its files."""
     import pickle
+    import zipfile
 
     from raymia.storage import open_root
-    from raymia.sweep import _backup_tune_state, _damaged_tune_state, _restore_tune_state
+    from raymia.sweep import _backup_tune_state, _restore_tune_state
 
+    monkeypatch.setenv("RAYMIA_STATE_KEY", "11" * 32)
     (tmp_path / "exp").mkdir()
     for exp, keep in ((open_root(tmp_path / "exp"), open_root(tmp_path / "sweep")),
                       (open_root(f"file://{tmp_path}/exp"), open_root(f"memory://raymia-{tmp_path.name}/sweep"))):
+        exp.write("tuner.pkl", pickle.dumps({"tuner": 1}))
         exp.write("experiment_state-1.json", b'{"trials": [1]}')
+        exp.write("search_gen_state-1.json", pickle.dumps({"gen": 1}))
         exp.write("searcher-state-1.pkl", pickle.dumps({"told": 1}))
-        exp.write("trial_0/result.json", b"{}")  # trial folders are Tune's, not copied
+        exp.write("trial_0/error.pkl", pickle.dumps("x"))  # trial folders are Tune's, not copied
         _backup_tune_state(exp, keep)
         assert keep.list() == ["tune-state.zip"]
         exp.write("searcher-state-1.pkl", b"")  # the kill
         copy = keep.read("tune-state.zip")
         _backup_tune_state(exp, keep)  # a damaged state is never copied over a good one
         assert keep.read("tune-state.zip") == copy
-        assert _damaged_tune_state(exp) is not None
-        assert _restore_tune_state(keep, exp) and _damaged_tune_state(exp) is None
+        assert _restore_tune_state(keep, exp) is None
         assert pickle.loads(exp.read("searcher-state-1.pkl")) == {"told": 1}
-        assert not _restore_tune_state(open_root(tmp_path / "none"), exp)
+        assert sorted(exp.list()) == ["experiment_state-1.json", "search_gen_state-1.json", "searcher-state-1.pkl",
+                                      "tuner.pkl"]
+        assert "no trial had finished" in _restore_tune_state(open_root(tmp_path / "none"), exp)
+
+        # another user's key, or a file changed in the copy: nothing is put back, nothing unpickled
+        monkeypatch.setenv("RAYMIA_STATE_KEY", "22" * 32)
+        assert "not signed with this user's key" in _restore_tune_state(keep, exp)
+        monkeypatch.setenv("RAYMIA_STATE_KEY", "11" * 32)
+        import io
+
+        buf = io.BytesIO()
+        with zipfile.ZipFile(io.BytesIO(copy)) as z, zipfile.ZipFile(buf, "w") as out:
+            for name in z.namelist():
+                out.writestr(name, pickle.dumps("evil") if name == "tuner.pkl" else z.read(name))
+        keep.write("tune-state.zip", buf.getvalue())
+        exp.write("tuner.pkl", b"mine")
+        assert "not signed with this user's key" in _restore_tune_state(keep, exp)
+        assert exp.read("tuner.pkl") == b"mine"
+        keep.write("tune-state.zip", b"not a zip")
+        assert "is not a zip" in _restore_tune_state(keep, exp)
+
+
+def test_the_signing_key_is_the_users_own(tmp_path, monkeypatch):
+    from raymia.errors import RaymiaError
+    from raymia.signing import sign, state_key
+
+    monkeypatch.delenv("RAYMIA_STATE_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    key = state_key()
+    path = tmp_path / ".config" / "raymia" / "state.key"
+    assert len(key) == 32 and path.stat().st_mode & 0o777 == 0o600 and state_key() == key
+    assert sign({"a": b"1"}, key) != sign({"a": b"2"}, key) != sign({"b": b"2"}, key)
+    monkeypatch.setenv("RAYMIA_STATE_KEY", "zz")
+    with pytest.raises(RaymiaError, match="RAYMIA_STATE_KEY: is not hex"):
+        state_key()
+    monkeypatch.setenv("RAYMIA_STATE_KEY", "abcd")
+    with pytest.raises(RaymiaError, match="give at least 16"):
+        state_key()
 
 
 def test_sweep_state_in_a_uri_store_resumes_on_a_driver_without_the_local_folder(tmp_path):
