@@ -562,6 +562,7 @@ def fmt(v: float | None, pct: bool = False) -> str:
 def print_audit_table(result: AuditResult) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from raymia.metrics import metric_label, table_columns, unresolved_note
 
@@ -594,7 +595,7 @@ def print_audit_table(result: AuditResult) -> None:
 
     import sys
 
-    c = Console(width=None if sys.stdout.isatty() else 200)
+    c = Console(width=None if sys.stdout.isatty() else 200, markup=False, emoji=False)  # names print as given
     c.print(table(f"{spec.name} [{result.fingerprint}]  defense={spec.defense.name}  {who}{over}",
                   result.attacks, result.attacks_std))
     if unresolved:
@@ -622,8 +623,8 @@ def print_audit_table(result: AuditResult) -> None:
 
         strongest = {k: inv.strongest(k) for k in MI_METRICS} if len(inv.attacks) > 1 else {}
 
-        def cell(a: str, k: str, text: str) -> str:
-            return f"[bold]{text}[/bold]" if strongest.get(k) == a else text
+        def cell(a: str, k: str, text: str) -> Text:
+            return Text(text, style="bold" if strongest.get(k) == a else "")
 
         for a, ms in inv.attacks.items():
             mi.add_row(a, cell(a, "top1", fmt(ms["top1"], True)), cell(a, "top5", fmt(ms["top5"], True)),

@@ -29,12 +29,13 @@ def _registries():
 def cmd_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from raymia.registry import param_table
     from raymia.space import describe
 
     regs = _registries()
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = Console(width=None if sys.stdout.isatty() else 160, markup=False, emoji=False)
     # `list attacks` shows every attack, membership and inversion; `list inversion` the latter only
     kinds = {"attacks": ["attacks", "inversion"]}.get(args.kind, [args.kind]) if args.kind else KINDS
     for kind in kinds:
@@ -45,7 +46,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         for entry in regs[kind].entries():
             label = {"inversion": "inversion attack", "ood": "non-member set", "trainers": "training function"
                      }.get(kind, kind[:-1])
-            console.print(f"{label} [bold]{entry.name}[/bold]: {entry.doc}", soft_wrap=True)
+            console.print(Text.assemble(f"{label} ", (entry.name, "bold"), f": {entry.doc}"), soft_wrap=True)
             table = Table()
             for col in ("parameter", "type", "default"):
                 table.add_column(col, no_wrap=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ import yaml
 from raymia.errors import RaymiaError
 from raymia.metrics import as_number as _num
 from raymia.metrics import spread_key
+from raymia.spec import NAME_PATTERN
 from raymia.tracking import (
     KIND_SWEEP,
     KIND_TRIAL,
@@ -390,6 +392,9 @@ def trials_from_mlflow(
     parent = _find_parent(client, exp.experiment_id, experiment, sweep, parent_run_id)
     pid, pparams = parent.info.run_id, parent.data.params
     name = _sweep_name(parent)
+    if not re.match(NAME_PATTERN, name):  # it names the output folder: a run's params must not reach outside it
+        raise RaymiaError(f"parent run {pid}'s sweep name {name!r} is not a sweep name (letters, digits, '_', '-', "
+                          "'.', not starting with '.')", where="--run-id" if parent_run_id else "--sweep")
     objectives = [{"metric": o["metric"], "mode": o["mode"],
                    "reference": _num(pparams.get(f"sweep.objectives.{i}.reference"))}
                   for i, o in enumerate(_indexed(pparams, "sweep.objectives", ("metric", "mode")))]
@@ -557,10 +562,18 @@ def front_markdown(trials: list[dict], objectives: Iterable[Any], front: list[in
              "|---|---|---|" + "---|" * len(objs) + "---|"]
     for t in trials:
         vals = [fmt_mean_std(t, o) for o in objs] if t.get("status") == "ok" else ["failed"] * len(objs)
-        lines.append(f"| {t['trial']} | {t['defense']} | {fmt_params(t)} | " + " | ".join(vals)
+        lines.append(f"| {_md(t['trial'])} | {_md(t['defense'])} | {_md(fmt_params(t))} | " + " | ".join(vals)
                      + f" | {'*' if t['trial'] in on else ''} |")
     lines += ["", f"Hypervolume {hypervolume_text(hv, reference)}"]
     return intro + "\n".join(lines) + "\n"
+
+
+def _md(value: Any) -> str:
+    """A table cell's text that stays text: a plug-in's name or a categorical value holding '|' must not split
+    the row, nor HTML in it render (front.md is also the MLflow parent run's description)."""
+    import html
+
+    return html.escape(str(value), quote=False).replace("|", "\\|")
 
 
 def print_front(
@@ -580,6 +593,7 @@ def print_front(
     failed trials and `footer`."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text  # names and values print as given, whatever the console's markup setting
 
     objectives = objective_pairs(objectives)
     by_num = {t["trial"]: t for t in trials}
@@ -595,7 +609,7 @@ def print_front(
     defenses = sorted({str(t["defense"]) for t in rows})
     one = len(defenses) == 1
     title = f"sweep {sweep}: Pareto front ({len(front)} of {len(trials)} trials)"
-    table = Table(title=title + (f", all {defenses[0]}" if one else ""))
+    table = Table(title=Text(title + (f", all {defenses[0]}" if one else "")))
     table.add_column("trial", overflow="fold")
     if not one:
         table.add_column("defense", overflow="fold")
@@ -605,16 +619,17 @@ def print_front(
         table.add_column(_heading(metric, mode), justify="right", overflow="fold",
                          max_width=max([len(v[i]) for v in values] + [len(mode) + 2, 8]))
     for g, t, p, v in zip(groups, rows, params, values, strict=True):
-        table.add_row(", ".join(str(r["trial"]) for r in g), *([] if one else [str(t["defense"])]), p, *v)
+        table.add_row(*map(Text, [", ".join(str(r["trial"]) for r in g), *([] if one else [str(t["defense"])]), p,
+                                  *v]))
     c = console or Console()
     c.print(table)
     if show_hypervolume:
-        c.print(f"hypervolume {hypervolume_text(hypervolume, reference)}", soft_wrap=True)
+        c.print(Text(f"hypervolume {hypervolume_text(hypervolume, reference)}"), soft_wrap=True)
     failed = [t for t in trials if t.get("status") != "ok"]
     if failed:
-        c.print(f"{len(failed)} trial(s) failed: " + "; ".join(f"#{t['trial']}: {t.get('error')}" for t in failed),
-                soft_wrap=True)
-    c.print(footer, soft_wrap=True)
+        c.print(Text(f"{len(failed)} trial(s) failed: "
+                     + "; ".join(f"#{t['trial']}: {t.get('error')}" for t in failed)), soft_wrap=True)
+    c.print(Text(footer), soft_wrap=True)
 
 
 def plot_front(trials: list[dict], objectives: Iterable[Any], front: list[int], reference: dict | None,

@@ -15,10 +15,11 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -31,6 +32,21 @@ from raymia.errors import SpecError
 
 # Bump when the meaning of stored signals changes, so old entries are never reused by mistake.
 SIGNAL_FORMAT_VERSION = 7  # 4: one-cycle keeps the momentum; airbench trains with its own tricks; 5: airbench94's BN eps, whitening-bias lr and epochs, lookahead from epoch 3; 6: the plan draws complementary pairs of models; 7: min-max reference sets and the VAE fit on public points only; RelaxLoss and MemGuard as their official code
+
+NAME_PATTERN = r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$"
+
+
+def _file_name(v: str) -> str:
+    # Names become folder names (audits/<name>, sweeps/<name>, a metric's prefix): no separator, and no
+    # leading dot, so neither "." nor ".." can name the folder above (a --fresh sweep deletes its folder).
+    if not re.match(NAME_PATTERN, v):
+        raise ValueError(f"{v!r} is not a name: use letters, digits, '_', '-' and '.', not starting with '.'")
+    return v
+
+
+FileName = Annotated[
+    str, Field(max_length=64, json_schema_extra={"pattern": NAME_PATTERN}), AfterValidator(_file_name)
+]
 
 _QUERY_RE = re.compile(r"^(identity|hflip|shift:(-?\d+):(-?\d+)|noise:(\d*\.?\d+))$")
 
@@ -135,8 +151,8 @@ class LabelledEntry(Named):
     non-member set. Labels let one entry be listed twice with different params; `key` is the label, or the
     name."""
 
-    label: str | None = Field(
-        None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$",
+    label: FileName | None = Field(
+        None,
         description="name of this entry in results and metric names (default: its name)",
     )
 
@@ -445,7 +461,7 @@ class TargetSpec(_Model):
 
 
 class AuditSpec(_Model):
-    name: str = Field("audit", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: FileName = "audit"
     seed: int = Field(0, ge=0)
     data: DataSpec = Field(default_factory=DataSpec)
     plan: PlanSpec = Field(default_factory=PlanSpec)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -131,13 +132,15 @@ def check_reachable(uri: str, experiment: str) -> None:
 def artifact_location(uri: str, experiment: str) -> str | None:
     """Where a new experiment keeps its artifacts: beside a local SQLite store (<its folder>/mlartifacts/
     <experiment>), not in the ./mlruns of whatever folder the run started in; None (the server's or the
-    store's default) for other stores."""
+    store's default) for other stores. The experiment's name is made one folder name (a name such as
+    "/Users/alice/x" or "../x" must not place files outside mlartifacts/)."""
     if not uri.startswith("sqlite:///"):
         return None
     db = Path(uri.removeprefix("sqlite:///"))
     if str(db) in ("", ":memory:"):
         return None
-    return (db.resolve().parent / "mlartifacts" / experiment).as_uri()
+    folder = re.sub(r"[^A-Za-z0-9_.\-]", "_", experiment).lstrip(".") or "_"
+    return (db.resolve().parent / "mlartifacts" / folder).as_uri()
 
 
 def context_tags() -> dict[str, str]:

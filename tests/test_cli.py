@@ -109,6 +109,8 @@ def test_list_shows_every_registry_with_parameters_and_defaults():
                    "attack lira_online", "fixed_variance", "attack loss", "query"):
         assert needle in text, needle
     assert "training functions: none registered" in text  # plug-ins add them; module:function needs none
+    # docstrings and types print as written: brackets are text, not console markup
+    assert "list[int]" in text and "score = 1[argmax == y] of the target" in text
     only = raymia("list", "attacks")
     assert "lira_offline" in only.stdout and "dataset digits" not in only.stdout
     for needle in ("inversion attack miface", "inversion attack gmi", "inversion attack plg_mi",

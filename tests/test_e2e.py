@@ -105,6 +105,7 @@ def test_cli_audit_reuses_signals_and_prints_the_table(first_audit, workdir):
     assert out.returncode == 0, out.stderr
     assert "reusing stored signals" in out.stderr
     assert "lira_online" in out.stdout and f"{res.attacks['lira_online']['auc']:.4f}" in out.stdout
+    assert f"[{res.fingerprint}]" in out.stdout  # brackets are text, not console markup (it ate "[b3...]")
     # ~150 non-members: TPR@1%FPR is a column, the levels no attack resolves are named once below the table
     assert "TPR@1%FPR" in out.stdout and "TPR@0.1%FPR ┃" not in out.stdout
     assert "n/a for every attack, not shown: TPR@0.1%FPR, TPR@0.01%FPR, TPR@0.001%FPR" in out.stdout

@@ -1,5 +1,6 @@
 """Security defaults of a local run, measured: which sockets a local Ray instance started by raymia (with
-its warm bank pool) listens on, and that a client without Ray's token is refused.
+its warm bank pool) listens on, that a client without Ray's token is refused, and that the token file Ray
+writes is readable by its owner only.
 
 Ray 2.60 binds its GCS, raylet and every worker's gRPC server to all interfaces and turns a loopback node
 address into the machine's routable one, so those cannot be moved to loopback; README.md ("Security")
@@ -90,11 +91,16 @@ def _name(pid: int) -> str:
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="lists sockets through Linux's /proc")
 def test_local_run_listens_beyond_loopback_only_where_ray_cannot_move_and_refuses_tokenless_clients(tmp_path):
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}}
+    owner = tmp_path / "owner"  # a home without a token: Ray writes a new one, under the usual umask
+    owner.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH")},
+           "HOME": str(owner)}
     driver = subprocess.Popen([sys.executable, "-c", DRIVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path)
+                              stderr=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path, umask=0o022)
     try:
         gcs = json.loads(driver.stdout.readline())["gcs"]
+        # whoever reads the token can run code as its owner: raymia leaves it readable by the owner only
+        assert (owner / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600
         ours = descendants(driver.pid)
         sockets = [(ip, port, pid) for ip, port, pid in listening() if pid in ours]
         names = {pid: _name(pid) for _, _, pid in sockets}
@@ -133,3 +139,81 @@ def test_local_run_listens_beyond_loopback_only_where_ray_cannot_move_and_refuse
 def pid_is_driver(name: str) -> bool:
     """The driver's own core worker (the python process that called ray.init) listens like a worker's."""
     return name.startswith("python")
+
+
+# --- names and strings a user or another program gives: they stay inside their folders and print as given
+
+
+@pytest.mark.parametrize("name", ["..", ".", ".hidden", "../x", "a/b", "a b", ""])
+def test_names_that_would_leave_their_folder_are_refused(name):
+    """`name` becomes audits/<name> and sweeps/<name> (which --fresh deletes); a label, part of metric names."""
+    from raymia.errors import SpecError
+    from raymia.resolve import validate_spec
+    from raymia.spec import SweepSpec
+
+    with pytest.raises(SpecError, match=r"name: .*not starting with '\.'|name: .*should have at least"):
+        validate_spec({"name": name, "sweep": {"defense": "hamp"}}, SweepSpec)
+    with pytest.raises(SpecError, match=r"attacks\.0\.label"):
+        validate_spec({"attacks": [{"name": "loss", "label": name or "."}]})
+    assert validate_spec({"name": "v1.2_run-3"}).name == "v1.2_run-3"
+
+
+def test_an_mlflow_experiment_name_is_one_folder_under_mlartifacts(tmp_path):
+    from raymia.tracking import artifact_location
+
+    base = (tmp_path / "mlartifacts").as_uri()
+    for experiment, folder in (("raymia-quickstart", "raymia-quickstart"), ("/Users/alice/x", "_Users_alice_x"),
+                               ("../../etc", "_.._etc"), ("..", "_"), ("a <b>", "a__b_")):
+        assert artifact_location(f"sqlite:///{tmp_path}/mlflow.db", experiment) == f"{base}/{folder}"
+
+
+def test_a_sweep_name_read_from_mlflow_must_be_a_name(tmp_path):
+    """`raymia pareto` writes raymia-runs/pareto/<the parent run's name param>: anyone who logs to a shared
+    tracking server chooses that param."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    from raymia.errors import RaymiaError
+    from raymia.pareto import trials_from_mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("X")
+    run = client.create_run(exp, run_name="sweep-evil", tags={"raymia.kind": "sweep"})
+    client.log_batch(run.info.run_id, params=[Param("name", "../../../tmp/evil")])
+    with pytest.raises(RaymiaError, match=r"--run-id: parent run \w+'s sweep name '\.\./\.\./\.\./tmp/evil' is not"):
+        trials_from_mlflow(uri, "X", parent_run_id=run.info.run_id)
+
+
+def test_user_strings_print_as_given_on_the_console_and_in_front_md():
+    """Rich reads [...] as markup: a categorical value "[/dim]" ended a finished sweep with MarkupError, and
+    "[bold]x[/]" lost its brackets. In front.md, "|" would split the row and HTML would render."""
+    import io
+
+    from rich.console import Console
+
+    from raymia.pareto import front_markdown, print_front
+
+    objectives = [("test_accuracy", "max"), ("auc", "min")]
+    trials = [{"trial": 1, "defense": "plug:Evil", "status": "ok", "test_accuracy": 0.9, "auc": 0.6,
+               "params": {"mode": "[/dim]", "tag": "[bold]x[/] a|b <script>"}},
+              {"trial": 2, "defense": "plug:Evil", "status": "failed", "error": "bad [/red] value", "params": {}}]
+    console = Console(width=200, file=io.StringIO(), record=True)  # markup on, as a caller's console may be
+    print_front("s [b30b23353fb71fa4]", trials, objectives, [1], "-> out [/x]", console=console)
+    text = console.export_text()
+    for needle in ("s [b30b23353fb71fa4]", "mode=[/dim]", "tag=[bold]x[/] a|b <script>", "bad [/red] value",
+                   "-> out [/x]"):
+        assert needle in text, needle
+    md = front_markdown(trials, objectives, [1])
+    assert r"tag=[bold]x[/] a\|b &lt;script&gt;" in md and "<script>" not in md
+    assert all(line.count(" | ") == md.splitlines()[0].count(" | ") for line in md.splitlines()[2:4])
+
+
+def test_report_of_a_result_json_raymia_did_not_write_is_one_line(tmp_path):
+    from raymia.errors import RaymiaError
+    from raymia.report.html import write_html
+
+    for content, needle in (("[]", "holds a JSON list"), ('{"front": [1], "trials": [{"x": 1}]}', "KeyError")):
+        (tmp_path / "result.json").write_text(content)
+        with pytest.raises(RaymiaError, match=f"result.json: .*{needle}"):
+            write_html(tmp_path)

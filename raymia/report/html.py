@@ -54,10 +54,15 @@ def write_html(folder: str | Path) -> Path:
         result = json.loads(result_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RaymiaError(f"is not a JSON result: {e}", where=str(result_path)) from None
+    if not isinstance(result, dict):
+        raise RaymiaError(f"holds a JSON {type(result).__name__}, not a result raymia wrote", where=str(result_path))
     sweep = "front" in result and "trials" in result
-    if not sweep:
-        _draw_histograms(result, folder)
-    body = _sweep(result, folder) if sweep else _audit(result, folder)
+    try:
+        if not sweep:
+            _draw_histograms(result, folder)
+        body = _sweep(result, folder) if sweep else _audit(result, folder)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # edited by hand, or another program's
+        raise RaymiaError(f"is not a result raymia wrote ({type(e).__name__}: {e})", where=str(result_path)) from None
     title = f"raymia {'sweep' if 'front' in result else 'audit'} {result.get('name', '')}"
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{escape(title)}</title>"
             f"<style>{_CSS}</style></head><body>{body}</body></html>\n")
