@@ -73,6 +73,12 @@ def validate_spec(raw: dict[str, Any], kind: type[AuditSpec] = AuditSpec, where:
     return spec
 
 
+def check_bank_size(spec: AuditSpec) -> None:
+    if spec.target is None and spec.plan.num_models < 4:
+        raise SpecError(f"leave-one-out attacks a bank model with the others but its pair as shadows: it needs at "
+                        f"least 4 models, got {spec.plan.num_models}", where="plan.num_models")
+
+
 def check_names(spec: AuditSpec) -> None:
     """Resolve every registry name and its params now, so bad input fails before any work starts."""
     DATASETS.get(spec.data.name, where="data.name").parse(spec.data.params, where="data.params")
@@ -85,6 +91,7 @@ def check_names(spec: AuditSpec) -> None:
             raise SpecError(f"{a.key!r} already names attacks.{seen[a.key]}; give each entry its own label "
                             "(results and metrics are keyed by it)", where=f"attacks.{i}.label")
         seen[a.key] = i
+    check_bank_size(spec)
     if spec.train.function is not None:
         from raymia.train.function import TRAINERS
 

@@ -9,6 +9,7 @@ import logging
 import socket
 
 import pytest
+import yaml
 
 import raymia
 from raymia.errors import RaymiaError, SpecError
@@ -83,6 +84,14 @@ def test_queries_and_models_that_do_not_fit_the_data_are_refused_before_training
         BankContext.from_spec(too_many, check_model=False)
     with pytest.raises(SpecError, match=r"^plan.num_models: leave-one-out .* needs at least 4 models, got 2"):
         raymia.run_audit(_spec(tmp_path, plan={"num_models": 2}))
+    with pytest.raises(SpecError, match=r"^plan.num_models: .* needs at least 4 models"):  # as run_audit takes it
+        raymia.run_audit(AuditSpec.model_validate(_spec(tmp_path, plan={"num_models": 2})))
+    from raymia.check import check_spec  # `raymia check` refuses what the run would: before Ray starts
+
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump({"sweep": {"defense": "hamp"}, "plan": {"num_models": 2}}))
+    with pytest.raises(SpecError, match=r"plan.num_models: .* needs at least 4 models"):
+        check_spec(path)
 
 
 @pytest.mark.parametrize("space, message", [
