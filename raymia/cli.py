@@ -303,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("raymia: interrupted; finished work is stored and a re-run resumes it", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `raymia schema | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush has nowhere to fail
+        return 0
 
 
 def entry() -> None:

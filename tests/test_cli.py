@@ -182,3 +182,12 @@ def test_the_command_exits_with_mains_code_after_the_exit_hooks(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "raymia", "audit", str(tmp_path / "missing.yaml")],
                          capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 2 and "hook ran" in bad.stderr and "file not found" in bad.stderr
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_no_traceback():
+    """`raymia schema | head -1`: the reader closes the pipe while raymia still writes."""
+    proc = subprocess.Popen([sys.executable, "-m", "raymia", "schema"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0 and "Traceback" not in stderr, stderr
