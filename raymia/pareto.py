@@ -537,6 +537,7 @@ def hypervolume_text(hv: float | None, reference: dict[str, Any] | None) -> str:
 # A DP defense's accounted epsilon is the privacy number its users read first, and no searched parameter
 # shows it: the front's tables and each trial's console line give it beside the objectives.
 EPSILON = "defense/epsilon"
+DELTA = "defense/delta"
 
 
 def with_epsilon(objectives: list[tuple[str, str]], trials: list[dict]) -> list[tuple[str, str]]:
@@ -544,6 +545,15 @@ def with_epsilon(objectives: list[tuple[str, str]], trials: list[dict]) -> list[
     if any(k == EPSILON for k, _ in objectives) or not any(_num(t.get(EPSILON)) is not None for t in trials):
         return objectives
     return [*objectives, (EPSILON, "")]
+
+
+def epsilon_note(trials: list[dict]) -> str | None:
+    """What the accounted epsilon shown beside a front means: the delta it holds at (a DP defense's own:
+    DP-SGD's default is 1/n^1.1 of its n training points); None where no trial has one."""
+    deltas = sorted({d for t in trials if _num(t.get(EPSILON)) is not None and (d := _num(t.get(DELTA))) is not None})
+    if not deltas:
+        return None
+    return f"epsilon: the defense's accounted epsilon at delta {', '.join(f'{d:.2g}' for d in deltas)}"
 
 
 def _heading(metric: str, mode: str) -> str:
@@ -565,6 +575,8 @@ def front_markdown(trials: list[dict], objectives: Iterable[Any], front: list[in
         lines.append(f"| {_md(t['trial'])} | {_md(t['defense'])} | {_md(fmt_params(t))} | " + " | ".join(vals)
                      + f" | {'*' if t['trial'] in on else ''} |")
     lines += ["", f"Hypervolume {hypervolume_text(hv, reference)}"]
+    if note := epsilon_note(trials):
+        lines += ["", note[0].upper() + note[1:] + "."]
     return intro + "\n".join(lines) + "\n"
 
 
@@ -623,6 +635,8 @@ def print_front(
                                   *v]))
     c = console or Console()
     c.print(table)
+    if any(e is not None for e in eps) and (note := epsilon_note(rows)):
+        c.print(Text(note), soft_wrap=True)
     if show_hypervolume:
         c.print(Text(f"hypervolume {hypervolume_text(hypervolume, reference)}"), soft_wrap=True)
     failed = [t for t in trials if t.get("status") != "ok"]

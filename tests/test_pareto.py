@@ -535,7 +535,7 @@ def test_a_dp_defenses_accounted_epsilon_is_shown_beside_the_objectives():
                "lira_online/tpr_fpr_0.01": 0.1137}]
     for n, (sigma, eps) in enumerate([(0.988, 55.5016), (1.41, 35.0085)], start=1):
         trials.append({"trial": n, "defense": "dpsgd", "status": "ok", "test_accuracy": 0.9 - n / 100,
-                       "lira_online/tpr_fpr_0.01": 0.05 / n, "defense/epsilon": eps,
+                       "lira_online/tpr_fpr_0.01": 0.05 / n, "defense/epsilon": eps, "defense/delta": 673 ** -1.1,
                        "params": {"noise_multiplier": sigma, "max_grad_norm": 1.96, "lr": 0.0205, "batch_size": 379}})
     assert result_text(trials[1], objs) == ("test_accuracy=0.8900  lira_online/tpr_fpr_0.01=0.0500  "
                                             "defense/epsilon=55.5")
@@ -548,7 +548,9 @@ def test_a_dp_defenses_accounted_epsilon_is_shown_beside_the_objectives():
     words = " ".join(cells).split()
     for w in ("noise_multiplier=0.988", "max_grad_norm=1.96", "batch_size=379", "(epsilon=55.5)", "(epsilon=35)"):
         assert w in words, (w, cells)  # never cut across two lines
+    assert "epsilon: the defense's accounted epsilon at delta 0.00077" in "\n".join(lines)  # what it means
     md = front_markdown(trials, objectives, [0, 1, 2])
     assert "| defense/epsilon | front |" in md and "| 55.5016 | * |" in md and "| 0.1137 | n/a | * |" in md
+    assert "Epsilon: the defense's accounted epsilon at delta 0.00077." in md
     plain = front_markdown(trials[:1], objectives, [0])
     assert "epsilon" not in plain  # no DP trial: no column

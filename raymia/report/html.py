@@ -263,7 +263,7 @@ def _read_vulnerable(path: Path) -> list[dict[str, str]]:
 
 
 def _sweep(r: dict[str, Any], folder: Path) -> str:
-    from raymia.pareto import fmt_params, hypervolume_text, same_settings, with_epsilon
+    from raymia.pareto import epsilon_note, fmt_params, hypervolume_text, same_settings, with_epsilon
 
     trials = r.get("trials", [])
     objectives = with_epsilon([(o["metric"], o["mode"]) for o in r.get("objectives", [])], trials)
@@ -294,6 +294,8 @@ def _sweep(r: dict[str, Any], folder: Path) -> str:
     parts.append(_table(header, [[escape(", ".join(str(r["trial"]) for r in g)), escape(str(g[0]["defense"])),
                                   escape(fmt_params(g[0])), *[cell(g[0], m) for m, _ in objectives]]
                                  for g in front_rows]))
+    if note := epsilon_note(trials):
+        parts.append(f"<p>{escape(note[0].upper() + note[1:])}.</p>")
     parts.append(_figure(folder / "pareto.png", "every trial; the front ringed"))
 
     parts.append("<h2>All trials</h2>")
