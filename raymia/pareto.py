@@ -9,11 +9,10 @@ back from MLflow by `trials_from_mlflow`) both go through `front_and_hypervolume
 Why not Optuna's front (`Study.best_trials`, `optuna.study._multi_objective._get_pareto_front_trials`):
 it gives the same front on the same trials (`tests/test_pareto.py` checks it, constraints included, set
 with `Trial.set_constraint`), but it cannot be the one place. `raymia pareto` reads a sweep back from
-MLflow, where there is no study. In a sweep's study the constraints are missing: they are deliberately
-not given to the sampler (that would change what it samples), Tune's OptunaSearch tells the study the
-objective values only (no constraint values, no other metrics, while a constraint may name any metric),
-and its trials are numbered by Optuna, not by Tune as the sweep's are. So the front is one pure function
-over trial dicts.
+MLflow, where there is no study. A sweep's study lacks the undefended baseline (trial 0 runs outside the
+search), holds the objective values only (Tune's OptunaSearch tells it nothing else; the constraints'
+values reach its sampler as a user attribute, `searcher.ConstrainedOptunaSearch`), and numbers its trials
+by Optuna's order, not by Tune's as the sweep does. So the front is one pure function over trial dicts.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The user's own training recipe: mixup with SGD and a cosine schedule, which raymia's loop lacks.
+"""The user's own training recipe: SGD with a cosine schedule and mixup, which raymia's loop lacks.
 
 `train` is what you already have. `fit` adapts it to raymia (`train.function: recipe:fit`): raymia calls
 `fit(job, params)` once per shadow model with a freshly built `job.model`, its members `job.x`, `job.y` on
