@@ -525,6 +525,9 @@ class AuditSpec(_Model):
         code = self.code_digests()
         if code:  # plug-ins named by import path: their source file's bytes (absent: fingerprints as before)
             out["code"] = code
+        inputs = self.input_digests()
+        if inputs:  # files the params name: their bytes (absent: fingerprints as before)
+            out["inputs"] = inputs
         if self.metrics.raw_outputs:  # the packs hold the outputs before post-processing too (absent: as before)
             out["raw_outputs"] = True
         if self.ood is not None:  # the packs hold the sets' outputs too (absent: fingerprints as before)
@@ -541,6 +544,23 @@ class AuditSpec(_Model):
         if self.train.function is not None:
             named["train.function.name"] = self.train.function.name
         return {f: source_digest(n, where=f) for f, n in named.items() if is_import_path(n)}
+
+    def input_digests(self) -> dict[str, str]:
+        """{field: digest of its contents} for the local files and folders the bank's params name (an npz's
+        `path`, an image folder's `root`, TL-DMI's `weights`), so stored signals are not reused once the data
+        behind an unchanged path has changed. Params left at their defaults are not read here."""
+        from raymia.storage import content_digest
+
+        sections = {"data.params": self.data.params, "model.params": self.model.params,
+                    "defense.params": self.defense.params}
+        if self.train.function is not None:
+            sections["train.function.params"] = self.train.function.params
+        out = {}
+        for where, params in sections.items():
+            for k, v in sorted(params.items()):
+                if isinstance(v, str) and v and "://" not in v and Path(v).expanduser().exists():
+                    out[f"{where}.{k}"] = content_digest(Path(v))
+        return out
 
     def pack_fingerprints(self) -> dict[int, str]:
         """Non-adaptive banks: packs holding no target (so no defended model) are exactly the packs of the

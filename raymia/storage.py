@@ -296,3 +296,30 @@ def store_dir(where: str | Path | StoredDir, *sub: str) -> Path | StoredDir:
     for part in sub:
         d = d / part if isinstance(d, Path) else d.sub(part)
     return d
+
+
+_DIGESTS: dict[tuple, str] = {}  # per process: (path, its files' names, sizes and mtimes) -> content digest
+
+
+def content_digest(path: Path) -> str:
+    """SHA-256 (16 hex digits) of a local file's bytes, or of a folder's files (relative names and bytes, in
+    name order): the same on every node that holds the same data. Kept per process while no file's size or
+    mtime changes, so a spec's fingerprint, taken many times in a run, reads the data once."""
+    import hashlib
+
+    path = Path(path).expanduser().resolve()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stats = []
+    for p in files:
+        st = p.stat()
+        stats.append((p.relative_to(path).as_posix() if path.is_dir() else "", st.st_size, st.st_mtime_ns))
+    key = (str(path), tuple(stats))
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        for p, (name, size, _) in zip(files, stats, strict=True):
+            h.update(f"{name}\0{size}\0".encode())
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()[:16]
+    return _DIGESTS[key]

@@ -181,3 +181,26 @@ def test_digits_dataset():
     assert abs(d.x_test.shape[0] - 450) <= 1
     assert set(d.y_train.unique().tolist()) == set(range(10))
     assert abs(float(torch.cat([d.x_train, d.x_test]).mean())) < 0.01  # normalised
+
+
+def test_data_behind_an_unchanged_path_changes_the_fingerprint(tmp_path):
+    """An npz rewritten at the same path (or an image folder, or TL-DMI's weights) is other data: its stored
+    signals must not be reused for it (they were: the old logits scored against the new labels)."""
+    from raymia.spec import AuditSpec
+
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=np.zeros((4, 2)), y_train=np.array([0, 1, 0, 1]))
+    spec = AuditSpec.model_validate({"data": {"name": "npz", "params": {"path": str(path)}}})
+    first = spec.fingerprint()
+    assert spec.fingerprint() == first and "data.params.path" in spec.bank_dict()["inputs"]
+    np.savez(path, x_train=np.zeros((4, 2)), y_train=np.array([1, 1, 0, 1]))  # one label changed
+    assert spec.fingerprint() != first
+    folder = tmp_path / "images" / "train" / "a"
+    folder.mkdir(parents=True)
+    (folder / "0.png").write_bytes(b"one")
+    spec = AuditSpec.model_validate({"data": {"name": "imagefolder", "params": {"root": str(tmp_path / "images")}}})
+    before = spec.fingerprint()
+    (folder / "1.png").write_bytes(b"two")
+    assert spec.fingerprint() != before
+    # a param that names no file, or the defaults, fingerprint as before
+    assert "inputs" not in AuditSpec.model_validate({"data": {"params": {"test_fraction": 0.25}}}).bank_dict()
