@@ -94,7 +94,12 @@ def _spec_from_trial(args: argparse.Namespace):
     if not path.exists():
         raise SpecError(f"no finished sweep {sweep.name!r} (expected {path}); run raymia sweep first",
                         where="--from-trial")
-    trials = json.loads(path.read_text())["trials"]
+    try:
+        trials = json.loads(path.read_text())["trials"]
+        trials = [t for t in trials if isinstance(t, dict) and "trial" in t]
+    except (ValueError, KeyError, TypeError):
+        raise SpecError("is not a sweep result raymia wrote (cut short or edited); running the sweep again "
+                        "writes it from its stored trials", where=str(path)) from None
     trial = next((t for t in trials if t["trial"] == args.from_trial and t.get("status") == "ok"), None)
     if trial is None:
         ok = [t["trial"] for t in trials if t.get("status") == "ok"]

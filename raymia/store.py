@@ -100,6 +100,8 @@ class SignalStore:
             info = json.loads(self.files.read(manifest))
         except (json.JSONDecodeError, UnicodeDecodeError):
             return None, None, "corrupt manifest"
+        if not isinstance(info, dict) or not isinstance(info.get("arrays"), dict):
+            return None, None, "corrupt manifest"
         size = self.files.size(data)
         if size is None:
             return info, None, "data file missing"

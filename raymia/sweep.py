@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from raymia.audit import UTILITY_METRICS
-from raymia.errors import Interrupted, RaymiaError, SpecError, first_line
+from raymia.errors import DataError, Interrupted, RaymiaError, SpecError, first_line
 from raymia.metrics import as_number
 from raymia.pareto import (
     EPSILON,
@@ -177,6 +177,20 @@ def _optuna_storage(url: str):
     return optuna.storages.RDBStorage(url)
 
 
+def _study_storage(spec: SweepSpec, sweep_dir: Path):
+    """The storage of the sweep's Optuna study (`sweep.storage`, or `optuna.db` in the sweep's folder); one
+    line naming it when it cannot be opened (a server that does not answer, a file that is not a database)."""
+    url = spec.sweep.storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
+    try:
+        return _optuna_storage(url)
+    except Exception as e:  # noqa: BLE001  # SQLAlchemy's, the driver's and Optuna's own errors
+        if spec.sweep.storage:
+            raise SpecError(f"cannot open {url!r}: {first_line(e)}; accepted: an SQLAlchemy URL (postgresql://..., "
+                            "mysql://..., sqlite:///...) or journal:///path", where="sweep.storage") from None
+        raise DataError(f"the sweep's Optuna study cannot be opened ({first_line(e)}); --fresh starts the sweep "
+                        "again", where=str(sweep_dir / "optuna.db")) from None
+
+
 def _state_names(names: list[str]) -> list[str]:
     """The newest file of each kind of Tune state among `names` (Tune's names sort by time)."""
     import fnmatch
@@ -260,7 +274,7 @@ def _delete_study(spec: SweepSpec, sweep_dir: Path) -> None:
     """Remove the sweep's Optuna study, so a new search starts from the same seeded proposals."""
     import optuna
 
-    storage = _optuna_storage(spec.sweep.storage or f"sqlite:///{sweep_dir / 'optuna.db'}")
+    storage = _study_storage(spec, sweep_dir)
     try:
         optuna.delete_study(study_name=f"raymia-{spec.name}", storage=storage)
     except KeyError:  # no such study yet
@@ -624,11 +638,12 @@ def _baseline(spec: SweepSpec, root: Path, sweep_dir: Path, keep, pool, parent_i
 
 
 def _resume_key(spec: SweepSpec) -> dict[str, Any]:
-    """What must match for a re-run to continue a sweep (the tracking and output locations may move, and
-    an objective's hypervolume `reference` only changes the report)."""
+    """What must match for a re-run to continue a sweep (the tracking and output locations may move, an
+    objective's hypervolume `reference` only changes the report, and the final audit follows the search)."""
     d = spec.model_dump(mode="json")
     for k in ("tracking", "output_dir", "store"):
         d.pop(k, None)
+    d["sweep"].pop("final_audit", None)  # it runs after the search, which it does not change
     for o in d["sweep"]["objectives"]:
         o.pop("reference", None)
     return d
@@ -676,6 +691,19 @@ def validate_sweep(spec: SweepSpec, setup: bool = True):
         from raymia.inversion.protocol import inversion_data
 
         inversion_data(spec, ctx)
+    if (fa := spec.sweep.final_audit) is not None:  # it runs after the whole search: check its plan now
+        from pydantic import ValidationError
+
+        from raymia.resolve import check_bank_size
+
+        raw = audit_spec_of_trial(spec, {"defense": "none", "trial": 0}, fa.num_models, fa.targets)
+        try:
+            check_bank_size(AuditSpec.model_validate(raw))
+        except (ValidationError, SpecError) as e:
+            why = e.errors()[0]["msg"].removeprefix("Value error, ") if isinstance(e, ValidationError) else str(e)
+            raise SpecError(why, where="sweep.final_audit") from None
+    if spec.sweep.storage:  # a given study database, before anything is written (the default file: at the start)
+        _study_storage(spec, Path())
     return space, ctx
 
 
@@ -764,11 +792,16 @@ def run_sweep(
     # and the Optuna study hold the trials. Re-running the same command continues.
     state = _sweep_state(spec, keep, resume)
     if state is not None and state.get("finished") and (sweep_dir / "result.json").exists():
-        log.info("sweep %s already finished; its result is in %s (use --fresh to run it again)", spec.name, sweep_dir)
-        result = _load_result(spec, sweep_dir, state.get("parent_run_id"))
-        if console:
-            _print_front(result)
-        return result
+        try:
+            result = _load_result(spec, sweep_dir, state.get("parent_run_id"))
+        except (ValueError, KeyError, TypeError, AttributeError):  # cut short or edited: the trials are stored
+            log.warning("sweep %s: its result.json is damaged; writing it again from the stored trials", spec.name)
+        else:
+            log.info("sweep %s already finished; its result is in %s (use --fresh to run it again)", spec.name,
+                     sweep_dir)
+            if console:
+                _print_front(result)
+            return result
     # Tune's state is resumed from raymia's signed copy, taken after each finished trial, never from Tune's own
     # files: those are written without an atomic rename (a kill can cut one short, and Tune then waits
     # forever), and they hold pickles anyone who can write the store could have replaced. Trials finished
@@ -897,7 +930,15 @@ def _start_parent(spec: SweepSpec, space: dict[str, dict[str, Any]]) -> str:
 def _sweep_state(spec: SweepSpec, keep, resume: bool) -> dict[str, Any] | None:
     """The sweep's saved state in `keep` (spec hash, MLflow parent run, finished), None for a new sweep; a
     different spec under the same name, or --resume with nothing to resume, is a SpecError."""
-    state = json.loads(keep.read("state.json")) if keep.size("state.json") is not None else None
+    state = None
+    if keep.size("state.json") is not None:
+        try:
+            state = json.loads(keep.read("state.json"))
+        except (ValueError, UnicodeDecodeError):
+            state = None
+        if not isinstance(state, dict):
+            raise DataError("is not a sweep state raymia wrote (cut short or edited); --fresh starts the sweep "
+                            "again, reusing every stored bank", where=join(keep.location, "state.json"))
     if state is not None and state.get("spec_hash") != resume_hash(spec):
         changed = changed_fields(state.get("resume_key"), _resume_key(spec))
         said = f" ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} changed)" if changed else ""
@@ -971,7 +1012,7 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
         mode=[o.mode for o in objectives],
         sampler=make_sampler(spec.sweep.sampler, spec.seed, spec.sweep.num_trials, bool(constraints)),
         constraints=constraints,
-        storage=_optuna_storage(spec.sweep.storage or f"sqlite:///{sweep_dir / 'optuna.db'}"),
+        storage=_study_storage(spec, sweep_dir),
         study_name=f"raymia-{spec.name}",
     )
     _quiet_tune_summaries()
@@ -1025,7 +1066,7 @@ def _report(spec: SweepSpec, trials: list[dict[str, Any]], space, root: Path, sw
     write_html(sweep_dir)
     pairs = [(o.metric, o.mode) for o in objectives]
     pareto_html(trials, pairs, result.front_trials, sweep_dir / "pareto.html")
-    importance_html(_optuna_storage(spec.sweep.storage or f"sqlite:///{sweep_dir / 'optuna.db'}"),
+    importance_html(_study_storage(spec, sweep_dir),
                     f"raymia-{spec.name}", pairs, sweep_dir / "importance.html")
     if parent_id:
         _drop_orphan_runs(spec, parent_id, {str(t.get("trial_id")) for t in trials})

@@ -105,3 +105,22 @@ def test_a_search_range_upside_down_is_one_line(space, message):
                           kind=raymia.SweepSpec)
     with pytest.raises(SpecError, match="^" + message):
         resolve_space(spec)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"final_audit": {"num_models": 2}}, r"^sweep.final_audit: plan.num_models: .* at least 4 models, got 2"),
+    ({"final_audit": {"num_models": 4, "targets": [9]}}, r"^sweep.final_audit: targets \[9\] out of range \[0, 4\)"),
+    ({"storage": "bogus://x"}, r"^sweep.storage: cannot open 'bogus://x': .*accepted: an SQLAlchemy URL"),
+])
+def test_what_a_sweep_uses_after_its_search_is_checked_before_it(override, message):
+    """The final audit's plan and the study's storage were first used after Ray started (the storage) or
+    after every trial (the final audit: a traceback, or a one-line error with no front written)."""
+    from raymia.errors import SpecError
+    from raymia.resolve import validate_spec
+    from raymia.spec import SweepSpec
+    from raymia.sweep import validate_sweep
+
+    spec = validate_spec({"plan": {"num_models": 4, "population": 200},
+                          "sweep": {"defense": "hamp", **override}}, SweepSpec)
+    with pytest.raises(SpecError, match=message):
+        validate_sweep(spec, setup=False)

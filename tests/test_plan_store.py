@@ -68,6 +68,13 @@ def test_store_roundtrip_and_corruption_is_detected(tmp_path, caplog, backend):
         assert (tmp_path / "signals" / "abc" / "k4-pack-00000.npz").is_file()
 
     data, manifest = "signals/abc/k4-pack-00000.npz", "signals/abc/k4-pack-00000.json"
+    # a manifest that parses but is no manifest (edited by hand, or another program's)
+    good = files.read(manifest)
+    for edited in (b"[]", b"null", b'{"pack": 0}'):
+        files.write(manifest, edited)
+        assert store.check_pack(0) == "corrupt manifest"
+    files.write(manifest, good)
+    assert store.check_pack(0) is None
     # flip one byte: checksum mismatch -> reported, removed, rebuilt
     raw = bytearray(files.read(data))
     raw[len(raw) // 2] ^= 0xFF

@@ -112,6 +112,16 @@ def test_killed_sweep_resumes(tmp_path):
                                         (tmp_path / "third.err").read_text())
     assert third.returncode == 0 and "already finished" in third.stderr
 
+    # A finished sweep's result.json cut short: written again from the stored trials, none run again.
+    saved = tmp_path / "runs" / "sweeps" / "resumable" / "result.json"
+    saved.write_text(saved.read_text()[:100])
+    fourth = subprocess.run([sys.executable, "-m", "raymia", "sweep", str(spec)], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert fourth.returncode == 0 and "result.json is damaged; writing it again" in fourth.stderr, fourth.stderr
+    assert [t["trial_id"] for t in json.loads(saved.read_text())["trials"]] == [t["trial_id"] for t in result["trials"]]
+    for p, m in mtimes.items():
+        assert os.path.getmtime(p) == m
+
 
 def test_ctrl_c_stops_a_sweep_with_exit_130_and_no_run_left_running(tmp_path):
     """SIGINT to the process group, as a terminal's Ctrl-C: one line, exit 130 (not the bad-input 2), no
@@ -357,3 +367,18 @@ def test_a_changed_spec_under_a_sweeps_name_says_which_fields_changed(tmp_path):
     keep.write("state.json", json.dumps({k: v for k, v in state.items() if k != "resume_key"}).encode())
     with pytest.raises(SpecError, match=r"different spec exists in \S+; a sweep continues"):
         _sweep_state(more, keep, resume=False)
+
+
+def test_a_damaged_sweep_state_is_one_line(tmp_path):
+    from raymia.errors import DataError
+    from raymia.resolve import validate_spec
+    from raymia.spec import SweepSpec
+    from raymia.storage import open_root
+    from raymia.sweep import _sweep_state
+
+    spec = validate_spec({"name": "s", "sweep": {"defense": "hamp"}}, SweepSpec)
+    keep = open_root(tmp_path)
+    for content in (b'{"spec_hash": "ab', b"[]", b"\xff\xfe"):
+        keep.write("state.json", content)
+        with pytest.raises(DataError, match=r"state.json: is not a sweep state raymia wrote .* --fresh"):
+            _sweep_state(spec, keep, False)
