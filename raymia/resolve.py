@@ -45,7 +45,14 @@ def as_spec(spec: AuditSpec | dict[str, Any] | str | Path | None, overrides: lis
     """A validated spec of `kind` from what the Python API accepts: a spec object (used as it is, unless
     there are overrides), a dict (the YAML's structure), a YAML file's path, or None (every default)."""
     import copy
+    from collections.abc import Mapping
 
+    if isinstance(overrides, str):
+        raise SpecError(f"must be a list of 'dotted.key=value' strings, not one string (write [{overrides!r}])",
+                        where="overrides")
+    if not (spec is None or isinstance(spec, AuditSpec | Mapping | str | Path)):
+        raise SpecError(f"a spec is a spec object, a dict, a YAML file's path or None; got {type(spec).__name__}",
+                        where="spec")
     if isinstance(spec, kind) and not overrides:
         return spec
     if spec is None or isinstance(spec, str | Path):

@@ -462,7 +462,7 @@ class TargetSpec(_Model):
 
 class AuditSpec(_Model):
     name: FileName = "audit"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's and Optuna's seeds are 32-bit
     data: DataSpec = Field(default_factory=DataSpec)
     plan: PlanSpec = Field(default_factory=PlanSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -594,7 +594,7 @@ class Objective(_Model):
 class Constraint(_Model):
     metric: str
     op: Literal[">=", "<="]
-    value: float
+    value: float = Field(allow_inf_nan=False)
 
 
 class DefenseChoice(_Model):
@@ -729,6 +729,22 @@ def spec_schema(kind: type[AuditSpec] | None = None) -> dict[str, Any]:
     return schema
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key given twice in one mapping is an error: the second would silently win."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`, whose keys the mapping may override
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_raw(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
@@ -736,7 +752,7 @@ def load_raw(path: str | Path) -> dict[str, Any]:
     if p.is_dir():
         raise SpecError("is a directory; pass the path of a YAML spec file", where=str(p))
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

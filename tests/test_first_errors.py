@@ -124,3 +124,35 @@ def test_what_a_sweep_uses_after_its_search_is_checked_before_it(override, messa
                           "sweep": {"defense": "hamp", **override}}, SweepSpec)
     with pytest.raises(SpecError, match=message):
         validate_sweep(spec, setup=False)
+
+
+def test_the_python_api_names_what_it_accepts(tmp_path):
+    from raymia.errors import SpecError
+
+    for bad in ([1, 2], 5, b"x.yaml"):
+        with pytest.raises(SpecError, match=r"^spec: a spec is a spec object, a dict, a YAML file's path or None; got"):
+            raymia.as_spec(bad)
+    with pytest.raises(SpecError, match=r"^overrides: must be a list .* not one string \(write \['train.epochs=2'\]\)"):
+        raymia.run_audit({}, "train.epochs=2")
+
+
+def test_spec_files_refuse_what_would_be_read_silently_otherwise(tmp_path):
+    """A key given twice (the second won), a seed numpy cannot take (a traceback after the baseline), a NaN
+    constraint (every trial infeasible, an empty front without a word)."""
+    from raymia.errors import SpecError
+    from raymia.resolve import load_spec
+    from raymia.spec import SweepSpec
+
+    path = tmp_path / "s.yaml"
+    path.write_text("plan: {num_models: 8}\nseed: 1\nplan: {num_models: 4}\n")
+    with pytest.raises(SpecError, match=r"s.yaml: malformed YAML at line 3, column 1: 'plan' is given twice"):
+        load_spec(path)
+    path.write_text("base: &b {lr: 0.1, epochs: 2}\ntrain: {<<: *b, lr: 0.2}\n")  # a merge key's override is no repeat
+    from raymia.spec import load_raw
+
+    assert load_raw(path)["train"] == {"lr": 0.2, "epochs": 2}
+    path.write_text("sweep: {defense: hamp}\n")
+    with pytest.raises(SpecError, match=r"seed: Input should be less than or equal to 4294967295"):
+        load_spec(path, ["seed=4294967296"], kind=SweepSpec)
+    with pytest.raises(SpecError, match=r"sweep.constraints.0.value: Input should be a finite number"):
+        load_spec(path, ["sweep.constraints=[{metric: test_accuracy, op: '>=', value: .nan}]"], kind=SweepSpec)
