@@ -21,6 +21,11 @@ class DataError(RaymiaError):
     """A data file is missing or malformed. `where` names the path."""
 
 
+class TrainingDiverged(RaymiaError):
+    """A model's loss or weights stopped being finite: the recipe's settings (a learning rate too high), not
+    a bug; one line naming the models and the setting to change."""
+
+
 class Interrupted(RaymiaError):
     """Work stopped by the user (Ctrl-C) after its finished part was stored: exit code 130, as a shell
     reports SIGINT, not the bad-input code."""

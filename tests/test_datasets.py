@@ -683,6 +683,17 @@ def test_npz_errors(tmp_path):
     with pytest.raises(DataError) as exc:
         load_dataset("npz", {"path": str(path)})
     assert "1 or 3 channels" in assert_one_line_error(exc, path)
+    # NaN inputs diverged the training, and the error blamed the learning rate; a stray huge label made
+    # as many classes (an 8 PB allocation in `raymia check`)
+    x = np.ones((6, 3))
+    x[4, 1] = np.nan
+    np.savez(path, x_train=x, y_train=[0, 1, 0, 1, 0, 1], x_test=np.ones((2, 3)), y_test=[0, 1])
+    with pytest.raises(DataError, match=r"^data npz: 1 train input\(s\) hold NaN or inf once normalised \(row 4"):
+        load_dataset("npz", {"path": str(path), "normalize": "none"})
+    np.savez(path, x_train=np.ones((4, 3)), y_train=[0, 1, 0, 2**40], x_test=np.ones((2, 3)), y_test=[0, 1])
+    with pytest.raises(DataError) as exc:
+        load_dataset("npz", {"path": str(path)})
+    assert "would make 1099511627777 classes for 3 distinct labels" in assert_one_line_error(exc, path)
 
 
 # --- imagefolder --------------------------------------------------------------------------------------

@@ -156,3 +156,21 @@ def test_spec_files_refuse_what_would_be_read_silently_otherwise(tmp_path):
         load_spec(path, ["seed=4294967296"], kind=SweepSpec)
     with pytest.raises(SpecError, match=r"sweep.constraints.0.value: Input should be a finite number"):
         load_spec(path, ["sweep.constraints=[{metric: test_accuracy, op: '>=', value: .nan}]"], kind=SweepSpec)
+
+
+def test_too_few_audited_points_are_refused_before_training(tmp_path):
+    """Population 2 or 3 trained and then failed in the metrics; a one-row training split (population: all)
+    gave half the models no member, and the batch loop waited forever for one."""
+    import numpy as np
+
+    from raymia.errors import SpecError
+    from raymia.spec import AuditSpec
+    from raymia.train.bank import BankContext
+
+    with pytest.raises(SpecError, match=r"^plan.population: 3 audited points; an audit needs at least 4"):
+        BankContext.from_spec(AuditSpec.model_validate({"plan": {"num_models": 4, "population": 3}}), setup=False)
+    path = tmp_path / "one.npz"
+    np.savez(path, x_train=np.ones((1, 3)), y_train=[1], x_test=np.ones((2, 3)), y_test=[0, 1])
+    spec = AuditSpec.model_validate({"data": {"name": "npz", "params": {"path": str(path)}}, "plan": {"num_models": 4}})
+    with pytest.raises(SpecError, match=r"^data npz: 1 audited points; an audit needs at least 4"):
+        BankContext.from_spec(spec, setup=False)

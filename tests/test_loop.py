@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from raymia.defenses import DEFENSES
-from raymia.errors import SpecError
+from raymia.errors import SpecError, TrainingDiverged
 from raymia.spec import AuditSpec, TrainSpec
 from raymia.train.bank import BankContext, train_model
 from raymia.train.loop import Hooks, autocast_dtype, member_batches, module_net, run_steps
@@ -123,6 +123,6 @@ def test_hooks_run_in_order_and_the_loop_checks_divergence():
     assert events[:4] == ["before 0", "extra 0", "update", "after 0"] and len(events) == 32
     assert torch.isfinite(last)
     bad = member_batches(x * float("nan"), y, recipe, torch.Generator(), torch.Generator())
-    with pytest.raises(FloatingPointError, match="model 7: training diverged .*; lower train.lr"):
+    with pytest.raises(TrainingDiverged, match="model 7: training diverged .*; lower train.lr"):
         run_steps(module_net(torch.nn.Linear(5, 3)), bad, lambda logits, yb, t: F.cross_entropy(logits, yb),
                   recipe, 2, 1, names=["model 7"])

@@ -82,6 +82,10 @@ def load_npz_dataset(p: NpzParams) -> Dataset:
         num_classes = max(int(y_tr.max(initial=0)), int(y_te.max(initial=0))) + 1
         if num_classes < 2:
             raise DataError("labels hold a single class; set data.params.num_classes", where=where)
+        present = len(np.union1d(y_tr, y_te))
+        if num_classes > max(1000, 4 * present):  # every model would get num_classes outputs
+            raise DataError(f"the largest label, {num_classes - 1}, would make {num_classes} classes for {present} "
+                            "distinct labels; map the labels to 0..K-1, or set data.params.num_classes", where=where)
     check_label_range(y_tr, num_classes, where, "y_train")
     check_label_range(y_te, num_classes, where, "y_test")
     x_tr, x_te, mean, std = _normalize(x_tr, x_te, kind, p.normalize)

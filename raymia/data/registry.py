@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from raymia.datainfo import DataInfo
+from raymia.errors import DataError
 from raymia.registry import Registry
 
 
@@ -33,6 +34,11 @@ class Dataset:
             if tuple(x.shape[1:]) != tuple(self.info.input_shape):
                 raise ValueError(f"{self.name}: {split} inputs have shape {tuple(x.shape[1:])}, "
                                  f"expected {self.info.input_shape}")
+            finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
+            if not finite.all():  # training would diverge, and the error would blame the learning rate
+                rows = torch.nonzero(~finite).reshape(-1)
+                raise DataError(f"{len(rows)} {split} input(s) hold NaN or inf once normalised (row {int(rows[0])} "
+                                "first); drop or fix them", where=f"data {self.name}")
 
 
 DATASETS: Registry[Any] = Registry("data set", package="raymia.data")

@@ -50,6 +50,7 @@ from torch import nn
 from raymia.datainfo import DataInfo
 from raymia.defenses.base import DEFENSES, Defense, public_indices, require_public
 from raymia.device import resolve_device
+from raymia.errors import TrainingDiverged
 from raymia.registry import Params
 from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain, Float
@@ -254,7 +255,7 @@ def train_vae(model: VAE, x: torch.Tensor, y: torch.Tensor, p: VaeParams, seed: 
             loss.backward()
             opt.step()
     if not torch.isfinite(loss):
-        raise FloatingPointError("the VAE's training diverged; lower vae_lr")
+        raise TrainingDiverged("the VAE's training diverged; lower vae_lr")
     return model.eval()
 
 

@@ -55,6 +55,9 @@ from raymia.train.packed import maybe_packed, runs_packed
 log = logging.getLogger("raymia")
 
 
+MIN_POPULATION = 4  # the fewest audited points: every metric needs two members and two non-members per model
+
+
 @dataclass
 class BankContext:
     """Everything a worker needs to train any model of the bank, rebuilt from the spec on each worker."""
@@ -92,6 +95,10 @@ class BankContext:
             what = "training points of the private classes" if private is not None else "training points"
             raise SpecError(f"{spec.plan.population} exceeds the {n_train} {what} of {data.name!r}",
                             where="plan.population")
+        if (spec.plan.population or n_train) < MIN_POPULATION:  # each model's 2 members and 2 non-members
+            raise SpecError(f"{spec.plan.population or n_train} audited points; an audit needs at least "
+                            f"{MIN_POPULATION} (each model's members are half of them, its non-members the other half)",
+                            where="plan.population" if spec.plan.population else f"data {data.name}")
         if data.info.kind != "image":
             if any(q != "identity" for q in spec.queries):
                 raise SpecError(f"{data.name!r} is not an image data set; accepted: [identity]", where="queries")

@@ -11,6 +11,8 @@ def batch_passes(n: int, batch: int, generator: torch.Generator) -> Iterator[tup
     """Full batches of indices in [0, n) from a stream of fresh permutations (reshuffled on exhaustion),
     each with its indices' pass numbers: 0 for the first permutation, 1 for the second, ... (a batch
     that straddles two permutations holds both)."""
+    if n < 1:
+        raise ValueError(f"no indices to draw batches from (n={n})")  # the loop below would never end
     buf = torch.empty(0, dtype=torch.int64)
     passes = torch.empty(0, dtype=torch.int64)
     p = 0

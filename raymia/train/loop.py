@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from raymia.errors import TrainingDiverged
 from raymia.train.augment import Augmenter
 from raymia.train.batches import batch_passes
 from raymia.train.recipe import Lookahead, make_optimizer, make_scheduler, module_tensors
@@ -142,7 +143,7 @@ def run_steps(net: Net, batches: Batches, loss: Loss | None, recipe, steps: int,
     step: `before_step`, the next batch, the forward and the loss (plus `extra_loss`) under autocast to
     `precision` (or `gradient` in their place), backward (a pack's losses summed), `before_update`, the
     optimizer and schedule steps, lookahead, `after_step`. The caller sets the train mode. Raises
-    FloatingPointError naming the models (`names`, one per model) whose last loss or weights are not
+    TrainingDiverged (a RaymiaError: one line) naming the models (`names`, one per model) whose last loss or weights are not
     finite. Returns the last loss (per model in a pack; None if `gradient` returned none)."""
     opt = make_optimizer(net.tensors, recipe, net.lr_scales, net.train_epochs)
     sched = make_scheduler(opt, recipe, steps, steps_per_epoch)
@@ -191,4 +192,4 @@ def check_finite(net: Net, last: torch.Tensor | None, names: Sequence[str], reme
     bad = [n for n, g in zip(names, good) if not g]
     if bad:
         loss = "" if last is None or net.pack else f" (loss {last.item()})"
-        raise FloatingPointError(f"{', '.join(bad)}: training diverged{loss}; {remedy}")
+        raise TrainingDiverged(f"{', '.join(bad)}: training diverged{loss}; {remedy}")
