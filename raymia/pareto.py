@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from raymia.errors import RaymiaError
+from raymia.errors import RaymiaError, first_line
 from raymia.metrics import as_number as _num
 from raymia.metrics import spread_key
 from raymia.spec import NAME_PATTERN
@@ -260,13 +260,27 @@ def hypervolume(points: list[dict], objectives: Iterable[Any], reference: dict) 
 
 
 def _client(uri: str):
+    """A client of the store at `uri`, checked the way a sweep's tracking.uri is, and read-only: nothing is
+    created where there is no store."""
     from mlflow.tracking import MlflowClient
+    from pydantic import ValidationError
 
+    from raymia.spec import TrackingSpec
+    from raymia.tracking import probe_server
+
+    try:
+        TrackingSpec(uri=uri)
+    except ValidationError as e:
+        raise RaymiaError(e.errors()[0]["msg"].removeprefix("Value error, "), where="--uri") from None
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
         if not path.is_file():  # MLflow would create an empty store here: say there is none instead
             raise RaymiaError(f"no MLflow store at {path}", where="--uri")
-    return MlflowClient(uri)
+    probe_server(uri, "start it or fix --uri", where="--uri")
+    try:
+        return MlflowClient(uri)
+    except Exception as e:  # noqa: BLE001  # a file that is not an MLflow database
+        raise RaymiaError(f"MLflow cannot open {uri}: {first_line(e)}", where="--uri") from None
 
 
 def _search_all(client, exp_id: str, filter_string: str) -> list:
@@ -383,7 +397,10 @@ def trials_from_mlflow(
     [{metric, mode, reference}] and constraints [{metric, op, value}].
     """
     client = _client(uri)
-    exp = client.get_experiment_by_name(experiment)
+    try:
+        exp = client.get_experiment_by_name(experiment)
+    except Exception as e:  # noqa: BLE001  # a server that refuses
+        raise RaymiaError(f"MLflow cannot open {uri}: {first_line(e)}", where="--uri") from None
     if exp is None:
         known = sorted(e.name for e in client.search_experiments())
         raise RaymiaError(f"no MLflow experiment {experiment!r} in {uri}; experiments: "

@@ -111,22 +111,31 @@ def check_reachable(uri: str, experiment: str) -> None:
     from raymia.errors import RaymiaError, first_line
 
     hint = "start it, fix tracking.uri, or set tracking.enabled: false (results are written to disk either way)"
-    if uri.startswith(("http://", "https://")):
-        import requests
-
-        try:
-            answer = requests.get(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S)
-        except requests.RequestException as e:
-            reason = type(e).__name__ + (": connection refused" if "refused" in str(e).lower() else "")
-            raise RaymiaError(f"the MLflow tracking server at {uri} cannot be reached ({reason}); {hint}",
-                              where="tracking.uri") from None
-        if answer.status_code != 200:
-            raise RaymiaError(f"{uri}/health answers HTTP {answer.status_code}: not a healthy MLflow tracking "
-                              f"server; {hint}", where="tracking.uri")
+    probe_server(uri, hint, where="tracking.uri")
     try:
         _setup(uri, experiment)
     except Exception as e:  # a database or server that refuses: one line
         raise RaymiaError(f"MLflow cannot open {uri}: {first_line(e)}; {hint}", where="tracking.uri") from None
+
+
+def probe_server(uri: str, hint: str, where: str) -> None:
+    """An http(s) tracking URI's /health must answer 200 within HEALTH_TIMEOUT_S (MLflow's own client would
+    retry for minutes); other URIs pass."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    from raymia.errors import RaymiaError
+
+    try:
+        answer = requests.get(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S)
+    except requests.RequestException as e:
+        reason = type(e).__name__ + (": connection refused" if "refused" in str(e).lower() else "")
+        raise RaymiaError(f"the MLflow tracking server at {uri} cannot be reached ({reason}); {hint}",
+                          where=where) from None
+    if answer.status_code != 200:
+        raise RaymiaError(f"{uri}/health answers HTTP {answer.status_code}: not a healthy MLflow tracking "
+                          f"server; {hint}", where=where)
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:

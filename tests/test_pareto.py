@@ -554,3 +554,15 @@ def test_a_dp_defenses_accounted_epsilon_is_shown_beside_the_objectives():
     assert "Epsilon: the defense's accounted epsilon at delta 0.00077." in md
     plain = front_markdown(trials[:1], objectives, [0])
     assert "epsilon" not in plain  # no DP trial: no column
+
+
+def test_pareto_checks_its_uri_as_a_sweep_checks_tracking_uri(tmp_path):
+    """--uri was used as given: a bad scheme or a garbage file gave MLflow's traceback, a server that does not
+    answer 4 minutes of retries and then a traceback."""
+    (tmp_path / "bad.db").write_text("garbage")
+    for uri, needle in (("bogus", "--uri: must be a tracking URI"), ("file:///tmp/x", "file:// is MLflow's"),
+                        ("http://127.0.0.1:1", "cannot be reached (ConnectionError: connection refused)"),
+                        (f"sqlite:///{tmp_path}/bad.db", "MLflow cannot open")):
+        out = raymia("pareto", "--uri", uri, "--experiment", "X", cwd=tmp_path)
+        lines = [x for x in out.stderr.splitlines() if x.strip()]
+        assert out.returncode == 2 and len(lines) == 1 and needle in lines[0], out.stderr
