@@ -217,3 +217,13 @@ def test_report_of_a_result_json_raymia_did_not_write_is_one_line(tmp_path):
         (tmp_path / "result.json").write_text(content)
         with pytest.raises(RaymiaError, match=f"result.json: .*{needle}"):
             write_html(tmp_path)
+
+
+def test_report_of_a_damaged_records_file_is_one_line(tmp_path):
+    from raymia.errors import DataError
+    from raymia.report.html import write_html
+
+    (tmp_path / "result.json").write_text('{"name": "t", "attacks": {}}')
+    (tmp_path / "records.parquet").write_bytes(b"PAR1 cut short")
+    with pytest.raises(DataError, match=r"records.parquet: is not a records file raymia wrote"):
+        write_html(tmp_path)

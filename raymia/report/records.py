@@ -68,10 +68,19 @@ def write_records(points: PointScores, path: Path) -> Path:
 
 
 def read_records(path: str | Path) -> PointScores:
-    """A `records.parquet` back as PointScores (rows grouped by target, in file order)."""
+    """A `records.parquet` back as PointScores (rows grouped by target, in file order); a file that is not
+    one (cut short, or another program's) is a DataError naming it."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path).to_pydict()
+    from raymia.errors import DataError
+
+    try:
+        table = pq.read_table(path).to_pydict()
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"is not a records file raymia wrote ({str(e).splitlines()[0]})", where=str(path)) from None
+    if not set(FIXED_COLUMNS) <= set(table):
+        raise DataError(f"lacks the columns {sorted(set(FIXED_COLUMNS) - set(table))}", where=str(path))
     target = np.asarray(table["target"], dtype=np.int64)
     targets = list(dict.fromkeys(target.tolist()))
     p = int((target == targets[0]).sum())
