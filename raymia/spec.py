@@ -128,7 +128,7 @@ class DataSpec(Named):
                 d.pop(k, None)
         return d
 
-    def private_class_list(self, num_classes: int) -> list[int] | None:
+    def private_class_list(self) -> list[int] | None:
         """The private classes as a list (None: no split)."""
         v = self.private_classes
         return list(range(v)) if isinstance(v, int) else (list(v) if v is not None else None)

@@ -140,7 +140,7 @@ def test_admm_follows_the_reference_z_u_recursion():
             seen.append(float(extra_loss().detach()))
             after_step(step)
 
-    masks = d._admm(model, layers, phase, epochs, spe)
+    masks = d._admm(layers, phase, epochs, spe)
     want: list[float] = []
     for step in range(spe * epochs):
         w = scripted[step]

@@ -165,7 +165,7 @@ class Pruning(Defense):
         if dense_epochs > 0:
             phase("dense", dense_epochs)
         if p.method == "admm" and admm_epochs > 0:
-            masks = self._admm(model, layers, phase, admm_epochs, spe)
+            masks = self._admm(layers, phase, admm_epochs, spe)
         else:
             masks = compute_masks(layers, p.structure, p.sparsity, scope="global")
         apply_masks(model, masks)
@@ -176,7 +176,7 @@ class Pruning(Defense):
             job.report["inference_accuracy"] = facts["inference_accuracy"]
         return model
 
-    def _admm(self, model: nn.Module, layers: list[tuple[str, nn.Module]], phase, epochs: int,
+    def _admm(self, layers: list[tuple[str, nn.Module]], phase, epochs: int,
               spe: int) -> Masks:
         """ADMM towards the sparse set; returns the mask of the final Z."""
         p = self.params

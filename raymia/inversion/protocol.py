@@ -184,7 +184,7 @@ def inversion_data(spec: AuditSpec, ctx) -> InversionData:
         raise SpecError(f"the attacker gets {public_x.shape[0]} public images, fewer than inversion.min_public = "
                         f"{inv.min_public}; give more public classes or another data set",
                         where="inversion.public")
-    private = spec.data.private_class_list(info.num_classes) or list(range(info.num_classes))
+    private = spec.data.private_class_list() or list(range(info.num_classes))
     if inv.classes == "all":
         classes = private
     elif isinstance(inv.classes, int):

@@ -125,9 +125,6 @@ class StopAfter:
             if self.t >= limit:
                 group["lr"] = 0.0
 
-    def get_last_lr(self) -> list[float]:
-        return [g["lr"] for g in self.sched.optimizer.param_groups]
-
 
 class Lookahead:
     """airbench94's lookahead over a model's (or a pack's) float tensors. From epoch `start_epochs` (0-based)

@@ -180,36 +180,6 @@ def _log_normal(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     return -0.5 * np.square((x - mean) / std) - np.log(std)
 
 
-def lira_from_phi(
-    phi: np.ndarray,
-    keep: np.ndarray,
-    target: int,
-    online: bool,
-    variance: bool | str = "per_point",
-    min_std: float = 1e-6,
-    shadow: np.ndarray | None = None,
-    center: str = "mean",
-    fit: np.ndarray | None = None,
-) -> np.ndarray:
-    """LiRA scores float64 [P] from precomputed phi [M, Q, P] (float64) and keep [M, P]; see module doc.
-    `variance`: per_point, pooled or global (a bool is the former fixed_variance: True = pooled).
-    `shadow` (bool [M]) selects the shadow models; default: every model but the target. `fit` (bool [P]):
-    the points side-wide values are fitted on (`Signals.fit_mask`; default all)."""
-    if isinstance(variance, bool):
-        variance = "pooled" if variance else "per_point"
-    phi = np.asarray(phi, dtype=np.float64)
-    keep = np.asarray(keep, dtype=np.bool_)
-    m = phi.shape[0]
-    if phi.ndim != 3 or keep.shape != (m, phi.shape[2]):
-        raise ValueError(f"expected phi [M, Q, P] and keep [M, P], got {phi.shape} and {keep.shape}")
-    if not 0 <= target < m:
-        raise ValueError(f"target {target} out of range [0, {m})")
-    if m < 2:
-        raise ValueError("LiRA needs at least one shadow model besides the target")
-    shadow = np.arange(m) != target if shadow is None else np.asarray(shadow, dtype=bool)
-    return lira_scores(phi[target], *lira_sides(phi, keep, shadow, online, variance, min_std, center, fit))
-
-
 def lira_sides(phi: np.ndarray, keep: np.ndarray, shadow: np.ndarray, online: bool, variance: str,
                min_std: float, center: str, fit: np.ndarray | None) -> tuple[_Side, _Side | None]:
     """The OUT and (online) IN Gaussians of every point over the shadows (bool [M]): what a target's score

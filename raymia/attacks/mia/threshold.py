@@ -54,9 +54,6 @@ class ThresholdParams(Params):
     )
 
 
-LossParams = ThresholdParams  # the loss attack's parameters (kept under their former name)
-
-
 # ---------------------------------------------------------------------------------------------- statistics
 def loss_stat(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """-CE(softmax(z), y) = log p_y, float64 [..., P]."""
