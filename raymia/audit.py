@@ -409,35 +409,34 @@ def write_report(result: AuditResult, console: bool, track: bool, page: bool = T
 
     spec, out, fp = result.spec, result.out_dir, result.fingerprint
     _say_replaced(out / "spec.yaml", spec)
-    result_path = out / "result.json"
-    result_path.write_text(json.dumps(result.to_json(), indent=1))
-    spec_path = write_spec_file(spec, out / "spec.yaml", f"the spec of audit {spec.name}-{fp}")
+    for old in report_files(out):  # a replaced report's files (an OOD figure, histograms) must not stay and be logged
+        if not old.name.startswith("inversion-"):  # the inversions of this audit drew their grids already
+            old.unlink()
+    (out / "result.json").write_text(json.dumps(result.to_json(), indent=1))
+    write_spec_file(spec, out / "spec.yaml", f"the spec of audit {spec.name}-{fp}")
     setting = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.defense.params.items())
-    roc_path = plot_roc(
+    plot_roc(
         result.roc, out / "roc.png", title=f"{spec.name}: {spec.defense.name}" + (f" ({setting})" if setting else "")
         + f", {spec.plan.num_models} models",
         aucs={a: m["auc"] for a, m in result.attacks.items() if m.get("auc") is not None}
         | {f"raw/{a}": m["auc"] for a, m in (result.raw_attacks or {}).items() if m.get("auc") is not None},
     )
-    figures = list(result.inversion.grids.values()) if result.inversion is not None else []
-    records_files = []
     if result.points is not None:  # every point's scores, the members that leak most, their histograms
         from raymia.report.plots import HISTOGRAMS_FILE, histograms_title, plot_histograms
         from raymia.report.records import RECORDS_FILE, VULNERABLE_FILE, write_records, write_vulnerable
 
-        records_files = [write_records(result.points, out / RECORDS_FILE),
-                         write_vulnerable(result.vulnerable, out / VULNERABLE_FILE)]
+        write_records(result.points, out / RECORDS_FILE)
+        write_vulnerable(result.vulnerable, out / VULNERABLE_FILE)
         if page:
-            figures.append(plot_histograms(result.points, out / HISTOGRAMS_FILE, title=histograms_title(spec.name)))
+            plot_histograms(result.points, out / HISTOGRAMS_FILE, title=histograms_title(spec.name))
     if result.ood is not None:
         from raymia.report.plots import plot_ood
 
-        figures.append(plot_ood(result.ood, out / "ood_fpr.png", title=f"{spec.name}: false positives by set"))
-    html_path = None
+        plot_ood(result.ood, out / "ood_fpr.png", title=f"{spec.name}: false positives by set")
     if page:
         from raymia.report.html import write_html
 
-        html_path = write_html(out)
+        write_html(out)
     if console:
         print_audit_table(result)
     if track:
@@ -448,8 +447,7 @@ def write_report(result: AuditResult, console: bool, track: bool, page: bool = T
                 rid = log_run(
                     spec.tracking.uri, spec.tracking.experiment, run_name=run_name(spec),
                     params=spec.model_dump(mode="json"), metrics=result.flat_metrics(),
-                    artifacts=[result_path, roc_path, spec_path, *([html_path] if html_path else []),
-                               *records_files, *figures], tags={TAG_KIND: KIND_AUDIT, TAG_FINGERPRINT: fp},
+                    artifacts=report_files(out), tags={TAG_KIND: KIND_AUDIT, TAG_FINGERPRINT: fp},
                     start_time=time.time() - result.seconds, dataset=(spec.data.name, fp), tree=tree,
                 )
         except Exception as e:  # the results are on disk already: say so in one line, lose nothing
@@ -475,6 +473,18 @@ def _staged_signals(store: SignalStore | None):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(store.files.read(rel))
         yield Path(tmp)
+
+
+def report_files(folder: Path) -> list[Path]:
+    """The files of an audit's report in `folder` (those that are there) that its MLflow run keeps: the one
+    list for a stand-alone audit, a sweep's trial and a final audit."""
+    from raymia.report.html import REPORT_FILE
+    from raymia.report.plots import HISTOGRAMS_FILE
+    from raymia.report.records import RECORDS_FILE, VULNERABLE_FILE
+
+    names = ("result.json", "spec.yaml", "roc.png", REPORT_FILE, RECORDS_FILE, VULNERABLE_FILE, HISTOGRAMS_FILE,
+             "ood_fpr.png")
+    return [folder / n for n in names if (folder / n).is_file()] + sorted(folder.glob("inversion-*.png"))
 
 
 def attacks_to_run(spec: AuditSpec, defense) -> list:

@@ -578,9 +578,9 @@ def _close_trial_run(spec: SweepSpec, run_id: str | None, status: str, metrics: 
         return
     tags = {TAG_STATUS: status, **({TAG_ERROR: error[:5000]} if error else {})}
     with _local_copy(audit_dir if status == "ok" else None) as where:
-        names = ("result.json", "roc.png", "spec.yaml", "records.parquet", "vulnerable.csv")
-        arts = ([where / n for n in names if (where / n).exists()] + sorted(where.glob("inversion-*.png"))
-                if where else [])
+        from raymia.audit import report_files
+
+        arts = report_files(where) if where else []
         close_run(spec.tracking.uri, run_id, {k: v for k, v in metrics.items() if _is_metric(k)}, arts,
                   "FINISHED" if status == "ok" else "FAILED", tags)
 
@@ -1138,7 +1138,7 @@ def audit_spec_of_trial(spec: SweepSpec, trial: dict[str, Any], num_models: int 
 
 def _final_audit(spec: SweepSpec, result: SweepResult, root: Path, parent_id: str | None,
                  pool=None) -> list[dict[str, Any]]:
-    from raymia.audit import run_audit
+    from raymia.audit import report_files, run_audit
     from raymia.spec import AuditSpec
 
     fa = spec.sweep.final_audit
@@ -1153,7 +1153,7 @@ def _final_audit(spec: SweepSpec, result: SweepResult, root: Path, parent_id: st
 
             log_run(spec.tracking.uri, spec.tracking.experiment, run_name=f"{audit.name}-final",
                     params=audit.model_dump(mode="json"), metrics=res.flat_metrics(),
-                    artifacts=[res.out_dir / "result.json", res.out_dir / "roc.png", res.out_dir / "spec.yaml"],
+                    artifacts=report_files(res.out_dir),
                     tags={TAG_KIND: KIND_FINAL_AUDIT, TAG_TRIAL: str(t["trial"])}, parent_run_id=parent_id)
         rows.append({"trial": t["trial"], "defense": t["defense"], "params": t["params"],
                      "num_models": fa.num_models, "audit_dir": str(res.out_dir), **res.flat_metrics()})

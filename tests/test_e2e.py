@@ -306,6 +306,9 @@ def test_sweep_writes_parent_and_child_runs(first_audit, workdir, caplog):
     assert result.final_audit and len(result.final_audit) == len(result.front)
     finals = client.search_runs([exp], filter_string="tags.`raymia.kind` = 'final_audit'")
     assert len(finals) == len(result.front)
+    for run in finals:  # the same report files as a stand-alone audit's run (it kept three of them)
+        kept = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"result.json", "roc.png", "spec.yaml", "records.parquet", "vulnerable.csv", "report.html"} <= kept
     assert saved["hypervolume"] is None or saved["hypervolume"] >= 0
 
 

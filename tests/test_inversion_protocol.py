@@ -48,7 +48,7 @@ def spec_dict(tmp_path, **over) -> dict:
 def test_class_split_trains_on_private_classes_and_leaves_the_public_ones_public(tmp_path):
     from raymia.train.bank import BankContext
 
-    spec = validate_spec(spec_dict(tmp_path, plan={"num_models": 2, "population": 300}))
+    spec = validate_spec(spec_dict(tmp_path, plan={"num_models": 4, "population": 300}))
     ctx = BankContext.from_spec(spec, setup=False)
     assert set(np.unique(ctx.audited_y)) == {0, 1, 2, 3, 4}
     assert set(np.unique(ctx.data.y_train.numpy()[ctx.public_index])) == {5, 6, 7, 8, 9}
