@@ -17,7 +17,9 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import special
 
-DEFAULT_FPR_LEVELS: tuple[float, ...] = (0.01, 0.001)
+# The levels an audit reports unless its spec says otherwise (`metrics.fpr_levels`, `metrics.fnr_levels`), and
+# the Python API's defaults: one set of columns whichever way the metrics are asked for.
+DEFAULT_FPR_LEVELS: tuple[float, ...] = (0.1, 0.01, 0.001, 0.0001, 0.00001)
 DEFAULT_FNR_LEVELS: tuple[float, ...] = (0.001,)
 
 

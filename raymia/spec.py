@@ -315,10 +315,17 @@ class BankSpec(_Model):
     channels_last: bool = False
 
 
+def _default_levels(kind: str) -> list[float]:
+    from raymia import metrics  # the one place of the defaults (the Python API's metric functions use them)
+
+    return list(getattr(metrics, f"DEFAULT_{kind}_LEVELS"))
+
+
 class MetricsSpec(_Model):
-    fpr_levels: list[float] = Field(default_factory=lambda: [0.1, 0.01, 0.001, 0.0001, 0.00001], min_length=1,
+    fpr_levels: list[float] = Field(default_factory=lambda: _default_levels("FPR"), min_length=1,
                                     description="TPR at these FPR levels ('n/a' below the resolvable level)")
-    fnr_levels: list[float] = Field(default_factory=lambda: [0.001], description="TNR at these FNR levels")
+    fnr_levels: list[float] = Field(default_factory=lambda: _default_levels("FNR"),
+                                    description="TNR at these FNR levels")
     bootstrap: int = Field(0, ge=0, description="resamples for AUC / TPR@FPR confidence intervals (0: off)")
     label_only_for_output_defenses: bool = Field(
         True,

@@ -109,7 +109,10 @@ def test_tpr_at_fpr_na_threshold() -> None:
 def test_metric_keys_and_labels() -> None:
     scores, is_member = _small()
     m = attack_metrics(scores, is_member)
-    assert set(m) == {"auc", "balanced_accuracy", "tpr_fpr_0.01", "tpr_fpr_0.001"}
+    assert set(m) == {"auc", "balanced_accuracy", *(f"tpr_fpr_{f:g}" for f in (0.1, 0.01, 0.001, 0.0001, 0.00001))}
+    from raymia.spec import MetricsSpec
+
+    assert MetricsSpec().fpr_levels == [0.1, 0.01, 0.001, 0.0001, 0.00001]  # an audit's columns are the API's
     assert metric_label("auc") == "AUC"
     assert metric_label("tpr_fpr_0.01") == "TPR@1%FPR"
     assert metric_label("tpr_fpr_0.001") == "TPR@0.1%FPR"
@@ -121,7 +124,7 @@ def test_metric_keys_and_labels() -> None:
 def test_perfect_separation_at_low_fpr() -> None:
     is_member = np.r_[np.ones(1000, bool), np.zeros(1000, bool)]
     scores = np.r_[np.linspace(1, 2, 1000), np.linspace(-1, 0, 1000)]
-    m = attack_metrics(scores, is_member)
+    m = attack_metrics(scores, is_member, (0.01, 0.001))
     assert m == {"auc": 1.0, "balanced_accuracy": 1.0, "tpr_fpr_0.01": 1.0, "tpr_fpr_0.001": 1.0}
 
 
