@@ -403,27 +403,22 @@ def _progress_callback(spec: SweepSpec, exp, keep):
         """One console line per finished trial (Tune's own tables are switched off)."""
 
         def __init__(self) -> None:
-            # Trial ids: those finished before a resume (their stored result), then those reported here. The
-            # count grows by one per line even when a trial's result is stored before an earlier one's line.
-            self.before = {t for t in keep.subdirs("trials") if keep.size(f"trials/{t}/result.json") is not None}
-            self.known: set[str] = set()  # Tune's trials: a result stored after the state a resume restores
-            self.reported: set[str] = set()  # (a kill's orphan, its trial unknown to Tune) is not counted
-            self.failed: set[str] = set()
             self.recovered: dict[str, str] = {}
 
-        @property
-        def done(self) -> int:
-            """Trials finished (before a resume, or reported since) or failed."""
-            return len((self.before & self.known) | self.reported | self.failed)
+        @staticmethod
+        def done(trials, trial) -> int:
+            """Searched trials finished or failed as Tune's state has them (those finished before a resume
+            included; a trial lost to the cluster runs again, so it is not done), the one just ended counted.
+            Tune's state, not the stored results: another trial may have stored its result already."""
+            ended = {t.trial_id for t in trials if t.status == "TERMINATED" or (t.status == "ERROR" and not _lost(t))}
+            return len(ended | {trial.trial_id})
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self.known = {t.trial_id for t in trials}
-            self.reported.add(trial.trial_id)
             _backup_tune_state(exp, keep)  # Tune's own copy is not atomic: a kill can cut it short
             r = trial.last_result or {}
             _, cfg = split_config(trial.config)
             vals = result_text(r, objs)
-            log.info("trial %s done (%d/%d): %s %s  %s%s", _number(trial), self.done, spec.sweep.num_trials,
+            log.info("trial %s done (%d/%d): %s %s  %s%s", _number(trial), self.done(trials, trial), spec.sweep.num_trials,
                      trial.config.get("defense"), fmt_params({"defense": trial.config.get("defense"), "params": cfg}),
                      vals, "  (stored signals reused)" if r.get("reused_signals") else "")
 
@@ -440,9 +435,7 @@ def _progress_callback(spec: SweepSpec, exp, keep):
                 if self.recovered.get(trial.trial_id) != why:  # not said already by on_trial_recover
                     log.warning("trial %s lost (%s); it runs again after the others", _number(trial), why)
                 return
-            self.known = {t.trial_id for t in trials}
-            self.failed.add(trial.trial_id)
-            log.warning("trial %s failed (%d/%d): %s", _number(trial), self.done, spec.sweep.num_trials,
+            log.warning("trial %s failed (%d/%d): %s", _number(trial), self.done(trials, trial), spec.sweep.num_trials,
                         _trial_error(trial))
 
     return Progress()
@@ -558,7 +551,8 @@ def _open_trial_run(spec: SweepSpec, parent_id: str, trial_id: str, number: int 
         [exp.experiment_id],
         filter_string=f"{tag_equals(TAG_TRIAL_ID, trial_id)} and {tag_equals(TAG_PARENT, parent_id)}",
     ) if exp is not None else []
-    if any(r.data.tags.get(TAG_STATUS) == "ok" for r in before):
+    # done: closed with its result (a kill between the status tag and the run's end leaves it RUNNING: redone)
+    if any(r.data.tags.get(TAG_STATUS) == "ok" and r.info.status == "FINISHED" for r in before):
         return None
     for r in before:
         client.delete_run(r.info.run_id)
@@ -817,7 +811,9 @@ def run_sweep(
                 "stored bank", spec.name, why)
             exp.remove_tree("")
             _delete_study(spec, sweep_dir)
-    parent_id = state.get("parent_run_id") if state else None
+    # the parent run of the tracking store this run logs to: none with tracking off, a new one in another store
+    same_store = state is not None and state.get("tracking_uri", spec.tracking.uri) == spec.tracking.uri
+    parent_id = state.get("parent_run_id") if state and spec.tracking.enabled and same_store else None
     if spec.tracking.enabled and spec.tracking.uri.startswith(("http://", "https://")):
         # a server that does not answer: one line, nothing started
         from raymia.tracking import check_reachable
@@ -859,7 +855,7 @@ def run_sweep(
             elif spec.sweep.include_undefended:
                 baseline = _baseline(spec, root, sweep_dir, keep, pool, parent_id)
             tuner = _tuner(spec, space, root, sweep_dir, parent_id, pool, ray_storage, keep, exp, resuming)
-            grid = tuner.fit()
+            grid = _fit(tuner, exp, keep)
             if beside is not None:
                 baseline = beside.result()
         for _ in range(LOST_TRIAL_ROUNDS):
@@ -873,7 +869,7 @@ def run_sweep(
             log.warning("sweep %s: running the %d trial(s) lost with their worker or node again", spec.name, len(lost))
             tuner = _tuner(spec, space, root, sweep_dir, parent_id, pool, ray_storage, keep, exp, True,
                            resume_errored=True)
-            grid = tuner.fit()
+            grid = _fit(tuner, exp, keep)
         searched = _collect(grid, [o.metric for o in spec.sweep.objectives])
         trials = ([baseline] if baseline is not None else []) + searched
         if len(searched) < spec.sweep.num_trials or any(t["status"] == "incomplete" for t in searched):
@@ -952,6 +948,7 @@ def _sweep_state(spec: SweepSpec, keep, resume: bool) -> dict[str, Any] | None:
 
 def _write_state(spec: SweepSpec, keep, parent_id: str | None, finished: bool) -> None:
     keep.write("state.json", json.dumps({"spec_hash": resume_hash(spec), "parent_run_id": parent_id,
+                                         "tracking_uri": spec.tracking.uri if parent_id else None,
                                          "finished": finished, "resume_key": _resume_key(spec)}).encode())
 
 
@@ -987,6 +984,24 @@ def _check_study_storage(spec: SweepSpec, sweep_dir: Path) -> None:
                         where="sweep.storage")
 
 
+def _fit(tuner, exp, keep):
+    """Tune's fit, then raymia's copy of the state Tune saved last. Tune uploads its state to the store in
+    the background, so the copy a trial's callback takes can miss the trials finished or proposed just
+    before; fit's end (a Ctrl-C's too) waits for its last save. Tune's SIGINT handler, which it removes only
+    when it fires, is removed here too: the final audit and the caller's Python session keep their Ctrl-C."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return tuner.fit()
+    finally:
+        _backup_tune_state(exp, keep)
+        if main and handler is not None:
+            signal.signal(signal.SIGINT, handler)
+
+
 def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str | None, pool, ray_storage: str,
            keep, exp, restore: bool, resume_errored: bool = False):
     """Tune's Tuner over the trials: restored from `restore` (an interrupted sweep's experiment), or new,
@@ -999,11 +1014,16 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
         _run_trial, base=spec.model_dump(mode="json"), root=str(root), sweep_dir=str(sweep_dir), state=keep.location,
         log_level=logging.getLogger("raymia").getEffectiveLevel(), pool=pool,
     ), {"cpu": spec.sweep.trial_cpu})
+    callbacks = [_progress_callback(spec, exp, keep)] + ([_mlflow_callback(spec, parent_id)] if parent_id else [])
     if restore:
         _quiet_tune_summaries()
         log.info("resuming sweep %s: finished trials are kept, unfinished ones run again", spec.name)
-        return tune.Tuner.restore(exp.location, trainable=trainable, resume_unfinished=True,
-                                  resume_errored=resume_errored)
+        tuner = tune.Tuner.restore(exp.location, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=resume_errored)
+        # Tune restores the callbacks pickled when the sweep began, with that run's MLflow parent, tracking
+        # settings and console state; this run's take their place (Tuner.restore takes no RunConfig).
+        tuner._local_tuner.get_run_config().callbacks = callbacks
+        return tuner
     objectives = spec.sweep.objectives
     constraints = spec.sweep.constraints
     searcher = ConstrainedOptunaSearch(
@@ -1030,8 +1050,7 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
             # stored are kept, so only the rest trains. Tune counts one loss twice (the trial's task
             # fails, then its actor), so 3 is one loss and one more failure.
             failure_config=tune.FailureConfig(max_failures=3),
-            callbacks=[_progress_callback(spec, exp, keep)]
-            + ([_mlflow_callback(spec, parent_id)] if parent_id else []),
+            callbacks=callbacks,
             verbose=0,
         ),
     )

@@ -222,10 +222,14 @@ def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], t
         client.log_batch(rid, params=[Param(k, v) for k, v in flat.items()])
         if dataset is not None:
             log_dataset(client, rid, *dataset)
-    except Exception:
-        client.set_terminated(rid, "FAILED")
+    except BaseException as e:  # a Ctrl-C too: no run stays RUNNING for good
+        client.set_terminated(rid, _ended(e))
         raise
     return rid
+
+
+def _ended(e: BaseException) -> str:
+    return "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
 
 
 def close_run(uri: str, run_id: str, metrics: dict[str, Any], artifacts: Iterable[Path] = (),
@@ -245,8 +249,8 @@ def close_run(uri: str, run_id: str, metrics: dict[str, Any], artifacts: Iterabl
                 client.log_artifact(run_id, str(a))
         if tree is not None:
             client.log_artifacts(run_id, str(tree))
-    except Exception:
-        client.set_terminated(run_id, "FAILED")
+    except BaseException as e:
+        client.set_terminated(run_id, _ended(e))
         raise
     client.set_terminated(run_id, status)
 

@@ -268,7 +268,11 @@ def test_sweep_state_in_a_uri_store_resumes_on_a_driver_without_the_local_folder
     d = yaml.safe_load(SPEC.format(out=tmp_path))
     d.update(name="stored", store=f"file://{tmp_path}/bucket", tracking={"enabled": False})
     d["sweep"]["num_trials"] = 1
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
     first = run_sweep(SweepSpec.model_validate(d), console=False)
+    assert signal.getsignal(signal.SIGINT) is handler  # Tune's own stays installed after a fit that ends well
     bucket = tmp_path / "bucket"
     kept = sorted(p.relative_to(bucket) for p in bucket.rglob("*") if p.is_file() and "ray" not in p.parts)
     assert Path("sweeps/stored/state.json") in kept and Path("sweeps/stored/tune-state.zip") in kept
@@ -318,9 +322,9 @@ def test_sweep_refuses_default_sqlite_study_on_nfs(tmp_path, monkeypatch):
 
 
 def test_the_done_count_grows_by_one_per_line_when_results_land_out_of_order(tmp_path, caplog):
-    """Two trials store their results before the driver reports the first: the lines say 2/3 then 3/3
-    (they used to say 3/3 twice), counting on from a trial finished before a resume. A result a kill left
-    behind for a trial the resumed Tune does not know (stored after the state it restored) is not counted."""
+    """The count is Tune's: trials finished before a resume count (Tune's restored state has them ended), a
+    trial whose result is stored but whose end Tune has not processed yet does not (the lines said 3/3
+    twice), and a result a kill left for a trial the resumed Tune does not know is not counted."""
     import logging
     from types import SimpleNamespace
 
@@ -329,17 +333,17 @@ def test_the_done_count_grows_by_one_per_line_when_results_land_out_of_order(tmp
     from raymia.sweep import _progress_callback
 
     keep, exp = open_root(tmp_path / "state"), open_root(tmp_path / "exp")
-    keep.write("trials/t0/result.json", b"{}")  # finished before the resume
-    keep.write("trials/orphan/result.json", b"{}")  # finished after the state the resume restored
+    for t in ("t0", "orphan", "t1", "t2"):  # every result stored before either line
+        keep.write(f"trials/{t}/result.json", b"{}")
     spec = SweepSpec.model_validate({"sweep": {"defense": "hamp", "num_trials": 3}})
     progress = _progress_callback(spec, exp, keep)
-    for t in ("t1", "t2"):  # both results stored before either line
-        keep.write(f"trials/{t}/result.json", b"{}")
     caplog.set_level(logging.INFO, logger="raymia")
-    known = [SimpleNamespace(trial_id=t) for t in ("t0", "t1", "t2")]
-    for n, t in ((1, "t1"), (2, "t2")):
-        trial = SimpleNamespace(trial_id=t, experiment_tag=f"{n}_x", config={"defense": "hamp"}, last_result={})
-        progress.on_trial_complete(0, known, trial)
+    trials = {t: SimpleNamespace(trial_id=t, experiment_tag=f"{n}_x", config={"defense": "hamp"}, last_result={},
+                                 status=status, error_file=None)
+              for n, (t, status) in enumerate((("t0", "TERMINATED"), ("t1", "RUNNING"), ("t2", "RUNNING")))}
+    for t in ("t1", "t2"):
+        progress.on_trial_complete(0, list(trials.values()), trials[t])
+        trials[t].status = "TERMINATED"
     lines = [r.getMessage() for r in caplog.records if " done (" in r.getMessage()]
     assert [line.split(" done ")[1].split(":")[0] for line in lines] == ["(2/3)", "(3/3)"]
 
