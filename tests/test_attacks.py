@@ -486,3 +486,11 @@ def test_a_long_attack_phase_says_where_it_is(monkeypatch: pytest.MonkeyPatch, c
     assert len(lines) == 6
     assert lines[0].startswith("attacks: loss on target 1 of 3 (attack 1 of 2), ") and lines[0].endswith("s so far")
     assert lines[5].startswith("attacks: lira_online on target 3 of 3 (attack 2 of 2), ")
+
+
+def test_salems_features_are_the_three_largest_probabilities_descending():
+    """A sort the wrong way round still separated members on 5 classes: the hand example decides."""
+    from raymia.attacks.mia.learned import top3
+
+    assert top3(np.array([[0.1, 0.6, 0.3, 0.0]])).tolist() == [[0.6, 0.3, 0.1]]
+    assert top3(np.array([[0.2, 0.8]])).tolist() == [[0.8, 0.2, 0.0]]  # fewer than 3 classes: zero-padded

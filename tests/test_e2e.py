@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import yaml
 
@@ -94,6 +95,36 @@ def test_rerun_reuses_signals_and_a_lost_pack_is_rebuilt_alone(first_audit, work
     rebuilt = run_audit(spec, track=False, console=False)
     assert "reusing 1 of 2 stored packs" in caplog.text
     assert rebuilt.attacks["lira_online"]["auc"] == pytest.approx(res.attacks["lira_online"]["auc"], abs=1e-6)
+
+
+def test_the_reported_numbers_are_the_mean_and_std_over_the_targets(first_audit, workdir):
+    """The headline numbers over 3 targets (with 2, a median would pass for a mean): each attack metric and
+    each utility metric is np.mean over the per-target values, its spread np.std (ddof 0, as docs/validity.md
+    says), and the bank's test accuracy is over every bank model, not the targets only."""
+    spec, _ = first_audit
+    d = tiny_spec_dict(workdir, plan={**spec.plan.model_dump(), "targets": [0, 3, 5]}, tracking={"enabled": False})
+    res = run_audit(AuditSpec.model_validate(d))
+    assert res.reused_signals and res.targets == [0, 3, 5]
+    flat = res.flat_metrics()
+    for a, runs in res.per_target.items():
+        for k in runs[0]:
+            vals = [r[k] for r in runs]
+            if any(v is None for v in vals):
+                assert res.attacks[a][k] is None
+                continue
+            assert res.attacks[a][k] == pytest.approx(np.mean(vals), abs=1e-12)
+            assert res.attacks_std[a][k] == pytest.approx(np.std(vals), abs=1e-12)
+            assert flat[f"std/{a}/{k}"] == pytest.approx(np.std(vals), abs=1e-12)
+        assert len({round(r["auc"], 9) for r in runs}) == 3  # three different models: a spread to average
+    import raymia
+    from raymia.metrics import accuracy
+
+    sig = raymia.read_signals(res)
+    test = [accuracy(sig.pop_logits[t, 0], sig.pop_labels) for t in res.targets]
+    assert res.utility["test_accuracy"] == pytest.approx(np.mean(test), abs=1e-12)
+    assert res.utility_std["test_accuracy"] == pytest.approx(np.std(test), abs=1e-12) and np.std(test) > 0
+    every = [accuracy(sig.pop_logits[m, 0], sig.pop_labels) for m in range(sig.num_models)]
+    assert res.utility["bank_test_accuracy"] == pytest.approx(np.mean(every), abs=1e-12)
 
 
 def test_cli_audit_reuses_signals_and_prints_the_table(first_audit, workdir):
@@ -309,7 +340,7 @@ def test_sweep_writes_parent_and_child_runs(first_audit, workdir, caplog):
     for run in finals:  # the same report files as a stand-alone audit's run (it kept three of them)
         kept = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"result.json", "roc.png", "spec.yaml", "records.parquet", "vulnerable.csv", "report.html"} <= kept
-    assert saved["hypervolume"] is None or saved["hypervolume"] >= 0
+    assert saved["hypervolume"] == result.hypervolume and saved["hypervolume_reference"] == result.hypervolume_reference
 
 
 def test_the_mlflow_ui_shows_the_sweeps_trials_metrics_and_front(first_audit, workdir):

@@ -126,3 +126,20 @@ def test_hooks_run_in_order_and_the_loop_checks_divergence():
     with pytest.raises(TrainingDiverged, match="model 7: training diverged .*; lower train.lr"):
         run_steps(module_net(torch.nn.Linear(5, 3)), bad, lambda logits, yb, t: F.cross_entropy(logits, yb),
                   recipe, 2, 1, names=["model 7"])
+
+
+def test_divergence_is_caught_from_the_weights_when_the_gradient_hook_reports_no_loss():
+    """DP-SGD computes its gradient itself and returns no loss: the weights are the loop's only evidence."""
+    model = torch.nn.Linear(5, 3)
+    recipe = TrainSpec(optimizer="sgd", lr=0.1, epochs=1, batch_size=10)
+
+    def infinite(xb, yb):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, float("inf"))
+        return None
+
+    g = torch.Generator().manual_seed(0)
+    batches = member_batches(torch.randn(20, 5, generator=g), torch.randint(0, 3, (20,), generator=g), recipe,
+                             torch.Generator().manual_seed(1), torch.Generator().manual_seed(2))
+    with pytest.raises(TrainingDiverged, match="model 3: training diverged"):
+        run_steps(module_net(model), batches, None, recipe, 2, 2, hooks=Hooks(gradient=infinite), names=["model 3"])

@@ -417,3 +417,20 @@ def test_attack_tables_leave_out_levels_no_attack_resolves():
     assert keys == ["auc", "tpr_fpr_0.01", "tnr_fnr_0.001", "epsilon_lb"] and gone == ["tpr_fpr_0.001"]
     assert unresolved_note(gone).startswith("n/a for every attack, not shown: TPR@0.1%FPR (")
     assert unresolved_note([]) == ""
+
+
+def test_bootstrap_ci_has_its_nominal_width_and_follows_its_seed() -> None:
+    """The 95% interval of the AUC against DeLong's standard error (the analytic one for the same data):
+    width / (2 x 1.96 x SE) near 1 (an interval read at alpha instead of alpha/2 gives about 0.84); another
+    seed, other resamples."""
+    rng = np.random.default_rng(3)
+    n = 2000
+    is_member = np.r_[np.ones(n, bool), np.zeros(n, bool)]
+    scores = np.r_[rng.normal(0.5, 1, n), rng.normal(0, 1, n)]
+    s_in, s_out = scores[is_member], scores[~is_member]
+    wins = (s_in[:, None] > s_out[None, :]) + 0.5 * (s_in[:, None] == s_out[None, :])
+    se = math.sqrt(wins.mean(1).var(ddof=1) / n + wins.mean(0).var(ddof=1) / n)  # DeLong
+    lo, hi = bootstrap_ci(scores, is_member, (0.1,), n_boot=2000, seed=1)["auc"]
+    assert 0.9 < (hi - lo) / (2 * 1.96 * se) < 1.1
+    assert bootstrap_ci(scores, is_member, (0.1,), n_boot=200, seed=2)["auc"] != \
+        bootstrap_ci(scores, is_member, (0.1,), n_boot=200, seed=1)["auc"]

@@ -75,6 +75,17 @@ def test_store_roundtrip_and_corruption_is_detected(tmp_path, caplog, backend):
         assert store.check_pack(0) == "corrupt manifest"
     files.write(manifest, good)
     assert store.check_pack(0) is None
+    # a manifest of other models, or one whose arrays disagree with the data file, is not this pack
+    import json as _json
+
+    info = _json.loads(good)
+    files.write(manifest, _json.dumps({**info, "models": [4, 5, 6, 7]}).encode())
+    assert store.check_pack(0).startswith("holds models [4, 5, 6, 7]")
+    shape = {k: {**v, "shape": [1, *v["shape"][1:]]} for k, v in info["arrays"].items()}
+    files.write(manifest, _json.dumps({**info, "arrays": shape}).encode())
+    with pytest.raises(ValueError, match="does not match its manifest"):
+        store.read_pack(0)
+    files.write(manifest, good)
     # flip one byte: checksum mismatch -> reported, removed, rebuilt
     raw = bytearray(files.read(data))
     raw[len(raw) // 2] ^= 0xFF

@@ -420,3 +420,25 @@ def test_registered_with_documented_defaults() -> None:
     on = ATTACKS.get("rmia_online").parse(None, where="p")
     assert (on.gamma, on.temperature, on.combine) == (1.0, 2.0, "vote")
     assert A_GRID == (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def test_rmia_ties_follow_the_papers_strict_inequalities():
+    """Ratio_x / Ratio_z > gamma counts z strictly above (rounded outputs make ties common), and a vote of an
+    even number of queries that ties is not a win."""
+    assert pairwise_fraction(np.log([1.0]), np.log([1.0, 0.5]), 1.0).tolist() == [0.5]
+    lx = np.log(np.array([[1.0], [1.0], [1.0], [1.0]]))  # 4 queries, one x
+    lz = np.log(np.array([[0.5], [0.5], [2.0], [2.0]]))  # one z: 2 queries pass, 2 fail
+    assert combine_queries(lx, lz, 1.0, "vote").tolist() == [0.0]
+    lz[2, 0] = math.log(0.5)  # 3 of 4 pass: a strict majority
+    assert combine_queries(lx, lz, 1.0, "vote").tolist() == [1.0]
+
+
+def test_offline_a_keeps_the_first_grid_value_of_the_highest_auc():
+    """Privacy Meter keeps the first a of highest AUC: when every a scores the same, the grid's first."""
+    from raymia.data.plan import paired_keep
+
+    keep = paired_keep(6, 8, np.random.default_rng(0))
+    logp = np.full((6, 1, 8), -0.1)
+    pop = np.full((6, 1, 5), -0.1)
+    a, aucs = tune_offline_a(logp, keep, pop, np.arange(6) != 0, 1.0)
+    assert len(set(aucs.values())) == 1 and a == A_GRID[0]
