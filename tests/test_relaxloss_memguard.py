@@ -290,3 +290,19 @@ def test_relaxloss_alpha_at_chance_loss_is_refused():
     with pytest.raises(SpecError, match=r"defense\.params\.alpha: relaxloss alpha 2\.5 is at or above ln\(10\)"):
         build_defense("relaxloss", {"alpha": 2.5}, info).check("mlp", info)
     assert RelaxLoss.search_space()["alpha"].high < math.log(10)
+
+
+def test_relaxloss_alternates_its_branches_by_epoch_not_by_step(monkeypatch):
+    """The official loop changes branch each epoch (gradient ascent on even epochs, flattening on odd ones);
+    by step, the members' loss still ended near alpha, so only the epochs handed over show it."""
+    import raymia.defenses.relaxloss as relaxloss_mod
+
+    epochs: list[int] = []
+    real = relaxloss_mod.relaxloss
+    monkeypatch.setattr(relaxloss_mod, "relaxloss", lambda *a, **k: epochs.append(a[2]) or real(*a, **k))
+    ctx = BankContext.from_spec(AuditSpec.model_validate({
+        "plan": {"num_models": 2, "population": 200}, "model": {"name": "mlp", "params": {"hidden": [16]}},
+        "train": {"epochs": 3, "batch_size": 32}, "defense": {"name": "relaxloss", "params": {"alpha": 0.5}}}))
+    train_model(ctx, 0, CPU)
+    spe = ctx.steps_per_epoch
+    assert spe > 1 and epochs == [t // spe for t in range(3 * spe)]
