@@ -377,7 +377,7 @@ def ood_gan_key(x_public: torch.Tensor, y_public: torch.Tensor, info: DataInfo, 
                 seed: int, device: torch.device) -> str:
     """The cache key: the public inputs' and labels' bytes, shape, normalisation and class count, every
     setting but `checkpoint_every`, the seed and the device type."""
-    from raymia.defenses.vae import data_digest, key_digest
+    from raymia.cache import data_digest, key_digest
 
     public = SimpleNamespace(name="public", x_train=x_public, y_train=y_public)
     fields = {k: v for k, v in asdict(settings).items() if k != "checkpoint_every"}
@@ -408,7 +408,7 @@ def train_ood_gan(x_public: torch.Tensor, y_public: torch.Tensor, info: DataInfo
     `stop_after`: return None after this many steps of this call, as if the process were killed then (no
     checkpoint is written beyond the periodic ones): for tests, or to spread training over several calls.
     """
-    from raymia.defenses.vae import load_state
+    from raymia.cache import load_state
     from raymia.inversion.gan import _fresh, _load_pair, _resume, _save_pair
     from raymia.inversion.plgmi import hinge_cgan_steps
 

@@ -150,7 +150,7 @@ class Defense:
         is public, `public_indices`: no bank model trains on it; fit on it only, never on the population),
         `cache_dir` the folder of the store where such artefacts are cached: a pathlib.Path for a local store,
         a `raymia.storage.StoredDir` for a URI (`cache_dir / name` either way; write and read tensors only,
-        through `raymia.defenses.vae.save_state` / `load_state`), `seed` the spec's seed. Must be deterministic given its
+        through `raymia.cache.save_state` / `load_state`), `seed` the spec's seed. Must be deterministic given its
         inputs. Starts with `check_data`."""
         self.check_data(data, population)
 

@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from raymia.cache import data_digest, key_digest, load_state, save_state
 from raymia.datainfo import DataInfo
 from raymia.defenses.base import DEFENSES, Defense, FitJob, public_indices, require_public
-from raymia.defenses.vae import data_digest, key_digest, load_state, save_state
 from raymia.device import resolve_device
 from raymia.errors import DataError, SpecError, not_found
 from raymia.models.base import build_model, data_init_modules

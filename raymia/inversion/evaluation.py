@@ -19,7 +19,7 @@ pre-hook in eval mode and flattened to [N, D].
 
 `train_evaluator` trains the evaluator with raymia's model registry and step loop (seeded, Adam, plain
 cross-entropy, no augmentation); `cached_evaluator` keeps its weights under a content key (the data's bytes
-and every setting) with the cache helpers of `raymia.defenses.vae` (atomic write, checksum, read with
+and every setting) with the cache helpers of `raymia.cache` (atomic write, checksum, read with
 `torch.load(weights_only=True)`; a damaged file is refitted with a warning). `save_grid` draws
 reconstructions as one PNG (matplotlib's Agg canvas, no pyplot state).
 
@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raymia.cache import data_digest, key_digest, load_state, save_state
 from raymia.datainfo import DataInfo
-from raymia.defenses.vae import data_digest, key_digest, load_state, save_state
 from raymia.device import resolve_device
 from raymia.models import build_model
 from raymia.seeding import derive_seed
@@ -138,7 +138,7 @@ def cached_evaluator(cache_dir: str | Path, key_parts: dict[str, Any], x: torch.
     The key hashes (`key_digest`) the bytes and shapes of x and y (`data_digest`), every training setting,
     the device type (CUDA and CPU training differ in rounding), `EVALUATOR_FORMAT` and the caller's
     `key_parts` (JSON-able: e.g. the data set's name or the attack's setting). The file is written with
-    `raymia.defenses.vae.save_state` (temp file in the same folder, fsynced, os.replace, a checksum of the
+    `raymia.cache.save_state` (temp file in the same folder, fsynced, os.replace, a checksum of the
     tensors), and read with `load_state` (torch.load(weights_only=True), key and checksum checked); a
     damaged, foreign or ill-fitting file is logged as a warning and refitted.
     """

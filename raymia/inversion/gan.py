@@ -23,7 +23,7 @@ Cache (`cache_dir`): the trained pair is `gmi-gan-<key>.pt`, the key hashing the
 the data's shape and normalisation, every training setting but `checkpoint_every`, the seed and the device
 type. While training, `gmi-gan-<key>.ckpt.pt` holds generator, discriminator, both optimizers, the step
 and the generator's RNG state, written every `checkpoint_every` steps; a run that is killed resumes from
-it, and it is removed once the final file is written. Both files use `raymia.defenses.vae`'s helpers
+it, and it is removed once the final file is written. Both files use `raymia.cache`'s helpers
 (tensors and strings only, checksum, atomic write, `torch.load(weights_only=True)`); a damaged or foreign
 file is ignored with a warning (the final file refitted, the checkpoint restarted).
 """
@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from raymia.cache import data_digest, key_digest, load_state, save_state
 from raymia.datainfo import DataInfo
-from raymia.defenses.vae import data_digest, key_digest, load_state, save_state
 from raymia.inversion.registry import (
     InversionContext,
     forward_flops,

@@ -57,8 +57,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from raymia.cache import load_state
 from raymia.datainfo import DataInfo
-from raymia.defenses.vae import load_state
 from raymia.inversion.gan import (
     Discriminator,
     GanBudget,

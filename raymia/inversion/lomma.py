@@ -47,9 +47,9 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
+from raymia.cache import data_digest, key_digest, load_state, save_state
 from raymia.datainfo import DataInfo
 from raymia.defenses.dmp import distillation_loss
-from raymia.defenses.vae import data_digest, key_digest, load_state, save_state
 from raymia.errors import SpecError
 from raymia.inversion.evaluation import features, last_linear
 from raymia.inversion.plgmi import target_digest

@@ -68,8 +68,8 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from raymia.cache import load_state, state_checksum
 from raymia.datainfo import DataInfo
-from raymia.defenses.vae import load_state, state_checksum
 from raymia.errors import SpecError
 from raymia.inversion.gan import (
     GanBudget,

@@ -19,7 +19,7 @@ adapted to the input shape) and the evaluator. For each of the first `inversion.
 
 `prepare` fits what does not depend on the target (the evaluator, GMI's GAN) so that a sweep does it once
 on a Ray worker before its trials. Every cached file is written atomically with a checksum and read with
-`torch.load(weights_only=True)` (`raymia.defenses.vae`'s helpers). No Ray, MLflow or Optuna here.
+`torch.load(weights_only=True)` (`raymia.cache`'s helpers). No Ray, MLflow or Optuna here.
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ def prepare(spec: AuditSpec, ctx=None) -> dict[str, str]:
 
 def target_model(spec: AuditSpec, ctx, t: int, device: torch.device) -> nn.Module:
     """Bank model t, trained alone with the bank's recipe and defense, or its cached weights."""
-    from raymia.defenses.vae import key_digest, load_state, save_state
+    from raymia.cache import key_digest, load_state, save_state
     from raymia.train.bank import init_model, train_model
 
     fp = spec.fingerprint()
@@ -289,7 +289,7 @@ def own_model(spec: AuditSpec, ctx, device: torch.device) -> nn.Module:
 
 def _reconstruct(spec: AuditSpec, i: int, target: nn.Module, t: int, data: InversionData, device: torch.device):
     """Attack i's reconstructions of target t, cached by everything they depend on."""
-    from raymia.defenses.vae import data_digest, key_digest, load_state, save_state
+    from raymia.cache import data_digest, key_digest, load_state, save_state
     from raymia.inversion.registry import Reconstructions, run_inversion
 
     a = spec.inversion.attacks[i]
