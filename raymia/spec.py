@@ -31,7 +31,7 @@ from pydantic import (
 from raymia.errors import SpecError
 
 # Bump when the meaning of stored signals changes, so old entries are never reused by mistake.
-SIGNAL_FORMAT_VERSION = 7  # 4: one-cycle keeps the momentum; airbench trains with its own tricks; 5: airbench94's BN eps, whitening-bias lr and epochs, lookahead from epoch 3; 6: the plan draws complementary pairs of models; 7: min-max reference sets and the VAE fit on public points only; RelaxLoss and MemGuard as their official code
+SIGNAL_FORMAT_VERSION = 7
 
 NAME_PATTERN = r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$"
 
@@ -122,7 +122,7 @@ class DataSpec(Named):
 
     @model_serializer(mode="wrap")
     def _without_unset_classes(self, handler: Any) -> Any:
-        d = handler(self)  # without a class split: dumps (fingerprints, spec.yaml, resume hashes) as before
+        d = handler(self)  # unset, left out: specs without a class split keep their fingerprints and resume hashes
         for k in ("private_classes", "public_classes"):
             if isinstance(d, dict) and d.get(k) is None:
                 d.pop(k, None)
@@ -158,7 +158,7 @@ class LabelledEntry(Named):
 
     @model_serializer(mode="wrap")
     def _without_default_label(self, handler: Any) -> Any:
-        d = handler(self)  # without a label: dumps (spec.yaml, MLflow params, sweep resume hash) as before
+        d = handler(self)  # unset, left out: specs without labels keep their resume hashes
         if isinstance(d, dict) and d.get("label") is None:
             d.pop("label", None)
         return d
@@ -282,7 +282,7 @@ class TrainSpec(_Model):
 
     @model_serializer(mode="wrap")
     def _without_unset_function(self, handler: Any) -> Any:
-        d = handler(self)  # without a training function: dumps (fingerprints, spec.yaml, resume hashes) as before
+        d = handler(self)  # unset, left out: specs without one keep their fingerprints and resume hashes
         if isinstance(d, dict) and d.get("function") is None:
             d.pop("function", None)
         return d
@@ -501,7 +501,7 @@ class AuditSpec(_Model):
 
     @model_serializer(mode="wrap")
     def _without_unset_blocks(self, handler: Any) -> Any:
-        d = handler(self)  # without these blocks: dumps (spec.yaml, MLflow params, resume hashes) as before
+        d = handler(self)  # unset, left out: specs without these blocks keep their resume hashes
         for k in ("inversion", "ood", "target"):
             if isinstance(d, dict) and d.get(k) is None:
                 d.pop(k, None)
@@ -530,14 +530,14 @@ class AuditSpec(_Model):
             "precision": d["bank"]["precision"],
         }
         code = self.code_digests()
-        if code:  # plug-ins named by import path: their source file's bytes (absent: fingerprints as before)
+        if code:  # plug-ins named by import path: their source file's bytes (left out without any: other specs keep their fingerprints)
             out["code"] = code
         inputs = self.input_digests()
-        if inputs:  # files the params name: their bytes (absent: fingerprints as before)
+        if inputs:  # files the params name: their bytes (left out without any: other specs keep their fingerprints)
             out["inputs"] = inputs
-        if self.metrics.raw_outputs:  # the packs hold the outputs before post-processing too (absent: as before)
+        if self.metrics.raw_outputs:  # the packs hold the outputs before post-processing too (left out otherwise: other specs keep their fingerprints)
             out["raw_outputs"] = True
-        if self.ood is not None:  # the packs hold the sets' outputs too (absent: fingerprints as before)
+        if self.ood is not None:  # the packs hold the sets' outputs too (left out without any: other specs keep their fingerprints)
             sets = [{k: v for k, v in st.items() if k != "label"} for st in d["ood"]["sets"]]  # names only
             out["ood"] = {**d["ood"], "sets": sets}
         return out

@@ -40,8 +40,8 @@ generate_ours and generate_ours_offline), with its conventions fixed here so res
   Neither happens with a paired plan.
 - A side with one shadow per point (a bank of 4 models) has no within-point spread: pooled takes the
   side's global std there, and per_point takes pooled for every point seen by one shadow. The reference
-  (per_point) would divide by a zero std; raymia's pooled gave 0, floored, and offline scores saturated
-  (244 of 400 points tied at the top in `test_one_shadow_per_side_falls_back_to_the_global_std`).
+  (per_point) would divide by a zero std, and a pooled std of 0, floored, would saturate the offline scores
+  (most points tied at the top: `test_one_shadow_per_side_falls_back_to_the_global_std`).
 
 Everything is vectorised over points: per-point statistics are weighted sums (or a masked median) over the
 model axis, and the largest temporaries are the size of phi [M, Q, P].
