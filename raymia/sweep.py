@@ -828,11 +828,12 @@ def run_sweep(
                 from raymia.engine.pool import BankPool
 
                 pool = BankPool.start(spec, reserve_cpus=spec.sweep.trial_cpu * spec.sweep.max_concurrent)
-        except BaseException:
+        except BaseException as e:  # no parent run stays RUNNING: a Ctrl-C while Ray starts ends it KILLED
             if parent is not None and parent.exception() is None:
                 from raymia.tracking import finish_parent
 
-                finish_parent(spec.tracking.uri, parent.result(), {}, [], status="FAILED")
+                finish_parent(spec.tracking.uri, parent.result(), {}, [],
+                              status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
         parent_id = parent.result() if parent is not None else parent_id
     _write_state(spec, keep, parent_id, finished=False)
