@@ -30,6 +30,7 @@ from raymia.errors import DataError, Interrupted, RaymiaError, SpecError, first_
 from raymia.metrics import as_number
 from raymia.pareto import (
     EPSILON,
+    SWEEP_PREFIX,
     fmt_params,
     front_and_hypervolume,
     front_markdown,
@@ -766,7 +767,7 @@ def run_sweep(
     # same folder): state.json, a copy of Tune's state, each trial's result; Tune's experiment beside it.
     keep = open_root(join(spec.store or str(root), "sweeps", spec.name))
     ray_storage = join(spec.store or str(root), "ray")
-    exp = open_root(join(ray_storage, f"sweep-{spec.name}"))
+    exp = open_root(join(ray_storage, _tune_name(spec)))
     # Every check before anything is written or deleted: a spec with a typo run with --fresh must not
     # discard the finished sweep of the same name.
     space, _ = validate_sweep(spec)
@@ -916,7 +917,7 @@ def _start_parent(spec: SweepSpec, space: dict[str, dict[str, Any]]) -> str:
     searched = {d: {k: describe(v) if isinstance(v, Float | Int | Categorical) else repr(v) for k, v in sp.items()}
                 or "no parameters" for d, sp in space.items()}
     parent_id = start_parent(
-        spec.tracking.uri, spec.tracking.experiment, run_name=f"sweep-{spec.name}",
+        spec.tracking.uri, spec.tracking.experiment, run_name=f"{SWEEP_PREFIX}{spec.name}",
         params={**spec.model_dump(mode="json"), "space": searched}, tags={TAG_KIND: KIND_SWEEP},
         dataset=(spec.data.name, spec.fingerprint()),
     )
@@ -985,6 +986,11 @@ def _check_study_storage(spec: SweepSpec, sweep_dir: Path) -> None:
                         where="sweep.storage")
 
 
+def _tune_name(spec: SweepSpec) -> str:
+    """The name of the sweep's Tune experiment: its folder under `<store>/ray/`."""
+    return f"sweep-{spec.name}"
+
+
 def _fit(tuner, exp, keep):
     """Tune's fit, then raymia's copy of the state Tune saved last. Tune uploads its state to the store in
     the background, so the copy a trial's callback takes can miss the trials finished or proposed just
@@ -1045,7 +1051,7 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
             reuse_actors=True,  # a trial's process keeps its imports (torch, the attacks) for the next one
         ),
         run_config=tune.RunConfig(
-            name=f"sweep-{spec.name}",
+            name=_tune_name(spec),
             storage_path=ray_storage,
             # a trial lost with its node (or its process) runs again elsewhere; the packs its bank had
             # stored are kept, so only the rest trains. Tune counts one loss twice (the trial's task
