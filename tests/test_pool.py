@@ -212,3 +212,18 @@ def test_console_drops_what_raymia_says_itself_and_a_terminated_workers_sigterm_
         assert console_lines("raylet", lost, said) == ["kept"]
         assert console_lines("raylet", lost, said) == ["kept"]
     assert caplog.text.count("Ray lost a node") == 1
+
+
+def test_a_lost_worker_is_said_once_by_the_processes_that_share_the_pool(ray_local):
+    """A sweep's concurrent trials each wait on the pool's workers: the first to see a loss says it, the
+    others only which of their packs goes back to the queue (two full lines were printed for one loss)."""
+    import uuid
+
+    import ray
+
+    from raymia.engine.pool import _first_to_say
+
+    key = f"raymia-lost/test/{uuid.uuid4().hex}"
+    assert _first_to_say(key)
+    assert not _first_to_say(key)
+    assert ray.get(ray.remote(_first_to_say).remote(key)) is False  # another process of the cluster

@@ -253,9 +253,12 @@ class BankPool:
         losses[w] += 1
         gone = losses[w] > MAX_RESTARTS
         place = self.places[w]
-        log.warning("bank worker %d (node %s, pid %s) lost: %s%s%s", w, place["ip"], place["pid"], _cause(error),
-                    f"; pack {pack} goes back to the queue" if pack is not None else "",
-                    f"; worker given up after {losses[w]} losses" if gone else "")
+        back = f"; pack {pack} goes back to the queue" if pack is not None else ""
+        if _first_to_say(f"raymia-lost/{place['ip']}/{place['pid']}"):
+            log.warning("bank worker %d (node %s, pid %s) lost: %s%s%s", w, place["ip"], place["pid"], _cause(error),
+                        back, f"; worker given up after {losses[w]} losses" if gone else "")
+        elif back:  # another of the sweep's trials, sharing the pool, said the loss already
+            log.info("bank worker %d lost (said above)%s", w, back)
         if not gone:
             restarting[_ping(self.workers[w])] = w
 
@@ -298,6 +301,17 @@ def _duration(s: float) -> str:
     from raymia.report.text import duration
 
     return duration(s)
+
+
+def _first_to_say(key: str) -> bool:
+    """Whether this process is the first of the cluster to claim `key` (Ray's key-value store, shared by the
+    processes of a sweep's concurrent trials); True where the store cannot be reached."""
+    try:
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        return not _internal_kv_put(key, b"1", overwrite=False, namespace="raymia")
+    except Exception:  # noqa: BLE001  # saying a loss twice beats not saying it
+        return True
 
 
 def _cause(e: BaseException) -> str:
