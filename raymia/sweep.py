@@ -498,16 +498,23 @@ class _TuneSyncRace(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if (str(record.msg).startswith("Saving experiment state to storage") and isinstance(exc, FileNotFoundError)
-                and self.TMP.search(str(exc))):
-            log.debug("Tune's state upload raced its own temporary file (uploaded again next time): %s", exc)
+        msg = str(record.msg)
+        raced = (msg.startswith("Saving experiment state to storage") and isinstance(exc, FileNotFoundError)
+                 and self.TMP.search(str(exc)))
+        # the same race reported by the syncer's next upload, the traceback in the message itself
+        raced = raced or (msg.startswith("Last sync command failed") and "FileNotFoundError" in msg
+                          and self.TMP.search(msg))
+        if raced:
+            log.debug("Tune's state upload raced its own temporary file (uploaded again next time): %s",
+                      exc or msg.splitlines()[-1])
             return False
         return True
 
 
 def _quiet_tune_summaries() -> None:
     for name, kind in (("ray.tune.tune", _SaidByRaymia), ("ray.tune.analysis.experiment_analysis", _SaidByRaymia),
-                       ("ray.tune.execution.experiment_state", _TuneSyncRace)):
+                       ("ray.tune.execution.experiment_state", _TuneSyncRace),
+                       ("ray.train._internal.syncer", _TuneSyncRace)):
         lg = logging.getLogger(name)
         if not any(isinstance(f, kind) for f in lg.filters):
             lg.addFilter(kind())

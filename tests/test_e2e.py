@@ -245,6 +245,18 @@ def test_tune_upload_racing_its_own_temporary_file_is_no_error_but_other_failure
             assert bool(seen) == shown, (exc, seen)
     finally:
         tune_state.logger.removeHandler(handler)
+    # the same race, reported by the syncer's next upload as a warning holding the traceback
+    import ray.train._internal.syncer as syncer
+
+    syncer.logger.addHandler(handler)
+    try:
+        for exc, shown in cases:
+            seen.clear()
+            syncer.logger.warning(f"Last sync command failed with the following error:\nTraceback (most recent call "
+                                  f"last):\n  ...\n{type(exc).__name__}: {exc}")
+            assert bool(seen) == shown, (exc, seen)
+    finally:
+        syncer.logger.removeHandler(handler)
 
 
 def test_cli_sweep_console_is_raymias_lines(console_runs):
