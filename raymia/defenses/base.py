@@ -39,6 +39,7 @@ go in `FitJob.report`; the bank stores them with the pack and the audit reports 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -239,18 +240,24 @@ def build_defense(
 # what a defense's `fit` builds on
 
 
-def train_plain(defense: Defense, job: FitJob) -> torch.nn.Module:
-    """Model m (`job.model`) trained with the recipe and the defense's `loss` on the step loop (`run_steps`,
-    as the bank trains, with the batch order and augmentation draws seeded from the job's seed, at the
-    bank's precision). Returns it in eval mode. MemGuard and the calibration defenses train so before
-    fitting their post-processing; DMP its teacher, SELENA its sub-models and released model."""
+def train_plain(defense: Defense, job: FitJob,
+                loss: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
+                prepare: Callable[[torch.nn.Module], None] | None = None) -> torch.nn.Module:
+    """Model m (`job.model`) trained with the recipe and the defense's `loss` (or `loss(logits, y, step)`)
+    on the step loop (`run_steps`, as the bank trains, with the batch order and augmentation draws seeded
+    from the job's seed, at the bank's precision); `prepare(model)` runs once it is in training mode.
+    Returns it in eval mode. MemGuard and the calibration defenses train so before fitting their
+    post-processing; DMP its teacher, SELENA its sub-models and released model; RelaxLoss with its
+    epoch-alternating loss, TL-DMI with its frozen layers' norm statistics held."""
     model, recipe = job.model, job.recipe
     if job.x.shape[0] == 0:
         raise ValueError(f"model {job.m}: empty training set")
     batches = member_batches(job.x, job.y, recipe, torch.Generator().manual_seed(derive_seed(job.seed, "order")),
                              torch.Generator().manual_seed(derive_seed(job.seed, "augment")), fmt=job.memory_format)
     model.train()
-    run_steps(module_net(model), batches, lambda logits, y, step: defense.loss(logits, y), recipe,
+    if prepare is not None:
+        prepare(model)
+    run_steps(module_net(model), batches, loss or (lambda logits, y, step: defense.loss(logits, y)), recipe,
               recipe.epochs * job.steps_per_epoch, job.steps_per_epoch, precision=job.precision,
               names=[f"model {job.m}"])
     return model.eval()

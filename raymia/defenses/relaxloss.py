@@ -33,12 +33,10 @@ from pydantic import Field
 from torch import nn
 
 from raymia.datainfo import DataInfo
-from raymia.defenses.base import DEFENSES, Defense, FitJob
+from raymia.defenses.base import DEFENSES, Defense, FitJob, train_plain
 from raymia.errors import SpecError
 from raymia.registry import Params
-from raymia.seeding import derive_seed
 from raymia.space import Domain, Float
-from raymia.train.loop import member_batches, module_net, run_steps
 
 
 class RelaxLossParams(Params):
@@ -120,22 +118,11 @@ class RelaxLoss(Defense):
         """Train model m with the recipe; epoch e is steps [e * steps_per_epoch, (e + 1) * steps_per_epoch)
         of the bank's epoch length. Reports the members' final mean cross-entropy (eval mode) as
         ``train_ce``."""
-        p, model, recipe = self.params, job.model, job.recipe
-        n = job.x.shape[0]
-        if n == 0:
-            raise ValueError(f"model {job.m}: empty training set")
+        p, spe = self.params, job.steps_per_epoch
         if torch.is_floating_point(job.y):
             raise ValueError("relaxloss trains on hard labels")
-        spe = job.steps_per_epoch
-        batches = member_batches(job.x, job.y, recipe,
-                                 torch.Generator().manual_seed(derive_seed(job.seed, "order")),
-                                 torch.Generator().manual_seed(derive_seed(job.seed, "augment")),
-                                 fmt=job.memory_format)
-        model.train()
-        run_steps(module_net(model), batches,
-                  lambda logits, y, step: relaxloss(logits, y, step // spe, p.alpha, p.upper, self.form),
-                  recipe, recipe.epochs * spe, spe, precision=job.precision, names=[f"model {job.m}"])
-        model.eval()
+        model = train_plain(self, job, loss=lambda logits, y, step: relaxloss(logits, y, step // spe, p.alpha,
+                                                                              p.upper, self.form))
         job.report["train_ce"] = member_ce(model, job.x, job.y)
         return model
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from raymia.cache import data_digest, key_digest, load_state, save_state
 from raymia.datainfo import DataInfo
-from raymia.defenses.base import DEFENSES, Defense, FitJob, public_indices, require_public
+from raymia.defenses.base import DEFENSES, Defense, FitJob, public_indices, require_public, train_plain
 from raymia.device import resolve_device
 from raymia.errors import DataError, SpecError, not_found
 from raymia.models.base import build_model, data_init_modules
@@ -323,21 +323,9 @@ class TlDmi(Defense):
     def fit(self, job: FitJob) -> nn.Module:
         """Fine-tune the trainable parameters with the recipe: the step loop over them only (`module_net`
         leaves out the frozen ones), frozen norm layers in eval mode."""
-        model, recipe = job.model, job.recipe
-        if not any(t.requires_grad for t in model.parameters()):
+        if not any(t.requires_grad for t in job.model.parameters()):
             raise SpecError("tl_dmi froze every parameter; lower freeze_fraction", where="defense.params")
-        n = job.x.shape[0]
-        if n == 0:
-            raise ValueError(f"model {job.m}: empty training set")
-        batches = member_batches(job.x, job.y, recipe,
-                                 torch.Generator().manual_seed(derive_seed(job.seed, "order")),
-                                 torch.Generator().manual_seed(derive_seed(job.seed, "augment")),
-                                 fmt=job.memory_format)
-        model.train()
-        self._freeze_norm_stats(model)
-        run_steps(module_net(model), batches, lambda logits, y, step: self.loss(logits, y), recipe,
-                  recipe.epochs * job.steps_per_epoch, job.steps_per_epoch, precision=job.precision,
-                  names=[f"model {job.m}"])
+        model = train_plain(self, job, prepare=self._freeze_norm_stats)
         job.report.update(frozen_fraction=frozen_fraction(model), frozen_layers=float(self.frozen_layers))
         return model
 
