@@ -48,7 +48,7 @@ from pydantic import Field
 from torch import nn
 
 from raymia.datainfo import DataInfo
-from raymia.defenses.base import DEFENSES, Defense, FitJob, require_public, train_plain
+from raymia.defenses.base import DEFENSES, Defense, FitJob, outputs, require_public, train_plain
 from raymia.errors import SpecError
 from raymia.registry import Params
 from raymia.seeding import derive_seed
@@ -106,11 +106,6 @@ def _subset(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
         return x
     pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:k].sort().values
     return x[pick.to(x.device)]
-
-
-@torch.no_grad()
-def _outputs(model: nn.Module, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    return torch.cat([model(x[i:i + chunk]).float() for i in range(0, x.shape[0], chunk)])
 
 
 def fit_defense_model(member_logits: torch.Tensor, ref_logits: torch.Tensor, num_classes: int, seed: int,
@@ -248,7 +243,7 @@ class MemGuard(Defense):
         if p.defense_points is not None:
             xm = _subset(xm, p.defense_points, derive_seed(job.seed, "memguard", "members"))
             xr = _subset(xr, p.defense_points, derive_seed(job.seed, "memguard", "reference"))
-        g, acc = fit_defense_model(_outputs(model, xm), _outputs(model, xr), self.info.num_classes, job.seed,
+        g, acc = fit_defense_model(outputs(model, xm), outputs(model, xr), self.info.num_classes, job.seed,
                                    p.defense_epochs, p.defense_lr, p.defense_batch, p.defense_optimizer)
         self._defense_models[model] = g
         job.report["defense_model_accuracy"] = acc
