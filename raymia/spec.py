@@ -146,6 +146,15 @@ class DefenseSpec(Named):
 ATTACK_LABEL_RESERVED = ("worst", "defense", "std", "target", "index", "label", "member")
 
 
+def _unique_keys(entries: list[Any], what: str) -> list[str]:
+    """The entries' keys (label, or name), each naming one entry: results and metric names are keyed by it."""
+    keys = [e.key for e in entries]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ValueError(f"{dup[0]!r} names two {what}; give each its own label")
+    return keys
+
+
 class LabelledEntry(Named):
     """A registry entry that results name by an optional `label` (default: the name): an attack, a
     non-member set. Labels let one entry be listed twice with different params; `key` is the label, or the
@@ -397,10 +406,7 @@ class OodSpec(_Model):
 
     @model_validator(mode="after")
     def _labels(self) -> OodSpec:
-        keys = [s.key for s in self.sets]
-        dup = sorted({k for k in keys if keys.count(k) > 1})
-        if dup:
-            raise ValueError(f"{dup[0]!r} names two non-member sets; give each its own label")
+        keys = _unique_keys(self.sets, "non-member sets")
         if "held_out" in keys:
             raise ValueError("'held_out' names the in-distribution non-members; label the set otherwise")
         return self
@@ -434,10 +440,7 @@ class InversionSpec(_Model):
 
     @model_validator(mode="after")
     def _labels(self) -> InversionSpec:
-        keys = [a.key for a in self.attacks]
-        dup = sorted({k for k in keys if keys.count(k) > 1})
-        if dup:
-            raise ValueError(f"{dup[0]!r} names two inversion attacks; give each its own label")
+        _unique_keys(self.attacks, "inversion attacks")
         if isinstance(self.classes, int) and self.classes < 1:
             raise ValueError(f"classes must be 'all', a count >= 1 or a list, got {self.classes}")
         return self
