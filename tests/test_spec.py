@@ -145,3 +145,18 @@ def test_the_written_spec_file_reads_back_to_the_same_spec(tmp_path, name):
         assert f"`raymia {'sweep' if kind is SweepSpec else 'audit'} {path.name}`" in text
         again = load_spec(path, kind=kind)
         assert again == spec and again.fingerprint() == spec.fingerprint()
+
+
+def test_a_label_names_one_entry_of_each_list():
+    """Results and metric names are keyed by label (default: the name): two sets or two inversion attacks
+    under one key would overwrite each other's numbers."""
+    from raymia.errors import SpecError
+    from raymia.resolve import validate_spec
+
+    with pytest.raises(SpecError, match=r"^ood: 'uniform' names two non-member sets; give each its own label"):
+        validate_spec({"ood": {"sets": [{"name": "uniform"}, {"name": "uniform"}]}})
+    with pytest.raises(SpecError, match=r"^inversion: 'miface' names two inversion attacks"):
+        validate_spec({"inversion": {"attacks": [{"name": "miface"}, {"name": "miface"}]}})
+    ok = validate_spec({"ood": {"sets": [{"name": "uniform"}, {"name": "uniform", "label": "u2",
+                                                               "params": {}}]}})
+    assert [s.key for s in ok.ood.sets] == ["uniform", "u2"]
