@@ -102,12 +102,6 @@ def with_ood_points(signals, ood_logits: np.ndarray, ood_labels: np.ndarray):
                    fit_mask=np.concatenate([np.ones(p, dtype=bool), np.zeros(n, dtype=bool)]))
 
 
-def _max_softmax(logits: np.ndarray) -> np.ndarray:
-    from raymia.attacks.mia import log_softmax
-
-    return np.exp(log_softmax(np.asarray(logits, dtype=np.float64)).max(axis=-1))
-
-
 def set_metrics(members: np.ndarray, others: np.ndarray, threshold: float, max_score: np.ndarray
                 ) -> dict[str, float | None]:
     """The metrics of one non-member set's scores `others` against the members' scores, at `threshold`
@@ -137,7 +131,7 @@ def evaluate_ood(attacks: list, signals, ood_logits: np.ndarray, ood_labels: np.
                  slices: dict[str, slice], label_sources: dict[str, str], targets: list[int]) -> OodResult:
     """The OOD evaluation of `attacks` (AttackSpec entries) against `targets` (see the module docstring)."""
     from raymia.attacks import run_attack
-    from raymia.attacks.mia.threshold import best_threshold
+    from raymia.attacks.mia.threshold import best_threshold, max_confidence_stat
 
     ext = with_ood_points(signals, ood_logits, ood_labels)
     p = signals.num_points
@@ -160,7 +154,7 @@ def evaluate_ood(attacks: list, signals, ood_logits: np.ndarray, ood_labels: np.
             members = scores[:p][member]
             threshold = float(np.median(members)) if threshold is None else threshold
             recalls.append(float((members > threshold).mean()))
-            max_score = _max_softmax(ext.logits[t, 0])
+            max_score = max_confidence_stat(ext.logits[t, 0], None)  # the paper's max-softmax score
             hit, ms = members > threshold, max_score[:p][member]  # members found (TP) and missed (FN)
             member_scores.append((float(ms[hit].mean()) if hit.any() else None,
                                   float(ms[~hit].mean()) if (~hit).any() else None))
