@@ -22,17 +22,32 @@ class DataInfo:
     mean: tuple[float, ...] | None = None  # per-channel normalisation of image inputs in [0, 1]
     std: tuple[float, ...] | None = None
 
+    def pixel_stats(self, ndim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean, std) shaped to broadcast over [N, C, ...] images (normalised = (pixel - mean) / std, pixels
+        in [0, 1]); None for inputs without a normalisation (tabular data, or images kept as pixels)."""
+        if self.kind != "image" or self.mean is None or self.std is None:
+            return None
+        view = (1, self.input_shape[0]) + (1,) * (ndim - 2)
+        return (torch.tensor(self.mean, dtype=dtype, device=device).view(view),
+                torch.tensor(self.std, dtype=dtype, device=device).view(view))
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> pixels (the identity without a normalisation)."""
+        ms = self.pixel_stats(x.ndim, x.dtype, x.device)
+        return x if ms is None else x * ms[1] + ms[0]
+
+    def from_pixels(self, px: torch.Tensor) -> torch.Tensor:
+        """Pixels -> normalised images (the identity without a normalisation)."""
+        ms = self.pixel_stats(px.ndim, px.dtype, px.device)
+        return px if ms is None else (px - ms[0]) / ms[1]
+
     def random_inputs(self, n: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
         """Random inputs in the model's input space: images are uniform pixels in [0, 1] followed by the
         data set's normalisation; tabular inputs are Bernoulli(0.5) vectors (HAMP's choice)."""
         shape = (n, *self.input_shape)
         if self.kind == "image":
-            x = torch.rand(shape, generator=generator)
-            if self.mean is not None and self.std is not None:
-                c = self.input_shape[0]
-                mean = torch.tensor(self.mean, dtype=x.dtype).view(1, c, *([1] * (len(shape) - 2)))
-                std = torch.tensor(self.std, dtype=x.dtype).view(1, c, *([1] * (len(shape) - 2)))
-                x = (x - mean) / std
+            x = self.from_pixels(torch.rand(shape, generator=generator))
         elif self.kind == "tabular":
             x = torch.bernoulli(torch.full(shape, 0.5), generator=generator)
         else:

@@ -147,31 +147,6 @@ def build_nonmembers(name: str, params: dict[str, Any] | None, data: Dataset, pu
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------
-# pixels <-> normalised inputs
-
-
-def _norm(info: DataInfo, ndim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(mean, std) shaped to broadcast over [N, C, ...] images, or None without normalisation."""
-    if info.kind != "image" or info.mean is None or info.std is None:
-        return None
-    view = (1, info.input_shape[0]) + (1,) * (ndim - 2)
-    return (torch.tensor(info.mean, dtype=torch.float32).view(view),
-            torch.tensor(info.std, dtype=torch.float32).view(view))
-
-
-def to_pixels(x: torch.Tensor, info: DataInfo) -> torch.Tensor:
-    """Normalised images -> pixels (the identity without normalisation)."""
-    ms = _norm(info, x.ndim)
-    return x if ms is None else x * ms[1] + ms[0]
-
-
-def from_pixels(px: torch.Tensor, info: DataInfo) -> torch.Tensor:
-    """Pixels -> normalised images (the identity without normalisation)."""
-    ms = _norm(info, px.ndim)
-    return px if ms is None else (px - ms[0]) / ms[1]
-
-
 def pick_test_images(data: Dataset, n: int, seed: int, where: str = "ood") -> np.ndarray:
     """The test images the test-split sets transform: the first n of a permutation of the test split drawn
     from derive_seed(seed, "ood", "test") (the same images for `permuted`, `scaled` and `unnormalized`)."""
@@ -200,7 +175,7 @@ def _generated(ctx: SetContext, unit: torch.Tensor) -> NonMembers:
     """Values in [0, 1] [n, *shape] as inputs: pixels normalised (images) or mapped onto the training split's
     per-feature range (tabular); random labels."""
     if ctx.image:
-        x = from_pixels(unit, ctx.info)
+        x = ctx.info.from_pixels(unit)
     else:
         lo, hi = _feature_range(ctx.data)
         x = lo + unit * (hi - lo)
@@ -248,10 +223,10 @@ def scaled(ctx: SetContext, p: ScaledParams) -> NonMembers:
 def unnormalized(ctx: SetContext, p: NoParams) -> NonMembers:
     """Test images with the normalisation undone: pixels in [0, 1] fed as if normalised."""
     ctx.image_only()
-    if _norm(ctx.info, 4) is None:
+    if ctx.info.pixel_stats(4) is None:
         raise SpecError(f"{ctx.data.name!r} has no normalisation (no mean/std), so 'unnormalized' would be the "
                         "test split itself", where=f"{ctx.where}.name")
-    return _from_test(ctx, lambda x: to_pixels(x, ctx.info))
+    return _from_test(ctx, ctx.info.to_pixels)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -291,7 +266,7 @@ class DatasetParams(Params):
 
 def _row_keys(x: torch.Tensor, info: DataInfo) -> set[bytes]:
     """Each image's pixels on a 1/4096 grid, as bytes (equal images -> equal keys, float rounding aside)."""
-    q = torch.round(to_pixels(x.float(), info) * 4096).to(torch.int32).reshape(x.shape[0], -1)
+    q = torch.round(info.to_pixels(x.float()) * 4096).to(torch.int32).reshape(x.shape[0], -1)
     return {bytes(r) for r in q.numpy()}
 
 

@@ -76,15 +76,6 @@ def drop_unaudited(data: Dataset, population: np.ndarray, num_private: int) -> t
     return replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep]), np.arange(pop.size, dtype=np.int64)
 
 
-def _pixels(x: torch.Tensor, info: DataInfo) -> torch.Tensor:
-    c = x.shape[1]
-    if info.mean is None or info.std is None:
-        return x
-    mean = torch.tensor(info.mean, dtype=x.dtype).view(1, c, 1, 1)
-    std = torch.tensor(info.std, dtype=x.dtype).view(1, c, 1, 1)
-    return x * std + mean
-
-
 def adapt_inputs(x: torch.Tensor, src: DataInfo, dst: DataInfo, where: str = "data") -> torch.Tensor:
     """Images x [N, C, H, W] normalised as `src` declares, as images of `dst`'s input shape and
     normalisation (float32)."""
@@ -92,7 +83,7 @@ def adapt_inputs(x: torch.Tensor, src: DataInfo, dst: DataInfo, where: str = "da
         raise SpecError(f"only images can be adapted to another data set's inputs; got {src.kind} "
                         f"{tuple(x.shape[1:])} for {dst.kind} {tuple(dst.input_shape)}", where=where)
     c, h, w = (int(s) for s in dst.input_shape)
-    px = _pixels(x.float(), src).clamp(0, 1)
+    px = src.to_pixels(x.float()).clamp(0, 1)
     if px.shape[1] != c:
         if px.shape[1] == 1:
             px = px.expand(-1, c, -1, -1)
@@ -102,8 +93,4 @@ def adapt_inputs(x: torch.Tensor, src: DataInfo, dst: DataInfo, where: str = "da
             raise SpecError(f"cannot map {px.shape[1]} channels to {c}", where=where)
     if tuple(px.shape[2:]) != (h, w):
         px = F.interpolate(px, size=(h, w), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
-    if dst.mean is None or dst.std is None:
-        return px.contiguous()
-    mean = torch.tensor(dst.mean, dtype=torch.float32).view(1, c, 1, 1)
-    std = torch.tensor(dst.std, dtype=torch.float32).view(1, c, 1, 1)
-    return ((px - mean) / std).contiguous()
+    return dst.from_pixels(px).contiguous()

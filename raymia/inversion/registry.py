@@ -183,10 +183,11 @@ def image_shape(info: DataInfo, attack: str) -> tuple[int, int, int]:
 def pixel_transform(info: DataInfo, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) shaped [1, C, 1, 1]: normalised = (pixel - mean) / std, pixels in [0, 1] (0 and 1 when
     the data set declares no normalisation)."""
-    c = info.input_shape[0]
-    mean = torch.tensor(info.mean if info.mean is not None else (0.0,) * c, dtype=torch.float32)
-    std = torch.tensor(info.std if info.std is not None else (1.0,) * c, dtype=torch.float32)
-    return mean.view(1, c, 1, 1).to(device), std.view(1, c, 1, 1).to(device)
+    ms = info.pixel_stats(4, device=device)
+    if ms is None:
+        c = info.input_shape[0]
+        return torch.zeros(1, c, 1, 1, device=device), torch.ones(1, c, 1, 1, device=device)
+    return ms
 
 
 def public_inputs(ctx: InversionContext, attack: str) -> torch.Tensor:
