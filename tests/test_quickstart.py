@@ -57,6 +57,14 @@ def test_quickstart_sweep(ray_local, tmp_path):
     assert all(f"trial {t['trial']} (" in pareto for t in ok)
     importance = (sweep_dir / "importance.html").read_text()
     assert all(p in importance for p in ("hamp.gamma", "hamp.alpha", "hamp.output_modification"))
+    # the switch that moves LiRA's TPR from about 30% to 2% leads its objective's importances (Optuna's
+    # default evaluator gave it none on these 7 trials)
+    from raymia.report.interactive import param_importances
+
+    panels, n = param_importances(f"sqlite:///{sweep_dir / 'optuna.db'}", "raymia-quickstart",
+                                  [("test_accuracy", "max"), ("lira_online/tpr_fpr_0.01", "min")])
+    lira = dict(panels)["lira_online/tpr_fpr_0.01"]
+    assert n == 7 and max(lira, key=lira.get) == "hamp.output_modification" and lira["hamp.output_modification"] > 0.5
     _check_report(sweep_dir / "report.html", result)
 
 
