@@ -417,9 +417,7 @@ def write_report(result: AuditResult, console: bool, track: bool, page: bool = T
     setting = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.defense.params.items())
     plot_roc(
         result.roc, out / "roc.png", title=f"{spec.name}: {spec.defense.name}" + (f" ({setting})" if setting else "")
-        + f", {spec.plan.num_models} models",
-        aucs={a: m["auc"] for a, m in result.attacks.items() if m.get("auc") is not None}
-        | {f"raw/{a}": m["auc"] for a, m in (result.raw_attacks or {}).items() if m.get("auc") is not None},
+        + f", {spec.plan.num_models} models; target {result.targets[0]}",  # the curves are the first target's
     )
     if result.points is not None:  # every point's scores, the members that leak most, their histograms
         from raymia.report.plots import HISTOGRAMS_FILE, histograms_title, plot_histograms

@@ -68,9 +68,24 @@ def test_plot_roc_writes_png(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     fpr = np.concatenate([[0.0], np.sort(rng.uniform(1e-4, 1, 200)), [1.0]])
     curves = {"lira": (fpr, np.sqrt(fpr)), "loss": (fpr, fpr**0.8)}
-    out = plot_roc(curves, tmp_path / "sub" / "roc.png", title="ROC", aucs={"lira": 0.66, "loss": 0.55})
+    out = plot_roc(curves, tmp_path / "sub" / "roc.png", title="ROC")
     assert out == tmp_path / "sub" / "roc.png"
     _assert_png_not_blank(out)
+
+
+def test_a_curves_label_is_its_own_auc() -> None:
+    """The legend named the mean AUC over targets beside the first target's curve (0.718 beside a 0.759
+    curve); each curve is now labelled with the AUC of the scores it was drawn from, ties counted half."""
+    from sklearn.metrics import roc_auc_score
+
+    from raymia.metrics import roc
+    from raymia.report.plots import curve_auc
+
+    rng = np.random.default_rng(0)
+    member = rng.random(300) < 0.5
+    for scores in (rng.normal(size=300) + member, np.round(rng.normal(size=300) + member, 1)):
+        fpr, tpr, _ = roc(scores, member)
+        assert curve_auc(fpr, tpr) == pytest.approx(roc_auc_score(member, scores), abs=1e-12)
 
 
 def test_plot_pareto_writes_png(tmp_path: Path) -> None:

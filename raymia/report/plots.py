@@ -46,28 +46,37 @@ def _axis_floor(curves: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
     return 10.0 ** math.floor(math.log10(lo) + 1e-12)
 
 
+def curve_auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """The area under a ROC curve given with every threshold's point (`metrics.roc`): the AUC of the scores
+    it was drawn from, ties counted half."""
+    fpr, tpr = np.asarray(fpr, dtype=float), np.asarray(tpr, dtype=float)
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
 def plot_roc(
     curves: dict[str, tuple[np.ndarray, np.ndarray]],
     path: str | Path,
     title: str | None = None,
-    aucs: dict[str, float] | None = None,
 ) -> Path:
-    """Log-log ROC curves (fpr, tpr) per attack with the chance diagonal; the low-FPR region is where
-    membership inference matters. Zero rates are drawn at the axis floor. A curve named "raw/<attack>"
-    (the attack before the defense's post-processing) is drawn dashed in its attack's colour. Returns the
-    PNG path."""
+    """Log-log ROC curves (fpr, tpr) per attack with the chance diagonal, each labelled with its own AUC;
+    the low-FPR region is where membership inference matters. Zero rates are drawn at the axis floor, and
+    FPRs below the smallest one the curves resolve (one non-member) are shaded: a flat stretch there is the
+    floor, not a measurement. A curve named "raw/<attack>" (the attack before the defense's post-processing)
+    is drawn dashed in its attack's colour. Returns the PNG path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lo = _axis_floor(curves.values())
+    fprs = [np.asarray(f, dtype=float) for f, _ in curves.values()]
+    resolved = min((float(f[f > 0].min()) for f in fprs if (f > 0).any()), default=lo)
     fig, ax = plt.subplots(figsize=(5.5, 5.0))
     try:
+        if resolved > lo:
+            ax.axvspan(lo, resolved, color="0.92", zorder=0, label="below one non-member")
         colours: dict[str, Any] = {}
         for name, (fpr, tpr) in curves.items():
             x = np.clip(np.asarray(fpr, dtype=float), lo, 1.0)
             y = np.clip(np.asarray(tpr, dtype=float), lo, 1.0)
-            label = name
-            if aucs is not None and name in aucs and aucs[name] is not None:
-                label = f"{name} (AUC={aucs[name]:.3f})"
+            label = f"{name} (AUC={curve_auc(fpr, tpr):.3f})"
             released = name.removeprefix("raw/")
             if released != name and released in colours:
                 ax.plot(x, y, label=label, linewidth=1.2, linestyle="--", color=colours[released])
