@@ -686,6 +686,9 @@ def plot_front(trials: list[dict], objectives: Iterable[Any], front: list[int], 
         x_label=label(x, xm), y_label=label(y, ym), title=title,
         reference={**base, "label": f"undefended (trial {base['trial']})", "point": base} if base else None,
         x_err_key=spread_key(x), y_err_key=spread_key(y), lines=given,
+        # the staircase bounds what the front dominates: between two front points it takes the y of the
+        # one that still covers the x in between (the right one when x is maximised)
+        front_step="pre" if xm == "max" else "post",
     )
 
 

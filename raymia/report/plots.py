@@ -119,11 +119,13 @@ def plot_pareto(
     y_err_key: str | None = None,
     label_key: str | None = "trial",
     lines: dict[str, float] | None = None,
+    front_step: str = "post",
 ) -> Path:
     """Scatter of every trial (one colour and marker per group, e.g. defense) with the non-dominated trials
     ringed, joined by a step line and labelled with their `label_key` (the trial number), plus the
     undefended reference point as a star (and not again as a dot of its group) and a dashed line at each
-    value of `lines` ({x_key or y_key: value}: a hypervolume reference given by hand).
+    value of `lines` ({x_key or y_key: value}: a hypervolume reference given by hand). `front_step`: the
+    staircase's `where` ("post" when x is minimised, "pre" when maximised).
 
     front_ids holds indices into points: the front as the caller computed it (`raymia.pareto`), drawn as
     given. Points missing x_key or y_key are skipped. x_err_key / y_err_key name each point's spread (e.g.
@@ -161,7 +163,7 @@ def plot_pareto(
             ax.scatter(arr[:, 0], arr[:, 1], s=26, alpha=0.8, color=colour, marker=marker, label=group)
         if front:
             arr = np.asarray(sorted((x, y) for x, y, _ in front), dtype=float)
-            ax.step(arr[:, 0], arr[:, 1], where="post", color="black", linewidth=1.2, alpha=0.8)
+            ax.step(arr[:, 0], arr[:, 1], where=front_step, color="black", linewidth=1.2, alpha=0.8)
             ax.scatter(arr[:, 0], arr[:, 1], s=80, facecolors="none", edgecolors="black", linewidths=1.4,
                        label="Pareto front", zorder=3)
         if reference is not None:
