@@ -55,6 +55,8 @@ def test_quickstart_sweep(ray_local, tmp_path):
     sweep_dir = tmp_path / "runs" / "sweeps" / "quickstart"
     pareto = (sweep_dir / "pareto.html").read_text()
     assert all(f"trial {t['trial']} (" in pareto for t in ok)
+    assert '<html lang="en">' in pareto and f"<title>Pareto front: {len(result.front)} of {len(ok)} trials</title>" in pareto
+    assert '"error_y":{"array":[' in pareto.replace(" ", "")  # each point's std over targets
     importance = (sweep_dir / "importance.html").read_text()
     assert all(p in importance for p in ("hamp.gamma", "hamp.alpha", "hamp.output_modification"))
     # the switch that moves LiRA's TPR from about 30% to 2% leads its objective's importances (Optuna's

@@ -18,6 +18,7 @@ def pareto_html(trials: list[dict[str, Any]], objectives: list[tuple[str, str]],
     ringed, each point's hover text its trial number, defense and params. None with fewer than 2 objectives."""
     import plotly.graph_objects as go
 
+    from raymia.metrics import spread_key
     from raymia.pareto import fmt_params
 
     if len(objectives) < 2:
@@ -27,10 +28,16 @@ def pareto_html(trials: list[dict[str, Any]], objectives: list[tuple[str, str]],
           and isinstance(t.get(y_key), int | float)]
     on = set(front)
     fig = go.Figure()
+    def spread(pts, key):  # each point's std over targets, as pareto.png draws it
+        sd = [t.get(spread_key(key)) for t in pts]
+        ok_sd = all(isinstance(v, int | float) for v in sd)
+        return {"type": "data", "array": sd, "thickness": 1, "width": 0, "color": "rgba(0,0,0,0.3)"} if ok_sd else None
+
     for defense in sorted({t["defense"] for t in ok}):
         pts = [t for t in ok if t["defense"] == defense]
         fig.add_trace(go.Scatter(
             x=[t[x_key] for t in pts], y=[t[y_key] for t in pts], mode="markers+text", name=defense,
+            error_x=spread(pts, x_key), error_y=spread(pts, y_key),
             text=[str(t["trial"]) for t in pts], textposition="top center",
             marker={"size": [14 if t["trial"] in on else 9 for t in pts],
                     "line": {"width": [2 if t["trial"] in on else 0 for t in pts], "color": "black"}},
@@ -41,15 +48,27 @@ def pareto_html(trials: list[dict[str, Any]], objectives: list[tuple[str, str]],
     edge = sorted((t for t in ok if t["trial"] in on), key=lambda t: t[x_key])
     if len(edge) > 1:
         fig.add_trace(go.Scatter(x=[t[x_key] for t in edge], y=[t[y_key] for t in edge], mode="lines",
-                                 name="front", line={"dash": "dot", "color": "black"}, hoverinfo="skip"))
+                                 name="front", hoverinfo="skip",  # pareto.png's staircase (its front_step)
+                                 line={"dash": "dot", "color": "black", "shape": "vh" if x_mode == "max" else "hv"}))
     xs = [t[x_key] for t in ok if t[x_key] > 0]
     log_x = bool(xs) and max(xs) / min(xs) > 20  # rates that span decades
+    title = f"Pareto front: {len(on)} of {len(ok)} trials"
     fig.update_layout(
-        title=f"Pareto front: {len(on)} of {len(ok)} trials", legend={"title": "defense"},
-        xaxis={"title": f"{x_key} ({x_mode})", "type": "log" if log_x else "linear"},
+        title=f"{title} (bars: std over targets)", legend={"title": "defense"},
+        xaxis={"title": f"{x_key} ({x_mode}{', log scale' if log_x else ''})", "type": "log" if log_x else "linear",
+               **({"dtick": "D1"} if log_x else {})},  # every decade's 2 and 5 labelled too
         yaxis={"title": f"{y_key} ({y_mode})"}, template="plotly_white")
-    fig.write_html(path, include_plotlyjs=True, full_html=True)
+    _write_page(fig, path, title)
     return path
+
+
+def _write_page(fig, path: Path, title: str) -> None:
+    """The figure as a page of its own, plotly's script embedded, with a title and a language."""
+    import html
+
+    page = fig.to_html(include_plotlyjs=True, full_html=True)
+    page = page.replace("<html>", '<html lang="en">', 1).replace("<head>", f"<head><title>{html.escape(title)}</title>", 1)
+    Path(path).write_text(page, encoding="utf-8")
 
 
 FEW_TRIALS = 20  # below this many finished trials, importances are a rough guide (the page says so)
@@ -101,6 +120,7 @@ def importance_html(storage: str, study_name: str, objectives: list[tuple[str, s
                              marker_color="#4c72b0"), row=1, col=c)
         fig.update_xaxes(title_text="share of the objective's variance (fANOVA)", range=[0, 1], row=1, col=c)
     rough = f"; only {n} trials: a rough guide" if n < FEW_TRIALS else ""
-    fig.update_layout(title=f"hyperparameter importance per objective ({n} trials{rough})", template="plotly_white")
-    fig.write_html(path, include_plotlyjs=True, full_html=True)
+    title = f"hyperparameter importance per objective ({n} trials{rough})"
+    fig.update_layout(title=title, template="plotly_white")
+    _write_page(fig, path, "hyperparameter importance")
     return path
