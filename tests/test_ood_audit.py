@@ -78,6 +78,8 @@ def test_scaled_inputs_are_flagged_far_more_often_than_held_out_data(tmp_path):
     assert res.ood.label_sources == {"held_out": "true", "scaled": "source", "permuted": "source", "noise": "random"}
     assert m["std/ood/loss/scaled/fpr"] is not None  # two targets
     assert (res.out_dir / "ood_fpr.png").stat().st_size > 5000
+    page = (res.out_dir / "report.html").read_text()  # what the threshold is, and where each set's labels come from
+    assert "maximises TPR - FPR on a shadow model" in page and "scaled (source labels)" in page
     client = MlflowClient(spec.tracking.uri)
     run = client.search_runs([client.get_experiment_by_name("raymia-tests").experiment_id])[0]
     assert "ood_fpr.png" in {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -215,8 +215,15 @@ def _audit(r: dict[str, Any], folder: Path) -> str:
         rows = [[escape(a), _num(ood.get("recall", {}).get(a), True),
                  *[f"{_num(per.get(s, {}).get('fpr'), True)} / {_num(per.get(s, {}).get('auroc'))}" for s in sets]]
                 for a, per in ood.get("attacks", {}).items()]
+        sources = ood.get("label_sources", {})
+        heads = [s if s == "held_out" or s not in sources else f"{s} ({sources[s]} labels)" for s in sets]
         parts.append("<h2>Out-of-distribution non-members</h2>")
-        parts.append(_table(["attack", "recall", *sets], rows,
+        parts.append("<p>Each attack flags a point as a member when its score is above the threshold that "
+                     "maximises TPR - FPR on a shadow model (the target's pair, as the paper calibrates it: not "
+                     "a fixed FPR). Recall: the members flagged; each set: the share of its points flagged "
+                     "(false positives), and how well the scores tell the set from the members (AUROC). Means "
+                     "over the targets; the figure's bars show their std.</p>")
+        parts.append(_table(["attack", "recall", *heads], rows,
                             caption="FPR at the attack's calibrated threshold / AUROC against the members"))
         parts.append(_figure(folder / "ood_fpr.png", "false positives by non-member set"))
 

@@ -294,7 +294,7 @@ def plot_ood(ood: Any, path: Path, title: str = "false positives by non-member s
         ax.axhline(ood.recall[a], color=colors(i % 10), linestyle="--", linewidth=0.8)
     ax.set_xticks(x, sets, rotation=20, ha="right")
     ax.set_ylim(0, 1.02)
-    ax.set_ylabel("FPR at the calibrated threshold")
+    ax.set_ylabel("points flagged as members\n(threshold max TPR - FPR on a shadow)")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left", title="attack (dashed: recall)",
