@@ -1096,11 +1096,11 @@ def _report(spec: SweepSpec, trials: list[dict[str, Any]], space, root: Path, sw
     from raymia.report.html import write_html
     from raymia.report.interactive import importance_html, pareto_html
 
-    write_html(sweep_dir)
     pairs = [(o.metric, o.mode) for o in objectives]
     pareto_html(trials, pairs, result.front_trials, sweep_dir / "pareto.html")
     importance_html(_study_storage(spec, sweep_dir),
                     f"raymia-{spec.name}", pairs, sweep_dir / "importance.html")
+    write_html(sweep_dir)  # last: the page links the files beside it
     if parent_id:
         _drop_orphan_runs(spec, parent_id, {str(t.get("trial_id")) for t in trials})
         _mark_front(spec, parent_id, result.front_trials)

@@ -75,6 +75,9 @@ def _check_report(page: Path, result) -> None:
     decoded, every trial with the front's rows marked, the spec."""
     with chromium_page(page) as tab:
         assert tab.title() == "raymia sweep quickstart"
+        links = tab.locator("nav a")  # the files beside the page, which it links
+        assert sorted(links.nth(i).get_attribute("href") for i in range(links.count())) == [
+            "front.md", "importance.html", "pareto.html", "spec.yaml"]
         front = tab.locator("#front + p + table tbody tr")
         assert front.count() == len(result.front)
         shown = sorted(int(front.nth(i).locator("td").first.inner_text()) for i in range(front.count()))

@@ -269,6 +269,11 @@ def _read_vulnerable(path: Path) -> list[dict[str, str]]:
 # a sweep
 
 
+# the files beside a sweep's page that it links: (name, what it is)
+SWEEP_FILES = (("pareto.html", "interactive front"), ("importance.html", "hyperparameter importance"),
+               ("front.md", "every trial as Markdown"), ("spec.yaml", "the spec"))
+
+
 def _sweep(r: dict[str, Any], folder: Path) -> str:
     from raymia.pareto import epsilon_note, fmt_params, hypervolume_text, same_settings, with_epsilon
 
@@ -280,6 +285,11 @@ def _sweep(r: dict[str, Any], folder: Path) -> str:
     parts = [f"<h1>Sweep {escape(str(r.get('name')))}</h1>",
              f"<p class='sub'>{len(trials)} trials, {len(ok)} succeeded · front of {len(front)} · hypervolume "
              f"{escape(hypervolume_text(hv, r.get('hypervolume_reference')))}</p>"]
+    beside = [f"<a href='{n}'>{what}</a>" for n, what in SWEEP_FILES if (folder / n).is_file()]
+    if r.get("mlflow_parent_run_id"):
+        beside.append(f"MLflow parent run {escape(str(r['mlflow_parent_run_id']))}")
+    if beside:
+        parts.append(f"<nav class='sub'>{' · '.join(beside)}</nav>")
 
     def cell(t: dict[str, Any], key: str) -> str:
         from raymia.metrics import spread_key
