@@ -99,6 +99,10 @@ class AuditResult:
             "spec": self.spec.model_dump(mode="json"),
             "targets": self.targets,
             **({"target": self.target} if self.target is not None else {}),
+            # what each target's rates rest on: a TPR at 1% FPR over 200 non-members is 2 of them
+            **({"members_per_target": [int(m.sum()) for m in self.points.member],
+                "nonmembers_per_target": [int((~m).sum()) for m in self.points.member]}
+               if self.points is not None else {}),
             "utility": self.utility,
             "utility_std_over_targets": self.utility_std,
             "defense": {"name": self.spec.defense.name, "params": self.spec.defense.params,

@@ -125,6 +125,9 @@ def test_the_reported_numbers_are_the_mean_and_std_over_the_targets(first_audit,
     assert res.utility_std["test_accuracy"] == pytest.approx(np.std(test), abs=1e-12) and np.std(test) > 0
     every = [accuracy(sig.pop_logits[m, 0], sig.pop_labels) for m in range(sig.num_models)]
     assert res.utility["bank_test_accuracy"] == pytest.approx(np.mean(every), abs=1e-12)
+    saved = res.to_json()  # what each target's rates rest on, for the report's subtitle
+    assert saved["members_per_target"] == [int(sig.keep[t].sum()) for t in res.targets]
+    assert saved["nonmembers_per_target"] == [300 - int(sig.keep[t].sum()) for t in res.targets]
 
 
 def test_cli_audit_reuses_signals_and_prints_the_table(first_audit, workdir):

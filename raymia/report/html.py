@@ -144,6 +144,13 @@ def _audit(r: dict[str, Any], folder: Path) -> str:
              f"{escape(str(r.get('defense', {}).get('name')))} · {escape(who)} · data "
              f"{escape(str(spec.get('data', {}).get('name')))} · model {escape(str(spec.get('model', {}).get('name')))}"
              f" · raymia {escape(str(r.get('raymia_version')))}</p>"]
+    ins, outs = r.get("members_per_target"), r.get("nonmembers_per_target")
+    if ins and outs:
+        def span(v: list[int]) -> str:
+            return str(v[0]) if min(v) == max(v) else f"{min(v)}-{max(v)}"
+
+        parts.append(f"<p class='sub'>each target: {span(ins)} members, {span(outs)} non-members (an FPR's "
+                     f"smallest step is 1/{span(outs)})</p>")
 
     u, us = r.get("utility", {}), r.get("utility_std_over_targets", {})
     many = len(targets) > 1
