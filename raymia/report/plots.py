@@ -350,10 +350,11 @@ def plot_histograms(points, path: str | Path, title: str | None = None, bins: in
                 ax.hist(np.clip(s[mask], lo, hi), bins=edges, alpha=0.55, color=colour, label=label,
                         density=True)
             ax.axvline(threshold, color="black", linestyle="--", linewidth=1,
-                       label=f"flag threshold ({FLAG_FPR:.0%} FPR)")
+                       label=f"flag threshold ({FLAG_FPR:.0%} FPR on the first target)")
             ax.set_title(name, fontsize=10)
             ax.set_xlabel(xlabel, fontsize=8)
-            ax.tick_params(labelsize=7)
+            ax.set_ylabel("density (all targets' points)", fontsize=8)
+            ax.tick_params(labelsize=8)
         for ax in list(axes.flat)[len(names):]:
             ax.axis("off")
         handles, labels = axes.flat[0].get_legend_handles_labels()
