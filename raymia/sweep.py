@@ -645,7 +645,9 @@ def _resume_key(spec: SweepSpec) -> dict[str, Any]:
     d = spec.model_dump(mode="json")
     for k in ("tracking", "output_dir", "store"):
         d.pop(k, None)
-    d["sweep"].pop("final_audit", None)  # it runs after the search, which it does not change
+    # the final audit runs after the search, which it does not change (None, not left out: the key of a sweep
+    # without one stays what it was)
+    d["sweep"]["final_audit"] = None
     for o in d["sweep"]["objectives"]:
         o.pop("reference", None)
     return d

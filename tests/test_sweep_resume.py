@@ -386,3 +386,16 @@ def test_a_damaged_sweep_state_is_one_line(tmp_path):
         keep.write("state.json", content)
         with pytest.raises(DataError, match=r"state.json: is not a sweep state raymia wrote .* --fresh"):
             _sweep_state(spec, keep, False)
+
+
+def test_the_final_audit_is_not_part_of_the_resume_key():
+    """It runs after the search and changes none of it: fixing a final audit that failed at the end must not
+    need --fresh. A sweep without one keeps the key it had."""
+    from raymia.resolve import validate_spec
+    from raymia.spec import SweepSpec
+    from raymia.sweep import _resume_key, resume_hash
+
+    plain = validate_spec({"sweep": {"defense": "hamp"}}, SweepSpec)
+    final = validate_spec({"sweep": {"defense": "hamp", "final_audit": {"num_models": 16}}}, SweepSpec)
+    assert resume_hash(plain) == resume_hash(final)
+    assert _resume_key(plain)["sweep"]["final_audit"] is None and "final_audit" in plain.model_dump()["sweep"]
