@@ -122,7 +122,7 @@ class DataSpec(Named):
 
     @model_serializer(mode="wrap")
     def _without_unset_classes(self, handler: Any) -> Any:
-        d = handler(self)  # unset, left out: specs without a class split keep their fingerprints and resume hashes
+        d = handler(self)  # unset, left out: specs without a split keep their fingerprints and resume hashes
         for k in ("private_classes", "public_classes"):
             if isinstance(d, dict) and d.get(k) is None:
                 d.pop(k, None)
@@ -533,14 +533,15 @@ class AuditSpec(_Model):
             "precision": d["bank"]["precision"],
         }
         code = self.code_digests()
-        if code:  # plug-ins named by import path: their source file's bytes (left out without any: other specs keep their fingerprints)
+        # each of these is left out when empty or unset, so specs without it keep their fingerprints
+        if code:  # plug-ins named by import path: their source file's bytes
             out["code"] = code
         inputs = self.input_digests()
-        if inputs:  # files the params name: their bytes (left out without any: other specs keep their fingerprints)
+        if inputs:  # files the params name: their bytes
             out["inputs"] = inputs
-        if self.metrics.raw_outputs:  # the packs hold the outputs before post-processing too (left out otherwise: other specs keep their fingerprints)
+        if self.metrics.raw_outputs:  # the packs hold the outputs before post-processing too
             out["raw_outputs"] = True
-        if self.ood is not None:  # the packs hold the sets' outputs too (left out without any: other specs keep their fingerprints)
+        if self.ood is not None:  # the packs hold the sets' outputs too
             sets = [{k: v for k, v in st.items() if k != "label"} for st in d["ood"]["sets"]]  # names only
             out["ood"] = {**d["ood"], "sets": sets}
         return out
