@@ -19,6 +19,7 @@ from pathlib import Path
 from raymia.errors import RaymiaError
 
 KEY_ENV = "RAYMIA_STATE_KEY"
+MIN_KEY_BYTES = 16
 
 
 def key_file() -> Path:
@@ -34,26 +35,48 @@ def state_key() -> bytes:
         except ValueError:
             raise RaymiaError("is not hex (e.g. the output of `python -c 'import secrets; "
                               "print(secrets.token_hex(32))'`)", where=KEY_ENV) from None
-        if len(key) < 16:
-            raise RaymiaError(f"is {len(key)} bytes; give at least 16 (32 hex digits)", where=KEY_ENV)
+        if len(key) < MIN_KEY_BYTES:
+            raise RaymiaError(f"is {len(key)} bytes; give at least {MIN_KEY_BYTES} ({2 * MIN_KEY_BYTES} hex digits)",
+                              where=KEY_ENV)
         return key
     path = key_file()
+    if not path.exists():
+        _make_key(path)
+    return _read_key(path)
+
+
+
+def _read_key(path: Path) -> bytes:
+    fix = "delete it to make a new one (saved sweeps then start their search again)"
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise RaymiaError(f"must be owned by you and readable by you only (chmod 600); else {fix}", where=str(path))
     try:
-        return bytes.fromhex(path.read_text().strip())
-    except FileNotFoundError:
-        pass
+        key = bytes.fromhex(path.read_text().strip())
     except ValueError:
-        raise RaymiaError("is not a hex key; delete it to make a new one (saved sweeps then start their "
-                          "search again)", where=str(path)) from None
+        raise RaymiaError(f"is not a hex key; {fix}", where=str(path)) from None
+    if len(key) < MIN_KEY_BYTES:
+        raise RaymiaError(f"holds {len(key)} bytes, fewer than {MIN_KEY_BYTES}; {fix}", where=str(path))
+    return key
+
+
+def _make_key(path: Path) -> None:
+    """A new random key at `path`, readable by its owner only, put in place whole (written to a temporary
+    file, then linked): a kill or a second process at the same moment never leaves a part of one."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = secrets.token_hex(32)
-    try:  # created readable by its owner only; a second process making one at the same time keeps the first
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return bytes.fromhex(path.read_text().strip())
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
-    return bytes.fromhex(key)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:  # another process made it first: its key it is
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def sign(files: dict[str, bytes], key: bytes | None = None) -> str:

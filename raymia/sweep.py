@@ -222,18 +222,23 @@ def _damaged(files: dict[str, bytes]) -> str | None:
 _TUNE_STATE = ("tuner.pkl", "experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
 _BACKUP = "tune-state.zip"  # in the sweep's state folder: one file, so one atomic write on any store
 _SIGNATURE = "raymia-signature"  # the zip's member holding `signing.sign` of the others
+_BACKUP_MAX = 1 << 30  # bytes, unpacked: Tune's state of a sweep is a few MB; a bigger zip is not raymia's
 
 
-def _backup_tune_state(exp, state) -> None:
-    """Copy Tune's newest state files, when intact, into one zip in the sweep's state folder (`exp` and
-    `state` are `raymia.storage` folder handles), signed with the user's key, replacing the previous copy in
-    one atomic write. A resume loads Tune's state only from this copy (`_restore_tune_state`)."""
+def _backup_tune_state(staging: str, tuner_pkl: bytes, state) -> None:
+    """Copy Tune's newest state files, when intact, into one zip in the sweep's state folder (`state`, a
+    `raymia.storage` folder handle), signed with the user's key, replacing the previous copy in one atomic
+    write. A resume loads Tune's state only from this copy (`_restore_tune_state`). What is signed never comes
+    from the store, which others may write: the state files from Tune's staging folder on this driver (Tune
+    writes them there, then uploads them), and `tuner_pkl` as this process pickled its Tuner."""
     import io
     import zipfile
 
     from raymia.signing import sign
 
-    files = {n: exp.read(n) for n in _state_names(exp.list())}
+    local = open_root(staging)
+    files = {n: local.read(n) for n in _state_names(local.list()) if n != "tuner.pkl"}
+    files["tuner.pkl"] = tuner_pkl
     if len(files) < len(_TUNE_STATE) or _damaged(files) is not None:
         return
     buf = io.BytesIO()
@@ -257,6 +262,8 @@ def _restore_tune_state(state, exp) -> str | None:
         return "no trial had finished"
     try:
         with zipfile.ZipFile(io.BytesIO(state.read(_BACKUP))) as z:
+            if len(z.infolist()) > 2 * len(_TUNE_STATE) or sum(i.file_size for i in z.infolist()) > _BACKUP_MAX:
+                return f"its copy {_BACKUP} is not one raymia wrote (too many or too large members)"
             files = {n: z.read(n) for n in z.namelist()}
     except (zipfile.BadZipFile, ValueError) as e:
         return f"its copy {_BACKUP} is not a zip ({e})"
@@ -405,6 +412,23 @@ def _progress_callback(spec: SweepSpec, exp, keep):
 
         def __init__(self) -> None:
             self.recovered: dict[str, str] = {}
+            self.tuner_pkl: bytes | None = None  # the Tuner's state as this process pickled it (`_tuner`)
+
+        def backup(self, trials) -> None:
+            """raymia's signed copy of Tune's state, from Tune's staging folder on this driver (its trials
+            know where; Tune uploads the folder to the store in the background)."""
+            staging = getattr(getattr(trials[0], "storage", None), "experiment_driver_staging_path", None) \
+                if trials else None
+            if staging and self.tuner_pkl is not None:
+                _backup_tune_state(staging, self.tuner_pkl, keep)
+
+        def on_experiment_end(self, trials, **info):
+            self.backup(trials)  # after Tune's last save (a Ctrl-C's too), which a trial's callback precedes
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            # Tune saved the trial when its setting was proposed: a kill from here on resumes it with that
+            # setting, as the study proposed it (a copy from before would have the study propose anew)
+            self.backup(trials)
 
         @staticmethod
         def done(trials, trial) -> int:
@@ -415,7 +439,7 @@ def _progress_callback(spec: SweepSpec, exp, keep):
             return len(ended | {trial.trial_id})
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            _backup_tune_state(exp, keep)  # Tune's own copy is not atomic: a kill can cut it short
+            self.backup(trials)  # Tune's own copy is not atomic: a kill can cut it short
             r = trial.last_result or {}
             _, cfg = split_config(trial.config)
             vals = result_text(r, objs)
@@ -478,9 +502,11 @@ def lost_to_cluster(error: BaseException | None) -> bool:
 class _SaidByRaymia(logging.Filter):
     """Drops Tune's summary of failed trials (raymia has said each failure in its own line, and lists them
     under the front) and its advice after Ctrl-C to call Tuner.restore (re-running the raymia command
-    resumes, which raymia's last line says)."""
+    resumes, which raymia's last line says), and the searcher's note that the study already has a trial's
+    result (a trial finished after raymia's copy of Tune's state reports its stored result again on resume)."""
 
-    SAID = ("Trials did not complete", "Failed to fetch metrics for", "Experiment has been interrupted")
+    SAID = ("Trials did not complete", "Failed to fetch metrics for", "Experiment has been interrupted",
+            "Cannot tell a COMPLETE trial")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.SAID)
@@ -514,7 +540,8 @@ class _TuneSyncRace(logging.Filter):
 def _quiet_tune_summaries() -> None:
     for name, kind in (("ray.tune.tune", _SaidByRaymia), ("ray.tune.analysis.experiment_analysis", _SaidByRaymia),
                        ("ray.tune.execution.experiment_state", _TuneSyncRace),
-                       ("ray.train._internal.syncer", _TuneSyncRace)):
+                       ("ray.train._internal.syncer", _TuneSyncRace),
+                       ("ray.tune.search.optuna.optuna_search", _SaidByRaymia)):
         lg = logging.getLogger(name)
         if not any(isinstance(f, kind) for f in lg.filters):
             lg.addFilter(kind())
@@ -866,7 +893,7 @@ def run_sweep(
             elif spec.sweep.include_undefended:
                 baseline = _baseline(spec, root, sweep_dir, keep, pool, parent_id)
             tuner = _tuner(spec, space, root, sweep_dir, parent_id, pool, ray_storage, keep, exp, resuming)
-            grid = _fit(tuner, exp, keep)
+            grid = _fit(tuner)
             if beside is not None:
                 baseline = beside.result()
         for _ in range(LOST_TRIAL_ROUNDS):
@@ -877,10 +904,14 @@ def run_sweep(
             lost = [r for r in grid if lost_to_cluster(r.error)]
             if not lost:
                 break
+            if (why := _restore_tune_state(keep, exp)) is not None:  # Tune restores from what it verified
+                log.warning("sweep %s: the %d trial(s) lost with their worker or node are not run again: Tune's "
+                            "state is not restored (%s)", spec.name, len(lost), why)
+                break
             log.warning("sweep %s: running the %d trial(s) lost with their worker or node again", spec.name, len(lost))
             tuner = _tuner(spec, space, root, sweep_dir, parent_id, pool, ray_storage, keep, exp, True,
                            resume_errored=True)
-            grid = _fit(tuner, exp, keep)
+            grid = _fit(tuner)
         searched = _collect(grid, [o.metric for o in spec.sweep.objectives])
         trials = ([baseline] if baseline is not None else []) + searched
         if len(searched) < spec.sweep.num_trials or any(t["status"] == "incomplete" for t in searched):
@@ -1000,11 +1031,9 @@ def _tune_name(spec: SweepSpec) -> str:
     return f"sweep-{spec.name}"
 
 
-def _fit(tuner, exp, keep):
-    """Tune's fit, then raymia's copy of the state Tune saved last. Tune uploads its state to the store in
-    the background, so the copy a trial's callback takes can miss the trials finished or proposed just
-    before; fit's end (a Ctrl-C's too) waits for its last save. Tune's SIGINT handler, which it removes only
-    when it fires, is removed here too: the final audit and the caller's Python session keep their Ctrl-C."""
+def _fit(tuner):
+    """Tune's fit. Tune's SIGINT handler, which it removes only when it fires, is removed here too: the final
+    audit and the caller's Python session keep their Ctrl-C."""
     import signal
     import threading
 
@@ -1013,7 +1042,6 @@ def _fit(tuner, exp, keep):
     try:
         return tuner.fit()
     finally:
-        _backup_tune_state(exp, keep)
         if main and handler is not None:
             signal.signal(signal.SIGINT, handler)
 
@@ -1030,7 +1058,8 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
         _run_trial, base=spec.model_dump(mode="json"), root=str(root), sweep_dir=str(sweep_dir), state=keep.location,
         log_level=logging.getLogger("raymia").getEffectiveLevel(), pool=pool,
     ), {"cpu": spec.sweep.trial_cpu})
-    callbacks = [_progress_callback(spec, exp, keep)] + ([_mlflow_callback(spec, parent_id)] if parent_id else [])
+    progress = _progress_callback(spec, exp, keep)
+    callbacks = [progress] + ([_mlflow_callback(spec, parent_id)] if parent_id else [])
     if restore:
         _quiet_tune_summaries()
         log.info("resuming sweep %s: finished trials are kept, unfinished ones run again", spec.name)
@@ -1039,7 +1068,7 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
         # Tune restores the callbacks pickled when the sweep began, with that run's MLflow parent, tracking
         # settings and console state; this run's take their place (Tuner.restore takes no RunConfig).
         tuner._local_tuner.get_run_config().callbacks = callbacks
-        return tuner
+        return _with_state(tuner, progress)
     objectives = spec.sweep.objectives
     constraints = spec.sweep.constraints
     searcher = ConstrainedOptunaSearch(
@@ -1052,7 +1081,7 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
         study_name=f"raymia-{spec.name}",
     )
     _quiet_tune_summaries()
-    return tune.Tuner(
+    return _with_state(tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher, num_samples=spec.sweep.num_trials,
@@ -1069,7 +1098,16 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
             callbacks=callbacks,
             verbose=0,
         ),
-    )
+    ), progress)
+
+
+def _with_state(tuner, progress):
+    """`tuner`, its state pickled here as Tune pickles it into tuner.pkl (`TunerInternal.__getstate__`, with
+    Ray's cloudpickle) for the copy raymia signs: bytes from this process, not read back from the store."""
+    from ray import cloudpickle
+
+    progress.tuner_pkl = cloudpickle.dumps(tuner._local_tuner.__getstate__())
+    return tuner
 
 
 def _report(spec: SweepSpec, trials: list[dict[str, Any]], space, root: Path, sweep_dir: Path,

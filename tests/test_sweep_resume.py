@@ -194,7 +194,9 @@ def test_delete_study_lets_a_new_search_start_from_the_seed(tmp_path):
 def test_tune_state_is_resumed_only_from_raymias_signed_copy(tmp_path, monkeypatch):
     """Tune unpickles its saved state on resume, and a shared store may be written by others: a resume loads
     only raymia's copy (one zip in the sweep's state folder, on a local store and on one named by a URI),
-    signed with the user's key, and puts back exactly its files."""
+    signed with the user's key, and puts back exactly its files. What is signed never comes from the store:
+    the state files from Tune's staging folder on the driver, the Tuner's state as the driver pickled it."""
+    import io
     import pickle
     import zipfile
 
@@ -202,22 +204,28 @@ def test_tune_state_is_resumed_only_from_raymias_signed_copy(tmp_path, monkeypat
     from raymia.sweep import _backup_tune_state, _restore_tune_state
 
     monkeypatch.setenv("RAYMIA_STATE_KEY", "11" * 32)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "experiment_state-1.json").write_bytes(b'{"trials": [1]}')
+    (staging / "search_gen_state-1.json").write_bytes(pickle.dumps({"gen": 1}))
+    (staging / "searcher-state-1.pkl").write_bytes(pickle.dumps({"told": 1}))
+    (staging / "tuner.pkl").write_bytes(pickle.dumps("not the driver's"))  # never taken from a folder
+    tuner = pickle.dumps({"tuner": 1})
     (tmp_path / "exp").mkdir()
     for exp, keep in ((open_root(tmp_path / "exp"), open_root(tmp_path / "sweep")),
                       (open_root(f"file://{tmp_path}/exp"), open_root(f"memory://raymia-{tmp_path.name}/sweep"))):
-        exp.write("tuner.pkl", pickle.dumps({"tuner": 1}))
-        exp.write("experiment_state-1.json", b'{"trials": [1]}')
-        exp.write("search_gen_state-1.json", pickle.dumps({"gen": 1}))
-        exp.write("searcher-state-1.pkl", pickle.dumps({"told": 1}))
+        exp.write("tuner.pkl", pickle.dumps("evil"))  # what others may have written into the store
         exp.write("trial_0/error.pkl", pickle.dumps("x"))  # trial folders are Tune's, not copied
-        _backup_tune_state(exp, keep)
+        _backup_tune_state(str(staging), tuner, keep)
         assert keep.list() == ["tune-state.zip"]
-        exp.write("searcher-state-1.pkl", b"")  # the kill
         copy = keep.read("tune-state.zip")
-        _backup_tune_state(exp, keep)  # a damaged state is never copied over a good one
+        (staging / "searcher-state-1.pkl").write_bytes(b"")  # the kill, while Tune wrote it
+        _backup_tune_state(str(staging), tuner, keep)  # a damaged state is never copied over a good one
         assert keep.read("tune-state.zip") == copy
+        (staging / "searcher-state-1.pkl").write_bytes(pickle.dumps({"told": 1}))
         assert _restore_tune_state(keep, exp) is None
         assert pickle.loads(exp.read("searcher-state-1.pkl")) == {"told": 1}
+        assert exp.read("tuner.pkl") == tuner
         assert sorted(exp.list()) == ["experiment_state-1.json", "search_gen_state-1.json", "searcher-state-1.pkl",
                                       "tuner.pkl"]
         assert "no trial had finished" in _restore_tune_state(open_root(tmp_path / "none"), exp)
@@ -226,8 +234,6 @@ def test_tune_state_is_resumed_only_from_raymias_signed_copy(tmp_path, monkeypat
         monkeypatch.setenv("RAYMIA_STATE_KEY", "22" * 32)
         assert "not signed with this user's key" in _restore_tune_state(keep, exp)
         monkeypatch.setenv("RAYMIA_STATE_KEY", "11" * 32)
-        import io
-
         buf = io.BytesIO()
         with zipfile.ZipFile(io.BytesIO(copy)) as z, zipfile.ZipFile(buf, "w") as out:
             for name in z.namelist():
@@ -249,7 +255,15 @@ def test_the_signing_key_is_the_users_own(tmp_path, monkeypatch):
     key = state_key()
     path = tmp_path / ".config" / "raymia" / "state.key"
     assert len(key) == 32 and path.stat().st_mode & 0o777 == 0o600 and state_key() == key
+    assert [p.name for p in path.parent.iterdir()] == ["state.key"]  # the temporary file linked into place is gone
     assert sign({"a": b"1"}, key) != sign({"a": b"2"}, key) != sign({"b": b"2"}, key)
+    path.write_text("")  # a key file cut short must not sign with an empty key
+    with pytest.raises(RaymiaError, match=r"state.key: holds 0 bytes, fewer than 16; delete it"):
+        state_key()
+    path.write_text("ab" * 32)
+    path.chmod(0o644)
+    with pytest.raises(RaymiaError, match=r"state.key: must be owned by you and readable by you only"):
+        state_key()
     monkeypatch.setenv("RAYMIA_STATE_KEY", "zz")
     with pytest.raises(RaymiaError, match="RAYMIA_STATE_KEY: is not hex"):
         state_key()
