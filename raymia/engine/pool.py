@@ -254,7 +254,8 @@ class BankPool:
         gone = losses[w] > MAX_RESTARTS
         place = self.places[w]
         back = f"; pack {pack} goes back to the queue" if pack is not None else ""
-        if _first_to_say(f"raymia-lost/{place['ip']}/{place['pid']}"):
+        # one process of the worker's (a restart keeps the actor, not the pid; a pid alone may come again)
+        if _first_to_say(f"raymia-lost/{self.workers[w]._actor_id.hex()}/{place['pid']}"):
             log.warning("bank worker %d (node %s, pid %s) lost: %s%s%s", w, place["ip"], place["pid"], _cause(error),
                         back, f"; worker given up after {losses[w]} losses" if gone else "")
         elif back:  # another of the sweep's trials, sharing the pool, said the loss already
