@@ -220,10 +220,9 @@ def test_a_lost_worker_is_said_once_by_the_processes_that_share_the_pool(ray_loc
     import uuid
 
     import ray
+    from ray.experimental.internal_kv import _internal_kv_initialized
 
     from raymia.engine.pool import _first_to_say
-
-    from ray.experimental.internal_kv import _internal_kv_initialized
 
     if not (ray.is_initialized() and _internal_kv_initialized()):  # the two-node test ends the session's instance
         ray.shutdown()
