@@ -82,12 +82,15 @@ def _check_report(page: Path, result) -> None:
         assert front.count() == len(result.front)
         shown = sorted(int(front.nth(i).locator("td").first.inner_text()) for i in range(front.count()))
         assert shown == sorted(result.front_trials)
+        by_number = {t["trial"]: t for t in result.trials}
+        objectives = [o.metric for o in result.spec.sweep.objectives]
+        front_md = (page.parent / "front.md").read_text()
         for i in range(front.count()):
             cells = front.nth(i).locator("td").all_inner_texts()
-            assert all("±" in c for c in cells[3:]), cells  # mean ± std over the 8 targets
-            for c in cells[3:]:  # the std as precise as the mean, no finer
-                mean, sd = (x.strip().rstrip("%").partition(".")[2] for x in c.split("±"))
-                assert len(mean) == len(sd) > 0, c
+            trial = by_number[int(cells[0])]
+            # mean ± std over the 8 targets, as the console and front.md write it (fractions, not percents)
+            assert cells[3:] == [f"{trial[m]:.4f} ± {trial['std/' + m]:.4f}" for m in objectives], cells
+            assert all(f"| {c} |" in front_md for c in cells[3:]), cells
         ((alt, w, h),) = decoded_images(tab)
         assert w > 300 and h > 300
         assert tab.locator("tr.front").count() == len(result.front)

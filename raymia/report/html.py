@@ -282,7 +282,14 @@ SWEEP_FILES = (("pareto.html", "interactive front"), ("importance.html", "hyperp
 
 
 def _sweep(r: dict[str, Any], folder: Path) -> str:
-    from raymia.pareto import epsilon_note, fmt_params, hypervolume_text, same_settings, with_epsilon
+    from raymia.pareto import (
+        epsilon_note,
+        fmt_mean_std,
+        fmt_params,
+        hypervolume_text,
+        same_settings,
+        with_epsilon,
+    )
 
     trials = r.get("trials", [])
     objectives = with_epsilon([(o["metric"], o["mode"]) for o in r.get("objectives", [])], trials)
@@ -299,16 +306,15 @@ def _sweep(r: dict[str, Any], folder: Path) -> str:
         parts.append(f"<nav class='sub'>{' · '.join(beside)}</nav>")
 
     def cell(t: dict[str, Any], key: str) -> str:
-        from raymia.metrics import spread_key
-
-        pct = _pct_metric(key.rsplit("/", 1)[-1]) or _pct_metric(key)
-        out = _num(t.get(key), pct)
-        sd = t.get(spread_key(key))
-        out += _spread(t.get(key), sd, pct)
+        # the console's and front.md's text (fractions, 4 decimals): the sweep's tables name each objective
+        # by its metric key, in the units its hypervolume is measured in
+        text = fmt_mean_std(t, key)
+        if text == "n/a":
+            return _num(None)
         lo, hi = t.get(f"{key}_ci_low"), t.get(f"{key}_ci_high")
         if isinstance(lo, int | float) and isinstance(hi, int | float):
-            out += f" [{_num(lo, pct)}, {_num(hi, pct)}]"
-        return out
+            text += f" [{lo:.4f}, {hi:.4f}]"
+        return escape(text)
 
     header = ["trial", "defense", "params", *[f"{m} ({mode})" if mode else m for m, mode in objectives]]
     front_rows = same_settings([t for t in trials if t.get("trial") in front])  # a repeated setting: one row
