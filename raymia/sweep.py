@@ -1142,6 +1142,7 @@ def _report(spec: SweepSpec, trials: list[dict[str, Any]], space, root: Path, sw
                     f"raymia-{spec.name}", pairs, sweep_dir / "importance.html")
     write_html(sweep_dir)  # last: the page links the files beside it
     if parent_id:
+        _log_earlier_trials(spec, parent_id, trials)
         _drop_orphan_runs(spec, parent_id, {str(t.get("trial_id")) for t in trials})
         _mark_front(spec, parent_id, result.front_trials)
         _share_view(spec, space)
@@ -1163,6 +1164,28 @@ def _share_view(spec: SweepSpec, space: dict[str, dict[str, Any]]) -> None:
     how = "" if spec.tracking.uri.startswith(("http://", "https://")) else \
         f" (after `mlflow ui --backend-store-uri {spec.tracking.uri}`)"
     log.info("MLflow: the sweep's runs, with its objectives as columns: %s%s%s", ui_address(spec.tracking.uri), path, how)
+
+
+def _log_earlier_trials(spec: SweepSpec, parent_id: str, trials: list[dict[str, Any]]) -> None:
+    """A run for each trial the parent run lacks: a resumed sweep that logs to another MLflow store than
+    before (or to a new parent run) has no run for the trials that finished before the interruption, and
+    Tune runs those no more, so no callback opens one. Each is logged from its stored row and report."""
+    from mlflow.tracking import MlflowClient
+
+    from raymia.tracking import KIND_TRIAL, TAG_KIND, TAG_PARENT, TAG_TRIAL_ID, tag_equals
+
+    client = MlflowClient(spec.tracking.uri)
+    exp = client.get_experiment_by_name(spec.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"{tag_equals(TAG_PARENT, parent_id)} and "
+                              f"{tag_equals(TAG_KIND, KIND_TRIAL)}", max_results=5000) if exp is not None else []
+    ended = {r.data.tags.get(TAG_TRIAL_ID) for r in runs if r.info.status in ("FINISHED", "FAILED")}
+    for t in trials:
+        if t.get("trial_id") is None or str(t["trial_id"]) in ended or t["status"] not in ("ok", "failed"):
+            continue
+        config = {"defense": t["defense"], **{f"{t['defense']}.{k}": v for k, v in (t.get("params") or {}).items()}}
+        run = _open_trial_run(spec, parent_id, str(t["trial_id"]), t["trial"], config)
+        ok = t["status"] == "ok"
+        _close_trial_run(spec, run, t["status"], t if ok else {}, t.get("audit_dir") if ok else None, t.get("error"))
 
 
 def _drop_orphan_runs(spec: SweepSpec, parent_id: str, trial_ids: set[str]) -> None:
@@ -1224,6 +1247,7 @@ def _final_audit(spec: SweepSpec, result: SweepResult, root: Path, parent_id: st
         if parent_id:
             from raymia.tracking import KIND_FINAL_AUDIT, TAG_KIND, TAG_TRIAL, log_run
 
+            _drop_final_audit_runs(spec, parent_id, t["trial"])  # one run per final audit, the last one
             log_run(spec.tracking.uri, spec.tracking.experiment, run_name=f"{audit.name}-final",
                     params=audit.model_dump(mode="json"), metrics=res.flat_metrics(),
                     artifacts=report_files(res.out_dir),
@@ -1231,6 +1255,23 @@ def _final_audit(spec: SweepSpec, result: SweepResult, root: Path, parent_id: st
         rows.append({"trial": t["trial"], "defense": t["defense"], "params": t["params"],
                      "num_models": fa.num_models, "audit_dir": str(res.out_dir), **res.flat_metrics()})
     return rows
+
+
+def _drop_final_audit_runs(spec: SweepSpec, parent_id: str, trial: int) -> None:
+    """Delete the final-audit runs of `trial` under the parent run: those an interrupted attempt left (a
+    Ctrl-C while its run was logged ends it KILLED) before this attempt logs its own."""
+    from mlflow.tracking import MlflowClient
+
+    from raymia.tracking import KIND_FINAL_AUDIT, TAG_KIND, TAG_PARENT, TAG_TRIAL, tag_equals
+
+    client = MlflowClient(spec.tracking.uri)
+    exp = client.get_experiment_by_name(spec.tracking.experiment)
+    if exp is None:
+        return
+    for r in client.search_runs([exp.experiment_id], filter_string=(
+            f"{tag_equals(TAG_PARENT, parent_id)} and {tag_equals(TAG_KIND, KIND_FINAL_AUDIT)} and "
+            f"{tag_equals(TAG_TRIAL, str(trial))}")):
+        client.delete_run(r.info.run_id)
 
 
 def _check_objective_names(spec: SweepSpec, names: list[str], field: str = "objectives") -> None:

@@ -413,3 +413,44 @@ def test_the_final_audit_is_not_part_of_the_resume_key():
     final = validate_spec({"sweep": {"defense": "hamp", "final_audit": {"num_models": 16}}}, SweepSpec)
     assert resume_hash(plain) == resume_hash(final)
     assert _resume_key(plain)["sweep"]["final_audit"] is None and "final_audit" in plain.model_dump()["sweep"]
+
+
+def test_a_sweep_resumed_into_another_mlflow_store_logs_every_trial_there_once(tmp_path):
+    """A sweep cut short after its last trial and resumed with another tracking store: Tune runs no trial
+    again, so no callback opens their runs; the new store still gets one run per trial with the stored
+    metrics and report. Resumed once more into that store, no run is doubled, the final audit's included
+    (an attempt's final-audit run is replaced, not kept beside the next)."""
+    from mlflow.tracking import MlflowClient
+
+    from raymia.spec import SweepSpec
+    from raymia.sweep import run_sweep
+
+    d = yaml.safe_load(SPEC.format(out=tmp_path))
+    d.update(name="moved", tracking={"enabled": False})
+    d["sweep"].update(num_trials=1, final_audit={"num_models": 4})  # the same bank: its signals are reused
+    first = run_sweep(SweepSpec.model_validate(d), console=False)
+    state = tmp_path / "runs" / "sweeps" / "moved" / "state.json"
+
+    def cut_short() -> None:  # as a kill after the last trial, before the sweep was marked finished, leaves it
+        s = json.loads(state.read_text())
+        state.write_text(json.dumps({**s, "finished": False}))
+
+    d["tracking"] = {"uri": f"sqlite:///{tmp_path}/other.db", "experiment": "moved-here"}
+    client = MlflowClient(d["tracking"]["uri"])
+    for attempt in range(2):
+        cut_short()
+        again = run_sweep(SweepSpec.model_validate(d), console=False)
+        assert [(t["trial_id"], t["test_accuracy"]) for t in again.trials] == \
+            [(t["trial_id"], t["test_accuracy"]) for t in first.trials]
+        exp = client.get_experiment_by_name("moved-here").experiment_id
+        parents = client.search_runs([exp], filter_string="tags.`raymia.kind` = 'sweep'")
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED", attempt
+        runs = client.search_runs([exp], filter_string="tags.`raymia.kind` = 'trial'")
+        assert sorted(r.data.tags["raymia.trial_id"] for r in runs) == sorted(t["trial_id"] for t in first.trials)
+        for r in runs:
+            t = next(t for t in first.trials if t["trial_id"] == r.data.tags["raymia.trial_id"])
+            assert r.info.status == "FINISHED" and r.data.tags["raymia.trial"] == str(t["trial"])
+            assert r.data.metrics["test_accuracy"] == pytest.approx(t["test_accuracy"])
+            assert "result.json" in {a.path for a in client.list_artifacts(r.info.run_id)}
+        finals = client.search_runs([exp], filter_string="tags.`raymia.kind` = 'final_audit'")
+        assert len(finals) == len(again.front), attempt
