@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 from raymia import __version__
 from raymia.errors import Interrupted, RaymiaError
@@ -283,7 +284,37 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _redeliver_lost_interrupts(previous):
+    """An `unraisablehook` that gives a lost Ctrl-C back to the main thread. A KeyboardInterrupt raised
+    where Python cannot propagate it (inside a garbage-collection callback or a `__del__`, both frequent
+    while Ray and torch free objects) is only printed as "Exception ignored", and the command went on.
+    A thread signals the main thread again once the hook has returned: from the hook itself the handler
+    would run at once, inside the hook, and be lost the same way (so would a wait for a thread's start)."""
+    import _thread
+
+    def again() -> None:
+        time.sleep(0.05)
+        _thread.interrupt_main()
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            _thread.start_new_thread(again, ())
+            return
+        previous(unraisable)
+
+    return hook
+
+
 def main(argv: list[str] | None = None) -> int:
+    previous = sys.unraisablehook
+    sys.unraisablehook = _redeliver_lost_interrupts(previous)
+    try:
+        return _main(argv)
+    finally:
+        sys.unraisablehook = previous
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     # raymia's own logger gets its own handler: Ray's logging configuration (applied when it starts)
     # must not silence raymia's progress lines.

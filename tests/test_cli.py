@@ -191,3 +191,36 @@ def test_output_piped_into_a_reader_that_stops_early_is_no_traceback():
     proc.stdout.close()
     stderr = proc.stderr.read()
     assert proc.wait(timeout=60) == 0 and "Traceback" not in stderr, stderr
+
+
+LOST_INTERRUPT = """
+import gc, os, signal, sys
+from raymia.cli import _redeliver_lost_interrupts
+if sys.argv[1] == "hook":
+    sys.unraisablehook = _redeliver_lost_interrupts(sys.unraisablehook)
+fired = []
+def callback(phase, info):  # Ctrl-C while the collector runs a callback, as Ray's and torch's frees do
+    if phase == "start" and not fired:
+        fired.append(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # the handler runs here, inside the callback
+            pass
+gc.callbacks.append(callback)
+try:
+    gc.collect()
+    import time
+    end = time.monotonic() + 2  # the command's work goes on
+    while time.monotonic() < end:
+        pass
+    print("went on")
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+@pytest.mark.parametrize(("hook", "after"), [("hook", "interrupted"), ("none", "went on")])
+def test_a_ctrl_c_lost_in_a_garbage_collection_callback_still_stops_the_command(hook, after):
+    """Python only prints a KeyboardInterrupt raised inside a gc callback ("Exception ignored") and goes on:
+    a final audit went on after such a Ctrl-C. raymia's hook raises it again in the main thread."""
+    out = subprocess.run([sys.executable, "-c", LOST_INTERRUPT, hook], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == after, (out.stdout, out.stderr)
