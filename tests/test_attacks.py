@@ -60,6 +60,25 @@ def test_logit_scaled_confidence_is_stable() -> None:
     assert phi.dtype == np.float64
 
 
+def test_log_probabilities_keep_confident_outputs() -> None:
+    # p_y = 1 / (1 + 2 e^-m) for z = [m, 0, 0]: log p_y = -log1p(2 e^-m), about -2 e^-m, far below float64's
+    # resolution next to m (lse - z_y cancels to exactly 0 from m = 38 on), yet a normal float64 number.
+    margins = np.array([20.0, 40.0, 45.0, 60.0, 300.0])
+    z = np.zeros((margins.size, 3), dtype=np.float32)
+    z[:, 0] = margins
+    y = np.zeros(margins.size, dtype=np.int64)
+    want = np.log1p(2.0 * np.exp(-margins))
+    np.testing.assert_allclose(cross_entropy(z, y), want, rtol=1e-12)
+    np.testing.assert_allclose(-log_softmax(z)[:, 0], want, rtol=1e-12)
+    # the other classes: log p_j = -m - log1p(2 e^-m)
+    np.testing.assert_allclose(log_softmax(z)[:, 1], -margins - want, rtol=1e-12)
+    # and the loss attack's statistic orders them as phi does (no ties among the confident ones)
+    assert np.all(np.diff(-cross_entropy(z, y)) > 0)
+    # an argmax that is not the label: CE = m + log1p(2 e^-m) for z = [m, 0, 0], y = 1
+    np.testing.assert_allclose(cross_entropy(z, np.ones(margins.size, dtype=np.int64)), margins + want,
+                               rtol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------- loss
 def test_loss_attack_by_hand() -> None:
     logits = np.zeros((2, 2, 2, 3), dtype=np.float32)

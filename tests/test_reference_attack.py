@@ -63,3 +63,21 @@ def test_members_score_higher_and_queries_are_averaged():
     flipped[:2] = ~flipped[:2]
     same = run_attack("reference", {}, Signals(logits=sig.logits, labels=sig.labels, keep=flipped), 0)
     np.testing.assert_array_equal(same, scores)
+
+
+def test_confident_outputs_keep_their_losses():
+    """Every model fits both points with margins of 40 to 45 (loss e^-m, far below float64's resolution next
+    to m): the target's loss still lies where it does among the OUT shadows' losses, instead of every loss
+    rounding to 0 and every point scoring at the top (F = 0)."""
+    keep = np.array([[True, False], [False, True], [True, False], [False, True]])  # pairs (0, 1), (2, 3)
+    margin = np.array([[45.0, 40.0], [0.0, 0.0], [0.0, 42.0], [41.0, 0.0]])  # [M, P]; model 1 is never read
+    logits = np.zeros((4, 1, 2, 2), dtype=np.float32)
+    logits[:, 0, :, 0] = margin
+    sig = Signals(logits=logits, labels=np.zeros(2, dtype=np.int64), keep=keep)
+    loss = np.log1p(np.exp(-margin))  # exact
+    # point 0 (a member of target 0): OUT shadow 3, loss e^-41; the target's e^-45 lies below it
+    # point 1 (a non-member): OUT shadow 2, loss e^-42; the target's e^-40 lies above it, below 1000
+    f0 = (loss[0, 0] / loss[3, 0]) / 2
+    f1 = (1 + (loss[0, 1] - loss[2, 1]) / (1000.0 - loss[2, 1])) / 2
+    np.testing.assert_allclose(run_attack("reference", {}, sig, 0), [-f0, -f1], rtol=1e-9)
+    assert f0 == pytest.approx(np.exp(-4) / 2, rel=1e-9) and f1 == pytest.approx(0.5, rel=1e-9)
