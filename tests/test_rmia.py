@@ -442,3 +442,35 @@ def test_offline_a_keeps_the_first_grid_value_of_the_highest_auc():
     pop = np.full((6, 1, 5), -0.1)
     a, aucs = tune_offline_a(logp, keep, pop, np.arange(6) != 0, 1.0)
     assert len(set(aucs.values())) == 1 and a == A_GRID[0]
+
+
+def test_confident_outputs_keep_their_ratios() -> None:
+    """Every model gives both the point x and the population point z p_y within 1e-17 of 1 (two classes,
+    z = [m, 0] at T = 1, so 1 - p_y = expit(-m)): the ratios are 1 + O(1e-18), normal float64 numbers once
+    written as logs, and must come out to float64 precision, online and offline, not as the max over the
+    references (a log-mean-exp whose exp rounds to 1) or with Pr_OUT's deviation from 1 lost in the
+    a-correction."""
+    from scipy.special import expit
+
+    m_x = np.array([45.0, 40.0, 42.0])  # target, shadow 1 (OUT for x), shadow 2 (IN for x)
+    m_z = np.array([43.0, 41.0, 44.0])
+    keep = np.array([[True], [False], [True]])
+    logits = np.zeros((3, 1, 1, 2), dtype=np.float32)
+    logits[:, 0, 0, 0] = m_x
+    pop = np.zeros((3, 1, 1, 2), dtype=np.float32)
+    pop[:, 0, 0, 0] = m_z
+    sig = Signals(logits, np.zeros(1, dtype=np.int64), keep, pop, np.zeros(1, dtype=np.int64))
+    logp, logp_pop = _logs(sig)
+    np.testing.assert_allclose(logp[:, 0, 0], -np.log1p(np.exp(-m_x)), rtol=1e-12)
+    eps_x, eps_z = expit(-m_x), expit(-m_z)  # 1 - p_y, exactly
+    # online: Pr = 1 - mean(eps) over both shadows
+    lx, lz = rmia_log_ratios(logp, keep, logp_pop, 0, online=True)
+    want_x = np.log1p(-eps_x[0]) - np.log1p(-eps_x[1:].mean())
+    want_z = np.log1p(-eps_z[0]) - np.log1p(-eps_z[1:].mean())
+    assert want_x == pytest.approx(2.38e-18, rel=0.01) and want_z == pytest.approx(6.0e-19, rel=0.02)
+    np.testing.assert_allclose([lx[0, 0], lz[0, 0]], [want_x, want_z], rtol=1e-9)
+    # offline, a = 0.3: Pr = 0.65 Pr_OUT + 0.35 = 1 - 0.65 mean(eps over OUT shadows); x's OUT shadow is 1
+    lx, lz = rmia_log_ratios(logp, keep, logp_pop, 0, online=False, a=0.3)
+    want_x = np.log1p(-eps_x[0]) - np.log1p(-0.65 * eps_x[1])
+    want_z = np.log1p(-eps_z[0]) - np.log1p(-0.65 * eps_z[1:].mean())
+    np.testing.assert_allclose([lx[0, 0], lz[0, 0]], [want_x, want_z], rtol=1e-9)

@@ -37,7 +37,10 @@ and Privacy Meter's maintained implementation (modules/mia/attacks/rmia.py and a
 - Score(x) counts z with Ratio_x / Ratio_z strictly above gamma, as both reference codes do.
 
 All probabilities are handled as float64 logs (log p_y = -cross-entropy of the tempered logits, averages as
-log-mean-exp), so confident outputs whose p_y underflows keep finite ratios. With one query (or
+log-mean-exp), so confident outputs whose p_y underflows keep finite ratios. Probabilities within float64
+epsilon of 1 keep theirs too: the means are max + log1p(mean(expm1(. - max))) and the a-correction
+log1p((1 + a) / 2 * expm1(log Pr_OUT)), both exact rewrites that do not round 1 - p away (the paper's code,
+in float32 probabilities, has every such ratio 1). With one query (or
 `combine: mean`) the pairwise count sorts the log Ratio_z once and binary-searches every x: O((P + Z) log Z)
 time and O(P + Z) memory. The vote over two queries (the default identity and hflip) counts the z below
 both thresholds by sorted blocks: O(P sqrt(Z) + Z^1.5 log Z) time (`count_below_both`). Over three or more it
@@ -98,9 +101,11 @@ class RmiaOfflineParams(RmiaOnlineParams):
 
 
 def _log_mean_exp(x: np.ndarray, axis: int) -> np.ndarray:
-    """log(mean(exp(x), axis)) for float64 x with finite entries."""
+    """log(mean(exp(x), axis)) for float64 x with finite entries, as max + log1p(mean(expm1(x - max))):
+    accurate also for probabilities within float64 epsilon of 1 (log p about -1e-20), where exp(x - max)
+    rounds to 1 and the plain form returns the max."""
     mx = np.max(x, axis=axis, keepdims=True)
-    return np.squeeze(mx, axis=axis) + np.log(np.mean(np.exp(x - mx), axis=axis))
+    return np.squeeze(mx, axis=axis) + np.log1p(np.mean(np.expm1(x - mx), axis=axis))
 
 
 def log_prob_true_label(logits: np.ndarray, labels: np.ndarray, temperature: float = 2.0) -> np.ndarray:
@@ -116,10 +121,11 @@ def log_prob_true_label(logits: np.ndarray, labels: np.ndarray, temperature: flo
 
 
 def _offline_correction(log_pr_out: np.ndarray, a: float) -> np.ndarray:
-    """log(((1 + a) * Pr_OUT + (1 - a)) / 2) from log Pr_OUT."""
+    """log(((1 + a) * Pr_OUT + (1 - a)) / 2) from log Pr_OUT, as log1p((1 + a) / 2 * expm1(log Pr_OUT)): the
+    same number, without losing Pr_OUT's distance from 1 when it is below float64's resolution next to 1."""
     if a >= 1.0:
         return log_pr_out
-    return np.logaddexp(math.log((1.0 + a) / 2.0) + log_pr_out, math.log((1.0 - a) / 2.0))
+    return np.log1p((1.0 + a) / 2.0 * np.expm1(log_pr_out))
 
 
 def reference_logs(
@@ -137,8 +143,9 @@ def reference_logs(
     masked = np.where(out[:, None, :], ref, -np.inf)  # [S, Q, P]
     mx = np.max(masked, axis=0)  # per point and query max over OUT shadows, -inf where there is none
     mx = np.where(n_out > 0, mx, 0.0)
-    with np.errstate(divide="ignore"):  # log(0) for points without OUT shadow, replaced below
-        per_point = mx + np.log(np.sum(np.exp(masked - mx), axis=0) / np.maximum(n_out, 1))
+    # log mean over OUT shadows as in _log_mean_exp (points without OUT shadow: 0, replaced below)
+    per_point = mx + np.log1p(np.sum(np.where(out[:, None, :], np.expm1(masked - mx), 0.0), axis=0)
+                              / np.maximum(n_out, 1))
     # mean Pr over all OUT (shadow, point) pairs, per query
     fallback = _log_mean_exp(np.moveaxis(ref, 1, 0)[:, out], axis=1)[:, None]  # [Q, 1]
     return np.where(n_out > 0, per_point, fallback), log_pr_z
