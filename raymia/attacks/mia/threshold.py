@@ -22,7 +22,8 @@ all, no threshold can be fitted and tau = 0 (the raw statistic is returned).
 The score is statistic - tau[class of the point], so 0 is the attack's own decision threshold (score > 0 =>
 member). With global calibration the ranking, hence the ROC, is the raw statistic's: subtracting a constant
 never reorders values (it can only merge values closer than float64 resolution at tau's scale, such as
-confidences below 1e-17). The target's own membership row is never read.
+confidences below 1e-17, or losses log p_y above about -1e-17 |tau|: margins beyond about 40 with tau near
+-0.05, which the raw log p_y still tells apart). The target's own membership row is never read.
 """
 
 from __future__ import annotations
