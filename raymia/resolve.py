@@ -93,7 +93,14 @@ def check_names(spec: AuditSpec) -> None:
     DEFENSES.get(spec.defense.name, where="defense.name").parse(spec.defense.params, where="defense.params")
     seen: dict[str, int] = {}  # attack results are keyed by label (default: the name): one entry per key
     for i, a in enumerate(spec.attacks):
-        ATTACKS.get(a.name, where=f"attacks.{i}.name").parse(a.params, where=f"attacks.{i}.params")
+        entry = ATTACKS.get(a.name, where=f"attacks.{i}.name")
+        params = entry.parse(a.params, where=f"attacks.{i}.params")
+        # an attack's own `check_plan(params, num_models, own_target)`: what the bank must give it
+        if (check_plan := getattr(entry.obj, "check_plan", None)) is not None:
+            try:
+                check_plan(params, spec.plan.num_models, spec.target is not None)
+            except ValueError as e:
+                raise SpecError(str(e), where=f"attacks.{i}.params") from None
         if a.key in seen:
             raise SpecError(f"{a.key!r} already names attacks.{seen[a.key]}; give each entry its own label "
                             "(results and metrics are keyed by it)", where=f"attacks.{i}.label")

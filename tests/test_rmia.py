@@ -312,6 +312,29 @@ def test_auto_a_needs_references_besides_the_tuning_model() -> None:
     assert np.all(np.isfinite(run_attack("rmia_offline", {"a": 0.3}, sig, 0)))
 
 
+@pytest.mark.parametrize(("num_models", "own_target", "refused"),
+                         [(4, False, True), (6, False, False), (2, True, True), (4, True, False)])
+def test_auto_a_without_references_is_refused_before_training(num_models, own_target, refused) -> None:
+    """The attack found it after the bank trained; `raymia check` and every run now refuse it first, at the
+    bank sizes where tuning has no shadow pair left (leave-one-out: the target's pair is no shadow)."""
+    from raymia.resolve import validate_spec
+    from raymia.spec import AuditSpec
+
+    raw = {"plan": {"num_models": num_models}, "attacks": [{"name": "rmia_offline"}]}
+    if own_target:
+        raw["target"] = {"outputs": "missing.npz", "members": "missing.npy"}
+    try:
+        validate_spec(raw, AuditSpec)
+    except SpecError as e:
+        assert refused and str(e).startswith("attacks.0.params: a='auto' tunes a on a shadow model"), e
+        assert f"plan.num_models >= {num_models + 2}" in str(e)
+    else:
+        assert not refused
+    raw["attacks"][0]["params"] = {"a": 0.3}  # a given: nothing to tune
+    if not own_target:
+        validate_spec(raw, AuditSpec)
+
+
 def test_num_z_subsamples_population() -> None:
     rng = np.random.default_rng(4)
     sig = signals_from_probs(rng.uniform(0.1, 0.9, (4, 1, 30)), rng.random((4, 30)) < 0.5,

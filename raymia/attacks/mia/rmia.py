@@ -374,6 +374,16 @@ def rmia_online(signals: Signals, target: int, params: RmiaOnlineParams) -> np.n
     return _rmia(signals, target, params, online=True)
 
 
+def check_offline_plan(params: RmiaOfflineParams, num_models: int, own_target: bool) -> None:
+    """Before training: a='auto' tunes a on a shadow attacked by the shadows outside its pair, which a
+    leave-one-out bank of 4 models (a target's 2 shadows are one pair) does not have."""
+    shadows = num_models if own_target else num_models - 2
+    if params.a == "auto" and shadows - 2 < 1:
+        need = 4 if own_target else 6
+        raise ValueError(f"a='auto' tunes a on a shadow model with the shadows outside its pair, and {num_models} "
+                         f"models leave none: set a to a number in [0, 1], or use plan.num_models >= {need}")
+
+
 @ATTACKS.register(
     "rmia_offline",
     RmiaOfflineParams,
@@ -383,3 +393,6 @@ def rmia_offline(signals: Signals, target: int, params: RmiaOfflineParams) -> np
     """Fraction of z with Ratio_x / Ratio_z > gamma (per-query vote), with
     Pr(x) = ((1 + a) Pr_OUT(x) + (1 - a)) / 2, a tuned on a shadow by default."""
     return _rmia(signals, target, params, online=False)
+
+
+rmia_offline.check_plan = check_offline_plan  # type: ignore[attr-defined]  # resolve.check_names
