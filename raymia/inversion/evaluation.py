@@ -23,7 +23,7 @@ and every setting) with the cache helpers of `raymia.cache` (atomic write, check
 `torch.load(weights_only=True)`; a damaged file is refitted with a warning). `save_grid` draws
 reconstructions as one PNG (matplotlib's Agg canvas, no pyplot state).
 
-Pure PyTorch, numpy and scipy: no Ray, MLflow or Optuna.
+Pure PyTorch and numpy: no Ray, MLflow or Optuna.
 """
 
 from __future__ import annotations
@@ -226,32 +226,35 @@ def _fit_gaussian(f: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return a.mean(0), np.atleast_2d(np.cov(a, rowvar=False))
 
 
-def _singular(s: np.ndarray) -> bool:
-    w = np.linalg.eigvalsh(s)
-    return bool(w.min() <= 1e-10 * max(float(np.abs(w).max()), 1e-300))
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a covariance (eigenvalues below 0, rounding, clipped to 0)."""
+    w, v = np.linalg.eigh((s + s.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
-def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 1e-6) -> float:
+def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2):
-    ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrtm(sigma1 sigma2)) (float64; scipy.linalg.sqrtm, its
-    real part). When a covariance is singular (or sqrtm is not finite), eps * I is added to both, as
-    pytorch-fid does. Scalars are 1-D Gaussians (sigma a variance). Clipped at 0 (rounding)."""
-    from scipy import linalg
+    ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrtm(sigma1 sigma2)), in float64.
 
+    tr(sqrtm(sigma1 sigma2)) is the sum of the square roots of the eigenvalues of the symmetric PSD matrix
+    sqrt(sigma1) sigma2 sqrt(sigma1), which has the same eigenvalues as sigma1 sigma2: exact also when a
+    covariance is singular (fewer points than feature dimensions, or a feature that never varies), where
+    pytorch-fid's scipy.linalg.sqrtm of the product is computed as it is and its eps * I offset is only a
+    fallback for a non-finite result. Adding eps * I to both covariances instead changes the value by about
+    2 sqrt(eps lambda) per direction that one covariance lacks, which is not small against features of small
+    variance (the distance would then not scale with the features' scale squared). Scalars are 1-D
+    Gaussians (sigma a variance). Clipped at 0 (rounding)."""
     m1, m2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = m1.shape[0]
     if m1.shape != (d,) or m2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
         raise ValueError(f"frechet_distance: means {m1.shape}, {m2.shape} and covariances {s1.shape}, "
                          f"{s2.shape} do not match")
-    if _singular(s1) or _singular(s2):
-        s1, s2 = s1 + eps * np.eye(d), s2 + eps * np.eye(d)
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        s1, s2 = s1 + eps * np.eye(d), s2 + eps * np.eye(d)
-        covmean = linalg.sqrtm(s1 @ s2)
+    r1 = _psd_sqrt(s1)
+    inner = r1 @ s2 @ r1
+    tr_covmean = float(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0.0, None)).sum())
     diff = m1 - m2
-    value = diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(np.real(covmean))
+    value = diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean
     return max(float(value), 0.0)
 
 
