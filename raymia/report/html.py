@@ -81,12 +81,28 @@ def _num(v: Any, pct: bool = False) -> str:
     return f"{100 * v:.2f}%" if pct else f"{v:.4g}"
 
 
-def _spread(v: Any, sd: Any, pct: bool = False) -> str:
-    """" ± sd" with as many decimals as `v` shows (a std printed finer than its mean claims a precision
-    the mean does not have); "" where there is no std."""
-    if not isinstance(sd, int | float) or isinstance(sd, bool) or math.isnan(sd):
-        return ""
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def _mean(v: Any, sd: Any, pct: bool = False) -> str:
+    """`v` as `_num` shows it, but beside a std as the console prints a mean ± std: 4 decimals below 1 and
+    at 0 (0.5400, not 0.54; 0.0000, not 0), else 4 significant digits with their trailing zeros, so that
+    the std, given as many decimals as the mean shows, keeps its digits."""
     shown = _num(v, pct)
+    if pct or not _is_number(sd) or "<" in shown or "e" in shown:
+        return shown
+    if v == 0 or 1e-3 <= abs(v) < 1:  # as the console prints a mean ± std: 0.0000 ± 0.0000
+        return f"{v:.4f}"
+    return f"{v:#.4g}".rstrip(".")
+
+
+def _spread(v: Any, sd: Any, pct: bool = False) -> str:
+    """" ± sd" with as many decimals as `v` shows (`_mean`: a std printed finer than its mean claims a
+    precision the mean does not have); "" where there is no std."""
+    if not _is_number(sd):
+        return ""
+    shown = _mean(v, sd, pct)
     if "<" in shown or "e" in shown:  # the mean is n/a, or in scientific notation
         return f" ± {_num(sd, pct)}"
     digits = shown.rstrip("%").partition(".")[2]
@@ -156,7 +172,8 @@ def _audit(r: dict[str, Any], folder: Path) -> str:
     many = len(targets) > 1
     parts.append("<h2>Utility</h2>")
     parts.append(_table(["metric", "value"], [
-        [escape(k), _num(v, _pct_metric(k)) + (_spread(v, us[k], _pct_metric(k)) if many and k in us else "")]
+        [escape(k), (_mean(v, us[k], _pct_metric(k)) + _spread(v, us[k], _pct_metric(k)) if many and k in us
+                        else _num(v, _pct_metric(k)))]
         for k, v in u.items()], caption="of the attacked model(s)" + (" (mean ± std over targets)" if many else "")))
 
     attacks, std = r.get("attacks", {}), r.get("attacks_std_over_targets", {})
@@ -169,10 +186,11 @@ def _audit(r: dict[str, Any], folder: Path) -> str:
                 cells = [escape(a)]
                 for k in keys:
                     pct = _pct_metric(k)
-                    cell = _num(ms.get(k), pct)
                     sd = std.get(a, {}).get(k)
                     if many and sd is not None:
-                        cell += _spread(ms.get(k), sd, pct)
+                        cell = _mean(ms.get(k), sd, pct) + _spread(ms.get(k), sd, pct)
+                    else:
+                        cell = _num(ms.get(k), pct)
                     lo, hi = ms.get(f"{k}_ci_low"), ms.get(f"{k}_ci_high")
                     if lo is not None and hi is not None:
                         cell += f" [{_num(lo, pct)}, {_num(hi, pct)}]"
