@@ -94,11 +94,12 @@ def resolve_space(spec: SweepSpec) -> dict[str, dict[str, Domain | Any]]:
                 try:
                     if "choices" in raw:
                         if set(raw) != {"choices"} or not isinstance(raw["choices"], list) or not raw["choices"]:
-                            raise ValueError("expected {choices: [a, b, ...]}")
+                            raise ValueError(_space_keys(raw, {"choices"}) + "expected {choices: [a, b, ...]}")
                         space[name] = Categorical(tuple(raw["choices"]))
                     else:
                         if not {"low", "high"} <= set(raw) <= {"low", "high", "log"}:
-                            raise ValueError("expected {low, high[, log]} or {choices: [...]} or a constant")
+                            raise ValueError(_space_keys(raw, {"low", "high", "log"})
+                                             + "expected {low, high[, log]} or {choices: [...]} or a constant")
                         kind = Int if all(isinstance(raw[k], int) for k in ("low", "high")) else Float
                         space[name] = kind(raw["low"], raw["high"], bool(raw.get("log", False)))
                 except (ValueError, TypeError) as e:
@@ -112,6 +113,12 @@ def resolve_space(spec: SweepSpec) -> dict[str, dict[str, Domain | Any]]:
                 entry.parse({name: v}, where=f"{at}.space.{name}")
         out[choice.name] = space
     return out
+
+
+def _space_keys(raw: dict, accepted: set[str]) -> str:
+    """"unknown key 'hgh'; " for the keys of a space override that are none of `accepted` (a typo), else ""."""
+    unknown = [str(k) for k in raw if k not in accepted]
+    return f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; " if unknown else ""
 
 
 def describe_space(space: dict[str, dict[str, Domain | Any]]) -> dict[str, str]:

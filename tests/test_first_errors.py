@@ -97,6 +97,11 @@ def test_queries_and_models_that_do_not_fit_the_data_are_refused_before_training
 @pytest.mark.parametrize("space, message", [
     ({"gamma": {"low": 0.9, "high": 0.5}}, r"sweep.space.gamma: low 0.9 must be below high 0.5"),
     ({"top_k": {"low": 5, "high": 2}}, r"sweep.space.top_k: low 5 is above high 2"),
+    # a typo in a range's key names the key, then what is accepted
+    ({"gamma": {"low": 0.1, "hgh": 0.5}}, r"sweep.space.gamma: unknown key 'hgh'; expected \{low, high\[, log\]\}"),
+    ({"gamma": {"low": 0.1, "high": 0.5, "lg": True}}, r"sweep.space.gamma: unknown key 'lg'; expected \{low, high"),
+    ({"gamma": {"choices": [0.5], "low": 0.1}}, r"sweep.space.gamma: unknown key 'low'; expected \{choices: "),
+    ({"gamma": {"low": 0.1}}, r"sweep.space.gamma: expected \{low, high\[, log\]\} or \{choices"),
 ])
 def test_a_search_range_upside_down_is_one_line(space, message):
     from raymia.sweep import resolve_space
