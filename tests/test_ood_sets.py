@@ -241,6 +241,7 @@ def test_errors_are_one_line_and_name_the_field(digits, public, tmp_path):
     with pytest.raises(SpecError) as e:
         build(digits, public, "permuted", n=10_000)
     assert "the test split holds 450 inputs" in _one_line(e) and e.value.where == "ood"
+    assert "(ood.size)" in _one_line(e) and "accepted: an ood.size of at most 450" in _one_line(e)  # what to change
     with pytest.raises(SpecError) as e:
         build(digits, public, "uniform", n=0, where="audit.ood")
     assert "positive integer" in _one_line(e) and e.value.where == "audit.ood"

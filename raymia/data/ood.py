@@ -155,7 +155,8 @@ def pick_test_images(data: Dataset, n: int, seed: int, where: str = "ood") -> np
 
 def _pick(size: int, n: int, seed: int, what: str, where: str) -> np.ndarray:
     if n > size:
-        raise SpecError(f"{n} non-members asked for, but {what} holds {size} inputs", where=where)
+        raise SpecError(f"{n} non-members asked for (ood.size), but {what} holds {size} inputs; accepted: an "
+                        f"ood.size of at most {size}", where=where)
     return np.random.default_rng(seed).permutation(size)[:n].astype(np.int64)
 
 
