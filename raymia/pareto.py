@@ -636,20 +636,26 @@ def print_front(
     # value or the FPR level in a metric's name.
     defenses = sorted({str(t["defense"]) for t in rows})
     one = len(defenses) == 1
+    values = [[fmt_mean_std(t, m) for m, _ in objectives] for t in rows]
+    widths = [max([len(v[i]) for v in values] + [len(mode) + 2, 8]) for i, (_, mode) in enumerate(objectives)]
+    labels = [", ".join(str(r["trial"]) for r in g) for g in groups]
+    c = console or Console()
+    # what the params column is left with when the others take their widths (borders and padding: 3 a
+    # column, and 1): a parameter longer than that breaks after its "=", since a fold inside its value
+    # ("weight_decay=0.00" over "258") reads as another number
+    others = [max(map(len, ["trial", *labels])), *([] if one else [max(map(len, ["defense", *defenses]))]), *widths]
+    room = c.width - sum(others) - 3 * (len(others) + 1) - 1
+    params = ["  ".join(w.replace("=", "= ", 1) if len(w) > room else w for w in p.split("  ")) for p in params]
     title = f"sweep {sweep}: Pareto front ({len(front)} of {len(trials)} trials)"
     table = Table(title=Text(title + (f", all {defenses[0]}" if one else "")))
     table.add_column("trial", overflow="fold")
     if not one:
         table.add_column("defense", overflow="fold")
     table.add_column("params", overflow="fold")
-    values = [[fmt_mean_std(t, m) for m, _ in objectives] for t in rows]
     for i, (metric, mode) in enumerate(objectives):  # as wide as the values; a longer name folds
-        table.add_column(_heading(metric, mode), justify="right", overflow="fold",
-                         max_width=max([len(v[i]) for v in values] + [len(mode) + 2, 8]))
-    for g, t, p, v in zip(groups, rows, params, values, strict=True):
-        table.add_row(*map(Text, [", ".join(str(r["trial"]) for r in g), *([] if one else [str(t["defense"])]), p,
-                                  *v]))
-    c = console or Console()
+        table.add_column(_heading(metric, mode), justify="right", overflow="fold", max_width=widths[i])
+    for label, t, p, v in zip(labels, rows, params, values, strict=True):
+        table.add_row(*map(Text, [label, *([] if one else [str(t["defense"])]), p, *v]))
     c.print(table)
     if any(e is not None for e in eps) and (note := epsilon_note(rows)):
         c.print(Text(note), soft_wrap=True)

@@ -229,6 +229,30 @@ def test_console_front_hides_no_value_at_80_columns():
 
 
 
+def test_a_parameter_wider_than_its_column_breaks_after_its_equals_sign():
+    """The undefended trial on a one-defense front brings the defense column, and at 80 columns the params
+    column is then narrower than "weight_decay=0.00258": rich folded it inside the value, "weight_decay=0.00"
+    over "258", which reads as a weight decay of 0. It breaks after the "=" instead."""
+    from rich.console import Console
+
+    objectives = [("test_accuracy", "max"), ("lira_online/tpr_fpr_0.01", "min")]
+    trials = [{"trial": 0, "defense": "none", "params": {}, "status": "ok", "test_accuracy": 0.9367,
+               "std/test_accuracy": 0.0097, "lira_online/tpr_fpr_0.01": 0.1137, "std/lira_online/tpr_fpr_0.01": 0.0405}]
+    for n, wd in ((3, 0.00258), (4, 1.21e-05)):
+        trials.append({"trial": n, "defense": "weight_decay", "status": "ok", "params": {"weight_decay": wd},
+                       "test_accuracy": 0.937 + n / 1000, "std/test_accuracy": 0.009,
+                       "lira_online/tpr_fpr_0.01": 0.11 + n / 100, "std/lira_online/tpr_fpr_0.01": 0.04})
+    console = Console(width=80, file=io.StringIO(), record=True)
+    print_front("digits-weight_decay", trials, objectives, [0, 3, 4], "done", console=console)
+    lines = console.export_text().splitlines()
+    assert max(len(ln) for ln in lines) <= 80 and "defense" in "\n".join(lines)
+    cells = [ln.split("│")[3].strip() for ln in lines if ln.count("│") > 3]  # the params column, line by line
+    assert cells == ["-", "weight_decay=", "0.00258", "weight_decay=", "1.21e-05"], cells
+    wide = Console(width=120, file=io.StringIO(), record=True)  # room for it: on one line, as before
+    print_front("digits-weight_decay", trials, objectives, [0, 3, 4], "done", console=wide)
+    assert "│ weight_decay=0.00258 " in wide.export_text()
+
+
 def test_a_setting_proposed_again_is_one_row_of_the_console_front():
     """A discrete space lets the sampler propose a setting again; the repeat reuses the stored signals (the
     same metrics), and the console's front shows it once, its trials joined: "5, 7, 8"."""
