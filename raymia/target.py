@@ -159,7 +159,7 @@ def load_checkpoint(path: str, model, model_name: str, where: str = "target.chec
             # with pickle_protocol=4): the file either loads, or fails with the one line below
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:  # bytes of any other kind fail in pickle's own ways too (KeyError, struct.error, ...)
         raise SpecError("not a weights file that torch.load(weights_only=True) reads (save the model's "
                         f"state_dict() with torch.save): {_load_reason(e)}", where=where) from None
     if isinstance(state, dict) and not _all_tensors(state):
@@ -277,6 +277,8 @@ def _load_reason(e: BaseException) -> str:
     GLOBAL net.Net ..."), not the paragraph before it that suggests weights_only=False; ANSI colours dropped."""
     import re
 
+    if not isinstance(e, pickle.UnpicklingError | RuntimeError | EOFError | zipfile.BadZipFile | ValueError):
+        return f"{type(e).__name__}: {e}"[:300]  # pickle stumbling over bytes it cannot read: KeyError: 101
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
     head, found, rest = text.partition("WeightsUnpickler error:")
     if found:

@@ -156,6 +156,11 @@ def test_checkpoints_load_weights_only_and_a_misfit_is_one_line(tmp_path):
             load_checkpoint(str(tmp_path / "evil.pt"), _net(), "net:build")
     assert [str(w.message) for w in said] == []  # the one line, not torch's pickle-protocol warning before it
     assert not (tmp_path / "pwned.txt").exists()  # nothing of the pickle ran
+    # bytes that are no pickle at all: the legacy unpickler fails with a KeyError, which was a traceback
+    (tmp_path / "notes.pt").write_text("hello")
+    with pytest.raises(SpecError, match=r"notes.pt\): not a weights file that torch.load\(weights_only=True\) "
+                                        r"reads \(save the model's state_dict\(\) with torch.save\): KeyError"):
+        load_checkpoint(str(tmp_path / "notes.pt"), _net(), "net:build")
 
 
 def _spec(tmp_path, **target) -> dict:
