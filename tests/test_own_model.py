@@ -101,6 +101,10 @@ def test_members_read_from_lists_and_files_and_refused_outside_the_split(tmp_pat
     (tmp_path / "bad.txt").write_text("1 two 3")
     with pytest.raises(SpecError, match=r"bad.txt\): not a list of integer indices"):
         read_members(str(tmp_path / "bad.txt"), 10)
+    (tmp_path / "notes.npy").write_text("1 2 3")  # not numpy's: no word of pickles
+    with pytest.raises(SpecError, match=r"notes.npy\): not a list of integer indices: not a .npy array \(numpy.save "
+                                        r"writes one\)$"):
+        read_members(str(tmp_path / "notes.npy"), 10)
     (tmp_path / "m.pt").write_bytes(b"x")
     with pytest.raises(SpecError, match=r"unknown file type '.pt'; accepted: .npy, .json, .txt, .csv"):
         read_members(str(tmp_path / "m.pt"), 10)
@@ -271,6 +275,13 @@ def test_outputs_files_are_checked_field_by_field(tmp_path):
     d = spec.model_copy(update={"target": spec.target.model_copy(update={"outputs": str(tmp_path / "plain.npy")})})
     with pytest.raises(SpecError, match=r"expected an .npz archive"):
         load_target(d, ctx)
+    # bytes numpy did not write: np.load took them for a pickle ("contains pickled (object) data", with its
+    # advice to load with allow_pickle=True)
+    (tmp_path / "notes.npz").write_text("indices,probs\n")
+    d = spec.model_copy(update={"target": spec.target.model_copy(update={"outputs": str(tmp_path / "notes.npz")})})
+    with pytest.raises(SpecError, match=r"notes.npz\): not an .npz archive: numpy.savez writes a zip file") as e:
+        load_target(d, ctx)
+    assert "pickle" not in str(e.value)
 
 
 def test_what_a_target_or_training_function_excludes_is_refused_in_the_spec(tmp_path):
