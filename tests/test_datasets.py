@@ -595,6 +595,12 @@ def test_tabular_errors(tmp_path):
         load_dataset("location30", {"path": str(path)})
     assert_one_line_error(exc, path)
 
+    path.write_text("label,f1,f2\n1,0,1\n")  # a CSV saved as .npz: numpy read it as a pickle and said so
+    with pytest.raises(DataError) as exc:
+        load_dataset("location30", {"path": str(path)})
+    said = assert_one_line_error(exc, path)
+    assert "not an .npz archive (numpy.savez writes a zip file" in said and "pickle" not in said
+
 
 # --- generic npz --------------------------------------------------------------------------------------
 

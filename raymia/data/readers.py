@@ -259,6 +259,11 @@ def load_npz(path: Path, hint: str) -> dict[str, np.ndarray]:
     where = str(path)
     if not path.is_file():
         raise DataError(f"not found; {hint}", where=where)
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if not head.startswith((b"\x93NUMPY", b"PK\x03\x04", b"PK\x05\x06")):  # np.load calls any other bytes a pickle
+        raise DataError(f"not an .npz archive (numpy.savez writes a zip file of .npy arrays; this file is none); "
+                        f"{hint}", where=where)
     try:
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):
