@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from raymia.errors import SpecError
+from raymia.errors import SpecError, first_line
 
 # Bump when the meaning of stored signals changes, so old entries are never reused by mistake.
 SIGNAL_FORMAT_VERSION = 7
@@ -725,8 +725,13 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise SpecError(f"bad key {key!r}; expected dotted.key=value", where="--set")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
+    except yaml.YAMLError as e:
+        if raw.lstrip().startswith(("[", "{")):  # meant as a list or mapping: the string would be refused as
+            # "Input should be a valid list", which hides the unclosed bracket
+            problem = getattr(e, "problem", None) or first_line(e)
+            raise SpecError(f"{key}: malformed YAML value {raw!r} ({problem}); quote the whole --set for the "
+                            "shell, e.g. --set 'attacks=[loss, lira_online]'", where="--set") from None
+        value = raw  # a plain string YAML would not take as is (@name, `text`)
     return key, value
 
 

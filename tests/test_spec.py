@@ -92,6 +92,9 @@ def test_fingerprint_tracks_what_changes_the_bank():
                                                        "MLflow 3 refuses"),
         ("", ["train.lr=-1"], "train.lr: Input should be greater than 0"),
         ("", ["noequals"], "--set: expected dotted.key=value"),
+        # an unclosed list (the shell split "attacks=[loss, lira_online]" unquoted): the bracket, not "a valid list"
+        ("", ["attacks=[loss, lira_online"], "--set: attacks: malformed YAML value '[loss, lira_online' (expected ',' or ']'"),
+        ("", ["defense={name: hamp"], "--set: defense: malformed YAML value '{name: hamp'"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_field(tmp_path, text, overrides, needle):
