@@ -1305,8 +1305,10 @@ def _check_objective_names(spec: SweepSpec, names: list[str], field: str = "obje
                     + (["mi/INVERSION_ATTACK/top1|top5|knn_dist|fid (INVERSION_ATTACK: a label or worst)"]
                        if inversion else [])
                     + (["ood/ATTACK/fpr", "ood/ATTACK/SET/METRIC"] if ood else []))
-        raise SpecError(f"unknown metric {n!r}; accepted: {', '.join(accepted)} with ATTACK one of the spec's "
-                        f"attacks ({', '.join(sorted(attacks))}) or 'worst' (the strongest of them)",
+        default = field == "objectives" and "objectives" not in spec.sweep.model_fields_set
+        said = " (a default objective: the spec gives no sweep.objectives)" if default else ""
+        raise SpecError(f"unknown metric {n!r}{said}; accepted: {', '.join(accepted)} with ATTACK one of the "
+                        f"spec's attacks ({', '.join(sorted(attacks))}) or 'worst' (the strongest of them)",
                         where=f"sweep.{field}.{i}.metric")
 
 

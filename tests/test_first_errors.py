@@ -179,3 +179,19 @@ def test_too_few_audited_points_are_refused_before_training(tmp_path):
     spec = AuditSpec.model_validate({"data": {"name": "npz", "params": {"path": str(path)}}, "plan": {"num_models": 4}})
     with pytest.raises(SpecError, match=r"^data npz: 1 audited points; an audit needs at least 4"):
         BankContext.from_spec(spec, setup=False)
+
+
+def test_a_default_objective_the_attacks_cannot_give_says_it_is_the_default():
+    """A sweep spec without `objectives` gets LiRA online's TPR at 1% FPR; with attacks that leave LiRA out,
+    the error named a metric the spec never wrote. It says where it comes from; an objective the spec gives
+    is named as given."""
+    from raymia.sweep import _check_objective_names
+
+    spec = raymia.as_spec({"attacks": ["loss"], "sweep": {"defense": "hamp"}}, kind=raymia.SweepSpec)
+    with pytest.raises(SpecError, match=r"^sweep.objectives.1.metric: unknown metric 'lira_online/tpr_fpr_0.01' "
+                                        r"\(a default objective: the spec gives no sweep.objectives\); accepted: "):
+        _check_objective_names(spec, [o.metric for o in spec.sweep.objectives])
+    given = raymia.as_spec({"attacks": ["loss"], "sweep": {"defense": "hamp", "objectives": [
+        {"metric": "test_accuracy", "mode": "max"}, {"metric": "lira/auc", "mode": "min"}]}}, kind=raymia.SweepSpec)
+    with pytest.raises(SpecError, match=r"^sweep.objectives.1.metric: unknown metric 'lira/auc'; accepted: "):
+        _check_objective_names(given, [o.metric for o in given.sweep.objectives])
