@@ -989,7 +989,8 @@ def _sweep_state(spec: SweepSpec, keep, resume: bool) -> dict[str, Any] | None:
         said = f" ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} changed)" if changed else ""
         raise SpecError(f"a sweep named {spec.name!r} with a different spec exists in {keep.location}{said}; a "
                         "sweep continues only under its own spec (its search and trials depend on all of it): give "
-                        "this one another name, or use --fresh to discard the old one", where="name")
+                        "this one another name, or use --fresh (run_sweep(..., fresh=True)) to discard the old one",
+                        where="name")
     if resume and state is None:
         raise SpecError(f"nothing to resume in {keep.location}", where="--resume")
     return state

@@ -379,8 +379,8 @@ def test_a_changed_spec_under_a_sweeps_name_says_which_fields_changed(tmp_path):
     more = as_spec(spec, ["sweep.num_trials=12", "train.epochs=5"], kind=SweepSpec)
     with pytest.raises(SpecError, match=r"^name: a sweep named 'quickstart' with a different spec exists in .*keep "
                                         r"\(sweep.num_trials, train.epochs changed\); a sweep continues only under its "
-                                        r"own spec"):
-        _sweep_state(more, keep, resume=False)
+                                        r"own spec.*or use --fresh \(run_sweep\(\.\.\., fresh=True\)\) to discard"):
+        _sweep_state(more, keep, resume=False)  # the flag, and its name for a run from Python
     state = json.loads(keep.read("state.json"))  # a state written before the fields were kept: no list
     keep.write("state.json", json.dumps({k: v for k, v in state.items() if k != "resume_key"}).encode())
     with pytest.raises(SpecError, match=r"different spec exists in \S+; a sweep continues"):
