@@ -501,11 +501,23 @@ def _objectives_text(objectives: Iterable[Any]) -> str:
 # reports of a front: front.md, the console table, pareto.png, front.csv
 
 
-def fmt_params(t: dict[str, Any], sep: str = ", ") -> str:
-    """A trial's defense parameters on one line ("-" for the undefended trial or none)."""
+def fmt_params(t: dict[str, Any], sep: str = ", ", digits: int = 3) -> str:
+    """A trial's defense parameters on one line ("-" for the undefended trial or none), floats to `digits`
+    significant digits (`params_digits`: as many as tell a sweep's settings apart)."""
     if t.get("defense") == "none" or not t.get("params"):
         return "-"
-    return sep.join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
+    return sep.join(f"{k}={v:.{digits}g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
+
+
+def params_digits(trials: list[dict]) -> int:
+    """The fewest significant digits, from 3, at which the trials' different settings print differently:
+    at 3, weight_decay 1.206e-05 and 1.211e-05 both print 1.21e-05, which reads as one setting proposed
+    again (`same_settings`) with other results."""
+    settings = [g[0] for g in same_settings(trials)]
+    for digits in range(3, 10):
+        if len({(t.get("sweep"), t.get("defense"), fmt_params(t, digits=digits)) for t in settings}) == len(settings):
+            return digits
+    return 10
 
 
 def fmt_mean_std(t: dict[str, Any], key: str) -> str:
@@ -586,9 +598,11 @@ def front_markdown(trials: list[dict], objectives: Iterable[Any], front: list[in
     on = set(front)
     lines = ["| trial | defense | params | " + " | ".join(_heading(k, m) for k, m in objectives) + " | front |",
              "|---|---|---|" + "---|" * len(objs) + "---|"]
+    digits = params_digits(trials)
     for t in trials:
         vals = [fmt_mean_std(t, o) for o in objs] if t.get("status") == "ok" else ["failed"] * len(objs)
-        lines.append(f"| {_md(t['trial'])} | {_md(t['defense'])} | {_md(fmt_params(t))} | " + " | ".join(vals)
+        lines.append(f"| {_md(t['trial'])} | {_md(t['defense'])} | {_md(fmt_params(t, digits=digits))} | "
+                     + " | ".join(vals)
                      + f" | {'*' if t['trial'] in on else ''} |")
     lines += ["", f"Hypervolume {hypervolume_text(hv, reference)}"]
     if note := epsilon_note(trials):
@@ -630,7 +644,9 @@ def print_front(
     # spaces, no commas: a column narrower than the line wraps between two parameters, never before a comma.
     # The accounted epsilon follows the setting that gives it (a column of its own would not fit 80 columns).
     eps = [None if any(k == EPSILON for k, _ in objectives) else _num(t.get(EPSILON)) for t in rows]
-    params = [fmt_params(t, sep="  ") + ("" if e is None else f"  (epsilon={e:.3g})") for t, e in zip(rows, eps, strict=True)]
+    digits = params_digits(trials)
+    params = [fmt_params(t, sep="  ", digits=digits) + ("" if e is None else f"  (epsilon={e:.3g})")
+              for t, e in zip(rows, eps, strict=True)]
     # One defense on the front goes in the title, leaving its column's width to the parameters. Columns
     # "fold" instead of rich's "…": a narrow console (80 columns in a log file) must not hide a parameter's
     # value or the FPR level in a metric's name.

@@ -253,6 +253,32 @@ def test_a_parameter_wider_than_its_column_breaks_after_its_equals_sign():
     assert "│ weight_decay=0.00258 " in wide.export_text()
 
 
+def test_two_settings_that_round_alike_are_printed_with_the_digits_that_tell_them_apart():
+    """At 3 significant digits weight_decay 1.2060e-05 and 1.2108e-05 both printed 1.21e-05: two rows of one
+    setting with different results, as if a repeat had not reused its signals. The front's tables print as
+    many digits as tell the settings apart; a setting proposed again (the same value) needs none more."""
+    from rich.console import Console
+
+    from raymia.pareto import front_markdown, params_digits
+
+    objectives = [("test_accuracy", "max"), ("lira_online/tpr_fpr_0.01", "min")]
+    trials = [{"trial": 0, "defense": "none", "params": {}, "status": "ok", "test_accuracy": 0.9367,
+               "lira_online/tpr_fpr_0.01": 0.1137}]
+    for n, (wd, tpr) in enumerate([(0.0025766385746135885, 0.1294), (1.2059738380975284e-05, 0.12),
+                                   (1.21080815981134e-05, 0.1206), (1.2059738380975284e-05, 0.12)], start=1):
+        trials.append({"trial": n, "defense": "weight_decay", "status": "ok", "params": {"weight_decay": wd},
+                       "test_accuracy": 0.9372, "lira_online/tpr_fpr_0.01": tpr})
+    assert params_digits(trials) == 4 and params_digits(trials[:3] + trials[4:]) == 3  # trial 4 repeats trial 2
+    md = front_markdown(trials, objectives, [0, 2, 4])
+    assert "| 2 | weight_decay | weight_decay=1.206e-05 |" in md and "| 3 | weight_decay | weight_decay=1.211e-05 |" in md
+    console = Console(width=120, file=io.StringIO(), record=True)
+    print_front("digits-weight_decay", trials, objectives, [0, 2, 3, 4], "done", console=console)
+    text = console.export_text()
+    assert "weight_decay=1.206e-05" in text and "weight_decay=1.211e-05" in text and "2, 4" in text
+    plain = front_markdown(trials[:2], objectives, [0, 1])
+    assert "weight_decay=0.00258 |" in plain  # nothing to tell apart: 3 digits, as before
+
+
 def test_a_setting_proposed_again_is_one_row_of_the_console_front():
     """A discrete space lets the sampler propose a setting again; the repeat reuses the stored signals (the
     same metrics), and the console's front shows it once, its trials joined: "5, 7, 8"."""

@@ -305,6 +305,7 @@ def _sweep(r: dict[str, Any], folder: Path) -> str:
         fmt_mean_std,
         fmt_params,
         hypervolume_text,
+        params_digits,
         same_settings,
         with_epsilon,
     )
@@ -339,8 +340,9 @@ def _sweep(r: dict[str, Any], folder: Path) -> str:
     parts.append("<h2 id='front'>Pareto front</h2>")
     parts.append("<p>Each objective is the mean over the sweep's targets ± its std over them, with the bootstrap "
                  "interval where the spec asks for one.</p>")
+    digits = params_digits(trials)  # enough to tell two settings apart
     parts.append(_table(header, [[escape(", ".join(str(r["trial"]) for r in g)), escape(str(g[0]["defense"])),
-                                  escape(fmt_params(g[0])), *[cell(g[0], m) for m, _ in objectives]]
+                                  escape(fmt_params(g[0], digits=digits)), *[cell(g[0], m) for m, _ in objectives]]
                                  for g in front_rows]))
     if note := epsilon_note(trials):
         parts.append(f"<p>{escape(note[0].upper() + note[1:])}.</p>")
@@ -351,7 +353,7 @@ def _sweep(r: dict[str, Any], folder: Path) -> str:
     for t in trials:
         vals = ([cell(t, m) for m, _ in objectives] if t.get("status") == "ok"
                 else [escape(str(t.get("status")))] * len(objectives))
-        rows.append([escape(str(t["trial"])), escape(str(t["defense"])), escape(fmt_params(t)), *vals])
+        rows.append([escape(str(t["trial"])), escape(str(t["defense"])), escape(fmt_params(t, digits=digits)), *vals])
         classes.append("front" if t.get("trial") in front else "")
     parts.append(_table(header, rows, classes, caption="front rows highlighted"))
     failed = [t for t in trials if t.get("status") != "ok"]
