@@ -53,6 +53,16 @@ def test_quickstart_sweep(ray_local, tmp_path):
             assert t["worst/auc"] >= t["label_only/auc"]
     # the interactive figures MLflow keeps: every trial by its number, and Optuna's importances per objective
     sweep_dir = tmp_path / "runs" / "sweeps" / "quickstart"
+    # the sweep's page links each trial's report folder; a trial's page, drawn later, says which trial it is
+    from raymia.report.html import write_html
+
+    page = (sweep_dir / "report.html").read_text()
+    for t in ok:
+        where = "baseline" if t["trial"] == 0 else f"trials/{t['trial_id']}"
+        assert f"<td><a href='{where}/'>{t['trial']}</a></td>" in page, where
+        trial_page = write_html(sweep_dir / where).read_text()
+        up = "../report.html" if t["trial"] == 0 else "../../report.html"
+        assert f"<h1>Audit quickstart: trial {t['trial']} of <a href='{up}'>its sweep</a></h1>" in trial_page
     pareto = (sweep_dir / "pareto.html").read_text()
     assert all(f"trial {t['trial']} (" in pareto for t in ok)
     assert '<html lang="en">' in pareto and f"<title>Pareto front: {len(result.front)} of {len(ok)} trials</title>" in pareto

@@ -15,6 +15,7 @@ import base64
 import csv
 import json
 import math
+import re
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -155,7 +156,11 @@ def _audit(r: dict[str, Any], folder: Path) -> str:
     who = (f"your model ({own['source']}: {own['members']} members among {own['points']} audited points), "
            f"{spec.get('plan', {}).get('num_models')} shadows" if own else
            f"{spec.get('plan', {}).get('num_models')} models, targets {', '.join(map(str, targets))}")
-    parts = [f"<h1>Audit {escape(str(r.get('name')))}</h1>",
+    trial = _sweep_trial(folder)
+    title = f"Audit {escape(str(r.get('name')))}"
+    if trial is not None:
+        title += f": trial {escape(str(trial[1]))} of <a href='{trial[0]}'>its sweep</a>"
+    parts = [f"<h1>{title}</h1>",
              f"<p class='sub'>signals {escape(str(r.get('fingerprint')))} · defense "
              f"{escape(str(r.get('defense', {}).get('name')))} · {escape(who)} · data "
              f"{escape(str(spec.get('data', {}).get('name')))} · model {escape(str(spec.get('model', {}).get('name')))}"
@@ -283,6 +288,31 @@ def _draw_histograms(result: dict[str, Any], folder: Path) -> None:
                         title=histograms_title(str(result.get("name"))))
 
 
+def _trial_folder(t: dict[str, Any], sweep: Path) -> str | None:
+    """Where a sweep trial's report is beside the sweep's page (a relative path), if it is there: the
+    undefended trial's in baseline/, the others' in trials/<Tune's trial id>/."""
+    tid = str(t.get("trial_id") or "")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", tid):  # an id from an edited result.json names no other folder
+        return None
+    rel = tid if tid == "baseline" else f"trials/{tid}"
+    return rel if (sweep / rel / "result.json").is_file() else None
+
+
+def _sweep_trial(folder: Path) -> tuple[str, Any] | None:
+    """(the sweep's page relative to `folder`, the trial's number) when `folder` is a trial's report in a
+    finished sweep's folder; None otherwise."""
+    folder = folder.resolve()
+    up, sweep = ("../report.html", folder.parent) if folder.name == "baseline" else ("../../report.html", folder.parent.parent)
+    if folder.name != "baseline" and folder.parent.name != "trials":
+        return None
+    try:
+        trials = json.loads((sweep / "result.json").read_text()).get("trials", [])
+        number = next(t["trial"] for t in trials if str(t.get("trial_id")) == folder.name)
+    except (OSError, ValueError, AttributeError, TypeError, KeyError, StopIteration):
+        return None
+    return up, number
+
+
 def _read_vulnerable(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         return []
@@ -353,9 +383,13 @@ def _sweep(r: dict[str, Any], folder: Path) -> str:
     for t in trials:
         vals = ([cell(t, m) for m, _ in objectives] if t.get("status") == "ok"
                 else [escape(str(t.get("status")))] * len(objectives))
-        rows.append([escape(str(t["trial"])), escape(str(t["defense"])), escape(fmt_params(t, digits=digits)), *vals])
+        number = escape(str(t["trial"]))
+        if (where := _trial_folder(t, folder)) is not None:
+            number = f"<a href='{where}/'>{number}</a>"
+        rows.append([number, escape(str(t["defense"])), escape(fmt_params(t, digits=digits)), *vals])
         classes.append("front" if t.get("trial") in front else "")
-    parts.append(_table(header, rows, classes, caption="front rows highlighted"))
+    parts.append(_table(header, rows, classes, caption="front rows highlighted; a trial's number links its "
+                                                      "report's folder (`raymia report FOLDER` draws its page)"))
     failed = [t for t in trials if t.get("status") != "ok"]
     if failed:
         parts.append("<ul>" + "".join(f"<li>trial {escape(str(t['trial']))}: {escape(str(t.get('error')))}</li>"
