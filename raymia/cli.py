@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 
 from raymia import __version__
 from raymia.errors import Interrupted, RaymiaError
@@ -66,6 +68,23 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _in_file(path) -> Iterator[None]:
+    """A spec field's error found after loading (a sweep's objectives, space and constraints, the attacks'
+    plan checks) names the spec file first, as the schema's errors do."""
+    from raymia.errors import SpecError
+    from raymia.spec import SweepSpec
+
+    try:
+        yield
+    except SpecError as e:
+        field = (e.where or "").split(".")[0].split("[")[0]
+        if path is None or field not in SweepSpec.model_fields or field == "output_dir":  # --output-dir may set it
+            raise
+        message = str(e)[len(e.where) + 2:]
+        raise SpecError(message, where=f"{path}: {e.where}") from None
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from raymia.audit import run_audit
     from raymia.resolve import load_spec
@@ -75,7 +94,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         spec = _spec_from_trial(args)
     else:
         spec = load_spec(args.spec, args.set, kind=AuditSpec)
-    run_audit(spec, output_dir=args.output_dir)
+    with _in_file(args.spec):
+        run_audit(spec, output_dir=args.output_dir)
     return 0
 
 
@@ -115,14 +135,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from raymia.sweep import run_sweep
 
     spec = load_spec(args.spec, args.set, kind=SweepSpec)
-    run_sweep(spec, output_dir=args.output_dir, resume=args.resume, fresh=args.fresh)
+    with _in_file(args.spec):
+        run_sweep(spec, output_dir=args.output_dir, resume=args.resume, fresh=args.fresh)
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from raymia.check import check_spec, print_report
 
-    print_report(check_spec(args.spec, args.set, args.output_dir))
+    with _in_file(args.spec):
+        report = check_spec(args.spec, args.set, args.output_dir)
+    print_report(report)
     return 0
 
 

@@ -53,7 +53,11 @@ def test_bad_sweep_objective(tmp_path):
     (finished / "result.json").write_text("{}")
     out = raymia("sweep", str(path), "--fresh")
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "sweep.objectives.1.metric: unknown metric 'lira/auc'; accepted:" in out.stderr
+    # named after the file, as the schema's errors are, although found after loading it
+    assert out.stderr.startswith(f"raymia: error: {path}: sweep.objectives.1.metric: unknown metric 'lira/auc'; "
+                                 "accepted:")
+    check = raymia("check", str(path))
+    assert check.returncode == 2 and check.stderr.startswith(f"raymia: error: {path}: sweep.objectives.1.metric:")
     assert (finished / "result.json").read_text() == "{}"
     assert sorted(p.name for p in (tmp_path / "runs").rglob("*")) == ["result.json", "s", "sweeps"]
     path.write_text(f"sweep: {{space: {{beta: {{low: 0, high: 1}}}}}}\noutput_dir: {tmp_path}/runs\n")
