@@ -118,7 +118,9 @@ def read_members(value: list[int] | str, n_train: int, where: str = "target.memb
         suffix = path.suffix.lower()
         try:
             if suffix == ".npy":
-                if not _numpy_file(path):  # numpy takes any other bytes for a pickle
+                from raymia.data.readers import numpy_file
+
+                if not numpy_file(path):  # numpy takes any other bytes for a pickle
                     raise ValueError("not a .npy array (numpy.save writes one)")
                 idx = np.load(path, allow_pickle=False)
             elif suffix == ".json":
@@ -290,20 +292,14 @@ def _load_reason(e: BaseException) -> str:
     return text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__
 
 
-def _numpy_file(path: Path) -> bool:
-    """Whether the file starts as numpy writes one: a .npy array or a zip file (.npz). np.load reads any
-    other bytes as a pickle, and with allow_pickle=False says "contains pickled (object) data"."""
-    with open(path, "rb") as f:
-        head = f.read(6)
-    return head.startswith((b"\x93NUMPY", b"PK\x03\x04", b"PK\x05\x06"))
-
-
 def _from_outputs(spec, ctx, members: np.ndarray) -> ExternalTarget:
     path = Path(spec.target.outputs)
     where = f"target.outputs ({path})"
     if not path.is_file():
         raise SpecError(not_found(path), where=where)
-    if not _numpy_file(path):  # numpy takes any other bytes for a pickle, and suggests allow_pickle=True
+    from raymia.data.readers import numpy_file
+
+    if not numpy_file(path):  # numpy takes any other bytes for a pickle, and suggests allow_pickle=True
         raise SpecError("not an .npz archive: numpy.savez writes a zip file of .npy arrays, and this file is "
                         "neither a zip file nor a .npy array", where=where)
     try:

@@ -249,6 +249,14 @@ def make_dataset(
     )
 
 
+def numpy_file(path: str | Path) -> bool:
+    """Whether a file starts as numpy writes one: a .npy array or a zip file (.npz). np.load reads any other
+    bytes as a pickle, and with allow_pickle=False calls them "pickled (object) data", advising pickles."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return head.startswith((b"\x93NUMPY", b"PK\x03\x04", b"PK\x05\x06"))
+
+
 def load_npz(path: Path, hint: str) -> dict[str, np.ndarray]:
     """All arrays of an .npz file, read without pickle (object arrays are refused).
 
@@ -259,9 +267,7 @@ def load_npz(path: Path, hint: str) -> dict[str, np.ndarray]:
     where = str(path)
     if not path.is_file():
         raise DataError(f"not found; {hint}", where=where)
-    with open(path, "rb") as f:
-        head = f.read(6)
-    if not head.startswith((b"\x93NUMPY", b"PK\x03\x04", b"PK\x05\x06")):  # np.load calls any other bytes a pickle
+    if not numpy_file(path):
         raise DataError(f"not an .npz archive (numpy.savez writes a zip file of .npy arrays; this file is none); "
                         f"{hint}", where=where)
     try:
