@@ -23,6 +23,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -202,17 +203,25 @@ class PlanSpec(_Model):
         description="bank models attacked in turn, the others being their shadows (leave-one-out); 'all'",
     )
 
-    @model_validator(mode="after")
-    def _check(self) -> PlanSpec:
-        if self.num_models % 2:
-            raise ValueError(f"num_models must be even (each point IN for exactly half), got {self.num_models}")
-        if self.targets != "all":
-            bad = [t for t in self.targets if not 0 <= t < self.num_models]
+    # field validators, so that an error names plan.num_models or plan.targets, not plan
+    @field_validator("num_models")
+    @classmethod
+    def _even(cls, m: int) -> int:
+        if m % 2:
+            raise ValueError(f"must be even (each point IN for exactly half of the models), got {m}")
+        return m
+
+    @field_validator("targets")
+    @classmethod
+    def _in_bank(cls, targets: list[int] | str, info: ValidationInfo) -> list[int] | str:
+        m = info.data.get("num_models")  # absent when it was refused itself
+        if targets != "all" and m is not None:
+            bad = [t for t in targets if not 0 <= t < m]
             if bad:
-                raise ValueError(f"targets {bad} out of range [0, {self.num_models})")
-            if len(set(self.targets)) != len(self.targets):
-                raise ValueError("targets must not repeat")
-        return self
+                raise ValueError(f"{bad} out of range [0, {m}): a target is a bank model (plan.num_models is {m})")
+            if len(set(targets)) != len(targets):
+                raise ValueError("a target given twice")
+        return targets
 
     @property
     def target_list(self) -> list[int]:

@@ -737,9 +737,13 @@ def validate_sweep(spec: SweepSpec, setup: bool = True):
         raw = audit_spec_of_trial(spec, {"defense": "none", "trial": 0}, fa.num_models, fa.targets)
         try:
             check_bank_size(AuditSpec.model_validate(raw))
-        except (ValidationError, SpecError) as e:
-            why = e.errors()[0]["msg"].removeprefix("Value error, ") if isinstance(e, ValidationError) else str(e)
-            raise SpecError(why, where="sweep.final_audit") from None
+        except ValidationError as e:  # the final audit's plan: its num_models and targets
+            err = e.errors()[0]
+            field = err["loc"][-1] if err["loc"][:1] == ("plan",) and len(err["loc"]) > 1 else None
+            raise SpecError(err["msg"].removeprefix("Value error, "),
+                            where="sweep.final_audit" + (f".{field}" if field else "")) from None
+        except SpecError as e:
+            raise SpecError(str(e), where="sweep.final_audit") from None
     if spec.sweep.storage:  # a given study database, before anything is written (the default file: at the start)
         _study_storage(spec, Path())
     return space, ctx

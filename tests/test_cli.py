@@ -24,7 +24,7 @@ def raymia(*args: str, cwd=None) -> subprocess.CompletedProcess:
         ("colour: red\n", [], "colour: unknown field"),
         ("data: {name: cifar1000}\n", [], "data.name: unknown data set 'cifar1000'; accepted:"),
         ("defense: {name: hamp, params: {alpha: -1}}\n", [], "defense.params: alpha"),
-        ("plan: {num_models: 7}\n", [], "num_models must be even"),
+        ("plan: {num_models: 7}\n", [], "plan.num_models: must be even"),
         ("plan: {population: 5000}\n", [], "plan.population: 5000 exceeds the 1347 training points"),
         ("", ["--set", "train.epochs=0"], "train.epochs: Input should be greater than or equal to 1"),
     ],

@@ -114,7 +114,7 @@ def test_a_search_range_upside_down_is_one_line(space, message):
 
 @pytest.mark.parametrize("override, message", [
     ({"final_audit": {"num_models": 2}}, r"^sweep.final_audit: plan.num_models: .* at least 4 models, got 2"),
-    ({"final_audit": {"num_models": 4, "targets": [9]}}, r"^sweep.final_audit: targets \[9\] out of range \[0, 4\)"),
+    ({"final_audit": {"num_models": 4, "targets": [9]}}, r"^sweep.final_audit.targets: \[9\] out of range \[0, 4\)"),
     ({"storage": "bogus://x"}, r"^sweep.storage: cannot open 'bogus://x': .*accepted: an SQLAlchemy URL"),
 ])
 def test_what_a_sweep_uses_after_its_search_is_checked_before_it(override, message):

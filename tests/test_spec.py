@@ -69,7 +69,9 @@ def test_fingerprint_tracks_what_changes_the_bank():
 @pytest.mark.parametrize(
     ("text", "overrides", "needle"),
     [
-        ("plan: {num_models: 3}\n", [], "plan: num_models must be even"),
+        ("plan: {num_models: 3}\n", [], "plan.num_models: must be even"),
+        ("plan: {num_models: 4}\n", ["plan.targets=[0, 9]"], "plan.targets: [9] out of range [0, 4)"),
+        ("plan: {targets: [1, 1]}\n", [], "plan.targets: a target given twice"),
         ("plan: {num_models: 0}\n", [], "plan.num_models: Input should be greater than or equal to 2"),
         ("bogus: 1\n", [], "bogus: unknown field; accepted: name, seed"),
         ("train: {epochs: 5, optimiser: sgd}\n", [], "train.optimiser: unknown field; accepted: optimizer"),
