@@ -174,9 +174,14 @@ def _pareto_sources(args: argparse.Namespace) -> tuple[str, str, list[str]]:
     """(MLflow URI, experiment, sweep names) of `raymia pareto`: from the sweeps' spec files, or from
     --uri, --experiment and --sweep; --uri and --experiment given beside spec files win."""
     if not args.specs:
+        uri = args.uri or "sqlite:///mlflow.db"
+        if args.experiment is None and args.run_id:  # a run id names its experiment
+            from raymia.pareto import experiment_of_run
+
+            return uri, experiment_of_run(uri, args.run_id[0]), args.sweep
         if args.experiment is None:
             raise RaymiaError("name the MLflow experiment, or give the sweeps' spec files", where="--experiment")
-        return args.uri or "sqlite:///mlflow.db", args.experiment, args.sweep
+        return uri, args.experiment, args.sweep
     if args.sweep or args.run_id:
         raise RaymiaError("give the sweeps' spec files or their names, not both", where="--sweep")
     from raymia.resolve import load_spec
@@ -284,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("specs", nargs="*", metavar="SPEC",
                    help="the sweeps' spec files: their names, MLflow store and experiment (instead of --sweep, "
                         "--uri and --experiment)")
-    p.add_argument("--experiment", default=None, help="MLflow experiment holding the sweep")
+    p.add_argument("--experiment", default=None, help="MLflow experiment holding the sweep (with --run-id: the run's)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--sweep", action="append", default=[],
                        help="sweep name (default: the experiment's newest sweep); repeat it for one front over "

@@ -384,6 +384,17 @@ def _find_parent(client, exp_id: str, experiment: str, sweep: str | None, parent
                       f"{', '.join(names) if names else '(none)'}", where="--sweep")
 
 
+def experiment_of_run(uri: str, run_id: str) -> str:
+    """The name of the MLflow experiment that holds run `run_id` (`raymia pareto --run-id` without
+    --experiment)."""
+    client = _client(uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # noqa: BLE001  # MLflow's RESOURCE_DOES_NOT_EXIST, or a malformed id
+        raise RaymiaError(f"no MLflow run {run_id!r} in {uri}", where="--run-id") from None
+    return client.get_experiment(run.info.experiment_id).name
+
+
 def trials_from_mlflow(
     uri: str, experiment: str, sweep: str | None = None, parent_run_id: str | None = None
 ) -> tuple[list[dict], dict]:

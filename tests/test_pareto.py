@@ -441,6 +441,12 @@ def test_cli_pareto_prints_the_front_and_writes_the_files(store, tmp_path):
     page = (tmp_path / "by-id" / "report.html").read_text()  # the page a sweep's folder has
     assert "<h1>Sweep demo</h1>" in page and "hypervolume vs the undefended trial: 0.0035" in page
     assert page.count("<tr class='front'>") == 2
+    # a run id names its experiment: --experiment may be left out
+    out = raymia("pareto", "--run-id", store["parent"], "--uri", store["uri"], "--output-dir", str(tmp_path / "id-only"))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "id-only" / "front.csv").read_text() == (tmp_path / "by-id" / "front.csv").read_text()
+    out = raymia("pareto", "--run-id", "0123abcd", "--uri", store["uri"])
+    assert out.returncode == 2 and out.stderr.strip() == f"raymia: error: --run-id: no MLflow run '0123abcd' in {store['uri']}"
 
 
 @pytest.mark.parametrize(
