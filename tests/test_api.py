@@ -118,3 +118,28 @@ def test_import_raymia_stays_light():
                           "print('raymia.attacks' in sys.modules)"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["[]", "True"]
+
+
+KEEPS_LOGGING = """
+import logging, sys
+logging.basicConfig(level=logging.INFO, format="mine: %(name)s %(message)s", stream=sys.stdout)
+from raymia.engine.cluster import ensure_ray
+ensure_ray()
+logging.getLogger("raymia").info("an info line")
+logging.getLogger("raymia").warning("a warning")
+root = logging.getLogger()
+print(len(root.handlers), logging.getLevelName(root.level))
+"""
+
+
+def test_starting_ray_leaves_the_callers_logging_as_it_was(tmp_path):
+    """A notebook's logging (basicConfig at INFO) is what it was after raymia starts Ray for an audit: Ray's
+    LoggingConfig, which raymia passes for the workers, would set the driver's root logger to WARNING and
+    add a handler of its own, so that every warning printed twice and the INFO lines vanished."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", KEEPS_LOGGING], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[-3:] == ["mine: raymia an info line", "mine: raymia a warning", "1 INFO"], out.stdout
+    assert "a warning" not in out.stderr and "job_id=" not in out.stdout

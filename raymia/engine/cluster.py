@@ -30,15 +30,23 @@ def ensure_ray() -> None:
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     # Save Tune's experiment state after every event so a killed sweep loses no finished trial.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
-    ray.init(
-        address=os.environ.get("RAY_ADDRESS") or "local",
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        # Ray's own warnings from the workers still reach the console; raymia's workers set their own
-        # logger's level (`bank_job.worker_logging`).
-        logging_config=ray.LoggingConfig(log_level="WARNING"),
-        log_to_driver=True,
-    )
+    # Ray applies the LoggingConfig to the driver's root logger too (its level set to WARNING, a handler of
+    # its own added): the caller's logging (a notebook's basicConfig, a script's handlers) is put back.
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS") or "local",
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            # Ray's own warnings from the workers still reach the console; raymia's workers set their own
+            # logger's level (`bank_job.worker_logging`).
+            logging_config=ray.LoggingConfig(log_level="WARNING"),
+            log_to_driver=True,
+        )
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
     keep_token_private()
     _drop_duplicate_worker_deaths()
     res = ray.cluster_resources()
