@@ -155,12 +155,23 @@ def load_signals(store: SignalStore, keep: np.ndarray, labels: np.ndarray, test_
     return Signals(logits=logits, labels=labels, keep=keep, pop_logits=test_logits, pop_labels=test_labels)
 
 
+def attacker_view(spec: AuditSpec, signals):
+    """The bank's signals as the spec's attacker uses them: a non-adaptive attacker's shadows are the
+    undefended models only (`shadow_pool` leaves the defended targets out); an adaptive one's, every model."""
+    if spec.attacker != "non_adaptive":
+        return signals
+    pool = np.ones(spec.plan.num_models, dtype=bool)
+    pool[spec.plan.target_list] = False
+    return replace(signals, shadow_pool=pool)
+
+
 def read_signals(of, output_dir: str | Path | None = None, raw: bool = False):
     """The stored signals (`raymia.signals.Signals`: every model's outputs, the membership matrix `keep`) of
     an audit's bank: `of` is an `AuditResult` or anything `run_audit` accepts. With `target:` the user's
-    model is the last row (attack it as target `signals.num_models - 1`), on the points it answers. `raw`:
-    the outputs before the defense's post-processing (a spec with `metrics.raw_outputs`). Reads the store
-    and trains nothing; a bank that is not wholly stored is a RaymiaError that says how to build it."""
+    model is the last row (attack it as target `signals.num_models - 1`), on the points it answers; with
+    `attacker: non_adaptive` the shadow pool is the audit's (the undefended models), so an attack run on
+    them scores as the audit's did. `raw`: the outputs before the defense's post-processing (a spec with
+    `metrics.raw_outputs`). Reads the store and trains nothing; a bank that is not wholly stored is a RaymiaError that says how to build it."""
     from raymia.errors import RaymiaError
     from raymia.resolve import as_spec
     from raymia.train.bank import BankContext
@@ -178,7 +189,7 @@ def read_signals(of, output_dir: str | Path | None = None, raw: bool = False):
     if missing:
         raise RaymiaError(f"signals {store.fingerprint} in {store.root} lack packs {missing}; run the audit first "
                           "(raymia.run_audit(spec) or `raymia audit SPEC`)")
-    signals = load_signals(store, ctx.plan.keep, ctx.audited_y, ctx.data.y_test.numpy(), raw=raw)
+    signals = attacker_view(spec, load_signals(store, ctx.plan.keep, ctx.audited_y, ctx.data.y_test.numpy(), raw=raw))
     if spec.target is not None:  # the user's model as the last row, as the audit attacked it
         from raymia.target import load_target, with_target
 
@@ -257,11 +268,7 @@ def run_audit(
     store = SignalStore(spec.store or root, spec.fingerprint(), spec.bank.pack_size, spec.plan.num_models,
                         spec.pack_fingerprints())
     reused = ensure_bank(spec, store, pool)
-    signals = load_signals(store, ctx.plan.keep, ctx.audited_y, ctx.data.y_test.numpy())
-    if spec.attacker == "non_adaptive":  # the attacker's shadows are the undefended models only
-        pool = np.ones(spec.plan.num_models, dtype=bool)
-        pool[spec.plan.target_list] = False
-        signals = replace(signals, shadow_pool=pool)
+    signals = attacker_view(spec, load_signals(store, ctx.plan.keep, ctx.audited_y, ctx.data.y_test.numpy()))
     targets, population = spec.plan.target_list, ctx.plan.population
     if external is not None:  # the user's model joins as row M, every bank model its shadow
         from raymia.target import with_target

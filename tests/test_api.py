@@ -77,6 +77,24 @@ def test_signals_logged_to_mlflow_are_read_back_elsewhere(tmp_path):
     [run] = client.search_runs([client.get_experiment_by_name("other").experiment_id])
     assert plain.reused_signals and not client.list_artifacts(run.info.run_id, "signals")
 
+def test_read_signals_of_a_non_adaptive_audit_give_its_shadow_pool(tmp_path):
+    """attacker: non_adaptive, two defended targets: the audit's shadows are the undefended models only, and
+    the signals `read_signals` gives back carry that pool, so an attack re-run on them scores each target
+    exactly as the audit did (with every model as a shadow, target 0 would have the defended target 2 among
+    its shadows)."""
+    d = {**_spec(tmp_path), "plan": {"num_models": 6, "population": 200, "targets": [0, 2]},
+         "attacks": ["lira_offline", {"name": "rmia_offline", "params": {"a": 0.3}}], "attacker": "non_adaptive",
+         "defense": {"name": "confidence", "params": {"temperature": 3.0}}, "bank": {"engine": "local", "pack_size": 2}}
+    result = raymia.run_audit(d, ["train.epochs=3", "tracking.enabled=false"], console=False)
+    signals = raymia.read_signals(result)
+    assert signals.shadow_pool.tolist() == [False, True, False, True, True, True]
+    for i, t in enumerate(result.targets):
+        for name, params in (("lira_offline", None), ("rmia_offline", {"a": 0.3})):
+            scores = raymia.run_attack(name, params, signals, t)
+            assert (scores == result.points.scores[name][i]).all()
+            assert raymia.full_metrics(scores, signals.keep[t]) == result.per_target[name][i]
+
+
 def test_api_errors_name_the_field_or_what_is_missing(tmp_path):
     d = _spec(tmp_path)
     with pytest.raises(raymia.SpecError, match=r"^plan.num_modles: unknown field"):
