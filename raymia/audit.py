@@ -236,7 +236,7 @@ def run_audit(
     `page=False` leaves out histograms.png and report.html (a sweep's trials: `raymia report` draws them
     from the trial's folder when asked). `checked=True` says the caller has checked the model against the
     data already (a sweep's trial: `validate_sweep`), which the audit then does not repeat."""
-    from raymia.resolve import as_spec, check_bank_size
+    from raymia.resolve import as_spec
     from raymia.train.bank import BankContext, raw_sets
 
     spec = as_spec(spec, overrides)
@@ -248,7 +248,6 @@ def run_audit(
     out = Path(run_dir) if run_dir else audit_dir(spec, root)
     out.mkdir(parents=True, exist_ok=True)
 
-    check_bank_size(spec)  # for a spec object, which as_spec uses as it is
     # validates data/plan/defense against each other before any training
     ctx = BankContext.from_spec(spec, check_model=not checked)
     if spec.tracking.enabled if track is None else track:

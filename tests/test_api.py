@@ -103,6 +103,14 @@ def test_api_errors_name_the_field_or_what_is_missing(tmp_path):
         raymia.as_spec({**d, "model": {"name": "mpl"}})
     with pytest.raises(raymia.RaymiaError, match=r"lack packs \[0\]; run the audit first"):
         raymia.read_signals(d)  # never trained
+    # a spec object is checked as a dict is: its registry names and params before any training
+    typo = raymia.AuditSpec.model_validate({**d, "attacks": ["loss", "lira_ofline"]})
+    with pytest.raises(raymia.SpecError, match=r"^attacks.1.name: unknown attack 'lira_ofline'"):
+        raymia.run_audit(typo, track=False, console=False)
+    auto = raymia.AuditSpec.model_validate({**d, "attacks": [{"name": "rmia_offline", "params": {"a": "auto"}}]})
+    with pytest.raises(raymia.SpecError, match=r"^attacks.0.params: a='auto' tunes a on a shadow model"):
+        raymia.as_spec(auto)
+    assert not (tmp_path / "runs" / "signals").exists()  # nothing trained
 
 
 def test_spec_schema_accepts_every_shipped_spec_and_rejects_a_typo():
