@@ -35,6 +35,21 @@ UTILITY_METRICS = (*TARGET_UTILITY, BANK_UTILITY)
 
 @dataclass
 class AuditResult:
+    """What `run_audit` returns (result.json holds the same, `to_json`). Every attack's metrics are keyed by
+    the attack's label (default: its name) and then by metric: "auc", "balanced_accuracy", "tpr_fpr_<level>"
+    for each `metrics.fpr_levels`, "tnr_fnr_<level>", "epsilon_lb", with `metrics.bootstrap` the CIs
+    ("auc_ci_low", ...); None where a level needs more points than the audit has.
+
+    attacks, attacks_std: {attack: {metric: mean / std over the targets}}; per_target: {attack: [one metrics
+    dict per target, in the order of `targets`]}, each what `raymia.full_metrics(scores, signals.keep[t],
+    fpr_levels, fnr_levels, n_boot=metrics.bootstrap, seed=spec.seed)` gives for that target's scores.
+    utility, utility_std: train_accuracy, test_accuracy, generalization_gap, test_ece of the attacked models
+    (mean, std over targets) and bank_test_accuracy. defense_report: the defense's per-model facts and its
+    guarantee. targets: the attacked rows of the signals (`raymia.read_signals(result)`). points: every
+    attack's scores, `points.scores[attack]` float64 [len(targets), P]. roc: the first target's ROC curve per
+    attack. fingerprint: the bank's key in the store; reused_signals: nothing was trained. out_dir: the
+    report's folder. flat_metrics(): the same numbers under the names sweeps and MLflow use."""
+
     spec: AuditSpec
     fingerprint: str
     attacks: dict[str, dict[str, float | None]]  # attack -> metric -> mean over targets (None: n/a)
@@ -230,8 +245,9 @@ def run_audit(
     checked: bool = False,
 ) -> AuditResult:
     """Run one audit end to end; `spec` is a spec object, a dict, a YAML file's path or None (defaults),
-    `overrides` the CLI's `dotted.key=value` strings. `output_dir` overrides spec.output_dir; `run_dir` is
-    where the report goes (default: <output_dir>/audits/<name>-<fingerprint>); `pool` is a running
+    `overrides` the CLI's `dotted.key=value` strings; returns its `AuditResult`. `output_dir` overrides
+    spec.output_dir; `track` overrides tracking.enabled (log to MLflow); `console=False` prints no table;
+    `run_dir` is where the report goes (default: <output_dir>/audits/<name>-<fingerprint>); `pool` is a running
     `engine.pool.BankPool` to train on (a sweep's), else the audit starts its own when it must train.
     `page=False` leaves out histograms.png and report.html (a sweep's trials: `raymia report` draws them
     from the trial's folder when asked). `checked=True` says the caller has checked the model against the

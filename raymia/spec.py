@@ -480,6 +480,10 @@ class TargetSpec(_Model):
 
 
 class AuditSpec(_Model):
+    """An audit's spec: the YAML's structure, every field defaulted (README's table). Immutable: change it
+    with `raymia.as_spec(spec, ["train.epochs=30"])` or `spec.model_copy(update=...)`; `raymia.as_spec`
+    also checks the registry names and params, which building the object alone does not."""
+
     name: FileName = "audit"
     seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's and Optuna's seeds are 32-bit
     data: DataSpec = Field(default_factory=DataSpec)
@@ -690,6 +694,8 @@ class SweepBlock(_Model):
 
 
 class SweepSpec(AuditSpec):
+    """A sweep's spec: an audit's fields (the base setting each trial audits) and the `sweep:` block."""
+
     sweep: SweepBlock = Field(default_factory=SweepBlock)
 
 

@@ -47,6 +47,17 @@ log = logging.getLogger("raymia")
 
 @dataclass
 class SweepResult:
+    """What `run_sweep` returns (the sweep folder's result.json holds the same, `to_json`).
+
+    trials: one dict per trial, the baseline (undefended, trial 0, with `sweep.include_undefended`) first:
+    "trial" (its number), "trial_id", "defense", "params" (the defense's setting), "status" ("ok", "failed"
+    with "error", "incomplete"), and for an ok trial its audit's flat metrics ("test_accuracy",
+    "lira_online/tpr_fpr_0.01", "std/...", as `AuditResult.flat_metrics`) and "audit_dir" (its report).
+    front: the Pareto front as indices into `trials` (`front_trials`: as trial numbers). hypervolume: the
+    feasible front's, against `hypervolume_reference`. final_audit: the front re-audited
+    (`sweep.final_audit`). parent_run_id: the sweep's MLflow parent run (None untracked). out_dir: the
+    sweep's folder."""
+
     spec: SweepSpec
     trials: list[dict[str, Any]]
     front: list[int]  # indices into trials
@@ -799,8 +810,10 @@ def run_sweep(
     output_dir: str | Path | None = None, console: bool = True, resume: bool = False, fresh: bool = False,
 ) -> SweepResult:
     """Run (or continue) a sweep; `spec` is a spec object, a dict or a YAML file's path, `overrides` the
-    CLI's `dotted.key=value` strings. A re-run of the same spec continues an interrupted sweep without
-    re-running finished trials (`resume=True` insists that there is one); `fresh=True` discards it."""
+    CLI's `dotted.key=value` strings; returns its `SweepResult`. A re-run of the same spec continues an
+    interrupted sweep without re-running finished trials, and returns a finished one's result without
+    running anything (`resume=True` insists that there is one to continue); `fresh=True` discards it and
+    runs again. `console=False` prints no front table."""
     from raymia.engine.cluster import ensure_ray
     from raymia.resolve import as_spec
 

@@ -113,6 +113,20 @@ def test_api_errors_name_the_field_or_what_is_missing(tmp_path):
     assert not (tmp_path / "runs" / "signals").exists()  # nothing trained
 
 
+def test_help_on_the_api_says_what_each_name_takes_and_gives():
+    """help() on each exported name: the result classes document their fields, the spec classes are not
+    described by pydantic's base-class text, and the functions say what they return."""
+    for name in ("per_target", "attacks_std", "utility", "points", "targets", "full_metrics"):
+        assert name in raymia.AuditResult.__doc__, name
+    for name in ("trials", "front", "front_trials", "hypervolume", "status"):
+        assert name in raymia.SweepResult.__doc__, name
+    for cls in (raymia.AuditSpec, raymia.SweepSpec):
+        assert "spec" in cls.__doc__ and "pydantic" not in cls.__doc__.lower()
+    assert "returns its `AuditResult`" in raymia.run_audit.__doc__
+    assert "returns its `SweepResult`" in raymia.run_sweep.__doc__
+    assert "float64 [signals.num_points]" in raymia.run_attack.__doc__
+
+
 def test_spec_schema_accepts_every_shipped_spec_and_rejects_a_typo():
     jsonschema = pytest.importorskip("jsonschema")
 

@@ -24,9 +24,12 @@ ATTACKS: Registry[AttackFn] = Registry("attack", package="raymia.attacks")
 def run_attack(
     name: str, params: dict[str, Any] | None, signals: Signals, target: int, where: str = "attack"
 ) -> np.ndarray:
-    """Look up attack `name`, validate `params` against its parameter model, and score every point.
+    """Look up attack `name`, validate `params` against its parameter model (None: its defaults), and score
+    every point for model `target` (a row of `signals`; the others are its shadows, `signals.shadows_of`).
 
-    Unknown names and invalid parameters raise SpecError naming `where.name` / `where.params.<field>`.
+    Returns float64 [signals.num_points]: one membership score per audited point, higher = more likely a
+    member (`raymia.attack_metrics(scores, signals.keep[target])`). Unknown names and invalid parameters
+    raise SpecError naming `where.name` / `where.params.<field>`.
     """
     entry = ATTACKS.get(name, where=f"{where}.name")
     parsed = entry.parse(params, where=f"{where}.params")
