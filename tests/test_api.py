@@ -127,6 +127,27 @@ def test_help_on_the_api_says_what_each_name_takes_and_gives():
     assert "float64 [signals.num_points]" in raymia.run_attack.__doc__
 
 
+def test_run_attack_says_what_is_wrong_with_its_arguments():
+    """A target that is no model index (a float, a string, out of range), signals that are not Signals and
+    a name that is not a string are one line each saying what run_attack takes, not numpy's IndexError or a
+    TypeError from deep inside an attack."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    keep = np.zeros((4, 10), dtype=bool)
+    keep[0::2, :5] = keep[1::2, 5:] = True
+    signals = raymia.Signals(logits=rng.normal(size=(4, 1, 10, 3)).astype(np.float32),
+                             labels=rng.integers(0, 3, 10), keep=keep)
+    assert raymia.run_attack("lira_offline", None, signals, np.int64(2)).shape == (10,)
+    for target in (1.0, "0", 4, -1, True):
+        with pytest.raises(ValueError, match=r"^target must be a model index, an int in \[0, 4\), got "):
+            raymia.run_attack("lira_offline", None, signals, target)
+    with pytest.raises(TypeError, match=r"^signals must be a raymia.Signals \(raymia.read_signals gives one\), got dict"):
+        raymia.run_attack("loss", None, {"logits": signals.logits}, 0)
+    with pytest.raises(raymia.SpecError, match=r"^attack.name: an attack's name is a string, got AttackSpec"):
+        raymia.run_attack(raymia.as_spec({"attacks": ["loss"]}).attacks[0], None, signals, 0)
+
+
 def test_spec_schema_accepts_every_shipped_spec_and_rejects_a_typo():
     jsonschema = pytest.importorskip("jsonschema")
 

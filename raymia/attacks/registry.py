@@ -7,6 +7,7 @@ the bank is a shadow (`signals.shadows_of(target)`). Attacks only read outputs; 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,12 @@ def run_attack(
     member (`raymia.attack_metrics(scores, signals.keep[target])`). Unknown names and invalid parameters
     raise SpecError naming `where.name` / `where.params.<field>`.
     """
+    if not isinstance(signals, Signals):
+        raise TypeError(f"signals must be a raymia.Signals (raymia.read_signals gives one), got {type(signals).__name__}")
+    if isinstance(target, bool) or not isinstance(target, numbers.Integral) or not 0 <= target < signals.num_models:
+        raise ValueError(f"target must be a model index, an int in [0, {signals.num_models}), got {target!r}")
+    if not isinstance(name, str):
+        raise SpecError(f"an attack's name is a string, got {type(name).__name__}", where=f"{where}.name")
     entry = ATTACKS.get(name, where=f"{where}.name")
     parsed = entry.parse(params, where=f"{where}.params")
     scores = np.asarray(entry.obj(signals, target, parsed), dtype=np.float64)
