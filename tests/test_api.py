@@ -77,6 +77,25 @@ def test_signals_logged_to_mlflow_are_read_back_elsewhere(tmp_path):
     [run] = client.search_runs([client.get_experiment_by_name("other").experiment_id])
     assert plain.reused_signals and not client.list_artifacts(run.info.run_id, "signals")
 
+def test_a_local_audit_leaves_the_callers_torch_as_it_was(tmp_path):
+    """bank.engine: local trains in the caller's process: its torch thread count (set to the bank's
+    cpus_per_worker while training) and its global random state (seeded per model) are the caller's again
+    once the audit returns; a notebook's later work was left on one thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    torch.manual_seed(123)
+    try:
+        raymia.run_audit(_spec(tmp_path), ["train.epochs=1", "tracking.enabled=false"], console=False)
+        assert torch.get_num_threads() == 3
+        after = torch.rand(4)
+        torch.manual_seed(123)
+        assert torch.equal(after, torch.rand(4))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_read_signals_of_a_non_adaptive_audit_give_its_shadow_pool(tmp_path):
     """attacker: non_adaptive, two defended targets: the audit's shadows are the undefended models only, and
     the signals `read_signals` gives back carry that pool, so an attack re-run on them scores each target
