@@ -92,6 +92,13 @@ class Signals:
             if self.keep[:, ~self.fit_mask].any():
                 raise ValueError("points outside fit_mask must be non-members of every model")
 
+    def __repr__(self) -> str:  # the shapes, not the arrays (a notebook echoing the signals printed pages)
+        pop = "" if self.pop_logits is None else f", population={self.pop_logits.shape[2]}"
+        pool = "" if self.shadow_pool is None else f", shadow_pool={int(self.shadow_pool.sum())} models"
+        fit = "" if self.fit_mask is None else f", fit_points={int(self.fit_mask.sum())}"
+        return (f"Signals(models={self.num_models}, queries={self.num_queries}, points={self.num_points}, "
+                f"classes={self.num_classes}{pop}{pool}{fit})")
+
     @property
     def fit_index(self) -> np.ndarray:
         """int64 indices of the points attacks may fit on (every point without a fit_mask)."""

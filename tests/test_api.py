@@ -167,6 +167,18 @@ def test_run_attack_says_what_is_wrong_with_its_arguments():
         raymia.run_attack(raymia.as_spec({"attacks": ["loss"]}).attacks[0], None, signals, 0)
 
 
+def test_signals_print_as_their_shapes():
+    """A notebook that echoes `raymia.read_signals(result)` sees the bank's shapes, not pages of arrays."""
+    import numpy as np
+
+    keep = np.zeros((4, 10), dtype=bool)
+    keep[0::2, :5] = keep[1::2, 5:] = True
+    signals = raymia.Signals(logits=np.zeros((4, 2, 10, 3), np.float32), labels=np.zeros(10, np.int64), keep=keep,
+                             pop_logits=np.zeros((4, 2, 7, 3), np.float32), pop_labels=np.zeros(7, np.int64),
+                             shadow_pool=np.array([False, True, True, True]))
+    assert repr(signals) == "Signals(models=4, queries=2, points=10, classes=3, population=7, shadow_pool=3 models)"
+
+
 def test_spec_schema_accepts_every_shipped_spec_and_rejects_a_typo():
     jsonschema = pytest.importorskip("jsonschema")
 
