@@ -212,6 +212,31 @@ def test_import_raymia_stays_light():
     assert out.stdout.split("\n")[:2] == ["[]", "True"]
 
 
+LOCAL_BANK_LOGGING = """
+import logging, sys
+import raymia
+spec = {"plan": {"num_models": 4, "population": 100}, "model": {"params": {"hidden": [16]}}, "attacks": ["loss"],
+        "bank": {"engine": "local"}, "train": {"epochs": 1}, "tracking": {"enabled": False}}
+raymia.run_audit(spec, output_dir="runs", console=False)
+rlog = logging.getLogger("raymia")
+print("after:", rlog.handlers, rlog.propagate, rlog.level)
+logging.basicConfig(level=logging.INFO, format="mine: %(message)s", stream=sys.stdout)
+raymia.run_audit(spec, ["seed=1"], output_dir="runs", console=False)
+"""
+
+
+def test_a_local_bank_prints_its_progress_then_leaves_the_raymia_logger_as_it_was(tmp_path):
+    """A bare script's local bank prints its progress on stdout while it trains; afterwards the `raymia`
+    logger is as it was, so logging the script configures later gets raymia's lines (they went to stdout
+    through raymia's own handler for the rest of the session, whatever the script configured)."""
+    out = subprocess.run([sys.executable, "-c", LOCAL_BANK_LOGGING], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    first, _, second = out.stdout.partition("after: [] True 0\n")
+    assert "[raymia] worker 0: pack 0 done (1/1" in first and _, out.stdout
+    assert "mine: worker 0: pack 0 done (1/1" in second and "[raymia]" not in second, out.stdout
+
+
 KEEPS_LOGGING = """
 import logging, sys
 logging.basicConfig(level=logging.INFO, format="mine: %(name)s %(message)s", stream=sys.stdout)

@@ -124,7 +124,14 @@ def worker_logging(level: int, prefix: str = "", stream=None) -> None:
 
 def build_bank_locally(spec: AuditSpec, store: SignalStore, packs: list[int]) -> None:
     """Train the given packs in this process (no Ray): for GPU machines and benchmarks. Progress goes to the
-    `raymia` logger; a bare script that configured no logging gets it on stdout."""
+    `raymia` logger; a bare script that configured no logging gets it on stdout while the packs train (the
+    logger is then as it was: logging the caller configures later reaches raymia's lines)."""
+    handlers, propagate, level = log.handlers[:], log.propagate, log.level
     if not log.hasHandlers():
         worker_logging(logging.INFO, stream=sys.stdout)
-    _train_packs(spec, store, packs, 0, 1)
+    try:
+        _train_packs(spec, store, packs, 0, 1)
+    finally:
+        log.handlers[:] = handlers
+        log.propagate = propagate
+        log.setLevel(level)
