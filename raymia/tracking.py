@@ -164,19 +164,20 @@ def context_tags() -> dict[str, str]:
 
 
 def _setup(uri: str, experiment: str):
-    import mlflow
+    """(a client of `uri`, the id of `experiment` there, created if new). Through a client of its own: the
+    caller's global MLflow tracking URI (`mlflow.set_tracking_uri`, MLFLOW_TRACKING_URI) is left alone."""
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.get_experiment_by_name(experiment)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        exp_id = mlflow.create_experiment(experiment, artifact_location=artifact_location(uri, experiment),
+        exp_id = client.create_experiment(experiment, artifact_location=artifact_location(uri, experiment),
                                           tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     else:
         exp_id = exp.experiment_id
         if EXPERIMENT_KIND_TAG not in exp.tags:
-            MlflowClient(uri).set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-    return mlflow, exp_id
+            client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return client, exp_id
 
 
 def log_run(

@@ -73,7 +73,14 @@ def test_signals_logged_to_mlflow_are_read_back_elsewhere(tmp_path):
     client.download_artifacts(run.info.run_id, "signals", str(elsewhere))
     again, original = raymia.read_signals(result.spec, output_dir=elsewhere), raymia.read_signals(result)
     assert (again.logits == original.logits).all() and (again.keep == original.keep).all()
-    plain = raymia.run_audit({**d, "name": "plain", "tracking": {"uri": uri, "experiment": "other"}}, console=False)
+    import mlflow
+
+    mlflow.set_tracking_uri(mine := f"sqlite:///{tmp_path}/mine.db")  # the caller's own MLflow
+    try:
+        plain = raymia.run_audit({**d, "name": "plain", "tracking": {"uri": uri, "experiment": "other"}}, console=False)
+        assert mlflow.get_tracking_uri() == mine  # raymia logs through a client of its own
+    finally:
+        mlflow.set_tracking_uri(None)
     [run] = client.search_runs([client.get_experiment_by_name("other").experiment_id])
     assert plain.reused_signals and not client.list_artifacts(run.info.run_id, "signals")
 
