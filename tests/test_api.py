@@ -121,6 +121,30 @@ def test_read_signals_of_a_non_adaptive_audit_give_its_shadow_pool(tmp_path):
             assert raymia.full_metrics(scores, signals.keep[t]) == result.per_target[name][i]
 
 
+def test_a_sweep_from_python_and_its_result(tmp_path, ray_local):
+    """run_sweep from a dict: its SweepResult (the baseline and the searched trials, each with its audit's
+    flat metrics, the front as trial numbers), the same result again from a second call without running
+    anything; the caller's Optuna verbosity is its own afterwards."""
+    import optuna
+
+    d = {**_spec(tmp_path), "bank": {"pack_size": 4}, "tracking": {"enabled": False},
+         "sweep": {"defense": "confidence", "num_trials": 1, "objectives": [
+             {"metric": "test_accuracy", "mode": "max"}, {"metric": "loss/auc", "mode": "min"}]}}
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    try:
+        result = raymia.run_sweep(d, ["train.epochs=2"], console=False)
+        assert optuna.logging.get_verbosity() == optuna.logging.INFO
+    finally:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    assert isinstance(result, raymia.SweepResult)
+    assert [(t["trial"], t["defense"], t["status"]) for t in result.trials] == [(0, "none", "ok"), (1, "confidence", "ok")]
+    baseline = json.loads((Path(result.trials[0]["audit_dir"]) / "result.json").read_text())
+    assert result.trials[0]["loss/auc"] == baseline["attacks"]["loss"]["auc"]
+    assert result.front_trials == [result.trials[i]["trial"] for i in result.front] and result.front_trials
+    again = raymia.run_sweep(d, ["train.epochs=2"], console=False)
+    assert again.trials == result.trials and again.front == result.front
+
+
 def test_api_errors_name_the_field_or_what_is_missing(tmp_path):
     d = _spec(tmp_path)
     with pytest.raises(raymia.SpecError, match=r"^plan.num_modles: unknown field"):
