@@ -555,7 +555,9 @@ def _say_replaced(path: Path, spec: AuditSpec) -> None:
         before = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
         return
-    skip = ("output_dir", "store", "tracking")
+    # where it ran and how the bank was trained (engine, workers, packs; precision is in the fingerprint, so
+    # in the folder's name) change no number of the report
+    skip = ("output_dir", "store", "tracking", "bank")
     changed = changed_fields({k: v for k, v in (before or {}).items() if k not in skip},
                              {k: v for k, v in spec.model_dump(mode="json").items() if k not in skip})
     if changed:

@@ -46,6 +46,10 @@ def test_an_audit_of_the_same_signals_with_other_attacks_says_it_replaces_the_re
     first = raymia.run_audit(d, ["train.epochs=2", "tracking.enabled=false"], console=False)
     with caplog.at_level(logging.WARNING, logger="raymia"):
         raymia.run_audit(d, ["train.epochs=2", "tracking.enabled=false"], console=False)  # the same: silent
+        # the bank's engine and workers change no number: the stored signals are reused, and nothing is said
+        again = raymia.run_audit(d, ["train.epochs=2", "tracking.enabled=false", "bank.engine=ray",
+                                     "bank.num_workers=2"], console=False)
+        assert again.reused_signals and again.attacks == first.attacks
         assert not caplog.records
         other = raymia.run_audit(d, ["train.epochs=2", "tracking.enabled=false", "attacks=[loss]"], console=False)
     assert other.out_dir == first.out_dir and set(json.loads((other.out_dir / "result.json").read_text())["attacks"]) == {"loss"}
