@@ -43,7 +43,7 @@ def load_spec(
 def as_spec(spec: AuditSpec | dict[str, Any] | str | Path | None, overrides: list[str] | None = None,
             kind: type[AuditSpec] = AuditSpec) -> AuditSpec:
     """A validated spec of `kind` from what the Python API accepts: a spec object (used as it is, unless
-    there are overrides), a dict (the YAML's structure), a YAML file's path, or None (every default). A spec
+    there are overrides; a sweep's spec audited gives its base setting), a dict (the YAML's structure), a YAML file's path, or None (every default). A spec
     object's registry names and params are checked here too (building one checks only its schema), so a
     typo fails before any training."""
     import copy
@@ -55,7 +55,7 @@ def as_spec(spec: AuditSpec | dict[str, Any] | str | Path | None, overrides: lis
     if not (spec is None or isinstance(spec, AuditSpec | Mapping | str | Path)):
         raise SpecError(f"a spec is a spec object, a dict, a YAML file's path or None; got {type(spec).__name__}",
                         where="spec")
-    if isinstance(spec, kind) and not overrides:
+    if type(spec) is kind and not overrides:  # a SweepSpec audited goes below: its base setting, as a dict's
         check_names(spec)
         return spec
     if spec is None or isinstance(spec, str | Path):

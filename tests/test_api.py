@@ -52,6 +52,13 @@ def test_an_audit_of_the_same_signals_with_other_attacks_says_it_replaces_the_re
         assert again.reused_signals and again.attacks == first.attacks
         assert not caplog.records
         other = raymia.run_audit(d, ["train.epochs=2", "tracking.enabled=false", "attacks=[loss]"], console=False)
+        # a sweep's spec object audits its base setting, as its dict does: an audit's report, nothing replaced
+        swept = raymia.as_spec({**d, "attacks": ["loss"], "sweep": {"num_trials": 3}},
+                               ["train.epochs=2", "tracking.enabled=false"], kind=raymia.SweepSpec)
+        base = raymia.run_audit(swept, console=False)
+        assert type(base.spec) is raymia.AuditSpec and base.spec.model_dump() == {
+            k: v for k, v in swept.model_dump().items() if k != "sweep"}
+    assert "`raymia audit spec.yaml` runs it again" in (base.out_dir / "spec.yaml").read_text()
     assert other.out_dir == first.out_dir and set(json.loads((other.out_dir / "result.json").read_text())["attacks"]) == {"loss"}
     (record,) = caplog.records
     assert record.getMessage() == (f"{first.out_dir} held the report of an audit of these signals with other attacks; "
