@@ -89,6 +89,20 @@ def check_bank_size(spec: AuditSpec) -> None:
                         f"least 4 models, got {spec.plan.num_models}", where="plan.num_models")
 
 
+def check_undefended_shadows(spec: AuditSpec) -> None:
+    """attacker: non_adaptive: every target needs an undefended shadow, a model that is no target and not in
+    the target's pair (the pool `audit.attacker_view` gives the attacks); refused before any training."""
+    if spec.attacker != "non_adaptive" or spec.target is not None:  # (`target:` refuses non_adaptive)
+        return
+    targets = set(spec.plan.target_list)
+    for t in spec.plan.target_list:
+        if not any(m not in targets and m not in (t, t ^ 1) for m in range(spec.plan.num_models)):
+            raise SpecError(f"attacker: non_adaptive attacks each target with the undefended models (the non-targets) "
+                            f"outside its pair as shadows, and target {t} has none ({len(targets)} of the "
+                            f"{spec.plan.num_models} models are targets): leave some pairs out of plan.targets",
+                            where="plan.targets")
+
+
 def check_names(spec: AuditSpec) -> None:
     """Resolve every registry name and its params now, so bad input fails before any work starts."""
     DATASETS.get(spec.data.name, where="data.name").parse(spec.data.params, where="data.params")
@@ -109,6 +123,7 @@ def check_names(spec: AuditSpec) -> None:
                             "(results and metrics are keyed by it)", where=f"attacks.{i}.label")
         seen[a.key] = i
     check_bank_size(spec)
+    check_undefended_shadows(spec)
     if spec.train.function is not None:
         from raymia.train.function import TRAINERS
 

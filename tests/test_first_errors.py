@@ -86,6 +86,12 @@ def test_queries_and_models_that_do_not_fit_the_data_are_refused_before_training
         raymia.run_audit(_spec(tmp_path, plan={"num_models": 2}))
     with pytest.raises(SpecError, match=r"^plan.num_models: .* needs at least 4 models"):  # as run_audit takes it
         raymia.run_audit(AuditSpec.model_validate(_spec(tmp_path, plan={"num_models": 2})))
+    # attacker: non_adaptive: a target needs an undefended shadow outside its pair; every model a target
+    # leaves none (it failed after training, saying the bank needed 4 models)
+    every = _spec(tmp_path, attacker="non_adaptive", defense="confidence", plan={"num_models": 4, "targets": "all"})
+    with pytest.raises(SpecError, match=r"^plan.targets: attacker: non_adaptive .* target 0 has none \(4 of the 4"):
+        raymia.run_audit(every)
+    assert raymia.as_spec({**every, "plan": {"num_models": 4, "targets": [0, 2]}}).plan.target_list == [0, 2]
     from raymia.check import check_spec  # `raymia check` refuses what the run would: before Ray starts
 
     path = tmp_path / "two.yaml"
