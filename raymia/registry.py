@@ -82,6 +82,14 @@ def summary(obj: object) -> str:
     return " ".join(head)
 
 
+def _redefined(before: object, obj: object) -> bool:
+    """Whether `obj` is `before` defined again by the same code: the same module and qualified name, as when a
+    notebook's cell or a script is run again, or its module reloaded. It replaces the entry; a name that two
+    modules register stays an error."""
+    return (getattr(before, "__module__", None) == getattr(obj, "__module__", None) is not None
+            and getattr(before, "__qualname__", None) == getattr(obj, "__qualname__", None) is not None)
+
+
 class Registry(Generic[T]):
     """Entries by name. `package`: the package whose modules register the entries, imported (with the
     third-party plug-ins) the first time the registry is read."""
@@ -95,7 +103,7 @@ class Registry(Generic[T]):
 
     def register(self, name: str, params: type[Params] = NoParams, doc: str | None = None) -> Callable[[T], T]:
         def deco(obj: T) -> T:
-            if name in self._entries:
+            if name in self._entries and not _redefined(self._entries[name].obj, obj):
                 before = getattr(self._entries[name].obj, "__module__", "?")
                 raise PluginError(f"{self.kind} {name!r} is registered twice, by {before} and by "
                                   f"{getattr(obj, '__module__', '?')}; give one of them another name")

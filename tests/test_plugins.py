@@ -66,6 +66,25 @@ def test_a_name_registered_twice_names_both_modules():
     assert issubclass(PluginError, RaymiaError)  # the CLI prints it as one line
 
 
+def test_an_entry_defined_again_by_the_same_code_replaces_itself():
+    """A notebook cell (or a script, or a reloaded module) that registers an attack, run again after an edit,
+    replaces its entry: same module, same qualified name. Another function under that name is still refused."""
+    reg: Registry = Registry("widget")
+    for version in (1, 2):
+        @reg.register("w")
+        def widget(v=version):
+            """A widget."""
+            return v
+
+    assert reg.get("w").obj is widget and reg.get("w").obj() == 2
+
+    def other():
+        """Another widget."""
+
+    with pytest.raises(PluginError, match=f"widget 'w' is registered twice, by {__name__} and by {__name__}"):
+        reg.register("w")(other)
+
+
 def test_builtin_registries_need_no_list_of_modules():
     """Every module of the four plug-in packages registers something or is a helper; none is named in an
     __init__.py, and each registry still finds all of its built-in entries."""
