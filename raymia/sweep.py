@@ -744,11 +744,13 @@ def validate_sweep(spec: SweepSpec, setup: bool = True):
     if (fa := spec.sweep.final_audit) is not None:  # it runs after the whole search: check its plan now
         from pydantic import ValidationError
 
-        from raymia.resolve import check_bank_size
+        from raymia.resolve import check_bank_size, check_undefended_shadows
 
         raw = audit_spec_of_trial(spec, {"defense": "none", "trial": 0}, fa.num_models, fa.targets)
         try:
-            check_bank_size(AuditSpec.model_validate(raw))
+            final = AuditSpec.model_validate(raw)
+            check_bank_size(final)
+            check_undefended_shadows(final)
         except ValidationError as e:  # the final audit's plan: its num_models and targets
             err = e.errors()[0]
             field = err["loc"][-1] if err["loc"][:1] == ("plan",) and len(err["loc"]) > 1 else None

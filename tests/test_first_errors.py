@@ -137,6 +137,18 @@ def test_what_a_sweep_uses_after_its_search_is_checked_before_it(override, messa
         validate_sweep(spec, setup=False)
 
 
+def test_a_non_adaptive_sweeps_final_audit_needs_an_undefended_shadow_for_each_target():
+    from raymia.errors import SpecError
+    from raymia.resolve import validate_spec
+    from raymia.spec import SweepSpec
+    from raymia.sweep import validate_sweep
+
+    spec = validate_spec({"plan": {"num_models": 4, "population": 200}, "attacker": "non_adaptive",
+                          "sweep": {"defense": "hamp", "final_audit": {"num_models": 4, "targets": "all"}}}, SweepSpec)
+    with pytest.raises(SpecError, match=r"^sweep.final_audit: plan.targets: attacker: non_adaptive .* target 0 has none"):
+        validate_sweep(spec, setup=False)
+
+
 def test_the_python_api_names_what_it_accepts(tmp_path):
     from raymia.errors import SpecError
 
