@@ -356,6 +356,10 @@ def ensure_bank(spec: AuditSpec, store: SignalStore, pool=None) -> bool:
         log.info("reusing stored signals %s (%d packs, %d models): no training needed", fp, n_packs,
                  spec.plan.num_models)
         return True
+    if spec.bank.engine != "local" and pool is None:  # a sweep's pool: run_sweep checked its names
+        from raymia.resolve import check_workers_know
+
+        check_workers_know(spec)
     store.write_spec(spec.bank_dict())
     if len(missing) < n_packs:
         log.info("reusing %d of %d stored packs of signals %s", n_packs - len(missing), n_packs, fp)

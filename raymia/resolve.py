@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from raymia.attacks import ATTACKS
 from raymia.data import DATASETS
 from raymia.defenses import DEFENSES
-from raymia.errors import SpecError
+from raymia.errors import RaymiaError, SpecError
 from raymia.models import MODELS
 from raymia.spec import AuditSpec, SweepSpec, apply_overrides, load_raw
 
@@ -101,6 +101,31 @@ def check_undefended_shadows(spec: AuditSpec) -> None:
                             f"outside its pair as shadows, and target {t} has none ({len(targets)} of the "
                             f"{spec.plan.num_models} models are targets): leave some pairs out of plan.targets",
                             where="plan.targets")
+
+
+def check_workers_know(spec: AuditSpec, attacks: bool = False) -> None:
+    """A data set, model, defense or training function (with `attacks`, an attack too) registered in this
+    session's `__main__` (a notebook cell, the script itself) is unknown to Ray's worker processes, which
+    import raymia and the installed plug-ins afresh: refused before Ray trains anything with it, saying how
+    to run it instead. `attacks`: a sweep's, which its trials run in Ray's processes."""
+    from raymia.plugins import is_import_path
+
+    named = [("data.name", DATASETS, spec.data.name), ("model.name", MODELS, spec.model.name)]
+    defenses = [c.name for c in spec.sweep.choices] if isinstance(spec, SweepSpec) else [spec.defense.name]
+    named += [("defense.name" if not isinstance(spec, SweepSpec) else "sweep.defense", DEFENSES, d) for d in defenses]
+    if spec.train.function is not None:
+        from raymia.train.function import TRAINERS
+
+        named.append(("train.function.name", TRAINERS, spec.train.function.name))
+    if attacks:
+        named += [(f"attacks.{i}.name", ATTACKS, a.name) for i, a in enumerate(spec.attacks)]
+    for where, registry, name in named:
+        if is_import_path(name) or getattr(registry.get(name, where=where).obj, "__module__", None) != "__main__":
+            continue
+        run = "a sweep's trials run in Ray's processes" if attacks else "use bank.engine: local to train in this process"
+        raise RaymiaError(f"{registry.kind} {name!r} is registered in this session (__main__), which Ray's worker "
+                          f"processes do not run: {run}, or put it in a module and name it by import path "
+                          "(module:function) or as a plug-in (docs/extending.md)", where=where)
 
 
 def check_names(spec: AuditSpec) -> None:

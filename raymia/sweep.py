@@ -724,9 +724,11 @@ def validate_sweep(spec: SweepSpec, setup: bool = True):
     data, the objectives' and constraints' metric names, and whether the plan's targets have enough
     non-members (members) to resolve the FPR (FNR) levels they name. Returns (space, context)."""
     from raymia.defenses import build_defense
+    from raymia.resolve import check_workers_know
     from raymia.train.bank import BankContext
 
     space = resolve_space(spec)
+    check_workers_know(spec, attacks=True)
     ctx = BankContext.from_spec(spec, setup=setup)
     for d, sp in space.items():  # with the space's constants; the searched values were checked above
         fixed = {k: v for k, v in sp.items() if not isinstance(v, Float | Int | Categorical)}

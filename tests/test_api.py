@@ -174,6 +174,45 @@ def test_api_errors_name_the_field_or_what_is_missing(tmp_path):
     assert not (tmp_path / "runs" / "signals").exists()  # nothing trained
 
 
+def test_an_entry_registered_in_the_session_is_refused_where_ray_workers_would_need_it(tmp_path):
+    """A model (or data set, defense) registered in the notebook's own `__main__` cannot reach Ray's workers,
+    which said only "unknown model" after Ray had started: refused before, saying to train locally. With
+    bank.engine: local it trains. A sweep's trials run in Ray's processes: there an attack is refused too."""
+    from torch import nn
+
+    from raymia.attacks import ATTACKS
+    from raymia.models.base import MODELS
+    from raymia.registry import Params
+
+    def session_net(p, info):
+        """A model of the notebook's."""
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, info.num_classes))
+
+    def session_attack(signals, target, p):
+        """An attack of the notebook's."""
+        return -signals.logits[target, 0].max(-1)
+
+    session_net.__module__ = session_attack.__module__ = "__main__"
+    MODELS.register("session_net", Params)(session_net)
+    ATTACKS.register("session_attack", Params)(session_attack)
+    try:
+        d = {**_spec(tmp_path), "model": "session_net", "attacks": ["loss", "session_attack"],
+             "bank": {"engine": "ray"}, "tracking": {"enabled": False}, "train": {"epochs": 1}}
+        with pytest.raises(raymia.RaymiaError, match=r"^model.name: model 'session_net' is registered in this "
+                                                     r"session \(__main__\), .* use bank.engine: local"):
+            raymia.run_audit(d, console=False)
+        assert not (tmp_path / "runs" / "signals").exists()
+        local = raymia.run_audit(d, ["bank.engine=local"], console=False)
+        assert set(local.attacks) == {"loss", "session_attack"}
+        sweep = {**d, "model": "mlp", "sweep": {"defense": "confidence", "num_trials": 1}}
+        with pytest.raises(raymia.RaymiaError, match=r"^attacks.1.name: attack 'session_attack' is registered in "
+                                                     r"this session .* a sweep's trials run in Ray's processes"):
+            raymia.run_sweep(sweep, console=False)
+    finally:
+        MODELS._entries.pop("session_net")
+        ATTACKS._entries.pop("session_attack")
+
+
 def test_help_on_the_api_says_what_each_name_takes_and_gives():
     """help() on each exported name: the result classes document their fields, the spec classes are not
     described by pydantic's base-class text, and the functions say what they return."""
