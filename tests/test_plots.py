@@ -134,3 +134,28 @@ def test_trials_at_the_same_point_share_one_front_label() -> None:
 
     front = [(0.0194, 0.9103, "5"), (0.0269, 0.9108, "12"), (0.0194, 0.9103, "7"), (0.0194, 0.9103, "8")]
     assert _merged_labels(front) == [(0.0194, 0.9103, "5, 7, 8"), (0.0269, 0.9108, "12")]
+
+
+KEEPS_BACKEND = """
+import matplotlib
+matplotlib.use("svg")  # the caller's backend: a notebook's inline one, a desktop's Qt
+import numpy as np
+from raymia.report.plots import plot_pareto, plot_roc
+plot_roc({"loss": (np.array([0.0, 0.5, 1.0]), np.array([0.0, 0.7, 1.0]))}, "roc.png", title="t")
+plot_pareto([{"trial": 1, "a": 0.9, "b": 0.1}, {"trial": 2, "a": 0.8, "b": 0.05}], "a", "b", "pareto.png", {0})
+import matplotlib.pyplot as plt
+print(matplotlib.get_backend(), len(plt.get_fignums()))
+"""
+
+
+def test_drawing_a_report_leaves_the_callers_matplotlib_backend(tmp_path):
+    """An audit draws its figures without pyplot: a notebook's backend stays its own (it was switched to Agg
+    when the report's module was imported, and the notebook's plt.show() then showed nothing)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", KEEPS_BACKEND], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["svg", "0"]
+    assert mpimg.imread(tmp_path / "roc.png").shape[2] == 4 and (tmp_path / "pareto.png").stat().st_size > 0

@@ -1,8 +1,8 @@
 """Figures for reports: log-log ROC curves and privacy/utility Pareto fronts, written as PNG files.
 
 Drawing only: which trials are on a front is `raymia.pareto`'s to decide (`plot_pareto` rings the ones
-it is given). The non-interactive "Agg" backend is selected before pyplot is imported so figures render on
-headless workers.
+it is given). Figures are matplotlib `Figure` objects drawn without pyplot: no backend is selected, so the
+caller's (a notebook's inline backend) stays its own, and PNGs render on headless workers.
 """
 
 from __future__ import annotations
@@ -14,13 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from raymia.metrics import as_number  # noqa: E402
+from raymia.metrics import as_number
 
 _DPI = 150
 _MIN_FPR = 1e-5
@@ -68,7 +65,8 @@ def plot_roc(
     lo = _axis_floor(curves.values())
     fprs = [np.asarray(f, dtype=float) for f, _ in curves.values()]
     resolved = min((float(f[f > 0].min()) for f in fprs if (f > 0).any()), default=lo)
-    fig, ax = plt.subplots(figsize=(5.5, 5.0))
+    fig = Figure(figsize=(5.5, 5.0))
+    ax = fig.subplots()
     try:
         if resolved > lo:
             ax.axvspan(lo, resolved, color="0.92", zorder=0, label="below one non-member")
@@ -100,7 +98,7 @@ def plot_roc(
         fig.subplots_adjust(left=0.14, right=0.955, bottom=0.115, top=0.97 - 0.042 * len(lines))
         fig.savefig(path, dpi=_DPI)
     finally:
-        plt.close(fig)
+        fig.clear()
     return path
 
 
@@ -150,9 +148,10 @@ def plot_pareto(
         groups.setdefault(str(p.get(group_key, "?")), []).append(
             (x, y, _spread(p, x_err_key), _spread(p, y_err_key)))
 
-    colours = plt.get_cmap("tab10")
+    colours = matplotlib.colormaps["tab10"]
     markers = "os^Dv<>PXh"
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.subplots()
     try:
         for k, (group, xy) in enumerate(groups.items()):
             colour, marker = colours(k % 10), markers[(k // 10 + k) % len(markers)]
@@ -186,7 +185,7 @@ def plot_pareto(
             _label_front(ax, _merged_labels(front), list(zip(xs, ys, strict=True)))
         fig.savefig(path, dpi=_DPI, bbox_inches="tight")
     finally:
-        plt.close(fig)
+        fig.clear()
     return path
 
 
@@ -282,10 +281,11 @@ def plot_ood(ood: Any, path: Path, title: str = "false positives by non-member s
     """Grouped bars: per non-member set (held-out data first), each attack's FPR at its shadow-calibrated
     threshold, with the std over targets as error bars; the attack's recall on members as a dashed line."""
     sets, attacks = list(ood.sets), list(ood.attacks)
-    fig, ax = plt.subplots(figsize=(min(12.0, 3.0 + 0.9 * len(sets)), 4.2))
+    fig = Figure(figsize=(min(12.0, 3.0 + 0.9 * len(sets)), 4.2))
+    ax = fig.subplots()
     width = 0.8 / max(1, len(attacks))
     x = np.arange(len(sets))
-    colors = plt.get_cmap("tab10")
+    colors = matplotlib.colormaps["tab10"]
     for i, a in enumerate(attacks):
         vals = [as_number(ood.attacks[a][s]["fpr"]) or 0.0 for s in sets]
         errs = [as_number(ood.attacks_std[a][s]["fpr"]) or 0.0 for s in sets]
@@ -302,7 +302,7 @@ def plot_ood(ood: Any, path: Path, title: str = "false positives by non-member s
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
+    fig.clear()
     return path
 
 
@@ -325,7 +325,8 @@ def plot_histograms(points, path: str | Path, title: str | None = None, bins: in
     names = list(points.scores)
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    fig = Figure(figsize=(4.2 * cols, 3.0 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     try:
         member = points.member
         for ax, name in zip(axes.flat, names):
@@ -364,5 +365,5 @@ def plot_histograms(points, path: str | Path, title: str | None = None, bins: in
         fig.tight_layout(rect=(0, 0.06, 1, 0.95 if title else 1))
         fig.savefig(path, dpi=_DPI)
     finally:
-        plt.close(fig)
+        fig.clear()
     return path
