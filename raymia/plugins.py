@@ -26,6 +26,7 @@ This module imports nothing of raymia but `errors`: the registries use it, and i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -110,6 +111,29 @@ def _with_cwd_on_path() -> None:
         sys.path.append(cwd)
 
 
+# module -> SHA-256 of the source file it was imported (or last reloaded) from, by `import_object`
+_IMPORTED: dict[str, str] = {}
+
+
+def _current_module(module: str):
+    """The module, imported, or reloaded when its source file has changed since `import_object` imported it:
+    a notebook that edits its model or attack file and audits again runs the edited code (which is what
+    `source_digest` puts in the bank's fingerprint), not the first version Python keeps in sys.modules."""
+    mod = importlib.import_module(module)
+    origin = getattr(mod, "__file__", None)
+    if origin and os.path.isfile(origin):
+        with open(origin, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if _IMPORTED.setdefault(module, digest) != digest:
+            # its bytecode cache is checked by the source's mtime in whole seconds and its size: an edit within
+            # the second that kept the size would reload the old code
+            with contextlib.suppress(OSError, TypeError):
+                os.remove(mod.__cached__)
+            mod = importlib.reload(mod)
+            _IMPORTED[module] = digest
+    return mod
+
+
 def import_object(path: str, where: str) -> Any:
     """The object an import path `module:attribute` names, its module imported from the installed packages
     or the current directory (where a Ray worker of a local cluster runs too; on other nodes the module
@@ -117,7 +141,7 @@ def import_object(path: str, where: str) -> Any:
     module, attr = _split_import_path(path, where)
     _with_cwd_on_path()
     try:
-        mod = importlib.import_module(module)
+        mod = _current_module(module)
     except ModuleNotFoundError as e:
         if e.name is not None and module.startswith(e.name):
             raise SpecError(f"cannot import {module!r}: no such module in the installed packages or the "

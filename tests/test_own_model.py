@@ -415,6 +415,38 @@ def test_import_paths_fail_in_one_line_and_their_source_is_in_the_fingerprint(tm
         raymia.as_spec({"defense": "user_defense_xyz:not_a_defense"})
 
 
+def test_an_edited_module_runs_as_edited_in_the_same_session(tmp_path, monkeypatch):
+    """A notebook audits with its model and attack files by import path, edits both and audits again: the
+    new bank (its fingerprint holds the new source) trains the edited model and the edited attack scores it.
+    Python kept the first versions in sys.modules, so the new fingerprint's signals were the old model's and
+    the report the old attack's."""
+    import sys
+
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    net, atk = tmp_path / "edit_net_xyz.py", tmp_path / "edit_atk_xyz.py"
+    net.write_text("from torch import nn\n\ndef build(params, info):\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, info.num_classes))\n")
+    atk.write_text("def score(signals, target, params):\n    return +signals.logits[target, 0].max(-1)\n")
+    d = {"name": "edited", "plan": {"num_models": 4, "population": 100}, "model": "edit_net_xyz:build",
+         "attacks": ["edit_atk_xyz:score"], "bank": {"engine": "local"}, "train": {"epochs": 1},
+         "tracking": {"enabled": False}, "output_dir": str(tmp_path / "runs")}
+    try:
+        first = raymia.run_audit(d, console=False)
+        assert np.abs(raymia.read_signals(first).logits).max() > 0.01
+        net.write_text(net.read_text().replace("info.num_classes)", "info.num_classes), nn.Hardtanh(-1e-3, 1e-3)"))
+        atk.write_text(atk.read_text().replace("+signals", "-signals"))
+        second = raymia.run_audit(d, console=False)
+        assert second.fingerprint != first.fingerprint and not second.reused_signals
+        signals = raymia.read_signals(second)
+        assert np.abs(signals.logits).max() <= 1e-3  # the edited model's outputs
+        scores = -signals.logits[0, 0].max(-1).astype(np.float64)  # the edited attack's scores
+        assert raymia.attack_metrics(scores, signals.keep[0])["auc"] == second.attacks["edit_atk_xyz:score"]["auc"]
+    finally:
+        sys.modules.pop("edit_net_xyz", None)
+        sys.modules.pop("edit_atk_xyz", None)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the examples, end to end
 
