@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from raymia import __version__
+from raymia.engine.cluster import leaves_ray_as_found
 from raymia.report.records import PointScores
 from raymia.spec import AuditSpec, SweepSpec
 from raymia.storage import absolute, check_locations
@@ -252,6 +253,7 @@ def _keeps_torch_state(fn):
 
 
 @_keeps_torch_state
+@leaves_ray_as_found
 def run_audit(
     spec: AuditSpec | dict[str, Any] | str | Path | None = None,
     overrides: list[str] | None = None,

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from raymia.audit import UTILITY_METRICS
+from raymia.engine.cluster import leaves_ray_as_found
 from raymia.errors import DataError, Interrupted, RaymiaError, SpecError, first_line
 from raymia.metrics import as_number
 from raymia.pareto import (
@@ -828,6 +829,7 @@ def _keeps_optuna_verbosity(fn):
 
 
 @_keeps_optuna_verbosity
+@leaves_ray_as_found
 def run_sweep(
     spec: SweepSpec | dict[str, Any] | str | Path, overrides: list[str] | None = None, *,
     output_dir: str | Path | None = None, console: bool = True, resume: bool = False, fresh: bool = False,

@@ -318,6 +318,28 @@ def test_a_local_bank_prints_its_progress_then_leaves_the_raymia_logger_as_it_wa
     assert "mine: worker 0: pack 0 done (1/1" in second and "[raymia]" not in second, out.stdout
 
 
+RAY_AS_FOUND = """
+import ray, raymia
+spec = {"plan": {"num_models": 4, "population": 100}, "model": {"params": {"hidden": [16]}}, "attacks": ["loss"],
+        "bank": {"num_workers": 1}, "train": {"epochs": 1}, "tracking": {"enabled": False}}
+raymia.run_audit(spec, output_dir="runs", console=False)
+print("after its own:", ray.is_initialized())
+ray.init(num_cpus=1, include_dashboard=False)  # the notebook's own Ray: raymia uses it and leaves it
+raymia.run_audit(spec, ["seed=1"], output_dir="runs", console=False)
+print("after the caller's:", ray.is_initialized())
+"""
+
+
+def test_an_audit_leaves_ray_as_it_found_it(tmp_path):
+    """The Ray instance an audit starts for its bank is shut down when it returns (a notebook's own
+    ray.init() afterwards failed: Ray was initialised already); the caller's own Ray is used and left up."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", RAY_AS_FOUND], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "after its own: False" in out.stdout and "after the caller's: True" in out.stdout, out.stdout
+
+
 KEEPS_LOGGING = """
 import logging, sys
 logging.basicConfig(level=logging.INFO, format="mine: %(name)s %(message)s", stream=sys.stdout)
