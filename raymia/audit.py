@@ -41,7 +41,9 @@ class AuditResult:
     for each `metrics.fpr_levels`, "tnr_fnr_<level>", "epsilon_lb", with `metrics.bootstrap` the CIs
     ("auc_ci_low", ...); None where a level needs more points than the audit has.
 
-    attacks, attacks_std: {attack: {metric: mean / std over the targets}}; per_target: {attack: [one metrics
+    attacks, attacks_std: {attack: {metric: mean / std over the targets}}, the spec's attacks and, for a
+    defense that changes the released outputs, `label_only` with {"calibrated": True} unless the spec lists
+    it (`metrics.label_only_for_output_defenses`); per_target: {attack: [one metrics
     dict per target, in the order of `targets`]}, each what `raymia.full_metrics(scores, signals.keep[t],
     fpr_levels, fnr_levels, n_boot=metrics.bootstrap, seed=spec.seed)` gives for that target's scores.
     utility, utility_std: train_accuracy, test_accuracy, generalization_gap, test_ece of the attacked models
