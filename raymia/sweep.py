@@ -208,8 +208,8 @@ def _study_storage(spec: SweepSpec, sweep_dir: Path):
         if spec.sweep.storage:
             raise SpecError(f"cannot open {url!r}: {first_line(e)}; accepted: an SQLAlchemy URL (postgresql://..., "
                             "mysql://..., sqlite:///...) or journal:///path", where="sweep.storage") from None
-        raise DataError(f"the sweep's Optuna study cannot be opened ({first_line(e)}); --fresh starts the sweep "
-                        "again", where=str(sweep_dir / "optuna.db")) from None
+        raise DataError(f"the sweep's Optuna study cannot be opened ({first_line(e)}); --fresh (fresh=True) starts "
+                        "the sweep again", where=str(sweep_dir / "optuna.db")) from None
 
 
 def _state_names(names: list[str]) -> list[str]:
@@ -877,7 +877,7 @@ def run_sweep(
         except (ValueError, KeyError, TypeError, AttributeError):  # cut short or edited: the trials are stored
             log.warning("sweep %s: its result.json is damaged; writing it again from the stored trials", spec.name)
         else:
-            log.info("sweep %s already finished; its result is in %s (use --fresh to run it again)", spec.name,
+            log.info("sweep %s already finished; its result is in %s (use --fresh (fresh=True) to run it again)", spec.name,
                      sweep_dir)
             if console:
                 _print_front(result)
@@ -1024,8 +1024,8 @@ def _sweep_state(spec: SweepSpec, keep, resume: bool) -> dict[str, Any] | None:
         except (ValueError, UnicodeDecodeError):
             state = None
         if not isinstance(state, dict):
-            raise DataError("is not a sweep state raymia wrote (cut short or edited); --fresh starts the sweep "
-                            "again, reusing every stored bank", where=join(keep.location, "state.json"))
+            raise DataError("is not a sweep state raymia wrote (cut short or edited); --fresh (fresh=True) starts "
+                            "the sweep again, reusing every stored bank", where=join(keep.location, "state.json"))
     if state is not None and state.get("spec_hash") != resume_hash(spec):
         changed = changed_fields(state.get("resume_key"), _resume_key(spec))
         said = f" ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} changed)" if changed else ""
@@ -1034,7 +1034,7 @@ def _sweep_state(spec: SweepSpec, keep, resume: bool) -> dict[str, Any] | None:
                         "this one another name, or use --fresh (run_sweep(..., fresh=True)) to discard the old one",
                         where="name")
     if resume and state is None:
-        raise SpecError(f"nothing to resume in {keep.location}", where="--resume")
+        raise SpecError(f"nothing to resume in {keep.location}", where="--resume (resume=True)")
     return state
 
 

@@ -383,7 +383,8 @@ def test_a_changed_spec_under_a_sweeps_name_says_which_fields_changed(tmp_path):
         _sweep_state(more, keep, resume=False)  # the flag, and its name for a run from Python
     state = json.loads(keep.read("state.json"))  # a state written before the fields were kept: no list
     keep.write("state.json", json.dumps({k: v for k, v in state.items() if k != "resume_key"}).encode())
-    with pytest.raises(SpecError, match=r"different spec exists in \S+; a sweep continues"):
+    with pytest.raises(SpecError, match=r"different spec exists in \S+; a sweep continues.* or use --fresh "
+                                        r"\(run_sweep\(\.\.\., fresh=True\)\) to discard the old one$"):
         _sweep_state(more, keep, resume=False)
 
 
