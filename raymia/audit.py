@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from raymia import __version__
-from raymia.engine.cluster import leaves_ray_as_found
+from raymia.caller import as_found
 from raymia.report.records import PointScores
 from raymia.spec import AuditSpec, SweepSpec
 from raymia.storage import absolute, check_locations
@@ -235,27 +235,7 @@ def audit_dir(spec: AuditSpec, output_dir: str | Path | None = None) -> Path:
     return Path(output_dir or spec.output_dir) / "audits" / run_name(spec)
 
 
-def _keeps_torch_state(fn):
-    """`fn` with the caller's torch left as it was: its intra-op thread count (training sets it to the bank's
-    `cpus_per_worker` in the process that trains, which with `bank.engine: local` is the caller's) and its
-    global CPU random state (each model's initialisation seeds it)."""
-
-    @functools.wraps(fn)
-    def kept(*args, **kwargs):
-        import torch
-
-        threads, rng = torch.get_num_threads(), torch.get_rng_state()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
-            torch.set_rng_state(rng)
-
-    return kept
-
-
-@_keeps_torch_state
-@leaves_ray_as_found
+@as_found
 def run_audit(
     spec: AuditSpec | dict[str, Any] | str | Path | None = None,
     overrides: list[str] | None = None,

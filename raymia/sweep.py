@@ -12,7 +12,6 @@ Tune callback on the driver opens one child run per trial when it starts. The re
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from raymia.audit import UTILITY_METRICS
-from raymia.engine.cluster import leaves_ray_as_found
+from raymia.caller import as_found
 from raymia.errors import DataError, Interrupted, RaymiaError, SpecError, first_line
 from raymia.metrics import as_number
 from raymia.pareto import (
@@ -811,25 +810,7 @@ def _check_resolvable(spec: SweepSpec, keep: np.ndarray, names: list[str], field
                             where=f"sweep.{field}.{i}.metric")
 
 
-def _keeps_optuna_verbosity(fn):
-    """`fn` with the caller's Optuna verbosity back afterwards: a sweep turns Optuna's INFO lines off (each
-    trial has raymia's own line), not the caller's for the rest of the session."""
-
-    @functools.wraps(fn)
-    def kept(*args, **kwargs):
-        import optuna
-
-        before = optuna.logging.get_verbosity()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            optuna.logging.set_verbosity(before)
-
-    return kept
-
-
-@_keeps_optuna_verbosity
-@leaves_ray_as_found
+@as_found
 def run_sweep(
     spec: SweepSpec | dict[str, Any] | str | Path, overrides: list[str] | None = None, *,
     output_dir: str | Path | None = None, console: bool = True, resume: bool = False, fresh: bool = False,

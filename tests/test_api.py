@@ -338,6 +338,10 @@ def test_an_audit_leaves_ray_as_it_found_it(tmp_path):
                          cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "after its own: False" in out.stdout and "after the caller's: True" in out.stdout, out.stdout
+    # a bare script sees the pool's progress (it configured no logging; training on Ray was silent)
+    first, _, second = out.stdout.partition("after its own:")
+    assert "[raymia] worker 0: pack 0 done (1/1" in first and "[raymia] worker 0: pack 0 done (1/1" in second, \
+        out.stdout
 
 
 KEEPS_LOGGING = """

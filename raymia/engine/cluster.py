@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
@@ -52,29 +51,6 @@ def ensure_ray() -> None:
     _drop_duplicate_worker_deaths()
     res = ray.cluster_resources()
     log.info("Ray: %g CPUs, %g GPUs", res.get("CPU", 0), res.get("GPU", 0))
-
-
-def leaves_ray_as_found(fn):
-    """`fn` (an audit, a sweep) with Ray as the caller had it afterwards: a Ray that `fn` started (none was
-    running, or joined: RAY_ADDRESS) is shut down when it returns or fails, so a notebook's later
-    `ray.init(...)` of its own works and no idle instance holds the machine; a Ray the caller runs (or a Tune
-    trial's, a sweep's) is left running. Ray is not imported for this: not imported means not running."""
-
-    @functools.wraps(fn)
-    def left(*args, **kwargs):
-        running = _ray_running()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            if not running and _ray_running():
-                sys.modules["ray"].shutdown()
-
-    return left
-
-
-def _ray_running() -> bool:
-    ray = sys.modules.get("ray")
-    return ray is not None and ray.is_initialized()
 
 
 def keep_token_private(path: Path | None = None) -> None:

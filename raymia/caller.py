@@ -1,0 +1,60 @@
+"""`as_found`: what `run_audit` and `run_sweep` change in the caller's process, put back when they return.
+
+A notebook or script calls them among its own work, so neither may leave the process otherwise than it
+found it:
+- torch's intra-op thread count and global CPU random state (a local bank trains in the caller's process,
+  setting the bank's `cpus_per_worker` threads and seeding each model's initialisation);
+- Ray: an instance the call started (none was running, or one joined through RAY_ADDRESS) is shut down, so
+  the caller's own `ray.init(...)` later works and no idle instance holds the machine; a Ray the caller runs
+  (or a Tune trial's, a pool worker's) is left running;
+- Optuna's verbosity (a sweep turns its INFO lines off: each trial has raymia's own line);
+- raymia's progress lines: a bare script or notebook that configured no logging gets them on stdout while
+  the call runs (training on a Ray pool is otherwise silent for minutes); the `raymia` logger is as it was
+  afterwards, so logging configured later reaches raymia's lines.
+
+Ray and Optuna are not imported for this: one not imported yet has nothing to put back (Optuna's verbosity
+is then its default, INFO).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+
+def as_found(fn):
+    """`fn` (an audit, a sweep) with the caller's process as it was afterwards, returned or raised."""
+
+    @functools.wraps(fn)
+    def kept(*args, **kwargs):
+        import torch  # every call trains or reads signals with it
+
+        optuna = sys.modules.get("optuna")
+        threads, rng = torch.get_num_threads(), torch.get_rng_state()
+        verbosity = optuna.logging.get_verbosity() if optuna else None
+        ray_before = _ray_running()
+        rlog = logging.getLogger("raymia")
+        logger = rlog.handlers[:], rlog.propagate, rlog.level
+        if not rlog.hasHandlers():  # nothing configured logging: progress on stdout while the call runs
+            from raymia.engine.bank_job import worker_logging
+
+            worker_logging(logging.INFO, stream=sys.stdout)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            rlog.handlers[:], rlog.propagate = logger[0], logger[1]
+            rlog.setLevel(logger[2])
+            if not ray_before and _ray_running():
+                sys.modules["ray"].shutdown()
+            if (optuna := sys.modules.get("optuna")) is not None:
+                optuna.logging.set_verbosity(verbosity if verbosity is not None else optuna.logging.INFO)
+            torch.set_num_threads(threads)
+            torch.set_rng_state(rng)
+
+    return kept
+
+
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
