@@ -23,7 +23,7 @@ from raymia.data import DATASETS
 from raymia.defenses import DEFENSES
 from raymia.errors import RaymiaError, SpecError
 from raymia.models import MODELS
-from raymia.spec import AuditSpec, SweepSpec, apply_overrides, load_raw
+from raymia.spec import AuditSpec, SweepSpec, apply_overrides, load_raw, spec_kind
 
 
 def load_spec(
@@ -41,7 +41,7 @@ def load_spec(
 
 
 def as_spec(spec: AuditSpec | dict[str, Any] | str | Path | None, overrides: list[str] | None = None,
-            kind: type[AuditSpec] = AuditSpec) -> AuditSpec:
+            kind: type[AuditSpec] | str = AuditSpec) -> AuditSpec:
     """A validated spec of `kind` from what the Python API accepts: a spec object (used as it is, unless
     there are overrides; a sweep's spec audited gives its base setting), a dict (the YAML's structure), a YAML file's path, or None (every default). A spec
     object's registry names and params are checked here too (building one checks only its schema), so a
@@ -49,6 +49,7 @@ def as_spec(spec: AuditSpec | dict[str, Any] | str | Path | None, overrides: lis
     import copy
     from collections.abc import Mapping
 
+    kind = spec_kind(kind)  # the class, or "audit" / "sweep"
     if isinstance(overrides, str):
         raise SpecError(f"must be a list of 'dotted.key=value' strings, not one string (write [{overrides!r}])",
                         where="overrides")

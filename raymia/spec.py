@@ -750,11 +750,21 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def spec_schema(kind: type[AuditSpec] | None = None) -> dict[str, Any]:
+def spec_kind(kind: Any) -> type[AuditSpec]:
+    """AuditSpec or SweepSpec, from the class or its name ("audit", "sweep"), as the Python API takes it."""
+    kinds = {"audit": AuditSpec, "sweep": SweepSpec}
+    if isinstance(kind, str) and kind in kinds:
+        return kinds[kind]
+    if kind in (AuditSpec, SweepSpec):
+        return kind
+    raise SpecError(f"{kind!r} is no kind of spec; accepted: AuditSpec, SweepSpec, 'audit', 'sweep'", where="kind")
+
+
+def spec_schema(kind: type[AuditSpec] | str | None = None) -> dict[str, Any]:
     """The JSON Schema of a spec, for editors: a sweep's (an audit's fields and the `sweep:` block) unless
-    `kind` is AuditSpec. Registry names (data sets, models, defenses, attacks) are checked when a spec is
-    loaded, not by the schema: plug-ins add to them."""
-    schema = (kind or SweepSpec).model_json_schema()
+    `kind` is AuditSpec (or "audit"). Registry names (data sets, models, defenses, attacks) are checked when a
+    spec is loaded, not by the schema: plug-ins add to them."""
+    schema = spec_kind(kind or SweepSpec).model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema.setdefault("title", "raymia spec")
     return schema

@@ -172,6 +172,11 @@ def test_api_errors_name_the_field_or_what_is_missing(tmp_path):
     with pytest.raises(raymia.SpecError, match=r"^attacks.0.params: a='auto' tunes a on a shadow model"):
         raymia.as_spec(auto)
     assert not (tmp_path / "runs" / "signals").exists()  # nothing trained
+    # the kind of spec by class or by name; another is one line
+    assert type(raymia.as_spec({"sweep": {"defense": "hamp"}}, kind="sweep")) is raymia.SweepSpec
+    assert raymia.spec_schema("audit") == raymia.spec_schema(raymia.AuditSpec) != raymia.spec_schema()
+    with pytest.raises(raymia.SpecError, match=r"^kind: 'sweeps' is no kind of spec; accepted: AuditSpec, SweepSpec"):
+        raymia.as_spec(d, kind="sweeps")
 
 
 def test_an_entry_registered_in_the_session_is_refused_where_ray_workers_would_need_it(tmp_path):
