@@ -15,7 +15,7 @@ def paired_model(m: int) -> int:
     return m ^ 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays: == would be ambiguous; two Signals are equal only as one object
 class Signals:
     """Eval-mode outputs of a bank of M models on P audited points under Q query augmentations.
 

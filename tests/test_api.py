@@ -255,6 +255,8 @@ def test_run_attack_says_what_is_wrong_with_its_arguments():
 
 def test_signals_print_as_their_shapes():
     """A notebook that echoes `raymia.read_signals(result)` sees the bank's shapes, not pages of arrays."""
+    import dataclasses
+
     import numpy as np
 
     keep = np.zeros((4, 10), dtype=bool)
@@ -263,6 +265,9 @@ def test_signals_print_as_their_shapes():
                              pop_logits=np.zeros((4, 2, 7, 3), np.float32), pop_labels=np.zeros(7, np.int64),
                              shadow_pool=np.array([False, True, True, True]))
     assert repr(signals) == "Signals(models=4, queries=2, points=10, classes=3, population=7, shadow_pool=3 models)"
+    # compared and hashed as objects (numpy's "truth value of an array is ambiguous" before)
+    twin = dataclasses.replace(signals)
+    assert signals == signals and signals != twin and len({signals, signals, twin}) == 2
 
 
 def test_spec_schema_accepts_every_shipped_spec_and_rejects_a_typo():
