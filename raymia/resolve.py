@@ -95,9 +95,11 @@ def check_undefended_shadows(spec: AuditSpec) -> None:
     the target's pair (the pool `audit.attacker_view` gives the attacks); refused before any training."""
     if spec.attacker != "non_adaptive" or spec.target is not None:  # (`target:` refuses non_adaptive)
         return
+    from raymia.signals import paired_model
+
     targets = set(spec.plan.target_list)
     for t in spec.plan.target_list:
-        if not any(m not in targets and m not in (t, t ^ 1) for m in range(spec.plan.num_models)):
+        if not any(m not in targets and m not in (t, paired_model(t)) for m in range(spec.plan.num_models)):
             raise SpecError(f"attacker: non_adaptive attacks each target with the undefended models (the non-targets) "
                             f"outside its pair as shadows, and target {t} has none ({len(targets)} of the "
                             f"{spec.plan.num_models} models are targets): leave some pairs out of plan.targets",
