@@ -191,6 +191,13 @@ class AttackSpec(LabelledEntry):
         return v
 
 
+def _even_models(m: int) -> int:
+    """A bank's num_models: pairs of models on complementary halves."""
+    if m % 2:
+        raise ValueError(f"must be even (each point IN for exactly half of the models), got {m}")
+    return m
+
+
 class PlanSpec(_Model):
     """Who trains on what: M models, each audited point IN for exactly half of them."""
 
@@ -204,12 +211,7 @@ class PlanSpec(_Model):
     )
 
     # field validators, so that an error names plan.num_models or plan.targets, not plan
-    @field_validator("num_models")
-    @classmethod
-    def _even(cls, m: int) -> int:
-        if m % 2:
-            raise ValueError(f"must be even (each point IN for exactly half of the models), got {m}")
-        return m
+    _even = field_validator("num_models")(_even_models)
 
     @field_validator("targets")
     @classmethod
@@ -635,12 +637,7 @@ class FinalAudit(_Model):
     num_models: int = Field(64, ge=2, description="bank size of each re-audit (even)")
     targets: list[int] | Literal["all"] | None = Field(None, description="default: the sweep's targets")
 
-    @field_validator("num_models")
-    @classmethod
-    def _even(cls, v: int) -> int:
-        if v % 2:
-            raise ValueError(f"num_models must be even, got {v}")
-        return v
+    _even = field_validator("num_models")(_even_models)
 
 
 class SweepBlock(_Model):
