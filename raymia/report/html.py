@@ -302,8 +302,11 @@ def _sweep_trial(folder: Path) -> tuple[str, Any] | None:
     """(the sweep's page relative to `folder`, the trial's number) when `folder` is a trial's report in a
     finished sweep's folder; None otherwise."""
     folder = folder.resolve()
-    up, sweep = ("../report.html", folder.parent) if folder.name == "baseline" else ("../../report.html", folder.parent.parent)
-    if folder.name != "baseline" and folder.parent.name != "trials":
+    if folder.name == "baseline":
+        up, sweep = "../report.html", folder.parent
+    elif folder.parent.name == "trials":
+        up, sweep = "../../report.html", folder.parent.parent
+    else:
         return None
     try:
         trials = json.loads((sweep / "result.json").read_text()).get("trials", [])
