@@ -633,6 +633,11 @@ def full_metrics(
     Keys: those of attack_metrics, fnr_key(f) ("tnr_fnr_0.001", ...), "epsilon_lb" and, when n_boot > 0,
     "auc_ci_low", "auc_ci_high", "<fpr_key(f)>_ci_low", "<fpr_key(f)>_ci_high" (None where n/a).
     """
+    for name, levels in (("fpr_levels", fpr_levels), ("fnr_levels", fnr_levels)):
+        if isinstance(levels, int | float) or not isinstance(levels, Sequence | np.ndarray):
+            raise TypeError(f"{name} is a list of levels in (0, 1], e.g. [0.01, 0.001]; got {levels!r}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int | np.integer) or n_boot < 0:
+        raise ValueError(f"n_boot is the number of bootstrap resamples, an int >= 0 (0: no intervals); got {n_boot!r}")
     out = attack_metrics(scores, is_member, fpr_levels)
     s, y = _validate(scores, is_member)
     for f in fnr_levels:

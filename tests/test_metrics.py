@@ -198,6 +198,11 @@ def test_full_metrics_keys_and_labels() -> None:
     assert set(m) == {"auc", "balanced_accuracy", "tpr_fpr_0.25", "tnr_fnr_0.001", "epsilon_lb", "auc_ci_low",
                       "auc_ci_high", "tpr_fpr_0.25_ci_low", "tpr_fpr_0.25_ci_high"}
     assert m["auc_ci_low"] <= m["auc"] <= m["auc_ci_high"]
+    # a negative n_boot gave no intervals without a word; one level for a list, numpy's "not iterable"
+    with pytest.raises(ValueError, match=r"^n_boot is the number of bootstrap resamples, an int >= 0"):
+        full_metrics(scores, is_member, n_boot=-3)
+    with pytest.raises(TypeError, match=r"^fpr_levels is a list of levels in \(0, 1\]"):
+        full_metrics(scores, is_member, fpr_levels=0.1)
     assert metric_label("tnr_fnr_0.001") == "TNR@0.1%FNR"
     assert metric_label("tnr_fnr_0.01") == "TNR@1%FNR"
     assert metric_label("epsilon_lb") == "eps LB"
