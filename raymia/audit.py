@@ -185,7 +185,8 @@ def attacker_view(spec: AuditSpec, signals):
 
 def read_signals(of, output_dir: str | Path | None = None, raw: bool = False):
     """The stored signals (`raymia.signals.Signals`: every model's outputs, the membership matrix `keep`) of
-    an audit's bank: `of` is an `AuditResult` or anything `run_audit` accepts. With `target:` the user's
+    an audit's bank: `of` is an `AuditResult`, an audit's report folder (or its result.json: the spec.yaml
+    beside it is read), or anything `run_audit` accepts. With `target:` the user's
     model is the last row (attack it as target `signals.num_models - 1`), on the points it answers; with
     `attacker: non_adaptive` the shadow pool is the audit's (the undefended models), so an attack run on
     them scores as the audit's did. `raw`: the outputs before the defense's post-processing (a spec with
@@ -194,6 +195,8 @@ def read_signals(of, output_dir: str | Path | None = None, raw: bool = False):
     from raymia.resolve import as_spec
     from raymia.train.bank import BankContext
 
+    if isinstance(of, str | Path) and (Path(of).name == "result.json" or (Path(of) / "spec.yaml").is_file()):
+        of = (Path(of).parent if Path(of).name == "result.json" else Path(of)) / "spec.yaml"  # a report's own
     spec = of.spec if isinstance(of, AuditResult) else as_spec(of)
     out = str(Path(output_dir or spec.output_dir).resolve())
     spec = spec.model_copy(update={"output_dir": out})

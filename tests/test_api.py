@@ -37,6 +37,9 @@ def test_audit_from_a_dict_then_any_attack_on_its_stored_signals(tmp_path):
     path = tmp_path / "api.yaml"
     path.write_text(yaml.safe_dump({**d, "train": {"epochs": 8}}))
     assert (raymia.read_signals(path).logits == signals.logits).all()
+    # and from the audit's report, its folder or its result.json (whose JSON was read as a spec before)
+    for where in (result.out_dir, result.out_dir / "result.json", str(result.out_dir)):
+        assert (raymia.read_signals(where).logits == signals.logits).all()
 
 
 def test_an_audit_of_the_same_signals_with_other_attacks_says_it_replaces_the_report(tmp_path, caplog):
