@@ -5,10 +5,12 @@ found it:
 - torch's intra-op thread count and global CPU random state (a local bank trains in the caller's process,
   setting the bank's `cpus_per_worker` threads and seeding each model's initialisation);
 - Ray: an instance the call started (none was running, or one joined through RAY_ADDRESS) is shut down, so
-  the caller's own `ray.init(...)` later works and no idle instance holds the machine, and the environment
-  variables set for it (`engine.cluster.ensure_ray`: Tune's reporter, checkpoint period and trial errors) are
-  put back, so the caller's own Tune runs get Tune's defaults; a Ray the caller runs (or a Tune trial's, a
-  pool worker's) is left running, and nested calls (a sweep's trials) leave the environment alone;
+  the caller's own `ray.init(...)` later works and no idle instance holds the machine; a Ray the caller runs
+  (or a Tune trial's, a pool worker's) is left running;
+- the environment: the variables set for Ray and Tune (`engine.cluster.ensure_ray`: Tune's reporter,
+  checkpoint period and trial errors) are put back when the outermost call returns, so the caller's own
+  Tune runs get Tune's defaults (a call inside another, such as a sweep's baseline audit in a thread beside
+  Tune, leaves them to it);
 - Optuna's verbosity (a sweep turns its INFO lines off: each trial has raymia's own line);
 - raymia's progress lines: a bare script or notebook that configured no logging gets them on stdout while
   the call runs (training on a Ray pool is otherwise silent for minutes); the `raymia` logger is as it was
@@ -24,6 +26,10 @@ import functools
 import logging
 import os
 import sys
+import threading
+
+_lock = threading.Lock()
+_depth = 0  # calls of as_found's functions running in this process (a sweep's baseline audit runs inside it)
 
 
 def as_found(fn):
@@ -37,6 +43,10 @@ def as_found(fn):
         threads, rng = torch.get_num_threads(), torch.get_rng_state()
         verbosity = optuna.logging.get_verbosity() if optuna else None
         ray_before, env = _ray_running(), dict(os.environ)
+        global _depth
+        with _lock:
+            outermost = _depth == 0
+            _depth += 1
         rlog = logging.getLogger("raymia")
         logger = rlog.handlers[:], rlog.propagate, rlog.level
         if not rlog.hasHandlers():  # nothing configured logging: progress on stdout while the call runs
@@ -50,6 +60,9 @@ def as_found(fn):
             rlog.setLevel(logger[2])
             if not ray_before and _ray_running():
                 sys.modules["ray"].shutdown()
+            with _lock:
+                _depth -= 1
+            if outermost:
                 for key in set(os.environ) - set(env):
                     del os.environ[key]
                 os.environ.update({k: v for k, v in env.items() if os.environ.get(k) != v})

@@ -343,6 +343,7 @@ print("env as found:", before == {k: os.environ.get(k) for k in before}, before)
 ray.init(num_cpus=1, include_dashboard=False)  # the notebook's own Ray: raymia uses it and leaves it
 raymia.run_audit(spec, ["seed=1"], output_dir="runs", console=False)
 print("after the caller's:", ray.is_initialized())
+print("env as found again:", before == {k: os.environ.get(k) for k in before})
 """
 
 
@@ -356,6 +357,7 @@ def test_an_audit_leaves_ray_as_it_found_it(tmp_path):
     assert "after its own: False" in out.stdout and "after the caller's: True" in out.stdout, out.stdout
     # the variables set for its Ray (Tune's reporter and checkpoint period) are gone with it
     assert "env as found: True {'TUNE_GLOBAL_CHECKPOINT_S': None" in out.stdout, out.stdout
+    assert "env as found again: True" in out.stdout, out.stdout  # Tune's settings come and go with a call
     # a bare script sees the pool's progress (it configured no logging; training on Ray was silent)
     first, _, second = out.stdout.partition("after its own:")
     assert "[raymia] worker 0: pack 0 done (1/1" in first and "[raymia] worker 0: pack 0 done (1/1" in second, \
@@ -385,3 +387,18 @@ def test_starting_ray_leaves_the_callers_logging_as_it_was(tmp_path):
     lines = out.stdout.splitlines()
     assert lines[-3:] == ["mine: raymia an info line", "mine: raymia a warning", "1 INFO"], out.stdout
     assert "a warning" not in out.stderr and "job_id=" not in out.stdout
+
+
+def test_tune_settings_apply_on_a_ray_the_caller_started(ray_local, monkeypatch):
+    """A sweep on the caller's own Ray (a notebook's ray.init) gets raymia's Tune settings too: the state
+    saved after every event (what a resume reads), raymia's lines instead of Tune's reporter and tracebacks.
+    They were set only when raymia started Ray itself; `caller.as_found` puts them back afterwards."""
+    import os
+
+    from raymia.engine.cluster import ensure_ray
+
+    keys = ("TUNE_GLOBAL_CHECKPOINT_S", "RAY_AIR_NEW_OUTPUT", "TUNE_PRINT_ALL_TRIAL_ERRORS")
+    for k in keys:
+        monkeypatch.delenv(k, raising=False)
+    ensure_ray()
+    assert [os.environ.get(k) for k in keys] == ["0", "0", "0"]

@@ -17,12 +17,7 @@ def ensure_ray() -> None:
     dashboard stays off and Ray's token authentication stays on."""
     import ray
 
-    if ray.is_initialized():
-        return
-    if not sys.stdout.isatty():  # Ray colours its prefixes even in a log file
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    # Ray announces on every start that token authentication is on; it is, as raymia wants it
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # Tune reads these when a sweep runs, on a Ray of the caller's too (`caller.as_found` puts them back).
     # Tune's and Train's own console reporters are replaced by raymia's log lines: Tune's legacy reporter
     # at verbose=0 prints nothing (the new one still prints its configuration box and paths).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -30,6 +25,12 @@ def ensure_ray() -> None:
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     # Save Tune's experiment state after every event so a killed sweep loses no finished trial.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    if ray.is_initialized():
+        return
+    if not sys.stdout.isatty():  # Ray colours its prefixes even in a log file
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    # Ray announces on every start that token authentication is on; it is, as raymia wants it
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Ray applies the LoggingConfig to the driver's root logger too (its level set to WARNING, a handler of
     # its own added): the caller's logging (a notebook's basicConfig, a script's handlers) is put back.
     root = logging.getLogger()
