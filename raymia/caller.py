@@ -8,16 +8,16 @@ found it:
   the caller's own `ray.init(...)` later works and no idle instance holds the machine; a Ray the caller runs
   (or a Tune trial's, a pool worker's) is left running;
 - the environment: the variables set for Ray and Tune (`engine.cluster.ensure_ray`: Tune's reporter,
-  checkpoint period and trial errors) are put back when the outermost call returns, so the caller's own
-  Tune runs get Tune's defaults (a call inside another, such as a sweep's baseline audit in a thread beside
-  Tune, leaves them to it);
+  checkpoint period and trial errors), so the caller's own Tune runs get Tune's defaults;
 - Optuna's verbosity (a sweep turns its INFO lines off: each trial has raymia's own line);
 - raymia's progress lines: a bare script or notebook that configured no logging gets them on stdout while
   the call runs (training on a Ray pool is otherwise silent for minutes); the `raymia` logger is as it was
   afterwards, so logging configured later reaches raymia's lines.
 
-Ray and Optuna are not imported for this: one not imported yet has nothing to put back (Optuna's verbosity
-is then its default, INFO).
+Only the outermost call puts anything back: a call inside another (a sweep's baseline audit, in a thread
+beside Tune; its final audit) would otherwise undo, mid-sweep, what the sweep set for its whole run (Optuna's
+verbosity, Tune's settings). Ray and Optuna are not imported for this: one not imported yet has nothing to
+put back (Optuna's verbosity is then its default, INFO).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import sys
 import threading
 
 _lock = threading.Lock()
-_depth = 0  # calls of as_found's functions running in this process (a sweep's baseline audit runs inside it)
+_depth = 0  # calls of as_found's functions running in this process
 
 
 def as_found(fn):
@@ -37,41 +37,48 @@ def as_found(fn):
 
     @functools.wraps(fn)
     def kept(*args, **kwargs):
-        import torch  # every call trains or reads signals with it
-
-        optuna = sys.modules.get("optuna")
-        threads, rng = torch.get_num_threads(), torch.get_rng_state()
-        verbosity = optuna.logging.get_verbosity() if optuna else None
-        ray_before, env = _ray_running(), dict(os.environ)
         global _depth
         with _lock:
             outermost = _depth == 0
             _depth += 1
-        rlog = logging.getLogger("raymia")
-        logger = rlog.handlers[:], rlog.propagate, rlog.level
-        if not rlog.hasHandlers():  # nothing configured logging: progress on stdout while the call runs
-            from raymia.engine.bank_job import worker_logging
-
-            worker_logging(logging.INFO, stream=sys.stdout)
         try:
-            return fn(*args, **kwargs)
+            if not outermost:  # the outer call puts back what both change, once everything it started is done
+                return fn(*args, **kwargs)
+            return _put_back_after(fn, args, kwargs)
         finally:
-            rlog.handlers[:], rlog.propagate = logger[0], logger[1]
-            rlog.setLevel(logger[2])
-            if not ray_before and _ray_running():
-                sys.modules["ray"].shutdown()
             with _lock:
                 _depth -= 1
-            if outermost:
-                for key in set(os.environ) - set(env):
-                    del os.environ[key]
-                os.environ.update({k: v for k, v in env.items() if os.environ.get(k) != v})
-            if (optuna := sys.modules.get("optuna")) is not None:
-                optuna.logging.set_verbosity(verbosity if verbosity is not None else optuna.logging.INFO)
-            torch.set_num_threads(threads)
-            torch.set_rng_state(rng)
 
     return kept
+
+
+def _put_back_after(fn, args, kwargs):
+    import torch  # every call trains or reads signals with it
+
+    optuna = sys.modules.get("optuna")
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    verbosity = optuna.logging.get_verbosity() if optuna else None
+    ray_before, env = _ray_running(), dict(os.environ)
+    rlog = logging.getLogger("raymia")
+    logger = rlog.handlers[:], rlog.propagate, rlog.level
+    if not rlog.hasHandlers():  # nothing configured logging: progress on stdout while the call runs
+        from raymia.engine.bank_job import worker_logging
+
+        worker_logging(logging.INFO, stream=sys.stdout)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        rlog.handlers[:], rlog.propagate = logger[0], logger[1]
+        rlog.setLevel(logger[2])
+        if not ray_before and _ray_running():
+            sys.modules["ray"].shutdown()
+        for key in set(os.environ) - set(env):
+            del os.environ[key]
+        os.environ.update({k: v for k, v in env.items() if os.environ.get(k) != v})
+        if (optuna := sys.modules.get("optuna")) is not None:
+            optuna.logging.set_verbosity(verbosity if verbosity is not None else optuna.logging.INFO)
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
 
 
 def _ray_running() -> bool:

@@ -402,3 +402,29 @@ def test_tune_settings_apply_on_a_ray_the_caller_started(ray_local, monkeypatch)
         monkeypatch.delenv(k, raising=False)
     ensure_ray()
     assert [os.environ.get(k) for k in keys] == ["0", "0", "0"]
+
+
+def test_only_the_outermost_call_puts_the_process_back(monkeypatch):
+    """A sweep's baseline audit starts in a thread before the sweep sets Optuna's verbosity and Tune's
+    settings, and ends while Tune still runs: put back at its end, they were undone mid-sweep (Optuna's
+    INFO line per trial came back). Only the outermost call puts them back, when it returns."""
+    import os
+
+    import optuna
+
+    from raymia.caller import as_found
+
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    monkeypatch.delenv("RAYMIA_TEST_SETTING", raising=False)
+
+    def audit_beside_the_search():  # what the sweep sets while its baseline audit runs
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        os.environ["RAYMIA_TEST_SETTING"] = "1"
+
+    @as_found
+    def sweep():
+        as_found(audit_beside_the_search)()
+        return optuna.logging.get_verbosity(), os.environ.get("RAYMIA_TEST_SETTING")
+
+    assert sweep() == (optuna.logging.WARNING, "1")  # the inner call undid neither
+    assert optuna.logging.get_verbosity() == optuna.logging.INFO and "RAYMIA_TEST_SETTING" not in os.environ
