@@ -590,21 +590,28 @@ def _trial_error(trial) -> str:
         return f"see {path}" if path else "see the Ray logs"
 
 
+def _child_runs(spec: SweepSpec, parent_id: str, tags: dict[str, str] | None = None):
+    """(an MLflow client of the sweep's store, the runs under the parent run with these tag values)."""
+    from mlflow.tracking import MlflowClient
+
+    from raymia.tracking import TAG_PARENT, tag_equals
+
+    client = MlflowClient(spec.tracking.uri)
+    exp = client.get_experiment_by_name(spec.tracking.experiment)
+    if exp is None:
+        return client, []
+    where = " and ".join(tag_equals(k, v) for k, v in {TAG_PARENT: parent_id, **(tags or {})}.items())
+    return client, client.search_runs([exp.experiment_id], filter_string=where, max_results=5000)
+
+
 def _open_trial_run(spec: SweepSpec, parent_id: str, trial_id: str, number: int | str,
                     config: dict[str, Any]) -> str | None:
     """The MLflow child run of a trial that starts, named "trial N"; None when the trial finished before an
     interruption (it reports its stored result to that run). Runs left by an interrupted or lost attempt
     are replaced: one run per trial."""
-    from mlflow.tracking import MlflowClient
+    from raymia.tracking import TAG_STATUS, TAG_TRIAL_ID, open_run, trial_tags
 
-    from raymia.tracking import TAG_PARENT, TAG_STATUS, TAG_TRIAL_ID, open_run, tag_equals, trial_tags
-
-    client = MlflowClient(spec.tracking.uri)
-    exp = client.get_experiment_by_name(spec.tracking.experiment)
-    before = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"{tag_equals(TAG_TRIAL_ID, trial_id)} and {tag_equals(TAG_PARENT, parent_id)}",
-    ) if exp is not None else []
+    client, before = _child_runs(spec, parent_id, {TAG_TRIAL_ID: trial_id})
     # done: closed with its result (a kill between the status tag and the run's end leaves it RUNNING: redone)
     if any(r.data.tags.get(TAG_STATUS) == "ok" and r.info.status == "FINISHED" for r in before):
         return None
@@ -1201,14 +1208,9 @@ def _log_earlier_trials(spec: SweepSpec, parent_id: str, trials: list[dict[str, 
     """A run for each trial the parent run lacks: a resumed sweep that logs to another MLflow store than
     before (or to a new parent run) has no run for the trials that finished before the interruption, and
     Tune runs those no more, so no callback opens one. Each is logged from its stored row and report."""
-    from mlflow.tracking import MlflowClient
+    from raymia.tracking import KIND_TRIAL, TAG_KIND, TAG_TRIAL_ID
 
-    from raymia.tracking import KIND_TRIAL, TAG_KIND, TAG_PARENT, TAG_TRIAL_ID, tag_equals
-
-    client = MlflowClient(spec.tracking.uri)
-    exp = client.get_experiment_by_name(spec.tracking.experiment)
-    runs = client.search_runs([exp.experiment_id], filter_string=f"{tag_equals(TAG_PARENT, parent_id)} and "
-                              f"{tag_equals(TAG_KIND, KIND_TRIAL)}", max_results=5000) if exp is not None else []
+    _, runs = _child_runs(spec, parent_id, {TAG_KIND: KIND_TRIAL})
     ended = {r.data.tags.get(TAG_TRIAL_ID) for r in runs if r.info.status in ("FINISHED", "FAILED")}
     for t in trials:
         if t.get("trial_id") is None or str(t["trial_id"]) in ended or t["status"] not in ("ok", "failed"):
@@ -1222,27 +1224,20 @@ def _log_earlier_trials(spec: SweepSpec, parent_id: str, trials: list[dict[str, 
 def _drop_orphan_runs(spec: SweepSpec, parent_id: str, trial_ids: set[str]) -> None:
     """Delete the trial runs of trials that are not among the sweep's: one opened for a trial that a kill
     cut short before Tune saved it (the resumed search proposes it again, under another id)."""
-    from mlflow.tracking import MlflowClient
+    from raymia.tracking import KIND_TRIAL, TAG_KIND, TAG_TRIAL_ID
 
-    from raymia.tracking import KIND_TRIAL, TAG_KIND, TAG_PARENT, TAG_TRIAL_ID, tag_equals
-
-    client = MlflowClient(spec.tracking.uri)
-    exp = client.get_experiment_by_name(spec.tracking.experiment)
-    for r in client.search_runs([exp.experiment_id], filter_string=f"{tag_equals(TAG_PARENT, parent_id)} and "
-                                f"{tag_equals(TAG_KIND, KIND_TRIAL)}", max_results=5000):
+    client, runs = _child_runs(spec, parent_id, {TAG_KIND: KIND_TRIAL})
+    for r in runs:
         if r.data.tags.get(TAG_TRIAL_ID) not in trial_ids:
             client.delete_run(r.info.run_id)
 
 
 def _mark_front(spec: SweepSpec, parent_id: str, front: list[int]) -> None:
     """Tag the front's trial runs (raymia.front = true), found by their trial number."""
-    from mlflow.tracking import MlflowClient
+    from raymia.tracking import TAG_FRONT, TAG_TRIAL
 
-    from raymia.tracking import TAG_FRONT, TAG_PARENT, TAG_TRIAL, tag_equals
-
-    client = MlflowClient(spec.tracking.uri)
-    exp = client.get_experiment_by_name(spec.tracking.experiment)
-    for r in client.search_runs([exp.experiment_id], filter_string=tag_equals(TAG_PARENT, parent_id), max_results=5000):
+    client, runs = _child_runs(spec, parent_id)
+    for r in runs:
         number = r.data.tags.get(TAG_TRIAL)
         client.set_tag(r.info.run_id, TAG_FRONT, "true" if number is not None and int(number) in front else "false")
 
@@ -1291,17 +1286,10 @@ def _final_audit(spec: SweepSpec, result: SweepResult, root: Path, parent_id: st
 def _drop_final_audit_runs(spec: SweepSpec, parent_id: str, trial: int) -> None:
     """Delete the final-audit runs of `trial` under the parent run: those an interrupted attempt left (a
     Ctrl-C while its run was logged ends it KILLED) before this attempt logs its own."""
-    from mlflow.tracking import MlflowClient
+    from raymia.tracking import KIND_FINAL_AUDIT, TAG_KIND, TAG_TRIAL
 
-    from raymia.tracking import KIND_FINAL_AUDIT, TAG_KIND, TAG_PARENT, TAG_TRIAL, tag_equals
-
-    client = MlflowClient(spec.tracking.uri)
-    exp = client.get_experiment_by_name(spec.tracking.experiment)
-    if exp is None:
-        return
-    for r in client.search_runs([exp.experiment_id], filter_string=(
-            f"{tag_equals(TAG_PARENT, parent_id)} and {tag_equals(TAG_KIND, KIND_FINAL_AUDIT)} and "
-            f"{tag_equals(TAG_TRIAL, str(trial))}")):
+    client, runs = _child_runs(spec, parent_id, {TAG_KIND: KIND_FINAL_AUDIT, TAG_TRIAL: str(trial)})
+    for r in runs:
         client.delete_run(r.info.run_id)
 
 
