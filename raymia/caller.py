@@ -23,7 +23,6 @@ put back (Optuna's verbosity is then its default, INFO).
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import sys
 import threading
@@ -59,17 +58,12 @@ def _put_back_after(fn, args, kwargs):
     threads, rng = torch.get_num_threads(), torch.get_rng_state()
     verbosity = optuna.logging.get_verbosity() if optuna else None
     ray_before, env = _ray_running(), dict(os.environ)
-    rlog = logging.getLogger("raymia")
-    logger = rlog.handlers[:], rlog.propagate, rlog.level
-    if not rlog.hasHandlers():  # nothing configured logging: progress on stdout while the call runs
-        from raymia.engine.bank_job import worker_logging
+    from raymia.engine.bank_job import progress_on_stdout
 
-        worker_logging(logging.INFO, stream=sys.stdout)
     try:
-        return fn(*args, **kwargs)
+        with progress_on_stdout():
+            return fn(*args, **kwargs)
     finally:
-        rlog.handlers[:], rlog.propagate = logger[0], logger[1]
-        rlog.setLevel(logger[2])
         if not ray_before and _ray_running():
             sys.modules["ray"].shutdown()
         for key in set(os.environ) - set(env):

@@ -122,16 +122,24 @@ def worker_logging(level: int, prefix: str = "", stream=None) -> None:
     rlog.setLevel(level)
 
 
-def build_bank_locally(spec: AuditSpec, store: SignalStore, packs: list[int]) -> None:
-    """Train the given packs in this process (no Ray): for GPU machines and benchmarks. Progress goes to the
-    `raymia` logger; a bare script that configured no logging gets it on stdout while the packs train (the
-    logger is then as it was: logging the caller configures later reaches raymia's lines)."""
+@contextlib.contextmanager
+def progress_on_stdout():
+    """While the block runs, raymia's progress lines reach a bare script or notebook that configured no
+    logging, on stdout; the `raymia` logger is as it was afterwards, so logging the caller configures later
+    reaches raymia's lines. Where logging is configured, nothing changes."""
     handlers, propagate, level = log.handlers[:], log.propagate, log.level
     if not log.hasHandlers():
         worker_logging(logging.INFO, stream=sys.stdout)
     try:
-        _train_packs(spec, store, packs, 0, 1)
+        yield
     finally:
         log.handlers[:] = handlers
         log.propagate = propagate
         log.setLevel(level)
+
+
+def build_bank_locally(spec: AuditSpec, store: SignalStore, packs: list[int]) -> None:
+    """Train the given packs in this process (no Ray): for GPU machines and benchmarks. Progress goes to the
+    `raymia` logger (`progress_on_stdout`)."""
+    with progress_on_stdout():
+        _train_packs(spec, store, packs, 0, 1)
