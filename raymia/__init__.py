@@ -16,13 +16,6 @@ YAML file's path; overrides are the CLI's `dotted.key=value` strings; a bad fiel
 `raymia.SpecError` naming it. `raymia.spec_schema()` is the specs' JSON Schema (`raymia schema`).
 """
 
-import os as _os
-
-# Read by Ray when it is imported, so set before: Ray's log deduplication merges lines that differ only in
-# their numbers ("trial 1: ...", "trial 2: ..."), which are exactly raymia's progress lines. A value in the
-# environment wins.
-_os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-
 __version__ = "0.1.0"
 
 # the Python API: imported on first use, so `import raymia` stays light (every Ray worker imports it)

@@ -297,13 +297,39 @@ def test_schema_command_prints_the_schema(capsys):
     assert printed == raymia.spec_schema() and "sweep" in printed["properties"]
 
 
-def test_import_raymia_stays_light():
-    """Every Ray worker imports raymia: the API is imported on first use, not with the package."""
-    out = subprocess.run([sys.executable, "-c", "import sys, raymia; print(sorted(m for m in ('torch', 'ray', "
-                          "'mlflow', 'raymia.audit') if m in sys.modules)); raymia.run_attack; "
-                          "print('raymia.attacks' in sys.modules)"], capture_output=True, text=True, timeout=60)
+def test_import_raymia_stays_light_and_leaves_the_environment_alone():
+    """Every Ray worker imports raymia: the API is imported on first use, not with the package. Importing it
+    changes no environment variable of the caller's session (Ray's, in particular)."""
+    out = subprocess.run([sys.executable, "-c", "import os, sys; env = dict(os.environ); import raymia; "
+                          "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'raymia.audit') if m in sys.modules)); "
+                          "raymia.run_attack; print('raymia.attacks' in sys.modules); print(dict(os.environ) == env)"],
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[:2] == ["[]", "True"]
+    assert out.stdout.split("\n")[:3] == ["[]", "True", "True"]
+
+
+def test_rays_log_deduplication_lets_raymias_progress_lines_through_and_merges_the_rest(monkeypatch):
+    """Worker lines that differ only in their numbers are merged by Ray's deduplicator; raymia's progress
+    lines are exactly such lines, and each one must reach the console."""
+    from ray._private import ray_logging
+
+    from raymia.engine.cluster import _keep_progress_lines_whole
+
+    monkeypatch.setattr(ray_logging, "RAY_DEDUP_LOGS", True)  # Ray's default, whatever this shell has
+
+    _keep_progress_lines_whole()
+    _keep_progress_lines_whole()  # once is enough: a second call adds nothing
+    dedup = ray_logging.LogDeduplicator(10, ray_logging.stdout_deduplicator.allow_re.pattern, None,
+                                        _timesource=lambda: 0.0)
+    printed = []
+    for pid in (1, 2, 3):
+        lines = [f"[raymia] worker {pid}: pack {pid} done ({pid}/3)", f"Ray warning on worker {pid}"]
+        for batch in dedup.deduplicate({"ip": "127.0.0.1", "pid": pid, "lines": lines}):
+            printed += batch["lines"]
+    assert [ln for ln in printed if ln.startswith("[raymia]")] == [f"[raymia] worker {p}: pack {p} done ({p}/3)"
+                                                                    for p in (1, 2, 3)]
+    assert [ln for ln in printed if ln.startswith("Ray warning")] == ["Ray warning on worker 1"]  # merged
+    assert ray_logging.stdout_deduplicator.allow_re.pattern.count("raymia") == 1
 
 
 LOCAL_BANK_LOGGING = """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ def ensure_ray() -> None:
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     # Save Tune's experiment state after every event so a killed sweep loses no finished trial.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    _keep_progress_lines_whole()
     if ray.is_initialized():
         return
     if not sys.stdout.isatty():  # Ray colours its prefixes even in a log file
@@ -66,6 +68,23 @@ def keep_token_private(path: Path | None = None) -> None:
         pass
 
 
+def _keep_progress_lines_whole() -> None:
+    """Ray's log deduplication merges worker lines that differ only in their numbers ("pack 1 done (1/8)",
+    "pack 2 done (2/8)"), which is what raymia's progress lines are. The driver's deduplicators let through
+    every line that their allow pattern finds: raymia's lines are added to it (a pattern the user set in
+    RAY_DEDUP_LOGS_ALLOW_REGEX still applies), and every other line is deduplicated as Ray does."""
+    try:
+        from ray._private import ray_logging
+    except ImportError:
+        return
+    for dedup in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
+        allow = dedup.allow_re
+        if allow is not None and allow.pattern.startswith(_PROGRESS_LINE):
+            continue
+        dedup.allow_re = re.compile(_PROGRESS_LINE + (f"|{allow.pattern}" if allow is not None else ""))
+
+
+_PROGRESS_LINE = r"^\[raymia\] "
 _WORKER_DIED = "A worker died or was killed while executing a task by an unexpected system error"
 _NODE_LOST = ("Raylet is terminated. Termination is unexpected.",  # the node's own process watcher
               "has been marked dead because the detector has missed too many heartbeats")  # the GCS
