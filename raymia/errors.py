@@ -9,7 +9,7 @@ class RaymiaError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, *, where: str | None = None):
-        self.where = where
+        self.where, self.message = where, message
         super().__init__(f"{where}: {message}" if where else message)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from raymia.errors import RaymiaError, first_line
+from raymia.errors import RaymiaError, SpecError, first_line
 from raymia.metrics import as_number as _num
 from raymia.metrics import spread_key
 from raymia.spec import NAME_PATTERN
@@ -263,15 +263,14 @@ def _client(uri: str):
     """A client of the store at `uri`, checked the way a sweep's tracking.uri is, and read-only: nothing is
     created where there is no store."""
     from mlflow.tracking import MlflowClient
-    from pydantic import ValidationError
 
     from raymia.spec import TrackingSpec
     from raymia.tracking import probe_server
 
     try:
         TrackingSpec(uri=uri)
-    except ValidationError as e:
-        raise RaymiaError(e.errors()[0]["msg"].removeprefix("Value error, "), where="--uri") from None
+    except SpecError as e:
+        raise RaymiaError(e.message, where="--uri") from None
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
         if not path.is_file():  # MLflow would create an empty store here: say there is none instead

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic, Literal, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from raymia.errors import SpecError
 from raymia.plugins import PluginError, import_object, import_submodules, is_import_path, load_entry_points
@@ -29,7 +29,22 @@ T = TypeVar("T")
 _DISCOVERY = threading.RLock()  # one for all registries: the modules of one may read another
 
 
-class Params(BaseModel):
+class NumbersNotBools(BaseModel):
+    """A number field refuses `true` and `false`: pydantic reads them as 1 and 0, and YAML writes `yes`,
+    `no`, `on` and `off` as booleans too, so `epochs: on` would train for one epoch."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, bool) and info.field_name is not None:
+            ann = cls.model_fields[info.field_name].annotation
+            kinds = set(get_args(ann)) if get_args(ann) else {ann}
+            if kinds & {int, float} and bool not in kinds:
+                raise ValueError(f"a number is expected, got {str(v).lower()}")
+        return v
+
+
+class Params(NumbersNotBools):
     """Base class of every entry's parameters: unknown keys are errors, values are validated."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -16,8 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
-
 from raymia.attacks import ATTACKS
 from raymia.data import DATASETS
 from raymia.defenses import DEFENSES
@@ -72,9 +70,10 @@ def validate_spec(raw: dict[str, Any], kind: type[AuditSpec] = AuditSpec, where:
     schema error and replaces the field of a name error."""
     try:
         spec = kind.model_validate(raw)
-    except ValidationError as e:
-        loc, msg = _format_error(e)
-        raise SpecError(msg, where=f"{where}: {loc}" if where != "spec" else loc) from None
+    except SpecError as e:  # the field's error: after the file's name
+        if where == "spec":
+            raise
+        raise SpecError(e.message, where=f"{where}: {e.where}") from None
     try:
         check_names(spec)
     except SpecError as e:
@@ -181,26 +180,3 @@ def check_names(spec: AuditSpec) -> None:
                 DEFENSES.get(c.name, where=f"sweep.defenses.{i}")
         else:
             DEFENSES.get(spec.sweep.defense, where="sweep.defense")
-
-
-def _format_error(e: ValidationError) -> tuple[str, str]:
-    err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"]) or "spec"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown field"
-        parent_loc = err["loc"][:-1]
-        model: Any = SweepSpec
-        try:
-            for part in parent_loc:
-                if isinstance(part, int):
-                    continue
-                ann = model.model_fields[part].annotation
-                model = getattr(ann, "__args__", (ann,))[0] if hasattr(ann, "__args__") else ann
-            if isinstance(model, type) and issubclass(model, BaseModel):
-                msg += "; accepted: " + ", ".join(model.model_fields)
-        except (KeyError, AttributeError, TypeError):
-            pass
-    elif err["type"] == "literal_error":
-        msg = msg.replace("Input should be", "accepted:")
-    return loc, msg

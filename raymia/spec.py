@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -23,6 +24,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_serializer,
@@ -30,6 +32,7 @@ from pydantic import (
 )
 
 from raymia.errors import SpecError, first_line
+from raymia.registry import NumbersNotBools
 
 # Bump when the meaning of stored signals changes, so old entries are never reused by mistake.
 SIGNAL_FORMAT_VERSION = 7
@@ -73,8 +76,52 @@ def parse_query(text: str) -> Query:
     return Query(text)
 
 
-class _Model(BaseModel):
+_validating = threading.local()  # how deep in nested specs this thread's validation is
+
+
+class _Model(NumbersNotBools):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __init__(self, /, **data: Any) -> None:
+        # A spec built in Python is checked as a spec file is: one SpecError naming the field. Pydantic
+        # validates a nested spec through its class's __init__ as well (and model_validate too): only the
+        # outermost call makes the SpecError, so a nested field's path is whole in it.
+        depth = getattr(_validating, "depth", 0)
+        _validating.depth = depth + 1
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            if depth:
+                raise
+            loc, msg = format_error(e, type(self))
+            raise SpecError(msg, where=loc) from None
+        finally:
+            _validating.depth = depth
+
+
+def format_error(e: ValidationError, root: type[BaseModel]) -> tuple[str, str]:
+    """The first error of a spec's validation as (dotted field, message), an unknown field's message listing
+    the fields accepted there (`root`: the model validated)."""
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"]) or "spec"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+        parent_loc = err["loc"][:-1]
+        model: Any = root
+        try:
+            for part in parent_loc:
+                if isinstance(part, int):
+                    continue
+                ann = model.model_fields[part].annotation
+                model = getattr(ann, "__args__", (ann,))[0] if hasattr(ann, "__args__") else ann
+            if isinstance(model, type) and issubclass(model, BaseModel):
+                msg += "; accepted: " + ", ".join(model.model_fields)
+        except (KeyError, AttributeError, TypeError):
+            pass
+    elif err["type"] == "literal_error":
+        msg = msg.replace("Input should be", "accepted:")
+    return loc, msg
 
 
 class Named(_Model):

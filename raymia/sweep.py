@@ -751,20 +751,17 @@ def validate_sweep(spec: SweepSpec, setup: bool = True):
 
         inversion_data(spec, ctx)
     if (fa := spec.sweep.final_audit) is not None:  # it runs after the whole search: check its plan now
-        from pydantic import ValidationError
-
         from raymia.resolve import check_bank_size, check_undefended_shadows
 
         raw = audit_spec_of_trial(spec, {"defense": "none", "trial": 0}, fa.num_models, fa.targets)
         try:
             final = AuditSpec.model_validate(raw)
+        except SpecError as e:  # the final audit's plan: its num_models and targets
+            field = e.where.removeprefix("plan.") if e.where and e.where.startswith("plan.") else None
+            raise SpecError(e.message, where="sweep.final_audit" + (f".{field}" if field else "")) from None
+        try:
             check_bank_size(final)
             check_undefended_shadows(final)
-        except ValidationError as e:  # the final audit's plan: its num_models and targets
-            err = e.errors()[0]
-            field = err["loc"][-1] if err["loc"][:1] == ("plan",) and len(err["loc"]) > 1 else None
-            raise SpecError(err["msg"].removeprefix("Value error, "),
-                            where="sweep.final_audit" + (f".{field}" if field else "")) from None
         except SpecError as e:
             raise SpecError(str(e), where="sweep.final_audit") from None
     if spec.sweep.storage:  # a given study database, before anything is written (the default file: at the start)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationError
 
 from raymia.datainfo import DataInfo
 from raymia.errors import SpecError
@@ -290,7 +289,7 @@ def test_alternating_flips_flip_every_image_the_other_way_on_each_pass():
     assert rand.mask is None
     draws = [rand.draw(torch.arange(n), torch.full((n,), p)).flip for p in range(6)]
     assert any(bool((a == b).any()) for a, b in zip(draws, draws[1:]))  # random: repeats happen
-    with pytest.raises(ValidationError, match="flip: alternate"):
+    with pytest.raises(SpecError, match="flip: alternate"):
         AugmentSpec(flip="alternate")
 
 
@@ -334,5 +333,5 @@ def test_lookahead_is_accepted_for_defenses_that_train_in_fit_and_refused_when_i
     assert BankContext.from_spec(AuditSpec.model_validate(raw)).recipe.lookahead
     raw.pop("defense")
     raw["train"]["epochs"] = 3
-    with pytest.raises(ValidationError, match="lookahead starts after epoch 3 .* set epochs >= 4"):
+    with pytest.raises(SpecError, match="lookahead starts after epoch 3 .* set epochs >= 4"):
         AuditSpec.model_validate(raw)

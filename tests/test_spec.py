@@ -93,6 +93,11 @@ def test_fingerprint_tracks_what_changes_the_bank():
         ("tracking: {uri: 'file:///tmp/mlruns'}\n", [], "tracking.uri: file:// is MLflow's filesystem store, which "
                                                        "MLflow 3 refuses"),
         ("", ["train.lr=-1"], "train.lr: Input should be greater than 0"),
+        # YAML's true, yes and on are booleans, which pydantic would take for 1
+        ("seed: true\n", [], "seed: a number is expected, got true"),
+        ("train: {epochs: on}\n", [], "train.epochs: a number is expected, got true"),
+        ("defense: {name: dpsgd, params: {noise_multiplier: yes}}\n", [],
+         "defense.params: noise_multiplier: a number is expected, got true"),
         ("", ["noequals"], "--set: expected dotted.key=value"),
         # an unclosed list (the shell split "attacks=[loss, lira_online]" unquoted): the bracket, not "a valid list"
         ("", ["attacks=[loss, lira_online"], "--set: attacks: malformed YAML value '[loss, lira_online' (expected ',' or ']'"),
@@ -107,6 +112,22 @@ def test_bad_input_is_one_line_naming_the_field(tmp_path, text, overrides, needl
     assert needle in msg, msg
     assert "\n" not in msg
     assert msg.startswith(str(p)) or msg.startswith("--set")
+
+
+def test_a_spec_built_in_python_is_checked_as_a_file_is():
+    """`raymia.AuditSpec(...)` gives the same one-line SpecError, naming the nested field, as a spec file;
+    a sub-spec built alone names its own field."""
+    from raymia.spec import PlanSpec
+
+    with pytest.raises(SpecError, match=r"^plan\.num_models: must be even") as e:
+        AuditSpec(plan={"num_models": 3})
+    assert e.value.where == "plan.num_models" and "\n" not in str(e.value)
+    with pytest.raises(SpecError, match=r"^sweep\.num_trials: a number is expected, got false$"):
+        SweepSpec(sweep={"defense": "hamp", "num_trials": False})
+    with pytest.raises(SpecError, match=r"^population: Input should be a valid integer"):
+        PlanSpec(population="many")
+    assert AuditSpec(plan=PlanSpec(num_models=6)).plan.num_models == 6  # a valid one is built as before
+    assert AuditSpec(train={"augment": {"hflip": True}}).train.augment.hflip  # a boolean field keeps booleans
 
 
 def test_file_errors(tmp_path):
