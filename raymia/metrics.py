@@ -132,6 +132,16 @@ def attack_metrics(
     return out
 
 
+def _check_outputs(z: np.ndarray, what: str) -> None:
+    """ValueError when a row of outputs holds NaN or +inf, or only -inf: argmax takes a NaN for the top
+    class, and a softmax over such a row is NaN, so the metric would be a number that means nothing. (-inf
+    beside finite entries is a log-probability of 0 and stays.)"""
+    bad = np.isnan(z).any(axis=1) | np.isposinf(z).any(axis=1) | np.isneginf(z).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{what} must be finite or -inf, with a finite entry in every row: "
+                         f"{int(bad.sum())} of {z.shape[0]} rows are not")
+
+
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     """Top-1 accuracy of logits [N, C] (or probabilities: argmax is the same) against labels [N]."""
     z = np.asarray(logits)
@@ -140,6 +150,7 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
         raise ValueError(f"expected logits [N, C] and labels [N], got {z.shape} and {y.shape}")
     if z.shape[0] == 0:
         raise ValueError("accuracy of an empty set is undefined")
+    _check_outputs(z, "logits")
     return float(np.mean(np.argmax(z, axis=1) == y))
 
 
@@ -159,6 +170,7 @@ def ece(outputs: np.ndarray, labels: np.ndarray, n_bins: int = 15, from_logits: 
         raise ValueError("ECE of an empty set is undefined")
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    _check_outputs(z, "outputs")
     if from_logits is None:
         from_logits = not (np.all((z >= 0) & (z <= 1)) and np.allclose(z.sum(axis=1), 1.0, rtol=0, atol=1e-4))
     if from_logits:

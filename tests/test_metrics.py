@@ -158,6 +158,21 @@ def test_accuracy() -> None:
         accuracy(logits, labels[:3])
 
 
+
+def test_accuracy_and_ece_refuse_outputs_without_a_top_class() -> None:
+    """A NaN logit was taken for the top class (accuracy 1.0 below) and made the ECE NaN; -inf beside
+    finite entries is a log-probability of 0 and is read as one."""
+    nan = np.array([[np.nan, 1.0], [0.0, 1.0]])
+    with pytest.raises(ValueError, match=r"^logits must be finite or -inf, .*: 1 of 2 rows are not$"):
+        accuracy(nan, np.array([0, 1]))
+    for bad in (nan, np.array([[np.inf, 1.0], [0.0, 1.0]]), np.array([[-np.inf, -np.inf], [0.0, 1.0]])):
+        with pytest.raises(ValueError, match=r"^outputs must be finite or -inf, .*: 1 of 2 rows are not$"):
+            ece(bad, np.array([0, 1]))
+    # log([[1, 0], [0, 1]]): both confidence 1, one right: ECE 0.5; accuracy 0.5
+    logp = np.array([[0.0, -np.inf], [-np.inf, 0.0]])
+    assert ece(logp, np.array([0, 0])) == 0.5 and accuracy(logp, np.array([0, 0])) == 0.5
+
+
 # ---------------------------------------------------------------------------------------------- TNR at FNR
 def test_tnr_at_fnr_small_example_by_hand() -> None:
     scores, is_member = _small()
