@@ -88,6 +88,32 @@ def test_hypervolume_matches_inclusion_exclusion(dims):
         assert got == pytest.approx(expected, abs=1e-12)
 
 
+@pytest.mark.parametrize("dims", [2, 3, 4])
+def test_front_and_hypervolume_with_mixed_directions_agree_with_optuna_and_brute_force(dims):
+    """Random points on a 5-step grid (many ties and duplicates), each objective maximised or minimised: the
+    front is the brute-force set of points no other point dominates, and the hypervolume is Optuna's WFG over
+    the points (negated where maximised) that improve on the reference everywhere."""
+    from optuna._hypervolume import compute_hypervolume
+
+    from raymia.pareto import pareto_front
+
+    rng = np.random.default_rng(dims)
+    for _ in range(40):
+        modes = [str(m) for m in rng.choice(["max", "min"], dims)]
+        obj = [(f"f{i}", m) for i, m in enumerate(modes)]
+        ref = {f"f{i}": 0.0 if m == "max" else 1.0 for i, m in enumerate(modes)}
+        pts = rng.integers(0, 5, (int(rng.integers(1, 12)), dims)) / 4
+        dicts = [{f"f{i}": float(v) for i, v in enumerate(p)} for p in pts]
+        loss = np.where(np.array(modes) == "max", -pts, pts)  # smaller is better everywhere
+        r = np.where(np.array(modes) == "max", -1.0, 1.0) * np.array([ref[f"f{i}"] for i in range(dims)])
+        brute = [i for i in range(len(pts))
+                 if not any((loss[j] <= loss[i]).all() and (loss[j] < loss[i]).any() for j in range(len(pts)))]
+        assert pareto_front(dicts, obj) == brute
+        inside = loss[(loss < r).all(axis=1)]
+        want = compute_hypervolume(inside, r) if len(inside) else 0.0
+        assert hypervolume(dicts, obj, ref) == pytest.approx(want, abs=1e-12)
+
+
 def test_hypervolume_rejects_a_bad_reference_or_mode():
     with pytest.raises(ValueError, match="reference has no finite value"):
         hypervolume(_pts((0.92, 0.1)), OBJ2, {ACC: 0.9})
