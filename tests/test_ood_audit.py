@@ -42,6 +42,33 @@ def test_fpr_at_95_tpr_is_the_first_roc_point_reaching_it(n):
         assert got == (others >= np.sort(members)[1]).mean() < (others >= members.min()).mean()
 
 
+def test_the_cut_flags_every_point_the_papers_rule_flags():
+    """The paper's ThresholdAttack: roc_curve's threshold at argmax(tpr - fpr), then `score > threshold`.
+    raymia's best_threshold cuts below the same group, so it flags a superset (docs/validity.md, OOD)."""
+    from sklearn.metrics import roc_curve
+
+    from raymia.attacks.mia.threshold import best_threshold
+
+    def papers(scores, is_in):
+        fpr, tpr, thresholds = roc_curve(is_in, scores)
+        return thresholds[np.argmax(tpr - fpr)]
+
+    # by hand: members .9 .7, non-members .2 .5: the group {.9, .7}; raymia cuts at .5, the paper at .7
+    s, k = np.array([0.9, 0.7, 0.2, 0.5]), np.array([True, True, False, False])
+    assert (best_threshold(s, k), papers(s, k)) == (0.5, 0.7)
+    rng = np.random.default_rng(0)
+    differ = 0
+    for r in range(100):
+        k = rng.random(60) < 0.5
+        s = rng.normal(size=60) + k
+        s = np.round(s, 1) if r % 2 else s  # tied and continuous
+        test = rng.normal(size=300) * 2
+        ours, theirs = test > best_threshold(s, k), test > papers(s, k)
+        assert not (theirs & ~ours).any()
+        differ += (ours != theirs).any()
+    assert differ > 50
+
+
 def _spec(tmp_path, **over):
     d = {"name": "ood", "seed": 0, "plan": {"num_models": 8, "population": 300, "targets": [0, 1]},
          "model": {"name": "mlp", "params": {"hidden": [256]}},
