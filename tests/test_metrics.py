@@ -545,3 +545,20 @@ def test_bootstrap_intervals_cover_the_analytic_auc() -> None:
         hit["auc"] += ci["auc"][0] <= auc <= ci["auc"][1]
         hit["tpr_fpr_0.1"] += ci["tpr_fpr_0.1"][0] <= tpr <= ci["tpr_fpr_0.1"][1]
     assert 0.9 <= hit["auc"] / 200 <= 0.99 and 0.9 <= hit["tpr_fpr_0.1"] / 200 <= 0.99
+
+
+def test_two_gaussians_give_the_analytic_auc_advantage_and_tpr() -> None:
+    """Members N(1, 1), non-members N(0, 1), 20,000 each: AUC = Phi(1 / sqrt 2) = 0.760; the best threshold
+    is the midpoint, so balanced accuracy = Phi(1/2) = 0.691 (membership advantage 2 x 0.691 - 1 = 0.383);
+    TPR at FPR f = 1 - Phi(z_(1-f) - 1): 0.389 at 10%, 0.092 at 1%, 0.017 at 0.1%. Tolerances are 4 sd of each
+    estimate (measured over 40 seeds: 0.0022, 0.0023, 0.0050, 0.0049, 0.0031)."""
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(11)
+    n = 20_000
+    is_member = np.r_[np.ones(n, bool), np.zeros(n, bool)]
+    m = attack_metrics(np.r_[rng.normal(1, 1, n), rng.normal(0, 1, n)], is_member, (0.1, 0.01, 0.001))
+    assert m["auc"] == pytest.approx(norm.cdf(1 / math.sqrt(2)), abs=0.009)
+    assert m["balanced_accuracy"] == pytest.approx(norm.cdf(0.5), abs=0.01)
+    for f, tol in ((0.1, 0.02), (0.01, 0.02), (0.001, 0.012)):
+        assert m[f"tpr_fpr_{f:g}"] == pytest.approx(1 - norm.cdf(norm.ppf(1 - f) - 1), abs=tol), f
