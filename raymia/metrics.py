@@ -640,7 +640,8 @@ def full_metrics(
     """attack_metrics' keys plus TNR at each FNR level, the epsilon lower bound and optional bootstrap CIs.
 
     "epsilon_lb" is epsilon_lower_bound(..., delta, confidence, method=epsilon_method, seed=seed)["epsilon_lb"],
-    valid at `confidence` (the seed also draws the bootstrap resamples).
+    valid at `confidence` (the seed also draws the bootstrap resamples). The intervals are bootstrap_ci's
+    95% percentile intervals whatever `confidence` is.
 
     Keys: those of attack_metrics, fnr_key(f) ("tnr_fnr_0.001", ...), "epsilon_lb" and, when n_boot > 0,
     "auc_ci_low", "auc_ci_high", "<fpr_key(f)>_ci_low", "<fpr_key(f)>_ci_high" (None where n/a).

@@ -393,7 +393,7 @@ class MetricsSpec(_Model):
                                     description="TPR at these FPR levels ('n/a' below the resolvable level)")
     fnr_levels: list[float] = Field(default_factory=lambda: _default_levels("FNR"),
                                     description="TNR at these FNR levels")
-    bootstrap: int = Field(0, ge=0, description="resamples for AUC / TPR@FPR confidence intervals (0: off)")
+    bootstrap: int = Field(0, ge=0, description="resamples for AUC / TPR@FPR 95% confidence intervals (0: off)")
     label_only_for_output_defenses: bool = Field(
         True,
         description="when the defense changes the released outputs (confidence, memguard, HAMP's output "
