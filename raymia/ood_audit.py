@@ -132,6 +132,7 @@ def evaluate_ood(attacks: list, signals, ood_logits: np.ndarray, ood_labels: np.
     """The OOD evaluation of `attacks` (AttackSpec entries) against `targets` (see the module docstring)."""
     from raymia.attacks import run_attack
     from raymia.attacks.mia.threshold import best_threshold, max_confidence_stat
+    from raymia.errors import RaymiaError
 
     ext = with_ood_points(signals, ood_logits, ood_labels)
     p = signals.num_points
@@ -149,10 +150,12 @@ def evaluate_ood(attacks: list, signals, ood_logits: np.ndarray, ood_labels: np.
                 calib = int(signals.shadows_of(t)[0])
             s_cal = run_attack(a.name, a.params, signals, calib, where=f"attacks.{i}")
             threshold = best_threshold(s_cal, signals.keep[calib])
+            if threshold is None:  # a plan gives every model members and non-members; never the target's own
+                raise RaymiaError(f"the calibration model {calib} of target {t} has no members or no non-members "
+                                  "to set the threshold on", where=f"attacks.{i}")
             scores = run_attack(a.name, a.params, ext, t, where=f"attacks.{i}")
             member = signals.keep[t]
             members = scores[:p][member]
-            threshold = float(np.median(members)) if threshold is None else threshold
             recalls.append(float((members > threshold).mean()))
             max_score = max_confidence_stat(ext.logits[t, 0], None)  # the paper's max-softmax score
             hit, ms = members > threshold, max_score[:p][member]  # members found (TP) and missed (FN)

@@ -410,9 +410,16 @@ class MetricsSpec(_Model):
     @field_validator("fpr_levels", "fnr_levels")
     @classmethod
     def _levels(cls, v: list[float]) -> list[float]:
+        from raymia.metrics import fpr_key
+
         for f in v:
             if not 0 < f < 1:
                 raise ValueError(f"each level must lie in (0, 1), got {f}")
+        keys = [fpr_key(f) for f in v]  # a level's metric key: two levels with one key would overwrite
+        if len(set(keys)) < len(keys):
+            twice = next(k for k in keys if keys.count(k) > 1)
+            raise ValueError(f"levels {[f for f, k in zip(v, keys) if k == twice]} are one level to 6 significant "
+                             f"digits ({twice.removeprefix('tpr_fpr_')}): give each level once")
         return v
 
 

@@ -88,6 +88,8 @@ def test_fingerprint_tracks_what_changes_the_bank():
          "attacks.0.params: x: unknown parameter of 'loss'; accepted: query, calibration"),
         ("queries: [identity, rotate]\n", [], "unknown query augmentation 'rotate'"),
         ("metrics: {fpr_levels: [2]}\n", [], "metrics.fpr_levels: each level must lie in (0, 1)"),
+        ("metrics: {fpr_levels: [0.01, 0.0100000001]}\n", [], "metrics.fpr_levels: levels [0.01, 0.0100000001] "
+                                                             "are one level to 6 significant digits (0.01)"),
         ("tracking: {uri: ./mlruns}\n", [], "tracking.uri: must be a tracking URI"),
         ("tracking: {uri: 'sqlit:///x.db'}\n", [], "tracking.uri: unknown scheme 'sqlit'; accepted: sqlite:///mlflow.db,"),
         ("tracking: {uri: 'file:///tmp/mlruns'}\n", [], "tracking.uri: file:// is MLflow's filesystem store, which "
