@@ -116,22 +116,41 @@ _IMPORTED: dict[str, str] = {}
 
 
 def _current_module(module: str):
-    """The module, imported, or reloaded when its source file has changed since `import_object` imported it:
-    a notebook that edits its model or attack file and audits again runs the edited code (which is what
-    `source_digest` puts in the bank's fingerprint), not the first version Python keeps in sys.modules."""
+    """The module, imported, or reloaded when its source file has changed since it was imported: a notebook
+    that edits its model or attack file and audits again runs the edited code (which is what `source_digest`
+    puts in the bank's fingerprint), not the first version Python keeps in sys.modules. A module the caller
+    imported before raymia first read it is reloaded when its file changed after this process started:
+    nothing records which version that import read."""
+    imported_before = module not in _IMPORTED and module in sys.modules
     mod = importlib.import_module(module)
     origin = getattr(mod, "__file__", None)
     if origin and os.path.isfile(origin):
         with open(origin, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
-        if _IMPORTED.setdefault(module, digest) != digest:
+        known = _IMPORTED.get(module)
+        stale = known != digest if known is not None else imported_before and _edited_since_start(origin)
+        if stale:
             # its bytecode cache is checked by the source's mtime in whole seconds and its size: an edit within
             # the second that kept the size would reload the old code
             with contextlib.suppress(OSError, TypeError):
                 os.remove(mod.__cached__)
             mod = importlib.reload(mod)
-            _IMPORTED[module] = digest
+        _IMPORTED[module] = digest
     return mod
+
+
+def _edited_since_start(path: str) -> bool:
+    """Whether the file was written after this process started (so perhaps after an import read it). The
+    start is read from Linux's /proc; elsewhere every file counts as edited (a reload too many is harmless)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, after the name's ")"
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        started = boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return True
+    return os.path.getmtime(path) >= started - 1  # btime is in whole seconds
 
 
 def import_object(path: str, where: str) -> Any:

@@ -447,6 +447,35 @@ def test_an_edited_module_runs_as_edited_in_the_same_session(tmp_path, monkeypat
         sys.modules.pop("edit_atk_xyz", None)
 
 
+def test_a_module_the_caller_imported_then_edited_runs_as_edited(tmp_path, monkeypatch):
+    """The caller imports its module, edits the file, then names it in a spec: raymia's first read of it
+    runs the edited code, which is the source its fingerprint holds. A module unchanged since the process
+    started is not imported again."""
+    import importlib
+    import os
+    import sys
+
+    from raymia.plugins import import_object
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    edited, kept = tmp_path / "caller_edit_xyz.py", tmp_path / "caller_kept_xyz.py"
+    try:
+        edited.write_text("def build(params, info):\n    return 1\n")
+        importlib.import_module("caller_edit_xyz")
+        edited.write_text("def build(params, info):\n    return 222\n")
+        assert import_object("caller_edit_xyz:build", "model.name")(None, None) == 222
+        kept.write_text("with open('loads.txt', 'a') as f:\n    f.write('x')\n\ndef build(params, info):\n    return 1\n")
+        t = kept.stat().st_mtime - 10 ** 6  # written long before this process started
+        os.utime(kept, (t, t))
+        importlib.import_module("caller_kept_xyz")
+        assert import_object("caller_kept_xyz:build", "model.name")(None, None) == 1
+        assert (tmp_path / "loads.txt").read_text() == "x"  # its body ran once
+    finally:
+        sys.modules.pop("caller_edit_xyz", None)
+        sys.modules.pop("caller_kept_xyz", None)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the examples, end to end
 
