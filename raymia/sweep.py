@@ -36,6 +36,7 @@ from raymia.pareto import (
     front_and_hypervolume,
     front_markdown,
     objective_references,
+    params_digits,
     plot_front,
     print_front,
 )
@@ -460,11 +461,15 @@ def _progress_callback(spec: SweepSpec, exp, keep):
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.backup(trials)  # Tune's own copy is not atomic: a kill can cut it short
             r = trial.last_result or {}
-            _, cfg = split_config(trial.config)
-            vals = result_text(r, objs)
+
+            def setting(t) -> dict[str, Any]:
+                return {"defense": t.config.get("defense"), "params": split_config(t.config)[1]}
+
+            # as many digits as tell this trial's setting from every one finished before it
+            digits = params_digits([setting(t) for t in trials if t.status == "TERMINATED" or t is trial])
             log.info("trial %s done (%d/%d): %s %s  %s%s", _number(trial), self.done(trials, trial), spec.sweep.num_trials,
-                     trial.config.get("defense"), fmt_params({"defense": trial.config.get("defense"), "params": cfg}),
-                     vals, "  (stored signals reused)" if r.get("reused_signals") else "")
+                     trial.config.get("defense"), fmt_params(setting(trial), digits=digits),
+                     result_text(r, objs), "  (stored signals reused)" if r.get("reused_signals") else "")
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             why = _trial_error(trial)

@@ -362,6 +362,30 @@ def test_the_done_count_grows_by_one_per_line_when_results_land_out_of_order(tmp
     assert [line.split(" done ")[1].split(":")[0] for line in lines] == ["(2/3)", "(3/3)"]
 
 
+def test_a_trial_line_prints_as_many_digits_as_tell_its_setting_from_those_before(tmp_path, caplog):
+    """At 3 significant digits, weight decays of 1.206e-05 and 1.211e-05 both print 1.21e-05, and the second
+    line reads as the first setting proposed again with other results."""
+    import logging
+    from types import SimpleNamespace
+
+    from raymia.spec import SweepSpec
+    from raymia.storage import open_root
+    from raymia.sweep import _progress_callback
+
+    spec = SweepSpec.model_validate({"sweep": {"defense": "weight_decay", "num_trials": 3}})
+    progress = _progress_callback(spec, open_root(tmp_path / "exp"), open_root(tmp_path / "state"))
+    caplog.set_level(logging.INFO, logger="raymia")
+    trials = [SimpleNamespace(trial_id=f"t{n}", experiment_tag=f"{n}_x", last_result={}, status="RUNNING",
+                              error_file=None, config={"defense": "weight_decay", "weight_decay.weight_decay": wd})
+              for n, wd in ((1, 0.5), (2, 1.206e-05), (3, 1.211e-05))]
+    for t in trials:
+        progress.on_trial_complete(0, trials, t)
+        t.status = "TERMINATED"
+    params = [r.getMessage().split("weight_decay weight_decay=")[1].split()[0] for r in caplog.records
+              if " done (" in r.getMessage()]
+    assert params == ["0.5", "1.21e-05", "1.211e-05"]
+
+
 def test_a_changed_spec_under_a_sweeps_name_says_which_fields_changed(tmp_path):
     from raymia.errors import SpecError
     from raymia.resolve import as_spec
