@@ -98,14 +98,22 @@ def count_flops(model_name: str, model_params: dict, info, batch_size: int) -> t
 
 
 def check_spec(path: str | Path, overrides: list[str] | None = None,
-               output_dir: str | Path | None = None) -> CheckReport:
-    """Validate the spec at `path` (a sweep when it has a `sweep` block, else an audit) and describe it."""
+               output_dir: str | Path | None = None, from_trial: int | None = None) -> CheckReport:
+    """Validate the spec at `path` (a sweep when it has a `sweep` block, else an audit) and describe it;
+    with `from_trial`, the audit of that finished trial of the sweep (`sweep.spec_of_trial`)."""
     from raymia.train.bank import BankContext
 
-    raw = load_raw(path)
-    kind = "sweep" if "sweep" in raw else "audit"
-    spec = validate_spec(apply_overrides(raw, overrides), SweepSpec if kind == "sweep" else AuditSpec,
-                         where=str(path))
+    if from_trial is None:
+        raw = load_raw(path)
+        kind = "sweep" if "sweep" in raw else "audit"
+        spec = validate_spec(apply_overrides(raw, overrides), SweepSpec if kind == "sweep" else AuditSpec,
+                             where=str(path))
+        what = f"{path}: a valid {kind} spec"
+    else:
+        from raymia.sweep import spec_of_trial
+
+        kind, spec = "audit", spec_of_trial(path, from_trial, overrides or [], output_dir)
+        what = f"{path}: trial {from_trial} of the sweep, as an audit"
     from raymia.storage import check_locations
 
     check_locations(spec, output_dir)
@@ -117,7 +125,7 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
     else:
         ctx = BankContext.from_spec(spec, setup=False)
 
-    rows: list[tuple[str, str]] = [("spec", f"{path}: a valid {kind} spec, name {spec.name!r}, seed {spec.seed}")]
+    rows: list[tuple[str, str]] = [("spec", f"{what}, name {spec.name!r}, seed {spec.seed}")]
     data, info = ctx.data, ctx.data.info
     rows.append(("data", f"{data.name}: {_n(data.x_train.shape[0])} training and {_n(data.x_test.shape[0])} test "
                          f"points, {info.num_classes} classes, input {list(info.input_shape)} ({info.kind})"))

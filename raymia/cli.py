@@ -91,42 +91,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from raymia.spec import AuditSpec
 
     if args.from_trial is not None:
-        spec = _spec_from_trial(args)
+        from raymia.sweep import spec_of_trial
+
+        spec = spec_of_trial(args.spec, args.from_trial, args.set, args.output_dir)
     else:
         spec = load_spec(args.spec, args.set, kind=AuditSpec)
     with _in_file(args.spec):
         run_audit(spec, output_dir=args.output_dir)
     return 0
-
-
-def _spec_from_trial(args: argparse.Namespace):
-    """The audit of one finished sweep trial (its defense setting), with --set applied on top: e.g.
-    --set plan.num_models=128 re-audits a front point with more shadows."""
-    import json
-    from pathlib import Path
-
-    from raymia.errors import SpecError
-    from raymia.resolve import load_spec, validate_spec
-    from raymia.spec import AuditSpec, SweepSpec, apply_overrides
-    from raymia.sweep import audit_spec_of_trial
-
-    sweep = load_spec(args.spec, [], kind=SweepSpec)
-    path = Path(args.output_dir or sweep.output_dir) / "sweeps" / sweep.name / "result.json"
-    if not path.exists():
-        raise SpecError(f"no finished sweep {sweep.name!r} (expected {path}); run raymia sweep first",
-                        where="--from-trial")
-    try:
-        trials = json.loads(path.read_text())["trials"]
-        trials = [t for t in trials if isinstance(t, dict) and "trial" in t]
-    except (ValueError, KeyError, TypeError):
-        raise SpecError("is not a sweep result raymia wrote (cut short or edited); running the sweep again "
-                        "writes it from its stored trials", where=str(path)) from None
-    trial = next((t for t in trials if t["trial"] == args.from_trial and t.get("status") == "ok"), None)
-    if trial is None:
-        ok = [t["trial"] for t in trials if t.get("status") == "ok"]
-        raise SpecError(f"no finished trial {args.from_trial} in {path}; accepted: {ok}", where="--from-trial")
-    raw = apply_overrides(audit_spec_of_trial(sweep, trial), args.set)
-    return validate_spec(raw, AuditSpec, where=str(args.spec))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -144,7 +116,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from raymia.check import check_spec, print_report
 
     with _in_file(args.spec):
-        report = check_spec(args.spec, args.set, args.output_dir)
+        report = check_spec(args.spec, args.set, args.output_dir, from_trial=args.from_trial)
     print_report(report)
     return 0
 
@@ -263,11 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a spec field, e.g. --set train.epochs=50 (repeatable)")
         p.add_argument("--output-dir", default=None, help="where signals and reports go (default: spec.output_dir)")
 
+    def from_trial(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--from-trial", type=int, default=None, metavar="N",
+                       help=f"{what} trial N of the finished sweep SPEC describes (its defense setting); add "
+                            "--set plan.num_models=... for more shadows")
+
     p = sub.add_parser("audit", help="train the bank, run the attacks, report and log one MLflow run")
     with_spec(p)
-    p.add_argument("--from-trial", type=int, default=None, metavar="N",
-                   help="audit trial N of the finished sweep SPEC describes (its defense setting); add "
-                        "--set plan.num_models=... to re-audit it with more shadows")
+    from_trial(p, "audit")
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("sweep", help="search a defense's hyperparameters for the privacy-utility Pareto front")
     with_spec(p)
@@ -279,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate an audit or sweep spec and show what it would run and what is "
                                      "already stored, without training (no Ray, no MLflow)")
     with_spec(p)
+    from_trial(p, "check the audit of")
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("report", help="(re)write report.html in a finished audit's or sweep's folder: one "
                                       "self-contained page of tables, figures and the spec")

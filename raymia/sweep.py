@@ -1260,6 +1260,31 @@ def audit_spec_of_trial(spec: SweepSpec, trial: dict[str, Any], num_models: int 
     return d
 
 
+def spec_of_trial(path: str | Path, number: int, overrides: list[str], output_dir: str | Path | None) -> AuditSpec:
+    """The audit of finished trial `number` of the sweep the spec file at `path` describes (its defense
+    setting), `overrides` applied on top: `--set plan.num_models=128` re-audits a front point with more
+    shadows (`raymia audit --from-trial`, `raymia check --from-trial`)."""
+    from raymia.resolve import load_spec, validate_spec
+    from raymia.spec import apply_overrides
+
+    sweep = load_spec(path, [], kind=SweepSpec)
+    result = Path(output_dir or sweep.output_dir) / "sweeps" / sweep.name / "result.json"
+    if not result.exists():
+        raise SpecError(f"no finished sweep {sweep.name!r} (expected {result}); run raymia sweep first",
+                        where="--from-trial")
+    try:
+        trials = json.loads(result.read_text())["trials"]
+        trials = [t for t in trials if isinstance(t, dict) and "trial" in t]
+    except (ValueError, KeyError, TypeError):
+        raise SpecError("is not a sweep result raymia wrote (cut short or edited); running the sweep again "
+                        "writes it from its stored trials", where=str(result)) from None
+    trial = next((t for t in trials if t["trial"] == number and t.get("status") == "ok"), None)
+    if trial is None:
+        ok = [t["trial"] for t in trials if t.get("status") == "ok"]
+        raise SpecError(f"no finished trial {number} in {result}; accepted: {ok}", where="--from-trial")
+    return validate_spec(apply_overrides(audit_spec_of_trial(sweep, trial), overrides), AuditSpec, where=str(path))
+
+
 def _final_audit(spec: SweepSpec, result: SweepResult, root: Path, parent_id: str | None,
                  pool=None) -> list[dict[str, Any]]:
     from raymia.audit import report_files, run_audit

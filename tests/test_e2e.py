@@ -446,13 +446,23 @@ def test_a_finished_sweep_is_reported_as_saved_and_says_so_when_its_references_c
 
 
 def test_audit_from_trial(first_audit, workdir):
-    """raymia audit SPEC --from-trial N audits a sweep trial's setting (here with the same bank: reused)."""
+    """raymia audit SPEC --from-trial N audits a sweep trial's setting (here with the same bank: reused), and
+    raymia check SPEC --from-trial N says what that audit would train."""
+    from raymia.check import check_spec
+
     sweep = str(workdir / "tinysweep.yaml")
-    runs = _run_together({  # two independent runs (neither starts Ray), side by side
+    runs = _run_together({  # independent runs (none starts Ray), side by side
         "from-trial": _raymia("audit", sweep, "--from-trial", "1", "--set", "tracking.enabled=false"),
         "bad-trial": _raymia("audit", sweep, "--from-trial", "7"),
+        "bad-check": _raymia("check", sweep, "--from-trial", "7"),
     }, workdir, timeout=120)
     out, bad = runs["from-trial"], runs["bad-trial"]
     assert out.returncode == 0, out.stderr
     assert "reusing stored signals" in out.stderr and "defense=hamp" in out.stdout
     assert bad.returncode == 2 and "--from-trial: no finished trial 7" in bad.stderr
+    assert runs["bad-check"].returncode == 2 and "--from-trial: no finished trial 7" in runs["bad-check"].stderr
+    same = check_spec(sweep, [], from_trial=1)  # the trial's own bank: stored
+    assert same.kind == "audit" and same.spec.defense.name == "hamp" and same.stored == list(range(same.packs))
+    assert dict(same.rows)["spec"].startswith(f"{sweep}: trial 1 of the sweep, as an audit")
+    bigger = check_spec(sweep, ["plan.num_models=12"], from_trial=1)  # more shadows: a new bank
+    assert bigger.spec.plan.num_models == 12 and bigger.stored == [] and bigger.fingerprint != same.fingerprint
