@@ -442,7 +442,7 @@ def write_report(result: AuditResult, console: bool, track: bool, page: bool = T
     """In the audit's folder: result.json, spec.yaml, roc.png, with the attacks' scores records.parquet,
     vulnerable.csv and histograms.png, and report.html (all of them on one page); the table on the console;
     the MLflow run, with `tracking.log_signals` the bank's stored signals (`store`) among its artifacts."""
-    from raymia.report.plots import plot_roc
+    from raymia.report.plots import attack_colours, plot_roc
 
     spec, out, fp = result.spec, result.out_dir, result.fingerprint
     _say_replaced(out / "spec.yaml", spec)
@@ -467,7 +467,8 @@ def write_report(result: AuditResult, console: bool, track: bool, page: bool = T
     if result.ood is not None:
         from raymia.report.plots import plot_ood
 
-        plot_ood(result.ood, out / "ood_fpr.png", title=f"{spec.name}: false positives by set")
+        plot_ood(result.ood, out / "ood_fpr.png", title=f"{spec.name}: false positives by set",
+                 colours=attack_colours(result.roc))  # each attack in its roc.png colour
     if page:
         from raymia.report.html import write_html
 

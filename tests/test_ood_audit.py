@@ -105,6 +105,12 @@ def test_scaled_inputs_are_flagged_far_more_often_than_held_out_data(tmp_path):
     assert res.ood.label_sources == {"held_out": "true", "scaled": "source", "permuted": "source", "noise": "random"}
     assert m["std/ood/loss/scaled/fpr"] is not None  # two targets
     assert (res.out_dir / "ood_fpr.png").stat().st_size > 5000
+    # each attack in one colour on both figures: lira_offline, the 4th attack and the 3rd with OOD results,
+    # takes the 4th colour on roc.png and on ood_fpr.png
+    from raymia.report.plots import PALETTE
+
+    assert PALETTE[3] in _colours(res.out_dir / "roc.png") and PALETTE[3] in _colours(res.out_dir / "ood_fpr.png")
+    assert PALETTE[2] not in _colours(res.out_dir / "ood_fpr.png")
     page = (res.out_dir / "report.html").read_text()  # what the threshold is, and where each set's labels come from
     assert "maximises TPR - FPR on a shadow model" in page and "scaled (source labels)" in page
     client = MlflowClient(spec.tracking.uri)
@@ -116,6 +122,14 @@ def test_scaled_inputs_are_flagged_far_more_often_than_held_out_data(tmp_path):
                       track=False)
     assert plain.fingerprint != res.fingerprint
     assert plain.flat_metrics()["loss/auc"] == pytest.approx(m["loss/auc"], abs=1e-6)
+
+
+def _colours(png) -> set[str]:
+    """The colours of a PNG's pixels, as #RRGGBB."""
+    import matplotlib.image as mpimg
+
+    rgb = np.round(mpimg.imread(png)[..., :3] * 255).astype(int).reshape(-1, 3)
+    return {"#" + "".join(f"{v:02X}" for v in c) for c in np.unique(rgb, axis=0)}
 
 
 def test_ood_objectives_and_bad_sets(tmp_path):

@@ -13,7 +13,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -21,6 +20,17 @@ from raymia.metrics import as_number
 
 _DPI = 150
 _MIN_FPR = 1e-5
+
+# Okabe and Ito's colours (without their yellow, faint on white, and black, the front's rings), then Tol's
+# wine and a grey: told apart under the common colour-vision deficiencies, where tab10's green and red are not
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#882255", "#777777")
+
+
+def attack_colours(names: Iterable[str]) -> dict[str, str]:
+    """Each attack's colour, by its place among `names` (the audit's attacks, in the spec's order), so that an
+    attack has one colour on every figure of a report; "raw/<attack>" takes its attack's."""
+    released = list(dict.fromkeys(n.removeprefix("raw/") for n in names))
+    return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(released)}
 
 
 def _value(point: Mapping[str, Any], key: str) -> float | None:
@@ -70,16 +80,14 @@ def plot_roc(
     try:
         if resolved > lo:
             ax.axvspan(lo, resolved, color="0.92", zorder=0, label="below one non-member")
-        colours: dict[str, Any] = {}
+        colours = attack_colours(curves)
         for name, (fpr, tpr) in curves.items():
             x = np.clip(np.asarray(fpr, dtype=float), lo, 1.0)
             y = np.clip(np.asarray(tpr, dtype=float), lo, 1.0)
             label = f"{name} (AUC={curve_auc(fpr, tpr):.3f})"
-            released = name.removeprefix("raw/")
-            if released != name and released in colours:
-                ax.plot(x, y, label=label, linewidth=1.2, linestyle="--", color=colours[released])
-            else:
-                colours[name] = ax.plot(x, y, label=label, linewidth=1.5)[0].get_color()
+            raw = name.startswith("raw/")
+            ax.plot(x, y, label=label, linewidth=1.2 if raw else 1.5, linestyle="--" if raw else "-",
+                    color=colours[name.removeprefix("raw/")])
         ax.plot([lo, 1.0], [lo, 1.0], linestyle="--", color="grey", linewidth=1.0, label="chance")
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -148,13 +156,12 @@ def plot_pareto(
         groups.setdefault(str(p.get(group_key, "?")), []).append(
             (x, y, _spread(p, x_err_key), _spread(p, y_err_key)))
 
-    colours = matplotlib.colormaps["tab10"]
     markers = "os^Dv<>PXh"
     fig = Figure(figsize=(7.5, 4.5))
     ax = fig.subplots()
     try:
         for k, (group, xy) in enumerate(groups.items()):
-            colour, marker = colours(k % 10), markers[(k // 10 + k) % len(markers)]
+            colour, marker = PALETTE[k % len(PALETTE)], markers[(k // len(PALETTE) + k) % len(markers)]
             arr = np.asarray(xy, dtype=float)
             if arr[:, 2:].any():
                 ax.errorbar(arr[:, 0], arr[:, 1], xerr=arr[:, 2], yerr=arr[:, 3], fmt="none",
@@ -277,21 +284,24 @@ def _draw_reference(ax, reference: dict, x_key: str, y_key: str, x_err_key: str 
                label=str(reference.get("label", "undefended")), zorder=4)
 
 
-def plot_ood(ood: Any, path: Path, title: str = "false positives by non-member set") -> Path:
+def plot_ood(ood: Any, path: Path, title: str = "false positives by non-member set",
+             colours: Mapping[str, str] | None = None) -> Path:
     """Grouped bars: per non-member set (held-out data first), each attack's FPR at its shadow-calibrated
-    threshold, with the std over targets as error bars; the attack's recall on members as a dashed line."""
+    threshold, with the std over targets as error bars; the attack's recall on members as a dashed line.
+    `colours`: each attack's (`attack_colours` of the audit's attacks, as roc.png draws them; by default of
+    the attacks drawn here)."""
     sets, attacks = list(ood.sets), list(ood.attacks)
+    colours = colours or attack_colours(attacks)
     fig = Figure(figsize=(min(12.0, 3.0 + 0.9 * len(sets)), 4.2))
     ax = fig.subplots()
     width = 0.8 / max(1, len(attacks))
     x = np.arange(len(sets))
-    colors = matplotlib.colormaps["tab10"]
     for i, a in enumerate(attacks):
         vals = [as_number(ood.attacks[a][s]["fpr"]) or 0.0 for s in sets]
         errs = [as_number(ood.attacks_std[a][s]["fpr"]) or 0.0 for s in sets]
         ax.bar(x + (i - (len(attacks) - 1) / 2) * width, vals, width, yerr=errs, capsize=2, label=a,
-               color=colors(i % 10))
-        ax.axhline(ood.recall[a], color=colors(i % 10), linestyle="--", linewidth=0.8)
+               color=colours[a])
+        ax.axhline(ood.recall[a], color=colours[a], linestyle="--", linewidth=0.8)
     ax.set_xticks(x, sets, rotation=20, ha="right")
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("points flagged as members\n(threshold max TPR - FPR on a shadow)")
