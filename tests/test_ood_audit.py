@@ -3,6 +3,8 @@ overconfident model flags scaled inputs as members far more often than held-out 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -113,6 +115,8 @@ def test_scaled_inputs_are_flagged_far_more_often_than_held_out_data(tmp_path):
     assert PALETTE[2] not in _colours(res.out_dir / "ood_fpr.png")
     page = (res.out_dir / "report.html").read_text()  # what the threshold is, and where each set's labels come from
     assert "maximises TPR - FPR on a shadow model" in page and "scaled (source labels)" in page
+    aurocs = re.findall(r"<td>[^<]*% / ([^<]*)</td>", page)  # each set's AUROC to 4 decimals: 1.0000, not 1
+    assert aurocs and all(re.fullmatch(r"[01]\.\d{4}", a) for a in aurocs), aurocs
     client = MlflowClient(spec.tracking.uri)
     run = client.search_runs([client.get_experiment_by_name("raymia-tests").experiment_id])[0]
     assert "ood_fpr.png" in {a.path for a in client.list_artifacts(run.info.run_id)}

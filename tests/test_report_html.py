@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+
+import pytest
 
 from raymia.audit import run_audit
 from raymia.report.html import write_html
@@ -17,14 +20,21 @@ def _cell(page: str, attack: str, column: int) -> str:
     return re.findall(r"<td>(.*?)</td>", row)[column]
 
 
-def test_a_mean_with_trailing_zeros_keeps_its_std_to_four_decimals(tmp_path):
-    d = tiny_spec_dict(tmp_path, plan={"num_models": 4, "population": 200, "targets": "all"},
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    """A real audit's report folder (4 models, every one a target); each test works on its own copy."""
+    root = tmp_path_factory.mktemp("audit")
+    d = tiny_spec_dict(root, plan={"num_models": 4, "population": 200, "targets": "all"},
                        attacks=[{"name": "loss"}, {"name": "lira_online"}], bank={"engine": "local", "pack_size": 4},
                        tracking={"enabled": False}, train={"epochs": 10, "batch_size": 64, "lr": 0.002})
-    res = run_audit(AuditSpec.model_validate(d), console=False)
-    result = json.loads((res.out_dir / "result.json").read_text())
+    return run_audit(AuditSpec.model_validate(d), console=False).out_dir
+
+
+def test_a_mean_with_trailing_zeros_keeps_its_std_to_four_decimals(audited, tmp_path):
+    out = shutil.copytree(audited, tmp_path / "audit")
+    result = json.loads((out / "result.json").read_text())
     # AUC and balanced accuracy, in [0.1, 1): the console's "0.5178 ± 0.0233", so the page's too
-    page = (res.out_dir / "report.html").read_text()
+    page = (out / "report.html").read_text()
     for a in ("loss", "lira_online"):
         for col, key in ((0, "auc"), (1, "balanced_accuracy")):
             mean, sd = result["attacks"][a][key], result["attacks_std_over_targets"][a][key]
@@ -35,7 +45,37 @@ def test_a_mean_with_trailing_zeros_keeps_its_std_to_four_decimals(tmp_path):
     sd = result["attacks_std_over_targets"]["loss"]["balanced_accuracy"]
     # and an epsilon bound of 0 on every target (a defended model), which the console prints 0.0000 ± 0.0000
     result["attacks"]["loss"]["epsilon_lb"] = result["attacks_std_over_targets"]["loss"]["epsilon_lb"] = 0.0
-    (res.out_dir / "result.json").write_text(json.dumps(result))
-    page = write_html(res.out_dir).read_text()
+    (out / "result.json").write_text(json.dumps(result))
+    page = write_html(out).read_text()
     assert _cell(page, "loss", 1) == f"0.5400 ± {sd:.4f}"
     assert _cell(page, "loss", 4) == "0.0000 ± 0.0000"
+
+
+def test_vulnerable_records_show_each_column_to_one_precision(audited):
+    """vulnerable.csv writes z to 3 significant digits and scores to 6 without trailing zeros (4.3 beside
+    4.51, 0.92 beside 0.986667): the page lines them up, z with 2 decimals, scores with 6 significant digits."""
+    page = (audited / "report.html").read_text()
+    table = page.split("id='vulnerable'", 1)[1].split("</table>", 1)[0]
+    rows = [re.findall(r"<td>(.*?)</td>", r) for r in table.split("<tr>")[2:]]
+    assert len(rows) == 20
+    for row in rows:
+        z, score = row[6], row[8]
+        assert re.fullmatch(r"-?\d+\.\d\d", z), z
+        assert len(re.sub(r"e.*|\D", "", score).lstrip("0")) == 6, score
+
+
+def test_inversion_attacks_that_tie_the_strongest_are_all_bold(audited, tmp_path):
+    """With 5 private classes every attack's top-5 is 100%: each is the strongest, not only the first."""
+    out = shutil.copytree(audited, tmp_path / "audit")
+    result = json.loads((out / "result.json").read_text())
+    result["inversion"] = {
+        "attacks": {"miface": {"top1": 0.6, "top5": 1.0, "knn_dist": 281.5, "fid": 508.3},
+                    "gmi": {"top1": 1.0, "top5": 1.0, "knn_dist": 28.24, "fid": 41.74},
+                    "brep_mi": {"top1": 0.95, "top5": 1.0, "knn_dist": 24.52, "fid": 55.82}},
+        "strongest": {"top1": "gmi", "top5": "miface", "knn_dist": "brep_mi", "fid": "gmi"}}
+    (out / "result.json").write_text(json.dumps(result))
+    page = write_html(out).read_text()
+    assert [_cell(page, a, 1) for a in ("miface", "gmi", "brep_mi")] == ["<b>100.00%</b>"] * 3
+    assert [_cell(page, a, 0) for a in ("miface", "gmi", "brep_mi")] == ["60.00%", "<b>100.00%</b>", "95.00%"]
+    assert _cell(page, "brep_mi", 2) == "<b>24.52</b>" and _cell(page, "gmi", 2) == "28.24"
+    assert "the lowest KNN distance and FID" in page

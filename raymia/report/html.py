@@ -30,7 +30,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem 
 h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd}
 .sub{color:#555;margin-top:0}
 table{border-collapse:collapse;margin:.5rem 0;font-size:.88rem}
-th,td{border:1px solid #ddd;padding:.3rem .55rem;text-align:right}
+th,td{border:1px solid #ddd;padding:.3rem .55rem;text-align:right;font-variant-numeric:tabular-nums}
 th{background:#f4f4f6}td:first-child,th:first-child{text-align:left}
 tr.front td{background:#fff7e0;font-weight:600}
 figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #eee}
@@ -80,6 +80,11 @@ def _num(v: Any, pct: bool = False) -> str:
     if v is None or isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
         return "<span class='na'>n/a</span>"
     return f"{100 * v:.2f}%" if pct else f"{v:.4g}"
+
+
+def _fixed(v: Any) -> str:
+    """A number in [0, 1] (an AUROC) with 4 decimals, so that a column's values line up (1.0000, 0.0356)."""
+    return f"{v:.4f}" if _is_number(v) else _num(None)
 
 
 def _is_number(v: Any) -> bool:
@@ -231,7 +236,8 @@ def _audit(r: dict[str, Any], folder: Path) -> str:
                              "σ above non-members", "strongest attack", "its score"],
                             [[escape(v["target"]), escape(v["index"]), escape(v["label"]), escape(v["flagged_by"]),
                               escape(v["attacks"].replace("+", ", ") or "-"), _num(float(v["percentile"]), True),
-                              escape(v["z"]), escape(v["attack"]), escape(v["score"])] for v in vul]))
+                              f"{float(v['z']):.2f}", escape(v["attack"]), f"{float(v['score']):#.6g}"]
+                             for v in vul]))
 
     d = r.get("defense", {}).get("report") or {}
     if d:
@@ -243,7 +249,7 @@ def _audit(r: dict[str, Any], folder: Path) -> str:
     if ood:
         sets = ood.get("sets", [])
         rows = [[escape(a), _num(ood.get("recall", {}).get(a), True),
-                 *[f"{_num(per.get(s, {}).get('fpr'), True)} / {_num(per.get(s, {}).get('auroc'))}" for s in sets]]
+                 *[f"{_num(per.get(s, {}).get('fpr'), True)} / {_fixed(per.get(s, {}).get('auroc'))}" for s in sets]]
                 for a, per in ood.get("attacks", {}).items()]
         sources = ood.get("label_sources", {})
         heads = [s if s == "held_out" or s not in sources else f"{s} ({sources[s]} labels)" for s in sets]
@@ -263,14 +269,16 @@ def _audit(r: dict[str, Any], folder: Path) -> str:
         attacks = inv.get("attacks", {})
         strongest = inv.get("strongest", {}) if len(attacks) > 1 else {}
 
-        def cell(a: str, k: str, text: str) -> str:
-            return f"<b>{text}</b>" if strongest.get(k) == a else text
+        def cell(a: str, k: str, text: str) -> str:  # every attack that ties the strongest is as strong
+            best = attacks.get(strongest.get(k), {}).get(k)
+            return f"<b>{text}</b>" if best is not None and attacks[a].get(k) == best else text
 
         rows = [[escape(a), cell(a, "top1", _num(ms.get("top1"), True)), cell(a, "top5", _num(ms.get("top5"), True)),
                  cell(a, "knn_dist", _num(ms.get("knn_dist"))), cell(a, "fid", _num(ms.get("fid")))]
                 for a, ms in attacks.items()]
         parts.append(_table(["attack", "top-1", "top-5", "KNN dist", "FID (evaluator features)"], rows,
-                            caption="bold: the strongest attack on each metric (mi/worst/...)" if strongest else None))
+                            caption="bold: the strongest attack on each metric (mi/worst/...): the highest top-1 "
+                                    "and top-5, the lowest KNN distance and FID" if strongest else None))
         for a in inv.get("attacks", {}):
             parts.append(_figure(folder / f"inversion-{a}.png", f"{a}: reconstructions per private class"))
 
