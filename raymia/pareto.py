@@ -694,6 +694,16 @@ def print_front(
     c.print(Text(footer), soft_wrap=True)
 
 
+def axis_label(metric: str, mode: str) -> str:
+    """An objective's axis title on pareto.png and pareto.html: its metric and which way is better."""
+    return f"{metric} ({'higher' if mode == 'max' else 'lower'} is better)"
+
+
+def undefended_label(trial: dict[str, Any]) -> str:
+    """The undefended trial's name in the figures' legends."""
+    return f"undefended (trial {trial['trial']})"
+
+
 def plot_front(trials: list[dict], objectives: Iterable[Any], front: list[int], reference: dict | None,
                path: str | Path, title: str) -> Path:
     """pareto.png: the successful trials, the second objective (x) against the first (y), one colour per
@@ -709,14 +719,11 @@ def plot_front(trials: list[dict], objectives: Iterable[Any], front: list[int], 
     base = undefended_trial(ok, objectives)
     given = {k: reference[k] for k in (reference or {}).get("given", []) if k in (x, y)}
 
-    def label(k: str, m: str) -> str:
-        return f"{k} ({'higher' if m == 'max' else 'lower'} is better)"
-
     return plot_pareto(
         ok, x_key=x, y_key=y, path=path,
         front_ids={i for i, t in enumerate(ok) if t["trial"] in on},
-        x_label=label(x, xm), y_label=label(y, ym), title=title,
-        reference={**base, "label": f"undefended (trial {base['trial']})", "point": base} if base else None,
+        x_label=axis_label(x, xm), y_label=axis_label(y, ym), title=title,
+        reference={**base, "label": undefended_label(base), "point": base} if base else None,
         x_err_key=spread_key(x), y_err_key=spread_key(y), lines=given,
         # the staircase bounds what the front dominates: between two front points it takes the y of the
         # one that still covers the x in between (the right one when x is maximised)

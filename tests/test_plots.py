@@ -159,3 +159,22 @@ def test_drawing_a_report_leaves_the_callers_matplotlib_backend(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["svg", "0"]
     assert mpimg.imread(tmp_path / "roc.png").shape[2] == 4 and (tmp_path / "pareto.png").stat().st_size > 0
+
+
+def test_interactive_front_says_which_way_is_better_and_stars_the_undefended_trial(tmp_path: Path) -> None:
+    """pareto.html titled its axes "test_accuracy (max)" (the maximum accuracy?) and drew the undefended
+    trial as one more dot of a defense named "none"; pareto.png says "higher is better" and stars it."""
+    from raymia.pareto import front_and_hypervolume
+    from raymia.report.interactive import pareto_html
+
+    objectives = [("test_accuracy", "max"), ("lira_online/tpr_fpr_0.01", "min")]
+    rows = [("none", {}, 0.9367, 0.1137), ("hamp", {"gamma": 0.68}, 0.9528, 0.0125),
+            ("hamp", {"gamma": 0.59}, 0.9542, 0.2706), ("hamp", {"gamma": 0.84}, 0.9544, 0.0163)]
+    trials = [{"trial": i, "defense": d, "params": p, "status": "ok", "test_accuracy": acc,
+               "lira_online/tpr_fpr_0.01": tpr} for i, (d, p, acc, tpr) in enumerate(rows)]
+    front, _, _ = front_and_hypervolume(trials, objectives)
+    page = pareto_html(trials, objectives, front, tmp_path / "pareto.html").read_text().replace(" ", "")
+    assert '"text":"test_accuracy(higherisbetter)"' in page
+    assert '"text":"lira_online\\u002ftpr_fpr_0.01(lowerisbetter),logscale"' in page  # plotly writes / so
+    assert '"name":"undefended(trial0)"' in page and '"symbol":"star"' in page
+    assert '"name":"none"' not in page and '"name":"hamp"' in page

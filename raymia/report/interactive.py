@@ -14,12 +14,13 @@ log = logging.getLogger("raymia")
 
 
 def pareto_html(trials: list[dict[str, Any]], objectives: list[tuple[str, str]], front: list[int], path: Path) -> Path | None:
-    """The trials' first two objectives (x: the second, y: the first, as pareto.png), the front joined and
-    ringed, each point's hover text its trial number, defense and params. None with fewer than 2 objectives."""
+    """The trials' first two objectives (x: the second, y: the first, as pareto.png, with its axis titles),
+    the front joined and ringed, the undefended trial a star as on pareto.png, each point's hover text its
+    trial number, defense and params. None with fewer than 2 objectives."""
     import plotly.graph_objects as go
 
     from raymia.metrics import spread_key
-    from raymia.pareto import fmt_params
+    from raymia.pareto import axis_label, fmt_params, undefended_label, undefended_trial
 
     if len(objectives) < 2:
         return None
@@ -33,15 +34,20 @@ def pareto_html(trials: list[dict[str, Any]], objectives: list[tuple[str, str]],
         ok_sd = all(isinstance(v, int | float) for v in sd)
         return {"type": "data", "array": sd, "thickness": 1, "width": 0, "color": "rgba(0,0,0,0.3)"} if ok_sd else None
 
-    for defense in sorted({t["defense"] for t in ok}):
-        pts = [t for t in ok if t["defense"] == defense]
+    base = undefended_trial(ok, objectives)
+    groups = [(d, [t for t in ok if t["defense"] == d and t is not base], {}) for d in sorted({t["defense"] for t in ok})]
+    if base is not None:
+        groups.append((undefended_label(base), [base], {"symbol": "star", "color": "red"}))
+    for name, pts, look in groups:
+        if not pts:
+            continue
         fig.add_trace(go.Scatter(
-            x=[t[x_key] for t in pts], y=[t[y_key] for t in pts], mode="markers+text", name=defense,
+            x=[t[x_key] for t in pts], y=[t[y_key] for t in pts], mode="markers+text", name=name,
             error_x=spread(pts, x_key), error_y=spread(pts, y_key),
             text=[str(t["trial"]) for t in pts], textposition="top center",
-            marker={"size": [14 if t["trial"] in on else 9 for t in pts],
+            marker={"size": [14 if t["trial"] in on or t is base else 9 for t in pts], **look,
                     "line": {"width": [2 if t["trial"] in on else 0 for t in pts], "color": "black"}},
-            hovertext=[f"trial {t['trial']} ({defense}{': ' + fmt_params(t) if fmt_params(t) != '-' else ''})"
+            hovertext=[f"trial {t['trial']} ({t['defense']}{': ' + fmt_params(t) if fmt_params(t) != '-' else ''})"
                        f"<br>{y_key} = {t[y_key]:.4g}<br>{x_key} = {t[x_key]:.4g}"
                        + ("<br>on the front" if t["trial"] in on else "") for t in pts],
             hoverinfo="text"))
@@ -55,9 +61,9 @@ def pareto_html(trials: list[dict[str, Any]], objectives: list[tuple[str, str]],
     title = f"Pareto front: {len(on)} of {len(ok)} trials"
     fig.update_layout(
         title=f"{title} (bars: std over targets)", legend={"title": "defense"},
-        xaxis={"title": f"{x_key} ({x_mode}{', log scale' if log_x else ''})", "type": "log" if log_x else "linear",
+        xaxis={"title": axis_label(x_key, x_mode) + (", log scale" if log_x else ""), "type": "log" if log_x else "linear",
                **({"dtick": "D1"} if log_x else {})},  # every decade's 2 and 5 labelled too
-        yaxis={"title": f"{y_key} ({y_mode})"}, template="plotly_white")
+        yaxis={"title": axis_label(y_key, y_mode)}, template="plotly_white")
     _write_page(fig, path, title)
     return path
 
