@@ -178,3 +178,31 @@ def test_interactive_front_says_which_way_is_better_and_stars_the_undefended_tri
     assert '"text":"lira_online\\u002ftpr_fpr_0.01(lowerisbetter),logscale"' in page  # plotly writes / so
     assert '"name":"undefended(trial0)"' in page and '"symbol":"star"' in page
     assert '"name":"none"' not in page and '"name":"hamp"' in page
+
+
+def test_histograms_spread_heavy_tailed_scores_on_a_signed_log_scale() -> None:
+    """LiRA's scores of points no shadow fits reach -800 beside a bulk within +-10 (the quickstart's trial
+    2): binned linearly over the central 99%, members and non-members shared one or two of the 40 bins. A
+    signed log scale, ticked in score units, spreads them; scores without such tails keep a linear axis."""
+    from matplotlib.figure import Figure
+
+    from raymia.report.plots import draw_histograms
+    from raymia.report.records import PointScores
+
+    rng = np.random.default_rng(0)
+    member = np.zeros((2, 400), dtype=bool)
+    member[0, :200] = member[1, 200:] = True
+    tail = -np.exp(rng.uniform(np.log(20), np.log(800), (2, 400)))  # a fifth of the non-members far off
+    lira = np.where(member, rng.normal(2.0, 4.0, (2, 400)),
+                    np.where(rng.random((2, 400)) < 0.2, tail, rng.normal(-1.0, 3.0, (2, 400))))
+    points = PointScores(index=np.arange(400), label=np.zeros(400, dtype=int), member=member,
+                         scores={"lira_online": lira, "rmia_online": rng.random((2, 400)) + 0.2 * member},
+                         targets=[0, 1])
+    fig = Figure()
+    draw_histograms(points, fig)
+    lira_ax, rmia_ax = fig.axes[:2]
+    assert lira_ax.get_xlabel() == "score, signed log scale (higher: more likely a member)"
+    assert {"-100", "-10", "0", "1", "10"} <= {t.get_text() for t in lira_ax.get_xticklabels()}
+    non_members, members = lira_ax.containers[:2]  # the two histograms' bars
+    assert sum(b.get_height() > 0 for b in members) >= 10  # the members' bulk over 10 of the 40 bins
+    assert rmia_ax.get_xlabel() == "score (higher: more likely a member)"

@@ -324,56 +324,81 @@ def histograms_title(name: str) -> str:
 
 
 def plot_histograms(points, path: str | Path, title: str | None = None, bins: int = 40) -> Path:
-    """One panel per attack: the scores of members and of non-members (every target pooled), with the
-    first target's flag threshold (`report.records.flag_thresholds`). The bins span the central 99% of the
-    scores, so a few extreme log-likelihood ratios do not squeeze the rest into one bin. `points` is a
-    `report.records.PointScores`."""
-    from raymia.report.records import FLAG_FPR, flag_thresholds
-
+    """histograms.png (`draw_histograms`). `points` is a `report.records.PointScores`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    names = list(points.scores)
-    cols = min(3, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig = Figure(figsize=(4.2 * cols, 3.0 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False)
+    cols = min(3, len(points.scores))
+    fig = Figure(figsize=(4.2 * cols, 3.0 * math.ceil(len(points.scores) / cols)))
     try:
-        member = points.member
-        for ax, name in zip(axes.flat, names):
-            s = points.scores[name]
-            threshold = flag_thresholds(s[:1], member[:1])[0]
-            xlabel = "score (higher: more likely a member)"
-            finite = s[np.isfinite(s)]
-            gap = finite.max() - finite if finite.size else finite
-            if gap.size and (gap > 0).any() and 100 * np.quantile(gap, 0.5) < np.quantile(gap, 0.995):
-                # most scores crowd at the top (losses near 0): the distance to the top on a log scale, drawn
-                # so that right is still "more likely a member"
-                top, floor = finite.max(), np.quantile(gap[gap > 0], 0.01) / 10
-                s = -np.log10(np.maximum(top - s, 0) + floor)
-                threshold = -np.log10(max(top - threshold, 0) + floor)
-                xlabel = "-log10(top score - score) (right: more likely a member)"
-                finite = s[np.isfinite(s)]
-            lo, hi = (np.quantile(finite, [0.005, 0.995]) if finite.size else (0.0, 1.0))
-            if not hi > lo:
-                lo, hi = lo - 0.5, hi + 0.5
-            edges = np.linspace(lo, hi, bins + 1)
-            for mask, label, colour in ((~member, "non-members", "tab:blue"), (member, "members", "tab:red")):
-                ax.hist(np.clip(s[mask], lo, hi), bins=edges, alpha=0.55, color=colour, label=label,
-                        density=True)
-            ax.axvline(threshold, color="black", linestyle="--", linewidth=1,
-                       label=f"flag threshold ({FLAG_FPR:.0%} FPR on the first target)")
-            ax.set_title(name, fontsize=10)
-            ax.set_xlabel(xlabel, fontsize=8)
-            ax.set_ylabel("density (all targets' points)", fontsize=8)
-            ax.tick_params(labelsize=8)
-        for ax in list(axes.flat)[len(names):]:
-            ax.axis("off")
-        handles, labels = axes.flat[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-        if title:
-            fig.suptitle(title, fontsize=11)
-        fig.tight_layout(rect=(0, 0.06, 1, 0.95 if title else 1))
+        draw_histograms(points, fig, title, bins)
         fig.savefig(path, dpi=_DPI)
     finally:
         fig.clear()
     return path
+
+
+# the central 99% of the scores wider than this many interquartile ranges: a signed log scale
+_HEAVY_TAIL = 20.0
+
+
+def _signed_log(x, scale: float):
+    """sign(x) log10(1 + |x| / scale): linear within about +-scale, logarithmic beyond, order kept."""
+    return np.sign(x) * np.log10(1 + np.abs(x) / scale)
+
+
+def draw_histograms(points, fig: Figure, title: str | None = None, bins: int = 40) -> None:
+    """One panel per attack on `fig`: the scores of members and of non-members (every target pooled), with
+    the first target's flag threshold (`report.records.flag_thresholds`). The bins span the central 99% of
+    the scores, so a few extreme scores do not squeeze the rest into one bin; where most scores crowd at
+    the top (losses near 0) the axis is the distance to the top on a log scale, and where the central 99%
+    is still many interquartile ranges wide (LiRA's log-likelihood ratios, down to -1000 for points no
+    shadow fits, about a bulk within +-10) a signed log scale with ticks in score units."""
+    from raymia.report.records import FLAG_FPR, flag_thresholds
+
+    names = list(points.scores)
+    cols = min(3, len(names))
+    axes = fig.subplots(math.ceil(len(names) / cols), cols, squeeze=False)
+    member = points.member
+    for ax, name in zip(axes.flat, names):
+        s = points.scores[name]
+        threshold = flag_thresholds(s[:1], member[:1])[0]
+        xlabel = "score (higher: more likely a member)"
+        finite = s[np.isfinite(s)]
+        gap = finite.max() - finite if finite.size else finite
+        lo, q1, q3, hi = np.quantile(finite, [0.005, 0.25, 0.75, 0.995]) if finite.size else (0.0, 0.0, 0.0, 1.0)
+        ticks = None
+        if gap.size and (gap > 0).any() and 100 * np.quantile(gap, 0.5) < np.quantile(gap, 0.995):
+            # most scores crowd at the top (losses near 0): the distance to the top on a log scale, drawn
+            # so that right is still "more likely a member"
+            top, floor = finite.max(), np.quantile(gap[gap > 0], 0.01) / 10
+            s = -np.log10(np.maximum(top - s, 0) + floor)
+            threshold = -np.log10(max(top - threshold, 0) + floor)
+            xlabel = "-log10(top score - score) (right: more likely a member)"
+        elif q3 > q1 and hi - lo > _HEAVY_TAIL * (q3 - q1):
+            scale = 10.0 ** math.floor(math.log10(q3 - q1))  # the linear stretch around 0: the bulk's order
+            marks = [0.0] + [v * scale * 10.0 ** k for k in range(12) for v in (-1, 1)]
+            ticks = sorted(v for v in marks if lo <= v <= hi)
+            s, threshold = _signed_log(s, scale), float(_signed_log(threshold, scale))
+            xlabel = "score, signed log scale (higher: more likely a member)"
+        finite = s[np.isfinite(s)]
+        lo, hi = (np.quantile(finite, [0.005, 0.995]) if finite.size else (0.0, 1.0))
+        if not hi > lo:
+            lo, hi = lo - 0.5, hi + 0.5
+        edges = np.linspace(lo, hi, bins + 1)
+        for mask, label, colour in ((~member, "non-members", "tab:blue"), (member, "members", "tab:red")):
+            ax.hist(np.clip(s[mask], lo, hi), bins=edges, alpha=0.55, color=colour, label=label, density=True)
+        ax.axvline(threshold, color="black", linestyle="--", linewidth=1,
+                   label=f"flag threshold ({FLAG_FPR:.0%} FPR on the first target)")
+        if ticks:
+            ax.set_xticks(_signed_log(np.asarray(ticks), scale), [f"{v:g}" for v in ticks])
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel("density (all targets' points)", fontsize=8)
+        ax.tick_params(labelsize=8)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95 if title else 1))
