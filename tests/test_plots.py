@@ -206,3 +206,31 @@ def test_histograms_spread_heavy_tailed_scores_on_a_signed_log_scale() -> None:
     non_members, members = lira_ax.containers[:2]  # the two histograms' bars
     assert sum(b.get_height() > 0 for b in members) >= 10  # the members' bulk over 10 of the 40 bins
     assert rmia_ax.get_xlabel() == "score (higher: more likely a member)"
+
+
+def test_roc_legend_is_beside_the_curves_not_on_them(tmp_path: Path) -> None:
+    """A defended audit with raw/ curves and label_only has a dozen legend entries: in the lower right
+    corner they covered the curves near the chance line. The legend sits beside the axes, and the saved
+    PNG keeps it whole; the axes stay log-log with the chance diagonal."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from raymia.report.plots import draw_roc
+
+    rng = np.random.default_rng(0)
+    fpr = np.concatenate([[0.0], np.sort(rng.uniform(1e-3, 1, 200)), [1.0]])
+    names = ["loss", "lira_online", "lira_offline", "rmia_online", "label_only"]
+    curves = {f"{raw}{a}": (fpr, fpr ** (0.4 + 0.1 * i + 0.5 * bool(raw)))
+              for raw in ("", "raw/") for i, a in enumerate(names)}
+    fig = Figure(figsize=(5.5, 5.0))
+    FigureCanvasAgg(fig)
+    draw_roc(curves, fig, "hamp (gamma=0.9), 8 models; target 0")
+    (ax,) = fig.axes
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    assert "chance" in [line.get_label() for line in ax.get_lines()]
+    renderer = fig.canvas.get_renderer()
+    legend, frame = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert len(ax.get_legend().get_texts()) == 12 and legend.x0 > frame.x1
+    out = plot_roc(curves, tmp_path / "roc.png")
+    height, width = mpimg.imread(out).shape[:2]
+    assert width > 1.3 * height  # the legend's column beside the square plot, not cut off at 5.5 in

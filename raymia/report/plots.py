@@ -65,49 +65,56 @@ def plot_roc(
     path: str | Path,
     title: str | None = None,
 ) -> Path:
-    """Log-log ROC curves (fpr, tpr) per attack with the chance diagonal, each labelled with its own AUC;
-    the low-FPR region is where membership inference matters. Zero rates are drawn at the axis floor, and
-    FPRs below the smallest one the curves resolve (one non-member) are shaded: a flat stretch there is the
-    floor, not a measurement. A curve named "raw/<attack>" (the attack before the defense's post-processing)
-    is drawn dashed in its attack's colour. Returns the PNG path."""
+    """roc.png (`draw_roc`), cropped to what is drawn, the legend beside the axes included. Returns the
+    PNG path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lo = _axis_floor(curves.values())
-    fprs = [np.asarray(f, dtype=float) for f, _ in curves.values()]
-    resolved = min((float(f[f > 0].min()) for f in fprs if (f > 0).any()), default=lo)
     fig = Figure(figsize=(5.5, 5.0))
-    ax = fig.subplots()
     try:
-        if resolved > lo:
-            ax.axvspan(lo, resolved, color="0.92", zorder=0, label="below one non-member")
-        colours = attack_colours(curves)
-        for name, (fpr, tpr) in curves.items():
-            x = np.clip(np.asarray(fpr, dtype=float), lo, 1.0)
-            y = np.clip(np.asarray(tpr, dtype=float), lo, 1.0)
-            label = f"{name} (AUC={curve_auc(fpr, tpr):.3f})"
-            raw = name.startswith("raw/")
-            ax.plot(x, y, label=label, linewidth=1.2 if raw else 1.5, linestyle="--" if raw else "-",
-                    color=colours[name.removeprefix("raw/")])
-        ax.plot([lo, 1.0], [lo, 1.0], linestyle="--", color="grey", linewidth=1.0, label="chance")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlim(lo, 1.0)
-        ax.set_ylim(lo, 1.0)
-        ax.set_xlabel("False positive rate")
-        ax.set_ylabel("True positive rate")
-        lines = textwrap.wrap(title or "", 55)
-        if lines:
-            ax.set_title("\n".join(lines), fontsize=11)
-        ax.grid(True, which="major", alpha=0.4)
-        ax.grid(True, which="minor", alpha=0.15)
-        ax.legend(loc="lower right", fontsize="small")
-        # Fixed margins (the tick labels are powers of ten, the size is fixed): tight_layout would measure
-        # every log tick label, half of the figure's time, paid by each audit of a sweep.
-        fig.subplots_adjust(left=0.14, right=0.955, bottom=0.115, top=0.97 - 0.042 * len(lines))
-        fig.savefig(path, dpi=_DPI)
+        draw_roc(curves, fig, title)
+        fig.savefig(path, dpi=_DPI, bbox_inches="tight")
     finally:
         fig.clear()
     return path
+
+
+def draw_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], fig: Figure, title: str | None = None) -> None:
+    """Log-log ROC curves (fpr, tpr) per attack on `fig` with the chance diagonal, each labelled with its
+    own AUC; the low-FPR region is where membership inference matters. Zero rates are drawn at the axis
+    floor, and FPRs below the smallest one the curves resolve (one non-member) are shaded: a flat stretch
+    there is the floor, not a measurement. A curve named "raw/<attack>" (the attack before the defense's
+    post-processing) is drawn dashed in its attack's colour. The legend is beside the axes, not on them:
+    with raw/ curves and label_only a dozen entries would cover the curves."""
+    lo = _axis_floor(curves.values())
+    fprs = [np.asarray(f, dtype=float) for f, _ in curves.values()]
+    resolved = min((float(f[f > 0].min()) for f in fprs if (f > 0).any()), default=lo)
+    ax = fig.subplots()
+    if resolved > lo:
+        ax.axvspan(lo, resolved, color="0.92", zorder=0, label="below one non-member")
+    colours = attack_colours(curves)
+    for name, (fpr, tpr) in curves.items():
+        x = np.clip(np.asarray(fpr, dtype=float), lo, 1.0)
+        y = np.clip(np.asarray(tpr, dtype=float), lo, 1.0)
+        label = f"{name} (AUC={curve_auc(fpr, tpr):.3f})"
+        raw = name.startswith("raw/")
+        ax.plot(x, y, label=label, linewidth=1.2 if raw else 1.5, linestyle="--" if raw else "-",
+                color=colours[name.removeprefix("raw/")])
+    ax.plot([lo, 1.0], [lo, 1.0], linestyle="--", color="grey", linewidth=1.0, label="chance")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, 1.0)
+    ax.set_ylim(lo, 1.0)
+    ax.set_xlabel("False positive rate")
+    ax.set_ylabel("True positive rate")
+    lines = textwrap.wrap(title or "", 55)
+    if lines:
+        ax.set_title("\n".join(lines), fontsize=11)
+    ax.grid(True, which="major", alpha=0.4)
+    ax.grid(True, which="minor", alpha=0.15)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize="small")
+    # Fixed margins (the tick labels are powers of ten, the size is fixed): tight_layout would measure
+    # every log tick label, half of the figure's time, paid by each audit of a sweep.
+    fig.subplots_adjust(left=0.14, right=0.955, bottom=0.115, top=0.97 - 0.042 * len(lines))
 
 
 def plot_pareto(
