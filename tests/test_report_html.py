@@ -45,10 +45,13 @@ def test_a_mean_with_trailing_zeros_keeps_its_std_to_four_decimals(audited, tmp_
     sd = result["attacks_std_over_targets"]["loss"]["balanced_accuracy"]
     # and an epsilon bound of 0 on every target (a defended model), which the console prints 0.0000 ± 0.0000
     result["attacks"]["loss"]["epsilon_lb"] = result["attacks_std_over_targets"]["loss"]["epsilon_lb"] = 0.0
+    # a bootstrap interval, as the console prints it: [0.4630, 0.5808], not [0.463, 0.5808]
+    result["attacks"]["loss"].update(auc_ci_low=0.463, auc_ci_high=0.5808)
     (out / "result.json").write_text(json.dumps(result))
     page = write_html(out).read_text()
     assert _cell(page, "loss", 1) == f"0.5400 ± {sd:.4f}"
     assert _cell(page, "loss", 4) == "0.0000 ± 0.0000"
+    assert _cell(page, "loss", 0).endswith(" [0.4630, 0.5808]")
 
 
 def test_vulnerable_records_show_each_column_to_one_precision(audited):

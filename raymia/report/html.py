@@ -83,7 +83,7 @@ def _num(v: Any, pct: bool = False) -> str:
 
 
 def _fixed(v: Any) -> str:
-    """A number in [0, 1] (an AUROC) with 4 decimals, so that a column's values line up (1.0000, 0.0356)."""
+    """A number in [0, 1] (an AUC) with 4 decimals, so that a column's values line up (1.0000, 0.0356)."""
     return f"{v:.4f}" if _is_number(v) else _num(None)
 
 
@@ -202,8 +202,8 @@ def _audit(r: dict[str, Any], folder: Path) -> str:
                     else:
                         cell = _num(ms.get(k), pct)
                     lo, hi = ms.get(f"{k}_ci_low"), ms.get(f"{k}_ci_high")
-                    if lo is not None and hi is not None:
-                        cell += f" [{_num(lo, pct)}, {_num(hi, pct)}]"
+                    if lo is not None and hi is not None:  # as the console prints it: [0.4630, 0.5808]
+                        cell += f" [{_num(lo, pct) if pct else _fixed(lo)}, {_num(hi, pct) if pct else _fixed(hi)}]"
                     cells.append(cell)
                 out.append(cells)
             return out
