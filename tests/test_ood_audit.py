@@ -152,3 +152,29 @@ def test_ood_objectives_and_bad_sets(tmp_path):
     with pytest.raises(SpecError) as e:
         validate_spec(_spec(tmp_path, ood={"sets": ["scaled", "scaled"]}))
     assert "label" in str(e.value)
+
+
+def test_ood_figure_gives_rates_in_percent_as_the_table_does():
+    """The figure's axis read 0.0 to 1.0 under "points flagged as members" (a count?) beside a table of
+    percents; it is the share of each set flagged, in percent."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from raymia.ood_audit import OodResult
+    from raymia.report.plots import draw_ood
+
+    sets = ["held_out", "scaled", "noise"]
+    ood = OodResult(sets=sets, label_sources={"held_out": "true", "scaled": "source", "noise": "random"},
+                    attacks={"loss": {s: {"fpr": f} for s, f in zip(sets, (0.72, 0.96, 0.0), strict=True)}},
+                    attacks_std={"loss": {s: {"fpr": 0.02} for s in sets}}, recall={"loss": 0.945})
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    draw_ood(ood, fig)
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    assert ax.get_ylabel().startswith("share of the set flagged as members (FPR)")
+    assert {"0%", "40%", "80%"} <= {t.get_text() for t in ax.get_yticklabels()}
+    from matplotlib.container import BarContainer
+
+    (bars,) = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert [round(b.get_height(), 2) for b in bars] == [0.72, 0.96, 0.0]

@@ -293,13 +293,26 @@ def _draw_reference(ax, reference: dict, x_key: str, y_key: str, x_err_key: str 
 
 def plot_ood(ood: Any, path: Path, title: str = "false positives by non-member set",
              colours: Mapping[str, str] | None = None) -> Path:
-    """Grouped bars: per non-member set (held-out data first), each attack's FPR at its shadow-calibrated
-    threshold, with the std over targets as error bars; the attack's recall on members as a dashed line.
-    `colours`: each attack's (`attack_colours` of the audit's attacks, as roc.png draws them; by default of
-    the attacks drawn here)."""
+    """ood_fpr.png (`draw_ood`). Returns the PNG path."""
+    fig = Figure(figsize=(min(12.0, 3.0 + 0.9 * len(ood.sets)), 4.2))
+    try:
+        draw_ood(ood, fig, title, colours)
+        fig.savefig(path, dpi=_DPI)
+    finally:
+        fig.clear()
+    return Path(path)
+
+
+def draw_ood(ood: Any, fig: Figure, title: str = "false positives by non-member set",
+             colours: Mapping[str, str] | None = None) -> None:
+    """Grouped bars on `fig`: per non-member set (held-out data first), each attack's FPR at its
+    shadow-calibrated threshold, with the std over targets as error bars; the attack's recall on members as
+    a dashed line; rates in percent, as the page's table gives them. `colours`: each attack's
+    (`attack_colours` of the audit's attacks, as roc.png draws them; by default of the attacks drawn here)."""
+    from matplotlib.ticker import PercentFormatter
+
     sets, attacks = list(ood.sets), list(ood.attacks)
     colours = colours or attack_colours(attacks)
-    fig = Figure(figsize=(min(12.0, 3.0 + 0.9 * len(sets)), 4.2))
     ax = fig.subplots()
     width = 0.8 / max(1, len(attacks))
     x = np.arange(len(sets))
@@ -311,16 +324,13 @@ def plot_ood(ood: Any, path: Path, title: str = "false positives by non-member s
         ax.axhline(ood.recall[a], color=colours[a], linestyle="--", linewidth=0.8)
     ax.set_xticks(x, sets, rotation=20, ha="right")
     ax.set_ylim(0, 1.02)
-    ax.set_ylabel("points flagged as members\n(threshold max TPR - FPR on a shadow)")
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_ylabel("share of the set flagged as members (FPR)\n(threshold: max TPR - FPR on a shadow)")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left", title="attack (dashed: recall)",
               title_fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=_DPI)
-    fig.clear()
-    return path
 
 
 HISTOGRAMS_FILE = "histograms.png"
