@@ -234,3 +234,28 @@ def test_roc_legend_is_beside_the_curves_not_on_them(tmp_path: Path) -> None:
     out = plot_roc(curves, tmp_path / "roc.png")
     height, width = mpimg.imread(out).shape[:2]
     assert width > 1.3 * height  # the legend's column beside the square plot, not cut off at 5.5 in
+
+
+def test_importance_panels_each_take_the_pages_width(tmp_path: Path) -> None:
+    """Side by side, the second objective's parameter names (hamp.output_modification) reached into the
+    first panel, over its longer bars: the panels are stacked, each as wide as the page, and the left
+    margin holds the longest name."""
+    import optuna
+
+    from raymia.report.interactive import importance_html
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, directions=["maximize", "minimize"],
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def objective(trial):
+        gamma = trial.suggest_float("hamp.gamma", 0.3, 0.99)
+        modify = trial.suggest_categorical("hamp.output_modification", [True, False])
+        return 0.9 + 0.05 * gamma, 0.3 - 0.28 * modify + 0.01 * gamma
+
+    study.optimize(objective, n_trials=8)
+    objectives = [("test_accuracy", "max"), ("lira_online/tpr_fpr_0.01", "min")]
+    page = importance_html(storage, "s", objectives, tmp_path / "importance.html").read_text().replace(" ", "")
+    assert '"xaxis":{"anchor":"y","domain":[0.0,1.0]' in page and '"xaxis2":{"anchor":"y2","domain":[0.0,1.0]' in page
+    assert f'"margin":{{"l":{40 + 7 * len("hamp.output_modification")}}}' in page
+    assert "(8trials:aroughguide)" in page

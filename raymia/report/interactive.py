@@ -119,14 +119,20 @@ def importance_html(storage: str, study_name: str, objectives: list[tuple[str, s
     if found is None:
         return None
     panels, n = found
-    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[m for m, _ in panels])
-    for c, (_, imp) in enumerate(panels, start=1):
+    # one panel under the other, each the page's width: side by side, the second panel's parameter names
+    # (hamp.output_modification) reached into the first panel and over its longer bars
+    fig = make_subplots(rows=len(panels), cols=1, subplot_titles=[m for m, _ in panels],
+                        vertical_spacing=0.25 / len(panels))  # about 70 px: the ticks and the next title
+    longest = max(len(name) for _, imp in panels for name in imp)
+    for r, (_, imp) in enumerate(panels, start=1):
         names = list(imp)[::-1]
         fig.add_trace(go.Bar(x=[imp[n] for n in names], y=names, orientation="h", showlegend=False,
-                             marker_color="#4c72b0"), row=1, col=c)
-        fig.update_xaxes(title_text="share of the objective's variance (fANOVA)", range=[0, 1], row=1, col=c)
-    rough = f"; only {n} trials: a rough guide" if n < FEW_TRIALS else ""
+                             marker_color="#4c72b0"), row=r, col=1)
+        fig.update_xaxes(range=[0, 1], row=r, col=1)
+    fig.update_xaxes(title_text="share of the objective's variance (fANOVA)", row=len(panels), col=1)
+    rough = ": a rough guide" if n < FEW_TRIALS else ""
     title = f"hyperparameter importance per objective ({n} trials{rough})"
-    fig.update_layout(title=title, template="plotly_white")
+    fig.update_layout(title=title, template="plotly_white", height=150 + 300 * len(panels),
+                      margin={"l": 40 + 7 * longest})  # the names beside the bars, whole
     _write_page(fig, path, "hyperparameter importance")
     return path
