@@ -608,7 +608,7 @@ def print_audit_table(result: AuditResult) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from raymia.metrics import metric_label, table_columns, unresolved_note
+    from raymia.metrics import metric_label, shown_as_percent, table_columns, unresolved_note
 
     spec = result.spec
     keys, unresolved = table_columns(result.attacks)
@@ -625,7 +625,7 @@ def print_audit_table(result: AuditResult) -> None:
         for a, ms in attacks.items():
             cells = []
             for k in keys:
-                pct = k.startswith(("tpr", "tnr"))
+                pct = shown_as_percent(k)
                 cell = fmt(ms[k], pct=pct)
                 sd = attacks_std[a].get(k)
                 if n_targets > 1 and sd is not None:

@@ -689,6 +689,14 @@ def _level_label(key: str, prefix: str, fmt: str) -> str | None:
     return fmt.format(f"{level * 100:.6g}")
 
 
+def shown_as_percent(key: str) -> bool:
+    """Whether an audit's console table and page show a metric as a percent: rates and accuracies (the
+    attack's TPR, TNR and balanced accuracy, the model's accuracies and gap); AUC, ECE and epsilon stay
+    numbers. A sweep's objectives are fractions throughout (docs/architecture.md, report/html.py)."""
+    base = key.removesuffix("_ci_low").removesuffix("_ci_high")
+    return base.startswith(("tpr_", "tnr_")) or base.endswith("accuracy") or base == "generalization_gap"
+
+
 def metric_label(key: str) -> str:
     """Display name of a metric key: 'tpr_fpr_0.001' -> 'TPR@0.1%FPR', 'tnr_fnr_0.001' -> 'TNR@0.1%FNR',
     'auc' -> 'AUC', 'epsilon_lb' -> 'eps LB', 'auc_ci_low' -> 'AUC CI low'; unknown keys unchanged."""

@@ -119,6 +119,12 @@ def test_metric_keys_and_labels() -> None:
     assert metric_label("tpr_fpr_0.001") == "TPR@0.1%FPR"
     assert metric_label("tpr_fpr_1e-05") == "TPR@0.001%FPR"
     assert metric_label("balanced_accuracy") == "Bal. acc"
+    from raymia.metrics import shown_as_percent
+
+    assert [k for k in ("auc", "balanced_accuracy", "tpr_fpr_0.01", "tnr_fnr_0.001", "epsilon_lb", "ece",
+                        "test_accuracy", "generalization_gap", "test_ece", "balanced_accuracy_ci_low")
+            if shown_as_percent(k)] == ["balanced_accuracy", "tpr_fpr_0.01", "tnr_fnr_0.001", "test_accuracy",
+                                        "generalization_gap", "balanced_accuracy_ci_low"]
     assert metric_label("something_else") == "something_else"
 
 

@@ -33,12 +33,14 @@ def audited(tmp_path_factory):
 def test_a_mean_with_trailing_zeros_keeps_its_std_to_four_decimals(audited, tmp_path):
     out = shutil.copytree(audited, tmp_path / "audit")
     result = json.loads((out / "result.json").read_text())
-    # AUC and balanced accuracy, in [0.1, 1): the console's "0.5178 ± 0.0233", so the page's too
+    # AUC, in [0.1, 1): the console's "0.5178 ± 0.0233", so the page's too; balanced accuracy, an accuracy,
+    # a percent as the console's "51.78% ± 2.33%"
     page = (out / "report.html").read_text()
     for a in ("loss", "lira_online"):
-        for col, key in ((0, "auc"), (1, "balanced_accuracy")):
-            mean, sd = result["attacks"][a][key], result["attacks_std_over_targets"][a][key]
-            assert _cell(page, a, col) == f"{mean:.4f} ± {sd:.4f}", (a, key)
+        mean, sd = result["attacks"][a]["auc"], result["attacks_std_over_targets"][a]["auc"]
+        assert _cell(page, a, 0) == f"{mean:.4f} ± {sd:.4f}", a
+        mean, sd = (result[k][a]["balanced_accuracy"] for k in ("attacks", "attacks_std_over_targets"))
+        assert _cell(page, a, 1) == f"{100 * mean:.2f}% ± {100 * sd:.2f}%", a
     # a mean that is a round number (the quickstart's trial 1: rmia_online's balanced accuracy, exactly
     # 0.54 over its 8 targets, std 0.0218) was shown "0.54 ± 0.02", its std cut to the mean's two digits
     result["attacks"]["loss"]["balanced_accuracy"] = 0.54
@@ -49,7 +51,7 @@ def test_a_mean_with_trailing_zeros_keeps_its_std_to_four_decimals(audited, tmp_
     result["attacks"]["loss"].update(auc_ci_low=0.463, auc_ci_high=0.5808)
     (out / "result.json").write_text(json.dumps(result))
     page = write_html(out).read_text()
-    assert _cell(page, "loss", 1) == f"0.5400 ± {sd:.4f}"
+    assert _cell(page, "loss", 1) == f"54.00% ± {100 * sd:.2f}%"
     assert _cell(page, "loss", 4) == "0.0000 ± 0.0000"
     assert _cell(page, "loss", 0).endswith(" [0.4630, 0.5808]")
 

@@ -143,17 +143,13 @@ def _spec(folder: Path) -> str:
     return f"<h2>Spec</h2><pre id='spec'>{escape(spec.read_text())}</pre>"
 
 
-def _pct_metric(key: str) -> bool:
-    return key.startswith(("tpr", "tnr")) or key in ("train_accuracy", "test_accuracy", "generalization_gap",
-                                                    "bank_test_accuracy")
-
 
 # ---------------------------------------------------------------------------------------------------------
 # an audit
 
 
 def _audit(r: dict[str, Any], folder: Path) -> str:
-    from raymia.metrics import metric_label, table_columns, unresolved_note
+    from raymia.metrics import metric_label, shown_as_percent, table_columns, unresolved_note
 
     spec = r.get("spec", {})
     targets = r.get("targets", [])
@@ -182,8 +178,8 @@ def _audit(r: dict[str, Any], folder: Path) -> str:
     many = len(targets) > 1
     parts.append("<h2>Utility</h2>")
     parts.append(_table(["metric", "value"], [
-        [escape(k), (_mean(v, us[k], _pct_metric(k)) + _spread(v, us[k], _pct_metric(k)) if many and k in us
-                        else _num(v, _pct_metric(k)))]
+        [escape(k), (_mean(v, us[k], shown_as_percent(k)) + _spread(v, us[k], shown_as_percent(k))
+                     if many and k in us else _num(v, shown_as_percent(k)))]
         for k, v in u.items()], caption="of the attacked model(s)" + (" (mean ± std over targets)" if many else "")))
 
     attacks, std = r.get("attacks", {}), r.get("attacks_std_over_targets", {})
@@ -195,7 +191,7 @@ def _audit(r: dict[str, Any], folder: Path) -> str:
             for a, ms in attacks.items():
                 cells = [escape(a)]
                 for k in keys:
-                    pct = _pct_metric(k)
+                    pct = shown_as_percent(k)
                     sd = std.get(a, {}).get(k)
                     if many and sd is not None:
                         cell = _mean(ms.get(k), sd, pct) + _spread(ms.get(k), sd, pct)
