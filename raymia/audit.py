@@ -598,7 +598,7 @@ def _mean_std(runs: list[dict[str, float | None]]) -> tuple[dict[str, float | No
 
 
 def fmt(v: float | None, pct: bool = False) -> str:
-    if v is None:
+    if v is None or v != v:  # None or NaN: undefined
         return "n/a"
     return f"{100 * v:.2f}%" if pct else f"{v:.4f}"
 

@@ -272,10 +272,12 @@ def _check_scores(recon: torch.Tensor, t: torch.Tensor, private_x: torch.Tensor,
 
 def score_reconstructions(evaluator: nn.Module, recon: torch.Tensor, target_labels: torch.Tensor,
                           private_x: torch.Tensor, private_y: torch.Tensor, k: int = 5,
-                          batch: int = 256) -> dict[str, Any]:
+                          batch: int = 256, told_apart: int | None = None) -> dict[str, Any]:
     """Score reconstructions recon [n, ...] of the classes target_labels [n] against the private data.
 
-    Returns `top1` and `top{k}` (default `top5`; the top-min(k, C) accuracy, C the evaluator's classes),
+    Returns `top1` and `top{k}` (default `top5`; nan when the evaluator tells k classes or fewer apart:
+    `told_apart`, by default its outputs; an evaluator trained on the private classes only ranks them first,
+    so with k of them or fewer the accuracy would be 1 whatever the reconstructions),
     `knn_dist` (mean over reconstructions of the squared minimum L2 distance, in evaluator feature space,
     to the private images of its target class, as KED-MI's, PLG-MI's and LOMMA's / TL-DMI's evaluation code
     compute it: 0, up to float rounding, for a copy of one), `fid` (the Frechet
@@ -297,7 +299,9 @@ def score_reconstructions(evaluator: nn.Module, recon: torch.Tensor, target_labe
     mask = torch.isin(py, classes)
     fp, yp = _run(evaluator, private_x[mask.to(private_x.device)], batch)[1], py[mask]
     top1 = (logits.argmax(1) == t).double().mean().item()
-    topk = (logits.topk(min(k, c), dim=1).indices == t[:, None]).any(1).double().mean().item()
+    told_apart = c if told_apart is None else told_apart
+    hit = (logits.topk(min(k, c), dim=1).indices == t[:, None]).any(1)
+    topk = hit.double().mean().item() if told_apart > k else math.nan
     dist = torch.empty(t.shape[0], dtype=torch.float64)
     for v in classes:
         r = t == v

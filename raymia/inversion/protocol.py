@@ -25,6 +25,7 @@ on a Ray worker before its trials. Every cached file is written atomically with 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,9 +96,16 @@ class InversionResult:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"targets": self.targets, "evaluator": self.evaluator, "attacks": self.attacks,
+        """result.json's `inversion`; an undefined metric (nan: top-5 over 5 classes or fewer, FID of fewer than
+        2 reconstructions) is null, as JSON has no NaN."""
+        def defined(ms: dict[str, float]) -> dict[str, float | None]:
+            return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in ms.items()}
+
+        return {"targets": self.targets, "evaluator": self.evaluator,
+                "attacks": {a: defined(ms) for a, ms in self.attacks.items()},
                 "strongest": {k: self.strongest(k) for k in MI_METRICS},
-                "attacks_std_over_targets": self.attacks_std, "attacks_per_target": self.per_target,
+                "attacks_std_over_targets": {a: defined(ms) for a, ms in self.attacks_std.items()},
+                "attacks_per_target": {a: [defined(r) for r in rs] for a, rs in self.per_target.items()},
                 "grids": {k: p.name for k, p in self.grids.items()}}
 
 
@@ -359,7 +367,9 @@ def run_inversions(spec: AuditSpec, ctx, out_dir: Path, data: InversionData | No
                             where="inversion.classes")
         for i, a in enumerate(inv.attacks):
             rec = _reconstruct(spec, i, target, t, data, device)
-            s = score_reconstructions(evaluator, rec.images, rec.labels, seen_x, seen_y)
+            # the evaluator learnt the private classes only (`evaluator_for`): those are the classes it tells apart
+            s = score_reconstructions(evaluator, rec.images, rec.labels, seen_x, seen_y,
+                                      told_apart=int(data.private_y.unique().numel()))
             runs[a.key].append({"top1": float(s["top1"]), "top5": float(s["top5"]),
                                 "knn_dist": float(s["knn_dist"]), "fid": float(s["fid"])})
             log.info("inversion: target %d, %s: top-1 %.3f, KNN distance %.2f", t, a.key, s["top1"], s["knn_dist"])
