@@ -62,6 +62,18 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return l1p - np.take_along_axis(d, idx, axis=-1)[..., 0]
 
 
+def per_model(fn, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """fn(logits[m], labels) for every model m, float64 [M, ...]: one model at a time, so a transform's
+    float64 working copies are one model's outputs, never the bank's (8/4 = 2 bytes per logit each)."""
+    z = np.asarray(logits)
+    first = np.asarray(fn(z[0], labels), dtype=np.float64)
+    out = np.empty((z.shape[0], *first.shape), dtype=np.float64)
+    out[0] = first
+    for m in range(1, z.shape[0]):
+        out[m] = fn(z[m], labels)
+    return out
+
+
 def _phi_block(z: np.ndarray, idx: np.ndarray) -> np.ndarray:
     z = np.array(z, dtype=np.float64)  # always a private copy: the label column is overwritten below
     zy = np.take_along_axis(z, idx, axis=-1)[..., 0]

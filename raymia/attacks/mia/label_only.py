@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field, field_validator
 
+from raymia.attacks.mia import per_model
 from raymia.attacks.registry import ATTACKS
 from raymia.registry import Params
 from raymia.signals import Signals
@@ -64,14 +65,15 @@ def label_only_attack(signals: Signals, target: int, params: LabelOnlyParams) ->
     if bad:
         raise ValueError(f"queries {bad} out of range: the signals hold {signals.num_queries} queries")
     qs = np.asarray(queries, dtype=np.intp)
-    labels = signals.labels
-    score = agreement(signals.logits[target][qs], labels)
+    agree = signals.derived(("label_only agreement", tuple(queries)),  # [M, P]
+                            lambda: per_model(lambda z, y: agreement(z[qs], y), signals.logits, signals.labels))
+    score = agree[target]
     if not params.calibrated:
-        return score
+        return score.copy()  # agree is shared by every target, read-only
     out = ~np.asarray(signals.keep[shadows], dtype=np.bool_)  # [S, P]
     if not out.any():
         raise ValueError("calibrated label_only needs OUT shadows: every shadow trained on every point")
-    sh_agree = np.stack([agreement(signals.logits[m][qs], labels) for m in shadows])  # [S, P]
+    sh_agree = agree[shadows]  # [S, P]
     n_out = out.sum(axis=0)
     sums = np.sum(np.where(out, sh_agree, 0.0), axis=0)
     pooled = float(sums.sum() / n_out.sum())

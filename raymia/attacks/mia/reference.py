@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from raymia.attacks.mia import cross_entropy
+from raymia.attacks.mia import cross_entropy, per_model
 from raymia.attacks.registry import ATTACKS
 from raymia.registry import NoParams
 from raymia.signals import Signals
@@ -62,5 +62,5 @@ def reference(signals: Signals, target: int, params: NoParams) -> np.ndarray:
     """-mean over queries of F(loss_t): the per-point false-positive level at which the target's loss
     falls below the OUT shadows' quantile."""
     shadow = signals.shadow_mask(target)
-    losses = signals.derived("cross-entropy", lambda: cross_entropy(signals.logits, signals.labels))  # [M, Q, P]
+    losses = signals.derived("cross-entropy", lambda: per_model(cross_entropy, signals.logits, signals.labels))  # [M, Q, P]
     return -out_cdf(losses[target], losses[shadow], ~signals.keep[shadow]).mean(axis=0)

@@ -56,7 +56,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import Field
 
-from raymia.attacks.mia import cross_entropy
+from raymia.attacks.mia import cross_entropy, per_model
 from raymia.attacks.registry import ATTACKS
 from raymia.metrics import roc_auc
 from raymia.registry import Params
@@ -113,11 +113,7 @@ def log_prob_true_label(logits: np.ndarray, labels: np.ndarray, temperature: flo
 
     logits [M, Q, P, C], labels [P]. One model is widened to float64 at a time.
     """
-    z = np.asarray(logits)
-    out = np.empty(z.shape[:3], dtype=np.float64)
-    for m in range(z.shape[0]):
-        out[m] = -cross_entropy(np.asarray(z[m], dtype=np.float64) / temperature, labels)  # [Q, P]
-    return out
+    return per_model(lambda z, y: -cross_entropy(np.asarray(z, dtype=np.float64) / temperature, y), logits, labels)
 
 
 def _offline_correction(log_pr_out: np.ndarray, a: float) -> np.ndarray:

@@ -34,7 +34,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from raymia.attacks.mia import cross_entropy, log_softmax
+from raymia.attacks.mia import cross_entropy, log_softmax, per_model
 from raymia.attacks.registry import ATTACKS
 from raymia.registry import Params
 from raymia.signals import Signals
@@ -186,13 +186,8 @@ def threshold_attack(signals: Signals, target: int, params: ThresholdParams, sta
     shadow = signals.shadow_mask(target)
     check_query(signals, params.query)
 
-    def per_model() -> np.ndarray:
-        stat = np.empty((signals.num_models, signals.num_points), dtype=np.float64)
-        for m in range(signals.num_models):
-            stat[m] = stat_fn(signals.logits[m, params.query], signals.labels)
-        return stat
-
-    stat = signals.derived((stat_fn, params.query), per_model)
+    stat = signals.derived((stat_fn, params.query),
+                           lambda: per_model(stat_fn, signals.logits[:, params.query], signals.labels))
     tau = signals.derived((stat_fn, params.query, params.calibration, shadow.tobytes()), lambda: thresholds(
         stat, signals.keep, signals.labels, params.calibration, shadow, signals.fit_index))
     return stat[target] - tau
