@@ -136,19 +136,32 @@ def vulnerable(points: PointScores, top: int = 20, fpr: float = FLAG_FPR) -> lis
     count, then the percentile, then z. Rows: target, index, label, flagged_by (count), attacks (their
     labels), percentile, z, and the strongest attack with its score."""
     flagged = flags(points, fpr)
-    pct = {a: nonmember_percentile(s, points.member) for a, s in points.scores.items()}
-    z = {a: nonmember_z(s, points.member) for a, s in points.scores.items()}
     names = list(points.scores)
+    if not names:
+        return []
+    count = sum(flagged[a].astype(np.int64) for a in names)  # [T, P]
+    # each point's strongest attack: the first of highest (percentile, z), as max() over the names picks it
+    best = np.zeros(points.member.shape, dtype=np.intp)
+    best_pct = nonmember_percentile(points.scores[names[0]], points.member)
+    best_z = nonmember_z(points.scores[names[0]], points.member)
+    for k, a in enumerate(names[1:], start=1):
+        pct, z = nonmember_percentile(points.scores[a], points.member), nonmember_z(points.scores[a], points.member)
+        wins = (pct > best_pct) | ((pct == best_pct) & (z > best_z))
+        best[wins], best_pct[wins], best_z[wins] = k, pct[wins], z[wins]
+    # only the members, ranked by count, percentile, z (descending), then target and index
+    ti, i = np.nonzero(points.member)
+    target = np.asarray(points.targets, dtype=np.int64)[ti]
+    index = points.index[i].astype(np.int64)
+    order = np.lexsort((index, target, -best_z[ti, i], -best_pct[ti, i], -count[ti, i]))[:top]
     rows = []
-    for ti, t in enumerate(points.targets):
-        for i in np.flatnonzero(points.member[ti]):
-            by = [a for a in names if flagged[a][ti, i]]
-            best = max(names, key=lambda a: (pct[a][ti, i], z[a][ti, i]))
-            rows.append({"target": t, "index": int(points.index[i]), "label": int(points.label[i]),
-                         "flagged_by": len(by), "attacks": by, "percentile": float(pct[best][ti, i]),
-                         "z": float(z[best][ti, i]), "attack": best, "score": float(points.scores[best][ti, i])})
-    rows.sort(key=lambda r: (-r["flagged_by"], -r["percentile"], -r["z"], r["target"], r["index"]))
-    return rows[:top]
+    for r in order:
+        t, p = ti[r], i[r]
+        attack = names[best[t, p]]
+        rows.append({"target": int(target[r]), "index": int(index[r]), "label": int(points.label[p]),
+                     "flagged_by": int(count[t, p]), "attacks": [a for a in names if flagged[a][t, p]],
+                     "percentile": float(best_pct[t, p]), "z": float(best_z[t, p]), "attack": attack,
+                     "score": float(points.scores[attack][t, p])})
+    return rows
 
 
 def write_vulnerable(rows: list[dict], path: Path) -> Path:
