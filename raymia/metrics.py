@@ -319,20 +319,29 @@ def bootstrap_ci(
     return out
 
 
-def _cp_lower(k: np.ndarray, n: int, confidence: float) -> np.ndarray:
-    """One-sided Clopper-Pearson lower bound of a proportion with k successes of n (0 when k = 0)."""
-    k = np.asarray(k, dtype=np.float64)
+@functools.lru_cache(maxsize=64)
+def _cp_table(n: int, confidence: float, upper: bool) -> np.ndarray:
+    """The one-sided Clopper-Pearson bound for every count k = 0..n of n, read-only: an audit bounds every
+    target and attack with the same n and confidence, and betaincinv at each distinct threshold took most
+    of full_metrics' time (0.25 of 0.28 s at 60,000 points)."""
+    k = np.arange(n + 1, dtype=np.float64)
     with np.errstate(invalid="ignore"):
-        lo = special.betaincinv(k, n - k + 1.0, 1.0 - confidence)  # the Beta(k, n-k+1) quantile
-    return np.where(k > 0, lo, 0.0)
+        if upper:  # 1 when k = n
+            table = np.where(k < n, special.betaincinv(k + 1.0, n - k, confidence), 1.0)
+        else:  # the Beta(k, n-k+1) quantile; 0 when k = 0
+            table = np.where(k > 0, special.betaincinv(k, n - k + 1.0, 1.0 - confidence), 0.0)
+    table.flags.writeable = False
+    return table
+
+
+def _cp_lower(k: np.ndarray, n: int, confidence: float) -> np.ndarray:
+    """One-sided Clopper-Pearson lower bound of a proportion with k successes (int, 0..n) of n."""
+    return _cp_table(int(n), float(confidence), False)[np.asarray(k, dtype=np.int64)]
 
 
 def _cp_upper(k: np.ndarray, n: int, confidence: float) -> np.ndarray:
-    """One-sided Clopper-Pearson upper bound of a proportion with k successes of n (1 when k = n)."""
-    k = np.asarray(k, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        hi = special.betaincinv(k + 1.0, n - k, confidence)
-    return np.where(k < n, hi, 1.0)
+    """One-sided Clopper-Pearson upper bound of a proportion with k successes (int, 0..n) of n."""
+    return _cp_table(int(n), float(confidence), True)[np.asarray(k, dtype=np.int64)]
 
 
 EPSILON_METHODS: tuple[str, ...] = ("split", "union")

@@ -72,6 +72,28 @@ def test_clopper_pearson_bounds_are_beta_quantiles() -> None:
     assert _cp_lower(k, 20, 0.95)[0] == 0.0 and _cp_upper(k, 20, 0.95)[-1] == 1.0
 
 
+def test_epsilon_bounds_come_from_one_table_per_count_for_every_target() -> None:
+    """The bounds are read from a table over every count of n (per n and confidence), the same numbers as
+    betaincinv at each count, computed once for every target and attack of an audit."""
+    from scipy import special
+
+    from raymia.metrics import _cp_table
+
+    rng = np.random.default_rng(5)
+    k = rng.integers(0, 3001, 500)
+    with np.errstate(invalid="ignore"):
+        lower = np.where(k > 0, special.betaincinv(k.astype(float), 3000 - k + 1.0, 1 - 0.975), 0.0)
+        upper = np.where(k < 3000, special.betaincinv(k + 1.0, 3000.0 - k, 0.975), 1.0)
+    np.testing.assert_array_equal(_cp_lower(k, 3000, 0.975), lower)
+    np.testing.assert_array_equal(_cp_upper(k, 3000, 0.975), upper)
+    member = rng.random(4000) < 0.5
+    _cp_table.cache_clear()
+    for _ in range(4):  # four targets
+        full_metrics(rng.standard_normal(4000) + member, member)
+    info = _cp_table.cache_info()
+    assert info.misses <= 8 and info.hits >= 3 * info.misses  # four tables (two sides, two halves) at most
+
+
 def test_small_example_by_hand() -> None:
     scores, is_member = _small()
     # AUC = P(member score > non-member score) over the 16 pairs:
