@@ -329,6 +329,11 @@ def run_audit(
         points=PointScores(index=population, label=signals.labels, member=signals.keep[targets],
                            scores=scores, targets=targets),
     )
+    if result.seconds >= ATTACK_PROGRESS_AFTER_S:  # a long audit's report (every point's scores) takes a while too
+        from raymia.report.text import duration
+
+        log.info("report: attacks done after %s; writing result.json, records.parquet and the figures to %s",
+                 duration(result.seconds), out)
     write_report(result, console=console, track=spec.tracking.enabled if track is None else track, page=page,
                  store=store)
     return result
@@ -394,7 +399,8 @@ def measure_utility(signals, targets: list[int], bank_models: int | None = None)
 
 
 # The attacks of a small audit take a second and say nothing; a large one (256 targets, learned attacks) can
-# take many minutes: from this many seconds on, a progress line at most every ATTACK_PROGRESS_EVERY_S.
+# take many minutes: from this many seconds on, a progress line at most every ATTACK_PROGRESS_EVERY_S, and
+# one line before the report of an audit that has run this long.
 ATTACK_PROGRESS_AFTER_S = 10.0
 ATTACK_PROGRESS_EVERY_S = 30.0
 

@@ -78,7 +78,9 @@ def test_audit_is_logged_to_mlflow(first_audit, workdir):
     assert load_spec(local, kind=AuditSpec) == load_spec(res.out_dir / "spec.yaml", kind=AuditSpec)
 
 
-def test_rerun_reuses_signals_and_a_lost_pack_is_rebuilt_alone(first_audit, workdir, caplog):
+def test_rerun_reuses_signals_and_a_lost_pack_is_rebuilt_alone(first_audit, workdir, caplog, monkeypatch):
+    import raymia.audit as audit
+
     spec, res = first_audit
     caplog.set_level(logging.INFO, logger="raymia")
     t0 = time.perf_counter()
@@ -87,6 +89,13 @@ def test_rerun_reuses_signals_and_a_lost_pack_is_rebuilt_alone(first_audit, work
     assert time.perf_counter() - t0 < 10  # no training, no worker group
     assert "reusing stored signals" in caplog.text
     assert again.attacks == res.attacks and again.utility == res.utility
+    assert "report: " not in caplog.text  # a short audit writes its report without a word
+
+    monkeypatch.setattr(audit, "ATTACK_PROGRESS_AFTER_S", 0.0)  # as if the audit had run long
+    caplog.clear()
+    run_audit(spec, track=False, console=False)
+    assert f"; writing result.json, records.parquet and the figures to {res.out_dir}" in caplog.text
+    monkeypatch.undo()
 
     # Lose one of the two packs (as a killed run would): only that pack is retrained, numbers unchanged.
     pack1 = workdir / "runs" / "signals" / res.fingerprint / "k4-pack-00001.npz"
