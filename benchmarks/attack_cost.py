@@ -5,7 +5,9 @@ Default: 256 models x 60,000 audited points x 2 queries x 10 classes (float32 lo
 models in complementary pairs, as raymia's plans draw them),
 which is all an attack's cost depends on. Peak memory is what numpy/python allocate during one attack
 call beyond the signals themselves (tracemalloc; numpy reports its buffers to it), so "x signals" is the
-attack's extra memory as a multiple of the signals' size.
+attack's extra memory as a multiple of the signals' size. On Linux each row also gives the process's peak
+resident memory during the call beyond what it held before (`rss_x_signals`; the kernel's peak counter is
+reset before each attack), which counts what tracemalloc cannot see (scikit-learn's and torch's own buffers).
 
 With `--targets T` each attack also runs against T targets the way an audit does (one Signals object, whose
 per-model transforms every target shares) and, side by side, against each target on a fresh copy of the
@@ -98,6 +100,24 @@ def targets_cost(name: str, sig: Signals, targets: int) -> dict:
             "ratio": round(t_fresh / t_shared, 2), "same_scores": same}
 
 
+def _rss(key: str) -> int | None:
+    """VmRSS or VmHWM of this process in bytes (None off Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith(key)).split()[1]) * 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak resident set (VmHWM) starts again from the current one
+        return True
+    except OSError:
+        return False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=int, default=256)
@@ -121,6 +141,7 @@ def main() -> None:
     rows = []
     for name in a.attacks or ATTACKS.names():
         sig.forget_derived()  # as the audit does after each attack: nothing carried over from the last one
+        rss0 = _rss("VmRSS:") if _reset_peak_rss() else None
         tracemalloc.start()
         t0 = time.perf_counter()
         scores = run_attack(name, None, sig, 0)
@@ -129,6 +150,8 @@ def main() -> None:
         tracemalloc.stop()
         row = {"attack": name, "seconds": round(secs, 2), "peak_extra_GiB": round(peak / 2**30, 3),
                "x_signals": round(peak / size, 2), "finite": bool(np.isfinite(scores).all())}
+        if rss0 is not None:
+            row["rss_x_signals"] = round((_rss("VmHWM:") - rss0) / size, 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
         if a.targets:
