@@ -457,11 +457,7 @@ def write_report(result: AuditResult, console: bool, track: bool, page: bool = T
             old.unlink()
     (out / "result.json").write_text(json.dumps(result.to_json(), indent=1))
     write_spec_file(spec, out / "spec.yaml", f"the spec of audit {spec.name}-{fp}")
-    setting = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.defense.params.items())
-    plot_roc(
-        result.roc, out / "roc.png", title=f"{spec.name}: {spec.defense.name}" + (f" ({setting})" if setting else "")
-        + f", {spec.plan.num_models} models; target {result.targets[0]}",  # the curves are the first target's
-    )
+    plot_roc(result.roc, out / "roc.png", title=roc_title(spec, result.targets[0]))
     if result.points is not None:  # every point's scores, the members that leak most, their histograms
         from raymia.report.plots import HISTOGRAMS_FILE, histograms_title, plot_histograms
         from raymia.report.records import RECORDS_FILE, VULNERABLE_FILE, write_records, write_vulnerable
@@ -601,6 +597,14 @@ def _mean_std(runs: list[dict[str, float | None]]) -> tuple[dict[str, float | No
             mean[k] = float(np.mean(vals))
             std[k] = float(np.std(vals))
     return mean, std
+
+
+def roc_title(spec: AuditSpec, target: int) -> str:
+    """roc.png's title: the audit, its defense setting, the bank, and the target whose curves it draws."""
+    setting = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.defense.params.items())
+    defense = "no defense" if spec.defense.name == "none" else spec.defense.name
+    return (f"{spec.name}: {defense}" + (f" ({setting})" if setting else "")
+            + f", {spec.plan.num_models} models; target {target}")
 
 
 def fmt(v: float | None, pct: bool = False) -> str:

@@ -73,6 +73,16 @@ def test_plot_roc_writes_png(tmp_path: Path) -> None:
     _assert_png_not_blank(out)
 
 
+def test_roc_title_names_the_setting_the_bank_and_the_target() -> None:
+    import raymia
+    from raymia.audit import roc_title
+
+    plain = raymia.as_spec({"name": "q", "plan": {"num_models": 8}})
+    assert roc_title(plain, 3) == "q: no defense, 8 models; target 3"
+    hamp = raymia.as_spec({"name": "q", "defense": {"name": "hamp", "params": {"gamma": 0.67891, "alpha": 1e-3}}})
+    assert roc_title(hamp, 0).startswith("q: hamp (gamma=0.6789, alpha=0.001")
+
+
 def test_a_curves_label_is_its_own_auc() -> None:
     """The legend named the mean AUC over targets beside the first target's curve (0.718 beside a 0.759
     curve); each curve is now labelled with the AUC of the scores it was drawn from, ties counted half."""
