@@ -5,7 +5,9 @@ breeds generations of 50, so a sweep of 8 trials would be a random search. `make
 `sweep.num_trials` (`raymia.space.startup_trials`, `population_size`). The spec's constraints reach the sampler through
 its `constraints_func` (feasible when every value is <= 0): Tune's OptunaSearch tells the study only the
 objectives, so `ConstrainedOptunaSearch` stores each finished trial's constraint values on its Optuna
-trial (`CONSTRAINTS_ATTR`) just before. Imports Ray Tune and Optuna: only `raymia.sweep` uses it.
+trial (`CONSTRAINTS_ATTR`) just before. It also makes the proposals independent of which of the concurrent
+trials finishes first (`ConstrainedOptunaSearch`), so that a sweep run again with the same seed proposes the
+same settings. Imports Ray Tune and Optuna: only `raymia.sweep` uses it.
 """
 
 from __future__ import annotations
@@ -54,14 +56,53 @@ def make_sampler(name: str, seed: int, num_trials: int, constrained: bool):
 
 class ConstrainedOptunaSearch(OptunaSearch):
     """OptunaSearch that stores a finished trial's constraint values on its Optuna trial before telling the
-    study its objectives, where the sampler's `constraints_func` reads them."""
+    study its objectives, where the sampler's `constraints_func` reads them, and that proposes the same
+    settings whatever order the concurrent trials finish in.
 
-    def __init__(self, *args, constraints: Sequence[Any] = (), **kwargs):
+    With `max_concurrent` = c trials at a time, proposal n (counted from 0) is made once trials 0 .. n-c
+    have been told to the study and before any later one is: a trial that finishes early is held until the
+    trials proposed before it are told and proposal n+c-1 is made (the last c trials of `num_trials` are
+    told as they end). Tune asks again when a trial ends, so a free slot waits only for the trial c
+    proposals back. Without this, which trials the sampler has seen, and so what it proposes, would depend
+    on the machine's timing."""
+
+    def __init__(self, *args, max_concurrent: int, num_trials: int, constraints: Sequence[Any] = (), **kwargs):
         super().__init__(*args, **kwargs)
         self._constraints = list(constraints)
+        self._in_step, self._num_trials = max(1, max_concurrent), num_trials
+        self._proposed: list[str] = []  # trial ids in the order they were proposed
+        self._held: dict[str, tuple[dict | None, bool]] = {}  # finished, not yet told: (result, error)
+        self._told = 0  # trials _proposed[:_told] are told to the study
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if trial_id not in self._ot_trials:
+            if self._told < len(self._proposed) - self._in_step + 1:
+                return None  # proposal n waits until trial n - c is told
+            config = super().suggest(trial_id)
+            self._proposed.append(trial_id)
+            self._tell_ready()  # the trial held for this proposal, which it was not to see
+            return config
+        return super().suggest(trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if trial_id in self._completed_trials or trial_id in self._held:
+            return  # a trial that Tune retried after it failed: told once
+        self._held[trial_id] = (result, error)
+        self._tell_ready()
+
+    def _tell_ready(self) -> None:
+        """Tell the held trials whose turn it is: trial j once trials 0 .. j-1 are told and proposal j+c-1
+        is made (or every trial is proposed)."""
+        while self._told < len(self._proposed) and self._proposed[self._told] in self._held:
+            j = self._told
+            if len(self._proposed) < min(j + self._in_step, self._num_trials):
+                return
+            trial_id = self._proposed[j]
+            self._tell(trial_id, *self._held.pop(trial_id))
+            self._told += 1
+
+    def _tell(self, trial_id: str, result: dict | None, error: bool) -> None:
         ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is not None and self._constraints and trial_id not in self._completed_trials:
+        if ot_trial is not None and self._constraints:
             ot_trial.set_user_attr(CONSTRAINTS_ATTR, constraint_values(self._constraints, result or {}))
         super().on_trial_complete(trial_id, result, error)

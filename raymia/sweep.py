@@ -1117,6 +1117,8 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
         mode=[o.mode for o in objectives],
         sampler=make_sampler(spec.sweep.sampler, spec.seed, spec.sweep.num_trials, bool(constraints)),
         constraints=constraints,
+        max_concurrent=spec.sweep.max_concurrent,
+        num_trials=spec.sweep.num_trials,
         storage=_study_storage(spec, sweep_dir),
         study_name=f"raymia-{spec.name}",
     )

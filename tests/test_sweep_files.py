@@ -148,7 +148,8 @@ def test_constraints_reach_the_sampler_through_tunes_searcher():
 
     floor = [Constraint(metric="test_accuracy", op=">=", value=0.9), Constraint(metric="loss/auc", op="<=", value=0.8)]
     search = ConstrainedOptunaSearch(space=space, metric=["test_accuracy", "loss/auc"], mode=["max", "min"],
-                                     sampler=make_sampler("tpe", 0, 8, True), constraints=floor)
+                                     sampler=make_sampler("tpe", 0, 8, True), constraints=floor,
+                                     max_concurrent=1, num_trials=3)
     results = [{"test_accuracy": 0.95, "loss/auc": 0.7}, {"test_accuracy": 0.85, "loss/auc": 0.5},
                {"test_accuracy": 0.92, "loss/auc": 0.6}]
     for i, r in enumerate(results):
@@ -176,3 +177,40 @@ def test_the_first_console_line_names_the_space_or_with_many_defenses_their_size
     assert line.startswith(f"{len(many)} defenses: hamp (3 parameters), dpsgd (4 parameters), ")
     assert "weight_decay (1 parameter)," in line and line.endswith("), tl_dmi (3 parameters); raymia check lists their spaces")
     assert len(line) < 400
+
+
+def _drive_search(finish_newest_first: bool, concurrent: int = 2, n: int = 8) -> list[dict]:
+    """Tune's side of the Searcher API: up to `concurrent` trials run; when one ends, the free slots are
+    offered again (a `suggest` that answers None leaves its slot free until the next end). The trials end
+    oldest first, or newest first. Returns the settings in the order they were proposed."""
+    from raymia.searcher import ConstrainedOptunaSearch, make_sampler
+
+    def space(trial):
+        trial.suggest_float("x", 0.0, 1.0)
+        trial.suggest_float("y", 0.0, 1.0)
+
+    search = ConstrainedOptunaSearch(space=space, metric=["a", "b"], mode=["max", "min"],
+                                     sampler=make_sampler("tpe", 0, n, False), max_concurrent=concurrent, num_trials=n)
+    proposed: list[dict] = []
+    running: list[str] = []
+    while len(proposed) < n or running:
+        while len(running) < concurrent and len(proposed) < n:
+            config = search.suggest(f"t{len(proposed)}")
+            if config is None:
+                break
+            proposed.append(config)
+            running.append(f"t{len(proposed) - 1}")
+        done = running.pop(-1 if finish_newest_first else 0)
+        x, y = proposed[int(done[1:])]["x"], proposed[int(done[1:])]["y"]
+        search.on_trial_complete(done, {"a": x - y * y, "b": x * y})
+    assert len(search._ot_study.get_trials()) == n  # every trial told by the end
+    return proposed
+
+
+def test_proposals_do_not_depend_on_which_concurrent_trial_ends_first():
+    """Two trials at a time: whether the older or the newer one ends first (the machine's timing), the
+    sampler sees the same finished trials at each proposal, so a sweep run again proposes the same settings."""
+    oldest, newest = _drive_search(False), _drive_search(True)
+    assert oldest == newest
+    assert len({c["x"] for c in oldest}) == 8
+    assert _drive_search(False, concurrent=1) != oldest  # one at a time the sampler sees more: other settings
