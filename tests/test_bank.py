@@ -209,3 +209,23 @@ def test_compiled_pack_trains_the_same_models():
     for name, p in eager.params.items():
         assert (p - start.params[name]).abs().max() > 1e-3  # trained
         torch.testing.assert_close(compiled.params[name], p, rtol=1e-4, atol=1e-5)
+
+
+def dropout_mlp(params, info):
+    """A builder with dropout (`model.name: tests.test_bank:dropout_mlp`)."""
+    from torch import nn
+
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, info.num_classes))
+
+
+def test_a_pack_with_dropout_draws_the_same_masks_whatever_the_callers_random_state():
+    """README, The bank: a pack's dropout masks come from one stream that the pack's own seeds start, so the
+    same pack trains the same models bit for bit (another pack size trains other ones)."""
+    ctx = ctx_for(model={"name": "tests.test_bank:dropout_mlp"}, train={"epochs": 2})
+    torch.manual_seed(1)
+    first = train_models_packed(ctx, [0, 1], CPU)
+    torch.manual_seed(2)
+    again = train_models_packed(ctx, [0, 1], CPU)
+    assert all(torch.equal(first.params[n], again.params[n]) for n in first.params)
+    other = train_models_packed(ctx, [1], CPU)
+    assert not torch.equal(other.params["4.weight"][0], first.params["4.weight"][1])
