@@ -355,6 +355,11 @@ def ensure_bank(spec: AuditSpec, store: SignalStore, pool=None) -> bool:
     store.write_spec(spec.bank_dict())
     if len(missing) < n_packs:
         log.info("reusing %d of %d stored packs of signals %s", n_packs - len(missing), n_packs, fp)
+        # the two ways agree to float tolerance only: the rest of the bank trains the way its stored packs did
+        stored = store.trained_vectorized(missing) if spec.bank.vectorize == "auto" else None
+        if stored is not None:
+            spec = spec.model_copy(update={"bank": spec.bank.model_copy(update={"vectorize": stored})})
+            log.info("bank: %s, as its stored packs trained", "vectorised packs" if stored else "one model at a time")
     if spec.bank.engine == "local":
         from raymia.engine.bank_job import build_bank_locally
 

@@ -137,6 +137,14 @@ class SignalStore:
         """The manifest of a pack (what was recorded beside its arrays: device, seconds, defense reports)."""
         return json.loads(self.files.read(self._paths(pack)[1]))
 
+    def trained_vectorized(self, missing: list[int]) -> bool | None:
+        """Whether the bank's stored packs trained vectorised: the manifest of the first stored pack of at
+        least two models (`missing`: the packs not stored); None when there is none."""
+        for p in range(self.num_packs):
+            if p not in missing and len(self.pack_models(p)) > 1:
+                return bool(self.read_meta(p).get("vectorized"))
+        return None
+
     def missing_packs(self) -> list[int]:
         """Packs that must be (re)built; invalid entries are logged and removed."""
         missing = []

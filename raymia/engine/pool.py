@@ -46,7 +46,7 @@ class BankWorker:
         worker_logging(log_level)
         self.index, self.device = index, torch.device(device)
         self._data = {_data_key(*data): load_dataset(*data)}  # the sweep's data set, loaded before any trial
-        self._contexts: collections.OrderedDict[str, tuple[Any, bool]] = collections.OrderedDict()
+        self._contexts: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._vectorize: dict[str, bool] = {}  # `choose_vectorize`'s answer per `_speed_key`
         torch.optim.SGD([torch.zeros(1, requires_grad=True)])  # an optimizer's first build imports torch._dynamo
         if self.device.type == "cuda":
@@ -57,6 +57,17 @@ class BankWorker:
 
         return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                 "ip": ray.util.get_node_ip_address()}
+
+    def choose(self, spec: dict[str, Any], fingerprint: str, worker_models: int, log_level: int,
+               prefix: str) -> tuple[bool, list[str]]:
+        """The way the bank trains (`bank.vectorize: auto`: `choose_vectorize` times both here), decided once
+        for all the run's packs: the two ways agree to float tolerance only. Returns it and the lines the
+        driver says."""
+        from raymia.engine.bank_job import worker_logging
+
+        worker_logging(log_level, prefix)
+        notes: list[str] = []
+        return self._context(AuditSpec.model_validate(spec), fingerprint, worker_models, notes.append)[1], notes
 
     def train(self, spec: dict[str, Any], store_root: str, fingerprint: str, pack: int, worker_models: int,
               log_level: int, prefix: str) -> dict[str, Any] | None:
@@ -87,20 +98,21 @@ class BankWorker:
 
         if fingerprint in self._contexts:
             self._contexts.move_to_end(fingerprint)
-            return self._contexts[fingerprint]
-        key = _data_key(spec.data.name, spec.data.params)
-        if key not in self._data:
-            self._data = {key: load_dataset(spec.data.name, spec.data.params)}  # one data set kept
-        ctx = BankContext.from_spec(spec, data=self._data[key], check_model=False)  # the audit checked it
+            ctx = self._contexts[fingerprint]
+        else:
+            key = _data_key(spec.data.name, spec.data.params)
+            if key not in self._data:
+                self._data = {key: load_dataset(spec.data.name, spec.data.params)}  # one data set kept
+            ctx = BankContext.from_spec(spec, data=self._data[key], check_model=False)  # the audit checked it
+            self._contexts[fingerprint] = ctx
+            while len(self._contexts) > CONTEXTS_KEPT:
+                self._contexts.popitem(last=False)
+        # per setting of bank.vectorize: the driver passes the run's choice (`BankPool.run`) explicitly
         speed = _speed_key(spec)  # the sweep's trials differ in defense parameters, which do not change speed
         if speed not in self._vectorize:
             self._vectorize[speed] = choose_vectorize(ctx, ctx.pack_models(0), self.device, worker_models=worker_models,
                                                       say=say)
-        vectorize = self._vectorize[speed]
-        self._contexts[fingerprint] = (ctx, vectorize)
-        while len(self._contexts) > CONTEXTS_KEPT:
-            self._contexts.popitem(last=False)
-        return ctx, vectorize
+        return ctx, self._vectorize[speed]
 
 
 def _speed_key(spec: AuditSpec) -> str:
@@ -197,6 +209,16 @@ class BankPool:
         share = max(1, len(packs) * store.pack_size // alive)
         log.info("training %d pack(s) on %d warm worker(s)%s", len(packs), alive,
                  " (GPU)" if self.device == "cuda" else "")
+        if raw["bank"]["vectorize"] == "auto" and free:  # one way for every pack, decided by one worker
+            try:
+                vectorize, notes = ray.get(self.workers[free[0]].choose.remote(raw, store.fingerprint, share, level,
+                                                                               prefix))
+            except ray.exceptions.RayActorError:  # lost while it timed: the hand-out below says so
+                pass
+            else:
+                for note in notes:
+                    log.info("%s", note)
+                raw["bank"]["vectorize"] = vectorize
         done_count, start = 0, time.perf_counter()
         while queue or inflight:
             while queue and free:
