@@ -60,11 +60,11 @@ class ConstrainedOptunaSearch(OptunaSearch):
     settings whatever order the concurrent trials finish in.
 
     With `max_concurrent` = c trials at a time, proposal n (counted from 0) is made once trials 0 .. n-c
-    have been told to the study and before any later one is: a trial that finishes early is held until the
-    trials proposed before it are told and proposal n+c-1 is made (the last c trials of `num_trials` are
-    told as they end). Tune asks again when a trial ends, so a free slot waits only for the trial c
-    proposals back. Without this, which trials the sampler has seen, and so what it proposes, would depend
-    on the machine's timing."""
+    have been told to the study and before any later one is: trial j, once it ends, is held until trials
+    0 .. j-1 are told and proposal j+c-1 is made (the last c trials of `num_trials` are told as they end).
+    `suggest` answers None while proposal n waits; Tune asks again when a trial ends, so a free slot waits
+    only for the trial c proposals back. Without this, which trials the sampler has seen, and so what it
+    proposes, would depend on the machine's timing."""
 
     def __init__(self, *args, max_concurrent: int, num_trials: int, constraints: Sequence[Any] = (), **kwargs):
         super().__init__(*args, **kwargs)
