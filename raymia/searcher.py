@@ -74,6 +74,11 @@ class ConstrainedOptunaSearch(OptunaSearch):
         self._held: dict[str, tuple[dict | None, bool]] = {}  # finished, not yet told: (result, error)
         self._told = 0  # trials _proposed[:_told] are told to the study
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a searcher pickled before the hold rule (a sweep begun by an older raymia, resumed by this one)
+        # tells its trials as they end
+        self.__dict__.update({"_in_step": 1, "_num_trials": 0, "_proposed": [], "_held": {}, "_told": 0}, **state)
+
     def suggest(self, trial_id: str) -> dict | None:
         if trial_id not in self._ot_trials:
             if self._told < len(self._proposed) - self._in_step + 1:
@@ -87,6 +92,9 @@ class ConstrainedOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         if trial_id in self._completed_trials or trial_id in self._held:
             return  # a trial that Tune retried after it failed: told once
+        if trial_id not in self._proposed:  # proposed before a resume by a searcher without the hold rule
+            self._tell(trial_id, result, error)
+            return
         self._held[trial_id] = (result, error)
         self._tell_ready()
 

@@ -207,6 +207,32 @@ def _drive_search(finish_newest_first: bool, concurrent: int = 2, n: int = 8) ->
     return proposed
 
 
+def test_a_searcher_pickled_without_the_hold_rule_resumes_telling_trials_as_they_end():
+    """A sweep begun by a raymia whose searcher had no hold rule, resumed by this one: Tune unpickles the old
+    searcher into this class, and the trials proposed before the resume are told when they end."""
+    import optuna
+    from ray import cloudpickle
+
+    from raymia.searcher import ConstrainedOptunaSearch, make_sampler
+
+    def space(trial):
+        trial.suggest_float("x", 0.0, 1.0)
+
+    search = ConstrainedOptunaSearch(space=space, metric=["a"], mode=["max"], sampler=make_sampler("tpe", 0, 4, False),
+                                     max_concurrent=2, num_trials=4)
+    search.suggest("t0"), search.suggest("t1")
+    for name in ("_in_step", "_num_trials", "_proposed", "_held", "_told"):
+        delattr(search, name)  # the fields an older raymia's searcher did not have
+    old = cloudpickle.loads(cloudpickle.dumps(search))  # as Tune pickles it into tuner.pkl
+    old.on_trial_complete("t1", {"a": 1.0})  # the newer one ends first: told at once, nothing waits for it
+    assert [t.state for t in old._ot_study.get_trials()] == [optuna.trial.TrialState.RUNNING,
+                                                             optuna.trial.TrialState.COMPLETE]
+    assert old.suggest("t2") is not None
+    for t in ("t0", "t2"):
+        old.on_trial_complete(t, {"a": 0.5})
+    assert len(old._ot_study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 3
+
+
 def test_proposals_do_not_depend_on_which_concurrent_trial_ends_first():
     """Two trials at a time: whether the older or the newer one ends first (the machine's timing), the
     sampler sees the same finished trials at each proposal, so a sweep run again proposes the same settings."""
