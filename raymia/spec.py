@@ -128,8 +128,11 @@ class Named(_Model):
     """A registry entry chosen by name, with its own parameters (see `raymia list`). A bare name stands for
     the entry with its defaults: `model: lenet5`, `attacks: [loss, lira_online]`."""
 
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(description="a registered name (raymia list), or your own code by import path, "
+                      "module:function")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="the entry's parameters, checked against the ones it declares (raymia "
+        "list shows them with their types, defaults and ranges); unset: its defaults")
 
     @model_validator(mode="before")
     @classmethod
@@ -150,7 +153,7 @@ class DataSpec(Named):
     bank trains on come from them only; `public_classes` (default: every other class) are the public split
     that defenses and the inversion attacker's GAN may fit on. Both unset: every class is private."""
 
-    name: str = "digits"
+    name: str = Field("digits", description="a registered data set (raymia list datasets), or module:function")
     private_classes: int | list[int] | None = Field(
         None, description="the target's classes (N: classes 0..N-1, or a list); default: all of them")
     public_classes: list[int] | None = Field(
@@ -183,11 +186,13 @@ class DataSpec(Named):
 
 
 class ModelSpec(Named):
-    name: str = "mlp"
+    name: str = Field("mlp", description="a registered architecture (raymia list models), or your builder by "
+                      "import path, module:function")
 
 
 class DefenseSpec(Named):
-    name: str = "none"
+    name: str = Field("none", description="a registered defense (raymia list defenses), or module:Class (a "
+                      "raymia.defenses.base.Defense subclass)")
 
 
 # prefixes of other flat metric names, and the fixed columns of records.parquet (report.records)
@@ -229,6 +234,9 @@ class LabelledEntry(Named):
 class AttackSpec(LabelledEntry):
     """An attack entry: a registered attack `name`, its `params`, and an optional `label` that names the entry
     in results and metric names (`<label>/auc`, MLflow, sweep objectives)."""
+
+    name: str = Field(description="a registered attack (raymia list attacks; under inversion.attacks, raymia "
+                      "list inversion), or module:function")
 
     @field_validator("label")
     @classmethod
@@ -315,21 +323,30 @@ class TrainSpec(_Model):
     so every model of the bank takes the same number of steps and packs of models vectorise.
     """
 
-    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    lr: float = Field(1e-3, gt=0, le=10)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(0.0, ge=0)
-    epochs: int = Field(100, ge=1, le=100000)
-    batch_size: int = Field(64, ge=1)
-    schedule: Literal["constant", "step", "cosine", "onecycle", "triangle"] = "constant"
+    optimizer: Literal["sgd", "adam", "adamw"] = Field(
+        "adam", description="sgd (with momentum and nesterov), adam, or adamw (decoupled weight decay); torch's "
+        "defaults otherwise")
+    lr: float = Field(1e-3, gt=0, le=10, description="learning rate, the schedule's peak (factor 1)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd's momentum (adam and adamw ignore it)")
+    nesterov: bool = Field(False, description="sgd: Nesterov momentum (with momentum > 0)")
+    weight_decay: float = Field(
+        0.0, ge=0, description="the optimizer's weight_decay: an L2 term in the gradient for sgd and adam, "
+        "decoupled for adamw (0: off)")
+    epochs: int = Field(100, ge=1, le=100000, description="passes over each model's members (P/2 points)")
+    batch_size: int = Field(64, ge=1, description="members per optimizer step")
+    schedule: Literal["constant", "step", "cosine", "onecycle", "triangle"] = Field(
+        "constant", description="the lr over the training's steps: constant; step (x lr_decay at each of "
+        "milestones); cosine (annealed to 0); onecycle (torch's OneCycleLR, momentum held); triangle "
+        "(airbench's, shaped by triangle)")
     milestones: list[float] = Field(
         default_factory=lambda: [0.5, 0.75], description="step schedule: fractions of training where lr decays"
     )
     lr_decay: float = Field(0.1, gt=0, le=1, description="step schedule: factor at each milestone")
     triangle: TriangleSpec = Field(default_factory=TriangleSpec, description="triangle schedule: its shape")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="smoothing epsilon of the cross-entropy (0: "
+                                   "off); the label_smoothing defense replaces it")
+    augment: AugmentSpec = Field(default_factory=AugmentSpec,
+                                 description="training-time augmentation (default: none)")
     function: Named | None = Field(
         None, description="your own training function instead of raymia's loop, by import path "
         "(module:function) or a plug-in's registered name: fn(job, params) trains job.model on job.x, job.y "
@@ -377,9 +394,12 @@ class BankSpec(_Model):
         description="train a pack's models at once (grouped kernels for sequential models, torch.func.vmap "
         "for the others); auto: time a few steps of both and keep the faster",
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast on CUDA")
-    channels_last: bool = False
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the bank trains: auto is CUDA when torch sees a GPU, else the CPU; cuda "
+        "without one is refused")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: autocast on CUDA (a CPU trains in fp32); part of the fingerprint")
+    channels_last: bool = Field(False, description="channels-last memory format for image inputs on CUDA")
 
 
 def _default_levels(kind: str) -> list[float]:
@@ -428,9 +448,10 @@ TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "
 
 
 class TrackingSpec(_Model):
-    enabled: bool = True
-    uri: str = "sqlite:///mlflow.db"
-    experiment: str = "raymia"
+    enabled: bool = Field(True, description="log each audit (and a sweep's trials) as an MLflow run")
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI: sqlite:///FILE, postgresql://..., "
+                     "mysql://..., mssql://..., http(s)://host:port, or databricks")
+    experiment: str = Field("raymia", description="MLflow experiment the runs go to")
     log_signals: bool = Field(
         False, description="an audit also logs its bank's stored signals (every pack and manifest, under "
         "signals/<fingerprint>/) as artifacts of its MLflow run: download them into DIR/ and "
@@ -459,6 +480,8 @@ class NonMemberSetSpec(LabelledEntry):
     """A non-member set (`raymia list ood`: permuted, scaled, unnormalized, uniform, gaussian, dataset, gan)
     queried beside the audited points; `label` names it in results (default: the name)."""
 
+    name: str = Field(description="a registered non-member set (raymia list ood), or module:function")
+
 
 class OodSpec(_Model):
     """Out-of-distribution non-members (Hintersdorf et al. 2022): every bank model also answers `size`
@@ -485,7 +508,7 @@ class EvaluatorSpec(_Model):
     params: dict[str, Any] = Field(default_factory=dict, description="the evaluator model's params")
     epochs: int = Field(30, ge=1, description="training epochs (Adam)")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="images per Adam step")
 
 
 class InversionSpec(_Model):
@@ -500,7 +523,8 @@ class InversionSpec(_Model):
         "all", description="private classes reconstructed: all, the first N of them, or a list")
     targets: int = Field(1, ge=1, description="invert the first N of plan.targets")
     min_public: int = Field(100, ge=1, description="fewest public images the attacker may be given")
-    evaluator: EvaluatorSpec = Field(default_factory=EvaluatorSpec)
+    evaluator: EvaluatorSpec = Field(default_factory=EvaluatorSpec,
+                                     description="the classifier that scores the reconstructions")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where attacks and the evaluator run")
 
     @model_validator(mode="after")
@@ -540,29 +564,41 @@ class AuditSpec(_Model):
     with `raymia.as_spec(spec, ["train.epochs=30"])` or `spec.model_copy(update=...)`; `raymia.as_spec`
     also checks the registry names and params, which building the object alone does not."""
 
-    name: FileName = "audit"
-    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's and Optuna's seeds are 32-bit
-    data: DataSpec = Field(default_factory=DataSpec)
-    plan: PlanSpec = Field(default_factory=PlanSpec)
-    model: ModelSpec = Field(default_factory=ModelSpec)
-    train: TrainSpec = Field(default_factory=TrainSpec)
-    defense: DefenseSpec = Field(default_factory=DefenseSpec)
+    name: FileName = Field("audit", description="names the audit's or sweep's folders and runs: letters, "
+                           "digits, '_', '-' and '.', not starting with '.', at most 64 characters")
+    # numpy's and Optuna's seeds are 32-bit
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="every random choice derives from it and its role "
+                      "(the plan, model m, the queries, the sampler)")
+    data: DataSpec = Field(default_factory=DataSpec, description="the data set (default: digits)")
+    plan: PlanSpec = Field(default_factory=PlanSpec, description="the bank's size, population and targets")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="the architecture of every bank model "
+                             "(default: mlp)")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="the training recipe of every bank model")
+    defense: DefenseSpec = Field(default_factory=DefenseSpec, description="the defense the audited models "
+                                 "train with (default: none)")
     attacker: Literal["adaptive", "non_adaptive"] = Field(
         "adaptive",
         description="adaptive: the shadows are trained with the defense too; non_adaptive: only the targets "
         "are, and the attacker's shadows are the other, undefended models",
     )
-    queries: list[str] = Field(default_factory=lambda: ["identity", "hflip"], min_length=1)
-    attacks: list[AttackSpec] = Field(default_factory=_default_attacks, min_length=1)
-    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
-    bank: BankSpec = Field(default_factory=BankSpec)
-    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    queries: list[str] = Field(
+        default_factory=lambda: ["identity", "hflip"], min_length=1,
+        description="query augmentations every model answers: identity (first), hflip, shift:DX:DY (pixels), "
+        "noise:SIGMA")
+    attacks: list[AttackSpec] = Field(
+        default_factory=_default_attacks, min_length=1,
+        description="membership attacks (default: loss, modified_entropy, lira_online, lira_offline, "
+        "rmia_online)")
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="what the report measures")
+    bank: BankSpec = Field(default_factory=BankSpec, description="how and where the bank trains")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow logging")
     target: TargetSpec | None = Field(
         None, description="audit your own trained model (its checkpoint or outputs, and its members); the bank's "
         "models are then all its shadows")
     inversion: InversionSpec | None = Field(None, description="model-inversion attacks on the targets")
     ood: OodSpec | None = Field(None, description="out-of-distribution non-member sets")
-    output_dir: str = "raymia-runs"
+    output_dir: str = Field("raymia-runs", description="folder of the reports (and of the store, unless "
+                            "store is set)")
     store: str | None = Field(None, description="where signals and caches live (what every node must reach): a "
                               "path, NFS, or a URI (s3://bucket/prefix, gs://..., file:///..., any fsspec protocol); "
                               "default: output_dir. Reports stay in output_dir")
@@ -664,7 +700,8 @@ class AuditSpec(_Model):
 
 class Objective(_Model):
     metric: str = Field(description="e.g. test_accuracy, lira_online/tpr_fpr_0.01, loss/auc")
-    mode: Literal["max", "min"]
+    mode: Literal["max", "min"] = Field(description="max: higher is better (utility); min: lower is better "
+                                        "(an attack's success)")
     reference: float | None = Field(
         None, allow_inf_nan=False,
         description="the hypervolume's reference on this objective (default: the undefended trial's value); "
@@ -672,13 +709,13 @@ class Objective(_Model):
 
 
 class Constraint(_Model):
-    metric: str
-    op: Literal[">=", "<="]
-    value: float = Field(allow_inf_nan=False)
+    metric: str = Field(description="a metric name, as in objectives (e.g. test_accuracy)")
+    op: Literal[">=", "<="] = Field(description="how the metric must compare to value")
+    value: float = Field(allow_inf_nan=False, description="the bound")
 
 
 class DefenseChoice(_Model):
-    name: str
+    name: str = Field(description="a registered defense (raymia list defenses)")
     space: dict[str, Any] = Field(
         default_factory=dict,
         description="overrides of the defense's declared space: {param: {low, high, log} | {choices} | value}",
@@ -695,7 +732,8 @@ class FinalAudit(_Model):
 
 
 class SweepBlock(_Model):
-    defense: str = "hamp"
+    defense: str = Field("hamp", description="the defense searched (raymia list defenses: its params and "
+                         "declared search space)")
     space: dict[str, Any] = Field(
         default_factory=dict,
         description="overrides of the defense's declared space: {param: {low, high, log} | {choices} | value}",
@@ -704,7 +742,9 @@ class SweepBlock(_Model):
         default_factory=list,
         description="several defenses searched together (each trial picks one); replaces defense/space",
     )
-    include_undefended: bool = True
+    include_undefended: bool = Field(
+        True, description="audit the undefended setting first, as trial 0 (not counted in num_trials): the "
+        "objectives' default references")
     objectives: list[Objective] = Field(
         default_factory=lambda: [
             Objective(metric="test_accuracy", mode="max"),
@@ -712,15 +752,20 @@ class SweepBlock(_Model):
         ],
         min_length=1,
         max_length=3,
+        description="1 to 3 metrics the front trades off (default: test_accuracy max, lira_online/tpr_fpr_0.01 "
+        "min)",
     )
     constraints: list[Constraint] = Field(
         default_factory=list,
         description="e.g. {metric: test_accuracy, op: '>=', value: 0.9}: trials that break one are kept off the front",
     )
-    num_trials: int = Field(8, ge=1)
-    max_concurrent: int = Field(1, ge=1)
+    num_trials: int = Field(8, ge=1, description="searched trials (the undefended trial 0 comes on top); the "
+                            "samplers' start-up trials are sized to it")
+    max_concurrent: int = Field(1, ge=1, description="trials audited at once (they share the bank's pool)")
     trial_cpu: float = Field(0.01, gt=0, description="CPUs a trial's driver reserves (its bank workers ask for their own)")
-    sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
+    sampler: Literal["tpe", "nsga2", "gp", "random"] = Field(
+        "tpe", description="Optuna sampler: tpe, nsga2 (population sized to num_trials), gp, or random; "
+        "seeded by seed")
     final_audit: FinalAudit | None = Field(None, description="re-audit the front with more shadows at the end")
     storage: str | None = Field(
         None, description="Optuna storage URL for the study (an RDB or journal store on clusters); "
@@ -747,7 +792,8 @@ class SweepBlock(_Model):
 class SweepSpec(AuditSpec):
     """A sweep's spec: an audit's fields (the base setting each trial audits) and the `sweep:` block."""
 
-    sweep: SweepBlock = Field(default_factory=SweepBlock)
+    sweep: SweepBlock = Field(default_factory=SweepBlock, description="what to search and how (default: hamp's "
+                              "declared space, 8 trials)")
 
 
 # ---------------------------------------------------------------------------------------------------------

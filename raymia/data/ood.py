@@ -260,7 +260,7 @@ def gaussian(ctx: SetContext, p: GaussianParams) -> NonMembers:
 class DatasetParams(Params):
     name: str = Field(min_length=1, description="a registered data set (raymia list datasets), not the audited "
                                                 "one")
-    params: dict[str, Any] | None = Field(None, description="its parameters")
+    params: dict[str, Any] | None = Field(None, description="that data set's parameters (default: its defaults)")
     split: Literal["test", "train"] = Field("test", description="the split the images are drawn from (the "
                                                                 "paper's code draws from the training splits)")
 

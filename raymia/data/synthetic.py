@@ -20,10 +20,10 @@ from raymia.registry import Params
 
 
 class SyntheticParams(Params):
-    num_classes: int = Field(10, ge=2, description="number of classes")
+    num_classes: int = Field(10, ge=2, description="classes K (labels 0..K-1), each a Gaussian around its own mean")
     num_features: int = Field(20, ge=1, description="input dimension of the tabular kind")
-    n_train: int = Field(1000, ge=1, description="training examples")
-    n_test: int = Field(500, ge=1, description="test examples")
+    n_train: int = Field(1000, ge=1, description="examples in the training split, the classes in turn")
+    n_test: int = Field(500, ge=1, description="examples in the test split, the classes in turn")
     kind: Literal["tabular", "image"] = Field(
         "tabular", description="tabular [F] vectors or [1, S, S] images"
     )

@@ -68,7 +68,7 @@ class TlDmiParams(Params):
         "norms)")
     pretrain_epochs: int = Field(20, ge=1, description="pretraining epochs over the public split")
     pretrain_lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate of the pretraining")
-    pretrain_batch: int = Field(128, ge=1, description="pretraining batch size")
+    pretrain_batch: int = Field(128, ge=1, description="public points per pretraining step")
     public_fraction: float = Field(
         1.0, gt=0.0, le=1.0, description="share of the public split (training points outside the population) "
         "used for pretraining")

@@ -71,7 +71,7 @@ class VaeParams(Params):
 
     eps: float = Field(
         10.0, gt=0.0, description="metric-privacy level of the latent noise (larger: less noise)")
-    latent_dim: int = Field(16, ge=1, le=4096, description="VAE latent dimension")
+    latent_dim: int = Field(16, ge=1, le=4096, description="dimension of the VAE's latent code, where the noise is added")
     beta: float = Field(1.0, ge=0.0, description="weight of the KL term of the VAE loss")
     mechanism: Literal["euclidean", "laplace"] = Field(
         "euclidean", description="euclidean: uniform direction, radius ~ Gamma(latent_dim, 1/eps) (L2 "
@@ -83,7 +83,7 @@ class VaeParams(Params):
     vae_epochs: int = Field(30, ge=1, description="VAE training epochs over the public split (training "
                             "points outside the population)")
     vae_lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate of the VAE")
-    vae_batch: int = Field(128, ge=1, description="VAE batch size")
+    vae_batch: int = Field(128, ge=1, description="public points per VAE training step")
     hidden: int = Field(256, ge=1, description="hidden width of the MLP VAE (and of the conv VAE's FC layer)")
     vae_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where the VAE trains and runs (auto: CUDA when visible); part of the cache key")

@@ -88,7 +88,7 @@ class GanParams(Params):
     """The params of GMI's GAN prior, trained on public inputs only (shared by `gmi` and `brep_mi`: the
     same settings find the same cached GAN)."""
 
-    latent_dim: int = Field(_GAN.latent_dim, ge=1, le=4096, description="GAN latent dimension")
+    latent_dim: int = Field(_GAN.latent_dim, ge=1, le=4096, description="dimension of the GAN's latent z (GMI: 100)")
     width: int = Field(_GAN.width, ge=1, le=1024, description="channels of the GAN's first (last) conv layer")
     gan_steps: int = Field(_GAN.steps, ge=1, description="generator updates of GAN training")
     gan_batch_size: int = Field(_GAN.batch_size, ge=1, description="public inputs per GAN batch")

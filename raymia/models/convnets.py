@@ -97,7 +97,7 @@ class AirbenchParams(Params):
     dirac: bool = Field(True, description="each 3x3 convolution starts as the identity on its first "
                                           "in_channels filters")
     bn_weight: bool = Field(False, description="train the BatchNorm weights (else frozen at 1)")
-    scale: float = Field(1 / 9, gt=0, description="factor on the logits")
+    scale: float = Field(1 / 9, gt=0, description="factor on the logits (airbench: 1/9)")
     bias_lr_scale: float = Field(64.0, gt=0, description="learning-rate factor of the BatchNorm biases (weight "
                                                          "decay per step unchanged)")
     whiten_bias_epochs: int | None = Field(3, ge=0, description="the whitening stem's bias trains for this many "
