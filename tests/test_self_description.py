@@ -5,10 +5,14 @@ agreeing with the code's defaults."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 import raymia
 from raymia.cli import _registries
+from raymia.spec import SweepSpec
 
 # words that add nothing to a description that otherwise only names the field
 _FILLER = {"the", "a", "an", "of", "in", "to", "for", "its", "is", "number", "this", "that"}
@@ -62,3 +66,96 @@ def test_a_description_that_repeats_the_name_counts_as_none():
     assert _undescribed("batch_size", "batch size") and _undescribed("num_models", "The number of models.")
     assert _undescribed("seed", None) and _undescribed("seed", "")
     assert not _undescribed("batch_size", "examples per training step")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# README.md's spec table
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+# rows whose default cell lists several sub-fields' defaults, in this order
+_COMPOUND = {
+    "train": ["optimizer", "lr", "epochs", "batch_size", "schedule"],
+    "metrics": ["fpr_levels", "fnr_levels", "bootstrap", "label_only_for_output_defenses", "raw_outputs"],
+    "bank": ["engine", "num_workers", "cpus_per_worker", "pack_size", "vectorize", "device", "precision",
+             "channels_last"],
+    "tracking": ["enabled", "uri", "experiment", "log_signals"],
+    "sweep": ["defense", "space", "num_trials"],
+}
+# default cells that say "not set" in words
+_UNSET = {"all", "no split", "`output_dir`", "its declared space"}
+
+
+def _spec_table() -> list[tuple[list[str], str]]:
+    """(fields, default) of each row of the README's table under "## The spec"."""
+    text = README.read_text().split("## The spec", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if len(cells) != 3 or cells[0] in ("field", "---"):
+            continue
+        rows.append((re.findall(r"`([^`]+)`", cells[0]), cells[2]))
+    return rows
+
+
+def _split_top(text: str) -> list[str]:
+    """`text` split at the commas outside brackets."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch in "[{(") - (ch in "]})")
+        if ch == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return [*parts, cur.strip()]
+
+
+def _value(cell: str, field: str) -> Any:
+    cell = re.sub(r"\s*\([^)]*\)$", "", cell.strip())  # a remark in brackets: "(the quickstart: 7)"
+    if cell in _UNSET:
+        return None
+    cell = cell.removesuffix(f" {field.split('.')[-1]}").removesuffix(" trials")  # "100 epochs", "8 trials"
+    value = yaml.safe_load(cell.strip("`"))
+    try:
+        return float(value) if isinstance(value, str) else value  # YAML 1.1 reads 1e-3 as a string
+    except ValueError:
+        return value
+
+
+def _default(spec: dict[str, Any], dotted: str) -> Any:
+    value: Any = spec
+    for part in dotted.split("."):
+        value = value.get(part)  # None: left out of the dump while unset
+    if isinstance(value, dict) and "name" in value:  # a registry entry: its name
+        return value["name"]
+    if isinstance(value, list) and value and isinstance(value[0], dict) and "name" in value[0]:
+        return [v["name"] for v in value]
+    return None if value in ({}, []) else value  # "not set" in words
+
+
+def test_the_readme_spec_table_gives_the_codes_defaults():
+    spec = SweepSpec().model_dump(mode="json")
+    rows = _spec_table()
+    documented = set()
+    compared = 0
+    for fields, cell in rows:
+        documented |= {f.split(".")[0] for f in fields}
+        field = fields[0]
+        if field in _COMPOUND:
+            values = _split_top(cell)
+            assert len(values) == len(_COMPOUND[field]), (field, values)
+            pairs = [(f"{field}.{sub}", v) for sub, v in zip(_COMPOUND[field], values)]
+        elif field == "attacks":  # a list of names
+            pairs = [(field, f"[{cell}]")]
+        else:  # one field, or fields that share the default (data.private_classes, data.public_classes)
+            pairs = [(f, cell) for f in fields if f.count(".") <= 1 and f.split(".")[0] in spec]
+        for dotted, text in pairs:
+            expected = _default(spec, dotted)
+            got = _value(text, dotted)
+            if got is False and expected is None:  # "off": a switch's false, a block's unset
+                got = None
+            assert got == expected, f"README's spec table: {dotted} is documented as {text!r}, the code's default is {expected!r}"
+            compared += 1
+    assert compared >= 30
+    assert documented == set(SweepSpec.model_fields), set(SweepSpec.model_fields) ^ documented
