@@ -31,6 +31,7 @@ def _registries():
 
 def cmd_list(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.measure import Measurement
     from rich.table import Table
     from rich.text import Text
 
@@ -44,25 +45,32 @@ def cmd_list(args: argparse.Namespace) -> int:
     for kind in kinds:
         if kind == "trainers" and not regs[kind].entries():
             console.print("training functions: none registered (plug-ins register them; `train.function` also "
-                          "takes module:function)", soft_wrap=True)
+                          "takes module:function)")
             continue
         for entry in regs[kind].entries():
             label = {"inversion": "inversion attack", "ood": "non-member set", "trainers": "training function"
                      }.get(kind, kind[:-1])
-            console.print(Text.assemble(f"{label} ", (entry.name, "bold"), f": {entry.doc}"), soft_wrap=True)
+            console.print(Text.assemble(f"{label} ", (entry.name, "bold"), f": {entry.doc}"))
+            # Long cells wrap at spaces and fold a word longer than the column, so nothing is cut off
             table = Table()
-            for col in ("parameter", "type", "default"):
-                table.add_column(col, no_wrap=True)
-            table.add_column("description")
+            table.add_column("parameter", no_wrap=True)
+            table.add_column("type", overflow="fold")
+            table.add_column("default", overflow="fold")
+            table.add_column("description", overflow="fold", ratio=1)
             space = entry.obj.search_space() if kind == "defenses" else {}
             if space:
-                table.add_column("search space")
+                table.add_column("search space", overflow="fold")
             rows = param_table(entry.params)
             if not rows:
                 table.add_row("(none)", "", "", "", *([""] if space else []))
             for name, typ, default, desc in rows:
                 extra = [describe(space[name]) if name in space else ""] if space else []
                 table.add_row(name, typ, default, desc, *extra)
+            if Measurement.get(console, console.options, table).maximum > console.width:
+                # too wide for the console: the columns beside the description give it room (at 100
+                # columns rich would share the width out evenly, the description's lines a few words long)
+                for column, cap in zip(table.columns[1:], (20, 16, None, 20)):
+                    column.max_width = cap
             console.print(table)
             console.print()
     return 0

@@ -172,13 +172,37 @@ class Registry(Generic[T]):
 
 
 def param_table(params: type[Params]) -> list[tuple[str, str, str, str]]:
-    """(name, type, default, description) for each parameter of an entry, for `raymia list`."""
+    """(name, type, default, description) for each parameter of an entry, for `raymia list`; the type
+    with its range where the parameter declares one (`float in [0, 1)`, `int >= 1`)."""
     rows = []
     for fname, f in params.model_fields.items():
-        ann = _type_name(f.annotation)
+        ann, bounds = _type_name(f.annotation), _range(f.metadata)
+        if bounds:  # the bounds of the number, not of None: `int >= 1 | None`
+            optional = ann.endswith(" | None")
+            ann = f"{ann.removesuffix(' | None')} {bounds}{' | None' if optional else ''}"
         default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
         rows.append((fname, ann, default, f.description or ""))
     return rows
+
+
+def _range(metadata: list[Any]) -> str:
+    """A field's numeric bounds (pydantic's ge, gt, le, lt) as text: `in [0, 1)`, `>= 1`, `< 10`, or ''."""
+    low = high = None
+    for m in metadata:
+        for attr, side in (("ge", "["), ("gt", "("), ("le", "]"), ("lt", ")")):
+            value = getattr(m, attr, None)
+            if value is not None:
+                if side in "[(":
+                    low = (side, value)
+                else:
+                    high = (side, value)
+    if low and high:
+        return f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+    if low:
+        return f"{'>=' if low[0] == '[' else '>'} {low[1]:g}"
+    if high:
+        return f"{'<=' if high[0] == ']' else '<'} {high[1]:g}"
+    return ""
 
 
 def _type_name(ann: Any) -> str:

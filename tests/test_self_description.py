@@ -5,6 +5,7 @@ agreeing with the code's defaults."""
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +160,28 @@ def test_the_readme_spec_table_gives_the_codes_defaults():
             compared += 1
     assert compared >= 30
     assert documented == set(SweepSpec.model_fields), set(SweepSpec.model_fields) ^ documented
+
+
+# ---------------------------------------------------------------------------------------------------------
+# raymia list
+
+
+def test_list_reads_at_100_columns_with_ranges_and_nothing_cut_off(capsys, monkeypatch):
+    from rich.cells import cell_len
+
+    from raymia.cli import build_parser, cmd_list
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # a terminal 100 columns wide
+    monkeypatch.setenv("COLUMNS", "100")
+    assert cmd_list(build_parser().parse_args(["list"])) == 0  # not main(): it would set up the raymia logger
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out).splitlines()  # the terminal's styles
+    assert max(cell_len(line) for line in lines) <= 100
+    assert not [line for line in lines if "…" in line]  # nothing shortened with an ellipsis
+    borders = "│┃┓┫┩┤┘"
+    cropped = [line for line in lines if line[:1] in "┏┃┡│└" and line[-1:] not in borders]
+    assert not cropped, cropped[:3]  # a table wider than the console loses its right-hand columns
+    text = "\n".join(lines)
+    for needle in ("float in (0, 1)", "int >= 1", "int >= 0 | None", "log [0.0001, 0.05]", "0.95"):
+        assert needle in text, needle  # the range beside the type, defaults and search spaces whole
+    headers = [line for line in lines if line.startswith("defense llla: ")]
+    assert headers and cell_len(headers[0]) <= 100  # a long description wraps at a space, not past the edge
