@@ -281,6 +281,9 @@ def test_spec_schema_accepts_every_shipped_spec_and_rejects_a_typo():
     validator = jsonschema.Draft202012Validator(schema)
     files = sorted((ROOT / "sweeps").glob("*.yaml"))
     assert len(files) > 20
+    examples = sorted((ROOT / "examples").rglob("*.yaml"))  # the audits examples/README.md runs
+    assert len(examples) >= 3
+    files += examples
     for f in files:
         errors = [e.message for e in validator.iter_errors(yaml.safe_load(f.read_text()))]
         assert not errors, (f.name, errors)
