@@ -12,8 +12,10 @@ plan, model, recipe, defense, queries, seed): stored signals are keyed by it.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import re
+import textwrap
 import threading
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
@@ -79,8 +81,46 @@ def parse_query(text: str) -> Query:
 _validating = threading.local()  # how deep in nested specs this thread's validation is
 
 
+FIELDS_HEADING = "\n\nFields:\n"
+
+
+def _summary_only(schema: dict[str, Any], cls: type[BaseModel]) -> None:
+    """The JSON Schema describes a model by its docstring without the field list (`_Model`'s, for help()):
+    each property carries its own description."""
+    summary = (schema.get("description") or "").split(FIELDS_HEADING.strip("\n"))[0].strip()
+    if summary:
+        schema["description"] = summary
+    else:
+        schema.pop("description", None)
+
+
+def _field_list(cls: type[BaseModel]) -> str:
+    """The model's fields with their defaults and descriptions, for its docstring (help())."""
+    lines = []
+    for name, f in cls.model_fields.items():
+        if f.is_required():
+            default = " (required)"
+        elif f.default_factory is not None:
+            value = f.default_factory()  # type: ignore[call-arg]
+            nested = isinstance(value, BaseModel) or (isinstance(value, list) and value
+                                                      and isinstance(value[0], BaseModel))
+            default = "" if nested else f" (default {value!r})"  # a block's description says its default
+        else:
+            default = f" (default {f.default!r})"
+        lines.append(textwrap.fill(f"{name}{default}: {f.description}", 100, initial_indent="    ",
+                                   subsequent_indent="        ", break_on_hyphens=False))
+    return FIELDS_HEADING + "\n".join(lines)
+
+
 class _Model(NumbersNotBools):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_summary_only)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        # help(raymia.AuditSpec) lists the fields as the schema describes them
+        doc = inspect.cleandoc(cls.__doc__ or "").split(FIELDS_HEADING)[0]
+        cls.__doc__ = (doc + _field_list(cls)).lstrip("\n")
 
     def __init__(self, /, **data: Any) -> None:
         # A spec built in Python is checked as a spec file is: one SpecError naming the field. Pydantic

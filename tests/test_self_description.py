@@ -185,3 +185,18 @@ def test_list_reads_at_100_columns_with_ranges_and_nothing_cut_off(capsys, monke
         assert needle in text, needle  # the range beside the type, defaults and search spaces whole
     headers = [line for line in lines if line.startswith("defense llla: ")]
     assert headers and cell_len(headers[0]) <= 100  # a long description wraps at a space, not past the edge
+
+
+def test_help_lists_each_spec_models_fields_and_the_schema_keeps_its_summary():
+    import pydoc
+
+    from raymia.spec import TrainSpec
+
+    text = pydoc.render_doc(raymia.SweepSpec, renderer=pydoc.plaintext)
+    assert "seed (default 0): every random choice derives from it" in text
+    assert "sweep: what to search and how" in text  # a block: its description gives its default
+    assert "lr (default 0.001): learning rate" in TrainSpec.__doc__
+    schema = raymia.spec_schema()
+    descriptions = [schema["description"], *(d.get("description", "") for d in schema["$defs"].values())]
+    assert not [d for d in descriptions if "Fields:" in d]  # each property describes itself there
+    assert schema["$defs"]["TrainSpec"]["description"].startswith("The training recipe, applied identically")
