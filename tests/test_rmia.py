@@ -420,6 +420,7 @@ def test_missing_population_is_an_error() -> None:
         ("rmia_online", {"gamma": 0}, "gamma"),
         ("rmia_online", {"temperature": -1.0}, "temperature"),
         ("rmia_online", {"num_z": 0}, "num_z"),
+        ("rmia_online", {"num_z": 2, "seed": -1}, "seed"),  # numpy's generators take no negative seed
         ("rmia_online", {"combine": "max"}, "combine"),
         ("rmia_online", {"a": 0.3}, "a"),  # the online attack has no offline correction
         ("rmia_offline", {"a": 1.5}, "a"),

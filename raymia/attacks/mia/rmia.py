@@ -89,7 +89,7 @@ class RmiaOnlineParams(Params):
     num_z: int | None = Field(
         None, ge=1, description="Use a random subset of this many population points z (None: all of them)."
     )
-    seed: int = Field(0, description="Seed of the z subset drawn when num_z is set.")
+    seed: int = Field(0, ge=0, description="Seed of the z subset drawn when num_z is set.")
 
 
 class RmiaOfflineParams(RmiaOnlineParams):
