@@ -259,7 +259,9 @@ def table(rows: dict) -> str:
     for r in rows.values():
         cells = [r["label"], f"{r['frozen_fraction']:.3f}", f"{r['test_accuracy']:.3f}"]
         for col, _, name, _ in ATTACKS:
-            cells += [f"{r[col + '_top1']:.3f}", f"{r[col + '_top5']:.3f}", f"{r[col + '_knn_dist']:.2f}"]
+            top5 = r[col + "_top5"]  # nan with 5 private classes or fewer: every class is in the top 5
+            cells += [f"{r[col + '_top1']:.3f}", "n/a" if math.isnan(top5) else f"{top5:.3f}",
+                      f"{r[col + '_knn_dist']:.2f}"]
             cells += [f"{r[col + '_fid']:.1f}"] if name != "MIFace" else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -362,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"held-out test images {res['n_test']}; seed {a.seed}; {time.perf_counter() - t0:.0f}s\n")
     print(table(rows))
     print(f"\nfigures: {fig_grid} {fig_trend}")
-    return {"rows": rows, "table": table(rows), "grid": str(fig_grid), "trend": str(fig_trend)}
+    return {"rows": rows, "table": table(rows), "grid": str(fig_grid), "trend": str(fig_trend), "k_priv": res["k_priv"]}
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ def test_inversion_tldmi_smoke(tmp_path, capsys):
         for key, v in r.items():
             if key in ("label", "frozen_layers"):
                 continue
+            if key.endswith("_top5") and res["k_priv"] <= 5:  # every private class is in the top 5: undefined
+                assert math.isnan(v), (r["label"], key, v)
+                continue
             assert math.isfinite(v), (r["label"], key, v)
             if key.endswith(("_knn_dist", "_fid")):
                 assert v >= 0, (r["label"], key, v)
