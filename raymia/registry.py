@@ -29,9 +29,30 @@ T = TypeVar("T")
 _DISCOVERY = threading.RLock()  # one for all registries: the modules of one may read another
 
 
-class NumbersNotBools(BaseModel):
-    """A number field refuses `true` and `false`: pydantic reads them as 1 and 0, and YAML writes `yes`,
-    `no`, `on` and `off` as booleans too, so `epochs: on` would train for one epoch."""
+_validating = threading.local()  # how deep this thread is in validating nested models
+
+
+def validation_depth() -> int:
+    """How many `ValidatedModel`s this thread is validating now (0: none)."""
+    return getattr(_validating, "depth", 0)
+
+
+class ValidatedModel(BaseModel):
+    """The base of the spec's models and of every entry's `Params`:
+
+    - a number field refuses `true` and `false`: pydantic reads them as 1 and 0, and YAML writes `yes`, `no`,
+      `on` and `off` as booleans too, so `epochs: on` would train for one epoch;
+    - its `__init__` counts how deep validation is (`validation_depth`): pydantic validates a nested model
+      through its class's `__init__`, and only the outermost call may turn the errors into one SpecError
+      (`spec._Model`), so a nested field's path stays whole, inside a spec or inside an entry's params."""
+
+    def __init__(self, /, **data: Any) -> None:
+        depth = validation_depth()
+        _validating.depth = depth + 1
+        try:
+            super().__init__(**data)
+        finally:
+            _validating.depth = depth
 
     @field_validator("*", mode="before")
     @classmethod
@@ -44,7 +65,7 @@ class NumbersNotBools(BaseModel):
         return v
 
 
-class Params(NumbersNotBools):
+class Params(ValidatedModel):
     """Base class of every entry's parameters: unknown keys are errors, values are validated."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -16,7 +16,6 @@ import inspect
 import json
 import re
 import textwrap
-import threading
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -34,7 +33,7 @@ from pydantic import (
 )
 
 from raymia.errors import SpecError, first_line
-from raymia.registry import NumbersNotBools
+from raymia.registry import ValidatedModel, validation_depth
 
 # Bump when the meaning of stored signals changes, so old entries are never reused by mistake.
 SIGNAL_FORMAT_VERSION = 7
@@ -78,9 +77,6 @@ def parse_query(text: str) -> Query:
     return Query(text)
 
 
-_validating = threading.local()  # how deep in nested specs this thread's validation is
-
-
 FIELDS_HEADING = "\n\nFields:\n"
 
 
@@ -112,7 +108,7 @@ def _field_list(cls: type[BaseModel]) -> str:
     return FIELDS_HEADING + "\n".join(lines)
 
 
-class _Model(NumbersNotBools):
+class _Model(ValidatedModel):
     model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_summary_only)
 
     @classmethod
@@ -123,20 +119,16 @@ class _Model(NumbersNotBools):
         cls.__doc__ = (doc + _field_list(cls)).lstrip("\n")
 
     def __init__(self, /, **data: Any) -> None:
-        # A spec built in Python is checked as a spec file is: one SpecError naming the field. Pydantic
-        # validates a nested spec through its class's __init__ as well (and model_validate too): only the
-        # outermost call makes the SpecError, so a nested field's path is whole in it.
-        depth = getattr(_validating, "depth", 0)
-        _validating.depth = depth + 1
+        # A spec built in Python is checked as a spec file is: one SpecError naming the field, made by the
+        # outermost model only (pydantic validates nested ones, and model_validate, through __init__ too)
+        outermost = validation_depth() == 0
         try:
             super().__init__(**data)
         except ValidationError as e:
-            if depth:
+            if not outermost:
                 raise
             loc, msg = format_error(e, type(self))
             raise SpecError(msg, where=loc) from None
-        finally:
-            _validating.depth = depth
 
 
 def format_error(e: ValidationError, root: type[BaseModel]) -> tuple[str, str]:
