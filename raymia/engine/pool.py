@@ -110,8 +110,9 @@ class BankWorker:
         # per setting of bank.vectorize: the driver passes the run's choice (`BankPool.run`) explicitly
         speed = _speed_key(spec)  # the sweep's trials differ in defense parameters, which do not change speed
         if speed not in self._vectorize:
+            # the spec's setting, not the cached context's: a run's packs come with the choice `choose` made
             self._vectorize[speed] = choose_vectorize(ctx, ctx.pack_models(0), self.device, worker_models=worker_models,
-                                                      say=say)
+                                                      say=say, choice=spec.bank.vectorize)
         return ctx, self._vectorize[speed]
 
 

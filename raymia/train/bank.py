@@ -501,15 +501,16 @@ def decide_vectorize(pack_s: float, loop_s: float, usual: bool, margin: float = 
 
 def choose_vectorize(
     ctx: BankContext, models: list[int], device: torch.device, worker_models: int | None = None,
-    probe_steps: int = 16, say: Callable[[str], None] | None = None,
+    probe_steps: int = 16, say: Callable[[str], None] | None = None, choice: bool | str | None = None,
 ) -> bool:
     """Whether to train these models as one pack. With `bank.vectorize: auto`, times a few steps of the
     pack and of the one-model loop (after a 2-step warm-up of each; the fastest of PROBE_ROUNDS rounds) and
     keeps `usual_vectorize` unless the other way is PROBE_MARGIN times faster per model. The probe is kept
     under PROBE_SHARE of the `worker_models` models' training; when that is too short to time, the usual
-    way is kept. The choice is said in one line through `say` (default: the raymia log)."""
+    way is kept. The choice is said in one line through `say` (default: the raymia log). `choice` is the
+    setting, when it is not the context's (a pool's run passes the one choice its first worker made)."""
     say = say or log.info
-    choice = ctx.spec.bank.vectorize
+    choice = ctx.spec.bank.vectorize if choice is None else choice
     if len(models) < 2 or ctx.trains_itself:
         return False
     if choice != "auto":
