@@ -18,6 +18,12 @@ two-query vote by sorted blocks against the pairwise count of every (x, z) pair,
     python benchmarks/attack_cost.py --models 32 --points 5000
     python benchmarks/attack_cost.py --models 64 --points 20000 --targets 8 --attacks loss lira_online
     python benchmarks/attack_cost.py --vote --points 50000 --z 10000
+    python benchmarks/attack_cost.py --models 128 --points 20000 --every-target --attacks loss
+    python benchmarks/attack_cost.py --models 64 --points 20000 --every-target --attacks loss \
+        --params '{"calibration": "per_class"}'
+
+`--every-target` times each attack against every model on one Signals, as an audit's leave-one-out does (the
+seconds and the peak memory are those of the whole run, the targets' scores discarded as they come).
 """
 
 from __future__ import annotations
@@ -128,6 +134,8 @@ def main() -> None:
     ap.add_argument("--attacks", nargs="*", default=None)
     ap.add_argument("--targets", type=int, default=0, help="also time T targets: shared transforms vs fresh")
     ap.add_argument("--vote", action="store_true", help="only RMIA's two-query vote: blocks vs pairwise")
+    ap.add_argument("--every-target", action="store_true", help="attack every model, as an audit does")
+    ap.add_argument("--params", type=json.loads, default=None, help='the attacks\' params, e.g. \'{"calibration": "per_class"}\'')
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     if a.vote:
@@ -144,11 +152,13 @@ def main() -> None:
         rss0 = _rss("VmRSS:") if _reset_peak_rss() else None
         tracemalloc.start()
         t0 = time.perf_counter()
-        scores = run_attack(name, None, sig, 0)
+        attacked = a.models if a.every_target else 1
+        for target in range(attacked):
+            scores = run_attack(name, a.params, sig, target)
         secs = time.perf_counter() - t0
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        row = {"attack": name, "seconds": round(secs, 2), "peak_extra_GiB": round(peak / 2**30, 3),
+        row = {"attack": name, "attacked": attacked, "seconds": round(secs, 2), "peak_extra_GiB": round(peak / 2**30, 3),
                "x_signals": round(peak / size, 2), "finite": bool(np.isfinite(scores).all())}
         if rss0 is not None:
             row["rss_x_signals"] = round((_rss("VmHWM:") - rss0) / size, 2)

@@ -131,6 +131,11 @@ class Signals:
             return pair
         return None
 
+    @property
+    def pool_mask(self) -> np.ndarray:
+        """bool [M]: the models an attacker may use as shadows (every model without a shadow_pool)."""
+        return np.ones(self.num_models, dtype=bool) if self.shadow_pool is None else self.shadow_pool
+
     def shadow_mask(self, target: int) -> np.ndarray:
         """bool [M]: the models that act as shadows when model `target` is attacked: every other model of the
         shadow pool except the target's paired model. Leaving the pair out is what keeps leave-one-out
@@ -139,7 +144,7 @@ class Signals:
         without complementary pairs (signals built by hand) keeps every other model, and that bias."""
         if not 0 <= target < self.num_models:
             raise ValueError(f"target {target} out of range [0, {self.num_models})")
-        mask = np.ones(self.num_models, dtype=bool) if self.shadow_pool is None else self.shadow_pool.copy()
+        mask = self.pool_mask.copy()
         mask[target] = False
         pair = self.paired_model(target)
         if pair is not None:

@@ -10,6 +10,7 @@ import torch
 
 from raymia.attacks import run_attack
 from raymia.attacks.mia.threshold import (
+    PoolFit,
     best_threshold,
     confidence_stat,
     correctness_stat,
@@ -18,6 +19,7 @@ from raymia.attacks.mia.threshold import (
     max_confidence_stat,
     modified_entropy_stat,
 )
+from raymia.data.plan import paired_keep
 from raymia.errors import SpecError
 from raymia.metrics import attack_metrics
 from raymia.signals import Signals
@@ -127,6 +129,88 @@ def test_best_threshold_by_hand_and_ties() -> None:
         s = rng.integers(0, 6, size=50).astype(np.float64)
         k = rng.random(50) < 1 / (1 + np.exp(-(s - 2.5)))
         assert best_threshold(s, k) == _brute_tau(s, k)
+
+
+def _refit_thresholds(stat: np.ndarray, keep: np.ndarray, labels: np.ndarray, calibration: str,
+                      shadow: np.ndarray, fit: np.ndarray) -> np.ndarray:
+    """The taus by definition: best_threshold on the shadows' own samples, sorted again for every target."""
+    sh_stat, sh_in, fit_labels = stat[shadow][:, fit], keep[shadow][:, fit], labels[fit]
+    tau_global = best_threshold(sh_stat, sh_in)
+    tau_global = 0.0 if tau_global is None else tau_global
+    if calibration == "global":
+        return np.asarray(tau_global, dtype=np.float64)
+    tau = np.full(labels.shape, tau_global, dtype=np.float64)
+    for c in np.unique(labels):
+        t = best_threshold(sh_stat[:, fit_labels == c], sh_in[:, fit_labels == c])
+        if t is not None:
+            tau[labels == c] = t
+    return tau
+
+
+def _fit_case(rng: np.random.Generator, case: int) -> tuple[np.ndarray, Signals]:
+    """A statistic [M, P] and Signals whose keep, shadow pool, fit points and rows vary with the case."""
+    m, p, c = 2 * int(rng.integers(2, 5)), int(rng.integers(5, 50)), int(rng.integers(1, 4))
+    keep = paired_keep(m, p, rng) if case % 2 == 0 else rng.random((m, p)) < rng.uniform(0.1, 0.9)
+    if case % 7 == 3:
+        keep[:] = case % 14 == 3  # every shadow sample IN, or every one OUT: no threshold (tau 0)
+    stat = [rng.integers(0, int(rng.integers(1, 6)), (m, p)).astype(np.float64),  # heavy ties
+            rng.normal(size=(m, p)), np.round(rng.normal(size=(m, p)), 1) + 0.0][case % 3]
+    if case % 11 == 5:
+        stat[rng.random((m, p)) < 0.1] = np.nan  # a diverged model's outputs: np.unique holds NaN as one value
+    labels = rng.integers(0, c + 1, p)  # class c is rare: some draws hold it only outside the fit points
+    fit = None
+    if case % 5 == 1:
+        fit = rng.random(p) < 0.7
+        fit[0] = True
+        keep[:, ~fit] = False
+    pool = rng.random(m) < 0.7 if case % 4 == 2 else None
+    if case % 6 == 4:  # a `target:` audit's external model, appended as row M with no pair
+        stat = np.vstack([stat, rng.normal(size=p)])
+        keep = np.vstack([keep, rng.random(p) < 0.5])
+        keep[-1, ~(np.ones(p, bool) if fit is None else fit)] = False
+        pool = None if pool is None else np.append(pool, True)
+        m += 1
+    sig = Signals(logits=np.zeros((m, 1, p, c + 1), np.float32), labels=labels, keep=keep, shadow_pool=pool,
+                  fit_mask=fit)
+    return stat, sig
+
+
+def test_pooled_fit_equals_a_refit_per_target_bit_for_bit() -> None:
+    """Every target's taus from the pool's one sort are the refit's, to the bit: ties, NaN, a fit mask, a
+    shadow pool, an unpaired external target, classes without IN or OUT shadows and banks without either."""
+    rng = np.random.default_rng(12)
+    compared = {"global": 0, "per_class": 0, "none": 0}
+    for case in range(150):
+        stat, sig = _fit_case(rng, case)
+        pool = PoolFit(stat, sig.keep, sig.labels, sig.pool_mask, sig.fit_index)
+        for target in range(sig.num_models):
+            try:
+                shadow = sig.shadow_mask(target)
+            except ValueError:  # a pool this small leaves some targets no shadow
+                continue
+            for calibration in ("global", "per_class"):
+                want = _refit_thresholds(stat, sig.keep, sig.labels, calibration, shadow, sig.fit_index)
+                got = pool.thresholds(calibration, shadow)
+                assert got.shape == want.shape and got.tobytes() == want.tobytes(), (case, target, calibration)
+                compared[calibration] += 1
+            compared["none"] += best_threshold(stat[shadow][:, sig.fit_index], sig.keep[shadow][:, sig.fit_index]) is None
+    assert min(compared.values()) > 20, compared
+
+
+@pytest.mark.parametrize("calibration", ["global", "per_class"])
+def test_every_target_scores_the_refit_tau(calibration: str) -> None:
+    """Through the attack, on one Signals as an audit runs it: every target's score is its statistic less
+    the refit tau, to the bit, whether its pair's tau was asked for before or not."""
+    rng = np.random.default_rng(13)
+    keep = paired_keep(8, 120, rng)
+    sig = _random_signals(seed=14, m=8, q=1, p=120, c=3)
+    sig = Signals(sig.logits, sig.labels, keep)
+    stat = np.stack([loss_stat(sig.logits[j, 0], sig.labels) for j in range(8)])
+    for target in (3, 0, 1, 7, 2):
+        want = stat[target] - _refit_thresholds(stat, keep, sig.labels, calibration, sig.shadow_mask(target),
+                                                sig.fit_index)
+        got = run_attack("loss", {"calibration": calibration}, sig, target)
+        assert got.tobytes() == want.tobytes()
 
 
 def _song_mittal_threshold(tr: np.ndarray, te: np.ndarray) -> float:

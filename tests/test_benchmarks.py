@@ -62,6 +62,11 @@ def test_attack_cost_times_many_targets_and_the_vote_against_their_baselines(tmp
                           capture_output=True, text=True, timeout=600)
     row = json.loads(vote.stdout.strip().splitlines()[-1])  # it asserts that both counts agree
     assert row["vote"] == "P=400 Z=150" and row["blocks_s"] >= 0 and row["pairwise_s"] >= 0
+    every = subprocess.run([sys.executable, script, "--models", "6", "--points", "200", "--z", "10", "--attacks",
+                            "loss", "--every-target", "--params", '{"calibration": "per_class"}'], check=True,
+                           capture_output=True, text=True, timeout=600)
+    row = json.loads(every.stdout.strip().splitlines()[-1])
+    assert row["attack"] == "loss" and row["attacked"] == 6 and row["finite"] and row["seconds"] >= 0
 
 
 def test_tta_accuracy_equals_plain_accuracy_where_the_augmentations_change_nothing():

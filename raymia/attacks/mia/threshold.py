@@ -19,6 +19,11 @@ smallest tau. `global` fits one tau; `per_class` fits one per true class, and a 
 lack IN or OUT observations falls back to the global tau. If the shadows hold no IN or no OUT observation at
 all, no threshold can be fitted and tau = 0 (the raw statistic is returned).
 
+An audit attacks every model with the others as shadows, so each target pair has its own shadows. The
+statistic over the whole shadow pool is sorted once per attack (`PoolFit`), and a pair's tau comes from the
+pool's counts less its two rows' (`PooledCounts.tau`): the tau that sorting the pair's shadows again gives,
+to the bit (tests/test_attacks_threshold.py), at a cost per pair of one pass over the pool's distinct values.
+
 The score is statistic - tau[class of the point], so 0 is the attack's own decision threshold (score > 0 =>
 member). With global calibration the ranking, hence the ROC, is the raw statistic's: subtracting a constant
 never reorders values (it can only merge values closer than float64 resolution at tau's scale, such as
@@ -147,29 +152,112 @@ def best_threshold(scores: np.ndarray, is_in: np.ndarray) -> float | None:
     return float(values[int(np.argmax(gain))])
 
 
-def thresholds(stat: np.ndarray, keep: np.ndarray, labels: np.ndarray, calibration: str, shadow: np.ndarray,
-               fit: np.ndarray | None = None) -> np.ndarray:
-    """The taus fitted on the shadows' stat [M, P] and keep [M, P] (see module doc): 0-d for global, [P]
-    (each point's class's) for per_class; a target's scores are stat[target] - tau. `shadow` (bool [M])
-    selects the shadow models, `fit` (int64 indices) the points the taus are fitted on (default: all)."""
-    fit = np.arange(stat.shape[1]) if fit is None else fit
-    sh_stat = stat[shadow][:, fit]
-    sh_in = np.asarray(keep)[shadow][:, fit]
-    fit_labels = np.asarray(labels)[fit]
-    tau_global = best_threshold(sh_stat, sh_in)
-    if tau_global is None:
-        tau_global = 0.0
-    if calibration == "global":
-        return np.asarray(tau_global, dtype=np.float64)
-    if calibration != "per_class":
-        raise ValueError(f"unknown calibration {calibration!r}")
-    tau = np.full(labels.shape, tau_global, dtype=np.float64)
-    for c in np.unique(labels):
-        cols = fit_labels == c
-        t = best_threshold(sh_stat[:, cols], sh_in[:, cols])
-        if t is not None:
-            tau[labels == c] = t
-    return tau
+class PooledCounts:
+    """A statistic's samples over the shadow pool on some points, sorted once: the distinct values (as
+    np.unique gives them) and how many IN and all samples lie at or below each. A target's shadows are the
+    pool less at most two rows (the target and its pair), so its tau is `best_threshold` of the pool's
+    samples less those rows' (`tau`), found without sorting again.
+
+    With S the shadows' samples, n_in and n_out their IN and OUT counts and C_in(v), C_out(v) the samples at
+    or below v, best_threshold's gain is n_in C_out(v) - n_out C_in(v). The pool's counts less the removed
+    rows' give C: gain(v) = H(v) - d(v), with H(v) = n_in A_out(v) - n_out A_in(v) over the pool's counts A
+    and d(v) a step function that changes only at the removed rows' values. Between two such values d is
+    constant, so the best value there is H's first maximum: one pass over H (np.maximum.reduceat) per target
+    pair, and H itself is shared by every pair with the same (n_in, n_out), which is all of them when the
+    models come in complementary pairs. -0.0 and 0.0 are one value, as np.unique holds them; which of the two
+    stands for it is np.unique's choice either way, and no statistic here produces both.
+    """
+
+    def __init__(self, samples: np.ndarray, is_in: np.ndarray) -> None:
+        s = np.asarray(samples, dtype=np.float64).ravel()
+        self.values, counts = np.unique(s, return_counts=True)  # float64 [V]
+        self.cum_all = np.cumsum(counts)  # int64 [V]: samples <= values[v]
+        self.cum_in = np.searchsorted(np.sort(s[np.asarray(is_in, dtype=np.bool_).ravel()]), self.values,
+                                      side="right").astype(np.int64)  # IN samples <= values[v]
+        self._h: tuple[int, int, np.ndarray] | None = None  # (n_in, n_out, H) of the last fit
+
+    def _gain_base(self, n_in: int, n_out: int) -> np.ndarray:
+        """H = n_in A_out - n_out A_in over the pool's counts, int64 [V] (the last one kept)."""
+        if self._h is None or self._h[:2] != (n_in, n_out):
+            self._h = (n_in, n_out, n_in * self.cum_all - (n_in + n_out) * self.cum_in)
+        return self._h[2]
+
+    def tau(self, removed: np.ndarray, removed_in: np.ndarray) -> float | None:
+        """best_threshold(pool samples less `removed`, their membership less `removed_in`): `removed` are
+        pool samples (values a row of the pool holds), `removed_in` their IN flags (bool, same shape)."""
+        order = np.argsort(np.asarray(removed, dtype=np.float64).ravel())
+        rs = np.asarray(removed, dtype=np.float64).ravel()[order]
+        r_is_in = np.asarray(removed_in, dtype=np.bool_).ravel()[order]
+        total = int(self.cum_all[-1]) if self.values.size else 0
+        n_in = (int(self.cum_in[-1]) if self.values.size else 0) - int(r_is_in.sum())
+        n_out = total - rs.size - n_in
+        if n_in <= 0 or n_out <= 0:
+            return None
+        rv = np.searchsorted(self.values, rs)  # each removed sample's value, in increasing order
+        first = np.flatnonzero(np.diff(rv, prepend=-1))
+        u = rv[first]  # the values the removed samples hold
+        r_all = np.diff(np.append(first, rv.size))
+        r_in = np.add.reduceat(r_is_in.astype(np.int64), first)
+        h = self._gain_base(n_in, n_out)
+        # pieces of the value axis on which d is constant: each removed value alone, and the runs between
+        size = self.values.size
+        starts = np.concatenate(([0], np.stack((u, u + 1), axis=1).ravel()))  # nondecreasing
+        starts = starts[(np.diff(starts, prepend=-1) != 0) & (starts < size)]
+        k = np.searchsorted(u, starts, side="right")  # removed values <= each piece's start
+        cum_r_in = np.concatenate(([0], np.cumsum(r_in)))[k]
+        cum_r_out = np.concatenate(([0], np.cumsum(r_all - r_in)))[k]
+        gain = np.maximum.reduceat(h, starts) - (n_in * cum_r_out - n_out * cum_r_in)
+        # a value only the removed rows hold is no candidate (a run between them holds other rows' values)
+        alone = np.concatenate(([-1], u))[k] == starts
+        held = self.cum_all[starts] - np.concatenate(([0], self.cum_all))[starts]
+        gain[alone & (held == np.concatenate(([0], r_all))[k])] = np.iinfo(np.int64).min
+        best = int(np.argmax(gain))  # the first piece of the highest gain, then its first value: smallest tau
+        lo = int(starts[best])
+        hi = int(starts[best + 1]) if best + 1 < starts.size else size
+        return float(self.values[lo + int(np.argmax(h[lo:hi]))])
+
+
+class PoolFit:
+    """The thresholds of every target's shadows from one sort of the statistic over the shadow pool.
+
+    stat and keep [M, P], labels [P], pool (bool [M]) the models that may be shadows, fit (int64) the points
+    the taus are fitted on. The pool's counts are built per group of points (all fit points, or one class's)
+    the first time a tau of that group is asked for.
+    """
+
+    def __init__(self, stat: np.ndarray, keep: np.ndarray, labels: np.ndarray, pool: np.ndarray,
+                 fit: np.ndarray) -> None:
+        self.stat, self.keep, self.labels = stat, np.asarray(keep), np.asarray(labels)
+        self.pool, self.fit = np.asarray(pool, dtype=np.bool_), fit
+        self._counts: dict[int | None, PooledCounts] = {}
+
+    def _tau(self, group: int | None, removed: np.ndarray) -> float | None:
+        """The tau of the pool less the `removed` rows on the fit points of class `group` (None: all)."""
+        cols = self.fit if group is None else self.fit[self.labels[self.fit] == group]
+        if group not in self._counts:
+            rows = np.ix_(np.flatnonzero(self.pool), cols)
+            self._counts[group] = PooledCounts(self.stat[rows], self.keep[rows])
+        rows = np.ix_(removed, cols)
+        return self._counts[group].tau(self.stat[rows], self.keep[rows])
+
+    def thresholds(self, calibration: str, shadow: np.ndarray) -> np.ndarray:
+        """The taus fitted on the shadows (bool [M], within the pool; see module doc): 0-d for global, [P]
+        (each point's class's) for per_class; a target's scores are stat[target] - tau."""
+        if calibration not in ("global", "per_class"):
+            raise ValueError(f"unknown calibration {calibration!r}")
+        removed = np.flatnonzero(self.pool & ~np.asarray(shadow, dtype=np.bool_))
+        per_class = {}
+        if calibration == "per_class":
+            per_class = {c: self._tau(int(c), removed) for c in np.unique(self.labels)}
+        if calibration == "global" or None in per_class.values():
+            tau_global = self._tau(None, removed)
+            tau_global = 0.0 if tau_global is None else tau_global
+        if calibration == "global":
+            return np.asarray(tau_global, dtype=np.float64)
+        tau = np.empty(self.labels.shape, dtype=np.float64)
+        for c, t in per_class.items():
+            tau[self.labels == c] = tau_global if t is None else t
+        return tau
 
 
 def check_query(signals: Signals, query: int) -> None:
@@ -188,8 +276,10 @@ def threshold_attack(signals: Signals, target: int, params: ThresholdParams, sta
 
     stat = signals.derived((stat_fn, params.query),
                            lambda: per_model(stat_fn, signals.logits[:, params.query], signals.labels))
-    tau = signals.derived((stat_fn, params.query, params.calibration, shadow.tobytes()), lambda: thresholds(
-        stat, signals.keep, signals.labels, params.calibration, shadow, signals.fit_index))
+    pool = signals.derived((stat_fn, params.query, "pool"), lambda: PoolFit(
+        stat, signals.keep, signals.labels, signals.pool_mask, signals.fit_index))
+    tau = signals.derived((stat_fn, params.query, params.calibration, shadow.tobytes()),
+                          lambda: pool.thresholds(params.calibration, shadow))
     return stat[target] - tau
 
 
