@@ -173,7 +173,7 @@ class PooledCounts:
         self.values, counts = np.unique(s, return_counts=True)  # float64 [V]
         self.cum_all = np.cumsum(counts)  # int64 [V]: samples <= values[v]
         self.cum_in = np.searchsorted(np.sort(s[np.asarray(is_in, dtype=np.bool_).ravel()]), self.values,
-                                      side="right").astype(np.int64)  # IN samples <= values[v]
+                                      side="right").astype(np.int64, copy=False)  # IN samples <= values[v]
         self._h: tuple[int, int, np.ndarray] | None = None  # (n_in, n_out, H) of the last fit
 
     def _gain_base(self, n_in: int, n_out: int) -> np.ndarray:
