@@ -164,8 +164,9 @@ class PooledCounts:
     and d(v) a step function that changes only at the removed rows' values. Between two such values d is
     constant, so the best value there is H's first maximum: one pass over H (np.maximum.reduceat) per target
     pair, and H itself is shared by every pair with the same (n_in, n_out), which is all of them when the
-    models come in complementary pairs. -0.0 and 0.0 are one value, as np.unique holds them; which of the two
-    stands for it is np.unique's choice either way, and no statistic here produces both.
+    models come in complementary pairs. -0.0 and 0.0 are one value, as np.unique holds them; samples holding
+    both could be represented by the other zero than a sort of the shadows alone picks, but no statistic here
+    produces both.
     """
 
     def __init__(self, samples: np.ndarray, is_in: np.ndarray) -> None:
@@ -185,9 +186,9 @@ class PooledCounts:
     def tau(self, removed: np.ndarray, removed_in: np.ndarray) -> float | None:
         """best_threshold(pool samples less `removed`, their membership less `removed_in`): `removed` are
         pool samples (values a row of the pool holds), `removed_in` their IN flags (bool, same shape)."""
-        order = np.argsort(np.asarray(removed, dtype=np.float64).ravel())
-        rs = np.asarray(removed, dtype=np.float64).ravel()[order]
-        r_is_in = np.asarray(removed_in, dtype=np.bool_).ravel()[order]
+        rs = np.asarray(removed, dtype=np.float64).ravel()
+        order = np.argsort(rs)
+        rs, r_is_in = rs[order], np.asarray(removed_in, dtype=np.bool_).ravel()[order]
         total = int(self.cum_all[-1]) if self.values.size else 0
         n_in = (int(self.cum_in[-1]) if self.values.size else 0) - int(r_is_in.sum())
         n_out = total - rs.size - n_in
