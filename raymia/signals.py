@@ -45,8 +45,9 @@ class Signals:
     shadow_pool: np.ndarray | None = None
     fit_mask: np.ndarray | None = None
     # Per-model transforms of the outputs (LiRA's phi, RMIA's log p_y, a threshold statistic) are the same
-    # whichever model is the target, and a fit on the shadows the same for a target and its pair: kept
-    # here, an attack run against every target computes each once.
+    # whichever model is the target, as is what every target's fit starts from (the threshold family's
+    # sorted pool), and a fit on the shadows the same for a target and its pair: kept here, an attack run
+    # against every target computes each once.
     _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def derived(self, key: Hashable, compute: Callable[[], Any]) -> Any:
