@@ -477,9 +477,10 @@ def test_the_audits_attack_loop_gives_the_memory_back_after_each_attack() -> Non
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Signals, "forget_derived", forget)
         run_attacks(spec, attacks, sig, list(range(8)))
-    # the per-model transform (loss's statistic, LiRA's phi, RMIA's log p_y of x and z) and, once per target
-    # pair (the same shadows), what is fitted on them: loss's tau, LiRA's Gaussians, RMIA's a and references
-    assert seen == [1 + 4, 1 + 4, 2 + 4 + 4]
+    # the per-model transform (loss's statistic, LiRA's phi, RMIA's log p_y of x and z), loss's statistic
+    # sorted over the shadow pool and, once per target pair (the same shadows), what is fitted on them: loss's
+    # tau, LiRA's Gaussians, RMIA's a and references
+    assert seen == [1 + 1 + 4, 1 + 4, 2 + 4 + 4]
     assert not sig._derived
 
 
