@@ -210,7 +210,7 @@ class PooledCounts:
         gain = np.maximum.reduceat(h, starts) - (n_in * cum_r_out - n_out * cum_r_in)
         # a value only the removed rows hold is no candidate (a run between them holds other rows' values)
         alone = np.concatenate(([-1], u))[k] == starts
-        held = self.cum_all[starts] - np.concatenate(([0], self.cum_all))[starts]
+        held = self.cum_all[starts] - np.where(starts > 0, self.cum_all[np.maximum(starts - 1, 0)], 0)
         gain[alone & (held == np.concatenate(([0], r_all))[k])] = np.iinfo(np.int64).min
         best = int(np.argmax(gain))  # the first piece of the highest gain, then its first value: smallest tau
         lo = int(starts[best])
