@@ -29,6 +29,17 @@ T = TypeVar("T")
 _DISCOVERY = threading.RLock()  # one for all registries: the modules of one may read another
 
 
+def _takes_numbers(ann: Any) -> tuple[bool, bool]:
+    """(whether a field of this annotation takes a number, whether its list elements are numbers), neither
+    when it takes booleans too."""
+    kinds = set(get_args(ann)) if get_origin(ann) is not list and get_args(ann) else {ann}
+    if bool in kinds:
+        return False, False
+    elements = {get_args(e)[0] if get_origin(e) is Annotated else e
+                for a in kinds if get_origin(a) is list for e in get_args(a)}
+    return bool(kinds & {int, float}), bool(elements & {int, float})
+
+
 _validating = threading.local()  # how deep this thread is in validating nested models
 
 
@@ -40,11 +51,16 @@ def validation_depth() -> int:
 class ValidatedModel(BaseModel):
     """The base of the spec's models and of every entry's `Params`:
 
-    - a number field refuses `true` and `false`: pydantic reads them as 1 and 0, and YAML writes `yes`, `no`,
-      `on` and `off` as booleans too, so `epochs: on` would train for one epoch;
+    - a number field, or a list of numbers, refuses `true` and `false`: pydantic reads them as 1 and 0, and
+      YAML writes `yes`, `no`, `on` and `off` as booleans too, so `epochs: on` would train for one epoch and
+      `hidden: [on]` build a layer of one unit;
+    - a number field refuses NaN and infinity (`.nan`, `.inf`, `1e999`): no setting means either, and they
+      failed late (an accountant that never returns, NaN scores);
     - its `__init__` counts how deep validation is (`validation_depth`): pydantic validates a nested model
       through its class's `__init__`, and only the outermost call may turn the errors into one SpecError
       (`spec._Model`), so a nested field's path stays whole, inside a spec or inside an entry's params."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     def __init__(self, /, **data: Any) -> None:
         depth = validation_depth()
@@ -57,11 +73,13 @@ class ValidatedModel(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_for_a_number(cls, v: Any, info: ValidationInfo) -> Any:
-        if isinstance(v, bool) and info.field_name is not None:
-            ann = cls.model_fields[info.field_name].annotation
-            kinds = set(get_args(ann)) if get_args(ann) else {ann}
-            if kinds & {int, float} and bool not in kinds:
-                raise ValueError(f"a number is expected, got {str(v).lower()}")
+        if info.field_name is None:
+            return v
+        number, numbers = _takes_numbers(cls.model_fields[info.field_name].annotation)
+        if isinstance(v, bool) and number:
+            raise ValueError(f"a number is expected, got {str(v).lower()}")
+        if isinstance(v, list) and numbers and (i := next((i for i, x in enumerate(v) if isinstance(x, bool)), None)) is not None:
+            raise ValueError(f"a list of numbers is expected, got {str(v[i]).lower()} at position {i}")
         return v
 
 

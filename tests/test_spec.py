@@ -100,6 +100,15 @@ def test_fingerprint_tracks_what_changes_the_bank():
         ("train: {epochs: on}\n", [], "train.epochs: a number is expected, got true"),
         ("defense: {name: dpsgd, params: {noise_multiplier: yes}}\n", [],
          "defense.params: noise_multiplier: a number is expected, got true"),
+        # nor does a list of numbers (a layer of one unit), and no number field takes NaN or infinity
+        ("model: {params: {hidden: [64, on]}}\n", [], "model.params: hidden: a list of numbers is expected, got "
+                                                      "true at position 1"),
+        ("plan: {targets: [yes]}\n", [], "plan.targets: a list of numbers is expected, got true at position 0"),
+        ("", ["train.weight_decay=.inf"], "train.weight_decay: Input should be a finite number"),
+        ("defense: {name: dpsgd, params: {noise_multiplier: .inf}}\n", [],  # the accountant never returned
+         "defense.params: noise_multiplier: Input should be a finite number"),
+        ("attacks: [{name: lira_online, params: {min_std: .inf}}]\n", [],  # NaN scores after training
+         "attacks.0.params: min_std: Input should be a finite number"),
         ("", ["noequals"], "--set: expected dotted.key=value"),
         # an unclosed list (the shell split "attacks=[loss, lira_online]" unquoted): the bracket, not "a valid list"
         ("", ["attacks=[loss, lira_online"], "--set: attacks: malformed YAML value '[loss, lira_online' (expected ',' or ']'"),
