@@ -900,7 +900,8 @@ def spec_schema(kind: type[AuditSpec] | str | None = None) -> dict[str, Any]:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load, but a key given twice in one mapping is an error: the second would silently win."""
+    """yaml.safe_load, but a key given twice in one mapping is an error (the second would silently win), and
+    so is a key that is not text (`1:`, `yes:`, `[a, b]:`): every key of a spec names a field or a parameter."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -908,7 +909,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`, whose keys the mapping may override
                 continue
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str) and key in seen:
+            if not isinstance(key, str):
+                what = (f"the key {key_node.value!r}" if isinstance(key_node, yaml.ScalarNode)
+                        else "a list or mapping as a key")
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{what} is not a name; a key names a field or a parameter (quote it to make it "
+                    "text)", key_node.start_mark)
+            if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice in one mapping",
                                                         key_node.start_mark)
             seen.add(key)
@@ -930,6 +937,8 @@ def load_raw(path: str | Path) -> dict[str, Any]:
         raise SpecError(f"malformed YAML{at}: {problem}", where=str(p)) from None
     except UnicodeDecodeError:
         raise SpecError("is not a UTF-8 text file", where=str(p)) from None
+    except RecursionError:
+        raise SpecError("malformed YAML: lists or mappings nested too deeply", where=str(p)) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -152,6 +152,14 @@ def test_file_errors(tmp_path):
         load_spec(lst)
     with pytest.raises(SpecError, match="is a directory"):
         load_spec(tmp_path)
+    # a key that is not text (pydantic's traceback "keywords must be strings"; an unhashable key's TypeError)
+    for text, key in (("1: 2\n", "the key '1'"), ("plan: {yes: 4}\n", "the key 'yes'"),
+                      ("? [a, b]\n: 1\n", "a list or mapping as a key")):
+        with pytest.raises(SpecError, match=rf"keys\.yaml: malformed YAML at line 1, column \d+: {key} is not a name"):
+            load_spec(write(tmp_path, text, "keys.yaml"))
+    deep = write(tmp_path, "x: " + "[" * 5000 + "]" * 5000 + "\n", "deep.yaml")  # a RecursionError's traceback
+    with pytest.raises(SpecError, match=r"deep\.yaml: malformed YAML: lists or mappings nested too deeply"):
+        load_spec(deep)
 
 
 def test_sweep_spec_and_audit_of_a_sweep_file(tmp_path):
