@@ -278,6 +278,11 @@ class AttackSpec(LabelledEntry):
         return v
 
 
+# A bank's largest size: the plan's keep matrix is models x audited points, and no audit needs more shadows
+# (the attacks' papers use up to a few hundred); 10**12 was a MemoryError traceback.
+MAX_MODELS = 10_000
+
+
 def _even_models(m: int) -> int:
     """A bank's num_models: pairs of models on complementary halves."""
     if m % 2:
@@ -288,7 +293,7 @@ def _even_models(m: int) -> int:
 class PlanSpec(_Model):
     """Who trains on what: M models, each audited point IN for exactly half of them."""
 
-    num_models: int = Field(16, ge=2, description="M: target(s) + shadows in the bank; even")
+    num_models: int = Field(16, ge=2, le=MAX_MODELS, description="M: target(s) + shadows in the bank; even")
     population: int | None = Field(
         None, ge=2, description="audited points drawn from the training split (None: all of it)"
     )
@@ -445,7 +450,8 @@ class MetricsSpec(_Model):
                                     description="TPR at these FPR levels ('n/a' below the resolvable level)")
     fnr_levels: list[float] = Field(default_factory=lambda: _default_levels("FNR"),
                                     description="TNR at these FNR levels")
-    bootstrap: int = Field(0, ge=0, description="resamples for AUC / TPR@FPR 95% confidence intervals (0: off)")
+    bootstrap: int = Field(0, ge=0, le=100_000,
+                           description="resamples for AUC / TPR@FPR 95% confidence intervals (0: off)")
     label_only_for_output_defenses: bool = Field(
         True,
         description="when the defense changes the released outputs (confidence, memguard, HAMP's output "
@@ -757,7 +763,7 @@ class DefenseChoice(_Model):
 class FinalAudit(_Model):
     """Re-audit the front's trials with more shadows once the search is done."""
 
-    num_models: int = Field(64, ge=2, description="bank size of each re-audit (even)")
+    num_models: int = Field(64, ge=2, le=MAX_MODELS, description="bank size of each re-audit (even)")
     targets: list[int] | Literal["all"] | None = Field(None, description="default: the sweep's targets")
 
     _even = field_validator("num_models")(_even_models)

@@ -181,6 +181,22 @@ def test_spec_files_refuse_what_would_be_read_silently_otherwise(tmp_path):
         load_spec(path, ["sweep.constraints=[{metric: test_accuracy, op: '>=', value: .nan}]"], kind=SweepSpec)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("data.private_classes=1000000000000", r"^data.private_classes: 1000000000000 private classes leave no public "
+                                           r"class among the 10 classes; accepted: 1..9"),  # a MemoryError
+    ("model.params.hidden=[1000000000000]", r"^model.params: model 'mlp' has 75,000,000,000,010 parameters "
+                                            r"\(2.79e\+05 GiB in float32\), more than this machine can allocate"),
+    ("train.batch_size=1000000000000", r"^train.batch_size: 1000000000000 exceeds the 100 audited points, of which "
+                                       r"each model trains on half; accepted: 1 to 100"),  # training never ended
+])
+def test_sizes_no_machine_holds_are_one_line_before_training(override, message):
+    from raymia.train.bank import BankContext
+
+    spec = raymia.as_spec({"plan": {"num_models": 4, "population": 100}}, [override])
+    with pytest.raises(SpecError, match=message):
+        BankContext.from_spec(spec, setup=False)
+
+
 def test_too_few_audited_points_are_refused_before_training(tmp_path):
     """Population 2 or 3 trained and then failed in the metrics; a one-row training split (population: all)
     gave half the models no member, and the batch loop waited forever for one."""

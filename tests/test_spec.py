@@ -109,6 +109,11 @@ def test_fingerprint_tracks_what_changes_the_bank():
          "defense.params: noise_multiplier: Input should be a finite number"),
         ("attacks: [{name: lira_online, params: {min_std: .inf}}]\n", [],  # NaN scores after training
          "attacks.0.params: min_std: Input should be a finite number"),
+        # sizes that failed with a traceback (numpy's seed, a MemoryError) or ran for ever
+        ("data: {params: {split_seed: 4294967296}}\n", [],
+         "data.params: split_seed: Input should be less than or equal to 4294967295"),
+        ("", ["plan.num_models=1000000000000"], "plan.num_models: Input should be less than or equal to 10000"),
+        ("", ["metrics.bootstrap=1000000000000"], "metrics.bootstrap: Input should be less than or equal to 100000"),
         ("", ["noequals"], "--set: expected dotted.key=value"),
         # an unclosed list (the shell split "attacks=[loss, lira_online]" unquoted): the bracket, not "a valid list"
         ("", ["attacks=[loss, lira_online"], "--set: attacks: malformed YAML value '[loss, lira_online' (expected ',' or ']'"),

@@ -29,7 +29,7 @@ DIGITS_STD = (0.3760,)
 
 class DigitsParams(Params):
     test_fraction: float = Field(0.25, gt=0, lt=1, description="share of the 1,797 images held out as test split")
-    split_seed: int = Field(0, ge=0, description="seed of the stratified train/test split")
+    split_seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the stratified train/test split")
 
 
 def read_digits() -> tuple[np.ndarray, np.ndarray]:

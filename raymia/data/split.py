@@ -32,10 +32,10 @@ from raymia.errors import SpecError
 def resolve_classes(private: int | list[int], public: list[int] | None, num_classes: int,
                     where: str = "data") -> tuple[list[int], list[int]]:
     """(private, public) class lists, checked: within [0, K), disjoint, both non-empty."""
-    priv = list(range(private)) if isinstance(private, int) else [int(c) for c in private]
     if isinstance(private, int) and not 1 <= private < num_classes:
         raise SpecError(f"{private} private classes leave no public class among the {num_classes} classes; "
                         f"accepted: 1..{num_classes - 1} or a list", where=f"{where}.private_classes")
+    priv = list(range(private)) if isinstance(private, int) else [int(c) for c in private]
     for field, cls in (("private_classes", priv), ("public_classes", public or [])):
         bad = [c for c in cls if not 0 <= c < num_classes]
         if bad:

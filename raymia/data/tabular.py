@@ -46,7 +46,7 @@ class TabularParams(Params):
         "data/tabular.npz", description="the .npz (features [N, F], labels [N]); see docs/data.md"
     )
     test_fraction: float = Field(0.2, gt=0, lt=1, description="share of the rows held out as the test split")
-    split_seed: int = Field(0, ge=0, description="seed of the train/test split")
+    split_seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the train/test split")
     stratify: bool = Field(
         True,
         description="stratify the split by label (falls back to a plain random split when a class is too small)",

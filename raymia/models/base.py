@@ -38,13 +38,19 @@ def check_forward(name: str, params: dict[str, Any] | None, info: DataInfo, wher
     start, where a CPU build and forward take milliseconds for the bundled models (0.2 s for VGG-16)."""
     try:
         with torch.device("meta"):
-            build_model(name, params, info)
+            meta = build_model(name, params, info)
     except SpecError as e:  # a builder's own check (e.g. the smallest image it takes), under the caller's field
         if where == "model.name" or not (e.where or "").startswith("model."):
             raise
         raise SpecError(str(e).removeprefix(f"{e.where}: "), where=where) from None
     with torch.random.fork_rng(devices=[]), torch.no_grad():  # the caller's random stream stays as it was
-        model = build_model(name, params, info)
+        try:
+            model = build_model(name, params, info)
+        except (RuntimeError, MemoryError):  # widths that no machine holds (a typo's extra zeros)
+            n = sum(p.numel() for p in meta.parameters())
+            raise SpecError(f"model {name!r} has {n:,} parameters ({4 * n / 2**30:.3g} GiB in float32), more than "
+                            "this machine can allocate; accepted: smaller widths",
+                            where=where.rpartition(".")[0] + ".params") from None
         x = torch.zeros(2, *info.input_shape)
         try:
             out = model.eval()(x)

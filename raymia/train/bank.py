@@ -99,6 +99,10 @@ class BankContext:
             raise SpecError(f"{spec.plan.population or n_train} audited points; an audit needs at least "
                             f"{MIN_POPULATION} (each model's members are half of them, its non-members the other half)",
                             where="plan.population" if spec.plan.population else f"data {data.name}")
+        if spec.train.batch_size > (spec.plan.population or n_train):  # the batch stream would cycle for ever
+            raise SpecError(f"{spec.train.batch_size} exceeds the {spec.plan.population or n_train} audited points, of "
+                            f"which each model trains on half; accepted: 1 to {spec.plan.population or n_train}",
+                            where="train.batch_size")
         if data.info.kind != "image":
             if any(q != "identity" for q in spec.queries):
                 raise SpecError(f"{data.name!r} is not an image data set; accepted: [identity]", where="queries")
