@@ -130,6 +130,21 @@ def check_workers_know(spec: AuditSpec, attacks: bool = False) -> None:
                           "(module:function) or as a plug-in (docs/extending.md)", where=where)
 
 
+def check_query_indices(params: Any, queries: list[str], where: str) -> None:
+    """A registered attack's `query` (one index) or `queries` (a list of them) index the spec's queries: one
+    past them failed only when the attack ran, after training. (An import path's params are its own.)"""
+    from raymia.registry import OpenParams
+
+    if isinstance(params, OpenParams):
+        return
+    one = getattr(params, "query", None)
+    for field, asked in (("query", [] if one is None else [one]), ("queries", getattr(params, "queries", None) or [])):
+        bad = [q for q in asked if isinstance(q, int) and q >= len(queries)]
+        if bad:
+            raise SpecError(f"{field}: {bad[0]} is no query index: the spec's queries are {queries}; accepted: 0 to "
+                            f"{len(queries) - 1}", where=where)
+
+
 def check_names(spec: AuditSpec) -> None:
     """Resolve every registry name and its params now, so bad input fails before any work starts."""
     DATASETS.get(spec.data.name, where="data.name").parse(spec.data.params, where="data.params")
@@ -139,6 +154,7 @@ def check_names(spec: AuditSpec) -> None:
     for i, a in enumerate(spec.attacks):
         entry = ATTACKS.get(a.name, where=f"attacks.{i}.name")
         params = entry.parse(a.params, where=f"attacks.{i}.params")
+        check_query_indices(params, spec.queries, where=f"attacks.{i}.params")
         # an attack's own `check_plan(params, num_models, own_target)`: what the bank must give it
         if (check_plan := getattr(entry.obj, "check_plan", None)) is not None:
             try:

@@ -197,6 +197,17 @@ def test_sizes_no_machine_holds_are_one_line_before_training(override, message):
         BankContext.from_spec(spec, setup=False)
 
 
+def test_a_model_too_wide_to_allocate_names_the_params_of_its_field():
+    from raymia.data import load_dataset
+    from raymia.models.base import check_forward
+
+    info = load_dataset("digits").info
+    for where, params_field in (("inversion.evaluator.model", "inversion.evaluator.params"),
+                                ("inversion.attacks.0.params.augment.1", "inversion.attacks.0.params.augment.1.params")):
+        with pytest.raises(SpecError, match=rf"^{params_field}: model 'mlp' has 75,000,000,000,010 parameters"):
+            check_forward("mlp", {"hidden": [10**12]}, info, where=where)
+
+
 def test_too_few_audited_points_are_refused_before_training(tmp_path):
     """Population 2 or 3 trained and then failed in the metrics; a one-row training split (population: all)
     gave half the models no member, and the batch loop waited forever for one."""

@@ -114,6 +114,13 @@ def test_fingerprint_tracks_what_changes_the_bank():
          "data.params: split_seed: Input should be less than or equal to 4294967295"),
         ("", ["plan.num_models=1000000000000"], "plan.num_models: Input should be less than or equal to 10000"),
         ("", ["metrics.bootstrap=1000000000000"], "metrics.bootstrap: Input should be less than or equal to 100000"),
+        # an attack's query index past the spec's queries failed when the attack ran, after training
+        ("attacks: [{name: loss, params: {query: 2}}]\n", [], "attacks.0.params: query: 2 is no query index: the "
+                                                               "spec's queries are ['identity', 'hflip']; accepted: 0 to 1"),
+        ("queries: [identity]\nattacks: [{name: label_only, params: {queries: [0, 1]}}]\n", [],
+         "attacks.0.params: queries: 1 is no query index"),
+        # another data set as the inversion's public data is named as such, not as data.name
+        ("inversion: {attacks: [miface], public: imagenet}\n", [], "inversion.public.name: unknown data set 'imagenet'"),
         ("", ["noequals"], "--set: expected dotted.key=value"),
         # an unclosed list (the shell split "attacks=[loss, lira_online]" unquoted): the bracket, not "a valid list"
         ("", ["attacks=[loss, lira_online"], "--set: attacks: malformed YAML value '[loss, lira_online' (expected ',' or ']'"),

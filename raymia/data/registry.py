@@ -44,7 +44,8 @@ class Dataset:
 DATASETS: Registry[Any] = Registry("data set", package="raymia.data")
 
 
-def load_dataset(name: str, params: dict[str, Any] | None = None) -> Dataset:
-    entry = DATASETS.get(name, where="data.name")
-    parsed = entry.parse(params, where="data.params")
+def load_dataset(name: str, params: dict[str, Any] | None = None, where: str = "data") -> Dataset:
+    """The data set `name` with `params`; `where`: the spec's field that names it, for errors."""
+    entry = DATASETS.get(name, where=f"{where}.name")
+    parsed = entry.parse(params, where=f"{where}.params")
     return entry.obj(parsed)

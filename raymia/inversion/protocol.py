@@ -126,6 +126,11 @@ def check_inversion(spec: AuditSpec) -> None:
         return
     for i, a in enumerate(inv.attacks):
         INVERSION.get(a.name, where=f"inversion.attacks.{i}.name").parse(a.params, where=f"inversion.attacks.{i}.params")
+    if inv.public != "classes":
+        from raymia.data import DATASETS
+
+        DATASETS.get(inv.public.name, where="inversion.public.name").parse(inv.public.params,
+                                                                          where="inversion.public.params")
     arch, params = evaluator_arch(spec)
     MODELS.get(arch, where="inversion.evaluator.model").parse(params, where="inversion.evaluator.params")
     if arch == spec.model.name and params == spec.model.params:
@@ -186,7 +191,7 @@ def inversion_data(spec: AuditSpec, ctx) -> InversionData:
         from raymia.data import load_dataset
         from raymia.data.split import adapt_inputs
 
-        other = load_dataset(inv.public.name, inv.public.params)
+        other = load_dataset(inv.public.name, inv.public.params, where="inversion.public")
         public_x = adapt_inputs(other.x_train, other.info, info, where="inversion.public")
     if public_x.shape[0] < inv.min_public:
         raise SpecError(f"the attacker gets {public_x.shape[0]} public images, fewer than inversion.min_public = "

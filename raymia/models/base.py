@@ -50,7 +50,8 @@ def check_forward(name: str, params: dict[str, Any] | None, info: DataInfo, wher
             n = sum(p.numel() for p in meta.parameters())
             raise SpecError(f"model {name!r} has {n:,} parameters ({4 * n / 2**30:.3g} GiB in float32), more than "
                             "this machine can allocate; accepted: smaller widths",
-                            where=where.rpartition(".")[0] + ".params") from None
+                            where=(where.rpartition(".")[0] if where.endswith((".name", ".model")) else where)
+                            + ".params") from None
         x = torch.zeros(2, *info.input_shape)
         try:
             out = model.eval()(x)
