@@ -489,7 +489,8 @@ class TrackingSpec(_Model):
     enabled: bool = Field(True, description="log each audit (and a sweep's trials) as an MLflow run")
     uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI: sqlite:///FILE, postgresql://..., "
                      "mysql://..., mssql://..., http(s)://host:port, or databricks")
-    experiment: str = Field("raymia", description="MLflow experiment the runs go to")
+    # MLflow refuses an empty name (as if the store failed)
+    experiment: str = Field("raymia", min_length=1, description="MLflow experiment the runs go to")
     log_signals: bool = Field(
         False, description="an audit also logs its bank's stored signals (every pack and manifest, under "
         "signals/<fingerprint>/) as artifacts of its MLflow run: download them into DIR/ and "
@@ -635,9 +636,10 @@ class AuditSpec(_Model):
         "models are then all its shadows")
     inversion: InversionSpec | None = Field(None, description="model-inversion attacks on the targets")
     ood: OodSpec | None = Field(None, description="out-of-distribution non-member sets")
-    output_dir: str = Field("raymia-runs", description="folder of the reports (and of the store, unless "
-                            "store is set)")
-    store: str | None = Field(None, description="where signals and caches live (what every node must reach): a "
+    # an empty path: the current folder, or (store) output_dir, without a word
+    output_dir: str = Field("raymia-runs", min_length=1, description="folder of the reports (and of the store, "
+                            "unless store is set)")
+    store: str | None = Field(None, min_length=1, description="where signals and caches live (what every node must reach): a "
                               "path, NFS, or a URI (s3://bucket/prefix, gs://..., file:///..., any fsspec protocol); "
                               "default: output_dir. Reports stay in output_dir")
 
@@ -806,7 +808,7 @@ class SweepBlock(_Model):
         "seeded by seed")
     final_audit: FinalAudit | None = Field(None, description="re-audit the front with more shadows at the end")
     storage: str | None = Field(
-        None, description="Optuna storage URL for the study (an RDB or journal store on clusters); "
+        None, min_length=1, description="Optuna storage URL for the study (an RDB or journal store on clusters); "
         "default: an SQLite file beside the sweep's results")
 
     @model_validator(mode="after")

@@ -121,6 +121,10 @@ def test_fingerprint_tracks_what_changes_the_bank():
          "attacks.0.params: queries: 1 is no query index"),
         # another data set as the inversion's public data is named as such, not as data.name
         ("inversion: {attacks: [miface], public: imagenet}\n", [], "inversion.public.name: unknown data set 'imagenet'"),
+        # empty names and paths: MLflow's "Invalid experiment name" named tracking.uri; the others meant the default
+        ("tracking: {experiment: ''}\n", [], "tracking.experiment: String should have at least 1 character"),
+        ("output_dir: ''\n", [], "output_dir: String should have at least 1 character"),
+        ("store: ''\n", [], "store: String should have at least 1 character"),
         ("", ["noequals"], "--set: expected dotted.key=value"),
         # an unclosed list (the shell split "attacks=[loss, lira_online]" unquoted): the bracket, not "a valid list"
         ("", ["attacks=[loss, lira_online"], "--set: attacks: malformed YAML value '[loss, lira_online' (expected ',' or ']'"),
