@@ -35,10 +35,13 @@ class Interrupted(RaymiaError):
 
 def not_found(path: object, what: str = "file") -> str:
     """"file not found" (or another `what`), and for a relative path the folder it was looked for in (a
-    spec's relative paths are read from the current folder, not the spec's)."""
+    spec's relative paths are read from the current folder, not the spec's); a folder where a file was
+    asked for says so."""
     import os
 
     text = str(path)
+    if what == "file" and os.path.isdir(os.path.expanduser(text)):
+        return "is a folder; give the path of a file"
     return f"{what} not found" + ("" if os.path.isabs(os.path.expanduser(text)) else
                                   f" (a relative path, looked for in the current folder {os.getcwd()})")
 

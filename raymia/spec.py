@@ -589,12 +589,17 @@ class TargetSpec(_Model):
         description="the target's training points: indices into the data set's training split, or a file of "
         "them (.npy, .txt, .csv, .json)")
 
+    @field_validator("members")
+    @classmethod
+    def _members(cls, v: list[int] | str) -> list[int] | str:
+        if isinstance(v, list) and (not v or min(v) < 0):
+            raise ValueError("must be a non-empty list of indices >= 0, or a file of them")
+        return v
+
     @model_validator(mode="after")
     def _one_source(self) -> TargetSpec:
         if (self.checkpoint is None) == (self.outputs is None):
             raise ValueError("give the target's checkpoint (its weights) or its outputs (black-box), one of them")
-        if isinstance(self.members, list) and (not self.members or min(self.members) < 0):
-            raise ValueError("members must be a non-empty list of indices >= 0, or a file of them")
         return self
 
 

@@ -98,6 +98,9 @@ def test_members_read_from_lists_and_files_and_refused_outside_the_split(tmp_pat
     with pytest.raises(SpecError, match=r"^target.members \(nope.txt\): file not found \(a relative path, looked "
                                         r"for in the current folder /"):
         read_members("nope.txt", 10)
+    (tmp_path / "folder.npy").mkdir()  # it exists, so "file not found" misled
+    with pytest.raises(SpecError, match=r"folder.npy\): is a folder; give the path of a file$"):
+        read_members(str(tmp_path / "folder.npy"), 10)
     (tmp_path / "bad.txt").write_text("1 two 3")
     with pytest.raises(SpecError, match=r"bad.txt\): not a list of integer indices"):
         read_members(str(tmp_path / "bad.txt"), 10)

@@ -125,6 +125,7 @@ def test_fingerprint_tracks_what_changes_the_bank():
         ("tracking: {experiment: ''}\n", [], "tracking.experiment: String should have at least 1 character"),
         ("output_dir: ''\n", [], "output_dir: String should have at least 1 character"),
         ("store: ''\n", [], "store: String should have at least 1 character"),
+        ("target: {checkpoint: t.pt, members: []}\n", [], "target.members: must be a non-empty list of indices"),
         ("", ["noequals"], "--set: expected dotted.key=value"),
         # an unclosed list (the shell split "attacks=[loss, lira_online]" unquoted): the bracket, not "a valid list"
         ("", ["attacks=[loss, lira_online"], "--set: attacks: malformed YAML value '[loss, lira_online' (expected ',' or ']'"),
