@@ -14,6 +14,7 @@ plug-ins' entry points. Registering needs no reading, so a module registers whil
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,11 +114,38 @@ class Entry(Generic[T]):
             raise SpecError(_first_error(e, self), where=where) from None
 
 
+_TYPE_TAGS = {"int", "float", "str", "bool", "dict", "list", "none"}
+
+
+def _names_a_field(part: str | int) -> bool:
+    """Whether a part of a pydantic error's location is a field or a list index: where a field takes one of
+    several types, pydantic adds the member's tag (`list[int]`, `literal['all']`, `bool`, `DataSpec`), which
+    names no field."""
+    return isinstance(part, int) or (re.fullmatch(r"[a-z_][a-z0-9_]*", part) is not None and part not in _TYPE_TAGS)
+
+
+def first_error(e: ValidationError) -> tuple[tuple[str | int, ...], str, str]:
+    """(location, message, error type) of a validation's first error, the location without union tags; for a
+    field that takes one of several types, the message says what each of them wanted ("..., or accepted:
+    'auto'")."""
+    errors = e.errors()
+    err = errors[0]
+    loc = tuple(p for p in err["loc"] if _names_a_field(p))
+
+    def text(x: Any) -> str:
+        msg = x["msg"].removeprefix("Value error, ")
+        return msg.replace("Input should be", "accepted:") if x["type"] == "literal_error" else msg
+
+    if loc == err["loc"]:
+        return loc, text(err), err["type"]
+    same = [text(x) for x in errors if tuple(p for p in x["loc"] if _names_a_field(p)) == loc]
+    return loc, ", or ".join(dict.fromkeys(same)), err["type"]
+
+
 def _first_error(e: ValidationError, entry: Entry) -> str:
-    err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
+    loc_parts, msg, kind = first_error(e)
+    loc = ".".join(str(x) for x in loc_parts)
+    if kind == "extra_forbidden" and len(loc_parts) == 1:
         fields = list(entry.params.model_fields)
         msg = (f"unknown parameter of {entry.name!r}; accepted: {', '.join(fields)}" if fields
                else f"unknown parameter: {entry.name!r} takes none")

@@ -33,7 +33,7 @@ from pydantic import (
 )
 
 from raymia.errors import SpecError, first_line
-from raymia.registry import ValidatedModel, validation_depth
+from raymia.registry import ValidatedModel, first_error, validation_depth
 
 # Bump when the meaning of stored signals changes, so old entries are never reused by mistake.
 SIGNAL_FORMAT_VERSION = 7
@@ -134,12 +134,11 @@ class _Model(ValidatedModel):
 def format_error(e: ValidationError, root: type[BaseModel]) -> tuple[str, str]:
     """The first error of a spec's validation as (dotted field, message), an unknown field's message listing
     the fields accepted there (`root`: the model validated)."""
-    err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"]) or "spec"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
+    parts, msg, kind = first_error(e)
+    loc = ".".join(str(x) for x in parts) or "spec"
+    if kind == "extra_forbidden":
         msg = "unknown field"
-        parent_loc = err["loc"][:-1]
+        parent_loc = parts[:-1]
         model: Any = root
         try:
             for part in parent_loc:
@@ -151,8 +150,6 @@ def format_error(e: ValidationError, root: type[BaseModel]) -> tuple[str, str]:
                 msg += "; accepted: " + ", ".join(model.model_fields)
         except (KeyError, AttributeError, TypeError):
             pass
-    elif err["type"] == "literal_error":
-        msg = msg.replace("Input should be", "accepted:")
     return loc, msg
 
 

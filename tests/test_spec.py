@@ -126,6 +126,10 @@ def test_fingerprint_tracks_what_changes_the_bank():
         ("output_dir: ''\n", [], "output_dir: String should have at least 1 character"),
         ("store: ''\n", [], "store: String should have at least 1 character"),
         ("target: {checkpoint: t.pt, members: []}\n", [], "target.members: must be a non-empty list of indices"),
+        # a field of several types: named without pydantic's tag of the type tried, with what each accepts
+        ("plan: {targets: {a: 1}}\n", [], "plan.targets: Input should be a valid list, or accepted: 'all'"),
+        ("bank: {vectorize: maybe}\n", [], "bank.vectorize: Input should be a valid boolean, unable to interpret "
+                                           "input, or accepted: 'auto'"),
         ("", ["noequals"], "--set: expected dotted.key=value"),
         # an unclosed list (the shell split "attacks=[loss, lira_online]" unquoted): the bracket, not "a valid list"
         ("", ["attacks=[loss, lira_online"], "--set: attacks: malformed YAML value '[loss, lira_online' (expected ',' or ']'"),
