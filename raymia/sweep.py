@@ -113,8 +113,11 @@ def resolve_space(spec: SweepSpec) -> dict[str, dict[str, Domain | Any]]:
                         if not {"low", "high"} <= set(raw) <= {"low", "high", "log"}:
                             raise ValueError(_space_keys(raw, {"low", "high", "log"})
                                              + "expected {low, high[, log]} or {choices: [...]} or a constant")
-                        kind = Int if all(isinstance(raw[k], int) for k in ("low", "high")) else Float
-                        space[name] = kind(raw["low"], raw["high"], bool(raw.get("log", False)))
+                        low, high = (_bound(raw[k], k) for k in ("low", "high"))
+                        if not isinstance(raw.get("log", False), bool):
+                            raise ValueError(f"log must be true or false, got {raw['log']!r}")
+                        kind = Int if all(isinstance(v, int) for v in (low, high)) else Float
+                        space[name] = kind(low, high, raw.get("log", False))
                 except (ValueError, TypeError) as e:
                     raise SpecError(str(e), where=where) from None
             else:
@@ -126,6 +129,19 @@ def resolve_space(spec: SweepSpec) -> dict[str, dict[str, Domain | Any]]:
                 entry.parse({name: v}, where=f"{at}.space.{name}")
         out[choice.name] = space
     return out
+
+
+def _bound(v: Any, key: str) -> int | float:
+    """A range's low or high: a finite number. YAML reads `1e-4` (no dot) as text, which a number field takes
+    as its number: so does a range."""
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            pass
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise ValueError(f"{key} must be a finite number, got {v!r}")
+    return v
 
 
 def _space_keys(raw: dict, accepted: set[str]) -> str:

@@ -108,6 +108,10 @@ def test_queries_and_models_that_do_not_fit_the_data_are_refused_before_training
     ({"gamma": {"low": 0.1, "high": 0.5, "lg": True}}, r"sweep.space.gamma: unknown key 'lg'; expected \{low, high"),
     ({"gamma": {"choices": [0.5], "low": 0.1}}, r"sweep.space.gamma: unknown key 'low'; expected \{choices: "),
     ({"gamma": {"low": 0.1}}, r"sweep.space.gamma: expected \{low, high\[, log\]\} or \{choices"),
+    # a bound that is no number ("'<' not supported between instances"; NaN's "low nan must be below high")
+    ({"gamma": {"low": "x", "high": 0.5}}, r"sweep.space.gamma: low must be a finite number, got 'x'"),
+    ({"gamma": {"low": 0.1, "high": float("nan")}}, r"sweep.space.gamma: high must be a finite number, got nan"),
+    ({"gamma": {"low": 0.1, "high": 0.5, "log": "maybe"}}, r"sweep.space.gamma: log must be true or false, got 'maybe'"),
 ])
 def test_a_search_range_upside_down_is_one_line(space, message):
     from raymia.sweep import resolve_space
@@ -116,6 +120,17 @@ def test_a_search_range_upside_down_is_one_line(space, message):
                           kind=raymia.SweepSpec)
     with pytest.raises(SpecError, match="^" + message):
         resolve_space(spec)
+
+
+def test_a_range_bound_yaml_reads_as_text_is_its_number():
+    """YAML reads 1e-4 (no dot) as text, which a number field takes as its number: so does a range (it was
+    "'<' not supported between instances of 'str' and 'float'")."""
+    from raymia.space import Float
+    from raymia.sweep import resolve_space
+
+    spec = raymia.as_spec({"sweep": {"defense": "hamp", "space": {"alpha": {"low": "1e-4", "high": 0.05, "log": True}}}},
+                          kind=raymia.SweepSpec)
+    assert resolve_space(spec)["hamp"]["alpha"] == Float(1e-4, 0.05, True)
 
 
 @pytest.mark.parametrize("override, message", [
