@@ -201,15 +201,19 @@ def test_spec_files_refuse_what_would_be_read_silently_otherwise(tmp_path):
                                            r"class among the 10 classes; accepted: 1..9"),  # a MemoryError
     ("model.params.hidden=[1000000000000]", r"^model.params: model 'mlp' has 75,000,000,000,010 parameters "
                                             r"\(2.79e\+05 GiB in float32\), more than this machine can allocate"),
+    # sizes torch cannot describe on the meta device (a RuntimeError traceback), a depth that never finished building
+    ("model={name: wrn, params: {width: 16000000000000}}", r"^model.params: model 'wrn' cannot be built: Storage size "
+                                                           r"calculation overflowed"),
+    ("model={name: wrn, params: {depth: 1000000000000}}", r"^model.params: depth: Input should be less than or equal "
+                                                          r"to 1000"),
     ("train.batch_size=1000000000000", r"^train.batch_size: 1000000000000 exceeds the 100 audited points, of which "
                                        r"each model trains on half; accepted: 1 to 100"),  # training never ended
 ])
 def test_sizes_no_machine_holds_are_one_line_before_training(override, message):
     from raymia.train.bank import BankContext
 
-    spec = raymia.as_spec({"plan": {"num_models": 4, "population": 100}}, [override])
-    with pytest.raises(SpecError, match=message):
-        BankContext.from_spec(spec, setup=False)
+    with pytest.raises(SpecError, match=message):  # the schema's bounds, or the checks of `raymia check`
+        BankContext.from_spec(raymia.as_spec({"plan": {"num_models": 4, "population": 100}}, [override]), setup=False)
 
 
 def test_a_model_too_wide_to_allocate_names_the_params_of_its_field():

@@ -36,6 +36,7 @@ def check_forward(name: str, params: dict[str, Any] | None, info: DataInfo, wher
     [N, num_classes], is one SpecError before any training. The forward pass runs on the CPU because on the
     meta device it would import torch's Python decompositions and dynamo, about 1.5 s of every sweep's
     start, where a CPU build and forward take milliseconds for the bundled models (0.2 s for VGG-16)."""
+    params_where = (where.rpartition(".")[0] if where.endswith((".name", ".model")) else where) + ".params"
     try:
         with torch.device("meta"):
             meta = build_model(name, params, info)
@@ -43,15 +44,15 @@ def check_forward(name: str, params: dict[str, Any] | None, info: DataInfo, wher
         if where == "model.name" or not (e.where or "").startswith("model."):
             raise
         raise SpecError(str(e).removeprefix(f"{e.where}: "), where=where) from None
+    except RuntimeError as e:  # sizes whose tensors torch cannot even describe (a typo's extra zeros)
+        raise SpecError(f"model {name!r} cannot be built: {first_line(e)}", where=params_where) from None
     with torch.random.fork_rng(devices=[]), torch.no_grad():  # the caller's random stream stays as it was
         try:
             model = build_model(name, params, info)
-        except (RuntimeError, MemoryError):  # widths that no machine holds (a typo's extra zeros)
+        except (RuntimeError, MemoryError):  # widths that no machine holds
             n = sum(p.numel() for p in meta.parameters())
             raise SpecError(f"model {name!r} has {n:,} parameters ({4 * n / 2**30:.3g} GiB in float32), more than "
-                            "this machine can allocate; accepted: smaller widths",
-                            where=(where.rpartition(".")[0] if where.endswith((".name", ".model")) else where)
-                            + ".params") from None
+                            "this machine can allocate; accepted: smaller widths", where=params_where) from None
         x = torch.zeros(2, *info.input_shape)
         try:
             out = model.eval()(x)

@@ -80,7 +80,7 @@ _DROPOUT = Field(0.0, ge=0.0, lt=1.0, description="dropout between the convs of 
 
 
 class WRNParams(Params):
-    depth: int = Field(28, ge=10, description="total depth; 6n+4 (10, 16, 22, 28, 40, ...)")
+    depth: int = Field(28, ge=10, le=1000, description="total depth; 6n+4 (10, 16, 22, 28, 40, ...)")
     width: int = Field(2, ge=1, description="widening factor k (stage widths 16k, 32k, 64k)")
     dropout: float = _DROPOUT
 
