@@ -846,14 +846,18 @@ def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     cur: Any = d
     for i, k in enumerate(keys[:-1]):
+        at: Any = k
         if isinstance(cur, list):
             try:
-                cur = cur[int(k)]
+                at = int(k)
+                nxt = cur[at]
             except (ValueError, IndexError):
                 raise SpecError(f"no list element {k!r}", where=".".join(keys[: i + 1])) from None
-            continue
-        nxt = cur.get(k)
-        if nxt is None:
+        else:
+            nxt = cur.get(k)
+        if isinstance(nxt, str) and keys[i + 1] in LabelledEntry.model_fields:
+            nxt = cur[at] = {"name": nxt}  # a bare name (`model: wrn`) is the entry {name: wrn}: set its params
+        if nxt is None and isinstance(cur, dict):
             if keys[i + 1].isdigit():
                 raise SpecError("is not set in the spec, so it has no list element to override; set the whole "
                                 "list instead", where=".".join(keys[: i + 1]))

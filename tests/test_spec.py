@@ -39,6 +39,12 @@ def test_a_bare_name_stands_for_the_entry_with_its_defaults(tmp_path):
     assert load_spec(longhand).fingerprint() == spec.fingerprint()
     with pytest.raises(SpecError, match="attacks.0"):
         load_spec(p, ["attacks.0=3"])
+    # --set reaches into a bare name's entry (a list's was an AttributeError traceback, a field's "is not a mapping")
+    spec = load_spec(p, ["defense.params.gamma=0.5", "attacks.0.params.query=1", "attacks.0.label=l"])
+    assert spec.defense.name == "hamp" and spec.defense.params == {"gamma": 0.5}
+    assert (spec.attacks[0].name, spec.attacks[0].params, spec.attacks[0].key) == ("loss", {"query": 1}, "l")
+    with pytest.raises(SpecError, match=r"^attacks.0: is not a mapping; cannot set a sub-key"):
+        load_spec(p, ["attacks.0.bogus.x=1"])
 
 
 def test_fingerprint_tracks_what_changes_the_bank():
