@@ -27,6 +27,9 @@ def raymia(*args: str, cwd=None) -> subprocess.CompletedProcess:
         ("plan: {num_models: 7}\n", [], "plan.num_models: must be even"),
         ("plan: {population: 5000}\n", [], "plan.population: 5000 exceeds the 1347 training points"),
         ("", ["--set", "train.epochs=0"], "train.epochs: Input should be greater than or equal to 1"),
+        ("? [a, b]\n: 1\n", [], "malformed YAML at line 1, column 3: a list or mapping as a key is not a name"),
+        ("attacks: [loss]\n", ["--set", "attacks.0.params.query=5"],
+         "attacks.0.params: query: 5 is no query index: the spec's queries are ['identity', 'hflip']"),
     ],
 )
 def test_bad_audit_input_is_one_line_exit_2(tmp_path, content, args, needle):
