@@ -566,9 +566,14 @@ class InversionSpec(_Model):
     @model_validator(mode="after")
     def _labels(self) -> InversionSpec:
         _unique_keys(self.attacks, "inversion attacks")
-        if isinstance(self.classes, int) and self.classes < 1:
-            raise ValueError(f"classes must be 'all', a count >= 1 or a list, got {self.classes}")
         return self
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: str | int | list[int]) -> str | int | list[int]:
+        if isinstance(v, int) and v < 1 or isinstance(v, list) and (not v or len(set(v)) < len(v)):  # []: no class
+            raise ValueError(f"must be 'all', a count >= 1 or a list of distinct classes, got {v}")
+        return v
 
 
 class TargetSpec(_Model):

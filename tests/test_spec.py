@@ -136,6 +136,8 @@ def test_fingerprint_tracks_what_changes_the_bank():
         ("plan: {targets: {a: 1}}\n", [], "plan.targets: Input should be a valid list, or accepted: 'all'"),
         ("bank: {vectorize: maybe}\n", [], "bank.vectorize: Input should be a valid boolean, unable to interpret "
                                            "input, or accepted: 'auto'"),
+        ("inversion: {attacks: [miface], classes: []}\n", [], "inversion.classes: must be 'all', a count >= 1 or a "
+                                                              "list of distinct classes, got []"),
         ("", ["noequals"], "--set: expected dotted.key=value"),
         # an unclosed list (the shell split "attacks=[loss, lira_online]" unquoted): the bracket, not "a valid list"
         ("", ["attacks=[loss, lira_online"], "--set: attacks: malformed YAML value '[loss, lira_online' (expected ',' or ']'"),
