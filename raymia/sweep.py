@@ -916,6 +916,9 @@ def run_sweep(
         pool = None
         try:
             ensure_ray()
+            from raymia.engine.pool import check_trial_cpu
+
+            check_trial_cpu(spec.sweep.trial_cpu)
             if spec.bank.engine == "ray":  # one warm pool for every trial and the final audit; it warms meanwhile
                 from raymia.engine.pool import BankPool
 

@@ -127,6 +127,23 @@ def test_pool_sizes_itself_to_the_nodes_and_names_the_field_it_cannot_meet(ray_l
         capacity(1, 1)
 
 
+def test_a_trial_driver_larger_than_every_node_is_one_line_before_anything_trains(ray_local, tmp_path):
+    """Tune left every trial pending for ever (the baseline trained meanwhile); with bank.engine: local no
+    pool's sizing met the request first."""
+    import raymia
+    from raymia.errors import RaymiaError
+
+    n = int(ray_local.cluster_resources()["CPU"])
+    spec = {"plan": {"num_models": 4, "population": 100}, "train": {"epochs": 1}, "attacks": ["loss"],
+            "bank": {"engine": "local"}, "tracking": {"enabled": False}, "output_dir": str(tmp_path),
+            "sweep": {"defense": "hamp", "num_trials": 1, "trial_cpu": 64,
+                      "objectives": [{"metric": "test_accuracy", "mode": "max"}, {"metric": "loss/auc", "mode": "min"}]}}
+    with pytest.raises(RaymiaError, match=rf"^sweep.trial_cpu: 64 CPUs per trial driver, but the largest node of "
+                                          rf"the Ray cluster has {n}; accepted: at most {n}"):
+        raymia.run_sweep(spec)
+    assert not (tmp_path / "signals").exists()  # nothing trained
+
+
 def test_two_node_sweep_uses_both_nodes_and_survives_losing_one(tmp_path):
     cluster_utils = pytest.importorskip("ray.cluster_utils")
     cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})

@@ -343,6 +343,18 @@ def _cause(e: BaseException) -> str:
     return last_error_line(str(getattr(e, "error_msg", "") or e)) if str(e).strip() else type(e).__name__
 
 
+def check_trial_cpu(trial_cpu: float) -> None:
+    """A sweep's trial driver holds `sweep.trial_cpu` CPUs of one node: more than the largest node has left
+    every trial pending and Tune waiting for ever, while the undefended baseline trained beside it."""
+    import ray
+
+    most = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    if trial_cpu > most:
+        raise RaymiaError(f"{trial_cpu:g} CPUs per trial driver, but the largest node of the Ray cluster has "
+                          f"{most:g}; accepted: at most {most:g} (a trial's bank workers ask for their own)",
+                          where="sweep.trial_cpu")
+
+
 def capacity(cpus: float, gpus: int, reserve_cpus: float = 0.0) -> int:
     """How many workers of `cpus` CPUs (and `gpus` GPUs) the live nodes hold beside `reserve_cpus` CPUs (a
     sweep's trial drivers: on 2 CPUs, 1 worker of 1 CPU); a RaymiaError of one line, naming the field, when
