@@ -138,6 +138,12 @@ def test_fingerprint_tracks_what_changes_the_bank():
                                            "input, or accepted: 'auto'"),
         ("inversion: {attacks: [miface], classes: []}\n", [], "inversion.classes: must be 'all', a count >= 1 or a "
                                                               "list of distinct classes, got []"),
+        # RMIA's z subset drew from numpy's generator, which refuses a negative seed, after training; a VAE too
+        # wide to allocate failed when the run fitted it
+        ("attacks: [{name: rmia_online, params: {num_z: 10, seed: -1}}]\n", [],
+         "attacks.0.params: seed: Input should be greater than or equal to 0"),
+        ("defense: {name: vae_metric_privacy, params: {hidden: 1000000000000}}\n", [],
+         "defense.params: hidden: Input should be less than or equal to 65536"),
         ("", ["noequals"], "--set: expected dotted.key=value"),
         # an unclosed list (the shell split "attacks=[loss, lira_online]" unquoted): the bracket, not "a valid list"
         ("", ["attacks=[loss, lira_online"], "--set: attacks: malformed YAML value '[loss, lira_online' (expected ',' or ']'"),

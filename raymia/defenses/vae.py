@@ -84,7 +84,8 @@ class VaeParams(Params):
                             "points outside the population)")
     vae_lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate of the VAE")
     vae_batch: int = Field(128, ge=1, description="public points per VAE training step")
-    hidden: int = Field(256, ge=1, description="hidden width of the MLP VAE (and of the conv VAE's FC layer)")
+    hidden: int = Field(256, ge=1, le=65536,  # a VAE is fitted after the run starts: no typo's width reaches it
+                        description="hidden width of the MLP VAE (and of the conv VAE's FC layer)")
     vae_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where the VAE trains and runs (auto: CUDA when visible); part of the cache key")
 
