@@ -206,6 +206,9 @@ def test_spec_files_refuse_what_would_be_read_silently_otherwise(tmp_path):
                                                            r"calculation overflowed"),
     ("model={name: wrn, params: {depth: 1000000000000}}", r"^model.params: depth: Input should be less than or equal "
                                                           r"to 1000"),
+    # RMIA's population z is the test split (a ValueError when the attack ran, after training)
+    ("attacks=[{name: rmia_online, params: {num_z: 451}}]", r"^attacks.0.params: num_z: 451 exceeds the 450 test "
+                                                             r"points the population z is drawn from; accepted: at most 450"),
     ("train.batch_size=1000000000000", r"^train.batch_size: 1000000000000 exceeds the 100 audited points, of which "
                                        r"each model trains on half; accepted: 1 to 100"),  # training never ended
 ])

@@ -111,6 +111,7 @@ class BankContext:
                                 where="train.augment")
         if data.info.kind == "image":
             _check_query_shifts(spec.queries, data.info.input_shape)
+        _check_num_z(spec, data.x_test.shape[0])
         if check_model:
             check_forward(spec.model.name, spec.model.params, data.info)
         plan = make_plan(n_train, spec.plan.num_models, spec.plan.population, spec.plan.target_list, spec.seed)
@@ -174,6 +175,18 @@ class BankContext:
         """Every model takes ceil((P/2) / batch) steps per epoch: P/2 is the expected member count."""
         half = max(1, self.plan.keep.shape[1] // 2)
         return math.ceil(half / self.recipe.batch_size)
+
+
+def _check_num_z(spec: AuditSpec, n_test: int) -> None:
+    """RMIA's `num_z` population points are drawn from the test split: more than it holds failed when the
+    attack ran, after training."""
+    from raymia.plugins import is_import_path
+
+    for i, a in enumerate(spec.attacks):
+        num_z = a.params.get("num_z")
+        if not is_import_path(a.name) and isinstance(num_z, int) and num_z > n_test:
+            raise SpecError(f"num_z: {num_z} exceeds the {n_test} test points the population z is drawn from; "
+                            f"accepted: at most {n_test}, or null for all of them", where=f"attacks.{i}.params")
 
 
 def _check_query_shifts(queries: list[str], input_shape: tuple[int, ...]) -> None:
