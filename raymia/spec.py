@@ -407,9 +407,12 @@ class TrainSpec(_Model):
 
     @field_validator("milestones")
     @classmethod
-    def _milestones(cls, v: list[float]) -> list[float]:
+    def _milestones(cls, v: list[float], info: ValidationInfo) -> list[float]:
         if any(not 0 < f < 1 for f in v) or sorted(v) != v:
             raise ValueError("milestones must be increasing fractions of training in (0, 1)")
+        if not v and info.data.get("schedule") == "step":  # a step schedule that never steps: a constant lr
+            raise ValueError("the step schedule needs at least one milestone; accepted: increasing fractions of "
+                             "training in (0, 1), or schedule: constant")
         return v
 
 

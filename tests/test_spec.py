@@ -144,6 +144,8 @@ def test_fingerprint_tracks_what_changes_the_bank():
          "attacks.0.params: seed: Input should be greater than or equal to 0"),
         ("defense: {name: vae_metric_privacy, params: {hidden: 1000000000000}}\n", [],
          "defense.params: hidden: Input should be less than or equal to 65536"),
+        ("train: {schedule: step, milestones: []}\n", [], "train.milestones: the step schedule needs at least one "
+                                                         "milestone"),
         ("", ["noequals"], "--set: expected dotted.key=value"),
         # an unclosed list (the shell split "attacks=[loss, lira_online]" unquoted): the bracket, not "a valid list"
         ("", ["attacks=[loss, lira_online"], "--set: attacks: malformed YAML value '[loss, lira_online' (expected ',' or ']'"),
