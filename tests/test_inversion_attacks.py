@@ -57,7 +57,7 @@ def test_params_and_inputs_are_checked_in_one_line(setting, tmp_path):
     cases = [
         ("miface", {"steps": 0}, PRIVATE, "inversion.params: steps: Input should be greater than or equal to 1"),
         ("miface", {"bogus": 1}, PRIVATE, "inversion.params: bogus: unknown parameter of 'miface'; accepted: "),
-        ("gmi", {"gan_loss": "hinge"}, PRIVATE, "inversion.params: gan_loss: Input should be 'wgan_gp' or 'dcgan'"),
+        ("gmi", {"gan_loss": "hinge"}, PRIVATE, "inversion.params: gan_loss: accepted: 'wgan_gp' or 'dcgan'"),
         ("gmi", {"prior_weight": -1}, PRIVATE, "inversion.params: prior_weight: Input should be greater than"),
         ("miface", {}, [0, 5], "inversion.classes: need one or more classes in [0, 5); got [5]"),
         ("miface", {}, [], "inversion.classes: need one or more classes"),

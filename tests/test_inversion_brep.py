@@ -105,7 +105,7 @@ def test_params_are_checked_in_one_line(inversion_setting, tmp_path):
         ({"threshold": 1.0}, "inversion.params: threshold: Input should be less than 1"),
         ({"expansion": 1.0}, "inversion.params: expansion: Input should be greater than 1"),
         ({"points": 0}, "inversion.params: points: Input should be greater than or equal to 1"),
-        ({"gan_loss": "hinge"}, "inversion.params: gan_loss: Input should be 'wgan_gp' or 'dcgan'"),
+        ({"gan_loss": "hinge"}, "inversion.params: gan_loss: accepted: 'wgan_gp' or 'dcgan'"),
         ({"identity_loss": "logit"}, "inversion.params: identity_loss: unknown parameter of 'brep_mi'; accepted: "
                                      "per_class, radius"),
     ]

@@ -123,7 +123,7 @@ def test_params_and_shapes_are_checked_in_one_line(inversion_setting, tmp_path):
         ({"augment": ["mlp", {"name": "cnn", "params": {"depth": 3}}]},
          "inversion.params: augment: 1.params: depth: unknown parameter of 'cnn'; accepted: channels"),
         ({"augment": [{"name": "cnn", "size": 3}]}, "inversion.params: augment.0.size: Extra inputs are not permitted"),
-        ({"identity_loss": "nll"}, "inversion.params: identity_loss: Input should be 'ce' or 'logit'"),
+        ({"identity_loss": "nll"}, "inversion.params: identity_loss: accepted: 'ce' or 'logit'"),
         ({"feature_reg": -1}, "inversion.params: feature_reg: Input should be greater than or equal to 0"),
     ]
     for params, message in cases:
