@@ -38,7 +38,8 @@ def ray_local():
     """A real local Ray instance with 2 CPUs, shared by every test that needs Ray (start-up costs ~5 s)."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+        # address "local": a new instance of the tests' own, never a cluster `ray start` left on the machine
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
 

@@ -369,7 +369,7 @@ before = {k: os.environ.get(k) for k in ("TUNE_GLOBAL_CHECKPOINT_S", "RAY_AIR_NE
 raymia.run_audit(spec, output_dir="runs", console=False)
 print("after its own:", ray.is_initialized())
 print("env as found:", before == {k: os.environ.get(k) for k in before}, before)
-ray.init(num_cpus=1, include_dashboard=False)  # the notebook's own Ray: raymia uses it and leaves it
+ray.init(address="local", num_cpus=1, include_dashboard=False)  # the notebook's own Ray: raymia uses it and leaves it
 raymia.run_audit(spec, ["seed=1"], output_dir="runs", console=False)
 print("after the caller's:", ray.is_initialized())
 print("env as found again:", before == {k: os.environ.get(k) for k in before})

@@ -243,7 +243,7 @@ def test_a_lost_worker_is_said_once_by_the_processes_that_share_the_pool(ray_loc
 
     if not (ray.is_initialized() and _internal_kv_initialized()):  # the two-node test ends the session's instance
         ray.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
     key = f"raymia-lost/test/{uuid.uuid4().hex}"
     assert _first_to_say(key)
     assert not _first_to_say(key)
