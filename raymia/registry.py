@@ -90,6 +90,12 @@ class Params(ValidatedModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Bounds on how long a setting may train or search: far above any paper's setting, they turn a typo's extra
+# zeros (epochs: 10000000) into one line before the run instead of a run that never ends.
+MAX_EPOCHS = 100_000
+MAX_STEPS = 10_000_000
+
+
 class NoParams(Params):
     pass
 

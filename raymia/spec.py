@@ -33,7 +33,7 @@ from pydantic import (
 )
 
 from raymia.errors import SpecError, first_line
-from raymia.registry import ValidatedModel, first_error, validation_depth
+from raymia.registry import MAX_EPOCHS, ValidatedModel, first_error, validation_depth
 
 # Bump when the meaning of stored signals changes, so old entries are never reused by mistake.
 SIGNAL_FORMAT_VERSION = 7
@@ -366,7 +366,7 @@ class TrainSpec(_Model):
     weight_decay: float = Field(
         0.0, ge=0, description="the optimizer's weight_decay: an L2 term in the gradient for sgd and adam, "
         "decoupled for adamw (0: off)")
-    epochs: int = Field(100, ge=1, le=100000, description="passes over each model's members (P/2 points)")
+    epochs: int = Field(100, ge=1, le=MAX_EPOCHS, description="passes over each model's members (P/2 points)")
     batch_size: int = Field(64, ge=1, description="members per optimizer step")
     schedule: Literal["constant", "step", "cosine", "onecycle", "triangle"] = Field(
         "constant", description="the lr over the training's steps: constant; step (x lr_decay at each of "
@@ -545,7 +545,7 @@ class EvaluatorSpec(_Model):
 
     model: str | None = Field(None, description="a registered model (default: cnn, or mlp when the target is a cnn)")
     params: dict[str, Any] = Field(default_factory=dict, description="the evaluator model's params")
-    epochs: int = Field(30, ge=1, description="training epochs (Adam)")
+    epochs: int = Field(30, ge=1, le=MAX_EPOCHS, description="training epochs (Adam)")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     batch_size: int = Field(64, ge=1, description="images per Adam step")
 

@@ -103,6 +103,11 @@ def test_fingerprint_tracks_what_changes_the_bank():
         ("", ["train.lr=-1"], "train.lr: Input should be greater than 0"),
         # YAML's true, yes and on are booleans, which pydantic would take for 1
         ("seed: true\n", [], "seed: a number is expected, got true"),
+        # a typo's extra zeros in how long something trains or searches: refused, not a run that never ends
+        ("defense: {name: memguard, params: {defense_epochs: 4000000}}\n", [],
+         "defense.params: defense_epochs: Input should be less than or equal to 100000"),
+        ("defense: {name: dmp, params: {distill_epochs: 1000000000000}}\n", [],
+         "defense.params: distill_epochs: Input should be less than or equal to 100000"),
         ("train: {epochs: on}\n", [], "train.epochs: a number is expected, got true"),
         ("defense: {name: dpsgd, params: {noise_multiplier: yes}}\n", [],
          "defense.params: noise_multiplier: a number is expected, got true"),

@@ -58,7 +58,7 @@ from raymia.data.registry import DATASETS, Dataset
 from raymia.data.split import adapt_inputs
 from raymia.datainfo import DataInfo
 from raymia.errors import SpecError
-from raymia.registry import NoParams, Params, Registry
+from raymia.registry import MAX_STEPS, NoParams, Params, Registry
 from raymia.seeding import derive_seed
 from raymia.storage import store_dir
 
@@ -322,7 +322,7 @@ class GanParams(Params):
     latent_dim: int = Field(_GAN.latent_dim, ge=1, le=4096, description="generator latent dimension")
     width: int = Field(_GAN.width, ge=1, le=1024, description="channels of the first (last) convolution of "
                                                               "the generator (discriminator)")
-    steps: int = Field(_GAN.steps, ge=1, le=10_000_000, description="generator updates (CPU-sized default; "
+    steps: int = Field(_GAN.steps, ge=1, le=MAX_STEPS, description="generator updates (CPU-sized default; "
                                                                     "raise it on a GPU)")
     batch_size: int = Field(_GAN.batch_size, ge=1, le=65_536, description="images per batch; at most the "
                                                                          "number of public points")

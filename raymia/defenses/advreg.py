@@ -21,7 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from raymia.defenses.base import DEFENSES, Defense, FitJob, require_public
-from raymia.registry import Params
+from raymia.registry import MAX_EPOCHS, Params
 from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain
 from raymia.train.batches import batch_stream
@@ -39,7 +39,7 @@ class AdvRegParams(Params):
                        "classifier's loss (0: plain training)")
     inference_steps: int = Field(1, ge=1, le=100, description="k: inference-model steps per classifier step")
     inference_lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate of the inference model")
-    warmup_epochs: int = Field(0, ge=0, description="plain cross-entropy epochs before the game starts")
+    warmup_epochs: int = Field(0, ge=0, le=MAX_EPOCHS, description="plain cross-entropy epochs before the game starts")
 
 
 class InferenceModel(nn.Module):

@@ -64,7 +64,7 @@ from raymia.defenses.base import (
 )
 from raymia.errors import SpecError
 from raymia.models.base import data_init_modules
-from raymia.registry import Params
+from raymia.registry import MAX_EPOCHS, Params
 from raymia.seeding import derive_seed
 from raymia.space import Domain, Float
 from raymia.train.loop import member_batches, module_net, run_steps
@@ -78,7 +78,7 @@ class DmpParams(Params):
     keep_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of the reference points kept for "
                                  "the transfer: those with the lowest entropy of the teacher's prediction "
                                  "(1: all)")
-    distill_epochs: int | None = Field(None, ge=1, description="passes of the student over the kept reference "
+    distill_epochs: int | None = Field(None, ge=1, le=MAX_EPOCHS, description="passes of the student over the kept reference "
                                        "points (None: the recipe's epochs)")
 
 

@@ -50,7 +50,7 @@ from torch import nn
 from raymia.datainfo import DataInfo
 from raymia.defenses.base import DEFENSES, Defense, FitJob, outputs, require_public, train_plain
 from raymia.errors import SpecError
-from raymia.registry import Params
+from raymia.registry import MAX_EPOCHS, MAX_STEPS, Params
 from raymia.seeding import derive_seed
 from raymia.space import Domain, Float
 from raymia.train.batches import batch_stream
@@ -65,7 +65,7 @@ class MemGuardParams(Params):
 
     epsilon: float = Field(0.5, ge=0.0, le=2.0, description="budget of the expected L1 distortion of each "
                            "released probability vector (2 is the largest possible L1 distance)")
-    defense_epochs: int = Field(400, ge=1, description="epochs of the defender's membership classifier g "
+    defense_epochs: int = Field(400, ge=1, le=MAX_EPOCHS, description="epochs of the defender's membership classifier g "
                                 "over its members and reference points (official: 400)")
     defense_optimizer: Literal["sgd", "adam"] = Field("sgd", description="optimizer of g (official: plain "
                                                       "SGD)")
@@ -74,7 +74,7 @@ class MemGuardParams(Params):
     defense_points: int | None = Field(1000, ge=1, description="at most this many members, and as many "
                                        "public reference points, fit g (drawn from the model's seed; "
                                        "official: 1000 each); null: all")
-    max_iter: int = Field(300, ge=2, description="phase I: iteration limit of each search (official: 300)")
+    max_iter: int = Field(300, ge=2, le=MAX_STEPS, description="phase I: iteration limit of each search (official: 300)")
     step: float = Field(0.1, gt=0.0, description="phase I: length of each normalised gradient step on the "
                         "logits (official: 0.1)")
 

@@ -19,7 +19,7 @@ from torch import nn
 from raymia.defenses.advreg import Masks, apply_masks, minmax_train
 from raymia.defenses.base import DEFENSES, Defense, FitJob, require_public
 from raymia.errors import SpecError
-from raymia.registry import Params
+from raymia.registry import MAX_EPOCHS, Params
 from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain, Float
 from raymia.spec import LOOKAHEAD_START_EPOCHS
@@ -37,7 +37,7 @@ class PruningParams(Params):
         "training towards the sparse set first")
     rho: float = Field(1e-3, gt=0.0, le=10.0, description="ADMM penalty rho of rho/2 ||W - Z + U||^2")
     admm_epochs: int | None = Field(
-        None, ge=0, description="ADMM epochs, on top of the recipe's (None: a third of the recipe's epochs)")
+        None, ge=0, le=MAX_EPOCHS, description="ADMM epochs, on top of the recipe's (None: a third of the recipe's epochs)")
     retrain_fraction: float = Field(
         0.5, gt=0.0, le=1.0, description="share of the recipe's epochs spent on masked retraining (dense "
         "pretraining takes the rest)")

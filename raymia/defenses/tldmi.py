@@ -43,7 +43,7 @@ from raymia.defenses.base import DEFENSES, Defense, FitJob, public_indices, requ
 from raymia.device import resolve_device
 from raymia.errors import DataError, SpecError, not_found
 from raymia.models.base import build_model, data_init_modules
-from raymia.registry import Params
+from raymia.registry import MAX_EPOCHS, Params
 from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain, Float, Int
 from raymia.spec import TrainSpec
@@ -66,7 +66,7 @@ class TlDmiParams(Params):
     freeze_depth: int = Field(
         1, ge=0, description="freeze: depth: number of leading conv / linear layers frozen (with their "
         "norms)")
-    pretrain_epochs: int = Field(20, ge=1, description="pretraining epochs over the public split")
+    pretrain_epochs: int = Field(20, ge=1, le=MAX_EPOCHS, description="pretraining epochs over the public split")
     pretrain_lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate of the pretraining")
     pretrain_batch: int = Field(128, ge=1, description="public points per pretraining step")
     public_fraction: float = Field(

@@ -49,7 +49,7 @@ from raymia.datainfo import DataInfo
 from raymia.defenses.base import DEFENSES, Defense, public_indices, require_public
 from raymia.device import resolve_device
 from raymia.errors import TrainingDiverged
-from raymia.registry import Params
+from raymia.registry import MAX_EPOCHS, Params
 from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain, Float
 from raymia.storage import store_dir
@@ -80,7 +80,7 @@ class VaeParams(Params):
         "mean", description="latent code of a record: the encoder's mean, or one sample of q(z|x)")
     class_conditional: bool = Field(
         False, description="feed the label (one-hot) to the encoder and the decoder")
-    vae_epochs: int = Field(30, ge=1, description="VAE training epochs over the public split (training "
+    vae_epochs: int = Field(30, ge=1, le=MAX_EPOCHS, description="VAE training epochs over the public split (training "
                             "points outside the population)")
     vae_lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate of the VAE")
     vae_batch: int = Field(128, ge=1, description="public points per VAE training step")

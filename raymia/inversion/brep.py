@@ -45,7 +45,7 @@ from raymia.inversion.registry import (
     image_shape,
     prepares,
 )
-from raymia.registry import Params
+from raymia.registry import MAX_STEPS, Params
 from raymia.seeding import derive_seed
 
 log = logging.getLogger("raymia")
@@ -62,7 +62,7 @@ class _Search(Params):
                                                            "points is in the class (BREP-MI: 0.875)")
     max_step: float = Field(3.0, gt=0, description="step size is min(radius / 3, max_step) (BREP-MI: 3)")
     patience: int = Field(1000, ge=1, description="steps without growth before the search stops (BREP-MI: 1000)")
-    max_steps: int = Field(10_000, ge=1, description="steps of each search in all, at most (growing or not)")
+    max_steps: int = Field(10_000, ge=1, le=MAX_STEPS, description="steps of each search in all, at most (growing or not)")
     clip: float = Field(1.5, gt=0, description="latents are clipped to [-clip, clip] (BREP-MI: 1.5)")
     init_batch: int = Field(256, ge=1, description="latents drawn at once when looking for starts (BREP-MI: 256)")
     init_tries: int = Field(100, ge=1, description="batches drawn before a class without a start is given up")

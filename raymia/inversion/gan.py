@@ -50,7 +50,7 @@ from raymia.inversion.registry import (
     pixel_transform,
     public_inputs,
 )
-from raymia.registry import Params
+from raymia.registry import MAX_STEPS, Params
 from raymia.seeding import derive_seed
 from raymia.storage import StoredFile, store_dir
 
@@ -90,7 +90,7 @@ class GanParams(Params):
 
     latent_dim: int = Field(_GAN.latent_dim, ge=1, le=4096, description="dimension of the GAN's latent z (GMI: 100)")
     width: int = Field(_GAN.width, ge=1, le=1024, description="channels of the GAN's first (last) conv layer")
-    gan_steps: int = Field(_GAN.steps, ge=1, description="generator updates of GAN training")
+    gan_steps: int = Field(_GAN.steps, ge=1, le=MAX_STEPS, description="generator updates of GAN training")
     gan_batch_size: int = Field(_GAN.batch_size, ge=1, description="public inputs per GAN batch")
     gan_lr: float = Field(_GAN.lr, gt=0, description="Adam learning rate of both GAN nets (betas 0.5, 0.999)")
     gan_loss: Literal["wgan_gp", "dcgan"] = Field(

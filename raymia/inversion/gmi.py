@@ -37,7 +37,7 @@ from raymia.inversion.registry import (
     prepares,
     public_inputs,
 )
-from raymia.registry import Params
+from raymia.registry import MAX_STEPS, Params
 from raymia.seeding import derive_seed
 
 log = logging.getLogger("raymia")
@@ -47,7 +47,7 @@ class _Search(Params):
     """GMI's latent search."""
 
     per_class: int = Field(1, ge=1, le=10_000, description="reconstructions per class")
-    steps: int = Field(1500, ge=1, description="latent optimisation steps (GMI: 1500)")
+    steps: int = Field(1500, ge=1, le=MAX_STEPS, description="latent optimisation steps (GMI: 1500)")
     lr: float = Field(2.0, gt=0, description="SGD learning rate on z (GMI: 0.02 on 100 x identity loss)")
     momentum: float = Field(0.9, ge=0, lt=1, description="Nesterov momentum of the latent SGD")
     prior_weight: float = Field(0.01, ge=0, description="weight of the prior loss -D(G(z)) (GMI: 1/100)")

@@ -83,7 +83,7 @@ from raymia.inversion.registry import (
     public_inputs,
     white_box,
 )
-from raymia.registry import Params
+from raymia.registry import MAX_STEPS, Params
 from raymia.seeding import derive_seed
 from raymia.storage import store_dir
 
@@ -256,7 +256,7 @@ class _Own(Params):
 
     per_class: int = Field(1, ge=1, le=10_000, description="reconstructions per class: samples of the class's "
                                                            "fitted latent distribution (KED-MI: 5)")
-    steps: int = Field(1500, ge=1, description="Adam updates of each class's latent distribution (KED-MI: "
+    steps: int = Field(1500, ge=1, le=MAX_STEPS, description="Adam updates of each class's latent distribution (KED-MI: "
                                                "1500; its CelebA script 2400)")
     lr: float = Field(0.02, gt=0, description="Adam learning rate on mu and log_var (KED-MI: 0.02)")
     identity_weight: float = Field(100.0, ge=0, description="weight of the identity loss CE(T(G(z)), c) "
@@ -265,7 +265,7 @@ class _Own(Params):
                                                        "losses summed (KED-MI: 1)")
     latent_dim: int = Field(_KGAN.latent_dim, ge=1, le=4096, description="GAN latent dimension (KED-MI: 100)")
     width: int = Field(_KGAN.width, ge=1, le=1024, description="channels of the GAN's first (last) conv layer")
-    gan_steps: int = Field(_KGAN.steps, ge=1, description="generator updates of GAN training")
+    gan_steps: int = Field(_KGAN.steps, ge=1, le=MAX_STEPS, description="generator updates of GAN training")
     gan_batch_size: int = Field(_KGAN.batch_size, ge=1, description="images per GAN batch (KED-MI: 64)")
     gan_lr: float = Field(_KGAN.lr, gt=0, description="Adam learning rate of both GAN nets, betas (0.5, 0.999) "
                                                       "(KED-MI: 2e-4)")

@@ -55,7 +55,7 @@ from raymia.inversion.evaluation import features, last_linear
 from raymia.inversion.plgmi import target_digest
 from raymia.inversion.registry import InversionContext, forward_flops
 from raymia.models.base import MODELS
-from raymia.registry import Params
+from raymia.registry import MAX_EPOCHS, Params
 from raymia.seeding import derive_seed
 from raymia.spec import ModelSpec, TrainSpec
 from raymia.storage import store_dir
@@ -77,7 +77,7 @@ class IdentityParams(Params):
     augment: list[ModelSpec] = Field(
         default_factory=list, description="architectures of students distilled from the target on the public "
                                           "inputs; the identity term is the mean over target and students (LOMMA: 3)")
-    augment_epochs: int = Field(20, ge=1, description="distillation epochs over the public inputs (LOMMA: 20)")
+    augment_epochs: int = Field(20, ge=1, le=MAX_EPOCHS, description="distillation epochs over the public inputs (LOMMA: 20)")
     augment_lr: float = Field(0.01, gt=0, description="SGD learning rate of distillation, momentum 0.9, weight "
                                                       "decay 1e-4 (LOMMA: 0.01)")
     augment_batch_size: int = Field(64, ge=1, description="public inputs per distillation batch (LOMMA: 64)")

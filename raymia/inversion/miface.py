@@ -36,7 +36,7 @@ from raymia.inversion.registry import (
     pixel_transform,
     public_inputs,
 )
-from raymia.registry import Params
+from raymia.registry import MAX_STEPS, Params
 from raymia.seeding import derive_seed
 
 log = logging.getLogger("raymia")
@@ -44,7 +44,7 @@ log = logging.getLogger("raymia")
 
 class MIFaceParams(Params):
     per_class: int = Field(1, ge=1, le=10_000, description="reconstructions per class")
-    steps: int = Field(300, ge=1, description="gradient steps on each input")
+    steps: int = Field(300, ge=1, le=MAX_STEPS, description="gradient steps on each input")
     lr: float = Field(0.05, gt=0, description="Adam learning rate, in units of the normalised input")
     tv: float = Field(0.005, ge=0, description="weight of the total-variation prior (mean |neighbour diff|)")
     l2: float = Field(0.001, ge=0, description="weight of the L2 prior (mean squared normalised input)")

@@ -93,7 +93,7 @@ from raymia.inversion.registry import (
     public_inputs,
     white_box,
 )
-from raymia.registry import Params
+from raymia.registry import MAX_STEPS, Params
 from raymia.seeding import derive_seed
 from raymia.storage import StoredFile, store_dir
 
@@ -404,7 +404,7 @@ _AUG = Augment()
 
 class PLGMIParams(Params):
     per_class: int = Field(1, ge=1, le=10_000, description="reconstructions per class")
-    steps: int = Field(600, ge=1, description="latent optimisation steps (PLG-MI: 600)")
+    steps: int = Field(600, ge=1, le=MAX_STEPS, description="latent optimisation steps (PLG-MI: 600)")
     lr: float = Field(0.1, gt=0, description="Adam learning rate on z (PLG-MI: 0.1)")
     restarts: int = Field(5, ge=1, le=1000, description="random starts per reconstruction; the lowest final "
                                                        "max-margin loss is kept (PLG-MI: 5 seeds)")
@@ -426,7 +426,7 @@ class PLGMIParams(Params):
     latent_dim: int = Field(_CGAN.latent_dim, ge=1, le=4096, description="cGAN latent dimension (PLG-MI: 128)")
     width: int = Field(_CGAN.width, ge=1, le=1024,
                        description="channels of the cGAN's first (last) conv layer (PLG-MI: 64)")
-    gan_steps: int = Field(_CGAN.steps, ge=1, description="generator updates of cGAN training (PLG-MI: 30000)")
+    gan_steps: int = Field(_CGAN.steps, ge=1, le=MAX_STEPS, description="generator updates of cGAN training (PLG-MI: 30000)")
     gan_batch_size: int = Field(_CGAN.batch_size, ge=1, description="images per cGAN batch (PLG-MI: 64)")
     gan_lr: float = Field(_CGAN.lr, gt=0, description="Adam learning rate of both cGAN nets, betas (0, 0.9) "
                                                       "(PLG-MI: 2e-4)")

@@ -28,7 +28,7 @@ from pydantic import Field
 from raymia.attacks.mia import log_softmax
 from raymia.attacks.mia.threshold import check_query
 from raymia.attacks.registry import ATTACKS
-from raymia.registry import Params
+from raymia.registry import MAX_EPOCHS, Params
 from raymia.signals import Signals
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ class _LearnedParams(Params):
         "(all pairs when there are fewer).",
     )
     max_iter: int = Field(
-        200, ge=1, le=100000, description="Maximum number of training epochs of the attack MLP."
+        200, ge=1, le=MAX_EPOCHS, description="Maximum number of training epochs of the attack MLP."
     )
     seed: int = Field(0, ge=0, description="Seed of the row sampling and of the attack classifier.")
     query: int = Field(
