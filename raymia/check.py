@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +118,7 @@ def check_spec(path: str | Path, overrides: list[str] | None = None,
     from raymia.storage import check_locations
 
     check_locations(spec, output_dir)
+    _check_fits_local_ray(spec)
     space = None
     if isinstance(spec, SweepSpec):
         from raymia.sweep import validate_sweep
@@ -251,10 +253,31 @@ def _model_and_training_rows(spec: AuditSpec, ctx, kind: str) -> list[tuple[str,
         rows.append(_inversion_row(spec, ctx, per_step * steps, per_query))
     b = spec.bank
     where = ("in this process" if b.engine == "local"
-             else f"on a pool of {b.num_workers} warm Ray worker(s) of {b.cpus_per_worker:g} CPU(s)")
+             else f"on a pool of {b.num_workers} warm Ray worker(s) of {b.cpus_per_worker:g} CPU(s)"
+             + (" (checked against the cluster's nodes when the run connects to RAY_ADDRESS)"
+                if os.environ.get("RAY_ADDRESS") else ""))
     rows.append(("bank", f"{ctx.num_packs} pack(s) of up to {b.pack_size} models, trained {where}; device "
                          f"{b.device}, precision {b.precision}"))
     return rows
+
+
+def _check_fits_local_ray(spec: AuditSpec) -> None:
+    """The resource requests the run refuses when its Ray starts (`engine.pool.capacity`, `check_trial_cpu`),
+    refused here already where the run would start a local Ray on this machine. With RAY_ADDRESS the nodes
+    are the cluster's, known only once the run connects."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    from raymia.engine.pool import capacity, check_trial_cpu, local_node
+
+    nodes = [local_node()]
+    sweep = spec.sweep if isinstance(spec, SweepSpec) else None
+    if sweep is not None:
+        check_trial_cpu(sweep.trial_cpu, nodes)
+    b = spec.bank
+    if b.engine == "ray":
+        use_gpu = b.device == "cuda" or (b.device == "auto" and nodes[0]["GPU"] >= 1)
+        capacity(b.cpus_per_worker, 1 if use_gpu else 0,
+                 sweep.trial_cpu * sweep.max_concurrent if sweep is not None else 0.0, nodes)
 
 
 def _inversion_row(spec: AuditSpec, ctx, train_flops: float, target_forward: float) -> tuple[str, str]:

@@ -225,3 +225,29 @@ def test_a_dp_sgd_sweep_gives_the_accounted_epsilon_at_its_defaults(tmp_path):
     audit = {**_audit_dict(tmp_path), "defense": {"name": "dpsgd"}}
     privacy = dict(check_spec(_write(tmp_path, audit, "audit.yaml")).rows)["privacy"]
     assert privacy.startswith("epsilon ") and ("", f"a dpsgd trial at its defaults: {privacy}") in rows
+
+
+@pytest.mark.parametrize(
+    ("over", "needle"),
+    [
+        ({"bank": {"engine": "ray", "cpus_per_worker": 4096}},
+         "bank.cpus_per_worker: 4096 CPUs per worker, but the largest node of the Ray cluster has"),
+        ({"sweep": {"defense": "hamp", "trial_cpu": 4096}},
+         "sweep.trial_cpu: 4096 CPUs per trial driver, but the largest node of the Ray cluster has"),
+    ],
+)
+def test_check_refuses_a_request_this_machines_local_ray_cannot_meet(tmp_path, monkeypatch, over, needle):
+    """Without RAY_ADDRESS the run starts a local Ray on this machine, so its CPUs are known before any Ray
+    starts; with an address they are the cluster's, checked when the run connects."""
+    from raymia.errors import RaymiaError
+
+    d = _audit_dict(tmp_path)
+    d.update(over)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(RaymiaError) as e:
+        check_spec(_write(tmp_path, d))
+    assert needle in str(e.value)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # never contacted: check starts no Ray
+    report = check_spec(_write(tmp_path, d))  # no longer refused here
+    if "bank" in over:
+        assert "checked against the cluster's nodes when the run connects" in dict(report.rows)["bank"]

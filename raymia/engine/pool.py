@@ -343,25 +343,39 @@ def _cause(e: BaseException) -> str:
     return last_error_line(str(getattr(e, "error_msg", "") or e)) if str(e).strip() else type(e).__name__
 
 
-def check_trial_cpu(trial_cpu: float) -> None:
-    """A sweep's trial driver holds `sweep.trial_cpu` CPUs of one node: more than the largest node has left
-    every trial pending and Tune waiting for ever, while the undefended baseline trained beside it."""
+def live_nodes() -> list[dict[str, float]]:
+    """The resources of each live node of the Ray cluster this process is connected to."""
     import ray
 
-    most = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def local_node() -> dict[str, float]:
+    """The most the local Ray instance that a run starts without RAY_ADDRESS can have: this machine's CPUs
+    (Ray counts a container's CPU quota, which may be fewer: the run checks again once Ray starts) and the
+    GPUs torch sees. For `raymia check`, which starts no Ray and imports none."""
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def check_trial_cpu(trial_cpu: float, nodes: list[dict[str, float]] | None = None) -> None:
+    """A sweep's trial driver holds `sweep.trial_cpu` CPUs of one node: more than the largest node has left
+    every trial pending and Tune waiting for ever, while the undefended baseline trained beside it. `nodes`:
+    each node's resources (default: the live nodes of the connected cluster)."""
+    nodes = live_nodes() if nodes is None else nodes
+    most = max((r.get("CPU", 0) for r in nodes), default=0)
     if trial_cpu > most:
         raise RaymiaError(f"{trial_cpu:g} CPUs per trial driver, but the largest node of the Ray cluster has "
                           f"{most:g}; accepted: at most {most:g} (a trial's bank workers ask for their own)",
                           where="sweep.trial_cpu")
 
 
-def capacity(cpus: float, gpus: int, reserve_cpus: float = 0.0) -> int:
-    """How many workers of `cpus` CPUs (and `gpus` GPUs) the live nodes hold beside `reserve_cpus` CPUs (a
+def capacity(cpus: float, gpus: int, reserve_cpus: float = 0.0, nodes: list[dict[str, float]] | None = None) -> int:
+    """How many workers of `cpus` CPUs (and `gpus` GPUs) the nodes hold beside `reserve_cpus` CPUs (a
     sweep's trial drivers: on 2 CPUs, 1 worker of 1 CPU); a RaymiaError of one line, naming the field, when
-    not even one fits."""
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    not even one fits. `nodes`: each node's resources (default: the live nodes of the connected cluster)."""
+    nodes = live_nodes() if nodes is None else nodes
     if gpus and not any(r.get("GPU", 0) >= gpus for r in nodes):
         have = sum(r.get("GPU", 0) for r in nodes)
         raise RaymiaError(f"bank.device: cuda asks for {gpus} GPU per worker, but the Ray cluster has {have:g} GPUs "
