@@ -7,6 +7,11 @@ parameter is reported with its dotted field path, and `raymia list` prints every
 A name may also be an import path, `module:function`: the user's own builder, training function or attack,
 called as a registered one is, with its `params` passed through unchecked.
 
+A parameter that is renamed keeps its old name working: the field declares it as its `validation_alias` (one
+name, or `AliasChoices` of several), and `Params` accepts either spelling, refuses both in one block, lists the
+old one beside the new (`raymia list`, `help()`), and hashes the parameter under its oldest name (`hashed`),
+so the fingerprints, caches and sweep states written before the rename are found again.
+
 A registry made with `package=` finds its entries itself (`raymia.plugins`): the first time it is read
 (`get`, `names`, `entries`, `in`), it imports every public module of that package, then the third-party
 plug-ins' entry points. Registering needs no reading, so a module registers while it is being discovered.
@@ -14,13 +19,22 @@ plug-ins' entry points. Registering needs no reading, so a module registers whil
 
 from __future__ import annotations
 
+import inspect
 import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic, Literal, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from raymia.errors import SpecError
 from raymia.plugins import PluginError, import_object, import_submodules, is_import_path, load_entry_points
@@ -85,9 +99,63 @@ class ValidatedModel(BaseModel):
 
 
 class Params(ValidatedModel):
-    """Base class of every entry's parameters: unknown keys are errors, values are validated."""
+    """Base class of every entry's parameters: unknown keys are errors, values are validated. A renamed
+    parameter's field gives its old name(s) as `validation_alias` (`Field(5, validation_alias="n_dis")`, or
+    `AliasChoices("older", "oldest")`): that is all a plug-in writes for the old spelling to keep working."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        old = cls.old_names()
+        if not old:
+            return
+        # pydantic's signature names a field by its alias, which is the old name here: help() shows the new one
+        sig = inspect.signature(cls)
+        field_of = {o: f for f, names in old.items() for o in names}
+        cls.__signature__ = sig.replace(parameters=[p.replace(name=field_of.get(p.name, p.name))
+                                                    for p in sig.parameters.values()])
+        cls.__doc__ = (inspect.cleandoc(cls.__doc__ or "") + "\n\nRenamed (the old name is still accepted): "
+                       + ", ".join(f"{f} (also: {', '.join(names)})" for f, names in old.items()) + ".").lstrip()
+
+    @classmethod
+    def old_names(cls) -> dict[str, tuple[str, ...]]:
+        """{field: its old names, newest first} for the renamed fields."""
+        out = {}
+        for name, f in cls.model_fields.items():
+            alias = f.validation_alias
+            names = tuple(a for a in (alias.choices if isinstance(alias, AliasChoices) else [alias])
+                          if isinstance(a, str) and a != name) if alias is not None else ()
+            if names:
+                out[name] = names
+        return out
+
+    @classmethod
+    def field_of(cls, key: str) -> str | None:
+        """The field a params key names: itself, or the field it is an old name of; None for neither."""
+        if key in cls.model_fields:
+            return key
+        return next((f for f, names in cls.old_names().items() if key in names), None)
+
+    @classmethod
+    def hashed(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        """`raw` (a params block as written) with each renamed parameter under its oldest name: what
+        fingerprints, cache keys and sweep states hash, so either spelling finds what was stored before the
+        rename."""
+        old = cls.old_names()
+        return {old[f][-1] if (f := cls.field_of(k)) in old else k: v for k, v in raw.items()}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_spelling(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            for field, names in cls.old_names().items():
+                given = [n for n in (field, *names) if n in v]
+                if len(given) > 1:
+                    raise ValueError(f"{given[0]} and {given[1]} are two names of one parameter: give it once, "
+                                     f"as {field}")
+        return v
 
 
 # Bounds on how long a setting may train or search: far above any paper's setting, they turn a typo's extra
@@ -246,7 +314,8 @@ class Registry(Generic[T]):
 
 def param_table(params: type[Params]) -> list[tuple[str, str, str, str]]:
     """(name, type, default, description) for each parameter of an entry, for `raymia list`; the type
-    with its range where the parameter declares one (`float in [0, 1)`, `int >= 1`)."""
+    with its range where the parameter declares one (`float in [0, 1)`, `int >= 1`), the description with
+    a renamed parameter's old names (`(also: n_dis)`)."""
     rows = []
     for fname, f in params.model_fields.items():
         ann, bounds = _type_name(f.annotation), _range(f.metadata)
@@ -254,7 +323,9 @@ def param_table(params: type[Params]) -> list[tuple[str, str, str, str]]:
             optional = ann.endswith(" | None")
             ann = f"{ann.removesuffix(' | None')} {bounds}{' | None' if optional else ''}"
         default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
-        rows.append((fname, ann, default, f.description or ""))
+        also = params.old_names().get(fname)
+        desc = (f.description or "") + (f" (also: {', '.join(also)})" if also else "")
+        rows.append((fname, ann, default, desc.strip()))
     return rows
 
 

@@ -675,8 +675,9 @@ class AuditSpec(_Model):
         return v
 
     def bank_dict(self) -> dict[str, Any]:
-        """The fields that determine the bank's outputs (and nothing else)."""
-        d = self.model_dump(mode="json")
+        """The fields that determine the bank's outputs (and nothing else), a renamed parameter under its old
+        name (`hashed_dump`; the bank's blocks only: an attack's or inversion attack's registry is not read)."""
+        d = hashed_dump(self.model_dump(mode="json"), ("data", "model", "defense", "train", "ood"))
         targets = d["plan"].pop("targets")  # which models are attacked does not change an adaptive bank
         if self.attacker == "non_adaptive":
             d["plan"]["defended_models"] = self.plan.target_list  # ... but it does decide who is defended
@@ -968,11 +969,100 @@ def load_raw(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+# Where a spec names a registry entry whose params it gives: the registry's module and name, by the entry's
+# path in the spec's dict (`*`: each element of a list). A sweep's spaces are keyed by the searched defense's
+# params too.
+_ENTRY_PATHS = {
+    "data": ("raymia.data", "DATASETS"), "model": ("raymia.models", "MODELS"),
+    "defense": ("raymia.defenses", "DEFENSES"), "train.function": ("raymia.train.function", "TRAINERS"),
+    "attacks.*": ("raymia.attacks", "ATTACKS"), "ood.sets.*": ("raymia.data.ood", "NONMEMBER_SETS"),
+    "inversion.attacks.*": ("raymia.inversion.registry", "INVERSION"), "inversion.public": ("raymia.data", "DATASETS"),
+}
+
+
+def _entries(d: dict[str, Any], blocks: tuple[str, ...] | None = None) -> list[tuple[str, dict[str, Any], str, Any]]:
+    """(path, mapping, key, Params class) for each entry of a spec's dict whose params are checked by a
+    registered entry: `mapping[key]` are its params (or for a sweep's space, its space's keys). Entries named
+    by import path or unknown are left out (their params are their own). `blocks`: the top-level keys looked
+    at (default: all), so a caller reads only the registries it needs (each one imports its plug-ins)."""
+    import importlib
+
+    from raymia.plugins import is_import_path
+
+    found: list[tuple[str, dict[str, Any], str, Any]] = []
+
+    def add(path: str, block: Any, name: Any, key: str, where: tuple[str, str]) -> None:
+        if not isinstance(block, dict) or not isinstance(name, str) or is_import_path(name):
+            return
+        registry = getattr(importlib.import_module(where[0]), where[1])
+        if name in registry and isinstance(block.get(key), dict):
+            found.append((path, block, key, registry.get(name).params))
+
+    for pattern, where in _ENTRY_PATHS.items():
+        first, *rest = pattern.split(".")
+        if blocks is not None and first not in blocks:
+            continue
+        nodes: list[tuple[str, Any]] = [(first, d.get(first))]
+        for part in rest:
+            if part == "*":
+                nodes = [(f"{p}.{i}", x) for p, n in nodes if isinstance(n, list) for i, x in enumerate(n)]
+            else:
+                nodes = [(f"{p}.{part}", n.get(part)) for p, n in nodes if isinstance(n, dict)]
+        for path, block in nodes:
+            add(path, block, block.get("name") if isinstance(block, dict) else None, "params", where)
+    sweep = d.get("sweep")
+    if isinstance(sweep, dict) and (blocks is None or "sweep" in blocks):
+        defenses = _ENTRY_PATHS["defense"]
+        if sweep.get("defenses"):
+            for i, c in enumerate(sweep["defenses"]):
+                add(f"sweep.defenses.{i}", c, c.get("name") if isinstance(c, dict) else None, "space", defenses)
+        else:
+            add("sweep", sweep, sweep.get("defense", SweepBlock.model_fields["defense"].default), "space", defenses)
+    return found
+
+
+def hashed_dump(d: dict[str, Any], blocks: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """A spec's dict with every registered entry's renamed parameters (and a sweep's space keys) under their
+    oldest names (`Params.hashed`): what fingerprints and resume hashes read, so a spec keeps its hash
+    whichever spelling it uses, and stores written before a rename are found again. `blocks`: as `_entries`."""
+    d = json.loads(json.dumps(d))
+    for _, block, key, params in _entries(d, blocks):
+        block[key] = params.hashed(block[key])
+    return d
+
+
+def other_spellings(d: dict[str, Any], dotted: str) -> list[str]:
+    """The keys beside the parameter `dotted` (`defense.params.vae_batch`) that are other names of it (its
+    old or new name), in the spec's dict `d`; [] for a key that is no registered entry's parameter."""
+    path, sep, key = dotted.rpartition(".")
+    path, _, slot = path.rpartition(".")
+    if not sep or slot not in ("params", "space"):
+        return []
+    first = path.split(".")[0]
+    for where, block, k, params in _entries(d, (first,)):
+        if where == path and k == slot and (field := params.field_of(key)) is not None:
+            return [x for x in block[k] if x != key and params.field_of(x) == field]
+    return []
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(raw, key, value)
+        # `--set defense.params.vae_batch=32` on a spec that spells it vae_batch_size overrides it: the
+        # parameter's other name goes, as a key set twice would
+        params = _container(raw, key)
+        for other in other_spellings(raw, key):
+            params.pop(other)
     return raw
+
+
+def _container(d: dict[str, Any], dotted: str) -> Any:
+    """The mapping or list that holds the last key of `dotted` in `d` (which `_set_dotted` made)."""
+    cur: Any = d
+    for k in dotted.split(".")[:-1]:
+        cur = cur[int(k)] if isinstance(cur, list) else cur[k]
+    return cur
 
 
 def changed_fields(before: Any, after: Any, prefix: str = "") -> list[str]:

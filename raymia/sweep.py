@@ -41,7 +41,7 @@ from raymia.pareto import (
     print_front,
 )
 from raymia.space import Categorical, Domain, Float, Int, describe
-from raymia.spec import AuditSpec, SweepSpec, changed_fields
+from raymia.spec import AuditSpec, SweepSpec, changed_fields, hashed_dump
 from raymia.storage import absolute, check_locations, join, open_root
 
 log = logging.getLogger("raymia")
@@ -98,11 +98,17 @@ def resolve_space(spec: SweepSpec) -> dict[str, dict[str, Domain | Any]]:
         at = f"sweep.defenses.{i}" if several else "sweep"
         entry = DEFENSES.get(choice.name, where=f"{at}.name" if several else "sweep.defense")
         space: dict[str, Domain | Any] = dict(entry.obj.search_space())
-        for name, raw in choice.space.items():
-            where = f"{at}.space.{name}"
-            if name not in entry.params.model_fields:
-                raise SpecError(f"{choice.name!r} has no parameter {name!r}; accepted: "
+        given: dict[str, str] = {}  # field -> the key the space gave it under
+        for key, raw in choice.space.items():
+            where = f"{at}.space.{key}"
+            name = entry.params.field_of(key)  # a renamed parameter's old name overrides it under its new one
+            if name is None:
+                raise SpecError(f"{choice.name!r} has no parameter {key!r}; accepted: "
                                 f"{', '.join(entry.params.model_fields)}", where=where)
+            if name in given:
+                raise SpecError(f"{given[name]} and {key} are two names of one parameter: give it once, as {name}",
+                                where=f"{at}.space")
+            given[name] = key
             if isinstance(raw, dict):
                 try:
                     if "choices" in raw:
@@ -126,7 +132,8 @@ def resolve_space(spec: SweepSpec) -> dict[str, dict[str, Domain | Any]]:
             samples = list(dom.choices) if isinstance(dom, Categorical) else (
                 [dom.low, dom.high] if isinstance(dom, Float | Int) else [dom])
             for v in samples:
-                entry.parse({name: v}, where=f"{at}.space.{name}")
+                key = given.get(name, name)  # errors name the parameter as the space wrote it
+                entry.parse({key: v}, where=f"{at}.space.{key}")
         out[choice.name] = space
     return out
 
@@ -341,8 +348,8 @@ def _finished_trial(kept, spec) -> dict[str, Any] | None:
         saved = json.loads(kept.read("result.json"))
     except (OSError, json.JSONDecodeError):
         return None
-    def key(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in d.items() if k not in ("output_dir", "tracking")}
+    def key(d: dict[str, Any]) -> dict[str, Any]:  # either spelling of a renamed parameter: the same audit
+        return hashed_dump({k: v for k, v in d.items() if k not in ("output_dir", "tracking")})
 
     if "metrics" not in saved or key(saved.get("spec") or {}) != key(spec.model_dump(mode="json")):
         return None
@@ -715,8 +722,9 @@ def _baseline(spec: SweepSpec, root: Path, sweep_dir: Path, keep, pool, parent_i
 
 def _resume_key(spec: SweepSpec) -> dict[str, Any]:
     """What must match for a re-run to continue a sweep (the tracking and output locations may move, an
-    objective's hypervolume `reference` only changes the report, and the final audit follows the search)."""
-    d = spec.model_dump(mode="json")
+    objective's hypervolume `reference` only changes the report, and the final audit follows the search; a
+    renamed parameter is read under its old name, `hashed_dump`, so either spelling continues the sweep)."""
+    d = hashed_dump(spec.model_dump(mode="json"))
     for k in ("tracking", "output_dir", "store"):
         d.pop(k, None)
     # the final audit runs after the search, which it does not change (None, not left out: the key of a sweep

@@ -83,7 +83,7 @@ def test_airbench_freezes_stem_and_bn_weights_and_declares_bias_factors():
 
 
 def _ctx(**over) -> BankContext:
-    raw = {"data": {"name": "synthetic", "params": {"kind": "image", "image_size": 16, "n_train": 240, "n_test": 40}},
+    raw = {"data": {"name": "synthetic", "params": {"kind": "image", "image_size": 16, "num_train": 240, "num_test": 40}},
            "plan": {"num_models": 2, "population": 200}, "queries": ["identity"],
            "model": {"name": "airbench", "params": {"widths": [4, 6]}},
            "train": {"epochs": 2, "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.85,
@@ -229,7 +229,7 @@ def test_airbench_whitening_bias_trains_for_its_epochs_only():
     while everything else differs."""
     def trained(epochs: int) -> torch.nn.Module:
         spec = AuditSpec.model_validate({
-            "data": {"name": "synthetic", "params": {"kind": "image", "image_size": 16, "n_train": 200, "n_test": 20}},
+            "data": {"name": "synthetic", "params": {"kind": "image", "image_size": 16, "num_train": 200, "num_test": 20}},
             "plan": {"num_models": 2, "population": 200},
             "model": {"name": "airbench", "params": {"widths": [4], "whiten_bias_epochs": 1}},
             "train": {"epochs": epochs, "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.85,
@@ -238,7 +238,7 @@ def test_airbench_whitening_bias_trains_for_its_epochs_only():
 
     one, three = trained(1), trained(3)
     initial = init_model(BankContext.from_spec(AuditSpec.model_validate({
-        "data": {"name": "synthetic", "params": {"kind": "image", "image_size": 16, "n_train": 200, "n_test": 20}},
+        "data": {"name": "synthetic", "params": {"kind": "image", "image_size": 16, "num_train": 200, "num_test": 20}},
         "plan": {"num_models": 2, "population": 200},
         "model": {"name": "airbench", "params": {"widths": [4], "whiten_bias_epochs": 1}},
         "train": {"epochs": 1, "batch_size": 32}})), 0)

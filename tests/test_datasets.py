@@ -765,13 +765,13 @@ def test_imagefolder_errors(tmp_path):
 
 def test_synthetic_deterministic_per_seed():
     a = load_dataset(
-        "synthetic", {"seed": 1, "n_train": 103, "n_test": 50, "num_classes": 5, "num_features": 7}
+        "synthetic", {"seed": 1, "num_train": 103, "num_test": 50, "num_classes": 5, "num_features": 7}
     )
     b = load_dataset(
-        "synthetic", {"seed": 1, "n_train": 103, "n_test": 50, "num_classes": 5, "num_features": 7}
+        "synthetic", {"seed": 1, "num_train": 103, "num_test": 50, "num_classes": 5, "num_features": 7}
     )
     c = load_dataset(
-        "synthetic", {"seed": 2, "n_train": 103, "n_test": 50, "num_classes": 5, "num_features": 7}
+        "synthetic", {"seed": 2, "num_train": 103, "num_test": 50, "num_classes": 5, "num_features": 7}
     )
     assert a.x_train.shape == (103, 7) and a.x_test.shape == (50, 7) and a.info.kind == "tabular"
     assert a.x_train.dtype == torch.float32 and a.y_train.dtype == torch.int64
@@ -781,17 +781,17 @@ def test_synthetic_deterministic_per_seed():
     counts = torch.bincount(a.y_train, minlength=5)
     assert counts.max() - counts.min() <= 1 and counts.sum() == 103
 
-    img = load_dataset("synthetic", {"kind": "image", "n_train": 20, "n_test": 10})
+    img = load_dataset("synthetic", {"kind": "image", "num_train": 20, "num_test": 10})
     assert (
         img.x_train.shape == (20, 1, 8, 8) and img.info.input_shape == (1, 8, 8) and img.info.kind == "image"
     )
-    img = load_dataset("synthetic", {"kind": "image", "image_size": 5, "n_train": 20, "n_test": 10})
+    img = load_dataset("synthetic", {"kind": "image", "image_size": 5, "num_train": 20, "num_test": 10})
     assert img.x_test.shape == (10, 1, 5, 5)
 
 
 def test_synthetic_separation_controls_difficulty():
     def nearest_mean_accuracy(sep):
-        d = load_dataset("synthetic", {"separation": sep, "n_train": 2000, "n_test": 1000, "seed": 4})
+        d = load_dataset("synthetic", {"separation": sep, "num_train": 2000, "num_test": 1000, "seed": 4})
         means = torch.stack([d.x_train[d.y_train == k].mean(0) for k in range(10)])
         pred = torch.cdist(d.x_test, means).argmin(1)
         return (pred == d.y_test).float().mean().item()

@@ -23,7 +23,7 @@ DEFENSES = {
     "advreg": {"lam": 1.0},
     "dpsgd": {"noise_multiplier": 1.0, "max_grad_norm": 1.0},
     "pruning": {"sparsity": 0.7},
-    "vae_metric_privacy": {"eps": 100.0, "vae_epochs": 15},
+    "vae_metric_privacy": {"epsilon": 100.0, "vae_epochs": 15},
     "tl_dmi": {"freeze_fraction": 0.5, "pretrain_epochs": 2},
     "dmp": {"temperature": 2.0},
     "selena": {"sub_models": 4, "excluded_per_point": 2},

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 FAST: dict[str, dict] = {
     "advreg": {"lam": 1.0},
     "pruning": {"sparsity": 0.5, "minmax_lambda": 1.0},
-    "vae_metric_privacy": {"vae_epochs": 2, "latent_dim": 4, "hidden": 32, "vae_batch": 64, "vae_device": "cpu"},
+    "vae_metric_privacy": {"vae_epochs": 2, "latent_dim": 4, "hidden": 32, "vae_batch_size": 64, "vae_device": "cpu"},
     "tl_dmi": {"pretrain_epochs": 1, "pretrain_device": "cpu"},
     "memguard": {"defense_epochs": 20},
     "selena": {"sub_models": 4, "excluded_per_point": 2},

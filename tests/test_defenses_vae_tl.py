@@ -23,13 +23,13 @@ from raymia.train.bank import BankContext, init_model, model_data, train_model, 
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")
-SMALL_VAE = {"latent_dim": 8, "hidden": 64, "vae_epochs": 8, "vae_batch": 64, "vae_lr": 3e-3,
+SMALL_VAE = {"latent_dim": 8, "hidden": 64, "vae_epochs": 8, "vae_batch_size": 64, "vae_lr": 3e-3,
              "vae_device": "cpu"}
 
 
 @pytest.fixture(scope="module")
 def tabular():
-    return load_dataset("synthetic", {"n_train": 240, "n_test": 40, "num_features": 12, "num_classes": 4})
+    return load_dataset("synthetic", {"num_train": 240, "num_test": 40, "num_features": 12, "num_classes": 4})
 
 
 def _vae(data, cache: Path, seed: int = 0, **params) -> VaeMetricPrivacy:
@@ -111,7 +111,7 @@ def test_larger_eps_stays_closer_to_the_reconstruction(digits, tmp_path, mechani
     x, y = digits.x_train[:200], digits.y_train[:200]
     dist = []
     for eps in (0.1, 1.0, 10.0, 100.0):
-        d = _vae(digits, tmp_path, eps=eps, mechanism=mechanism)
+        d = _vae(digits, tmp_path, epsilon=eps, mechanism=mechanism)
         clean = d.reconstruct(x, y, noise=False)
         noisy, _ = d.transform_train_data(x, y, torch.Generator().manual_seed(5))
         dist.append((noisy - clean).flatten(1).norm(dim=1).mean().item())
@@ -127,7 +127,7 @@ def test_vae_is_fitted_once_and_cached(digits, tmp_path, monkeypatch) -> None:
         return real(*a, **k)
 
     monkeypatch.setattr(vae, "train_vae", counting)
-    first = _vae(digits, tmp_path, eps=1.0)
+    first = _vae(digits, tmp_path, epsilon=1.0)
     assert len(calls) == 1 and not first.loaded_from_cache and first.cache_path.is_file()
     assert list(tmp_path.glob("*.tmp")) == []
 
@@ -135,7 +135,7 @@ def test_vae_is_fitted_once_and_cached(digits, tmp_path, monkeypatch) -> None:
         raise AssertionError("the VAE was fitted again")
 
     monkeypatch.setattr(vae, "train_vae", refuse)
-    second = _vae(digits, tmp_path, eps=50.0, mechanism="laplace")  # eps / mechanism reuse the VAE
+    second = _vae(digits, tmp_path, epsilon=50.0, mechanism="laplace")  # epsilon / mechanism reuse the VAE
     assert second.loaded_from_cache and second.cache_path == first.cache_path
     for (k, a), (_, b) in zip(first.vae.state_dict().items(), second.vae.state_dict().items()):
         assert torch.equal(a, b), k
@@ -348,7 +348,7 @@ def test_airbench_pretraining_starts_from_its_builder_whitened_on_public_data(tm
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(tldmi, "pretrain", spy)
-    image = {"name": "synthetic", "params": {"kind": "image", "image_size": 16, "n_train": 240, "n_test": 40}}
+    image = {"name": "synthetic", "params": {"kind": "image", "image_size": 16, "num_train": 240, "num_test": 40}}
 
     def ctx_for(out: str) -> BankContext:
         return BankContext.from_spec(_tl_spec(
@@ -379,7 +379,7 @@ def test_airbench_pretraining_starts_from_its_builder_whitened_on_public_data(tm
 
 # --- one small bank per defense --------------------------------------------------------------------------
 @pytest.mark.parametrize("defense", [
-    {"name": "vae_metric_privacy", "params": {**SMALL_VAE, "eps": 5.0}},
+    {"name": "vae_metric_privacy", "params": {**SMALL_VAE, "epsilon": 5.0}},
     {"name": "tl_dmi", "params": {"pretrain_epochs": 3, "pretrain_device": "cpu", "freeze_fraction": 0.5}},
 ])
 def test_small_bank_per_defense(tmp_path, defense: dict) -> None:

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
 # A cGAN small enough to train in a few seconds on one core (gan_lr 1e-3: at the official 2e-4 its samples
 # are not yet class-conditional after 200 steps). No flips: digits are not mirror-symmetric.
-TINY = {"latent_dim": 16, "width": 16, "gan_steps": 200, "n_dis": 2, "gan_lr": 1e-3, "flip": False,
+TINY = {"latent_dim": 16, "width": 16, "gan_steps": 200, "n_critic": 2, "gan_lr": 1e-3, "flip": False,
         "steps": 100, "restarts": 2, "per_class": 4}
 
 
@@ -69,7 +69,7 @@ def test_registry_lists_plg_mi(capsys):
 
     assert cmd_list(build_parser().parse_args(["list", "inversion"])) == 0
     out = capsys.readouterr().out
-    for needle in ("inversion attack plg_mi", "top_n", "alpha", "n_dis", "crop_scale", "views", "PLG-MI: 600",
+    for needle in ("inversion attack plg_mi", "top_n", "alpha", "n_critic", "crop_scale", "views", "PLG-MI: 600",
                    "PLG-MI: 0.2", "betas (0, 0.9)"):
         assert needle in out, needle
 
@@ -137,7 +137,7 @@ def test_cgan_key_covers_the_target(setting):
     assert len(keys) == 9
 
 
-RESUME = CGanSettings(latent_dim=8, width=8, steps=12, batch_size=16, n_dis=2, top_n=10, checkpoint_every=5)
+RESUME = CGanSettings(latent_dim=8, width=8, steps=12, batch_size=16, n_critic=2, top_n=10, checkpoint_every=5)
 
 
 def _weights(gan) -> dict[str, torch.Tensor]:

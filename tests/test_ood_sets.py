@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = torch.device("cpu")
 N = 200
-TINY_GAN = {"latent_dim": 8, "width": 8, "steps": 12, "batch_size": 32, "n_dis": 1, "checkpoint_every": 5}
+TINY_GAN = {"latent_dim": 8, "width": 8, "steps": 12, "batch_size": 32, "n_critic": 1, "checkpoint_every": 5}
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +189,7 @@ def test_another_dataset_is_adapted_to_digits_shape(digits, public, tmp_path):
 
 
 def test_tabular_sets(public):
-    data = load_dataset("synthetic", {"num_features": 12, "n_train": 300, "n_test": 100})
+    data = load_dataset("synthetic", {"num_features": 12, "num_train": 300, "num_test": 100})
     lo, hi = data.x_train.amin(0), data.x_train.amax(0)
     idx = torch.from_numpy(pick_test_images(data, 50, 0))
     src = data.x_test[idx]

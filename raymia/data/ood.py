@@ -25,7 +25,7 @@ int64 [n] in [0, num_classes) and how the labels were obtained (`label_source`).
   (the audited data set itself, or another split of it, is not out of distribution).
 - `gan`: class-conditional fakes of a conditional GAN trained on the PUBLIC split (`data.x_train[public_index]`
   with their true labels): plgmi.py's ConditionalGenerator and ProjectionDiscriminator, hinge loss, PLG-MI's
-  loop without its target term (G once, then D `n_dis` times; Adam betas (0, 0.9); real batches drawn with
+  loop without its target term (G once, then D `n_critic` times; Adam betas (0, 0.9); real batches drawn with
   replacement, with U(0, 1/256) dequantisation noise; fake labels drawn as the labels of random public
   points). Fakes: class c = classes[i mod k] for i < n over the k classes present in the public split (all
   classes when each has a public point); labels = the conditioning class ("conditional"). Cached as
@@ -48,7 +48,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -311,8 +311,11 @@ class OodGanSettings:
     steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3
-    n_dis: int = 2
+    n_critic: int = 2
     checkpoint_every: int = 200
+    # the cache key hashes the fields by name, n_critic under its name before the rename (n_dis): GANs cached
+    # before it are found
+    KEY_NAMES: ClassVar[dict[str, str]] = {"n_critic": "n_dis"}
 
 
 _GAN = OodGanSettings()
@@ -327,7 +330,8 @@ class GanParams(Params):
     batch_size: int = Field(_GAN.batch_size, ge=1, le=65_536, description="images per batch; at most the "
                                                                          "number of public points")
     lr: float = Field(_GAN.lr, gt=0, le=1, description="Adam learning rate of both nets, betas (0, 0.9)")
-    n_dis: int = Field(_GAN.n_dis, ge=1, le=100, description="discriminator updates per generator update")
+    n_critic: int = Field(_GAN.n_critic, ge=1, le=100, validation_alias="n_dis",
+                          description="discriminator updates per generator update")
     checkpoint_every: int = Field(_GAN.checkpoint_every, ge=1, le=10_000_000,
                                   description="training checkpoint period in steps (not in the cache key)")
 
@@ -356,7 +360,7 @@ def ood_gan_key(x_public: torch.Tensor, y_public: torch.Tensor, info: DataInfo, 
     from raymia.cache import data_digest, key_digest
 
     public = SimpleNamespace(name="public", x_train=x_public, y_train=y_public)
-    fields = {k: v for k, v in asdict(settings).items() if k != "checkpoint_every"}
+    fields = {settings.KEY_NAMES.get(k, k): v for k, v in asdict(settings).items() if k != "checkpoint_every"}
     return key_digest({"what": "ood-cgan", "arch": _ARCH_VERSION, "public": data_digest(public),
                        "shape": list(info.input_shape), "mean": info.mean, "std": info.std,
                        "num_classes": info.num_classes, "settings": fields, "seed": seed, "device": device.type})

@@ -22,8 +22,9 @@ from raymia.registry import Params
 class SyntheticParams(Params):
     num_classes: int = Field(10, ge=2, description="classes K (labels 0..K-1), each a Gaussian around its own mean")
     num_features: int = Field(20, ge=1, description="input dimension of the tabular kind")
-    n_train: int = Field(1000, ge=1, description="examples in the training split, the classes in turn")
-    n_test: int = Field(500, ge=1, description="examples in the test split, the classes in turn")
+    num_train: int = Field(1000, ge=1, validation_alias="n_train",
+                           description="examples in the training split, the classes in turn")
+    num_test: int = Field(500, ge=1, validation_alias="n_test", description="examples in the test split, the classes in turn")
     kind: Literal["tabular", "image"] = Field(
         "tabular", description="tabular [F] vectors or [1, S, S] images"
     )
@@ -49,7 +50,7 @@ def load_synthetic(p: SyntheticParams) -> Dataset:
     directions = rng.standard_normal((p.num_classes, d))
     directions /= np.maximum(np.linalg.norm(directions, axis=1, keepdims=True), 1e-12)
     means = directions * (p.separation / np.sqrt(2.0))
-    x_tr, y_tr = _split(rng, means, p.n_train)
-    x_te, y_te = _split(rng, means, p.n_test)
+    x_tr, y_tr = _split(rng, means, p.num_train)
+    x_te, y_te = _split(rng, means, p.num_test)
     info = DataInfo(num_classes=p.num_classes, input_shape=shape, kind=p.kind)
     return make_dataset("synthetic", x_tr.reshape(-1, *shape), y_tr, x_te.reshape(-1, *shape), y_te, info)

@@ -70,7 +70,8 @@ class MemGuardParams(Params):
     defense_optimizer: Literal["sgd", "adam"] = Field("sgd", description="optimizer of g (official: plain "
                                                       "SGD)")
     defense_lr: float = Field(1e-3, gt=0.0, le=1.0, description="learning rate of g (official: 0.001)")
-    defense_batch: int = Field(64, ge=1, description="batch size of g (official: 64)")
+    defense_batch_size: int = Field(64, ge=1, validation_alias="defense_batch",
+                                    description="batch size of g (official: 64)")
     defense_points: int | None = Field(1000, ge=1, description="at most this many members, and as many "
                                        "public reference points, fit g (drawn from the model's seed; "
                                        "official: 1000 each); null: all")
@@ -244,7 +245,7 @@ class MemGuard(Defense):
             xm = _subset(xm, p.defense_points, derive_seed(job.seed, "memguard", "members"))
             xr = _subset(xr, p.defense_points, derive_seed(job.seed, "memguard", "reference"))
         g, acc = fit_defense_model(outputs(model, xm), outputs(model, xr), self.info.num_classes, job.seed,
-                                   p.defense_epochs, p.defense_lr, p.defense_batch, p.defense_optimizer)
+                                   p.defense_epochs, p.defense_lr, p.defense_batch_size, p.defense_optimizer)
         self._defense_models[model] = g
         job.report["defense_model_accuracy"] = acc
         return model

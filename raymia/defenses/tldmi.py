@@ -68,7 +68,8 @@ class TlDmiParams(Params):
         "norms)")
     pretrain_epochs: int = Field(20, ge=1, le=MAX_EPOCHS, description="pretraining epochs over the public split")
     pretrain_lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate of the pretraining")
-    pretrain_batch: int = Field(128, ge=1, description="public points per pretraining step")
+    pretrain_batch_size: int = Field(128, ge=1, validation_alias="pretrain_batch",
+                                     description="public points per pretraining step")
     public_fraction: float = Field(
         1.0, gt=0.0, le=1.0, description="share of the public split (training points outside the population) "
         "used for pretraining")
@@ -143,7 +144,7 @@ def pretrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: TlDmiParams,
     model.to(device).train()
     x, y = x.to(device), y.to(device)
     n = x.shape[0]
-    batch = min(p.pretrain_batch, n)
+    batch = min(p.pretrain_batch_size, n)
     recipe = TrainSpec(optimizer="adam", lr=p.pretrain_lr, epochs=p.pretrain_epochs, batch_size=batch)
     per_epoch = -(-n // batch)
     batches = member_batches(x, y, recipe, torch.Generator().manual_seed(derive_seed(seed, "order")),
@@ -222,8 +223,8 @@ class TlDmi(Defense):
             "data": data_digest(self._data),
             "public": key_digest({"index": np.asarray(self.public_index).tolist()}),
             "seed": self._seed, "device": device.type,
-            **{k: getattr(p, k)
-               for k in ("pretrain_epochs", "pretrain_lr", "pretrain_batch", "public_fraction")},
+            **{k: getattr(p, k) for k in ("pretrain_epochs", "pretrain_lr", "public_fraction")},
+            "pretrain_batch": p.pretrain_batch_size,  # its name before the rename: cached backbones stay found
         })
 
     def _load_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -2,12 +2,12 @@
 
 A VAE is fitted once to the public split (training points outside the audited population); each bank
 model's members are encoded to latent codes, every code is perturbed with noise satisfying metric privacy
-(d_X-privacy) at level ``eps``, and the decoded records replace the members (labels kept). The model's
+(d_X-privacy) at level ``epsilon``, and the decoded records replace the members (labels kept). The model's
 outputs and training loop are otherwise unchanged.
 
 Caveat (from the paper): the VAE itself is fitted WITHOUT differential privacy (in the paper, to the
 private data; here, to public data only); the metric-privacy guarantee covers the released synthetic
-records only, not the VAE's weights. Larger eps means less noise, more utility and less privacy.
+records only, not the VAE's weights. Larger epsilon means less noise, more utility and less privacy.
 
 Choices made here (the paper's text fixes neither):
 - the VAE is fitted to the PUBLIC split only (``public_indices``: the training points outside the audited
@@ -25,7 +25,7 @@ Choices made here (the paper's text fixes neither):
   i.i.d. Laplace(0, 1/eps) per coordinate (the L1 metric).
 
 The fitted VAE is cached under the bank's cache directory, keyed by the data, the public indices, the
-VAE's training parameters, the seed and the device type (eps, mechanism and encode only change the
+VAE's training parameters, the seed and the device type (epsilon, mechanism and encode only change the
 transform, so a sweep over them reuses one VAE). Cache files hold tensors and strings only, carry a
 checksum of their content, are written atomically and read with ``torch.load(weights_only=True)``; a
 damaged file is refitted.
@@ -69,13 +69,14 @@ _CHUNK = 1024  # records encoded / decoded at once
 class VaeParams(Params):
     """Parameters of the VAE metric-privacy defense (see the module docstring)."""
 
-    eps: float = Field(
-        10.0, gt=0.0, description="metric-privacy level of the latent noise (larger: less noise)")
+    epsilon: float = Field(
+        10.0, gt=0.0, validation_alias="eps",
+        description="metric-privacy level of the latent noise (larger: less noise)")
     latent_dim: int = Field(16, ge=1, le=4096, description="dimension of the VAE's latent code, where the noise is added")
     beta: float = Field(1.0, ge=0.0, description="weight of the KL term of the VAE loss")
     mechanism: Literal["euclidean", "laplace"] = Field(
-        "euclidean", description="euclidean: uniform direction, radius ~ Gamma(latent_dim, 1/eps) (L2 "
-        "metric); laplace: i.i.d. Laplace(0, 1/eps) per coordinate (L1 metric)")
+        "euclidean", description="euclidean: uniform direction, radius ~ Gamma(latent_dim, 1/epsilon) (L2 "
+        "metric); laplace: i.i.d. Laplace(0, 1/epsilon) per coordinate (L1 metric)")
     encode: Literal["mean", "sample"] = Field(
         "mean", description="latent code of a record: the encoder's mean, or one sample of q(z|x)")
     class_conditional: bool = Field(
@@ -83,7 +84,8 @@ class VaeParams(Params):
     vae_epochs: int = Field(30, ge=1, le=MAX_EPOCHS, description="VAE training epochs over the public split (training "
                             "points outside the population)")
     vae_lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate of the VAE")
-    vae_batch: int = Field(128, ge=1, description="public points per VAE training step")
+    vae_batch_size: int = Field(128, ge=1, validation_alias="vae_batch",
+                                description="public points per VAE training step")
     hidden: int = Field(256, ge=1, le=65536,  # a VAE is fitted after the run starts: no typo's width reaches it
                         description="hidden width of the MLP VAE (and of the conv VAE's FC layer)")
     vae_device: Literal["auto", "cpu", "cuda"] = Field(
@@ -183,8 +185,8 @@ def train_vae(model: VAE, x: torch.Tensor, y: torch.Tensor, p: VaeParams, seed: 
     n = x.shape[0]
     for _ in range(p.vae_epochs):
         perm = torch.randperm(n, generator=order_gen).to(device)
-        for i in range(0, n, p.vae_batch):
-            b = perm[i:i + p.vae_batch]
+        for i in range(0, n, p.vae_batch_size):
+            b = perm[i:i + p.vae_batch_size]
             loss = vae_loss(model, x[b], y[b] if model.cond else None, p.beta, noise_gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -253,7 +255,8 @@ class VaeMetricPrivacy(Defense):
                   "public": key_digest({"index": np.asarray(public).tolist()}),
                   "seed": seed, "device": self.device.type,
                   **{k: getattr(p, k) for k in ("latent_dim", "beta", "class_conditional", "vae_epochs",
-                                                "vae_lr", "vae_batch", "hidden")}}
+                                                "vae_lr", "hidden")},
+                  "vae_batch": p.vae_batch_size}  # its name before the rename: cached VAEs stay found
         return key_digest(fields)
 
     def check_data(self, data: Any, population: Any) -> None:
@@ -308,7 +311,7 @@ class VaeMetricPrivacy(Defense):
             if p.encode == "sample":
                 z = mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=generator).to(self.device)
             if noise:
-                z = z + metric_noise(z.shape[0], z.shape[1], p.eps, p.mechanism, generator).to(self.device)
+                z = z + metric_noise(z.shape[0], z.shape[1], p.epsilon, p.mechanism, generator).to(self.device)
             out.append(vae.decode(z, yb).to(x.device, x.dtype))
         if not out:
             return torch.empty_like(x)
@@ -324,7 +327,7 @@ class VaeMetricPrivacy(Defense):
     @classmethod
     def search_space(cls) -> dict[str, Domain]:
         return {
-            "eps": Float(0.1, 100.0, log=True),
+            "epsilon": Float(0.1, 100.0, log=True),
             "latent_dim": Categorical((8, 16, 32, 64, 128)),
             "beta": Float(0.1, 4.0, log=True),
             "encode": Categorical(("mean", "sample")),
@@ -334,7 +337,7 @@ class VaeMetricPrivacy(Defense):
     def privacy_guarantee(self) -> dict[str, Any] | None:
         """Metric privacy of each released synthetic record (not of the VAE, fitted without DP)."""
         metric = "l2" if self.params.mechanism == "euclidean" else "l1"
-        return {"metric_epsilon": self.params.eps, "metric": metric}
+        return {"metric_epsilon": self.params.epsilon, "metric": metric}
 
 
 __all__ = ["VAE", "VaeMetricPrivacy", "VaeParams", "metric_noise", "train_vae"]

@@ -177,7 +177,8 @@ def cache_key(what: str, arch: int, x_public: torch.Tensor, info: DataInfo, sett
     `settings` dataclass but `checkpoint_every`, the seed, the device type, and `extra` (a target's digest,
     the attacked classes)."""
     public = SimpleNamespace(name="public", x_train=x_public, y_train=torch.empty(0, dtype=torch.int64))
-    fields = {k: v for k, v in asdict(settings).items() if k != "checkpoint_every"}
+    names = getattr(settings, "KEY_NAMES", {})  # a renamed setting under its name before the rename
+    fields = {names.get(k, k): v for k, v in asdict(settings).items() if k != "checkpoint_every"}
     return key_digest({"what": what, "arch": arch, "public": data_digest(public, with_labels=False),
                        "shape": list(info.input_shape), "mean": info.mean, "std": info.std, "settings": fields,
                        "seed": seed, "device": device.type, **extra})

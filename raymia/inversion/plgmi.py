@@ -7,7 +7,7 @@ from the whole public set, so one input may be selected for several classes; tie
 
 Stage 1, a conditional GAN on the pseudo-labelled inputs: a class-conditional generator G(z, y) and a
 projection discriminator D(x, y) = psi(phi(x)) + <embed(y), phi(x)> (Miyato & Koyama 2018), hinge loss.
-Each step updates G once, then D `n_dis` times (the official order). G's loss adds the inversion term:
+Each step updates G once, then D `n_critic` times (the official order). G's loss adds the inversion term:
 
     -mean D(G(z, y), y) + alpha x mean L_inv(T(aug(G(z, y))), y),  L_inv = -logit_y + max_{j != y} logit_j
 
@@ -36,7 +36,7 @@ Where raymia differs from the official code:
   stack with spectral norm on every layer (the official D's normalisation), ReLU, no InstanceNorm, and
   global sum pooling to phi(x) (as the official D), then the projection head;
 - defaults: latent_dim 64, width 32, gan_steps 2000 as GMI's GAN here (official: 128, 64, 30000 with
-  64x64 ResNets), so GMI and PLG-MI get the same generator budget; n_dis 5, lr 2e-4, batch 64, alpha 0.2,
+  64x64 ResNets), so GMI and PLG-MI get the same generator budget; n_critic (the code's n_dis) 5, lr 2e-4, batch 64, alpha 0.2,
   top_n 30, steps 600, lr 0.1, 5 restarts, 2 views as the official code;
 - the random crop keeps the image's aspect ratio (official: square crops of 64x64 images, the same there);
   ColorJitter is applied to every image (the official training applies it with p 0.5) and
@@ -60,7 +60,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -121,10 +121,13 @@ class Augment:
 class CGanSettings(GanBudget):
     """What the cGAN is and how it trains: the shared budget (`gan.GanBudget`), then PLG-MI's own."""
 
-    n_dis: int = 5
+    n_critic: int = 5
     alpha: float = 0.2
     top_n: int = 30
     augment: Augment = field(default_factory=Augment)
+    # the cache key hashes the fields by name, n_critic under its name before the rename (n_dis): cGANs cached
+    # before it are found
+    KEY_NAMES: ClassVar[dict[str, str]] = {"n_critic": "n_dis"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -300,7 +303,7 @@ def hinge_cgan_steps(g_net: nn.Module, d_net: nn.Module, opt_g: torch.optim.Opti
                      extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> bool:
     """Steps `start`..settings.steps of PLG-MI's conditional GAN game on inputs x [N, ...] (CPU) with
     labels y [N]: per step one generator update (hinge loss -D(G(z, c), c), plus `extra_loss(fake, c)`,
-    with D frozen) and `settings.n_dis` discriminator updates (hinge loss on real inputs with
+    with D frozen) and `settings.n_critic` discriminator updates (hinge loss on real inputs with
     dequantisation noise and on fakes); fake labels c come from `draw_labels(batch)`; every random draw
     from `rng`. A checkpoint every `settings.checkpoint_every` steps; False when `stop_after` steps of
     this call stopped it (as a kill would), True when it finished. Shared by PLG-MI and the `gan`
@@ -319,7 +322,7 @@ def hinge_cgan_steps(g_net: nn.Module, d_net: nn.Module, opt_g: torch.optim.Opti
         loss_g.backward()
         opt_g.step()
         d_net.requires_grad_(True)
-        for _ in range(settings.n_dis):
+        for _ in range(settings.n_critic):
             pick = torch.randint(n, (b,), generator=rng)
             noise = torch.rand(b, *x.shape[1:], generator=rng) / 256 / std_cpu  # dequantisation
             real, y_real = (x[pick] + noise).to(device), y[pick].to(device)
@@ -430,8 +433,8 @@ class PLGMIParams(Params):
     gan_batch_size: int = Field(_CGAN.batch_size, ge=1, description="images per cGAN batch (PLG-MI: 64)")
     gan_lr: float = Field(_CGAN.lr, gt=0, description="Adam learning rate of both cGAN nets, betas (0, 0.9) "
                                                       "(PLG-MI: 2e-4)")
-    n_dis: int = Field(_CGAN.n_dis, ge=1, le=100,
-                       description="discriminator updates per generator update (PLG-MI: 5)")
+    n_critic: int = Field(_CGAN.n_critic, ge=1, le=100, validation_alias="n_dis",
+                          description="discriminator updates per generator update (PLG-MI: 5)")
     checkpoint_every: int = Field(_CGAN.checkpoint_every, ge=1,
                                   description="cGAN training checkpoint period in steps (not in the cache key)")
 
@@ -440,7 +443,7 @@ class PLGMIParams(Params):
 
     def cgan(self) -> CGanSettings:
         return CGanSettings(latent_dim=self.latent_dim, width=self.width, steps=self.gan_steps,
-                            batch_size=self.gan_batch_size, lr=self.gan_lr, n_dis=self.n_dis, alpha=self.alpha,
+                            batch_size=self.gan_batch_size, lr=self.gan_lr, n_critic=self.n_critic, alpha=self.alpha,
                             top_n=self.top_n, augment=self.augment(), checkpoint_every=self.checkpoint_every)
 
 
@@ -481,7 +484,7 @@ def plg_mi(target: nn.Module, classes: list[int], p: PLGMIParams, ctx: Inversion
 
 @costs("plg_mi")
 def plg_mi_flops(p: PLGMIParams, info: DataInfo, target_forward: float, num_classes: int, num_public: int) -> float:
-    """cGAN training (per generator update: G, D and the target on an augmented fake batch, then n_dis
+    """cGAN training (per generator update: G, D and the target on an augmented fake batch, then n_critic
     discriminator updates on a real and a fake batch) and the latent search (G and `views` target passes
     per latent), a backward pass counted as twice the forward; pseudo-labelling is one target pass per
     public input and is left out (it depends on the public set's size, not the settings)."""
@@ -489,6 +492,6 @@ def plg_mi_flops(p: PLGMIParams, info: DataInfo, target_forward: float, num_clas
     y = torch.zeros(1, dtype=torch.int64)
     g = forward_flops(g_net.eval(), torch.zeros(1, p.latent_dim), y)
     d = forward_flops(d_net.eval(), torch.zeros(1, *info.input_shape), y)
-    gan = p.gan_steps * p.gan_batch_size * (3 * (g + d + target_forward) + p.n_dis * (g + 3 * 2 * d))
+    gan = p.gan_steps * p.gan_batch_size * (3 * (g + d + target_forward) + p.n_critic * (g + 3 * 2 * d))
     search = p.steps * p.restarts * p.per_class * num_classes * 3 * (g + p.views * target_forward)
     return gan + search

@@ -184,7 +184,10 @@ def inversion_data(spec: AuditSpec, ctx) -> InversionData:
     if inv.public == "classes":
         public_x = ctx.data.x_train[torch.from_numpy(ctx.public_index)]
     else:
-        if inv.public.name == spec.data.name and inv.public.params == spec.data.params:
+        from raymia.data import DATASETS
+
+        hashed = DATASETS.get(spec.data.name, where="data.name").params.hashed  # either spelling: the same data
+        if inv.public.name == spec.data.name and hashed(inv.public.params) == hashed(spec.data.params):
             raise SpecError(f"the public data set {inv.public.name!r} is the audited data set, whose classes "
                             "overlap the private ones; use public: classes with data.private_classes",
                             where="inversion.public")
@@ -303,7 +306,7 @@ def own_model(spec: AuditSpec, ctx, device: torch.device) -> nn.Module:
 def _reconstruct(spec: AuditSpec, i: int, target: nn.Module, t: int, data: InversionData, device: torch.device):
     """Attack i's reconstructions of target t, cached by everything they depend on."""
     from raymia.cache import data_digest, key_digest, load_state, save_state
-    from raymia.inversion.registry import Reconstructions, run_inversion
+    from raymia.inversion.registry import INVERSION, Reconstructions, run_inversion
 
     a = spec.inversion.attacks[i]
     public = data_digest(_Public(data.public_x), with_labels=False)
@@ -313,7 +316,9 @@ def _reconstruct(spec: AuditSpec, i: int, target: nn.Module, t: int, data: Inver
 
         own = {"target": target_digest(spec)}
     key = key_digest({"what": "inversion-reconstructions", "fingerprint": spec.fingerprint(), "model": t, **own,
-                      "attack": a.name, "params": a.params, "classes": data.classes, "public": public,
+                      "attack": a.name, "classes": data.classes, "public": public,
+                      # a renamed parameter under its old name: either spelling finds the reconstructions
+                      "params": INVERSION.get(a.name, where=f"inversion.attacks.{i}.name").params.hashed(a.params),
                       "seed": spec.seed, "device": device.type})
     path = cache_dir(spec) / f"recon-{key}.pt"
     state = load_state(path, key)
