@@ -110,6 +110,10 @@ def test_set_takes_the_old_name_and_replaces_the_other_spelling():
     assert spec.fingerprint() == as_spec({"defense": {"name": "memguard", "params": {"defense_batch_size": 8}},
                                           "ood": {"sets": [{"name": "gan", "params": {"n_critic": 4}}]}}
                                          ).fingerprint()
+    # a sweep's space key, by its old name over the new
+    sweep = as_spec({"sweep": {"defenses": [{"name": "vae_metric_privacy", "space": {"epsilon": 1.0}}]}},
+                    ["sweep.defenses.0.space.eps=2.0"], kind="sweep")
+    assert sweep.sweep.defenses[0].space == {"eps": 2.0}
 
 
 def test_a_space_key_with_the_old_name_overrides_the_declared_parameter():
