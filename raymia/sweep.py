@@ -769,7 +769,7 @@ def validate_sweep(spec: SweepSpec, setup: bool = True):
     for d, sp in space.items():  # with the space's constants; the searched values were checked above
         fixed = {k: v for k, v in sp.items() if not isinstance(v, Float | Int | Categorical)}
         defense = build_defense(d, fixed, ctx.data.info, where="sweep.defense")
-        defense.check(spec.model.name, ctx.data.info, spec.model.params)
+        defense.check(spec.model.name, ctx.data.info, spec.model.params, spec.train)
         defense.check_data(ctx.data, ctx.plan.population)
     for field, names in (("objectives", [o.metric for o in spec.sweep.objectives]),
                          ("constraints", [c.metric for c in spec.sweep.constraints])):

@@ -168,7 +168,42 @@ def test_pruning_with_minmax_game(monkeypatch):
     assert all(torch.isfinite(p).all() for p in trained.parameters())
 
 
+def test_pruning_refuses_a_model_with_nothing_to_prune_before_training(tmp_path):
+    """A lone classifier layer (mlp without hidden layers) is refused where `raymia check` and the audit
+    validate the spec (the model counted on the meta device), not in the first model's fit."""
+    spec = AuditSpec.model_validate({"plan": {"num_models": 4, "population": 200}, "defense": "pruning",
+                                     "model": {"name": "mlp", "params": {"hidden": []}}, "output_dir": str(tmp_path)})
+    with pytest.raises(SpecError) as e:
+        BankContext.from_spec(spec, setup=False)
+    assert str(e.value) == ("defense.name: pruning needs a conv or linear layer before the classifier layer; model "
+                            "'mlp' has none")
+
+
 # --- adversarial regularisation --------------------------------------------------------------------------
+def test_advreg_refuses_a_warmup_that_leaves_the_game_no_epoch(tmp_path):
+    """warmup_epochs >= train.epochs: the models would train plainly under the defense's name. Refused by
+    `raymia check` (and every audit) before training; one epoch of the game is accepted, and lam 0 (plain
+    training by definition) is not refused."""
+    import yaml
+
+    from raymia.check import check_spec
+
+    def spec(warmup: int, lam: float = 1.0):
+        path = tmp_path / "spec.yaml"
+        path.write_text(yaml.safe_dump({
+            "plan": {"num_models": 4, "population": 200}, "model": {"params": {"hidden": [16]}},
+            "train": {"epochs": 5}, "defense": {"name": "advreg", "params": {"warmup_epochs": warmup, "lam": lam}},
+            "tracking": {"enabled": False}, "output_dir": str(tmp_path / "runs")}))
+        return path
+
+    with pytest.raises(SpecError) as e:
+        check_spec(spec(5))
+    assert str(e.value) == ("defense.params.warmup_epochs: warmup_epochs 5 is not below train.epochs 5: the game "
+                            "would never start; accepted: 0 to 4")
+    assert "warmup_epochs=4" in dict(check_spec(spec(4)).rows)["defense"]
+    check_spec(spec(5, lam=0.0))
+
+
 def test_advreg_shrinks_member_confidence_gap():
     """Random labels: plain training memorises its members (confidence near 1, non-members near chance);
     the game with lambda = 3 brings the members' confidence back towards the non-members'."""

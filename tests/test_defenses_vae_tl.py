@@ -287,8 +287,13 @@ def test_frozen_depth_cnn_with_batch_norm(tmp_path) -> None:
     assert report["frozen_layers"] == 2.0
     assert set(ctx.defense.frozen_params) == {f"features.{i}.{j}" for i in (0, 1)
                                               for j in ("0.weight", "1.weight", "1.bias")}
-    with pytest.raises(SpecError, match="freeze_depth 4"):
-        init_model(BankContext.from_spec(_tl_spec(tmp_path, model=cnn, freeze="depth", freeze_depth=4)), 0)
+    # refused where `raymia check` and the audit validate (the model's layers counted on the meta device),
+    # not after pretraining: 2 convolutions (with their norms) and 2 linear layers
+    too_deep = _tl_spec(tmp_path, model=cnn, freeze="depth", freeze_depth=4)
+    with pytest.raises(SpecError) as e:
+        BankContext.from_spec(too_deep, setup=False)
+    assert str(e.value) == ("defense.params.freeze_depth: freeze_depth 4 leaves nothing to fine-tune: the model "
+                            "has 4 parameterised layers; accepted: 0 to 3")
 
 
 def test_freeze_depth_8_is_the_official_vgg16_bn_setting() -> None:

@@ -85,9 +85,16 @@ def test_every_defense_trains_with_lookahead(tmp_path, name):
 
 
 def test_pruning_refuses_lookahead_that_its_retraining_would_never_reach(tmp_path):
-    with pytest.raises(SpecError, match="retraining, which ends before lookahead starts") as e:
-        train_model(_ctx(tmp_path, "pruning", lookahead=True), 0, CPU)
-    assert e.value.where == "train.lookahead"
+    """Refused where `raymia check` and the audit validate the spec (`setup=False`: nothing fitted), not when
+    the first model's fit starts: 4 epochs, half of them retraining."""
+    with pytest.raises(SpecError) as e:
+        BankContext.from_spec(AuditSpec.model_validate({
+            "plan": {"num_models": 2, "population": 200}, "model": {"name": "mlp", "params": {"hidden": [16]}},
+            "train": {"epochs": 4, "lookahead": True}, "defense": "pruning", "output_dir": str(tmp_path)}),
+            setup=False)
+    assert str(e.value) == ("train.lookahead: pruning restarts the schedule for its 2-epoch masked retraining, which "
+                            "ends before lookahead starts (after epoch 3); raise train.epochs or retrain_fraction, "
+                            "or set lookahead: false")
 
 
 @pytest.mark.parametrize("name", ["none", "advreg", "pruning", "tl_dmi", "memguard", "dpsgd", "dmp", "selena"])

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from raymia.datainfo import DataInfo
 from raymia.defenses.base import DEFENSES, Defense, FitJob, require_public
+from raymia.errors import SpecError
 from raymia.registry import MAX_EPOCHS, Params
 from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain
@@ -249,6 +251,15 @@ class AdvReg(Defense):
         if self.params.lam > 0:
             require_public(self.name, data, population, "for its inference model's reference set",
                            ", or set defense.params.lam: 0")
+
+    def check(self, model_name: str, info: DataInfo, model_params: dict | None = None, recipe: Any = None) -> None:
+        """A warm-up as long as the training leaves the game no step: the models would train plainly under
+        the defense's name."""
+        p = self.params
+        if recipe is not None and p.lam > 0 and p.warmup_epochs >= recipe.epochs:
+            raise SpecError(f"warmup_epochs {p.warmup_epochs} is not below train.epochs {recipe.epochs}: the game "
+                            f"would never start; accepted: 0 to {recipe.epochs - 1}",
+                            where="defense.params.warmup_epochs")
 
     def fit(self, job: FitJob) -> nn.Module:
         p = self.params

@@ -24,7 +24,9 @@ query. A defense overrides only the hooks it needs:
   points, before training (DP-SGD's epsilon; `raymia check` prints it).
 - training_cost(recipe) -> (float, str) | None: how many times the recipe's plain training of one model the
   defense's `fit` runs, and what (DMP: a teacher and a student); `raymia check` scales its FLOPs by it.
-- check(model_name, info) -> None: raise SpecError before any training when the defense cannot apply.
+- check(model_name, info, model_params, recipe) -> None: raise SpecError before any training when the
+  defense cannot apply to the model, the data or the recipe, or a setting of it could not act (e.g. a
+  warm-up as long as the training).
 - setup(data, population, cache_dir, seed): fit what every bank model shares (a VAE, a pretrained
   backbone), once per worker, cached on disk.
 - check_data(data, population) -> None: the cheap checks of `setup` (`raymia check` runs them alone).
@@ -168,9 +170,10 @@ class Defense:
         bank then trains those models one at a time, since a pack would step every stacked tensor alike."""
         return cls.fit is not Defense.fit
 
-    def check(self, model_name: str, info: DataInfo, model_params: dict | None = None) -> None:
+    def check(self, model_name: str, info: DataInfo, model_params: dict | None = None, recipe: Any = None) -> None:
         """Raise raymia.errors.SpecError when this defense cannot apply to the model (its registry name and
-        params) or data."""
+        params), the data or the recipe (the spec's `train`, a `TrainSpec`, before `modify_recipe`; None
+        where a caller checks the model alone), or when one of its settings could not act under them."""
 
     # --- query-time hook ------------------------------------------------------------------------------
     def postprocess_logits(
@@ -226,6 +229,19 @@ class _DefenseRegistry(Registry[type[Defense]]):
 
 
 DEFENSES: Registry[type[Defense]] = _DefenseRegistry("defense", package="raymia.defenses")
+
+
+def meta_model(model_name: str, model_params: dict | None, info: DataInfo) -> torch.nn.Module | None:
+    """The spec's model built on the meta device (no memory, no initialisation work), for a `check` that
+    looks at its layers; None when the model cannot be built, which the model's own check reports under its
+    own field (`models.base.check_forward`)."""
+    from raymia.models import build_model
+
+    try:
+        with torch.device("meta"):
+            return build_model(model_name, model_params or {}, info)
+    except SpecError:
+        return None
 
 
 def build_defense(

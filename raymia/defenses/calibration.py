@@ -86,6 +86,7 @@ from raymia.defenses.base import (
     OUTPUT_CHUNK,
     Defense,
     FitJob,
+    meta_model,
     outputs,
     public_has_audited_classes,
     require_public,
@@ -385,18 +386,13 @@ class LastLayerLaplace(Defense):
         super().__init__(params, info, label_smoothing)
         self._posteriors: weakref.WeakKeyDictionary[nn.Module, LaplacePosterior] = weakref.WeakKeyDictionary()
 
-    def check(self, model_name: str, info: DataInfo, model_params: dict | None = None) -> None:
+    def check(self, model_name: str, info: DataInfo, model_params: dict | None = None, recipe: Any = None) -> None:
         """Refuse a model whose logits are not its last Linear's output (a meta-device forward)."""
-        from raymia.models import build_model
-
+        model = meta_model(model_name, model_params, info)
+        if model is None:
+            return
         try:
-            with torch.device("meta"):
-                model = build_model(model_name, model_params or {}, info)
-                x = torch.empty((2, *info.input_shape))
-        except SpecError:
-            return  # the model's own check reports it where it belongs
-        try:
-            find_last_layer(model, x)
+            find_last_layer(model, torch.empty((2, *info.input_shape), device="meta"))
         except SpecError:
             raise
         except Exception:  # an op without a meta kernel: `fit` checks on the real model

@@ -32,7 +32,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from raymia.datainfo import DataInfo
-from raymia.defenses.base import DEFENSES, Defense, FitJob
+from raymia.defenses.base import DEFENSES, Defense, FitJob, meta_model
 from raymia.errors import SpecError
 from raymia.registry import Params
 from raymia.seeding import derive_seed
@@ -241,17 +241,11 @@ class DpSgd(Defense):
     data_dependent_init = False
     params: DpSgdParams
 
-    def check(self, model_name: str, info: DataInfo, model_params: dict | None = None) -> None:
+    def check(self, model_name: str, info: DataInfo, model_params: dict | None = None, recipe: Any = None) -> None:
         """Refuse models with BatchNorm: the registry's that have it by default (resnet18, vgg, wrn,
         mobilenetv2) and those given it through their params (cnn with batch_norm)."""
-        from raymia.models import build_model
-
-        try:
-            with torch.device("meta"):
-                model = build_model(model_name, model_params or {}, info)
-        except SpecError:
-            return  # the model's own check reports it where it belongs
-        if has_batch_norm(model):
+        model = meta_model(model_name, model_params, info)
+        if model is not None and has_batch_norm(model):
             raise SpecError(self._batch_norm_message(f"model {model_name!r}"), where="defense.name")
 
     def _batch_norm_message(self, model: str) -> str:

@@ -16,8 +16,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from raymia.datainfo import DataInfo
 from raymia.defenses.advreg import Masks, apply_masks, minmax_train
-from raymia.defenses.base import DEFENSES, Defense, FitJob, require_public
+from raymia.defenses.base import DEFENSES, Defense, FitJob, meta_model, require_public
 from raymia.errors import SpecError
 from raymia.registry import MAX_EPOCHS, Params
 from raymia.seeding import derive_seed
@@ -140,19 +141,29 @@ class Pruning(Defense):
             require_public(self.name, data, population, "for the min-max game's reference set",
                            ", or set defense.params.minmax_lambda: 0")
 
+    def retrain_epochs(self, epochs: int) -> int:
+        """The masked retraining's share of the recipe's `epochs` (at least one); dense pretraining takes the rest."""
+        return min(epochs, max(1, round(self.params.retrain_fraction * epochs)))
+
+    def check(self, model_name: str, info: DataInfo, model_params: dict | None = None, recipe: Any = None) -> None:
+        """Before any training (the model on the meta device): a model with nothing to prune, and lookahead
+        that the masked retraining's restarted schedule would end before it starts."""
+        model = meta_model(model_name, model_params, info)
+        if model is not None and not prunable_layers(model):
+            raise SpecError(f"pruning needs a conv or linear layer before the classifier layer; model {model_name!r} "
+                            "has none", where="defense.name")
+        retrain = self.retrain_epochs(recipe.epochs) if recipe is not None else None
+        if recipe is not None and recipe.lookahead and retrain <= LOOKAHEAD_START_EPOCHS:
+            raise SpecError(f"pruning restarts the schedule for its {retrain}-epoch masked "
+                            f"retraining, which ends before lookahead starts (after epoch {LOOKAHEAD_START_EPOCHS}); "
+                            "raise train.epochs or retrain_fraction, or set lookahead: false", where="train.lookahead")
+
     def fit(self, job: FitJob) -> nn.Module:
         p, recipe, model = self.params, job.recipe, job.model
         layers = prunable_layers(model)
-        if not layers:
-            raise SpecError("pruning needs a conv or linear layer before the classifier layer; the model has "
-                            "none", where="defense.name")
         spe, epochs = job.steps_per_epoch, recipe.epochs
-        retrain_epochs = min(epochs, max(1, round(p.retrain_fraction * epochs)))
+        retrain_epochs = self.retrain_epochs(epochs)
         dense_epochs = epochs - retrain_epochs
-        if recipe.lookahead and retrain_epochs <= LOOKAHEAD_START_EPOCHS:
-            raise SpecError(f"train.lookahead: pruning restarts the schedule for its {retrain_epochs}-epoch masked "
-                            f"retraining, which ends before lookahead starts (after epoch {LOOKAHEAD_START_EPOCHS}); "
-                            "raise train.epochs or retrain_fraction, or set lookahead: false", where="train.lookahead")
         admm_epochs = p.admm_epochs if p.admm_epochs is not None else math.ceil(epochs / 3)
         nc = self.info.num_classes
 

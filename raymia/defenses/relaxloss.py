@@ -25,7 +25,7 @@ cross-entropy as ``train_ce``.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -104,7 +104,7 @@ class RelaxLoss(Defense):
         flatten = params.flatten
         self.form = ("image" if info.kind == "image" else "tabular") if flatten == "auto" else flatten
 
-    def check(self, model_name: str, info: DataInfo, model_params: dict | None = None) -> None:
+    def check(self, model_name: str, info: DataInfo, model_params: dict | None = None, recipe: Any = None) -> None:
         chance = math.log(info.num_classes)
         if self.params.alpha >= chance:
             raise SpecError(f"relaxloss alpha {self.params.alpha:g} is at or above ln({info.num_classes}) = "

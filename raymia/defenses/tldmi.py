@@ -39,7 +39,15 @@ from torch import nn
 
 from raymia.cache import data_digest, key_digest, load_state, save_state
 from raymia.datainfo import DataInfo
-from raymia.defenses.base import DEFENSES, Defense, FitJob, public_indices, require_public, train_plain
+from raymia.defenses.base import (
+    DEFENSES,
+    Defense,
+    FitJob,
+    meta_model,
+    public_indices,
+    require_public,
+    train_plain,
+)
 from raymia.device import resolve_device
 from raymia.errors import DataError, SpecError, not_found
 from raymia.models.base import build_model, data_init_modules
@@ -119,7 +127,7 @@ def frozen_prefix(model: nn.Module, p: TlDmiParams) -> int:
     if p.freeze == "depth":
         if p.freeze_depth >= n:
             raise SpecError(f"freeze_depth {p.freeze_depth} leaves nothing to fine-tune: the model has {n} "
-                            f"parameterised layers (accepted: 0..{n - 1})",
+                            f"parameterised layers; accepted: 0 to {n - 1}",
                             where="defense.params.freeze_depth")
         return p.freeze_depth
     sizes = dict(model.named_parameters())
@@ -193,10 +201,14 @@ class TlDmi(Defense):
             return
         require_public(self.name, data, population, "to pretrain on", ", or give defense.params.weights")
 
-    def check(self, model_name: str, info: DataInfo, model_params: dict | None = None) -> None:
+    def check(self, model_name: str, info: DataInfo, model_params: dict | None = None, recipe: Any = None) -> None:
         """Any registered model can be pretrained; its name and params are kept to build the network that
-        pretraining starts from."""
+        pretraining starts from. Its layers (counted on the meta device) must leave something to fine-tune
+        under `freeze_depth`: found otherwise only after pretraining."""
         self._model = (model_name, dict(model_params or {}))
+        model = meta_model(model_name, model_params, info)
+        if model is not None:
+            frozen_prefix(model, self.params)
 
     def setup(self, data: Any, population: Any, cache_dir: Any, seed: int) -> None:
         """Record the public split (training points outside `population`) and check `weights`; the

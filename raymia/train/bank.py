@@ -122,7 +122,7 @@ class BankContext:
             plan = replace(plan, population=population)
         defense = build_defense(spec.defense.name, spec.defense.params, data.info,
                                 label_smoothing=spec.train.label_smoothing)
-        defense.check(spec.model.name, data.info, spec.model.params)
+        defense.check(spec.model.name, data.info, spec.model.params, spec.train)
 
         if setup:
             defense.setup(data, plan.population, store_dir(spec.store_root, "cache"), spec.seed)
