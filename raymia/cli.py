@@ -146,6 +146,13 @@ def _with_references(objectives: list[dict], given: list[str]) -> list[dict]:
         if not match:
             raise RaymiaError(f"{metric!r} is no objective of the sweep; objectives: "
                               f"{', '.join(o['metric'] for o in out)}", where="--reference")
+        from raymia.errors import SpecError
+        from raymia.spec import Objective
+
+        try:  # the spec's own check: within the values the metric can take
+            Objective(metric=metric, mode=match[0]["mode"], reference=number)
+        except SpecError as e:
+            raise RaymiaError(e.message, where="--reference") from None
         match[0]["reference"] = number
     return out
 

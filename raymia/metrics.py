@@ -698,6 +698,28 @@ def _level_label(key: str, prefix: str, fmt: str) -> str | None:
     return fmt.format(f"{level * 100:.6g}")
 
 
+# The values a flat metric can take, by its last part (`loss/auc` -> auc, `ood/loss/gaussian/aupr` -> aupr):
+# rates, accuracies, areas, precisions and max softmax scores are fractions; the accuracy gap a difference of
+# two; the epsilon bound, the inversion's feature distances and FID are >= 0 without a top.
+_FRACTIONS = ("auc", "auroc", "aupr", "precision", "recall", "fpr", "fpr_tpr95", "top1", "top5", "test_ece")
+_NONNEGATIVE = ("epsilon_lb", "knn_dist", "fid")
+
+
+def metric_range(name: str) -> tuple[float, float] | None:
+    """(low, high): what the flat metric `name` (a sweep's objective or constraint) can take; None where it is
+    not known here (`defense/KEY`, the defense's own report)."""
+    if name.startswith("defense/"):
+        return None
+    key = name.rpartition("/")[2]
+    if key == "generalization_gap":
+        return (-1.0, 1.0)
+    if key in _NONNEGATIVE:
+        return (0.0, math.inf)
+    if key in _FRACTIONS or key.endswith("accuracy") or key.startswith(("tpr_fpr_", "tnr_fnr_", "max_score_")):
+        return (0.0, 1.0)
+    return None
+
+
 def shown_as_percent(key: str) -> bool:
     """Whether an audit's console table and page show a metric as a percent: rates and accuracies (the
     attack's TPR, TNR and balanced accuracy, the model's accuracies and gap); AUC, ECE and epsilon stay

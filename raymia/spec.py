@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import re
 import textwrap
 from pathlib import Path
@@ -749,20 +750,39 @@ class AuditSpec(_Model):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _within_metric_range(v: float | None, info: ValidationInfo) -> float | None:
+    """A reference or bound outside what its metric can take (a percent written for a fraction) would leave
+    every trial on one side of it: a hypervolume of 0, or a constraint that every trial breaks or none can."""
+    from raymia.metrics import metric_range
+
+    metric = info.data.get("metric")
+    span = metric_range(metric) if v is not None and isinstance(metric, str) else None
+    if span is not None and not span[0] <= v <= span[1]:
+        accepted = f"{span[0]:g} to {span[1]:g}" if math.isfinite(span[1]) else f"at least {span[0]:g}"
+        raise ValueError(f"{v:g} is outside the values of {metric}; accepted: {accepted}")
+    return v
+
+
 class Objective(_Model):
     metric: str = Field(description="e.g. test_accuracy, lira_online/tpr_fpr_0.01, loss/auc")
     mode: Literal["max", "min"] = Field(description="max: higher is better (utility); min: lower is better "
                                         "(an attack's success)")
     reference: float | None = Field(
         None, allow_inf_nan=False,
-        description="the hypervolume's reference on this objective (default: the undefended trial's value); "
-        "e.g. 0.8 on test_accuracy credits trials that trade accuracy down to 0.8 for privacy")
+        description="the hypervolume's reference on this objective (default: the undefended trial's value), "
+        "within the metric's values (fractions for rates and accuracies); e.g. 0.8 on test_accuracy credits "
+        "trials that trade accuracy down to 0.8 for privacy")
+
+    _reference = field_validator("reference")(_within_metric_range)
 
 
 class Constraint(_Model):
     metric: str = Field(description="a metric name, as in objectives (e.g. test_accuracy)")
     op: Literal[">=", "<="] = Field(description="how the metric must compare to value")
-    value: float = Field(allow_inf_nan=False, description="the bound")
+    value: float = Field(allow_inf_nan=False, description="the bound, within the metric's values (fractions for "
+                         "rates and accuracies)")
+
+    _value = field_validator("value")(_within_metric_range)
 
 
 class DefenseChoice(_Model):

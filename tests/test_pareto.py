@@ -483,6 +483,8 @@ def test_cli_pareto_prints_the_front_and_writes_the_files(store, tmp_path):
         (["--experiment", "X", "--reference", "loss/auc=0.6"],
          f"--reference: 'loss/auc' is no objective of the sweep; objectives: {ACC}, {TPR}"),
         (["--experiment", "X", "--reference", f"{ACC}=high"], "--reference: expected METRIC=VALUE with a finite number"),
+        (["--experiment", "X", "--reference", f"{ACC}=85"],
+         f"--reference: 85 is outside the values of {ACC}; accepted: 0 to 1"),
         (["--sweep", "demo"], "--experiment: name the MLflow experiment, or give the sweeps' spec files"),
     ],
 )

@@ -215,6 +215,37 @@ def test_sweep_spec_and_audit_of_a_sweep_file(tmp_path):
         load_spec(write(tmp_path, "sweep: {defense: nope}\n", "s2.yaml"), kind=SweepSpec)
 
 
+def test_objective_references_and_constraint_bounds_lie_within_their_metrics_values():
+    """A percent written for a fraction (a reference of 80 on test_accuracy: no trial passes it, every front's
+    hypervolume 0) or an AUC bound above 1 is refused when the spec is read, naming the field and the range."""
+    from raymia.metrics import metric_range
+
+    def sweep(objectives=None, constraints=None) -> dict:
+        return {"sweep": {"defense": "hamp", **({"objectives": objectives} if objectives else {}),
+                          **({"constraints": constraints} if constraints else {})}}
+
+    for objectives, field, message in (
+        ([{"metric": "test_accuracy", "mode": "max", "reference": 80}], "sweep.objectives.0.reference",
+         "80 is outside the values of test_accuracy; accepted: 0 to 1"),
+        ([{"metric": "test_accuracy", "mode": "max"}, {"metric": "worst/auc", "mode": "min", "reference": 1.5}],
+         "sweep.objectives.1.reference", "1.5 is outside the values of worst/auc; accepted: 0 to 1"),
+        ([{"metric": "loss/epsilon_lb", "mode": "min", "reference": -0.5}], "sweep.objectives.0.reference",
+         "-0.5 is outside the values of loss/epsilon_lb; accepted: at least 0"),
+    ):
+        with pytest.raises(SpecError) as e:
+            SweepSpec.model_validate(sweep(objectives))
+        assert str(e.value) == f"{field}: {message}"
+    with pytest.raises(SpecError) as e:
+        SweepSpec.model_validate(sweep(constraints=[{"metric": "lira_online/tpr_fpr_0.01", "op": "<=", "value": 5}]))
+    assert str(e.value) == ("sweep.constraints.0.value: 5 is outside the values of lira_online/tpr_fpr_0.01; "
+                            "accepted: 0 to 1")
+    ok = SweepSpec.model_validate(sweep([{"metric": "generalization_gap", "mode": "min", "reference": -0.2},
+                                         {"metric": "mi/worst/fid", "mode": "max", "reference": 250.0}],
+                                        [{"metric": "defense/epsilon", "op": "<=", "value": 8}]))
+    assert [o.reference for o in ok.sweep.objectives] == [-0.2, 250.0]
+    assert metric_range("ood/loss/gaussian/aupr") == (0, 1) and metric_range("defense/epsilon") is None
+
+
 @pytest.mark.parametrize("name", ["quickstart.yaml", "cifar10-all.yaml", "purchase100-all.yaml"])
 def test_the_written_spec_file_reads_back_to_the_same_spec(tmp_path, name):
     """write_spec_file (beside every report and in its MLflow run) round-trips every field, including a sweep
