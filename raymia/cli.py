@@ -87,7 +87,8 @@ def _in_file(path) -> Iterator[None]:
         yield
     except SpecError as e:
         field = (e.where or "").split(".")[0].split("[")[0]
-        if path is None or field not in SweepSpec.model_fields or field == "output_dir":  # --output-dir may set it
+        named = path is not None and (e.where or "").startswith(f"{path}: ")  # a file such as sweep.yaml: named once
+        if path is None or named or field not in SweepSpec.model_fields or field == "output_dir":  # --output-dir may set it
             raise
         message = str(e)[len(e.where) + 2:]
         raise SpecError(message, where=f"{path}: {e.where}") from None

@@ -71,6 +71,15 @@ def test_bad_sweep_objective(tmp_path):
     assert out.returncode == 2 and "sweep.space.gamma" in out.stderr and "gamma" in out.stderr
 
 
+def test_a_spec_file_named_like_a_spec_field_is_named_once(tmp_path):
+    """`sweep.yaml` given by a relative path: its schema error names the file once, not again as if the
+    file's name were the `sweep` field's path."""
+    (tmp_path / "sweep.yaml").write_text("sweep: {defense: hamp}\ntrain: {epochs: 0}\n")
+    out = raymia("check", "sweep.yaml", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "raymia: error: sweep.yaml: train.epochs: Input should be greater than or equal to 1"
+
+
 def test_report_of_a_folder_that_is_not_a_finished_run_is_one_line(tmp_path):
     missing = raymia("report", str(tmp_path / "nosuch"))
     assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
