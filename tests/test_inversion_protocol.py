@@ -99,6 +99,27 @@ def test_bad_inversion_settings_are_one_line_errors(tmp_path, inversion, where, 
     assert e.value.where == where and text in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_missing_public_data_set_names_the_inversion_fields_the_user_wrote(tmp_path):
+    """`raymia check` (which reads the public data set as the audit will): a public MNIST whose files are
+    missing says where to put them and what to set under inversion.public, not under the audited `data`."""
+    import yaml
+
+    from raymia.check import check_spec
+    from raymia.errors import DataError
+
+    root = tmp_path / "nomnist"
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec_dict(tmp_path, inversion={
+        "attacks": [MIFACE], "public": {"name": "mnist", "params": {"root": str(root)}}})))
+    with pytest.raises(DataError) as e:
+        check_spec(path)
+    text = str(e.value)
+    assert text.startswith(f"{root / 'MNIST' / 'raw'}: not found; expected torchvision's MNIST raw layout")
+    assert text.endswith("under inversion.public.params.root; set inversion.public.params.download: true to "
+                         "fetch it, or see docs/data.md")
+    assert "data.params" not in text.replace("public.params", "")
+
+
 def test_adapt_inputs_maps_another_data_sets_images_to_the_input_space(digits):
     from raymia.data.split import adapt_inputs
     from raymia.datainfo import DataInfo

@@ -235,6 +235,13 @@ def test_errors_are_one_line_and_name_the_field(digits, public, tmp_path):
         with pytest.raises(SpecError) as e:
             build(digits, public, name, params, n=10, cache=tmp_path)
         assert e.value.where == where and text in _one_line(e), (name, params, str(e.value))
+    # another data set's missing files: the hint names the set's own params, not the audited `data`
+    from raymia.errors import DataError
+
+    with pytest.raises(DataError) as e:
+        build(digits, public, "dataset", {"name": "cifar10", "params": {"root": str(tmp_path / "none")}}, n=10)
+    assert _one_line(e).endswith("under ood.params.params.root; set ood.params.params.download: true to fetch it, "
+                                 "or see docs/data.md")
     with pytest.raises(SpecError) as e:
         build(digits, np.array([], dtype=np.int64), "gan", TINY_GAN, n=10, cache=tmp_path)
     assert "leaves none" in _one_line(e) and e.value.where == "ood.name"

@@ -27,7 +27,7 @@ from raymia.data.readers import (
     one_line,
     read_records,
 )
-from raymia.data.registry import DATASETS, Dataset
+from raymia.data.registry import DATASETS, Dataset, param_field
 from raymia.datainfo import DataInfo
 from raymia.errors import DataError
 from raymia.registry import Params
@@ -69,8 +69,8 @@ class CifarLayout:
 
     def how(self) -> str:
         return (
-            f"expected torchvision's {self.title} layout ({self.py_dir}/ or {self.bin_dir}/) under data.params.root; "
-            "set data.params.download: true to fetch it, or see docs/data.md"
+            f"expected torchvision's {self.title} layout ({self.py_dir}/ or {self.bin_dir}/) under "
+            f"{param_field('root')}; set {param_field('download')}: true to fetch it, or see docs/data.md"
         )
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from raymia.data.registry import DATASETS, Dataset
+from raymia.data.registry import DATASETS, Dataset, param_field
 from raymia.datainfo import DataInfo
 from raymia.errors import SpecError
 from raymia.registry import Params
@@ -75,7 +75,7 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np
     if min(n_train, n_test) < len(counts):
         raise SpecError(f"test_fraction {test_fraction} leaves {n_train} training and {n_test} test images of "
                         f"{len(y)}; each split needs one image of each of the {len(counts)} classes",
-                        where="data.params.test_fraction")
+                        where=param_field("test_fraction"))
     by_class = np.split(np.argsort(y_idx, kind="stable"), np.cumsum(counts)[:-1])
     rng = np.random.RandomState(seed)
     n_i = _approximate_mode(counts, n_train, rng)

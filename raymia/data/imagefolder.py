@@ -12,15 +12,15 @@ import numpy as np
 from pydantic import Field
 
 from raymia.data.readers import channel_stats, make_dataset, one_line
-from raymia.data.registry import DATASETS, Dataset
+from raymia.data.registry import DATASETS, Dataset, param_field
 from raymia.datainfo import DataInfo
 from raymia.errors import DataError
 from raymia.registry import Params
 
-HOW = (
-    "expected train/ and test/ folders under data.params.root, each with one sub-folder of images per class "
-    "(torchvision ImageFolder layout, same class folders in both); see docs/data.md"
-)
+
+def how() -> str:
+    return (f"expected train/ and test/ folders under {param_field('root')}, each with one sub-folder of images per "
+            "class (torchvision ImageFolder layout, same class folders in both); see docs/data.md")
 
 
 class ImageFolderParams(Params):
@@ -35,7 +35,7 @@ def _read_split(folder: Path, p: ImageFolderParams) -> tuple[np.ndarray, np.ndar
 
     where = str(folder)
     if not folder.is_dir():
-        raise DataError(f"not found; {HOW}", where=where)
+        raise DataError(f"not found; {how()}", where=where)
     steps = [transforms.Resize((p.image_size, p.image_size))]
     if p.grayscale:
         steps.append(transforms.Grayscale(num_output_channels=1))
@@ -44,7 +44,7 @@ def _read_split(folder: Path, p: ImageFolderParams) -> tuple[np.ndarray, np.ndar
     try:
         ds = ImageFolder(where)
     except (FileNotFoundError, OSError) as e:  # no class folders, or a class folder without images
-        raise DataError(f"{one_line(e)}; {HOW}", where=where) from None
+        raise DataError(f"{one_line(e)}; {how()}", where=where) from None
     xs, ys = [], []
     for path, label in ds.samples:
         try:
@@ -66,7 +66,7 @@ def load_imagefolder(p: ImageFolderParams) -> Dataset:
         extra = sorted(set(test_classes) - set(classes))
         raise DataError(
             f"class folders differ from train/ (missing: {', '.join(missing) or 'none'}; extra: "
-            f"{', '.join(extra) or 'none'}); {HOW}",
+            f"{', '.join(extra) or 'none'}); {how()}",
             where=str(root / "test"),
         )
     if len(classes) < 2:

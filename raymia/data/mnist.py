@@ -22,7 +22,7 @@ from raymia.data.readers import (
     one_line,
     read_idx,
 )
-from raymia.data.registry import DATASETS, Dataset
+from raymia.data.registry import DATASETS, Dataset, param_field
 from raymia.datainfo import DataInfo
 from raymia.errors import DataError
 from raymia.registry import Params
@@ -55,7 +55,7 @@ class MnistLayout:
         return (
             f"expected torchvision's {self.title} raw layout ({self.folder}/raw/ with train-images-idx3-ubyte, "
             "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, plain or .gz) under "
-            "data.params.root; set data.params.download: true to fetch it, or see docs/data.md"
+            f"{param_field('root')}; set {param_field('download')}: true to fetch it, or see docs/data.md"
         )
 
 

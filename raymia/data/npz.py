@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import Field
 
 from raymia.data.readers import as_labels, channel_stats, check_label_range, load_npz, make_dataset
-from raymia.data.registry import DATASETS, Dataset
+from raymia.data.registry import DATASETS, Dataset, param_field
 from raymia.datainfo import DataInfo
 from raymia.errors import DataError
 from raymia.registry import Params
@@ -81,11 +81,11 @@ def load_npz_dataset(p: NpzParams) -> Dataset:
     if num_classes is None:
         num_classes = max(int(y_tr.max(initial=0)), int(y_te.max(initial=0))) + 1
         if num_classes < 2:
-            raise DataError("labels hold a single class; set data.params.num_classes", where=where)
+            raise DataError(f"labels hold a single class; set {param_field('num_classes')}", where=where)
         present = len(np.union1d(y_tr, y_te))
         if num_classes > max(1000, 4 * present):  # every model would get num_classes outputs
             raise DataError(f"the largest label, {num_classes - 1}, would make {num_classes} classes for {present} "
-                            "distinct labels; map the labels to 0..K-1, or set data.params.num_classes", where=where)
+                            f"distinct labels; map the labels to 0..K-1, or set {param_field('num_classes')}", where=where)
     check_label_range(y_tr, num_classes, where, "y_train")
     check_label_range(y_te, num_classes, where, "y_test")
     x_tr, x_te, mean, std = _normalize(x_tr, x_te, kind, p.normalize)

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from raymia.data.registry import DATASETS, Dataset
+from raymia.data.registry import Dataset, load_dataset
 from raymia.data.split import adapt_inputs
 from raymia.datainfo import DataInfo
 from raymia.errors import SpecError
@@ -277,8 +277,7 @@ def other_dataset(ctx: SetContext, p: DatasetParams) -> NonMembers:
     """Another data set's images, adapted to the audited data's input shape and normalisation."""
     ctx.image_only()
     where = f"{ctx.where}.params"
-    entry = DATASETS.get(p.name, where=f"{where}.name")
-    other: Dataset = entry.obj(entry.parse(p.params, where=f"{where}.params"))
+    other = load_dataset(p.name, p.params, where=where)
     if other.info.kind != "image" or len(other.info.input_shape) != 3:
         raise SpecError(f"{p.name!r} holds {other.info.kind} inputs of shape {tuple(other.info.input_shape)}, "
                         "not images like the audited data", where=f"{where}.name")

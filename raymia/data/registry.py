@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,8 +45,22 @@ class Dataset:
 DATASETS: Registry[Any] = Registry("data set", package="raymia.data")
 
 
+# The spec's field that names the data set being loaded (`data`, `inversion.public`): a loader's hint names the
+# parameter the user wrote, `param_field("root")`, whichever field that is.
+_FIELD: ContextVar[str] = ContextVar("raymia_data_field", default="data")
+
+
+def param_field(name: str) -> str:
+    """The dotted spec field of the loading data set's parameter `name`, e.g. `inversion.public.params.root`."""
+    return f"{_FIELD.get()}.params.{name}"
+
+
 def load_dataset(name: str, params: dict[str, Any] | None = None, where: str = "data") -> Dataset:
     """The data set `name` with `params`; `where`: the spec's field that names it, for errors."""
     entry = DATASETS.get(name, where=f"{where}.name")
     parsed = entry.parse(params, where=f"{where}.params")
-    return entry.obj(parsed)
+    token = _FIELD.set(where)
+    try:
+        return entry.obj(parsed)
+    finally:
+        _FIELD.reset(token)
