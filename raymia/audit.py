@@ -273,6 +273,9 @@ def run_audit(
 
     # validates data/plan/defense against each other before any training
     ctx = BankContext.from_spec(spec, check_model=not checked)
+    if not checked and (why := ctx.defense.inert(spec.train)):  # a sweep's trial lies on its searched range
+        log.warning("defense %s: %s, so this audit measures the undefended model under the defense's name",
+                    spec.defense.name, why)
     if spec.tracking.enabled if track is None else track:
         from raymia.tracking import check_reachable
 

@@ -221,8 +221,10 @@ def _model_and_training_rows(spec: AuditSpec, ctx, kind: str) -> list[tuple[str,
     # A sweep's trials take their defense from the search (its own row); the spec's `defense` is not run.
     chosen = (spec.defense.name + (" " + ", ".join(f"{k}={v}" for k, v in params.items()) if params else "")
               if kind == "audit" else "each trial's, from the search below")
+    inert = ctx.defense.inert(spec.train) if kind == "audit" else None
     rows.append(("defense", chosen
-                 + ("" if spec.attacker == "adaptive" else "; non-adaptive attacker (undefended shadows)")))
+                 + ("" if spec.attacker == "adaptive" else "; non-adaptive attacker (undefended shadows)")
+                 + (f"; does not act: {inert}, so the audit measures the undefended model" if inert else "")))
     if (guarantee := _guarantee(ctx.defense, lo, hi, r)) is not None:
         rows.append(("privacy", guarantee))
     attacks = attacks_to_run(spec, ctx.defense)

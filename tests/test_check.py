@@ -251,3 +251,25 @@ def test_check_refuses_a_request_this_machines_local_ray_cannot_meet(tmp_path, m
     report = check_spec(_write(tmp_path, d))  # no longer refused here
     if "bank" in over:
         assert "checked against the cluster's nodes when the run connects" in dict(report.rows)["bank"]
+
+
+def test_check_and_the_audit_say_when_the_defense_does_not_act(tmp_path, caplog):
+    """A bare `defense: confidence` releases the model's outputs as they are: the audit's numbers are the
+    undefended model's, which both say (not an error: a sweep's range may end at such a setting)."""
+    import logging
+
+    from raymia.audit import run_audit
+
+    d = _audit_dict(tmp_path)
+    d["defense"] = "confidence"
+    d["attacks"] = ["loss"]
+    report = check_spec(_write(tmp_path, d))
+    assert dict(report.rows)["defense"].endswith(
+        "does not act: temperature 1, no decimals and no top_k release the outputs unchanged, so the audit "
+        "measures the undefended model")
+    caplog.set_level(logging.WARNING, logger="raymia")
+    run_audit(load_spec(_write(tmp_path, d)), console=False)
+    assert ("defense confidence: temperature 1, no decimals and no top_k release the outputs unchanged, so this "
+            "audit measures the undefended model under the defense's name") in caplog.text
+    d["defense"] = {"name": "confidence", "params": {"top_k": 1}}
+    assert "does not act" not in dict(check_spec(_write(tmp_path, d)).rows)["defense"]

@@ -131,3 +131,31 @@ def test_a_defense_states_its_name_once_and_its_own_loop_is_declared_by_fit():
     own = {n for n in DEFENSES.names() if DEFENSES.get(n).obj.trains_itself()}
     assert all(DEFENSES.get(n).obj.name == n for n in DEFENSES.names())
     assert own == {"advreg", "dmp", "dpsgd", "llla", "memguard", "pruning", "relaxloss", "selena", "temperature_scaling", "tl_dmi"}
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "recipe", "why"),
+    [
+        ("confidence", {}, {}, "temperature 1, no decimals and no top_k release the outputs unchanged"),
+        ("confidence", {"top_k": 5}, {}, "top_k 5 of 5 classes release the outputs unchanged"),
+        ("confidence", {"top_k": 4}, {}, None),
+        ("confidence", {"decimals": 2}, {}, None),
+        ("label_smoothing", {"smoothing": 0.1}, {"label_smoothing": 0.1}, "is the recipe's own train.label_smoothing"),
+        ("label_smoothing", {"smoothing": 0.1}, {}, None),
+        ("weight_decay", {"weight_decay": 5e-4}, {"weight_decay": 5e-4}, "is the recipe's own train.weight_decay"),
+        ("weight_decay", {"weight_decay": 5e-4}, {}, None),
+        ("early_stopping", {"fraction": 0.9}, {"epochs": 3}, "fraction 0.9 of the recipe's 3 epochs trains all"),
+        ("early_stopping", {"fraction": 0.9}, {"epochs": 30}, None),
+        ("advreg", {"lam": 0}, {}, "lam 0 gives the inference model's gain no weight"),
+        ("advreg", {"lam": 0.5}, {}, None),
+        ("memguard", {"epsilon": 0}, {}, "epsilon 0 allows no distortion"),
+        ("memguard", {"epsilon": 0.1}, {}, None),
+        ("dpsgd", {"noise_multiplier": 0}, {}, None),  # clipping still acts
+    ],
+)
+def test_a_setting_that_releases_the_undefended_model_says_why(name, params, recipe, why):
+    d = build_defense(name, params, INFO)
+    got = d.inert(TrainSpec(**recipe))
+    assert got == why if why is None else why in got
+    if name in ("confidence", "memguard"):  # an output defense that does not act post-processes nothing
+        assert d.modifies_outputs is (why is None)

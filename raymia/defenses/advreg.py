@@ -261,6 +261,9 @@ class AdvReg(Defense):
                             f"would never start; accepted: 0 to {recipe.epochs - 1}",
                             where="defense.params.warmup_epochs")
 
+    def inert(self, recipe: Any) -> str | None:
+        return "lam 0 gives the inference model's gain no weight: plain training" if self.params.lam == 0 else None
+
     def fit(self, job: FitJob) -> nn.Module:
         p = self.params
         total = job.recipe.epochs * job.steps_per_epoch

@@ -175,6 +175,13 @@ class Defense:
         params), the data or the recipe (the spec's `train`, a `TrainSpec`, before `modify_recipe`; None
         where a caller checks the model alone), or when one of its settings could not act under them."""
 
+    def inert(self, recipe: Any) -> str | None:
+        """Why these settings release the model the undefended recipe would (`recipe`: the spec's `train`,
+        before `modify_recipe`), or None where they act. Not an error, since a sweep's range may end at such a
+        setting: an audit says it in one warning line and `raymia check` in its defense row, because the
+        audit's numbers then measure an undefended model under the defense's name."""
+        return None
+
     # --- query-time hook ------------------------------------------------------------------------------
     def postprocess_logits(
         self, model: torch.nn.Module, logits: torch.Tensor, generator: torch.Generator

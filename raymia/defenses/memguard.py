@@ -273,6 +273,10 @@ class MemGuard(Defense):
     def modifies_outputs(self) -> bool:
         return self.params.epsilon > 0
 
+    def inert(self, recipe: Any) -> str | None:
+        return "epsilon 0 allows no distortion: the outputs are released unchanged" if self.params.epsilon == 0 \
+            else None
+
     @classmethod
     def search_space(cls) -> dict[str, Domain]:
         return {"epsilon": Float(0.0, 1.0)}

@@ -31,6 +31,11 @@ class LabelSmoothing(Defense):
     def search_space(cls) -> dict[str, Domain]:
         return {"smoothing": Float(0.0, 0.5)}
 
+    def inert(self, recipe: Any) -> str | None:
+        if self.params.smoothing == recipe.label_smoothing:
+            return f"smoothing {self.params.smoothing:g} is the recipe's own train.label_smoothing"
+        return None
+
 
 class WeightDecayParams(Params):
     weight_decay: float = Field(5e-4, ge=0.0, description="L2 penalty (the optimizer's weight_decay)")
@@ -46,6 +51,11 @@ class WeightDecay(Defense):
     @classmethod
     def search_space(cls) -> dict[str, Domain]:
         return {"weight_decay": Float(1e-5, 1e-1, log=True)}
+
+    def inert(self, recipe: Any) -> str | None:
+        if self.params.weight_decay == recipe.weight_decay:
+            return f"weight_decay {self.params.weight_decay:g} is the recipe's own train.weight_decay"
+        return None
 
 
 class EarlyStoppingParams(Params):
@@ -67,6 +77,11 @@ class EarlyStopping(Defense):
     @classmethod
     def search_space(cls) -> dict[str, Domain]:
         return {"fraction": Float(0.05, 1.0)}
+
+    def inert(self, recipe: Any) -> str | None:
+        if self.modify_recipe(recipe).epochs == recipe.epochs:
+            return f"fraction {self.params.fraction:g} of the recipe's {recipe.epochs} epochs trains all of them"
+        return None
 
 
 class ConfidenceParams(Params):
@@ -108,8 +123,16 @@ class ConfidenceMasking(Defense):
 
     @property
     def modifies_outputs(self) -> bool:
+        p = self.params  # a softmax's log is the logits' information: the defaults release what the model says
+        return p.temperature != 1.0 or (p.top_k is not None and p.top_k < self.info.num_classes) \
+            or p.decimals is not None
+
+    def inert(self, recipe: Any) -> str | None:
+        if self.modifies_outputs:
+            return None
         p = self.params
-        return p.temperature != 1.0 or p.top_k is not None or p.decimals is not None
+        return ("temperature 1, no decimals and " + ("no top_k" if p.top_k is None else
+                f"top_k {p.top_k} of {self.info.num_classes} classes") + " release the outputs unchanged")
 
     @classmethod
     def search_space(cls) -> dict[str, Domain]:
