@@ -335,11 +335,20 @@ def _parse(text: str) -> Any:
         return text
 
 
-def _defense_params(params: dict[str, str]) -> dict[str, Any]:
+def _defense_params(params: dict[str, str], defense: str | None = None) -> dict[str, Any]:
+    """The defense's params a run logged, each renamed one under its current name (a run logged before the
+    rename has the old one), so sweeps of either age share its column."""
     prefix = "defense.params."
     flat = {k[len(prefix):]: _parse(v) for k, v in params.items() if k.startswith(prefix)}
     out = _unflatten(flat)
-    return out if isinstance(out, dict) else {}
+    if not isinstance(out, dict):
+        return {}
+    from raymia.defenses import DEFENSES
+
+    if defense and defense in DEFENSES:
+        cls = DEFENSES.get(defense).params
+        out = {cls.field_of(k) or k: v for k, v in out.items()}
+    return out
 
 
 def _indexed(params: dict[str, str], prefix: str, fields: tuple[str, ...]) -> list[dict[str, str]]:
@@ -446,8 +455,8 @@ def trials_from_mlflow(
         row: dict[str, Any] = {
             "trial": number(r) if numbered else i,
             "trial_id": tags.get(TAG_TRIAL_ID),
-            "defense": tags.get(TAG_DEFENSE) or params.get("defense.name"),
-            "params": _defense_params(params),
+            "defense": (defense := tags.get(TAG_DEFENSE) or params.get("defense.name")),
+            "params": _defense_params(params, defense),
             "status": status,
             "run_id": r.info.run_id,
         }

@@ -650,3 +650,13 @@ def test_pareto_checks_its_uri_as_a_sweep_checks_tracking_uri(tmp_path):
         out = raymia("pareto", "--uri", uri, "--experiment", "X", cwd=tmp_path)
         lines = [x for x in out.stderr.splitlines() if x.strip()]
         assert out.returncode == 2 and len(lines) == 1 and needle in lines[0], out.stderr
+
+
+def test_a_renamed_parameter_logged_under_its_old_name_shares_the_new_names_column():
+    """A sweep logged before vae_metric_privacy's `eps` became `epsilon` compares beside one logged after."""
+    from raymia.pareto import _defense_params
+
+    old = {"defense.params.eps": "2.0", "defense.params.vae_batch": "64", "defense.name": "vae_metric_privacy"}
+    assert _defense_params(old, "vae_metric_privacy") == {"epsilon": 2.0, "vae_batch_size": 64}
+    assert _defense_params({"defense.params.epsilon": "2.0"}, "vae_metric_privacy") == {"epsilon": 2.0}
+    assert _defense_params(old, "my_module:defense") == {"eps": 2.0, "vae_batch": 64}  # not registered: as logged
