@@ -5,8 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
+import subprocess
 import sys
 from pathlib import Path
+
+from raymia.errors import RaymiaError
 
 log = logging.getLogger("raymia")
 
@@ -35,11 +39,14 @@ def ensure_ray() -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Ray applies the LoggingConfig to the driver's root logger too (its level set to WARNING, a handler of
     # its own added): the caller's logging (a notebook's basicConfig, a script's handlers) is put back.
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    if address != "local":
+        check_address(address)
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
         ray.init(
-            address=os.environ.get("RAY_ADDRESS") or "local",
+            address=address,
             include_dashboard=False,
             logging_level=logging.WARNING,
             # Ray's own warnings from the workers still reach the console; raymia's workers set their own
@@ -47,6 +54,12 @@ def ensure_ray() -> None:
             logging_config=ray.LoggingConfig(log_level="WARNING"),
             log_to_driver=True,
         )
+    except (ConnectionError, RuntimeError) as e:  # what check_address could not foresee (a version mismatch)
+        if address == "local":
+            raise
+        from raymia.errors import first_line
+
+        raise RaymiaError(f"cannot join the Ray cluster at {address}: {first_line(e)}", where="RAY_ADDRESS") from None
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
@@ -54,6 +67,99 @@ def ensure_ray() -> None:
     _drop_duplicate_worker_deaths()
     res = ray.cluster_resources()
     log.info("Ray: %g CPUs, %g GPUs", res.get("CPU", 0), res.get("GPU", 0))
+
+
+ADDRESSES = "HOST:PORT (the cluster's GCS address, port 6379 by default), auto, local, or unset"
+# Runs in a process of its own: the GCS client of Ray's core prints its warnings to the process's stderr,
+# which the parent keeps, and cannot be stopped once it waits. `auto` enables token auth as ray.init does
+# for it when a token exists; an explicit address uses RAY_AUTH_MODE as given, as ray.init does.
+_PROBE = """
+import sys
+try:
+    from ray._raylet import GcsClient
+    if sys.argv[2] == "auto":
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+except ImportError:  # another Ray's internals: ray.init alone says what is wrong
+    sys.exit(0)
+try:
+    GcsClient(address=sys.argv[1])
+except Exception as e:
+    print(type(e).__name__, e, file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+def check_address(address: str, timeout: float = 5.0, gcs_timeout: float = 20.0) -> None:
+    """One line (a RaymiaError naming RAY_ADDRESS and what to do) when RAY_ADDRESS names no Ray cluster this
+    process can join, before ray.init: for a cluster that is down, ray.init retries for minutes (20 tries
+    of up to 40 s, printing Ray's warnings), and for a token the cluster refuses for 20 s, then raises a
+    traceback naming neither the cause nor the fix. Checked: the scheme (a dashboard URL, which the `ray job`
+    commands take, or a Ray Client address), that the GCS port accepts a connection within `timeout`, and
+    that the GCS answers this process's token within `gcs_timeout`."""
+    where = "RAY_ADDRESS"
+    scheme = address.split("://", 1)[0].lower() if "://" in address else ""
+    if scheme in ("http", "https"):
+        raise RaymiaError(
+            f"{address} is a dashboard / Jobs API address, which the `ray job` commands use, not one raymia can "
+            f"join: run raymia on the cluster with `ray job submit --working-dir . -- raymia ...`, or on one of "
+            f"its nodes with RAY_ADDRESS=HEAD_IP:6379; unset RAY_ADDRESS to run on a Ray of this run's own",
+            where=where)
+    if scheme == "ray":
+        raise RaymiaError(
+            f"{address} is a Ray Client address, which raymia does not use: submit it with `ray job submit "
+            f"--working-dir . -- raymia ...` (RAY_ADDRESS=http://HEAD_IP:8265 for the `ray job` commands); "
+            f"accepted here: {ADDRESSES}", where=where)
+    if scheme:
+        raise RaymiaError(f"{address} is not a Ray address; accepted: {ADDRESSES}", where=where)
+    target = address
+    if address == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address_or_die
+        except ImportError:
+            return
+        try:
+            target = canonicalize_bootstrap_address_or_die("auto")
+        except ConnectionError:
+            raise RaymiaError(
+                "auto: no Ray cluster was started on this machine (`ray start --head`); set RAY_ADDRESS to a "
+                "cluster's HOST:PORT, or unset it to run on a Ray of this run's own", where=where) from None
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise RaymiaError(f"{address} is not a Ray address; accepted: {ADDRESSES}", where=where)
+    named = address if target == address else f"{address} ({target})"
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        why = "connection refused" if isinstance(e, ConnectionRefusedError) else (
+            f"no answer in {timeout:g} s" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__))
+        raise RaymiaError(
+            f"no Ray cluster at {named} ({why}): start it (`ray start --head --port={port}`) or set RAY_ADDRESS "
+            f"to the address of a running one's head (`ray status` there); unset it to run on a Ray of this "
+            f"run's own", where=where) from None
+    try:
+        probe = subprocess.run([sys.executable, "-c", _PROBE, target, address], capture_output=True, text=True,
+                               timeout=gcs_timeout)
+    except subprocess.TimeoutExpired:
+        raise RaymiaError(
+            f"{named} accepts connections, but no Ray GCS answered there in {gcs_timeout:g} s: is it the "
+            f"head's GCS port (`ray start --head --port`, 6379 by default)?", where=where) from None
+    if probe.returncode == 0:
+        return
+    said = probe.stderr
+    if "AuthenticationError" in said or "InvalidAuthToken" in said:
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" or address == "auto":
+            how = ("give it the cluster's token (`ray get-auth-token` on its head) in RAY_AUTH_TOKEN, in a file "
+                   "named by RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token")
+        else:
+            how = ("set RAY_AUTH_MODE=token, with the cluster's token (`ray get-auth-token` on its head) in "
+                   "RAY_AUTH_TOKEN or ~/.ray/auth_token")
+        raise RaymiaError(f"the Ray cluster at {named} refused this process's token: {how}", where=where)
+    from raymia.errors import last_error_line
+
+    raise RaymiaError(f"cannot join the Ray cluster at {named}: {last_error_line(said)}", where=where)
 
 
 def keep_token_private(path: Path | None = None) -> None:
