@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -919,6 +920,12 @@ def run_sweep(
         from raymia.tracking import check_reachable
 
         check_reachable(spec.tracking.uri, spec.tracking.experiment)
+    import ray
+
+    if os.environ.get("RAY_ADDRESS") and not ray.is_initialized():  # one line, and no MLflow run left FAILED
+        from raymia.engine.cluster import check_address
+
+        check_address(os.environ["RAY_ADDRESS"])
     with ThreadPoolExecutor(1) as bg:  # the MLflow parent run is created while Ray starts
         parent = bg.submit(_start_parent, spec, space) if spec.tracking.enabled and parent_id is None else None
         pool = None

@@ -87,3 +87,23 @@ def test_token_auth_off_in_this_process_says_to_turn_it_on(ray_local, monkeypatc
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     with pytest.raises(RaymiaError, match=r"refused this process's token: set RAY_AUTH_MODE=token"):
         check_address(address)
+
+
+def test_a_sweep_that_cannot_join_its_cluster_leaves_no_mlflow_run(tmp_path, monkeypatch):
+    """The address is checked before the sweep's MLflow parent run is created (which happens while Ray
+    starts): a cluster that is down leaves the tracking store without a FAILED run."""
+    import mlflow
+    import ray
+
+    from raymia.sweep import run_sweep
+
+    if ray.is_initialized():  # a caller's Ray is used as it is, whatever RAY_ADDRESS says
+        ray.shutdown()
+    address = f"127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(RaymiaError, match=rf"^RAY_ADDRESS: no Ray cluster at {address}"):
+        run_sweep(str(ROOT / "sweeps" / "quickstart.yaml"), overrides=[f"tracking.uri={uri}"],
+                  output_dir=tmp_path / "runs")
+    client = mlflow.MlflowClient(uri)
+    assert [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])] == []

@@ -91,6 +91,9 @@ except Exception as e:
 """
 
 
+_JOINABLE: set[str] = set()  # addresses this process found joinable
+
+
 def check_address(address: str, timeout: float = 5.0, gcs_timeout: float = 20.0) -> None:
     """One line (a RaymiaError naming RAY_ADDRESS and what to do) when RAY_ADDRESS names no Ray cluster this
     process can join, before ray.init: for a cluster that is down, ray.init retries for minutes (20 tries
@@ -98,6 +101,8 @@ def check_address(address: str, timeout: float = 5.0, gcs_timeout: float = 20.0)
     traceback naming neither the cause nor the fix. Checked: the scheme (a dashboard URL, which the `ray job`
     commands take, or a Ray Client address), that the GCS port accepts a connection within `timeout`, and
     that the GCS answers this process's token within `gcs_timeout`."""
+    if address in _JOINABLE:  # a sweep checks before it creates its MLflow run, then ensure_ray
+        return
     where = "RAY_ADDRESS"
     scheme = address.split("://", 1)[0].lower() if "://" in address else ""
     if scheme in ("http", "https"):
@@ -147,6 +152,7 @@ def check_address(address: str, timeout: float = 5.0, gcs_timeout: float = 20.0)
             f"{named} accepts connections, but no Ray GCS answered there in {gcs_timeout:g} s: is it the "
             f"head's GCS port (`ray start --head --port`, 6379 by default)?", where=where) from None
     if probe.returncode == 0:
+        _JOINABLE.add(address)
         return
     said = probe.stderr
     if "AuthenticationError" in said or "InvalidAuthToken" in said:
