@@ -502,7 +502,9 @@ def write_report(result: AuditResult, console: bool, track: bool, page: bool = T
             log.error("MLflow: the audit's results are on disk in %s but not in MLflow (%s): %s", out,
                       spec.tracking.uri, first_line(e))
             return
-        log.info("MLflow run %s in %s", rid, spec.tracking.uri)
+        from raymia.tracking import run_address
+
+        log.info("MLflow: %s", run_address(spec.tracking.uri, rid))
 
 
 @contextlib.contextmanager

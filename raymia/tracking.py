@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Iterable
@@ -208,9 +209,8 @@ def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], t
     id. `close_run` ends it."""
     _, exp_id = _setup(uri, experiment)
     from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
+    client = _client(uri)
     all_tags = {**context_tags(), **(tags or {})}
     if parent_run_id:
         all_tags[MLFLOW_PARENT_TAG] = parent_run_id
@@ -229,6 +229,27 @@ def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], t
     return rid
 
 
+def _client(uri: str):
+    """A client of `uri` that ends runs quietly: MLflow writes two "View run/experiment at" lines to stdout
+    each time a run on a tracking server ends (each sweep trial's too); raymia names the runs it logs in its
+    own lines (`run_address`). A user's MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT is kept."""
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    return MlflowClient(uri)
+
+
+def run_address(uri: str, run_id: str) -> str:
+    """Where the run is seen: its page in the tracking server's UI, or its id in a local store."""
+    if not uri.startswith(("http://", "https://")):
+        return f"run {run_id} in {uri}"
+    try:
+        exp_id = _client(uri).get_run(run_id).info.experiment_id
+    except Exception:  # the run is logged: a server that stops answering now costs the link only
+        return f"run {run_id} in {uri}"
+    return f"{ui_address(uri)}#/experiments/{exp_id}/runs/{run_id}"
+
+
 def _ended(e: BaseException) -> str:
     return "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
 
@@ -238,9 +259,8 @@ def close_run(uri: str, run_id: str, metrics: dict[str, Any], artifacts: Iterabl
     """Log a run's finite metrics, artifact files (at the artifact root), the folder `tree` (its contents at
     the root, sub-folders kept) and tags, and end it with `status`."""
     from mlflow.entities import Metric, RunTag
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
+    client = _client(uri)
     try:
         ts = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, v, ts, 0) for k, v in finite_metrics(metrics).items()],
@@ -277,9 +297,8 @@ def finish_parent(uri: str, run_id: str, metrics: dict[str, Any], artifacts: Ite
 def end_running_children(uri: str, parent_id: str, status: str = "KILLED") -> int:
     """End the child runs of `parent_id` that are still RUNNING (an interrupted sweep's trials) with
     `status`, so the UI does not show them as running; a resumed sweep replaces them. Returns how many."""
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
+    client = _client(uri)
     experiment_id = client.get_run(parent_id).info.experiment_id
     running = client.search_runs([experiment_id], filter_string=f"{tag_equals(MLFLOW_PARENT_TAG, parent_id)} and "
                                                                 "attributes.status = 'RUNNING'")

@@ -367,7 +367,7 @@ def test_sweep_writes_parent_and_child_runs(first_audit, workdir, caplog):
     assert saved["hypervolume"] == result.hypervolume and saved["hypervolume_reference"] == result.hypervolume_reference
 
 
-def test_the_mlflow_ui_shows_the_sweeps_trials_metrics_and_front(first_audit, workdir):
+def test_the_mlflow_ui_shows_the_sweeps_trials_metrics_and_front(first_audit, workdir, capfd, monkeypatch):
     """The real MLflow UI (`mlflow server` on the sweep's store, headless Chromium): the address raymia gives
     opens the classic runs table with the sweep's columns; expanding the sweep shows each trial, named by
     its number, with its objectives and its front tag."""
@@ -409,6 +409,16 @@ def test_the_mlflow_ui_shows_the_sweeps_trials_metrics_and_front(first_audit, wo
                 cells = tab.locator(f"[role=row][row-index='{index}'] [role=gridcell]").all_inner_texts()
                 assert any(c.startswith(f"{t['test_accuracy']:.4g}"[:5]) for c in cells), cells
                 assert ("true" if t["trial"] in result["front"] else "false") in cells, cells
+        # a run logged to a server: MLflow's two "View run/experiment at" lines per run are not printed (a
+        # sweep's trials each printed them); raymia's own line gives the run's page
+        from raymia.tracking import log_run, run_address
+
+        monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+        uri = f"http://127.0.0.1:{port}"
+        capfd.readouterr()
+        rid = log_run(uri, "raymia-tests", "quiet", {"a": 1}, {"m": 0.5})
+        assert "View run" not in capfd.readouterr().out
+        assert run_address(uri, rid) == f"{uri}/#/experiments/{exp.experiment_id}/runs/{rid}"
     finally:
         server.terminate()
         server.wait(timeout=30)
