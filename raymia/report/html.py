@@ -149,75 +149,12 @@ def _spec(folder: Path) -> str:
 
 
 def _audit(r: dict[str, Any], folder: Path) -> str:
-    from raymia.metrics import metric_label, shown_as_percent, table_columns, unresolved_note
-
-    spec = r.get("spec", {})
-    targets = r.get("targets", [])
-    own = r.get("target")
-    who = (f"your model ({own['source']}: {own['members']} members among {own['points']} audited points), "
-           f"{spec.get('plan', {}).get('num_models')} shadows" if own else
-           f"{spec.get('plan', {}).get('num_models')} models, targets {', '.join(map(str, targets))}")
     trial = _sweep_trial(folder)
     title = f"Audit {escape(str(r.get('name')))}"
     if trial is not None:
         title += f": trial {escape(str(trial[1]))} of <a href='{trial[0]}'>its sweep</a>"
-    parts = [f"<h1>{title}</h1>",
-             f"<p class='sub'>signals {escape(str(r.get('fingerprint')))} · defense "
-             f"{escape(str(r.get('defense', {}).get('name')))} · {escape(who)} · data "
-             f"{escape(str(spec.get('data', {}).get('name')))} · model {escape(str(spec.get('model', {}).get('name')))}"
-             f" · raymia {escape(str(r.get('raymia_version')))}</p>"]
-    ins, outs = r.get("members_per_target"), r.get("nonmembers_per_target")
-    if ins and outs:
-        def span(v: list[int]) -> str:
-            return str(v[0]) if min(v) == max(v) else f"{min(v)}-{max(v)}"
-
-        parts.append(f"<p class='sub'>each target: {span(ins)} members, {span(outs)} non-members (an FPR's "
-                     f"smallest step is 1/{span(outs)})</p>")
-
-    u, us = r.get("utility", {}), r.get("utility_std_over_targets", {})
-    many = len(targets) > 1
-    parts.append("<h2>Utility</h2>")
-    parts.append(_table(["metric", "value"], [
-        [escape(k), (_mean(v, us[k], shown_as_percent(k)) + _spread(v, us[k], shown_as_percent(k))
-                     if many and k in us else _num(v, shown_as_percent(k)))]
-        for k, v in u.items()], caption="of the attacked model(s)" + (" (mean ± std over targets)" if many else "")))
-
-    attacks, std = r.get("attacks", {}), r.get("attacks_std_over_targets", {})
-    if attacks:
-        keys, unresolved = table_columns(attacks)
-
-        def rows(attacks: dict, std: dict) -> list[list[str]]:
-            out = []
-            for a, ms in attacks.items():
-                cells = [escape(a)]
-                for k in keys:
-                    pct = shown_as_percent(k)
-                    sd = std.get(a, {}).get(k)
-                    if many and sd is not None:
-                        cell = _mean(ms.get(k), sd, pct) + _spread(ms.get(k), sd, pct)
-                    else:
-                        cell = _num(ms.get(k), pct)
-                    lo, hi = ms.get(f"{k}_ci_low"), ms.get(f"{k}_ci_high")
-                    if lo is not None and hi is not None:  # as the console prints it: [0.4630, 0.5808]
-                        cell += f" [{_num(lo, pct) if pct else _fixed(lo)}, {_num(hi, pct) if pct else _fixed(hi)}]"
-                    cells.append(cell)
-                out.append(cells)
-            return out
-
-        heads = ["attack", *[metric_label(k) for k in keys]]
-        parts.append("<h2>Membership inference</h2>")
-        parts.append(_table(heads, rows(attacks, std)))
-        if unresolved:
-            parts.append(f"<p class='note'>{escape(unresolved_note(unresolved))}</p>")
-        raw = r.get("raw_attacks")
-        if raw is not None and raw != attacks:
-            parts.append("<h3 id='raw'>Before the defense's post-processing</h3>")
-            parts.append(_table(heads, rows(raw, r.get("raw_attacks_std_over_targets") or {}), caption=(
-                "the same models' outputs as they leave them (raw/): what the training alone leaves")))
-        elif raw is not None:
-            parts.append("<p class='note'>raw/: the defense post-processes no output here, so the raw outputs "
-                         "are the released ones.</p>")
-        parts.append(_figure(folder / "roc.png", "ROC curves (log-log), first target"))
+    parts = [f"<h1>{title}</h1>", *_audit_summary(r, folder)]
+    if r.get("attacks"):
         parts.append(_figure(folder / "histograms.png",
                              "scores of members and non-members per attack, with the 1%-FPR flag threshold"))
 
@@ -282,6 +219,86 @@ def _audit(r: dict[str, Any], folder: Path) -> str:
     return "".join(parts)
 
 
+def audit_fragment(r: dict[str, Any], folder: Path) -> str:
+    """An audit's headline as a notebook shows it (`AuditResult._repr_html_`): the page's own summary, its
+    utility and attack tables and ROC curves, under the audit's name, without the page's styles (a
+    notebook's would change)."""
+    return (f"<div><p><b>Audit {escape(str(r.get('name')))}</b> · report {escape(str(folder))}</p>"
+            f"{''.join(_audit_summary(r, folder, 'h4'))}</div>")
+
+
+def _audit_summary(r: dict[str, Any], folder: Path, h: str = "h2") -> list[str]:
+    """The top of an audit's page, which a notebook shows too (`audit_fragment`): who was audited, the
+    utility, the attacks' table (and before the defense's post-processing) and the ROC curves; `h` the
+    sections' heading tag."""
+    from raymia.metrics import metric_label, shown_as_percent, table_columns, unresolved_note
+
+    spec = r.get("spec", {})
+    targets = r.get("targets", [])
+    own = r.get("target")
+    who = (f"your model ({own['source']}: {own['members']} members among {own['points']} audited points), "
+           f"{spec.get('plan', {}).get('num_models')} shadows" if own else
+           f"{spec.get('plan', {}).get('num_models')} models, targets {', '.join(map(str, targets))}")
+    parts = [f"<p class='sub'>signals {escape(str(r.get('fingerprint')))} · defense "
+             f"{escape(str(r.get('defense', {}).get('name')))} · {escape(who)} · data "
+             f"{escape(str(spec.get('data', {}).get('name')))} · model {escape(str(spec.get('model', {}).get('name')))}"
+             f" · raymia {escape(str(r.get('raymia_version')))}</p>"]
+    ins, outs = r.get("members_per_target"), r.get("nonmembers_per_target")
+    if ins and outs:
+        def span(v: list[int]) -> str:
+            return str(v[0]) if min(v) == max(v) else f"{min(v)}-{max(v)}"
+
+        parts.append(f"<p class='sub'>each target: {span(ins)} members, {span(outs)} non-members (an FPR's "
+                     f"smallest step is 1/{span(outs)})</p>")
+
+    u, us = r.get("utility", {}), r.get("utility_std_over_targets", {})
+    many = len(targets) > 1
+    parts.append(f"<{h}>Utility</{h}>")
+    parts.append(_table(["metric", "value"], [
+        [escape(k), (_mean(v, us[k], shown_as_percent(k)) + _spread(v, us[k], shown_as_percent(k))
+                     if many and k in us else _num(v, shown_as_percent(k)))]
+        for k, v in u.items()], caption="of the attacked model(s)" + (" (mean ± std over targets)" if many else "")))
+
+    attacks, std = r.get("attacks", {}), r.get("attacks_std_over_targets", {})
+    if attacks:
+        keys, unresolved = table_columns(attacks)
+
+        def rows(attacks: dict, std: dict) -> list[list[str]]:
+            out = []
+            for a, ms in attacks.items():
+                cells = [escape(a)]
+                for k in keys:
+                    pct = shown_as_percent(k)
+                    sd = std.get(a, {}).get(k)
+                    if many and sd is not None:
+                        cell = _mean(ms.get(k), sd, pct) + _spread(ms.get(k), sd, pct)
+                    else:
+                        cell = _num(ms.get(k), pct)
+                    lo, hi = ms.get(f"{k}_ci_low"), ms.get(f"{k}_ci_high")
+                    if lo is not None and hi is not None:  # as the console prints it: [0.4630, 0.5808]
+                        cell += f" [{_num(lo, pct) if pct else _fixed(lo)}, {_num(hi, pct) if pct else _fixed(hi)}]"
+                    cells.append(cell)
+                out.append(cells)
+            return out
+
+        heads = ["attack", *[metric_label(k) for k in keys]]
+        parts.append(f"<{h}>Membership inference</{h}>")
+        parts.append(_table(heads, rows(attacks, std)))
+        if unresolved:
+            parts.append(f"<p class='note'>{escape(unresolved_note(unresolved))}</p>")
+        raw = r.get("raw_attacks")
+        if raw is not None and raw != attacks:
+            parts.append("<h3 id='raw'>Before the defense's post-processing</h3>")
+            parts.append(_table(heads, rows(raw, r.get("raw_attacks_std_over_targets") or {}), caption=(
+                "the same models' outputs as they leave them (raw/): what the training alone leaves")))
+        elif raw is not None:
+            parts.append("<p class='note'>raw/: the defense post-processes no output here, so the raw outputs "
+                         "are the released ones.</p>")
+        parts.append(_figure(folder / "roc.png", "ROC curves (log-log), first target"))
+    return parts
+
+
+
 def _draw_histograms(result: dict[str, Any], folder: Path) -> None:
     """histograms.png from records.parquet where the audit did not draw it (a sweep's trials)."""
     from raymia.report.plots import HISTOGRAMS_FILE, histograms_title, plot_histograms
@@ -336,59 +353,84 @@ SWEEP_FILES = (("pareto.html", "interactive front"), ("importance.html", "hyperp
                ("front.md", "every trial as Markdown"), ("spec.yaml", "the spec"))
 
 
-def _sweep(r: dict[str, Any], folder: Path) -> str:
-    from raymia.pareto import (
-        epsilon_note,
-        fmt_mean_std,
-        fmt_params,
-        hypervolume_text,
-        params_digits,
-        same_settings,
-        with_epsilon,
-    )
+def sweep_fragment(r: dict[str, Any], folder: Path) -> str:
+    """A sweep's headline as a notebook shows it (`SweepResult._repr_html_`): the page's summary line, its
+    Pareto front table and pareto.png, under the sweep's name, without the page's styles."""
+    return (f"<div><p><b>Sweep {escape(str(r.get('name')))}</b> · report {escape(str(folder))}</p>"
+            f"{_sweep_sub(r)}{''.join(_sweep_front(r, folder, 'h4'))}</div>")
+
+
+def _sweep_sub(r: dict[str, Any]) -> str:
+    from raymia.pareto import hypervolume_text
+
+    trials = r.get("trials", [])
+    ok = [t for t in trials if t.get("status") == "ok"]
+    hv = r.get("hypervolume")
+    return (f"<p class='sub'>{len(trials)} trials, {len(ok)} succeeded · front of {len(set(r.get('front', [])))} · "
+            f"hypervolume {escape(hypervolume_text(hv, r.get('hypervolume_reference')))}</p>")
+
+
+def _sweep_header(objectives: list[tuple[str, str | None]]) -> list[str]:
+    return ["trial", "defense", "params", *[f"{m} ({mode})" if mode else m for m, mode in objectives]]
+
+
+def _objective_cell(t: dict[str, Any], key: str) -> str:
+    """A trial's objective as the console and front.md write it (fractions, 4 decimals: the sweep's tables
+    name each objective by its metric key, in the units its hypervolume is measured in), with its interval."""
+    from raymia.pareto import fmt_mean_std
+
+    text = fmt_mean_std(t, key)
+    if text == "n/a":
+        return _num(None)
+    lo, hi = t.get(f"{key}_ci_low"), t.get(f"{key}_ci_high")
+    if isinstance(lo, int | float) and isinstance(hi, int | float):
+        text += f" [{lo:.4f}, {hi:.4f}]"
+    return escape(text)
+
+
+def _sweep_front(r: dict[str, Any], folder: Path, h: str = "h2") -> list[str]:
+    """The Pareto front's section of a sweep's page, which a notebook shows too (`sweep_fragment`): its
+    table (a setting proposed again one row), a DP defense's epsilon note and pareto.png."""
+    from raymia.pareto import epsilon_note, fmt_params, params_digits, same_settings, with_epsilon
 
     trials = r.get("trials", [])
     objectives = with_epsilon([(o["metric"], o["mode"]) for o in r.get("objectives", [])], trials)
     front = set(r.get("front", []))
-    ok = [t for t in trials if t.get("status") == "ok"]
-    hv = r.get("hypervolume")
-    parts = [f"<h1>Sweep {escape(str(r.get('name')))}</h1>",
-             f"<p class='sub'>{len(trials)} trials, {len(ok)} succeeded · front of {len(front)} · hypervolume "
-             f"{escape(hypervolume_text(hv, r.get('hypervolume_reference')))}</p>"]
+    front_rows = same_settings([t for t in trials if t.get("trial") in front])  # a repeated setting: one row
+    parts = [f"<{h} id='front'>Pareto front</{h}>",
+             "<p>Each objective is the mean over the sweep's targets ± its std over them, with the bootstrap "
+             "interval where the spec asks for one.</p>"]
+    digits = params_digits(trials)  # enough to tell two settings apart
+    parts.append(_table(_sweep_header(objectives),
+                        [[escape(", ".join(str(r["trial"]) for r in g)), escape(str(g[0]["defense"])),
+                          escape(fmt_params(g[0], digits=digits)), *[_objective_cell(g[0], m) for m, _ in objectives]]
+                         for g in front_rows]))
+    if note := epsilon_note(trials):
+        parts.append(f"<p>{escape(note[0].upper() + note[1:])}.</p>")
+    parts.append(_figure(folder / "pareto.png", "every trial; the front ringed"))
+    return parts
+
+
+def _sweep(r: dict[str, Any], folder: Path) -> str:
+    from raymia.pareto import fmt_params, params_digits, with_epsilon
+
+    trials = r.get("trials", [])
+    objectives = with_epsilon([(o["metric"], o["mode"]) for o in r.get("objectives", [])], trials)
+    front = set(r.get("front", []))
+    parts = [f"<h1>Sweep {escape(str(r.get('name')))}</h1>", _sweep_sub(r)]
     beside = [f"<a href='{n}'>{what}</a>" for n, what in SWEEP_FILES if (folder / n).is_file()]
     if r.get("mlflow_parent_run_id"):
         beside.append(f"MLflow parent run {escape(str(r['mlflow_parent_run_id']))}")
     if beside:
         parts.append(f"<nav class='sub'>{' · '.join(beside)}</nav>")
-
-    def cell(t: dict[str, Any], key: str) -> str:
-        # the console's and front.md's text (fractions, 4 decimals): the sweep's tables name each objective
-        # by its metric key, in the units its hypervolume is measured in
-        text = fmt_mean_std(t, key)
-        if text == "n/a":
-            return _num(None)
-        lo, hi = t.get(f"{key}_ci_low"), t.get(f"{key}_ci_high")
-        if isinstance(lo, int | float) and isinstance(hi, int | float):
-            text += f" [{lo:.4f}, {hi:.4f}]"
-        return escape(text)
-
-    header = ["trial", "defense", "params", *[f"{m} ({mode})" if mode else m for m, mode in objectives]]
-    front_rows = same_settings([t for t in trials if t.get("trial") in front])  # a repeated setting: one row
-    parts.append("<h2 id='front'>Pareto front</h2>")
-    parts.append("<p>Each objective is the mean over the sweep's targets ± its std over them, with the bootstrap "
-                 "interval where the spec asks for one.</p>")
-    digits = params_digits(trials)  # enough to tell two settings apart
-    parts.append(_table(header, [[escape(", ".join(str(r["trial"]) for r in g)), escape(str(g[0]["defense"])),
-                                  escape(fmt_params(g[0], digits=digits)), *[cell(g[0], m) for m, _ in objectives]]
-                                 for g in front_rows]))
-    if note := epsilon_note(trials):
-        parts.append(f"<p>{escape(note[0].upper() + note[1:])}.</p>")
-    parts.append(_figure(folder / "pareto.png", "every trial; the front ringed"))
+    parts.extend(_sweep_front(r, folder))
+    header = _sweep_header(objectives)
+    digits = params_digits(trials)
 
     parts.append("<h2>All trials</h2>")
     rows, classes = [], []
     for t in trials:
-        vals = ([cell(t, m) for m, _ in objectives] if t.get("status") == "ok"
+        vals = ([_objective_cell(t, m) for m, _ in objectives] if t.get("status") == "ok"
                 else [escape(str(t.get("status")))] * len(objectives))
         number = escape(str(t["trial"]))
         if (where := _trial_folder(t, folder)) is not None:
@@ -407,6 +449,6 @@ def _sweep(r: dict[str, Any], folder: Path) -> str:
         parts.append("<h2>Final audit of the front</h2>")
         parts.append(_table(["trial", "defense", "models", *[m for m, _ in objectives]],
                             [[escape(str(a["trial"])), escape(str(a["defense"])), escape(str(a["num_models"])),
-                              *[cell(a, m) for m, _ in objectives]] for a in fa]))
+                              *[_objective_cell(a, m) for m, _ in objectives]] for a in fa]))
     parts.append(_spec(folder))
     return "".join(parts)
