@@ -109,6 +109,65 @@ class AuditResult:
         out.update({spread_key(k): v for k, v in std.items()})
         return out
 
+    def table(self):
+        """A pandas DataFrame of the attacks' metrics: one row per attack label (and "raw/<label>" with
+        `metrics.raw_outputs`), a column per metric key ("auc", "tpr_fpr_0.01", ...), each followed by its std
+        over the targets ("auc_std"; NaN with a single target) and, with `metrics.bootstrap`, its interval
+        ("auc_ci_low", "auc_ci_high"). The values are `flat_metrics()`'s (None is NaN)."""
+        import pandas as pd  # imported here: a sweep's processes load this module and never need pandas
+
+        from raymia.metrics import spread_key
+
+        flat = self.flat_metrics()
+        rows: dict[str, dict[str, float | None]] = {}
+        for prefix, attacks in (("", self.attacks), ("raw/", self.raw_attacks or {})):
+            for a, ms in attacks.items():
+                row = rows[f"{prefix}{a}"] = {}
+                for k in ms:
+                    if "_ci_" in k:
+                        continue
+                    row[k] = flat[f"{prefix}{a}/{k}"]
+                    row[f"{k}_std"] = flat[spread_key(f"{prefix}{a}/{k}")]
+                    for end in ("_ci_low", "_ci_high"):
+                        if k + end in ms:
+                            row[k + end] = flat[f"{prefix}{a}/{k}{end}"]
+        table = pd.DataFrame.from_dict(rows, orient="index", dtype=float)
+        table.index.name = "attack"
+        return table
+
+    def __repr__(self) -> str:
+        """A few lines for a notebook or a prompt, never arrays: the audit, its utility, each attack's AUC and
+        TPR at the first FPR level (as the console table writes them), with `ood:` each attack's mean FPR on
+        the non-member sets, with `inversion:` each inversion attack's top-1, the report's folder."""
+        from raymia.metrics import fpr_key, metric_label
+
+        spec, many = self.spec, len(self.targets) > 1
+        who = (f"your model ({self.target['source']}), {spec.plan.num_models} shadows" if self.target
+               else f"{spec.plan.num_models} models, {len(self.targets)} target{'s' if many else ''}")
+        lines = [f"AuditResult {spec.name} [{self.fingerprint}]: defense {spec.defense.name}, {who}"
+                 + (" (mean ± std over targets)" if many else ""), f"  {utility_line(self.utility)}"]
+        level = fpr_key(spec.metrics.fpr_levels[0])
+        width = max(map(len, self.attacks), default=0)
+        for a, ms in self.attacks.items():
+            sd = self.attacks_std.get(a, {})
+            lines.append(f"  {a:<{width}}  AUC {attack_cell(ms, sd.get('auc'), 'auc', many)}  "
+                         f"{metric_label(level)} {attack_cell(ms, sd.get(level), level, many)}")
+        if self.ood is not None and self.ood.attacks:
+            lines.append("  OOD FPR (mean over the sets): "
+                         + ", ".join(f"{a} {fmt(self.ood.mean_fpr(a), True)}" for a in self.ood.attacks))
+        if self.inversion is not None and self.inversion.attacks:
+            lines.append("  inversion top-1: "
+                         + ", ".join(f"{a} {fmt(ms.get('top1'), True)}" for a, ms in self.inversion.attacks.items()))
+        lines.append(f"  report: {self.out_dir}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        """What a notebook shows: report.html's own summary, utility and attack tables, and the ROC curves
+        (roc.png, read from the report's folder)."""
+        from raymia.report.html import audit_fragment
+
+        return audit_fragment(self.to_json(), self.out_dir)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "raymia_version": __version__,
@@ -623,12 +682,32 @@ def fmt(v: float | None, pct: bool = False) -> str:
     return f"{100 * v:.2f}%" if pct else f"{v:.4f}"
 
 
+def attack_cell(ms: dict[str, float | None], sd: float | None, key: str, many: bool) -> str:
+    """One attack's metric as the console table and `AuditResult`'s repr write it: a percent for rates and
+    accuracies (`metrics.shown_as_percent`), "± std" over several targets, the bootstrap interval."""
+    from raymia.metrics import shown_as_percent
+
+    pct = shown_as_percent(key)
+    cell = fmt(ms.get(key), pct=pct)
+    if many and sd is not None:
+        cell += f" ± {fmt(sd, pct=pct)}"
+    lo, hi = ms.get(f"{key}_ci_low"), ms.get(f"{key}_ci_high")
+    if lo is not None and hi is not None:
+        cell += f" [{fmt(lo, pct=pct)}, {fmt(hi, pct=pct)}]"
+    return cell
+
+
+def utility_line(u: dict[str, float]) -> str:
+    return (f"utility: train acc {fmt(u['train_accuracy'], True)}  test acc {fmt(u['test_accuracy'], True)}  "
+            f"gap {fmt(u['generalization_gap'], True)}  test ECE {fmt(u['test_ece'])}")
+
+
 def print_audit_table(result: AuditResult) -> None:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    from raymia.metrics import metric_label, shown_as_percent, table_columns, unresolved_note
+    from raymia.metrics import metric_label, table_columns, unresolved_note
 
     spec = result.spec
     keys, unresolved = table_columns(result.attacks)
@@ -643,18 +722,7 @@ def print_audit_table(result: AuditResult) -> None:
         for k in keys:
             t.add_column(metric_label(k), justify="right")
         for a, ms in attacks.items():
-            cells = []
-            for k in keys:
-                pct = shown_as_percent(k)
-                cell = fmt(ms[k], pct=pct)
-                sd = attacks_std[a].get(k)
-                if n_targets > 1 and sd is not None:
-                    cell += f" ± {fmt(sd, pct=pct)}"
-                lo, hi = ms.get(f"{k}_ci_low"), ms.get(f"{k}_ci_high")
-                if lo is not None and hi is not None:
-                    cell += f" [{fmt(lo, pct=pct)}, {fmt(hi, pct=pct)}]"
-                cells.append(cell)
-            t.add_row(a, *cells)
+            t.add_row(a, *[attack_cell(ms, attacks_std[a].get(k), k, n_targets > 1) for k in keys])
         return t
 
     import sys
@@ -670,9 +738,7 @@ def print_audit_table(result: AuditResult) -> None:
                       result.raw_attacks, result.raw_attacks_std or {}))
     elif result.raw_attacks is not None:
         c.print(f"raw/: {spec.defense.name} post-processes no output here, so the raw outputs are the released ones")
-    u = result.utility
-    c.print(f"utility: train acc {fmt(u['train_accuracy'], True)}  test acc {fmt(u['test_accuracy'], True)}  "
-            f"gap {fmt(u['generalization_gap'], True)}  test ECE {fmt(u['test_ece'])}")
+    c.print(utility_line(result.utility))
     if result.defense_report:
         c.print("defense: " + "  ".join(f"{k} {v:.4g}" for k, v in result.defense_report.items()))
     if result.ood is not None:

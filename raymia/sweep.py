@@ -36,16 +36,21 @@ from raymia.pareto import (
     fmt_params,
     front_and_hypervolume,
     front_markdown,
+    hypervolume_text,
     objective_references,
     params_digits,
     plot_front,
     print_front,
+    same_settings,
 )
 from raymia.space import Categorical, Domain, Float, Int, describe
 from raymia.spec import AuditSpec, SweepSpec, changed_fields, hashed_dump
 from raymia.storage import absolute, check_locations, join, open_root
 
 log = logging.getLogger("raymia")
+
+
+REPR_FRONT_ROWS = 10  # the front's settings a SweepResult's repr lists
 
 
 @dataclass
@@ -74,6 +79,57 @@ class SweepResult:
     def front_trials(self) -> list[int]:
         """The front as trial numbers (what result.json, front.md and the console show)."""
         return [self.trials[i]["trial"] for i in self.front]
+
+    def table(self):
+        """A pandas DataFrame of the trials, indexed by trial number: "defense", one "params.<name>" column per
+        defense parameter, "status", "front" (on the Pareto front), the objectives and their std over the
+        targets ("std/<metric>"), then every other flat metric and field a trial holds (`trials`), as named
+        there (a failed trial's metrics NaN)."""
+        import pandas as pd  # imported here: a sweep's processes load this module and never need pandas
+
+        from raymia.metrics import spread_key
+
+        front = set(self.front_trials)
+        rows = [{"trial": t["trial"], "defense": t.get("defense"),
+                 **{f"params.{k}": v for k, v in (t.get("params") or {}).items()},
+                 "status": t.get("status"), "front": t["trial"] in front,
+                 **{k: v for k, v in t.items() if k not in ("trial", "defense", "params", "status")}}
+                for t in self.trials]
+        table = pd.DataFrame(rows).set_index("trial")
+        objectives = [o.metric for o in self.spec.sweep.objectives]
+        first = ["defense", *[c for c in table.columns if c.startswith("params.")], "status", "front",
+                 *objectives, *[spread_key(m) for m in objectives]]
+        first = list(dict.fromkeys(c for c in first if c in table.columns))
+        return table[first + [c for c in table.columns if c not in first]]
+
+    def __repr__(self) -> str:
+        """A few lines for a notebook or a prompt: the sweep, its trials, the front's settings with their
+        objectives (as the console's trial lines write them; the first `REPR_FRONT_ROWS`), the
+        hypervolume, the folder."""
+        objectives = [o.metric for o in self.spec.sweep.objectives]
+        ok = sum(t.get("status") == "ok" for t in self.trials)
+        lines = [f"SweepResult {self.spec.name}: {len(self.trials)} trials, {ok} ok; objectives "
+                 + ", ".join(f"{o.metric} ({o.mode})" for o in self.spec.sweep.objectives)]
+        groups = same_settings([self.trials[i] for i in self.front])  # a setting proposed again: one row
+        digits = params_digits(self.trials)
+        n = len(self.front)
+        lines.append(f"  front ({n} trial{'s' if n > 1 else ''}):" if groups else "  front: none")
+        for g in groups[:REPR_FRONT_ROWS]:
+            number = ", ".join(str(t["trial"]) for t in g)
+            lines.append(f"    trial {number}: {g[0].get('defense')} {fmt_params(g[0], digits=digits)}  "
+                         f"{result_text(g[0], objectives)}")
+        if len(groups) > REPR_FRONT_ROWS:
+            lines.append(f"    ... {len(groups) - REPR_FRONT_ROWS} more settings: .table() has every trial")
+        lines.append(f"  hypervolume {hypervolume_text(self.hypervolume, self.hypervolume_reference)}")
+        lines.append(f"  report: {self.out_dir}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        """What a notebook shows: report.html's summary line, Pareto front table and pareto.png (read from
+        the sweep's folder)."""
+        from raymia.report.html import sweep_fragment
+
+        return sweep_fragment(self.to_json(), self.out_dir)
 
     def to_json(self) -> dict[str, Any]:
         return {
