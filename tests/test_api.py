@@ -157,6 +157,47 @@ def test_a_sweep_from_python_and_its_result(tmp_path, ray_local):
     assert result.front_trials == [result.trials[i]["trial"] for i in result.front] and result.front_trials
     again = raymia.run_sweep(d, ["train.epochs=2"], console=False)
     assert again.trials == result.trials and again.front == result.front
+    _sweep_as_a_notebook_shows_it(result)
+
+
+def _sweep_as_a_notebook_shows_it(result) -> None:
+    """A few lines (the front's settings with the objectives' values, the folder), report.html's front table
+    and pareto.png inline, the trials as a DataFrame with the trials' own values."""
+    import base64
+    import dataclasses
+    import math
+    import re
+
+    text = repr(result)
+    lines = text.splitlines()
+    assert str(result) == text and len(text) < 1000 and "spec=" not in text
+    assert lines[0] == "SweepResult api: 2 trials, 2 ok; objectives test_accuracy (max), loss/auc (min)"
+    for t in (result.trials[i] for i in result.front):
+        setting = "-" if t["defense"] == "none" else ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                                 for k, v in t["params"].items())
+        assert (f"    trial {t['trial']}: {t['defense']} {setting}  test_accuracy={t['test_accuracy']:.4f}  "
+                f"loss/auc={t['loss/auc']:.4f}") in lines
+    assert lines[-1] == f"  report: {result.out_dir}" and lines[-2].startswith("  hypervolume vs the undefended trial")
+    html = result._repr_html_()
+    page = (result.out_dir / "report.html").read_text()
+    front = re.findall(r"<table>.*?</table>", html)
+    assert len(front) == 1 and front[0] in page
+    assert len(re.findall(r"<tr><td>", front[0])) == len(result.front)
+    png = re.findall(r"src='data:image/png;base64,([^']+)'", html)
+    assert [base64.b64decode(b) for b in png] == [(result.out_dir / "pareto.png").read_bytes()]
+    odd = dataclasses.replace(result, spec=result.spec.model_copy(update={"name": "<script>x</script>"}))
+    assert "<script>" not in odd._repr_html_() and "&lt;script&gt;x&lt;/script&gt;" in odd._repr_html_()
+    table = result.table()
+    assert list(table.index) == [0, 1] and table.index.name == "trial"
+    assert list(table.columns[:9]) == ["defense", "params.temperature", "params.top_k", "params.decimals", "status",
+                                       "front", "test_accuracy", "loss/auc", "std/test_accuracy"]
+    assert list(table["front"]) == [n in result.front_trials for n in (0, 1)]
+    for t in result.trials:
+        for k, v in [*t.items(), *((f"params.{k}", v) for k, v in t["params"].items())]:
+            if k not in ("trial", "params"):
+                got = table.loc[t["trial"], k]
+                assert got == v or (v is None and (got is None or math.isnan(got))), (t["trial"], k)
+    assert math.isnan(table.loc[0, "params.temperature"])  # the baseline has no setting
 
 
 def test_api_errors_name_the_field_or_what_is_missing(tmp_path):
