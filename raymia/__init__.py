@@ -10,6 +10,9 @@ From Python, the same audits and sweeps as the `raymia` command, with their resu
     signals = raymia.read_signals(result)                    # the bank's stored outputs; trains nothing
     scores = raymia.run_attack("loss", None, signals, 0)     # any registered attack, on target 0
     raymia.attack_metrics(scores, signals.keep[0])           # AUC, TPR at each FPR level
+    result.table()                                           # pandas: a row per attack, every metric, std, CI
+
+`result` itself prints as its headline metrics, and a notebook shows report.html's tables and figure.
 
 A spec is a spec object (`raymia.AuditSpec`, `raymia.SweepSpec`), a dict with the YAML's structure or a
 YAML file's path; overrides are the CLI's `dotted.key=value` strings; a bad field is one

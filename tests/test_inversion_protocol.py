@@ -170,6 +170,8 @@ def test_audit_with_inversion_reports_mi_metrics_grids_and_repeats_nothing(tmp_p
     page = (res.out_dir / "report.html").read_text()
     assert "the strongest attack on each metric" in page and page.count("<b>") >= 4
     assert m["test_accuracy"] > 0.9
+    assert ("  inversion top-1: " + ", ".join(f"{a} {100 * m[f'mi/{a}/top1']:.2f}%" for a in res.inversion.attacks)
+            in repr(res).splitlines())
     for key in ("gmi", "miface"):
         assert (res.out_dir / f"inversion-{key}.png").stat().st_size > 1000
     client = MlflowClient(spec.tracking.uri)

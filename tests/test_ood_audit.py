@@ -107,6 +107,9 @@ def test_scaled_inputs_are_flagged_far_more_often_than_held_out_data(tmp_path):
     assert res.ood.label_sources == {"held_out": "true", "scaled": "source", "permuted": "source", "noise": "random"}
     assert m["std/ood/loss/scaled/fpr"] is not None  # two targets
     assert (res.out_dir / "ood_fpr.png").stat().st_size > 5000
+    # its repr names each attack's FPR over the non-member sets, as the flat metric gives it
+    assert ("  OOD FPR (mean over the sets): " + ", ".join(f"{a} {100 * m[f'ood/{a}/fpr']:.2f}%" for a in res.ood.attacks)
+            in repr(res).splitlines())
     # each attack in one colour on both figures: lira_offline, the 4th attack and the 3rd with OOD results,
     # takes the 4th colour on roc.png and on ood_fpr.png
     from raymia.report.plots import PALETTE

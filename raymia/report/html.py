@@ -7,6 +7,7 @@ opens anywhere (no script, no network). An audit's page: utility, the attacks' m
 the targets, bootstrap intervals where asked), ROC curves, score histograms, the most vulnerable records,
 the out-of-distribution and inversion results, the defense's report, the spec. A sweep's page: the Pareto
 front with each objective's spread and intervals, pareto.png, every trial, the final audit, the spec.
+A notebook shows the top of these pages (`audit_fragment`, `sweep_fragment`: a result's `_repr_html_`).
 """
 
 from __future__ import annotations
