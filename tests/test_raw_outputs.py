@@ -141,6 +141,10 @@ def test_the_console_shows_the_raw_table_only_where_outputs_were_post_processed(
     assert f"{with_raw.raw_attacks['lira_online']['auc']:.4f}" in raw_table
     print_audit_table(without)
     assert "raw/" not in capsys.readouterr().out
+    # the DataFrame holds both, under flat_metrics' names and values
+    table, flat = with_raw.table(), with_raw.flat_metrics()
+    assert list(table.index) == [*with_raw.attacks, *(f"raw/{a}" for a in with_raw.raw_attacks)]
+    assert table.loc["raw/lira_online", "auc"] == flat["raw/lira_online/auc"] != flat["lira_online/auc"]
 
 
 def test_a_non_adaptive_bank_stores_raw_outputs_where_its_targets_post_process(tmp_path):
