@@ -137,7 +137,7 @@ class AuditResult:
 
     def __repr__(self) -> str:
         """A few lines for a notebook or a prompt, never arrays: the audit, its utility, each attack's AUC and
-        TPR at the first FPR level (as the console table writes them), with `ood:` each attack's mean FPR on
+        TPR at the lowest FPR level every attack resolves (as the console table writes them), with `ood:` each attack's mean FPR on
         the non-member sets, with `inversion:` each inversion attack's top-1, the report's folder."""
         from raymia.metrics import fpr_key, metric_label
 
@@ -146,7 +146,11 @@ class AuditResult:
                else f"{spec.plan.num_models} models, {len(self.targets)} target{'s' if many else ''}")
         lines = [f"AuditResult {spec.name} [{self.fingerprint}]: defense {spec.defense.name}, {who}"
                  + (" (mean ± std over targets)" if many else ""), f"  {utility_line(self.utility)}"]
-        level = fpr_key(spec.metrics.fpr_levels[0])
+        # the lowest FPR level every attack resolves: the regime membership inference is judged in (Carlini et
+        # al.), not the 10% the default levels start with; too few non-members leave the lower levels undefined
+        resolved = [k for k in map(fpr_key, sorted(spec.metrics.fpr_levels))
+                    if all(ms.get(k) is not None for ms in self.attacks.values())]
+        level = resolved[0] if resolved else fpr_key(spec.metrics.fpr_levels[0])
         width = max(map(len, self.attacks), default=0)
         for a, ms in self.attacks.items():
             sd = self.attacks_std.get(a, {})
