@@ -24,7 +24,7 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Generic, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar, get_args, get_origin
 
 from pydantic import (
     AliasChoices,
@@ -98,16 +98,54 @@ class ValidatedModel(BaseModel):
         return v
 
 
+@dataclass(frozen=True)
+class ActsWhen:
+    """When a parameter acts, as a condition on another field of its block (its mode): that field is one of
+    `values`, or above `above`, or (`given`) set at all (not None, not empty). A parameter given while its mode
+    is off changes nothing, so the user who wrote it gets another model than the one they asked for."""
+
+    field: str
+    values: tuple = ()
+    above: float | None = None
+    given: bool = False
+
+    def holds(self, v: Any) -> bool:
+        if self.given:
+            return v is not None and v != [] and v != ()
+        if self.above is not None:
+            return isinstance(v, int | float) and not isinstance(v, bool) and v > self.above
+        return v in self.values
+
+    def __str__(self) -> str:
+        if self.given:
+            return f"{self.field} set"
+        if self.above is not None:
+            return f"{self.field} > {self.above:g}"
+        return f"{self.field}: " + " or ".join("null" if v is None else str(v) for v in self.values)
+
+
 class Params(ValidatedModel):
     """Base class of every entry's parameters: unknown keys are errors, values are validated. A renamed
     parameter's field gives its old name(s) as `validation_alias` (`Field(5, validation_alias="n_dis")`, or
-    `AliasChoices("older", "oldest")`): that is all a plug-in writes for the old spelling to keep working."""
+    `AliasChoices("older", "oldest")`): that is all a plug-in writes for the old spelling to keep working.
+    `acts_when` declares the parameters that act only in a mode of the block (`{"freeze_depth":
+    ActsWhen("freeze", ("depth",))}`): one given while its mode is at a default that turns it off is refused
+    (`unused`), and a sweep's space is checked against the same declaration."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True)
+    acts_when: ClassVar[dict[str, ActsWhen]] = {}
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
+        merged: dict[str, ActsWhen] = {}  # every base's declarations: GMI's params join the GAN's and LOMMA's
+        for base in reversed(cls.__mro__):
+            merged.update(base.__dict__.get("acts_when", {}))
+        cls.acts_when = merged
+        for name, cond in cls.acts_when.items():  # a typo in the declaration fails where the class is defined
+            if name not in cls.model_fields or cond.field not in cls.model_fields:
+                raise TypeError(f"{cls.__name__}.acts_when names {name!r} -> {cond.field!r}; its fields are "
+                                f"{', '.join(cls.model_fields)}")
         old = cls.old_names()
         if not old:
             return
@@ -146,6 +184,20 @@ class Params(ValidatedModel):
         old = cls.old_names()
         return {old[f][-1] if (f := cls.field_of(k)) in old else k: v for k, v in raw.items()}
 
+    def unused(self) -> list[tuple[str, str]]:
+        """(field, why) for each parameter given explicitly whose mode, left at its default, turns it off
+        (`acts_when`): `freeze_depth: 3` without `freeze: depth` would silently train with the default
+        fraction. A block that gives the mode too chose it (a sweep's trial pins both modes' parameters), so
+        only the default mode counts here."""
+        out = []
+        for name, cond in self.acts_when.items():
+            mode = getattr(self, cond.field)
+            if name in self.model_fields_set and cond.field not in self.model_fields_set and not cond.holds(mode):
+                shown = "null" if mode is None else mode
+                out.append((name, f"acts only with {cond}; {cond.field} is {shown} (its default): set "
+                                  f"{cond.field} too, or leave {name} out"))
+        return out
+
     @model_validator(mode="before")
     @classmethod
     def _one_spelling(cls, v: Any) -> Any:
@@ -181,11 +233,17 @@ class Entry(Generic[T]):
     params: type[Params]
     doc: str
 
-    def parse(self, raw: dict[str, Any] | None, where: str) -> Params:
+    def parse(self, raw: dict[str, Any] | None, where: str, alone: bool = False) -> Params:
+        """`raw` validated as this entry's params; a parameter given while its default mode turns it off is
+        refused (`Params.unused`) unless `alone` (one value of a sweep's space, checked with its mode there)."""
         try:
-            return self.params.model_validate(raw or {})
+            parsed = self.params.model_validate(raw or {})
         except ValidationError as e:
             raise SpecError(_first_error(e, self), where=where) from None
+        if not alone and (unused := parsed.unused()):
+            name, why = unused[0]
+            raise SpecError(why, where=f"{where}.{name}")
+        return parsed
 
 
 _TYPE_TAGS = {"int", "float", "str", "bool", "dict", "list", "none"}
@@ -324,7 +382,9 @@ def param_table(params: type[Params]) -> list[tuple[str, str, str, str]]:
             ann = f"{ann.removesuffix(' | None')} {bounds}{' | None' if optional else ''}"
         default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
         also = params.old_names().get(fname)
-        desc = (f.description or "") + (f" (also: {', '.join(also)})" if also else "")
+        cond = params.acts_when.get(fname)
+        desc = ((f.description or "") + (f" (acts only with {cond})" if cond else "")
+                + (f" (also: {', '.join(also)})" if also else ""))
         rows.append((fname, ann, default, desc.strip()))
     return rows
 

@@ -23,7 +23,7 @@ from torch import nn
 from raymia.datainfo import DataInfo
 from raymia.defenses.base import DEFENSES, Defense, FitJob, require_public
 from raymia.errors import SpecError
-from raymia.registry import MAX_EPOCHS, Params
+from raymia.registry import MAX_EPOCHS, ActsWhen, Params
 from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain
 from raymia.train.batches import batch_stream
@@ -42,6 +42,8 @@ class AdvRegParams(Params):
     inference_steps: int = Field(1, ge=1, le=100, description="k: inference-model steps per classifier step")
     inference_lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate of the inference model")
     warmup_epochs: int = Field(0, ge=0, le=MAX_EPOCHS, description="plain cross-entropy epochs before the game starts")
+
+    acts_when = {k: ActsWhen("lam", above=0.0) for k in ("inference_steps", "inference_lr", "warmup_epochs")}
 
 
 class InferenceModel(nn.Module):

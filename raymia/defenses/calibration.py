@@ -94,7 +94,7 @@ from raymia.defenses.base import (
 )
 from raymia.defenses.simple import LOG_FLOOR
 from raymia.errors import SpecError
-from raymia.registry import Params
+from raymia.registry import ActsWhen, Params
 from raymia.space import Categorical, Domain, Float
 
 T_MIN, T_MAX = 1e-2, 1e2  # the range of a fitted temperature
@@ -110,6 +110,8 @@ class TemperatureParams(Params):
         "held_out", description="held_out: T minimises the NLL on public held-out points, per model (needs "
         "public points); fixed: T = temperature")
     temperature: float = Field(1.5, gt=0.0, description="T when fit is fixed (logits / T; T > 1 flattens)")
+
+    acts_when = {"temperature": ActsWhen("fit", ("fixed",))}
 
 
 def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:

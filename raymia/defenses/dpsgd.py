@@ -34,7 +34,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from raymia.datainfo import DataInfo
 from raymia.defenses.base import DEFENSES, Defense, FitJob, meta_model
 from raymia.errors import SpecError
-from raymia.registry import Params
+from raymia.registry import ActsWhen, Params
 from raymia.seeding import derive_seed
 from raymia.space import Domain, Float, Int
 from raymia.train.augment import Augmenter
@@ -109,6 +109,8 @@ class DpSgdParams(Params):
         description="per-example gradients are computed in chunks of at most this many examples (memory "
         "only; the step is the same)",
     )
+
+    acts_when = {"noise_multiplier": ActsWhen("target_epsilon", (None,))}
 
 
 # ---------------------------------------------------------------------------------------------------------

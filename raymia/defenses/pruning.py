@@ -20,7 +20,7 @@ from raymia.datainfo import DataInfo
 from raymia.defenses.advreg import Masks, apply_masks, minmax_train
 from raymia.defenses.base import DEFENSES, Defense, FitJob, meta_model, require_public
 from raymia.errors import SpecError
-from raymia.registry import MAX_EPOCHS, Params
+from raymia.registry import MAX_EPOCHS, ActsWhen, Params
 from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain, Float
 from raymia.spec import LOOKAHEAD_START_EPOCHS
@@ -47,6 +47,10 @@ class PruningParams(Params):
     inference_steps: int = Field(1, ge=1, le=100, description="min-max: inference-model steps per classifier "
                                  "step")
     inference_lr: float = Field(1e-3, gt=0.0, le=1.0, description="min-max: Adam lr of the inference model")
+
+    acts_when = {"rho": ActsWhen("method", ("admm",)), "admm_epochs": ActsWhen("method", ("admm",)),
+                 "inference_steps": ActsWhen("minmax_lambda", above=0.0),
+                 "inference_lr": ActsWhen("minmax_lambda", above=0.0)}
 
 
 def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -51,7 +51,7 @@ from raymia.defenses.base import (
 from raymia.device import resolve_device
 from raymia.errors import DataError, SpecError, not_found
 from raymia.models.base import build_model, data_init_modules
-from raymia.registry import MAX_EPOCHS, Params
+from raymia.registry import MAX_EPOCHS, ActsWhen, Params
 from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain, Float, Int
 from raymia.spec import TrainSpec
@@ -90,6 +90,11 @@ class TlDmiParams(Params):
     freeze_bn_stats: bool = Field(True, description="keep frozen norm layers in eval mode while fine-tuning")
     pretrain_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where pretraining runs (auto: CUDA when visible); part of the cache key")
+
+    acts_when = {"freeze_depth": ActsWhen("freeze", ("depth",)),
+                 "freeze_fraction": ActsWhen("freeze", ("fraction",)),
+                 **{k: ActsWhen("weights", (None,)) for k in ("pretrain_epochs", "pretrain_lr", "pretrain_batch_size",
+                                                               "public_fraction", "pretrain_device")}}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from raymia.inversion.registry import (
     pixel_transform,
     public_inputs,
 )
-from raymia.registry import MAX_STEPS, Params
+from raymia.registry import MAX_STEPS, ActsWhen, Params
 from raymia.seeding import derive_seed
 from raymia.storage import StoredFile, store_dir
 
@@ -99,6 +99,8 @@ class GanParams(Params):
     gp_weight: float = Field(_GAN.gp_weight, ge=0, description="gradient-penalty weight (wgan_gp)")
     checkpoint_every: int = Field(_GAN.checkpoint_every, ge=1,
                                   description="GAN training checkpoint period in steps (not in the cache key)")
+
+    acts_when = {"gp_weight": ActsWhen("gan_loss", ("wgan_gp",))}
 
     def gan(self) -> GanSettings:
         return GanSettings(latent_dim=self.latent_dim, width=self.width, steps=self.gan_steps,

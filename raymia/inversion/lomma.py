@@ -55,7 +55,7 @@ from raymia.inversion.evaluation import features, last_linear
 from raymia.inversion.plgmi import target_digest
 from raymia.inversion.registry import InversionContext, forward_flops
 from raymia.models.base import MODELS
-from raymia.registry import MAX_EPOCHS, Params
+from raymia.registry import MAX_EPOCHS, ActsWhen, Params
 from raymia.seeding import derive_seed
 from raymia.spec import ModelSpec, TrainSpec
 from raymia.storage import store_dir
@@ -81,6 +81,9 @@ class IdentityParams(Params):
     augment_lr: float = Field(0.01, gt=0, description="SGD learning rate of distillation, momentum 0.9, weight "
                                                       "decay 1e-4 (LOMMA: 0.01)")
     augment_batch_size: int = Field(64, ge=1, description="public inputs per distillation batch (LOMMA: 64)")
+
+    acts_when = {"feature_reg": ActsWhen("identity_loss", ("logit",)),
+                 **{k: ActsWhen("augment", given=True) for k in ("augment_epochs", "augment_lr", "augment_batch_size")}}
 
     @field_validator("augment")
     @classmethod

@@ -36,7 +36,7 @@ from raymia.inversion.registry import (
     pixel_transform,
     public_inputs,
 )
-from raymia.registry import MAX_STEPS, Params
+from raymia.registry import MAX_STEPS, ActsWhen, Params
 from raymia.seeding import derive_seed
 
 log = logging.getLogger("raymia")
@@ -55,6 +55,8 @@ class MIFaceParams(Params):
                              "public input")
     init_noise: float = Field(0.2, ge=0, description="std of the Gaussian pixel noise added to the start of "
                                                      "every restart but the first")
+
+    acts_when = {"init_noise": ActsWhen("restarts", above=1)}
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,7 @@ from pydantic import Field
 from raymia.attacks.mia import cross_entropy, per_model
 from raymia.attacks.registry import ATTACKS
 from raymia.metrics import roc_auc
-from raymia.registry import Params
+from raymia.registry import ActsWhen, Params
 from raymia.signals import Signals
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,8 @@ class RmiaOnlineParams(Params):
         None, ge=1, description="Use a random subset of this many population points z (None: all of them)."
     )
     seed: int = Field(0, ge=0, description="Seed of the z subset drawn when num_z is set.")
+
+    acts_when = {"seed": ActsWhen("num_z", given=True)}
 
 
 class RmiaOfflineParams(RmiaOnlineParams):
