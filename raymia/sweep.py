@@ -43,6 +43,7 @@ from raymia.pareto import (
     print_front,
     same_settings,
 )
+from raymia.registry import Params
 from raymia.space import Categorical, Domain, Float, Int, describe
 from raymia.spec import AuditSpec, SweepSpec, changed_fields, hashed_dump
 from raymia.storage import absolute, check_locations, join, open_root
@@ -190,9 +191,77 @@ def resolve_space(spec: SweepSpec) -> dict[str, dict[str, Domain | Any]]:
                 [dom.low, dom.high] if isinstance(dom, Float | Int) else [dom])
             for v in samples:
                 key = given.get(name, name)  # errors name the parameter as the space wrote it
-                entry.parse({key: v}, where=f"{at}.space.{key}")
+                entry.parse({key: v}, where=f"{at}.space.{key}", alone=True)
+        _check_modes(entry.params, space, given, at)
         out[choice.name] = space
     return out
+
+
+def _ends(dom: Domain) -> list[tuple[Any, str]]:
+    """(value, which end) of a searched dimension: its low and high end, or each choice."""
+    if isinstance(dom, Categorical):
+        return [(c, "choice") for c in dom.choices]
+    return [(dom.low, "low end"), (dom.high, "high end")]
+
+
+def _check_modes(params: type[Params], space: dict[str, Domain | Any], given: dict[str, str], at: str) -> None:
+    """A parameter that acts only in a mode (`Params.acts_when`) must be able to act in the space: refused
+    when it is searched while no value of its mode turns it on (trials that vary nothing), or given while
+    the space leaves its mode at a default that turns it off (`freeze_depth: 3` without `freeze: depth`). A
+    constant beside a constant mode that turns it off is a pin: how a space stops searching a dimension of
+    the defense's default space that its mode leaves idle (`freeze: depth` with `freeze_fraction: 0.6`)."""
+    for name, cond in params.acts_when.items():
+        if name not in space:
+            continue
+        mode = space.get(cond.field, params.model_fields[cond.field].get_default(call_default_factory=True))
+        values = [v for v, _ in _ends(mode)] if isinstance(mode, Float | Int | Categorical) else [mode]
+        if any(cond.holds(v) for v in values):
+            continue
+        key, searched = given.get(name, name), isinstance(space[name], Float | Int | Categorical)
+        if not searched and name in given and cond.field in space:
+            continue
+        now = (describe(mode) if isinstance(mode, Float | Int | Categorical) else "null" if mode is None else mode)
+        where_mode = "in this space" if cond.field in space else "(its default)"
+        if searched:
+            raise SpecError(f"searched ({describe(space[name])}), but {key} acts only with {cond}, and "
+                            f"{cond.field} is {now} {where_mode}: search {cond.field} too, or give {key} one value",
+                            where=f"{at}.space.{key}")
+        raise SpecError(f"{key} acts only with {cond}; {cond.field} is {now} {where_mode}: add {cond.field} to "
+                        f"the space, or leave {key} out", where=f"{at}.space.{key}")
+
+
+def _inside(dom: Domain, default: Any) -> Any:
+    """The value that stands for a searched dimension while another is at its end: its default where the
+    space holds it, else the nearest end (a default outside the range is no trial's setting)."""
+    if isinstance(dom, Categorical):
+        return default if default in dom.choices else dom.choices[0]
+    if isinstance(default, int | float) and not isinstance(default, bool) and dom.low <= default <= dom.high:
+        return default
+    return dom.high if isinstance(default, int | float) and default > dom.high else dom.low
+
+
+def space_points(params: type[Params], space: dict[str, Domain | Any]):
+    """(name, value, which end, params) of the settings of a defense's space that its checks see: first the
+    base (name None: every searched dimension inside its range, `_inside`), then each searched dimension at
+    each end (or choice) with the others at the base, a parameter that acts only in a mode checked in a
+    mode the space turns it on in. The defense's checks are cheap, so a range that reaches a setting they
+    refuse is one line before the sweep, not a failure in each trial that draws it."""
+    defaults = {n: f.get_default(call_default_factory=True) for n, f in params.model_fields.items()}
+    base = {n: _inside(v, defaults[n]) if isinstance(v, Float | Int | Categorical) else v for n, v in space.items()}
+    yield None, None, "", base
+    for name, dom in space.items():
+        if not isinstance(dom, Float | Int | Categorical):
+            continue
+        for v, which in _ends(dom):
+            point = {**base, name: v}
+            cond = params.acts_when.get(name)
+            if cond is not None and not cond.holds(point.get(cond.field, defaults[cond.field])):
+                mode = space.get(cond.field)
+                on = [m for m, _ in _ends(mode) if cond.holds(m)] if isinstance(mode, Float | Int | Categorical) else []
+                if not on:
+                    continue  # a pinned parameter its pinned mode leaves idle (`_check_modes`)
+                point[cond.field] = on[0]
+            yield name, v, which, point
 
 
 def _bound(v: Any, key: str) -> int | float:
@@ -816,18 +885,28 @@ def validate_sweep(spec: SweepSpec, setup: bool = True):
     (`BankContext.from_spec`; `setup=False` fits nothing), each searched defense against the model and
     data, the objectives' and constraints' metric names, and whether the plan's targets have enough
     non-members (members) to resolve the FPR (FNR) levels they name. Returns (space, context)."""
-    from raymia.defenses import build_defense
+    from raymia.defenses import DEFENSES, build_defense
     from raymia.resolve import check_workers_know
     from raymia.train.bank import BankContext
 
     space = resolve_space(spec)
     check_workers_know(spec, attacks=True)
     ctx = BankContext.from_spec(spec, setup=setup)
-    for d, sp in space.items():  # with the space's constants; the searched values were checked above
-        fixed = {k: v for k, v in sp.items() if not isinstance(v, Float | Int | Categorical)}
-        defense = build_defense(d, fixed, ctx.data.info, where="sweep.defense")
-        defense.check(spec.model.name, ctx.data.info, spec.model.params, spec.train)
-        defense.check_data(ctx.data, ctx.plan.population)
+    several = bool(spec.sweep.defenses)
+    for i, (d, sp) in enumerate(space.items()):
+        at = f"sweep.defenses.{i}" if several else "sweep"
+        for name, v, which, params in space_points(DEFENSES.get(d).params, sp):
+            try:
+                defense = build_defense(d, params, ctx.data.info, where="sweep.defense")
+                defense.check(spec.model.name, ctx.data.info, spec.model.params, spec.train)
+                defense.check_data(ctx.data, ctx.plan.population)
+            except RaymiaError as e:
+                if name is None:  # the space's base setting: a field of the space where the error names one
+                    field = (e.where or "").removeprefix("defense.params.")
+                    raise type(e)(e.message, where=f"{at}.space.{field}" if field in sp else e.where) from None
+                why = e.message if e.where == f"defense.params.{name}" else str(e)
+                raise SpecError(f"{v!r}, the {which} of {describe(sp[name])}, is refused: {why}",
+                                where=f"{at}.space.{name}") from None
     for field, names in (("objectives", [o.metric for o in spec.sweep.objectives]),
                          ("constraints", [c.metric for c in spec.sweep.constraints])):
         _check_objective_names(spec, names, field=field)

@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from raymia.datainfo import DataInfo
-from raymia.defenses import build_defense
+from raymia.defenses import DEFENSES, build_defense
 from raymia.resolve import load_spec
-from raymia.space import Categorical, Float, Int
 from raymia.spec import SweepSpec
-from raymia.sweep import _check_objective_names, resolve_space
+from raymia.sweep import _check_objective_names, resolve_space, space_points
 
 SWEEPS = sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml"))
 
@@ -43,13 +42,11 @@ def test_sweep_file_is_valid(path):
         assert "test_ece" in metrics and any(m.startswith("ood/") for m in metrics)
     elif path.stem != "quickstart":
         assert suffix == spec.sweep.defense and list(space) == [suffix]
-    # every searched defense accepts the spec's model (e.g. DP-SGD refuses BatchNorm models)
+    # every searched defense accepts the spec's model and recipe (e.g. DP-SGD refuses BatchNorm models) and its
+    # plan (Defense.check_data: e.g. public data left for a min-max reference set or a VAE) at every point
+    # `validate_sweep` checks: the base setting and each searched dimension's ends and choices
     info = {"digits": DataInfo(10, (1, 8, 8), "image"), "cifar10": DataInfo(10, (3, 32, 32), "image"),
             "purchase100": DataInfo(100, (600,), "tabular")}[spec.data.name]
-    for d in space:
-        build_defense(d, {}, info).check(spec.model.name, info)
-    # ... and its plan (Defense.check_data: e.g. public data left for a min-max reference set or a VAE),
-    # with the space's constants and each choice of a searched categorical (pruning's minmax_lambda)
     n_train = {"digits": 1347, "cifar10": 50000, "purchase100": 157859}[spec.data.name]  # 197,324 rows x 0.8
     data = SimpleNamespace(name=spec.data.name, x_train=torch.empty(n_train, 0))
     # with a class split the population is the private classes' points (digits 0-4: 675), the rest public
@@ -57,11 +54,10 @@ def test_sweep_file_is_valid(path):
     if spec.data.private_classes is not None:
         assert spec.data.name == "digits" and spec.data.private_classes == 5 and spec.plan.population is None
     for d, sp in space.items():
-        fixed = {k: v for k, v in sp.items() if not isinstance(v, Float | Int | Categorical)}
-        settings = [fixed] + [{**fixed, k: c} for k, v in sp.items() if isinstance(v, Categorical)
-                              for c in v.choices]
-        for params in settings:
-            build_defense(d, params, info).check_data(data, population)
+        for _, _, _, params in space_points(DEFENSES.get(d).params, sp):
+            defense = build_defense(d, params, info)
+            defense.check(spec.model.name, info, spec.model.params, spec.train)
+            defense.check_data(data, population)
 
 
 def test_several_defenses_in_one_sweep():
