@@ -357,8 +357,9 @@ def _sweep_rows(spec: SweepSpec, space, root: Path, signal_bytes: int, ctx) -> t
                           + ("; constraints " + ", ".join(f"{c.metric} {c.op} {c.value:g}" for c in s.constraints)
                              if s.constraints else "")
                           + (f"; front re-audited with {s.final_audit.num_models} models" if s.final_audit else "")))
-    from raymia.defenses import build_defense
-    from raymia.space import Domain
+    from raymia.defenses import DEFENSES, build_defense
+    from raymia.space import Domain, describe
+    from raymia.sweep import space_points
 
     members = ctx.plan.keep.sum(axis=1)
     per_step, _ = count_flops(spec.model.name, spec.model.params, ctx.data.info, ctx.recipe.batch_size)
@@ -371,6 +372,11 @@ def _sweep_rows(spec: SweepSpec, space, root: Path, signal_bytes: int, ctx) -> t
         recipe = defense.modify_recipe(ctx.recipe)
         if (guarantee := _guarantee(defense, int(members.min()), int(members.max()), recipe)) is not None:
             rows.append(("", f"a {d} trial at its defaults: {guarantee}"))
+        # not refused: a range may end where the defense stops acting, and its trials then say how much it gave
+        for name, v, which, point in space_points(DEFENSES.get(d).params, sp):
+            if name is not None and (why := build_defense(d, point, ctx.data.info).inert(spec.train)):
+                rows.append(("", f"{d} at {name} {v!r} (a{'n' if which != 'choice' else ''} {which} of "
+                                 f"{describe(sp[name])}) releases the undefended model: {why}"))
     if (n := count_settings(space)) is not None and n < s.num_trials:
         rows.append(("", f"the space holds {n} setting(s), fewer than the {s.num_trials} trials: the sampler "
                          "will propose some again, and a repeat reuses the stored signals (nothing trains)"))

@@ -905,7 +905,8 @@ def validate_sweep(spec: SweepSpec, setup: bool = True):
                     field = (e.where or "").removeprefix("defense.params.")
                     raise type(e)(e.message, where=f"{at}.space.{field}" if field in sp else e.where) from None
                 why = e.message if e.where == f"defense.params.{name}" else str(e)
-                raise SpecError(f"{v!r}, the {which} of {describe(sp[name])}, is refused: {why}",
+                end = "a choice" if which == "choice" else f"the {which}"
+                raise SpecError(f"{v!r}, {end} of {describe(sp[name])}, is refused: {why}",
                                 where=f"{at}.space.{name}") from None
     for field, names in (("objectives", [o.metric for o in spec.sweep.objectives]),
                          ("constraints", [c.metric for c in spec.sweep.constraints])):
