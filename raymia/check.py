@@ -374,9 +374,15 @@ def _sweep_rows(spec: SweepSpec, space, root: Path, signal_bytes: int, ctx) -> t
             rows.append(("", f"a {d} trial at its defaults: {guarantee}"))
         # not refused: a range may end where the defense stops acting, and its trials then say how much it gave
         for name, v, which, point in space_points(DEFENSES.get(d).params, sp):
-            if name is not None and (why := build_defense(d, point, ctx.data.info).inert(spec.train)):
-                rows.append(("", f"{d} at {name} {v!r} (a{'n' if which != 'choice' else ''} {which} of "
-                                 f"{describe(sp[name])}) releases the undefended model: {why}"))
+            if (why := build_defense(d, point, ctx.data.info).inert(spec.train)) is None:
+                continue
+            if name is None:  # the base setting: every end that keeps the others there would repeat it
+                shown = ", ".join(f"{k} {point[k]!r}" for k, dom in sp.items() if isinstance(dom, Domain))
+                rows.append(("", f"{d} at the space's defaults ({shown}) releases the undefended model: {why}"))
+                break
+            end = "a choice" if which == "choice" else f"the {which}"
+            rows.append(("", f"{d} at {name} {v!r} ({end} of {describe(sp[name])}) releases the undefended "
+                             f"model: {why}"))
     if (n := count_settings(space)) is not None and n < s.num_trials:
         rows.append(("", f"the space holds {n} setting(s), fewer than the {s.num_trials} trials: the sampler "
                          "will propose some again, and a repeat reuses the stored signals (nothing trains)"))
