@@ -224,7 +224,7 @@ def _check_modes(params: type[Params], space: dict[str, Domain | Any], given: di
         where_mode = "in this space" if cond.field in space else "(its default)"
         if searched:
             raise SpecError(f"searched ({describe(space[name])}), but {key} acts only with {cond}, and "
-                            f"{cond.field} is {now} {where_mode}: search {cond.field} too, or give {key} one value",
+                            f"{cond.field} is {now} {where_mode}: give {key} one value, or search {cond.field} too",
                             where=f"{at}.space.{key}")
         raise SpecError(f"{key} acts only with {cond}; {cond.field} is {now} {where_mode}: add {cond.field} to "
                         f"the space, or leave {key} out", where=f"{at}.space.{key}")

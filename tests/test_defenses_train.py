@@ -342,8 +342,8 @@ def test_declarations(name):
         assert param in entry.params.model_fields
         assert domain.contains(getattr(defaults, param)), param
         bounds = domain.choices if isinstance(domain, Categorical) else (domain.low, domain.high)
-        for v in bounds:  # every corner of the space is a valid setting (as the sweep checks)
-            entry.parse({param: v}, where="defense.params")
+        for v in bounds:  # every corner of the space is a valid setting (as the sweep checks: alone, its mode
+            entry.parse({param: v}, where="defense.params", alone=True)  # checked with the space's)
 
 
 def test_declared_ranges():

@@ -62,8 +62,8 @@ def test_a_sweeps_space_is_checked_against_the_modes():
     with pytest.raises(SpecError) as e:  # searched, while the default mode never turns it on
         resolve_space(sweep({"freeze_depth": {"choices": [1, 2]}}))
     assert str(e.value) == ("sweep.space.freeze_depth: searched ({1, 2}), but freeze_depth acts only with freeze: "
-                            "depth, and freeze is fraction (its default): search freeze too, or give freeze_depth "
-                            "one value")
+                            "depth, and freeze is fraction (its default): give freeze_depth one value, or search "
+                            "freeze too")
     with pytest.raises(SpecError) as e:  # given alone: the audit's case
         resolve_space(sweep({"freeze_depth": 3}))
     assert str(e.value) == ("sweep.space.freeze_depth: freeze_depth acts only with freeze: depth; freeze is fraction "
@@ -71,8 +71,8 @@ def test_a_sweeps_space_is_checked_against_the_modes():
     with pytest.raises(SpecError) as e:  # the default space's freeze_fraction would be searched for nothing
         resolve_space(sweep({"freeze": "depth", "freeze_depth": {"choices": [0, 1]}}))
     assert str(e.value) == ("sweep.space.freeze_fraction: searched ([0.0, 0.95]), but freeze_fraction acts only "
-                            "with freeze: fraction, and freeze is depth in this space: search freeze too, or give "
-                            "freeze_fraction one value")
+                            "with freeze: fraction, and freeze is depth in this space: give freeze_fraction one "
+                            "value, or search freeze too")
     # pinned beside its pinned mode (the shipped inversion sweeps), or with the mode searched: accepted
     resolve_space(sweep({"freeze": "depth", "freeze_depth": {"choices": [0, 1]}, "freeze_fraction": 0.6}))
     resolve_space(sweep({"freeze": {"choices": ["depth", "fraction"]}, "freeze_depth": {"choices": [0, 1]}}))
