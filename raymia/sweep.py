@@ -206,10 +206,11 @@ def _ends(dom: Domain) -> list[tuple[Any, str]]:
 
 def _check_modes(params: type[Params], space: dict[str, Domain | Any], given: dict[str, str], at: str) -> None:
     """A parameter that acts only in a mode (`Params.acts_when`) must be able to act in the space: refused
-    when it is searched while no value of its mode turns it on (trials that vary nothing), or given while
-    the space leaves its mode at a default that turns it off (`freeze_depth: 3` without `freeze: depth`). A
-    constant beside a constant mode that turns it off is a pin: how a space stops searching a dimension of
-    the defense's default space that its mode leaves idle (`freeze: depth` with `freeze_fraction: 0.6`)."""
+    when the spec searches it while no value of its mode turns it on (trials that vary nothing), or gives it
+    while the space leaves its mode at a default that turns it off (`freeze_depth: 3` without `freeze:
+    depth`). A dimension of the defense's default space that the spec's mode leaves idle (`freeze_fraction`
+    beside `freeze: depth`, `pretrain_epochs` beside `weights`) is dropped from `space`: the user did not ask
+    for it. A constant beside a constant mode that turns it off is a pin, accepted."""
     for name, cond in params.acts_when.items():
         if name not in space:
             continue
@@ -219,6 +220,9 @@ def _check_modes(params: type[Params], space: dict[str, Domain | Any], given: di
             continue
         key, searched = given.get(name, name), isinstance(space[name], Float | Int | Categorical)
         if not searched and name in given and cond.field in space:
+            continue
+        if searched and name not in given and cond.field in given:
+            del space[name]
             continue
         now = (describe(mode) if isinstance(mode, Float | Int | Categorical) else "null" if mode is None else mode)
         where_mode = "in this space" if cond.field in space else "(its default)"

@@ -107,8 +107,8 @@ def test_check_cli_prints_the_summary_without_ray_mlflow_or_optuna(tmp_path):
         # a searched defense is checked against the data too (with the space's constants)
         ({"sweep": {"defense": "tl_dmi"}, "plan": {"num_models": 4}},
          SpecError, "plan.population: tl_dmi needs public data"),
-        # pretrain_epochs pinned: the default space searches it, and with weights nothing pretrains
-        ({"sweep": {"defense": "tl_dmi", "space": {"weights": "/nonexistent/w.pt", "pretrain_epochs": 20}}},
+        # the default space's pretrain_epochs is dropped: with weights nothing pretrains
+        ({"sweep": {"defense": "tl_dmi", "space": {"weights": "/nonexistent/w.pt"}}},
          DataError, "/nonexistent/w.pt: tl_dmi weights: file not found"),
         ({"model": {"name": "cnn", "params": {"batch_norm": True}}, "defense": "dpsgd"},
          SpecError, "defense.name: defense 'dpsgd' cannot train model 'cnn': it has BatchNorm layers"),

@@ -68,11 +68,16 @@ def test_a_sweeps_space_is_checked_against_the_modes():
         resolve_space(sweep({"freeze_depth": 3}))
     assert str(e.value) == ("sweep.space.freeze_depth: freeze_depth acts only with freeze: depth; freeze is fraction "
                             "(its default): add freeze to the space, or leave freeze_depth out")
-    with pytest.raises(SpecError) as e:  # the default space's freeze_fraction would be searched for nothing
-        resolve_space(sweep({"freeze": "depth", "freeze_depth": {"choices": [0, 1]}}))
-    assert str(e.value) == ("sweep.space.freeze_fraction: searched ([0.0, 0.95]), but freeze_fraction acts only "
+    with pytest.raises(SpecError) as e:  # the spec's own freeze_fraction would be searched for nothing
+        resolve_space(sweep({"freeze": "depth", "freeze_fraction": {"low": 0.1, "high": 0.5}}))
+    assert str(e.value) == ("sweep.space.freeze_fraction: searched ([0.1, 0.5]), but freeze_fraction acts only "
                             "with freeze: fraction, and freeze is depth in this space: give freeze_fraction one "
                             "value, or search freeze too")
+    # the default space's freeze_fraction, idle under the spec's freeze: depth, is left out of the search
+    space = resolve_space(sweep({"freeze": "depth", "freeze_depth": {"choices": [0, 1]}}))["tl_dmi"]
+    assert "freeze_fraction" not in space and space["freeze"] == "depth" and "pretrain_epochs" in space
+    space = resolve_space(sweep({"weights": "w.pt"}))["tl_dmi"]  # nothing pretrains: its epochs are not searched
+    assert "pretrain_epochs" not in space and "freeze_fraction" in space
     # pinned beside its pinned mode (the shipped inversion sweeps), or with the mode searched: accepted
     resolve_space(sweep({"freeze": "depth", "freeze_depth": {"choices": [0, 1]}, "freeze_fraction": 0.6}))
     resolve_space(sweep({"freeze": {"choices": ["depth", "fraction"]}, "freeze_depth": {"choices": [0, 1]}}))
