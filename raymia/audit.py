@@ -549,14 +549,17 @@ def write_report(result: AuditResult, console: bool, track: bool, page: bool = T
     if console:
         print_audit_table(result)
     if track:
-        from raymia.tracking import KIND_AUDIT, TAG_FINGERPRINT, TAG_KIND, log_run
+        from raymia.tracking import KIND_AUDIT, TAG_FINGERPRINT, TAG_KIND, drop_interrupted, log_run
 
+        tags = {TAG_KIND: KIND_AUDIT, TAG_FINGERPRINT: fp}
         try:
+            if drop_interrupted(spec.tracking.uri, spec.tracking.experiment, run_name(spec), tags):
+                log.info("MLflow: replacing the run of this audit that an interruption left open")
             with _staged_signals(store if spec.tracking.log_signals else None) as tree:
                 rid = log_run(
                     spec.tracking.uri, spec.tracking.experiment, run_name=run_name(spec),
                     params=spec.model_dump(mode="json"), metrics=result.flat_metrics(),
-                    artifacts=report_files(out), tags={TAG_KIND: KIND_AUDIT, TAG_FINGERPRINT: fp},
+                    artifacts=report_files(out), tags=tags,
                     start_time=time.time() - result.seconds, dataset=(spec.data.name, fp), tree=tree,
                 )
         except Exception as e:  # the results are on disk already: say so in one line, lose nothing

@@ -294,6 +294,24 @@ def finish_parent(uri: str, run_id: str, metrics: dict[str, Any], artifacts: Ite
     close_run(uri, run_id, metrics, artifacts, status, tags)
 
 
+def drop_interrupted(uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> int:
+    """Delete the runs named `run_name` with `tags` that are still RUNNING: an audit's run is open only while
+    its report uploads, so one left RUNNING is what a kill cut short there; the re-run's run replaces it.
+    Returns how many."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return 0
+    where = " and ".join([tag_equals("mlflow.runName", run_name), *(tag_equals(k, v) for k, v in tags.items()),
+                          "attributes.status = 'RUNNING'"])
+    left = client.search_runs([exp.experiment_id], filter_string=where, max_results=1000)
+    for run in left:
+        client.delete_run(run.info.run_id)
+    return len(left)
+
+
 def end_running_children(uri: str, parent_id: str, status: str = "KILLED") -> int:
     """End the child runs of `parent_id` that are still RUNNING (an interrupted sweep's trials) with
     `status`, so the UI does not show them as running; a resumed sweep replaces them. Returns how many."""

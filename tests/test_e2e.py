@@ -78,6 +78,33 @@ def test_audit_is_logged_to_mlflow(first_audit, workdir):
     assert load_spec(local, kind=AuditSpec) == load_spec(res.out_dir / "spec.yaml", kind=AuditSpec)
 
 
+def test_a_run_left_open_by_a_kill_is_replaced_by_the_reruns(first_audit, workdir):
+    """A kill while the audit's report uploads leaves its MLflow run RUNNING for good; the re-run's run
+    replaces it (one run of that attempt, none left running), and finished runs of the audit stay."""
+    from raymia.audit import run_name
+    from raymia.tracking import KIND_AUDIT, TAG_FINGERPRINT, TAG_KIND, open_run
+
+    spec, res = first_audit
+    client = _mlflow_client(workdir)
+    exp_id = client.get_experiment_by_name("raymia-tests").experiment_id
+
+    def runs(status: str) -> set[str]:
+        found = client.search_runs([exp_id], filter_string=f"tags.`raymia.fingerprint` = '{res.fingerprint}' and "
+                                                           f"attributes.status = '{status}'")
+        return {r.info.run_id for r in found}
+
+    finished = runs("FINISHED")
+    cut_short = open_run(spec.tracking.uri, "raymia-tests", run_name(spec), params={},
+                         tags={TAG_KIND: KIND_AUDIT, TAG_FINGERPRINT: res.fingerprint})
+    other = open_run(spec.tracking.uri, "raymia-tests", "another-audit", params={}, tags={TAG_KIND: KIND_AUDIT})
+    run_audit(spec, console=False)
+    assert runs("RUNNING") == set()
+    assert client.get_run(cut_short).info.lifecycle_stage == "deleted"
+    assert len(runs("FINISHED") - finished) == 1 and finished <= runs("FINISHED")
+    assert client.get_run(other).info.status == "RUNNING"  # another audit's run is not this one's to end
+    client.set_terminated(other, "KILLED")
+
+
 def test_rerun_reuses_signals_and_a_lost_pack_is_rebuilt_alone(first_audit, workdir, caplog, monkeypatch):
     import raymia.audit as audit
 
