@@ -526,7 +526,6 @@ def write_report(result: AuditResult, console: bool, track: bool, page: bool = T
     for old in report_files(out):  # a replaced report's files (an OOD figure, histograms) must not stay and be logged
         if not old.name.startswith("inversion-"):  # the inversions of this audit drew their grids already
             old.unlink()
-    (out / "result.json").write_text(json.dumps(result.to_json(), indent=1))
     write_spec_file(spec, out / "spec.yaml", f"the spec of audit {spec.name}-{fp}")
     plot_roc(result.roc, out / "roc.png", title=roc_title(spec, result.targets[0]))
     if result.points is not None:  # every point's scores, the members that leak most, their histograms
@@ -542,6 +541,11 @@ def write_report(result: AuditResult, console: bool, track: bool, page: bool = T
 
         plot_ood(result.ood, out / "ood_fpr.png", title=f"{spec.name}: false positives by set",
                  colours=attack_colours(result.roc))  # each attack in its roc.png colour
+    # result.json last, in one atomic write: a sweep's resume takes a trial folder that holds it for a finished
+    # trial (`sweep._finished_trial`), so a kill before it must leave none, and a kill during it no torn one
+    from raymia.storage import LocalFiles
+
+    LocalFiles(out).write("result.json", json.dumps(result.to_json(), indent=1).encode())
     if page:
         from raymia.report.html import write_html
 

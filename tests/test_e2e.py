@@ -16,6 +16,7 @@ import yaml
 from raymia.audit import run_audit
 from raymia.resolve import load_spec
 from raymia.spec import AuditSpec, SweepSpec
+from raymia.storage import open_root
 from tests.conftest import chromium_page_url, tiny_spec_dict
 
 pytestmark = pytest.mark.slow
@@ -103,6 +104,29 @@ def test_a_run_left_open_by_a_kill_is_replaced_by_the_reruns(first_audit, workdi
     assert len(runs("FINISHED") - finished) == 1 and finished <= runs("FINISHED")
     assert client.get_run(other).info.status == "RUNNING"  # another audit's run is not this one's to end
     client.set_terminated(other, "KILLED")
+
+
+def test_a_report_cut_short_leaves_no_result_json(first_audit, workdir, monkeypatch):
+    """result.json is the report's last file: a sweep's resume reuses a trial folder that holds one, so an
+    audit killed while it wrote the others (here: interrupted at vulnerable.csv) must leave none behind."""
+    import raymia.report.records as records
+    from raymia.sweep import _finished_trial
+
+    spec, res = first_audit
+    run_dir = workdir / "cut-short"
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(records, "write_vulnerable", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(spec, track=False, console=False, run_dir=run_dir, page=False)
+    assert (run_dir / "records.parquet").is_file() and not (run_dir / "result.json").exists()
+    assert _finished_trial(open_root(run_dir), spec) is None
+    monkeypatch.undo()
+    run_audit(spec, track=False, console=False, run_dir=run_dir, page=False)
+    assert _finished_trial(open_root(run_dir), spec)["metrics"]["lira_online/auc"] == res.attacks["lira_online"]["auc"]
+    assert not list(run_dir.glob(".*.tmp"))
 
 
 def test_rerun_reuses_signals_and_a_lost_pack_is_rebuilt_alone(first_audit, workdir, caplog, monkeypatch):
