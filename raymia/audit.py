@@ -627,12 +627,14 @@ def _say_replaced(path: Path, spec: AuditSpec) -> None:
 
     try:
         before = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8 (damaged)
+        return
+    if not isinstance(before, dict):  # damaged or edited: nothing to compare, the report is replaced anyway
         return
     # where it ran and how the bank was trained (engine, workers, packs; precision is in the fingerprint, so
     # in the folder's name) change no number of the report
     skip = ("output_dir", "store", "tracking", "bank")
-    changed = changed_fields({k: v for k, v in (before or {}).items() if k not in skip},
+    changed = changed_fields({k: v for k, v in before.items() if k not in skip},
                              {k: v for k, v in spec.model_dump(mode="json").items() if k not in skip})
     if changed:
         log.warning("%s held the report of an audit of these signals with other %s; it is replaced (its MLflow "
@@ -651,7 +653,9 @@ def write_spec_file(spec: AuditSpec, path: Path, what: str) -> Path:
     if d.get("sweep", {}).get("defenses"):  # several searched defenses: defense/space are unused (and refused)
         d["sweep"].pop("defense")
         d["sweep"].pop("space")
-    path.write_text(header + yaml.safe_dump(d, sort_keys=False))
+    from raymia.storage import LocalFiles
+
+    LocalFiles(path.parent).write(path.name, (header + yaml.safe_dump(d, sort_keys=False)).encode())
     return path
 
 

@@ -129,6 +129,23 @@ def test_a_report_cut_short_leaves_no_result_json(first_audit, workdir, monkeypa
     assert not list(run_dir.glob(".*.tmp"))
 
 
+def test_a_damaged_spec_yaml_in_the_report_folder_is_replaced(first_audit, workdir, caplog):
+    """A report's spec.yaml cut short or damaged (not UTF-8, a bare word) is replaced by the re-run's: it
+    was a traceback after the attacks had run."""
+    from raymia.audit import _say_replaced
+
+    spec, res = first_audit
+    run_dir = workdir / "damaged-spec"
+    run_dir.mkdir()
+    (run_dir / "spec.yaml").write_text("nam")
+    _say_replaced(run_dir / "spec.yaml", spec)
+    (run_dir / "spec.yaml").write_bytes(b"\xff\xfe name: x")
+    caplog.set_level(logging.WARNING, logger="raymia")
+    again = run_audit(spec, track=False, console=False, run_dir=run_dir, page=False)
+    assert again.attacks == res.attacks and "replaced" not in caplog.text
+    assert load_spec(run_dir / "spec.yaml", kind=AuditSpec).fingerprint() == res.fingerprint
+
+
 def test_rerun_reuses_signals_and_a_lost_pack_is_rebuilt_alone(first_audit, workdir, caplog, monkeypatch):
     import raymia.audit as audit
 
