@@ -11,7 +11,10 @@ where pyarrow is not installed.
 
 from __future__ import annotations
 
+import glob
 import os
+import re
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,25 @@ class _Files:
         return hash((type(self).__name__, self.location))
 
 
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"  # in temporary names: who writes them
+
+
+def _drop_dead_writes(path: Path) -> None:
+    """Remove the temporary files of writes to `path` that a kill cut short: those of a process of this host
+    that is gone (a store shared by several nodes may hold another host's write in progress, and a process
+    of this host that lives may still be writing)."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.{_HOST}.*.tmp"):
+        pid = tmp.name[len(f".{path.name}.{_HOST}."):].split(".")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # alive, another user's
+            pass
+
+
 class LocalFiles(_Files):
     """Files under a local directory; each write is fsync'ed, then renamed into place."""
 
@@ -42,12 +64,13 @@ class LocalFiles(_Files):
     def write(self, rel: str, data: bytes) -> None:
         path = self.root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         with tmp.open("wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _drop_dead_writes(path)
 
     def size(self, rel: str) -> int | None:
         """The file's size, None when it does not exist."""

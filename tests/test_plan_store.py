@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,31 @@ def test_store_roundtrip_and_corruption_is_detected(tmp_path, caplog, backend):
     other = SignalStore(root, "abc", pack_size=2, num_models=6)
     store.write_pack(0, a0)
     assert other.missing_packs() == [0, 1, 2]
+
+
+def test_a_write_cut_short_by_a_kill_leaves_no_temporary_file_after_the_next(tmp_path):
+    """A kill during a write leaves its temporary file; the next write of that file removes it when the
+    process that wrote it is gone, and keeps those of a live process and of another host."""
+    import subprocess
+    import sys
+
+    from raymia.storage import _HOST, LocalFiles
+
+    files = LocalFiles(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale = tmp_path / "signals" / f".k2-pack-00001.npz.{_HOST}.{dead}.0badc0de.tmp"
+    stale.parent.mkdir()
+    stale.write_bytes(b"half a pack")
+    live = stale.with_name(f".k2-pack-00001.npz.{_HOST}.{os.getppid()}.12345678.tmp")
+    elsewhere = stale.with_name(f".k2-pack-00001.npz.another-host.{dead}.87654321.tmp")
+    other_file = stale.with_name(f".k2-pack-00002.npz.{_HOST}.{dead}.0badc0de.tmp")
+    for f in (live, elsewhere, other_file):
+        f.write_bytes(b"x")
+    files.write("signals/k2-pack-00001.npz", b"whole")
+    assert sorted(p.name for p in stale.parent.iterdir()) == sorted(
+        ["k2-pack-00001.npz", live.name, elsewhere.name, other_file.name])
+    assert (stale.parent / "k2-pack-00001.npz").read_bytes() == b"whole"
 
 
 def test_store_uri_nobody_opens_is_one_line_naming_the_field():
