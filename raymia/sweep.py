@@ -1034,6 +1034,7 @@ def run_sweep(
         else:
             log.info("sweep %s already finished; its result is in %s (use --fresh (fresh=True) to run it again)", spec.name,
                      sweep_dir)
+            _close_left_parent(spec, state.get("parent_run_id"), sweep_dir, result)
             if console:
                 _print_front(result)
             return result
@@ -1133,8 +1134,7 @@ def run_sweep(
         result = _report(spec, trials, space, root, sweep_dir, parent_id, console, pool)
         status = "FINISHED"
         _write_state(spec, keep, parent_id, finished=True)
-        summary = {"num_trials": len(trials), "num_failed": sum(t["status"] != "ok" for t in trials),
-                   "front_size": len(result.front), "hypervolume": result.hypervolume}
+        summary = _summary(result)
         log.info("sweep %s done in %.0fs -> %s", spec.name, time.perf_counter() - t0, sweep_dir)
         return result
     except (KeyboardInterrupt, Interrupted):
@@ -1144,7 +1144,7 @@ def run_sweep(
         if pool is not None:
             pool.shutdown()
         if parent_id:
-            from raymia.tracking import MLFLOW_NOTE_TAG, end_running_children, finish_parent
+            from raymia.tracking import end_running_children
 
             if status == "KILLED":
                 try:
@@ -1152,12 +1152,40 @@ def run_sweep(
                 except Exception as e:  # the interruption is what the user must hear about
                     log.warning("could not end the sweep's open MLflow runs: %s", first_line(e))
 
-            names = ("result.json", "pareto.png", "front.md", "spec.yaml", "report.html", "pareto.html",
-                     "importance.html")
-            arts = [sweep_dir / n for n in names] if status == "FINISHED" else []
-            front_md = sweep_dir / "front.md"
-            note = {MLFLOW_NOTE_TAG: front_md.read_text()[:4900]} if status == "FINISHED" and front_md.exists() else {}
-            finish_parent(spec.tracking.uri, parent_id, summary, arts, status=status, tags=note)
+            _finish_parent(spec, parent_id, sweep_dir, summary, status)
+
+
+def _close_left_parent(spec: SweepSpec, parent_id: str | None, sweep_dir: Path, result: SweepResult) -> None:
+    """A finished sweep's parent run that a kill left RUNNING (the state is marked finished before the run's
+    report files are uploaded) is ended now, with them."""
+    if not (spec.tracking.enabled and parent_id):
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        if MlflowClient(spec.tracking.uri).get_run(parent_id).info.status != "RUNNING":
+            return
+        _finish_parent(spec, parent_id, sweep_dir, _summary(result), "FINISHED")
+    except Exception as e:  # the sweep's results are on disk: its run is what is missing
+        log.warning("sweep %s: could not end its MLflow run %s: %s", spec.name, parent_id, first_line(e))
+
+
+def _summary(result: SweepResult) -> dict[str, Any]:
+    """The parent run's metrics."""
+    trials = result.trials
+    return {"num_trials": len(trials), "num_failed": sum(t["status"] != "ok" for t in trials),
+            "front_size": len(result.front), "hypervolume": result.hypervolume}
+
+
+def _finish_parent(spec: SweepSpec, parent_id: str, sweep_dir: Path, summary: dict[str, Any], status: str) -> None:
+    """End the sweep's MLflow parent run with `status`; a finished sweep's with its summary and report files."""
+    from raymia.tracking import MLFLOW_NOTE_TAG, finish_parent
+
+    names = ("result.json", "pareto.png", "front.md", "spec.yaml", "report.html", "pareto.html", "importance.html")
+    arts = [sweep_dir / n for n in names] if status == "FINISHED" else []
+    front_md = sweep_dir / "front.md"
+    note = {MLFLOW_NOTE_TAG: front_md.read_text()[:4900]} if status == "FINISHED" and front_md.exists() else {}
+    finish_parent(spec.tracking.uri, parent_id, summary, arts, status=status, tags=note)
 
 
 def _start_parent(spec: SweepSpec, space: dict[str, dict[str, Any]]) -> str:

@@ -522,8 +522,15 @@ def test_a_finished_sweep_is_reported_as_saved_and_says_so_when_its_references_c
 
     caplog.set_level(logging.INFO, logger="raymia")
     saved = json.loads((workdir / "runs" / "sweeps" / "tinysweep" / "result.json").read_text())
+    # a kill while the finished sweep uploaded its report files left its parent run RUNNING: the re-run ends it
+    client = _mlflow_client(workdir)
+    exp = client.get_experiment_by_name("raymia-tests")
+    parent = client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'sweep-tinysweep'")[0]
+    client.update_run(parent.info.run_id, status="RUNNING")
     again = run_sweep(load_spec(workdir / "tinysweep.yaml", kind=SweepSpec), console=False)
     assert "already finished" in caplog.text and "other hypervolume references" not in caplog.text
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert "result.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert (again.hypervolume, again.hypervolume_reference, again.final_audit) == (
         saved["hypervolume"], saved["hypervolume_reference"], saved["final_audit"])
     assert again.hypervolume_reference["trial"] == 0 and again.final_audit
