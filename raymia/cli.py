@@ -6,7 +6,9 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -325,16 +327,40 @@ def _redeliver_lost_interrupts(previous):
     return hook
 
 
+def _stop_as_ctrl_c(stopped: list[int]):
+    """A SIGTERM handler that stops the command as Ctrl-C does, noting the signal in `stopped`. SIGTERM is
+    how a run is stopped on a cluster: `ray job stop` (SIGKILL 3 s later), a pod's deletion, systemd, `kill`.
+    It calls the SIGINT handler in place (Tune's during a sweep: its experiment saved, the search ended; else
+    Python's, which raises KeyboardInterrupt), not `kill -INT`: a `ray job` entrypoint has SIGINT blocked.
+    A second SIGTERM skips Tune's last save, as a second Ctrl-C does (Tune's handler puts Python's back)."""
+
+    def handler(signum: int, frame) -> None:
+        if not stopped:
+            stopped.append(signum)
+        on_ctrl_c = signal.getsignal(signal.SIGINT)
+        if not callable(on_ctrl_c):  # SIGINT ignored (a background job of a script): stop anyway
+            raise KeyboardInterrupt
+        on_ctrl_c(signal.SIGINT, frame)
+
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     previous = sys.unraisablehook
     sys.unraisablehook = _redeliver_lost_interrupts(previous)
+    # the command's own process only: `import raymia` and the Python API leave a caller's handlers alone
+    main_thread = threading.current_thread() is threading.main_thread()
+    stopped: list[int] = []
+    term = signal.signal(signal.SIGTERM, _stop_as_ctrl_c(stopped)) if main_thread else None
     try:
-        return _main(argv)
+        return _main(argv, stopped)
     finally:
         sys.unraisablehook = previous
+        if main_thread:
+            signal.signal(signal.SIGTERM, term if term is not None else signal.SIG_DFL)
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(argv: list[str] | None, stopped: list[int]) -> int:
     args = build_parser().parse_args(argv)
     # raymia's own logger gets its own handler: Ray's logging configuration (applied when it starts)
     # must not silence raymia's progress lines.
@@ -350,15 +376,17 @@ def _main(argv: list[str] | None) -> int:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         return args.func(args)
-    except Interrupted as e:
-        print(f"raymia: {e}", file=sys.stderr)
-        return e.exit_code
+    except (Interrupted, KeyboardInterrupt) as e:
+        if stopped:  # by SIGTERM: exit as a shell reports that signal (128 + 15), which a supervisor expects
+            print(f"raymia: stopped by {signal.Signals(stopped[0]).name}; finished work is stored and the same "
+                  "command resumes it", file=sys.stderr)
+            return 128 + stopped[0]
+        print(f"raymia: {e}" if isinstance(e, Interrupted) else
+              "raymia: interrupted; finished work is stored and a re-run resumes it", file=sys.stderr)
+        return e.exit_code if isinstance(e, Interrupted) else 130
     except RaymiaError as e:
         print(f"raymia: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("raymia: interrupted; finished work is stored and a re-run resumes it", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # `raymia schema | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush has nowhere to fail
         return 0

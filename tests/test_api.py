@@ -435,27 +435,34 @@ def test_an_audit_leaves_ray_as_it_found_it(tmp_path):
 
 
 KEEPS_LOGGING = """
-import logging, sys
+import logging, signal, sys
 logging.basicConfig(level=logging.INFO, format="mine: %(name)s %(message)s", stream=sys.stdout)
+def mine(signum, frame):
+    pass
+signal.signal(signal.SIGTERM, mine)
 from raymia.engine.cluster import ensure_ray
 ensure_ray()
 logging.getLogger("raymia").info("an info line")
 logging.getLogger("raymia").warning("a warning")
 root = logging.getLogger()
 print(len(root.handlers), logging.getLevelName(root.level))
+print("SIGTERM handler kept:", signal.getsignal(signal.SIGTERM) is mine)
 """
 
 
 def test_starting_ray_leaves_the_callers_logging_as_it_was(tmp_path):
     """A notebook's logging (basicConfig at INFO) is what it was after raymia starts Ray for an audit: Ray's
     LoggingConfig, which raymia passes for the workers, would set the driver's root logger to WARNING and
-    add a handler of its own, so that every warning printed twice and the INFO lines vanished."""
+    add a handler of its own, so that every warning printed twice and the INFO lines vanished. Its SIGTERM
+    handler is its own too (ray.init sets Ray's, which exits at once after its core's report on stderr: the
+    raymia command's clean stop on SIGTERM needs its handler kept)."""
     env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
     out = subprocess.run([sys.executable, "-c", KEEPS_LOGGING], capture_output=True, text=True, timeout=120,
                          cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[-3:] == ["mine: raymia an info line", "mine: raymia a warning", "1 INFO"], out.stdout
+    assert lines[-4:] == ["mine: raymia an info line", "mine: raymia a warning", "1 INFO",
+                          "SIGTERM handler kept: True"], out.stdout
     assert "a warning" not in out.stderr and "job_id=" not in out.stdout
 
 

@@ -240,3 +240,111 @@ def test_a_ctrl_c_lost_in_a_garbage_collection_callback_still_stops_the_command(
     a final audit went on after such a Ctrl-C. raymia's hook raises it again in the main thread."""
     out = subprocess.run([sys.executable, "-c", LOST_INTERRUPT, hook], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == after, (out.stdout, out.stderr)
+
+
+TERM_SPEC = """
+name: term
+plan: {{num_models: 4, population: 200}}
+model: {{params: {{hidden: [64]}}}}
+train: {{epochs: 300}}
+attacks: [{{name: loss}}, {{name: lira_online}}]
+bank: {{pack_size: 1, engine: local}}
+output_dir: {out}/runs
+tracking: {{uri: "sqlite:///{out}/mlflow.db", experiment: term}}
+"""
+
+
+def test_sigterm_stops_an_audit_as_ctrl_c_does_and_the_same_command_resumes_it(tmp_path):
+    """SIGTERM is how a cluster stops a run (`ray job stop`, a pod's deletion, systemd, `kill`): one line, exit
+    143 (128 + 15) well within `ray job stop`'s 3 s before SIGKILL, no traceback, nothing left RUNNING in
+    MLflow; the same audit then trains only the packs the stop cut off, to the numbers of a run never
+    stopped. (The bank trains in the process, `bank.engine: local`: the handler is the command's, whatever
+    trains; tests/test_api.py checks that starting Ray keeps it.)"""
+    import glob
+    import os
+    import signal
+    import time
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    spec = tmp_path / "term.yaml"
+    spec.write_text(TERM_SPEC.format(out=tmp_path))
+    packs = str(tmp_path / "runs" / "signals" / "*" / "k1-pack-*.json")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "raymia", "audit", str(spec)], stdout=subprocess.DEVNULL,
+                                stderr=err, env=env, start_new_session=True)
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 120 and not glob.glob(packs) and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.time()
+        proc.wait(timeout=60)
+        took = time.time() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stderr = (tmp_path / "err").read_text()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == \
+        "raymia: stopped by SIGTERM; finished work is stored and the same command resumes it", stderr[-3000:]
+    assert "Traceback" not in stderr and took < 3, (took, stderr[-3000:])
+    kept = {p: (os.path.getmtime(p), open(p, "rb").read()) for p in glob.glob(packs)}
+    assert 1 <= len(kept) < 4, kept  # stopped mid-bank, its finished packs stored
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("term")
+    assert exp is None or not client.search_runs([exp.experiment_id])  # the audit's run opens when it reports
+
+    from raymia.audit import run_audit
+    from raymia.spec import AuditSpec
+
+    again = run_audit(str(spec), console=False, page=False)  # what the same command runs
+    assert {p: (os.path.getmtime(p), open(p, "rb").read()) for p in kept} == kept  # none trained again
+    assert len(glob.glob(packs)) == 4
+    exp = client.get_experiment_by_name("term")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    never_stopped = yaml.safe_load(TERM_SPEC.format(out=tmp_path / "ref"))
+    never_stopped["tracking"] = {"enabled": False}
+    ref = run_audit(AuditSpec.model_validate(never_stopped), console=False, page=False)
+    assert again.utility == ref.utility
+    assert run.data.metrics["test_accuracy"] == pytest.approx(ref.utility["test_accuracy"])
+    for attack in ("loss", "lira_online"):
+        assert again.attacks[attack]["auc"] == ref.attacks[attack]["auc"]
+        assert run.data.metrics[f"{attack}/auc"] == pytest.approx(ref.attacks[attack]["auc"])
+
+
+def test_sigterm_goes_to_the_ctrl_c_handler_in_place_and_main_puts_the_callers_back(monkeypatch):
+    """The handler calls the SIGINT handler in place (Tune's during a sweep: its last save, then the search
+    ends), since a `ray job` entrypoint has SIGINT blocked; with SIGINT ignored it stops all the same. `main`
+    sets it for its own run only."""
+    import signal
+
+    from raymia.cli import _stop_as_ctrl_c, main
+
+    calls, stopped = [], []
+    handler = _stop_as_ctrl_c(stopped)
+    monkeypatch.setattr(signal, "getsignal", lambda sig: (lambda s, f: calls.append(s)))
+    handler(signal.SIGTERM, None)
+    assert calls == [signal.SIGINT] and stopped == [signal.SIGTERM]
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_IGN)
+    with pytest.raises(KeyboardInterrupt):
+        handler(signal.SIGTERM, None)
+    monkeypatch.undo()
+
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    rlog = logging.getLogger("raymia")  # main sets up the raymia logger: the other tests get it back as it was
+    kept = rlog.handlers[:], rlog.propagate, rlog.level
+    try:
+        assert main(["schema", "--audit"]) == 0
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        rlog.handlers[:], rlog.propagate = kept[0], kept[1]
+        rlog.setLevel(kept[2])

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from raymia.errors import RaymiaError
@@ -44,6 +46,10 @@ def ensure_ray() -> None:
         check_address(address)
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    # ray.init replaces the driver's SIGTERM handler with its own (sys.exit, after its core's report
+    # "*** SIGTERM received" on stderr): one the process set itself (the raymia command's clean stop, a
+    # caller's own) is put back. Without one, Ray's stays, as ray.init leaves it.
+    term = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
         ray.init(
             address=address,
@@ -63,6 +69,8 @@ def ensure_ray() -> None:
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+        if callable(term) or term == signal.SIG_IGN:
+            signal.signal(signal.SIGTERM, term)
     keep_token_private()
     _drop_duplicate_worker_deaths()
     res = ray.cluster_resources()
