@@ -678,12 +678,13 @@ def lost_to_cluster(error: BaseException | None) -> bool:
 
 class _SaidByRaymia(logging.Filter):
     """Drops Tune's summary of failed trials (raymia has said each failure in its own line, and lists them
-    under the front) and its advice after Ctrl-C to call Tuner.restore (re-running the raymia command
-    resumes, which raymia's last line says), and the searcher's note that the study already has a trial's
-    result (a trial finished after raymia's copy of Tune's state reports its stored result again on resume)."""
+    under the front), its advice after Ctrl-C to call Tuner.restore and its note on Ctrl-C or SIGTERM that it
+    stops (re-running the raymia command resumes, which raymia's last line says), and the searcher's note
+    that the study already has a trial's result (a trial finished after raymia's copy of Tune's state
+    reports its stored result again on resume)."""
 
     SAID = ("Trials did not complete", "Failed to fetch metrics for", "Experiment has been interrupted",
-            "Cannot tell a COMPLETE trial")
+            "Stop signal received", "Cannot tell a COMPLETE trial")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.SAID)
