@@ -10,6 +10,8 @@ found it:
 - the environment: the variables set for Ray and Tune (`engine.cluster.ensure_ray`: Tune's reporter,
   checkpoint period and trial errors), so the caller's own Tune runs get Tune's defaults;
 - Optuna's verbosity (a sweep turns its INFO lines off: each trial has raymia's own line);
+- the SIGTERM handler, where the call runs in the main thread (`ray.init` installs Ray's own, which
+  `ensure_ray` replaces by the caller's where the caller had one, but leaves where it had none);
 - raymia's progress lines: a bare script or notebook that configured no logging gets them on stdout while
   the call runs (training on a Ray pool is otherwise silent for minutes); the `raymia` logger is as it was
   afterwards, so logging configured later reaches raymia's lines.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 import threading
 
@@ -58,6 +61,8 @@ def _put_back_after(fn, args, kwargs):
     threads, rng = torch.get_num_threads(), torch.get_rng_state()
     verbosity = optuna.logging.get_verbosity() if optuna else None
     ray_before, env = _ray_running(), dict(os.environ)
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    sigterm = signal.getsignal(signal.SIGTERM) if main else None
     from raymia.engine.bank_job import progress_on_stdout
 
     try:
@@ -73,6 +78,8 @@ def _put_back_after(fn, args, kwargs):
             optuna.logging.set_verbosity(verbosity if verbosity is not None else optuna.logging.INFO)
         torch.set_num_threads(threads)
         torch.set_rng_state(rng)
+        if main and sigterm is not None and signal.getsignal(signal.SIGTERM) is not sigterm:
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 def _ray_running() -> bool:

@@ -407,9 +407,12 @@ spec = {"plan": {"num_models": 4, "population": 100}, "model": {"params": {"hidd
         "bank": {"num_workers": 1}, "train": {"epochs": 1}, "tracking": {"enabled": False}}
 import os
 before = {k: os.environ.get(k) for k in ("TUNE_GLOBAL_CHECKPOINT_S", "RAY_AIR_NEW_OUTPUT", "TUNE_PRINT_ALL_TRIAL_ERRORS")}
+import signal
+sigterm = signal.getsignal(signal.SIGTERM)
 raymia.run_audit(spec, output_dir="runs", console=False)
 print("after its own:", ray.is_initialized())
 print("env as found:", before == {k: os.environ.get(k) for k in before}, before)
+print("SIGTERM as found:", signal.getsignal(signal.SIGTERM) is sigterm)  # ray.init sets Ray's own
 ray.init(address="local", num_cpus=1, include_dashboard=False)  # the notebook's own Ray: raymia uses it and leaves it
 raymia.run_audit(spec, ["seed=1"], output_dir="runs", console=False)
 print("after the caller's:", ray.is_initialized())
@@ -428,6 +431,7 @@ def test_an_audit_leaves_ray_as_it_found_it(tmp_path):
     # the variables set for its Ray (Tune's reporter and checkpoint period) are gone with it
     assert "env as found: True {'TUNE_GLOBAL_CHECKPOINT_S': None" in out.stdout, out.stdout
     assert "env as found again: True" in out.stdout, out.stdout  # Tune's settings come and go with a call
+    assert "SIGTERM as found: True" in out.stdout, out.stdout
     # a bare script sees the pool's progress (it configured no logging; training on Ray was silent)
     first, _, second = out.stdout.partition("after its own:")
     assert "[raymia] worker 0: pack 0 done (1/1" in first and "[raymia] worker 0: pack 0 done (1/1" in second, \
