@@ -33,15 +33,30 @@ def no_mlflow_files_in_the_repository():
     assert not changed, f"tests wrote MLflow files into the repository: {changed[:5]}"
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """A real local Ray instance with 2 CPUs, shared by every test that needs Ray (start-up costs ~5 s)."""
+def _local_ray():
     ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
+    from ray.experimental.internal_kv import _internal_kv_initialized
+
+    if not (ray.is_initialized() and _internal_kv_initialized()):  # ended, or left half-connected by a test
+        ray.shutdown()
         # address "local": a new instance of the tests' own, never a cluster `ray start` left on the machine
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    yield ray
-    ray.shutdown()
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray instance with 2 CPUs, shared by the tests that need Ray (start-up costs ~5 s), ended
+    with the session."""
+    yield _local_ray()
+    __import__("ray").shutdown()
+
+
+@pytest.fixture
+def ray_local(ray_session):
+    """The shared local Ray instance, started again where a test before this one ended it (the two-node
+    test does): without it, Ray's auto-init would join whatever cluster the machine last ran."""
+    return _local_ray()
 
 
 @pytest.fixture(scope="module")

@@ -97,8 +97,8 @@ def test_a_sweep_that_cannot_join_its_cluster_leaves_no_mlflow_run(tmp_path, mon
 
     from raymia.sweep import run_sweep
 
-    if ray.is_initialized():  # a caller's Ray is used as it is, whatever RAY_ADDRESS says
-        ray.shutdown()
+    # as in a fresh process: a Ray already running here (the tests' shared one) is used whatever RAY_ADDRESS says
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     address = f"127.0.0.1:{_free_port()}"
     monkeypatch.setenv("RAY_ADDRESS", address)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -28,7 +28,7 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def first_audit(ray_local, workdir):
+def first_audit(ray_session, workdir):
     spec = AuditSpec.model_validate(tiny_spec_dict(workdir))
     return spec, run_audit(spec)
 
