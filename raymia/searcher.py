@@ -7,7 +7,8 @@ its `constraints_func` (feasible when every value is <= 0): Tune's OptunaSearch 
 objectives, so `ConstrainedOptunaSearch` stores each finished trial's constraint values on its Optuna
 trial (`CONSTRAINTS_ATTR`) just before. It also makes the proposals independent of which of the concurrent
 trials finishes first (`ConstrainedOptunaSearch`), so that a sweep run again with the same seed proposes the
-same settings. Imports Ray Tune and Optuna: only `raymia.sweep` uses it.
+same settings, and a sweep resumed from Tune's saved state proposes what it would have proposed undisturbed
+(`ConstrainedOptunaSearch.restore`). Imports Ray Tune and Optuna: only `raymia.sweep` uses it.
 """
 
 from __future__ import annotations
@@ -73,11 +74,56 @@ class ConstrainedOptunaSearch(OptunaSearch):
         self._proposed: list[str] = []  # trial ids in the order they were proposed
         self._held: dict[str, tuple[dict | None, bool]] = {}  # finished, not yet told: (result, error)
         self._told = 0  # trials _proposed[:_told] are told to the study
+        self._saved_trials: list[Any] | None = None  # the study's trials when Tune last saved the searcher
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a searcher pickled before the hold rule (a sweep begun by an older raymia, resumed by this one)
-        # tells its trials as they end
-        self.__dict__.update({"_in_step": 1, "_num_trials": 0, "_proposed": [], "_held": {}, "_told": 0}, **state)
+        # tells its trials as they end, and one saved without its study's trials leaves the study as it is
+        self.__dict__.update({"_in_step": 1, "_num_trials": 0, "_proposed": [], "_held": {}, "_told": 0,
+                              "_saved_trials": None}, **state)
+
+    def save(self, checkpoint_path: str) -> None:
+        # the study's trials as they are now, with the sampler's state that saw them: what `restore` puts back
+        self._saved_trials = self._ot_study.get_trials(deepcopy=True)
+        super().save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """The searcher as Tune saved it, and its study made again as it was then.
+
+        The study's storage outlives the process: a killed sweep's study holds the trials asked and told after
+        Tune's last save (a trial asked then stays RUNNING for good, and is asked again under a new number when
+        the resumed search proposes it). The sampler restored here has the random state of the save, but would
+        see those trials and propose other settings than the undisturbed sweep. So the study is deleted and made again from the trials it had at the save,
+        with their numbers, settings, results and attributes: a trial that was running then is RUNNING again,
+        and is told when Tune has run it again with its own setting (its stored packs are reused)."""
+        super().restore(checkpoint_path)
+        if self._saved_trials is not None:
+            self._remake_study(self._saved_trials)
+
+    def _remake_study(self, trials: list[Any]) -> None:
+        import optuna
+
+        old = self._ot_study
+        try:
+            optuna.delete_study(study_name=old.study_name, storage=self._storage)
+        except KeyError:  # no such study: its storage is new (the sweep's folder on another machine, or deleted)
+            pass
+        study = optuna.create_study(storage=self._storage, sampler=old.sampler, pruner=old.pruner,
+                                    study_name=old.study_name, directions=old.directions)
+        study.add_trials(sorted(trials, key=lambda t: t.number))
+        # The study made again has new trial ids: the trials not told yet get handles on theirs.
+        ids = {t.number: t._trial_id for t in study.get_trials(deepcopy=False)}
+        for trial_id, ot_trial in self._ot_trials.items():
+            if trial_id not in self._completed_trials and ot_trial.number in ids:
+                self._ot_trials[trial_id] = optuna.Trial(study, ids[ot_trial.number])
+        # And a new study id, which the sampler's cached intersection search space (GP's) checks: what it
+        # caches, it computed from the same trials.
+        inner = [v for v in vars(study.sampler).values() if isinstance(v, optuna.samplers.BaseSampler)]
+        for sampler in [study.sampler, *inner]:
+            for cache in vars(sampler).values():
+                if isinstance(cache, optuna.search_space.IntersectionSearchSpace) and cache._study_id is not None:
+                    cache._study_id = study._study_id
+        self._ot_study = study
 
     def suggest(self, trial_id: str) -> dict | None:
         if trial_id not in self._ot_trials:

@@ -175,32 +175,69 @@ def test_the_first_console_line_names_the_space_or_with_many_defenses_their_size
     assert len(line) < 400
 
 
-def _drive_search(finish_newest_first: bool, concurrent: int = 2, n: int = 8) -> list[dict]:
+class _Tune:
     """Tune's side of the Searcher API: up to `concurrent` trials run; when one ends, the free slots are
     offered again (a `suggest` that answers None leaves its slot free until the next end). The trials end
-    oldest first, or newest first. Returns the settings in the order they were proposed."""
+    oldest first, or newest first. `configs` holds the settings in the order they were proposed."""
+
+    def __init__(self, search, n: int, concurrent: int, finish_newest_first: bool):
+        self.search, self.n, self.concurrent, self.newest = search, n, concurrent, finish_newest_first
+        self.configs: dict[str, dict] = {}
+        self.running: list[str] = []
+        self.ended: list[str] = []
+
+    def run(self, save_at: int | None = None, path=None, stop_at: int | None = None):
+        """Drive the search to its end; with `save_at`, the searcher saved to `path` after that many events
+        (a proposal or a trial's end), as Tune saves its state, and `(configs, ended)` of that moment
+        returned; with `stop_at`, the driver stops (is killed) after that many events."""
+        events, saved = 0, None
+
+        def event() -> bool:
+            nonlocal events, saved
+            events += 1
+            if events == save_at:
+                self.search.save(str(path))
+                saved = (dict(self.configs), list(self.ended))
+            return events == stop_at
+
+        while len(self.configs) < self.n or self.running:
+            while len(self.running) < self.concurrent and len(self.configs) < self.n:
+                trial_id = f"t{len(self.configs)}"
+                config = self.search.suggest(trial_id)
+                if config is None:
+                    break
+                self.configs[trial_id] = config
+                self.running.append(trial_id)
+                if event():
+                    return saved
+            done = self.running.pop(-1 if self.newest else 0)
+            x, y = self.configs[done]["x"], self.configs[done]["y"]
+            self.search.on_trial_complete(done, {"a": x - y * y, "b": x * y})
+            self.ended.append(done)
+            if event():
+                return saved
+        return saved
+
+
+def _xy_space(trial):  # at module level: Tune pickles the searcher with its space
+    trial.suggest_float("x", 0.0, 1.0)
+    trial.suggest_float("y", 0.0, 1.0)
+
+
+def _searcher(n: int, concurrent: int, sampler: str = "tpe", storage=None):
     from raymia.searcher import ConstrainedOptunaSearch, make_sampler
 
-    def space(trial):
-        trial.suggest_float("x", 0.0, 1.0)
-        trial.suggest_float("y", 0.0, 1.0)
+    return ConstrainedOptunaSearch(space=_xy_space, metric=["a", "b"], mode=["max", "min"], storage=storage,
+                                   study_name="s" if storage is not None else None,
+                                   sampler=make_sampler(sampler, 0, n, False), max_concurrent=concurrent, num_trials=n)
 
-    search = ConstrainedOptunaSearch(space=space, metric=["a", "b"], mode=["max", "min"],
-                                     sampler=make_sampler("tpe", 0, n, False), max_concurrent=concurrent, num_trials=n)
-    proposed: list[dict] = []
-    running: list[str] = []
-    while len(proposed) < n or running:
-        while len(running) < concurrent and len(proposed) < n:
-            config = search.suggest(f"t{len(proposed)}")
-            if config is None:
-                break
-            proposed.append(config)
-            running.append(f"t{len(proposed) - 1}")
-        done = running.pop(-1 if finish_newest_first else 0)
-        x, y = proposed[int(done[1:])]["x"], proposed[int(done[1:])]["y"]
-        search.on_trial_complete(done, {"a": x - y * y, "b": x * y})
-    assert len(search._ot_study.get_trials()) == n  # every trial told by the end
-    return proposed
+
+def _drive_search(finish_newest_first: bool, concurrent: int = 2, n: int = 8) -> list[dict]:
+    """The settings proposed, in order, by a search driven to its end."""
+    tune = _Tune(_searcher(n, concurrent), n, concurrent, finish_newest_first)
+    tune.run()
+    assert len(tune.search._ot_study.get_trials()) == n  # every trial told by the end
+    return list(tune.configs.values())
 
 
 def test_a_searcher_pickled_without_the_hold_rule_resumes_telling_trials_as_they_end():
@@ -236,3 +273,48 @@ def test_proposals_do_not_depend_on_which_concurrent_trial_ends_first():
     assert oldest == newest
     assert len({c["x"] for c in oldest}) == 8
     assert _drive_search(False, concurrent=1) != oldest  # one at a time the sampler sees more: other settings
+
+
+def _storage(url: str):
+    from raymia.sweep import _optuna_storage
+
+    return _optuna_storage(url)
+
+
+def _trials(search) -> list[tuple]:
+    return [(t.number, t.state, t.params, t.values) for t in search._ot_study.get_trials()]
+
+
+# (save_at, stop_at, moved): Tune saved its state after `save_at` events, the sweep was killed after
+# `stop_at`, and resumed with its study as the kill left it, or (moved) with none
+KILLS = ((1, 3, False), (2, 5, True), (4, 6, False), (7, 8, False), (9, 12, True), (10, 13, False))
+
+
+@pytest.mark.parametrize("sampler,concurrent,kind,kills", [
+    ("tpe", 1, "journal", KILLS), ("tpe", 2, "journal", KILLS), ("tpe", 2, "sqlite", ((7, 9, False),)),
+    ("nsga2", 2, "journal", ((9, 11, False), (11, 13, True))), ("gp", 2, "journal", ((6, 9, False),)),
+])
+def test_a_search_resumed_from_tunes_saved_state_proposes_what_it_would_have_undisturbed(
+        tmp_path, sampler, concurrent, kind, kills):
+    """A sweep killed some events after Tune's last save (a proposal or a trial's end is an event) leaves in
+    its study the trials asked and told since; Tune resumes from the save, running again the trials that had
+    not ended then, with their settings. The searcher it restores remakes the study as it was at the save, so
+    the resumed search proposes the settings of the undisturbed one and its study ends the same, trial numbers
+    included; also when the study is gone (another machine's sweep folder)."""
+    n = 8
+    url = (lambda name: f"sqlite:///{tmp_path / name}.db") if kind == "sqlite" else \
+        (lambda name: f"journal:///{tmp_path / name}.log")
+    ref = _Tune(_searcher(n, concurrent, sampler, _storage(url("ref"))), n, concurrent, False)
+    ref.run()
+    for save_at, stop_at, moved in kills:
+        db = f"k{save_at}-{stop_at}"
+        killed = _Tune(_searcher(n, concurrent, sampler, _storage(url(db))), n, concurrent, False)
+        configs, ended = killed.run(save_at, tmp_path / "searcher.pkl", stop_at)
+        search = _searcher(n, concurrent, sampler, _storage(url(f"new-{db}" if moved else db)))
+        search.restore(str(tmp_path / "searcher.pkl"))
+        resumed = _Tune(search, n, concurrent, True)  # the order trials end in is the machine's
+        resumed.configs, resumed.ended = configs, ended
+        resumed.running = [t for t in configs if t not in ended]  # run again with their settings
+        resumed.run()
+        assert resumed.configs == ref.configs, (save_at, stop_at)
+        assert _trials(search) == _trials(ref.search), (save_at, stop_at)
