@@ -14,9 +14,11 @@ same settings, and a sweep resumed from Tune's saved state proposes what it woul
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
+import optuna
 from ray.tune.search.optuna import OptunaSearch
 
 from raymia.space import population_size, startup_trials
@@ -41,15 +43,25 @@ def _stored_constraints(trial) -> Sequence[float]:
     return trial.user_attrs.get(CONSTRAINTS_ATTR, ())
 
 
+class PicklableNSGAII(optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II, which Tune can pickle with the searcher (into tuner.pkl and each saved state): Optuna's
+    holds a thread lock, which pickle refuses, so a sweep with `sampler: nsga2` failed as it began. The lock
+    guards a cache within one process: the unpickled sampler gets a new one."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_thread_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _thread_lock=threading.Lock())
+
+
 def make_sampler(name: str, seed: int, num_trials: int, constrained: bool):
     """The sampler `sweep.sampler` names, sized to the sweep, with the constraints when there are some."""
-    import optuna
-
     cf = {"constraints_func": _stored_constraints} if constrained else {}
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(num_trials), **cf)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=population_size(num_trials), **cf)
+        return PicklableNSGAII(seed=seed, population_size=population_size(num_trials), **cf)
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_trials(num_trials), **cf)
     return optuna.samplers.RandomSampler(seed=seed)
@@ -75,16 +87,19 @@ class ConstrainedOptunaSearch(OptunaSearch):
         self._held: dict[str, tuple[dict | None, bool]] = {}  # finished, not yet told: (result, error)
         self._told = 0  # trials _proposed[:_told] are told to the study
         self._saved_trials: list[Any] | None = None  # the study's trials when Tune last saved the searcher
+        self._saved_attrs: dict[str, Any] = {}  # and its system attributes
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a searcher pickled before the hold rule (a sweep begun by an older raymia, resumed by this one)
         # tells its trials as they end, and one saved without its study's trials leaves the study as it is
         self.__dict__.update({"_in_step": 1, "_num_trials": 0, "_proposed": [], "_held": {}, "_told": 0,
-                              "_saved_trials": None}, **state)
+                              "_saved_trials": None, "_saved_attrs": {}}, **state)
 
     def save(self, checkpoint_path: str) -> None:
         # the study's trials as they are now, with the sampler's state that saw them: what `restore` puts back
-        self._saved_trials = self._ot_study.get_trials(deepcopy=True)
+        study = self._ot_study
+        self._saved_trials = study.get_trials(deepcopy=True)
+        self._saved_attrs = study._storage.get_study_system_attrs(study._study_id)  # NSGA-II's parents
         super().save(checkpoint_path)
 
     def restore(self, checkpoint_path: str) -> None:
@@ -98,11 +113,9 @@ class ConstrainedOptunaSearch(OptunaSearch):
         and is told when Tune has run it again with its own setting (its stored packs are reused)."""
         super().restore(checkpoint_path)
         if self._saved_trials is not None:
-            self._remake_study(self._saved_trials)
+            self._remake_study(self._saved_trials, self._saved_attrs)
 
-    def _remake_study(self, trials: list[Any]) -> None:
-        import optuna
-
+    def _remake_study(self, trials: list[Any], attrs: dict[str, Any]) -> None:
         old = self._ot_study
         try:
             optuna.delete_study(study_name=old.study_name, storage=self._storage)
@@ -116,6 +129,14 @@ class ConstrainedOptunaSearch(OptunaSearch):
         for trial_id, ot_trial in self._ot_trials.items():
             if trial_id not in self._completed_trials and ot_trial.number in ids:
                 self._ot_trials[trial_id] = optuna.Trial(study, ids[ot_trial.number])
+        # NSGA-II caches each generation's parents by trial id: computed again, they would come in another
+        # order, and the parents it draws from them would differ
+        new_id = {t._trial_id: ids[t.number] for t in trials}
+        parents = getattr(study.sampler, "_get_parent_cache_key_prefix", lambda: None)()
+        for key, value in attrs.items():
+            if parents and key.startswith(parents):
+                value = [new_id[i] for i in value]
+            study._storage.set_study_system_attr(study._study_id, key, value)
         # And a new study id, which the sampler's cached intersection search space (GP's) checks: what it
         # caches, it computed from the same trials.
         inner = [v for v in vars(study.sampler).values() if isinstance(v, optuna.samplers.BaseSampler)]
