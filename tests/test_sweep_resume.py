@@ -39,18 +39,19 @@ def test_killed_sweep_resumes(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen([sys.executable, "-m", "raymia", "sweep", str(spec)], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True, env=env)
-    copy = tmp_path / "runs" / "sweeps" / "resumable" / "tune-state.zip"  # taken after a finished trial
+    # killed during trial 2, as its bank's pack appears (the undefended trial 0 trains first, then trial 1)
+    packs_glob = str(tmp_path / "runs" / "signals" / "*" / "k4-pack-*.json")
     t0 = time.time()
-    while time.time() - t0 < 240 and not (glob.glob(trials_glob) and copy.exists()) and first.poll() is None:
+    while time.time() - t0 < 240 and len(glob.glob(packs_glob)) < 3 and first.poll() is None:
         time.sleep(0.1)
     # what had finished when the kill was decided: a trial process that outlives the driver for a moment may
     # still store a result, for a trial that Tune's state (and so the resume) never knew
-    finished = glob.glob(trials_glob)
+    finished, packs = glob.glob(trials_glob), glob.glob(packs_glob)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     done_before = {p.split(os.sep)[-2] for p in finished}
-    assert 1 <= len(done_before) < 3, done_before
-    mtimes = {p: os.path.getmtime(p) for p in finished}
+    assert len(done_before) == 1 and len(packs) == 3, (done_before, packs)
+    mtimes = {p: os.path.getmtime(p) for p in finished + packs}
     # The worst kill: while Tune copied its searcher state (Tune's copies are not atomic). The resume puts
     # back raymia's signed copy from the last finished trial, and never waits forever on a failed restore.
     for state in glob.glob(str(tmp_path / "runs" / "ray" / "sweep-resumable" / "searcher-state-*.pkl")):
@@ -86,8 +87,19 @@ def test_killed_sweep_resumes(tmp_path):
     assert [t["defense"] for t in result["trials"]].count("none") == 1
     ids = {t["trial_id"] for t in result["trials"]}
     assert done_before <= ids
-    for p, m in mtimes.items():  # finished trials were not run again
+    for p, m in mtimes.items():  # finished trials were not run again, trial 2 did not train again
         assert os.path.getmtime(p) == m
+    # and the sweep is the one that was not killed: its study went on from where Tune's saved state left it
+    from raymia.spec import SweepSpec
+    from raymia.sweep import run_sweep
+
+    d = yaml.safe_load(SPEC.format(out=tmp_path))
+    d.update(name="undisturbed", tracking={"enabled": False})
+    undisturbed = run_sweep(SweepSpec.model_validate(d), console=False)  # its banks stored: nothing trains
+    assert [(t["trial"], t["defense"], t.get("params"), t["test_accuracy"]) for t in result["trials"]] == \
+        [(t["trial"], t["defense"], t.get("params"), t["test_accuracy"]) for t in undisturbed.trials]
+    assert result["front"] == undisturbed.front
+    assert len(glob.glob(packs_glob)) == 4  # one bank per setting: the same four settings
 
     # Re-running a finished sweep reports it and runs nothing (started now: it runs while MLflow is read).
     with open(tmp_path / "third.out", "w") as out, open(tmp_path / "third.err", "w") as err:
