@@ -599,8 +599,9 @@ def _progress_callback(spec: SweepSpec, exp, keep):
             self.backup(trials)  # after Tune's last save (a Ctrl-C's too), which a trial's callback precedes
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            # Tune saved the trial when its setting was proposed: a kill from here on resumes it with that
-            # setting, as the study proposed it (a copy from before would have the study propose anew)
+            # Tune's newest saved state, which holds this trial's setting once Tune has saved since it was
+            # proposed (it saves at most every 10 s); a resume from a state before that proposes it again, the
+            # same setting (the searcher puts its study back as it was then)
             self.backup(trials)
 
         @staticmethod
