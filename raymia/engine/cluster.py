@@ -99,7 +99,11 @@ except Exception as e:
 """
 
 
-_JOINABLE: set[str] = set()  # addresses this process found joinable
+_JOINABLE: set[tuple[str | None, ...]] = set()  # (address, token settings) this process found joinable
+
+
+def _joinable_key(address: str) -> tuple[str | None, ...]:
+    return (address, *(os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")))
 
 
 def check_address(address: str, timeout: float = 5.0, gcs_timeout: float = 20.0) -> None:
@@ -109,7 +113,7 @@ def check_address(address: str, timeout: float = 5.0, gcs_timeout: float = 20.0)
     traceback naming neither the cause nor the fix. Checked: the scheme (a dashboard URL, which the `ray job`
     commands take, or a Ray Client address), that the GCS port accepts a connection within `timeout`, and
     that the GCS answers this process's token within `gcs_timeout`."""
-    if address in _JOINABLE:  # a sweep checks before it creates its MLflow run, then ensure_ray
+    if _joinable_key(address) in _JOINABLE:  # a sweep checks before it creates its MLflow run, then ensure_ray
         return
     where = "RAY_ADDRESS"
     scheme = address.split("://", 1)[0].lower() if "://" in address else ""
@@ -160,7 +164,7 @@ def check_address(address: str, timeout: float = 5.0, gcs_timeout: float = 20.0)
             f"{named} accepts connections, but no Ray GCS answered there in {gcs_timeout:g} s: is it the "
             f"head's GCS port (`ray start --head --port`, 6379 by default)?", where=where) from None
     if probe.returncode == 0:
-        _JOINABLE.add(address)
+        _JOINABLE.add(_joinable_key(address))
         return
     said = probe.stderr
     if "AuthenticationError" in said or "InvalidAuthToken" in said:
