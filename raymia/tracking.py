@@ -315,7 +315,6 @@ def drop_interrupted(uri: str, experiment: str, run_name: str, tags: dict[str, s
 def end_running_children(uri: str, parent_id: str, status: str = "KILLED") -> int:
     """End the child runs of `parent_id` that are still RUNNING (an interrupted sweep's trials) with
     `status`, so the UI does not show them as running; a resumed sweep replaces them. Returns how many."""
-
     client = _client(uri)
     experiment_id = client.get_run(parent_id).info.experiment_id
     running = client.search_runs([experiment_id], filter_string=f"{tag_equals(MLFLOW_PARENT_TAG, parent_id)} and "
