@@ -269,7 +269,7 @@ def _check_fits_local_ray(spec: AuditSpec) -> None:
     are the cluster's, known only once the run connects."""
     if os.environ.get("RAY_ADDRESS"):
         return
-    from raymia.engine.pool import capacity, check_trial_cpu, local_node
+    from raymia.engine.pool import capacity, check_trial_cpu, local_node, uses_gpu
 
     nodes = [local_node()]
     sweep = spec.sweep if isinstance(spec, SweepSpec) else None
@@ -277,8 +277,7 @@ def _check_fits_local_ray(spec: AuditSpec) -> None:
         check_trial_cpu(sweep.trial_cpu, nodes)
     b = spec.bank
     if b.engine == "ray":
-        use_gpu = b.device == "cuda" or (b.device == "auto" and nodes[0]["GPU"] >= 1)
-        capacity(b.cpus_per_worker, 1 if use_gpu else 0,
+        capacity(b.cpus_per_worker, 1 if uses_gpu(b.device, nodes[0]["GPU"]) else 0,
                  sweep.trial_cpu * sweep.max_concurrent if sweep is not None else 0.0, nodes)
 
 

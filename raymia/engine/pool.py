@@ -156,7 +156,7 @@ class BankPool:
 
         ensure_ray()
         b = spec.bank
-        use_gpu = b.device == "cuda" or (b.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+        use_gpu = uses_gpu(b.device, ray.cluster_resources().get("GPU", 0))
         fit = capacity(b.cpus_per_worker, 1 if use_gpu else 0, reserve_cpus)
         n = min(b.num_workers, fit)
         if n < b.num_workers:
@@ -348,6 +348,11 @@ def live_nodes() -> list[dict[str, float]]:
     import ray
 
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def uses_gpu(device: str, gpus: float) -> bool:
+    """Whether the pool's workers each hold a GPU: `bank.device` cuda, or auto where the cluster has one."""
+    return device == "cuda" or (device == "auto" and gpus >= 1)
 
 
 def local_node() -> dict[str, float]:
