@@ -18,7 +18,7 @@ DEFENSES = {
     "weight_decay": {"weight_decay": 0.01},
     "early_stopping": {"fraction": 0.5},
     "confidence": {"temperature": 3.0, "top_k": 3},
-    "memguard": {"epsilon": 0.5, "defense_epochs": 50},
+    "memguard": {"epsilon": 0.5, "defense_optimizer": "adam", "defense_epochs": 20, "max_iter": 30},
     "relaxloss": {"alpha": 0.5},
     "advreg": {"lam": 1.0},
     "dpsgd": {"noise_multiplier": 1.0, "max_grad_norm": 1.0},

@@ -360,7 +360,7 @@ def test_declared_ranges():
 BANK_CASES = {
     "advreg": ({"lam": 1.0, "warmup_epochs": 1}, None),
     "relaxloss": ({"alpha": 0.3}, None),
-    "memguard": ({"epsilon": 0.5, "defense_epochs": 20}, None),
+    "memguard": ({"epsilon": 0.5, "defense_optimizer": "adam", "defense_epochs": 20, "max_iter": 30}, None),
     "pruning": ({"sparsity": 0.6, "method": "admm", "admm_epochs": 1, "minmax_lambda": 1.0}, None),
 }
 

@@ -146,17 +146,14 @@ def test_lomma_ked_mi_lands_closer_to_the_private_images(inversion_setting, tmp_
     private = digits.y_train < len(PRIVATE)
     x, y = digits.x_train[private], digits.y_train[private]
     params = {**GAN, "steps": 200, "per_class": 4}
-    for seed in (0, 1):
-        ctx = _ctx(inversion_setting, tmp_path, seed=seed)
-        plain = score_reconstructions(evaluator, *_images(run_inversion("ked_mi", params, target, PRIVATE, ctx)), x, y)
-        lomma = score_reconstructions(evaluator, *_images(run_inversion("ked_mi", {**params, **LOMMA}, target,
-                                                                         PRIVATE, ctx)), x, y)
-        print(f"seed {seed}: ked_mi top-1 {plain['top1']:.2f} knn {plain['knn_dist']:.3f}; "
-              f"LOMMA top-1 {lomma['top1']:.2f} knn {lomma['knn_dist']:.3f}")
-        # measured (squared KNN distance): 10.16 -> 5.61 (seed 0), 12.46 -> 7.35 (seed 1); top-1 0.95 -> 1.00,
-        # 0.90 -> 0.95
-        assert lomma["knn_dist"] <= plain["knn_dist"] - 2.0
-        assert lomma["top1"] >= plain["top1"] and lomma["top1"] >= 0.8
+    ctx = _ctx(inversion_setting, tmp_path, seed=0)
+    plain = score_reconstructions(evaluator, *_images(run_inversion("ked_mi", params, target, PRIVATE, ctx)), x, y)
+    lomma = score_reconstructions(evaluator, *_images(run_inversion("ked_mi", {**params, **LOMMA}, target, PRIVATE,
+                                                                     ctx)), x, y)
+    # measured (squared KNN distance): 10.16 -> 5.61, top-1 0.95 -> 1.00 (seed 1, not run to keep the suite's
+    # time: 12.46 -> 7.35, 0.90 -> 0.95)
+    assert lomma["knn_dist"] <= plain["knn_dist"] - 2.0, (plain, lomma)
+    assert lomma["top1"] >= plain["top1"] and lomma["top1"] >= 0.8, (plain, lomma)
     # GMI takes the same params and still recognises its classes
     out = run_inversion("gmi", {**GAN, "gan_loss": "dcgan", "n_critic": 1, "steps": 200, "restarts": 4,
                                 "per_class": 4, **LOMMA}, target, PRIVATE, _ctx(inversion_setting, tmp_path))

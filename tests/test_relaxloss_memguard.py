@@ -254,9 +254,10 @@ def test_memguard_refusals(digits):
 
 # --- MemGuard against attacks on a small bank ---------------------------------------------------------------
 def test_memguard_lowers_attacks_on_a_digits_bank(tmp_path):
-    """8 overfit MLPs, targets 0-3 leave-one-out, the official MemGuard settings at epsilon 1 vs no defense.
-    Measured: loss AUC 0.620 -> 0.584, shokri 0.667 -> 0.603, lira_offline 0.721 -> 0.599; test accuracy
-    0.935 both (label-preserving). MemGuard trains its models plainly (with seeds of its own) and only
+    """8 overfit MLPs, targets 0-3 leave-one-out, MemGuard at epsilon 1 vs no defense, its classifier g fitted
+    with FAST_G (the official 400 SGD epochs took 30 s of this test's 70 and attacked less well: loss AUC
+    0.620 -> 0.594, shokri 0.667 -> 0.604, lira_offline 0.730 -> 0.603). Measured with FAST_G: loss AUC
+    0.620 -> 0.511, shokri 0.667 -> 0.565, lira_offline 0.730 -> 0.556; test accuracy equal (label-preserving). MemGuard trains its models plainly (with seeds of its own) and only
     post-processes: its raw outputs (`metrics.raw_outputs`) leak as the undefended bank does (lira_offline
     AUC 0.730 both)."""
     def audit(defense: dict) -> dict:
@@ -271,7 +272,7 @@ def test_memguard_lowers_attacks_on_a_digits_bank(tmp_path):
         return run_audit(spec, console=False).flat_metrics()
 
     plain = audit({"name": "none"})
-    guarded = audit({"name": "memguard", "params": {"epsilon": 1.0}})
+    guarded = audit({"name": "memguard", "params": {"epsilon": 1.0, **FAST_G}})
     assert plain["loss/auc"] > 0.6
     assert guarded["loss/auc"] < plain["loss/auc"] - 0.02
     assert guarded["shokri/auc"] < plain["shokri/auc"] - 0.03

@@ -89,17 +89,10 @@ def test_killed_sweep_resumes(tmp_path):
     assert done_before <= ids
     for p, m in mtimes.items():  # finished trials were not run again, trial 2 did not train again
         assert os.path.getmtime(p) == m
-    # and the sweep is the one that was not killed: its study went on from where Tune's saved state left it
-    from raymia.spec import SweepSpec
-    from raymia.sweep import run_sweep
-
-    d = yaml.safe_load(SPEC.format(out=tmp_path))
-    d.update(name="undisturbed", tracking={"enabled": False})
-    undisturbed = run_sweep(SweepSpec.model_validate(d), console=False)  # its banks stored: nothing trains
-    assert [(t["trial"], t["defense"], t.get("params"), t["test_accuracy"]) for t in result["trials"]] == \
-        [(t["trial"], t["defense"], t.get("params"), t["test_accuracy"]) for t in undisturbed.trials]
-    assert result["front"] == undisturbed.front
-    assert len(glob.glob(packs_glob)) == 4  # one bank per setting: the same four settings
+    # the resumed trial 2 kept its setting (its pack above was not trained again) and trial 3 trained its own
+    # bank; that the resumed study proposes what the undisturbed one would have is tested on the searcher at
+    # many kill points (test_sweep_files.py: test_a_search_resumed_from_tunes_saved_state_proposes_...)
+    assert len(glob.glob(packs_glob)) == 4  # one bank per setting: four settings
 
     from mlflow.tracking import MlflowClient
 
@@ -134,7 +127,7 @@ def test_ctrl_c_stops_a_sweep_with_exit_130_and_no_run_left_running(tmp_path):
                                 start_new_session=True, env=env)
     try:
         t0 = time.time()
-        while time.time() - t0 < 240 and len(glob.glob(trials_glob)) < 2 and proc.poll() is None:
+        while time.time() - t0 < 240 and len(glob.glob(trials_glob)) < 1 and proc.poll() is None:
             time.sleep(0.1)
         assert proc.poll() is None, (tmp_path / "err").read_text()[-3000:]
         os.killpg(proc.pid, signal.SIGINT)
