@@ -5,11 +5,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The suite runs on two test processes (pyproject: -n 2), which share the machine's cores: one intra-op
+    # thread each, and in the commands they start, as more only add barriers (see `one_thread`). Set before
+    # torch is imported, which reads it once.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with a slow test run first: each test process takes whole files (--dist loadfile), and the long
+    ones started last would leave one process working alone at the end."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: each file's own order is kept
 MLFLOW_LEFTOVERS = ("mlruns", "mlartifacts", "mlflow.db")
 
 
@@ -194,3 +208,40 @@ def chromium_page_url(url: str, width: int = 1600):
 def decoded_images(tab) -> list[tuple[str, int, int]]:
     """(alt, natural width, natural height) of every image of the page: 0 x 0 when it did not decode."""
     return [tuple(x) for x in tab.evaluate("[...document.images].map(i => [i.alt, i.naturalWidth, i.naturalHeight])")]
+
+
+def run_cli(*args: str, cwd=None):
+    """`raymia ARGS` in this process: `raymia.cli.main`, which the console script calls, with its exit code and
+    output as `subprocess.run(capture_output=True, text=True)` gives them, without a new interpreter's seconds
+    of imports. What main sets for its command (raymia's logger, the libraries' log levels) is put back.
+    Tests of the process itself (signals, the exit) start a real `raymia` process."""
+    import io
+    import subprocess
+
+    from raymia.cli import main
+
+    rlog = logging.getLogger("raymia")
+    kept = (rlog.handlers[:], rlog.propagate, rlog.level)
+    levels = {name: logging.getLogger(name).level for name in ("mlflow", "alembic", "ray", "urllib3")}
+    env = os.environ.get("MLFLOW_LOGGING_LEVEL")
+    here = os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(here)
+        rlog.handlers[:], rlog.propagate = kept[0], kept[1]
+        rlog.setLevel(kept[2])
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        if env is None:
+            os.environ.pop("MLFLOW_LOGGING_LEVEL", None)
+        else:
+            os.environ["MLFLOW_LOGGING_LEVEL"] = env
+    return subprocess.CompletedProcess(["raymia", *args], code, out.getvalue(), err.getvalue())

@@ -420,6 +420,7 @@ print("env as found again:", before == {k: os.environ.get(k) for k in before})
 """
 
 
+@pytest.mark.slow
 def test_an_audit_leaves_ray_as_it_found_it(tmp_path):
     """The Ray instance an audit starts for its bank is shut down when it returns (a notebook's own
     ray.init() afterwards failed: Ray was initialised already); the caller's own Ray is used and left up."""

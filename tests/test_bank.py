@@ -199,6 +199,7 @@ def test_fused_optimizer_is_the_recipes_update_rule(optimizer):
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++")),
                     reason="torch.compile on a CPU needs a C++ compiler")
+@pytest.mark.slow
 def test_compiled_pack_trains_the_same_models():
     """compile=True (torch.compile of the pack's forward and loss, a benchmark option) trains the same models."""
     ctx = ctx_for(train={"epochs": 2})

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,6 +40,7 @@ def test_recipe_accuracy_trains_one_model_on_all_members_or_its_own():
     assert 0.6 < own["test_accuracy"] <= 1 and 0.6 < every["test_accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_attack_cost_runs_every_attack_finite(tmp_path):
     out = tmp_path / "cost.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attack_cost.py"), "--models", "8", "--points", "300",

@@ -10,10 +10,11 @@ import threading
 
 import pytest
 
+from tests.conftest import run_cli
+
 
 def raymia(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "raymia", *args], capture_output=True, text=True, timeout=120,
-                          cwd=cwd)
+    return run_cli(*args, cwd=cwd)  # in this process; a real one where the process is what is tested
 
 
 @pytest.mark.parametrize(
@@ -254,6 +255,7 @@ tracking: {{uri: "sqlite:///{out}/mlflow.db", experiment: term}}
 """
 
 
+@pytest.mark.slow
 def test_sigterm_stops_an_audit_as_ctrl_c_does_and_the_same_command_resumes_it(tmp_path):
     """SIGTERM is how a cluster stops a run (`ray job stop`, a pod's deletion, systemd, `kill`): one line, exit
     143 (128 + 15) well within `ray job stop`'s 3 s before SIGKILL, no traceback, nothing left RUNNING in

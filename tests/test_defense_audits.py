@@ -33,6 +33,7 @@ REPORTED = {"dpsgd": "defense/epsilon", "pruning": "defense/sparsity", "tl_dmi":
             "dmp": "defense/teacher_agreement", "selena": "defense/soft_label_accuracy"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(DEFENSES))
 def test_small_audit_per_defense(name, tmp_path):
     spec = AuditSpec.model_validate({

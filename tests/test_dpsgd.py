@@ -295,6 +295,7 @@ def _epsilon_lb(sig: Signals) -> dict[str, float]:
     return out
 
 
+@pytest.mark.slow
 def test_canary_audit_bound_stays_below_accounted_epsilon(one_thread):
     plain, _, acc_plain = _canary_bank({"name": "none"}, epochs=30)
     lb_plain = _epsilon_lb(plain)

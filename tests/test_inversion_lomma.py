@@ -139,6 +139,7 @@ def test_params_and_shapes_are_checked_in_one_line(inversion_setting, tmp_path):
         check_inversion_models(spec, inversion_setting[0])
 
 
+@pytest.mark.slow
 def test_lomma_ked_mi_lands_closer_to_the_private_images(inversion_setting, tmp_path, digits):
     """LOMMA's claim, at digits scale: its reconstructions are nearer the private images of their class in
     the evaluator's feature space than plain KED-MI's, at equal recognisability (top-1 saturates here)."""

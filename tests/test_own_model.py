@@ -495,6 +495,7 @@ def _run(args: list[str], cwd: Path) -> str:
     return out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_example_own_model_checkpoint_and_builder_on_ray_workers_with_its_report(tmp_path):
     where = _example("own_model", tmp_path)
     _run([sys.executable, "train_target.py"], where)

@@ -8,7 +8,6 @@ import io
 import itertools
 import random
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ import yaml
 
 from raymia.errors import RaymiaError
 from raymia.pareto import hypervolume, print_front, trials_from_mlflow, write_front
+from tests.conftest import run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ACC, TPR = "test_accuracy", "lira_online/tpr_fpr_0.01"
@@ -370,10 +370,10 @@ def test_an_objectives_own_reference_credits_trade_offs():
 
 # --- the command -----------------------------------------------------------------------------------------
 def raymia(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "raymia", *args], capture_output=True, text=True, timeout=120,
-                          cwd=cwd)
+    return run_cli(*args, cwd=cwd)  # in this process; a real one where the process is what is tested
 
 
+@pytest.mark.slow
 def test_one_front_over_two_sweeps(tmp_path):
     """`raymia pareto --sweep A --sweep B`: the front of both sweeps' trials, numbered sweep:trial, against
     the first sweep's reference; sweeps with other objectives are refused in one line."""
@@ -441,6 +441,7 @@ def test_two_runs_of_one_sweep_are_told_apart_and_one_run_twice_is_refused():
         merge_sweeps([part("aaaaaaaa1111"), part("aaaaaaaa1111")], where="--run-id")
 
 
+@pytest.mark.slow
 def test_cli_pareto_prints_the_front_and_writes_the_files(store, tmp_path):
     out = raymia("pareto", "--experiment", "X", "--sweep", "demo", "--uri", store["uri"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr

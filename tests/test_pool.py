@@ -144,6 +144,7 @@ def test_a_trial_driver_larger_than_every_node_is_one_line_before_anything_train
     assert not (tmp_path / "signals").exists()  # nothing trained
 
 
+@pytest.mark.slow
 def test_two_node_sweep_uses_both_nodes_and_survives_losing_one(tmp_path):
     cluster_utils = pytest.importorskip("ray.cluster_utils")
     cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})

@@ -253,6 +253,7 @@ def test_memguard_refusals(digits):
 
 
 # --- MemGuard against attacks on a small bank ---------------------------------------------------------------
+@pytest.mark.slow
 def test_memguard_lowers_attacks_on_a_digits_bank(tmp_path):
     """8 overfit MLPs, targets 0-3 leave-one-out, MemGuard at epsilon 1 vs no defense, its classifier g fitted
     with FAST_G (the official 400 SGD epochs took 30 s of this test's 70 and attacked less well: loss AUC
