@@ -345,6 +345,10 @@ def _stop_as_ctrl_c(stopped: list[int]):
     return handler
 
 
+# libraries whose INFO lines a command leaves out (raymia's own progress lines say what they would)
+QUIETED_LOGGERS = ("mlflow", "alembic", "ray", "urllib3")
+
+
 def main(argv: list[str] | None = None) -> int:
     previous = sys.unraisablehook
     sys.unraisablehook = _redeliver_lost_interrupts(previous)
@@ -370,7 +374,7 @@ def _main(argv: list[str] | None, stopped: list[int]) -> int:
     rlog.handlers[:] = [handler]
     rlog.propagate = False
     rlog.setLevel(logging.WARNING if args.quiet else logging.INFO)
-    for noisy in ("mlflow", "alembic", "ray", "urllib3"):
+    for noisy in QUIETED_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # MLflow sets its own logger's level when it is imported (later, lazily), from this variable.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")

@@ -1,5 +1,6 @@
-"""Shared fixtures: one real local Ray instance per test session, one intra-op thread for modules of tiny
-models, the digits data set, a tiny digits audit spec."""
+"""Shared fixtures: one real local Ray instance per test process, one intra-op thread for modules of tiny
+models, the digits data set, a tiny digits audit spec; `run_cli`, the command in the test process; the
+order in which the two test processes take the files."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+MLFLOW_LEFTOVERS = ("mlruns", "mlartifacts", "mlflow.db")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # The suite runs on two test processes (pyproject: -n 2), which share the machine's cores: one intra-op
@@ -20,11 +22,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files with a slow test run first: each test process takes whole files (--dist loadfile), and the long
-    ones started last would leave one process working alone at the end."""
+    """Files with a slow test run first: each test process takes whole files (--dist loadfile), in this order
+    (--no-loadscope-reorder: xdist's own puts the files with most tests first, and so the one-test files of
+    a minute last), and the long ones started last would leave one process working alone at the end."""
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow)  # stable: each file's own order is kept
-MLFLOW_LEFTOVERS = ("mlruns", "mlartifacts", "mlflow.db")
 
 
 def _mlflow_files() -> dict[str, int]:
@@ -218,11 +220,11 @@ def run_cli(*args: str, cwd=None):
     import io
     import subprocess
 
-    from raymia.cli import main
+    from raymia.cli import QUIETED_LOGGERS, main
 
     rlog = logging.getLogger("raymia")
     kept = (rlog.handlers[:], rlog.propagate, rlog.level)
-    levels = {name: logging.getLogger(name).level for name in ("mlflow", "alembic", "ray", "urllib3")}
+    levels = {name: logging.getLogger(name).level for name in QUIETED_LOGGERS}
     env = os.environ.get("MLFLOW_LOGGING_LEVEL")
     here = os.getcwd()
     out, err = io.StringIO(), io.StringIO()
