@@ -537,6 +537,21 @@ def test_a_finished_sweep_is_reported_as_saved_and_says_so_when_its_references_c
     run_sweep(load_spec(workdir / "tinysweep.yaml", [REFERENCE_05], kind=SweepSpec),
               console=False)
     assert "finished with other hypervolume references" in caplog.text and "--reference METRIC=VALUE" in caplog.text
+    # its result.json cut short (damaged outside raymia: raymia writes it atomically, last): written again from
+    # the stored trials, none run again
+    path = workdir / "runs" / "sweeps" / "tinysweep" / "result.json"
+    path.write_text(path.read_text()[:100])
+    stored = [*(workdir / "runs" / "sweeps" / "tinysweep").glob("*/result.json"),
+              *(workdir / "runs" / "sweeps" / "tinysweep" / "trials").glob("*/result.json")]
+    stamps = {p: p.stat().st_mtime_ns for p in stored}
+    assert len(stamps) == 2  # the baseline's and the HAMP trial's stored results
+    caplog.clear()
+    run_sweep(load_spec(workdir / "tinysweep.yaml", kind=SweepSpec), console=False)
+    assert "result.json is damaged; writing it again" in caplog.text
+    rewritten = json.loads(path.read_text())
+    assert [t["trial_id"] for t in rewritten["trials"]] == [t["trial_id"] for t in saved["trials"]]
+    assert rewritten["front"] == saved["front"] and rewritten["hypervolume"] == saved["hypervolume"]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no trial ran again
 
 
 def test_audit_from_trial(first_audit, workdir):

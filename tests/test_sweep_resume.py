@@ -102,17 +102,7 @@ def test_killed_sweep_resumes(tmp_path):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = client.search_runs([exp.experiment_id], filter_string="tags.`raymia.kind` = 'trial'")
     assert sorted(c.data.tags["raymia.trial_id"] for c in children) == sorted(ids)  # one run per trial
-
-    # A finished sweep run again with its result.json cut short: written again from the stored trials, none
-    # run again (a finished sweep's plain re-run: test_e2e's test_a_finished_sweep_is_reported_as_saved...).
-    saved = tmp_path / "runs" / "sweeps" / "resumable" / "result.json"
-    saved.write_text(saved.read_text()[:100])
-    again = subprocess.run([sys.executable, "-m", "raymia", "sweep", str(spec)], capture_output=True, text=True,
-                            env=env, timeout=300)
-    assert again.returncode == 0 and "result.json is damaged; writing it again" in again.stderr, again.stderr
-    assert [t["trial_id"] for t in json.loads(saved.read_text())["trials"]] == [t["trial_id"] for t in result["trials"]]
-    for p, m in mtimes.items():
-        assert os.path.getmtime(p) == m
+    # (a finished sweep run again with its result.json cut short: test_e2e's test_a_finished_sweep_...)
 
 
 def test_ctrl_c_stops_a_sweep_with_exit_130_and_no_run_left_running(tmp_path):
