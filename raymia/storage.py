@@ -35,20 +35,27 @@ class _Files:
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"  # in temporary names: who writes them
 
 
-def _drop_dead_writes(path: Path) -> None:
-    """Remove the temporary files of writes to `path` that a kill cut short: those of a process of this host
-    that is gone (a store shared by several nodes may hold another host's write in progress, and a process
-    of this host that lives may still be writing)."""
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.{_HOST}.*.tmp"):
-        pid = tmp.name[len(f".{path.name}.{_HOST}."):].split(".")[0]
+def _tmp_name(name: str) -> str:
+    """The temporary name of a write of file `name`: hidden, and saying which host and process writes it."""
+    return f".{name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+
+
+def _dead_writes(name: str, siblings: list[str]) -> list[str]:
+    """The temporary files among `siblings` of writes to `name` that a kill cut short: those of a process of
+    this host that is gone (a store shared by several nodes may hold another host's write in progress, and a
+    process of this host that lives may still be writing)."""
+    prefix, dead = f".{name}.{_HOST}.", []
+    for tmp in siblings:
+        pid = tmp[len(prefix):].split(".")[0] if tmp.startswith(prefix) and tmp.endswith(".tmp") else ""
         if not pid.isdigit():
             continue
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
+            dead.append(tmp)
         except OSError:  # alive, another user's
             pass
+    return dead
 
 
 class LocalFiles(_Files):
@@ -64,13 +71,15 @@ class LocalFiles(_Files):
     def write(self, rel: str, data: bytes) -> None:
         path = self.root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp = path.with_name(_tmp_name(path.name))
         with tmp.open("wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _drop_dead_writes(path)
+        siblings = [p.name for p in path.parent.glob(f".{glob.escape(path.name)}.{_HOST}.*.tmp")]
+        for dead in _dead_writes(path.name, siblings):
+            (path.parent / dead).unlink(missing_ok=True)
 
     def size(self, rel: str) -> int | None:
         """The file's size, None when it does not exist."""
@@ -97,6 +106,19 @@ class LocalFiles(_Files):
         shutil.rmtree(self.root / rel, ignore_errors=True)
 
 
+OBJECT_STORES = {"s3", "s3a", "gcs", "gs", "abfs", "abfss", "az"}  # pyarrow's type names and fsspec's protocols
+
+
+def writes_whole_objects(fs) -> bool:
+    """Whether pyarrow FileSystem `fs` is an object store, which shows an object only once its upload
+    completes: a direct write is then whole or absent. A filesystem's (file://, hdfs://, NFS through fsspec)
+    is written aside and renamed; on an object store that rename would copy the whole object."""
+    inner = getattr(getattr(fs, "handler", None), "fs", None)  # fsspec's, behind pyarrow's PyFileSystem
+    protocols = getattr(inner, "protocol", ()) if inner is not None else fs.type_name
+    protocols = {protocols} if isinstance(protocols, str) else set(protocols)
+    return bool(protocols & OBJECT_STORES)
+
+
 class ArrowFiles(_Files):
     """Files under a pyarrow FileSystem root (an object store, HDFS, or fsspec through pyarrow)."""
 
@@ -109,6 +131,7 @@ class ArrowFiles(_Files):
             self.fs, self.base = _fsspec(uri)
         self.base = self.base.rstrip("/")
         self.location = uri
+        self._whole_on_close = writes_whole_objects(self.fs)
 
     def _path(self, rel: str) -> str:
         return f"{self.base}/{rel}" if rel else self.base
@@ -119,11 +142,19 @@ class ArrowFiles(_Files):
 
     def write(self, rel: str, data: bytes) -> None:
         path = self._path(rel)
-        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        folder, name = path.rsplit("/", 1)
+        self.fs.create_dir(folder, recursive=True)
+        if self._whole_on_close:
+            with self.fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        tmp = f"{folder}/{_tmp_name(name)}"
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)
         self.fs.move(tmp, path)
+        siblings = [n for n in self.list(rel.rpartition("/")[0]) if n.startswith(f".{name}.")]
+        for dead in _dead_writes(name, siblings):
+            self.fs.delete_file(f"{folder}/{dead}")
 
     def size(self, rel: str) -> int | None:
         import pyarrow.fs as pafs

@@ -114,15 +114,18 @@ def test_store_roundtrip_and_corruption_is_detected(tmp_path, caplog, backend):
     assert other.missing_packs() == [0, 1, 2]
 
 
-def test_a_write_cut_short_by_a_kill_leaves_no_temporary_file_after_the_next(tmp_path):
+@pytest.mark.parametrize("where", ["path", "file://", "fsspec"])
+def test_a_write_cut_short_by_a_kill_leaves_no_temporary_file_after_the_next(tmp_path, where):
     """A kill during a write leaves its temporary file; the next write of that file removes it when the
-    process that wrote it is gone, and keeps those of a live process and of another host."""
+    process that wrote it is gone, and keeps those of a live process and of another host. The same in a URI
+    store on a filesystem (pyarrow's, and fsspec's through pyarrow: "local" is fsspec's name of it)."""
     import subprocess
     import sys
 
-    from raymia.storage import _HOST, LocalFiles
+    from raymia.storage import _HOST, open_root
 
-    files = LocalFiles(tmp_path)
+    files = open_root({"path": str(tmp_path), "file://": f"file://{tmp_path}", "fsspec": f"local://{tmp_path}"}[where])
+    assert type(files).__name__ == ("LocalFiles" if where == "path" else "ArrowFiles")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
     stale = tmp_path / "signals" / f".k2-pack-00001.npz.{_HOST}.{dead}.0badc0de.tmp"
@@ -137,6 +140,40 @@ def test_a_write_cut_short_by_a_kill_leaves_no_temporary_file_after_the_next(tmp
     assert sorted(p.name for p in stale.parent.iterdir()) == sorted(
         ["k2-pack-00001.npz", live.name, elsewhere.name, other_file.name])
     assert (stale.parent / "k2-pack-00001.npz").read_bytes() == b"whole"
+
+
+def test_an_object_store_is_written_directly_and_a_filesystem_through_a_renamed_file(tmp_path):
+    """An object store shows an object only once its upload completes: no temporary copy to rename (on S3 a
+    rename is a copy and a delete of the whole object)."""
+    from fsspec.implementations.memory import MemoryFileSystem
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from raymia.storage import open_root, writes_whole_objects
+
+    class Bucket(MemoryFileSystem):  # an object store's protocol, over memory
+        protocol = ("s3", "s3a")
+
+    class Moves:  # the filesystem, counting its renames
+        def __init__(self, fs):
+            self.fs, self.moved = fs, []
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def move(self, src, dest):
+            self.moved.append(src)
+            self.fs.move(src, dest)
+
+    assert writes_whole_objects(PyFileSystem(FSSpecHandler(Bucket())))
+    for where in (f"file://{tmp_path}/a", f"local://{tmp_path}/b", "memory://raymia-test/c"):
+        files = open_root(where)
+        assert not writes_whole_objects(files.fs), where
+        files.fs = Moves(files.fs)
+        files.write("x/y.json", b"1")
+        assert files.read("x/y.json") == b"1" and files.list("x") == ["y.json"] and len(files.fs.moved) == 1, where
+    files._whole_on_close, files.fs.moved = True, []  # as an object store's
+    files.write("x/z.json", b"2")
+    assert files.read("x/z.json") == b"2" and files.list("x") == ["y.json", "z.json"] and files.fs.moved == []
 
 
 def test_store_uri_nobody_opens_is_one_line_naming_the_field():
