@@ -254,7 +254,7 @@ def test_the_signing_key_is_the_users_own(tmp_path, monkeypatch):
         state_key()
 
 
-def test_sweep_state_in_a_uri_store_resumes_on_a_driver_without_the_local_folder(tmp_path):
+def test_sweep_state_in_a_uri_store_resumes_on_a_driver_without_the_local_folder(tmp_path, ray_local):
     """With `store` a URI (file://, the interface s3:// and gs:// share), the sweep's state, Tune's
     experiment, the trials' results and the signals live there: a driver that lost output_dir entirely (a new
     head node) finishes the sweep from the store without training or re-running a trial."""
@@ -422,7 +422,7 @@ def test_the_final_audit_is_not_part_of_the_resume_key():
     assert _resume_key(plain)["sweep"]["final_audit"] is None and "final_audit" in plain.model_dump()["sweep"]
 
 
-def test_a_sweep_resumed_into_another_mlflow_store_logs_every_trial_there_once(tmp_path):
+def test_a_sweep_resumed_into_another_mlflow_store_logs_every_trial_there_once(tmp_path, ray_local):
     """A sweep cut short after its last trial and resumed with another tracking store: Tune runs no trial
     again, so no callback opens their runs; the new store still gets one run per trial with the stored
     metrics and report. Resumed once more into that store, no run is doubled, the final audit's included
