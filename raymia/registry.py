@@ -38,6 +38,7 @@ from pydantic import (
 
 from raymia.errors import SpecError
 from raymia.plugins import PluginError, import_object, import_submodules, is_import_path, load_entry_points
+from raymia.space import ActsWhen  # kept with the search spaces, which carry it
 
 T = TypeVar("T")
 
@@ -96,32 +97,6 @@ class ValidatedModel(BaseModel):
         if isinstance(v, list) and numbers and (i := next((i for i, x in enumerate(v) if isinstance(x, bool)), None)) is not None:
             raise ValueError(f"a list of numbers is expected, got {str(v[i]).lower()} at position {i}")
         return v
-
-
-@dataclass(frozen=True)
-class ActsWhen:
-    """When a parameter acts, as a condition on another field of its block (its mode): that field is one of
-    `values`, or above `above`, or (`given`) set at all (not None, not empty). A parameter given while its mode
-    is off changes nothing, so the user who wrote it gets another model than the one they asked for."""
-
-    field: str
-    values: tuple = ()
-    above: float | None = None
-    given: bool = False
-
-    def holds(self, v: Any) -> bool:
-        if self.given:
-            return v is not None and v != [] and v != ()
-        if self.above is not None:
-            return isinstance(v, int | float) and not isinstance(v, bool) and v > self.above
-        return v in self.values
-
-    def __str__(self) -> str:
-        if self.given:
-            return f"{self.field} set"
-        if self.above is not None:
-            return f"{self.field} > {self.above:g}"
-        return f"{self.field}: " + " or ".join("null" if v is None else str(v) for v in self.values)
 
 
 class Params(ValidatedModel):

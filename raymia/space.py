@@ -2,6 +2,12 @@
 
 Defenses declare their hyperparameter space with these small dataclasses; the sweep engine turns them
 into Optuna suggestions. Keeping them here lets the compute core stay importable without Optuna.
+
+A domain's `when` says it is searched only in some modes: a parameter that acts only in a mode
+(`Params.acts_when`, the one declaration) is drawn only in the trials whose mode turns it on, and left at its
+default in the others, so a trial never varies a value its defense ignores. A defense's `search_space()`
+leaves `when` out: `raymia.sweep.resolve_space` sets it from `acts_when` where the space searches the mode,
+and `check_conditions` checks a space's conditions.
 """
 
 from __future__ import annotations
@@ -12,10 +18,37 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class ActsWhen:
+    """When a parameter acts, as a condition on another field of its block (its mode): that field is one of
+    `values`, or above `above`, or (`given`) set at all (not None, not empty). A parameter given while its mode
+    is off changes nothing, so the user who wrote it gets another model than the one they asked for."""
+
+    field: str
+    values: tuple = ()
+    above: float | None = None
+    given: bool = False
+
+    def holds(self, v: Any) -> bool:
+        if self.given:
+            return v is not None and v != [] and v != ()
+        if self.above is not None:
+            return isinstance(v, int | float) and not isinstance(v, bool) and v > self.above
+        return v in self.values
+
+    def __str__(self) -> str:
+        if self.given:
+            return f"{self.field} set"
+        if self.above is not None:
+            return f"{self.field} > {self.above:g}"
+        return f"{self.field}: " + " or ".join("null" if v is None else str(v) for v in self.values)
+
+
+@dataclass(frozen=True)
 class Float:
     low: float
     high: float
     log: bool = False
+    when: ActsWhen | None = None
 
     def __post_init__(self) -> None:
         if not self.low < self.high:
@@ -32,6 +65,7 @@ class Int:
     low: int
     high: int
     log: bool = False
+    when: ActsWhen | None = None
 
     def __post_init__(self) -> None:
         if not self.low <= self.high:
@@ -46,6 +80,7 @@ class Int:
 @dataclass(frozen=True)
 class Categorical:
     choices: tuple
+    when: ActsWhen | None = None
 
     def contains(self, v: Any) -> bool:
         return v in self.choices
@@ -55,10 +90,35 @@ Domain = Float | Int | Categorical
 
 
 def describe(d: Domain) -> str:
+    cond = f" if {d.when}" if d.when is not None else ""
     if isinstance(d, Categorical):
-        return "{" + ", ".join(repr(c) for c in d.choices) + "}"
+        return "{" + ", ".join(repr(c) for c in d.choices) + "}" + cond
     kind = "log " if d.log else ""
-    return f"{kind}[{d.low}, {d.high}]"
+    return f"{kind}[{d.low}, {d.high}]{cond}"
+
+
+def check_conditions(space: dict[str, Any]) -> None:
+    """A space's conditions can be drawn in its order: each `when` names a parameter searched earlier in the
+    space (the trial has drawn it when it decides), not itself conditional (an inactive mode's value would
+    be its default, which the space does not know), and a condition on values names choices of it. A
+    ValueError naming both parameters otherwise."""
+    before: dict[str, Any] = {}
+    for name, dom in space.items():
+        cond = dom.when if isinstance(dom, Float | Int | Categorical) else None
+        if cond is not None:
+            mode = before.get(cond.field)
+            if not isinstance(mode, Float | Int | Categorical):
+                raise ValueError(f"{name} is searched when {cond}, but {cond.field} is not searched before it "
+                                 "in the space")
+            if mode.when is not None:
+                raise ValueError(f"{name} is searched when {cond}, but {cond.field} is itself searched only "
+                                 f"when {mode.when}")
+            if not (cond.given or cond.above is not None):
+                missing = [v for v in cond.values if not isinstance(mode, Categorical) or v not in mode.choices]
+                if missing or not cond.values:
+                    raise ValueError(f"{name} is searched when {cond}, but {cond.field} is {describe(mode)}: "
+                                     "the values must be among its choices")
+        before[name] = dom
 
 
 # How a sweep's sampler is sized (raymia.searcher.make_sampler; `raymia check` shows it): Optuna's defaults

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from raymia.pareto import (
     same_settings,
 )
 from raymia.registry import Params
-from raymia.space import Categorical, Domain, Float, Int, describe
+from raymia.space import Categorical, Domain, Float, Int, check_conditions, describe
 from raymia.spec import AuditSpec, SweepSpec, changed_fields, hashed_dump
 from raymia.storage import absolute, check_locations, join, open_root
 
@@ -147,7 +148,9 @@ class SweepResult:
 
 def resolve_space(spec: SweepSpec) -> dict[str, dict[str, Domain | Any]]:
     """{defense: {param: Domain | constant}}: each searched defense's declared space with the spec's
-    overrides ({low, high[, log]}, {choices}, or a constant), every bound checked against its params."""
+    overrides ({low, high[, log]}, {choices}, or a constant), every bound checked against its params. A
+    searched parameter that acts only in a mode the space also searches (`Params.acts_when`) is drawn only
+    in that mode (its domain's `when`, `_conditional`), whether the defense's space or the spec's gave it."""
     from raymia.defenses import DEFENSES
 
     several = bool(spec.sweep.defenses)
@@ -193,8 +196,42 @@ def resolve_space(spec: SweepSpec) -> dict[str, dict[str, Domain | Any]]:
                 key = given.get(name, name)  # errors name the parameter as the space wrote it
                 entry.parse({key: v}, where=f"{at}.space.{key}", alone=True)
         _check_modes(entry.params, space, given, at)
-        out[choice.name] = space
+        out[choice.name] = _conditional(entry.params, space, at)
     return out
+
+
+def _conditional(params: type[Params], space: dict[str, Domain | Any], at: str) -> dict[str, Domain | Any]:
+    """`space` with each searched parameter whose mode is searched too drawn only when its mode turns it on
+    (`when`: what `acts_when` declares, its values narrowed to the mode's choices), ordered after its mode
+    so that a trial has drawn the mode when it comes to it. One whose mode's choices all turn it on is
+    searched always."""
+    space = dict(space)
+    for name, dom in space.items():
+        cond, mode = params.acts_when.get(name), None
+        if cond is not None and isinstance(dom, Float | Int | Categorical):
+            mode = space.get(cond.field)
+        if not isinstance(mode, Float | Int | Categorical):
+            continue
+        if isinstance(mode, Categorical):
+            on = tuple(c for c in mode.choices if cond.holds(c))
+            if len(on) == len(mode.choices):
+                continue
+            if not (cond.given or cond.above is not None):
+                cond = replace(cond, values=on)
+        space[name] = replace(dom, when=cond)
+    order: list[str] = []
+    for name in space:
+        cond = getattr(space[name], "when", None)
+        if cond is not None and cond.field not in order:
+            order.append(cond.field)
+        if name not in order:
+            order.append(name)
+    space = {n: space[n] for n in order}
+    try:
+        check_conditions(space)
+    except ValueError as e:  # a mode that acts only in another mode, both searched
+        raise SpecError(str(e), where=f"{at}.space") from None
+    return space
 
 
 def _ends(dom: Domain) -> list[tuple[Any, str]]:
@@ -295,37 +332,50 @@ def describe_space(space: dict[str, dict[str, Domain | Any]]) -> dict[str, str]:
 
 def count_settings(space: dict[str, dict[str, Domain | Any]]) -> int | None:
     """How many distinct settings a space holds when every searched parameter is discrete (Int,
-    Categorical; constants count once), summed over its defenses; None when one is continuous."""
+    Categorical; constants count once), summed over its defenses; None when one is continuous. A parameter
+    searched only in some modes (`when`) multiplies only the settings of those modes."""
     total = 0
     for sp in space.values():
-        n = 1
-        for v in sp.values():
-            if isinstance(v, Float):
-                return None
-            n *= (v.high - v.low + 1) if isinstance(v, Int) else len(v.choices) if isinstance(v, Categorical) else 1
-        total += n
+        searched = {k: v for k, v in sp.items() if isinstance(v, Float | Int | Categorical)}
+        if any(isinstance(v, Float) for v in searched.values()):
+            return None
+        values = {k: range(v.low, v.high + 1) if isinstance(v, Int) else v.choices for k, v in searched.items()}
+        modes = [k for k in searched if any(v.when is not None and v.when.field == k for v in searched.values())]
+        for drawn in itertools.product(*(values[m] for m in modes)):  # one combination of the modes' values
+            mode = dict(zip(modes, drawn, strict=True))
+            total += math.prod(len(values[k]) for k, v in searched.items()
+                               if k not in mode and (v.when is None or v.when.holds(mode[v.when.field])))
     return total
 
 
 class DefineByRun:
     """Optuna define-by-run space (a picklable object: Tune checkpoints the searcher): each trial picks a
-    defense (when several are searched) and samples its space. Parameters are named "<defense>.<param>"."""
+    defense (when several are searched) and samples its space. Parameters are named "<defense>.<param>".
+    A parameter searched only in some modes (`when`) is not suggested in a trial whose drawn mode turns it
+    off: it is absent from the trial's config, so the defense takes its default, and the sampler models it
+    only from the trials that drew it."""
 
     def __init__(self, spaces: dict[str, dict[str, Any]]):
+        for sp in spaces.values():
+            check_conditions(sp)
         self.spaces = spaces
 
     def __call__(self, trial) -> dict[str, Any]:
         names = list(self.spaces)
         defense = names[0] if len(names) == 1 else trial.suggest_categorical("defense", names)
         const: dict[str, Any] = {"defense": defense}
+        drawn: dict[str, Any] = {}
         for name, dom in self.spaces[defense].items():
             key = f"{defense}.{name}"
+            if isinstance(dom, Float | Int | Categorical) and dom.when is not None \
+                    and not dom.when.holds(drawn[dom.when.field]):
+                continue
             if isinstance(dom, Float):
-                trial.suggest_float(key, dom.low, dom.high, log=dom.log)
+                drawn[name] = trial.suggest_float(key, dom.low, dom.high, log=dom.log)
             elif isinstance(dom, Int):
-                trial.suggest_int(key, dom.low, dom.high, log=dom.log)
+                drawn[name] = trial.suggest_int(key, dom.low, dom.high, log=dom.log)
             elif isinstance(dom, Categorical):
-                trial.suggest_categorical(key, list(dom.choices))
+                drawn[name] = trial.suggest_categorical(key, list(dom.choices))
             else:
                 const[key] = dom
         return const

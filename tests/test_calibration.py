@@ -5,6 +5,7 @@ approximation. Hand-computed posteriors, real digits models trained by the bank'
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from raymia.defenses.simple import LOG_FLOOR
 from raymia.errors import SpecError
 from raymia.metrics import ece
 from raymia.models.base import Scale
+from raymia.space import ActsWhen
 from raymia.spec import AuditSpec
 from raymia.train.bank import BankContext, reference_index, train_model, train_pack
 from raymia.train.infer import query_logits
@@ -313,7 +315,11 @@ def test_sampled_spaces_give_valid_defenses(digits):
     spec = SweepSpec.model_validate({"sweep": {"defenses": ["temperature_scaling", "llla"]}})
     space = resolve_space(spec)
     assert set(space) == {"temperature_scaling", "llla"}
-    assert space == {name: DEFENSES.get(name).obj.search_space() for name in space}
+    declared = {name: DEFENSES.get(name).obj.search_space() for name in space}
+    assert space["llla"] == declared["llla"]
+    assert space["temperature_scaling"] == {"fit": declared["temperature_scaling"]["fit"],  # T drawn when fixed
+                                            "temperature": replace(declared["temperature_scaling"]["temperature"],
+                                                                   when=ActsWhen("fit", ("fixed",)))}
     ask = DefineByRun(space)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(0))
@@ -329,5 +335,6 @@ def test_sampled_spaces_give_valid_defenses(digits):
         for k, v in params.items():
             assert space[name][k].contains(v), (name, k, v)
         seen[name].add(params.get("fit", params.get("hessian")))
+        assert ("temperature" in params) == (params.get("fit") == "fixed")  # held_out ignores it: not drawn
         study.tell(trial, [0.5, 0.5])
     assert seen == {"temperature_scaling": {"held_out", "fixed"}, "llla": {"diag", "kfac"}}
