@@ -12,6 +12,7 @@ import torch
 from raymia.datainfo import DataInfo
 from raymia.defenses import DEFENSES, build_defense
 from raymia.resolve import load_spec
+from raymia.space import ActsWhen, Categorical, Int
 from raymia.spec import SweepSpec
 from raymia.sweep import _check_objective_names, resolve_space, space_points
 
@@ -103,6 +104,89 @@ def test_constraints_keep_trials_off_the_front():
     assert feasible_front(trials, objectives, floor) == {0, 1}
     assert [t["feasible"] for t in trials] == [True, True, False, True]
     assert feasible_front(trials, objectives, [Constraint(metric="missing", op="<=", value=1)]) == set()
+
+
+def test_a_parameter_is_drawn_only_in_the_modes_that_use_it():
+    """Pruning's rho acts only with method: admm (Params.acts_when): a real study with the sweep's TPE never
+    suggests it beside magnitude, so the trial's config lacks it and the defense takes its default, and
+    suggests it beside admm; the searched-mode condition survives the user's override of rho's range."""
+    import optuna
+
+    from raymia.searcher import make_sampler
+    from raymia.space import ActsWhen, describe
+    from raymia.sweep import DefineByRun, split_config
+
+    spec = SweepSpec.model_validate({"sweep": {"defense": "pruning", "space": {"rho": {"choices": [1e-3, 1e-2]}}}})
+    space = resolve_space(spec)
+    assert space["pruning"]["rho"].when == ActsWhen("method", ("admm",))
+    assert describe(space["pruning"]["rho"]) == "{0.001, 0.01} if method: admm"
+    ask = DefineByRun(space)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler("tpe", 0, 16, False))
+    methods = []
+    for _ in range(16):
+        t = study.ask()
+        const = ask(t)  # suggests the trial's parameters
+        _, params = split_config({**t.params, **const})
+        methods.append(params["method"])
+        assert ("rho" in params) == (params["method"] == "admm") == ("pruning.rho" in t.params), params
+        study.tell(t, [params["sparsity"], params.get("rho", 0.0)])
+    assert set(methods) == {"magnitude", "admm"}
+
+
+def test_a_condition_follows_the_space_the_spec_resolves():
+    """A mode the spec adds after its parameter is drawn first; a mode narrowed to the choices that use the
+    parameter, or pinned to one, leaves it searched always; a parameter whose mode is not searched has no
+    condition."""
+    from raymia.space import ActsWhen
+
+    def resolved(defense: str, space: dict) -> dict:
+        return resolve_space(SweepSpec.model_validate({"sweep": {"defense": defense, "space": space}}))[defense]
+
+    tl = resolved("tl_dmi", {"freeze": {"choices": ["depth", "fraction"]}, "freeze_depth": {"low": 0, "high": 2}})
+    assert list(tl) == ["freeze", "freeze_fraction", "pretrain_epochs", "init_trainable", "freeze_depth"]
+    assert tl["freeze_fraction"].when == ActsWhen("freeze", ("fraction",))
+    assert tl["freeze_depth"].when == ActsWhen("freeze", ("depth",))
+    assert tl["pretrain_epochs"].when is None  # weights, its mode, is not searched (null: pretraining)
+    assert resolved("pruning", {"method": {"choices": ["admm"]}})["rho"].when is None
+    assert resolved("pruning", {"method": "admm"})["rho"].when is None
+    lam = resolved("pruning", {"inference_steps": {"low": 1, "high": 3}})["inference_steps"]
+    assert lam.when == ActsWhen("minmax_lambda", above=0.0)
+
+
+def test_count_settings_counts_each_mode_with_its_own_parameters():
+    from raymia.space import ActsWhen, Categorical, Float, Int
+    from raymia.sweep import count_settings
+
+    space = {"a": {"m": Categorical(("x", "y", "z")), "k": Int(1, 4, when=ActsWhen("m", ("x",))),
+                   "c": Categorical((True, False), when=ActsWhen("m", ("x", "y"))), "n": Int(1, 2), "p": 0.5},
+             "b": {"lam": Categorical((0.0, 1.0)), "s": Int(1, 3, when=ActsWhen("lam", above=0.0))}}
+    # a: m=x 4*2*2, m=y 2*2, m=z 2; b: lam=0 1, lam=1 3
+    assert count_settings(space) == 16 + 4 + 2 + 1 + 3
+    space["b"]["t"] = Float(0.0, 1.0, when=ActsWhen("lam", above=0.0))
+    assert count_settings(space) is None  # a continuous parameter, even in one mode
+    pruning = resolve_space(SweepSpec.model_validate({"sweep": {"defense": "pruning", "space": {
+        "sparsity": 0.5, "rho": {"choices": [1e-3, 1e-2]}, "minmax_lambda": {"choices": [0.0, 1.0]}}}}))
+    assert count_settings(pruning) == (1 + 2) * 2 * 2  # method (rho only with admm) x structure x lambda
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"k": Int(1, 2, when=ActsWhen("m", ("x",))), "m": Categorical(("x", "y"))},
+     "k is searched when m: x, but m is not searched before it in the space"),
+    ({"m": "x", "k": Int(1, 2, when=ActsWhen("m", ("x",)))},
+     "k is searched when m: x, but m is not searched before it in the space"),
+    ({"m": Categorical(("x", "y")), "k": Int(1, 2, when=ActsWhen("m", ("w",)))},
+     r"k is searched when m: w, but m is \{'x', 'y'\}: the values must be among its choices"),
+    ({"m": Int(1, 3), "k": Int(1, 2, when=ActsWhen("m", (1,)))},
+     r"k is searched when m: 1, but m is \[1, 3\]: the values must be among its choices"),
+    ({"m": Categorical(("x", "y")), "n": Categorical((0, 1), when=ActsWhen("m", ("x",))),
+      "k": Int(1, 2, when=ActsWhen("n", above=0))},
+     "k is searched when n > 0, but n is itself searched only when m: x"),
+])
+def test_a_condition_names_a_mode_searched_before_it(space, message):
+    from raymia.sweep import DefineByRun
+
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        DefineByRun({"d": space})
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "nsga2", "gp", "random"])
