@@ -56,7 +56,10 @@ class PicklableNSGAII(optuna.samplers.NSGAIISampler):
 
 
 def make_sampler(name: str, seed: int, num_trials: int, constrained: bool):
-    """The sampler `sweep.sampler` names, sized to the sweep, with the constraints when there are some."""
+    """The sampler `sweep.sampler` names, sized to the sweep, with the constraints when there are some.
+    TPE stays univariate: it models each parameter from the trials that drew it, which suits a parameter
+    drawn only in some modes (`raymia.space`'s `when`); GP and NSGA-II model the parameters every trial
+    draws, and draw the others at random."""
     cf = {"constraints_func": _stored_constraints} if constrained else {}
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(num_trials), **cf)

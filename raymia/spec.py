@@ -789,7 +789,8 @@ class DefenseChoice(_Model):
     name: str = Field(description="a registered defense (raymia list defenses)")
     space: dict[str, Any] = Field(
         default_factory=dict,
-        description="overrides of the defense's declared space: {param: {low, high, log} | {choices} | value}",
+        description="overrides of the defense's declared space: {param: {low, high, log} | {choices} | value}; "
+        "a range or choices of a parameter that acts only in a mode is drawn only when the trial's mode turns it on",
     )
 
 
@@ -807,7 +808,8 @@ class SweepBlock(_Model):
                          "declared search space)")
     space: dict[str, Any] = Field(
         default_factory=dict,
-        description="overrides of the defense's declared space: {param: {low, high, log} | {choices} | value}",
+        description="overrides of the defense's declared space: {param: {low, high, log} | {choices} | value}; "
+        "a range or choices of a parameter that acts only in a mode is drawn only when the trial's mode turns it on",
     )
     defenses: list[DefenseChoice | str] = Field(
         default_factory=list,
