@@ -20,15 +20,19 @@ from typing import Any
 @dataclass(frozen=True)
 class ActsWhen:
     """When a parameter acts, as a condition on another field of its block (its mode): that field is one of
-    `values`, or above `above`, or (`given`) set at all (not None, not empty). A parameter given while its mode
-    is off changes nothing, so the user who wrote it gets another model than the one they asked for."""
+    `values`, or none of `unless`, or above `above`, or (`given`) set at all (not None, not empty). A parameter
+    given while its mode is off changes nothing, so the user who wrote it gets another model than the one they
+    asked for."""
 
     field: str
     values: tuple = ()
     above: float | None = None
     given: bool = False
+    unless: tuple = ()
 
     def holds(self, v: Any) -> bool:
+        if self.unless:
+            return v not in self.unless
         if self.given:
             return v is not None and v != [] and v != ()
         if self.above is not None:
@@ -36,6 +40,8 @@ class ActsWhen:
         return v in self.values
 
     def __str__(self) -> str:
+        if self.unless:
+            return f"{self.field} not " + " or ".join("null" if v is None else str(v) for v in self.unless)
         if self.given:
             return f"{self.field} set"
         if self.above is not None:
@@ -114,8 +120,9 @@ def check_conditions(space: dict[str, Any]) -> None:
                 raise ValueError(f"{name} is searched when {cond}, but {cond.field} is itself searched only "
                                  f"when {mode.when}")
             if not (cond.given or cond.above is not None):
-                missing = [v for v in cond.values if not isinstance(mode, Categorical) or v not in mode.choices]
-                if missing or not cond.values:
+                named = cond.unless or cond.values
+                missing = [v for v in named if not isinstance(mode, Categorical) or v not in mode.choices]
+                if missing or not named:
                     raise ValueError(f"{name} is searched when {cond}, but {cond.field} is {describe(mode)}: "
                                      "the values must be among its choices")
         before[name] = dom

@@ -45,7 +45,7 @@ from raymia.pareto import (
     same_settings,
 )
 from raymia.registry import Params
-from raymia.space import Categorical, Domain, Float, Int, check_conditions, describe
+from raymia.space import ActsWhen, Categorical, Domain, Float, Int, check_conditions, describe
 from raymia.spec import AuditSpec, SweepSpec, changed_fields, hashed_dump
 from raymia.storage import absolute, check_locations, join, open_root
 
@@ -202,7 +202,8 @@ def resolve_space(spec: SweepSpec) -> dict[str, dict[str, Domain | Any]]:
 
 def _conditional(params: type[Params], space: dict[str, Domain | Any], at: str) -> dict[str, Domain | Any]:
     """`space` with each searched parameter whose mode is searched too drawn only when its mode turns it on
-    (`when`: what `acts_when` declares, its values narrowed to the mode's choices), ordered after its mode
+    (`when`: what `acts_when` declares, its values or `unless` made the mode's choices that turn it on),
+    ordered after its mode
     so that a trial has drawn the mode when it comes to it. One whose mode's choices all turn it on is
     searched always."""
     space = dict(space)
@@ -216,8 +217,8 @@ def _conditional(params: type[Params], space: dict[str, Domain | Any], at: str) 
             on = tuple(c for c in mode.choices if cond.holds(c))
             if len(on) == len(mode.choices):
                 continue
-            if not (cond.given or cond.above is not None):
-                cond = replace(cond, values=on)
+            if not (cond.given or cond.above is not None):  # `unless` too: its values may be no choice
+                cond = ActsWhen(cond.field, on)
         space[name] = replace(dom, when=cond)
     order: list[str] = []
     for name in space:

@@ -83,7 +83,8 @@ def test_several_defenses_in_one_sweep():
         audit = trial_spec(spec.model_dump(mode="json"), config)
         assert audit["defense"] == {"name": name, "params": params} and "sweep" not in audit
         if name == "confidence":
-            assert params["top_k"] in (1, 2) and set(params) == {"temperature", "top_k", "decimals"}
+            # top_k 1 releases a one-hot vector: the temperature and the rounding are not drawn beside it
+            assert set(params) == ({"top_k"} if params["top_k"] == 1 else {"temperature", "top_k", "decimals"})
         study.tell(t, [0.5, 0.5])
     assert "none" not in seen and {"hamp", "confidence"} <= set(seen)  # the baseline is audited apart
     with pytest.raises(Exception, match="either defense"):
@@ -151,6 +152,12 @@ def test_a_condition_follows_the_space_the_spec_resolves():
     assert resolved("pruning", {"method": "admm"})["rho"].when is None
     lam = resolved("pruning", {"inference_steps": {"low": 1, "high": 3}})["inference_steps"]
     assert lam.when == ActsWhen("minmax_lambda", above=0.0)
+    # confidence's top_k 1 releases a one-hot vector: the temperature and the rounding change nothing there
+    assert str(DEFENSES.get("confidence").params.acts_when["temperature"]) == "top_k not 1"
+    conf = resolved("confidence", {})
+    assert list(conf) == ["top_k", "temperature", "decimals"]
+    assert conf["temperature"].when == conf["decimals"].when == ActsWhen("top_k", (3, None))
+    assert list(resolved("confidence", {"top_k": 1})) == ["top_k"]  # the pinned mode idles the rest
 
 
 def test_count_settings_counts_each_mode_with_its_own_parameters():
@@ -176,6 +183,8 @@ def test_count_settings_counts_each_mode_with_its_own_parameters():
      "k is searched when m: x, but m is not searched before it in the space"),
     ({"m": Categorical(("x", "y")), "k": Int(1, 2, when=ActsWhen("m", ("w",)))},
      r"k is searched when m: w, but m is \{'x', 'y'\}: the values must be among its choices"),
+    ({"m": Categorical(("x", "y")), "k": Int(1, 2, when=ActsWhen("m", unless=("w",)))},
+     r"k is searched when m not w, but m is \{'x', 'y'\}: the values must be among its choices"),
     ({"m": Int(1, 3), "k": Int(1, 2, when=ActsWhen("m", (1,)))},
      r"k is searched when m: 1, but m is \[1, 3\]: the values must be among its choices"),
     ({"m": Categorical(("x", "y")), "n": Categorical((0, 1), when=ActsWhen("m", ("x",))),
@@ -251,7 +260,7 @@ def test_the_first_console_line_names_the_space_or_with_many_defenses_their_size
     two = resolve_space(SweepSpec.model_validate({"sweep": {"defenses": [
         "hamp", {"name": "confidence", "space": {"top_k": {"choices": [1, 2]}, "decimals": None}}]}}))
     assert _space_line(two) == ("hamp: gamma [0.3, 0.99], alpha log [0.0001, 0.05], output_modification "
-                                "{True, False}; confidence: temperature log [0.1, 10.0], top_k {1, 2}, decimals None")
+                                "{True, False}; confidence: top_k {1, 2}, temperature log [0.1, 10.0] if top_k: 2, decimals None")
     many = resolve_space(load_spec(SWEEPS[0].parent / "digits-all.yaml", kind=SweepSpec))
     line = _space_line(many)
     assert line.startswith(f"{len(many)} defenses: hamp (3 parameters), dpsgd (4 parameters), ")

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from raymia.datainfo import DataInfo
 from raymia.defenses.base import DEFENSES, Defense
-from raymia.registry import Params
+from raymia.registry import ActsWhen, Params
 from raymia.space import Categorical, Domain, Float
 
 
@@ -88,6 +88,9 @@ class ConfidenceParams(Params):
     temperature: float = Field(1.0, gt=0.0, description="divide the logits by T before the softmax (T > 1 flattens)")
     top_k: int | None = Field(None, ge=1, description="release only the k largest probabilities (renormalised)")
     decimals: int | None = Field(None, ge=0, le=8, description="round released probabilities to this many decimals")
+
+    # top_k 1 releases a one-hot vector, which neither the temperature nor the rounding changes
+    acts_when = {"temperature": ActsWhen("top_k", unless=(1,)), "decimals": ActsWhen("top_k", unless=(1,))}
 
 
 # Released zeros are stored as this log-probability so that scores stay finite.
