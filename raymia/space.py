@@ -106,8 +106,8 @@ def describe(d: Domain) -> str:
 def check_conditions(space: dict[str, Any]) -> None:
     """A space's conditions can be drawn in its order: each `when` names a parameter searched earlier in the
     space (the trial has drawn it when it decides), not itself conditional (an inactive mode's value would
-    be its default, which the space does not know), and a condition on values names choices of it. A
-    ValueError naming both parameters otherwise."""
+    be its default, which the space does not know), and a condition on values (`values`, `unless`) names
+    values the mode can draw. A ValueError naming both parameters otherwise."""
     before: dict[str, Any] = {}
     for name, dom in space.items():
         cond = dom.when if isinstance(dom, Float | Int | Categorical) else None
@@ -121,10 +121,9 @@ def check_conditions(space: dict[str, Any]) -> None:
                                  f"when {mode.when}")
             if not (cond.given or cond.above is not None):
                 named = cond.unless or cond.values
-                missing = [v for v in named if not isinstance(mode, Categorical) or v not in mode.choices]
-                if missing or not named:
+                if not named or not all(mode.contains(v) for v in named):
                     raise ValueError(f"{name} is searched when {cond}, but {cond.field} is {describe(mode)}: "
-                                     "the values must be among its choices")
+                                     "the values must be in it")
         before[name] = dom
 
 

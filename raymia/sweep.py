@@ -202,10 +202,9 @@ def resolve_space(spec: SweepSpec) -> dict[str, dict[str, Domain | Any]]:
 
 def _conditional(params: type[Params], space: dict[str, Domain | Any], at: str) -> dict[str, Domain | Any]:
     """`space` with each searched parameter whose mode is searched too drawn only when its mode turns it on
-    (`when`: what `acts_when` declares, its values or `unless` made the mode's choices that turn it on),
-    ordered after its mode
-    so that a trial has drawn the mode when it comes to it. One whose mode's choices all turn it on is
-    searched always."""
+    (`when`: what `acts_when` declares; on a Categorical mode, the choices that turn it on), ordered after
+    its mode so that a trial has drawn the mode when it comes to it. One whose mode's choices all turn it on
+    is searched always."""
     space = dict(space)
     for name, dom in space.items():
         cond, mode = params.acts_when.get(name), None

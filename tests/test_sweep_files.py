@@ -138,7 +138,7 @@ def test_a_condition_follows_the_space_the_spec_resolves():
     """A mode the spec adds after its parameter is drawn first; a mode narrowed to the choices that use the
     parameter, or pinned to one, leaves it searched always; a parameter whose mode is not searched has no
     condition."""
-    from raymia.space import ActsWhen
+    from raymia.sweep import count_settings
 
     def resolved(defense: str, space: dict) -> dict:
         return resolve_space(SweepSpec.model_validate({"sweep": {"defense": defense, "space": space}}))[defense]
@@ -158,6 +158,10 @@ def test_a_condition_follows_the_space_the_spec_resolves():
     assert list(conf) == ["top_k", "temperature", "decimals"]
     assert conf["temperature"].when == conf["decimals"].when == ActsWhen("top_k", (3, None))
     assert list(resolved("confidence", {"top_k": 1})) == ["top_k"]  # the pinned mode idles the rest
+    ranged = resolved("confidence", {"top_k": {"low": 1, "high": 4}, "temperature": {"choices": [1.0, 2.0]},
+                                     "decimals": None})
+    assert ranged["temperature"].when == ActsWhen("top_k", unless=(1,))
+    assert count_settings({"confidence": ranged}) == 1 + 3 * 2  # top_k 1 alone, 2-4 with each temperature
 
 
 def test_count_settings_counts_each_mode_with_its_own_parameters():
@@ -182,11 +186,11 @@ def test_count_settings_counts_each_mode_with_its_own_parameters():
     ({"m": "x", "k": Int(1, 2, when=ActsWhen("m", ("x",)))},
      "k is searched when m: x, but m is not searched before it in the space"),
     ({"m": Categorical(("x", "y")), "k": Int(1, 2, when=ActsWhen("m", ("w",)))},
-     r"k is searched when m: w, but m is \{'x', 'y'\}: the values must be among its choices"),
+     r"k is searched when m: w, but m is \{'x', 'y'\}: the values must be in it"),
     ({"m": Categorical(("x", "y")), "k": Int(1, 2, when=ActsWhen("m", unless=("w",)))},
-     r"k is searched when m not w, but m is \{'x', 'y'\}: the values must be among its choices"),
-    ({"m": Int(1, 3), "k": Int(1, 2, when=ActsWhen("m", (1,)))},
-     r"k is searched when m: 1, but m is \[1, 3\]: the values must be among its choices"),
+     r"k is searched when m not w, but m is \{'x', 'y'\}: the values must be in it"),
+    ({"m": Int(1, 3), "k": Int(1, 2, when=ActsWhen("m", (7,)))},
+     r"k is searched when m: 7, but m is \[1, 3\]: the values must be in it"),
     ({"m": Categorical(("x", "y")), "n": Categorical((0, 1), when=ActsWhen("m", ("x",))),
       "k": Int(1, 2, when=ActsWhen("n", above=0))},
      "k is searched when n > 0, but n is itself searched only when m: x"),
