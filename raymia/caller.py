@@ -70,7 +70,9 @@ def _put_back_after(fn, args, kwargs):
             return fn(*args, **kwargs)
     finally:
         if not ray_before and _ray_running():
-            sys.modules["ray"].shutdown()
+            from raymia.engine.cluster import shutdown
+
+            shutdown()
         for key in set(os.environ) - set(env):
             del os.environ[key]
         os.environ.update({k: v for k, v in env.items() if os.environ.get(k) != v})

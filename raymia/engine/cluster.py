@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from raymia.errors import RaymiaError
@@ -59,6 +60,9 @@ def ensure_ray() -> None:
             # logger's level (`bank_job.worker_logging`).
             logging_config=ray.LoggingConfig(log_level="WARNING"),
             log_to_driver=True,
+            # A local instance only (a cluster's is set when it starts): the driver's last task events
+            # wait at most this for the GCS, 5 s by default, all of it when the GCS is gone (`shutdown`).
+            _system_config={"task_events_shutdown_flush_timeout_ms": 500} if address == "local" else None,
         )
     except (ConnectionError, RuntimeError) as e:  # what check_address could not foresee (a version mismatch)
         if address == "local":
@@ -76,6 +80,52 @@ def ensure_ray() -> None:
     res = ray.cluster_resources()
     log.info("Ray: %g CPUs, %g GPUs", res.get("CPU", 0), res.get("GPU", 0))
 
+
+
+def _own_processes() -> list:
+    """The processes of the local Ray instance this process started (GCS, raylet, log monitor, dashboard,
+    autoscaler monitor); none for a cluster it joined, or with no Ray running."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return []
+    node = getattr(ray._private.worker, "_global_node", None)
+    infos = node.all_processes.values() if node is not None else []
+    return [info.process for group in infos for info in group]
+
+
+def going_down(wait: float = 0.0) -> bool:
+    """Whether the local Ray instance this process started is going down: one of its processes has ended,
+    waiting up to `wait` seconds for one to. A SIGTERM sent to the whole process group (Slurm's scancel,
+    `kill -- -PGID`, a container's stop, systemd's control-group kill) reaches them together with the
+    driver; the log monitor and the dashboard then end within milliseconds, while the GCS and the raylet hang
+    in their own shutdown, so that every call the driver makes to them waits out a timeout (Tune's cleanup
+    60 s, `ray.shutdown` 8 s). Never true for a cluster joined through RAY_ADDRESS: it has none here."""
+    procs = _own_processes()
+    end = time.monotonic() + wait
+    while procs:
+        if any(p.poll() is not None for p in procs):
+            return True
+        if time.monotonic() >= end:
+            break
+        time.sleep(0.01)
+    return False
+
+
+def shutdown() -> None:
+    """`ray.shutdown()`, which for a local instance going down (`going_down`) first kills its processes:
+    Ray's graceful stop gives each of them 1 s after a SIGTERM they got already, and the driver's last task
+    events then wait for a GCS that is gone (0.5 s, `ensure_ray`'s setting). The command is ending: Ray's
+    automatic `ray.init` is turned off too."""
+    import ray
+
+    if going_down():
+        ray._private.worker._global_node.kill_all_processes(check_alive=False, allow_graceful=False)
+        # a thread still on Ray (a stopped sweep's baseline, left to end with the process) must not
+        # start a new instance through Ray's automatic ray.init
+        from ray._private import auto_init_hook
+
+        auto_init_hook.enable_auto_connect = False
+    ray.shutdown()
 
 ADDRESSES = "HOST:PORT (the cluster's GCS address, port 6379 by default), auto, local, or unset"
 # Runs in a process of its own: the GCS client of Ray's core prints its warnings to the process's stderr,
