@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 
 from raymia import __version__
-from raymia.errors import Interrupted, RaymiaError
+from raymia.errors import Interrupted, RaymiaError, stop_now
 
 KINDS = ("datasets", "models", "defenses", "attacks", "inversion", "ood", "trainers")
 
@@ -332,7 +332,10 @@ def _stop_as_ctrl_c(stopped: list[int]):
     how a run is stopped on a cluster: `ray job stop` (SIGKILL 3 s later), a pod's deletion, systemd, `kill`.
     It calls the SIGINT handler in place (Tune's during a sweep: its experiment saved, the search ended; else
     Python's, which raises KeyboardInterrupt), not `kill -INT`: a `ray job` entrypoint has SIGINT blocked.
-    A second SIGTERM skips Tune's last save, as a second Ctrl-C does (Tune's handler puts Python's back)."""
+    A second SIGTERM skips Tune's last save, as a second Ctrl-C does (Tune's handler puts Python's back), and
+    so does a SIGTERM that the local Ray of the command's own got too (sent to the process group): Tune's
+    cleanup would wait a minute on its GCS, which hangs in its own shutdown; Tune saved its state after the
+    last event and raymia's copy after the last finished trial, as a resume after a kill needs."""
 
     def handler(signum: int, frame) -> None:
         if not stopped:
@@ -340,6 +343,12 @@ def _stop_as_ctrl_c(stopped: list[int]):
         on_ctrl_c = signal.getsignal(signal.SIGINT)
         if not callable(on_ctrl_c):  # SIGINT ignored (a background job of a script): stop anyway
             raise KeyboardInterrupt
+        if on_ctrl_c is not signal.default_int_handler:  # Tune's graceful stop needs a Ray that stays up
+            from raymia.engine.cluster import going_down
+
+            if going_down(wait=0.5):  # its first processes end within milliseconds of a group's SIGTERM
+                stop_now()
+                return
         on_ctrl_c(signal.SIGINT, frame)
 
     return handler

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 
 class RaymiaError(Exception):
     """An error caused by the user's input (spec, data, arguments), not by a bug in raymia."""
@@ -31,6 +34,36 @@ class Interrupted(RaymiaError):
     reports SIGINT, not the bad-input code."""
 
     exit_code = 130
+
+
+_held = {"depth": 0, "stop": False}  # the main thread's open `uninterruptible` sections; a stop waiting for them
+
+
+@contextlib.contextmanager
+def uninterruptible():
+    """A database write in the main thread (MLflow's and Optuna's SQLAlchemy stores, from Tune's callbacks
+    and searcher) that `stop_now` does not cut short: SQLAlchemy logs a traceback when a KeyboardInterrupt
+    lands inside it. The stop is raised as the outermost section ends. Other threads never get one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _held["depth"] += 1
+    try:
+        yield
+    finally:
+        _held["depth"] -= 1
+        if not _held["depth"] and _held["stop"]:
+            _held["stop"] = False
+            raise KeyboardInterrupt
+
+
+def stop_now() -> None:
+    """Raise KeyboardInterrupt in the main thread (from a signal handler): now, or as its open
+    `uninterruptible` section ends."""
+    if _held["depth"]:
+        _held["stop"] = True
+        return
+    raise KeyboardInterrupt
 
 
 def not_found(path: object, what: str = "file") -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
+from raymia.errors import uninterruptible
 from raymia.space import population_size, startup_trials
 
 CONSTRAINTS_ATTR = "raymia.constraints"
@@ -150,6 +151,10 @@ class ConstrainedOptunaSearch(OptunaSearch):
         self._ot_study = study
 
     def suggest(self, trial_id: str) -> dict | None:
+        with uninterruptible():  # Optuna's study is in SQLite: a SIGTERM's stop waits for its write
+            return self._suggest(trial_id)
+
+    def _suggest(self, trial_id: str) -> dict | None:
         if trial_id not in self._ot_trials:
             if self._told < len(self._proposed) - self._in_step + 1:
                 return None  # proposal n waits until trial n - c is told
@@ -160,6 +165,10 @@ class ConstrainedOptunaSearch(OptunaSearch):
         return super().suggest(trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        with uninterruptible():  # as `suggest`
+            self._on_trial_complete(trial_id, result, error)
+
+    def _on_trial_complete(self, trial_id: str, result: dict | None, error: bool) -> None:
         if trial_id in self._completed_trials or trial_id in self._held:
             return  # a trial that Tune retried after it failed: told once
         if trial_id not in self._proposed:  # proposed before a resume by a searcher without the hold rule

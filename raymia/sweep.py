@@ -20,7 +20,7 @@ import math
 import os
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ import numpy as np
 
 from raymia.audit import UTILITY_METRICS
 from raymia.caller import as_found
-from raymia.errors import DataError, Interrupted, RaymiaError, SpecError, first_line
+from raymia.errors import DataError, Interrupted, RaymiaError, SpecError, first_line, uninterruptible
 from raymia.metrics import as_number
 from raymia.pareto import (
     EPSILON,
@@ -861,16 +861,20 @@ def _mlflow_callback(spec: SweepSpec, parent_id: str):
         def __init__(self):
             self.runs: dict[str, str | None] = {}  # Tune trial id -> its open run
 
+        # each in `uninterruptible`: a SIGTERM's stop waits for its SQLite write
         def on_trial_start(self, iteration, trials, trial, **info):
-            self.runs[trial.trial_id] = _open_trial_run(spec, parent_id, trial.trial_id, _number(trial),
-                                                        dict(trial.config))
+            with uninterruptible():
+                self.runs[trial.trial_id] = _open_trial_run(spec, parent_id, trial.trial_id, _number(trial),
+                                                            dict(trial.config))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             result = trial.last_result or {}
-            _close_trial_run(spec, self.runs.pop(trial.trial_id, None), "ok", result, result.get("audit_dir"))
+            with uninterruptible():
+                _close_trial_run(spec, self.runs.pop(trial.trial_id, None), "ok", result, result.get("audit_dir"))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            _close_trial_run(spec, self.runs.pop(trial.trial_id, None), "failed", {}, None, _trial_error(trial))
+            with uninterruptible():
+                _close_trial_run(spec, self.runs.pop(trial.trial_id, None), "failed", {}, None, _trial_error(trial))
 
     return MlflowChildRuns()
 
@@ -1046,7 +1050,7 @@ def run_sweep(
     interrupted sweep without re-running finished trials, and returns a finished one's result without
     running anything (`resume=True` insists that there is one to continue); `fresh=True` discards it and
     runs again. `console=False` prints no front table."""
-    from raymia.engine.cluster import ensure_ray
+    from raymia.engine.cluster import ensure_ray, going_down
     from raymia.resolve import as_spec
 
     spec = as_spec(spec, overrides, kind=SweepSpec)
@@ -1152,16 +1156,22 @@ def run_sweep(
         # start (imports) overlaps the pool's warm-up and the baseline's training, about 2 s of a quickstart
         # on two cores (benchmarks/RESULTS.md). A bank trained in this process (`bank.engine: local`) would
         # hold up Tune's controller instead, so there the baseline comes first.
-        with ThreadPoolExecutor(1) as bg:
-            baseline, beside = None, None
+        baseline, beside = None, None
+        try:
             if spec.sweep.include_undefended and pool is not None:
-                beside = bg.submit(_baseline, spec, root, sweep_dir, keep, pool, parent_id)
+                beside = _in_daemon_thread(_baseline, spec, root, sweep_dir, keep, pool, parent_id)
             elif spec.sweep.include_undefended:
                 baseline = _baseline(spec, root, sweep_dir, keep, pool, parent_id)
             tuner = _tuner(spec, space, root, sweep_dir, parent_id, pool, ray_storage, keep, exp, resuming)
             grid = _fit(tuner)
-            if beside is not None:
-                baseline = beside.result()
+        except BaseException:
+            # a stop waits for the baseline, unless the local Ray it trains on is going down (a SIGTERM to
+            # the process group): then it would finish its audit on a dying Ray or wait on it
+            if beside is not None and not going_down():
+                wait([beside])
+            raise
+        if beside is not None:
+            baseline = beside.result()
         for _ in range(LOST_TRIAL_ROUNDS):
             # Tune can give up on a trial lost with its node although it has retries left (two failures of
             # one loss race each other); trials are idempotent (stored results and packs are reused), so
@@ -1323,6 +1333,24 @@ def _check_study_storage(spec: SweepSpec, sweep_dir: Path) -> None:
 def _tune_name(spec: SweepSpec) -> str:
     """The name of the sweep's Tune experiment: its folder under `<store>/ray/`."""
     return f"sweep-{spec.name}"
+
+
+def _in_daemon_thread(fn, *args) -> Future:
+    """`fn(*args)` in a thread of its own that the process's exit does not wait for (an executor's thread
+    is joined at exit)."""
+    import threading
+
+    future: Future = Future()
+
+    def run() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001  # the caller's result() raises it
+                future.set_exception(e)
+
+    threading.Thread(target=run, name="raymia-baseline", daemon=True).start()
+    return future
 
 
 def _fit(tuner):

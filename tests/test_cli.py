@@ -319,6 +319,26 @@ def test_sigterm_stops_an_audit_as_ctrl_c_does_and_the_same_command_resumes_it(t
         assert run.data.metrics[f"{attack}/auc"] == pytest.approx(ref.attacks[attack]["auc"])
 
 
+def test_a_stop_waits_for_the_database_write_it_lands_in():
+    """The stop a SIGTERM to the process group raises in a sweep's Tune loop is held while the main thread
+    writes MLflow's or Optuna's SQLite store (cut short there, SQLAlchemy logs a traceback), and raised as
+    the outermost write ends; outside one it is raised at once."""
+    from raymia.errors import stop_now, uninterruptible
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with uninterruptible():
+            with uninterruptible():
+                stop_now()
+                done.append("inner")
+            done.append("outer")
+    assert done == ["inner", "outer"]
+    with uninterruptible():  # the stop was raised once: a later section ends normally
+        pass
+    with pytest.raises(KeyboardInterrupt):
+        stop_now()
+
+
 def test_sigterm_goes_to_the_ctrl_c_handler_in_place_and_main_puts_the_callers_back(monkeypatch):
     """The handler calls the SIGINT handler in place (Tune's during a sweep: its last save, then the search
     ends), since a `ray job` entrypoint has SIGINT blocked; with SIGINT ignored it stops all the same. `main`

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raymia.engine.bank_job import UNPREFIXED
-from raymia.errors import RaymiaError, last_error_line
+from raymia.errors import Interrupted, RaymiaError, last_error_line
 from raymia.spec import AuditSpec
 from raymia.store import SignalStore
 
@@ -143,6 +143,7 @@ class BankPool:
     _starting: list[Any] | None = None  # the workers' `where` calls, answered once they are warm
     _t0: float = 0.0
     _owner: int = 0  # pid of the process that started the pool (it alone reports the start)
+    _closed: bool = False  # `shutdown` called: a run still in a thread (a stopped sweep's baseline) ends quietly
 
     @classmethod
     def start(cls, spec: AuditSpec, reserve_cpus: float = 0.0) -> BankPool:
@@ -273,6 +274,8 @@ class BankPool:
               restarting: dict[Any, int]) -> None:
         """Say in one line that worker w was lost (and which pack goes back to the queue); wait for Ray's
         restart of it unless it was lost too often."""
+        if self._closed:  # killed by `shutdown`: no loss to report, nothing to wait for
+            raise Interrupted("the bank pool was shut down")
         losses[w] += 1
         gone = losses[w] > MAX_RESTARTS
         place = self.places[w]
@@ -312,6 +315,7 @@ class BankPool:
     def shutdown(self) -> None:
         import ray
 
+        self._closed = True
         for w in self.workers:
             ray.kill(w, no_restart=True)
 
