@@ -105,13 +105,36 @@ def test_killed_sweep_resumes(tmp_path):
     # (a finished sweep run again with its result.json cut short: test_e2e's test_a_finished_sweep_...)
 
 
-def test_ctrl_c_stops_a_sweep_with_exit_130_and_no_run_left_running(tmp_path):
+def _group_left(pgid: int, wait: float) -> list[str]:
+    """The live processes of process group `pgid` (zombies left out) after up to `wait` seconds for it to
+    empty: the stopped sweep's local Ray (GCS, raylet, agents, workers) is in the group."""
+    end = time.time() + wait
+    while True:
+        left = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                if os.getpgid(int(pid)) == pgid and stat.rsplit(")", 1)[1].split()[0] != "Z":
+                    left.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120])
+            except (OSError, IndexError):  # ended meanwhile
+                continue
+        if not left or time.time() > end:
+            return left
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_process_group_stops_a_sweep_with_no_run_left_running(tmp_path, sig):
     """SIGINT to the process group, as a terminal's Ctrl-C: one line, exit 130 (not the bad-input 2), no
-    advice to call Tune's own restore, and no MLflow run shown as still running."""
+    advice to call Tune's own restore, and no MLflow run shown as still running. SIGTERM to the process group
+    (Slurm's scancel, `kill -- -PGID`, a container's stop) reaches the sweep's own local Ray too, whose GCS
+    then hangs in its shutdown: Tune's graceful stop waited on it for a minute; now the sweep ends within
+    seconds, exit 143, and takes its Ray down with it."""
     spec = tmp_path / "s.yaml"
     spec.write_text(SPEC.format(out=tmp_path).replace("num_trials: 3", "num_trials: 6"))
     trials_glob = str(tmp_path / "runs" / "sweeps" / "resumable" / "trials" / "*" / "result.json")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)  # the sweep's own local Ray, in its process group
     with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "raymia", "sweep", str(spec)], stdout=out, stderr=err,
                                 start_new_session=True, env=env)
@@ -120,17 +143,27 @@ def test_ctrl_c_stops_a_sweep_with_exit_130_and_no_run_left_running(tmp_path):
         while time.time() - t0 < 240 and len(glob.glob(trials_glob)) < 1 and proc.poll() is None:
             time.sleep(0.1)
         assert proc.poll() is None, (tmp_path / "err").read_text()[-3000:]
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, sig)
+        sent = time.time()
         proc.wait(timeout=120)
+        took = time.time() - sent
+        left = _group_left(proc.pid, wait=3)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     stderr = (tmp_path / "err").read_text()
-    assert proc.returncode == 130, stderr[-3000:]
-    assert stderr.strip().splitlines()[-1] in (
-        "raymia: sweep resumable was interrupted; run the same command again to resume it",
-        "raymia: interrupted; finished work is stored and a re-run resumes it"), stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130, stderr[-3000:]
+        assert last in ("raymia: sweep resumable was interrupted; run the same command again to resume it",
+                        "raymia: interrupted; finished work is stored and a re-run resumes it"), stderr[-3000:]
+    else:
+        assert proc.returncode == 143, stderr[-3000:]
+        assert last == "raymia: stopped by SIGTERM; finished work is stored and the same command resumes it", \
+            stderr[-3000:]
+        assert took < 5 and "Traceback" not in stderr, (took, stderr[-3000:])
+        assert not left, left
     assert "Tuner.restore" not in stderr and "Stop signal received" not in stderr  # Tune's: raymia's line says it
     from mlflow.tracking import MlflowClient
 
