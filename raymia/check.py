@@ -380,7 +380,7 @@ def _sweep_rows(spec: SweepSpec, space, root: Path, signal_bytes: int, ctx) -> t
                 rows.append(("", f"{d} at the space's defaults ({shown}) releases the undefended model: {why}"))
                 break
             end = "a choice" if which == "choice" else f"the {which}"
-            rows.append(("", f"{d} at {name} {v!r} ({end} of {describe(sp[name])}) releases the undefended "
+            rows.append(("", f"{d} at {name} {v!r} ({end} of {describe(sp[name], condition=False)}) releases the undefended "
                              f"model: {why}"))
     if (n := count_settings(space)) is not None and n < s.num_trials:
         rows.append(("", f"the space holds {n} setting(s), fewer than the {s.num_trials} trials: the sampler "

@@ -95,8 +95,10 @@ class Categorical:
 Domain = Float | Int | Categorical
 
 
-def describe(d: Domain) -> str:
-    cond = f" if {d.when}" if d.when is not None else ""
+def describe(d: Domain, condition: bool = True) -> str:
+    """`[low, high]`, `log [low, high]` or `{choices}`, followed by its condition (`if method: admm`) unless
+    `condition` is False (an end "of [0, 10]" is named under the mode that turns it on)."""
+    cond = f" if {d.when}" if d.when is not None and condition else ""
     if isinstance(d, Categorical):
         return "{" + ", ".join(repr(c) for c in d.choices) + "}" + cond
     kind = "log " if d.log else ""

@@ -966,7 +966,7 @@ def validate_sweep(spec: SweepSpec, setup: bool = True):
                     raise type(e)(e.message, where=f"{at}.space.{field}" if field in sp else e.where) from None
                 why = e.message if e.where == f"defense.params.{name}" else str(e)
                 end = "a choice" if which == "choice" else f"the {which}"
-                raise SpecError(f"{v!r}, {end} of {describe(sp[name])}, is refused: {why}",
+                raise SpecError(f"{v!r}, {end} of {describe(sp[name], condition=False)}, is refused: {why}",
                                 where=f"{at}.space.{name}") from None
     for field, names in (("objectives", [o.metric for o in spec.sweep.objectives]),
                          ("constraints", [c.metric for c in spec.sweep.constraints])):

@@ -189,7 +189,8 @@ def _sweep_as_a_notebook_shows_it(result) -> None:
     assert "<script>" not in odd._repr_html_() and "&lt;script&gt;x&lt;/script&gt;" in odd._repr_html_()
     table = result.table()
     assert list(table.index) == [0, 1] and table.index.name == "trial"
-    assert list(table.columns[:9]) == ["defense", "params.temperature", "params.top_k", "params.decimals", "status",
+    # confidence's top_k first: the temperature and rounding act only beside a top_k other than 1
+    assert list(table.columns[:9]) == ["defense", "params.top_k", "params.temperature", "params.decimals", "status",
                                        "front", "test_accuracy", "loss/auc", "std/test_accuracy"]
     assert list(table["front"]) == [n in result.front_trials for n in (0, 1)]
     for t in result.trials:
