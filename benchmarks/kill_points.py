@@ -1,7 +1,7 @@
 """Kill `raymia audit` / `raymia sweep` at spread points and check the re-run (README's "a crash or a kill
 loses no finished work, and a re-run resumes it").
 
-    python3 benchmarks/kill_points.py audit --points 12 [--signal INT] [--workdir D]
+    python3 benchmarks/kill_points.py audit --points 12 [--signal INT|TERM] [--workdir D]
     python3 benchmarks/kill_points.py sweep --points 6
 
 An undisturbed run gives the baseline (its duration and result). Then, for each of `--points` kill times
@@ -11,7 +11,10 @@ re-run: exit 0; the metrics of result.json (audit) or the trials and front of th
 the baseline's; no pack that was intact when the kill landed was written again (inode and mtime); no
 temporary file left in the store; every pack intact; the MLflow database passes `PRAGMA integrity_check`
 and holds no run left RUNNING. `--twice` kills the re-run too (at half the time) before a third run.
-One line per kill point, then a summary; exit 1 when any point failed.
+With `--signal INT` or `TERM` (a Ctrl-C, or Slurm's scancel / a container's stop: the signal reaches the
+run's own local Ray too) each line also says how long the signalled run took to exit, and a point fails
+when that exit is not the signal's (130 or 143; or the signal's own death, before raymia's handler was
+set) or took over 10 s. One line per kill point, then a summary; exit 1 when any point failed.
 """
 
 from __future__ import annotations
@@ -75,10 +78,10 @@ def pattern(rel: str) -> str:
 
 
 def run(kind: str, folder: Path, kill_at: float | str | None, sig: int,
-        seen: dict[str, float] | None = None) -> tuple[int, float, str]:
+        seen: dict[str, float] | None = None) -> tuple[int, float, str, float | None]:
     """The command in `folder`; with `kill_at` (seconds, or a glob of a file under `folder`), its process group
     gets `sig` after that many seconds or as soon as that file appears. `seen` collects when each file first
-    appeared. (exit code, seconds, the log's tail)."""
+    appeared. (exit code, seconds, the log's tail, seconds from the signal to the exit or None)."""
     import fnmatch
 
     spec = folder / "spec.yaml"
@@ -99,20 +102,23 @@ def run(kind: str, folder: Path, kill_at: float | str | None, sig: int,
                 if isinstance(kill_at, str) and any(fnmatch.fnmatch(n, kill_at) for n in names):
                     break
             time.sleep(0.005)
+        stop = None
         if proc.poll() is None:
             os.killpg(proc.pid, sig)
+            sent = time.time()
             try:
                 proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+            stop = time.time() - sent
     # a SIGINT'd run's or a killed run's leftover processes (Ray's) must not outlive it
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     tail = (folder / "out.log").read_text()[-1500:]
-    return proc.returncode, time.time() - t0, tail
+    return proc.returncode, time.time() - t0, tail, stop
 
 
 def packs(folder: Path) -> dict[str, tuple[int, int]]:
@@ -178,7 +184,7 @@ def main() -> int:
     p.add_argument("kind", choices=["audit", "sweep"])
     p.add_argument("--points", type=int, default=10, help="kills at spread times")
     p.add_argument("--events", type=int, default=0, help="at most this many kills on a file's appearance (0: all)")
-    p.add_argument("--signal", choices=["KILL", "INT"], default="KILL")
+    p.add_argument("--signal", choices=["KILL", "INT", "TERM"], default="KILL")
     p.add_argument("--twice", action="store_true", help="kill the re-run too")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--keep", action="store_true", help="keep the folders")
@@ -196,7 +202,7 @@ def main() -> int:
 
     base = fresh("baseline")
     seen: dict[str, float] = {}
-    rc, total, tail = run(a.kind, base, None, sig, seen)
+    rc, total, tail, _ = run(a.kind, base, None, sig, seen)
     if rc != 0:
         print(f"baseline failed ({rc}):\n{tail}")
         return 1
@@ -211,15 +217,18 @@ def main() -> int:
     failed = 0
     for i, t in enumerate(times):
         d = fresh(f"kill-{i:02d}")
-        rc1, secs1, _ = run(a.kind, d, t, sig)
+        rc1, secs1, tail1, stop = run(a.kind, d, t, sig)
         before = packs(d)
         notes = []
+        if sig != signal.SIGKILL and stop is not None and (rc1 not in (128 + sig, -sig) or stop > 10):
+            notes.append(f"signalled run exit {rc1} after {stop:.1f} s: "
+                         f"{tail1.strip().splitlines()[-1] if tail1.strip() else ''}")
         if a.twice:
             run(a.kind, d, secs1 / 2 if rc1 else total / 2, sig)
             kept = packs(d)
             notes += [f"pack rewritten by the first re-run: {k}" for k in before if kept.get(k) != before[k]]
             before = kept
-        rc2, secs, tail = run(a.kind, d, None, sig)
+        rc2, secs, tail, _ = run(a.kind, d, None, sig)
         after = packs(d)
         if rc2 != 0:
             notes.append(f"re-run exit {rc2}: {tail.strip().splitlines()[-1] if tail.strip() else ''}")
@@ -236,7 +245,8 @@ def main() -> int:
         if a.kind == "sweep" and runs != want_runs:  # one parent run and one run per trial, as undisturbed
             notes.append(f"MLflow runs {runs}, undisturbed {want_runs}")
         at = f"{t:5.1f} s" if isinstance(t, float) else t
-        print(f"kill at {at} (first exit {rc1}): {len(before)} packs kept, re-run {secs:.1f} s, "
+        stopped = f" after {stop:.1f} s" if stop is not None and sig != signal.SIGKILL else ""
+        print(f"kill at {at} (first exit {rc1}{stopped}): {len(before)} packs kept, re-run {secs:.1f} s, "
               f"mlflow {runs}: {'; '.join(notes) or 'ok'}", flush=True)
         failed += bool(notes)
         if not a.keep and not notes:
