@@ -69,9 +69,13 @@ def files(folder: Path) -> set[str]:
 
 def pattern(rel: str) -> str:
     """A file's name as a glob that matches it in another run: a temporary file's process id and random
-    suffix, and MLflow's run ids, vary."""
+    suffix, MLflow's run ids, Tune's trial ids and its trial folders' times vary."""
+    import re
+
     parts = rel.split(os.sep)
-    parts = ["*" if len(x) == 32 and all(c in "0123456789abcdef" for c in x) else x for x in parts]
+    # MLflow's run ids and Tune's trial ids (hex), and the time in Tune's trial folder names
+    parts = ["*" if len(x) in (8, 32) and all(c in "0123456789abcdef" for c in x) else x for x in parts]
+    parts = [re.sub(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}", "*", x) for x in parts]
     if parts[-1].endswith(".tmp"):
         parts[-1] = parts[-1].split(".")[0] + "." + parts[-1].split(".")[1] + "*.tmp"
     return os.sep.join(parts)
