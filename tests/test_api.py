@@ -472,6 +472,52 @@ def test_starting_ray_leaves_the_callers_logging_as_it_was(tmp_path):
     assert "a warning" not in out.stderr and "job_id=" not in out.stdout
 
 
+STOPPED_WHILE_RAY_STARTS = """
+import os, signal, time
+from pathlib import Path
+got = []
+def mine(signum, frame):  # as the raymia command's: the stop raised where the main thread is
+    got.append(signum)
+    raise KeyboardInterrupt
+signal.signal(signal.SIGTERM, mine)
+import ray, ray._private.services as services
+real = services.get_node
+during = set()
+def stopped_here(*a, **k):  # the GCS and raylet are up, ray.init waits for its node: a SIGTERM lands
+    during.update(_ray_descendants())
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+    return real(*a, **k)
+services.get_node = stopped_here
+from raymia.engine.cluster import _ray_descendants, ensure_ray
+try:
+    ensure_ray()
+except KeyboardInterrupt:
+    print("stopped by", got)
+time.sleep(0.5)
+def alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+print("Ray's processes while it started:", len(during) >= 2)  # its GCS and raylet at least
+print("Ray initialized:", ray.is_initialized(), "left:", sorted(p for p in during if alive(p)))
+"""
+
+
+def test_a_stop_while_ray_starts_is_the_callers_and_leaves_no_ray_process(tmp_path):
+    """A SIGTERM while ray.init starts a local instance (a job stopped as it begins) reaches the process's own
+    handler, not Ray's (which exited 15 and, for a process group's SIGTERM, after half a minute), and the
+    processes that Ray had started (GCS, raylet, agents) do not outlive the start cut short."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", STOPPED_WHILE_RAY_STARTS], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == ["stopped by [15]", "Ray's processes while it started: True",
+                                       "Ray initialized: False left: []"], \
+        (out.stdout, out.stderr[-3000:])
+
+
 def test_tune_settings_apply_on_a_ray_the_caller_started(ray_local, monkeypatch):
     """A sweep on the caller's own Ray (a notebook's ray.init) gets raymia's Tune settings too: the state
     saved after every event (what a resume reads), raymia's lines instead of Tune's reporter and tracebacks.

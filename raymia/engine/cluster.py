@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -49,21 +50,26 @@ def ensure_ray() -> None:
     handlers, level = root.handlers[:], root.level
     # ray.init replaces the driver's SIGTERM handler with its own (sys.exit, after its core's report
     # "*** SIGTERM received" on stderr): one the process set itself (the raymia command's clean stop, a
-    # caller's own) is put back. Without one, Ray's stays, as ray.init leaves it.
+    # caller's own) is kept, while Ray starts too (a SIGTERM then, as a process group's that reaches Ray's
+    # new processes, exited 15 through Ray's handler and then waited half a minute on them). Without one,
+    # Ray's is set, as ray.init sets it.
     term = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    own = callable(term) or term == signal.SIG_IGN
+    before = _ray_descendants() if address == "local" else None  # a cluster's processes are not this run's
     try:
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            # Ray's own warnings from the workers still reach the console; raymia's workers set their own
-            # logger's level (`bank_job.worker_logging`).
-            logging_config=ray.LoggingConfig(log_level="WARNING"),
-            log_to_driver=True,
-            # A local instance only (a cluster's is set when it starts): the driver's last task events
-            # wait at most this for the GCS, 5 s by default, all of it when the GCS is gone (`shutdown`).
-            _system_config={"task_events_shutdown_flush_timeout_ms": 500} if address == "local" else None,
-        )
+        with _keeping_sigterm(own), _ending_a_start_cut_short(before):
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                # Ray's own warnings from the workers still reach the console; raymia's workers set their own
+                # logger's level (`bank_job.worker_logging`).
+                logging_config=ray.LoggingConfig(log_level="WARNING"),
+                log_to_driver=True,
+                # A local instance only (a cluster's is set when it starts): the driver's last task events
+                # wait at most this for the GCS, 5 s by default, all of it when the GCS is gone (`shutdown`).
+                _system_config={"task_events_shutdown_flush_timeout_ms": 500} if address == "local" else None,
+            )
     except (ConnectionError, RuntimeError) as e:  # what check_address could not foresee (a version mismatch)
         if address == "local":
             raise
@@ -73,13 +79,67 @@ def ensure_ray() -> None:
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
-        if callable(term) or term == signal.SIG_IGN:
+        if own:
             signal.signal(signal.SIGTERM, term)
     keep_token_private()
     _drop_duplicate_worker_deaths()
     res = ray.cluster_resources()
     log.info("Ray: %g CPUs, %g GPUs", res.get("CPU", 0), res.get("GPU", 0))
 
+
+def _ray_descendants() -> set[int]:
+    """The process ids of Ray's processes among this process's descendants (Linux's /proc; none found
+    elsewhere): their command line runs Ray's package (GCS, raylet, monitors) or its title is Ray's
+    (`ray::DashboardAgent`, a worker's `ray::IDLE`)."""
+    import ray
+
+    where, parent, cmd = os.path.dirname(ray.__file__), {}, {}
+    for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else ()):
+        try:
+            parent[int(pid)] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd[int(pid)] = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except (OSError, IndexError, ValueError):  # ended meanwhile
+            continue
+    out, new = set(), {os.getpid()}
+    while new:
+        new = {pid for pid, pp in parent.items() if pp in new} - out
+        out |= new
+    return {pid for pid in out if where in cmd.get(pid, "") or cmd.get(pid, "").startswith("ray::")}
+
+
+@contextlib.contextmanager
+def _ending_a_start_cut_short(before: set[int] | None):
+    """A local Ray whose start a stop (Ctrl-C, SIGTERM) or an error cuts short: the processes it had started
+    (GCS, raylet, monitors, the raylet's agents and workers: Ray's new processes among this one's
+    descendants, but those of `before`) are killed, as ray.init leaves them running for good, with no driver
+    to shut them down. Nothing for a cluster joined (`before` None)."""
+    if before is None:
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        for pid in _ray_descendants() - before:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        raise
+
+
+@contextlib.contextmanager
+def _keeping_sigterm(keep: bool):
+    """While it runs, Ray's setter of the driver's SIGTERM handler (ray.init's two calls) does nothing, when
+    `keep`: the handler the process set stays in place."""
+    if not keep:
+        yield
+        return
+    from ray._private import utils
+
+    setter = utils.set_sigterm_handler
+    utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = setter
 
 
 def _own_processes() -> list:
