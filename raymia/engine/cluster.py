@@ -50,9 +50,8 @@ def ensure_ray() -> None:
     handlers, level = root.handlers[:], root.level
     # ray.init replaces the driver's SIGTERM handler with its own (sys.exit, after its core's report
     # "*** SIGTERM received" on stderr): one the process set itself (the raymia command's clean stop, a
-    # caller's own) is kept, while Ray starts too (a SIGTERM then, as a process group's that reaches Ray's
-    # new processes, exited 15 through Ray's handler and then waited half a minute on them). Without one,
-    # Ray's is set, as ray.init sets it.
+    # caller's own) is kept, also while Ray starts: Ray's would end the run at once with exit 15 and no
+    # clean stop (its MLflow parent run FAILED). Without one, Ray's is set, as ray.init sets it.
     term = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     own = callable(term) or term == signal.SIG_IGN
     before = _ray_descendants() if address == "local" else None  # a cluster's processes are not this run's
