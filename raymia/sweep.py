@@ -1139,8 +1139,10 @@ def run_sweep(
             if parent is not None and parent.exception() is None:
                 from raymia.tracking import finish_parent
 
-                finish_parent(spec.tracking.uri, parent.result(), {}, [],
-                              status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+                stopped = isinstance(e, KeyboardInterrupt)
+                finish_parent(spec.tracking.uri, parent.result(), {}, [], status="KILLED" if stopped else "FAILED")
+                if stopped:  # the re-run that resumes it carries on in this run, not in another beside it
+                    _write_state(spec, keep, parent.result(), finished=False)
             raise
         parent_id = parent.result() if parent is not None else parent_id
     _write_state(spec, keep, parent_id, finished=False)

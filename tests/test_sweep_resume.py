@@ -175,6 +175,28 @@ def test_a_signal_to_the_process_group_stops_a_sweep_with_no_run_left_running(tm
     assert parent.info.status == "KILLED"
 
 
+def test_a_sweep_stopped_while_ray_starts_is_resumed_in_the_same_parent_run(tmp_path, monkeypatch):
+    """A stop in the first seconds (here while Ray starts) ends the new MLflow parent run KILLED and records
+    it in the sweep's state, so the re-run carries on in that run instead of opening another beside it."""
+    import raymia.engine.cluster as cluster
+    from raymia.spec import SweepSpec
+    from raymia.sweep import run_sweep
+
+    def stopped():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cluster, "ensure_ray", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(SweepSpec.model_validate(yaml.safe_load(SPEC.format(out=tmp_path))), console=False)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("resume-test").experiment_id])
+    assert run.info.status == "KILLED"
+    state = json.loads((tmp_path / "runs" / "sweeps" / "resumable" / "state.json").read_text())
+    assert state["parent_run_id"] == run.info.run_id and state["finished"] is False
+
+
 def test_damaged_tune_state_is_found_without_unpickling():
     """A state file cut short by a kill while Tune wrote it is never copied for a resume (Tune would then wait
     forever); pickles are checked by their frame, not loaded."""
