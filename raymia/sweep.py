@@ -325,9 +325,15 @@ def _space_keys(raw: dict, accepted: set[str]) -> str:
 
 
 def describe_space(space: dict[str, dict[str, Domain | Any]]) -> dict[str, str]:
-    """{defense: "gamma [0.3, 0.99], alpha log [0.0001, 0.05], ..."}: a resolved space for people."""
-    return {d: ", ".join(f"{k} {describe(v) if isinstance(v, Float | Int | Categorical) else repr(v)}"
-                         for k, v in sp.items()) or "no parameters" for d, sp in space.items()}
+    """{defense: "gamma [0.3, 0.99], alpha log [0.0001, 0.05], ..."}: a resolved space for people; a constant
+    that only some of the searched modes use says which (`temperature 2.0 if top_k not 1`)."""
+    def text(k: str, v: Any, pins: dict[str, tuple[ActsWhen, Any]]) -> str:
+        if isinstance(v, Float | Int | Categorical):
+            return describe(v)
+        return repr(v) + (f" if {pins[k][0]}" if k in pins else "")
+
+    return {d: ", ".join(f"{k} {text(k, v, pins)}" for k, v in sp.items()) or "no parameters"
+            for d, sp in space.items() for pins in [_pins(d, sp)]}
 
 
 def count_settings(space: dict[str, dict[str, Domain | Any]]) -> int | None:
@@ -353,12 +359,15 @@ class DefineByRun:
     defense (when several are searched) and samples its space. Parameters are named "<defense>.<param>".
     A parameter searched only in some modes (`when`) is not suggested in a trial whose drawn mode turns it
     off: it is absent from the trial's config, so the defense takes its default, and the sampler models it
-    only from the trials that drew it."""
+    only from the trials that drew it. So is a constant beside its searched mode (`temperature: 2.0` while
+    `top_k` is searched) in the trials whose mode turns it off: no two trials differ only in a value their
+    defense ignores."""
 
     def __init__(self, spaces: dict[str, dict[str, Any]]):
         for sp in spaces.values():
             check_conditions(sp)
         self.spaces = spaces
+        self.pins = {d: _pins(d, sp) for d, sp in spaces.items()}
 
     def __call__(self, trial) -> dict[str, Any]:
         names = list(self.spaces)
@@ -378,7 +387,24 @@ class DefineByRun:
                 drawn[name] = trial.suggest_categorical(key, list(dom.choices))
             else:
                 const[key] = dom
+        # a searcher pickled by a sweep begun before pins were kept has none (Tune restores it on resume)
+        for name, (cond, default) in getattr(self, "pins", {}).get(defense, {}).items():
+            if not cond.holds(drawn.get(cond.field, default)):
+                del const[f"{defense}.{name}"]
         return const
+
+
+def _pins(defense: str, space: dict[str, Any]) -> dict[str, tuple[ActsWhen, Any]]:
+    """{name: (its condition, its mode's default)} for each constant of a defense's space that acts only in a
+    mode the space searches (`Params.acts_when`): the trials whose drawn mode turns it off leave it out."""
+    searched = {n for n, v in space.items() if isinstance(v, Float | Int | Categorical)}
+    if len(searched) == len(space):
+        return {}
+    from raymia.defenses import DEFENSES
+
+    params = DEFENSES.get(defense).params
+    return {n: (c, params.model_fields[c.field].get_default(call_default_factory=True))
+            for n in space if n not in searched and (c := params.acts_when.get(n)) is not None and c.field in searched}
 
 
 def split_config(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:

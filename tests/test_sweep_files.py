@@ -134,6 +134,37 @@ def test_a_parameter_is_drawn_only_in_the_modes_that_use_it():
     assert set(methods) == {"magnitude", "admm"}
 
 
+def test_a_constant_beside_its_searched_mode_is_left_out_where_the_mode_turns_it_off():
+    """confidence's temperature acts only when top_k is not 1: pinned at 2.0 while top_k is searched, a trial
+    that draws top_k 1 leaves it out (the defense's default, which that mode ignores too), one that draws 3
+    gets 2.0; pinned beside a pinned mode that uses it, every trial gets it."""
+    import optuna
+
+    from raymia.sweep import DefineByRun, describe_space, split_config
+
+    def trials(space: dict) -> list[dict]:
+        resolved = resolve_space(SweepSpec.model_validate({"sweep": {"defense": "confidence", "space": space}}))
+        ask = DefineByRun(resolved)
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(0))
+        out = []
+        for _ in range(10):
+            t = study.ask()
+            const = ask(t)  # suggests the trial's parameters
+            out.append(split_config({**t.params, **const})[1])
+            study.tell(t, 0.0)
+        return out
+
+    drawn = trials({"top_k": {"choices": [1, 3]}, "temperature": 2.0, "decimals": None})
+    assert describe_space(resolve_space(SweepSpec.model_validate({"sweep": {"defense": "confidence", "space": {
+        "top_k": {"choices": [1, 3]}, "temperature": 2.0}}}))) == {
+        "confidence": "temperature 2.0 if top_k not 1, top_k {1, 3}, decimals {None, 1, 2, 3} if top_k: 3"}
+    assert {p["top_k"] for p in drawn} == {1, 3}
+    for p in drawn:
+        assert p == ({"top_k": 1} if p["top_k"] == 1 else {"top_k": 3, "temperature": 2.0, "decimals": None}), p
+    pinned = trials({"top_k": 3, "temperature": 2.0, "decimals": None})
+    assert pinned == [{"top_k": 3, "temperature": 2.0, "decimals": None}] * 10
+
+
 def test_a_condition_follows_the_space_the_spec_resolves():
     """A mode the spec adds after its parameter is drawn first; a mode narrowed to the choices that use the
     parameter, or pinned to one, leaves it searched always; a parameter whose mode is not searched has no
@@ -264,7 +295,7 @@ def test_the_first_console_line_names_the_space_or_with_many_defenses_their_size
     two = resolve_space(SweepSpec.model_validate({"sweep": {"defenses": [
         "hamp", {"name": "confidence", "space": {"top_k": {"choices": [1, 2]}, "decimals": None}}]}}))
     assert _space_line(two) == ("hamp: gamma [0.3, 0.99], alpha log [0.0001, 0.05], output_modification "
-                                "{True, False}; confidence: top_k {1, 2}, temperature log [0.1, 10.0] if top_k: 2, decimals None")
+                                "{True, False}; confidence: top_k {1, 2}, temperature log [0.1, 10.0] if top_k: 2, decimals None if top_k not 1")
     many = resolve_space(load_spec(SWEEPS[0].parent / "digits-all.yaml", kind=SweepSpec))
     line = _space_line(many)
     assert line.startswith(f"{len(many)} defenses: hamp (3 parameters), dpsgd (4 parameters), ")
