@@ -78,6 +78,8 @@ def pattern(rel: str) -> str:
     parts = [re.sub(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}", "*", x) for x in parts]
     if parts[-1].endswith(".tmp"):
         parts[-1] = parts[-1].split(".")[0] + "." + parts[-1].split(".")[1] + "*.tmp"
+    if parts[-1].startswith(".artifact.uploading."):  # MLflow's artifact being written (mkstemp's suffix)
+        parts[-1] = ".artifact.uploading.*"
     return os.sep.join(parts)
 
 

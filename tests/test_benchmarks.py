@@ -124,3 +124,26 @@ def test_selena_packs_times_both_ways_and_their_soft_labels_agree(tmp_path):
     assert row["sub_models"] == 4 and row["pack_size"] == 2
     assert row["one_at_a_time_s"] > 0 and row["packed_s"] > 0 and row["ratio"] > 0
     assert row["soft_label_max_diff"] < 1e-4  # the same sub-models either way, to float tolerance
+
+
+def test_kill_points_names_a_file_as_a_glob_that_matches_it_in_another_run():
+    """A kill point is placed on a file's first appearance in another run: what varies between runs (MLflow's
+    run ids, Tune's trial ids and times, temporary files' suffixes) is a wildcard, the rest is kept."""
+    import fnmatch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from kill_points import pattern
+
+    run = "0123456789abcdef0123456789abcdef"
+    cases = {
+        f"mlartifacts/1/{run}/artifacts/.artifact.uploading.k2_x9q1z": "mlartifacts/1/*/artifacts/.artifact.uploading.*",
+        f"mlartifacts/1/{run}/artifacts/report.html": "mlartifacts/1/*/artifacts/report.html",
+        "runs/signals/ab12/.k1-pack-3.npz.host.4242.x1y2.tmp": "runs/signals/ab12/.k1-pack-3*.tmp",
+        "runs/ray/sweep-k/trial_2_2_defense=hamp,hamp_gamma=0.5923_2026-12-07_03-55-05/result.json":
+            "runs/ray/sweep-k/trial_2_2_defense=hamp,hamp_gamma=0.5923_*/result.json",
+        "runs/sweeps/k/trials/0bbf5fc1/result.json": "runs/sweeps/k/trials/*/result.json",
+    }
+    for name, want in cases.items():
+        got = pattern(name)
+        assert got == want and fnmatch.fnmatch(name, got), (name, got)
+    assert not fnmatch.fnmatch(f"mlartifacts/1/{run}/artifacts/report.html", pattern("mlartifacts/1/x/spec.yaml"))
