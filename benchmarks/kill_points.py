@@ -69,7 +69,7 @@ def files(folder: Path) -> set[str]:
 
 def pattern(rel: str) -> str:
     """A file's name as a glob that matches it in another run: a temporary file's process id and random
-    suffix, MLflow's run ids, Tune's trial ids and its trial folders' times vary."""
+    suffix, MLflow's run ids, Tune's trial ids, its trial folders' times and its TensorBoard logs' vary."""
     import re
 
     parts = rel.split(os.sep)
@@ -80,6 +80,8 @@ def pattern(rel: str) -> str:
         parts[-1] = parts[-1].split(".")[0] + "." + parts[-1].split(".")[1] + "*.tmp"
     if parts[-1].startswith(".artifact.uploading."):  # MLflow's artifact being written (mkstemp's suffix)
         parts[-1] = ".artifact.uploading.*"
+    if parts[-1].startswith("events.out.tfevents."):  # Tune's TensorBoard log: its time and host
+        parts[-1] = "events.out.tfevents.*"
     return os.sep.join(parts)
 
 

@@ -128,7 +128,8 @@ def test_selena_packs_times_both_ways_and_their_soft_labels_agree(tmp_path):
 
 def test_kill_points_names_a_file_as_a_glob_that_matches_it_in_another_run():
     """A kill point is placed on a file's first appearance in another run: what varies between runs (MLflow's
-    run ids, Tune's trial ids and times, temporary files' suffixes) is a wildcard, the rest is kept."""
+    run ids, Tune's trial ids and times, temporary files' suffixes, TensorBoard logs' times) is a wildcard,
+    the rest is kept."""
     import fnmatch
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -142,6 +143,8 @@ def test_kill_points_names_a_file_as_a_glob_that_matches_it_in_another_run():
         "runs/ray/sweep-k/trial_2_2_defense=hamp,hamp_gamma=0.5923_2026-12-07_03-55-05/result.json":
             "runs/ray/sweep-k/trial_2_2_defense=hamp,hamp_gamma=0.5923_*/result.json",
         "runs/sweeps/k/trials/0bbf5fc1/result.json": "runs/sweeps/k/trials/*/result.json",
+        "runs/ray/sweep-k/trial_1_1_defense=hamp_2026-12-07_03-55-05/events.out.tfevents.1796616241.vm":
+            "runs/ray/sweep-k/trial_1_1_defense=hamp_*/events.out.tfevents.*",
     }
     for name, want in cases.items():
         got = pattern(name)
