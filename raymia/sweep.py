@@ -20,7 +20,7 @@ import math
 import os
 import re
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -1149,28 +1149,22 @@ def run_sweep(
         from raymia.engine.cluster import check_address
 
         check_address(os.environ["RAY_ADDRESS"])
-    with ThreadPoolExecutor(1) as bg:  # the MLflow parent run is created while Ray starts
-        parent = bg.submit(_start_parent, spec, space) if spec.tracking.enabled and parent_id is None else None
-        pool = None
-        try:
-            ensure_ray()
-            from raymia.engine.pool import check_trial_cpu
+    # the MLflow parent run is created while Ray starts
+    parent = _in_daemon_thread(_start_parent, spec, space) if spec.tracking.enabled and parent_id is None else None
+    pool = None
+    try:
+        ensure_ray()
+        from raymia.engine.pool import check_trial_cpu
 
-            check_trial_cpu(spec.sweep.trial_cpu)
-            if spec.bank.engine == "ray":  # one warm pool for every trial and the final audit; it warms meanwhile
-                from raymia.engine.pool import BankPool
+        check_trial_cpu(spec.sweep.trial_cpu)
+        if spec.bank.engine == "ray":  # one warm pool for every trial and the final audit; it warms meanwhile
+            from raymia.engine.pool import BankPool
 
-                pool = BankPool.start(spec, reserve_cpus=spec.sweep.trial_cpu * spec.sweep.max_concurrent)
-        except BaseException as e:  # no parent run stays RUNNING: a Ctrl-C while Ray starts ends it KILLED
-            if parent is not None and parent.exception() is None:
-                from raymia.tracking import finish_parent
-
-                stopped = isinstance(e, KeyboardInterrupt)
-                finish_parent(spec.tracking.uri, parent.result(), {}, [], status="KILLED" if stopped else "FAILED")
-                if stopped:  # the re-run that resumes it carries on in this run, not in another beside it
-                    _write_state(spec, keep, parent.result(), finished=False)
-            raise
-        parent_id = parent.result() if parent is not None else parent_id
+            pool = BankPool.start(spec, reserve_cpus=spec.sweep.trial_cpu * spec.sweep.max_concurrent)
+    except BaseException as e:  # no parent run stays RUNNING: a Ctrl-C while Ray starts ends it KILLED
+        _end_parent_cut_short(spec, keep, parent, isinstance(e, KeyboardInterrupt))
+        raise
+    parent_id = parent.result() if parent is not None else parent_id
     _write_state(spec, keep, parent_id, finished=False)
     from raymia.audit import write_spec_file
 
@@ -1363,9 +1357,33 @@ def _tune_name(spec: SweepSpec) -> str:
     return f"sweep-{spec.name}"
 
 
+PARENT_WAIT_S = 20.0  # how long a start cut short waits for its MLflow parent run (a new store's migrations)
+
+
+def _end_parent_cut_short(spec: SweepSpec, keep, parent: Future | None, stopped: bool) -> None:
+    """The parent run of a sweep whose start a stop or an error cut short is ended KILLED or FAILED once
+    `_start_parent` has made it, and a stopped sweep's state names it, so that the re-run carries on in it.
+    The wait is bounded: a Ctrl-C can land inside an import of the main thread and leave that module's
+    lock held for good, and the thread making the run may be importing the same module (MLflow's imports
+    are many); the run then stays RUNNING, and the re-run opens another."""
+    if parent is None:
+        return
+    if not wait([parent], timeout=PARENT_WAIT_S).done:
+        log.warning("sweep %s: its MLflow parent run was not made within %g s of the stop; if it is made, it "
+                    "stays RUNNING", spec.name, PARENT_WAIT_S)
+        return
+    if parent.exception() is not None:
+        return
+    from raymia.tracking import finish_parent
+
+    finish_parent(spec.tracking.uri, parent.result(), {}, [], status="KILLED" if stopped else "FAILED")
+    if stopped:
+        _write_state(spec, keep, parent.result(), finished=False)
+
+
 def _in_daemon_thread(fn, *args) -> Future:
     """`fn(*args)` in a thread of its own that the process's exit does not wait for (an executor's thread
-    is joined at exit)."""
+    is joined at exit, and a thread the stop cannot reach must not hold the exit)."""
     import threading
 
     future: Future = Future()
@@ -1377,7 +1395,7 @@ def _in_daemon_thread(fn, *args) -> Future:
             except BaseException as e:  # noqa: BLE001  # the caller's result() raises it
                 future.set_exception(e)
 
-    threading.Thread(target=run, name="raymia-baseline", daemon=True).start()
+    threading.Thread(target=run, name=f"raymia-{fn.__name__.strip('_')}", daemon=True).start()
     return future
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -195,6 +196,41 @@ def test_a_sweep_stopped_while_ray_starts_is_resumed_in_the_same_parent_run(tmp_
     assert run.info.status == "KILLED"
     state = json.loads((tmp_path / "runs" / "sweeps" / "resumable" / "state.json").read_text())
     assert state["parent_run_id"] == run.info.run_id and state["finished"] is False
+
+
+def test_a_stop_while_ray_starts_does_not_wait_for_good_on_a_parent_run_that_is_not_made(tmp_path, monkeypatch,
+                                                                                          caplog):
+    """A Ctrl-C can land inside an import of the main thread and leave that module's lock held, while the
+    thread that makes the MLflow parent run imports the same module: it never ends. The stop then waits for
+    it a bounded time, says so in one line and goes on; no thread of it holds the exit (a daemon)."""
+    import threading
+
+    import raymia.engine.cluster as cluster
+    import raymia.sweep as sweep
+    from raymia.spec import SweepSpec
+
+    stuck = threading.Event()
+
+    def never_made(spec, space):
+        stuck.wait(60)
+        raise RuntimeError("released by the test")
+
+    def stopped():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "_start_parent", never_made)
+    monkeypatch.setattr(sweep, "PARENT_WAIT_S", 0.5)
+    monkeypatch.setattr(cluster, "ensure_ray", stopped)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt), caplog.at_level(logging.WARNING, logger="raymia"):
+            sweep.run_sweep(SweepSpec.model_validate(yaml.safe_load(SPEC.format(out=tmp_path))), console=False)
+        assert time.monotonic() - t0 < 15
+        (maker,) = [t for t in threading.enumerate() if t.name == "raymia-never_made"]
+        assert maker.daemon and maker.is_alive()
+        assert "its MLflow parent run was not made within 0.5 s of the stop" in caplog.text
+    finally:
+        stuck.set()
 
 
 def test_damaged_tune_state_is_found_without_unpickling():
