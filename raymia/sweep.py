@@ -575,8 +575,13 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], root: str, sweep_di
     context = tune.get_context()
     worker_logging(log_level, context.get_trial_name().replace("_", " ", 1) + ": ")
     trial_id = context.get_trial_id()
-    metrics, fingerprint, reused, audit_dir = _audit_setting(base, config, root, Path(sweep_dir) / "trials" / trial_id,
-                                                             open_root(join(state, "trials", trial_id)), pool)
+    try:
+        metrics, fingerprint, reused, audit_dir = _audit_setting(
+            base, config, root, Path(sweep_dir) / "trials" / trial_id, open_root(join(state, "trials", trial_id)), pool)
+    except Interrupted:
+        if pool is not None and pool.closed():  # the sweep is stopping (`_pool_stop_callback`): Tune no longer
+            return  # listens to this trial, which its re-run runs again; an error would be Ray's "unhandled error"
+        raise
     report = {k: (float("nan") if v is None else v) for k, v in metrics.items()}
     report.update({"audit_dir": str(audit_dir), "fingerprint": fingerprint, "reused_signals": reused,
                    "node": ray.get_runtime_context().get_node_id()})
@@ -1169,7 +1174,7 @@ def run_sweep(
     from raymia.audit import write_spec_file
 
     write_spec_file(spec, sweep_dir / "spec.yaml", f"the spec of sweep {spec.name}")
-    status, summary = "FAILED", {}
+    status, summary, beside = "FAILED", {}, None
     try:
         if spec.inversion is not None:
             _prepare_inversion(spec.model_copy(update={"output_dir": str(root)}))
@@ -1178,22 +1183,13 @@ def run_sweep(
         # start (imports) overlaps the pool's warm-up and the baseline's training, about 2 s of a quickstart
         # on two cores (benchmarks/RESULTS.md). A bank trained in this process (`bank.engine: local`) would
         # hold up Tune's controller instead, so there the baseline comes first.
-        baseline, beside = None, None
-        try:
-            if spec.sweep.include_undefended and pool is not None:
-                beside = _in_daemon_thread(_baseline, spec, root, sweep_dir, keep, pool, parent_id)
-            elif spec.sweep.include_undefended:
-                baseline = _baseline(spec, root, sweep_dir, keep, pool, parent_id)
-            tuner = _tuner(spec, space, root, sweep_dir, parent_id, pool, ray_storage, keep, exp, resuming)
-            grid = _fit(tuner)
-        except BaseException:
-            # a stop waits for the baseline, unless the local Ray it trains on is going down (a SIGTERM to
-            # the process group): then it would finish its audit on a dying Ray or wait on it
-            if beside is not None and not going_down():
-                wait([beside])
-            raise
-        if beside is not None:
-            baseline = beside.result()
+        baseline = None
+        if spec.sweep.include_undefended and pool is not None:
+            beside = _in_daemon_thread(_baseline, spec, root, sweep_dir, keep, pool, parent_id)
+        elif spec.sweep.include_undefended:
+            baseline = _baseline(spec, root, sweep_dir, keep, pool, parent_id)
+        tuner = _tuner(spec, space, root, sweep_dir, parent_id, pool, ray_storage, keep, exp, resuming)
+        grid = _fit(tuner)
         for _ in range(LOST_TRIAL_ROUNDS):
             # Tune can give up on a trial lost with its node although it has retries left (two failures of
             # one loss race each other); trials are idempotent (stored results and packs are reused), so
@@ -1211,10 +1207,12 @@ def run_sweep(
                            resume_errored=True)
             grid = _fit(tuner)
         searched = _collect(grid, [o.metric for o in spec.sweep.objectives])
-        trials = ([baseline] if baseline is not None else []) + searched
         if len(searched) < spec.sweep.num_trials or any(t["status"] == "incomplete" for t in searched):
             # Tune returns early when interrupted (Ctrl-C): its state is saved, the sweep is not finished.
             raise Interrupted(f"sweep {spec.name} was interrupted; run the same command again to resume it")
+        if beside is not None:
+            baseline = beside.result()
+        trials = ([baseline] if baseline is not None else []) + searched
         result = _report(spec, trials, space, root, sweep_dir, parent_id, console, pool)
         status = "FINISHED"
         _write_state(spec, keep, parent_id, finished=True)
@@ -1227,6 +1225,11 @@ def run_sweep(
     finally:
         if pool is not None:
             pool.shutdown()
+        if beside is not None and not beside.done() and not going_down():
+            # a stop does not wait for the baseline's audit: without its pool it ends at once (Interrupted),
+            # its finished packs stored, before its MLflow run is ended with the others. On a local Ray that
+            # is going down (a SIGTERM to the process group) its calls could wait out Ray's timeouts instead.
+            wait([beside], timeout=BASELINE_STOP_S)
         if parent_id:
             from raymia.tracking import end_running_children
 
@@ -1357,6 +1360,7 @@ def _tune_name(spec: SweepSpec) -> str:
     return f"sweep-{spec.name}"
 
 
+BASELINE_STOP_S = 20.0  # how long a stopped sweep waits for its baseline's thread to see its pool gone
 PARENT_WAIT_S = 20.0  # how long a start cut short waits for its MLflow parent run (a new store's migrations)
 
 
@@ -1427,7 +1431,8 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
         log_level=logging.getLogger("raymia").getEffectiveLevel(), pool=pool,
     ), {"cpu": spec.sweep.trial_cpu})
     progress = _progress_callback(spec, exp, keep)
-    callbacks = [progress] + ([_mlflow_callback(spec, parent_id)] if parent_id else [])
+    callbacks = [progress] + ([_mlflow_callback(spec, parent_id)] if parent_id else []) + (
+        [_pool_stop_callback(pool)] if pool is not None else [])
     if restore:
         _quiet_tune_summaries()
         log.info("resuming sweep %s: finished trials are kept, unfinished ones run again", spec.name)
@@ -1469,6 +1474,44 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
             verbose=0,
         ),
     ), progress)
+
+
+def _pool_stop_callback(pool):
+    """A Tune callback that shuts the sweep's pool down when a Ctrl-C (or the command's SIGTERM) stops the
+    search, once Tune has saved the step in which it came. Tune then gives each running trial 10 s to end
+    the call it is in, and a trial waits on its packs; without its pool it ends at once. Tune no longer
+    listens to the trials by then: each keeps the status just saved, and a re-run runs it again."""
+    import signal
+    import threading
+
+    from ray import tune
+
+    class StopsPool(tune.Callback):
+        def __init__(self, pool) -> None:
+            self.pool, self.stopping = pool, False
+
+        def __getstate__(self) -> dict[str, Any]:  # tuner.pkl holds the callbacks: no actor handles in it
+            return {"pool": None, "stopping": False}
+
+        def setup(self, **info) -> None:
+            # Tune's SIGINT handler is in place now (fit set it); it puts back the one before when it fires
+            if threading.current_thread() is not threading.main_thread():
+                return
+            tune_handler = signal.getsignal(signal.SIGINT)
+            if not callable(tune_handler):
+                return
+
+            def handler(signum, frame) -> None:
+                self.stopping = True
+                tune_handler(signum, frame)
+
+            signal.signal(signal.SIGINT, handler)
+
+        def on_step_end(self, iteration, trials, **info) -> None:
+            if self.stopping and self.pool is not None:
+                self.pool.shutdown()
+
+    return StopsPool(pool)
 
 
 def _with_state(tuner, progress):

@@ -176,6 +176,58 @@ def test_a_signal_to_the_process_group_stops_a_sweep_with_no_run_left_running(tm
     assert parent.info.status == "KILLED"
 
 
+POOL_SPEC = """
+name: pooled
+plan: {{num_models: 4, population: 1000}}
+model: {{params: {{hidden: [256]}}}}
+train: {{epochs: 300}}
+attacks: [{{name: loss}}, {{name: lira_online}}]
+bank: {{pack_size: 2, num_workers: 1, vectorize: true}}
+output_dir: {out}/runs
+tracking: {{uri: "sqlite:///{out}/mlflow.db", experiment: pooled}}
+sweep: {{defense: hamp, num_trials: 2, max_concurrent: 2}}
+"""
+
+
+def test_a_ctrl_c_stops_a_sweep_on_the_pool_at_once_and_the_rerun_finishes_it(tmp_path):
+    """A Ctrl-C while the baseline and the trials wait on the pool's packs: Tune gives each running trial 10 s
+    to end the call it is in, and the baseline's audit went on to its end; the pool is now shut down once
+    Tune has saved the step, so the sweep exits within seconds, without Ray's "unhandled error" lines, and
+    the re-run keeps the packs stored and finishes every trial."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text(POOL_SPEC.format(out=tmp_path))
+    packs_glob = str(tmp_path / "runs" / "signals" / "*" / "k*-pack-*.json")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "raymia", "sweep", str(spec)]
+    with open(tmp_path / "out", "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 240 and not glob.glob(packs_glob) and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, (tmp_path / "out").read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground process group
+        sent = time.time()
+        proc.wait(timeout=120)
+        took = time.time() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    said = (tmp_path / "out").read_text()
+    assert proc.returncode == 130, said[-3000:]
+    assert took < 8 and "Traceback" not in said and "nhandled error" not in said, (took, said[-3000:])
+    kept = {p: os.path.getmtime(p) for p in glob.glob(packs_glob)}
+    assert 1 <= len(kept) < 6  # the baseline's and the 2 trials' banks: 3 x 2 packs
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all(os.path.getmtime(p) == t for p, t in kept.items())  # stored packs are not trained again
+    result = json.loads((tmp_path / "runs" / "sweeps" / "pooled" / "result.json").read_text())
+    assert [(t["trial"], t["status"]) for t in result["trials"]] == [(0, "ok"), (1, "ok"), (2, "ok")]
+    assert len(glob.glob(packs_glob)) == 6
+
+
 def test_a_sweep_stopped_while_ray_starts_is_resumed_in_the_same_parent_run(tmp_path, monkeypatch):
     """A stop in the first seconds (here while Ray starts) ends the new MLflow parent run KILLED and records
     it in the sweep's state, so the re-run carries on in that run instead of opening another beside it."""

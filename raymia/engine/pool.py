@@ -227,6 +227,8 @@ class BankPool:
                 w, p = free.popleft(), queue.popleft()
                 inflight[self.workers[w].train.remote(raw, root, store.fingerprint, p, share, level, prefix)] = (w, p)
             if not inflight and not restarting:
+                if self.closed():
+                    raise Interrupted("the bank pool was shut down")
                 raise RaymiaError(f"every bank worker was lost; packs {sorted(queue)} of signals {store.fingerprint} "
                                   "are not trained (a re-run trains only those)")
             ready, _ = ray.wait([*inflight, *restarting], num_returns=1,
@@ -274,7 +276,7 @@ class BankPool:
               restarting: dict[Any, int]) -> None:
         """Say in one line that worker w was lost (and which pack goes back to the queue); wait for Ray's
         restart of it unless it was lost too often."""
-        if self._closed:  # killed by `shutdown`: no loss to report, nothing to wait for
+        if self.closed():  # killed by `shutdown`: no loss to report, nothing to wait for
             raise Interrupted("the bank pool was shut down")
         losses[w] += 1
         gone = losses[w] > MAX_RESTARTS
@@ -312,10 +314,21 @@ class BankPool:
                 log.debug("bank worker %d is gone", i)
         return free, restarting
 
+    def closed(self) -> bool:
+        """Whether `shutdown` was called, in this process or in another that holds the pool: a sweep's trial
+        processes hold copies of it, whose `_closed` the driver's shutdown does not reach, so it also says so
+        in Ray's key-value store."""
+        return self._closed or (bool(self.workers) and _said(self._closed_key()))
+
+    def _closed_key(self) -> str:
+        return f"raymia-pool-closed/{self.workers[0]._actor_id.hex()}"
+
     def shutdown(self) -> None:
         import ray
 
         self._closed = True
+        if self.workers:
+            _first_to_say(self._closed_key())
         for w in self.workers:
             ray.kill(w, no_restart=True)
 
@@ -340,6 +353,17 @@ def _first_to_say(key: str) -> bool:
         return not _internal_kv_put(key, b"1", overwrite=False, namespace="raymia")
     except Exception:  # noqa: BLE001  # saying a loss twice beats not saying it
         return True
+
+
+def _said(key: str) -> bool:
+    """Whether a process of the cluster has claimed `key` (`_first_to_say`); False where the store cannot be
+    reached."""
+    try:
+        from ray.experimental.internal_kv import _internal_kv_exists
+
+        return bool(_internal_kv_exists(key, namespace="raymia"))
+    except Exception:  # noqa: BLE001  # then the loss is said and waited for, as for any lost worker
+        return False
 
 
 def _cause(e: BaseException) -> str:
