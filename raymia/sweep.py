@@ -1196,7 +1196,7 @@ def run_sweep(
             # those run again, after the others (with them, errored trials run again: a deterministic error
             # fails again at once, its packs stored)
             lost = [r for r in grid if lost_to_cluster(r.error)]
-            if not lost:
+            if not lost or (pool is not None and pool.closed()):  # nothing lost, or a stop shut the pool down
                 break
             if (why := _restore_tune_state(keep, exp)) is not None:  # Tune restores from what it verified
                 log.warning("sweep %s: the %d trial(s) lost with their worker or node are not run again: Tune's "
