@@ -2,7 +2,7 @@
 loses no finished work, and a re-run resumes it").
 
     python3 benchmarks/kill_points.py audit --points 12 [--signal INT|TERM] [--workdir D]
-    python3 benchmarks/kill_points.py sweep --points 6
+    python3 benchmarks/kill_points.py sweep --points 6 [--engine ray]
 
 An undisturbed run gives the baseline (its duration and result). Then, for each of `--points` kill times
 spread over that duration (plus one just before its end), a fresh folder runs the same command, the process
@@ -51,10 +51,10 @@ plan: {{num_models: 4, population: 200}}
 model: {{params: {{hidden: [64]}}}}
 train: {{epochs: 10}}
 attacks: [{{name: loss}}, {{name: lira_online}}]
-bank: {{pack_size: 2, engine: local, vectorize: true}}
+bank: {{pack_size: 2, engine: {engine}, num_workers: 1, vectorize: true}}
 output_dir: {out}/runs
 tracking: {{uri: "sqlite:///{out}/mlflow.db", experiment: ksweep}}
-sweep: {{defense: hamp, num_trials: 3, max_concurrent: 1, include_undefended: true}}
+sweep: {{defense: hamp, num_trials: 3, max_concurrent: {concurrent}, include_undefended: true}}
 """
 
 
@@ -194,6 +194,8 @@ def main() -> int:
     p.add_argument("--events", type=int, default=0, help="at most this many kills on a file's appearance (0: all)")
     p.add_argument("--signal", choices=["KILL", "INT", "TERM"], default="KILL")
     p.add_argument("--twice", action="store_true", help="kill the re-run too")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="a sweep's bank: trained in its trial's process, or on the warm pool (2 trials at a time)")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--keep", action="store_true", help="keep the folders")
     a = p.parse_args()
@@ -205,7 +207,8 @@ def main() -> int:
         d = work / name
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
-        (d / "spec.yaml").write_text(template.format(out=d))
+        (d / "spec.yaml").write_text(template.format(out=d, engine=a.engine,
+                                                     concurrent=2 if a.engine == "ray" else 1))
         return d
 
     base = fresh("baseline")
