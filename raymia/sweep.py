@@ -1166,16 +1166,18 @@ def run_sweep(
             from raymia.engine.pool import BankPool
 
             pool = BankPool.start(spec, reserve_cpus=spec.sweep.trial_cpu * spec.sweep.max_concurrent)
-    except BaseException as e:  # no parent run stays RUNNING: a Ctrl-C while Ray starts ends it KILLED
+        parent_id = parent.result() if parent is not None else parent_id
+    except BaseException as e:  # no parent run stays RUNNING: a Ctrl-C while Ray, the pool and it start ends it KILLED
+        if pool is not None:
+            pool.shutdown()
         _end_parent_cut_short(spec, keep, parent, isinstance(e, KeyboardInterrupt))
         raise
-    parent_id = parent.result() if parent is not None else parent_id
-    _write_state(spec, keep, parent_id, finished=False)
-    from raymia.audit import write_spec_file
-
-    write_spec_file(spec, sweep_dir / "spec.yaml", f"the spec of sweep {spec.name}")
     status, summary, beside = "FAILED", {}, None
     try:
+        _write_state(spec, keep, parent_id, finished=False)
+        from raymia.audit import write_spec_file
+
+        write_spec_file(spec, sweep_dir / "spec.yaml", f"the spec of sweep {spec.name}")
         if spec.inversion is not None:
             _prepare_inversion(spec.model_copy(update={"output_dir": str(root)}))
         log.info("sweep %s: %d trials over %s", spec.name, spec.sweep.num_trials, _space_line(space))
