@@ -223,7 +223,7 @@ def main() -> int:
     # its manifest, the report's files, MLflow's artifacts and journal), then kills at spread times
     events = sorted({pattern(n): t for n, t in sorted(seen.items(), key=lambda x: -x[1])}.items(), key=lambda x: x[1])
     if a.events and len(events) > a.events:
-        events = [events[round(i * (len(events) - 1) / (a.events - 1))] for i in range(a.events)]
+        events = [events[round(i * (len(events) - 1) / max(a.events - 1, 1))] for i in range(a.events)]
     times = [e for e, _ in events] + [total * (i + 0.5) / a.points for i in range(a.points)] + [max(total - 1.0, 0.5)]
     failed = 0
     for i, t in enumerate(times):
