@@ -247,3 +247,28 @@ def run_cli(*args: str, cwd=None):
         else:
             os.environ["MLFLOW_LOGGING_LEVEL"] = env
     return subprocess.CompletedProcess(["raymia", *args], code, out.getvalue(), err.getvalue())
+
+
+def signal_on_file(proc, pattern: str, sig: int, *, group: bool = True, within: float = 240.0,
+                   log: Path | None = None) -> float:
+    """Send `sig` to a started `raymia` process (to its process group with `group`, as a terminal's Ctrl-C or
+    Slurm's scancel do) as soon as a file matching the glob `pattern` appears; the seconds it then took to
+    exit. A process still running 120 s after the signal is killed with its group (the test fails on its
+    exit code), and one that ended before the file appeared fails here with the tail of `log`."""
+    import glob
+    import signal
+    import time
+
+    try:
+        t0 = time.time()
+        while time.time() - t0 < within and not glob.glob(pattern) and proc.poll() is None:
+            time.sleep(0.02)
+        assert proc.poll() is None, log.read_text()[-3000:] if log is not None else proc.returncode
+        os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+        sent = time.time()
+        proc.wait(timeout=120)
+        return time.time() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

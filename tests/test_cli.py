@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, signal_on_file
 
 
 def raymia(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -265,7 +265,6 @@ def test_sigterm_stops_an_audit_as_ctrl_c_does_and_the_same_command_resumes_it(t
     import glob
     import os
     import signal
-    import time
 
     import yaml
     from mlflow.tracking import MlflowClient
@@ -277,18 +276,7 @@ def test_sigterm_stops_an_audit_as_ctrl_c_does_and_the_same_command_resumes_it(t
     with open(tmp_path / "err", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "raymia", "audit", str(spec)], stdout=subprocess.DEVNULL,
                                 stderr=err, env=env, start_new_session=True)
-    try:
-        t0 = time.time()
-        while time.time() - t0 < 120 and not glob.glob(packs) and proc.poll() is None:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        sent = time.time()
-        proc.wait(timeout=60)
-        took = time.time() - sent
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    took = signal_on_file(proc, packs, signal.SIGTERM, group=False, within=120, log=tmp_path / "err")
     stderr = (tmp_path / "err").read_text()
     assert proc.returncode == 143, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == \

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import signal_on_file
+
 pytestmark = pytest.mark.slow
 
 SPEC = """
@@ -139,20 +141,8 @@ def test_a_signal_to_the_process_group_stops_a_sweep_with_no_run_left_running(tm
     with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "raymia", "sweep", str(spec)], stdout=out, stderr=err,
                                 start_new_session=True, env=env)
-    try:
-        t0 = time.time()
-        while time.time() - t0 < 240 and len(glob.glob(trials_glob)) < 1 and proc.poll() is None:
-            time.sleep(0.1)
-        assert proc.poll() is None, (tmp_path / "err").read_text()[-3000:]
-        os.killpg(proc.pid, sig)
-        sent = time.time()
-        proc.wait(timeout=120)
-        took = time.time() - sent
-        left = _group_left(proc.pid, wait=3)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    took = signal_on_file(proc, trials_glob, sig, log=tmp_path / "err")
+    left = _group_left(proc.pid, wait=3)
     stderr = (tmp_path / "err").read_text()
     last = stderr.strip().splitlines()[-1]
     if sig == signal.SIGINT:
@@ -202,19 +192,7 @@ def test_a_ctrl_c_stops_a_sweep_on_the_pool_at_once_and_the_rerun_finishes_it(tm
     cmd = [sys.executable, "-m", "raymia", "sweep", str(spec)]
     with open(tmp_path / "out", "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    try:
-        t0 = time.time()
-        while time.time() - t0 < 240 and not glob.glob(packs_glob) and proc.poll() is None:
-            time.sleep(0.05)
-        assert proc.poll() is None, (tmp_path / "out").read_text()[-3000:]
-        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground process group
-        sent = time.time()
-        proc.wait(timeout=120)
-        took = time.time() - sent
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    took = signal_on_file(proc, packs_glob, signal.SIGINT, log=tmp_path / "out")  # a terminal's Ctrl-C
     said = (tmp_path / "out").read_text()
     assert proc.returncode == 130, said[-3000:]
     assert took < 8 and "Traceback" not in said and "nhandled error" not in said, (took, said[-3000:])
