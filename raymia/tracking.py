@@ -169,6 +169,7 @@ def _setup(uri: str, experiment: str):
     caller's global MLflow tracking URI (`mlflow.set_tracking_uri`, MLFLOW_TRACKING_URI) is left alone."""
     from mlflow.tracking import MlflowClient
 
+    _new_sqlite_store_whole(uri)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -179,6 +180,45 @@ def _setup(uri: str, experiment: str):
         if EXPERIMENT_KIND_TAG not in exp.tags:
             client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return client, exp_id
+
+
+def _new_sqlite_store_whole(uri: str) -> None:
+    """A local SQLite store that does not exist yet is made under a hidden temporary name and linked into
+    place once MLflow has created its tables. MLflow creates them through dozens of migrations, not in one
+    transaction: a Ctrl-C or a kill among them left a database that MLflow cannot open again ("table
+    _alembic_tmp_trace_tags already exists", found by benchmarks/kill_points.py). Now it leaves a temporary
+    file, which the next creation removes once its process is gone."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    if str(db) in ("", ":memory:") or db.exists() or not db.parent.is_dir():
+        return  # an existing store, or a folder that is not there (MLflow's own error says so)
+    from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from raymia.storage import _dead_writes, _tmp_name
+
+    for dead in _dead_writes(db.name, os.listdir(db.parent)):
+        (db.parent / dead).unlink(missing_ok=True)
+    tmp = db.parent / _tmp_name(db.name)
+    tmp_uri = f"sqlite:///{tmp}"
+    try:
+        # as MLflow's client makes a new store (the default experiment's artifacts under ./mlruns)
+        store = SqlAlchemyStore(tmp_uri, os.environ.get("_MLFLOW_SERVER_ARTIFACT_ROOT",
+                                                        DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH))
+        # every connection to the file closed before it gets its name: SQLite's locks are per process and
+        # file, and a stray connection closed later would drop the store's
+        store.engine.dispose()
+        getattr(SqlAlchemyStore, "_engine_map", {}).pop(tmp_uri, None)
+        try:
+            os.link(tmp, db)  # never over a store another process made meanwhile
+        except FileExistsError:
+            pass
+        except OSError:  # a filesystem without hard links
+            if not db.exists():
+                os.rename(tmp, db)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def log_run(

@@ -106,6 +106,34 @@ def test_a_run_left_open_by_a_kill_is_replaced_by_the_reruns(first_audit, workdi
     client.set_terminated(other, "KILLED")
 
 
+def test_a_new_mlflow_store_cut_short_while_mlflow_creates_it_leaves_no_database(tmp_path, monkeypatch):
+    """MLflow creates a new SQLite store's tables through dozens of migrations, not in one transaction: a stop
+    among them left a database it cannot open again (found by kill_points.py, `table _alembic_tmp_trace_tags
+    already exists`). The store is made under a temporary name instead: a stop leaves no database and no
+    temporary file, and the next run makes the store whole."""
+    import os
+
+    import mlflow.store.db.utils as db_utils
+
+    from raymia.tracking import check_reachable
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
+    def stopped(engine):
+        raise KeyboardInterrupt  # a Ctrl-C after the initial tables, before MLflow's migrations
+
+    with monkeypatch.context() as m:
+        m.setattr(db_utils, "_upgrade_db", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            check_reachable(uri, "cut-short")
+    assert os.listdir(tmp_path) == []
+    check_reachable(uri, "cut-short")
+    assert os.listdir(tmp_path) == ["mlflow.db"]
+    client = _mlflow_client(tmp_path)
+    assert client.get_experiment_by_name("cut-short") is not None
+    client.create_run(client.get_experiment_by_name("cut-short").experiment_id)  # the whole schema is there
+
+
 def test_a_report_cut_short_leaves_no_result_json(first_audit, workdir, monkeypatch):
     """result.json is the report's last file: a sweep's resume reuses a trial folder that holds one, so an
     audit killed while it wrote the others (here: interrupted at vulnerable.csv) must leave none behind."""
