@@ -199,7 +199,8 @@ def _new_sqlite_store_whole(uri: str) -> None:
     from raymia.storage import _dead_writes, _tmp_name
 
     for dead in _dead_writes(db.name, os.listdir(db.parent)):
-        (db.parent / dead).unlink(missing_ok=True)
+        for leftover in (dead, dead + "-journal"):  # a killed creation's rollback journal too
+            (db.parent / leftover).unlink(missing_ok=True)
     tmp = db.parent / _tmp_name(db.name)
     tmp_uri = f"sqlite:///{tmp}"
     try:
