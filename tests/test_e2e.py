@@ -127,6 +127,13 @@ def test_a_new_mlflow_store_cut_short_while_mlflow_creates_it_leaves_no_database
         with pytest.raises(KeyboardInterrupt):
             check_reachable(uri, "cut-short")
     assert os.listdir(tmp_path) == []
+    # what a kill of a creation leaves (its temporary file and rollback journal) goes once its process is gone
+    from raymia.storage import _HOST
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    for name in (f".mlflow.db.{_HOST}.{gone}.ab12cd34.tmp", f".mlflow.db.{_HOST}.{gone}.ab12cd34.tmp-journal"):
+        (tmp_path / name).write_bytes(b"cut short")
     check_reachable(uri, "cut-short")
     assert os.listdir(tmp_path) == ["mlflow.db"]
     client = _mlflow_client(tmp_path)
