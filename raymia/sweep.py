@@ -1191,7 +1191,7 @@ def run_sweep(
         elif spec.sweep.include_undefended:
             baseline = _baseline(spec, root, sweep_dir, keep, pool, parent_id)
         tuner = _tuner(spec, space, root, sweep_dir, parent_id, pool, ray_storage, keep, exp, resuming)
-        grid = _fit(tuner)
+        grid = _fit(tuner, spec.sweep.max_concurrent)
         for _ in range(LOST_TRIAL_ROUNDS):
             # Tune can give up on a trial lost with its node although it has retries left (two failures of
             # one loss race each other); trials are idempotent (stored results and packs are reused), so
@@ -1207,7 +1207,7 @@ def run_sweep(
             log.warning("sweep %s: running the %d trial(s) lost with their worker or node again", spec.name, len(lost))
             tuner = _tuner(spec, space, root, sweep_dir, parent_id, pool, ray_storage, keep, exp, True,
                            resume_errored=True)
-            grid = _fit(tuner)
+            grid = _fit(tuner, spec.sweep.max_concurrent)
         searched = _collect(grid, [o.metric for o in spec.sweep.objectives])
         if len(searched) < spec.sweep.num_trials or any(t["status"] == "incomplete" for t in searched):
             # Tune returns early when interrupted (Ctrl-C): its state is saved, the sweep is not finished.
@@ -1405,19 +1405,65 @@ def _in_daemon_thread(fn, *args) -> Future:
     return future
 
 
-def _fit(tuner):
-    """Tune's fit. Tune's SIGINT handler, which it removes only when it fires, is removed here too: the final
-    audit and the caller's Python session keep their Ctrl-C."""
+def _fit(tuner, max_concurrent: int):
+    """Tune's fit, its finished trials' processes kept for the next trials (`_trial_processes_kept`). Tune's
+    SIGINT handler, which it removes only when it fires, is removed here too: the final audit and the
+    caller's Python session keep their Ctrl-C."""
     import signal
     import threading
 
     main = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGINT) if main else None
     try:
-        return tuner.fit()
+        with _trial_processes_kept(max_concurrent):
+            return tuner.fit()
     finally:
         if main and handler is not None:
             signal.signal(signal.SIGINT, handler)
+
+
+@contextlib.contextmanager
+def _trial_processes_kept(keep: int):
+    """While Tune's controller is made and runs, its cache of idle trial processes (`reuse_actors`) keeps up
+    to `keep` of them, the sweep's `max_concurrent`, instead of one.
+
+    The searcher's hold rule (`searcher.ConstrainedOptunaSearch`) makes two proposals at once when concurrent
+    trials end out of order. Tune keeps a finished trial's process for a trial already waiting or, with none,
+    one process in all: it ended the other and started a new process for the second proposal. A trial shorter
+    than that start (the imports, about 2 s of CPU) then handed its process on to the waiting trial, the new
+    one ended unused, and the next proposal started another. A quickstart started 4 to 8 processes for its 7
+    trials instead of 2 (benchmarks/RESULTS.md). Tune has no setting for the cache's size: this swaps its class
+    for the one controller made here, and leaves Tune as it is where its internals differ."""
+    from ray.tune.execution import tune_controller
+    from ray.tune.utils.object_cache import _ObjectCache
+
+    if keep <= 1 or tune_controller.__dict__.get("_ObjectCache") is not _ObjectCache or not all(
+            hasattr(_ObjectCache(), a) for a in ("_cached_objects", "_num_cached_objects", "_max_num_objects")):
+        yield
+        return
+
+    class KeepsIdleProcesses(_ObjectCache):
+        def cache_object(self, key, obj) -> bool:
+            if self._num_cached_objects < keep:
+                self._cached_objects[key].append(obj)
+                self._num_cached_objects += 1
+                return True
+            return super().cache_object(key, obj)
+
+        def flush_cached_objects(self, force_all: bool = False):
+            if force_all:  # the search is over, or Tune is cleaning up: every idle process ends
+                yield from super().flush_cached_objects(force_all=True)
+                return
+            for key, objs in self._cached_objects.items():
+                while len(objs) > max(self._max_num_objects[key], keep):
+                    self._num_cached_objects -= 1
+                    yield objs.pop(0)
+
+    tune_controller._ObjectCache = KeepsIdleProcesses
+    try:
+        yield
+    finally:
+        tune_controller._ObjectCache = _ObjectCache
 
 
 def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str | None, pool, ray_storage: str,

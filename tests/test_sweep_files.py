@@ -403,6 +403,49 @@ def test_proposals_do_not_depend_on_which_concurrent_trial_ends_first():
     assert _drive_search(False, concurrent=1) != oldest  # one at a time the sampler sees more: other settings
 
 
+
+def test_trials_held_by_the_searcher_run_in_the_processes_of_those_before(ray_local, tmp_path):
+    """Two trials at a time, the second ending first: its result is held, and once the first ends two settings
+    are proposed at once. Both run in the finished trials' processes; Tune alone keeps one of them and starts
+    a new process for the other trial (`sweep._trial_processes_kept`)."""
+    from ray import tune
+    from ray.tune.execution import tune_controller
+    from ray.tune.utils.object_cache import _ObjectCache
+
+    from raymia.sweep import _fit
+
+    first = _searcher(4, 2).suggest("t0")  # the search's first setting: the same seed proposes it again
+    folder = tmp_path / "started"
+    folder.mkdir()
+
+    def trial(config):  # defined here, so Tune's trial processes get it by value
+        import os
+        import time
+
+        later = 0  # how many trials other than the first started before this one
+        while config != first:
+            try:
+                os.close(os.open(folder / str(later), os.O_CREAT | os.O_EXCL))
+                break
+            except FileExistsError:
+                later += 1
+        # the second trial ends before the first; the two proposed then run long enough that a process
+        # started for either of them would run it
+        time.sleep(2.0 if config == first else 0.3 if later == 0 else 6.0)
+        tune.report({"a": config["x"], "b": config["y"], "process": os.getpid()})
+
+    tuner = tune.Tuner(
+        tune.with_resources(trial, {"cpu": 0.01}),  # a sweep's trial_cpu: the CPUs are the pool's
+        tune_config=tune.TuneConfig(search_alg=_searcher(4, 2), num_samples=4, max_concurrent_trials=2,
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), name="held", verbose=0),
+    )
+    grid = _fit(tuner, 2)
+    assert len(grid) == 4 and not grid.errors
+    assert len({r.metrics["process"] for r in grid}) == 2
+    assert tune_controller._ObjectCache is _ObjectCache  # Tune as it was, once the sweep's fit is over
+
+
 def _storage(url: str):
     from raymia.sweep import _optuna_storage
 
