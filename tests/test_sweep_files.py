@@ -403,7 +403,6 @@ def test_proposals_do_not_depend_on_which_concurrent_trial_ends_first():
     assert _drive_search(False, concurrent=1) != oldest  # one at a time the sampler sees more: other settings
 
 
-
 def test_trials_held_by_the_searcher_run_in_the_processes_of_those_before(ray_local, tmp_path):
     """Two trials at a time, the second ending first: its result is held, and once the first ends two settings
     are proposed at once. Both run in the finished trials' processes; Tune alone keeps one of them and starts
