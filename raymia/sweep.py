@@ -12,6 +12,7 @@ Tune callback on the driver opens one child run per trial when it starts. The re
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -1474,7 +1475,11 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
 
     from raymia.searcher import ConstrainedOptunaSearch, make_sampler
 
-    trainable = tune.with_resources(tune.with_parameters(
+    # The trials' arguments are pickled with the function Tune registers (in the GCS), not put in the object
+    # store as `tune.with_parameters` puts them. A SIGTERM to the process group (Slurm's scancel) ends the
+    # object store with the raylet, and the driver's core, finding those objects lost, wrote to it and ended
+    # the process (exit 1, nothing printed) before raymia's own stop.
+    trainable = tune.with_resources(functools.partial(
         _run_trial, base=spec.model_dump(mode="json"), root=str(root), sweep_dir=str(sweep_dir), state=keep.location,
         log_level=logging.getLogger("raymia").getEffectiveLevel(), pool=pool,
     ), {"cpu": spec.sweep.trial_cpu})

@@ -5,6 +5,7 @@ checks (tests/test_e2e.py and tests/test_pool.py run sweeps on it)."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -165,6 +166,56 @@ def test_a_signal_to_the_process_group_stops_a_sweep_with_no_run_left_running(tm
     (parent,) = [r for r in runs if r.data.tags.get("raymia.kind") == "sweep"]
     assert parent.info.status == "KILLED"
 
+
+
+def test_a_sweep_is_not_ended_by_rays_core_when_its_local_raylet_dies(tmp_path):
+    """The sweep's own raylet killed mid-sweep, and with it the node's object store (as a SIGTERM to the process
+    group can end it before the driver's handler runs). The driver's Ray core, finding objects it had put
+    there lost, wrote to the dead store and ended the process at once: exit 1, nothing printed. The trials'
+    arguments were such objects (`tune.with_parameters`); now they travel with the trial's function. The
+    sweep says it lost a node, and finishes in the trial processes left (or stops on a SIGTERM as usual)."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text(SPEC.format(out=tmp_path).replace("num_trials: 3", "num_trials: 6"))
+    trials_glob = str(tmp_path / "runs" / "sweeps" / "resumable" / "trials" / "*" / "result.json")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)  # the sweep's own local Ray, in its process group
+    with open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "raymia", "sweep", str(spec)], stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True, env=env)
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 240 and not glob.glob(trials_glob) and proc.poll() is None:
+            time.sleep(0.05)
+        raylets = [pid for pid, program in _group_programs(proc.pid) if program.endswith(b"/raylet")]
+        assert proc.poll() is None and len(raylets) == 1, (raylets, (tmp_path / "err").read_text()[-3000:])
+        os.kill(raylets[0], signal.SIGKILL)
+        try:  # the trial processes left run the rest of the sweep; Ray's core ended the driver as it did
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        stderr = (tmp_path / "err").read_text()
+        assert "Ray lost a node" in stderr, stderr[-3000:]
+        assert proc.returncode in (0, 143), stderr[-3000:]
+        last = stderr.strip().splitlines()[-1]
+        assert (last.startswith("[raymia] sweep resumable done in") if proc.returncode == 0 else
+                last == "raymia: stopped by SIGTERM; finished work is stored and the same command resumes it"), stderr[-3000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _group_programs(pgid: int) -> list[tuple[int, bytes]]:
+    """(pid, program) of each live process of process group `pgid`."""
+    found = []
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            if os.getpgid(pid) == pgid:
+                found.append((pid, Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]))
+        except OSError:  # ended meanwhile
+            continue
+    return found
 
 POOL_SPEC = """
 name: pooled
