@@ -247,3 +247,34 @@ def test_a_lost_worker_is_said_once_by_the_processes_that_share_the_pool(ray_loc
     assert _first_to_say(key)
     assert not _first_to_say(key)
     assert ray.get(ray.remote(_first_to_say).remote(key)) is False  # another process of the cluster
+
+
+def test_a_trials_copy_of_the_pool_made_before_a_worker_was_lost_trains_on_the_others(tmp_path, ray_local):
+    """A sweep's trials get the pool pickled with their function as the sweep starts, before its workers are
+    warm. A copy first used after a worker was lost (a trial run again after its node went) trains on the
+    others: it reads where each worker runs from the start's answers and leaves the lost one to `run`. A copy
+    that asked every worker again failed on the lost one ("bank workers failed to start"), or waited for good
+    on one Ray could not place again."""
+    import ray
+    from ray import cloudpickle
+
+    from raymia.engine.pool import BankPool
+    from raymia.spec import AuditSpec
+    from raymia.store import SignalStore
+
+    d = yaml.safe_load(_audit_spec(tmp_path, "copy").read_text())
+    d["plan"]["num_models"], d["train"]["epochs"] = 4, 5
+    d["bank"].update(num_workers=2, cpus_per_worker=0.5)
+    spec = AuditSpec.model_validate(d)
+    pool = BankPool.start(spec)
+    try:
+        copy = cloudpickle.dumps(pool)  # as Tune registers a sweep's trial function
+        pool.ready()
+        ray.kill(pool.workers[1], no_restart=True)
+        store = SignalStore(spec.output_dir, spec.fingerprint(), spec.bank.pack_size, spec.plan.num_models,
+                            spec.pack_fingerprints())
+        cloudpickle.loads(copy).run(spec, store, store.missing_packs())
+        assert store.missing_packs() == []
+        assert {m["worker"] for m in _manifests(Path(spec.output_dir)).values()} == {0}
+    finally:
+        pool.shutdown()

@@ -176,18 +176,13 @@ class BankPool:
         log.info("bank pool: starting %d worker(s) of %g CPU%s", n, b.cpus_per_worker, " + 1 GPU" if use_gpu else "")
         return cls(workers, device, _starting=[_ping(w) for w in workers], _t0=t0, _owner=os.getpid())
 
-    def __getstate__(self) -> dict[str, Any]:
-        # A sweep's trials get the pool pickled with their function, outside Ray's object store: the
-        # start's calls stay with the driver, and a copy asks the workers itself (`ready`).
-        return {**self.__dict__, "_starting": None}
-
     def ready(self) -> BankPool:
         """Wait until every worker is warm (its imports done, the data loaded) and note where each runs."""
         import ray
 
         if self.places is None:
             try:
-                self.places = ray.get(self._starting or [_ping(w) for w in self.workers])
+                self.places = ray.get(self._starting)
             except ray.exceptions.RayActorError as e:
                 raise RaymiaError(f"bank workers failed to start: {_cause(e)}") from None
             self._starting = None
