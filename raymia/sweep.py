@@ -1476,9 +1476,9 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
     from raymia.searcher import ConstrainedOptunaSearch, make_sampler
 
     # The trials' arguments are pickled with the function Tune registers (in the GCS), not put in the object
-    # store as `tune.with_parameters` puts them. A SIGTERM to the process group (Slurm's scancel) ends the
-    # object store with the raylet, and the driver's core, finding those objects lost, wrote to it and ended
-    # the process (exit 1, nothing printed) before raymia's own stop.
+    # store as `tune.with_parameters` puts them. A raylet that dies (killed, or reached first by a SIGTERM to
+    # the process group) takes its node's object store with it, and the driver's core, finding those objects
+    # lost, wrote to the dead store and ended the process: exit 1, nothing printed, no clean stop.
     trainable = tune.with_resources(functools.partial(
         _run_trial, base=spec.model_dump(mode="json"), root=str(root), sweep_dir=str(sweep_dir), state=keep.location,
         log_level=logging.getLogger("raymia").getEffectiveLevel(), pool=pool,
