@@ -217,6 +217,7 @@ def _group_programs(pgid: int) -> list[tuple[int, bytes]]:
             continue
     return found
 
+
 POOL_SPEC = """
 name: pooled
 plan: {{num_models: 4, population: 1000}}
