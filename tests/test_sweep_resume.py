@@ -109,19 +109,24 @@ def test_killed_sweep_resumes(tmp_path):
     # (a finished sweep run again with its result.json cut short: test_e2e's test_a_finished_sweep_...)
 
 
+def _group(pgid: int) -> list[tuple[int, list[bytes]]]:
+    """(pid, command line) of each live process of process group `pgid`, zombies left out."""
+    found = []
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            if os.getpgid(pid) == pgid and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append((pid, Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")))
+        except (OSError, IndexError):  # ended meanwhile
+            continue
+    return found
+
+
 def _group_left(pgid: int, wait: float) -> list[str]:
-    """The live processes of process group `pgid` (zombies left out) after up to `wait` seconds for it to
-    empty: the stopped sweep's local Ray (GCS, raylet, agents, workers) is in the group."""
+    """The live processes of process group `pgid` after up to `wait` seconds for it to empty: the stopped
+    sweep's local Ray (GCS, raylet, agents, workers) is in the group."""
     end = time.time() + wait
     while True:
-        left = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                if os.getpgid(int(pid)) == pgid and stat.rsplit(")", 1)[1].split()[0] != "Z":
-                    left.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120])
-            except (OSError, IndexError):  # ended meanwhile
-                continue
+        left = [b" ".join(cmd).decode()[:120] for _, cmd in _group(pgid)]
         if not left or time.time() > end:
             return left
         time.sleep(0.1)
@@ -167,7 +172,6 @@ def test_a_signal_to_the_process_group_stops_a_sweep_with_no_run_left_running(tm
     assert parent.info.status == "KILLED"
 
 
-
 def test_a_sweep_is_not_ended_by_rays_core_when_its_local_raylet_dies(tmp_path):
     """The sweep's own raylet killed mid-sweep, and with it the node's object store (as a SIGTERM to the process
     group can end it before the driver's handler runs). The driver's Ray core, finding objects it had put
@@ -186,7 +190,7 @@ def test_a_sweep_is_not_ended_by_rays_core_when_its_local_raylet_dies(tmp_path):
         t0 = time.time()
         while time.time() - t0 < 240 and not glob.glob(trials_glob) and proc.poll() is None:
             time.sleep(0.05)
-        raylets = [pid for pid, program in _group_programs(proc.pid) if program.endswith(b"/raylet")]
+        raylets = [pid for pid, cmd in _group(proc.pid) if cmd[0].endswith(b"/raylet")]
         assert proc.poll() is None and len(raylets) == 1, (raylets, (tmp_path / "err").read_text()[-3000:])
         os.kill(raylets[0], signal.SIGKILL)
         try:  # the trial processes left run the rest of the sweep; Ray's core ended the driver as it did
@@ -204,18 +208,6 @@ def test_a_sweep_is_not_ended_by_rays_core_when_its_local_raylet_dies(tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-
-
-def _group_programs(pgid: int) -> list[tuple[int, bytes]]:
-    """(pid, program) of each live process of process group `pgid`."""
-    found = []
-    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
-        try:
-            if os.getpgid(pid) == pgid:
-                found.append((pid, Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]))
-        except OSError:  # ended meanwhile
-            continue
-    return found
 
 
 POOL_SPEC = """
