@@ -340,15 +340,17 @@ def _stop_as_ctrl_c(stopped: list[int]):
     def handler(signum: int, frame) -> None:
         if not stopped:
             stopped.append(signum)
+        from raymia.engine.cluster import going_down
+
+        # asked here, where its first processes end within milliseconds of a group's SIGTERM, and remembered:
+        # the cleanup after the stop (the pool's shutdown, Ray's) must not wait on a GCS that hangs
+        down = going_down(wait=0.5)
         on_ctrl_c = signal.getsignal(signal.SIGINT)
         if not callable(on_ctrl_c):  # SIGINT ignored (a background job of a script): stop anyway
             raise KeyboardInterrupt
-        if on_ctrl_c is not signal.default_int_handler:  # Tune's graceful stop needs a Ray that stays up
-            from raymia.engine.cluster import going_down
-
-            if going_down(wait=0.5):  # its first processes end within milliseconds of a group's SIGTERM
-                stop_now()
-                return
+        if down and on_ctrl_c is not signal.default_int_handler:  # Tune's graceful stop needs a Ray that stays up
+            stop_now()
+            return
         on_ctrl_c(signal.SIGINT, frame)
 
     return handler

@@ -250,6 +250,53 @@ def test_a_ctrl_c_stops_a_sweep_on_the_pool_at_once_and_the_rerun_finishes_it(tm
     assert len(glob.glob(packs_glob)) == 6
 
 
+@pytest.mark.parametrize("when", ["ray starting", "pool starting"])
+def test_a_signal_to_the_process_group_in_a_sweeps_first_seconds_ends_it_at_once(tmp_path, when):
+    """SIGTERM to the process group while the sweep's own Ray starts (its raylet up, ray.init waiting for it
+    to register) or just after (the pool starting, before Tune runs). Ray's processes end with the signal.
+    ray.init then waited 30 s in one call on the GCS, in which Python runs no handler. After it, the pool's
+    shutdown waited 60 s on a key-value put, and Ray's core ended the process with exit 1. Now the sweep ends
+    within seconds, exit 143, with no MLflow run left RUNNING and no Ray process of its own left."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text(POOL_SPEC.format(out=tmp_path))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    with open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "raymia", "sweep", str(spec)], stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True, env=env)
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 120 and proc.poll() is None:
+            if when == "ray starting" and any(cmd[0].endswith(b"/raylet") for _, cmd in _group(proc.pid)):
+                time.sleep(0.4)  # ray.init is then waiting for the raylet to register (30 s before, measured)
+                break
+            if when == "pool starting" and "bank pool: starting" in (tmp_path / "err").read_text():
+                break
+            time.sleep(0.01)
+        said = (tmp_path / "err").read_text()
+        assert proc.poll() is None and (when == "pool starting") == ("[raymia] Ray:" in said), said[-3000:]
+        os.killpg(proc.pid, signal.SIGTERM)
+        sent = time.time()
+        proc.wait(timeout=90)
+        took = time.time() - sent
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    stderr = (tmp_path / "err").read_text()
+    assert proc.returncode == 143 and took < 5, (proc.returncode, took, stderr[-3000:])
+    assert stderr.strip().splitlines()[-1] == ("raymia: stopped by SIGTERM; finished work is stored and the same "
+                                               "command resumes it"), stderr[-3000:]
+    assert "Traceback" not in stderr and "SIGTERM handler is not set" not in stderr, stderr[-3000:]
+    assert not _group_left(proc.pid, wait=3)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("pooled")
+    runs = client.search_runs([exp.experiment_id]) if exp is not None else []
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+
+
 def test_a_sweep_stopped_while_ray_starts_is_resumed_in_the_same_parent_run(tmp_path, monkeypatch):
     """A stop in the first seconds (here while Ray starts) ends the new MLflow parent run KILLED and records
     it in the sweep's state, so the re-run carries on in that run instead of opening another beside it."""

@@ -56,8 +56,15 @@ def ensure_ray() -> None:
     own = callable(term) or term == signal.SIG_IGN
     before = _ray_descendants() if address == "local" else None  # a cluster's processes are not this run's
     try:
-        with _keeping_sigterm(own), _ending_a_start_cut_short(before):
-            ray.init(
+        # A local start runs beside the main thread, which waits where a stop reaches it: a stop that ends
+        # Ray's new processes too (a SIGTERM to the process group) left ray.init waiting 30 s on the GCS in
+        # one call, in which Python runs no signal handler. Ray then warns that it set no SIGTERM handler
+        # (it sets one in the main thread only): the process's own is the one wanted.
+        beside = own and before is not None
+        with _keeping_sigterm(own), _ending_a_start_cut_short(before, beside), \
+                _dropping("ray._private.worker", "SIGTERM handler is not set" if beside else None):
+            _beside_the_main_thread(beside)(
+                ray.init,
                 address=address,
                 include_dashboard=False,
                 logging_level=logging.WARNING,
@@ -106,12 +113,45 @@ def _ray_descendants() -> set[int]:
     return {pid for pid in out if where in cmd.get(pid, "") or cmd.get(pid, "").startswith("ray::")}
 
 
+def _beside_the_main_thread(beside: bool):
+    """`call` to run `call(fn, *args, **kwargs)` in a thread of its own while this one waits for it, where
+    `beside`: this thread then takes a signal's handler (a stop's KeyboardInterrupt) at once, where a call
+    into Ray's core would hold it until that call returns. The thread is kept, parked, for the life of the
+    process: Ray starts its local processes with Linux's parent-death signal, which the kernel sends when
+    the thread that started them ends, not the process. A call a stop cut short is left to end (a daemon)."""
+    if not beside:
+        return lambda fn, *args, **kwargs: fn(*args, **kwargs)
+
+    def call(fn, *args, **kwargs):
+        out: dict[str, object] = {}
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                out["value"] = fn(*args, **kwargs)
+            except BaseException as e:  # noqa: BLE001  # raised in the waiting thread
+                out["error"] = e
+            done.set()
+            threading.Event().wait()  # never set: Ray's processes live while this thread does
+
+        threading.Thread(target=run, name=f"raymia-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+        while not done.wait(0.05):
+            pass
+        if "error" in out:
+            raise out["error"]  # type: ignore[misc]
+        return out.get("value")
+
+    return call
+
+
 @contextlib.contextmanager
-def _ending_a_start_cut_short(before: set[int] | None):
+def _ending_a_start_cut_short(before: set[int] | None, beside: bool = False):
     """A local Ray whose start a stop (Ctrl-C, SIGTERM) or an error cuts short: the processes it had started
     (GCS, raylet, monitors, the raylet's agents and workers: Ray's new processes among this one's
     descendants, but those of `before`) are killed, as ray.init leaves them running for good, with no driver
-    to shut them down. Nothing for a cluster joined (`before` None)."""
+    to shut them down. Nothing for a cluster joined (`before` None). A start left running `beside` the main
+    thread may hold Ray's connect lock, waiting on the processes killed here, and `ray.shutdown` takes that
+    lock: Ray's own call of it at the process's exit is taken off (there is nothing left to shut down)."""
     if before is None:
         yield
         return
@@ -121,7 +161,26 @@ def _ending_a_start_cut_short(before: set[int] | None):
         for pid in _ray_descendants() - before:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+        if beside:
+            import atexit
+
+            import ray
+
+            atexit.unregister(ray._private.worker.shutdown)
         raise
+
+
+@contextlib.contextmanager
+def _dropping(logger: str, start: str | None):
+    """While it runs, the records of `logger` whose message starts with `start` are dropped (none: all kept)."""
+    def keep(record: logging.LogRecord) -> bool:
+        return start is None or not record.getMessage().startswith(start)
+
+    logging.getLogger(logger).addFilter(keep)
+    try:
+        yield
+    finally:
+        logging.getLogger(logger).removeFilter(keep)
 
 
 @contextlib.contextmanager
@@ -141,13 +200,18 @@ def _keeping_sigterm(keep: bool):
         utils.set_sigterm_handler = setter
 
 
-def _own_processes() -> list:
-    """The processes of the local Ray instance this process started (GCS, raylet, log monitor, dashboard,
-    autoscaler monitor); none for a cluster it joined, or with no Ray running."""
+def _own_node():
+    """The node of the local Ray instance this process started (or joined: its processes are then none);
+    None with no Ray running."""
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
-        return []
-    node = getattr(ray._private.worker, "_global_node", None)
+        return None
+    return getattr(ray._private.worker, "_global_node", None)
+
+
+def _own_processes(node) -> list:
+    """The processes of `node` that this process started (GCS, raylet, log monitor, dashboard, autoscaler
+    monitor); none for a cluster it joined, or with no Ray running."""
     infos = node.all_processes.values() if node is not None else []
     return [info.process for group in infos for info in group]
 
@@ -158,16 +222,25 @@ def going_down(wait: float = 0.0) -> bool:
     `kill -- -PGID`, a container's stop, systemd's control-group kill) reaches them together with the
     driver; the log monitor and the dashboard then end within milliseconds, while the GCS and the raylet hang
     in their own shutdown, so that every call the driver makes to them waits out a timeout (Tune's cleanup
-    60 s, `ray.shutdown` 8 s). Never true for a cluster joined through RAY_ADDRESS: it has none here."""
-    procs = _own_processes()
+    60 s, `ray.shutdown` 8 s, a key-value put 60 s and then an exit 1 by Ray's core). Never true for a
+    cluster joined through RAY_ADDRESS: it has none here. Once seen, it stays true for that instance: its
+    processes may all be gone by the next call, and the GCS still hangs."""
+    node = _own_node()
+    procs = _own_processes(node)
+    if procs and _seen_down.get("node") is node:
+        return True
     end = time.monotonic() + wait
     while procs:
         if any(p.poll() is not None for p in procs):
+            _seen_down["node"] = node
             return True
         if time.monotonic() >= end:
             break
         time.sleep(0.01)
     return False
+
+
+_seen_down: dict[str, object] = {}  # the local instance `going_down` found going down
 
 
 def shutdown() -> None:

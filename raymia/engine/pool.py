@@ -326,7 +326,11 @@ class BankPool:
     def shutdown(self) -> None:
         import ray
 
+        from raymia.engine.cluster import going_down
+
         self._closed = True
+        if going_down():  # the workers end with the local Ray; its GCS, hanging, would hold each call below
+            return
         if self.workers:
             _first_to_say(self._closed_key())
         for w in self.workers:
