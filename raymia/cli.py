@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -367,12 +368,18 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     stopped: list[int] = []
     term = signal.signal(signal.SIGTERM, _stop_as_ctrl_c(stopped)) if main_thread else None
+    # `kill -USR1 PID`: every thread's stack on stderr, and the command runs on (where does it wait?)
+    dump = main_thread and hasattr(signal, "SIGUSR1") and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    if dump:
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         return _main(argv, stopped)
     finally:
         sys.unraisablehook = previous
         if main_thread:
             signal.signal(signal.SIGTERM, term if term is not None else signal.SIG_DFL)
+        if dump:
+            faulthandler.unregister(signal.SIGUSR1)
 
 
 def _main(argv: list[str] | None, stopped: list[int]) -> int:

@@ -253,10 +253,12 @@ def signal_on_file(proc, pattern: str, sig: int, *, group: bool = True, within: 
                    log: Path | None = None) -> float:
     """Send `sig` to a started `raymia` process (to its process group with `group`, as a terminal's Ctrl-C or
     Slurm's scancel do) as soon as a file matching the glob `pattern` appears; the seconds it then took to
-    exit. A process still running 120 s after the signal is killed with its group (the test fails on its
-    exit code), and one that ended before the file appeared fails here with the tail of `log`."""
+    exit. A process still running 120 s after the signal fails here with every thread's stack (the command
+    prints them on SIGUSR1) and the tail of `log`, and is killed with its group; one that ended before the
+    file appeared fails here with the tail of `log`."""
     import glob
     import signal
+    import subprocess
     import time
 
     try:
@@ -266,7 +268,13 @@ def signal_on_file(proc, pattern: str, sig: int, *, group: bool = True, within: 
         assert proc.poll() is None, log.read_text()[-3000:] if log is not None else proc.returncode
         os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
         sent = time.time()
-        proc.wait(timeout=120)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            raise AssertionError(f"still running 120 s after {signal.Signals(sig).name}; where it waits:\n"
+                                 + (log.read_text()[-6000:] if log is not None else "(no log)")) from None
         return time.time() - sent
     finally:
         if proc.poll() is None:

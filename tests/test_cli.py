@@ -358,3 +358,26 @@ def test_sigterm_goes_to_the_ctrl_c_handler_in_place_and_main_puts_the_callers_b
         signal.signal(signal.SIGTERM, previous)
         rlog.handlers[:], rlog.propagate = kept[0], kept[1]
         rlog.setLevel(kept[2])
+
+
+def test_sigusr1_prints_every_threads_stack_and_the_command_runs_on():
+    """`kill -USR1 PID` on a command that seems stuck says where each thread waits, and the command goes
+    on: without it, SIGUSR1 would end the process (exit -10)."""
+    code = """
+import os, signal, sys, threading
+from raymia import cli
+waiting = threading.Event()
+threading.Thread(target=waiting.wait, name="beside", daemon=True).start()
+
+def command(argv, stopped):
+    os.kill(os.getpid(), signal.SIGUSR1)
+    print("ran on")
+    return 0
+
+cli._main = command
+sys.exit(cli.main([]))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "ran on\n", (done.returncode, done.stderr[-2000:])
+    assert "Current thread" in done.stderr and 'line 8 in command' in done.stderr, done.stderr
+    assert done.stderr.count("Thread 0x") == 1 and "in wait" in done.stderr, done.stderr  # the other thread
