@@ -341,11 +341,14 @@ def _stop_as_ctrl_c(stopped: list[int]):
     def handler(signum: int, frame) -> None:
         if not stopped:
             stopped.append(signum)
-        from raymia.engine.cluster import going_down
+        from raymia.engine.cluster import going_down, leave_a_ray_going_down
 
         # asked here, where its first processes end within milliseconds of a group's SIGTERM, and remembered:
-        # the cleanup after the stop (the pool's shutdown, Ray's) must not wait on a GCS that hangs
+        # what runs after the stop (the pool's shutdown, Ray's, Tune's at exit) must not wait on a GCS that
+        # hangs. The stop may cut any of that short, so Ray's processes and its key-value client go here.
         down = going_down(wait=0.5)
+        if down:
+            leave_a_ray_going_down()
         on_ctrl_c = signal.getsignal(signal.SIGINT)
         if not callable(on_ctrl_c):  # SIGINT ignored (a background job of a script): stop anyway
             raise KeyboardInterrupt

@@ -297,6 +297,45 @@ def test_a_signal_to_the_process_group_in_a_sweeps_first_seconds_ends_it_at_once
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
 
 
+GROUP_STOP_AT_EXIT = """
+import os, signal, sys, time
+from raymia import cli
+from raymia.engine.cluster import ensure_ray
+from ray import tune
+
+signal.signal(signal.SIGTERM, cli._stop_as_ctrl_c([]))
+ensure_ray()
+tune.register_trainable("raymia-test", lambda config: None)  # Tune's registry cleans it up at exit
+try:
+    os.killpg(0, signal.SIGTERM)  # as Slurm's scancel: this process and its local Ray
+    time.sleep(30)
+except KeyboardInterrupt:
+    print("stopped at", time.time(), flush=True)
+sys.exit(0)
+"""
+
+
+def test_after_a_signal_to_the_process_group_nothing_at_exit_waits_on_rays_gcs(tmp_path):
+    """A stop that lands as a command ends (a sweep's last upload, Ray's shutdown) can cut raymia's own
+    shutdown of its local Ray short. At the exit, Tune's registry cleanup then deleted its keys from the GCS,
+    which hangs after the signal: 60 s, then Ray's core ended the process with exit 1; Ray's own shutdown
+    gave each of its processes 1 s. The stop's handler now kills them and drops Ray's key-value client."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-c", GROUP_STOP_AT_EXIT], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env, cwd=tmp_path)
+    try:
+        out, err = proc.communicate(timeout=120)
+        exited = time.time()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0 and out.startswith("stopped at "), (proc.returncode, out, err[-3000:])
+    assert exited - float(out.split()[-1]) < 3, (exited - float(out.split()[-1]), err[-3000:])
+    assert "Failed to connect to GCS" not in err and "Traceback" not in err, err[-3000:]
+    assert not _group_left(proc.pid, wait=3)
+
+
 def test_a_sweep_stopped_while_ray_starts_is_resumed_in_the_same_parent_run(tmp_path, monkeypatch):
     """A stop in the first seconds (here while Ray starts) ends the new MLflow parent run KILLED and records
     it in the sweep's state, so the re-run carries on in that run instead of opening another beside it."""

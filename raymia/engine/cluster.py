@@ -243,6 +243,21 @@ def going_down(wait: float = 0.0) -> bool:
 _seen_down: dict[str, object] = {}  # the local instance `going_down` found going down
 
 
+def leave_a_ray_going_down() -> None:
+    """For the local Ray found going down (`going_down`): its processes, hanging in their own shutdown after
+    the signal that reached them, are killed (Ray's shutdown gave each 1 s, also at the process's exit when
+    a stop cut raymia's short), and Ray's key-value client is dropped, so that what would call it later
+    finds Ray's store closed and goes on (Tune's registry cleanup at exit: its delete waited 60 s on the
+    GCS, then Ray's core ended the process with exit 1)."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_reset()
+    for process in _own_processes(_own_node()):
+        if process.poll() is None:
+            with contextlib.suppress(OSError):
+                process.kill()
+
+
 def shutdown() -> None:
     """`ray.shutdown()`, which for a local instance going down (`going_down`) first kills its processes:
     Ray's graceful stop gives each of them 1 s after a SIGTERM they got already, and the driver's last task
@@ -251,6 +266,7 @@ def shutdown() -> None:
     import ray
 
     if going_down():
+        leave_a_ray_going_down()
         ray._private.worker._global_node.kill_all_processes(check_alive=False, allow_graceful=False)
         # a thread still on Ray (a stopped sweep's baseline, left to end with the process) must not
         # start a new instance through Ray's automatic ray.init
