@@ -350,9 +350,9 @@ def _stop_as_ctrl_c(stopped: list[int]):
         if down:
             leave_a_ray_going_down()
         on_ctrl_c = signal.getsignal(signal.SIGINT)
-        if not callable(on_ctrl_c):  # SIGINT ignored (a background job of a script): stop anyway
-            raise KeyboardInterrupt
-        if down and on_ctrl_c is not signal.default_int_handler:  # Tune's graceful stop needs a Ray that stays up
+        # Python's own (or SIGINT ignored, a background job of a script: stop anyway), after an open
+        # database write (`uninterruptible`); Tune's graceful stop needs a Ray that stays up
+        if not callable(on_ctrl_c) or on_ctrl_c is signal.default_int_handler or down:
             stop_now()
             return
         on_ctrl_c(signal.SIGINT, frame)

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from raymia.errors import uninterruptible
+
 log = logging.getLogger("raymia")
 
 # The MLflow tags raymia sets on its runs (and `raymia pareto` reads back): their names live here only.
@@ -256,16 +258,19 @@ def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], t
     if parent_run_id:
         all_tags[MLFLOW_PARENT_TAG] = parent_run_id
         all_tags[TAG_PARENT] = parent_run_id
-    run = client.create_run(exp_id, run_name=run_name, tags=all_tags,
-                            start_time=int(1000 * start_time) if start_time else None)
+    with uninterruptible():  # each database write whole: a stop that cut one short left SQLite locked
+        run = client.create_run(exp_id, run_name=run_name, tags=all_tags,
+                                start_time=int(1000 * start_time) if start_time else None)
     rid = run.info.run_id
     try:
         flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
-        client.log_batch(rid, params=[Param(k, v) for k, v in flat.items()])
-        if dataset is not None:
-            log_dataset(client, rid, *dataset)
+        with uninterruptible():
+            client.log_batch(rid, params=[Param(k, v) for k, v in flat.items()])
+            if dataset is not None:
+                log_dataset(client, rid, *dataset)
     except BaseException as e:  # a Ctrl-C too: no run stays RUNNING for good
-        client.set_terminated(rid, _ended(e))
+        with uninterruptible():
+            client.set_terminated(rid, _ended(e))
         raise
     return rid
 
@@ -304,17 +309,20 @@ def close_run(uri: str, run_id: str, metrics: dict[str, Any], artifacts: Iterabl
     client = _client(uri)
     try:
         ts = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, v, ts, 0) for k, v in finite_metrics(metrics).items()],
-                         tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
+        with uninterruptible():  # as in `open_run`; the uploads below may be cut short
+            client.log_batch(run_id, metrics=[Metric(k, v, ts, 0) for k, v in finite_metrics(metrics).items()],
+                             tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
         for a in artifacts:
             if Path(a).exists():
                 client.log_artifact(run_id, str(a))
         if tree is not None:
             client.log_artifacts(run_id, str(tree))
     except BaseException as e:
-        client.set_terminated(run_id, _ended(e))
+        with uninterruptible():
+            client.set_terminated(run_id, _ended(e))
         raise
-    client.set_terminated(run_id, status)
+    with uninterruptible():
+        client.set_terminated(run_id, status)
 
 
 def log_dataset(client, run_id: str, name: str, digest: str) -> None:
@@ -361,5 +369,6 @@ def end_running_children(uri: str, parent_id: str, status: str = "KILLED") -> in
     running = client.search_runs([experiment_id], filter_string=f"{tag_equals(MLFLOW_PARENT_TAG, parent_id)} and "
                                                                 "attributes.status = 'RUNNING'")
     for run in running:
-        client.set_terminated(run.info.run_id, status)
+        with uninterruptible():
+            client.set_terminated(run.info.run_id, status)
     return len(running)

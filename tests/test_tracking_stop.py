@@ -1,0 +1,42 @@
+"""A stop (the command's SIGTERM handler) that arrives while MLflow writes to its SQLite store waits for that
+write: one cut short inside SQLAlchemy left the database locked, and every later write of the stop (the
+sweep's runs ended KILLED, the parent run) failed after SQLite's 20 s wait, exit 1 after 43 s."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+
+def test_a_sigterm_during_a_runs_end_waits_for_the_write_and_leaves_the_store_usable(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from raymia import cli, tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rid = tracking.open_run(uri, "stops", "a run", {"p": 1})
+    sent = []
+
+    def signal_inside_the_write(conn, cursor, statement, parameters, context, executemany):
+        if not sent and statement.lstrip().upper().startswith("UPDATE RUNS"):  # set_terminated's write
+            sent.append(statement)
+            os.kill(os.getpid(), signal.SIGTERM)  # its Python handler runs inside SQLAlchemy's call
+
+    previous = signal.signal(signal.SIGTERM, cli._stop_as_ctrl_c([]))
+    event.listen(Engine, "before_cursor_execute", signal_inside_the_write)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tracking.close_run(uri, rid, {"m": 0.5})
+    finally:
+        event.remove(Engine, "before_cursor_execute", signal_inside_the_write)
+        signal.signal(signal.SIGTERM, previous)
+    assert sent
+    client = MlflowClient(uri)
+    run = client.get_run(rid)
+    assert run.info.status == "FINISHED" and run.data.metrics == {"m": 0.5}  # the write ended whole
+    client.set_tag(rid, "after", "the stop")  # the store takes writes at once: not locked
+    assert client.get_run(rid).data.tags["after"] == "the stop"
