@@ -374,7 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     # `kill -USR1 PID`: every thread's stack on stderr, and the command runs on (where does it wait?)
     dump = main_thread and hasattr(signal, "SIGUSR1") and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
     if dump:
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        try:
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
+        except (OSError, ValueError, AttributeError):  # a stderr with no file descriptor (a caller's capture)
+            dump = False
     try:
         return _main(argv, stopped)
     finally:
