@@ -307,21 +307,20 @@ def close_run(uri: str, run_id: str, metrics: dict[str, Any], artifacts: Iterabl
     from mlflow.entities import Metric, RunTag
 
     client = _client(uri)
-    try:
-        ts = int(time.time() * 1000)
-        with uninterruptible():  # as in `open_run`; the uploads below may be cut short
+    # whole, as in `open_run`: a stop inside MLflow's artifact copy made its own cleanup raise EBADF
+    with uninterruptible():
+        try:
+            ts = int(time.time() * 1000)
             client.log_batch(run_id, metrics=[Metric(k, v, ts, 0) for k, v in finite_metrics(metrics).items()],
                              tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
-        for a in artifacts:
-            if Path(a).exists():
-                client.log_artifact(run_id, str(a))
-        if tree is not None:
-            client.log_artifacts(run_id, str(tree))
-    except BaseException as e:
-        with uninterruptible():
+            for a in artifacts:
+                if Path(a).exists():
+                    client.log_artifact(run_id, str(a))
+            if tree is not None:
+                client.log_artifacts(run_id, str(tree))
+        except BaseException as e:  # a Ctrl-C (Python's KeyboardInterrupt) still lands anywhere
             client.set_terminated(run_id, _ended(e))
-        raise
-    with uninterruptible():
+            raise
         client.set_terminated(run_id, status)
 
 

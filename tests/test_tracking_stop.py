@@ -40,3 +40,36 @@ def test_a_sigterm_during_a_runs_end_waits_for_the_write_and_leaves_the_store_us
     assert run.info.status == "FINISHED" and run.data.metrics == {"m": 0.5}  # the write ended whole
     client.set_tag(rid, "after", "the stop")  # the store takes writes at once: not locked
     assert client.get_run(rid).data.tags["after"] == "the stop"
+
+
+def test_a_sigterm_during_an_artifacts_copy_ends_the_run_whole_and_then_stops(tmp_path):
+    """Inside MLflow's copy of an artifact the stop made MLflow's own cleanup raise EBADF (exit 1 with a
+    traceback, seen by benchmarks/kill_points.py): the run's end now finishes first."""
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from raymia import cli, tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    report = tmp_path / "report.txt"
+    report.write_text("the run's report\n")
+    rid = tracking.open_run(uri, "stops", "a run", {"p": 1})
+    armed = [True]
+
+    def signal_as_the_copy_opens(event, args):
+        if armed[0] and event == "open" and str(args[0]) == str(report):
+            armed[0] = False
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    sys.addaudithook(signal_as_the_copy_opens)  # hooks stay for the process: this one fires once
+    previous = signal.signal(signal.SIGTERM, cli._stop_as_ctrl_c([]))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tracking.close_run(uri, rid, {"m": 0.5}, [report])
+    finally:
+        armed[0] = False
+        signal.signal(signal.SIGTERM, previous)
+    client = MlflowClient(uri)
+    assert client.get_run(rid).info.status == "FINISHED"
+    assert [f.path for f in client.list_artifacts(rid)] == ["report.txt"]
