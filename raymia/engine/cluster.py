@@ -252,10 +252,34 @@ def leave_a_ray_going_down() -> None:
     from ray.experimental import internal_kv
 
     internal_kv._internal_kv_reset()
+    _quiet_rays_log_threads()
     for process in _own_processes(_own_node()):
         if process.poll() is None:
             with contextlib.suppress(OSError):
                 process.kill()
+
+
+_RAYS_LOG_THREADS = frozenset({"ray_print_logs", "ray_listen_error_messages"})
+
+
+def _quiet_rays_log_threads() -> None:
+    """The driver threads that forward Ray's logs and errors subscribe to the GCS outside their own error
+    handling: one still subscribing when `leave_a_ray_going_down` kills the GCS (a stop in the first moments
+    after `ray.init`) raised in its thread, and a traceback ended the stopped command. Their connection
+    failures are dropped from then on; anything else they raise is still printed."""
+    from ray.exceptions import RpcError
+
+    previous = threading.excepthook
+    if getattr(previous, "quiets_rays_log_threads", False):
+        return
+
+    def excepthook(args):
+        if not (args.thread is not None and args.thread.name in _RAYS_LOG_THREADS
+                and issubclass(args.exc_type, (RpcError, OSError))):
+            previous(args)
+
+    excepthook.quiets_rays_log_threads = True
+    threading.excepthook = excepthook
 
 
 def shutdown() -> None:
