@@ -352,12 +352,20 @@ def _stop_as_ctrl_c(stopped: list[int]):
         on_ctrl_c = signal.getsignal(signal.SIGINT)
         # Python's own (or SIGINT ignored, a background job of a script: stop anyway), after an open
         # database write (`uninterruptible`); Tune's graceful stop needs a Ray that stays up
-        if not callable(on_ctrl_c) or on_ctrl_c is signal.default_int_handler or down:
+        if not callable(on_ctrl_c) or on_ctrl_c in (signal.default_int_handler, _ctrl_c) or down:
             stop_now()
             return
         on_ctrl_c(signal.SIGINT, frame)
 
     return handler
+
+
+def _ctrl_c(signum: int, frame) -> None:
+    """The command's SIGINT handler, in place of Python's own: the same KeyboardInterrupt, raised after an
+    open database write (`uninterruptible`) as SIGTERM's stop is. Inside SQLAlchemy's call it left MLflow's
+    SQLite store locked, and the stop's own writes (runs ended KILLED) then failed after SQLite's wait.
+    Tune's handler, in place during a sweep, puts this one back when it fires."""
+    stop_now()
 
 
 # libraries whose INFO lines a command leaves out (raymia's own progress lines say what they would)
@@ -371,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     stopped: list[int] = []
     term = signal.signal(signal.SIGTERM, _stop_as_ctrl_c(stopped)) if main_thread else None
+    # Python's own only: a caller's handler (or SIGINT ignored) stays as it is
+    ctrl_c = main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if ctrl_c:
+        signal.signal(signal.SIGINT, _ctrl_c)
     # `kill -USR1 PID`: every thread's stack on stderr, and the command runs on (where does it wait?)
     dump = main_thread and hasattr(signal, "SIGUSR1") and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
     if dump:
@@ -384,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.unraisablehook = previous
         if main_thread:
             signal.signal(signal.SIGTERM, term if term is not None else signal.SIG_DFL)
+        if ctrl_c:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         if dump:
             faulthandler.unregister(signal.SIGUSR1)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -358,6 +360,33 @@ def test_sigterm_goes_to_the_ctrl_c_handler_in_place_and_main_puts_the_callers_b
         signal.signal(signal.SIGTERM, previous)
         rlog.handlers[:], rlog.propagate = kept[0], kept[1]
         rlog.setLevel(kept[2])
+
+
+def test_a_ctrl_c_inside_a_database_write_lands_as_the_write_ends(monkeypatch, capsys):
+    """Python's own SIGINT handler raised inside a write (SQLAlchemy's call: MLflow's SQLite store stayed
+    locked, the stop's own writes then failed); the command's raises as the write ends, and Python's is
+    back once the command returns."""
+    from raymia import cli
+    from raymia.errors import uninterruptible
+
+    wrote = []
+
+    def command(args):
+        with uninterruptible():
+            os.kill(os.getpid(), signal.SIGINT)
+            wrote.append("whole")
+        wrote.append("went on after the stop")
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_list", command)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert cli.main(["list"]) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert wrote == ["whole"]
+    assert "raymia: interrupted; finished work is stored" in capsys.readouterr().err
 
 
 def test_sigusr1_prints_every_threads_stack_and_the_command_runs_on():
