@@ -59,10 +59,12 @@ def uninterruptible():
 
 def stop_now() -> None:
     """Raise KeyboardInterrupt in the main thread (from a signal handler): now, or as its open
-    `uninterruptible` section ends."""
-    if _held["depth"]:
+    `uninterruptible` section ends. A second stop while one waits is raised at once: a write that hangs (a
+    locked database, an artifact store that does not answer) is the user's to cut short."""
+    if _held["depth"] and not _held["stop"]:
         _held["stop"] = True
         return
+    _held["stop"] = False
     raise KeyboardInterrupt
 
 

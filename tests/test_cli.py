@@ -327,6 +327,16 @@ def test_a_stop_waits_for_the_database_write_it_lands_in():
         pass
     with pytest.raises(KeyboardInterrupt):
         stop_now()
+    done.clear()
+    with pytest.raises(KeyboardInterrupt):  # a second stop while the first waits (a write that hangs): at once
+        with uninterruptible():
+            stop_now()
+            done.append("held")
+            stop_now()
+            done.append("not reached")
+    assert done == ["held"]
+    with uninterruptible():  # and it was raised once
+        pass
 
 
 def test_sigterm_goes_to_the_ctrl_c_handler_in_place_and_main_puts_the_callers_back(monkeypatch):
