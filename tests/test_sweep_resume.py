@@ -344,6 +344,66 @@ def test_after_a_signal_to_the_process_group_nothing_at_exit_waits_on_rays_gcs(t
     assert not _group_left(proc.pid, wait=3)
 
 
+UNSIGNALLED_WORKER = """
+import os, signal, sys, time
+import ray
+from raymia import cli
+from raymia.engine.cluster import _ray_descendants, ensure_ray
+
+signal.signal(signal.SIGTERM, cli._stop_as_ctrl_c([]))
+ensure_ray()
+
+@ray.remote(num_cpus=0)
+class Actor:
+    pass
+
+before = _ray_descendants()
+actors = [Actor.remote() for _ in range(4)]  # more than Ray's idle workers: the raylet forks new ones
+time.sleep(0.1)
+print(*(_ray_descendants() - before), flush=True)
+for pid in before:  # the group's signal, which the workers starting now missed
+    os.kill(pid, signal.SIGTERM)
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+except KeyboardInterrupt:
+    print("stopped at", time.time(), flush=True)
+sys.exit(0)
+"""
+
+
+def test_a_ray_worker_forked_as_the_groups_signal_came_ends_with_the_stop(tmp_path):
+    """A worker the raylet forks as a SIGTERM reaches the process group is not signalled; killed GCS and
+    raylet, it waited 60 s for the raylet it had not yet reached. The stop now kills Ray's workers and agents
+    too, found while the raylet is still their parent."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-c", UNSIGNALLED_WORKER], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env, cwd=tmp_path)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = out.splitlines()
+    assert proc.returncode == 0 and lines[-1].startswith("stopped at "), (out, err[-3000:])
+    workers = [int(pid) for pid in lines[0].split()]
+    assert workers, out
+    end = time.time() + 3
+    while (left := [pid for pid in workers if _alive(pid)]) and time.time() < end:
+        time.sleep(0.1)
+    assert not left, [Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in left if _alive(pid)]
+    assert "Traceback" not in err, err[-3000:]
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_a_sweep_stopped_while_ray_starts_is_resumed_in_the_same_parent_run(tmp_path, monkeypatch):
     """A stop in the first seconds (here while Ray starts) ends the new MLflow parent run KILLED and records
     it in the sweep's state, so the re-run carries on in that run instead of opening another beside it."""

@@ -248,12 +248,18 @@ def leave_a_ray_going_down() -> None:
     the signal that reached them, are killed (Ray's shutdown gave each 1 s, also at the process's exit when
     a stop cut raymia's short), and Ray's key-value client is dropped, so that what would call it later
     finds Ray's store closed and goes on (Tune's registry cleanup at exit: its delete waited 60 s on the
-    GCS, then Ray's core ended the process with exit 1)."""
+    GCS, then Ray's core ended the process with exit 1). So are the workers and agents the raylet started, found
+    while it still is their parent: one it forked as the signal came was not signalled, and waited 60 s for
+    the raylet it had not yet reached before it gave up."""
     from ray.experimental import internal_kv
 
     internal_kv._internal_kv_reset()
     _quiet_rays_log_threads()
-    for process in _own_processes(_own_node()):
+    processes = _own_processes(_own_node())
+    for pid in _ray_descendants() if processes else ():
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    for process in processes:
         if process.poll() is None:
             with contextlib.suppress(OSError):
                 process.kill()
