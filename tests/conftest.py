@@ -49,6 +49,18 @@ def no_mlflow_files_in_the_repository():
     assert not changed, f"tests wrote MLflow files into the repository: {changed[:5]}"
 
 
+@pytest.fixture(autouse=True)
+def raymias_logger_left_as_found():
+    """A test that runs `raymia.cli.main` in this process puts raymia's logger back (`run_cli` does): one
+    left with the command's own handler and no propagation hid the log lines of every later test on that
+    test process from `caplog`, and those tests failed instead of the one that left it."""
+    rlog = logging.getLogger("raymia")
+    before = (rlog.handlers[:], rlog.propagate, rlog.level)
+    yield
+    after = (rlog.handlers[:], rlog.propagate, rlog.level)
+    assert after == before, f"raymia's logger (handlers, propagate, level) was {before}, left {after}"
+
+
 def _local_ray():
     ray = pytest.importorskip("ray")
     from ray.experimental.internal_kv import _internal_kv_initialized

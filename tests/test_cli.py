@@ -372,7 +372,7 @@ def test_sigterm_goes_to_the_ctrl_c_handler_in_place_and_main_puts_the_callers_b
         rlog.setLevel(kept[2])
 
 
-def test_a_ctrl_c_inside_a_database_write_lands_as_the_write_ends(monkeypatch, capsys):
+def test_a_ctrl_c_inside_a_database_write_lands_as_the_write_ends(monkeypatch):
     """Python's own SIGINT handler raised inside a write (SQLAlchemy's call: MLflow's SQLite store stayed
     locked, the stop's own writes then failed); the command's raises as the write ends, and Python's is
     back once the command returns."""
@@ -391,12 +391,12 @@ def test_a_ctrl_c_inside_a_database_write_lands_as_the_write_ends(monkeypatch, c
     monkeypatch.setattr(cli, "cmd_list", command)
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        assert cli.main(["list"]) == 130
+        done = run_cli("list")
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, before)
-    assert wrote == ["whole"]
-    assert "raymia: interrupted; finished work is stored" in capsys.readouterr().err
+    assert done.returncode == 130 and wrote == ["whole"]
+    assert "raymia: interrupted; finished work is stored" in done.stderr
 
 
 def test_sigusr1_prints_every_threads_stack_and_the_command_runs_on():
