@@ -353,7 +353,7 @@ def _stop_as_ctrl_c(stopped: list[int]):
         # Python's own (or SIGINT ignored, a background job of a script: stop anyway), after an open
         # database write (`uninterruptible`); Tune's graceful stop needs a Ray that stays up
         if not callable(on_ctrl_c) or on_ctrl_c in (signal.default_int_handler, _ctrl_c) or down:
-            stop_now()
+            stop_now(frame)
             return
         on_ctrl_c(signal.SIGINT, frame)
 
@@ -365,7 +365,7 @@ def _ctrl_c(signum: int, frame) -> None:
     open database write (`uninterruptible`) as SIGTERM's stop is. Inside SQLAlchemy's call it left MLflow's
     SQLite store locked, and the stop's own writes (runs ended KILLED) then failed after SQLite's wait.
     Tune's handler, in place during a sweep, puts this one back when it fires."""
-    stop_now()
+    stop_now(frame)
 
 
 # libraries whose INFO lines a command leaves out (raymia's own progress lines say what they would)

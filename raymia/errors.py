@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 
 
@@ -57,15 +58,46 @@ def uninterruptible():
             raise KeyboardInterrupt
 
 
-def stop_now() -> None:
-    """Raise KeyboardInterrupt in the main thread (from a signal handler): now, or as its open
-    `uninterruptible` section ends. A second stop while one waits is raised at once: a write that hangs (a
-    locked database, an artifact store that does not answer) is the user's to cut short."""
-    if _held["depth"] and not _held["stop"]:
+def stop_now(frame=None) -> None:
+    """Raise KeyboardInterrupt in the main thread (from a signal handler, `frame` the one it interrupted):
+    now, as its open `uninterruptible` section ends, or as the import it landed in returns to its caller
+    (`_after_the_import`). A second stop while one waits is raised at once: a write that hangs (a locked
+    database, an artifact store that does not answer) is the user's to cut short."""
+    if not _held["stop"] and (_held["depth"] or _after_the_import(frame)):
         _held["stop"] = True
         return
     _held["stop"] = False
     raise KeyboardInterrupt
+
+
+_IMPORTS = "<frozen importlib._bootstrap>"
+
+
+def _after_the_import(frame) -> bool:
+    """Whether a stop that landed in Python's import machinery (`frame` in importlib's bootstrap) is held
+    until the import returns to its caller, where it is raised then (a trace function on the caller's
+    frame, for the moments until then). Raised inside the machinery, between a module lock's acquisition
+    and the `with` that releases it (or the global import lock's and its `try`), it left that lock held
+    for good, and every other thread's import of the module waited forever. Not with a tracer already set
+    (a debugger, coverage): the stop is raised at once, as before."""
+    if frame is None or frame.f_code.co_filename != _IMPORTS or sys.gettrace() is not None:
+        return False
+    caller = frame
+    while caller is not None and caller.f_code.co_filename.startswith("<frozen importlib"):
+        caller = caller.f_back
+    if caller is None:
+        return False
+
+    def at_the_caller(frame, event, arg):
+        sys.settrace(None)
+        frame.f_trace = None
+        if _held["stop"] and not _held["depth"]:
+            _held["stop"] = False
+            raise KeyboardInterrupt
+
+    caller.f_trace = at_the_caller
+    sys.settrace(lambda frame, event, arg: None)  # on for this thread; frames called from now on untraced
+    return True
 
 
 def not_found(path: object, what: str = "file") -> str:

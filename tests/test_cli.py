@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -337,6 +338,59 @@ def test_a_stop_waits_for_the_database_write_it_lands_in():
     assert done == ["held"]
     with uninterruptible():  # and it was raised once
         pass
+
+
+def test_a_stop_in_pythons_import_machinery_lands_as_the_import_returns(tmp_path, monkeypatch):
+    """A stop raised inside importlib's bootstrap, between `_imp.acquire_lock()` and the `try` that releases
+    it, left Python's global import lock held for good: every other thread's import then waited forever (a
+    stopped sweep that never ended, its main thread waiting on the thread that made its MLflow run). The
+    stop now lands in the import's caller, as the import returns. A trace function calls the handler where
+    Python would run it for a signal arriving at that point."""
+    import _imp
+    import importlib
+    import importlib._bootstrap as bootstrap
+    from pathlib import Path
+
+    from raymia import cli
+
+    code = bootstrap._get_module_lock.__code__
+    source = Path(importlib.__file__).with_name("_bootstrap.py").read_text().splitlines()
+    taken = [n for n in range(code.co_firstlineno, code.co_firstlineno + 30)
+             if source[n - 1].strip() == "_imp.acquire_lock()"]
+    if not taken or source[taken[0]].strip() != "try:":
+        pytest.skip("this Python's _get_module_lock is not `_imp.acquire_lock()` then `try:`")
+    if sys.gettrace() is not None:
+        pytest.skip("a tracer (debugger, coverage) is set: a stop is then raised where it lands")
+    name = f"stopped_import_{tmp_path.name}"
+    (tmp_path / f"{name}.py").write_text("x = 1\n")
+    (tmp_path / f"{name}_other.py").write_text("y = 2\n")
+    monkeypatch.syspath_prepend(tmp_path)
+
+    def signal_lands(frame, event, arg):
+        if event == "call":
+            return signal_lands if frame.f_code is code and frame.f_locals.get("name") == name else None
+        if event == "line" and frame.f_lineno == taken[0] + 1:  # the lock is taken, its `try` not yet
+            sys.settrace(None)
+            cli._ctrl_c(signal.SIGINT, frame)
+            return None
+        return signal_lands
+
+    ran = []
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            sys.settrace(signal_lands)
+            importlib.import_module(name)
+            ran.append("the caller's next line")
+        finally:
+            sys.settrace(None)
+    other = threading.Thread(target=importlib.import_module, args=(f"{name}_other",), daemon=True)
+    other.start()
+    other.join(10)
+    if other.is_alive():  # the lock left held by this thread: give it back, or the test process hangs
+        with contextlib.suppress(RuntimeError):
+            _imp.release_lock()
+    assert not other.is_alive(), "another thread's import waited on the import lock the stop left held"
+    assert not ran and name in sys.modules  # the import ended whole, and the stop landed in its caller
 
 
 def test_sigterm_goes_to_the_ctrl_c_handler_in_place_and_main_puts_the_callers_back(monkeypatch):
