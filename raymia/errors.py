@@ -75,11 +75,11 @@ _IMPORTS = "<frozen importlib._bootstrap>"
 
 def _after_the_import(frame) -> bool:
     """Whether a stop that landed in Python's import machinery (`frame` in importlib's bootstrap) is held
-    until the import returns to its caller, where it is raised then (a trace function on the caller's
-    frame, for the moments until then). Raised inside the machinery, between a module lock's acquisition
-    and the `with` that releases it (or the global import lock's and its `try`), it left that lock held
-    for good, and every other thread's import of the module waited forever. Not with a tracer already set
-    (a debugger, coverage): the stop is raised at once, as before."""
+    until the import returns to its caller, and raised there (a trace function on the caller's frame, for
+    the moments until then). Raised inside the machinery, between a lock's acquisition and the `try` or
+    `with` that releases it, it would leave that lock (the global import lock, or a module's) held for
+    good, and every other thread's import waiting forever. With a tracer already set (a debugger,
+    coverage) the stop is raised where it landed: the tracer is not this function's to replace."""
     if frame is None or frame.f_code.co_filename != _IMPORTS or sys.gettrace() is not None:
         return False
     caller = frame
