@@ -434,6 +434,28 @@ def _main(argv: list[str] | None, stopped: list[int]) -> int:
         return 0
 
 
+EXIT_AFTER_STOP_S = 3.0
+
+
+def _exit_within(seconds: float, code: int) -> None:
+    """Bound a stopped command's exit (its non-daemon threads joined, then the exit hooks): past `seconds`,
+    one line and every thread's stack on stderr, then the exit with `code`. A SIGTERM to the process group
+    once left a stopped sweep's exit waiting for good after its last line, where nothing said what it
+    waited on. Should the GIL never come free, faulthandler's own watchdog ends it 2 s later (exit 1)."""
+    def cut() -> None:
+        print(f"raymia: the exit still waited after {seconds:g} s (threads or exit hooks); it ends without "
+              "them. Where each thread was:", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            faulthandler.dump_traceback(all_threads=True)
+        os._exit(code)
+
+    timer = threading.Timer(seconds, cut)
+    timer.daemon = True
+    timer.start()
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # a stderr with no file descriptor
+        faulthandler.dump_traceback_later(seconds + 2, exit=True)
+
+
 def entry() -> None:
     """The `raymia` console script and `python -m raymia`: `main`, then an exit without the interpreter's
     teardown. What a normal exit runs first still runs, in its order: non-daemon threads are joined, then
@@ -444,6 +466,8 @@ def entry() -> None:
     import threading
 
     code = main()
+    if code in (130, 143):  # stopped: its finished work is stored, and the user wants the process gone
+        _exit_within(EXIT_AFTER_STOP_S, code)
     threading._shutdown()  # type: ignore[attr-defined]  # what Py_FinalizeEx calls first
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -451,6 +452,30 @@ def test_a_ctrl_c_inside_a_database_write_lands_as_the_write_ends(monkeypatch):
         signal.signal(signal.SIGINT, before)
     assert done.returncode == 130 and wrote == ["whole"]
     assert "raymia: interrupted; finished work is stored" in done.stderr
+
+
+def test_a_stopped_commands_exit_is_bounded_and_says_where_it_waited():
+    """After a stop, the exit (non-daemon threads joined, then the exit hooks) waits at most a few seconds:
+    one that waited for good after the stop's last line left a stopped sweep running, saying nothing. It
+    exits with the stop's code, and every thread's stack says what held it."""
+    code = """
+import signal, sys, threading
+from raymia import cli
+
+def command(argv, stopped):
+    threading.Thread(target=threading.Event().wait, name="never-ends").start()  # the exit would join it
+    stopped.append(signal.SIGTERM)
+    return 143
+
+cli._main = command
+cli.entry()
+"""
+    started = time.time()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    took = time.time() - started
+    assert done.returncode == 143 and took < 3 + 10, (done.returncode, took, done.stderr[-2000:])
+    assert "raymia: the exit still waited after 3 s (threads or exit hooks)" in done.stderr, done.stderr
+    assert "in wait" in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 def test_sigusr1_prints_every_threads_stack_and_the_command_runs_on():
