@@ -284,7 +284,8 @@ def test_a_signal_to_the_process_group_in_a_sweeps_first_seconds_ends_it_at_once
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     stderr = (tmp_path / "err").read_text()
-    assert proc.returncode == 143 and took < 5, (proc.returncode, took, stderr[-3000:])
+    # what this guards against took 30 to 60 s; a stop here takes 0.1 to 2.5 s, and 5.1 s once on a loaded run
+    assert proc.returncode == 143 and took < 10, (proc.returncode, took, stderr[-3000:])
     assert stderr.strip().splitlines()[-1] == ("raymia: stopped by SIGTERM; finished work is stored and the same "
                                                "command resumes it"), stderr[-3000:]
     assert "Traceback" not in stderr and "SIGTERM handler is not set" not in stderr, stderr[-3000:]
