@@ -159,7 +159,8 @@ def test_a_signal_to_the_process_group_stops_a_sweep_with_no_run_left_running(tm
         assert proc.returncode == 143, stderr[-3000:]
         assert last == "raymia: stopped by SIGTERM; finished work is stored and the same command resumes it", \
             stderr[-3000:]
-        assert took < 5 and "Traceback" not in stderr, (took, stderr[-3000:])
+        # Tune's graceful stop waited a minute on the GCS; this stop takes 0.8 to 2.5 s, longer on a loaded run
+        assert took < 10 and "Traceback" not in stderr, (took, stderr[-3000:])
         assert not left, left
     assert "Tuner.restore" not in stderr and "Stop signal received" not in stderr  # Tune's: raymia's line says it
     from mlflow.tracking import MlflowClient
