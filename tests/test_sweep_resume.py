@@ -109,12 +109,20 @@ def test_killed_sweep_resumes(tmp_path):
     # (a finished sweep run again with its result.json cut short: test_e2e's test_a_finished_sweep_...)
 
 
+def _alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _group(pgid: int) -> list[tuple[int, list[bytes]]]:
     """(pid, command line) of each live process of process group `pgid`, zombies left out."""
     found = []
     for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
         try:
-            if os.getpgid(pid) == pgid and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            if os.getpgid(pid) == pgid and _alive(pid):
                 found.append((pid, Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")))
         except (OSError, IndexError):  # ended meanwhile
             continue
@@ -396,14 +404,6 @@ def test_a_ray_worker_forked_as_the_groups_signal_came_ends_with_the_stop(tmp_pa
         time.sleep(0.1)
     assert not left, [Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in left if _alive(pid)]
     assert "Traceback" not in err, err[-3000:]
-
-
-def _alive(pid: int) -> bool:
-    """Whether the process runs (a zombie, ended but not yet reaped, does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_a_sweep_stopped_while_ray_starts_is_resumed_in_the_same_parent_run(tmp_path, monkeypatch):
