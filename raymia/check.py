@@ -269,16 +269,16 @@ def _check_fits_local_ray(spec: AuditSpec) -> None:
     are the cluster's, known only once the run connects."""
     if os.environ.get("RAY_ADDRESS"):
         return
-    from raymia.engine.pool import capacity, check_trial_cpu, local_node, uses_gpu
+    from raymia.engine.pool import THIS_MACHINE, capacity, check_trial_cpu, local_node, uses_gpu
 
     nodes = [local_node()]
     sweep = spec.sweep if isinstance(spec, SweepSpec) else None
     if sweep is not None:
-        check_trial_cpu(sweep.trial_cpu, nodes)
+        check_trial_cpu(sweep.trial_cpu, nodes, on=THIS_MACHINE)
     b = spec.bank
     if b.engine == "ray":
         capacity(b.cpus_per_worker, 1 if uses_gpu(b.device, nodes[0]["GPU"]) else 0,
-                 sweep.trial_cpu * sweep.max_concurrent if sweep is not None else 0.0, nodes)
+                 sweep.trial_cpu * sweep.max_concurrent if sweep is not None else 0.0, nodes, on=THIS_MACHINE)
 
 
 def _inversion_row(spec: AuditSpec, ctx, train_flops: float, target_forward: float) -> tuple[str, str]:

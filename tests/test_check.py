@@ -232,16 +232,27 @@ def test_a_dp_sgd_sweep_gives_the_accounted_epsilon_at_its_defaults(tmp_path):
     ("over", "needle"),
     [
         ({"bank": {"engine": "ray", "cpus_per_worker": 4096}},
-         "bank.cpus_per_worker: 4096 CPUs per worker, but the largest node of the Ray cluster has"),
+         "bank.cpus_per_worker: 4096 CPUs per worker, but this machine (where a run without RAY_ADDRESS starts its "
+         "own Ray) has"),
         ({"sweep": {"defense": "hamp", "trial_cpu": 4096}},
-         "sweep.trial_cpu: 4096 CPUs per trial driver, but the largest node of the Ray cluster has"),
+         "sweep.trial_cpu: 4096 CPUs per trial driver, but this machine (where a run without RAY_ADDRESS starts "
+         "its own Ray) has"),
+        ({"bank": {"engine": "ray", "device": "cuda"}},
+         "bank.device: cuda asks for 1 GPU per worker, but this machine (where a run without RAY_ADDRESS starts "
+         "its own Ray) has 0; use bank.device: auto or cpu, or set RAY_ADDRESS to a cluster with GPUs"),
     ],
 )
 def test_check_refuses_a_request_this_machines_local_ray_cannot_meet(tmp_path, monkeypatch, over, needle):
-    """Without RAY_ADDRESS the run starts a local Ray on this machine, so its CPUs are known before any Ray
-    starts; with an address they are the cluster's, checked when the run connects."""
+    """Without RAY_ADDRESS the run starts a local Ray on this machine, so its CPUs and GPUs are known before any
+    Ray starts, and the error says it was this machine's (a spec written for a GPU cluster, checked on a
+    laptop); with an address they are the cluster's, checked when the run connects."""
     from raymia.errors import RaymiaError
 
+    if "device" in over.get("bank", {}):
+        import torch
+
+        if torch.cuda.device_count():
+            pytest.skip("this machine has a GPU: a cuda bank fits it")
     d = _audit_dict(tmp_path)
     d.update(over)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

@@ -396,32 +396,46 @@ def local_node() -> dict[str, float]:
     return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
 
 
-def check_trial_cpu(trial_cpu: float, nodes: list[dict[str, float]] | None = None) -> None:
+# What `raymia check` measures against without RAY_ADDRESS, in its one-line errors: the run would start its
+# own Ray there, and a cluster's nodes are known only once a run connects.
+THIS_MACHINE = "this machine (where a run without RAY_ADDRESS starts its own Ray)"
+
+
+def _largest_node(on: str | None) -> str:
+    return "the largest node of the Ray cluster" if on is None else on
+
+
+def check_trial_cpu(trial_cpu: float, nodes: list[dict[str, float]] | None = None, on: str | None = None) -> None:
     """A sweep's trial driver holds `sweep.trial_cpu` CPUs of one node: more than the largest node has left
     every trial pending and Tune waiting for ever, while the undefended baseline trained beside it. `nodes`:
-    each node's resources (default: the live nodes of the connected cluster)."""
+    each node's resources (default: the live nodes of the connected cluster); `on`: what the nodes are, for
+    the error (default: the connected cluster)."""
     nodes = live_nodes() if nodes is None else nodes
     most = max((r.get("CPU", 0) for r in nodes), default=0)
     if trial_cpu > most:
-        raise RaymiaError(f"{trial_cpu:g} CPUs per trial driver, but the largest node of the Ray cluster has "
+        raise RaymiaError(f"{trial_cpu:g} CPUs per trial driver, but {_largest_node(on)} has "
                           f"{most:g}; accepted: at most {most:g} (a trial's bank workers ask for their own)",
                           where="sweep.trial_cpu")
 
 
-def capacity(cpus: float, gpus: int, reserve_cpus: float = 0.0, nodes: list[dict[str, float]] | None = None) -> int:
+def capacity(cpus: float, gpus: int, reserve_cpus: float = 0.0, nodes: list[dict[str, float]] | None = None,
+             on: str | None = None) -> int:
     """How many workers of `cpus` CPUs (and `gpus` GPUs) the nodes hold beside `reserve_cpus` CPUs (a
     sweep's trial drivers: on 2 CPUs, 1 worker of 1 CPU); a RaymiaError of one line, naming the field, when
-    not even one fits. `nodes`: each node's resources (default: the live nodes of the connected cluster)."""
+    not even one fits. `nodes`: each node's resources (default: the live nodes of the connected cluster);
+    `on`: what the nodes are, for the error (default: the connected cluster)."""
     nodes = live_nodes() if nodes is None else nodes
     if gpus and not any(r.get("GPU", 0) >= gpus for r in nodes):
         have = sum(r.get("GPU", 0) for r in nodes)
-        raise RaymiaError(f"bank.device: cuda asks for {gpus} GPU per worker, but the Ray cluster has {have:g} GPUs "
-                          f"on {len(nodes)} node(s); use bank.device: auto or cpu, or add GPU nodes")
+        raise RaymiaError(f"bank.device: cuda asks for {gpus} GPU per worker, but " + (
+            f"the Ray cluster has {have:g} GPUs on {len(nodes)} node(s); use bank.device: auto or cpu, or add "
+            "GPU nodes" if on is None else
+            f"{on} has {have:g}; use bank.device: auto or cpu, or set RAY_ADDRESS to a cluster with GPUs"))
     fits = [r for r in nodes if r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus]
     if not fits:
         most = max((r.get("CPU", 0) for r in nodes), default=0)
-        raise RaymiaError(f"bank.cpus_per_worker: {cpus:g} CPUs per worker, but the largest node of the Ray "
-                          f"cluster has {most:g}; accepted: at most {most:g}")
+        raise RaymiaError(f"bank.cpus_per_worker: {cpus:g} CPUs per worker, but {_largest_node(on)} has "
+                          f"{most:g}; accepted: at most {most:g}")
     per_node = [int(r.get("CPU", 0) // cpus) if not gpus else min(int(r.get("CPU", 0) // cpus),
                                                                    int(r.get("GPU", 0) // gpus)) for r in nodes]
     n, free = sum(per_node), sum(r.get("CPU", 0) for r in nodes) - reserve_cpus
@@ -429,6 +443,7 @@ def capacity(cpus: float, gpus: int, reserve_cpus: float = 0.0, nodes: list[dict
         n -= 1
     if n == 0:
         raise RaymiaError(f"bank.cpus_per_worker: {cpus:g} CPUs per worker leave no room for the {reserve_cpus:g} "
-                          f"CPUs of the sweep's trial drivers (sweep.trial_cpu x sweep.max_concurrent) on a "
-                          f"{free + reserve_cpus:g}-CPU cluster; lower one of them")
+                          "CPUs of the sweep's trial drivers (sweep.trial_cpu x sweep.max_concurrent) on "
+                          + (f"a {free + reserve_cpus:g}-CPU cluster" if on is None else
+                             f"{on}, {free + reserve_cpus:g} CPUs") + "; lower one of them")
     return n
