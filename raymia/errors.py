@@ -127,3 +127,27 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (its type's name when it has none), for one-line errors."""
     text = str(e).strip()
     return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
+def close_names(given: object, accepted) -> list[str]:
+    """The names of `accepted` that `given`, none of them, was likely meant as: another case, those it starts
+    (up to 3: 'lira' for lira_offline and lira_online), one it adds a suffix to (hidden_size for hidden), else
+    the nearest by difflib's ratio (a typo)."""
+    import difflib
+
+    name, accepted = str(given), [str(a) for a in accepted]
+    low = {a.lower(): a for a in accepted}
+    if name in accepted:
+        return []
+    return ([low[name.lower()]] if name.lower() in low else
+            [a for a in accepted if name and a.lower().startswith(name.lower())][:3]
+            or [a for a in accepted if len(a) >= 4 and name.lower().startswith(a.lower())][:1]
+            or difflib.get_close_matches(name, accepted, n=2, cutoff=0.75))
+
+
+def did_you_mean(given: object, accepted, close: list[str] | None = None) -> str:
+    """" (did you mean 'population'?)" for a name that is none of `accepted` but close to one (`close_names`;
+    or the names `close` given), else "": it goes before an error's list of what is accepted, which stays
+    whole."""
+    close = close_names(given, accepted) if close is None else close
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""

@@ -36,7 +36,7 @@ from pydantic import (
     model_validator,
 )
 
-from raymia.errors import SpecError
+from raymia.errors import SpecError, did_you_mean
 from raymia.plugins import PluginError, import_object, import_submodules, is_import_path, load_entry_points
 from raymia.space import ActsWhen  # kept with the search spaces, which carry it
 
@@ -254,7 +254,8 @@ def _first_error(e: ValidationError, entry: Entry) -> str:
     loc = ".".join(str(x) for x in loc_parts)
     if kind == "extra_forbidden" and len(loc_parts) == 1:
         fields = list(entry.params.model_fields)
-        msg = (f"unknown parameter of {entry.name!r}; accepted: {', '.join(fields)}" if fields
+        msg = (f"unknown parameter of {entry.name!r}{did_you_mean(loc_parts[0], fields)}; accepted: "
+               f"{', '.join(fields)}" if fields
                else f"unknown parameter: {entry.name!r} takes none")
     return f"{loc}: {msg}" if loc else msg
 
@@ -334,7 +335,8 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             raise SpecError(
-                f"unknown {self.kind} {name!r}; accepted: {', '.join(self.names())}", where=where
+                f"unknown {self.kind} {name!r}{did_you_mean(name, self.names())}; accepted: "
+                f"{', '.join(self.names())}", where=where
             ) from None
 
     def __contains__(self, name: str) -> bool:

@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from raymia.errors import SpecError, first_line
+from raymia.errors import SpecError, did_you_mean, first_line
 from raymia.registry import MAX_EPOCHS, ValidatedModel, first_error, validation_depth
 
 # Bump when the meaning of stored signals changes, so old entries are never reused by mistake.
@@ -148,7 +148,7 @@ def format_error(e: ValidationError, root: type[BaseModel]) -> tuple[str, str]:
                 ann = model.model_fields[part].annotation
                 model = getattr(ann, "__args__", (ann,))[0] if hasattr(ann, "__args__") else ann
             if isinstance(model, type) and issubclass(model, BaseModel):
-                msg += "; accepted: " + ", ".join(model.model_fields)
+                msg += did_you_mean(parts[-1], model.model_fields) + "; accepted: " + ", ".join(model.model_fields)
         except (KeyError, AttributeError, TypeError):
             pass
     return loc, msg

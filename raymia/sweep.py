@@ -30,7 +30,16 @@ import numpy as np
 
 from raymia.audit import UTILITY_METRICS
 from raymia.caller import as_found
-from raymia.errors import DataError, Interrupted, RaymiaError, SpecError, first_line, uninterruptible
+from raymia.errors import (
+    DataError,
+    Interrupted,
+    RaymiaError,
+    SpecError,
+    close_names,
+    did_you_mean,
+    first_line,
+    uninterruptible,
+)
 from raymia.metrics import as_number
 from raymia.pareto import (
     EPSILON,
@@ -322,7 +331,8 @@ def _bound(v: Any, key: str) -> int | float:
 def _space_keys(raw: dict, accepted: set[str]) -> str:
     """"unknown key 'hgh'; " for the keys of a space override that are none of `accepted` (a typo), else ""."""
     unknown = [str(k) for k in raw if k not in accepted]
-    return f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; " if unknown else ""
+    hint = did_you_mean(unknown[0], sorted(accepted)) if len(unknown) == 1 else ""
+    return f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}{hint}; " if unknown else ""
 
 
 def describe_space(space: dict[str, dict[str, Domain | Any]]) -> dict[str, str]:
@@ -1772,9 +1782,25 @@ def _check_objective_names(spec: SweepSpec, names: list[str], field: str = "obje
                     + (["ood/ATTACK/fpr", "ood/ATTACK/SET/METRIC"] if ood else []))
         default = field == "objectives" and "objectives" not in spec.sweep.model_fields_set
         said = " (a default objective: the spec gives no sweep.objectives)" if default else ""
-        raise SpecError(f"unknown metric {n!r}{said}; accepted: {', '.join(accepted)} with ATTACK one of the "
+        near = close_names(n, sorted(utility | inversion | ood))
+        if not near and k:  # an attack's metric: each half of the name on its own ('lira' for lira_online)
+            near_a = [a] if a in attacks or a == "worst" else close_names(a, sorted(attacks) + ["worst"])
+            near = [f"{x}/{y}" for x in near_a for y in ([k] if k in keys else _percent_key(k, keys)
+                                                         or close_names(k, sorted(keys)))][:3]
+        raise SpecError(f"unknown metric {n!r}{said}{did_you_mean(n, (), near)}; accepted: {', '.join(accepted)} with ATTACK one of the "
                         f"spec's attacks ({', '.join(sorted(attacks))}) or 'worst' (the strongest of them)",
                         where=f"sweep.{field}.{i}.metric")
+
+
+def _percent_key(key: str, keys: set[str]) -> list[str]:
+    """[tpr_fpr_0.001] for tpr_fpr_0.1% (a rate written in percent, which a name's nearest match, tpr_fpr_0.1,
+    would misread a hundredfold), else []."""
+    stem, _, number = key.removesuffix("%").rpartition("_")
+    try:
+        fixed = f"{stem}_{float(number) / 100:g}"
+    except ValueError:
+        return []
+    return [fixed] if key.endswith("%") and fixed in keys else []
 
 
 def _collect(grid, metric_names: list[str]) -> list[dict[str, Any]]:

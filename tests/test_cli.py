@@ -27,7 +27,7 @@ def raymia(*args: str, cwd=None) -> subprocess.CompletedProcess:
         (None, [], "missing.yaml: file not found"),
         ("plan: [1, 2\n", [], "malformed YAML at line"),
         ("colour: red\n", [], "colour: unknown field"),
-        ("data: {name: cifar1000}\n", [], "data.name: unknown data set 'cifar1000'; accepted:"),
+        ("data: {name: cifar1000}\n", [], "data.name: unknown data set 'cifar1000' (did you mean 'cifar10'?); accepted:"),
         ("defense: {name: hamp, params: {alpha: -1}}\n", [], "defense.params: alpha"),
         ("plan: {num_models: 7}\n", [], "plan.num_models: must be even"),
         ("plan: {population: 5000}\n", [], "plan.population: 5000 exceeds the 1347 training points"),
@@ -62,8 +62,8 @@ def test_bad_sweep_objective(tmp_path):
     out = raymia("sweep", str(path), "--fresh")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     # named after the file, as the schema's errors are, although found after loading it
-    assert out.stderr.startswith(f"raymia: error: {path}: sweep.objectives.1.metric: unknown metric 'lira/auc'; "
-                                 "accepted:")
+    assert out.stderr.startswith(f"raymia: error: {path}: sweep.objectives.1.metric: unknown metric 'lira/auc' "
+                                 "(did you mean 'lira_offline/auc' or 'lira_online/auc'?); accepted:")
     check = raymia("check", str(path))
     assert check.returncode == 2 and check.stderr.startswith(f"raymia: error: {path}: sweep.objectives.1.metric:")
     assert (finished / "result.json").read_text() == "{}"

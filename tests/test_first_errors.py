@@ -104,8 +104,8 @@ def test_queries_and_models_that_do_not_fit_the_data_are_refused_before_training
     ({"gamma": {"low": 0.9, "high": 0.5}}, r"sweep.space.gamma: low 0.9 must be below high 0.5"),
     ({"top_k": {"low": 5, "high": 2}}, r"sweep.space.top_k: low 5 is above high 2"),
     # a typo in a range's key names the key, then what is accepted
-    ({"gamma": {"low": 0.1, "hgh": 0.5}}, r"sweep.space.gamma: unknown key 'hgh'; expected \{low, high\[, log\]\}"),
-    ({"gamma": {"low": 0.1, "high": 0.5, "lg": True}}, r"sweep.space.gamma: unknown key 'lg'; expected \{low, high"),
+    ({"gamma": {"low": 0.1, "hgh": 0.5}}, r"sweep.space.gamma: unknown key 'hgh' \(did you mean 'high'\?\); expected \{low, high\[, log\]\}"),
+    ({"gamma": {"low": 0.1, "high": 0.5, "lg": True}}, r"sweep.space.gamma: unknown key 'lg' \(did you mean 'log'\?\); expected \{low, high"),
     ({"gamma": {"choices": [0.5], "low": 0.1}}, r"sweep.space.gamma: unknown key 'low'; expected \{choices: "),
     ({"gamma": {"low": 0.1}}, r"sweep.space.gamma: expected \{low, high\[, log\]\} or \{choices"),
     # a bound that is no number ("'<' not supported between instances"; NaN's "low nan must be below high")
@@ -262,3 +262,33 @@ def test_a_default_objective_the_attacks_cannot_give_says_it_is_the_default():
         {"metric": "test_accuracy", "mode": "max"}, {"metric": "lira/auc", "mode": "min"}]}}, kind=raymia.SweepSpec)
     with pytest.raises(SpecError, match=r"^sweep.objectives.1.metric: unknown metric 'lira/auc'; accepted: "):
         _check_objective_names(given, [o.metric for o in given.sweep.objectives])
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"plan": {"num_models": 4, "populaton": 100}},  # a typo
+     "plan.populaton: unknown field (did you mean 'population'?); accepted: num_models, population, targets"),
+    ({"attacks": ["lira"]},  # a name's start: both names it begins
+     "attacks.0.name: unknown attack 'lira' (did you mean 'lira_offline' or 'lira_online'?); accepted: "),
+    ({"attacks": ["LOSS"]}, "attacks.0.name: unknown attack 'LOSS' (did you mean 'loss'?); accepted: "),  # the case
+    ({"model": {"params": {"hidden_size": [8]}}},  # a suffix added to a parameter's name
+     "model.params: hidden_size: unknown parameter of 'mlp' (did you mean 'hidden'?); accepted: hidden, activation"),
+    ({"attacks": ["rain"]}, "attacks.0.name: unknown attack 'rain'; accepted: "),  # nothing near: no guess
+    ({"sweep": {"defense": "hamp", "objectives": [{"metric": "lira/auc", "mode": "min"}]}},  # each half on its own
+     "sweep.objectives.0.metric: unknown metric 'lira/auc' (did you mean 'lira_offline/auc' or 'lira_online/auc'?)"),
+    # a rate in percent is not its nearest name (0.1, a hundred times the rate meant)
+    ({"sweep": {"defense": "hamp", "objectives": [{"metric": "loss/tpr_fpr_0.1%", "mode": "min"}]}},
+     "sweep.objectives.0.metric: unknown metric 'loss/tpr_fpr_0.1%' (did you mean 'loss/tpr_fpr_0.001'?); accepted:"),
+    ({"sweep": {"defense": "hamp", "objectives": [{"metric": "test_acc", "mode": "max"}]}},
+     "sweep.objectives.0.metric: unknown metric 'test_acc' (did you mean 'test_accuracy'?); accepted:"),
+])
+def test_a_name_near_an_accepted_one_is_suggested_before_the_accepted_list(tmp_path, over, message):
+    from raymia.check import check_spec
+
+    d = _spec(tmp_path, **over)
+    if "sweep" in over:
+        d["attacks"] = ["loss", "lira_online", "lira_offline"]
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(d))
+    with pytest.raises(SpecError) as e:
+        check_spec(path)
+    assert str(e.value).removeprefix(f"{path}: ").startswith(message), str(e.value)

@@ -119,7 +119,8 @@ def test_params_and_shapes_are_checked_in_one_line(inversion_setting, tmp_path):
     _, target, _, _ = inversion_setting
     ctx = _ctx(inversion_setting, tmp_path)
     cases = [
-        ({"augment": ["resnet"]}, "inversion.params: augment: 0.name: unknown model 'resnet'; accepted: "),
+        ({"augment": ["resnet"]},
+         "inversion.params: augment: 0.name: unknown model 'resnet' (did you mean 'resnet18'?); accepted: "),
         ({"augment": ["mlp", {"name": "cnn", "params": {"depth": 3}}]},
          "inversion.params: augment: 1.params: depth: unknown parameter of 'cnn'; accepted: channels"),
         ({"augment": [{"name": "cnn", "size": 3}]}, "inversion.params: augment.0.size: Extra inputs are not permitted"),

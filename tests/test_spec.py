@@ -80,7 +80,7 @@ def test_fingerprint_tracks_what_changes_the_bank():
         ("plan: {targets: [1, 1]}\n", [], "plan.targets: a target given twice"),
         ("plan: {num_models: 0}\n", [], "plan.num_models: Input should be greater than or equal to 2"),
         ("bogus: 1\n", [], "bogus: unknown field; accepted: name, seed"),
-        ("train: {epochs: 5, optimiser: sgd}\n", [], "train.optimiser: unknown field; accepted: optimizer"),
+        ("train: {epochs: 5, optimiser: sgd}\n", [], "train.optimiser: unknown field (did you mean 'optimizer'?); accepted: optimizer"),
         ("train: {optimizer: rmsprop}\n", [], "train.optimizer: accepted: 'sgd', 'adam' or 'adamw'"),
         ("data: {name: imagenet}\n", [], "data.name: unknown data set 'imagenet'; accepted: cifar10, cifar100, digits"),
         ("model: {name: resnet9000}\n", [], "model.name: unknown model 'resnet9000'; accepted: airbench, cnn, lenet5, mlp"),
