@@ -236,8 +236,21 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose "invalid choice" (a command, `raymia list`'s kind) says which choice the word
+    was likely meant as, as the spec's errors do: `raymia list attack` is `attacks`."""
+
+    def _check_value(self, action, value):
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as e:
+            from raymia.errors import did_you_mean
+
+            raise argparse.ArgumentError(action, e.message + did_you_mean(value, action.choices or ())) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="raymia",
         description="Distributed evaluation of membership-inference attacks and defenses (Ray, PyTorch, MLflow).",
     )

@@ -142,7 +142,11 @@ def test_list_shows_every_registry_with_parameters_and_defaults():
     inversion = raymia("list", "inversion")
     assert "inversion attack plg_mi" in inversion.stdout and "lira_offline" not in inversion.stdout
     bad = raymia("list", "widgets")
-    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr and "did you mean" not in bad.stderr
+    near = raymia("list", "attack")  # a word near a choice (a command, a kind) says which
+    assert near.returncode == 2 and near.stderr.rstrip().endswith("(did you mean 'attacks'?)"), near.stderr
+    command = raymia("lsit")
+    assert command.returncode == 2 and command.stderr.rstrip().endswith("(did you mean 'list'?)"), command.stderr
 
 
 def test_a_prefixed_block_marks_only_its_own_threads_lines():
