@@ -145,9 +145,9 @@ def close_names(given: object, accepted) -> list[str]:
             or difflib.get_close_matches(name, accepted, n=2, cutoff=0.75))
 
 
-def did_you_mean(given: object, accepted, close: list[str] | None = None) -> str:
-    """" (did you mean 'population'?)" for a name that is none of `accepted` but close to one (`close_names`;
-    or the names `close` given), else "": it goes before an error's list of what is accepted, which stays
-    whole."""
-    close = close_names(given, accepted) if close is None else close
-    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+def did_you_mean(given: object, accepted=(), *, near: list[str] | None = None) -> str:
+    """" (did you mean 'population'?)" for a name that is none of `accepted` but close to one (`close_names`,
+    or the names `near` where the caller found them), else "": it goes before an error's list of what is
+    accepted, which stays whole."""
+    near = close_names(given, accepted) if near is None else near
+    return f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""

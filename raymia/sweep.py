@@ -1787,7 +1787,7 @@ def _check_objective_names(spec: SweepSpec, names: list[str], field: str = "obje
             near_a = [a] if a in attacks or a == "worst" else close_names(a, sorted(attacks) + ["worst"])
             near = [f"{x}/{y}" for x in near_a for y in ([k] if k in keys else _percent_key(k, keys)
                                                          or close_names(k, sorted(keys)))][:3]
-        raise SpecError(f"unknown metric {n!r}{said}{did_you_mean(n, (), near)}; accepted: {', '.join(accepted)} with ATTACK one of the "
+        raise SpecError(f"unknown metric {n!r}{said}{did_you_mean(n, near=near)}; accepted: {', '.join(accepted)} with ATTACK one of the "
                         f"spec's attacks ({', '.join(sorted(attacks))}) or 'worst' (the strongest of them)",
                         where=f"sweep.{field}.{i}.metric")
 
