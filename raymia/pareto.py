@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from raymia.errors import RaymiaError, SpecError, first_line
+from raymia.errors import RaymiaError, SpecError, did_you_mean, first_line
 from raymia.metrics import as_number as _num
 from raymia.metrics import spread_key
 from raymia.spec import NAME_PATTERN
@@ -388,7 +388,7 @@ def _find_parent(client, exp_id: str, experiment: str, sweep: str | None, parent
         raise RaymiaError(f"sweep {sweep!r} has no FINISHED or RUNNING parent run (latest: "
                           f"{matching[0].info.status} {matching[0].info.run_id}); pass --run-id to read it anyway",
                           where="--sweep")
-    raise RaymiaError(f"no sweep {sweep!r} in experiment {experiment!r}; sweeps: "
+    raise RaymiaError(f"no sweep {sweep!r} in experiment {experiment!r}{did_you_mean(sweep, names)}; sweeps: "
                       f"{', '.join(names) if names else '(none)'}", where="--sweep")
 
 
@@ -422,7 +422,7 @@ def trials_from_mlflow(
         raise RaymiaError(f"MLflow cannot open {uri}: {first_line(e)}", where="--uri") from None
     if exp is None:
         known = sorted(e.name for e in client.search_experiments())
-        raise RaymiaError(f"no MLflow experiment {experiment!r} in {uri}; experiments: "
+        raise RaymiaError(f"no MLflow experiment {experiment!r} in {uri}{did_you_mean(experiment, known)}; experiments: "
                           f"{', '.join(known) if known else '(none)'}", where="--experiment")
     parent = _find_parent(client, exp.experiment_id, experiment, sweep, parent_run_id)
     pid, pparams = parent.info.run_id, parent.data.params

@@ -221,6 +221,8 @@ def test_write_front_from_mlflow(store, tmp_path):
 def test_unknown_sweep_or_experiment_is_a_raymia_error(store):
     with pytest.raises(RaymiaError, match=r"no sweep 'nope' in experiment 'X'; sweeps: demo, other"):
         trials_from_mlflow(store["uri"], "X", sweep="nope")
+    with pytest.raises(RaymiaError, match=r"no sweep 'dem' in experiment 'X' \(did you mean 'demo'\?\); sweeps: "):
+        trials_from_mlflow(store["uri"], "X", sweep="dem")
     with pytest.raises(RaymiaError, match=r"no MLflow experiment 'Y'.*experiments: .*X"):
         trials_from_mlflow(store["uri"], "Y")
     with pytest.raises(RaymiaError, match="no MLflow run"):
