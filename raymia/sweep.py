@@ -174,7 +174,8 @@ def resolve_space(spec: SweepSpec) -> dict[str, dict[str, Domain | Any]]:
             where = f"{at}.space.{key}"
             name = entry.params.field_of(key)  # a renamed parameter's old name overrides it under its new one
             if name is None:
-                raise SpecError(f"{choice.name!r} has no parameter {key!r}; accepted: "
+                raise SpecError(f"{choice.name!r} has no parameter {key!r}"
+                                f"{did_you_mean(key, entry.params.model_fields)}; accepted: "
                                 f"{', '.join(entry.params.model_fields)}", where=where)
             if name in given:
                 raise SpecError(f"{given[name]} and {key} are two names of one parameter: give it once, as {name}",

@@ -278,6 +278,8 @@ def test_a_default_objective_the_attacks_cannot_give_says_it_is_the_default():
     # a rate in percent is not its nearest name (0.1, a hundred times the rate meant)
     ({"sweep": {"defense": "hamp", "objectives": [{"metric": "loss/tpr_fpr_0.1%", "mode": "min"}]}},
      "sweep.objectives.0.metric: unknown metric 'loss/tpr_fpr_0.1%' (did you mean 'loss/tpr_fpr_0.001'?); accepted:"),
+    ({"sweep": {"defense": "hamp", "space": {"gama": {"low": 0.1, "high": 0.5}}}},  # a searched parameter
+     "sweep.space.gama: 'hamp' has no parameter 'gama' (did you mean 'gamma'?); accepted: gamma, alpha"),
     ({"sweep": {"defense": "hamp", "objectives": [{"metric": "test_acc", "mode": "max"}]}},
      "sweep.objectives.0.metric: unknown metric 'test_acc' (did you mean 'test_accuracy'?); accepted:"),
 ])
