@@ -422,8 +422,8 @@ def trials_from_mlflow(
         raise RaymiaError(f"MLflow cannot open {uri}: {first_line(e)}", where="--uri") from None
     if exp is None:
         known = sorted(e.name for e in client.search_experiments())
-        raise RaymiaError(f"no MLflow experiment {experiment!r} in {uri}{did_you_mean(experiment, known)}; experiments: "
-                          f"{', '.join(known) if known else '(none)'}", where="--experiment")
+        raise RaymiaError(f"no MLflow experiment {experiment!r} in {uri}{did_you_mean(experiment, known)}; "
+                          f"experiments: {', '.join(known) if known else '(none)'}", where="--experiment")
     parent = _find_parent(client, exp.experiment_id, experiment, sweep, parent_run_id)
     pid, pparams = parent.info.run_id, parent.data.params
     name = _sweep_name(parent)

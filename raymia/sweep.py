@@ -1786,10 +1786,12 @@ def _check_objective_names(spec: SweepSpec, names: list[str], field: str = "obje
         near = close_names(n, sorted(utility | inversion | ood))
         if not near and k:  # an attack's metric: each half of the name on its own ('lira' for lira_online)
             near_a = [a] if a in attacks or a == "worst" else close_names(a, sorted(attacks) + ["worst"])
-            near = [f"{x}/{y}" for x in near_a for y in ([k] if k in keys else _percent_key(k, keys)
-                                                         or close_names(k, sorted(keys)))][:3]
-        raise SpecError(f"unknown metric {n!r}{said}{did_you_mean(n, near=near)}; accepted: {', '.join(accepted)} with ATTACK one of the "
-                        f"spec's attacks ({', '.join(sorted(attacks))}) or 'worst' (the strongest of them)",
+            raw_part = "raw/" if raw and n.startswith("raw/") else ""
+            near = [f"{raw_part}{x}/{y}" for x in near_a
+                    for y in ([k] if k in keys else _percent_key(k, keys) or close_names(k, sorted(keys)))][:3]
+        raise SpecError(f"unknown metric {n!r}{said}{did_you_mean(n, near=near)}; accepted: {', '.join(accepted)} "
+                        f"with ATTACK one of the spec's attacks ({', '.join(sorted(attacks))}) or 'worst' (the "
+                        "strongest of them)",
                         where=f"sweep.{field}.{i}.metric")
 
 

@@ -275,6 +275,10 @@ def test_a_default_objective_the_attacks_cannot_give_says_it_is_the_default():
     ({"attacks": ["rain"]}, "attacks.0.name: unknown attack 'rain'; accepted: "),  # nothing near: no guess
     ({"sweep": {"defense": "hamp", "objectives": [{"metric": "lira/auc", "mode": "min"}]}},  # each half on its own
      "sweep.objectives.0.metric: unknown metric 'lira/auc' (did you mean 'lira_offline/auc' or 'lira_online/auc'?)"),
+    ({"metrics": {"raw_outputs": True},  # before the defense's output modification: the prefix stays
+      "sweep": {"defense": "hamp", "objectives": [{"metric": "raw/lira/auc", "mode": "min"}]}},
+     "sweep.objectives.0.metric: unknown metric 'raw/lira/auc' (did you mean 'raw/lira_offline/auc' or "
+     "'raw/lira_online/auc'?)"),
     # a rate in percent is not its nearest name (0.1, a hundred times the rate meant)
     ({"sweep": {"defense": "hamp", "objectives": [{"metric": "loss/tpr_fpr_0.1%", "mode": "min"}]}},
      "sweep.objectives.0.metric: unknown metric 'loss/tpr_fpr_0.1%' (did you mean 'loss/tpr_fpr_0.001'?); accepted:"),
