@@ -313,7 +313,8 @@ from raymia import cli
 from raymia.engine.cluster import ensure_ray
 from ray import tune
 
-if sys.argv[1:] == ["slow-log-threads"]:  # a loaded machine: Ray's log threads subscribe after the signal
+timing = sys.argv[1] if sys.argv[1:] else ""
+if timing:  # a loaded machine: Ray's log threads subscribe after the signal
     import ray._private.worker as worker
     def later(run):
         return lambda *args: (time.sleep(0.3), run(*args))
@@ -323,7 +324,12 @@ signal.signal(signal.SIGTERM, cli._stop_as_ctrl_c([]))
 ensure_ray()
 tune.register_trainable("raymia-test", lambda config: None)  # Tune's registry cleans it up at exit
 try:
+    if timing == "busy-main":  # the main thread in a call that holds signals while the log threads subscribe
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     os.killpg(0, signal.SIGTERM)  # as Slurm's scancel: this process and its local Ray
+    if timing == "busy-main":
+        time.sleep(1.5)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     time.sleep(30)
 except KeyboardInterrupt:
     print("stopped at", time.time(), flush=True)
@@ -331,13 +337,14 @@ sys.exit(0)
 """
 
 
-@pytest.mark.parametrize("timing", ["", "slow-log-threads"])
+@pytest.mark.parametrize("timing", ["", "slow-log-threads", "busy-main"])
 def test_after_a_signal_to_the_process_group_nothing_at_exit_waits_on_rays_gcs(tmp_path, timing):
     """A stop that lands as a command ends (a sweep's last upload, Ray's shutdown) can cut raymia's own
     shutdown of its local Ray short. At the exit, Tune's registry cleanup then deleted its keys from the GCS,
     which hangs after the signal: 60 s, then Ray's core ended the process with exit 1; Ray's own shutdown
     gave each of its processes 1 s. The stop's handler now kills them and drops Ray's key-value client.
-    Ray's log threads, still subscribing to the GCS the handler killed, print no traceback."""
+    Ray's log threads, still subscribing to the GCS the signal or the handler ended, print no traceback,
+    also before the handler runs (`busy-main`: a test run's sweep printed one as its pool started)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, "-c", GROUP_STOP_AT_EXIT, *[timing][:bool(timing)]], stdout=subprocess.PIPE,
@@ -352,6 +359,34 @@ def test_after_a_signal_to_the_process_group_nothing_at_exit_waits_on_rays_gcs(t
     assert exited - float(out.split()[-1]) < 3, (exited - float(out.split()[-1]), err[-3000:])
     assert "Failed to connect to GCS" not in err and "Traceback" not in err, err[-3000:]
     assert not _group_left(proc.pid, wait=3)
+
+
+LOG_THREAD_FAILS_WHILE_UP = """
+import threading
+from ray.exceptions import RpcError
+from raymia.engine.cluster import ensure_ray
+
+ensure_ray()
+def fail():
+    raise RpcError("failed to connect to all addresses (raised by the test)")
+for name in ("ray_print_logs", "ray_listen_error_messages"):
+    thread = threading.Thread(target=fail, name=name)
+    thread.start()
+    thread.join()
+print("done", flush=True)
+"""
+
+
+def test_rays_log_threads_failing_while_ray_is_up_still_print_their_error(tmp_path):
+    """The log threads' connection failures are dropped only where the local Ray is going down: while it is
+    up, such a failure is a real one, and its traceback reaches the user."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", LOG_THREAD_FAILS_WHILE_UP], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout == "done\n", (done.stdout, done.stderr[-3000:])
+    assert done.stderr.count("RpcError: failed to connect to all addresses (raised by the test)") == 2, \
+        done.stderr[-3000:]
 
 
 UNSIGNALLED_WORKER = """

@@ -55,6 +55,8 @@ def ensure_ray() -> None:
     term = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     own = callable(term) or term == signal.SIG_IGN
     before = _ray_descendants() if address == "local" else None  # a cluster's processes are not this run's
+    if before is not None:
+        _quiet_rays_log_threads()  # its log threads start inside ray.init
     try:
         # A local start runs beside the main thread, which waits where a stop reaches it: a stop that ends
         # Ray's new processes too (a SIGTERM to the process group) left ray.init waiting 30 s on the GCS in
@@ -270,9 +272,11 @@ _RAYS_LOG_THREADS = frozenset({"ray_print_logs", "ray_listen_error_messages"})
 
 def _quiet_rays_log_threads() -> None:
     """The driver threads that forward Ray's logs and errors subscribe to the GCS outside their own error
-    handling: one still subscribing when `leave_a_ray_going_down` kills the GCS (a stop in the first moments
-    after `ray.init`) raised in its thread, and a traceback ended the stopped command. Their connection
-    failures are dropped from then on; anything else they raise is still printed."""
+    handling: one still subscribing when a stop ends the GCS (a SIGTERM to the process group in the first
+    moments after `ray.init`, or `leave_a_ray_going_down`'s kill) raised in its thread, and a traceback
+    ended the stopped command, also before the stop's handler ran, where the main thread was in a call that
+    holds signals. Their connection failures are dropped where the local Ray is going down (`going_down`);
+    a failure while it is up, and anything else they raise, is still printed. Set as the local Ray starts."""
     from ray.exceptions import RpcError
 
     previous = threading.excepthook
@@ -281,7 +285,7 @@ def _quiet_rays_log_threads() -> None:
 
     def excepthook(args):
         if not (args.thread is not None and args.thread.name in _RAYS_LOG_THREADS
-                and issubclass(args.exc_type, (RpcError, OSError))):
+                and issubclass(args.exc_type, (RpcError, OSError)) and going_down(wait=0.5)):
             previous(args)
 
     excepthook.quiets_rays_log_threads = True
