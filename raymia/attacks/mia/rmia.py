@@ -267,7 +267,8 @@ def count_below_both(a0: np.ndarray, a1: np.ndarray, t0: np.ndarray, t1: np.ndar
     prefix = np.empty(0, dtype=np.float64)
     for k in range(z // block + 1):
         if k:
-            prefix = np.sort(np.concatenate([prefix, s1[(k - 1) * block:k * block]]))
+            # two sorted runs: the stable sort (timsort) merges them in linear time; quicksort re-sorts
+            prefix = np.sort(np.concatenate([prefix, np.sort(s1[(k - 1) * block:k * block])]), kind="stable")
         rows = by_full[starts[k]:starts[k + 1]]
         counts[rows] = np.searchsorted(prefix, t1[rows], side="left")
     offsets = np.arange(block)
