@@ -363,15 +363,20 @@ def run_audit(
 
         signals, targets, population = with_target(signals, external), [spec.plan.num_models], population[external.points]
     utility, utility_std = measure_utility(signals, targets, spec.plan.num_models)
+    defense_report = _defense_report(store, ctx.defense)
+    # An (eps, delta) guarantee is audited at its own delta (DP-SGD states one per model); a user's own
+    # target comes with none, so its bound is the pure-DP one.
+    delta = defense_report.get("delta", 0.0) if external is None else 0.0
     attacks, attacks_std, per_target, curves, scores = run_attacks(spec, attacks_to_run(spec, ctx.defense),
-                                                                   signals, targets)
+                                                                   signals, targets, delta=delta)
     raw_attacks = raw_std = None
     if spec.metrics.raw_outputs:
         raw_attacks, raw_std = attacks, attacks_std  # nothing post-processed: the released outputs are raw
         if raw_sets(ctx):  # never with `target:` (load_target refuses a defense that post-processes)
             raw = load_signals(store, ctx.plan.keep, ctx.audited_y, ctx.data.y_test.numpy(), raw=True)
             raw = replace(signals, logits=raw.logits, pop_logits=raw.pop_logits)  # the same shadow pool
-            raw_attacks, raw_std, _, raw_curves, _ = run_attacks(spec, attacks_to_run(spec, ctx.defense), raw, targets)
+            raw_attacks, raw_std, _, raw_curves, _ = run_attacks(spec, attacks_to_run(spec, ctx.defense), raw, targets,
+                                                                 delta=delta)
             curves.update({f"raw/{a}": c for a, c in raw_curves.items()})  # roc.png draws them dashed
     ood = None
     if spec.ood is not None:
@@ -387,7 +392,7 @@ def run_audit(
         inversion = run_inversions(spec, ctx, out, inversion_data)
     result = AuditResult(
         spec=spec, fingerprint=store.fingerprint, attacks=attacks, attacks_std=attacks_std,
-        per_target=per_target, defense_report=_defense_report(store, ctx.defense), utility=utility,
+        per_target=per_target, defense_report=defense_report, utility=utility,
         utility_std=utility_std, reused_signals=reused, out_dir=out, roc=curves,
         seconds=time.perf_counter() - t0, inversion=inversion, ood=ood, targets=targets,
         target=external.describe() if external is not None else None,
@@ -476,10 +481,10 @@ ATTACK_PROGRESS_AFTER_S = 10.0
 ATTACK_PROGRESS_EVERY_S = 30.0
 
 
-def run_attacks(spec: AuditSpec, attacks: list, signals, targets: list[int] | None = None):
+def run_attacks(spec: AuditSpec, attacks: list, signals, targets: list[int] | None = None, delta: float = 0.0):
     """Every attack against every target (default: plan.targets): (mean, std over targets, per-target
     metrics, the first target's ROC curve, the scores float64 [targets, P]), each keyed by the attack's
-    label (default: its name)."""
+    label (default: its name). `delta`: that of the epsilon lower bound (the targets' stated guarantee's)."""
     from raymia.attacks import run_attack
     from raymia.metrics import full_metrics, roc
     from raymia.report.text import duration
@@ -503,7 +508,8 @@ def run_attacks(spec: AuditSpec, attacks: list, signals, targets: list[int] | No
             per.append(np.asarray(scores, dtype=np.float64))
             is_member = signals.keep[t]
             runs.append(full_metrics(scores, is_member, fpr_levels=tuple(m.fpr_levels),
-                                     fnr_levels=tuple(m.fnr_levels), n_boot=m.bootstrap, seed=spec.seed))
+                                     fnr_levels=tuple(m.fnr_levels), n_boot=m.bootstrap, seed=spec.seed,
+                                     delta=delta))
             if j == 0:
                 fpr, tpr, _ = roc(scores, is_member)
                 curves[a.key] = (fpr, tpr)

@@ -313,3 +313,31 @@ def test_canary_audit_bound_stays_below_accounted_epsilon(one_thread):
     assert all(r["epsilon"] <= 2.0 for r in reports)
     assert max(lb_dp.values()) <= eps
     assert acc_dp > 0.5  # DP-SGD still learns
+
+
+@pytest.mark.slow
+def test_an_audits_epsilon_bound_is_taken_at_the_delta_dp_sgd_states(tmp_path, one_thread):
+    """A DP guarantee is (eps, delta): TPR <= e^eps FPR + delta. Its audit subtracts the model's own delta
+    (1 / n^1.1 here); at delta 0 the bound would be that of pure DP, above what the guarantee allows."""
+    from raymia.audit import run_audit
+
+    spec = AuditSpec.model_validate({
+        "name": "dp-delta", "plan": {"num_models": 4, "population": 300, "targets": [0, 1]},
+        "model": {"params": {"hidden": [256]}}, "train": {"epochs": 40},
+        # almost no noise and no clipping: the models leak enough for a bound above 0
+        "defense": {"name": "dpsgd", "params": {"noise_multiplier": 0.01, "max_grad_norm": 100.0}},
+        "attacks": [{"name": "lira_offline"}, {"name": "rmia_online"}],
+        "bank": {"engine": "local", "pack_size": 4}, "tracking": {"enabled": False},
+        "output_dir": str(tmp_path),
+    })
+    res = run_audit(spec, console=False)
+    delta = res.defense_report["delta"]
+    assert delta == pytest.approx(1 / 150**1.1)  # each model trains on half of the 300 points
+    below_pure = 0
+    for a in ("lira_offline", "rmia_online"):
+        for row in range(len(res.targets)):
+            s, member = res.points.scores[a][row], res.points.member[row]
+            at_delta = epsilon_lower_bound(s, member, delta=delta, seed=spec.seed)["epsilon_lb"]
+            assert res.per_target[a][row]["epsilon_lb"] == pytest.approx(at_delta, abs=1e-12)
+            below_pure += at_delta < epsilon_lower_bound(s, member, delta=0.0, seed=spec.seed)["epsilon_lb"]
+    assert below_pure >= 1  # the delta made a difference, so the check above could tell
