@@ -21,6 +21,7 @@ class DataInfo:
     kind: str  # "image" or "tabular"
     mean: tuple[float, ...] | None = None  # per-channel normalisation of image inputs in [0, 1]
     std: tuple[float, ...] | None = None
+    name: str = ""  # the data set's registry name (set by load_dataset): a defense's per-data-set defaults
 
     def pixel_stats(self, ndim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
                     ) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -63,6 +64,21 @@ def test_defaults_table_reproduces_reference_masses() -> None:
     for ds, (gamma, alpha) in HAMP_DEFAULTS.items():
         assert alpha > 0
         assert abs(soft_label_true_mass(classes[ds], gamma) - expected[(classes[ds], gamma)]) < 1e-9
+
+
+def test_defaults_are_the_papers_setting_for_the_loaded_data_set_and_cifar10s_for_others() -> None:
+    from raymia.data import load_dataset
+
+    info = load_dataset("synthetic", {"num_train": 200, "num_test": 100, "num_classes": 100, "kind": "tabular",
+                                      "num_features": 6}).info
+    assert info.name == "synthetic"
+    for name, (gamma, alpha) in {**HAMP_DEFAULTS, "synthetic": HAMP_DEFAULTS["cifar10"]}.items():
+        d = _hamp(dataclasses.replace(info, name=name))
+        assert (d.params.gamma, d.params.alpha) == (gamma, alpha), name
+        soft = d.transform_train_data(torch.zeros(1, 6), torch.tensor([3]), torch.Generator())[1]
+        assert soft[0, 3].item() == pytest.approx(soft_label_true_mass(100, gamma))  # the soft labels use it
+    d = _hamp(dataclasses.replace(info, name="purchase100"), gamma=0.7)  # a given value is kept
+    assert (d.params.gamma, d.params.alpha) == (0.7, 0.01)
 
 
 @pytest.mark.parametrize("k,gamma,mass", REFERENCE_MASSES)
@@ -278,7 +294,7 @@ def test_registry_entry_and_search_space() -> None:
     assert entry.obj is Hamp and entry.params is HampParams
     assert Hamp.name == "hamp"
     p = entry.parse({}, where="defense.params")
-    assert (p.gamma, p.alpha, p.output_modification, p.kl_reduction) == (0.95, 0.001, True, "mean")
+    assert (p.gamma, p.alpha, p.output_modification, p.kl_reduction) == (None, None, True, "mean")
     assert all(f.description for f in HampParams.model_fields.values())
     space = Hamp.search_space()
     assert space["gamma"] == Float(0.3, 0.99)

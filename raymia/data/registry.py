@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -61,6 +61,7 @@ def load_dataset(name: str, params: dict[str, Any] | None = None, where: str = "
     parsed = entry.parse(params, where=f"{where}.params")
     token = _FIELD.set(where)
     try:
-        return entry.obj(parsed)
+        ds = entry.obj(parsed)
     finally:
         _FIELD.reset(token)
+    return replace(ds, info=replace(ds.info, name=name))

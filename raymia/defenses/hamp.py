@@ -42,13 +42,16 @@ class HampParams(Params):
     the KL term is K times larger and ``alpha`` should be multiplied by K to keep the same balance.
     """
 
-    # the defaults: the paper's CIFAR-10 setting (other data sets' settings: HAMP_DEFAULTS)
-    gamma: float = Field(
-        HAMP_DEFAULTS["cifar10"][0], gt=0.0, lt=1.0, description="target entropy of the soft labels, as a "
-        "fraction of ln K"
+    gamma: float | None = Field(
+        None, gt=0.0, lt=1.0, description="target entropy of the soft labels, as a fraction of ln K; None: the "
+        "paper's setting for the data set (" + ", ".join(f"{k} {g}" for k, (g, _) in HAMP_DEFAULTS.items())
+        + "), CIFAR-10's for any other"
     )
-    alpha: float = Field(HAMP_DEFAULTS["cifar10"][1], ge=0.0,
-                         description="weight of the entropy regulariser (subtracted)")
+    alpha: float | None = Field(
+        None, ge=0.0, description="weight of the entropy regulariser (subtracted); None: the paper's setting "
+        "for the data set (" + ", ".join(f"{k} {a}" for k, (_, a) in HAMP_DEFAULTS.items())
+        + "), CIFAR-10's for any other"
+    )
     output_modification: bool = Field(
         True, description="release a random input's logits re-ordered to the query's class ranking"
     )
@@ -117,6 +120,10 @@ class Hamp(Defense):
 
     def __init__(self, params: HampParams, info: DataInfo, label_smoothing: float = 0.0):
         # HAMP's soft labels replace the recipe's label smoothing.
+        gamma, alpha = HAMP_DEFAULTS.get(info.name, HAMP_DEFAULTS["cifar10"])
+        # the setting in use, in the params that check and the console print
+        params = params.model_copy(update={"gamma": gamma if params.gamma is None else params.gamma,
+                                           "alpha": alpha if params.alpha is None else params.alpha})
         super().__init__(params, info, label_smoothing)
 
     # --- training ----------------------------------------------------------------------------------
