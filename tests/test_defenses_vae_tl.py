@@ -279,6 +279,19 @@ def test_frozen_parameters_stay_bit_identical_mlp(tmp_path) -> None:
     assert report["frozen_fraction"] == pytest.approx(4160 / 6570)
 
 
+def test_fine_tuning_lr_replaces_the_recipes(tmp_path) -> None:
+    # the paper searches the fine-tuning lr: tl_dmi's lr trains exactly as the recipe's lr would
+    def trained(train: dict, **params) -> dict[str, torch.Tensor]:
+        ctx = BankContext.from_spec(_tl_spec(tmp_path, train={"optimizer": "sgd", **train}, **params))
+        return train_model(ctx, 1, CPU, report={}).state_dict()
+
+    recipe = trained({"lr": 0.03})
+    given = trained({"lr": 0.5}, lr=0.03)
+    other = trained({"lr": 0.5}, lr=0.01)
+    assert all(torch.equal(recipe[k], given[k]) for k in recipe)
+    assert not all(torch.equal(recipe[k], other[k]) for k in recipe)
+
+
 def test_frozen_depth_cnn_with_batch_norm(tmp_path) -> None:
     cnn = {"name": "cnn", "params": {"channels": [8, 16], "hidden": 16, "batch_norm": True}}
     ctx = BankContext.from_spec(_tl_spec(tmp_path, model=cnn, freeze="depth", freeze_depth=2,
