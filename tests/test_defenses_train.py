@@ -330,7 +330,8 @@ def test_bad_params_raise_spec_error(name, raw, field):
     assert field in str(ei.value)
 
 
-@pytest.mark.parametrize("name", ["advreg", "relaxloss", "memguard", "pruning", "dmp", "selena"])
+@pytest.mark.parametrize("name", ["advreg", "relaxloss", "memguard", "pruning", "dmp", "selena", "vae_metric_privacy",
+                                  "tl_dmi"])
 def test_declarations(name):
     entry = DEFENSES.get(name)
     assert entry.obj.name == name
@@ -347,6 +348,9 @@ def test_declarations(name):
 
 
 def test_declared_ranges():
+    # REFERENCE 1.1: eps log [0.1, 100], latent_dim, beta, VAE epochs / lr, mean or sample, class-conditional
+    assert set(DEFENSES.get("vae_metric_privacy").obj.search_space()) == {
+        "epsilon", "latent_dim", "beta", "vae_epochs", "vae_lr", "encode", "class_conditional"}
     assert set(AdvReg.search_space()["lam"].choices) == {0.5, 1.0, 3.0, 6.0, 10.0}
     space = Pruning.search_space()
     assert (space["sparsity"].low, space["sparsity"].high) == (0.5, 0.95)

@@ -51,7 +51,7 @@ from raymia.device import resolve_device
 from raymia.errors import TrainingDiverged
 from raymia.registry import MAX_EPOCHS, Params
 from raymia.seeding import derive_seed
-from raymia.space import Categorical, Domain, Float
+from raymia.space import Categorical, Domain, Float, Int
 from raymia.storage import store_dir
 
 log = logging.getLogger("raymia")
@@ -332,6 +332,8 @@ class VaeMetricPrivacy(Defense):
             "beta": Float(0.1, 4.0, log=True),
             "encode": Categorical(("mean", "sample")),
             "class_conditional": Categorical((False, True)),
+            "vae_epochs": Int(10, 100, log=True),
+            "vae_lr": Float(1e-4, 1e-2, log=True),
         }
 
     def privacy_guarantee(self) -> dict[str, Any] | None:
