@@ -53,7 +53,8 @@ from raymia.errors import SpecError
 from raymia.registry import MAX_EPOCHS, MAX_STEPS, Params
 from raymia.seeding import derive_seed
 from raymia.space import Domain, Float
-from raymia.train.batches import batch_stream
+from raymia.spec import TrainSpec
+from raymia.train.loop import member_batches, module_net, run_steps
 
 C1, C2, C3_START, C3_ROUNDS = 1.0, 10.0, 0.1, 7  # the official constants (c3 = 0.1 ... 1e5)
 NEAR_HALF = 1e-5  # an output this close to 0.5 already needs no noise (official)
@@ -123,17 +124,19 @@ def fit_defense_model(member_logits: torch.Tensor, ref_logits: torch.Tensor, num
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "memguard", "init"))
         g = DefenseModel(num_classes).to(device)
-    opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(g.parameters(), lr=lr)
     n = feats.shape[0]
     batch = min(batch, n)
-    order = batch_stream(n, batch, torch.Generator().manual_seed(derive_seed(seed, "memguard", "order")))
+    # plain SGD (no momentum) or Adam at a constant lr, on the step loop
+    recipe = TrainSpec(optimizer=optimizer, lr=lr, momentum=0.0, epochs=epochs, batch_size=batch)
+    per_epoch = -(-n // batch)
+    target = torch.stack([labels, weights], dim=1)  # each row's label and its class weight travel together
+    batches = member_batches(feats, target, recipe,
+                             torch.Generator().manual_seed(derive_seed(seed, "memguard", "order")), torch.Generator())
     g.train()
-    for _ in range(epochs * -(-n // batch)):
-        b = next(order).to(device)
-        loss = F.binary_cross_entropy_with_logits(g(feats[b]), labels[b], weight=weights[b])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    run_steps(module_net(g), batches,
+              lambda out, t, step: F.binary_cross_entropy_with_logits(out, t[:, 0], weight=t[:, 1]),
+              recipe, epochs * per_epoch, per_epoch, names=["memguard's defender classifier"],
+              remedy="lower defense_lr")
     g.eval().requires_grad_(False)
     with torch.no_grad():
         hit = (g(feats) > 0) == (labels > 0)

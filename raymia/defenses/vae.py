@@ -48,15 +48,16 @@ from raymia.cache import data_digest, key_digest, load_state, save_state
 from raymia.datainfo import DataInfo
 from raymia.defenses.base import DEFENSES, Defense, public_indices, require_public
 from raymia.device import resolve_device
-from raymia.errors import TrainingDiverged
 from raymia.registry import MAX_EPOCHS, Params
 from raymia.seeding import derive_seed
 from raymia.space import Categorical, Domain, Float, Int
+from raymia.spec import TrainSpec
 from raymia.storage import store_dir
+from raymia.train.loop import Hooks, member_batches, module_net, run_steps
 
 log = logging.getLogger("raymia")
 
-_ARCH_VERSION = 1  # bump when the VAE architecture or its training loop changes
+_ARCH_VERSION = 2  # bump when the VAE architecture or its training loop changes
 _CHUNK = 1024  # records encoded / decoded at once
 
 
@@ -176,23 +177,25 @@ def vae_loss(model: VAE, x: torch.Tensor, y: torch.Tensor | None, beta: float,
 
 def train_vae(model: VAE, x: torch.Tensor, y: torch.Tensor, p: VaeParams, seed: int,
               device: torch.device) -> VAE:
-    """Fit the VAE with Adam over shuffled mini-batches (order and sampling noise seeded)."""
+    """Fit the VAE with Adam (constant lr) over full shuffled mini-batches on the step loop, its loss as the
+    loop's `gradient` hook (order and sampling noise seeded); raises TrainingDiverged when it diverges."""
     model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=p.vae_lr)
-    order_gen = torch.Generator().manual_seed(derive_seed(seed, "order"))
     noise_gen = torch.Generator().manual_seed(derive_seed(seed, "noise"))
     x, y = x.to(device), y.to(device)
     n = x.shape[0]
-    for _ in range(p.vae_epochs):
-        perm = torch.randperm(n, generator=order_gen).to(device)
-        for i in range(0, n, p.vae_batch_size):
-            b = perm[i:i + p.vae_batch_size]
-            loss = vae_loss(model, x[b], y[b] if model.cond else None, p.beta, noise_gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    if not torch.isfinite(loss):
-        raise TrainingDiverged("the VAE's training diverged; lower vae_lr")
+    batch = min(p.vae_batch_size, n)
+    recipe = TrainSpec(optimizer="adam", lr=p.vae_lr, epochs=p.vae_epochs, batch_size=batch)
+    per_epoch = -(-n // batch)
+    batches = member_batches(x, y, recipe, torch.Generator().manual_seed(derive_seed(seed, "order")),
+                             torch.Generator())  # no augmentation: the second generator is never drawn from
+
+    def gradient(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        loss = vae_loss(model, xb, yb if model.cond else None, p.beta, noise_gen)
+        loss.backward()
+        return loss.detach()
+
+    run_steps(module_net(model), batches, None, recipe, p.vae_epochs * per_epoch, per_epoch,
+              hooks=Hooks(gradient=gradient), names=["the VAE"], remedy="lower vae_lr")
     return model.eval()
 
 
