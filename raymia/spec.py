@@ -296,8 +296,10 @@ class PlanSpec(_Model):
         None, ge=2, description="audited points drawn from the training split (None: all of it)"
     )
     targets: list[int] | Literal["all"] = Field(
-        default_factory=lambda: [0], min_length=1,
-        description="bank models attacked in turn, the others being their shadows (leave-one-out); 'all'",
+        "all", min_length=1,
+        description="bank models attacked in turn, the others but the target's pair being its shadows "
+        "(leave-one-out), or 'all' (default; [0] with attacker: non_adaptive): results are the mean and std "
+        "over the targets",
     )
 
     # field validators, so that an error names plan.num_models or plan.targets, not plan
@@ -617,8 +619,9 @@ class AuditSpec(_Model):
     name: FileName = Field("audit", description="names the audit's or sweep's folders and runs: letters, "
                            "digits, '_', '-' and '.', not starting with '.', at most 64 characters")
     # numpy's and Optuna's seeds are 32-bit
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="every random choice derives from it and its role "
-                      "(the plan, model m, the queries, the sampler)")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="the bank's random choices derive from it and their "
+                      "role (the plan, model m, the post-processing); the bootstrap, the epsilon bound's halves "
+                      "and the sampler use it")
     data: DataSpec = Field(default_factory=DataSpec, description="the data set (default: digits)")
     plan: PlanSpec = Field(default_factory=PlanSpec, description="the bank's size, population and targets")
     model: ModelSpec = Field(default_factory=ModelSpec, description="the architecture of every bank model "
@@ -665,6 +668,17 @@ class AuditSpec(_Model):
             if isinstance(d, dict) and d.get(k) is None:
                 d.pop(k, None)
         return d
+
+    @model_validator(mode="before")
+    @classmethod
+    def _non_adaptive_targets(cls, v: Any) -> Any:
+        # Every target of a non-adaptive bank is defended, and its shadows are the undefended models:
+        # attacking all of them would leave none, so there the default is one target.
+        if isinstance(v, dict) and v.get("attacker") == "non_adaptive":
+            plan = v.get("plan", {})
+            if isinstance(plan, dict) and "targets" not in plan:
+                v = {**v, "plan": {**plan, "targets": [0]}}
+        return v
 
     @field_validator("queries")
     @classmethod

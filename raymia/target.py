@@ -84,7 +84,7 @@ def check_target_spec(spec) -> None:
     if isinstance(spec, SweepSpec):
         raise SpecError("a sweep searches defenses for the models raymia trains; audit your model with "
                         "`raymia audit` (or raymia.run_audit)", where="target")
-    if spec.plan.targets != [0]:  # the default, which a saved spec.yaml spells out
+    if spec.plan.targets not in ("all", [0]):  # the default, which a saved spec.yaml spells out (earlier: [0])
         raise SpecError("with target: your model is the one attacked and every bank model is its shadow; "
                         "remove plan.targets", where="plan.targets")
     if spec.ood is not None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -30,9 +31,11 @@ def test_audit_from_a_dict_then_any_attack_on_its_stored_signals(tmp_path):
     assert isinstance(result, raymia.AuditResult) and result.spec.train.epochs == 8
     signals = raymia.read_signals(result)
     assert isinstance(signals, raymia.Signals) and signals.keep.shape == (4, 200)
-    scores = raymia.run_attack("loss", None, signals, 0)
-    again = raymia.attack_metrics(scores, signals.keep[0])
-    assert again["auc"] == pytest.approx(result.attacks["loss"]["auc"], abs=1e-12)  # the audit's own number
+    assert result.targets == [0, 1, 2, 3]  # every model by default, each with the others but its pair as shadows
+    again = [raymia.attack_metrics(raymia.run_attack("loss", None, signals, t), signals.keep[t])["auc"]
+             for t in result.targets]
+    assert np.mean(again) == pytest.approx(result.attacks["loss"]["auc"], abs=1e-12)  # the audit's own number
+    assert np.std(again) == pytest.approx(result.attacks_std["loss"]["auc"], abs=1e-12)
     # the same bank from the spec alone (a YAML file here): read, not trained
     path = tmp_path / "api.yaml"
     path.write_text(yaml.safe_dump({**d, "train": {"epochs": 8}}))

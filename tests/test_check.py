@@ -42,7 +42,7 @@ def test_check_audit_counts_stored_packs_and_leaves_the_store_alone(tmp_path):
     rows = dict(rep.rows)
     # 100 members per model (half of 200), 4 steps of 32 per epoch (ceil(100 / 32)), 3 epochs
     assert "3 epochs x 4 steps of 32 = 12 steps per model, 48 in all" in rows["training"]
-    assert rows["plan"] == "4 models, 1 attacked (0); 200 audited points, each in the training set of 2 models; 100 members per model"
+    assert rows["plan"] == "4 models, 4 attacked (0, 1, 2, 3); 200 audited points, each in the training set of 2 models; 100 members per model"
     assert rows["model"].startswith("mlp: 1,210 parameters")  # 64*16+16 + 16*10+10
     assert "0 of 2 packs stored" in rows["signals"]
     # FLOPs by hand for the 64-16-10 MLP at batch 32: forward 2*32*(64*16 + 16*10) = 75,776; backward the

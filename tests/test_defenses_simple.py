@@ -100,6 +100,18 @@ def test_non_adaptive_bank_defends_only_the_targets():
         == ad.fingerprint()
 
 
+def test_an_audit_attacks_every_model_by_default_and_a_non_adaptive_one_model_0():
+    # leave-one-out over every model gives each metric its spread; a non-adaptive bank defends its targets,
+    # and attacking all of them would leave no undefended shadow
+    plan = {"num_models": 6}
+    assert AuditSpec.model_validate({"plan": plan}).plan.target_list == [0, 1, 2, 3, 4, 5]
+    na = AuditSpec.model_validate({"plan": plan, "attacker": "non_adaptive"})
+    assert na.plan.target_list == [0]
+    assert AuditSpec.model_validate(na.model_dump(mode="json")).plan.target_list == [0]  # as its spec.yaml reads
+    given = AuditSpec.model_validate({"plan": {**plan, "targets": [2, 4]}, "attacker": "non_adaptive"})
+    assert given.plan.target_list == [2, 4]
+
+
 def test_non_adaptive_banks_share_the_undefended_shadow_packs(tmp_path, caplog):
     """Two non-adaptive audits with different defense settings train the shadow-only packs once."""
     import logging

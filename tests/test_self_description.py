@@ -193,7 +193,7 @@ def test_help_lists_each_spec_models_fields_and_the_schema_keeps_its_summary():
     from raymia.spec import TrainSpec
 
     text = pydoc.render_doc(raymia.SweepSpec, renderer=pydoc.plaintext)
-    assert "seed (default 0): every random choice derives from it" in text
+    assert "seed (default 0): the bank's random choices derive from it" in text
     assert "sweep: what to search and how" in text  # a block: its description gives its default
     assert "lr (default 0.001): learning rate" in TrainSpec.__doc__
     schema = raymia.spec_schema()
