@@ -308,6 +308,16 @@ class EvilSystem:
         return (os.system, (f"touch {self.marker}",))
 
 
+def test_cifar_pickle_with_numpy_scalar_labels_loads(tmp_path):
+    # a batch written by numpy code: labels as list(y) of an int64 array, one of them an object array's
+    x, *_ = write_cifar10_py(tmp_path, np.random.default_rng(5))
+    labels = list(np.array([3, 1, 4, 1], dtype=np.int64))
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": x[:4], b"labels": labels, b"extra": np.array([1, "a"], dtype=object)}, f)
+    d = load_dataset("cifar10", {"root": str(tmp_path)})
+    assert d.y_train[4:8].tolist() == [3, 1, 4, 1]
+
+
 @pytest.mark.parametrize("evil", ["class", "os.system", "eval"])
 def test_cifar_pickle_with_forbidden_global_is_refused_and_not_run(tmp_path, evil):
     x, *_ = write_cifar10_py(tmp_path, np.random.default_rng(4))

@@ -50,6 +50,9 @@ def _allowed_globals() -> dict[tuple[str, str], Callable[..., Any]]:
     }
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1.x writes the first
         allowed[(mod, "_reconstruct")] = multiarray._reconstruct
+        # numpy scalars (labels written as list(y) of an array): a dtype and its bytes, or for the object
+        # dtype an object this unpickler has already rebuilt, so nothing new can run
+        allowed[(mod, "scalar")] = multiarray.scalar
     if hasattr(numeric, "_frombuffer"):  # protocol-5 pickles of arrays
         for mod in ("numpy.core.numeric", "numpy._core.numeric"):
             allowed[(mod, "_frombuffer")] = numeric._frombuffer
@@ -57,7 +60,7 @@ def _allowed_globals() -> dict[tuple[str, str], Callable[..., Any]]:
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles only numpy arrays, dtypes and builtin containers: what CIFAR's Python batches hold.
+    """Unpickles only numpy arrays, scalars, dtypes and builtin containers: what CIFAR's Python batches hold.
 
     Any other global (a class, `os.system`, `builtins.eval`, ...) raises DataError from `find_class`,
     before the pickle can call it. Persistent ids are refused too.
