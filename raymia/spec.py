@@ -678,6 +678,8 @@ class AuditSpec(_Model):
             plan = v.get("plan", {})
             if isinstance(plan, dict) and "targets" not in plan:
                 v = {**v, "plan": {**plan, "targets": [0]}}
+            elif isinstance(plan, PlanSpec) and "targets" not in plan.model_fields_set:
+                v = {**v, "plan": plan.model_copy(update={"targets": [0]})}
         return v
 
     @field_validator("queries")

@@ -11,7 +11,7 @@ from raymia.datainfo import DataInfo
 from raymia.defenses import DEFENSES, build_defense
 from raymia.defenses.simple import LOG_FLOOR
 from raymia.errors import SpecError
-from raymia.spec import AuditSpec, TrainSpec
+from raymia.spec import AuditSpec, PlanSpec, TrainSpec
 from raymia.train.bank import BankContext, train_pack
 
 INFO = DataInfo(num_classes=5, input_shape=(4,), kind="tabular")
@@ -110,6 +110,7 @@ def test_an_audit_attacks_every_model_by_default_and_a_non_adaptive_one_model_0(
     assert AuditSpec.model_validate(na.model_dump(mode="json")).plan.target_list == [0]  # as its spec.yaml reads
     given = AuditSpec.model_validate({"plan": {**plan, "targets": [2, 4]}, "attacker": "non_adaptive"})
     assert given.plan.target_list == [2, 4]
+    assert AuditSpec(plan=PlanSpec(num_models=6), attacker="non_adaptive").plan.target_list == [0]  # from Python
 
 
 def test_non_adaptive_banks_share_the_undefended_shadow_packs(tmp_path, caplog):

@@ -90,7 +90,7 @@ class TlDmiParams(Params):
         "model's own initialisation")
     freeze_bn_stats: bool = Field(True, description="keep frozen norm layers in eval mode while fine-tuning")
     lr: float | None = Field(
-        None, gt=0.0, description="learning rate of the fine-tuning; None: the recipe's lr (the paper searches "
+        None, gt=0.0, le=10.0, description="learning rate of the fine-tuning; None: the recipe's lr (the paper searches "
         "[1e-3, 1e-1] with SGD)")
     pretrain_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where pretraining runs (auto: CUDA when visible); part of the cache key")
