@@ -26,8 +26,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from raymia.audit import UTILITY_METRICS
 from raymia.caller import as_found
 from raymia.errors import (
@@ -35,11 +33,11 @@ from raymia.errors import (
     Interrupted,
     RaymiaError,
     SpecError,
-    close_names,
     did_you_mean,
     first_line,
     uninterruptible,
 )
+from raymia.metric_names import check_metric_names, check_resolvable
 from raymia.metrics import as_number
 from raymia.pareto import (
     EPSILON,
@@ -1013,8 +1011,8 @@ def validate_sweep(spec: SweepSpec, setup: bool = True):
                                 where=f"{at}.space.{name}") from None
     for field, names in (("objectives", [o.metric for o in spec.sweep.objectives]),
                          ("constraints", [c.metric for c in spec.sweep.constraints])):
-        _check_objective_names(spec, names, field=field)
-        _check_resolvable(spec, ctx.plan.keep, names, field=field)
+        check_metric_names(spec, names, field=f"sweep.{field}")
+        check_resolvable(spec, ctx.plan.keep, names, field=f"sweep.{field}")
     if spec.inversion is not None:  # the class split and the public data, before any training
         from raymia.inversion.protocol import inversion_data
 
@@ -1061,26 +1059,6 @@ def _prepare_task(raw: dict[str, Any]) -> dict[str, str]:
     from raymia.inversion.protocol import prepare
 
     return prepare(AuditSpec.model_validate(raw))
-
-
-def _check_resolvable(spec: SweepSpec, keep: np.ndarray, names: list[str], field: str) -> None:
-    """A TPR at FPR f is n/a for a target with fewer than 1/f non-members (a TNR at FNR f: members); a
-    sweep whose objective is n/a fails every trial, so it is refused before any training."""
-    for i, n in enumerate(names):
-        key = n.removeprefix("raw/").partition("/")[2]
-        if not key.startswith(("tpr_fpr_", "tnr_fnr_")):
-            continue
-        level = float(key.rsplit("_", 1)[1])
-        need = math.ceil(1.0 / level - 1e-9)
-        side = "non-members" if key.startswith("tpr") else "members"
-        counts = {t: int((~keep[t]).sum() if side == "non-members" else keep[t].sum())
-                  for t in spec.plan.target_list}
-        t, have = min(counts.items(), key=lambda kv: kv[1])
-        if have < need:
-            raise SpecError(f"{n} needs at least {need} {side} per target, target {t} has {have} (about half of "
-                            f"the {keep.shape[1]} audited points); audit more points (plan.population) or use a "
-                            f"larger level in metrics.{'fpr' if side == 'non-members' else 'fnr'}_levels",
-                            where=f"sweep.{field}.{i}.metric")
 
 
 @as_found
@@ -1755,55 +1733,6 @@ def _drop_final_audit_runs(spec: SweepSpec, parent_id: str, trial: int) -> None:
     client, runs = _child_runs(spec, parent_id, {TAG_KIND: KIND_FINAL_AUDIT, TAG_TRIAL: str(trial)})
     for r in runs:
         client.delete_run(r.info.run_id)
-
-
-def _check_objective_names(spec: SweepSpec, names: list[str], field: str = "objectives") -> None:
-    attacks = {a.key for a in spec.attacks}
-    utility = set(UTILITY_METRICS)
-    keys = {"auc", "balanced_accuracy", "epsilon_lb", *(f"tpr_fpr_{f:g}" for f in spec.metrics.fpr_levels),
-            *(f"tnr_fnr_{f:g}" for f in spec.metrics.fnr_levels)}
-    from raymia.inversion.protocol import metric_names
-    from raymia.ood_audit import metric_names as ood_metric_names
-
-    inversion = set(metric_names(spec))
-    ood = set(ood_metric_names(spec))
-    raw = spec.metrics.raw_outputs
-    for i, n in enumerate(names):
-        if n in utility or n in inversion or n in ood:
-            continue
-        a, _, k = n.removeprefix("raw/").partition("/") if raw else n.partition("/")
-        if (a in attacks or a == "worst") and k in keys:
-            continue
-        if a == "defense" and k and not n.startswith("raw/"):
-            continue
-        accepted = (sorted(utility) + [f"ATTACK/{k}" for k in sorted(keys)] + ["defense/KEY"]
-                    + ["raw/ATTACK/METRIC" + ("" if raw else " (with metrics.raw_outputs: true)")]
-                    + (["mi/INVERSION_ATTACK/top1|top5|knn_dist|fid (INVERSION_ATTACK: a label or worst)"]
-                       if inversion else [])
-                    + (["ood/ATTACK/fpr", "ood/ATTACK/SET/METRIC"] if ood else []))
-        default = field == "objectives" and "objectives" not in spec.sweep.model_fields_set
-        said = " (a default objective: the spec gives no sweep.objectives)" if default else ""
-        near = close_names(n, sorted(utility | inversion | ood))
-        if not near and k:  # an attack's metric: each half of the name on its own ('lira' for lira_online)
-            near_a = [a] if a in attacks or a == "worst" else close_names(a, sorted(attacks) + ["worst"])
-            raw_part = "raw/" if raw and n.startswith("raw/") else ""
-            near = [f"{raw_part}{x}/{y}" for x in near_a
-                    for y in ([k] if k in keys else _percent_key(k, keys) or close_names(k, sorted(keys)))][:3]
-        raise SpecError(f"unknown metric {n!r}{said}{did_you_mean(n, near=near)}; accepted: {', '.join(accepted)} "
-                        f"with ATTACK one of the spec's attacks ({', '.join(sorted(attacks))}) or 'worst' (the "
-                        "strongest of them)",
-                        where=f"sweep.{field}.{i}.metric")
-
-
-def _percent_key(key: str, keys: set[str]) -> list[str]:
-    """[tpr_fpr_0.001] for tpr_fpr_0.1% (a rate written in percent, which a name's nearest match, tpr_fpr_0.1,
-    would misread a hundredfold), else []."""
-    stem, _, number = key.removesuffix("%").rpartition("_")
-    try:
-        fixed = f"{stem}_{float(number) / 100:g}"
-    except ValueError:
-        return []
-    return [fixed] if key.endswith("%") and fixed in keys else []
 
 
 def _collect(grid, metric_names: list[str]) -> list[dict[str, Any]]:

@@ -252,16 +252,16 @@ def test_a_default_objective_the_attacks_cannot_give_says_it_is_the_default():
     """A sweep spec without `objectives` gets LiRA online's TPR at 1% FPR; with attacks that leave LiRA out,
     the error named a metric the spec never wrote. It says where it comes from; an objective the spec gives
     is named as given."""
-    from raymia.sweep import _check_objective_names
+    from raymia.metric_names import check_metric_names
 
     spec = raymia.as_spec({"attacks": ["loss"], "sweep": {"defense": "hamp"}}, kind=raymia.SweepSpec)
     with pytest.raises(SpecError, match=r"^sweep.objectives.1.metric: unknown metric 'lira_online/tpr_fpr_0.01' "
                                         r"\(a default objective: the spec gives no sweep.objectives\); accepted: "):
-        _check_objective_names(spec, [o.metric for o in spec.sweep.objectives])
+        check_metric_names(spec, [o.metric for o in spec.sweep.objectives], "sweep.objectives")
     given = raymia.as_spec({"attacks": ["loss"], "sweep": {"defense": "hamp", "objectives": [
         {"metric": "test_accuracy", "mode": "max"}, {"metric": "lira/auc", "mode": "min"}]}}, kind=raymia.SweepSpec)
     with pytest.raises(SpecError, match=r"^sweep.objectives.1.metric: unknown metric 'lira/auc'; accepted: "):
-        _check_objective_names(given, [o.metric for o in given.sweep.objectives])
+        check_metric_names(given, [o.metric for o in given.sweep.objectives], "sweep.objectives")
 
 
 @pytest.mark.parametrize("over, message", [

@@ -140,15 +140,15 @@ def _colours(png) -> set[str]:
 
 
 def test_ood_objectives_and_bad_sets(tmp_path):
-    from raymia.sweep import _check_objective_names
+    from raymia.metric_names import check_metric_names
 
     d = _spec(tmp_path)
     d["sweep"] = {"defense": "label_smoothing", "objectives": [{"metric": "ood/loss/fpr", "mode": "max"},
                                                                {"metric": "ood/entropy/noise/auroc", "mode": "min"}]}
     spec = validate_spec(d, SweepSpec)
-    _check_objective_names(spec, [o.metric for o in spec.sweep.objectives])
+    check_metric_names(spec, [o.metric for o in spec.sweep.objectives], "sweep.objectives")
     with pytest.raises(SpecError, match="ood/ATTACK/fpr"):
-        _check_objective_names(spec, ["ood/lira_online/fpr"])  # online attacks are not evaluated
+        check_metric_names(spec, ["ood/lira_online/fpr"], "sweep.objectives")  # online attacks are not evaluated
     with pytest.raises(SpecError) as e:
         validate_spec(_spec(tmp_path, ood={"sets": [{"name": "gaussian", "params": {"sigma": -1}}]}))
     assert e.value.where.startswith("ood.sets.0.params")

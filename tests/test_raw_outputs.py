@@ -96,14 +96,14 @@ def test_non_adaptive_shadow_packs_are_the_plain_undefended_bank_s(tmp_path):
 
 
 def test_raw_metrics_as_sweep_objectives_need_the_raw_outputs(tmp_path):
-    from raymia.sweep import _check_objective_names
+    from raymia.metric_names import check_metric_names
 
     d = {**tiny_spec_dict(tmp_path), "sweep": {"defense": "hamp"}}
-    _check_objective_names(SweepSpec.model_validate({**d, "metrics": {"raw_outputs": True}}),
-                           ["raw/lira_online/tpr_fpr_0.01", "raw/worst/auc"])
+    check_metric_names(SweepSpec.model_validate({**d, "metrics": {"raw_outputs": True}}),
+                       ["raw/lira_online/tpr_fpr_0.01", "raw/worst/auc"], "sweep.objectives")
     with pytest.raises(SpecError, match=r"sweep.objectives.0.metric: unknown metric 'raw/lira_online/auc'.*"
                                         r"raw/ATTACK/METRIC \(with metrics.raw_outputs: true\)"):
-        _check_objective_names(SweepSpec.model_validate(d), ["raw/lira_online/auc"])
+        check_metric_names(SweepSpec.model_validate(d), ["raw/lira_online/auc"], "sweep.objectives")
 
 
 def test_reading_raw_signals_of_a_bank_without_them_says_what_to_set(hamp):

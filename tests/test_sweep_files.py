@@ -11,10 +11,11 @@ import torch
 
 from raymia.datainfo import DataInfo
 from raymia.defenses import DEFENSES, build_defense
+from raymia.metric_names import check_metric_names
 from raymia.resolve import load_spec
 from raymia.space import ActsWhen, Categorical, Int
 from raymia.spec import SweepSpec
-from raymia.sweep import _check_objective_names, resolve_space, space_points
+from raymia.sweep import resolve_space, space_points
 
 SWEEPS = sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml"))
 
@@ -29,7 +30,7 @@ def test_sweep_file_is_valid(path):
     spec = load_spec(path, kind=SweepSpec)
     space = resolve_space(spec)
     assert space, f"{path.name}: empty search space"
-    _check_objective_names(spec, [o.metric for o in spec.sweep.objectives])
+    check_metric_names(spec, [o.metric for o in spec.sweep.objectives], "sweep.objectives")
     suffix = path.stem.split("-", 1)[-1]
     if suffix == "all":
         assert len(space) >= 8, sorted(space)
