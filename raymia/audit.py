@@ -74,10 +74,17 @@ class AuditResult:
     # targets); the released outputs' own numbers where the defense post-processes nothing
     raw_attacks: dict[str, dict[str, float | None]] | None = None
     raw_attacks_std: dict[str, dict[str, float | None]] | None = None
+    # the spec's gate, each condition with its value and outcome (`check_gate`); empty without one
+    gate: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.targets:
             self.targets = self.spec.plan.target_list
+
+    @property
+    def gate_failures(self) -> list[dict[str, Any]]:
+        """The gate's conditions that the results do not meet (a metric that is n/a meets none)."""
+        return [g for g in self.gate if not g["passed"]]
 
     @functools.cached_property
     def vulnerable(self) -> list[dict[str, Any]]:
@@ -195,6 +202,7 @@ class AuditResult:
                if self.raw_attacks is not None else {}),
             "inversion": self.inversion.to_json() if self.inversion is not None else None,
             "ood": self.ood.to_json() if self.ood is not None else None,
+            **({"gate": self.gate} if self.gate else {}),
             "vulnerable": self.vulnerable,
             "reused_signals": self.reused_signals,
             "seconds": round(self.seconds, 2),
@@ -339,6 +347,10 @@ def run_audit(
     if not checked and (why := ctx.defense.inert(spec.train)):  # a sweep's trial lies on its searched range
         log.warning("defense %s: %s, so this audit measures the undefended model under the defense's name",
                     spec.defense.name, why)
+    if spec.gate and spec.target is None:  # a gate on a rate the plan cannot resolve could never pass
+        from raymia.metric_names import check_resolvable
+
+        check_resolvable(spec, ctx.plan.keep, [g.metric for g in spec.gate], "gate")
     if spec.tracking.enabled if track is None else track:
         from raymia.tracking import check_reachable
 
@@ -400,6 +412,7 @@ def run_audit(
         points=PointScores(index=population, label=signals.labels, member=signals.keep[targets],
                            scores=scores, targets=targets),
     )
+    result.gate = check_gate(spec.gate, result.flat_metrics())
     if result.seconds >= ATTACK_PROGRESS_AFTER_S:  # a long audit's report (every point's scores) takes a while too
         from raymia.report.text import duration
 
@@ -407,7 +420,27 @@ def run_audit(
                  duration(result.seconds), out)
     write_report(result, console=console, track=spec.tracking.enabled if track is None else track, page=page,
                  store=store)
+    if failed := result.gate_failures:  # the last line a CI's log shows
+        log.warning("gate: %d of %d condition(s) failed: %s", len(failed), len(result.gate),
+                    "; ".join(gate_line(g) for g in failed))
     return result
+
+
+def check_gate(gate: list, flat: dict[str, float | None]) -> list[dict[str, Any]]:
+    """Each of the spec's gate conditions (`Constraint`: metric, op, value) with the audit's value of its metric
+    (`AuditResult.flat_metrics`, the mean over the targets) and whether it holds; an n/a value does not."""
+    out = []
+    for g in gate:
+        v = flat.get(g.metric)
+        ok = v is not None and (v <= g.value if g.op == "<=" else v >= g.value)
+        out.append({"metric": g.metric, "op": g.op, "value": g.value, "actual": v, "passed": bool(ok)})
+    return out
+
+
+def gate_line(g: dict[str, Any]) -> str:
+    """'lira_online/tpr_fpr_0.01 = 0.0988, must be <= 0.05' (or 'is n/a')."""
+    actual = "is n/a" if g["actual"] is None else f"= {g['actual']:.4g}"
+    return f"{g['metric']} {actual}, must be {g['op']} {g['value']:g}"
 
 
 def ensure_bank(spec: AuditSpec, store: SignalStore, pool=None) -> bool:
@@ -562,6 +595,8 @@ def write_report(result: AuditResult, console: bool, track: bool, page: bool = T
         from raymia.tracking import KIND_AUDIT, TAG_FINGERPRINT, TAG_KIND, drop_interrupted, log_run
 
         tags = {TAG_KIND: KIND_AUDIT, TAG_FINGERPRINT: fp}
+        if result.gate:
+            tags["raymia.gate"] = "failed" if result.gate_failures else "passed"
         try:
             if drop_interrupted(spec.tracking.uri, spec.tracking.experiment, run_name(spec), tags):
                 log.info("MLflow: replacing the run of this audit that an interruption left open")
@@ -760,6 +795,11 @@ def print_audit_table(result: AuditResult) -> None:
     elif result.raw_attacks is not None:
         c.print(f"raw/: {spec.defense.name} post-processes no output here, so the raw outputs are the released ones")
     c.print(utility_line(result.utility))
+    if result.gate:
+        failed = result.gate_failures
+        c.print(f"gate: {'failed' if failed else 'passed'} ({len(result.gate) - len(failed)} of {len(result.gate)} "
+                "conditions hold)" + "".join(f"\n  {'ok  ' if g['passed'] else 'FAIL'} {gate_line(g)}"
+                                             for g in result.gate))
     if result.defense_report:
         c.print("defense: " + "  ".join(f"{k} {v:.4g}" for k, v in result.defense_report.items()))
     if result.ood is not None:

@@ -236,6 +236,13 @@ def _model_and_training_rows(spec: AuditSpec, ctx, kind: str) -> list[tuple[str,
            "; raw/ as released (the defense post-processes no output)")
     rows.append(("attacks", f"{', '.join(a.key for a in attacks)}{added}; queries {', '.join(spec.queries)}; "
                             f"{shadows}{raw}"))
+    if spec.gate:
+        if spec.target is None:  # as run_audit checks it: a rate the plan cannot resolve would never pass
+            from raymia.metric_names import check_resolvable
+
+            check_resolvable(spec, ctx.plan.keep, [g.metric for g in spec.gate], "gate")
+        rows.append(("gate", ", ".join(f"{g.metric} {g.op} {g.value:g}" for g in spec.gate)
+                     + " (raymia audit exits with status 3 when one fails)"))
     train_flops = per_step * steps * m
     cost = ctx.defense.training_cost(r)
     if cost is not None:

@@ -17,6 +17,7 @@ from raymia import __version__
 from raymia.errors import Interrupted, RaymiaError, stop_now
 
 KINDS = ("datasets", "models", "defenses", "attacks", "inversion", "ood", "trainers")
+GATE_FAILED = 3  # an audit that ran to the end and broke a condition of its spec's `gate` (a CI's failure)
 
 
 def _registries():
@@ -109,8 +110,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     else:
         spec = load_spec(args.spec, args.set, kind=AuditSpec)
     with _in_file(args.spec):
-        run_audit(spec, output_dir=args.output_dir)
-    return 0
+        result = run_audit(spec, output_dir=args.output_dir)
+    return GATE_FAILED if result.gate_failures else 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -272,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{what} trial N of the finished sweep SPEC describes (its defense setting); add "
                             "--set plan.num_models=... for more shadows")
 
-    p = sub.add_parser("audit", help="train the bank, run the attacks, report and log one MLflow run")
+    p = sub.add_parser("audit", help="train the bank, run the attacks, report and log one MLflow run; exit "
+                       f"status {GATE_FAILED} when a condition of the spec's gate fails")
     with_spec(p)
     from_trial(p, "audit")
     p.set_defaults(func=cmd_audit)

@@ -167,6 +167,12 @@ def check_names(spec: AuditSpec) -> None:
         seen[a.key] = i
     check_bank_size(spec)
     check_undefended_shadows(spec)
+    if spec.gate:
+        if isinstance(spec, SweepSpec):
+            raise SpecError("a sweep keeps the conditions its trials must meet in sweep.constraints", where="gate")
+        from raymia.metric_names import check_metric_names
+
+        check_metric_names(spec, [g.metric for g in spec.gate], "gate")
     if spec.train.function is not None:
         from raymia.train.function import TRAINERS
 

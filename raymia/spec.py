@@ -611,6 +611,28 @@ class TargetSpec(_Model):
         return self
 
 
+def _within_metric_range(v: float | None, info: ValidationInfo) -> float | None:
+    """A reference or bound outside what its metric can take (a percent written for a fraction) would leave
+    every trial on one side of it: a hypervolume of 0, or a constraint that every trial breaks or none can."""
+    from raymia.metrics import metric_range
+
+    metric = info.data.get("metric")
+    span = metric_range(metric) if v is not None and isinstance(metric, str) else None
+    if span is not None and not span[0] <= v <= span[1]:
+        accepted = f"{span[0]:g} to {span[1]:g}" if math.isfinite(span[1]) else f"at least {span[0]:g}"
+        raise ValueError(f"{v:g} is outside the values of {metric}; accepted: {accepted}")
+    return v
+
+
+class Constraint(_Model):
+    metric: str = Field(description="a metric name, as in objectives (e.g. test_accuracy)")
+    op: Literal[">=", "<="] = Field(description="how the metric must compare to value")
+    value: float = Field(allow_inf_nan=False, description="the bound, within the metric's values (fractions for "
+                         "rates and accuracies)")
+
+    _value = field_validator("value")(_within_metric_range)
+
+
 class AuditSpec(_Model):
     """An audit's spec: the YAML's structure, every field defaulted (README's table). Immutable: change it
     with `raymia.as_spec(spec, ["train.epochs=30"])` or `spec.model_copy(update=...)`; `raymia.as_spec`
@@ -656,6 +678,11 @@ class AuditSpec(_Model):
     store: str | None = Field(None, min_length=1, description="where signals and caches live (what every node must reach): a "
                               "path, NFS, or a URI (s3://bucket/prefix, gs://..., file:///..., any fsspec protocol); "
                               "default: output_dir. Reports stay in output_dir")
+    gate: list[Constraint] = Field(
+        default_factory=list,
+        description="conditions the results must meet, e.g. {metric: lira_online/tpr_fpr_0.01, op: '<=', value: "
+        "0.05}: each is checked and reported, and `raymia audit` exits with status 3 when one fails (a CI gate); "
+        "a sweep keeps its conditions in sweep.constraints")
 
     @property
     def store_root(self) -> str:
@@ -667,6 +694,8 @@ class AuditSpec(_Model):
         for k in ("inversion", "ood", "target"):
             if isinstance(d, dict) and d.get(k) is None:
                 d.pop(k, None)
+        if isinstance(d, dict) and not d.get("gate", True):
+            d.pop("gate")
         return d
 
     @model_validator(mode="before")
@@ -766,19 +795,6 @@ class AuditSpec(_Model):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _within_metric_range(v: float | None, info: ValidationInfo) -> float | None:
-    """A reference or bound outside what its metric can take (a percent written for a fraction) would leave
-    every trial on one side of it: a hypervolume of 0, or a constraint that every trial breaks or none can."""
-    from raymia.metrics import metric_range
-
-    metric = info.data.get("metric")
-    span = metric_range(metric) if v is not None and isinstance(metric, str) else None
-    if span is not None and not span[0] <= v <= span[1]:
-        accepted = f"{span[0]:g} to {span[1]:g}" if math.isfinite(span[1]) else f"at least {span[0]:g}"
-        raise ValueError(f"{v:g} is outside the values of {metric}; accepted: {accepted}")
-    return v
-
-
 class Objective(_Model):
     metric: str = Field(description="e.g. test_accuracy, lira_online/tpr_fpr_0.01, loss/auc")
     mode: Literal["max", "min"] = Field(description="max: higher is better (utility); min: lower is better "
@@ -790,15 +806,6 @@ class Objective(_Model):
         "trials that trade accuracy down to 0.8 for privacy")
 
     _reference = field_validator("reference")(_within_metric_range)
-
-
-class Constraint(_Model):
-    metric: str = Field(description="a metric name, as in objectives (e.g. test_accuracy)")
-    op: Literal[">=", "<="] = Field(description="how the metric must compare to value")
-    value: float = Field(allow_inf_nan=False, description="the bound, within the metric's values (fractions for "
-                         "rates and accuracies)")
-
-    _value = field_validator("value")(_within_metric_range)
 
 
 class DefenseChoice(_Model):

@@ -84,7 +84,7 @@ _COMPOUND = {
     "sweep": ["defense", "space", "num_trials"],
 }
 # default cells that say "not set" in words
-_UNSET = {"all", "no split", "`output_dir`", "its declared space"}
+_UNSET = {"all", "no split", "`output_dir`", "its declared space", "none"}
 
 
 def _spec_table() -> list[tuple[list[str], str]]:
