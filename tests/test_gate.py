@@ -19,7 +19,8 @@ from tests.conftest import tiny_spec_dict
 def _spec(tmp_path, gate: list[dict]) -> dict:
     return {**tiny_spec_dict(tmp_path), "plan": {"num_models": 4, "population": 300},
             "train": {"epochs": 15, "batch_size": 64, "lr": 0.002}, "attacks": ["loss", "lira_offline"],
-            "bank": {"engine": "local", "pack_size": 4}, "tracking": {"enabled": False}, "gate": gate}
+            "bank": {"engine": "local", "pack_size": 4}, "gate": gate,
+            "tracking": {"enabled": False, "uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "gate"}}
 
 
 def test_a_gate_leaves_the_bank_and_a_spec_without_one_as_they_were(tmp_path):
@@ -66,10 +67,15 @@ def test_each_condition_is_checked_against_the_mean_over_targets_and_n_a_never_h
 def test_raymia_audit_exits_3_when_the_gate_fails_and_0_when_it_holds(tmp_path):
     d = _spec(tmp_path, [{"metric": "lira_offline/auc", "op": "<=", "value": 0.99},
                          {"metric": "test_accuracy", "op": ">=", "value": 0.5}])
-    res = run_audit(d, console=False)  # trains the bank; the commands below reuse it
+    res = run_audit(d, console=False, track=True)  # trains the bank; the commands below reuse it
     flat = res.flat_metrics()
     assert res.gate_failures == [] and [g["actual"] for g in res.gate] == [flat["lira_offline/auc"],
                                                                          flat["test_accuracy"]]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(d["tracking"]["uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("gate").experiment_id])
+    assert run.data.tags["raymia.gate"] == "passed"
     path = tmp_path / "audit.yaml"
     path.write_text(json.dumps(d))  # YAML reads JSON
     auc = flat["lira_offline/auc"]
