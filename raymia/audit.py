@@ -20,6 +20,7 @@ import numpy as np
 
 from raymia import __version__
 from raymia.caller import as_found
+from raymia.metric_names import BANK_UTILITY, TARGET_UTILITY, check_gate, gate_line
 from raymia.report.records import PointScores
 from raymia.spec import AuditSpec, SweepSpec
 from raymia.storage import absolute, check_locations
@@ -27,11 +28,6 @@ from raymia.store import SignalStore
 
 log = logging.getLogger("raymia")
 
-# The utility metrics of an audit, by the flat names that result.json's `utility`, MLflow and sweep objectives
-# and constraints use: those of the attacked models (mean and std over the targets), then the whole bank's.
-TARGET_UTILITY = ("train_accuracy", "test_accuracy", "generalization_gap", "test_ece")
-BANK_UTILITY = "bank_test_accuracy"
-UTILITY_METRICS = (*TARGET_UTILITY, BANK_UTILITY)
 
 
 @dataclass
@@ -424,23 +420,6 @@ def run_audit(
         log.warning("gate: %d of %d condition(s) failed: %s", len(failed), len(result.gate),
                     "; ".join(gate_line(g) for g in failed))
     return result
-
-
-def check_gate(gate: list, flat: dict[str, float | None]) -> list[dict[str, Any]]:
-    """Each of the spec's gate conditions (`Constraint`: metric, op, value) with the audit's value of its metric
-    (`AuditResult.flat_metrics`, the mean over the targets) and whether it holds; an n/a value does not."""
-    out = []
-    for g in gate:
-        v = flat.get(g.metric)
-        ok = v is not None and (v <= g.value if g.op == "<=" else v >= g.value)
-        out.append({"metric": g.metric, "op": g.op, "value": g.value, "actual": v, "passed": bool(ok)})
-    return out
-
-
-def gate_line(g: dict[str, Any]) -> str:
-    """'lira_online/tpr_fpr_0.01 = 0.0988, must be <= 0.05' (or 'is n/a')."""
-    actual = "is n/a" if g["actual"] is None else f"= {g['actual']:.4g}"
-    return f"{g['metric']} {actual}, must be {g['op']} {g['value']:g}"
 
 
 def ensure_bank(spec: AuditSpec, store: SignalStore, pool=None) -> bool:

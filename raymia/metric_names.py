@@ -1,22 +1,29 @@
 """The flat metric names a spec's results will hold (`AuditResult.flat_metrics`), checked before any training:
 a sweep's objectives and constraints, an audit's gate. A name that none of them will be is one line naming the
-field and what is accepted; a rate that the plan cannot resolve (a TPR at 0.1% FPR over 200 non-members) too."""
+field and what is accepted; a rate that the plan cannot resolve (a TPR at 0.1% FPR over 200 non-members) too.
+After an audit, `check_gate` says which of its gate's conditions hold."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
 from raymia.errors import SpecError, close_names, did_you_mean
 from raymia.spec import AuditSpec, SweepSpec
 
+# The utility metrics of an audit, by the flat names that result.json's `utility`, MLflow and sweep objectives
+# and constraints use: those of the attacked models (mean and std over the targets), then the whole bank's.
+TARGET_UTILITY = ("train_accuracy", "test_accuracy", "generalization_gap", "test_ece")
+BANK_UTILITY = "bank_test_accuracy"
+UTILITY_METRICS = (*TARGET_UTILITY, BANK_UTILITY)
+
 
 def check_metric_names(spec: AuditSpec, names: list[str], field: str) -> None:
     """Each of `names` (the metrics of `field`'s entries: sweep.objectives, sweep.constraints, gate) is a name
     the spec's results hold: a utility metric, ATTACK/METRIC or worst/METRIC of its attacks and levels,
     defense/KEY, raw/... with metrics.raw_outputs, and its inversion and OOD metrics."""
-    from raymia.audit import UTILITY_METRICS
     from raymia.inversion.protocol import metric_names
     from raymia.ood_audit import metric_names as ood_metric_names
 
@@ -85,3 +92,20 @@ def check_resolvable(spec: AuditSpec, keep: np.ndarray, names: list[str], field:
                             f"the {keep.shape[1]} audited points); audit more points (plan.population) or use a "
                             f"larger level in metrics.{'fpr' if side == 'non-members' else 'fnr'}_levels",
                             where=f"{field}.{i}.metric")
+
+
+def check_gate(gate: list, flat: dict[str, float | None]) -> list[dict[str, Any]]:
+    """Each of the spec's gate conditions (`Constraint`: metric, op, value) with the audit's value of its metric
+    (`AuditResult.flat_metrics`, the mean over the targets) and whether it holds; an n/a value does not."""
+    out = []
+    for g in gate:
+        v = flat.get(g.metric)
+        ok = v is not None and (v <= g.value if g.op == "<=" else v >= g.value)
+        out.append({"metric": g.metric, "op": g.op, "value": g.value, "actual": v, "passed": bool(ok)})
+    return out
+
+
+def gate_line(g: dict[str, Any]) -> str:
+    """'lira_online/tpr_fpr_0.01 = 0.0988, must be <= 0.05' (or 'is n/a')."""
+    actual = "is n/a" if g["actual"] is None else f"= {g['actual']:.4g}"
+    return f"{g['metric']} {actual}, must be {g['op']} {g['value']:g}"

@@ -26,7 +26,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from raymia.audit import UTILITY_METRICS
 from raymia.caller import as_found
 from raymia.errors import (
     DataError,
@@ -37,7 +36,7 @@ from raymia.errors import (
     first_line,
     uninterruptible,
 )
-from raymia.metric_names import check_metric_names, check_resolvable
+from raymia.metric_names import UTILITY_METRICS, check_metric_names, check_resolvable
 from raymia.metrics import as_number
 from raymia.pareto import (
     EPSILON,

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from raymia.audit import check_gate, gate_line, run_audit
+from raymia.audit import run_audit
 from raymia.errors import SpecError
+from raymia.metric_names import check_gate, gate_line
 from raymia.resolve import as_spec
 from raymia.spec import AuditSpec, Constraint
 from tests.conftest import tiny_spec_dict

@@ -252,7 +252,7 @@ def _audit_summary(r: dict[str, Any], folder: Path, h: str = "h2") -> list[str]:
         parts.append(f"<p class='sub'>each target: {span(ins)} members, {span(outs)} non-members (an FPR's "
                      f"smallest step is 1/{span(outs)})</p>")
     if gate := r.get("gate"):  # the spec's conditions: a CI's verdict, first
-        from raymia.audit import gate_line
+        from raymia.metric_names import gate_line
 
         failed = [g for g in gate if not g["passed"]]
         parts.append(f"<p><b>gate {'failed' if failed else 'passed'}</b>: "
