@@ -47,7 +47,8 @@ class AuditResult:
     guarantee. targets: the attacked rows of the signals (`raymia.read_signals(result)`). points: every
     attack's scores, `points.scores[attack]` float64 [len(targets), P]. roc: the first target's ROC curve per
     attack. fingerprint: the bank's key in the store; reused_signals: nothing was trained. out_dir: the
-    report's folder. flat_metrics(): the same numbers under the names sweeps and MLflow use."""
+    report's folder. flat_metrics(): the same numbers under the names sweeps and MLflow use. gate: the spec's
+    gate, each condition as {metric, op, value, actual, passed}; gate_failures: those that fail."""
 
     spec: AuditSpec
     fingerprint: str
