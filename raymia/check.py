@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raymia.report.text import duration
+from raymia.report.text import duration, first_of
 from raymia.resolve import validate_spec
 from raymia.spec import AuditSpec, SweepSpec, apply_overrides, load_raw
 
@@ -202,7 +202,7 @@ def _model_and_training_rows(spec: AuditSpec, ctx, kind: str) -> list[tuple[str,
     members = plan.keep.sum(axis=1)
     targets = list(plan.targets)
     attacked = ("the shadows of your target" if spec.target is not None else
-                f"{len(targets)} attacked ({', '.join(map(str, targets[:8]))}{', ...' if len(targets) > 8 else ''})")
+                f"{len(targets)} attacked ({first_of(targets)})")
     lo, hi = int(members.min()), int(members.max())
     rows.append(("plan", f"{m} models, {attacked}; {_n(plan.keep.shape[1])} audited points, each "
                          f"in the training set of {m // 2} models; {_n(lo)}{'' if lo == hi else f' to {_n(hi)}'} "

@@ -285,3 +285,10 @@ def test_check_and_the_audit_say_when_the_defense_does_not_act(tmp_path, caplog)
             "audit measures the undefended model under the defense's name") in caplog.text
     d["defense"] = {"name": "confidence", "params": {"top_k": 1}}
     assert "does not act" not in dict(check_spec(_write(tmp_path, d)).rows)["defense"]
+
+
+def test_a_banks_targets_are_named_in_one_line():
+    from raymia.report.text import first_of
+
+    assert first_of([0, 1, 2, 3]) == "0, 1, 2, 3"
+    assert first_of(range(256)) == "0, 1, 2, 3, 4, 5, 6, 7, ..."  # every model a target: not 256 numbers

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from raymia.errors import RaymiaError
+from raymia.report.text import first_of
 
 REPORT_FILE = "report.html"
 
@@ -239,7 +240,7 @@ def _audit_summary(r: dict[str, Any], folder: Path, h: str = "h2") -> list[str]:
     own = r.get("target")
     who = (f"your model ({own['source']}: {own['members']} members among {own['points']} audited points), "
            f"{spec.get('plan', {}).get('num_models')} shadows" if own else
-           f"{spec.get('plan', {}).get('num_models')} models, targets {', '.join(map(str, targets))}")
+           f"{spec.get('plan', {}).get('num_models')} models, {len(targets)} targets ({first_of(targets)})")
     parts = [f"<p class='sub'>signals {escape(str(r.get('fingerprint')))} · defense "
              f"{escape(str(r.get('defense', {}).get('name')))} · {escape(who)} · data "
              f"{escape(str(spec.get('data', {}).get('name')))} · model {escape(str(spec.get('model', {}).get('name')))}"

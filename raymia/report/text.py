@@ -11,3 +11,9 @@ def duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def first_of(values, at_most: int = 8) -> str:
+    """'0, 1, 2' or, beyond `at_most` values, the first of them and ', ...': a bank's targets in one line."""
+    values = list(values)
+    return ", ".join(map(str, values[:at_most])) + (", ..." if len(values) > at_most else "")
