@@ -96,13 +96,12 @@ def check_resolvable(spec: AuditSpec, keep: np.ndarray, names: list[str], field:
 
 def check_gate(gate: list, flat: dict[str, float | None]) -> list[dict[str, Any]]:
     """Each of the spec's gate conditions (`Constraint`: metric, op, value) with the audit's value of its metric
-    (`AuditResult.flat_metrics`, the mean over the targets) and whether it holds; an n/a value does not."""
-    out = []
-    for g in gate:
-        v = flat.get(g.metric)
-        ok = v is not None and (v <= g.value if g.op == "<=" else v >= g.value)
-        out.append({"metric": g.metric, "op": g.op, "value": g.value, "actual": v, "passed": bool(ok)})
-    return out
+    (`AuditResult.flat_metrics`, the mean over the targets) and whether it holds, as a sweep's constraint would
+    (`pareto.meets`: an n/a value does not)."""
+    from raymia.pareto import meets
+
+    return [{"metric": g.metric, "op": g.op, "value": g.value, "actual": flat.get(g.metric), "passed": meets(flat, [g])}
+            for g in gate]
 
 
 def gate_line(g: dict[str, Any]) -> str:
