@@ -498,7 +498,9 @@ def run_attacks(spec: AuditSpec, attacks: list, signals, targets: list[int] | No
     """Every attack against every target (default: plan.targets): (mean, std over targets, per-target
     metrics, the first target's ROC curve, the scores float64 [targets, P]), each keyed by the attack's
     label (default: its name). `delta`: that of the epsilon lower bound (the targets' stated guarantee's)."""
+    from raymia import progress
     from raymia.attacks import run_attack
+    from raymia.engine.bank_job import current_prefix
     from raymia.metrics import full_metrics, roc
     from raymia.report.text import duration
 
@@ -510,26 +512,28 @@ def run_attacks(spec: AuditSpec, attacks: list, signals, targets: list[int] | No
     all_scores: dict[str, np.ndarray] = {}
     targets = spec.plan.target_list if targets is None else targets
     t0, next_line = time.perf_counter(), ATTACK_PROGRESS_AFTER_S
-    for i, a in enumerate(attacks):
-        runs, per = [], []
-        for j, t in enumerate(targets):
-            if (spent := time.perf_counter() - t0) >= next_line:
-                log.info("attacks: %s on target %d of %d (attack %d of %d), %s so far", a.key, j + 1,
-                         len(targets), i + 1, len(attacks), duration(spent))
-                next_line = spent + ATTACK_PROGRESS_EVERY_S
-            scores = run_attack(a.name, a.params, signals, t, where=f"attacks.{i}")
-            per.append(np.asarray(scores, dtype=np.float64))
-            is_member = signals.keep[t]
-            runs.append(full_metrics(scores, is_member, fpr_levels=tuple(m.fpr_levels),
-                                     fnr_levels=tuple(m.fnr_levels), n_boot=m.bootstrap, seed=spec.seed,
-                                     delta=delta))
-            if j == 0:
-                fpr, tpr, _ = roc(scores, is_member)
-                curves[a.key] = (fpr, tpr)
-        signals.forget_derived()  # this attack's per-model transforms, shared by its targets
-        mean[a.key], std[a.key] = _mean_std(runs)
-        per_target[a.key] = runs
-        all_scores[a.key] = np.stack(per)
+    with progress.bar(f"{current_prefix()}attacks x targets", len(attacks) * len(targets)) as shown:
+        for i, a in enumerate(attacks):
+            runs, per = [], []
+            for j, t in enumerate(targets):
+                if (spent := time.perf_counter() - t0) >= next_line:
+                    log.info("attacks: %s on target %d of %d (attack %d of %d), %s so far", a.key, j + 1,
+                             len(targets), i + 1, len(attacks), duration(spent))
+                    next_line = spent + ATTACK_PROGRESS_EVERY_S
+                scores = run_attack(a.name, a.params, signals, t, where=f"attacks.{i}")
+                per.append(np.asarray(scores, dtype=np.float64))
+                is_member = signals.keep[t]
+                runs.append(full_metrics(scores, is_member, fpr_levels=tuple(m.fpr_levels),
+                                         fnr_levels=tuple(m.fnr_levels), n_boot=m.bootstrap, seed=spec.seed,
+                                         delta=delta))
+                if j == 0:
+                    fpr, tpr, _ = roc(scores, is_member)
+                    curves[a.key] = (fpr, tpr)
+                shown.advance()
+            signals.forget_derived()  # this attack's per-model transforms, shared by its targets
+            mean[a.key], std[a.key] = _mean_std(runs)
+            per_target[a.key] = runs
+            all_scores[a.key] = np.stack(per)
     return mean, std, per_target, curves, all_scores
 
 

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from raymia import __version__
+from raymia import __version__, progress
 from raymia.errors import Interrupted, RaymiaError, stop_now
 
 KINDS = ("datasets", "models", "defenses", "attacks", "inversion", "ood", "trainers")
@@ -268,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a spec field, e.g. --set train.epochs=50 (repeatable)")
         p.add_argument("--output-dir", default=None, help="where signals and reports go (default: spec.output_dir)")
 
+    def no_bars(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--no-progress", action="store_true",
+                       help="no progress bars (shown only when stdout and stderr are a terminal, never with -q)")
+
     def from_trial(p: argparse.ArgumentParser, what: str) -> None:
         p.add_argument("--from-trial", type=int, default=None, metavar="N",
                        help=f"{what} trial N of the finished sweep SPEC describes (its defense setting); add "
@@ -276,10 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="train the bank, run the attacks, report and log one MLflow run; exit "
                        f"status {GATE_FAILED} when a condition of the spec's gate fails")
     with_spec(p)
+    no_bars(p)
     from_trial(p, "audit")
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("sweep", help="search a defense's hyperparameters for the privacy-utility Pareto front")
     with_spec(p)
+    no_bars(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep of this spec (re-running the same command does too)")
@@ -429,6 +435,8 @@ def _main(argv: list[str] | None, stopped: list[int]) -> int:
     rlog.setLevel(logging.WARNING if args.quiet else logging.INFO)
     for noisy in QUIETED_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.quiet and not getattr(args, "no_progress", False) and progress.terminal():
+        progress.enable()
     # MLflow sets its own logger's level when it is imported (later, lazily), from this variable.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
@@ -447,6 +455,8 @@ def _main(argv: list[str] | None, stopped: list[int]) -> int:
     except BrokenPipeError:  # `raymia schema | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush has nowhere to fail
         return 0
+    finally:
+        progress.disable()
 
 
 EXIT_AFTER_STOP_S = 3.0

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from raymia import progress
 from raymia.caller import as_found
 from raymia.errors import (
     DataError,
@@ -665,16 +666,17 @@ def result_text(metrics: dict[str, Any], objectives: list[str]) -> str:
     return text
 
 
-def _progress_callback(spec: SweepSpec, exp, keep):
+def _progress_callback(spec: SweepSpec, exp, keep, shown=None):
     from ray import tune
 
     objs = [o.metric for o in spec.sweep.objectives]
 
     class Progress(tune.Callback):
-        """One console line per finished trial (Tune's own tables are switched off)."""
+        """One console line per finished trial (Tune's own tables are switched off), and the trials bar."""
 
         def __init__(self) -> None:
             self.recovered: dict[str, str] = {}
+            self.counted = False  # whether the bar starts from the trials a resumed sweep finished before
             self.tuner_pkl: bytes | None = None  # the Tuner's state as this process pickled it (`_tuner`)
 
         def backup(self, trials) -> None:
@@ -689,6 +691,9 @@ def _progress_callback(spec: SweepSpec, exp, keep):
             self.backup(trials)  # after Tune's last save (a Ctrl-C's too), which a trial's callback precedes
 
         def on_trial_start(self, iteration, trials, trial, **info):
+            if shown is not None and not self.counted:
+                self.counted = True
+                shown.restart(len(self.ended(trials)))
             # Tune's newest saved state, which holds this trial's setting once Tune has saved since it was
             # proposed (it saves at most every 10 s); a resume from a state before that proposes it again, the
             # same setting (the searcher puts its study back as it was then)
@@ -699,8 +704,11 @@ def _progress_callback(spec: SweepSpec, exp, keep):
             """Searched trials finished or failed as Tune's state has them (those finished before a resume
             included; a trial lost to the cluster runs again, so it is not done), the one just ended counted.
             Tune's state, not the stored results: another trial may have stored its result already."""
-            ended = {t.trial_id for t in trials if t.status == "TERMINATED" or (t.status == "ERROR" and not _lost(t))}
-            return len(ended | {trial.trial_id})
+            return len(Progress.ended(trials) | {trial.trial_id})
+
+        @staticmethod
+        def ended(trials) -> set[str]:
+            return {t.trial_id for t in trials if t.status == "TERMINATED" or (t.status == "ERROR" and not _lost(t))}
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.backup(trials)  # Tune's own copy is not atomic: a kill can cut it short
@@ -714,6 +722,8 @@ def _progress_callback(spec: SweepSpec, exp, keep):
             log.info("trial %s done (%d/%d): %s %s  %s%s", _number(trial), self.done(trials, trial), spec.sweep.num_trials,
                      trial.config.get("defense"), fmt_params(setting(trial), digits=digits),
                      result_text(r, objs), "  (stored signals reused)" if r.get("reused_signals") else "")
+            if shown is not None:
+                shown.update(self.done(trials, trial))
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             why = _trial_error(trial)
@@ -730,6 +740,8 @@ def _progress_callback(spec: SweepSpec, exp, keep):
                 return
             log.warning("trial %s failed (%d/%d): %s", _number(trial), self.done(trials, trial), spec.sweep.num_trials,
                         _trial_error(trial))
+            if shown is not None:
+                shown.update(self.done(trials, trial))
 
     return Progress()
 
@@ -1175,28 +1187,30 @@ def run_sweep(
         # on two cores (benchmarks/RESULTS.md). A bank trained in this process (`bank.engine: local`) would
         # hold up Tune's controller instead, so there the baseline comes first.
         baseline = None
-        if spec.sweep.include_undefended and pool is not None:
-            beside = _in_daemon_thread(_baseline, spec, root, sweep_dir, keep, pool, parent_id)
-        elif spec.sweep.include_undefended:
-            baseline = _baseline(spec, root, sweep_dir, keep, pool, parent_id)
-        tuner = _tuner(spec, space, root, sweep_dir, parent_id, pool, ray_storage, keep, exp, resuming)
-        grid = _fit(tuner, spec.sweep.max_concurrent)
-        for _ in range(LOST_TRIAL_ROUNDS):
-            # Tune can give up on a trial lost with its node although it has retries left (two failures of
-            # one loss race each other); trials are idempotent (stored results and packs are reused), so
-            # those run again, after the others (with them, errored trials run again: a deterministic error
-            # fails again at once, its packs stored)
-            lost = [r for r in grid if lost_to_cluster(r.error)]
-            if not lost or (pool is not None and pool.closed()):  # nothing lost, or a stop shut the pool down
-                break
-            if (why := _restore_tune_state(keep, exp)) is not None:  # Tune restores from what it verified
-                log.warning("sweep %s: the %d trial(s) lost with their worker or node are not run again: Tune's "
-                            "state is not restored (%s)", spec.name, len(lost), why)
-                break
-            log.warning("sweep %s: running the %d trial(s) lost with their worker or node again", spec.name, len(lost))
-            tuner = _tuner(spec, space, root, sweep_dir, parent_id, pool, ray_storage, keep, exp, True,
-                           resume_errored=True)
+        with progress.bar(f"sweep {spec.name}: trials", spec.sweep.num_trials) as shown:
+            if spec.sweep.include_undefended and pool is not None:
+                beside = _in_daemon_thread(_baseline, spec, root, sweep_dir, keep, pool, parent_id)
+            elif spec.sweep.include_undefended:
+                baseline = _baseline(spec, root, sweep_dir, keep, pool, parent_id)
+            tuner = _tuner(spec, space, root, sweep_dir, parent_id, pool, ray_storage, keep, exp, resuming,
+                           shown=shown)
             grid = _fit(tuner, spec.sweep.max_concurrent)
+            for _ in range(LOST_TRIAL_ROUNDS):
+                # Tune can give up on a trial lost with its node although it has retries left (two failures of
+                # one loss race each other); trials are idempotent (stored results and packs are reused), so
+                # those run again, after the others (with them, errored trials run again: a deterministic error
+                # fails again at once, its packs stored)
+                lost = [r for r in grid if lost_to_cluster(r.error)]
+                if not lost or (pool is not None and pool.closed()):  # nothing lost, or a stop shut the pool down
+                    break
+                if (why := _restore_tune_state(keep, exp)) is not None:  # Tune restores from what it verified
+                    log.warning("sweep %s: the %d trial(s) lost with their worker or node are not run again: Tune's "
+                                "state is not restored (%s)", spec.name, len(lost), why)
+                    break
+                log.warning("sweep %s: running the %d trial(s) lost with their worker or node again", spec.name, len(lost))
+                tuner = _tuner(spec, space, root, sweep_dir, parent_id, pool, ray_storage, keep, exp, True,
+                               resume_errored=True, shown=shown)
+                grid = _fit(tuner, spec.sweep.max_concurrent)
         searched = _collect(grid, [o.metric for o in spec.sweep.objectives])
         if len(searched) < spec.sweep.num_trials or any(t["status"] == "incomplete" for t in searched):
             # Tune returns early when interrupted (Ctrl-C): its state is saved, the sweep is not finished.
@@ -1456,9 +1470,10 @@ def _trial_processes_kept(keep: int):
 
 
 def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str | None, pool, ray_storage: str,
-           keep, exp, restore: bool, resume_errored: bool = False):
+           keep, exp, restore: bool, resume_errored: bool = False, shown=None):
     """Tune's Tuner over the trials: restored from `restore` (an interrupted sweep's experiment), or new,
-    with OptunaSearch (its study in sweep.storage) proposing each trial's defense setting."""
+    with OptunaSearch (its study in sweep.storage) proposing each trial's defense setting. `shown`: the
+    progress.Bar of the trials done."""
     from ray import tune
 
     from raymia.searcher import ConstrainedOptunaSearch, make_sampler
@@ -1471,8 +1486,8 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
         _run_trial, base=spec.model_dump(mode="json"), root=str(root), sweep_dir=str(sweep_dir), state=keep.location,
         log_level=logging.getLogger("raymia").getEffectiveLevel(), pool=pool,
     ), {"cpu": spec.sweep.trial_cpu})
-    progress = _progress_callback(spec, exp, keep)
-    callbacks = [progress] + ([_mlflow_callback(spec, parent_id)] if parent_id else []) + (
+    lines = _progress_callback(spec, exp, keep, shown)
+    callbacks = [lines] + ([_mlflow_callback(spec, parent_id)] if parent_id else []) + (
         [_pool_stop_callback(pool)] if pool is not None else [])
     if restore:
         _quiet_tune_summaries()
@@ -1482,7 +1497,7 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
         # Tune restores the callbacks pickled when the sweep began, with that run's MLflow parent, tracking
         # settings and console state; this run's take their place (Tuner.restore takes no RunConfig).
         tuner._local_tuner.get_run_config().callbacks = callbacks
-        return _with_state(tuner, progress)
+        return _with_state(tuner, lines)
     objectives = spec.sweep.objectives
     constraints = spec.sweep.constraints
     searcher = ConstrainedOptunaSearch(
@@ -1514,7 +1529,7 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
             callbacks=callbacks,
             verbose=0,
         ),
-    ), progress)
+    ), lines)
 
 
 def _pool_stop_callback(pool):
@@ -1555,12 +1570,12 @@ def _pool_stop_callback(pool):
     return StopsPool(pool)
 
 
-def _with_state(tuner, progress):
+def _with_state(tuner, lines):
     """`tuner`, its state pickled here as Tune pickles it into tuner.pkl (`TunerInternal.__getstate__`, with
     Ray's cloudpickle) for the copy raymia signs: bytes from this process, not read back from the store."""
     from ray import cloudpickle
 
-    progress.tuner_pkl = cloudpickle.dumps(tuner._local_tuner.__getstate__())
+    lines.tuner_pkl = cloudpickle.dumps(tuner._local_tuner.__getstate__())
     return tuner
 
 

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+from raymia import progress
 from raymia.report.text import duration
 from raymia.spec import AuditSpec
 from raymia.store import SignalStore
@@ -34,14 +35,16 @@ def _train_packs(spec: AuditSpec, store: SignalStore, packs: list[int], rank: in
         log.info("worker %d: %d pack(s), %s on %s", rank, len(mine),
                  "vectorised packs" if vectorize else "one model at a time", device)
     start = time.perf_counter()
-    for i, p in enumerate(mine, 1):
-        t0 = time.perf_counter()
-        arrays, reports = train_pack(ctx, p, device, vectorize=vectorize)
-        store.write_pack(p, arrays, meta={"device": str(device), "seconds": time.perf_counter() - t0,
-                                          "vectorized": vectorize, "defense_reports": reports})
-        left = (time.perf_counter() - start) / i * (len(mine) - i)
-        log.info("worker %d: pack %d done (%d/%d, %.1fs%s)", rank, p, i, len(mine), time.perf_counter() - t0,
-                 f", about {duration(left)} left" if i < len(mine) else "")
+    with progress.bar(f"{current_prefix()}bank packs", len(mine)) as shown:
+        for i, p in enumerate(mine, 1):
+            t0 = time.perf_counter()
+            arrays, reports = train_pack(ctx, p, device, vectorize=vectorize)
+            store.write_pack(p, arrays, meta={"device": str(device), "seconds": time.perf_counter() - t0,
+                                              "vectorized": vectorize, "defense_reports": reports})
+            left = (time.perf_counter() - start) / i * (len(mine) - i)
+            log.info("worker %d: pack %d done (%d/%d, %.1fs%s)", rank, p, i, len(mine), time.perf_counter() - t0,
+                     f", about {duration(left)} left" if i < len(mine) else "")
+            shown.advance()
 
 
 class _PrefixFormatter(logging.Formatter):

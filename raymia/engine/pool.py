@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from raymia import progress
 from raymia.engine.bank_job import UNPREFIXED
 from raymia.errors import Interrupted, RaymiaError, last_error_line
 from raymia.spec import AuditSpec
@@ -222,55 +223,57 @@ class BankPool:
                     log.info("%s", note)
                 raw["bank"]["vectorize"] = vectorize
         done_count, start = 0, time.perf_counter()
-        while queue or inflight:
-            while queue and free:
-                w, p = free.popleft(), queue.popleft()
-                inflight[self.workers[w].train.remote(raw, root, store.fingerprint, p, share, level, prefix)] = (w, p)
-            if not inflight and not restarting:
-                if self.closed():
-                    raise Interrupted("the bank pool was shut down")
-                raise RaymiaError(f"every bank worker was lost; packs {sorted(queue)} of signals {store.fingerprint} "
-                                  "are not trained (a re-run trains only those)")
-            ready, _ = ray.wait([*inflight, *restarting], num_returns=1,
-                                timeout=None if inflight else RESTART_WAIT_S)
-            if not ready:
-                raise RaymiaError(f"no bank worker came back within {RESTART_WAIT_S}s of being lost (the cluster "
-                                  f"cannot place its request); packs {sorted(queue)} of signals {store.fingerprint} "
-                                  "are not trained (a re-run trains only those)")
-            ref = ready[0]
-            if ref in restarting:
-                w = restarting.pop(ref)
+        with progress.bar(f"{prefix}bank packs", len(packs)) as shown:
+            while queue or inflight:
+                while queue and free:
+                    w, p = free.popleft(), queue.popleft()
+                    inflight[self.workers[w].train.remote(raw, root, store.fingerprint, p, share, level, prefix)] = (w, p)
+                if not inflight and not restarting:
+                    if self.closed():
+                        raise Interrupted("the bank pool was shut down")
+                    raise RaymiaError(f"every bank worker was lost; packs {sorted(queue)} of signals {store.fingerprint} "
+                                      "are not trained (a re-run trains only those)")
+                ready, _ = ray.wait([*inflight, *restarting], num_returns=1,
+                                    timeout=None if inflight else RESTART_WAIT_S)
+                if not ready:
+                    raise RaymiaError(f"no bank worker came back within {RESTART_WAIT_S}s of being lost (the cluster "
+                                      f"cannot place its request); packs {sorted(queue)} of signals {store.fingerprint} "
+                                      "are not trained (a re-run trains only those)")
+                ref = ready[0]
+                if ref in restarting:
+                    w = restarting.pop(ref)
+                    try:
+                        self.places[w] = ray.get(ref)
+                        free.append(w)
+                    except ray.exceptions.ActorUnavailableError:  # still restarting: ask again shortly
+                        time.sleep(0.2)
+                        restarting[_ping(self.workers[w])] = w
+                    except ray.exceptions.RayActorError as e:
+                        self._lost(w, e, None, losses, restarting)
+                    continue
+                w, p = inflight.pop(ref)
                 try:
-                    self.places[w] = ray.get(ref)
-                    free.append(w)
-                except ray.exceptions.ActorUnavailableError:  # still restarting: ask again shortly
-                    time.sleep(0.2)
-                    restarting[_ping(self.workers[w])] = w
+                    meta = ray.get(ref)
                 except ray.exceptions.RayActorError as e:
-                    self._lost(w, e, None, losses, restarting)
-                continue
-            w, p = inflight.pop(ref)
-            try:
-                meta = ray.get(ref)
-            except ray.exceptions.RayActorError as e:
-                queue.appendleft(p)
-                self._lost(w, e, p, losses, restarting)
-                continue
-            except ray.exceptions.RayTaskError as e:
-                cause = getattr(e, "cause", None)
-                if isinstance(cause, RaymiaError):
-                    raise cause from None
-                raise
-            free.append(w)
-            done_count += 1
-            left = (time.perf_counter() - start) / done_count * (len(packs) - done_count)
-            if meta is None:
-                log.info("pack %d was already stored (%d/%d)", p, done_count, len(packs))
-            else:
-                for note in meta.get("notes", ()):
-                    log.info("%s", note)
-                log.info("worker %d: pack %d done (%d/%d, %.1fs%s)", w, p, done_count, len(packs), meta["seconds"],
-                         f", about {_duration(left)} left" if done_count < len(packs) else "")
+                    queue.appendleft(p)
+                    self._lost(w, e, p, losses, restarting)
+                    continue
+                except ray.exceptions.RayTaskError as e:
+                    cause = getattr(e, "cause", None)
+                    if isinstance(cause, RaymiaError):
+                        raise cause from None
+                    raise
+                free.append(w)
+                done_count += 1
+                left = (time.perf_counter() - start) / done_count * (len(packs) - done_count)
+                if meta is None:
+                    log.info("pack %d was already stored (%d/%d)", p, done_count, len(packs))
+                else:
+                    for note in meta.get("notes", ()):
+                        log.info("%s", note)
+                    log.info("worker %d: pack %d done (%d/%d, %.1fs%s)", w, p, done_count, len(packs), meta["seconds"],
+                             f", about {_duration(left)} left" if done_count < len(packs) else "")
+                shown.advance()
 
     def _lost(self, w: int, error: BaseException, pack: int | None, losses: list[int],
               restarting: dict[Any, int]) -> None:

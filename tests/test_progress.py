@@ -1,0 +1,110 @@
+"""Progress bars: off unless enabled, every line printed above them while they show, the streams and log
+handlers given back when the last closes, and the bars of a real audit (packs, attacks x targets)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import pickle
+import re
+import sys
+
+from rich.console import Console
+
+import raymia
+from raymia import progress
+from raymia.cli import build_parser
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@contextlib.contextmanager
+def _screen():
+    """A terminal that draws into a buffer, bars enabled on it; raymia's logger writing to stderr (a buffer
+    of its own) as the `raymia` command sets it up. Made in the test's body: pytest swaps sys.stderr between
+    a fixture's setup and the test."""
+    buf, stderr = io.StringIO(), sys.stderr
+    sys.stderr = io.StringIO()
+    rlog = logging.getLogger("raymia")
+    saved = rlog.handlers[:], rlog.level, rlog.propagate
+    handler = logging.StreamHandler()  # holds sys.stderr as it is now, as the command's does
+    handler.setFormatter(logging.Formatter("[raymia] %(message)s"))
+    rlog.handlers[:], rlog.propagate = [handler], False
+    rlog.setLevel(logging.INFO)
+    progress.enable(Console(file=buf, force_terminal=True, width=120))
+    try:
+        yield buf, handler
+    finally:
+        progress.disable()
+        sys.stderr = stderr
+        rlog.handlers[:] = saved[0]
+        rlog.setLevel(saved[1])
+        rlog.propagate = saved[2]
+
+
+def _text(buf: io.StringIO) -> str:
+    return ANSI.sub("", buf.getvalue())
+
+
+def test_bars_are_off_unless_enabled():
+    stderr = sys.stderr
+    with progress.bar("packs", 3) as b:
+        assert sys.stderr is stderr  # nothing redirected
+        b.advance()
+        b.update(3)
+
+
+def test_lines_print_above_the_bar_and_the_streams_come_back():
+    with _screen() as (buf, handler):
+        _lines_above(buf, handler)
+
+
+def _lines_above(buf, handler):
+    stream, stdout, stderr = handler.stream, sys.stdout, sys.stderr
+    assert stream is stderr
+    log = logging.getLogger("raymia")
+    with progress.bar("bank packs", 3) as outer:
+        assert handler.stream is not stream and sys.stderr is not stderr  # through the display now
+        with progress.bar("attacks x targets", 2) as inner:
+            log.info("pack 0 done")
+            inner.advance(2)
+        assert sys.stderr is not stderr  # the outer bar still shows
+        outer.advance(3)
+        print("a line on stdout")
+    assert handler.stream is stream and sys.stdout is stdout and sys.stderr is stderr
+    shown = _text(buf)
+    assert shown.count("[raymia] pack 0 done\n") == 1 and "a line on stdout\n" in shown
+    assert "[raymia] bank packs" in shown and "3/3" in shown and "2/2" in shown
+    assert "pack 0 done" not in stderr.getvalue()  # not also written past the display
+    log.info("after the bars")
+    assert "after the bars" not in _text(buf) and stderr.getvalue() == "[raymia] after the bars\n"
+
+
+def test_a_bar_pickles_as_an_inert_one():
+    """Tune pickles its callbacks, the sweep's trials bar with them; the copy must not carry the display."""
+    buf = io.StringIO()
+    progress.enable(Console(file=buf, force_terminal=True))
+    try:
+        with progress.bar("trials", 2) as b:
+            copy = pickle.loads(pickle.dumps(b))
+            copy.advance()
+            assert copy._progress is None and b._progress is not None
+    finally:
+        progress.disable()
+
+
+def test_an_audit_shows_its_packs_and_attacks(tmp_path):
+    spec = {"name": "bars", "plan": {"num_models": 4, "population": 200}, "model": {"params": {"hidden": [32]}},
+            "attacks": ["loss"], "bank": {"engine": "local", "pack_size": 2}, "output_dir": str(tmp_path / "runs")}
+    with _screen() as (buf, _):
+        raymia.run_audit(spec, ["train.epochs=1", "tracking.enabled=false"], console=False)
+    shown = _text(buf)
+    assert re.search(r"\[raymia\] bank packs .* 2/2", shown), shown
+    assert re.search(r"\[raymia\] attacks x targets .* 4/4", shown), shown
+    assert "[raymia] worker 0: pack 1 done (2/2" in shown  # the progress lines stay, above the bars
+
+
+def test_the_commands_that_train_take_no_progress():
+    for command in ("audit", "sweep"):
+        assert build_parser().parse_args([command, "s.yaml", "--no-progress"]).no_progress
