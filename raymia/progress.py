@@ -96,6 +96,14 @@ def bar(description: str, total: int, completed: int = 0) -> Iterator[Bar]:
             _stop()
 
 
+def steps(span: range, description: str) -> Iterator[int]:
+    """The steps of `span` (a training's, from where a resumed one starts) under a bar of `span.stop`."""
+    with bar(description, span.stop, completed=span.start) as shown:
+        for step in span:
+            yield step
+            shown.advance()
+
+
 def _start() -> Any:
     """The Progress display, started by the first open bar (call with _lock held)."""
     global _progress, _open

@@ -108,3 +108,14 @@ def test_an_audit_shows_its_packs_and_attacks(tmp_path):
 def test_the_commands_that_train_take_no_progress():
     for command in ("audit", "sweep"):
         assert build_parser().parse_args([command, "s.yaml", "--no-progress"]).no_progress
+
+
+def test_steps_count_from_a_resumed_start_and_close_on_a_break():
+    with _screen() as (buf, handler):
+        stream = handler.stream
+        assert list(progress.steps(range(3, 5), "gmi: GAN training steps")) == [3, 4]
+        assert "gmi: GAN training steps" in _text(buf) and "5/5" in _text(buf)
+        for step in progress.steps(range(0, 10), "plg_mi: cGAN training steps"):
+            if step == 2:
+                break  # a stop_after, or a return from inside the loop
+        assert progress._progress is None and handler.stream is stream  # the bar closed with the loop

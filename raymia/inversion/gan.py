@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from raymia import progress
 from raymia.cache import data_digest, key_digest, load_state, save_state
 from raymia.datainfo import DataInfo
 from raymia.inversion.registry import (
@@ -229,7 +230,7 @@ def train_gan(x_public: torch.Tensor, info: DataInfo, settings: GanSettings, cac
 
     x = x_public.detach().float().cpu()
     n, b, zdim = x.shape[0], settings.batch_size, settings.latent_dim
-    for step in range(start, settings.steps):
+    for step in progress.steps(range(start, settings.steps), "gmi: GAN training steps"):
         for _ in range(settings.n_critic):
             real = x[torch.randint(n, (b,), generator=rng)].to(device)
             z = torch.randn(b, zdim, generator=rng).to(device)

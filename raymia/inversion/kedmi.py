@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from raymia import progress
 from raymia.cache import load_state
 from raymia.datainfo import DataInfo
 from raymia.inversion.gan import (
@@ -216,7 +217,7 @@ def train_kgan(target: nn.Module, x_public: torch.Tensor, info: DataInfo, settin
         def batch() -> torch.Tensor:
             return x[torch.randint(n, (b,), generator=rng)].to(device)
 
-        for step in range(start, settings.steps):
+        for step in progress.steps(range(start, settings.steps), "ked_mi: GAN training steps"):
             d_net.requires_grad_(True)
             for _ in range(settings.n_critic):
                 lab, unl = batch(), batch()

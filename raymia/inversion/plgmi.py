@@ -68,6 +68,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from raymia import progress
 from raymia.cache import load_state, state_checksum
 from raymia.datainfo import DataInfo
 from raymia.errors import SpecError
@@ -310,7 +311,7 @@ def hinge_cgan_steps(g_net: nn.Module, d_net: nn.Module, opt_g: torch.optim.Opti
     non-member set (raymia.data.ood), which trains without an extra loss."""
     std_cpu = pixel_transform(info)[1]
     n, b, zdim = x.shape[0], settings.batch_size, settings.latent_dim
-    for step in range(start, settings.steps):
+    for step in progress.steps(range(start, settings.steps), "plg_mi: cGAN training steps"):
         z = torch.randn(b, zdim, generator=rng).to(device)
         c = draw_labels(b).to(device)
         d_net.requires_grad_(False)
