@@ -45,10 +45,14 @@ def enable(console: Any = None) -> None:
 
 
 def disable() -> None:
-    """No bars from now on (one open now closes with its block)."""
-    global _console
+    """No bars from now on, and any still open taken down (a thread that outlives the command, such as a
+    sweep's baseline on Ctrl-C, must not leave the terminal's cursor hidden or its streams redirected)."""
+    global _console, _open
     with _lock:
         _console = None
+        if _progress is not None:
+            _open = 1
+            _stop()
 
 
 class Bar:
@@ -91,9 +95,10 @@ def bar(description: str, total: int, completed: int = 0) -> Iterator[Bar]:
         yield Bar(progress, task)
     finally:
         with _lock:
-            progress.refresh()  # its last count, before it goes
-            progress.remove_task(task)
-            _stop()
+            if progress is _progress:  # not taken down by `disable` meanwhile
+                progress.refresh()  # its last count, before it goes
+                progress.remove_task(task)
+                _stop()
 
 
 def steps(span: range, description: str) -> Iterator[int]:

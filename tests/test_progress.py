@@ -119,3 +119,18 @@ def test_steps_count_from_a_resumed_start_and_close_on_a_break():
             if step == 2:
                 break  # a stop_after, or a return from inside the loop
         assert progress._progress is None and handler.stream is stream  # the bar closed with the loop
+
+
+def test_disable_takes_down_a_bar_left_open():
+    """A thread that outlives the command (a sweep's baseline on Ctrl-C) must not leave the display up: the
+    terminal's cursor hidden, the streams redirected."""
+    with _screen() as (buf, handler):
+        stream, stderr = handler.stream, sys.stderr
+        left = progress.bar("bank packs", 4)
+        left.__enter__().advance()
+        progress.disable()
+        assert progress._progress is None and handler.stream is stream and sys.stderr is stderr
+        drawn = buf.getvalue()
+        assert drawn.rfind("\x1b[?25h") > drawn.rfind("\x1b[?25l") >= 0  # the cursor hidden, then shown again
+        left.__exit__(None, None, None)  # the thread's block ends later: nothing left to close
+        assert progress._open == 0
