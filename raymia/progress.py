@@ -1,4 +1,5 @@
-"""Progress bars for a person at a terminal: the bank's packs, the attacks, a sweep's trials.
+"""Progress bars for a person at a terminal: the bank's packs, the attacks, a sweep's trials, the inversion
+GANs' training steps.
 
 The `[raymia]` lines stay the record of a run (they read the same in a log file and in Ray's forwarded
 worker output); a bar only adds, at the bottom of an interactive terminal, how far a long step is and the
@@ -6,7 +7,7 @@ time it has left. Bars are off until `enable` (the `raymia` command calls it whe
 terminal, unless --quiet or --no-progress), so library callers, Ray workers and sweep trial processes
 never draw one. While a bar shows, every line written to stdout or stderr (raymia's and Ray's loggers,
 Ray's forwarded worker output) is printed above it instead of through it; the bars vanish when the last
-one closes. rich is imported only once a bar opens: the compute core runs without it.
+one closes. rich is imported only once bars are enabled: the compute core runs without it.
 """
 
 from __future__ import annotations
