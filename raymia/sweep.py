@@ -691,9 +691,10 @@ def _progress_callback(spec: SweepSpec, exp, keep, shown=None):
             self.backup(trials)  # after Tune's last save (a Ctrl-C's too), which a trial's callback precedes
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            if shown is not None and not self.counted:
+            if shown is not None and not self.counted:  # a resumed sweep's bar starts from its finished trials
                 self.counted = True
-                shown.restart(len(self.ended(trials)))
+                if finished := len(self.ended(trials)):
+                    shown.restart(finished)
             # Tune's newest saved state, which holds this trial's setting once Tune has saved since it was
             # proposed (it saves at most every 10 s); a resume from a state before that proposes it again, the
             # same setting (the searcher puts its study back as it was then)
