@@ -5,8 +5,11 @@ order in which the two test processes take the files."""
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -292,3 +295,37 @@ def signal_on_file(proc, pattern: str, sig: int, *, group: bool = True, within: 
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# progress bars on a terminal (raymia.progress)
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # a terminal's control sequences
+
+
+@contextlib.contextmanager
+def terminal_bars():
+    """A terminal that draws into a buffer, bars enabled on it; raymia's logger writing to stderr (a buffer
+    of its own) as the `raymia` command sets it up. Made in the test's body: pytest swaps sys.stderr
+    between a fixture's setup and the test (tests/test_progress.py)."""
+    buf, stderr = io.StringIO(), sys.stderr
+    sys.stderr = io.StringIO()
+    rlog = logging.getLogger("raymia")
+    saved = rlog.handlers[:], rlog.level, rlog.propagate
+    handler = logging.StreamHandler()  # holds sys.stderr as it is now, as the command's does
+    handler.setFormatter(logging.Formatter("[raymia] %(message)s"))
+    rlog.handlers[:], rlog.propagate = [handler], False
+    rlog.setLevel(logging.INFO)
+    from rich.console import Console
+
+    from raymia import progress
+
+    progress.enable(Console(file=buf, force_terminal=True, width=120))
+    try:
+        yield buf, handler
+    finally:
+        progress.disable()
+        sys.stderr = stderr
+        rlog.handlers[:] = saved[0]
+        rlog.setLevel(saved[1])
+        rlog.propagate = saved[2]

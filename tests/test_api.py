@@ -5,6 +5,7 @@ numbers, and the JSON Schema that editors read, checked against every spec in sw
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 import raymia
+from tests.conftest import ANSI, terminal_bars
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,10 +151,15 @@ def test_a_sweep_from_python_and_its_result(tmp_path, ray_local):
              {"metric": "test_accuracy", "mode": "max"}, {"metric": "loss/auc", "mode": "min"}]}}
     optuna.logging.set_verbosity(optuna.logging.INFO)
     try:
-        result = raymia.run_sweep(d, ["train.epochs=2"], console=False)
+        with terminal_bars() as (screen, _):  # as `raymia sweep` draws them on a terminal
+            result = raymia.run_sweep(d, ["train.epochs=2"], console=False)
         assert optuna.logging.get_verbosity() == optuna.logging.INFO
     finally:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+    shown = ANSI.sub("", screen.getvalue())
+    assert re.search(r"\[raymia\] sweep api: trials .* 1/1", shown), shown  # Tune's callback counts the trials
+    assert re.search(r"\[raymia\] trial 0: bank packs .* 1/1", shown)  # the baseline's, on this process's pool
+    assert "[raymia] trial 1 done (1/1)" in shown  # the lines printed above the bars
     assert isinstance(result, raymia.SweepResult)
     assert [(t["trial"], t["defense"], t["status"]) for t in result.trials] == [(0, "none", "ok"), (1, "confidence", "ok")]
     baseline = json.loads((Path(result.trials[0]["audit_dir"]) / "result.json").read_text())

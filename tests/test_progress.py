@@ -3,7 +3,6 @@ handlers given back when the last closes, and the bars of a real audit (packs, a
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import pickle
@@ -15,32 +14,7 @@ from rich.console import Console
 import raymia
 from raymia import progress
 from raymia.cli import build_parser
-
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-@contextlib.contextmanager
-def _screen():
-    """A terminal that draws into a buffer, bars enabled on it; raymia's logger writing to stderr (a buffer
-    of its own) as the `raymia` command sets it up. Made in the test's body: pytest swaps sys.stderr between
-    a fixture's setup and the test."""
-    buf, stderr = io.StringIO(), sys.stderr
-    sys.stderr = io.StringIO()
-    rlog = logging.getLogger("raymia")
-    saved = rlog.handlers[:], rlog.level, rlog.propagate
-    handler = logging.StreamHandler()  # holds sys.stderr as it is now, as the command's does
-    handler.setFormatter(logging.Formatter("[raymia] %(message)s"))
-    rlog.handlers[:], rlog.propagate = [handler], False
-    rlog.setLevel(logging.INFO)
-    progress.enable(Console(file=buf, force_terminal=True, width=120))
-    try:
-        yield buf, handler
-    finally:
-        progress.disable()
-        sys.stderr = stderr
-        rlog.handlers[:] = saved[0]
-        rlog.setLevel(saved[1])
-        rlog.propagate = saved[2]
+from tests.conftest import ANSI, terminal_bars
 
 
 def _text(buf: io.StringIO) -> str:
@@ -56,7 +30,7 @@ def test_bars_are_off_unless_enabled():
 
 
 def test_lines_print_above_the_bar_and_the_streams_come_back():
-    with _screen() as (buf, handler):
+    with terminal_bars() as (buf, handler):
         _lines_above(buf, handler)
 
 
@@ -97,7 +71,7 @@ def test_a_bar_pickles_as_an_inert_one():
 def test_an_audit_shows_its_packs_and_attacks(tmp_path):
     spec = {"name": "bars", "plan": {"num_models": 4, "population": 200}, "model": {"params": {"hidden": [32]}},
             "attacks": ["loss"], "bank": {"engine": "local", "pack_size": 2}, "output_dir": str(tmp_path / "runs")}
-    with _screen() as (buf, _):
+    with terminal_bars() as (buf, _):
         raymia.run_audit(spec, ["train.epochs=1", "tracking.enabled=false"], console=False)
     shown = _text(buf)
     assert re.search(r"\[raymia\] bank packs .* 2/2", shown), shown
@@ -111,7 +85,7 @@ def test_the_commands_that_train_take_no_progress():
 
 
 def test_steps_count_from_a_resumed_start_and_close_on_a_break():
-    with _screen() as (buf, handler):
+    with terminal_bars() as (buf, handler):
         stream = handler.stream
         assert list(progress.steps(range(3, 5), "gmi: GAN training steps")) == [3, 4]
         assert "gmi: GAN training steps" in _text(buf) and "5/5" in _text(buf)
@@ -124,7 +98,7 @@ def test_steps_count_from_a_resumed_start_and_close_on_a_break():
 def test_disable_takes_down_a_bar_left_open():
     """A thread that outlives the command (a sweep's baseline on Ctrl-C) must not leave the display up: the
     terminal's cursor hidden, the streams redirected."""
-    with _screen() as (buf, handler):
+    with terminal_bars() as (buf, handler):
         stream, stderr = handler.stream, sys.stderr
         left = progress.bar("bank packs", 4)
         left.__enter__().advance()
