@@ -201,6 +201,7 @@ def test_dockerfile_builds_ray_python311_cuda13_torch_and_raymia():
     text = DOCKERFILE.read_text()
     args = _dockerfile_args()
     assert args["RAY_VERSION"] == RAY_VERSION
+    assert _requirement("ray").specifier.contains(RAY_VERSION), "the image's Ray outside pyproject's bounds"
     assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-py311\b", text, flags=re.M)
     assert re.fullmatch(r"cu13\d", args["TORCH_CUDA"]), args["TORCH_CUDA"]
     assert "https://download.pytorch.org/whl/${TORCH_CUDA}" in text
