@@ -28,7 +28,7 @@ _API = {
     "as_spec": "raymia.resolve", "AuditSpec": "raymia.spec", "SweepSpec": "raymia.spec",
     "spec_schema": "raymia.spec", "run_attack": "raymia.attacks", "attack_metrics": "raymia.metrics",
     "full_metrics": "raymia.metrics", "Signals": "raymia.signals", "RaymiaError": "raymia.errors",
-    "SpecError": "raymia.errors",
+    "SpecError": "raymia.errors", "shadow_curve": "raymia.shadows", "ShadowCurve": "raymia.shadows",
 }
 __all__ = ["__version__", *_API]
 

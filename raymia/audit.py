@@ -251,6 +251,16 @@ def attacker_view(spec: AuditSpec, signals):
     return replace(signals, shadow_pool=pool)
 
 
+def spec_of(of) -> AuditSpec:
+    """The spec of an audit given as `read_signals` takes it: an `AuditResult`, a report folder (or its
+    result.json: the spec.yaml beside it), or anything `run_audit` accepts."""
+    from raymia.resolve import as_spec
+
+    if isinstance(of, str | Path) and (Path(of).name == "result.json" or (Path(of) / "spec.yaml").is_file()):
+        of = (Path(of).parent if Path(of).name == "result.json" else Path(of)) / "spec.yaml"  # a report's own
+    return of.spec if isinstance(of, AuditResult) else as_spec(of)
+
+
 def read_signals(of, output_dir: str | Path | None = None, raw: bool = False):
     """The stored signals (`raymia.signals.Signals`: every model's outputs, the membership matrix `keep`) of
     an audit's bank: `of` is an `AuditResult`, an audit's report folder (or its result.json: the spec.yaml
@@ -260,12 +270,9 @@ def read_signals(of, output_dir: str | Path | None = None, raw: bool = False):
     them scores as the audit's did. `raw`: the outputs before the defense's post-processing (a spec with
     `metrics.raw_outputs`). Reads the store and trains nothing; a bank that is not wholly stored is a RaymiaError that says how to build it."""
     from raymia.errors import RaymiaError
-    from raymia.resolve import as_spec
     from raymia.train.bank import BankContext
 
-    if isinstance(of, str | Path) and (Path(of).name == "result.json" or (Path(of) / "spec.yaml").is_file()):
-        of = (Path(of).parent if Path(of).name == "result.json" else Path(of)) / "spec.yaml"  # a report's own
-    spec = of.spec if isinstance(of, AuditResult) else as_spec(of)
+    spec = spec_of(of)
     out = str(Path(output_dir or spec.output_dir).resolve())
     spec = spec.model_copy(update={"output_dir": out})
     if raw and not spec.metrics.raw_outputs:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections import ChainMap
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -53,8 +54,8 @@ class Signals:
     def derived(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         """compute(), kept for later calls with the same key; arrays (alone or in a tuple) come back
         read-only, since they are shared. The key names the transform and every parameter it depends on: a
-        per-model transform must not depend on the target; a fit on the shadows has their mask in its key
-        (a target and its paired model have the same shadows)."""
+        per-model transform must not depend on the target or the shadow pool; a fit on the shadows has their
+        mask in its key (a target and its paired model have the same shadows), one on the pool the pool's."""
         if key not in self._derived:
             value = compute()
             for part in value if isinstance(value, tuple) else (value,):
@@ -66,6 +67,14 @@ class Signals:
     def forget_derived(self) -> None:
         """Drop what `derived` kept (the audit does so after each attack: the memory goes back)."""
         self._derived.clear()
+
+    def with_shadow_pool(self, pool: np.ndarray) -> Signals:
+        """These signals with `pool` (bool [M]) as the models an attacker may use as shadows. The copy reads
+        what `derived` kept here (a per-model transform is the same for any pool; a fit names its shadows or
+        pool in its key) and keeps its own fits, which go with it."""
+        view = replace(self, shadow_pool=np.asarray(pool, dtype=bool))
+        object.__setattr__(view, "_derived", ChainMap({}, self._derived))
+        return view
 
     def __post_init__(self) -> None:
         if self.logits.ndim != 4:

@@ -291,6 +291,38 @@ def _draw_reference(ax, reference: dict, x_key: str, y_key: str, x_err_key: str 
                label=str(reference.get("label", "undefended")), zorder=4)
 
 
+def plot_shadow_curve(curve: Any, metric: str, path: str | Path) -> Path:
+    """An attack's `metric` against the number of shadow models (`shadows.ShadowCurve`): a line per attack
+    through the means over the targets, its std as a band, the x axis in powers of two. Returns the PNG path."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    from raymia.metrics import metric_label
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(6.0, 4.2))
+    try:
+        ax = fig.subplots()
+        x = np.asarray(curve.shadows, dtype=float)
+        colours = attack_colours(curve.attacks)
+        for a in curve.attacks:
+            mean, std = curve.mean(a, metric), curve.std(a, metric)
+            ax.plot(x, mean, marker="o", markersize=3.5, linewidth=1.5, color=colours[a], label=a)
+            ax.fill_between(x, mean - std, mean + std, color=colours[a], alpha=0.15, linewidth=0)
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(x))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([str(int(v)) for v in x])
+        ax.set_xlabel("shadow models per target")
+        ax.set_ylabel(f"{metric_label(metric)} (mean over {len(curve.targets)} target(s), band: std)")
+        ax.grid(True, alpha=0.4)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize="small")
+        fig.savefig(path, dpi=_DPI, bbox_inches="tight")
+    finally:
+        fig.clear()
+    return path
+
+
 def plot_ood(ood: Any, path: Path, title: str = "false positives by non-member set",
              colours: Mapping[str, str] | None = None) -> Path:
     """ood_fpr.png (`draw_ood`). Returns the PNG path."""

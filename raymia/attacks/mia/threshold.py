@@ -277,7 +277,7 @@ def threshold_attack(signals: Signals, target: int, params: ThresholdParams, sta
 
     stat = signals.derived((stat_fn, params.query),
                            lambda: per_model(stat_fn, signals.logits[:, params.query], signals.labels))
-    pool = signals.derived((stat_fn, params.query, "pool"), lambda: PoolFit(
+    pool = signals.derived((stat_fn, params.query, "pool", signals.pool_mask.tobytes()), lambda: PoolFit(
         stat, signals.keep, signals.labels, signals.pool_mask, signals.fit_index))
     tau = signals.derived((stat_fn, params.query, params.calibration, shadow.tobytes()),
                           lambda: pool.thresholds(params.calibration, shadow))
