@@ -228,6 +228,51 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shadows(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from raymia.audit import spec_of
+    from raymia.metrics import fpr_key, metric_label, shown_as_percent
+    from raymia.shadows import shadow_curve
+
+    folder = Path(args.dir)
+    if not (folder / "spec.yaml").is_file():
+        raise RaymiaError(f"{folder} holds no audit report (spec.yaml); give an audit's folder, "
+                          "<output_dir>/audits/NAME-FP", where="dir")
+    measured = ["auc", "balanced_accuracy", *(fpr_key(f) for f in spec_of(folder).metrics.fpr_levels)]
+    if args.metric not in measured:
+        raise RaymiaError(f"{args.metric!r} is not among the audit's metrics; accepted: {', '.join(measured)}",
+                          where="--metric")
+    try:
+        curve = shadow_curve(folder, shadows=args.shadows)
+    except ValueError as e:
+        raise RaymiaError(str(e), where="--shadows") from None
+    percent = shown_as_percent(args.metric)
+    table = Table(title=f"{metric_label(args.metric)} by shadow models per target (mean ± std over "
+                        f"{len(curve.targets)} target(s))")
+    table.add_column("shadows", justify="right")
+    for a in curve.attacks:
+        table.add_column(a, justify="right")
+    for i, k in enumerate(curve.shadows):
+        cells = []
+        for a in curve.attacks:
+            m, sd = curve.mean(a, args.metric)[i], curve.std(a, args.metric)[i]
+            cells.append("n/a" if m != m else f"{100 * m:.2f}% ± {100 * sd:.2f}%" if percent else f"{m:.4f} ± {sd:.4f}")
+        table.add_row(str(k), *cells)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    for note in curve.notes:
+        print(note)
+    rows = [(a, metric, k, float(curve.mean(a, metric)[i]), float(curve.std(a, metric)[i]))
+            for a in curve.attacks for metric in curve.metrics for i, k in enumerate(curve.shadows)]
+    (folder / "shadows.csv").write_text("attack,metric,shadows,mean,std\n" + "".join(
+        f"{a},{metric},{k},{m!r},{sd!r}\n" for a, metric, k, m, sd in rows))
+    print(f"-> {curve.plot(folder / 'shadows.png', args.metric)}, {folder / 'shadows.csv'}")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     import json
 
@@ -301,6 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="the folder holding the run's result.json (<output_dir>/audits/NAME-FP or "
                                "<output_dir>/sweeps/NAME)")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("shadows", help="was the bank large enough? an audit's attacks again with 2, 4, 8, ... of each "
+                                       "target's shadows, from its stored signals: a table, shadows.png and "
+                                       "shadows.csv in its folder")
+    p.add_argument("dir", help="the audit's report folder (<output_dir>/audits/NAME-FP)")
+    p.add_argument("--metric", default="auc", help="the metric of the table and plot (default: auc; e.g. tpr_fpr_0.01)")
+    p.add_argument("--shadows", type=int, nargs="+", default=None, metavar="K",
+                   help="shadow models per target (default: 2, 4, 8, ... and all of them); whole pairs")
+    p.set_defaults(func=cmd_shadows)
     p = sub.add_parser("pareto", help="read a sweep back from MLflow: Pareto front, hypervolume, table and plot")
     p.add_argument("specs", nargs="*", metavar="SPEC",
                    help="the sweeps' spec files: their names, MLflow store and experiment (instead of --sweep, "

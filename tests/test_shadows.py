@@ -12,6 +12,7 @@ from raymia.attacks import run_attack
 from raymia.attacks.registry import ATTACKS
 from raymia.shadows import shadow_pools, shadow_units
 from raymia.signals import Signals
+from tests.conftest import run_cli
 
 
 def paired_bank(m=12, p=80, q=2, c=4, z=40, seed=0) -> Signals:
@@ -106,3 +107,19 @@ def test_the_curve_at_the_audits_count_is_the_audit(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(KeyError, match="no metric 'tpr_fpr_0.5' in this curve; it has auc, balanced_accuracy"):
         curve.plot(tmp_path / "x.png", "tpr_fpr_0.5")
+    # the command: the table, shadows.csv (every metric) and shadows.png beside the report
+    done = run_cli("shadows", str(result.out_dir), "--metric", "tpr_fpr_0.1", "--shadows", "2", "6")
+    assert done.returncode == 0, done.stderr
+    assert "TPR@10%FPR by shadow models per target" in done.stdout and "rmia_off with 2 shadows: n/a" in done.stdout
+    rows = [line.split(",") for line in (result.out_dir / "shadows.csv").read_text().splitlines()]
+    assert rows[0] == ["attack", "metric", "shadows", "mean", "std"] and len(rows) == 1 + 3 * 7 * 2
+    lira = {int(r[2]): float(r[3]) for r in rows if r[:2] == ["lira_online", "auc"]}
+    assert lira == {2: again.mean("lira_online")[0], 6: again.mean("lira_online")[1]}
+    assert (result.out_dir / "shadows.png").read_bytes()[:4] == b"\x89PNG"
+    for args, line in ((["--shadows", "3"], "raymia: error: --shadows: shadows [3] cannot be drawn for target 0"),
+                       (["--metric", "tpr_fpr_0.5"], "raymia: error: --metric: 'tpr_fpr_0.5' is not among the "
+                                                     "audit's metrics; accepted: auc, balanced_accuracy, tpr_fpr_0.1")):
+        bad = run_cli("shadows", str(result.out_dir), *args)
+        assert bad.returncode == 2 and bad.stderr.startswith(line), bad.stderr
+    bad = run_cli("shadows", str(tmp_path))
+    assert bad.returncode == 2 and "holds no audit report (spec.yaml)" in bad.stderr
