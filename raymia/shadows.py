@@ -2,8 +2,9 @@
 
 An audit attacks each target with all of its shadows. Attacking it again with fewer of them (random
 subsets of its shadows, nested: each subset holds the smaller ones) says whether the bank was large enough:
-a curve still rising at the audit's count means more shadows would have found more leakage (Carlini et al.
-2022 measure LiRA online gaining with the number of shadows well beyond a dozen). Shadows are drawn in whole
+a curve still rising at the audit's count means more shadows would have found more leakage (LiRA online,
+which fits a Gaussian per point and side, needs the most; Carlini et al. 2022 advise its fixed variance
+when shadows are few). Shadows are drawn in whole
 complementary pairs where the bank has them, so that every point keeps as many IN as OUT shadows. Nothing
 trains: the stored signals are attacked again, and at the audit's own count the scores are the audit's.
 
