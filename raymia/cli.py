@@ -233,6 +233,7 @@ def cmd_shadows(args: argparse.Namespace) -> int:
 
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from raymia.audit import spec_of
     from raymia.metrics import fpr_key, metric_label, shown_as_percent
@@ -255,7 +256,7 @@ def cmd_shadows(args: argparse.Namespace) -> int:
                         f"{len(curve.targets)} target(s))")
     table.add_column("shadows", justify="right")
     for a in curve.attacks:
-        table.add_column(a, justify="right")
+        table.add_column(Text(a), justify="right")  # a label as given: a `[` is text, not markup
     for i, k in enumerate(curve.shadows):
         cells = []
         for a in curve.attacks:
@@ -353,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="auc", help="the metric of the table and plot (default: auc; e.g. tpr_fpr_0.01)")
     p.add_argument("--shadows", type=int, nargs="+", default=None, metavar="K",
                    help="shadow models per target (default: 2, 4, 8, ... and all of them); whole pairs")
+    no_bars(p)
     p.set_defaults(func=cmd_shadows)
     p = sub.add_parser("pareto", help="read a sweep back from MLflow: Pareto front, hypervolume, table and plot")
     p.add_argument("specs", nargs="*", metavar="SPEC",

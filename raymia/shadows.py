@@ -159,8 +159,8 @@ def shadow_curve(
     `shadows` default: 2, 4, 8, ... and the targets' full count; each must be reachable by whole pairs of
     the target's shadows. `seed` draws each target's order of pairs (nested subsets).
     """
-    from raymia.attacks import run_attack
-    from raymia.metrics import DEFAULT_FPR_LEVELS, attack_metrics, fpr_key
+    from raymia import progress
+    from raymia.metrics import DEFAULT_FPR_LEVELS
 
     entries: list[tuple[str, str, Any]] = []  # (label, name, params)
     if of is not None:
@@ -187,28 +187,42 @@ def shadow_curve(
 
     values: dict[str, dict[str, np.ndarray]] = {}
     notes: dict[tuple[str, int], str] = {}
-    for label, name, params in entries:
-        where = f"shadow_curve.{label}"
-        per = {m: np.full((len(sizes), len(targets)), np.nan)
-               for m in ("auc", "balanced_accuracy", *(fpr_key(float(f)) for f in fpr_levels))}
-        for j, t in enumerate(targets):
-            full = signals.shadow_mask(t)
-            if j == 0 and not any(np.array_equal(full, pool) for pool in pools[t].values()):
-                run_attack(name, params, signals, t, where=where)  # the per-model transforms every view reads
-            # the largest first: its run on the signals themselves keeps the per-model transforms the
-            # smaller subsets' views read (a view keeps only its own fits, which go with it)
-            for i in reversed(range(len(sizes))):
-                pool = pools[t][sizes[i]]
-                if np.array_equal(pool, full):  # the audit's own shadows: an error here is the audit's too
-                    scores = run_attack(name, params, signals, t, where=where)
-                else:
-                    try:
-                        scores = run_attack(name, params, signals.with_shadow_pool(pool), t, where=where)
-                    except ValueError as e:  # too few shadows for the attack (rmia_offline's tuning of a)
-                        notes.setdefault((label, sizes[i]), f"{label} with {sizes[i]} shadows: n/a ({e})")
-                        continue
-                for metric, v in attack_metrics(scores, signals.keep[t], fpr_levels).items():
-                    per[metric][i, j] = np.nan if v is None else v
-        signals.forget_derived()  # this attack's transforms, shared by its targets and sizes
-        values[label] = per
+    with progress.bar("shadow curve: attacks x targets x sizes", len(entries) * len(targets) * len(sizes)) as shown:
+        for label, name, params in entries:
+            values[label] = _attack_curve(signals, label, name, params, targets, pools, sizes, fpr_levels,
+                                          notes, shown)
     return ShadowCurve(tuple(sizes), tuple(targets), values, tuple(notes.values()))
+
+
+def _attack_curve(signals: Signals, label: str, name: str, params: Any, targets: list[int],
+                  pools: dict[int, dict[int, np.ndarray]], sizes: list[int], fpr_levels: tuple[float, ...],
+                  notes: dict[tuple[str, int], str], shown) -> dict[str, np.ndarray]:
+    """One attack's metrics [sizes, targets] (NaN where it cannot run, with a note)."""
+    from raymia.attacks import run_attack
+    from raymia.metrics import attack_metrics, fpr_key
+
+    where = f"shadow_curve.{label}"
+    per = {m: np.full((len(sizes), len(targets)), np.nan)
+           for m in ("auc", "balanced_accuracy", *(fpr_key(float(f)) for f in fpr_levels))}
+    for j, t in enumerate(targets):
+        full = signals.shadow_mask(t)
+        if j == 0 and not any(np.array_equal(full, pool) for pool in pools[t].values()):
+            run_attack(name, params, signals, t, where=where)  # the per-model transforms every view reads
+        # the largest first: its run on the signals themselves keeps the per-model transforms the
+        # smaller subsets' views read (a view keeps only its own fits, which go with it)
+        for i in reversed(range(len(sizes))):
+            pool = pools[t][sizes[i]]
+            if np.array_equal(pool, full):  # the audit's own shadows: an error here is the audit's too
+                scores = run_attack(name, params, signals, t, where=where)
+            else:
+                try:
+                    scores = run_attack(name, params, signals.with_shadow_pool(pool), t, where=where)
+                except ValueError as e:  # too few shadows for the attack (rmia_offline's tuning of a)
+                    notes.setdefault((label, sizes[i]), f"{label} with {sizes[i]} shadows: n/a ({e})")
+                    shown.advance()
+                    continue
+            for metric, v in attack_metrics(scores, signals.keep[t], fpr_levels).items():
+                per[metric][i, j] = np.nan if v is None else v
+            shown.advance()
+    signals.forget_derived()  # this attack's transforms, shared by its targets and sizes
+    return per

@@ -79,8 +79,8 @@ def test_an_audit_shows_its_packs_and_attacks(tmp_path):
     assert "[raymia] worker 0: pack 1 done (2/2" in shown  # the progress lines stay, above the bars
 
 
-def test_the_commands_that_train_take_no_progress():
-    for command in ("audit", "sweep"):
+def test_the_commands_of_long_work_take_no_progress():
+    for command in ("audit", "sweep", "shadows"):
         assert build_parser().parse_args([command, "s.yaml", "--no-progress"]).no_progress
 
 

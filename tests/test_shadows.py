@@ -12,7 +12,7 @@ from raymia.attacks import run_attack
 from raymia.attacks.registry import ATTACKS
 from raymia.shadows import shadow_pools, shadow_units
 from raymia.signals import Signals
-from tests.conftest import run_cli
+from tests.conftest import ANSI, run_cli, terminal_bars
 
 
 def paired_bank(m=12, p=80, q=2, c=4, z=40, seed=0) -> Signals:
@@ -123,3 +123,12 @@ def test_the_curve_at_the_audits_count_is_the_audit(tmp_path):
         assert bad.returncode == 2 and bad.stderr.startswith(line), bad.stderr
     bad = run_cli("shadows", str(tmp_path))
     assert bad.returncode == 2 and "holds no audit report (spec.yaml)" in bad.stderr
+
+
+def test_a_curve_of_signals_alone_shows_its_progress_on_a_terminal():
+    with terminal_bars() as (screen, _):
+        curve = raymia.shadow_curve(signals=paired_bank(), attacks=["lira_online", ("rmia_offline", {"a": 0.3})],
+                                    targets=[0, 5], shadows=[2, 10])
+    assert curve.shadows == (2, 10) and curve.attacks == ["lira_online", "rmia_offline"] and not curve.notes
+    assert "[raymia] shadow curve: attacks x targets x sizes" in ANSI.sub("", screen.getvalue())
+    assert "8/8" in ANSI.sub("", screen.getvalue())
