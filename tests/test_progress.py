@@ -31,28 +31,24 @@ def test_bars_are_off_unless_enabled():
 
 def test_lines_print_above_the_bar_and_the_streams_come_back():
     with terminal_bars() as (buf, handler):
-        _lines_above(buf, handler)
-
-
-def _lines_above(buf, handler):
-    stream, stdout, stderr = handler.stream, sys.stdout, sys.stderr
-    assert stream is stderr
-    log = logging.getLogger("raymia")
-    with progress.bar("bank packs", 3) as outer:
-        assert handler.stream is not stream and sys.stderr is not stderr  # through the display now
-        with progress.bar("attacks x targets", 2) as inner:
-            log.info("pack 0 done")
-            inner.advance(2)
-        assert sys.stderr is not stderr  # the outer bar still shows
-        outer.advance(3)
-        print("a line on stdout")
-    assert handler.stream is stream and sys.stdout is stdout and sys.stderr is stderr
-    shown = _text(buf)
-    assert shown.count("[raymia] pack 0 done\n") == 1 and "a line on stdout\n" in shown
-    assert "[raymia] bank packs" in shown and "3/3" in shown and "2/2" in shown
-    assert "pack 0 done" not in stderr.getvalue()  # not also written past the display
-    log.info("after the bars")
-    assert "after the bars" not in _text(buf) and stderr.getvalue() == "[raymia] after the bars\n"
+        stream, stdout, stderr = handler.stream, sys.stdout, sys.stderr
+        assert stream is stderr
+        log = logging.getLogger("raymia")
+        with progress.bar("bank packs", 3) as outer:
+            assert handler.stream is not stream and sys.stderr is not stderr  # through the display now
+            with progress.bar("attacks x targets", 2) as inner:
+                log.info("pack 0 done")
+                inner.advance(2)
+            assert sys.stderr is not stderr  # the outer bar still shows
+            outer.advance(3)
+            print("a line on stdout")
+        assert handler.stream is stream and sys.stdout is stdout and sys.stderr is stderr
+        shown = _text(buf)
+        assert shown.count("[raymia] pack 0 done\n") == 1 and "a line on stdout\n" in shown
+        assert "[raymia] bank packs" in shown and "3/3" in shown and "2/2" in shown
+        assert "pack 0 done" not in stderr.getvalue()  # not also written past the display
+        log.info("after the bars")
+        assert "after the bars" not in _text(buf) and stderr.getvalue() == "[raymia] after the bars\n"
 
 
 def test_a_bar_pickles_as_an_inert_one():
