@@ -24,6 +24,12 @@ two-query vote by sorted blocks against the pairwise count of every (x, z) pair,
 
 `--every-target` times each attack against every model on one Signals, as an audit's leave-one-out does (the
 seconds and the peak memory are those of the whole run, the targets' scores discarded as they come).
+
+`--shadow-curve T` times `raymia.shadow_curve` over T targets (each smaller shadow set a view that reads the
+full signals' per-model transforms) against attacking each target and size on fresh signals with that
+pool (the plain baseline), and checks both give the same AUCs:
+
+    python benchmarks/attack_cost.py --models 64 --points 20000 --shadow-curve 4 --attacks loss lira_online
 """
 
 from __future__ import annotations
@@ -106,6 +112,33 @@ def targets_cost(name: str, sig: Signals, targets: int) -> dict:
             "ratio": round(t_fresh / t_shared, 2), "same_scores": same}
 
 
+def shadow_curve_cost(name: str, sig: Signals, targets: int) -> dict:
+    """`shadow_curve` over `targets` targets (subsets as views that read the full signals' transforms)
+    against each (target, size) attacked on fresh signals with that pool (every transform computed again)."""
+    from raymia.metrics import attack_metrics
+    from raymia.shadows import shadow_curve, shadow_pools
+
+    sig.forget_derived()
+    t0 = time.perf_counter()
+    curve = shadow_curve(signals=sig, attacks=[name], targets=range(targets))
+    t_curve = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    auc = np.full((len(curve.shadows), targets), np.nan)
+    for t, by_size in shadow_pools(sig, range(targets)).items():
+        for i, pool in enumerate(by_size.values()):
+            fresh = dataclasses.replace(sig, shadow_pool=pool)
+            try:
+                auc[i, t] = attack_metrics(run_attack(name, None, fresh, t), sig.keep[t])["auc"]
+            except ValueError:  # too few shadows for the attack: n/a in the curve too
+                pass
+    t_fresh = time.perf_counter() - t0
+    same = bool(np.array_equal(np.isnan(auc), np.isnan(curve.values[name]["auc"]))
+                and np.allclose(np.nan_to_num(auc), np.nan_to_num(curve.values[name]["auc"]), rtol=0, atol=1e-12))
+    return {"attack": name, "shadow_curve": f"{targets} targets x sizes {list(curve.shadows)}",
+            "views_s": round(t_curve, 2), "fresh_s": round(t_fresh, 2), "ratio": round(t_fresh / t_curve, 2),
+            "same_auc": same}
+
+
 def _rss(key: str) -> int | None:
     """VmRSS or VmHWM of this process in bytes (None off Linux)."""
     try:
@@ -135,6 +168,8 @@ def main() -> None:
     ap.add_argument("--targets", type=int, default=0, help="also time T targets: shared transforms vs fresh")
     ap.add_argument("--vote", action="store_true", help="only RMIA's two-query vote: blocks vs pairwise")
     ap.add_argument("--every-target", action="store_true", help="attack every model, as an audit does")
+    ap.add_argument("--shadow-curve", type=int, default=0, metavar="T",
+                    help="also time shadow_curve over T targets against fresh signals per target and size")
     ap.add_argument("--params", type=json.loads, default=None, help='the attacks\' params, e.g. \'{"calibration": "per_class"}\'')
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -166,6 +201,10 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         if a.targets:
             row = targets_cost(name, sig, a.targets)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        if a.shadow_curve:
+            row = shadow_curve_cost(name, sig, a.shadow_curve)
             rows.append(row)
             print(json.dumps(row), flush=True)
     if a.json:

@@ -61,6 +61,12 @@ def test_attack_cost_times_many_targets_and_the_vote_against_their_baselines(tmp
     rows = [r for r in json.loads(out.read_text())["rows"] if "targets" in r]
     assert [r["attack"] for r in rows] == ["loss", "rmia_offline"]
     assert all(r["targets"] == 3 and r["same_scores"] and r["ratio"] > 0 for r in rows)
+    curve = subprocess.run([sys.executable, script, "--models", "8", "--points", "300", "--z", "100",
+                            "--shadow-curve", "2", "--attacks", "lira_online", "rmia_offline"], check=True,
+                           capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line) for line in curve.stdout.splitlines() if '"shadow_curve"' in line]
+    assert [(r["attack"], r["shadow_curve"], r["same_auc"]) for r in rows] == [
+        ("lira_online", "2 targets x sizes [2, 4, 6]", True), ("rmia_offline", "2 targets x sizes [2, 4, 6]", True)]
     vote = subprocess.run([sys.executable, script, "--vote", "--points", "400", "--z", "150"], check=True,
                           capture_output=True, text=True, timeout=600)
     row = json.loads(vote.stdout.strip().splitlines()[-1])  # it asserts that both counts agree
