@@ -1487,8 +1487,12 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
         _run_trial, base=spec.model_dump(mode="json"), root=str(root), sweep_dir=str(sweep_dir), state=keep.location,
         log_level=logging.getLogger("raymia").getEffectiveLevel(), pool=pool,
     ), {"cpu": spec.sweep.trial_cpu})
+    from ray.tune.logger import JsonLoggerCallback
+
     lines = _progress_callback(spec, exp, keep, shown)
-    callbacks = [lines] + ([_mlflow_callback(spec, parent_id)] if parent_id else []) + (
+    # each trial's reported results in its folder (result.json); Tune's other default loggers are off
+    # (engine.cluster.ensure_ray)
+    callbacks = [lines, JsonLoggerCallback()] + ([_mlflow_callback(spec, parent_id)] if parent_id else []) + (
         [_pool_stop_callback(pool)] if pool is not None else [])
     if restore:
         _quiet_tune_summaries()

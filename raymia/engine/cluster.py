@@ -34,9 +34,9 @@ def ensure_ray() -> None:
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     # Save Tune's experiment state after every event so a killed sweep loses no finished trial.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
-    # Tune's default CSV, JSON and TensorBoard logger callbacks write what raymia's own files and MLflow
-    # hold; the TensorBoard writer's queue thread (tensorboardX) held the exit of a sweep stopped by a SIGTERM
-    # to its process group past EXIT_AFTER_STOP_S.
+    # Tune's default logger callbacks: the sweep adds the JSON one (each trial's result.json) itself; the
+    # TensorBoard writer's queue thread (tensorboardX) held the exit of a sweep stopped by a SIGTERM to its
+    # process group past EXIT_AFTER_STOP_S, and the CSV one repeats the JSON's numbers.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     _keep_progress_lines_whole()
     if ray.is_initialized():
