@@ -629,11 +629,11 @@ def report_files(folder: Path) -> list[Path]:
     """The files of an audit's report in `folder` (those that are there) that its MLflow run keeps: the one
     list for a stand-alone audit, a sweep's trial and a final audit."""
     from raymia.report.html import REPORT_FILE
-    from raymia.report.plots import HISTOGRAMS_FILE
+    from raymia.report.plots import HISTOGRAMS_FILE, SHADOWS_CSV, SHADOWS_PNG
     from raymia.report.records import RECORDS_FILE, VULNERABLE_FILE
 
     names = ("result.json", "spec.yaml", "roc.png", REPORT_FILE, RECORDS_FILE, VULNERABLE_FILE, HISTOGRAMS_FILE,
-             "ood_fpr.png")
+             "ood_fpr.png", SHADOWS_PNG, SHADOWS_CSV)
     return [folder / n for n in names if (folder / n).is_file()] + sorted(folder.glob("inversion-*.png"))
 
 

@@ -237,6 +237,7 @@ def cmd_shadows(args: argparse.Namespace) -> int:
 
     from raymia.audit import spec_of
     from raymia.metrics import fpr_key, metric_label, shown_as_percent
+    from raymia.report.html import write_html
     from raymia.shadows import shadow_curve
 
     folder = Path(args.dir)
@@ -266,11 +267,8 @@ def cmd_shadows(args: argparse.Namespace) -> int:
     Console(width=None if sys.stdout.isatty() else 160).print(table)
     for note in curve.notes:
         print(note)
-    rows = [(a, metric, k, float(curve.mean(a, metric)[i]), float(curve.std(a, metric)[i]))
-            for a in curve.attacks for metric in curve.metrics for i, k in enumerate(curve.shadows)]
-    (folder / "shadows.csv").write_text("attack,metric,shadows,mean,std\n" + "".join(
-        f"{a},{metric},{k},{m!r},{sd!r}\n" for a, metric, k, m, sd in rows))
-    print(f"-> {curve.plot(folder / 'shadows.png', args.metric)}, {folder / 'shadows.csv'}")
+    png, csv = curve.write(folder, args.metric)
+    print(f"-> {png}, {csv}, {write_html(folder)}")
     return 0
 
 

@@ -71,6 +71,20 @@ class ShadowCurve:
         self._get(self.attacks[0], metric)
         return plot_shadow_curve(self, metric, path)
 
+    def write(self, folder: str | Path, metric: str = "auc") -> tuple[Path, Path]:
+        """shadows.png (`metric`) and shadows.csv (every metric: attack, metric, shadows, mean, std) in
+        `folder`."""
+        from raymia.report.plots import SHADOWS_CSV, SHADOWS_PNG
+
+        folder = Path(folder)
+        rows = [(a, m, k, float(self.mean(a, m)[i]), float(self.std(a, m)[i]))
+                for a in self.attacks for m in self.metrics for i, k in enumerate(self.shadows)]
+        png = self.plot(folder / SHADOWS_PNG, metric)
+        csv = folder / SHADOWS_CSV
+        csv.write_text("attack,metric,shadows,mean,std\n"
+                       + "".join(f"{a},{m},{k},{mean!r},{sd!r}\n" for a, m, k, mean, sd in rows))
+        return png, csv
+
     def _get(self, attack: str, metric: str) -> np.ndarray:
         if attack not in self.values:
             raise KeyError(f"no attack {attack!r} in this curve; it has {', '.join(self.values)}")

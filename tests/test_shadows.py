@@ -10,6 +10,7 @@ import pytest
 import raymia
 from raymia.attacks import run_attack
 from raymia.attacks.registry import ATTACKS
+from raymia.audit import report_files as audit_report_files
 from raymia.shadows import shadow_pools, shadow_units
 from raymia.signals import Signals
 from tests.conftest import ANSI, run_cli, terminal_bars
@@ -116,6 +117,9 @@ def test_the_curve_at_the_audits_count_is_the_audit(tmp_path):
     lira = {int(r[2]): float(r[3]) for r in rows if r[:2] == ["lira_online", "auc"]}
     assert lira == {2: again.mean("lira_online")[0], 6: again.mean("lira_online")[1]}
     assert (result.out_dir / "shadows.png").read_bytes()[:4] == b"\x89PNG"
+    page = (result.out_dir / "report.html").read_text()  # written again with the figure in it
+    assert "<h2 id='shadows'>Shadow models</h2>" in page and page.count("data:image/png;base64,") == 3  # roc, hist.
+    assert {p.name for p in audit_report_files(result.out_dir)} >= {"shadows.png", "shadows.csv"}  # a re-run removes them
     for args, line in ((["--shadows", "3"], "raymia: error: --shadows: shadows [3] cannot be drawn for target 0"),
                        (["--metric", "tpr_fpr_0.5"], "raymia: error: --metric: 'tpr_fpr_0.5' is not among the "
                                                      "audit's metrics; accepted: auc, balanced_accuracy, tpr_fpr_0.1")):

@@ -151,6 +151,8 @@ def _spec(folder: Path) -> str:
 
 
 def _audit(r: dict[str, Any], folder: Path) -> str:
+    from raymia.report.plots import SHADOWS_CSV, SHADOWS_PNG
+
     trial = _sweep_trial(folder)
     title = f"Audit {escape(str(r.get('name')))}"
     if trial is not None:
@@ -173,6 +175,15 @@ def _audit(r: dict[str, Any], folder: Path) -> str:
                               escape(v["attacks"].replace("+", ", ") or "-"), _num(float(v["percentile"]), True),
                               f"{float(v['z']):.2f}", escape(v["attack"]), f"{float(v['score']):#.6g}"]
                              for v in vul]))
+
+    if (folder / SHADOWS_PNG).is_file():
+        parts.append("<h2 id='shadows'>Shadow models</h2>")
+        parts.append("<p>Each attack again with nested random subsets of every target's shadows (whole "
+                     "complementary pairs), from the stored signals; the last point is the audit's own count. A "
+                     f"curve still rising there says more shadows would find more leakage. {SHADOWS_CSV} holds "
+                     "every metric; <code>raymia shadows</code> drew them.</p>")
+        parts.append(_figure(folder / SHADOWS_PNG, "an attack's metric by shadow models per target: mean over the "
+                                                   "targets, std as a band"))
 
     d = r.get("defense", {}).get("report") or {}
     if d:

@@ -366,6 +366,7 @@ def draw_ood(ood: Any, fig: Figure, title: str = "false positives by non-member 
 
 
 HISTOGRAMS_FILE = "histograms.png"
+SHADOWS_PNG, SHADOWS_CSV = "shadows.png", "shadows.csv"  # beside an audit's report (`raymia shadows`)
 
 
 def histograms_title(name: str) -> str:
