@@ -1476,6 +1476,7 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
     with OptunaSearch (its study in sweep.storage) proposing each trial's defense setting. `shown`: the
     progress.Bar of the trials done."""
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
     from raymia.searcher import ConstrainedOptunaSearch, make_sampler
 
@@ -1487,8 +1488,6 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
         _run_trial, base=spec.model_dump(mode="json"), root=str(root), sweep_dir=str(sweep_dir), state=keep.location,
         log_level=logging.getLogger("raymia").getEffectiveLevel(), pool=pool,
     ), {"cpu": spec.sweep.trial_cpu})
-    from ray.tune.logger import JsonLoggerCallback
-
     lines = _progress_callback(spec, exp, keep, shown)
     # each trial's reported results in its folder (result.json); Tune's other default loggers are off
     # (engine.cluster.ensure_ray)
