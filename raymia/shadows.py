@@ -124,6 +124,22 @@ def default_shadows(total: int) -> list[int]:
     return [*sizes, total]
 
 
+def _attacked(of: Any) -> list[str]:
+    """The attacks an audit reported (its result, or the result.json of its folder; none for a spec)."""
+    import json
+
+    from raymia.audit import AuditResult
+
+    if isinstance(of, AuditResult):
+        return list(of.attacks)
+    path = Path(of) if isinstance(of, str | Path) else None
+    if path is not None and path.name != "result.json":
+        path = path / "result.json"
+    if path is None or not path.is_file():
+        return []
+    return list(json.loads(path.read_text()).get("attacks", {}))
+
+
 def shadow_pools(signals: Signals, targets: Sequence[int], shadows: Sequence[int] | None = None,
                  seed: int = 0) -> dict[int, dict[int, np.ndarray]]:
     """{target: {k: bool [M]}}: the k shadows each target is attacked with, drawn as whole units
@@ -183,6 +199,8 @@ def shadow_curve(
         spec = spec_of(of)
         signals = read_signals(of) if signals is None else signals
         entries = [(a.key, a.name, a.params) for a in spec.attacks]
+        if "label_only" in _attacked(of) and not any("label_only" in e[:2] for e in entries):
+            entries.append(("label_only", "label_only", {"calibrated": True}))  # audit.attacks_to_run's addition
         if targets is None:  # the audit's: with `target:` the user's model, the signals' last row
             targets = (of.targets if isinstance(of, AuditResult) else
                        [signals.num_models - 1] if spec.target is not None else spec.plan.target_list)

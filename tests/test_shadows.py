@@ -136,3 +136,17 @@ def test_a_curve_of_signals_alone_shows_its_progress_on_a_terminal():
     assert curve.shadows == (2, 10) and curve.attacks == ["lira_online", "rmia_offline"] and not curve.notes
     assert "[raymia] shadow curve: attacks x targets x sizes" in ANSI.sub("", screen.getvalue())
     assert "8/8" in ANSI.sub("", screen.getvalue())
+
+
+def test_the_label_only_attack_an_output_defense_adds_is_on_the_curve(tmp_path):
+    """A defense that changes the released outputs makes the audit add the calibrated label-only attack
+    (audit.attacks_to_run); the curve of that audit has it too, from the result or its folder."""
+    spec = {"name": "curve-conf", "plan": {"num_models": 6, "population": 200}, "model": {"params": {"hidden": [64]}},
+            "attacks": ["loss"], "defense": {"name": "confidence", "params": {"top_k": 1}},
+            "bank": {"engine": "local", "pack_size": 6}, "output_dir": str(tmp_path / "runs")}
+    result = raymia.run_audit(spec, ["train.epochs=4", "tracking.enabled=false"], console=False)
+    assert list(result.attacks) == ["loss", "label_only"]
+    for of in (result, result.out_dir, result.out_dir / "result.json"):
+        curve = raymia.shadow_curve(of)
+        assert curve.attacks == ["loss", "label_only"] and curve.shadows == (2, 4)
+        assert curve.mean("label_only")[-1] == pytest.approx(result.attacks["label_only"]["auc"], abs=1e-12)
