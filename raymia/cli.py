@@ -235,8 +235,8 @@ def cmd_shadows(args: argparse.Namespace) -> int:
     from rich.table import Table
     from rich.text import Text
 
-    from raymia.audit import spec_of
-    from raymia.metrics import fpr_key, metric_label, shown_as_percent
+    from raymia.audit import attack_cell, spec_of
+    from raymia.metrics import fpr_key, metric_label
     from raymia.report.html import write_html
     from raymia.shadows import shadow_curve
 
@@ -252,7 +252,6 @@ def cmd_shadows(args: argparse.Namespace) -> int:
         curve = shadow_curve(folder, shadows=args.shadows)
     except ValueError as e:
         raise RaymiaError(str(e), where="--shadows") from None
-    percent = shown_as_percent(args.metric)
     table = Table(title=f"{metric_label(args.metric)} by shadow models per target (mean ± std over "
                         f"{len(curve.targets)} target(s))")
     table.add_column("shadows", justify="right")
@@ -261,8 +260,8 @@ def cmd_shadows(args: argparse.Namespace) -> int:
     for i, k in enumerate(curve.shadows):
         cells = []
         for a in curve.attacks:
-            m, sd = curve.mean(a, args.metric)[i], curve.std(a, args.metric)[i]
-            cells.append("n/a" if m != m else f"{100 * m:.2f}% ± {100 * sd:.2f}%" if percent else f"{m:.4f} ± {sd:.4f}")
+            m, sd = float(curve.mean(a, args.metric)[i]), float(curve.std(a, args.metric)[i])
+            cells.append(attack_cell({args.metric: m}, None if m != m else sd, args.metric, len(curve.targets) > 1))
         table.add_row(str(k), *cells)
     Console(width=None if sys.stdout.isatty() else 160).print(table)
     for note in curve.notes:

@@ -112,6 +112,8 @@ def test_the_curve_at_the_audits_count_is_the_audit(tmp_path):
     done = run_cli("shadows", str(result.out_dir), "--metric", "tpr_fpr_0.1", "--shadows", "2", "6")
     assert done.returncode == 0, done.stderr
     assert "TPR@10%FPR by shadow models per target" in done.stdout and "rmia_off with 2 shadows: n/a" in done.stdout
+    at6 = f"{100 * curve.mean('lira_online', 'tpr_fpr_0.1')[-1]:.2f}% ± {100 * curve.std('lira_online', 'tpr_fpr_0.1')[-1]:.2f}%"
+    assert at6 in done.stdout  # the table's cells: mean ± std, as the audit's console writes them
     rows = [line.split(",") for line in (result.out_dir / "shadows.csv").read_text().splitlines()]
     assert rows[0] == ["attack", "metric", "shadows", "mean", "std"] and len(rows) == 1 + 3 * 7 * 2
     lira = {int(r[2]): float(r[3]) for r in rows if r[:2] == ["lira_online", "auc"]}
