@@ -236,15 +236,15 @@ def cmd_shadows(args: argparse.Namespace) -> int:
     from rich.text import Text
 
     from raymia.audit import attack_cell, spec_of
-    from raymia.metrics import fpr_key, metric_label
+    from raymia.metrics import metric_label
     from raymia.report.html import write_html
-    from raymia.shadows import shadow_curve
+    from raymia.shadows import curve_metrics, shadow_curve
 
     folder = Path(args.dir)
     if not (folder / "spec.yaml").is_file():
         raise RaymiaError(f"{folder} holds no audit report (spec.yaml); give an audit's folder, "
                           "<output_dir>/audits/NAME-FP", where="dir")
-    measured = ["auc", "balanced_accuracy", *(fpr_key(f) for f in spec_of(folder).metrics.fpr_levels)]
+    measured = curve_metrics(spec_of(folder).metrics.fpr_levels)
     if args.metric not in measured:
         raise RaymiaError(f"{args.metric!r} is not among the audit's metrics; accepted: {', '.join(measured)}",
                           where="--metric")

@@ -4,9 +4,9 @@ An audit attacks each target with all of its shadows. Attacking it again with fe
 subsets of its shadows, nested: each subset holds the smaller ones) says whether the bank was large enough:
 a curve still rising at the audit's count means more shadows would have found more leakage (LiRA online,
 which fits a Gaussian per point and side, needs the most; Carlini et al. 2022 advise its fixed variance
-when shadows are few). Shadows are drawn in whole
-complementary pairs where the bank has them, so that every point keeps as many IN as OUT shadows. Nothing
-trains: the stored signals are attacked again, and at the audit's own count the scores are the audit's.
+when shadows are few). Shadows are drawn in whole complementary pairs where the bank has them, so that
+every point keeps as many IN as OUT shadows. Nothing trains: the stored signals are attacked again, and at
+the audit's own count the scores are the audit's.
 
     curve = raymia.shadow_curve(result)         # an AuditResult, a report folder, or a spec
     curve.table("tpr_fpr_0.01")                 # mean and std over the targets per number of shadows
@@ -113,6 +113,13 @@ def shadow_units(signals: Signals, target: int) -> list[tuple[int, ...]]:
         left.difference_update(unit)
         units.append(unit)
     return units
+
+
+def curve_metrics(fpr_levels: Sequence[float]) -> list[str]:
+    """The metrics a curve holds for each attack: `metrics.attack_metrics`' keys at these FPR levels."""
+    from raymia.metrics import fpr_key
+
+    return ["auc", "balanced_accuracy", *(fpr_key(float(f)) for f in fpr_levels)]
 
 
 def default_shadows(total: int) -> list[int]:
@@ -231,11 +238,10 @@ def _attack_curve(signals: Signals, label: str, name: str, params: Any, targets:
                   notes: dict[tuple[str, int], str], shown) -> dict[str, np.ndarray]:
     """One attack's metrics [sizes, targets] (NaN where it cannot run, with a note)."""
     from raymia.attacks import run_attack
-    from raymia.metrics import attack_metrics, fpr_key
+    from raymia.metrics import attack_metrics
 
     where = f"shadow_curve.{label}"
-    per = {m: np.full((len(sizes), len(targets)), np.nan)
-           for m in ("auc", "balanced_accuracy", *(fpr_key(float(f)) for f in fpr_levels))}
+    per = {m: np.full((len(sizes), len(targets)), np.nan) for m in curve_metrics(fpr_levels)}
     for j, t in enumerate(targets):
         full = signals.shadow_mask(t)
         if j == 0 and not any(np.array_equal(full, pool) for pool in pools[t].values()):
