@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from raymia import __version__
-from raymia.caller import as_found
+from raymia.caller import as_found, in_daemon_thread
 from raymia.metric_names import BANK_UTILITY, TARGET_UTILITY, check_gate, gate_line
 from raymia.report.records import PointScores
 from raymia.spec import AuditSpec, SweepSpec
@@ -355,10 +355,14 @@ def run_audit(
         from raymia.metric_names import check_resolvable
 
         check_resolvable(spec, ctx.plan.keep, [g.metric for g in spec.gate], "gate")
+    tracking_ready = None
     if spec.tracking.enabled if track is None else track:
-        from raymia.tracking import check_reachable
+        from raymia.tracking import check_reachable, probe_tracking
 
-        check_reachable(spec.tracking.uri, spec.tracking.experiment)
+        probe_tracking(spec.tracking.uri)  # a server that does not answer: one line at once
+        # MLflow's import and its store's opening take seconds: they overlap Ray's and the pool's start, and a
+        # store that cannot be opened still stops the audit before anything trains (ensure_bank waits for it)
+        tracking_ready = in_daemon_thread(check_reachable, spec.tracking.uri, spec.tracking.experiment)
     external = None
     if spec.target is not None:  # the user's model: read, checked and queried before any training
         from raymia.target import load_target
@@ -371,7 +375,9 @@ def run_audit(
         inversion_data = load_inversion_data(spec, ctx)
     store = SignalStore(spec.store or root, spec.fingerprint(), spec.bank.pack_size, spec.plan.num_models,
                         spec.pack_fingerprints())
-    reused = ensure_bank(spec, store, pool)
+    reused = ensure_bank(spec, store, pool, before_training=tracking_ready.result if tracking_ready else None)
+    if tracking_ready is not None:
+        tracking_ready.result()
     signals = attacker_view(spec, load_signals(store, ctx.plan.keep, ctx.audited_y, ctx.data.y_test.numpy()))
     targets, population = spec.plan.target_list, ctx.plan.population
     if external is not None:  # the user's model joins as row M, every bank model its shadow
@@ -430,43 +436,48 @@ def run_audit(
     return result
 
 
-def ensure_bank(spec: AuditSpec, store: SignalStore, pool=None) -> bool:
+def ensure_bank(spec: AuditSpec, store: SignalStore, pool=None, before_training=None) -> bool:
     """Train the packs of the bank that the store lacks (on `pool`, or a warm pool started for this audit,
-    or in this process with `bank.engine: local`); True when every pack was already stored."""
+    or in this process with `bank.engine: local`); True when every pack was already stored.
+    `before_training()`, where given, is called once a pool of this audit's own has started and before
+    anything is written or trained (it raises to stop the audit there)."""
     missing = store.missing_packs()
     fp, n_packs = store.fingerprint, store.num_packs
     if not missing:
         log.info("reusing stored signals %s (%d packs, %d models): no training needed", fp, n_packs,
                  spec.plan.num_models)
         return True
+    own = None
     if spec.bank.engine != "local" and pool is None:  # a sweep's pool: run_sweep checked its names
+        from raymia.engine.pool import BankPool
         from raymia.resolve import check_workers_know
 
         check_workers_know(spec)
-    store.write_spec(spec.bank_dict())
-    if len(missing) < n_packs:
-        log.info("reusing %d of %d stored packs of signals %s", n_packs - len(missing), n_packs, fp)
-        # the two ways agree to float tolerance only: the rest of the bank trains the way its stored packs did
-        stored = store.trained_vectorized(missing) if spec.bank.vectorize == "auto" else None
-        if stored is not None:
-            spec = spec.model_copy(update={"bank": spec.bank.model_copy(update={"vectorize": stored})})
-            log.info("bank: %s, as its stored packs trained", "vectorised packs" if stored else "one model at a time")
-    if spec.bank.engine == "local":
-        from raymia.engine.bank_job import build_bank_locally
+        own = pool = BankPool.start(spec)  # returns at once: its workers warm up while the lines below run
+    try:
+        if before_training is not None:
+            before_training()
+        store.write_spec(spec.bank_dict())
+        if len(missing) < n_packs:
+            log.info("reusing %d of %d stored packs of signals %s", n_packs - len(missing), n_packs, fp)
+            # the two ways agree to float tolerance only: the rest of the bank trains the way its stored packs did
+            stored = store.trained_vectorized(missing) if spec.bank.vectorize == "auto" else None
+            if stored is not None:
+                spec = spec.model_copy(update={"bank": spec.bank.model_copy(update={"vectorize": stored})})
+                log.info("bank: %s, as its stored packs trained", "vectorised packs" if stored else "one model at a time")
+        if spec.bank.engine == "local":
+            from raymia.engine.bank_job import build_bank_locally
 
-        log.info("training %d pack(s) in this process", len(missing))
-        build_bank_locally(spec, store, missing)
-    elif pool is not None:
-        from raymia.engine.bank_job import current_prefix
-
-        pool.run(spec, store, missing, prefix=current_prefix())
-    else:
-        from raymia.engine.pool import BankPool
-
-        own = BankPool.start(spec)
-        try:
+            log.info("training %d pack(s) in this process", len(missing))
+            build_bank_locally(spec, store, missing)
+        elif own is not None:
             own.run(spec, store, missing)
-        finally:
+        else:
+            from raymia.engine.bank_job import current_prefix
+
+            pool.run(spec, store, missing, prefix=current_prefix())
+    finally:
+        if own is not None:
             own.shutdown()
     still = store.missing_packs()
     if still:

@@ -29,6 +29,7 @@ import os
 import signal
 import sys
 import threading
+from concurrent.futures import Future
 
 _lock = threading.Lock()
 _depth = 0  # calls of as_found's functions running in this process
@@ -52,6 +53,23 @@ def as_found(fn):
                 _depth -= 1
 
     return kept
+
+
+def in_daemon_thread(fn, *args) -> Future:
+    """`fn(*args)` in a thread of its own that the process's exit does not wait for (an executor's thread
+    is joined at exit, and a thread the stop cannot reach must not hold the exit): work that overlaps Ray's
+    start, such as opening the MLflow store."""
+    future: Future = Future()
+
+    def run() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001  # the caller's result() raises it
+                future.set_exception(e)
+
+    threading.Thread(target=run, name=f"raymia-{fn.__name__.strip('_')}", daemon=True).start()
+    return future
 
 
 def _put_back_after(fn, args, kwargs):

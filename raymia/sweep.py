@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from raymia import progress
-from raymia.caller import as_found
+from raymia.caller import as_found, in_daemon_thread
 from raymia.errors import (
     DataError,
     Interrupted,
@@ -1157,7 +1157,7 @@ def run_sweep(
 
         check_address(os.environ["RAY_ADDRESS"])
     # the MLflow parent run is created while Ray starts
-    parent = _in_daemon_thread(_start_parent, spec, space) if spec.tracking.enabled and parent_id is None else None
+    parent = in_daemon_thread(_start_parent, spec, space) if spec.tracking.enabled and parent_id is None else None
     pool = None
     try:
         ensure_ray()
@@ -1190,7 +1190,7 @@ def run_sweep(
         baseline = None
         with progress.bar(f"sweep {spec.name}: trials", spec.sweep.num_trials) as shown:
             if spec.sweep.include_undefended and pool is not None:
-                beside = _in_daemon_thread(_baseline, spec, root, sweep_dir, keep, pool, parent_id)
+                beside = in_daemon_thread(_baseline, spec, root, sweep_dir, keep, pool, parent_id)
             elif spec.sweep.include_undefended:
                 baseline = _baseline(spec, root, sweep_dir, keep, pool, parent_id)
             tuner = _tuner(spec, space, root, sweep_dir, parent_id, pool, ray_storage, keep, exp, resuming,
@@ -1389,24 +1389,6 @@ def _end_parent_cut_short(spec: SweepSpec, keep, parent: Future | None, stopped:
     finish_parent(spec.tracking.uri, parent.result(), {}, [], status="KILLED" if stopped else "FAILED")
     if stopped:
         _write_state(spec, keep, parent.result(), finished=False)
-
-
-def _in_daemon_thread(fn, *args) -> Future:
-    """`fn(*args)` in a thread of its own that the process's exit does not wait for (an executor's thread
-    is joined at exit, and a thread the stop cannot reach must not hold the exit)."""
-    import threading
-
-    future: Future = Future()
-
-    def run() -> None:
-        if future.set_running_or_notify_cancel():
-            try:
-                future.set_result(fn(*args))
-            except BaseException as e:  # noqa: BLE001  # the caller's result() raises it
-                future.set_exception(e)
-
-    threading.Thread(target=run, name=f"raymia-{fn.__name__.strip('_')}", daemon=True).start()
-    return future
 
 
 def _fit(tuner, max_concurrent: int):

@@ -113,12 +113,20 @@ def check_reachable(uri: str, experiment: str) -> None:
     retries: minutes)."""
     from raymia.errors import RaymiaError, first_line
 
-    hint = "start it, fix tracking.uri, or set tracking.enabled: false (results are written to disk either way)"
-    probe_server(uri, hint, where="tracking.uri")
+    probe_tracking(uri)
     try:
         _setup(uri, experiment)
     except Exception as e:  # a database or server that refuses: one line
-        raise RaymiaError(f"MLflow cannot open {uri}: {first_line(e)}; {hint}", where="tracking.uri") from None
+        raise RaymiaError(f"MLflow cannot open {uri}: {first_line(e)}; {_HINT}", where="tracking.uri") from None
+
+
+_HINT = "start it, fix tracking.uri, or set tracking.enabled: false (results are written to disk either way)"
+
+
+def probe_tracking(uri: str) -> None:
+    """The quick half of `check_reachable`, without MLflow's import: an http(s) tracking server that does not
+    answer is one RaymiaError naming tracking.uri at once."""
+    probe_server(uri, _HINT, where="tracking.uri")
 
 
 def probe_server(uri: str, hint: str, where: str) -> None:

@@ -41,6 +41,15 @@ def test_an_unreachable_tracking_server_is_one_line_before_training(tmp_path):
                                             {"metric": "loss/auc", "mode": "min"}]}))
 
 
+def test_a_tracking_store_that_cannot_be_opened_stops_an_audit_before_training(tmp_path):
+    """The store is opened in a thread beside Ray's start (MLflow's import takes seconds); the audit waits for
+    it before its first pack, so a database MLflow cannot open is still one line with nothing trained."""
+    (tmp_path / "bad.db").write_text("garbage")
+    with pytest.raises(RaymiaError, match=rf"^tracking.uri: MLflow cannot open sqlite:///{tmp_path}/bad.db: "):
+        raymia.run_audit(_spec(tmp_path, tracking={"uri": f"sqlite:///{tmp_path}/bad.db"}), console=False)
+    assert not (tmp_path / "runs" / "signals").exists()  # nothing written, nothing trained
+
+
 def test_a_tracking_store_failing_at_the_end_leaves_the_results_on_disk(tmp_path, monkeypatch, caplog):
     from mlflow.tracking import MlflowClient
 
