@@ -107,6 +107,9 @@ def ui_address(uri: str) -> str:
     return uri.rstrip("/") + "/" if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000/"
 
 
+_HINT = "start it, fix tracking.uri, or set tracking.enabled: false (results are written to disk either way)"
+
+
 def check_reachable(uri: str, experiment: str) -> None:
     """Before any training: a tracking server that does not answer, or a database that cannot be opened, is
     one RaymiaError naming tracking.uri (the run would otherwise train, then fail to log, after MLflow's own
@@ -118,9 +121,6 @@ def check_reachable(uri: str, experiment: str) -> None:
         _setup(uri, experiment)
     except Exception as e:  # a database or server that refuses: one line
         raise RaymiaError(f"MLflow cannot open {uri}: {first_line(e)}; {_HINT}", where="tracking.uri") from None
-
-
-_HINT = "start it, fix tracking.uri, or set tracking.enabled: false (results are written to disk either way)"
 
 
 def probe_tracking(uri: str) -> None:
