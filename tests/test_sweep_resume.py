@@ -223,7 +223,7 @@ POOL_SPEC = """
 name: pooled
 plan: {{num_models: 4, population: 1000}}
 model: {{params: {{hidden: [256]}}}}
-train: {{epochs: 300}}
+train: {{epochs: 100}}
 attacks: [{{name: loss}}, {{name: lira_online}}]
 bank: {{pack_size: 2, num_workers: 1, vectorize: true}}
 output_dir: {out}/runs
@@ -245,12 +245,19 @@ def test_a_ctrl_c_stops_a_sweep_on_the_pool_at_once_and_the_rerun_finishes_it(tm
     cmd = [sys.executable, "-m", "raymia", "sweep", str(spec)]
     with open(tmp_path / "out", "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    # the signal comes once the baseline and both trials wait on their packs (each says so as it hands them to
+    # the pool) and a pack is stored; one worker trains the six packs in turn, so most are still queued
+    waiting = [f"trial {n}: training 2 pack(s)" for n in (0, 1, 2)]  # the baseline is trial 0
+    t0 = time.time()
+    while time.time() - t0 < 240 and proc.poll() is None and not all(w in (tmp_path / "out").read_text()
+                                                                      for w in waiting):
+        time.sleep(0.02)
     took = signal_on_file(proc, packs_glob, signal.SIGINT, log=tmp_path / "out")  # a terminal's Ctrl-C
     said = (tmp_path / "out").read_text()
     assert proc.returncode == 130, said[-3000:]
     assert took < 8 and "Traceback" not in said and "nhandled error" not in said, (took, said[-3000:])
     kept = {p: os.path.getmtime(p) for p in glob.glob(packs_glob)}
-    assert 1 <= len(kept) < 6  # the baseline's and the 2 trials' banks: 3 x 2 packs
+    assert 1 <= len(kept) < 6, (len(kept), took)  # the baseline's and the 2 trials' banks: 3 x 2 packs
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert all(os.path.getmtime(p) == t for p, t in kept.items())  # stored packs are not trained again
