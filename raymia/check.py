@@ -345,12 +345,12 @@ def _sweep_rows(spec: SweepSpec, space, root: Path, signal_bytes: int, ctx) -> t
     """(trials finished, rows): the searched spaces, the sweep's size and objectives, what a searched
     defense's trials train beyond the plain recipe (`Defense.training_cost`) and the epsilon they are
     accounted (DP-SGD's), both at the defense's defaults, its progress."""
-    from raymia.sweep import count_settings, describe_space, resume_hash
+    from raymia.space import population_size, startup_trials
+    from raymia.sweep import resume_hash
+    from raymia.sweep_space import count_settings, describe_space
 
     s = spec.sweep
     rows = [("search", f"{d}: {text}") for d, text in describe_space(space).items()]
-    from raymia.space import population_size, startup_trials
-
     sizing = {"tpe": f", {startup_trials(s.num_trials)} random first", "gp": f", {startup_trials(s.num_trials)} random first",
               "nsga2": f", generations of {population_size(s.num_trials)}"}.get(s.sampler, "")
     rows.append(("sweep", f"{s.num_trials} searched trials"
@@ -365,7 +365,7 @@ def _sweep_rows(spec: SweepSpec, space, root: Path, signal_bytes: int, ctx) -> t
                           + (f"; front re-audited with {s.final_audit.num_models} models" if s.final_audit else "")))
     from raymia.defenses import DEFENSES, build_defense
     from raymia.space import Domain, describe
-    from raymia.sweep import space_points
+    from raymia.sweep_space import space_points
 
     members = ctx.plan.keep.sum(axis=1)
     per_step, _ = count_flops(spec.model.name, spec.model.params, ctx.data.info, ctx.recipe.batch_size)

@@ -310,7 +310,7 @@ def test_sampled_spaces_give_valid_defenses(digits):
     import optuna
 
     from raymia.spec import SweepSpec
-    from raymia.sweep import DefineByRun, resolve_space, split_config
+    from raymia.sweep_space import DefineByRun, resolve_space, split_config
 
     spec = SweepSpec.model_validate({"sweep": {"defenses": ["temperature_scaling", "llla"]}})
     space = resolve_space(spec)

@@ -173,7 +173,7 @@ def test_a_discrete_space_smaller_than_the_sweep_is_named(tmp_path):
     (a repeat reuses the stored signals); a continuous parameter makes the space unbounded. A searched
     defense that trains several models per bank model says how many."""
     from raymia.space import Categorical, Float, Int
-    from raymia.sweep import count_settings
+    from raymia.sweep_space import count_settings
 
     assert count_settings({"selena": {"excluded_per_point": Int(2, 12)}}) == 11
     assert count_settings({"a": {"k": Int(1, 3), "c": Categorical((True, False)), "x": 0.5},

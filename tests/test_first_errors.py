@@ -123,7 +123,7 @@ def test_queries_and_models_that_do_not_fit_the_data_are_refused_before_training
     ({"gamma": {"low": 0.1, "high": 0.5, "log": "maybe"}}, r"sweep.space.gamma: log must be true or false, got 'maybe'"),
 ])
 def test_a_search_range_upside_down_is_one_line(space, message):
-    from raymia.sweep import resolve_space
+    from raymia.sweep_space import resolve_space
 
     spec = raymia.as_spec({"sweep": {"defense": "hamp" if "gamma" in space else "confidence", "space": space}},
                           kind=raymia.SweepSpec)
@@ -135,7 +135,7 @@ def test_a_range_bound_yaml_reads_as_text_is_its_number():
     """YAML reads 1e-4 (no dot) as text, which a number field takes as its number: so does a range (it was
     "'<' not supported between instances of 'str' and 'float'")."""
     from raymia.space import Float
-    from raymia.sweep import resolve_space
+    from raymia.sweep_space import resolve_space
 
     spec = raymia.as_spec({"sweep": {"defense": "hamp", "space": {"alpha": {"low": "1e-4", "high": 0.05, "log": True}}}},
                           kind=raymia.SweepSpec)

@@ -12,7 +12,8 @@ from raymia.inversion.registry import INVERSION
 from raymia.registry import param_table
 from raymia.resolve import validate_spec
 from raymia.spec import AuditSpec, SweepSpec
-from raymia.sweep import resolve_space, validate_sweep
+from raymia.sweep import validate_sweep
+from raymia.sweep_space import resolve_space
 
 PLAN = {"num_models": 4, "population": 200}
 

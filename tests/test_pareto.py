@@ -512,7 +512,7 @@ def _constrained_study_and_trials(spec):
     run_sweep collects them. Metrics move with gamma rounded to 0.1, so several trials tie exactly."""
     import optuna
 
-    from raymia.sweep import DefineByRun, resolve_space, split_config
+    from raymia.sweep_space import DefineByRun, resolve_space, split_config
 
     rng = random.Random(5)
     ask = DefineByRun(resolve_space(spec))

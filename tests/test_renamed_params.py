@@ -120,7 +120,8 @@ def test_a_space_key_with_the_old_name_overrides_the_declared_parameter():
     import optuna
 
     from raymia.space import Float
-    from raymia.sweep import DefineByRun, resolve_space, split_config, trial_spec
+    from raymia.sweep import trial_spec
+    from raymia.sweep_space import DefineByRun, resolve_space, split_config
 
     spec = as_spec({"sweep": {"defense": "vae_metric_privacy", "space": {"eps": {"low": 1.0, "high": 5.0},
                                                                          "vae_batch": 32}}}, kind="sweep")

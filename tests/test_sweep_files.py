@@ -15,7 +15,7 @@ from raymia.metric_names import check_metric_names
 from raymia.resolve import load_spec
 from raymia.space import ActsWhen, Categorical, Int
 from raymia.spec import SweepSpec
-from raymia.sweep import resolve_space, space_points
+from raymia.sweep_space import resolve_space, space_points
 
 SWEEPS = sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml"))
 
@@ -66,7 +66,8 @@ def test_several_defenses_in_one_sweep():
     """defenses: each trial picks one defense and samples its own space; params are split back per defense."""
     import optuna
 
-    from raymia.sweep import DefineByRun, split_config, trial_spec
+    from raymia.sweep import trial_spec
+    from raymia.sweep_space import DefineByRun, split_config
 
     spec = SweepSpec.model_validate({"sweep": {"defenses": [
         "hamp", {"name": "confidence", "space": {"top_k": {"choices": [1, 2]}}}]}})
@@ -116,7 +117,7 @@ def test_a_parameter_is_drawn_only_in_the_modes_that_use_it():
 
     from raymia.searcher import make_sampler
     from raymia.space import ActsWhen, describe
-    from raymia.sweep import DefineByRun, split_config
+    from raymia.sweep_space import DefineByRun, split_config
 
     spec = SweepSpec.model_validate({"sweep": {"defense": "pruning", "space": {"rho": {"choices": [1e-3, 1e-2]}}}})
     space = resolve_space(spec)
@@ -141,7 +142,7 @@ def test_a_constant_beside_its_searched_mode_is_left_out_where_the_mode_turns_it
     gets 2.0; pinned beside a pinned mode that uses it, every trial gets it."""
     import optuna
 
-    from raymia.sweep import DefineByRun, describe_space, split_config
+    from raymia.sweep_space import DefineByRun, describe_space, split_config
 
     def trials(space: dict) -> list[dict]:
         resolved = resolve_space(SweepSpec.model_validate({"sweep": {"defense": "confidence", "space": space}}))
@@ -170,7 +171,7 @@ def test_a_condition_follows_the_space_the_spec_resolves():
     """A mode the spec adds after its parameter is drawn first; a mode narrowed to the choices that use the
     parameter, or pinned to one, leaves it searched always; a parameter whose mode is not searched has no
     condition."""
-    from raymia.sweep import count_settings
+    from raymia.sweep_space import count_settings
 
     def resolved(defense: str, space: dict) -> dict:
         return resolve_space(SweepSpec.model_validate({"sweep": {"defense": defense, "space": space}}))[defense]
@@ -198,7 +199,7 @@ def test_a_condition_follows_the_space_the_spec_resolves():
 
 def test_count_settings_counts_each_mode_with_its_own_parameters():
     from raymia.space import ActsWhen, Categorical, Float, Int
-    from raymia.sweep import count_settings
+    from raymia.sweep_space import count_settings
 
     space = {"a": {"m": Categorical(("x", "y", "z")), "k": Int(1, 4, when=ActsWhen("m", ("x",))),
                    "c": Categorical((True, False), when=ActsWhen("m", ("x", "y"))), "n": Int(1, 2), "p": 0.5},
@@ -228,10 +229,28 @@ def test_count_settings_counts_each_mode_with_its_own_parameters():
      "k is searched when n > 0, but n is itself searched only when m: x"),
 ])
 def test_a_condition_names_a_mode_searched_before_it(space, message):
-    from raymia.sweep import DefineByRun
+    from raymia.sweep_space import DefineByRun
 
     with pytest.raises(ValueError, match=f"^{message}$"):
         DefineByRun({"d": space})
+
+
+def test_a_searcher_pickled_when_its_space_lived_in_raymia_sweep_still_loads():
+    """Tune pickles the searcher with its DefineByRun in a sweep's resume state; those of sweeps begun before
+    it moved to raymia.sweep_space name it raymia.sweep.DefineByRun, and a resume must still draw from them."""
+    import pickle
+
+    import optuna
+
+    from raymia.sweep_space import DefineByRun, resolve_space
+
+    ask = DefineByRun(resolve_space(SweepSpec.model_validate({"sweep": {"defense": "hamp"}})))
+    old = pickle.dumps(ask, protocol=2)  # names every class as "module\nname" text
+    assert b"raymia.sweep_space\nDefineByRun" in old
+    loaded = pickle.loads(old.replace(b"raymia.sweep_space\nDefineByRun", b"raymia.sweep\nDefineByRun"))
+    assert type(loaded) is DefineByRun and loaded.spaces == ask.spaces
+    same = [optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3)).ask() for _ in range(2)]
+    assert loaded(same[0]) == ask(same[1])
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "nsga2", "gp", "random"])
