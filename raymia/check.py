@@ -346,8 +346,8 @@ def _sweep_rows(spec: SweepSpec, space, root: Path, signal_bytes: int, ctx) -> t
     defense's trials train beyond the plain recipe (`Defense.training_cost`) and the epsilon they are
     accounted (DP-SGD's), both at the defense's defaults, its progress."""
     from raymia.space import population_size, startup_trials
-    from raymia.sweep import resume_hash
     from raymia.sweep_space import count_settings, describe_space
+    from raymia.sweep_state import resume_hash
 
     s = spec.sweep
     rows = [("search", f"{d}: {text}") for d, text in describe_space(space).items()]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -28,7 +27,6 @@ from typing import Any
 from raymia import progress
 from raymia.caller import as_found, in_daemon_thread
 from raymia.errors import (
-    DataError,
     Interrupted,
     RaymiaError,
     SpecError,
@@ -51,7 +49,7 @@ from raymia.pareto import (
     same_settings,
 )
 from raymia.space import Categorical, Float, Int, describe
-from raymia.spec import AuditSpec, SweepSpec, changed_fields, hashed_dump
+from raymia.spec import AuditSpec, SweepSpec, hashed_dump
 from raymia.storage import absolute, check_locations, join, open_root
 from raymia.sweep_space import (
     DefineByRun,  # also found here by the searchers Tune pickled (resume state) before it moved there
@@ -59,6 +57,16 @@ from raymia.sweep_space import (
     resolve_space,
     space_points,
     split_config,
+)
+from raymia.sweep_state import (
+    BACKUP,
+    backup_tune_state,
+    check_study_storage,
+    delete_study,
+    read_state,
+    restore_tune_state,
+    study_storage,
+    write_state,
 )
 
 log = logging.getLogger("raymia")
@@ -156,130 +164,6 @@ class SweepResult:
             "final_audit": self.final_audit,
             "mlflow_parent_run_id": self.parent_run_id,
         }
-
-
-def _optuna_storage(url: str):
-    """An Optuna storage from a URL: journal files (journal:///path) or any RDB URL (sqlite, postgresql...)."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-study INFO lines repeat raymia's
-
-    if url.startswith("journal://"):
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal://"):]))
-    return optuna.storages.RDBStorage(url)
-
-
-def _study_storage(spec: SweepSpec, sweep_dir: Path):
-    """The storage of the sweep's Optuna study (`sweep.storage`, or `optuna.db` in the sweep's folder); one
-    line naming it when it cannot be opened (a server that does not answer, a file that is not a database)."""
-    url = spec.sweep.storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
-    try:
-        return _optuna_storage(url)
-    except Exception as e:  # noqa: BLE001  # SQLAlchemy's, the driver's and Optuna's own errors
-        if spec.sweep.storage:
-            raise SpecError(f"cannot open {url!r}: {first_line(e)}; accepted: an SQLAlchemy URL (postgresql://..., "
-                            "mysql://..., sqlite:///...) or journal:///path", where="sweep.storage") from None
-        raise DataError(f"the sweep's Optuna study cannot be opened ({first_line(e)}); --fresh (fresh=True) starts "
-                        "the sweep again", where=str(sweep_dir / "optuna.db")) from None
-
-
-def _state_names(names: list[str]) -> list[str]:
-    """The newest file of each kind of Tune state among `names` (Tune's names sort by time)."""
-    import fnmatch
-
-    return [m[-1] for m in ([n for n in names if fnmatch.fnmatch(n, p)] for p in _TUNE_STATE) if m]
-
-
-def _damaged(files: dict[str, bytes]) -> str | None:
-    """Why one of Tune's state files is not intact (cut short by a kill while Tune wrote it), or None. A pickle
-    is checked by its frame (protocol marker first, STOP opcode last), not loaded; anything else must parse
-    as JSON."""
-    for name, data in files.items():
-        if data[:1] == b"\x80":  # a pickle, whatever its name says (Tune's search_gen_state-*.json is one)
-            if data[-1:] != b".":
-                return f"{name} is cut short ({len(data)} bytes)"
-            continue
-        if name.endswith(".pkl"):
-            return f"{name} is cut short ({len(data)} bytes)"
-        try:
-            json.loads(data)
-        except ValueError:
-            return f"{name} is neither intact JSON nor an intact pickle ({len(data)} bytes)"
-    return None
-
-
-# What Tune's restore reads (every one holds pickles): the Tuner, the newest experiment state (its trials,
-# pickled inside the JSON), the search generator's and the Optuna searcher's state.
-_TUNE_STATE = ("tuner.pkl", "experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
-_BACKUP = "tune-state.zip"  # in the sweep's state folder: one file, so one atomic write on any store
-_SIGNATURE = "raymia-signature"  # the zip's member holding `signing.sign` of the others
-_BACKUP_MAX = 1 << 30  # bytes, unpacked: Tune's state of a sweep is a few MB; a bigger zip is not raymia's
-
-
-def _backup_tune_state(staging: str, tuner_pkl: bytes, state) -> None:
-    """Copy Tune's newest state files, when intact, into one zip in the sweep's state folder (`state`, a
-    `raymia.storage` folder handle), signed with the user's key, replacing the previous copy in one atomic
-    write. A resume loads Tune's state only from this copy (`_restore_tune_state`). What is signed never comes
-    from the store, which others may write: the state files from Tune's staging folder on this driver (Tune
-    writes them there, then uploads them), and `tuner_pkl` as this process pickled its Tuner."""
-    import io
-    import zipfile
-
-    from raymia.signing import sign
-
-    local = open_root(staging)
-    files = {n: local.read(n) for n in _state_names(local.list()) if n != "tuner.pkl"}
-    files["tuner.pkl"] = tuner_pkl
-    if len(files) < len(_TUNE_STATE) or _damaged(files) is not None:
-        return
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for name, data in files.items():
-            z.writestr(name, data)
-        z.writestr(_SIGNATURE, sign(files))
-    state.write(_BACKUP, buf.getvalue())
-
-
-def _restore_tune_state(state, exp) -> str | None:
-    """Make `exp` hold exactly the copy `_backup_tune_state` kept, once its signature holds (Tune unpickles
-    these files: what anyone else wrote into a shared store must not run here). None when done, else why not:
-    no copy (no trial had finished), or one this user's key did not sign."""
-    import io
-    import zipfile
-
-    from raymia.signing import KEY_ENV, key_file, verify
-
-    if state.size(_BACKUP) is None:
-        return "no trial had finished"
-    try:
-        with zipfile.ZipFile(io.BytesIO(state.read(_BACKUP))) as z:
-            if len(z.infolist()) > 2 * len(_TUNE_STATE) or sum(i.file_size for i in z.infolist()) > _BACKUP_MAX:
-                return f"its copy {_BACKUP} is not one raymia wrote (too many or too large members)"
-            files = {n: z.read(n) for n in z.namelist()}
-    except (zipfile.BadZipFile, ValueError) as e:
-        return f"its copy {_BACKUP} is not a zip ({e})"
-    signature = files.pop(_SIGNATURE, b"").decode("ascii", "replace")
-    plain = all("/" not in n and "\\" not in n for n in files) and sorted(_state_names(list(files))) == sorted(files)
-    if not plain or not verify(files, signature):
-        return (f"its copy {_BACKUP} is not signed with this user's key ({KEY_ENV}, or {key_file()}): it was "
-                "written by another user or machine, or changed since")
-    exp.remove_tree("")  # trial folders too: Tune loads a failed trial's pickled error from them
-    for name, data in files.items():
-        exp.write(name, data)
-    return None
-
-
-def _delete_study(spec: SweepSpec, sweep_dir: Path) -> None:
-    """Remove the sweep's Optuna study, so a new search starts from the same seeded proposals."""
-    import optuna
-
-    storage = _study_storage(spec, sweep_dir)
-    try:
-        optuna.delete_study(study_name=f"raymia-{spec.name}", storage=storage)
-    except KeyError:  # no such study yet
-        pass
 
 
 def trial_spec(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
@@ -419,7 +303,7 @@ def _progress_callback(spec: SweepSpec, exp, keep, shown=None):
             staging = getattr(getattr(trials[0], "storage", None), "experiment_driver_staging_path", None) \
                 if trials else None
             if staging and self.tuner_pkl is not None:
-                _backup_tune_state(staging, self.tuner_pkl, keep)
+                backup_tune_state(staging, self.tuner_pkl, keep)
 
         def on_experiment_end(self, trials, **info):
             self.backup(trials)  # after Tune's last save (a Ctrl-C's too), which a trial's callback precedes
@@ -693,26 +577,6 @@ def _baseline(spec: SweepSpec, root: Path, sweep_dir: Path, keep, pool, parent_i
     return row
 
 
-def _resume_key(spec: SweepSpec) -> dict[str, Any]:
-    """What must match for a re-run to continue a sweep (the tracking and output locations may move, an
-    objective's hypervolume `reference` only changes the report, and the final audit follows the search; a
-    renamed parameter is read under its old name, `hashed_dump`, so either spelling continues the sweep)."""
-    d = hashed_dump(spec.model_dump(mode="json"))
-    for k in ("tracking", "output_dir", "store"):
-        d.pop(k, None)
-    # the final audit runs after the search, which it does not change (None, not left out: the key of a sweep
-    # without one stays what it was)
-    d["sweep"]["final_audit"] = None
-    for o in d["sweep"]["objectives"]:
-        o.pop("reference", None)
-    return d
-
-
-def resume_hash(spec: SweepSpec) -> str:
-    """The hash `state.json` keeps: a re-run continues the sweep only when its spec hashes the same."""
-    return hashlib.sha256(json.dumps(_resume_key(spec), sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _load_result(spec: SweepSpec, sweep_dir: Path, parent_id: str | None) -> SweepResult:
     saved = json.loads((sweep_dir / "result.json").read_text())
     if objective_references(saved.get("objectives", [])) != objective_references(spec.sweep.objectives):
@@ -778,7 +642,7 @@ def validate_sweep(spec: SweepSpec, setup: bool = True):
         except SpecError as e:
             raise SpecError(str(e), where="sweep.final_audit") from None
     if spec.sweep.storage:  # a given study database, before anything is written (the default file: at the start)
-        _study_storage(spec, Path())
+        study_storage(spec, Path())
     return space, ctx
 
 
@@ -834,7 +698,7 @@ def run_sweep(
     # Every check before anything is written or deleted: a spec with a typo run with --fresh must not
     # discard the finished sweep of the same name.
     space, _ = validate_sweep(spec)
-    _check_study_storage(spec, sweep_dir)
+    check_study_storage(spec, sweep_dir)
 
     if fresh:
         import shutil
@@ -843,12 +707,12 @@ def run_sweep(
         keep.remove_tree("")
         exp.remove_tree("")
         if spec.sweep.storage:  # a study in a database outlives the sweep's folder
-            _delete_study(spec, sweep_dir)
+            delete_study(spec, sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
 
     # Resume: the sweep's state (spec hash, MLflow parent run) is in `keep`; Tune's experiment checkpoint
     # and the Optuna study hold the trials. Re-running the same command continues.
-    state = _sweep_state(spec, keep, resume)
+    state = read_state(spec, keep, resume)
     if state is not None and state.get("finished") and (sweep_dir / "result.json").exists():
         try:
             result = _load_result(spec, sweep_dir, state.get("parent_run_id"))
@@ -868,14 +732,14 @@ def run_sweep(
     # fresh study with the same seed proposes the same settings, whose banks are stored, so nothing retrains.
     resuming = False
     if state is not None:
-        why = _restore_tune_state(keep, exp)
+        why = restore_tune_state(keep, exp)
         resuming = why is None
         if not resuming:
-            (log.warning if keep.size(_BACKUP) is not None else log.info)(
+            (log.warning if keep.size(BACKUP) is not None else log.info)(
                 "sweep %s: Tune's saved state is not resumed (%s): starting the search again, reusing every "
                 "stored bank", spec.name, why)
             exp.remove_tree("")
-            _delete_study(spec, sweep_dir)
+            delete_study(spec, sweep_dir)
     # the parent run of the tracking store this run logs to: none with tracking off, a new one in another store
     same_store = state is not None and state.get("tracking_uri", spec.tracking.uri) == spec.tracking.uri
     parent_id = state.get("parent_run_id") if state and spec.tracking.enabled and same_store else None
@@ -910,7 +774,7 @@ def run_sweep(
         raise
     status, summary, beside = "FAILED", {}, None
     try:
-        _write_state(spec, keep, parent_id, finished=False)
+        write_state(spec, keep, parent_id, finished=False)
         from raymia.audit import write_spec_file
 
         write_spec_file(spec, sweep_dir / "spec.yaml", f"the spec of sweep {spec.name}")
@@ -938,7 +802,7 @@ def run_sweep(
                 lost = [r for r in grid if lost_to_cluster(r.error)]
                 if not lost or (pool is not None and pool.closed()):  # nothing lost, or a stop shut the pool down
                     break
-                if (why := _restore_tune_state(keep, exp)) is not None:  # Tune restores from what it verified
+                if (why := restore_tune_state(keep, exp)) is not None:  # Tune restores from what it verified
                     log.warning("sweep %s: the %d trial(s) lost with their worker or node are not run again: Tune's "
                                 "state is not restored (%s)", spec.name, len(lost), why)
                     break
@@ -955,7 +819,7 @@ def run_sweep(
         trials = ([baseline] if baseline is not None else []) + searched
         result = _report(spec, trials, space, root, sweep_dir, parent_id, console, pool)
         status = "FINISHED"
-        _write_state(spec, keep, parent_id, finished=True)
+        write_state(spec, keep, parent_id, finished=True)
         summary = _summary(result)
         log.info("sweep %s done in %.0fs -> %s", spec.name, time.perf_counter() - t0, sweep_dir)
         return result
@@ -1033,68 +897,6 @@ def _start_parent(spec: SweepSpec, space: dict[str, dict[str, Any]]) -> str:
     return parent_id
 
 
-def _sweep_state(spec: SweepSpec, keep, resume: bool) -> dict[str, Any] | None:
-    """The sweep's saved state in `keep` (spec hash, MLflow parent run, finished), None for a new sweep; a
-    different spec under the same name, or --resume with nothing to resume, is a SpecError."""
-    state = None
-    if keep.size("state.json") is not None:
-        try:
-            state = json.loads(keep.read("state.json"))
-        except (ValueError, UnicodeDecodeError):
-            state = None
-        if not isinstance(state, dict):
-            raise DataError("is not a sweep state raymia wrote (cut short or edited); --fresh (fresh=True) starts "
-                            "the sweep again, reusing every stored bank", where=join(keep.location, "state.json"))
-    if state is not None and state.get("spec_hash") != resume_hash(spec):
-        changed = changed_fields(state.get("resume_key"), _resume_key(spec))
-        said = f" ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} changed)" if changed else ""
-        raise SpecError(f"a sweep named {spec.name!r} with a different spec exists in {keep.location}{said}; a "
-                        "sweep continues only under its own spec (its search and trials depend on all of it): give "
-                        "this one another name, or use --fresh (run_sweep(..., fresh=True)) to discard the old one",
-                        where="name")
-    if resume and state is None:
-        raise SpecError(f"nothing to resume in {keep.location}", where="--resume (resume=True)")
-    return state
-
-
-def _write_state(spec: SweepSpec, keep, parent_id: str | None, finished: bool) -> None:
-    keep.write("state.json", json.dumps({"spec_hash": resume_hash(spec), "parent_run_id": parent_id,
-                                         "tracking_uri": spec.tracking.uri if parent_id else None,
-                                         "finished": finished, "resume_key": _resume_key(spec)}).encode())
-
-
-_NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "ceph", "glusterfs", "fuse.sshfs",
-               "fuse.gcsfuse", "fuse.s3fs", "fuse.efs", "9p"}
-
-
-def network_filesystem(path: Path, mounts: str | None = None) -> str | None:
-    """The type of the network filesystem `path` is on (its longest mount point in /proc/mounts), or None."""
-    if mounts is None:
-        try:
-            mounts = Path("/proc/mounts").read_text()
-        except OSError:
-            return None
-    best, kind = "", None
-    target = str(path.resolve())
-    for line in mounts.splitlines():
-        f = line.split()
-        if len(f) >= 3 and (target == f[1] or target.startswith(f[1].rstrip("/") + "/")) and len(f[1]) > len(best):
-            best, kind = f[1], f[2]
-    return kind if kind in _NETWORK_FS else None
-
-
-def _check_study_storage(spec: SweepSpec, sweep_dir: Path) -> None:
-    """SQLite's locking is not safe on a network filesystem: refuse the default study file there."""
-    url = spec.sweep.storage
-    path = (Path(url[len("sqlite:///"):]) if url and url.startswith("sqlite:///") else
-            None if url else sweep_dir / "optuna.db")
-    kind = network_filesystem(path.parent) if path is not None else None
-    if kind:
-        raise SpecError(f"the Optuna study would be SQLite at {path}, on {kind}, where SQLite's locking is not "
-                        "safe; accepted: an RDB URL such as postgresql://user@host/db (clusters/README.md)",
-                        where="sweep.storage")
-
-
 def _tune_name(spec: SweepSpec) -> str:
     """The name of the sweep's Tune experiment: its folder under `<store>/ray/`."""
     return f"sweep-{spec.name}"
@@ -1122,7 +924,7 @@ def _end_parent_cut_short(spec: SweepSpec, keep, parent: Future | None, stopped:
 
     finish_parent(spec.tracking.uri, parent.result(), {}, [], status="KILLED" if stopped else "FAILED")
     if stopped:
-        _write_state(spec, keep, parent.result(), finished=False)
+        write_state(spec, keep, parent.result(), finished=False)
 
 
 def _fit(tuner, max_concurrent: int):
@@ -1228,7 +1030,7 @@ def _tuner(spec: SweepSpec, space, root: Path, sweep_dir: Path, parent_id: str |
         constraints=constraints,
         max_concurrent=spec.sweep.max_concurrent,
         num_trials=spec.sweep.num_trials,
-        storage=_study_storage(spec, sweep_dir),
+        storage=study_storage(spec, sweep_dir),
         study_name=f"raymia-{spec.name}",
     )
     _quiet_tune_summaries()
@@ -1327,7 +1129,7 @@ def _report(spec: SweepSpec, trials: list[dict[str, Any]], space, root: Path, sw
 
     pairs = [(o.metric, o.mode) for o in objectives]
     pareto_html(trials, pairs, result.front_trials, sweep_dir / "pareto.html")
-    importance_html(_study_storage(spec, sweep_dir),
+    importance_html(study_storage(spec, sweep_dir),
                     f"raymia-{spec.name}", pairs, sweep_dir / "importance.html")
     write_html(sweep_dir)  # last: the page links the files beside it
     if parent_id:

@@ -16,7 +16,7 @@ import torch
 from raymia.errors import SpecError
 from raymia.resolve import as_spec
 from raymia.spec import AuditSpec, SweepSpec
-from raymia.sweep import resume_hash
+from raymia.sweep_state import resume_hash
 
 # (registry's spec path, entry, old name, new name, a value other than the default)
 RENAMED = [

@@ -466,9 +466,9 @@ def test_trials_held_by_the_searcher_run_in_the_processes_of_those_before(ray_lo
 
 
 def _storage(url: str):
-    from raymia.sweep import _optuna_storage
+    from raymia.sweep_state import optuna_storage
 
-    return _optuna_storage(url)
+    return optuna_storage(url)
 
 
 def _trials(search) -> list[tuple]:

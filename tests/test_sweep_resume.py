@@ -510,14 +510,14 @@ def test_damaged_tune_state_is_found_without_unpickling():
     forever); pickles are checked by their frame, not loaded."""
     import pickle
 
-    from raymia.sweep import _damaged
+    from raymia.sweep_state import damaged
 
     good = {"experiment_state-1.json": b'{"trials": []}', "searcher-state-1.pkl": pickle.dumps({"a": 1}),
             "search_gen_state-1.json": pickle.dumps({"b": 2})}  # Tune's: a pickle named .json
-    assert _damaged(good) is None
-    assert "searcher-state-1.pkl is cut short (0 bytes)" in _damaged({**good, "searcher-state-1.pkl": b""})
-    assert "cut short" in _damaged({**good, "searcher-state-1.pkl": pickle.dumps({"a": 1})[:-3]})
-    assert "experiment_state-1.json is neither intact JSON" in _damaged({**good, "experiment_state-1.json": b'{"t'})
+    assert damaged(good) is None
+    assert "searcher-state-1.pkl is cut short (0 bytes)" in damaged({**good, "searcher-state-1.pkl": b""})
+    assert "cut short" in damaged({**good, "searcher-state-1.pkl": pickle.dumps({"a": 1})[:-3]})
+    assert "experiment_state-1.json is neither intact JSON" in damaged({**good, "experiment_state-1.json": b'{"t'})
     # (a real sweep's files, as Tune writes them, are checked by test_killed_sweep_resumes: it must resume)
 
 
@@ -526,14 +526,14 @@ def test_delete_study_lets_a_new_search_start_from_the_seed(tmp_path):
 
     from raymia.resolve import validate_spec
     from raymia.spec import SweepSpec
-    from raymia.sweep import _delete_study, _optuna_storage
+    from raymia.sweep_state import delete_study, optuna_storage
 
     spec = validate_spec({"name": "s", "sweep": {"defense": "label_smoothing"}}, SweepSpec)
-    storage = _optuna_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    storage = optuna_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
     optuna.create_study(study_name="raymia-s", storage=storage)
-    _delete_study(spec, tmp_path)
+    delete_study(spec, tmp_path)
     assert "raymia-s" not in [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    _delete_study(spec, tmp_path)  # no study: nothing to do
+    delete_study(spec, tmp_path)  # no study: nothing to do
 
 
 def test_tune_state_is_resumed_only_from_raymias_signed_copy(tmp_path, monkeypatch):
@@ -546,7 +546,7 @@ def test_tune_state_is_resumed_only_from_raymias_signed_copy(tmp_path, monkeypat
     import zipfile
 
     from raymia.storage import open_root
-    from raymia.sweep import _backup_tune_state, _restore_tune_state
+    from raymia.sweep_state import backup_tune_state, restore_tune_state
 
     monkeypatch.setenv("RAYMIA_STATE_KEY", "11" * 32)
     staging = tmp_path / "staging"
@@ -561,23 +561,23 @@ def test_tune_state_is_resumed_only_from_raymias_signed_copy(tmp_path, monkeypat
                       (open_root(f"file://{tmp_path}/exp"), open_root(f"memory://raymia-{tmp_path.name}/sweep"))):
         exp.write("tuner.pkl", pickle.dumps("evil"))  # what others may have written into the store
         exp.write("trial_0/error.pkl", pickle.dumps("x"))  # trial folders are Tune's, not copied
-        _backup_tune_state(str(staging), tuner, keep)
+        backup_tune_state(str(staging), tuner, keep)
         assert keep.list() == ["tune-state.zip"]
         copy = keep.read("tune-state.zip")
         (staging / "searcher-state-1.pkl").write_bytes(b"")  # the kill, while Tune wrote it
-        _backup_tune_state(str(staging), tuner, keep)  # a damaged state is never copied over a good one
+        backup_tune_state(str(staging), tuner, keep)  # a damaged state is never copied over a good one
         assert keep.read("tune-state.zip") == copy
         (staging / "searcher-state-1.pkl").write_bytes(pickle.dumps({"told": 1}))
-        assert _restore_tune_state(keep, exp) is None
+        assert restore_tune_state(keep, exp) is None
         assert pickle.loads(exp.read("searcher-state-1.pkl")) == {"told": 1}
         assert exp.read("tuner.pkl") == tuner
         assert sorted(exp.list()) == ["experiment_state-1.json", "search_gen_state-1.json", "searcher-state-1.pkl",
                                       "tuner.pkl"]
-        assert "no trial had finished" in _restore_tune_state(open_root(tmp_path / "none"), exp)
+        assert "no trial had finished" in restore_tune_state(open_root(tmp_path / "none"), exp)
 
         # another user's key, or a file changed in the copy: nothing is put back, nothing unpickled
         monkeypatch.setenv("RAYMIA_STATE_KEY", "22" * 32)
-        assert "not signed with this user's key" in _restore_tune_state(keep, exp)
+        assert "not signed with this user's key" in restore_tune_state(keep, exp)
         monkeypatch.setenv("RAYMIA_STATE_KEY", "11" * 32)
         buf = io.BytesIO()
         with zipfile.ZipFile(io.BytesIO(copy)) as z, zipfile.ZipFile(buf, "w") as out:
@@ -585,10 +585,10 @@ def test_tune_state_is_resumed_only_from_raymias_signed_copy(tmp_path, monkeypat
                 out.writestr(name, pickle.dumps("evil") if name == "tuner.pkl" else z.read(name))
         keep.write("tune-state.zip", buf.getvalue())
         exp.write("tuner.pkl", b"mine")
-        assert "not signed with this user's key" in _restore_tune_state(keep, exp)
+        assert "not signed with this user's key" in restore_tune_state(keep, exp)
         assert exp.read("tuner.pkl") == b"mine"
         keep.write("tune-state.zip", b"not a zip")
-        assert "is not a zip" in _restore_tune_state(keep, exp)
+        assert "is not a zip" in restore_tune_state(keep, exp)
 
 
 def test_the_signing_key_is_the_users_own(tmp_path, monkeypatch):
@@ -654,7 +654,7 @@ def test_sweep_state_in_a_uri_store_resumes_on_a_driver_without_the_local_folder
 
 def test_sqlite_study_on_a_network_filesystem_is_refused():
     """SQLite's locking is not safe on NFS: a sweep whose study would be SQLite there fails before training."""
-    from raymia.sweep import network_filesystem
+    from raymia.sweep_state import network_filesystem
 
     mounts = ("/dev/sda1 / ext4 rw 0 0\n"
               "fs-1.efs.aws:/ /mnt/raymia nfs4 rw,vers=4.1 0 0\n"
@@ -666,18 +666,18 @@ def test_sqlite_study_on_a_network_filesystem_is_refused():
 
 
 def test_sweep_refuses_default_sqlite_study_on_nfs(tmp_path, monkeypatch):
-    from raymia import sweep
+    from raymia import sweep_state
     from raymia.errors import SpecError
     from raymia.resolve import validate_spec
     from raymia.spec import SweepSpec
 
     spec = validate_spec({"name": "s", "sweep": {"defense": "label_smoothing"}}, SweepSpec)
-    monkeypatch.setattr(sweep, "network_filesystem", lambda path, mounts=None: "nfs4")
+    monkeypatch.setattr(sweep_state, "network_filesystem", lambda path, mounts=None: "nfs4")
     with pytest.raises(SpecError, match=r"^sweep.storage: the Optuna study would be SQLite at .* on nfs4"):
-        sweep._check_study_storage(spec, tmp_path)
+        sweep_state.check_study_storage(spec, tmp_path)
     ok = validate_spec({"name": "s", "sweep": {"defense": "label_smoothing", "storage": "postgresql://u@db/optuna"}},
                        SweepSpec)
-    sweep._check_study_storage(ok, tmp_path)  # an RDB server: nothing to refuse
+    sweep_state.check_study_storage(ok, tmp_path)  # an RDB server: nothing to refuse
 
 
 def test_the_done_count_grows_by_one_per_line_when_results_land_out_of_order(tmp_path, caplog):
@@ -736,25 +736,25 @@ def test_a_changed_spec_under_a_sweeps_name_says_which_fields_changed(tmp_path):
     from raymia.resolve import as_spec
     from raymia.spec import SweepSpec
     from raymia.storage import open_root
-    from raymia.sweep import _sweep_state, _write_state
+    from raymia.sweep_state import read_state, write_state
 
     spec = as_spec(str(Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml"), kind=SweepSpec)
     keep = open_root(tmp_path / "keep")
-    _write_state(spec, keep, "run-1", finished=True)
-    assert _sweep_state(spec, keep, resume=False)["parent_run_id"] == "run-1"
+    write_state(spec, keep, "run-1", finished=True)
+    assert read_state(spec, keep, resume=False)["parent_run_id"] == "run-1"
     # where the results go and how the hypervolume is referenced may change; the search may not
     moved = as_spec(spec, ["output_dir=elsewhere", "tracking.enabled=false"], kind=SweepSpec)
-    assert _sweep_state(moved, keep, resume=False)["finished"]
+    assert read_state(moved, keep, resume=False)["finished"]
     more = as_spec(spec, ["sweep.num_trials=12", "train.epochs=5"], kind=SweepSpec)
     with pytest.raises(SpecError, match=r"^name: a sweep named 'quickstart' with a different spec exists in .*keep "
                                         r"\(sweep.num_trials, train.epochs changed\); a sweep continues only under its "
                                         r"own spec.*or use --fresh \(run_sweep\(\.\.\., fresh=True\)\) to discard"):
-        _sweep_state(more, keep, resume=False)  # the flag, and its name for a run from Python
+        read_state(more, keep, resume=False)  # the flag, and its name for a run from Python
     state = json.loads(keep.read("state.json"))  # a state written before the fields were kept: no list
     keep.write("state.json", json.dumps({k: v for k, v in state.items() if k != "resume_key"}).encode())
     with pytest.raises(SpecError, match=r"different spec exists in \S+; a sweep continues.* or use --fresh "
                                         r"\(run_sweep\(\.\.\., fresh=True\)\) to discard the old one$"):
-        _sweep_state(more, keep, resume=False)
+        read_state(more, keep, resume=False)
 
 
 def test_a_damaged_sweep_state_is_one_line(tmp_path):
@@ -762,14 +762,14 @@ def test_a_damaged_sweep_state_is_one_line(tmp_path):
     from raymia.resolve import validate_spec
     from raymia.spec import SweepSpec
     from raymia.storage import open_root
-    from raymia.sweep import _sweep_state
+    from raymia.sweep_state import read_state
 
     spec = validate_spec({"name": "s", "sweep": {"defense": "hamp"}}, SweepSpec)
     keep = open_root(tmp_path)
     for content in (b'{"spec_hash": "ab', b"[]", b"\xff\xfe"):
         keep.write("state.json", content)
         with pytest.raises(DataError, match=r"state.json: is not a sweep state raymia wrote .* --fresh"):
-            _sweep_state(spec, keep, False)
+            read_state(spec, keep, False)
 
 
 def test_the_final_audit_is_not_part_of_the_resume_key():
@@ -777,12 +777,12 @@ def test_the_final_audit_is_not_part_of_the_resume_key():
     need --fresh. A sweep without one keeps the key it had."""
     from raymia.resolve import validate_spec
     from raymia.spec import SweepSpec
-    from raymia.sweep import _resume_key, resume_hash
+    from raymia.sweep_state import resume_hash, resume_key
 
     plain = validate_spec({"sweep": {"defense": "hamp"}}, SweepSpec)
     final = validate_spec({"sweep": {"defense": "hamp", "final_audit": {"num_models": 16}}}, SweepSpec)
     assert resume_hash(plain) == resume_hash(final)
-    assert _resume_key(plain)["sweep"]["final_audit"] is None and "final_audit" in plain.model_dump()["sweep"]
+    assert resume_key(plain)["sweep"]["final_audit"] is None and "final_audit" in plain.model_dump()["sweep"]
 
 
 def test_a_sweep_resumed_into_another_mlflow_store_logs_every_trial_there_once(tmp_path, ray_local):
