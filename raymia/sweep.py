@@ -5,8 +5,10 @@ that runs one audit, its bank trained on the pool, and reports every metric once
 with directions) are searched with a multi-objective Optuna sampler sized to the sweep. With
 `include_undefended` the undefended setting is audited first, on its own (trial 0: the hypervolume's
 reference), and the search's `num_trials` trials are numbered from 1. One MLflow parent run per sweep; a
-Tune callback on the driver opens one child run per trial when it starts. The result is the Pareto front (table, result.json, Pareto plot), as
-`raymia.pareto` computes and reports it.
+Tune callback on the driver opens one child run per trial when it starts. The result is the Pareto front
+(table, result.json, Pareto plot), as `raymia.pareto` computes and reports it. The search space is
+`raymia.sweep_space`'s, what a re-run resumes from `raymia.sweep_state`'s, the Optuna searcher
+`raymia.searcher`'s.
 """
 
 from __future__ import annotations
