@@ -6,7 +6,7 @@ into Optuna suggestions. Keeping them here lets the compute core stay importable
 A domain's `when` says it is searched only in some modes: a parameter that acts only in a mode
 (`Params.acts_when`, the one declaration) is drawn only in the trials whose mode turns it on, and left at its
 default in the others, so a trial never varies a value its defense ignores. A defense's `search_space()`
-leaves `when` out: `raymia.sweep.resolve_space` sets it from `acts_when` where the space searches the mode,
+leaves `when` out: `raymia.sweep_space.resolve_space` sets it from `acts_when` where the space searches the mode,
 and `check_conditions` checks a space's conditions.
 """
 

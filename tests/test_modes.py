@@ -1,5 +1,5 @@
 """Parameters that act only in a mode of their block (`Params.acts_when`), and a sweep's space checked at its
-ends (`sweep.space_points`) before any trial runs."""
+ends (`sweep_space.space_points`) before any trial runs."""
 
 from __future__ import annotations
 
