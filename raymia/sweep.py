@@ -57,6 +57,7 @@ from raymia.sweep_space import (
     DefineByRun,  # also found here by the searchers Tune pickled (resume state) before it moved there
     describe_space,
     resolve_space,
+    space_pairs,
     space_points,
     split_config,
 )
@@ -606,21 +607,33 @@ def validate_sweep(spec: SweepSpec, setup: bool = True):
     check_workers_know(spec, attacks=True)
     ctx = BankContext.from_spec(spec, setup=setup)
     several = bool(spec.sweep.defenses)
+
+    def check(d: str, params: dict[str, Any]) -> None:
+        defense = build_defense(d, params, ctx.data.info, where="sweep.defense")
+        defense.check(spec.model.name, ctx.data.info, spec.model.params, spec.train)
+        defense.check_data(ctx.data, ctx.plan.population)
+
+    def end(sp, name: str, v: Any, which: str) -> str:
+        return f"{v!r}, {'a choice' if which == 'choice' else f'the {which}'} of {describe(sp[name], condition=False)}"
+
     for i, (d, sp) in enumerate(space.items()):
         at = f"sweep.defenses.{i}" if several else "sweep"
         for name, v, which, params in space_points(DEFENSES.get(d).params, sp):
             try:
-                defense = build_defense(d, params, ctx.data.info, where="sweep.defense")
-                defense.check(spec.model.name, ctx.data.info, spec.model.params, spec.train)
-                defense.check_data(ctx.data, ctx.plan.population)
+                check(d, params)
             except RaymiaError as e:
                 if name is None:  # the space's base setting: a field of the space where the error names one
                     field = (e.where or "").removeprefix("defense.params.")
                     raise type(e)(e.message, where=f"{at}.space.{field}" if field in sp else e.where) from None
                 why = e.message if e.where == f"defense.params.{name}" else str(e)
-                end = "a choice" if which == "choice" else f"the {which}"
-                raise SpecError(f"{v!r}, {end} of {describe(sp[name], condition=False)}, is refused: {why}",
-                                where=f"{at}.space.{name}") from None
+                raise SpecError(f"{end(sp, name, v, which)}, is refused: {why}", where=f"{at}.space.{name}") from None
+        for (a, va, wa), (b, vb, wb), params in space_pairs(DEFENSES.get(d).params, sp):
+            try:
+                check(d, params)
+            except RaymiaError as e:
+                why = e.message if "defense.params" in (e.where or "") else str(e)
+                raise SpecError(f"{a} {end(sp, a, va, wa)}, with {b} {end(sp, b, vb, wb)}, is refused together: "
+                                f"{why}", where=f"{at}.space") from None
     for field, names in (("objectives", [o.metric for o in spec.sweep.objectives]),
                          ("constraints", [c.metric for c in spec.sweep.constraints])):
         check_metric_names(spec, names, field=f"sweep.{field}")

@@ -2,9 +2,9 @@
 
 `resolve_space` applies the spec's overrides to each searched defense's `search_space()` (the declarations
 of `raymia.space`) and checks every bound against the defense's params and modes (`Params.acts_when`);
-`space_points` gives the settings `validate_sweep` and `raymia check` run the defense's checks at;
-`describe_space` and `count_settings` say what the space holds; `DefineByRun` draws a trial's setting
-through Optuna's define-by-run calls (any object with `suggest_*`), and `split_config` reads it back.
+`space_points` and `space_pairs` give the settings the defenses' checks run at before a sweep (`raymia
+check` too); `describe_space` and `count_settings` say what the space holds; `DefineByRun` draws a trial's
+setting through Optuna's define-by-run calls (any object with `suggest_*`), and `split_config` reads it back.
 Free of Optuna and Ray, like the declarations.
 """
 
@@ -163,24 +163,59 @@ def space_points(params: type[Params], space: dict[str, Domain | Any]):
     """(name, value, which end, params) of the settings of a defense's space that its checks see: first the
     base (name None: every searched dimension inside its range, `_inside`), then each searched dimension at
     each end (or choice) with the others at the base, a parameter that acts only in a mode checked in a
-    mode the space turns it on in. The defense's checks are cheap, so a range that reaches a setting they
-    refuse is one line before the sweep, not a failure in each trial that draws it."""
-    defaults = {n: f.get_default(call_default_factory=True) for n, f in params.model_fields.items()}
-    base = {n: _inside(v, defaults[n]) if isinstance(v, Float | Int | Categorical) else v for n, v in space.items()}
+    mode the space turns it on in (`_acting`). The defense's checks are cheap, so a range that reaches a
+    setting they refuse is one line before the sweep, not a failure in each trial that draws it."""
+    defaults, base = _base(params, space)
     yield None, None, "", base
     for name, dom in space.items():
         if not isinstance(dom, Float | Int | Categorical):
             continue
         for v, which in _ends(dom):
-            point = {**base, name: v}
-            cond = params.acts_when.get(name)
-            if cond is not None and not cond.holds(point.get(cond.field, defaults[cond.field])):
-                mode = space.get(cond.field)
-                on = [m for m, _ in _ends(mode) if cond.holds(m)] if isinstance(mode, Float | Int | Categorical) else []
-                if not on:
-                    continue  # a pinned parameter its pinned mode leaves idle (`_check_modes`)
-                point[cond.field] = on[0]
-            yield name, v, which, point
+            if (point := _acting(params, space, {**base, name: v}, (name,), defaults)) is not None:
+                yield name, v, which, point
+
+
+def space_pairs(params: type[Params], space: dict[str, Domain | Any]):
+    """((name, value, which end), (name, value, which end), params) for every two searched dimensions at
+    each pair of their ends or choices, the others at the base (`space_points`): two parameters a defense
+    refuses together (SELENA's `excluded_per_point` must stay below `sub_models`) are refused at a corner of
+    their ranges, where each end alone, beside the other's base value, passes. A combination no trial draws
+    (a parameter beside a value of its mode that idles it) is left out."""
+    defaults, base = _base(params, space)
+    searched = [n for n, dom in space.items() if isinstance(dom, Float | Int | Categorical)]
+    for a, b in itertools.combinations(searched, 2):
+        for (va, wa), (vb, wb) in itertools.product(_ends(space[a]), _ends(space[b])):
+            if (point := _acting(params, space, {**base, a: va, b: vb}, (a, b), defaults)) is not None:
+                yield (a, va, wa), (b, vb, wb), point
+
+
+def _base(params: type[Params], space: dict[str, Domain | Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the params' defaults, the space's base setting: each searched dimension inside its range)."""
+    defaults = {n: f.get_default(call_default_factory=True) for n, f in params.model_fields.items()}
+    return defaults, {n: _inside(v, defaults[n]) if isinstance(v, Float | Int | Categorical) else v
+                      for n, v in space.items()}
+
+
+def _acting(params: type[Params], space: dict[str, Domain | Any], point: dict[str, Any], moved: tuple[str, ...],
+            defaults: dict[str, Any]) -> dict[str, Any] | None:
+    """`point` with the mode of each `moved` parameter that acts only in a mode set to the first end or
+    choice of the mode's range that turns it on, or None where no trial draws such a setting: its mode is
+    pinned to a value that idles it (`_check_modes`), or is itself moved to one."""
+    point = dict(point)
+    for name in moved:
+        cond = params.acts_when.get(name)
+        if cond is None or cond.holds(point.get(cond.field, defaults[cond.field])):
+            continue
+        mode = space.get(cond.field)
+        on = [m for m, _ in _ends(mode) if cond.holds(m)] if isinstance(mode, Float | Int | Categorical) else []
+        if cond.field in moved or not on:
+            return None
+        point[cond.field] = on[0]
+    for name in moved:  # a mode set for one moved parameter may idle the other
+        cond = params.acts_when.get(name)
+        if cond is not None and not cond.holds(point.get(cond.field, defaults[cond.field])):
+            return None
+    return point
 
 
 def _bound(v: Any, key: str) -> int | float:

@@ -41,6 +41,8 @@ go in `FitJob.report`; the bank stores them with the pack and the audit reports 
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
@@ -62,7 +64,10 @@ def public_indices(n_train: int, population: Any) -> np.ndarray:
     """The public split: sorted int64 indices of the training points outside the audited population. No
     bank model trains on them and no attack scores them, so they are the only points besides model m's own
     members that a defense may fit on (a min-max reference set, a VAE, a pretrained backbone)."""
-    return np.setdiff1d(np.arange(int(n_train), dtype=np.int64), np.asarray(population, dtype=np.int64))
+    public = np.ones(int(n_train), dtype=bool)  # a mask, not np.setdiff1d's sort: 50,000 points in 0.1 ms, not 20
+    pop = np.asarray(population, dtype=np.int64)
+    public[pop[(pop >= 0) & (pop < public.size)]] = False
+    return np.flatnonzero(public).astype(np.int64, copy=False)
 
 
 def require_public(name: str, data: Any, population: Any, use: str, alternative: str = "") -> None:
@@ -241,12 +246,25 @@ DEFENSES: Registry[type[Defense]] = _DefenseRegistry("defense", package="raymia.
 def meta_model(model_name: str, model_params: dict | None, info: DataInfo) -> torch.nn.Module | None:
     """The spec's model built on the meta device (no memory, no initialisation work), for a `check` that
     looks at its layers; None when the model cannot be built, which the model's own check reports under its
-    own field (`models.base.check_forward`)."""
+    own field (`models.base.check_forward`). One module serves every check of the same model (a sweep checks
+    its defenses at each end and each pair of ends of its space, and ResNet-18 takes 70 ms to build even on
+    the meta device): a check reads it and never changes it."""
+    from raymia.models import MODELS
+
+    try:
+        builder = MODELS.get(model_name, where="model.name").obj  # a model redefined since is built again
+    except SpecError:
+        return None
+    return _meta_model(builder, model_name, json.dumps(model_params or {}, sort_keys=True, default=repr), info)
+
+
+@functools.lru_cache(maxsize=16)
+def _meta_model(builder: Any, model_name: str, params_json: str, info: DataInfo) -> torch.nn.Module | None:
     from raymia.models import build_model
 
     try:
         with torch.device("meta"):
-            return build_model(model_name, model_params or {}, info)
+            return build_model(model_name, json.loads(params_json), info)
     except SpecError:
         return None
 
