@@ -41,7 +41,6 @@ go in `FitJob.report`; the bank stores them with the pack and the audit reports 
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -249,24 +248,26 @@ def meta_model(model_name: str, model_params: dict | None, info: DataInfo) -> to
     own field (`models.base.check_forward`). One module serves every check of the same model (a sweep checks
     its defenses at each end and each pair of ends of its space, and ResNet-18 takes 70 ms to build even on
     the meta device): a check reads it and never changes it."""
-    from raymia.models import MODELS
+    from raymia.models import MODELS, build_model
 
     try:
         builder = MODELS.get(model_name, where="model.name").obj  # a model redefined since is built again
     except SpecError:
         return None
-    return _meta_model(builder, model_name, json.dumps(model_params or {}, sort_keys=True, default=repr), info)
+    key = (builder, model_name, json.dumps(model_params or {}, sort_keys=True, default=repr), info)
+    if key not in _META_MODELS:
+        try:
+            with torch.device("meta"):
+                model = build_model(model_name, model_params or {}, info)
+        except SpecError:
+            model = None
+        while len(_META_MODELS) >= 16:
+            _META_MODELS.pop(next(iter(_META_MODELS)))  # the oldest
+        _META_MODELS[key] = model
+    return _META_MODELS[key]
 
 
-@functools.lru_cache(maxsize=16)
-def _meta_model(builder: Any, model_name: str, params_json: str, info: DataInfo) -> torch.nn.Module | None:
-    from raymia.models import build_model
-
-    try:
-        with torch.device("meta"):
-            return build_model(model_name, json.loads(params_json), info)
-    except SpecError:
-        return None
+_META_MODELS: dict[tuple, torch.nn.Module | None] = {}
 
 
 def build_defense(
