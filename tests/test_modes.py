@@ -138,6 +138,8 @@ def test_the_checks_of_one_model_share_its_meta_device_build():
     one = meta_model("mlp", {"hidden": [16]}, info)
     assert one is meta_model("mlp", {"hidden": [16]}, info) and one is not meta_model("mlp", {"hidden": [8]}, info)
     assert meta_model("no-such-model", {}, info) is None
+    listed = DataInfo(num_classes=10, input_shape=(1, 8, 8), kind="image", mean=[0.5], std=[0.2])  # as a plug-in may
+    assert meta_model("mlp", {"hidden": [16]}, listed) is meta_model("mlp", {"hidden": [16]}, listed)
 
     def define(width: int) -> None:  # the same code run again defines the name again (a notebook cell)
         @MODELS.register("modes-test-net")

@@ -254,7 +254,7 @@ def meta_model(model_name: str, model_params: dict | None, info: DataInfo) -> to
         builder = MODELS.get(model_name, where="model.name").obj  # a model redefined since is built again
     except SpecError:
         return None
-    key = (builder, model_name, json.dumps(model_params or {}, sort_keys=True, default=repr), info)
+    key = (builder, model_name, json.dumps(model_params or {}, sort_keys=True, default=repr), repr(info))
     if key not in _META_MODELS:
         try:
             with torch.device("meta"):
