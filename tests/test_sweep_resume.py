@@ -252,7 +252,11 @@ def test_a_ctrl_c_stops_a_sweep_on_the_pool_at_once_and_the_rerun_finishes_it(tm
     while time.time() - t0 < 240 and proc.poll() is None and not all(w in (tmp_path / "out").read_text()
                                                                       for w in waiting):
         time.sleep(0.02)
-    assert all(w in (tmp_path / "out").read_text() for w in waiting), (tmp_path / "out").read_text()[-3000:]
+    if not (ready := all(w in (tmp_path / "out").read_text() for w in waiting)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert ready, (tmp_path / "out").read_text()[-3000:]
     took = signal_on_file(proc, packs_glob, signal.SIGINT, log=tmp_path / "out")  # a terminal's Ctrl-C
     said = (tmp_path / "out").read_text()
     assert proc.returncode == 130, said[-3000:]
